@@ -1,0 +1,83 @@
+"""The ``relay`` command line: one subcommand per job, dispatched by argparse.
+
+Each feature module that adds a subcommand exposes ``register(subparsers)``,
+which adds its parser and sets ``handler`` to a function taking the parsed
+arguments and returning the exit status.  Errors a user can fix are printed
+as one line on stderr naming the value and the fix, with exit status 1
+(2 for usage errors, from argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from relay import __version__
+from relay.config import Config, ConfigError, load_config
+
+# Modules that add subcommands, in the order `relay --help` lists them.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """Add the ``--config FILE`` option that most subcommands share."""
+    parser.add_argument(
+        "--config", metavar="FILE", help="relay.toml to read (default: built-in defaults)"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load the config named by ``--config``; print every error and exit 1 if invalid."""
+    try:
+        return load_config(getattr(args, "config", None))
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 1
+    names = ", ".join(listener.address_text for listener in config.listeners)
+    print(f"{args.file}: ok ({len(config.listeners)} listener(s): {names})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the top-level parser with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="relay: a mail transfer agent with a compiled SMTP core.",
+    )
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    check = subparsers.add_parser("check-config", help="validate a config file and report every error")
+    check.add_argument("file", metavar="FILE", help="path of the relay.toml to check")
+    check.set_defaults(handler=_check_config)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the relay command line and return its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.handler(args)
+    except KeyboardInterrupt:
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,477 @@
+"""Load and validate relay.toml into typed, immutable settings.
+
+Every default lives in the dataclasses below, so running with no file gives a
+working relay: one ``mx`` listener on 127.0.0.1:2525 without TLS, the spool in
+``./relay-spool``, local domain ``localhost`` delivered to Maildirs under
+``./mail``, loopback as the only trusted network, everything else by MX.
+
+Validation collects every problem before giving up and reports each one as
+``FILE:section.key: what is wrong and what is expected``; listeners are named
+``listener[N]`` by their zero-based position in the file.  Relative paths in a
+file are resolved against the file's directory; without a file, against the
+current directory.  Sizes accept ``K``/``M``/``G`` suffixes and durations
+``s``/``m``/``h``/``d``/``w`` (see ``relay.units``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from relay.units import format_host_port, is_hostname, parse_duration, parse_host_port, parse_size
+
+ROLES = ("mx", "submission", "sink")
+TLS_MODES = ("none", "starttls", "implicit")
+RELAYHOST_TLS_MODES = ("required", "opportunistic", "none")
+BARE_LF_POLICIES = ("reject", "normalize")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+# Each field's metadata names the parser that turns the TOML value into the
+# field's type; ``_parse_section`` reads it so sections need no loader code.
+def _key(default: Any, kind: str, **options: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        raise TypeError("use a tuple or mapping proxy for immutable defaults")
+    return field(default=default, metadata={"kind": kind, **options})
+
+
+def _default_hostname() -> str:
+    name = socket.getfqdn()
+    return name if is_hostname(name) else "localhost"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = field(default_factory=_default_hostname, metadata={"kind": "hostname"})
+    # One worker process per CPU, like a pre-forked Postfix smtpd pool sized to the box.
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1, metadata={"kind": "int", "min": 1})
+    # How long transactions already in DATA may run after SIGTERM before they get 421.
+    shutdown_grace: float = _key(30.0, "duration")
+    # Postfix: default_process_limit 100 per service; we count connections, not processes.
+    max_connections: int = _key(1000, "int", min=1)
+    # Postfix: smtpd_client_connection_count_limit = 50.
+    max_connections_per_client: int = _key(50, "int", min=1)
+    # RFC 5321 section 4.5.3.2.7: a server waits at least 5 minutes for the next command.
+    command_timeout: float = _key(300.0, "duration")
+    # RFC 5321 section 4.5.3.2.6 (data termination) is 10 minutes on the client side;
+    # this is the server's wait between two reads inside DATA.
+    data_timeout: float = _key(600.0, "duration")
+    # Postfix: smtpd_hard_error_limit = 20 errors before the session is dropped.
+    max_errors: int = _key(20, "int", min=1)
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    address: tuple[str, int] = _key(("127.0.0.1", 2525), "hostport")
+    role: str = _key("mx", "choice", choices=ROLES)
+    tls: str = _key("none", "choice", choices=TLS_MODES)
+    # RFC 4954 section 4: offer AUTH without TLS only when the operator says so.
+    auth_plaintext: bool = _key(False, "bool")
+
+    @property
+    def address_text(self) -> str:
+        return format_host_port(*self.address)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str = _key("", "path", must_exist=True)
+    key: str = _key("", "path", must_exist=True)
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: str = _key("relay-spool", "path")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    local_domains: tuple[str, ...] = _key(("localhost",), "domains")
+    relay_domains: tuple[str, ...] = _key((), "domains")
+    trusted_networks: tuple[str, ...] = _key(("127.0.0.0/8", "::1/128"), "networks")
+    # Postfix: message_size_limit = 10240000; we follow the DESIGN default of 35 MiB.
+    max_message_size: int = _key(36700160, "size", min=1)
+    # Postfix: smtpd_recipient_limit = 1000.
+    max_recipients: int = _key(1000, "int", min=1)
+    # RFC 5321 section 4.5.3.1.4: 512 octets including CRLF.
+    max_line_length: int = _key(512, "size", min=512)
+    # RFC 4954 section 4: AUTH lines may be up to 12288 octets.
+    max_auth_line_length: int = _key(12288, "size", min=512)
+    # RFC 5321 section 6.3 asks for a loop limit of at least 100 Received headers.
+    max_received_headers: int = _key(100, "int", min=1)
+    allow_address_literals: bool = _key(False, "bool")
+    # What to do with a bare LF or CR in message data: reject (521 5.5.2) or
+    # normalize to CRLF, which is honoured only for trusted clients.
+    bare_lf: str = _key("reject", "choice", choices=BARE_LF_POLICIES)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    # File of "user:scrypt-hash" lines written by `relay passwd`; empty: AUTH off.
+    password_file: str = _key("", "path", must_exist=True)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    relayhost: str = _key("", "relayhost")
+    relayhost_tls: str = _key("required", "choice", choices=RELAYHOST_TLS_MODES)
+    relayhost_username: str = _key("", "str")
+    relayhost_password_file: str = _key("", "path", must_exist=True)
+    nameservers: tuple[tuple[str, int], ...] = _key((), "hostports", default_port=53)
+    smtp_port: int = _key(25, "int", min=1, max=65535)
+    # Postfix: maximal_queue_lifetime = 5d.
+    maximal_queue_lifetime: float = _key(5 * 86400.0, "duration")
+    transport: Mapping[str, str] = _key(MappingProxyType({}), "transport")
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    maildir_root: str = _key("mail", "path")
+    users: tuple[str, ...] = _key((), "strings")
+    aliases: str = _key("", "path", must_exist=True)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = _key("text", "choice", choices=LOG_FORMATS)
+    level: str = _key("info", "choice", choices=LOG_LEVELS)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    # Empty string: the admin listener is off.
+    address: str = _key("127.0.0.1:9025", "optional_hostport")
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings; ``source`` is the file they came from, or None for defaults."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    source: str | None = None
+
+    def replace(self, **changes: Any) -> Config:
+        """Return a copy with top-level sections replaced."""
+        return dataclasses.replace(self, **changes)
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "tls": TLSConfig,
+    "spool": SpoolConfig,
+    "policy": PolicyConfig,
+    "auth": AuthConfig,
+    "delivery": DeliveryConfig,
+    "local": LocalConfig,
+    "log": LogConfig,
+    "admin": AdminConfig,
+}
+
+
+class _Context:
+    """Error collector and path resolver for one load."""
+
+    def __init__(self, filename: str, base: Path) -> None:
+        self.filename = filename
+        self.base = base
+        self.errors: list[str] = []
+
+    def error(self, key: str, message: str) -> None:
+        self.errors.append(f"{self.filename}:{key}: {message}")
+
+    def resolve(self, value: str) -> str:
+        if value == "":
+            return ""
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else self.base / path)
+
+
+def _type_name(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _expect(value: Any, types: tuple[type, ...], what: str) -> None:
+    if isinstance(value, bool) and bool not in types:
+        raise ValueError(f"expected {what}, got boolean")
+    if not isinstance(value, types):
+        raise ValueError(f"expected {what}, got {_type_name(value)}")
+
+
+def _parse_domains(value: Any) -> tuple[str, ...]:
+    _expect(value, (list,), "an array of domain names")
+    domains = []
+    for item in value:
+        _expect(item, (str,), "an array of domain names")
+        name = item.strip().rstrip(".").lower()
+        if not is_hostname(name):
+            raise ValueError(f"invalid domain {item!r}; expected a DNS name such as \"example.test\"")
+        domains.append(name)
+    return tuple(domains)
+
+
+def _parse_networks(value: Any) -> tuple[str, ...]:
+    _expect(value, (list,), "an array of networks in CIDR notation")
+    networks = []
+    for item in value:
+        _expect(item, (str,), "an array of networks in CIDR notation")
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"invalid network {item!r}; expected CIDR notation such as \"192.0.2.0/24\"") from None
+    return tuple(networks)
+
+
+def _parse_relayhost(value: Any) -> str:
+    _expect(value, (str,), "a string such as \"[smtp.provider.test]:587\"")
+    if value == "":
+        return ""
+    parse_next_hop(value)
+    return value
+
+
+def parse_next_hop(value: str) -> tuple[str, int, bool]:
+    """Parse ``[host]:port`` or ``host[:port]`` into (host, port, use_mx).
+
+    As in Postfix, brackets turn off the MX lookup for the host.
+    """
+    if value.startswith("[") and "]" in value:
+        inner_end = value.index("]")
+        host_text = value[1:inner_end]
+        rest = value[inner_end + 1 :]
+        host, port = parse_host_port(f"[{host_text}]{rest}" if ":" in host_text else f"{host_text}{rest}", 25)
+        return host, port, False
+    host, port = parse_host_port(value, 25)
+    return host, port, True
+
+
+def _parse_transport(value: Any) -> Mapping[str, str]:
+    _expect(value, (dict,), "a table of domain = \"smtp:[host]:port\" or \"local\"")
+    routes: dict[str, str] = {}
+    for domain, route in value.items():
+        name = domain.strip().rstrip(".").lower()
+        if not is_hostname(name):
+            raise ValueError(f"invalid domain {domain!r}; expected a DNS name")
+        if not isinstance(route, str):
+            raise ValueError(f"route for {domain!r} must be a string such as \"smtp:[127.0.0.1]:2526\" or \"local\"")
+        if route != "local":
+            if not route.startswith("smtp:"):
+                raise ValueError(f"invalid route {route!r} for {domain!r}; expected \"smtp:[host]:port\" or \"local\"")
+            try:
+                parse_next_hop(route[len("smtp:") :])
+            except ValueError as exc:
+                raise ValueError(f"invalid route {route!r} for {domain!r}: {exc}") from None
+        routes[name] = route
+    return MappingProxyType(routes)
+
+
+def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -> Any:
+    """Turn one raw TOML value into the field's type, or raise ValueError."""
+    if kind == "str":
+        _expect(value, (str,), "a string")
+        return value
+    if kind == "bool":
+        _expect(value, (bool,), "true or false")
+        return value
+    if kind == "int":
+        _expect(value, (int,), "an integer")
+        converted: Any = value
+    elif kind == "size":
+        converted = parse_size(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+        if converted is None:
+            raise ValueError(f"expected a size such as 10485760 or \"10M\", got {_type_name(value)}")
+    elif kind == "duration":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"expected a duration such as \"30s\" or \"5d\", got {_type_name(value)}")
+        return parse_duration(value)
+    elif kind == "choice":
+        _expect(value, (str,), "a string")
+        choices = options["choices"]
+        if value not in choices:
+            raise ValueError(f"invalid value {value!r}; expected one of: {', '.join(choices)}")
+        return value
+    elif kind == "hostname":
+        _expect(value, (str,), "a host name")
+        if not is_hostname(value):
+            raise ValueError(f"invalid host name {value!r}; expected a DNS name such as \"mx.example.test\"")
+        return value
+    elif kind == "hostport":
+        _expect(value, (str,), "a string such as \"127.0.0.1:2525\"")
+        return parse_host_port(value)
+    elif kind == "optional_hostport":
+        _expect(value, (str,), "a string such as \"127.0.0.1:9025\", or \"\" for off")
+        if value:
+            parse_host_port(value)
+        return value
+    elif kind == "hostports":
+        _expect(value, (list,), "an array of \"HOST:PORT\" strings")
+        result = []
+        for item in value:
+            _expect(item, (str,), "an array of \"HOST:PORT\" strings")
+            result.append(parse_host_port(item, options.get("default_port")))
+        return tuple(result)
+    elif kind == "path":
+        _expect(value, (str,), "a file or directory path")
+        path = ctx.resolve(value)
+        if path and options.get("must_exist") and not os.path.exists(path):
+            raise ValueError(f"file {path} not found; create it or fix the path")
+        return path
+    elif kind == "strings":
+        _expect(value, (list,), "an array of strings")
+        for item in value:
+            _expect(item, (str,), "an array of strings")
+        return tuple(value)
+    elif kind == "domains":
+        return _parse_domains(value)
+    elif kind == "networks":
+        return _parse_networks(value)
+    elif kind == "relayhost":
+        return _parse_relayhost(value)
+    elif kind == "transport":
+        return _parse_transport(value)
+    else:
+        raise AssertionError(f"unknown config kind {kind}")
+
+    low, high = options.get("min"), options.get("max")
+    if low is not None and converted < low:
+        raise ValueError(f"value {converted} is below the minimum {low}")
+    if high is not None and converted > high:
+        raise ValueError(f"value {converted} is above the maximum {high}")
+    return converted
+
+
+def _parse_section(cls: type, raw: Any, name: str, ctx: _Context) -> Any:
+    """Build one section dataclass from its TOML table, recording errors in ctx."""
+    if not isinstance(raw, dict):
+        ctx.error(name, f"expected a table, got {_type_name(raw)}")
+        return cls()
+
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        spec = fields.get(key)
+        if spec is None:
+            ctx.error(f"{name}.{key}", f"unknown key; expected one of: {', '.join(sorted(fields))}")
+            continue
+        try:
+            values[key] = _convert(spec.metadata["kind"], value, spec.metadata, ctx)
+        except ValueError as exc:
+            ctx.error(f"{name}.{key}", str(exc))
+    return cls(**values)
+
+
+def _check_conflicts(config: Config, ctx: _Context, raw_tls: bool) -> None:
+    """Record settings that are valid alone but not together."""
+    seen: dict[tuple[str, int], int] = {}
+    for index, listener in enumerate(config.listeners):
+        key = f"listener[{index}]"
+        if listener.address in seen:
+            ctx.error(f"{key}.address", f"{listener.address_text} is already used by listener[{seen[listener.address]}]")
+        seen.setdefault(listener.address, index)
+        if listener.tls != "none" and not (config.tls.cert and config.tls.key):
+            ctx.error(f"{key}.tls", f"tls = \"{listener.tls}\" needs [tls] cert and key; add them or set tls = \"none\"")
+    if raw_tls and bool(config.tls.cert) != bool(config.tls.key):
+        missing = "key" if config.tls.cert else "cert"
+        ctx.error(f"tls.{missing}", "missing; [tls] needs both cert and key")
+
+    delivery = config.delivery
+    if delivery.relayhost_username and not delivery.relayhost_password_file:
+        ctx.error("delivery.relayhost_password_file", "missing; relayhost_username needs a password file")
+    if delivery.relayhost_username and not delivery.relayhost:
+        ctx.error("delivery.relayhost_username", "set but delivery.relayhost is empty; set a relayhost or remove it")
+
+    overlap = set(config.policy.local_domains) & set(config.policy.relay_domains)
+    for domain in sorted(overlap):
+        ctx.error("policy.relay_domains", f"{domain!r} is also in policy.local_domains; list it in one only")
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate a config file, or return the defaults when path is None.
+
+    Raises ConfigError listing every problem found.
+    """
+    if path is None:
+        ctx = _Context("<defaults>", Path.cwd())
+        return _build({}, ctx, None)
+
+    filename = str(path)
+    ctx = _Context(filename, Path(filename).resolve().parent)
+    try:
+        with open(filename, "rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError([f"{filename}: file not found; pass an existing config file"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{filename}: cannot be read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{filename}: invalid TOML: {exc}"]) from None
+    return _build(raw, ctx, filename)
+
+
+def _build(raw: dict[str, Any], ctx: _Context, source: str | None) -> Config:
+    sections: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "listener":
+            continue
+        cls = _SECTIONS.get(key)
+        if cls is None:
+            known = ", ".join(sorted([*_SECTIONS, "listener"]))
+            ctx.error(key, f"unknown section; expected one of: {known}")
+            continue
+        sections[key] = _parse_section(cls, value, key, ctx)
+
+    for name, cls in _SECTIONS.items():
+        sections.setdefault(name, cls())
+
+    listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
+    if "listener" in raw:
+        raw_listeners = raw["listener"]
+        if not isinstance(raw_listeners, list) or not raw_listeners:
+            ctx.error("listener", "expected one or more [[listener]] tables")
+        else:
+            listeners = tuple(
+                _parse_section(ListenerConfig, item, f"listener[{index}]", ctx)
+                for index, item in enumerate(raw_listeners)
+            )
+
+    config = Config(listeners=listeners, source=source, **sections)
+    _check_conflicts(config, ctx, "tls" in raw)
+    if ctx.errors:
+        raise ConfigError(ctx.errors)
+    return config
+
+
+def describe_defaults() -> dict[str, dict[str, Any]]:
+    """Return every section's keys with their default values, for docs and tests."""
+    result: dict[str, dict[str, Any]] = {}
+    for name, cls in [*_SECTIONS.items(), ("listener", ListenerConfig)]:
+        instance = cls()
+        result[name] = {f.name: getattr(instance, f.name) for f in dataclasses.fields(cls) if f.metadata}
+    return result
+

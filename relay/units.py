@@ -1,0 +1,110 @@
+"""Parse the human-friendly values used in relay.toml: sizes, durations, host:port.
+
+Sizes are octets with an optional binary suffix (``10M`` = 10 MiB).  Durations
+are seconds with an optional unit (``30s``, ``5m``, ``4h``, ``5d``; Postfix's
+time units).  Addresses are ``HOST:PORT`` with IPv6 hosts in brackets
+(``[::1]:25``).  Each parser raises ``ValueError`` with a message that names
+the expected form, so callers can prefix the file and key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)B?\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+
+
+def parse_size(value: int | str) -> int:
+    """Return a size in octets from an integer or a string such as ``"10M"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 10485760, \"512K\" or \"10M\"")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size {value} is negative; expected 0 or more octets")
+        return value
+    match = _SIZE_RE.match(value)
+    if match is None:
+        raise ValueError(f"invalid size {value!r}; expected octets with an optional K, M or G suffix, such as \"10M\"")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+
+
+def parse_duration(value: int | float | str) -> float:
+    """Return a duration in seconds from a number or a string such as ``"5d"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as \"30s\", \"5m\", \"4h\" or \"5d\"")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"duration {value} is negative; expected 0 or more seconds")
+        return float(value)
+    match = _DURATION_RE.match(value)
+    if match is None:
+        raise ValueError(
+            f"invalid duration {value!r}; expected a number with an optional unit s, m, h, d or w, such as \"30s\" or \"5d\""
+        )
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def is_hostname(name: str) -> bool:
+    """Return whether ``name`` is a syntactically valid DNS host name."""
+    return _HOSTNAME_RE.match(name) is not None
+
+
+def parse_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into a host and a port number.
+
+    With ``default_port`` the port may be left out.  The host is an IP address
+    or a DNS name; brackets are removed from IPv6 literals.
+    """
+    expected = "expected HOST:PORT, such as \"127.0.0.1:2525\" or \"[::1]:2525\""
+    host: str
+    port_text: str | None
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise ValueError(f"invalid address {value!r}: missing ']'; {expected}")
+        host = value[1:end]
+        rest = value[end + 1 :]
+        if rest == "":
+            port_text = None
+        elif rest.startswith(":"):
+            port_text = rest[1:]
+        else:
+            raise ValueError(f"invalid address {value!r}; {expected}")
+    else:
+        if value.count(":") > 1:
+            raise ValueError(f"invalid address {value!r}: put an IPv6 address in brackets; {expected}")
+        host, sep, port_text_raw = value.partition(":")
+        port_text = port_text_raw if sep else None
+
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"invalid address {value!r}: missing port; {expected}")
+        port = default_port
+    else:
+        if not port_text.isdigit():
+            raise ValueError(f"invalid port in {value!r}; expected a number from 1 to 65535")
+        port = int(port_text)
+        if not 0 < port < 65536:
+            raise ValueError(f"invalid port {port} in {value!r}; expected a number from 1 to 65535")
+
+    if host == "":
+        raise ValueError(f"invalid address {value!r}: missing host; {expected}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not is_hostname(host):
+            raise ValueError(f"invalid host {host!r} in {value!r}; expected an IP address or a DNS name") from None
+    return host, port
+
+
+def format_host_port(host: str, port: int) -> str:
+    """Return ``HOST:PORT``, bracketing IPv6 hosts."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
