@@ -1,0 +1,72 @@
+"""Shared fixtures: free loopback ports, scratch directories, external peers.
+
+Peers from Debian packages (swaks, smtp-source, nsd, curl) are looked up on
+PATH and in /usr/sbin.  Outside CI a missing peer skips the tests that need
+it; with ``CI=true`` it fails them, so a CI run can never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# The shared corpus sits beside the repository; RELAY_CORPUS overrides it.
+CORPUS_DIR = Path(os.environ.get("RELAY_CORPUS", REPO_ROOT.parent / "shared" / "corpus"))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on host that was free a moment ago."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def find_peer(name: str) -> str | None:
+    """Return the path of an external program, also searching the sbin folders."""
+    extra = os.pathsep.join(["/usr/sbin", "/usr/local/sbin", "/sbin"])
+    return shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + extra)
+
+
+def require_peer(name: str) -> str:
+    """Return a peer's path; skip the test without it, or fail it under CI."""
+    path = find_peer(name)
+    if path is None:
+        message = f"{name} not found on PATH; install it (scripts/test does so as root)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def require_corpus(subdir: str = "") -> Path:
+    """Return a corpus folder; skip without it, or fail under CI."""
+    path = CORPUS_DIR / subdir
+    if not path.is_dir():
+        message = f"message corpus {path} not found; set RELAY_CORPUS to its folder"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def unused_port() -> Callable[[str], int]:
+    """Factory returning a free port on a loopback address (default 127.0.0.1)."""
+    return free_port
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A scratch directory made the current one, so default relative paths land in it."""
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path

@@ -1,0 +1,240 @@
+"""Config loading and `relay check-config`: defaults, every error kind, exact prefixes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relay.cli import main
+from relay.config import Config, ConfigError, describe_defaults, load_config
+from relay.units import parse_duration, parse_host_port, parse_size
+
+
+def write(tmp_path: Path, text: str, name: str = "relay.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def errors_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return caught.value.errors
+
+
+def test_defaults_give_working_relay(workdir: Path) -> None:
+    config = load_config(None)
+
+    assert [listener.address for listener in config.listeners] == [("127.0.0.1", 2525)]
+    assert config.listeners[0].role == "mx"
+    assert config.listeners[0].tls == "none"
+    assert config.spool.path == str(workdir / "relay-spool")
+    assert config.policy.local_domains == ("localhost",)
+    assert config.local.maildir_root == str(workdir / "mail")
+    assert config.policy.trusted_networks == ("127.0.0.0/8", "::1/128")
+    assert config.delivery.relayhost == ""
+    assert config.delivery.maximal_queue_lifetime == 5 * 86400
+    assert config.policy.max_message_size == 36700160
+
+
+def test_config_is_immutable() -> None:
+    config = Config()
+    with pytest.raises(AttributeError):
+        config.policy.max_recipients = 5  # type: ignore[misc]
+
+
+def test_full_sample_loads(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("x")
+    (tmp_path / "key.pem").write_text("x")
+    path = write(
+        tmp_path,
+        """
+[server]
+hostname = "mx.example.test"
+workers = 2
+
+[[listener]]
+address = "127.0.0.1:2525"
+role = "mx"
+tls = "starttls"
+
+[[listener]]
+address = "[::1]:2587"
+role = "submission"
+tls = "implicit"
+
+[tls]
+cert = "cert.pem"
+key = "key.pem"
+
+[spool]
+path = "spool"
+
+[policy]
+local_domains = ["example.test"]
+trusted_networks = ["127.0.0.0/8", "::1/128"]
+max_message_size = "10M"
+max_recipients = 1000
+
+[delivery]
+nameservers = ["127.0.0.1:5353"]
+smtp_port = 2526
+maximal_queue_lifetime = "5d"
+
+[delivery.transport]
+"example.net" = "smtp:[127.0.0.1]:2526"
+"example.org" = "local"
+
+[log]
+format = "json"
+""",
+    )
+    config = load_config(path)
+
+    assert config.server.hostname == "mx.example.test"
+    assert config.listeners[1].address == ("::1", 2587)
+    assert config.tls.cert == str(tmp_path / "cert.pem")
+    assert config.spool.path == str(tmp_path / "spool")
+    assert config.policy.max_message_size == 10 * 1024 * 1024
+    assert config.delivery.nameservers == (("127.0.0.1", 5353),)
+    assert dict(config.delivery.transport) == {
+        "example.net": "smtp:[127.0.0.1]:2526",
+        "example.org": "local",
+    }
+    assert config.log.format == "json"
+    assert config.source == str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "prefix", "fragment"),
+    [
+        ("[server]\nhostnme = \"a\"\n", "server.hostnme", "unknown key"),
+        ("[bogus]\nx = 1\n", "bogus", "unknown section"),
+        ("[policy]\nmax_recipients = \"many\"\n", "policy.max_recipients", "expected an integer"),
+        ("[policy]\nallow_address_literals = 1\n", "policy.allow_address_literals", "true or false"),
+        ("[[listener]]\naddress = \"127.0.0.1\"\n", "listener[0].address", "missing port"),
+        ("[[listener]]\naddress = \"999.1.1.1:x\"\n", "listener[0].address", "invalid port"),
+        ("[[listener]]\naddress = \"::1:25\"\n", "listener[0].address", "brackets"),
+        ("[[listener]]\nrole = \"relay\"\n", "listener[0].role", "expected one of: mx, submission, sink"),
+        ("[delivery]\nmaximal_queue_lifetime = \"5 days\"\n", "delivery.maximal_queue_lifetime", "invalid duration"),
+        ("[policy]\nmax_message_size = \"10X\"\n", "policy.max_message_size", "invalid size"),
+        ("[policy]\ntrusted_networks = [\"10.0.0.0/33\"]\n", "policy.trusted_networks", "invalid network"),
+        ("[policy]\nlocal_domains = [\"bad domain\"]\n", "policy.local_domains", "invalid domain"),
+        ("[tls]\ncert = \"missing.pem\"\nkey = \"missing.pem\"\n", "tls.cert", "not found"),
+        ("[[listener]]\ntls = \"starttls\"\n", "listener[0].tls", "needs [tls] cert and key"),
+        ("[delivery]\nsmtp_port = 70000\n", "delivery.smtp_port", "above the maximum"),
+        ("[delivery.transport]\n\"example.net\" = \"uucp:host\"\n", "delivery.transport", "invalid route"),
+        ("[delivery]\nrelayhost_username = \"u\"\n", "delivery.relayhost_password_file", "missing"),
+        ("[admin]\naddress = \"localhost\"\n", "admin.address", "missing port"),
+        ("[server]\nworkers = 0\n", "server.workers", "below the minimum 1"),
+    ],
+)
+def test_error_has_exact_prefix(tmp_path: Path, text: str, prefix: str, fragment: str) -> None:
+    path = write(tmp_path, text)
+
+    errors = errors_of(path)
+
+    assert any(line.startswith(f"{path}:{prefix}: ") for line in errors), errors
+    matching = [line for line in errors if line.startswith(f"{path}:{prefix}: ")]
+    assert fragment in matching[0]
+
+
+def test_all_errors_reported_at_once(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[server]\nworkers = \"two\"\n[policy]\nmax_message_size = \"big\"\n[[listener]]\nrole = \"x\"\n",
+    )
+
+    errors = errors_of(path)
+
+    assert len(errors) == 3
+    assert {line.split(": ")[0] for line in errors} == {
+        f"{path}:server.workers",
+        f"{path}:policy.max_message_size",
+        f"{path}:listener[0].role",
+    }
+
+
+def test_duplicate_listener_address(tmp_path: Path) -> None:
+    path = write(tmp_path, "[[listener]]\naddress = \"127.0.0.1:25\"\n[[listener]]\naddress = \"127.0.0.1:25\"\n")
+
+    errors = errors_of(path)
+
+    assert errors == [f"{path}:listener[1].address: 127.0.0.1:25 is already used by listener[0]"]
+
+
+def test_invalid_toml_names_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server\n")
+
+    errors = errors_of(path)
+
+    assert errors[0].startswith(f"{path}: invalid TOML")
+
+
+def test_describe_defaults_lists_sections() -> None:
+    defaults = describe_defaults()
+
+    assert defaults["listener"]["address"] == ("127.0.0.1", 2525)
+    assert defaults["policy"]["max_recipients"] == 1000
+    assert "relayhost" in defaults["delivery"]
+
+
+@pytest.mark.parametrize(
+    ("text", "octets"), [(0, 0), ("512", 512), ("10K", 10240), ("10M", 10485760), ("1g", 1073741824)]
+)
+def test_parse_size(text: int | str, octets: int) -> None:
+    assert parse_size(text) == octets
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("5m", 300), ("4h", 14400), ("5d", 432000), (7, 7)])
+def test_parse_duration(text: int | str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_parse_host_port_forms() -> None:
+    assert parse_host_port("127.0.0.1:25") == ("127.0.0.1", 25)
+    assert parse_host_port("[::1]:2525") == ("::1", 2525)
+    assert parse_host_port("mx.example.test", 25) == ("mx.example.test", 25)
+    with pytest.raises(ValueError, match="invalid host"):
+        parse_host_port("bad_host!:25")
+
+
+def test_check_config_cli_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "[server]\nhostname = \"mx.example.test\"\n")
+
+    status = main(["check-config", str(path)])
+
+    assert status == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_check_config_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "[log]\nformat = \"xml\"\n[spool]\npath = 3\n")
+
+    status = main(["check-config", str(path)])
+
+    stderr = capsys.readouterr().err.splitlines()
+    assert status == 1
+    assert stderr == [
+        f"{path}:log.format: invalid value 'xml'; expected one of: text, json",
+        f"{path}:spool.path: expected a file or directory path, got integer",
+    ]
+
+
+def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["check-config", str(tmp_path / "nope.toml")])
+
+    assert status == 1
+    assert "file not found" in capsys.readouterr().err
+
+
+def test_version_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "--version"], capture_output=True, text=True, check=False
+    )
+
+    assert result.returncode == 0
+    assert result.stdout.strip().startswith("relay 0.")

@@ -1,0 +1,74 @@
+"""Packaging checks: the import error without the extension, and log line formats."""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from conftest import REPO_ROOT
+from relay.log import log_event, setup_logging
+
+
+def test_import_without_extension_says_how_to_build(tmp_path: Path) -> None:
+    package = tmp_path / "relay"
+    package.mkdir()
+    for source in (REPO_ROOT / "relay").glob("*.py"):
+        shutil.copy(source, package / source.name)
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import relay"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert result.returncode != 0
+    assert "relay._buffer" in result.stderr
+    assert "pip install ." in result.stderr
+    assert "build_ext --inplace" in result.stderr
+
+
+def test_text_log_line_escapes_peer_text() -> None:
+    stream = io.StringIO()
+    setup_logging("text", "info", stream)
+    logger = logging.getLogger("relay.test")
+
+    log_event(logger, "rejected", queue_id="ABC123", reply="550 5.1.1 no\r\nINJECTED", count=3)
+
+    line = stream.getvalue()
+    assert line.count("\n") == 1
+    assert " relay.test: rejected queue_id=ABC123 " in line
+    assert 'reply="550 5.1.1 no\\r\\nINJECTED"' in line
+    assert line.rstrip().endswith("count=3")
+
+
+def test_json_log_line_is_one_object() -> None:
+    stream = io.StringIO()
+    setup_logging("json", "info", stream)
+    logger = logging.getLogger("relay.test")
+
+    log_event(logger, "received", queue_id="ABC123", size=1024, client="127.0.0.1")
+
+    document = orjson.loads(stream.getvalue())
+    assert document["event"] == "received"
+    assert document["queue_id"] == "ABC123"
+    assert document["size"] == 1024
+    assert document["level"] == "info"
+
+
+def test_log_truncates_long_values() -> None:
+    stream = io.StringIO()
+    setup_logging("json", "info", stream)
+
+    log_event(logging.getLogger("relay.test"), "rejected", helo="a" * 5000)
+
+    document = orjson.loads(stream.getvalue())
+    assert len(document["helo"]) < 600
+    assert document["helo"].endswith("...")
