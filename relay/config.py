@@ -49,7 +49,11 @@ class ConfigError(Exception):
 def _key(default: Any, kind: str, **options: Any) -> Any:
     if isinstance(default, (list, dict)):
         raise TypeError("use a tuple or mapping proxy for immutable defaults")
-    return field(default=default, metadata={"kind": kind, **options})
+    metadata = {"kind": kind, **options}
+    if isinstance(default, MappingProxyType):
+        # dataclasses reject unhashable defaults even when they are read-only.
+        return field(default_factory=lambda: default, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _default_hostname() -> str:
@@ -253,7 +257,7 @@ def _parse_relayhost(value: Any) -> str:
     if value == "":
         return ""
     parse_next_hop(value)
-    return value
+    return str(value)
 
 
 def parse_next_hop(value: str) -> tuple[str, int, bool]:
@@ -374,6 +378,11 @@ def _parse_section(cls: type, raw: Any, name: str, ctx: _Context) -> Any:
 
     fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata}
     values: dict[str, Any] = {}
+    # Default paths are relative to the directory relay runs in, so that the
+    # defaults-only relay keeps ./relay-spool and ./mail where it was started.
+    for spec in fields.values():
+        if spec.metadata["kind"] == "path" and isinstance(spec.default, str) and spec.default:
+            values[spec.name] = str(Path.cwd() / spec.default)
     for key, value in raw.items():
         spec = fields.get(key)
         if spec is None:
@@ -392,10 +401,12 @@ def _check_conflicts(config: Config, ctx: _Context, raw_tls: bool) -> None:
     for index, listener in enumerate(config.listeners):
         key = f"listener[{index}]"
         if listener.address in seen:
-            ctx.error(f"{key}.address", f"{listener.address_text} is already used by listener[{seen[listener.address]}]")
+            first = seen[listener.address]
+            ctx.error(f"{key}.address", f"{listener.address_text} is already used by listener[{first}]")
         seen.setdefault(listener.address, index)
         if listener.tls != "none" and not (config.tls.cert and config.tls.key):
-            ctx.error(f"{key}.tls", f"tls = \"{listener.tls}\" needs [tls] cert and key; add them or set tls = \"none\"")
+            message = f"tls = \"{listener.tls}\" needs [tls] cert and key; add them or set tls = \"none\""
+            ctx.error(f"{key}.tls", message)
     if raw_tls and bool(config.tls.cert) != bool(config.tls.key):
         missing = "key" if config.tls.cert else "cert"
         ctx.error(f"tls.{missing}", "missing; [tls] needs both cert and key")
@@ -447,7 +458,8 @@ def _build(raw: dict[str, Any], ctx: _Context, source: str | None) -> Config:
         sections[key] = _parse_section(cls, value, key, ctx)
 
     for name, cls in _SECTIONS.items():
-        sections.setdefault(name, cls())
+        if name not in sections:
+            sections[name] = _parse_section(cls, {}, name, ctx)
 
     listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
     if "listener" in raw:

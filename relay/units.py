@@ -47,7 +47,8 @@ def parse_duration(value: int | float | str) -> float:
     match = _DURATION_RE.match(value)
     if match is None:
         raise ValueError(
-            f"invalid duration {value!r}; expected a number with an optional unit s, m, h, d or w, such as \"30s\" or \"5d\""
+            f"invalid duration {value!r}; expected a number with an optional unit s, m, h, d or w,"
+            " such as \"30s\" or \"5d\""
         )
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
