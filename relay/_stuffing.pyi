@@ -1,0 +1,22 @@
+"""Dot-stuffing encoder for outbound DATA (see ``csrc/stuffing.pyx``)."""
+
+def dot_stuff(body: bytes) -> bytes:
+    """Encode a message for DATA, terminator included.
+
+    Every line end (CRLF, bare LF, bare CR) becomes CRLF, a line starting with
+    ``.`` gets a second ``.`` (RFC 5321 section 4.5.2), a CRLF is added when
+    the body does not end with one, and ``.\\r\\n`` follows.
+    """
+
+def normalize_line_ends(body: bytes) -> bytes:
+    """Return ``body`` with every bare LF and bare CR turned into CRLF."""
+
+class DotStuffer:
+    """Streaming form of ``dot_stuff`` for large messages."""
+
+    def __init__(self) -> None: ...
+    def encode(self, chunk: bytes) -> bytes:
+        """Encode the next piece of the message; may hold back one trailing CR."""
+
+    def finish(self) -> bytes:
+        """Return the remaining bytes and the ``.\\r\\n`` terminator."""
