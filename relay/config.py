@@ -103,6 +103,17 @@ class TLSConfig:
 @dataclass(frozen=True)
 class SpoolConfig:
     path: str = _key("relay-spool", "path")
+    # Group commit: at most this many messages (or octets) share one transaction and
+    # its fsync; larger batches add little once the fsync is shared by hundreds.
+    commit_batch_messages: int = _key(512, "int", min=1)
+    commit_batch_bytes: int = _key(64 * 1024 * 1024, "size", min=1)
+    # How long a commit waits for another worker process's write lock before the
+    # session gets 452 4.3.1; a group commit holds the lock for milliseconds.
+    busy_timeout: float = _key(10.0, "duration")
+    # A claimed recipient is leased to its scheduler this long: the sum of the RFC 5321
+    # section 4.5.3.2 client timeouts (5+5+5+2+3+10 minutes), so one slow but legal
+    # delivery ends before another scheduler may claim the recipient again.
+    lease_time: float = _key(1800.0, "duration")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,342 @@
+"""The durable spool: every accepted message, its recipients and their state.
+
+Purpose: the SMTP server hands each message to ``Spool.commit`` and replies
+``250 2.0.0 Ok: queued as ID`` only when the returned awaitable finishes,
+because only then is the message on stable storage (RFC 5321 section 6.1:
+accepting a message means taking responsibility for it).  The scheduler
+claims due recipients with ``Spool.claim``, reports each attempt with
+``Spool.record_results`` and queues DSNs with ``Spool.commit(...,
+dsn_for=...)``; ``relay queue`` inspects and changes the same database.
+
+Storage: one SQLite database (standard-library ``sqlite3``) in WAL mode with
+``synchronous=FULL`` under the ``[spool] path`` directory.  One writer thread
+per process commits in batches (group commit): jobs that arrive while a
+commit runs share the next transaction and its fsync.  Worker processes each
+run their own writer and take turns on SQLite's write lock, waiting up to
+the busy timeout; readers never block writers.  After a crash (kill -9,
+power loss) the next open replays the WAL by itself, no repair step needed,
+and every message whose commit had returned is present.
+
+Limits, with their defaults (all set in ``[spool]``, see ``relay.config``):
+``commit_batch_messages`` (512) and ``commit_batch_bytes`` (64 MiB) bound
+one transaction, ``busy_timeout`` (10 s) bounds the wait for another
+process's write lock, ``lease_time`` (30 min) is how long a claim holds its
+recipients.
+
+Failures: disk full, an I/O error or a lock timeout raise ``SpoolError``,
+which the server maps to ``452 4.3.1``; the failed transaction is rolled back
+whole, so no partial message remains.  A record that cannot be decoded is
+copied to ``DIR/corrupt/`` and deleted, with an error logged, never skipped
+silently.  A message is deleted only when no recipient is queued, deferred
+or held and every DSN it owes is itself in the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from relay.config import SpoolConfig
+from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
+from relay.spool.ids import is_queue_id, new_queue_id
+from relay.spool.store import PendingCommit, SpoolStore
+from relay.spool.types import (
+    Attempt,
+    Claim,
+    DeliveryResult,
+    DsnRequest,
+    DsnState,
+    Envelope,
+    Outcome,
+    Recipient,
+    RecipientState,
+    StoredMessage,
+    StoredRecipient,
+    domain_of,
+)
+from relay.spool.writer import Writer, commit_operation
+
+__all__ = [
+    "Attempt",
+    "Claim",
+    "CorruptRecord",
+    "DeliveryResult",
+    "DsnRequest",
+    "DsnState",
+    "Envelope",
+    "MessageNotFound",
+    "Outcome",
+    "Recipient",
+    "RecipientState",
+    "Spool",
+    "SpoolError",
+    "SpoolStore",
+    "StoredMessage",
+    "StoredRecipient",
+    "domain_of",
+    "is_queue_id",
+    "new_queue_id",
+]
+
+# Defaults for callers without a config; SpoolConfig repeats them as config keys.
+# 512 messages or 64 MiB keep one transaction (and so one reply delay) short
+# while still sharing one fsync among hundreds of sessions.
+_T = TypeVar("_T")
+
+DEFAULT_BATCH_MESSAGES = 512
+DEFAULT_BATCH_BYTES = 64 * 1024 * 1024
+DEFAULT_BUSY_TIMEOUT = 10.0
+# The sum of the RFC 5321 section 4.5.3.2 client timeouts in minutes: 5 greeting,
+# 5 MAIL, 5 RCPT, 2 DATA, 3 data block, 10 end of data.  So one slow but legal
+# delivery finishes before its lease runs out.
+DEFAULT_LEASE_TIME = 30 * 60.0
+
+
+class Spool:
+    """An open spool: the writer thread plus two reader threads with their own connections.
+
+    Create it with ``Spool.open(path)``.  The ``async`` methods do no I/O on the
+    event loop's thread: writes go to the writer thread and reads to the reader
+    threads.  ``commit_blocking`` serves callers without a loop.
+    """
+
+    def __init__(self, directory: Path, writer: Writer, busy_timeout: float, lease_time: float) -> None:
+        self.directory = directory
+        self.lease_time = lease_time
+        self._writer = writer
+        self._busy_timeout = busy_timeout
+        # Two threads are enough because reads are short indexed lookups.
+        self._readers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="relay-spool-reader")
+        self._reader_local = threading.local()
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        batch_messages: int = DEFAULT_BATCH_MESSAGES,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        lease_time: float = DEFAULT_LEASE_TIME,
+    ) -> Spool:
+        """Open (creating if needed) the spool in directory ``path`` and start its writer.
+
+        Raises SpoolError when the directory or database cannot be opened.
+        """
+        directory = Path(path)
+        writer = Writer(
+            directory, busy_timeout=busy_timeout, batch_max_messages=batch_messages, batch_max_bytes=batch_bytes
+        )
+        writer.start()
+        return cls(directory, writer, busy_timeout, lease_time)
+
+    @classmethod
+    def from_config(cls, config: SpoolConfig) -> Spool:
+        """Open the spool that a ``[spool]`` config section describes."""
+        return cls.open(
+            config.path,
+            batch_messages=config.commit_batch_messages,
+            batch_bytes=config.commit_batch_bytes,
+            busy_timeout=config.busy_timeout,
+            lease_time=config.lease_time,
+        )
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the writer.  Blocks; see ``aclose``."""
+        self._writer.close()
+        self._readers.shutdown(wait=True)
+
+    async def aclose(self) -> None:
+        """Commit what is queued, then stop the writer, without blocking the loop."""
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    # -- the server -----------------------------------------------------------
+
+    async def commit(
+        self,
+        envelope: Envelope,
+        body: bytes,
+        *,
+        queue_id: str | None = None,
+        dsn_for: DsnRequest | None = None,
+    ) -> str:
+        """Store a message durably and return its queue ID.
+
+        Returns only after the transaction holding the message has committed,
+        so the caller may then reply 250.  ``queue_id`` lets a caller log an ID
+        chosen earlier (from ``new_queue_id``); the returned ID is the one
+        stored and differs only after a clash.  ``dsn_for`` marks, in the same
+        transaction, the original recipients whose DSN this message is.
+        Raises SpoolError (reply ``452 4.3.1``) and ValueError for an envelope
+        without recipients.  Cancelling the await does not withdraw the message.
+        """
+        pending = self._pending(envelope, body, queue_id, dsn_for)
+        result: str = await self._writer.submit_async(commit_operation(pending), len(body))
+        return result
+
+    def commit_blocking(
+        self,
+        envelope: Envelope,
+        body: bytes,
+        *,
+        queue_id: str | None = None,
+        dsn_for: DsnRequest | None = None,
+    ) -> str:
+        """Store a message like ``commit``, blocking the calling thread until it is durable."""
+        pending = self._pending(envelope, body, queue_id, dsn_for)
+        result: str = self._writer.submit_blocking(commit_operation(pending), len(body)).result()
+        return result
+
+    @staticmethod
+    def _pending(
+        envelope: Envelope, body: bytes, queue_id: str | None, dsn_for: DsnRequest | None
+    ) -> PendingCommit:
+        if not envelope.recipients:
+            raise ValueError("a message needs at least one recipient")
+        arrival = time.time()
+        return PendingCommit(
+            envelope=envelope,
+            body=bytes(body),
+            arrival=arrival,
+            queue_id=queue_id or new_queue_id(arrival),
+            dsn_for=dsn_for,
+        )
+
+    # -- the scheduler --------------------------------------------------------
+
+    async def claim(
+        self,
+        owner: str,
+        *,
+        limit: int = 100,
+        lease_time: float | None = None,
+        domain: str | None = None,
+        now: float | None = None,
+    ) -> list[Claim]:
+        """Lease up to ``limit`` due recipients and return them grouped by message.
+
+        A recipient is due when queued or deferred with ``next_attempt <= now``
+        and not under a live lease.  The lease lasts ``lease_time`` seconds
+        (default: the spool's); until then no other claim, in this or another
+        process, returns the recipient.  ``owner`` names the claimer in logs.
+        ``domain`` limits the claim to recipients at that domain.
+        """
+        token = secrets.token_hex(8)
+        seconds = self.lease_time if lease_time is None else lease_time
+
+        def operation(store: SpoolStore) -> list[Claim]:
+            moment = time.time() if now is None else now
+            return store.claim(owner, token, now=moment, lease_time=seconds, limit=limit, domain=domain)
+
+        claims: list[Claim] = await self._writer.submit_async(operation)
+        return claims
+
+    async def record_results(
+        self, results: Sequence[DeliveryResult], *, lease_token: str | None = None, now: float | None = None
+    ) -> int:
+        """Store the outcome of delivery attempts durably; return how many took effect.
+
+        Delivered and failed recipients become final (failed ones bounced), and
+        those that owe the sender a DSN get ``dsn = pending``; deferred ones
+        wait for their ``next_attempt``.  The lease on each reported recipient
+        ends.  A message whose recipients are all final and owe no DSN is
+        deleted in the same transaction.  Results for recipients already final
+        are ignored (and logged).  Raises ValueError for a deferral without
+        ``next_attempt``.
+        """
+        batch = tuple(results)
+
+        def operation(store: SpoolStore) -> int:
+            return store.record_results(batch, lease_token, time.time() if now is None else now)
+
+        applied: int = await self._writer.submit_async(operation)
+        return applied
+
+    async def pending_dsns(self, limit: int = 100) -> list[StoredMessage]:
+        """Return messages with recipients that owe a DSN not yet queued (``dsn = pending``).
+
+        After a crash between recording a failure and committing its DSN this
+        is how the scheduler finds the DSNs still to send.  Messages that
+        cannot be decoded are moved aside and left out.
+        """
+
+        def operation(store: SpoolStore) -> list[StoredMessage | CorruptRecord]:
+            return list(store.messages(store.queue_ids(dsn_pending=True, limit=limit)))
+
+        messages: list[StoredMessage] = []
+        for item in await self._read(operation):
+            if isinstance(item, CorruptRecord):
+                await self._move_aside(item)
+            else:
+                messages.append(item)
+        return messages
+
+    async def load(self, queue_id: str) -> StoredMessage | None:
+        """Return a message's envelope and recipients, or None if it is not in the spool.
+
+        A message whose record cannot be decoded is moved aside and reported
+        as CorruptRecord.
+        """
+        try:
+            return await self._read(lambda store: store.load(queue_id))
+        except CorruptRecord as exc:
+            await self._move_aside(exc)
+            raise
+
+    async def load_body(self, queue_id: str) -> bytes:
+        """Return a message's body, checked against its CRC-32.
+
+        Raises MessageNotFound, or CorruptRecord after moving the message aside.
+        """
+        try:
+            return await self._read(lambda store: store.load_body(queue_id))
+        except CorruptRecord as exc:
+            await self._move_aside(exc)
+            raise
+
+    # -- operator actions (also available synchronously through SpoolStore) ---
+
+    async def hold(self, queue_id: str) -> int:
+        """Hold a message's pending recipients; return how many. Raises MessageNotFound."""
+        count: int = await self._writer.submit_async(lambda store: store.hold(queue_id, time.time()))
+        return count
+
+    async def release(self, queue_id: str) -> int:
+        """Release a message's held recipients, due now; return how many. Raises MessageNotFound."""
+        count: int = await self._writer.submit_async(lambda store: store.release(queue_id, time.time()))
+        return count
+
+    async def flush(self, queue_id: str | None = None, domain: str | None = None) -> int:
+        """Make pending recipients due now (one message, one domain or all); return how many."""
+        count: int = await self._writer.submit_async(
+            lambda store: store.flush(time.time(), queue_id=queue_id, domain=domain)
+        )
+        return count
+
+    async def delete(self, queue_id: str) -> None:
+        """Delete a message without sending any DSN. Raises MessageNotFound."""
+        await self._writer.submit_async(lambda store: store.delete(queue_id))
+
+    # -- internals -------------------------------------------------------------
+
+    async def _read(self, operation: Callable[[SpoolStore], _T]) -> _T:
+        # Reads run on the spool's reader threads, each with its own connection, so
+        # they neither block the event loop nor wait behind the writer's batches.
+        def run() -> _T:
+            store: SpoolStore | None = getattr(self._reader_local, "store", None)
+            if store is None:
+                store = SpoolStore(self.directory, busy_timeout=self._busy_timeout)
+                self._reader_local.store = store
+            return operation(store)
+
+        return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+
+    async def _move_aside(self, error: CorruptRecord) -> None:
+        await self._writer.submit_async(lambda store: store.move_aside(error.queue_id, error.reason))

@@ -1,0 +1,63 @@
+"""Queue IDs: short, unique, and sorted by arrival time as plain strings.
+
+An ID is 15 characters of Crockford base32 (digits and upper-case letters
+without I, L, O, U).  The first 11 encode the arrival time in microseconds
+since the Unix epoch (55 bits, enough until the year 3111).  The last 4 are
+20 random bits that keep IDs from concurrent worker processes apart.
+Within one process the time part never repeats or goes backwards, so IDs
+sort in arrival order even when two messages arrive in the same microsecond.
+Across processes, a clash needs the same microsecond and the same 20 random
+bits; the spool's primary key catches it and the writer draws a new ID.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+TIME_CHARS = 11
+RANDOM_CHARS = 4
+QUEUE_ID_LENGTH = TIME_CHARS + RANDOM_CHARS
+
+_lock = threading.Lock()
+_last_micros = 0
+
+
+def _encode(value: int, width: int) -> str:
+    chars = []
+    for _ in range(width):
+        chars.append(ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """Return a fresh queue ID for a message arriving at ``now`` (default: the clock)."""
+    global _last_micros
+    micros = int((time.time() if now is None else now) * 1_000_000)
+    with _lock:
+        if micros <= _last_micros:
+            micros = _last_micros + 1
+        _last_micros = micros
+    random_part = int.from_bytes(os.urandom(3), "big") & 0xFFFFF
+    return _encode(micros, TIME_CHARS) + _encode(random_part, RANDOM_CHARS)
+
+
+def queue_id_time(queue_id: str) -> float:
+    """Return the arrival time encoded in a queue ID, in seconds since the epoch.
+
+    Raises ValueError when ``queue_id`` is not a well-formed queue ID.
+    """
+    if not is_queue_id(queue_id):
+        raise ValueError(f"invalid queue ID {queue_id!r}; expected {QUEUE_ID_LENGTH} base32 characters")
+    micros = 0
+    for char in queue_id[:TIME_CHARS]:
+        micros = micros * 32 + ALPHABET.index(char)
+    return micros / 1_000_000
+
+
+def is_queue_id(text: str) -> bool:
+    """Return whether ``text`` has the form of a queue ID."""
+    return len(text) == QUEUE_ID_LENGTH and all(char in ALPHABET for char in text)

@@ -1,0 +1,709 @@
+"""SQL access to one spool database through one ``sqlite3`` connection.
+
+``SpoolStore`` contains every statement the spool runs.  The writer thread uses
+one store for all writes and wraps a batch of operations in one transaction;
+readers and ``relay queue`` use stores of their own, each in their own
+thread, and ``relay queue`` wraps each change in ``transaction()``.
+
+Layout: ``DIR/spool.db`` (with SQLite's ``-wal`` and ``-shm`` files) and
+``DIR/corrupt/``, where records that cannot be decoded are moved aside.
+The database runs in WAL mode with ``synchronous=FULL``, so a committed
+transaction is on stable storage when ``COMMIT`` returns and readers never
+block the writer.  A crashed writer leaves a WAL that the next connection
+replays by itself: no repair step is needed.
+
+Each message is one row in ``message`` (structured fields as columns, the
+rest of the envelope as an orjson document), its body in ``body`` with a
+CRC-32 to detect damage, one ``recipient`` row per forward-path and one
+``attempt`` row per delivery attempt or operator action.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from relay.log import log_event
+from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
+from relay.spool.ids import new_queue_id
+from relay.spool.types import (
+    Attempt,
+    Claim,
+    DeliveryResult,
+    DsnRequest,
+    DsnState,
+    Envelope,
+    Outcome,
+    Recipient,
+    RecipientState,
+    StoredMessage,
+    StoredRecipient,
+    domain_of,
+)
+
+logger = logging.getLogger("relay.spool")
+
+DATABASE_NAME = "spool.db"
+CORRUPT_DIRECTORY = "corrupt"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS message (
+    queue_id TEXT PRIMARY KEY,
+    arrival REAL NOT NULL,
+    sender TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    client_address TEXT,
+    helo_name TEXT,
+    auth_user TEXT,
+    envelope BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS body (
+    queue_id TEXT PRIMARY KEY,
+    crc32 INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recipient (
+    queue_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    orcpt TEXT,
+    notify TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_attempt REAL,
+    last_reply TEXT,
+    last_host TEXT,
+    dsn TEXT NOT NULL DEFAULT 'none',
+    lease_token TEXT,
+    lease_until REAL,
+    PRIMARY KEY (queue_id, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS recipient_due ON recipient (next_attempt)
+    WHERE state IN ('queued', 'deferred');
+CREATE INDEX IF NOT EXISTS recipient_dsn ON recipient (queue_id) WHERE dsn = 'pending';
+CREATE TABLE IF NOT EXISTS attempt (
+    queue_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    time REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    reply TEXT NOT NULL,
+    host TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempt_message ON attempt (queue_id);
+"""
+
+_RECIPIENT_COLUMNS = (
+    "idx, address, orcpt, notify, state, attempts, next_attempt, last_attempt, last_reply, last_host, dsn"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCommit:
+    """One message on its way into the spool, as the writer thread inserts it."""
+
+    envelope: Envelope
+    body: bytes
+    arrival: float
+    queue_id: str
+    dsn_for: DsnRequest | None = None
+
+
+def database_path(directory: str | os.PathLike[str]) -> Path:
+    """Return the path of the spool database inside a spool directory."""
+    return Path(directory) / DATABASE_NAME
+
+
+def envelope_document(envelope: Envelope) -> bytes:
+    """Encode the envelope fields that have no column of their own as orjson."""
+    return orjson.dumps(
+        {
+            "size": envelope.size,
+            "body_type": envelope.body_type,
+            "smtputf8": envelope.smtputf8,
+            "ret": envelope.ret,
+            "envid": envelope.envid,
+            "protocol": envelope.protocol,
+        }
+    )
+
+
+def _fsync_directory(path: Path) -> None:
+    # A new file's directory entry is durable only once the directory is fsynced.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SpoolStore:
+    """One connection to the spool database, with every query the spool runs.
+
+    Methods that change data do not commit: callers wrap them in
+    ``transaction()`` (``relay queue``) or in the writer's batch transaction.
+    Any ``sqlite3.Error`` is raised as ``SpoolError``.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
+        self.directory = Path(directory)
+        created = not database_path(self.directory).exists()
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # isolation_level=None: the module's implicit transactions are off and
+            # every BEGIN/COMMIT below is explicit.
+            self.connection = sqlite3.connect(
+                database_path(self.directory),
+                timeout=busy_timeout,
+                isolation_level=None,
+                check_same_thread=True,
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise SpoolError(f"cannot open spool {self.directory}: {exc}") from exc
+        try:
+            self._configure(busy_timeout)
+            if created:
+                _fsync_directory(self.directory)
+        except BaseException:
+            self.connection.close()
+            raise
+
+    def _configure(self, busy_timeout: float) -> None:
+        with self._errors("open"):
+            self.connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            mode = self.connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise SpoolError(f"spool {self.directory}: the file system does not support WAL mode ({mode})")
+            # FULL: each commit fsyncs the WAL, so a committed message survives power loss.
+            self.connection.execute("PRAGMA synchronous = FULL")
+            version = self.connection.execute("PRAGMA user_version").fetchone()[0]
+            if version == SCHEMA_VERSION:
+                return
+            if version > SCHEMA_VERSION:
+                raise SpoolError(
+                    f"spool {self.directory} has schema version {version}; this relay reads"
+                    f" version {SCHEMA_VERSION}, so upgrade relay"
+                )
+            with self.transaction():
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self.connection.execute(statement)
+                self.connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.connection.close()
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {self.directory}: {action} failed: {exc}") from exc
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run the block in one write transaction, committed durably at the end."""
+        with self._errors("begin transaction"):
+            # IMMEDIATE takes the write lock now, waiting up to busy_timeout, so a
+            # lock held by another process fails the transaction here and not half-way.
+            self.connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.connection.execute("ROLLBACK")
+            raise
+        try:
+            self.connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.connection.execute("ROLLBACK")
+            raise SpoolError(f"spool {self.directory}: commit failed: {exc}") from exc
+
+    # -- writes -------------------------------------------------------------
+
+    def insert_message(self, pending: PendingCommit) -> str:
+        """Insert one message and its recipients; return its queue ID.
+
+        A queue ID already in the spool (a clash between processes) is replaced by
+        a fresh one, so the returned ID is the one to report.
+        """
+        envelope = pending.envelope
+        if not envelope.recipients:
+            raise ValueError("a message needs at least one recipient")
+        queue_id = pending.queue_id
+        with self._errors("insert message"):
+            for _ in range(5):
+                try:
+                    self.connection.execute(
+                        "INSERT INTO message (queue_id, arrival, sender, size, client_address,"
+                        " helo_name, auth_user, envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            queue_id,
+                            pending.arrival,
+                            envelope.sender,
+                            len(pending.body),
+                            envelope.client_address,
+                            envelope.helo_name,
+                            envelope.auth_user,
+                            envelope_document(envelope),
+                        ),
+                    )
+                    break
+                except sqlite3.IntegrityError:
+                    queue_id = new_queue_id(pending.arrival)
+            else:
+                raise SpoolError("could not find an unused queue ID after 5 tries")
+            self.connection.execute(
+                "INSERT INTO body (queue_id, crc32, data) VALUES (?, ?, ?)",
+                (queue_id, zlib.crc32(pending.body), pending.body),
+            )
+            self.connection.executemany(
+                "INSERT INTO recipient (queue_id, idx, address, domain, orcpt, notify, state,"
+                " next_attempt) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)",
+                [
+                    (
+                        queue_id,
+                        index,
+                        recipient.address,
+                        domain_of(recipient.address),
+                        recipient.orcpt,
+                        ",".join(recipient.notify),
+                        pending.arrival,
+                    )
+                    for index, recipient in enumerate(envelope.recipients)
+                ],
+            )
+            if pending.dsn_for is not None:
+                self._mark_dsn_queued(pending.dsn_for)
+        return queue_id
+
+    def _mark_dsn_queued(self, request: DsnRequest) -> None:
+        marks = ",".join("?" * len(request.indexes))
+        self.connection.execute(
+            f"UPDATE recipient SET dsn = 'queued' WHERE queue_id = ? AND idx IN ({marks})"
+            " AND dsn = 'pending'",
+            (request.queue_id, *request.indexes),
+        )
+        self.delete_if_done(request.queue_id)
+
+    def claim(
+        self, owner: str, token: str, *, now: float, lease_time: float, limit: int, domain: str | None
+    ) -> list[Claim]:
+        """Lease up to ``limit`` due recipients to ``token`` and return them by message.
+
+        Due means queued or deferred, ``next_attempt <= now`` and no live lease.
+        Messages whose records cannot be decoded are moved aside, not returned.
+        """
+        until = now + lease_time
+        query = (
+            "SELECT queue_id, idx FROM recipient WHERE state IN ('queued', 'deferred')"
+            " AND next_attempt <= ? AND (lease_until IS NULL OR lease_until <= ?)"
+        )
+        parameters: list[Any] = [now, now]
+        if domain is not None:
+            query += " AND domain = ?"
+            parameters.append(domain.lower())
+        query += " ORDER BY next_attempt LIMIT ?"
+        parameters.append(limit)
+        with self._errors("claim recipients"):
+            rows = self.connection.execute(query, parameters).fetchall()
+            self.connection.executemany(
+                "UPDATE recipient SET lease_token = ?, lease_until = ? WHERE queue_id = ? AND idx = ?",
+                [(token, until, queue_id, index) for queue_id, index in rows],
+            )
+        claimed: dict[str, set[int]] = {}
+        for queue_id, index in rows:
+            claimed.setdefault(queue_id, set()).add(index)
+        claims = []
+        for queue_id, indexes in claimed.items():
+            try:
+                message = self.load(queue_id)
+            except CorruptRecord as exc:
+                self.move_aside(queue_id, str(exc))
+                continue
+            if message is None:
+                continue
+            recipients = tuple(r for r in message.recipients if r.index in indexes)
+            claims.append(
+                Claim(
+                    queue_id=queue_id,
+                    arrival=message.arrival,
+                    size=message.size,
+                    envelope=message.envelope,
+                    recipients=recipients,
+                    lease_token=token,
+                    lease_until=until,
+                )
+            )
+        if claims:
+            log_event(logger, "claimed", logging.DEBUG, owner=owner, messages=len(claims), recipients=len(rows))
+        return claims
+
+    def record_results(self, results: Sequence[DeliveryResult], lease_token: str | None, now: float) -> int:
+        """Store delivery results; return how many changed a recipient's state.
+
+        A result for a recipient already delivered or bounced is ignored.  A
+        result whose lease was lost to another live lease still counts when it
+        is final (delivered or failed), because that attempt really happened;
+        a lost-lease deferral is only added to the history.
+        """
+        applied = 0
+        touched: set[str] = set()
+        with self._errors("record results"):
+            for result in results:
+                if self._record_one(result, lease_token, now):
+                    applied += 1
+                touched.add(result.queue_id)
+            for queue_id in touched:
+                self.delete_if_done(queue_id)
+        return applied
+
+    def _record_one(self, result: DeliveryResult, lease_token: str | None, now: float) -> bool:
+        if result.outcome is Outcome.DEFERRED and result.next_attempt is None:
+            raise ValueError(f"deferred result for {result.queue_id}[{result.index}] needs next_attempt")
+        row = self.connection.execute(
+            "SELECT r.state, r.notify, r.lease_token, r.lease_until, m.sender FROM recipient r"
+            " JOIN message m USING (queue_id) WHERE r.queue_id = ? AND r.idx = ?",
+            (result.queue_id, result.index),
+        ).fetchone()
+        if row is None:
+            log_event(logger, "result-ignored", logging.WARNING, queue_id=result.queue_id,
+                      index=result.index, reason="recipient not in spool")
+            return False
+        state, notify_text, current_token, lease_until, sender = row
+        self.connection.execute(
+            "INSERT INTO attempt (queue_id, idx, time, outcome, reply, host) VALUES (?, ?, ?, ?, ?, ?)",
+            (result.queue_id, result.index, now, result.outcome.value, result.reply, result.host),
+        )
+        if state in (RecipientState.DELIVERED, RecipientState.BOUNCED):
+            log_event(logger, "result-ignored", logging.WARNING, queue_id=result.queue_id,
+                      index=result.index, state=state, reason="recipient already final")
+            return False
+        lease_lost = (
+            lease_token is not None
+            and current_token is not None
+            and current_token != lease_token
+            and lease_until is not None
+            and lease_until > now
+        )
+        if lease_lost and result.outcome is Outcome.DEFERRED:
+            return False
+        notify = tuple(item for item in notify_text.split(",") if item)
+        if result.outcome is Outcome.DELIVERED:
+            new_state = RecipientState.DELIVERED
+            wants_dsn = "SUCCESS" in notify
+        elif result.outcome is Outcome.FAILED:
+            new_state = RecipientState.BOUNCED
+            wants_dsn = "NEVER" not in notify and (not notify or "FAILURE" in notify)
+        else:
+            new_state = RecipientState.HELD if state == RecipientState.HELD else RecipientState.DEFERRED
+            wants_dsn = False
+        # RFC 3461 section 6.2 and RFC 5321 section 6.1: never a DSN to the null sender.
+        dsn = DsnState.PENDING if wants_dsn and sender != "" else DsnState.NONE
+        next_attempt = result.next_attempt if result.next_attempt is not None else now
+        keep_lease = lease_lost
+        self.connection.execute(
+            "UPDATE recipient SET state = ?, attempts = attempts + 1, next_attempt = ?,"
+            " last_attempt = ?, last_reply = ?, last_host = ?, dsn = ?,"
+            " lease_token = CASE WHEN ? THEN lease_token END,"
+            " lease_until = CASE WHEN ? THEN lease_until END"
+            " WHERE queue_id = ? AND idx = ?",
+            (
+                new_state.value, next_attempt, now, result.reply, result.host, dsn.value,
+                keep_lease, keep_lease, result.queue_id, result.index,
+            ),
+        )
+        return True
+
+    def delete_if_done(self, queue_id: str) -> bool:
+        """Delete a message once no recipient is pending and no DSN is owed; return whether deleted."""
+        row = self.connection.execute(
+            "SELECT 1 FROM recipient WHERE queue_id = ?"
+            " AND (state IN ('queued', 'deferred', 'held') OR dsn = 'pending') LIMIT 1",
+            (queue_id,),
+        ).fetchone()
+        if row is not None:
+            return False
+        if not self._delete_rows(queue_id):
+            return False
+        log_event(logger, "removed", queue_id=queue_id)
+        return True
+
+    def _delete_rows(self, queue_id: str) -> bool:
+        cursor = self.connection.execute("DELETE FROM message WHERE queue_id = ?", (queue_id,))
+        self.connection.execute("DELETE FROM body WHERE queue_id = ?", (queue_id,))
+        self.connection.execute("DELETE FROM recipient WHERE queue_id = ?", (queue_id,))
+        self.connection.execute("DELETE FROM attempt WHERE queue_id = ?", (queue_id,))
+        return cursor.rowcount > 0
+
+    def delete(self, queue_id: str) -> None:
+        """Delete a message and all its recipients without any DSN (``relay queue delete``)."""
+        with self._errors("delete message"):
+            if not self._delete_rows(queue_id):
+                raise MessageNotFound(queue_id)
+        log_event(logger, "removed", queue_id=queue_id, reason="deleted by operator")
+
+    def _operator_action(self, queue_id: str, action: str, now: float, update: str, states: str) -> int:
+        self._require(queue_id)
+        rows = self.connection.execute(
+            f"SELECT idx FROM recipient WHERE queue_id = ? AND state IN ({states})", (queue_id,)
+        ).fetchall()
+        self.connection.execute(
+            f"UPDATE recipient SET {update} WHERE queue_id = ? AND state IN ({states})", (queue_id,)
+        )
+        self.connection.executemany(
+            "INSERT INTO attempt (queue_id, idx, time, outcome, reply, host) VALUES (?, ?, ?, ?, '', '')",
+            [(queue_id, index, now, action) for (index,) in rows],
+        )
+        return len(rows)
+
+    def hold(self, queue_id: str, now: float) -> int:
+        """Hold every pending recipient of a message; return how many changed."""
+        with self._errors("hold message"):
+            return self._operator_action(queue_id, "held", now, "state = 'held'", "'queued', 'deferred'")
+
+    def release(self, queue_id: str, now: float) -> int:
+        """Release held recipients and make them due now; return how many changed."""
+        with self._errors("release message"):
+            return self._operator_action(
+                queue_id,
+                "released",
+                now,
+                f"state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, next_attempt = {now!r}",
+                "'held'",
+            )
+
+    def flush(self, now: float, queue_id: str | None = None, domain: str | None = None) -> int:
+        """Make deferred and queued recipients due now; return how many changed.
+
+        With ``queue_id`` only that message's recipients, with ``domain`` only
+        recipients at that domain, with neither every pending recipient.
+        """
+        with self._errors("flush"):
+            if queue_id is not None:
+                return self._operator_action(
+                    queue_id, "flushed", now, f"next_attempt = {now!r}", "'queued', 'deferred'"
+                )
+            query = "UPDATE recipient SET next_attempt = ? WHERE state IN ('queued', 'deferred') AND next_attempt > ?"
+            parameters: list[Any] = [now, now]
+            if domain is not None:
+                query += " AND domain = ?"
+                parameters.append(domain.lower())
+            return self.connection.execute(query, parameters).rowcount
+
+    def _require(self, queue_id: str) -> None:
+        if self.connection.execute("SELECT 1 FROM message WHERE queue_id = ?", (queue_id,)).fetchone() is None:
+            raise MessageNotFound(queue_id)
+
+    def move_aside(self, queue_id: str, reason: str) -> Path:
+        """Copy what can be read of a damaged message to ``corrupt/``, then delete it.
+
+        Returns the file written.  The copy contains every readable column, so an
+        operator can still recover the message by hand.
+        """
+        aside = self.directory / CORRUPT_DIRECTORY
+        aside.mkdir(mode=0o700, exist_ok=True)
+        record: dict[str, Any] = {"queue_id": queue_id, "reason": reason, "moved": time.time()}
+        for table in ("message", "recipient", "attempt"):
+            try:
+                cursor = self.connection.execute(f"SELECT * FROM {table} WHERE queue_id = ?", (queue_id,))
+                names = [column[0] for column in cursor.description]
+                record[table] = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            except sqlite3.Error as exc:
+                record[table] = f"unreadable: {exc}"
+        path = aside / f"{queue_id}.json"
+        path.write_bytes(orjson.dumps(record, default=_json_fallback, option=orjson.OPT_INDENT_2))
+        body_path = aside / f"{queue_id}.body"
+        try:
+            body_row = self.connection.execute("SELECT data FROM body WHERE queue_id = ?", (queue_id,)).fetchone()
+            if body_row is not None:
+                body_path.write_bytes(body_row[0])
+        except sqlite3.Error as exc:
+            record["body"] = f"unreadable: {exc}"
+        _fsync_directory(aside)
+        with self._errors("delete corrupt message"):
+            self._delete_rows(queue_id)
+        log_event(logger, "corrupt-moved-aside", logging.ERROR, queue_id=queue_id, reason=reason, file=str(path))
+        return path
+
+    # -- reads --------------------------------------------------------------
+
+    def load(self, queue_id: str) -> StoredMessage | None:
+        """Return a message's envelope and recipients, or None if it is not in the spool.
+
+        Raises CorruptRecord when its rows cannot be decoded.
+        """
+        with self._errors("read message"):
+            row = self.connection.execute(
+                "SELECT queue_id, arrival, sender, size, client_address, helo_name, auth_user, envelope"
+                " FROM message WHERE queue_id = ?",
+                (queue_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            recipient_rows = self.connection.execute(
+                f"SELECT {_RECIPIENT_COLUMNS} FROM recipient WHERE queue_id = ? ORDER BY idx", (queue_id,)
+            ).fetchall()
+        return _decode_message(row, recipient_rows)
+
+    def load_body(self, queue_id: str) -> bytes:
+        """Return a message body, checked against its CRC-32.
+
+        Raises MessageNotFound or CorruptRecord.
+        """
+        with self._errors("read body"):
+            row = self.connection.execute("SELECT crc32, data FROM body WHERE queue_id = ?", (queue_id,)).fetchone()
+        if row is None:
+            if self.connection.execute("SELECT 1 FROM message WHERE queue_id = ?", (queue_id,)).fetchone():
+                raise CorruptRecord(queue_id, "body row missing")
+            raise MessageNotFound(queue_id)
+        crc, data = row
+        if not isinstance(data, bytes) or zlib.crc32(data) != crc:
+            raise CorruptRecord(queue_id, "body does not match its CRC-32")
+        return data
+
+    def history(self, queue_id: str) -> list[Attempt]:
+        """Return a message's delivery attempts and operator actions, oldest first."""
+        with self._errors("read history"):
+            rows = self.connection.execute(
+                "SELECT idx, time, outcome, reply, host FROM attempt WHERE queue_id = ? ORDER BY time, rowid",
+                (queue_id,),
+            ).fetchall()
+        return [Attempt(index=i, time=t, outcome=o, reply=r, host=h) for i, t, o, r, h in rows]
+
+    def queue_ids(
+        self,
+        *,
+        sender: str | None = None,
+        domain: str | None = None,
+        state: RecipientState | None = None,
+        dsn_pending: bool = False,
+        limit: int | None = None,
+    ) -> list[str]:
+        """Return queue IDs in arrival order, filtered by sender, recipient domain or state.
+
+        ``sender`` matches the reverse-path case-insensitively ("" is the null
+        sender); ``domain`` and ``state`` match if any recipient matches.
+        """
+        clauses: list[str] = []
+        parameters: list[Any] = []
+        if sender is not None:
+            clauses.append("m.sender = ? COLLATE NOCASE")
+            parameters.append(sender)
+        recipient_clauses = []
+        if domain is not None:
+            recipient_clauses.append("r.domain = ?")
+            parameters.append(domain.lower())
+        if state is not None:
+            recipient_clauses.append("r.state = ?")
+            parameters.append(state.value)
+        if dsn_pending:
+            recipient_clauses.append("r.dsn = 'pending'")
+        if recipient_clauses:
+            clauses.append(
+                "EXISTS (SELECT 1 FROM recipient r WHERE r.queue_id = m.queue_id AND "
+                + " AND ".join(recipient_clauses)
+                + ")"
+            )
+        query = "SELECT m.queue_id FROM message m"
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        query += " ORDER BY m.queue_id"
+        if limit is not None:
+            query += " LIMIT ?"
+            parameters.append(limit)
+        with self._errors("list messages"):
+            return [queue_id for (queue_id,) in self.connection.execute(query, parameters)]
+
+    def messages(self, queue_ids: Iterable[str]) -> Iterator[StoredMessage | CorruptRecord]:
+        """Yield each message in turn, or the CorruptRecord error for one that cannot be decoded.
+
+        Messages deleted since their ID was listed are left out.
+        """
+        for queue_id in queue_ids:
+            try:
+                message = self.load(queue_id)
+            except CorruptRecord as exc:
+                yield exc
+                continue
+            if message is not None:
+                yield message
+
+    def counts(self) -> dict[str, int]:
+        """Return the number of recipients in each state (states with none are left out)."""
+        with self._errors("count recipients"):
+            rows = self.connection.execute("SELECT state, count(*) FROM recipient GROUP BY state").fetchall()
+        return {state: count for state, count in rows}
+
+    def integrity_check(self) -> list[str]:
+        """Run ``PRAGMA integrity_check``; return its lines (``["ok"]`` when sound)."""
+        with self._errors("integrity check"):
+            return [line for (line,) in self.connection.execute("PRAGMA integrity_check")]
+
+
+def _json_fallback(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def _decode_message(row: Sequence[Any], recipient_rows: Sequence[Sequence[Any]]) -> StoredMessage:
+    queue_id = row[0]
+    try:
+        document = orjson.loads(row[7])
+        if not isinstance(document, dict):
+            raise TypeError("envelope document is not an object")
+        recipients = tuple(_decode_recipient(values) for values in recipient_rows)
+        if not recipients:
+            raise ValueError("message has no recipients")
+        envelope = Envelope(
+            sender=str(row[2]),
+            recipients=tuple(Recipient(r.address, r.orcpt, r.notify) for r in recipients),
+            size=document.get("size"),
+            body_type=document.get("body_type"),
+            smtputf8=bool(document.get("smtputf8", False)),
+            ret=document.get("ret"),
+            envid=document.get("envid"),
+            client_address=row[4],
+            helo_name=row[5],
+            auth_user=row[6],
+            protocol=document.get("protocol"),
+        )
+        return StoredMessage(
+            queue_id=queue_id, arrival=float(row[1]), size=int(row[3]), envelope=envelope, recipients=recipients
+        )
+    except (orjson.JSONDecodeError, TypeError, ValueError, IndexError) as exc:
+        raise CorruptRecord(queue_id, str(exc)) from exc
+
+
+def _decode_recipient(values: Sequence[Any]) -> StoredRecipient:
+    index, address, orcpt, notify, state, attempts, next_attempt, last_attempt, reply, host, dsn = values
+    if not isinstance(address, str):
+        raise TypeError(f"recipient {index} address is not text")
+    return StoredRecipient(
+        index=int(index),
+        address=address,
+        orcpt=orcpt,
+        notify=tuple(item for item in str(notify).split(",") if item),
+        state=RecipientState(state),
+        attempts=int(attempts),
+        next_attempt=float(next_attempt),
+        last_attempt=last_attempt,
+        last_reply=reply,
+        last_host=host,
+        dsn=DsnState(dsn),
+    )

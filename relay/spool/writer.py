@@ -1,0 +1,217 @@
+"""The spool's single writer thread and its group commit.
+
+Every change to the spool in a process goes through one ``Writer``: callers
+put a job on its queue and wait for the job's future.  The thread takes the
+first job, then every job already waiting (up to the batch limits), applies
+them all inside one transaction and commits once.  Jobs that arrive during a
+commit wait for the next one, so N concurrent sessions pay about one fsync
+per batch instead of N (group commit).  A future is resolved only after the
+``COMMIT`` holding its job has returned, which with ``synchronous=FULL``
+means the change is on stable storage.
+
+Each job runs inside its own SAVEPOINT: a job that raises an ordinary error
+(a missing queue ID, a bad argument) is rolled back alone and its future gets
+the error.  A ``SpoolError`` (disk full, I/O error, lock timeout) aborts the
+whole transaction and fails every job in the batch with it, because SQLite
+may have left the transaction unusable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relay.log import log_event
+from relay.spool.errors import SpoolError
+from relay.spool.store import PendingCommit, SpoolStore
+
+logger = logging.getLogger("relay.spool")
+
+Operation = Callable[[SpoolStore], Any]
+
+
+@dataclass(slots=True)
+class Job:
+    """One operation for the writer and the future that receives its result."""
+
+    operation: Operation
+    size: int  # octets the job adds to the transaction, for the batch byte limit
+    loop: asyncio.AbstractEventLoop | None
+    future: asyncio.Future[Any] | concurrent.futures.Future[Any]
+    outcome: tuple[bool, Any] = field(default=(False, None))  # (succeeded, result or exception)
+
+
+_STOP = object()
+
+
+def _settle(jobs: list[Job]) -> None:
+    for job in jobs:
+        if job.future.done():
+            # The awaiting task was cancelled (client gone); the change stays committed.
+            continue
+        succeeded, value = job.outcome
+        if succeeded:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(value)
+
+
+class Writer:
+    """The thread that owns the spool's write connection."""
+
+    def __init__(
+        self, directory: Path, *, busy_timeout: float, batch_max_messages: int, batch_max_bytes: int
+    ) -> None:
+        self.directory = directory
+        self.busy_timeout = busy_timeout
+        self.batch_max_messages = batch_max_messages
+        self.batch_max_bytes = batch_max_bytes
+        self._queue: queue.SimpleQueue[Job | object] = queue.SimpleQueue()
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="relay-spool-writer", daemon=True)
+        self.batches = 0  # committed transactions, for tests and the benchmark
+        self.jobs = 0  # jobs in those transactions
+
+    def start(self) -> None:
+        """Start the thread and wait until its connection is open; raise SpoolError if it fails."""
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
+
+    def submit_async(self, operation: Operation, size: int = 0) -> asyncio.Future[Any]:
+        """Queue an operation; return an asyncio future of the running loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._put(Job(operation, size, loop, future))
+        return future
+
+    def submit_blocking(self, operation: Operation, size: int = 0) -> concurrent.futures.Future[Any]:
+        """Queue an operation; return a thread-safe future for callers without an event loop."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._put(Job(operation, size, None, future))
+        return future
+
+    def _put(self, job: Job) -> None:
+        if self._closed:
+            raise SpoolError(f"spool {self.directory} is closed")
+        self._queue.put(job)
+
+    def close(self) -> None:
+        """Finish the queued jobs, stop the thread and close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            store = SpoolStore(self.directory, busy_timeout=self.busy_timeout)
+        except BaseException as exc:
+            self._start_error = exc
+            self._started.set()
+            return
+        self._started.set()
+        try:
+            while True:
+                batch, stop = self._next_batch()
+                if batch:
+                    self._commit(store, batch)
+                if stop:
+                    break
+        finally:
+            store.close()
+
+    def _next_batch(self) -> tuple[list[Job], bool]:
+        first = self._queue.get()
+        if first is _STOP:
+            return [], True
+        assert isinstance(first, Job)
+        batch = [first]
+        size = first.size
+        while len(batch) < self.batch_max_messages and size < self.batch_max_bytes:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            assert isinstance(item, Job)
+            batch.append(item)
+            size += item.size
+        return batch, False
+
+    def _commit(self, store: SpoolStore, batch: list[Job]) -> None:
+        started = time.monotonic()
+        try:
+            with store.transaction():
+                for job in batch:
+                    self._apply(store, job)
+        except (SpoolError, sqlite3.Error) as exc:
+            log_event(logger, "commit-failed", logging.ERROR, jobs=len(batch), error=str(exc))
+            for job in batch:
+                job.outcome = (False, SpoolError(f"spool {self.directory}: {exc}"))
+        except Exception as exc:
+            # A bug in an operation must not kill the thread and strand every caller.
+            logger.exception("spool writer failed")
+            for job in batch:
+                job.outcome = (False, SpoolError(f"spool {self.directory}: internal error: {exc!r}"))
+        else:
+            self.batches += 1
+            self.jobs += len(batch)
+            log_event(logger, "committed", logging.DEBUG, jobs=len(batch),
+                      seconds=time.monotonic() - started)
+        self._deliver(batch)
+
+    def _apply(self, store: SpoolStore, job: Job) -> None:
+        connection = store.connection
+        connection.execute("SAVEPOINT job")
+        try:
+            result = job.operation(store)
+        except SpoolError:
+            raise
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {self.directory}: {exc}") from exc
+        except Exception as exc:
+            connection.execute("ROLLBACK TO job")
+            connection.execute("RELEASE job")
+            job.outcome = (False, exc)
+            return
+        connection.execute("RELEASE job")
+        job.outcome = (True, result)
+
+    def _deliver(self, batch: list[Job]) -> None:
+        # One call_soon_threadsafe per event loop and batch, not one per job.
+        by_loop: dict[asyncio.AbstractEventLoop, list[Job]] = {}
+        blocking: list[Job] = []
+        for job in batch:
+            if job.loop is None:
+                blocking.append(job)
+            else:
+                by_loop.setdefault(job.loop, []).append(job)
+        for loop, jobs in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop was closed while we committed
+                loop.call_soon_threadsafe(_settle, jobs)
+        _settle(blocking)
+
+
+def commit_operation(pending: PendingCommit) -> Operation:
+    """Return the writer operation that inserts one message."""
+
+    def insert(store: SpoolStore) -> str:
+        return store.insert_message(pending)
+
+    return insert
