@@ -31,6 +31,7 @@ from relay.units import format_host_port, is_hostname, parse_duration, parse_hos
 ROLES = ("mx", "submission", "sink")
 TLS_MODES = ("none", "starttls", "implicit")
 RELAYHOST_TLS_MODES = ("required", "opportunistic", "none")
+MX_TLS_MODES = ("opportunistic", "none")
 BARE_LF_POLICIES = ("reject", "normalize")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -154,6 +155,57 @@ class DeliveryConfig:
     # Postfix: maximal_queue_lifetime = 5d.
     maximal_queue_lifetime: float = _key(5 * 86400.0, "duration")
     transport: Mapping[str, str] = _key(MappingProxyType({}), "transport")
+    # TLS for MX and transport-table hosts: opportunistic tries STARTTLS without
+    # verifying and falls back to plaintext; Postfix's smtp_tls_security_level "may".
+    mx_tls: str = _key("opportunistic", "choice", choices=MX_TLS_MODES)
+    # CA bundle for verifying the smart host under relayhost_tls = "required";
+    # empty: the system store (Postfix: smtp_tls_CAfile).
+    tls_ca_file: str = _key("", "path", must_exist=True)
+    # Postfix: default_destination_concurrency_limit = 20.
+    destination_concurrency_limit: int = _key(20, "int", min=1)
+    # Postfix: default_process_limit = 100 smtp client processes.
+    connection_limit: int = _key(100, "int", min=1)
+    # Postfix: smtp_destination_recipient_limit = 50.
+    recipients_per_transaction: int = _key(50, "int", min=1, max=1000)
+    # Postfix: minimal_backoff_time = 300s.  Each retry doubles the wait up to the
+    # maximum, with up to a quarter added at random so retries spread out.
+    minimal_backoff_time: float = _key(300.0, "duration")
+    # Postfix uses 4000s; about 4 hours keeps a dead host from being polled often.
+    maximal_backoff_time: float = _key(4 * 3600.0, "duration")
+    # Consecutive failed connections to every host of a destination before the
+    # whole destination waits out its backoff (Postfix:
+    # default_destination_concurrency_failed_cohort_limit = 1).
+    destination_failure_limit: int = _key(1, "int", min=1)
+    # Postfix: delay_warning_time = 0h, so no delay warnings by default.
+    delay_warning_time: float = _key(0.0, "duration")
+    # Copy a failed message with the null sender to postmaster (Postfix:
+    # notify_classes without "2bounce" by default, so off).
+    bounce_copy_to_postmaster: bool = _key(False, "bool")
+    # Postfix: smtp_connection_cache_time_limit = 2s of idle time before close.
+    connection_cache_time: float = _key(2.0, "duration")
+    # How often the scheduler looks for due recipients when nothing woke it.
+    queue_scan_interval: float = _key(1.0, "duration")
+    # Postfix: smtp_connect_timeout = 30s.
+    connect_timeout: float = _key(30.0, "duration")
+    # RFC 5321 section 4.5.3.2.1: initial 220 message, 5 minutes.
+    greeting_timeout: float = _key(300.0, "duration")
+    # Postfix: smtp_helo_timeout = 300s; also bounds STARTTLS and AUTH replies.
+    helo_timeout: float = _key(300.0, "duration")
+    # RFC 5321 section 4.5.3.2.2: MAIL command, 5 minutes.
+    mail_timeout: float = _key(300.0, "duration")
+    # RFC 5321 section 4.5.3.2.3: RCPT command, 5 minutes.
+    rcpt_timeout: float = _key(300.0, "duration")
+    # RFC 5321 section 4.5.3.2.4: DATA initiation, 2 minutes.
+    data_init_timeout: float = _key(120.0, "duration")
+    # RFC 5321 section 4.5.3.2.5: each data block send, 3 minutes.
+    data_block_timeout: float = _key(180.0, "duration")
+    # RFC 5321 section 4.5.3.2.6: DATA termination, 10 minutes.
+    data_done_timeout: float = _key(600.0, "duration")
+    # Postfix: smtp_rset_timeout = 20s and smtp_quit_timeout = 300s; one key for both.
+    rset_timeout: float = _key(20.0, "duration")
+    # Whole time for one DNS lookup, retries included; dnspython's own default is 5s,
+    # doubled so one slow authoritative server does not defer mail.
+    dns_timeout: float = _key(10.0, "duration")
 
 
 @dataclass(frozen=True)
