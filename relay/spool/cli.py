@@ -1,0 +1,379 @@
+"""``relay queue``: inspect and manage the spool, also while the relay runs.
+
+Subcommands: ``list`` (one block per message like Postfix's ``mailq``, or one
+JSON object per line with ``--json``), ``show ID``, ``flush [ID | --domain D]``,
+``hold ID``, ``release ID`` and ``delete ID``.  Each works on ``--spool DIR``
+or on the ``[spool] path`` of ``--config FILE`` (default: ``./relay-spool``).
+
+Reads run in one SQLite read transaction, so ``list`` prints one consistent
+snapshot even while worker processes commit.  Changes wait up to the spool's
+busy timeout for the write lock.  An unknown queue ID, a missing spool or a
+spool error prints one line on stderr and exits with status 1.  A record
+that cannot be decoded is moved to ``DIR/corrupt/`` and reported on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from relay.cli import add_config_option, config_from_args
+from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
+from relay.spool.ids import is_queue_id
+from relay.spool.store import SpoolStore, database_path
+from relay.spool.types import Attempt, RecipientState, StoredMessage, StoredRecipient
+
+# Column widths: queue IDs are 15 characters (see relay.spool.ids) and an
+# arrival time "YYYY-MM-DD HH:MM:SS" is 19.
+_ID_WIDTH = 15
+_TIME_WIDTH = 20
+
+
+class _UsageError(Exception):
+    """An error the user can fix; printed as one line, exit status 1."""
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``queue`` subcommand and its own subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    add_config_option(common)
+    common.add_argument("--spool", metavar="DIR", help="spool directory (default: [spool] path of the config)")
+
+    queue = subparsers.add_parser("queue", help="inspect and manage the spool")
+    actions = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+
+    listing = actions.add_parser("list", parents=[common], help="list queued messages, like mailq")
+    listing.add_argument("--json", action="store_true", help="print one JSON object per message")
+    listing.add_argument("--sender", metavar="ADDRESS", help="only messages from this reverse-path (<> for null)")
+    listing.add_argument("--domain", metavar="DOMAIN", help="only messages with a recipient at this domain")
+    listing.add_argument(
+        "--state",
+        choices=[state.value for state in RecipientState],
+        help="only messages with a recipient in this state",
+    )
+    listing.set_defaults(handler=_run, action=_list)
+
+    show = actions.add_parser("show", parents=[common], help="show one message's envelope, history and headers")
+    show.add_argument("queue_id", metavar="ID")
+    show.add_argument("--body", action="store_true", help="print the whole message after the envelope")
+    show.set_defaults(handler=_run, action=_show)
+
+    flush = actions.add_parser("flush", parents=[common], help="make deferred recipients due now")
+    target = flush.add_mutually_exclusive_group()
+    target.add_argument("queue_id", metavar="ID", nargs="?", help="only this message")
+    target.add_argument("--domain", metavar="DOMAIN", help="only recipients at this domain")
+    flush.set_defaults(handler=_run, action=_flush)
+
+    hold = actions.add_parser("hold", parents=[common], help="stop delivery attempts for a message")
+    hold.add_argument("queue_id", metavar="ID")
+    hold.set_defaults(handler=_run, action=_hold)
+
+    release = actions.add_parser("release", parents=[common], help="resume delivery of a held message now")
+    release.add_argument("queue_id", metavar="ID")
+    release.set_defaults(handler=_run, action=_release)
+
+    delete = actions.add_parser("delete", parents=[common], help="delete a message without sending a DSN")
+    delete.add_argument("queue_id", metavar="ID")
+    delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    delete.set_defaults(handler=_run, action=_delete)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        with _open_store(args) as store:
+            status: int = args.action(store, args)
+            return status
+    except MessageNotFound as exc:
+        print(f"relay queue: {exc}", file=sys.stderr)
+        return 1
+    except (_UsageError, SpoolError) as exc:
+        print(f"relay queue: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader of our output (``| head``) went away; stop quietly like ls does.
+        # Python would otherwise report the pipe again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+@contextlib.contextmanager
+def _open_store(args: argparse.Namespace) -> Iterator[SpoolStore]:
+    if args.spool:
+        directory = Path(args.spool)
+        busy_timeout = 10.0
+    else:
+        config = config_from_args(args)
+        directory = Path(config.spool.path)
+        busy_timeout = config.spool.busy_timeout
+    if not database_path(directory).exists():
+        # Opening would create an empty spool, which hides a mistyped path.
+        name = database_path(directory).name
+        raise _UsageError(f"no spool in {directory} ({name} not found); check --spool or [spool] path")
+    store = SpoolStore(directory, busy_timeout=busy_timeout)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _check_id(queue_id: str) -> str:
+    if not is_queue_id(queue_id):
+        raise _UsageError(f"invalid queue ID {queue_id!r}; expected 15 characters as printed by `relay queue list`")
+    return queue_id
+
+
+@contextlib.contextmanager
+def _snapshot(store: SpoolStore) -> Iterator[None]:
+    # One read transaction: every row read inside comes from the same commit.
+    store.connection.execute("BEGIN")
+    try:
+        yield
+    finally:
+        store.connection.execute("COMMIT")
+
+
+def _report_corrupt(store: SpoolStore, errors: list[CorruptRecord]) -> None:
+    for error in errors:
+        with store.transaction():
+            path = store.move_aside(error.queue_id, error.reason)
+        print(f"relay queue: {error}; moved aside to {path}", file=sys.stderr)
+
+
+# -- list ----------------------------------------------------------------------
+
+
+def _list(store: SpoolStore, args: argparse.Namespace) -> int:
+    sender = args.sender
+    if sender is not None and sender in ("<>", ""):
+        sender = ""
+    elif sender is not None:
+        sender = sender.strip("<>")
+    state = RecipientState(args.state) if args.state else None
+
+    corrupt: list[CorruptRecord] = []
+    messages: list[StoredMessage] = []
+    with _snapshot(store):
+        queue_ids = store.queue_ids(sender=sender, domain=args.domain, state=state)
+        for item in store.messages(queue_ids):
+            if isinstance(item, CorruptRecord):
+                corrupt.append(item)
+            else:
+                messages.append(item)
+    _report_corrupt(store, corrupt)
+
+    if args.json:
+        for message in messages:
+            sys.stdout.write(orjson.dumps(_message_document(message)).decode() + "\n")
+        return 0
+    if not messages:
+        print("Mail queue is empty")
+        return 0
+    heading = f"{'-Queue ID-':<{_ID_WIDTH}} {'--Size--':>8} {'-Arrival Time (UTC)-':<{_TIME_WIDTH}}"
+    print(f"{heading} -Sender/Recipient-------")
+    total = 0
+    for message in messages:
+        total += message.size
+        print(
+            f"{message.queue_id:<{_ID_WIDTH}} {message.size:>8} {_format_time(message.arrival):<{_TIME_WIDTH}}"
+            f" {_format_path(message.envelope.sender)}"
+        )
+        for recipient in message.recipients:
+            print(_recipient_line(recipient))
+        print()
+    print(f"-- {(total + 1023) // 1024} Kbytes in {len(messages)} message{'s' if len(messages) != 1 else ''}.")
+    return 0
+
+
+def _recipient_line(recipient: StoredRecipient) -> str:
+    indent = " " * (_ID_WIDTH + 1 + 8 + 1 + _TIME_WIDTH + 1)
+    line = f"{indent}{recipient.address}  {recipient.state.value}"
+    if recipient.state in (RecipientState.QUEUED, RecipientState.DEFERRED) and recipient.attempts:
+        line += f" (attempt {recipient.attempts}, next {_format_time(recipient.next_attempt)})"
+    if recipient.last_reply:
+        line += f"\n{indent}  ({_one_line(recipient.last_reply)}"
+        line += f" from {recipient.last_host})" if recipient.last_host else ")"
+    return line
+
+
+def _message_document(message: StoredMessage) -> dict[str, Any]:
+    envelope = message.envelope
+    return {
+        "queue_id": message.queue_id,
+        "size": message.size,
+        "arrival": _format_time(message.arrival, precise=True),
+        "sender": envelope.sender,
+        "client_address": envelope.client_address,
+        "helo_name": envelope.helo_name,
+        "auth_user": envelope.auth_user,
+        "protocol": envelope.protocol,
+        "esmtp": {
+            "size": envelope.size,
+            "body": envelope.body_type,
+            "smtputf8": envelope.smtputf8,
+            "ret": envelope.ret,
+            "envid": envelope.envid,
+        },
+        "recipients": [
+            {
+                "address": recipient.address,
+                "orcpt": recipient.orcpt,
+                "notify": list(recipient.notify),
+                "state": recipient.state.value,
+                "attempts": recipient.attempts,
+                "next_attempt": _format_time(recipient.next_attempt, precise=True),
+                "last_attempt": _format_time(recipient.last_attempt, precise=True),
+                "last_reply": recipient.last_reply,
+                "last_host": recipient.last_host,
+                "dsn": recipient.dsn.value,
+            }
+            for recipient in message.recipients
+        ],
+    }
+
+
+# -- show ----------------------------------------------------------------------
+
+
+def _show(store: SpoolStore, args: argparse.Namespace) -> int:
+    queue_id = _check_id(args.queue_id)
+    try:
+        with _snapshot(store):
+            message = store.load(queue_id)
+            if message is None:
+                raise MessageNotFound(queue_id)
+            history = store.history(queue_id)
+            body = store.load_body(queue_id)
+    except CorruptRecord as exc:
+        _report_corrupt(store, [exc])
+        return 1
+
+    envelope = message.envelope
+    fields: list[tuple[str, Any]] = [
+        ("Queue ID", message.queue_id),
+        ("Arrival", _format_time(message.arrival, precise=True)),
+        ("Size", f"{message.size} octets"),
+        ("Sender", _format_path(envelope.sender)),
+        ("Client", envelope.client_address or "local"),
+        ("HELO", envelope.helo_name),
+        ("Protocol", envelope.protocol),
+        ("Authenticated", envelope.auth_user),
+        ("SIZE", envelope.size),
+        ("BODY", envelope.body_type),
+        ("SMTPUTF8", "yes" if envelope.smtputf8 else None),
+        ("RET", envelope.ret),
+        ("ENVID", envelope.envid),
+    ]
+    for name, value in fields:
+        if value is not None:
+            print(f"{name + ':':<15}{value}")
+
+    print("\nRecipients:")
+    for recipient in message.recipients:
+        print(f"  [{recipient.index}] {recipient.address}  {recipient.state.value}, {recipient.attempts} attempt(s)")
+        if recipient.orcpt or recipient.notify:
+            print(f"      ORCPT={recipient.orcpt or '-'} NOTIFY={','.join(recipient.notify) or '-'}")
+        if recipient.state in (RecipientState.QUEUED, RecipientState.DEFERRED):
+            print(f"      next attempt {_format_time(recipient.next_attempt)}")
+        if recipient.dsn.value != "none":
+            print(f"      DSN {recipient.dsn.value}")
+        for attempt in history:
+            if attempt.index == recipient.index:
+                print(f"      {_history_line(attempt)}")
+
+    if args.body:
+        print()
+        sys.stdout.flush()
+        sys.stdout.buffer.write(body)
+        sys.stdout.buffer.flush()
+        return 0
+    print("\nHeaders:")
+    header_end = body.find(b"\r\n\r\n")
+    headers = body if header_end < 0 else body[: header_end + 2]
+    sys.stdout.write(headers.decode("utf-8", "backslashreplace").replace("\r\n", "\n"))
+    return 0
+
+
+def _history_line(attempt: Attempt) -> str:
+    line = f"{_format_time(attempt.time)} {attempt.outcome}"
+    if attempt.host:
+        line += f" host={attempt.host}"
+    if attempt.reply:
+        line += f" reply={_one_line(attempt.reply)}"
+    return line
+
+
+# -- changes -------------------------------------------------------------------
+
+
+def _flush(store: SpoolStore, args: argparse.Namespace) -> int:
+    queue_id = _check_id(args.queue_id) if args.queue_id else None
+    with store.transaction():
+        count = store.flush(time.time(), queue_id=queue_id, domain=args.domain)
+    print(f"flushed {count} recipient(s)")
+    return 0
+
+
+def _hold(store: SpoolStore, args: argparse.Namespace) -> int:
+    queue_id = _check_id(args.queue_id)
+    with store.transaction():
+        count = store.hold(queue_id, time.time())
+    print(f"{queue_id}: held {count} recipient(s)")
+    return 0
+
+
+def _release(store: SpoolStore, args: argparse.Namespace) -> int:
+    queue_id = _check_id(args.queue_id)
+    with store.transaction():
+        count = store.release(queue_id, time.time())
+    print(f"{queue_id}: released {count} recipient(s)")
+    return 0
+
+
+def _delete(store: SpoolStore, args: argparse.Namespace) -> int:
+    queue_id = _check_id(args.queue_id)
+    if not args.yes and sys.stdin.isatty():
+        message = store.load(queue_id)
+        if message is None:
+            raise MessageNotFound(queue_id)
+        pending = sum(r.state.value in ("queued", "deferred", "held") for r in message.recipients)
+        answer = input(
+            f"Delete {queue_id} from {_format_path(message.envelope.sender)} with {pending} undelivered"
+            " recipient(s), sending no DSN? [y/N] "
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted")
+            return 1
+    with store.transaction():
+        store.delete(queue_id)
+    print(f"{queue_id}: deleted")
+    return 0
+
+
+# -- formatting ----------------------------------------------------------------
+
+
+def _format_time(timestamp: float | None, precise: bool = False) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    if precise:
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _format_path(address: str) -> str:
+    return f"<{address}>" if address == "" else address
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
