@@ -16,7 +16,7 @@ class DotStuffer:
 
     def __init__(self) -> None: ...
     def encode(self, chunk: bytes) -> bytes:
-        """Encode the next piece of the message; may hold back one trailing CR."""
+        """Encode the next piece of the message."""
 
     def finish(self) -> bytes:
-        """Return the remaining bytes and the ``.\\r\\n`` terminator."""
+        """Return the CRLF the message may lack and the ``.\\r\\n`` terminator."""
