@@ -157,6 +157,16 @@ class Spool:
         """Commit what is queued, then stop the writer, without blocking the loop."""
         await asyncio.get_running_loop().run_in_executor(None, self.close)
 
+    @property
+    def committed_batches(self) -> int:
+        """Transactions the writer has committed since the spool was opened."""
+        return self._writer.batches
+
+    @property
+    def committed_jobs(self) -> int:
+        """Changes (commits, claims, results, ...) inside those transactions."""
+        return self._writer.jobs
+
     # -- the server -----------------------------------------------------------
 
     async def commit(

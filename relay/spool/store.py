@@ -206,6 +206,12 @@ class SpoolStore:
         """Close the connection."""
         self.connection.close()
 
+    def __enter__(self) -> SpoolStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
         try:

@@ -161,9 +161,10 @@ class Writer:
                 for job in batch:
                     self._apply(store, job)
         except (SpoolError, sqlite3.Error) as exc:
-            log_event(logger, "commit-failed", logging.ERROR, jobs=len(batch), error=str(exc))
+            message = str(exc) if isinstance(exc, SpoolError) else f"spool {self.directory}: {exc}"
+            log_event(logger, "commit-failed", logging.ERROR, jobs=len(batch), error=message)
             for job in batch:
-                job.outcome = (False, SpoolError(f"spool {self.directory}: {exc}"))
+                job.outcome = (False, SpoolError(message))
         except Exception as exc:
             # A bug in an operation must not kill the thread and strand every caller.
             logger.exception("spool writer failed")

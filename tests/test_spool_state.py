@@ -1,0 +1,506 @@
+"""Unit tests of the spool: commit, recipient state changes, leases, deletion, corruption."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from spool_helpers import LOOP_KINDS, make_body, make_envelope, run
+
+from relay.spool import (
+    CorruptRecord,
+    DeliveryResult,
+    DsnRequest,
+    DsnState,
+    Envelope,
+    MessageNotFound,
+    Outcome,
+    Recipient,
+    RecipientState,
+    Spool,
+    SpoolError,
+    SpoolStore,
+    is_queue_id,
+    new_queue_id,
+)
+from relay.spool.ids import queue_id_time
+from relay.spool.store import SCHEMA_VERSION, database_path
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    opened = Spool.open(tmp_path / "spool")
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def _state(spool: Spool, queue_id: str) -> list[RecipientState]:
+    message = run(spool.load(queue_id))
+    assert message is not None
+    return [recipient.state for recipient in message.recipients]
+
+
+# -- queue IDs -------------------------------------------------------------------
+
+
+def test_queue_ids_sort_by_arrival() -> None:
+    now = time.time()
+    ids = [new_queue_id(now) for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert ids == sorted(ids)
+    assert all(is_queue_id(queue_id) for queue_id in ids)
+    later = new_queue_id(now + 1)
+    assert later > ids[-1]
+
+
+def test_queue_id_encodes_arrival_time() -> None:
+    now = time.time() + 5
+    queue_id = new_queue_id(now)
+    assert abs(queue_id_time(queue_id) - now) < 0.01
+    with pytest.raises(ValueError):
+        queue_id_time("not-an-id")
+
+
+# -- commit ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop_kind", LOOP_KINDS)
+def test_commit_round_trip(tmp_path: Path, loop_kind: str) -> None:
+    envelope = Envelope(
+        sender="sender@example.test",
+        recipients=(
+            Recipient("a@one.example.test", orcpt="rfc822;a@one.example.test", notify=("SUCCESS", "FAILURE")),
+            Recipient("B@Two.Example.Test", notify=("NEVER",)),
+        ),
+        size=4096,
+        body_type="8BITMIME",
+        smtputf8=True,
+        ret="HDRS",
+        envid="QQ314159",
+        client_address="127.0.0.1",
+        helo_name="client.example.test",
+        auth_user="alice",
+        protocol="ESMTPSA",
+    )
+    body = make_body("round-trip", 5000) + b"\x00\xff bytes pass unchanged\r\n"
+
+    async def scenario() -> None:
+        spool = Spool.open(tmp_path / "spool")
+        try:
+            queue_id = await spool.commit(envelope, body)
+            message = await spool.load(queue_id)
+            stored_body = await spool.load_body(queue_id)
+        finally:
+            await spool.aclose()
+        assert is_queue_id(queue_id)
+        assert message is not None
+        assert message.envelope == envelope
+        assert message.size == len(body)
+        assert stored_body == body
+        assert [r.state for r in message.recipients] == [RecipientState.QUEUED] * 2
+        assert message.recipients[1].domain == "two.example.test"
+        assert all(r.attempts == 0 and r.dsn is DsnState.NONE for r in message.recipients)
+
+    run(scenario(), loop_kind)
+
+
+@pytest.mark.parametrize("loop_kind", LOOP_KINDS)
+def test_concurrent_commits_share_batches(tmp_path: Path, loop_kind: str) -> None:
+    async def scenario() -> tuple[list[str], int]:
+        spool = Spool.open(tmp_path / "spool")
+        try:
+            envelope = make_envelope()
+            ids = await asyncio.gather(*(spool.commit(envelope, make_body(str(i), 1000)) for i in range(300)))
+            return list(ids), spool.committed_batches
+        finally:
+            await spool.aclose()
+
+    ids, batches = run(scenario(), loop_kind)
+    assert len(set(ids)) == 300
+    # Group commit: 300 commits handed over at once need far fewer transactions.
+    assert batches < 100
+    with SpoolStore(tmp_path / "spool") as store:
+        assert len(store.queue_ids()) == 300
+
+
+def test_commit_without_recipients_rejected(spool: Spool) -> None:
+    with pytest.raises(ValueError, match="recipient"):
+        run(spool.commit(Envelope("a@example.test", ()), b"x"))
+
+
+def test_commit_blocking_from_thread(spool: Spool) -> None:
+    queue_id = spool.commit_blocking(make_envelope(), b"Subject: t\r\n\r\nbody\r\n")
+    assert run(spool.load_body(queue_id)) == b"Subject: t\r\n\r\nbody\r\n"
+
+
+def test_commit_keeps_chosen_queue_id(spool: Spool) -> None:
+    chosen = new_queue_id()
+    assert run(spool.commit(make_envelope(), b"x", queue_id=chosen)) == chosen
+
+
+def test_commit_replaces_clashing_queue_id(spool: Spool) -> None:
+    chosen = new_queue_id()
+    first = run(spool.commit(make_envelope(), b"first", queue_id=chosen))
+    second = run(spool.commit(make_envelope(), b"second", queue_id=chosen))
+    assert first == chosen
+    assert second != chosen
+    assert run(spool.load_body(second)) == b"second"
+
+
+def test_cancelled_commit_still_stored(spool: Spool) -> None:
+    async def scenario() -> None:
+        task = asyncio.ensure_future(spool.commit(make_envelope(), b"cancelled"))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The next commit is durable only after any earlier one is.
+        await spool.commit(make_envelope(), b"after")
+
+    run(scenario())
+    with SpoolStore(spool.directory) as store:
+        assert len(store.queue_ids()) == 2
+
+
+def test_closed_spool_rejects_commit(tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path / "spool")
+    spool.close()
+    with pytest.raises(SpoolError, match="closed"):
+        run(spool.commit(make_envelope(), b"x"))
+
+
+def test_reopen_keeps_messages(tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path / "spool")
+    queue_id = spool.commit_blocking(make_envelope(), b"kept")
+    spool.close()
+    reopened = Spool.open(tmp_path / "spool")
+    try:
+        assert run(reopened.load_body(queue_id)) == b"kept"
+    finally:
+        reopened.close()
+
+
+def test_newer_schema_rejected(tmp_path: Path) -> None:
+    Spool.open(tmp_path / "spool").close()
+    with sqlite3.connect(database_path(tmp_path / "spool")) as connection:
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(SpoolError, match="upgrade relay"):
+        Spool.open(tmp_path / "spool")
+
+
+def test_unopenable_spool_raises(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SpoolError, match="cannot open spool"):
+        Spool.open(blocker / "spool")
+
+
+# -- claims and leases ---------------------------------------------------------------
+
+
+def test_claim_returns_due_recipients(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=3), b"x"))
+    claims = run(spool.claim("scheduler-a"))
+    assert len(claims) == 1
+    claim = claims[0]
+    assert claim.queue_id == queue_id
+    assert [r.index for r in claim.recipients] == [0, 1, 2]
+    assert claim.envelope.sender == "sender@example.test"
+    assert claim.lease_until > time.time()
+
+
+def test_claim_skips_leased_recipients(spool: Spool) -> None:
+    run(spool.commit(make_envelope(), b"x"))
+    assert len(run(spool.claim("scheduler-a"))) == 1
+    assert run(spool.claim("scheduler-b")) == []
+
+
+def test_expired_lease_claimed_again(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(), b"x"))
+    now = time.time()
+    first = run(spool.claim("scheduler-a", lease_time=60, now=now))
+    assert run(spool.claim("scheduler-b", now=now + 59)) == []
+    second = run(spool.claim("scheduler-b", now=now + 61))
+    assert [claim.queue_id for claim in second] == [queue_id]
+    assert second[0].lease_token != first[0].lease_token
+
+
+def test_claim_honours_limit_and_domain(spool: Spool) -> None:
+    for _ in range(3):
+        run(spool.commit(make_envelope(recipients=2), b"x"))
+    limited = run(spool.claim("a", limit=2))
+    assert sum(len(claim.recipients) for claim in limited) == 2
+    by_domain = run(spool.claim("b", domain="TWO.example.test"))
+    addresses = {r.address for claim in by_domain for r in claim.recipients}
+    assert addresses == {"user1@two.example.test"}
+    assert sum(len(claim.recipients) for claim in by_domain) <= 3
+
+
+def test_claim_skips_future_and_held(spool: Spool) -> None:
+    deferred_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+    held_id = run(spool.commit(make_envelope(recipients=1), b"y"))
+    claim = run(spool.claim("a", limit=1))[0]
+    assert claim.queue_id == deferred_id
+    result = DeliveryResult(deferred_id, 0, Outcome.DEFERRED, "451 4.3.0 later", "mx.test", time.time() + 300)
+    run(spool.record_results([result], lease_token=claim.lease_token))
+    assert run(spool.hold(held_id)) == 1
+    assert run(spool.claim("b")) == []
+    assert len(run(spool.claim("c", now=time.time() + 301))) == 1
+
+
+def test_claim_ignores_other_leases_after_result(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+    claim = run(spool.claim("a"))[0]
+    deferral = DeliveryResult(queue_id, 0, Outcome.DEFERRED, "451", "mx", next_attempt=time.time() - 1)
+    run(spool.record_results([deferral], lease_token=claim.lease_token))
+    # The result ended the lease, so the recipient is due again at once.
+    assert len(run(spool.claim("b"))) == 1
+
+
+# -- results and deletion ----------------------------------------------------------------
+
+
+def test_deferred_result_updates_recipient(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+    claim = run(spool.claim("a"))[0]
+    next_attempt = time.time() + 600
+    result = DeliveryResult(queue_id, 0, Outcome.DEFERRED, "451 4.4.1 no answer", "mx1.test", next_attempt)
+    assert run(spool.record_results([result], lease_token=claim.lease_token)) == 1
+    message = run(spool.load(queue_id))
+    assert message is not None
+    recipient = message.recipients[0]
+    assert recipient.state is RecipientState.DEFERRED
+    assert recipient.attempts == 1
+    assert recipient.next_attempt == pytest.approx(next_attempt)
+    assert recipient.last_reply == "451 4.4.1 no answer"
+    assert recipient.last_host == "mx1.test"
+
+
+def test_deferral_needs_next_attempt(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+    with pytest.raises(ValueError, match="next_attempt"):
+        run(spool.record_results([DeliveryResult(queue_id, 0, Outcome.DEFERRED, "451")]))
+    assert _state(spool, queue_id) == [RecipientState.QUEUED]
+
+
+def test_all_delivered_deletes_message(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=2), b"x"))
+    claim = run(spool.claim("a"))[0]
+    run(
+        spool.record_results(
+            [DeliveryResult(queue_id, 0, Outcome.DELIVERED, "250 ok", "mx")], lease_token=claim.lease_token
+        )
+    )
+    # One recipient is still unresolved, so the message stays.
+    assert _state(spool, queue_id) == [RecipientState.DELIVERED, RecipientState.QUEUED]
+    run(
+        spool.record_results(
+            [DeliveryResult(queue_id, 1, Outcome.DELIVERED, "250 ok", "mx")], lease_token=claim.lease_token
+        )
+    )
+    assert run(spool.load(queue_id)) is None
+    with pytest.raises(MessageNotFound):
+        run(spool.load_body(queue_id))
+
+
+def test_failure_keeps_message_until_dsn_queued(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+    result = DeliveryResult(queue_id, 0, Outcome.FAILED, "550 5.1.1 unknown user", "mx")
+    run(spool.record_results([result]))
+    message = run(spool.load(queue_id))
+    assert message is not None
+    assert message.recipients[0].state is RecipientState.BOUNCED
+    assert message.recipients[0].dsn is DsnState.PENDING
+    assert [m.queue_id for m in run(spool.pending_dsns())] == [queue_id]
+
+    dsn_envelope = Envelope("", (Recipient("sender@example.test"),))
+    dsn_id = run(spool.commit(dsn_envelope, b"DSN", dsn_for=DsnRequest(queue_id, (0,))))
+    assert run(spool.load(queue_id)) is None
+    assert run(spool.pending_dsns()) == []
+    assert run(spool.load_body(dsn_id)) == b"DSN"
+
+
+def test_failure_to_null_sender_needs_no_dsn(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(sender="", recipients=1), b"x"))
+    run(spool.record_results([DeliveryResult(queue_id, 0, Outcome.FAILED, "550", "mx")]))
+    assert run(spool.load(queue_id)) is None
+
+
+@pytest.mark.parametrize(
+    ("notify", "outcome", "dsn"),
+    [
+        ((), Outcome.FAILED, DsnState.PENDING),
+        (("FAILURE",), Outcome.FAILED, DsnState.PENDING),
+        (("NEVER",), Outcome.FAILED, DsnState.NONE),
+        (("SUCCESS",), Outcome.FAILED, DsnState.NONE),
+        (("SUCCESS",), Outcome.DELIVERED, DsnState.PENDING),
+        ((), Outcome.DELIVERED, DsnState.NONE),
+        (("DELAY", "FAILURE"), Outcome.DELIVERED, DsnState.NONE),
+    ],
+)
+def test_notify_decides_dsn(spool: Spool, notify: tuple[str, ...], outcome: Outcome, dsn: DsnState) -> None:
+    envelope = Envelope(
+        "sender@example.test", (Recipient("a@example.test", notify=notify), Recipient("b@example.test"))
+    )
+    queue_id = run(spool.commit(envelope, b"x"))
+    run(spool.record_results([DeliveryResult(queue_id, 0, outcome, "reply", "mx")]))
+    message = run(spool.load(queue_id))
+    assert message is not None
+    assert message.recipients[0].dsn is dsn
+
+
+def test_result_for_final_recipient_ignored(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=2), b"x"))
+    run(spool.record_results([DeliveryResult(queue_id, 0, Outcome.DELIVERED, "250", "mx")]))
+    with caplog.at_level(logging.WARNING, logger="relay.spool"):
+        applied = run(spool.record_results([DeliveryResult(queue_id, 0, Outcome.FAILED, "550", "mx")]))
+    assert applied == 0
+    assert _state(spool, queue_id) == [RecipientState.DELIVERED, RecipientState.QUEUED]
+    assert "result-ignored" in [getattr(record, "event", None) for record in caplog.records]
+
+
+def test_result_for_unknown_message_ignored(spool: Spool) -> None:
+    assert run(spool.record_results([DeliveryResult(new_queue_id(), 0, Outcome.DELIVERED)])) == 0
+
+
+def test_lost_lease_deferral_ignored(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+    now = time.time()
+    stale = run(spool.claim("a", lease_time=10, now=now))[0]
+    fresh = run(spool.claim("b", lease_time=600, now=now + 11))[0]
+    late = DeliveryResult(queue_id, 0, Outcome.DEFERRED, "451", "mx", next_attempt=now + 3600)
+    assert run(spool.record_results([late], lease_token=stale.lease_token, now=now + 12)) == 0
+    # The live lease of the second scheduler still protects the recipient.
+    assert run(spool.claim("c", now=now + 13)) == []
+    done = DeliveryResult(queue_id, 0, Outcome.DELIVERED, "250", "mx")
+    assert run(spool.record_results([done], lease_token=fresh.lease_token, now=now + 14)) == 1
+    assert run(spool.load(queue_id)) is None
+
+
+def test_lost_lease_delivery_counts(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+    now = time.time()
+    stale = run(spool.claim("a", lease_time=10, now=now))[0]
+    run(spool.claim("b", lease_time=600, now=now + 11))
+    done = DeliveryResult(queue_id, 0, Outcome.DELIVERED, "250", "mx")
+    assert run(spool.record_results([done], lease_token=stale.lease_token, now=now + 12)) == 1
+    assert run(spool.load(queue_id)) is None
+
+
+# -- operator actions -------------------------------------------------------------
+
+
+def test_hold_and_release(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=2), b"x"))
+    run(spool.record_results([DeliveryResult(queue_id, 0, Outcome.DEFERRED, "451", "mx", time.time() + 900)]))
+    assert run(spool.hold(queue_id)) == 2
+    assert _state(spool, queue_id) == [RecipientState.HELD, RecipientState.HELD]
+    assert run(spool.claim("a")) == []
+    assert run(spool.release(queue_id)) == 2
+    # A recipient tried before comes back deferred, one never tried as queued; both due now.
+    assert _state(spool, queue_id) == [RecipientState.DEFERRED, RecipientState.QUEUED]
+    assert sum(len(c.recipients) for c in run(spool.claim("a"))) == 2
+
+
+def test_held_recipient_stays_held_after_deferral(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+    claim = run(spool.claim("a"))[0]
+    run(spool.hold(queue_id))
+    deferral = DeliveryResult(queue_id, 0, Outcome.DEFERRED, "451", "mx", time.time() + 60)
+    run(spool.record_results([deferral], lease_token=claim.lease_token))
+    assert _state(spool, queue_id) == [RecipientState.HELD]
+
+
+def test_held_message_not_deleted(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=2), b"x"))
+    run(spool.hold(queue_id))
+    run(spool.record_results([DeliveryResult(queue_id, 0, Outcome.DELIVERED, "250", "mx")]))
+    assert run(spool.load(queue_id)) is not None
+
+
+def test_flush_makes_deferred_due(spool: Spool) -> None:
+    first = run(spool.commit(make_envelope(recipients=2), b"x"))
+    later = time.time() + 3600
+    for index in (0, 1):
+        run(spool.record_results([DeliveryResult(first, index, Outcome.DEFERRED, "451", "mx", later)]))
+    assert run(spool.claim("a")) == []
+    assert run(spool.flush(domain="two.example.test")) == 1
+    claimed = run(spool.claim("a"))
+    assert [r.address for c in claimed for r in c.recipients] == ["user1@two.example.test"]
+    assert run(spool.flush(queue_id=first)) == 2
+    assert run(spool.flush()) == 0
+
+
+def test_delete_removes_message(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(), b"x"))
+    run(spool.delete(queue_id))
+    assert run(spool.load(queue_id)) is None
+
+
+@pytest.mark.parametrize("action", ["hold", "release", "delete"])
+def test_unknown_id_not_found(spool: Spool, action: str) -> None:
+    missing = new_queue_id()
+    with pytest.raises(MessageNotFound, match=missing):
+        run(getattr(spool, action)(missing))
+
+
+def test_history_lists_attempts(tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path / "spool")
+    try:
+        queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+        run(spool.record_results([DeliveryResult(queue_id, 0, Outcome.DEFERRED, "451 a", "mx1", time.time())]))
+        run(spool.hold(queue_id))
+        run(spool.release(queue_id))
+    finally:
+        spool.close()
+    with SpoolStore(tmp_path / "spool") as store:
+        history = store.history(queue_id)
+    assert [attempt.outcome for attempt in history] == ["deferred", "held", "released"]
+    assert history[0].reply == "451 a"
+    assert history[0].host == "mx1"
+
+
+# -- corrupt records --------------------------------------------------------------
+
+
+def test_corrupt_body_moved_aside(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    queue_id = run(spool.commit(make_envelope(), b"original body"))
+    with sqlite3.connect(database_path(spool.directory)) as connection:
+        connection.execute("UPDATE body SET data = ? WHERE queue_id = ?", (b"damaged body!", queue_id))
+    with caplog.at_level(logging.ERROR, logger="relay.spool"), pytest.raises(CorruptRecord, match="CRC-32"):
+        run(spool.load_body(queue_id))
+    assert run(spool.load(queue_id)) is None
+    assert (spool.directory / "corrupt" / f"{queue_id}.json").exists()
+    assert (spool.directory / "corrupt" / f"{queue_id}.body").read_bytes() == b"damaged body!"
+    assert "corrupt-moved-aside" in [getattr(record, "event", None) for record in caplog.records]
+
+
+def test_corrupt_envelope_not_claimed(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    broken = run(spool.commit(make_envelope(recipients=1), b"x"))
+    sound = run(spool.commit(make_envelope(recipients=1), b"y"))
+    with sqlite3.connect(database_path(spool.directory)) as connection:
+        connection.execute("UPDATE message SET envelope = ? WHERE queue_id = ?", (b"{not json", broken))
+    with caplog.at_level(logging.ERROR, logger="relay.spool"):
+        claims = run(spool.claim("a"))
+    assert [claim.queue_id for claim in claims] == [sound]
+    assert (spool.directory / "corrupt" / f"{broken}.json").exists()
+    moved = [getattr(record, "fields", {}).get("queue_id") for record in caplog.records]
+    assert broken in moved
+
+
+def test_corrupt_state_moved_aside_on_load(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+    with sqlite3.connect(database_path(spool.directory)) as connection:
+        connection.execute("UPDATE recipient SET state = 'lost' WHERE queue_id = ?", (queue_id,))
+    with pytest.raises(CorruptRecord):
+        run(spool.load(queue_id))
+    assert (spool.directory / "corrupt" / f"{queue_id}.json").exists()
+    with SpoolStore(spool.directory) as store:
+        assert store.queue_ids() == []
