@@ -92,15 +92,12 @@ def _run(args: argparse.Namespace) -> int:
         with _open_store(args) as store:
             status: int = args.action(store, args)
             return status
-    except MessageNotFound as exc:
-        print(f"relay queue: {exc}", file=sys.stderr)
-        return 1
-    except (_UsageError, SpoolError) as exc:
+    except (MessageNotFound, _UsageError, SpoolError) as exc:
         print(f"relay queue: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
-        # The reader of our output (``| head``) went away; stop quietly like ls does.
-        # Python would otherwise report the pipe again when it flushes stdout at exit.
+        # The reader of the output (such as ``| head``) closed the pipe, so stop without a
+        # traceback.  Pointing stdout at /dev/null keeps the exit-time flush from failing too.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
