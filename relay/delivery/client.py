@@ -1,0 +1,570 @@
+"""Outbound SMTP session: connect, greet, EHLO, STARTTLS, AUTH, then send messages.
+
+Standards: RFC 5321 (session, replies, section 4.5.3.2 timeouts), RFC 3207
+STARTTLS, RFC 4954 AUTH with RFC 4616 PLAIN or LOGIN, RFC 2920 PIPELINING,
+RFC 1870 SIZE, RFC 6152 8BITMIME, RFC 6531 SMTPUTF8, RFC 3461 DSN parameters
+(NOTIFY, ORCPT, RET, ENVID, passed on only when the server offers DSN), and
+RFC 8314 implicit TLS when the next hop's port is 465.
+
+Replies are parsed by the compiled ``ReplyParser``; a malformed reply ends the
+session as a temporary failure (``451 4.5.0``).  The body is written exactly
+as spooled, dot-stuffed by the compiled encoder.  No command is written with
+CR, LF or NUL inside an argument: such a recipient fails with ``5.1.3``
+(``5.1.7`` for the sender), and xtext values are decoded and encoded again.
+
+Session-level problems (connection refused or dropped, a non-220 greeting,
+``421`` at any point, a timeout, a TLS failure) raise ``SessionError``; its
+``temporary`` flag says whether the scheduler defers or fails the recipients
+in flight.  Per-recipient results come back from ``SMTPSession.send``:
+a ``4xx`` to RCPT defers that recipient, ``5xx`` fails it, and the reply to
+DATA or to the end of data decides every recipient RCPT accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from relay._errors import SMTPError
+from relay._reply import Reply, ReplyParser, parse_ehlo
+from relay._stuffing import dot_stuff
+from relay.config import DeliveryConfig
+from relay.log import log_event
+from relay.spool import Outcome
+
+logger = logging.getLogger("relay.delivery")
+
+# Bytes per write while sending DATA; each write must drain within the data
+# block timeout (RFC 5321 section 4.5.3.2.5).
+DATA_CHUNK = 64 * 1024
+# RFC 8314 section 3.3: port 465 speaks TLS from the first byte.
+IMPLICIT_TLS_PORT = 465
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds to wait for each step of a session (RFC 5321 section 4.5.3.2)."""
+
+    connect: float = 30.0
+    greeting: float = 300.0
+    helo: float = 300.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0
+    data_done: float = 600.0
+    rset: float = 20.0
+
+    @classmethod
+    def from_config(cls, delivery: DeliveryConfig) -> Timeouts:
+        """Take every timeout from the ``[delivery]`` section."""
+        return cls(
+            connect=delivery.connect_timeout,
+            greeting=delivery.greeting_timeout,
+            helo=delivery.helo_timeout,
+            mail=delivery.mail_timeout,
+            rcpt=delivery.rcpt_timeout,
+            data_init=delivery.data_init_timeout,
+            data_block=delivery.data_block_timeout,
+            data_done=delivery.data_done_timeout,
+            rset=delivery.rset_timeout,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundRecipient:
+    """One recipient of a transaction; ``index`` is its position in the spooled envelope."""
+
+    index: int
+    address: str
+    notify: tuple[str, ...] = ()
+    orcpt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    """What one transaction sends: envelope, DSN parameters and the body as spooled."""
+
+    queue_id: str
+    sender: str
+    recipients: tuple[OutboundRecipient, ...]
+    body: bytes
+    body_type: str | None = None
+    smtputf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """The outcome for one recipient and the reply that decided it."""
+
+    index: int
+    outcome: Outcome
+    reply: str
+
+
+class SessionError(Exception):
+    """The session failed as a whole; ``reply`` is the SMTP reply (received or local) that says why."""
+
+    def __init__(self, reply: str, *, temporary: bool = True, tls_failed: bool = False) -> None:
+        super().__init__(reply)
+        self.reply = reply
+        self.temporary = temporary
+        self.tls_failed = tls_failed
+
+
+def reply_text(reply: Reply) -> str:
+    """Format a parsed reply as one line: code, enhanced code when present, text."""
+    if reply.enhanced:
+        return f"{reply.code} {reply.enhanced} {reply.text}".rstrip()
+    return f"{reply.code} {reply.text}".rstrip()
+
+
+def tls_context(mode: str, ca_file: str = "") -> ssl.SSLContext:
+    """Return the client TLS context for ``required`` (verified) or ``opportunistic`` (unverified) mode."""
+    context = ssl.create_default_context(cafile=ca_file or None)
+    if mode != "required":
+        # Opportunistic TLS guards against passive eavesdropping only; an MX
+        # host's certificate is rarely valid for the name we looked up.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    """How to open a session with one host."""
+
+    helo_name: str
+    tls: str = "opportunistic"  # required | opportunistic | none
+    ca_file: str = ""
+    username: str = ""
+    password: str = ""
+    timeouts: Timeouts = Timeouts()
+
+
+class SMTPSession:
+    """One open connection to a next hop, ready for transactions after ``open``."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, address: str, port: int
+    ) -> None:
+        self.host = host
+        self.address = address
+        self.port = port
+        self.capabilities: dict[str, list[str]] = {}
+        self.tls_active = False
+        self.usable = True
+        self.transactions = 0
+        self._reader = reader
+        self._writer = writer
+        self._parser = ReplyParser()
+        self._timeouts = Timeouts()
+        # The reply to a pipelined DATA, read with the RCPT replies.
+        self._data_reply: Reply | None = None
+
+    @property
+    def peer(self) -> str:
+        """The peer as logged and put into DSNs: ``name[address]:port``."""
+        return f"{self.host}[{self.address}]:{self.port}"
+
+    @classmethod
+    async def open(
+        cls, host: str, address: str, port: int, options: SessionOptions, *, starttls: bool = True
+    ) -> SMTPSession:
+        """Connect, read the greeting, say EHLO (or HELO), then STARTTLS and AUTH as the options ask.
+
+        ``starttls=False`` skips STARTTLS even when offered: the plaintext retry
+        after an opportunistic handshake failed.  Raises SessionError.
+        """
+        implicit = port == IMPLICIT_TLS_PORT and options.tls != "none"
+        context = tls_context(options.tls, options.ca_file) if implicit else None
+        try:
+            async with asyncio.timeout(options.timeouts.connect):
+                reader, writer = await asyncio.open_connection(
+                    address, port, ssl=context, server_hostname=host if context else None
+                )
+        except TimeoutError:
+            raise SessionError(f"451 4.4.1 connect to {host}[{address}]:{port} timed out") from None
+        except ssl.SSLError as exc:
+            raise SessionError(f"451 4.7.5 TLS handshake with {host}[{address}]:{port} failed: {exc.reason}") from None
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise SessionError(f"451 4.4.1 connect to {host}[{address}]:{port} failed: {reason}") from None
+
+        session = cls(reader, writer, host, address, port)
+        session._timeouts = options.timeouts
+        session.tls_active = implicit
+        try:
+            await session._handshake(options, starttls)
+        except BaseException:
+            session.abort()
+            raise
+        return session
+
+    async def _handshake(self, options: SessionOptions, starttls: bool) -> None:
+        greeting = await self._read_reply(self._timeouts.greeting)
+        if greeting.code != 220:
+            # RFC 5321 section 3.1: after a refusing greeting only QUIT may follow.
+            await self._quit_quietly()
+            raise SessionError(reply_text(greeting), temporary=greeting.code < 500)
+
+        await self._ehlo(options.helo_name)
+        if starttls and options.tls != "none" and not self.tls_active:
+            if "STARTTLS" in self.capabilities:
+                await self._starttls(options)
+            elif options.tls == "required":
+                await self._quit_quietly()
+                raise SessionError(f"451 4.7.4 TLS is required but {self.peer} does not offer STARTTLS")
+        if options.username:
+            await self._authenticate(options.username, options.password)
+
+    async def _ehlo(self, helo_name: str) -> None:
+        reply = await self._command(f"EHLO {helo_name}", self._timeouts.helo)
+        if reply.code == 250:
+            self.capabilities = parse_ehlo(reply)
+            return
+        if reply.code == 421:
+            raise SessionError(reply_text(reply))
+        reply = await self._command(f"HELO {helo_name}", self._timeouts.helo)
+        if reply.code != 250:
+            await self._quit_quietly()
+            raise SessionError(reply_text(reply), temporary=reply.code < 500)
+        self.capabilities = {}
+
+    async def _starttls(self, options: SessionOptions) -> None:
+        reply = await self._command("STARTTLS", self._timeouts.helo)
+        if reply.code != 220:
+            if options.tls == "required" or reply.code == 421:
+                raise SessionError(f"451 4.7.4 STARTTLS rejected by {self.peer}: {reply_text(reply)}")
+            # Opportunistic: the session goes on in plaintext on this connection.
+            log_event(logger, "tls-skipped", logging.WARNING, relay=self.peer, reply=reply_text(reply))
+            return
+        if self._parser.buffered:
+            # Bytes after the 220 were sent before the handshake; honouring them
+            # would let a man in the middle inject replies (CVE-2011-0411's kind).
+            raise SessionError(f"451 4.7.0 {self.peer} sent data after its STARTTLS reply", tls_failed=True)
+        context = tls_context(options.tls, options.ca_file)
+        try:
+            async with asyncio.timeout(self._timeouts.helo):
+                await self._writer.start_tls(context, server_hostname=self.host)
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            raise SessionError(f"451 4.7.5 TLS handshake with {self.peer} failed: {reason}", tls_failed=True) from None
+        self.tls_active = True
+        self._parser = ReplyParser()
+        await self._ehlo(options.helo_name)
+
+    async def _authenticate(self, username: str, password: str) -> None:
+        mechanisms = [name.upper() for name in self.capabilities.get("AUTH", [])]
+        if "PLAIN" in mechanisms:
+            token = base64.b64encode(f"\0{username}\0{password}".encode()).decode()
+            reply = await self._command(f"AUTH PLAIN {token}", self._timeouts.helo, secret=True)
+        elif "LOGIN" in mechanisms:
+            reply = await self._command("AUTH LOGIN", self._timeouts.helo)
+            if reply.code == 334:
+                reply = await self._command(base64.b64encode(username.encode()).decode(), self._timeouts.helo, True)
+            if reply.code == 334:
+                reply = await self._command(base64.b64encode(password.encode()).decode(), self._timeouts.helo, True)
+        else:
+            await self._quit_quietly()
+            raise SessionError(f"451 4.7.0 {self.peer} offers no AUTH mechanism this relay supports (PLAIN, LOGIN)")
+        if reply.code != 235:
+            # Like Postfix's smtp_sasl_auth_soft_bounce: a rejected login is
+            # usually a configuration error, so the mail waits for its fix.
+            await self._quit_quietly()
+            raise SessionError(f"451 4.7.8 AUTH with {self.peer} failed: {reply_text(reply)}")
+
+    async def send(self, message: OutboundMessage) -> list[RecipientResult]:
+        """Run one transaction and return a result for every recipient of ``message``.
+
+        Raises SessionError when the session fails; no recipient of the
+        message is then delivered and the session is unusable.
+        """
+        if not self.usable:
+            raise SessionError("451 4.4.2 session already closed")
+        self.transactions += 1
+        refused = self._check_message(message)
+        if refused is not None:
+            return [RecipientResult(r.index, Outcome.FAILED, refused) for r in message.recipients]
+
+        results: dict[int, RecipientResult] = {}
+        sendable: list[OutboundRecipient] = []
+        for recipient in message.recipients:
+            if _unsafe(recipient.address):
+                reply = "553 5.1.3 recipient address contains CR, LF or NUL"
+                results[recipient.index] = RecipientResult(recipient.index, Outcome.FAILED, reply)
+            else:
+                sendable.append(recipient)
+        if not sendable:
+            return [results[r.index] for r in message.recipients]
+
+        mail_command = self._mail_command(message)
+        rcpt_commands = [self._rcpt_command(recipient) for recipient in sendable]
+        try:
+            accepted = await self._envelope(mail_command, rcpt_commands, sendable, results)
+            if accepted:
+                await self._data(message.body, accepted, results)
+            else:
+                await self._reset()
+        except SessionError:
+            self.abort()
+            raise
+        return [results[r.index] for r in message.recipients]
+
+    def _check_message(self, message: OutboundMessage) -> str | None:
+        """Return the reply that fails the whole message before MAIL, or None to go on."""
+        if _unsafe(message.sender):
+            return "553 5.1.7 sender address contains CR, LF or NUL"
+        if _needs_smtputf8(message) and "SMTPUTF8" not in self.capabilities:
+            return f"554 5.6.7 {self.peer} does not support SMTPUTF8, which this message needs"
+        limit = _size_limit(self.capabilities)
+        if limit and len(message.body) > limit:
+            return f"552 5.3.4 message size {len(message.body)} exceeds the limit {limit} of {self.peer}"
+        return None
+
+    def _mail_command(self, message: OutboundMessage) -> str:
+        parts = [f"MAIL FROM:<{message.sender}>"]
+        if "SIZE" in self.capabilities:
+            parts.append(f"SIZE={len(message.body)}")
+        if message.body_type == "8BITMIME" and "8BITMIME" in self.capabilities:
+            parts.append("BODY=8BITMIME")
+        if _needs_smtputf8(message):
+            parts.append("SMTPUTF8")
+        if "DSN" in self.capabilities:
+            if message.ret in ("FULL", "HDRS"):
+                parts.append(f"RET={message.ret}")
+            if message.envid:
+                parts.append(f"ENVID={xtext_encode(xtext_decode(message.envid))}")
+        return " ".join(parts)
+
+    def _rcpt_command(self, recipient: OutboundRecipient) -> str:
+        parts = [f"RCPT TO:<{recipient.address}>"]
+        if "DSN" in self.capabilities:
+            notify = [item for item in recipient.notify if item in ("NEVER", "SUCCESS", "FAILURE", "DELAY")]
+            if notify:
+                parts.append("NOTIFY=" + ",".join(notify))
+            orcpt = _orcpt_parameter(recipient.orcpt)
+            if orcpt:
+                parts.append(f"ORCPT={orcpt}")
+        return " ".join(parts)
+
+    async def _envelope(
+        self,
+        mail_command: str,
+        rcpt_commands: list[str],
+        recipients: list[OutboundRecipient],
+        results: dict[int, RecipientResult],
+    ) -> list[OutboundRecipient]:
+        """Send MAIL and RCPT (and DATA when pipelining); return the recipients RCPT accepted.
+
+        With PIPELINING the DATA command goes in the same write (RFC 2920
+        section 3.1 lets DATA end a group); ``self._data_reply`` then holds
+        its reply.
+        """
+        pipelining = "PIPELINING" in self.capabilities
+        self._data_reply = None
+        if pipelining:
+            self._write_lines([mail_command, *rcpt_commands, "DATA"])
+            mail_reply = await self._read_checked(self._timeouts.mail)
+            rcpt_replies = [await self._read_checked(self._timeouts.rcpt) for _ in rcpt_commands]
+            self._data_reply = await self._read_checked(self._timeouts.data_init)
+        else:
+            mail_reply = await self._command(mail_command, self._timeouts.mail)
+            _raise_on_421(mail_reply)
+            rcpt_replies = []
+            if mail_reply.code == 250:
+                for command in rcpt_commands:
+                    reply = await self._command(command, self._timeouts.rcpt)
+                    _raise_on_421(reply)
+                    rcpt_replies.append(reply)
+
+        if mail_reply.code != 250:
+            outcome = Outcome.DEFERRED if mail_reply.code < 500 else Outcome.FAILED
+            for recipient in recipients:
+                results[recipient.index] = RecipientResult(recipient.index, outcome, reply_text(mail_reply))
+            if self._data_reply is not None and self._data_reply.code == 354:
+                await self._finish_empty_data()
+            return []
+
+        accepted: list[OutboundRecipient] = []
+        for recipient, reply in zip(recipients, rcpt_replies, strict=True):
+            if reply.code in (250, 251):
+                accepted.append(recipient)
+                continue
+            outcome = Outcome.DEFERRED if reply.code < 500 else Outcome.FAILED
+            results[recipient.index] = RecipientResult(recipient.index, outcome, reply_text(reply))
+        if not accepted and self._data_reply is not None and self._data_reply.code == 354:
+            await self._finish_empty_data()
+        return accepted
+
+    async def _finish_empty_data(self) -> None:
+        # RFC 2920 section 3.1: a server that answered the pipelined DATA with
+        # 354 although no recipient was accepted still expects end of data.
+        self._write_lines(["."])
+        await self._read_checked(self._timeouts.data_done)
+        self._data_reply = None
+
+    async def _data(
+        self, body: bytes, accepted: list[OutboundRecipient], results: dict[int, RecipientResult]
+    ) -> None:
+        data_reply = self._data_reply
+        if data_reply is None:
+            data_reply = await self._command("DATA", self._timeouts.data_init)
+            _raise_on_421(data_reply)
+        if data_reply.code != 354:
+            self._decide(accepted, data_reply, results)
+            await self._reset()
+            return
+
+        encoded = dot_stuff(body)
+        for start in range(0, len(encoded), DATA_CHUNK):
+            self._writer.write(encoded[start : start + DATA_CHUNK])
+            await self._drain(self._timeouts.data_block)
+        final = await self._read_checked(self._timeouts.data_done)
+        self._decide(accepted, final, results)
+
+    def _decide(
+        self, accepted: list[OutboundRecipient], reply: Reply, results: dict[int, RecipientResult]
+    ) -> None:
+        if reply.code == 250:
+            outcome = Outcome.DELIVERED
+        elif reply.code < 500:
+            outcome = Outcome.DEFERRED
+        else:
+            outcome = Outcome.FAILED
+        for recipient in accepted:
+            results[recipient.index] = RecipientResult(recipient.index, outcome, reply_text(reply))
+
+    async def _reset(self) -> None:
+        reply = await self._command("RSET", self._timeouts.rset)
+        if reply.code != 250:
+            self.abort()
+
+    async def close(self) -> None:
+        """Send QUIT and close; errors on the way out are ignored."""
+        if self.usable:
+            await self._quit_quietly()
+        self.abort()
+
+    def abort(self) -> None:
+        """Close the connection at once, without QUIT."""
+        self.usable = False
+        self._writer.close()
+
+    async def _quit_quietly(self) -> None:
+        try:
+            await self._command("QUIT", self._timeouts.rset)
+        except SessionError:
+            pass
+        self.usable = False
+
+    async def _command(self, line: str, timeout: float, secret: bool = False) -> Reply:
+        del secret  # AUTH lines are never logged; the flag documents the call sites
+        self._write_lines([line])
+        return await self._read_reply(timeout)
+
+    def _write_lines(self, lines: Sequence[str]) -> None:
+        self._writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8"))
+
+    async def _drain(self, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._writer.drain()
+        except TimeoutError:
+            raise SessionError(f"451 4.4.2 timed out sending to {self.peer}") from None
+        except (OSError, ConnectionError):
+            raise SessionError(f"451 4.4.2 connection to {self.peer} lost while sending") from None
+
+    async def _read_checked(self, timeout: float) -> Reply:
+        reply = await self._read_reply(timeout)
+        _raise_on_421(reply)
+        return reply
+
+    async def _read_reply(self, timeout: float) -> Reply:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._writer.drain()
+                while True:
+                    reply = self._parser.next_reply()
+                    if reply is not None:
+                        return reply
+                    data = await self._reader.read(65536)
+                    if not data:
+                        self.usable = False
+                        raise SessionError(f"451 4.4.2 connection closed by {self.peer}")
+                    self._parser.feed(data)
+        except SMTPError:
+            self.usable = False
+            raise SessionError(f"451 4.5.0 malformed reply from {self.peer}") from None
+        except TimeoutError:
+            self.usable = False
+            raise SessionError(f"451 4.4.2 timed out waiting for a reply from {self.peer}") from None
+        except (OSError, ConnectionError) as exc:
+            self.usable = False
+            raise SessionError(f"451 4.4.2 connection to {self.peer} lost: {exc}") from None
+
+
+def _raise_on_421(reply: Reply) -> None:
+    # RFC 5321 section 3.8: 421 means the server is closing the session.
+    if reply.code == 421:
+        raise SessionError(reply_text(reply))
+
+
+def _unsafe(text: str) -> bool:
+    return "\r" in text or "\n" in text or "\0" in text
+
+
+def _needs_smtputf8(message: OutboundMessage) -> bool:
+    if message.smtputf8:
+        return True
+    return not message.sender.isascii() or any(not r.address.isascii() for r in message.recipients)
+
+
+def _size_limit(capabilities: dict[str, list[str]]) -> int:
+    values = capabilities.get("SIZE", [])
+    if values and values[0].isdigit():
+        return int(values[0])
+    return 0
+
+
+def xtext_decode(text: str) -> str:
+    """Decode RFC 3461 section 4 xtext (``+HH`` hex escapes); invalid escapes stay as they are."""
+    out: list[str] = []
+    position = 0
+    while position < len(text):
+        char = text[position]
+        hex_digits = text[position + 1 : position + 3]
+        if char == "+" and len(hex_digits) == 2 and all(c in "0123456789ABCDEFabcdef" for c in hex_digits):
+            out.append(chr(int(hex_digits, 16)))
+            position += 3
+        else:
+            out.append(char)
+            position += 1
+    return "".join(out)
+
+
+def xtext_encode(text: str) -> str:
+    """Encode text as xtext: every octet outside ``!``..``~``, and ``+`` and ``=``, as ``+HH``."""
+    out: list[str] = []
+    for byte in text.encode("utf-8"):
+        if 33 <= byte <= 126 and byte not in (ord("+"), ord("=")):
+            out.append(chr(byte))
+        else:
+            out.append(f"+{byte:02X}")
+    return "".join(out)
+
+
+def _orcpt_parameter(orcpt: str | None) -> str:
+    """Return a safe ORCPT value ``addr-type;xtext`` re-encoded, or "" to leave it out."""
+    if not orcpt or ";" not in orcpt:
+        return ""
+    address_type, _, value = orcpt.partition(";")
+    if not address_type or not all(c.isascii() and (c.isalnum() or c == "-") for c in address_type):
+        return ""
+    return f"{address_type};{xtext_encode(xtext_decode(value))}"

@@ -1,0 +1,250 @@
+"""Find the hosts that receive mail for a domain: MX lookup with the RFC 5321 rules.
+
+Standards: RFC 5321 section 5.1 (MX records sorted by preference, equal
+preferences in random order, the domain's own address records as the
+implicit MX when it has no MX), RFC 7505 (null MX ``MX 0 .``: the domain
+accepts no mail, so delivery fails at once with ``5.1.10`` and no host is
+contacted, not even the domain's own A record).
+
+Queries go through ``dns.asyncresolver`` with ``Resolver(configure=False)``
+pointed at ``[delivery] nameservers`` when set, else the system resolver.
+CNAME chains are followed by the resolver.  Answers, NXDOMAIN and no-data
+included, are cached in memory for their TTL (negative answers for the zone's
+SOA minimum, RFC 2308 section 5), capped at ``MAX_CACHE_TTL``.
+
+Failures: a domain that does not exist fails with ``5.1.2``; a domain with
+neither MX nor address records, or whose MX hosts all lack addresses, fails
+with ``5.4.4``; SERVFAIL, REFUSED and timeouts are temporary (``4.4.3``) and
+the recipient is retried later.  An MX host whose name does not resolve is
+skipped and the next one tried.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.message
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+# One hour: long enough to spare the resolver, short enough that a fixed zone
+# takes effect soon even when its TTLs are days long.
+MAX_CACHE_TTL = 3600.0
+# Used for negative answers that carry no SOA record (RFC 2308 section 5 allows
+# caching them only briefly).
+NEGATIVE_TTL_WITHOUT_SOA = 60.0
+
+
+class LookupFailure(Exception):
+    """A lookup that decided the delivery attempt, with the reply it amounts to.
+
+    ``reply`` has the form of an SMTP reply (``"550 5.1.2 ..."``), so the
+    scheduler records and reports it like one from a remote server.
+    """
+
+    def __init__(self, code: int, status: str, text: str) -> None:
+        super().__init__(f"{code} {status} {text}")
+        self.code = code
+        self.status = status
+        self.text = text
+
+    @property
+    def temporary(self) -> bool:
+        """True for a failure worth retrying later."""
+        return self.code < 500
+
+    @property
+    def reply(self) -> str:
+        """The failure as an SMTP reply line."""
+        return f"{self.code} {self.status} {self.text}"
+
+
+@dataclass(frozen=True, slots=True)
+class MailHost:
+    """One host to try for a domain, with its addresses in the order to try them."""
+
+    name: str  # host name without the trailing dot
+    preference: int  # MX preference; 0 for an implicit MX or a fixed next hop
+    addresses: tuple[str, ...]  # IPv6 first, then IPv4 (RFC 6724 default order)
+
+
+@dataclass(slots=True)
+class _CacheEntry:
+    expires: float
+    records: tuple[str, ...] | None  # None: the name does not exist (NXDOMAIN)
+
+
+class MXResolver:
+    """Resolve domains to mail hosts through one dnspython resolver, with a TTL cache."""
+
+    def __init__(
+        self,
+        nameservers: Sequence[tuple[str, int]] = (),
+        *,
+        timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        shuffle: Callable[[list[MailHost]], None] = random.shuffle,
+    ) -> None:
+        if nameservers:
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = [host for host, _ in nameservers]
+            # dnspython has one port for all nameservers; per-server ports need
+            # Nameserver objects, so every entry must share the first's port.
+            resolver.port = nameservers[0][1]
+            if any(port != resolver.port for _, port in nameservers):
+                raise ValueError("every entry in delivery.nameservers must use the same port")
+        else:
+            resolver = dns.asyncresolver.Resolver()
+        resolver.lifetime = timeout
+        self._resolver = resolver
+        self._clock = clock
+        self._shuffle = shuffle
+        self._cache: dict[tuple[str, str], _CacheEntry] = {}
+
+    async def mail_hosts(self, domain: str) -> list[MailHost]:
+        """Return the hosts to try for ``domain`` in order; raise LookupFailure when none.
+
+        Hosts with no address are left out.  An empty list is never returned.
+        """
+        name = domain.rstrip(".").lower()
+        try:
+            mx_records = await self._lookup(name, "MX")
+        except _TemporaryError as exc:
+            raise LookupFailure(451, "4.4.3", f"MX lookup for {name} failed: {exc}") from None
+        if mx_records is None:
+            raise LookupFailure(550, "5.1.2", f"domain {name} not found")
+
+        if not mx_records:
+            hosts = [MailHost(name, 0, ())]
+        else:
+            hosts = self._order_mx(mx_records)
+            if not hosts:
+                raise LookupFailure(556, "5.1.10", f"domain {name} does not accept mail (null MX)")
+
+        resolved: list[MailHost] = []
+        temporary_error = ""
+        for host in hosts:
+            try:
+                addresses = await self._addresses(host.name)
+            except _TemporaryError as exc:
+                temporary_error = f"address lookup for {host.name} failed: {exc}"
+                continue
+            if addresses:
+                resolved.append(MailHost(host.name, host.preference, addresses))
+        if resolved:
+            return resolved
+        if temporary_error:
+            raise LookupFailure(451, "4.4.3", temporary_error)
+        if not mx_records:
+            raise LookupFailure(550, "5.4.4", f"domain {name} has no MX and no address records")
+        raise LookupFailure(550, "5.4.4", f"no MX host of {name} has an address")
+
+    async def host_addresses(self, host: str) -> tuple[str, ...]:
+        """Return the addresses of a next hop named without MX lookup; raise LookupFailure when none."""
+        try:
+            addresses = await self._addresses(host)
+        except _TemporaryError as exc:
+            raise LookupFailure(451, "4.4.3", f"address lookup for {host} failed: {exc}") from None
+        if not addresses:
+            raise LookupFailure(550, "5.4.4", f"host {host} has no address records")
+        return addresses
+
+    async def _addresses(self, host: str) -> tuple[str, ...]:
+        # A temporary failure of one family counts only when the other found nothing.
+        name = host.rstrip(".").lower()
+        found: list[str] = []
+        failure: _TemporaryError | None = None
+        for rdtype in ("AAAA", "A"):
+            try:
+                records = await self._lookup(name, rdtype)
+            except _TemporaryError as exc:
+                failure = exc
+                continue
+            if records:
+                found.extend(records)
+        if not found and failure is not None:
+            raise failure
+        return tuple(found)
+
+    def _order_mx(self, records: tuple[str, ...]) -> list[MailHost]:
+        by_preference: dict[int, list[MailHost]] = {}
+        for record in records:
+            preference_text, _, exchange = record.partition(" ")
+            target = exchange.rstrip(".").lower()
+            # RFC 7505 section 3: a null MX ("." as exchange) means no mail;
+            # any other MX listed beside it is still used.
+            if target == "":
+                continue
+            preference = int(preference_text)
+            by_preference.setdefault(preference, []).append(MailHost(target, preference, ()))
+        ordered: list[MailHost] = []
+        for preference in sorted(by_preference):
+            group = by_preference[preference]
+            self._shuffle(group)
+            ordered.extend(group)
+        return ordered
+
+    async def _lookup(self, name: str, rdtype: str) -> tuple[str, ...] | None:
+        """Return the records as text, () for no data, None for NXDOMAIN; cached by TTL."""
+        key = (name, rdtype)
+        now = self._clock()
+        entry = self._cache.get(key)
+        if entry is not None and entry.expires > now:
+            return entry.records
+
+        try:
+            answer = await self._resolver.resolve(name, rdtype, search=False)
+        except dns.resolver.NXDOMAIN as exc:
+            responses = exc.kwargs.get("responses") or {}
+            self._store(key, None, _negative_ttl(responses.values()), now)
+            return None
+        except dns.resolver.NoAnswer as exc:
+            response = exc.kwargs.get("response")
+            self._store(key, (), _negative_ttl([response] if response is not None else []), now)
+            return ()
+        except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
+            raise _TemporaryError(_describe(exc)) from None
+        except dns.exception.DNSException as exc:
+            raise _TemporaryError(_describe(exc)) from None
+
+        if answer.rrset is None:
+            records: tuple[str, ...] = ()
+            ttl = NEGATIVE_TTL_WITHOUT_SOA
+        else:
+            records = tuple(record.to_text() for record in answer.rrset)
+            ttl = float(answer.rrset.ttl)
+        self._store(key, records, ttl, now)
+        return records
+
+    def _store(self, key: tuple[str, str], records: tuple[str, ...] | None, ttl: float, now: float) -> None:
+        self._cache[key] = _CacheEntry(now + min(ttl, MAX_CACHE_TTL), records)
+
+
+class _TemporaryError(Exception):
+    """A lookup that may succeed later: SERVFAIL, REFUSED, timeout, no reachable server."""
+
+
+def _describe(exc: dns.exception.DNSException) -> str:
+    if isinstance(exc, dns.exception.Timeout):
+        return "timed out"
+    if isinstance(exc, dns.resolver.NoNameservers):
+        return "no nameserver answered (SERVFAIL or REFUSED)"
+    return type(exc).__name__
+
+
+def _negative_ttl(responses: Iterable[object]) -> float:
+    """Return the RFC 2308 negative-caching time from the SOA in a response's authority section."""
+    ttls: list[float] = []
+    for response in responses:
+        if not isinstance(response, dns.message.Message):
+            continue
+        for rrset in response.authority:
+            if rrset.rdtype == dns.rdatatype.SOA and len(rrset) > 0:
+                ttls.append(float(min(rrset.ttl, rrset[0].minimum)))
+    return min(ttls) if ttls else NEGATIVE_TTL_WITHOUT_SOA

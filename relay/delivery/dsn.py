@@ -1,0 +1,161 @@
+"""Build RFC 3464 delivery status notifications (bounces) for spooled messages.
+
+A DSN is a ``multipart/report; report-type=delivery-status`` message
+(RFC 6522) from ``MAILER-DAEMON@hostname`` with three parts: a plain-text
+explanation, the ``message/delivery-status`` fields (per message:
+``Reporting-MTA``, ``Arrival-Date``, ``Original-Envelope-Id``; per recipient:
+``Final-Recipient``, ``Original-Recipient``, ``Action``, ``Status``,
+``Remote-MTA``, ``Diagnostic-Code``, ``Last-Attempt-Date``), and the original
+message: its header only (``text/rfc822-headers``) unless the sender asked
+for ``RET=FULL`` (``message/rfc822``).
+
+The envelope sender of a DSN is the null reverse-path (RFC 5321 section
+4.5.5), so a DSN that fails is never answered by another DSN.  Which
+recipients need a DSN (NOTIFY, never for the null sender) is decided by the
+spool when results are recorded; this module only formats.
+
+The ``Status`` comes from the enhanced code in the recorded reply; without
+one, the reply code's class gives ``X.0.0``.  An expired recipient keeps the
+status of its last temporary failure with ``Action: failed``, as RFC 3464
+section 2.3.3 allows.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from relay.spool import Envelope, Recipient, RecipientState, StoredMessage, StoredRecipient
+
+_REPLY_RE = re.compile(r"^([245])\d\d(?:[ -]([245]\.\d{1,3}\.\d{1,3}))?\b")
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A DSN ready to commit: its envelope and its bytes."""
+
+    envelope: Envelope
+    body: bytes
+    indexes: tuple[int, ...]  # recipients of the original message it reports on
+
+
+def status_of(reply: str) -> str:
+    """Return the RFC 3463 status of an SMTP reply line, such as ``5.1.1``."""
+    match = _REPLY_RE.match(reply)
+    if match is None:
+        return "5.0.0"
+    return match.group(2) or f"{match.group(1)}.0.0"
+
+
+def _action(recipient: StoredRecipient) -> str:
+    if recipient.state is RecipientState.DELIVERED:
+        return "delivered"
+    if recipient.state is RecipientState.BOUNCED:
+        return "failed"
+    return "delayed"
+
+
+def _header_block(body: bytes) -> bytes:
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        end = body.find(separator)
+        if end >= 0:
+            return body[: end + len(separator)]
+    return body
+
+
+def _address_type(address: str) -> str:
+    # RFC 6533 section 3: non-ASCII addresses use the utf-8 address type.
+    return "rfc822" if address.isascii() else "utf-8"
+
+
+def _clean(text: str) -> str:
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def build_report(
+    message: StoredMessage, body: bytes, recipients: Sequence[StoredRecipient], hostname: str, now: float
+) -> Report:
+    """Build the DSN that reports ``recipients`` of ``message`` to its sender."""
+    boundary = f"{message.queue_id}.{secrets.token_hex(8)}/{hostname}"
+    failed = [r for r in recipients if r.state is RecipientState.BOUNCED]
+    subject = "Undelivered Mail Returned to Sender" if failed else "Successful Mail Delivery Report"
+    date = email.utils.formatdate(now)
+    full = message.envelope.ret == "FULL"
+
+    lines = [
+        f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)",
+        f"To: <{message.envelope.sender}>",
+        f"Subject: {subject}",
+        f"Date: {date}",
+        f"Message-ID: <{message.queue_id}.{secrets.token_hex(4)}@{hostname}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated delivery status notification.",
+        "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+        "",
+        f"This is the mail system at host {hostname}.",
+        "",
+    ]
+    if failed:
+        lines.append("Your message could not be delivered to one or more recipients.")
+    else:
+        lines.append("Your message was delivered to the recipients below, as you asked.")
+    lines.append("")
+    for recipient in recipients:
+        lines.append(f"<{recipient.address}>: {_action(recipient)}: {_clean(recipient.last_reply or '')}")
+    lines += [
+        "",
+        f"--{boundary}",
+        "Content-Type: message/delivery-status",
+        "",
+        f"Reporting-MTA: dns; {hostname}",
+        f"X-Queue-ID: {message.queue_id}",
+    ]
+    if message.envelope.envid:
+        lines.append(f"Original-Envelope-Id: {message.envelope.envid}")
+    lines.append(f"Arrival-Date: {email.utils.formatdate(message.arrival)}")
+    for recipient in recipients:
+        lines += _recipient_fields(recipient)
+    lines += [
+        "",
+        f"--{boundary}",
+        "Content-Type: message/rfc822" if full else "Content-Type: text/rfc822-headers",
+        "",
+    ]
+    head = ("\r\n".join(lines) + "\r\n").encode("utf-8")
+    original = body if full else _header_block(body)
+    if not original.endswith(b"\n"):
+        original += b"\r\n"
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    envelope = Envelope(
+        sender="",
+        recipients=(Recipient(address=message.envelope.sender),),
+        smtputf8=not message.envelope.sender.isascii(),
+    )
+    return Report(envelope=envelope, body=head + original + tail, indexes=tuple(r.index for r in recipients))
+
+
+def _recipient_fields(recipient: StoredRecipient) -> list[str]:
+    reply = _clean(recipient.last_reply or "")
+    fields = ["", f"Final-Recipient: {_address_type(recipient.address)}; {recipient.address}"]
+    if recipient.orcpt:
+        fields.append(f"Original-Recipient: {_clean(recipient.orcpt)}")
+    fields.append(f"Action: {_action(recipient)}")
+    fields.append(f"Status: {status_of(reply)}")
+    if recipient.last_host:
+        fields.append(f"Remote-MTA: dns; {_clean(recipient.last_host)}")
+        fields.append(f"Diagnostic-Code: smtp; {reply}")
+    elif reply:
+        fields.append(f"Diagnostic-Code: X-relay; {reply}")
+    if recipient.last_attempt is not None:
+        fields.append(f"Last-Attempt-Date: {email.utils.formatdate(recipient.last_attempt)}")
+    return fields

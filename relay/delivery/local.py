@@ -1,0 +1,59 @@
+"""Deliver one job's local recipients: alias expansion, Maildir writes, re-queued remote targets.
+
+Each recipient's local part is expanded through the aliases
+(``relay.delivery.maildir``).  Local targets get a copy in their Maildir;
+remote targets (``alias: user@elsewhere``) are committed to the spool as one
+new message with the same sender and body, which the scheduler then routes
+like any other.  An address with no mailbox and no alias fails with
+``5.1.1``; a write error defers the recipient with ``4.3.0``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from relay.delivery.maildir import LocalDelivery, UnknownUser
+from relay.log import log_event
+from relay.spool import Claim, Envelope, MessageNotFound, Outcome, Recipient, Spool, SpoolError, StoredRecipient
+
+logger = logging.getLogger("relay.delivery")
+
+
+async def deliver_local(
+    local: LocalDelivery, spool: Spool, claim: Claim, recipients: Sequence[StoredRecipient]
+) -> list[tuple[StoredRecipient, Outcome, str]]:
+    """Deliver ``recipients`` of ``claim`` locally and return each one's outcome and reply."""
+    try:
+        body = await spool.load_body(claim.queue_id)
+    except MessageNotFound:
+        return []
+    sender = claim.envelope.sender
+    outcomes: list[tuple[StoredRecipient, Outcome, str]] = []
+    for recipient in recipients:
+        local_part = recipient.address.rpartition("@")[0] or recipient.address
+        try:
+            expansion = local.expand(local_part)
+        except UnknownUser:
+            outcomes.append((recipient, Outcome.FAILED, f"550 5.1.1 <{recipient.address}>: no such user here"))
+            continue
+        try:
+            for user in expansion.users:
+                await asyncio.to_thread(local.deliver, user, sender, recipient.address, body)
+            if expansion.remote:
+                forwarded = Envelope(
+                    sender=sender,
+                    recipients=tuple(Recipient(address=address) for address in expansion.remote),
+                    body_type=claim.envelope.body_type,
+                    smtputf8=claim.envelope.smtputf8,
+                )
+                forward_id = await spool.commit(forwarded, body)
+                log_event(logger, "forwarded", queue_id=claim.queue_id, to=recipient.address,
+                          new_queue_id=forward_id, recipients=list(expansion.remote))
+        except (OSError, SpoolError) as exc:
+            outcomes.append((recipient, Outcome.DEFERRED, f"451 4.3.0 local delivery failed: {exc}"))
+            continue
+        targets = ", ".join([*expansion.users, *expansion.remote])
+        outcomes.append((recipient, Outcome.DELIVERED, f"250 2.0.0 delivered to {targets}"))
+    return outcomes

@@ -1,0 +1,149 @@
+"""Local delivery: append messages to Maildir mailboxes, after alias expansion.
+
+Each local user has a Maildir at ``[local] maildir_root/USER``.  A user
+exists when that directory exists, when the name is in ``[local] users``, or
+when the name is ``postmaster`` (RFC 5321 section 4.5.1 requires it).  User
+names are compared in lower case.
+
+Delivery prepends ``Return-Path: <sender>`` (RFC 5322 section 3.6.7) and
+``Delivered-To: recipient`` and then writes the message bytes unchanged.
+The file is written under ``tmp/``, flushed to disk with fsync, renamed into
+``new/``, and the ``new/`` directory is fsynced, so a delivered message
+survives a crash.  The standard library's ``mailbox.Maildir.add`` does the
+same rename but no fsync, so it is used only to create the folders.
+
+Aliases come from ``[local] aliases``: lines ``alias: target[, target]``,
+``#`` comments and blank lines ignored.  A target without ``@`` is a local
+user; one with ``@`` is any address, routed again.  Expansion recurses up to
+``MAX_ALIAS_DEPTH`` levels and ignores cycles.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mailbox
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relay.config import LocalConfig
+
+# Deep enough for any hand-written alias file; a longer chain is a loop.
+MAX_ALIAS_DEPTH = 10
+
+_counter = itertools.count()
+
+
+class UnknownUser(LookupError):
+    """No mailbox and no alias exists for a local address."""
+
+
+def parse_aliases(text: str) -> dict[str, tuple[str, ...]]:
+    """Parse an aliases file into ``alias -> targets``; raise ValueError naming a bad line."""
+    aliases: dict[str, tuple[str, ...]] = {}
+    for number, raw_line in enumerate(text.splitlines(), start=1):
+        line = raw_line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, colon, rest = line.partition(":")
+        targets = tuple(item.strip() for item in rest.split(",") if item.strip())
+        if not colon or not name.strip() or not targets:
+            raise ValueError(f"line {number}: expected \"alias: user[, user@domain]\", got {raw_line!r}")
+        aliases[name.strip().lower()] = targets
+    return aliases
+
+
+@dataclass(frozen=True, slots=True)
+class Expansion:
+    """Where a local address ends up: local mailboxes and remote addresses."""
+
+    users: tuple[str, ...] = ()
+    remote: tuple[str, ...] = ()
+
+
+@dataclass
+class LocalDelivery:
+    """Deliver to the Maildirs under one root, resolving aliases first."""
+
+    config: LocalConfig
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: LocalConfig) -> LocalDelivery:
+        """Load the aliases file named in ``config``; raise ValueError for a bad line."""
+        aliases: dict[str, tuple[str, ...]] = {}
+        if config.aliases:
+            aliases = parse_aliases(Path(config.aliases).read_text(encoding="utf-8"))
+        return cls(config, aliases)
+
+    def user_exists(self, user: str) -> bool:
+        """Return whether ``user`` has a mailbox (existing, configured, or postmaster)."""
+        name = user.lower()
+        if name == "postmaster" or name in (u.lower() for u in self.config.users):
+            return True
+        return (Path(self.config.maildir_root) / name).is_dir()
+
+    def expand(self, local_part: str) -> Expansion:
+        """Resolve a local part through the aliases; raise UnknownUser when it leads nowhere."""
+        users: list[str] = []
+        remote: list[str] = []
+        self._expand(local_part.lower(), users, remote, set(), 0)
+        if not users and not remote:
+            raise UnknownUser(local_part)
+        return Expansion(tuple(dict.fromkeys(users)), tuple(dict.fromkeys(remote)))
+
+    def _expand(self, name: str, users: list[str], remote: list[str], seen: set[str], depth: int) -> None:
+        if name in seen or depth > MAX_ALIAS_DEPTH:
+            return
+        seen.add(name)
+        targets = self.aliases.get(name)
+        if targets is None:
+            if self.user_exists(name):
+                users.append(name)
+            return
+        for target in targets:
+            if "@" in target:
+                remote.append(target)
+            else:
+                self._expand(target.lower(), users, remote, seen, depth + 1)
+
+    def deliver(self, user: str, sender: str, recipient: str, body: bytes) -> Path:
+        """Write one message into ``user``'s Maildir ``new/`` durably; return the file's path."""
+        root = Path(self.config.maildir_root) / user.lower()
+        mailbox.Maildir(str(root), create=True)
+        header = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
+        name = _unique_name()
+        temporary = root / "tmp" / name
+        final = root / "new" / name
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(header)
+                handle.write(body)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.rename(temporary, final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _fsync_directory(root / "new")
+        return final
+
+
+def _unique_name() -> str:
+    # The classic Maildir form: seconds, then microseconds, process and counter, then host.
+    now = time.time()
+    seconds = int(now)
+    micros = int((now - seconds) * 1_000_000)
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+    return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}.{host}"
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

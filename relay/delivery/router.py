@@ -1,0 +1,130 @@
+"""Choose how each recipient is delivered: local Maildir, a fixed next hop, or MX.
+
+Order (first match wins): a domain in ``[policy] local_domains`` goes to the
+local Maildir; a domain in ``[delivery.transport]`` goes where its entry says
+(``"local"`` or ``"smtp:[host]:port"``); when ``[delivery] relayhost`` is set
+every other domain goes to that smart host; otherwise the domain's MX hosts
+on ``[delivery] smtp_port``.  An address literal (``user@[192.0.2.30]``,
+RFC 5321 section 4.1.3) goes straight to that address with no MX lookup,
+unless it is loopback, link-local, multicast or unspecified, which fails
+with ``5.7.1`` so that mail cannot be steered at this host's neighbours.
+
+A ``Route`` also names its destination: the key under which the scheduler
+queues, limits concurrency and backs off.  MX routes share one destination
+per domain, fixed next hops one per ``host:port``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay.config import Config, parse_next_hop
+from relay.units import format_host_port
+
+LOCAL = "local"
+SMTP = "smtp"
+ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where and how to deliver one recipient."""
+
+    kind: str  # LOCAL, SMTP or ERROR
+    destination: str  # queue key: "local", a domain for MX routes, "[host]:port" otherwise
+    host: str = ""  # domain to look up (use_mx) or the next hop's name or address
+    port: int = 25
+    use_mx: bool = True
+    tls: str = "opportunistic"  # "required" (verified), "opportunistic" or "none"
+    username: str = ""  # AUTH identity; "" for no AUTH
+    password: str = ""
+    error: str = ""  # for ERROR routes: the SMTP reply that fails the recipient
+
+
+class Router:
+    """Route recipients by the config's local domains, transport table, relayhost and MX."""
+
+    def __init__(self, config: Config) -> None:
+        self._local_domains = frozenset(config.policy.local_domains)
+        self._transport = dict(config.delivery.transport)
+        self._smtp_port = config.delivery.smtp_port
+        self._mx_tls = config.delivery.mx_tls
+        self._relayhost: Route | None = None
+        delivery = config.delivery
+        if delivery.relayhost:
+            host, port, use_mx = parse_next_hop(delivery.relayhost)
+            password = ""
+            if delivery.relayhost_password_file:
+                password = read_password(delivery.relayhost_password_file)
+            self._relayhost = Route(
+                kind=SMTP,
+                destination=_fixed_destination(host, port, use_mx),
+                host=host,
+                port=port,
+                use_mx=use_mx,
+                tls=delivery.relayhost_tls,
+                username=delivery.relayhost_username,
+                password=password,
+            )
+
+    def route(self, domain: str) -> Route:
+        """Return the route for recipients at ``domain`` (lower-case, no trailing dot)."""
+        domain = domain.rstrip(".").lower()
+        if domain in self._local_domains:
+            return Route(kind=LOCAL, destination=LOCAL)
+        if domain.startswith("["):
+            return self._literal_route(domain)
+        entry = self._transport.get(domain)
+        if entry is not None:
+            if entry == LOCAL:
+                return Route(kind=LOCAL, destination=LOCAL)
+            host, port, use_mx = parse_next_hop(entry[len("smtp:") :])
+            return Route(
+                kind=SMTP,
+                destination=_fixed_destination(host, port, use_mx),
+                host=host,
+                port=port,
+                use_mx=use_mx,
+                tls=self._mx_tls,
+            )
+        if self._relayhost is not None:
+            return self._relayhost
+        if domain == "":
+            return Route(kind=ERROR, destination=ERROR, error="550 5.1.2 recipient address has no domain")
+        return Route(kind=SMTP, destination=domain, host=domain, port=self._smtp_port, tls=self._mx_tls)
+
+    def _literal_route(self, domain: str) -> Route:
+        text = domain[1:-1] if domain.endswith("]") else ""
+        if text.lower().startswith("ipv6:"):
+            text = text[len("ipv6:") :]
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            return Route(kind=ERROR, destination=ERROR, error=f"550 5.1.2 invalid address literal {domain}")
+        if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified:
+            return Route(
+                kind=ERROR, destination=ERROR, error=f"550 5.7.1 delivery to address literal {domain} is not allowed"
+            )
+        host = str(address)
+        return Route(
+            kind=SMTP,
+            destination=_fixed_destination(host, self._smtp_port, False),
+            host=host,
+            port=self._smtp_port,
+            use_mx=False,
+            tls=self._mx_tls,
+        )
+
+
+def _fixed_destination(host: str, port: int, use_mx: bool) -> str:
+    if use_mx:
+        return format_host_port(host, port)
+    return f"[{host}]:{port}"
+
+
+def read_password(path: str) -> str:
+    """Return the password stored in ``path``: its first line without the line end."""
+    text = Path(path).read_text(encoding="utf-8")
+    return text.splitlines()[0] if text else ""

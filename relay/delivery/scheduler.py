@@ -1,0 +1,428 @@
+"""The delivery scheduler: claims due recipients from the spool and delivers them.
+
+One ``Scheduler`` runs per relay, as an asyncio task beside the listeners
+(``asyncio.create_task(scheduler.run())``, ended by ``await scheduler.stop()``).
+
+Cycle: claim due recipients with a lease (``Spool.claim``), route each one
+(``relay.delivery.router``), and queue a job per message, route and group of
+at most ``recipients_per_transaction`` (50, Postfix's
+``smtp_destination_recipient_limit``) on the destination's queue.  Each
+destination runs at most ``destination_concurrency_limit`` (20) workers and
+all destinations together at most ``connection_limit`` (100) sessions.  A
+worker sends job after job over one session and parks the session for the
+next worker when its queue is empty.
+
+Retries: a deferred recipient waits ``minimal_backoff_time`` (300 s) times
+two to the number of earlier attempts, capped at ``maximal_backoff_time``
+(4 h), plus up to a quarter more at random so retries spread out.  When
+``destination_failure_limit`` (1) sessions in a row to a destination fail
+before any transaction, the destination itself is backed off: its queued
+and newly claimed recipients are deferred to the same time without a
+connection.  A recipient still undelivered ``maximal_queue_lifetime`` (5 d)
+after arrival fails with its last temporary reply.
+
+After results are recorded, the spool marks recipients that owe a DSN; the
+scheduler builds those DSNs (``relay.delivery.dsn``) and commits them as new
+messages.  A failed message from the null sender gets no DSN; with
+``bounce_copy_to_postmaster`` it is copied to postmaster instead.
+
+Every attempt result is logged as one line: queue ID, recipient, relay,
+delay, DSN status and the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.config import Config
+from relay.delivery.client import OutboundMessage, OutboundRecipient, SessionError, SMTPSession, Timeouts
+from relay.delivery.dns import LookupFailure, MXResolver
+from relay.delivery.dsn import build_report, status_of
+from relay.delivery.local import deliver_local
+from relay.delivery.maildir import LocalDelivery
+from relay.delivery.router import ERROR, LOCAL, Route, Router
+from relay.delivery.sessions import SessionPool
+from relay.log import log_event
+from relay.spool import (
+    Claim,
+    DeliveryResult,
+    DsnRequest,
+    DsnState,
+    Envelope,
+    MessageNotFound,
+    Outcome,
+    Recipient,
+    Spool,
+    SpoolError,
+    StoredRecipient,
+    domain_of,
+)
+
+logger = logging.getLogger("relay.delivery")
+
+# Jobs held in memory per allowed connection: enough to keep every session
+# busy between claims without leasing the whole queue at once.
+JOBS_PER_CONNECTION = 4
+# How long ``stop`` lets running transactions finish before cancelling them.
+STOP_GRACE = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """Recipients of one message that go out in one transaction over one route."""
+
+    claim: Claim
+    route: Route
+    recipients: tuple[StoredRecipient, ...]
+
+
+@dataclass
+class _Destination:
+    queue: collections.deque[Job] = field(default_factory=collections.deque)
+    workers: int = 0
+    failures: int = 0  # sessions in a row that failed before any transaction
+    suspended_until: float = 0.0
+
+
+def backoff_delay(attempts: int, minimum: float, maximum: float, jitter: float) -> float:
+    """Return the wait before the next attempt after ``attempts`` earlier ones.
+
+    ``jitter`` in [0, 1) adds up to a quarter of the delay.
+    """
+    delay: float = min(maximum, minimum * float(2 ** min(attempts, 32)))
+    return delay * (1.0 + 0.25 * jitter)
+
+
+class Scheduler:
+    """Deliver what the spool holds, within the configured limits, until stopped."""
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        *,
+        resolver: MXResolver | None = None,
+        owner: str = "scheduler",
+    ) -> None:
+        delivery = config.delivery
+        self.config = config
+        self.spool = spool
+        self.owner = owner
+        self.router = Router(config)
+        self.local = LocalDelivery.from_config(config.local)
+        self.resolver = resolver or MXResolver(delivery.nameservers, timeout=delivery.dns_timeout)
+        self.sessions = SessionPool(
+            self.resolver,
+            config.server.hostname,
+            Timeouts.from_config(delivery),
+            ca_file=delivery.tls_ca_file,
+            cache_time=delivery.connection_cache_time,
+        )
+        self._connections = asyncio.Semaphore(delivery.connection_limit)
+        self._destinations: dict[str, _Destination] = {}
+        self._jobs_in_memory = 0
+        self._max_jobs = delivery.connection_limit * JOBS_PER_CONNECTION
+        self._wake = asyncio.Event()
+        self._dsn_due = True
+        self._stopping = False
+        self._workers: set[asyncio.Task[None]] = set()
+        self._random = random.Random()
+
+    def wake(self) -> None:
+        """Look for due recipients now instead of at the next scan."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Claim and deliver until ``stop`` is called."""
+        log_event(logger, "scheduler-start", owner=self.owner)
+        interval = self.config.delivery.queue_scan_interval
+        while not self._stopping:
+            if self._dsn_due:
+                self._dsn_due = False
+                await self._queue_dsns()
+            claimed_full = await self._claim_once()
+            if claimed_full:
+                continue
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+        log_event(logger, "scheduler-stop", owner=self.owner)
+
+    async def stop(self) -> None:
+        """Stop claiming, let running transactions finish (up to ``STOP_GRACE`` s), close sessions.
+
+        Recipients still queued in memory keep their lease and are claimed
+        again when it runs out.
+        """
+        self._stopping = True
+        self._wake.set()
+        for destination in self._destinations.values():
+            destination.queue.clear()
+        if self._workers:
+            _, pending = await asyncio.wait(self._workers, timeout=STOP_GRACE)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.sessions.close()
+
+    # -- claiming and queueing ------------------------------------------------
+
+    async def _claim_once(self) -> bool:
+        room = self._max_jobs - self._jobs_in_memory
+        if room <= 0:
+            return False
+        try:
+            claims = await self.spool.claim(self.owner, limit=room)
+        except SpoolError as exc:
+            log_event(logger, "claim-failed", logging.ERROR, error=str(exc))
+            return False
+        claimed = 0
+        for claim in claims:
+            claimed += len(claim.recipients)
+            self._dispatch(claim)
+        return claimed >= room
+
+    def _dispatch(self, claim: Claim) -> None:
+        by_route: dict[Route, list[StoredRecipient]] = {}
+        for recipient in claim.recipients:
+            route = self.router.route(domain_of(recipient.address))
+            by_route.setdefault(route, []).append(recipient)
+        size = self.config.delivery.recipients_per_transaction
+        for route, recipients in by_route.items():
+            for start in range(0, len(recipients), size):
+                self._enqueue(Job(claim, route, tuple(recipients[start : start + size])))
+
+    def _enqueue(self, job: Job) -> None:
+        self._jobs_in_memory += 1
+        if job.route.kind == ERROR:
+            self._spawn(self._fail_job(job))
+            return
+        destination = self._destinations.setdefault(job.route.destination, _Destination())
+        destination.queue.append(job)
+        limit = self.config.delivery.destination_concurrency_limit
+        if destination.workers < min(limit, len(destination.queue)):
+            destination.workers += 1
+            self._spawn(self._worker(job.route.destination, destination))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._workers.add(task)
+        task.add_done_callback(self._workers.discard)
+
+    async def _fail_job(self, job: Job) -> None:
+        try:
+            await self._record(job, [(r, Outcome.FAILED, job.route.error) for r in job.recipients], "")
+        finally:
+            self._jobs_in_memory -= 1
+
+    # -- workers -------------------------------------------------------------
+
+    async def _worker(self, name: str, destination: _Destination) -> None:
+        session: SMTPSession | None = None
+        route: Route | None = None
+        try:
+            while destination.queue and not self._stopping:
+                job = destination.queue.popleft()
+                try:
+                    if job.route.kind == LOCAL:
+                        await self._deliver_local(job)
+                        continue
+                    if session is None or not session.usable:
+                        if session is not None:
+                            # A broken session gives its connection slot back before a new one opens.
+                            session.abort()
+                            self._connections.release()
+                            session = None
+                        session = await self._open_session(name, destination, job)
+                        if session is None:
+                            continue
+                        route = job.route
+                    await self._send(session, job)
+                finally:
+                    self._jobs_in_memory -= 1
+        except Exception:
+            logger.exception("delivery worker for %s failed", name)
+        finally:
+            destination.workers -= 1
+            if session is not None:
+                self._connections.release()
+                if route is not None and session.usable and not self._stopping:
+                    self.sessions.release(route, session)
+                else:
+                    await session.close()
+
+    async def _open_session(self, name: str, destination: _Destination, job: Job) -> SMTPSession | None:
+        now = time.time()
+        if destination.suspended_until > now:
+            reply = f"451 4.4.1 delivery to {name} is backed off after failed connections"
+            await self._defer_until(job, reply, destination.suspended_until)
+            return None
+        await self._connections.acquire()
+        try:
+            session = await self.sessions.acquire(job.route)
+        except LookupFailure as exc:
+            self._connections.release()
+            outcome = Outcome.DEFERRED if exc.temporary else Outcome.FAILED
+            await self._record(job, [(r, outcome, exc.reply) for r in job.recipients], "")
+            return None
+        except SessionError as exc:
+            self._connections.release()
+            await self._session_failed(name, destination, job, exc)
+            return None
+        destination.failures = 0
+        return session
+
+    async def _session_failed(self, name: str, destination: _Destination, job: Job, error: SessionError) -> None:
+        if not error.temporary:
+            await self._record(job, [(r, Outcome.FAILED, error.reply) for r in job.recipients], "")
+            return
+        destination.failures += 1
+        if destination.failures < self.config.delivery.destination_failure_limit:
+            await self._record(job, [(r, Outcome.DEFERRED, error.reply) for r in job.recipients], "")
+            return
+        delivery = self.config.delivery
+        jitter = self._random.random()
+        delay = backoff_delay(
+            destination.failures - 1, delivery.minimal_backoff_time, delivery.maximal_backoff_time, jitter
+        )
+        destination.suspended_until = time.time() + delay
+        log_event(logger, "destination-backoff", logging.WARNING, destination=name,
+                  failures=destination.failures, seconds=round(delay, 1), reply=error.reply)
+        await self._defer_until(job, error.reply, destination.suspended_until)
+        # The queued jobs would meet the same dead hosts; defer them together.
+        while destination.queue:
+            queued = destination.queue.popleft()
+            try:
+                await self._defer_until(queued, error.reply, destination.suspended_until)
+            finally:
+                self._jobs_in_memory -= 1
+
+    async def _send(self, session: SMTPSession, job: Job) -> None:
+        claim = job.claim
+        try:
+            body = await self.spool.load_body(claim.queue_id)
+        except MessageNotFound:
+            return
+        message = OutboundMessage(
+            queue_id=claim.queue_id,
+            sender=claim.envelope.sender,
+            recipients=tuple(
+                OutboundRecipient(r.index, r.address, r.notify, r.orcpt) for r in job.recipients
+            ),
+            body=body,
+            body_type=claim.envelope.body_type,
+            smtputf8=claim.envelope.smtputf8,
+            ret=claim.envelope.ret,
+            envid=claim.envelope.envid,
+        )
+        by_index = {r.index: r for r in job.recipients}
+        try:
+            results = await session.send(message)
+        except SessionError as exc:
+            await self._record(job, [(r, Outcome.DEFERRED, exc.reply) for r in job.recipients], session.peer)
+            return
+        await self._record(job, [(by_index[r.index], r.outcome, r.reply) for r in results], session.peer)
+
+    async def _deliver_local(self, job: Job) -> None:
+        outcomes = await deliver_local(self.local, self.spool, job.claim, job.recipients)
+        await self._record(job, outcomes, "")
+
+    # -- results ---------------------------------------------------------------
+
+    async def _defer_until(self, job: Job, reply: str, when: float) -> None:
+        await self._record(job, [(r, Outcome.DEFERRED, reply) for r in job.recipients], "", next_attempt=when)
+
+    async def _record(
+        self,
+        job: Job,
+        outcomes: Sequence[tuple[StoredRecipient, Outcome, str]],
+        host: str,
+        next_attempt: float | None = None,
+    ) -> None:
+        claim = job.claim
+        delivery = self.config.delivery
+        now = time.time()
+        expired = now - claim.arrival >= delivery.maximal_queue_lifetime
+        results: list[DeliveryResult] = []
+        for recipient, outcome, reply in outcomes:
+            when = None
+            if outcome is Outcome.DEFERRED:
+                if expired:
+                    outcome = Outcome.FAILED
+                    reply = f"{reply} (message expired after {delivery.maximal_queue_lifetime:.0f} s in the queue)"
+                else:
+                    jitter = self._random.random()
+                    delay = backoff_delay(
+                        recipient.attempts, delivery.minimal_backoff_time, delivery.maximal_backoff_time, jitter
+                    )
+                    when = max(now + delay, next_attempt or 0.0)
+            results.append(DeliveryResult(claim.queue_id, recipient.index, outcome, reply, host, when))
+            log_event(
+                logger,
+                {Outcome.DELIVERED: "delivered", Outcome.DEFERRED: "deferred", Outcome.FAILED: "bounced"}[outcome],
+                logging.INFO,
+                queue_id=claim.queue_id,
+                to=recipient.address,
+                relay=host or job.route.destination,
+                delay=round(now - claim.arrival, 3),
+                dsn=status_of(reply) if reply else "2.0.0",
+                reply=reply,
+            )
+        try:
+            await self.spool.record_results(results, lease_token=claim.lease_token)
+        except SpoolError as exc:
+            # The lease runs out and the recipients are claimed again later.
+            log_event(logger, "record-failed", logging.ERROR, queue_id=claim.queue_id, error=str(exc))
+            return
+        failed = [r for r in results if r.outcome is Outcome.FAILED]
+        if failed or any(r.outcome is Outcome.DELIVERED for r in results):
+            self._dsn_due = True
+            self._wake.set()
+        if failed and claim.envelope.sender == "" and delivery.bounce_copy_to_postmaster:
+            await self._copy_to_postmaster(claim)
+
+    async def _copy_to_postmaster(self, claim: Claim) -> None:
+        domain = self.config.policy.local_domains[0] if self.config.policy.local_domains else "localhost"
+        try:
+            body = await self.spool.load_body(claim.queue_id)
+            envelope = Envelope(sender="", recipients=(Recipient(address=f"postmaster@{domain}"),))
+            copy_id = await self.spool.commit(envelope, body)
+        except (SpoolError, MessageNotFound) as exc:
+            log_event(logger, "postmaster-copy-failed", logging.ERROR, queue_id=claim.queue_id, error=str(exc))
+            return
+        log_event(logger, "postmaster-copy", queue_id=claim.queue_id, copy_id=copy_id)
+
+    async def _queue_dsns(self) -> None:
+        try:
+            messages = await self.spool.pending_dsns()
+        except SpoolError as exc:
+            log_event(logger, "dsn-scan-failed", logging.ERROR, error=str(exc))
+            return
+        for message in messages:
+            owed = [r for r in message.recipients if r.dsn is DsnState.PENDING]
+            if not owed:
+                continue
+            try:
+                body = await self.spool.load_body(message.queue_id)
+                report = build_report(message, body, owed, self.config.server.hostname, time.time())
+                dsn_id = await self.spool.commit(
+                    report.envelope, report.body, dsn_for=DsnRequest(message.queue_id, report.indexes)
+                )
+            except (SpoolError, MessageNotFound) as exc:
+                log_event(logger, "dsn-failed", logging.ERROR, queue_id=message.queue_id, error=str(exc))
+                continue
+            log_event(logger, "dsn-queued", queue_id=message.queue_id, dsn_id=dsn_id,
+                      to=message.envelope.sender, recipients=len(owed))
+            self._wake.set()
+
+

@@ -1,0 +1,134 @@
+"""Open outbound sessions for a route, trying its hosts in order, and keep idle ones for reuse.
+
+Hosts come from the MX lookup (``relay.delivery.dns``) or the route's fixed
+next hop.  Each host's addresses are tried in turn until one accepts the
+connection, greets with 220 and gets through EHLO, STARTTLS and AUTH.  When
+an opportunistic STARTTLS handshake fails, the same address is tried once
+more without STARTTLS, and the fallback is logged (the ``Outbound STARTTLS
+failure`` rule: plaintext only when TLS is not required).
+
+A session that finished a transaction is parked per destination and reused
+by the next transaction to that destination; it is closed after
+``[delivery] connection_cache_time`` idle seconds (Postfix:
+``smtp_connection_cache_time_limit``, 2 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass
+
+from relay.delivery.client import SessionError, SessionOptions, SMTPSession, Timeouts
+from relay.delivery.dns import LookupFailure, MailHost, MXResolver
+from relay.delivery.router import Route
+from relay.log import log_event
+
+logger = logging.getLogger("relay.delivery")
+
+
+@dataclass
+class _Parked:
+    session: SMTPSession
+    closer: asyncio.TimerHandle
+
+
+class SessionPool:
+    """Opens sessions for routes and keeps finished ones for the next message."""
+
+    def __init__(
+        self, resolver: MXResolver, helo_name: str, timeouts: Timeouts, *, ca_file: str = "", cache_time: float = 2.0
+    ) -> None:
+        self._resolver = resolver
+        self._helo_name = helo_name
+        self._timeouts = timeouts
+        self._ca_file = ca_file
+        self._cache_time = cache_time
+        self._idle: dict[str, list[_Parked]] = {}
+        self.opened = 0  # sessions opened so far, for tests and metrics
+
+    async def acquire(self, route: Route) -> SMTPSession:
+        """Return an idle session for the route's destination or open a new one.
+
+        Raises LookupFailure when the hosts cannot be found and SessionError
+        when none of them could be used; ``SessionError.temporary`` is False
+        only when every host refused permanently.
+        """
+        parked = self._idle.get(route.destination)
+        while parked:
+            entry = parked.pop()
+            entry.closer.cancel()
+            if entry.session.usable:
+                return entry.session
+        hosts = await self._hosts(route)
+        options = SessionOptions(
+            helo_name=self._helo_name,
+            tls=route.tls,
+            ca_file=self._ca_file,
+            username=route.username,
+            password=route.password,
+            timeouts=self._timeouts,
+        )
+        errors: list[SessionError] = []
+        for host in hosts:
+            for address in host.addresses:
+                try:
+                    session = await self._open(host.name, address, route, options)
+                except SessionError as exc:
+                    log_event(logger, "connect-failed", logging.INFO, relay=f"{host.name}[{address}]:{route.port}",
+                              reply=exc.reply)
+                    errors.append(exc)
+                    continue
+                self.opened += 1
+                return session
+        last = errors[-1]
+        raise SessionError(last.reply, temporary=any(error.temporary for error in errors))
+
+    async def _open(self, name: str, address: str, route: Route, options: SessionOptions) -> SMTPSession:
+        try:
+            return await SMTPSession.open(name, address, route.port, options)
+        except SessionError as exc:
+            if not (exc.tls_failed and route.tls == "opportunistic"):
+                raise
+            log_event(logger, "tls-fallback", logging.WARNING, relay=f"{name}[{address}]:{route.port}",
+                      reason=exc.reply, action="retrying once without STARTTLS")
+            return await SMTPSession.open(name, address, route.port, options, starttls=False)
+
+    async def _hosts(self, route: Route) -> list[MailHost]:
+        if route.use_mx:
+            return await self._resolver.mail_hosts(route.host)
+        try:
+            ipaddress.ip_address(route.host)
+        except ValueError:
+            addresses = await self._resolver.host_addresses(route.host)
+            return [MailHost(route.host, 0, addresses)]
+        return [MailHost(route.host, 0, (route.host,))]
+
+    def release(self, route: Route, session: SMTPSession) -> None:
+        """Park a session after its transaction so the next message to the destination reuses it."""
+        if not session.usable:
+            session.abort()
+            return
+        loop = asyncio.get_running_loop()
+        parked = self._idle.setdefault(route.destination, [])
+        entry = _Parked(session, loop.call_later(self._cache_time, self._expire, route.destination, session))
+        parked.append(entry)
+
+    def _expire(self, destination: str, session: SMTPSession) -> None:
+        parked = self._idle.get(destination, [])
+        self._idle[destination] = [entry for entry in parked if entry.session is not session]
+        asyncio.get_running_loop().create_task(session.close())
+
+    async def close(self) -> None:
+        """Close every parked session with QUIT."""
+        sessions = []
+        for parked in self._idle.values():
+            for entry in parked:
+                entry.closer.cancel()
+                sessions.append(entry.session)
+        self._idle.clear()
+        await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
+
+
+__all__ = ["LookupFailure", "SessionPool"]

@@ -1,0 +1,131 @@
+"""Subcommands ``relay serve``, ``relay sink`` and ``relay passwd``.
+
+``serve`` runs the listeners of the config (``--listen`` and ``--spool``
+replace the listeners and the spool directory for quick use).  ``sink`` runs
+one listener with role ``sink`` that accepts and discards everything, for
+benchmarks.  ``passwd`` adds or changes one AUTH credential, reading the
+password from the terminal without echo, or as one line from standard input
+when that is not a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import getpass
+import sys
+
+from relay.cli import add_config_option, config_from_args
+from relay.config import Config, ListenerConfig, SpoolConfig
+from relay.log import setup_logging
+from relay.smtp.auth import CredentialsError, set_password
+from relay.smtp.tls import TLSSetupError
+from relay.units import parse_host_port
+
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = subparsers.add_parser("serve", help="run the relay: receive mail over SMTP and spool it")
+    add_config_option(serve)
+    serve.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="listen here only (role mx, no TLS) instead of the configured listeners",
+    )
+    serve.add_argument("--spool", metavar="DIR", help="spool directory (overrides [spool] path)")
+    _add_common(serve)
+    serve.set_defaults(handler=_serve)
+
+    sink = subparsers.add_parser("sink", help="accept every message and discard it, counting")
+    add_config_option(sink)
+    sink.add_argument(
+        "--listen", metavar="HOST:PORT", default="127.0.0.1:2525", help="address to listen on (default: 127.0.0.1:2525)"
+    )
+    _add_common(sink)
+    sink.set_defaults(handler=_sink)
+
+    passwd = subparsers.add_parser("passwd", help="add or change an AUTH credential in a password file")
+    passwd.add_argument("file", metavar="FILE", help="credentials file (created with mode 0600 if missing)")
+    passwd.add_argument("user", metavar="USER", help="user name to add or change")
+    passwd.set_defaults(handler=_passwd)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, metavar="N", help="worker processes (overrides [server] workers)")
+    parser.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="uvloop",
+        help="event loop implementation (default: uvloop; asyncio is the standard library's)",
+    )
+
+
+def _listen_address(value: str) -> tuple[str, int]:
+    try:
+        return parse_host_port(value)
+    except ValueError as exc:
+        print(f"relay: --listen: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _apply_workers(config: Config, workers: int | None) -> Config:
+    if workers is None:
+        return config
+    if workers < 1:
+        print(f"relay: --workers: {workers} is below the minimum 1", file=sys.stderr)
+        raise SystemExit(2)
+    return config.replace(server=dataclasses.replace(config.server, workers=workers))
+
+
+def _run(config: Config, event_loop: str) -> int:
+    from relay.smtp.server import serve
+
+    setup_logging(config.log.format, config.log.level)
+    try:
+        return serve(config, event_loop=event_loop)
+    except TLSSetupError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    except CredentialsError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.listen:
+        config = config.replace(listeners=(ListenerConfig(address=_listen_address(args.listen)),))
+    if args.spool:
+        config = config.replace(spool=dataclasses.replace(config.spool, path=args.spool))
+    return _run(_apply_workers(config, args.workers), args.event_loop)
+
+
+def _sink(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    listener = ListenerConfig(address=_listen_address(args.listen), role="sink")
+    config = config.replace(listeners=(listener,), spool=SpoolConfig())
+    return _run(_apply_workers(config, args.workers), args.event_loop)
+
+
+def _passwd(args: argparse.Namespace) -> int:
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"Password for {args.user}: ")
+        if getpass.getpass("Repeat password: ") != password:
+            print("relay: passwords do not match; nothing changed", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("relay: empty password; nothing changed", file=sys.stderr)
+        return 1
+    try:
+        added = set_password(args.file, args.user, password)
+    except (ValueError, CredentialsError) as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"relay: cannot write {args.file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: {'added' if added else 'changed'} {args.user}")
+    return 0

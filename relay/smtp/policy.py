@@ -1,0 +1,163 @@
+"""Relay access and recipient checks made at RCPT time.
+
+Rules, in order (the first that applies decides):
+
+1. An address literal domain (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``) is
+   rejected ``550 5.7.1`` unless ``policy.allow_address_literals`` is on, and
+   always when it points at a loopback, link-local, unspecified, multicast or
+   reserved address, so a client cannot steer the relay at internal hosts.
+   An allowed literal is then treated like any remote domain (rule 4).
+2. A domain in ``policy.local_domains``: the local part must name a user
+   (a directory under ``local.maildir_root``, an entry of ``local.users`` or
+   an alias in the ``local.aliases`` file); ``postmaster`` always exists
+   (RFC 5321 section 4.5.1).  Otherwise ``550 5.1.1``.  Anyone may send here.
+3. A domain in ``policy.relay_domains``: accepted from anyone.
+4. Any other domain: accepted only from ``policy.trusted_networks`` or an
+   authenticated client, else ``554 5.7.1 Relay access denied``.
+
+Domains match exactly, case-insensitively; subdomains are not implied.
+User names match case-insensitively for ``local.users`` and aliases; a
+Maildir directory must exist under the exact or the lower-cased local part,
+and local parts that could name a path outside the root (``/``, a leading
+``.``) never match a directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import threading
+from collections.abc import Iterable
+
+from relay.config import Config
+from relay.smtp import replies
+from relay.smtp.replies import Reply
+
+# Local parts that may safely name a directory under maildir_root.
+_SAFE_MAILDIR_NAME = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9._+=-]*$")
+
+
+def parse_aliases(text: str) -> set[str]:
+    """Return the lower-cased alias names of an ``alias: user[, user]`` file."""
+    names: set[str] = set()
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, _targets = line.partition(":")
+        if sep and name.strip():
+            names.add(name.strip().lower())
+    return names
+
+
+class _AliasFile:
+    """Alias names, re-read when the file changes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._names: set[str] = set()
+        self._lock = threading.Lock()
+
+    def names(self) -> set[str]:
+        if not self.path:
+            return set()
+        with self._lock:
+            try:
+                stat = os.stat(self.path)
+            except OSError:
+                # A missing alias file means no aliases; config validation
+                # already checked it existed at start.
+                return set()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if stamp != self._stamp:
+                with open(self.path, encoding="utf-8", errors="replace") as handle:
+                    self._names = parse_aliases(handle.read())
+                self._stamp = stamp
+            return self._names
+
+
+def address_literal_ip(domain: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Return the address of a ``[...]`` literal domain, or None if domain is not one."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    if inner[:5].upper() == "IPV6:":
+        return ipaddress.IPv6Address(inner[5:])
+    return ipaddress.IPv4Address(inner)
+
+
+def _is_internal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast or ip.is_reserved
+
+
+class RelayPolicy:
+    """Decide whether one client may send to one recipient."""
+
+    def __init__(self, config: Config) -> None:
+        policy = config.policy
+        self.local_domains = frozenset(d.lower() for d in policy.local_domains)
+        self.relay_domains = frozenset(d.lower() for d in policy.relay_domains)
+        self.trusted_networks = tuple(ipaddress.ip_network(n) for n in policy.trusted_networks)
+        self.allow_address_literals = policy.allow_address_literals
+        self.maildir_root = config.local.maildir_root
+        self.users = frozenset(u.lower() for u in config.local.users)
+        self._aliases = _AliasFile(config.local.aliases)
+
+    def is_trusted(self, address: str) -> bool:
+        """Return whether a client IP address is in a trusted network."""
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.trusted_networks)
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower().rstrip(".") in self.local_domains
+
+    def user_exists(self, local_part: str) -> bool:
+        """Return whether a local part names a local user, alias or postmaster."""
+        lowered = local_part.lower()
+        if lowered == "postmaster" or lowered in self.users or lowered in self._aliases.names():
+            return True
+        if not self.maildir_root or not _SAFE_MAILDIR_NAME.match(local_part):
+            return False
+        for name in _unique((local_part, lowered)):
+            if os.path.isdir(os.path.join(self.maildir_root, name)):
+                return True
+        return False
+
+    def check_recipient(self, local_part: str, domain: str, privileged: bool) -> Reply | None:
+        """Return the rejection for a recipient, or None to accept it.
+
+        ``privileged`` is true for trusted-network and authenticated clients.
+        ``domain`` is empty only for ``<postmaster>``, which is always local.
+        """
+        if domain == "":
+            return None
+        try:
+            literal = address_literal_ip(domain)
+        except ValueError:
+            return replies.BAD_RECIPIENT_SYNTAX
+        if literal is not None:
+            if not self.allow_address_literals or _is_internal(literal):
+                return replies.ADDRESS_LITERAL_DENIED
+            return None if privileged else replies.RELAY_DENIED
+
+        name = domain.lower().rstrip(".")
+        if name in self.local_domains:
+            return None if self.user_exists(local_part) else replies.NO_SUCH_USER
+        if name in self.relay_domains or privileged:
+            return None
+        return replies.RELAY_DENIED
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    seen: list[str] = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen

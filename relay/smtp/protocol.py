@@ -1,0 +1,297 @@
+"""The asyncio Protocol that connects one socket to one sans-IO ``Session``.
+
+It only moves bytes and runs what the session asks for: ``data_received``
+feeds the session, and everything the session queued in response goes out in
+one ``write`` (so replies to a pipelined group share one packet).  Events
+that need waiting (storing a message, checking a password, the TLS
+handshake) run as tasks, with reading paused until they finish so a client
+cannot pile up input meanwhile.  Reading also pauses while the transport's
+write buffer is above its high-water mark, so a client that never reads its
+replies cannot grow memory.
+
+Timeouts: ``server.command_timeout`` between commands and
+``server.data_timeout`` between reads inside DATA or BDAT (defaults from
+RFC 5321 section 4.5.3.2), ``421 4.4.2`` when one runs out.  The clock does
+not run while the session waits for the spool or the password check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, cast
+
+from relay.log import log_event
+from relay.smtp import replies
+from relay.smtp.replies import Reply
+from relay.smtp.session import Session
+from relay.smtp.transaction import CheckCredentials, Close, MessageReady, Rejected, StartTLS
+
+if TYPE_CHECKING:
+    from relay.smtp.server import ListenerRuntime
+
+logger = logging.getLogger("relay.smtp")
+
+# Postfix's smtpd_starttls_timeout default is 300 s; a handshake needs far less.
+TLS_HANDSHAKE_TIMEOUT = 60.0
+
+
+class SMTPProtocol(asyncio.Protocol):
+    """One client connection; created by the listener for each accept."""
+
+    def __init__(self, runtime: ListenerRuntime) -> None:
+        self.runtime = runtime
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.client_address = "-"
+        self.session_id = runtime.next_session_id()
+        self._task: asyncio.Task[None] | None = None
+        self._pause_reasons: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_activity = 0.0
+        self._started = 0.0
+        self._tls = False
+        self._counted = False
+
+    # -- asyncio callbacks ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = self.transport.get_extra_info("peername")
+        self.client_address = str(peer[0]) if peer else "-"
+        self._tls = self.transport.get_extra_info("sslcontext") is not None
+        self._started = time.monotonic()
+        runtime = self.runtime
+        session = Session(
+            runtime.settings, runtime.policy, self.client_address, session_id=self.session_id
+        )
+        self.session = session
+        refusal = runtime.admit(self)
+        if refusal is None:
+            self._counted = True
+        log_event(
+            logger,
+            "connect",
+            session=self.session_id,
+            client=self.client_address,
+            listener=runtime.name,
+            tls=self._tls,
+        )
+        if refusal is not None:
+            session.refuse(refusal)
+        else:
+            session.start()
+        self._last_activity = time.monotonic()
+        self._schedule_timer()
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        assert session is not None
+        self._last_activity = time.monotonic()
+        session.receive_data(data)
+        self._flush()
+
+    def eof_received(self) -> bool:
+        # The client half-closed: nothing more can arrive, so end the session.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        session = self.session
+        if self._counted:
+            self.runtime.release(self)
+        if session is not None:
+            # A spool commit still in flight finishes on its own task: the message
+            # stays queued although this client never sees the 250.
+            log_event(
+                logger,
+                "disconnect",
+                session=self.session_id,
+                client=self.client_address,
+                messages=session.messages,
+                errors=session.errors,
+                seconds=round(time.monotonic() - self._started, 3),
+                commands=_format_counters(session.counters),
+            )
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self._pause("write")
+
+    def resume_writing(self) -> None:
+        self._resume("write")
+
+    # -- shutdown hooks used by the server -----------------------------------
+
+    def shutdown(self) -> None:
+        """Ask the session to end: now if idle, after its current message otherwise."""
+        if self.session is not None and self.transport is not None:
+            self.session.shutdown()
+            self._flush()
+
+    def abort(self) -> None:
+        """End the session now unless a message is being stored."""
+        session = self.session
+        if session is None or self.transport is None:
+            return
+        if session.waiting and self._task is not None and not self._task.done():
+            return
+        session.abort()
+        self._flush()
+
+    @property
+    def busy(self) -> bool:
+        """Whether the session is storing a message (the server waits for these)."""
+        return self._task is not None and not self._task.done()
+
+    # -- internals -----------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Write queued replies in one write and run the queued events."""
+        session = self.session
+        transport = self.transport
+        if session is None or transport is None:
+            return
+        while True:
+            out = session.data_to_send()
+            events = session.events()
+            if out:
+                transport.write(out)
+            if not events:
+                return
+            for event in events:
+                if isinstance(event, Rejected):
+                    self._log_reject(event)
+                elif isinstance(event, Close):
+                    transport.close()
+                    return
+                elif isinstance(event, MessageReady):
+                    if not self.runtime.store_inline(session, event, self.client_address, self.session_id):
+                        self._start_task(self._store(event))
+                elif isinstance(event, CheckCredentials):
+                    self._start_task(self._check_credentials(event))
+                elif isinstance(event, StartTLS):
+                    # Read nothing more as plaintext: the next bytes are the ClientHello.
+                    self._pause("tls")
+                    self._start_task(self._start_tls())
+
+    def _start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        self._pause("wait")
+        self._task = asyncio.get_running_loop().create_task(coroutine)
+
+    async def _store(self, event: MessageReady) -> None:
+        session = self.session
+        assert session is not None
+        reply: Reply = await self.runtime.store(event, self.client_address, self.session_id)
+        self._resume("wait")
+        if self.transport is not None:
+            session.message_stored(reply)
+            self._flush()
+
+    async def _check_credentials(self, event: CheckCredentials) -> None:
+        session = self.session
+        assert session is not None
+        user, reply = await self.runtime.check_credentials(event, self.client_address, self.session_id)
+        self._resume("wait")
+        if self.transport is not None:
+            session.credentials_checked(user, reply)
+            self._flush()
+
+    async def _start_tls(self) -> None:
+        session = self.session
+        transport = self.transport
+        context = self.runtime.ssl_context
+        assert session is not None and transport is not None and context is not None
+        loop = asyncio.get_running_loop()
+        try:
+            new_transport = await loop.start_tls(
+                transport, self, context, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT
+            )
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            log_event(
+                logger,
+                "tls_failed",
+                logging.WARNING,
+                session=self.session_id,
+                client=self.client_address,
+                error=str(exc) or type(exc).__name__,
+            )
+            transport.abort()
+            return
+        if new_transport is None:
+            transport.abort()
+            return
+        self.transport = new_transport
+        self._tls = True
+        ssl_object = new_transport.get_extra_info("ssl_object")
+        log_event(
+            logger,
+            "tls",
+            session=self.session_id,
+            client=self.client_address,
+            version=ssl_object.version() if ssl_object else None,
+            cipher=ssl_object.cipher()[0] if ssl_object and ssl_object.cipher() else None,
+        )
+        self._pause_reasons.discard("tls")
+        self._resume("wait")
+        self._last_activity = time.monotonic()
+        session.tls_started()
+        self._flush()
+
+    def _pause(self, reason: str) -> None:
+        if not self._pause_reasons and self.transport is not None:
+            self.transport.pause_reading()
+        self._pause_reasons.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        self._pause_reasons.discard(reason)
+        if not self._pause_reasons and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _schedule_timer(self) -> None:
+        session = self.session
+        assert session is not None
+        server = self.runtime.config.server
+        timeout = server.data_timeout if session.in_data else server.command_timeout
+        delay = max(0.0, self._last_activity + timeout - time.monotonic())
+        self._timer = asyncio.get_running_loop().call_later(delay + 0.01, self._on_timer)
+
+    def _on_timer(self) -> None:
+        # Rather than re-arming a timer on every read, the timer checks the time
+        # of the last read and re-arms itself for the remainder.
+        self._timer = None
+        session = self.session
+        if session is None or self.transport is None or session.closed:
+            return
+        server = self.runtime.config.server
+        timeout = server.data_timeout if session.in_data else server.command_timeout
+        if session.waiting or time.monotonic() - self._last_activity < timeout:
+            if session.waiting:
+                self._last_activity = time.monotonic()
+            self._schedule_timer()
+            return
+        log_event(logger, "timeout", session=self.session_id, client=self.client_address, in_data=session.in_data)
+        session.timeout()
+        self._flush()
+
+    def _log_reject(self, event: Rejected) -> None:
+        reply = event.reply
+        log_event(
+            logger,
+            "reject",
+            session=self.session_id,
+            client=self.client_address,
+            command=event.command,
+            reply=f"{reply.code} {reply.status} {reply.text}",
+        )
+        if reply is replies.AUTH_FAILED:
+            self.runtime.note_auth_failure(self.client_address)
+
+
+def _format_counters(counters: dict[str, int]) -> str:
+    return " ".join(f"{name}={count}" for name, count in counters.items())

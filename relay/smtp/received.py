@@ -1,0 +1,85 @@
+"""Trace and submission headers, and the header-block checks made at end of data.
+
+The Received header follows RFC 5321 section 4.4 and RFC 5322 section 3.6.7::
+
+    Received: from HELO (unknown [IP])
+    \tby HOSTNAME (relay) with ESMTPSA id QUEUEID
+    \tfor <rcpt>; Thu, 01 Jan 2026 00:00:00 +0000
+
+The reverse DNS name is always ``unknown``: the server makes no PTR lookups
+(as Postfix with ``smtpd_peername_lookup = no``).  ``for`` names the
+recipient only when there is exactly one, so a message with many recipients
+does not disclose the others.  HELO names and addresses come from the command
+parser, which lets no CR, LF or NUL through, so they cannot add header lines.
+
+Loop detection counts ``Received:`` fields in the header block (the lines
+before the first empty line).  RFC 5321 section 6.3 asks for a threshold of
+at least 100; ``policy.max_received_headers`` sets it.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from email.utils import formatdate
+
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
+_DATE = re.compile(rb"^date:", re.IGNORECASE | re.MULTILINE)
+_MESSAGE_ID = re.compile(rb"^message-id:", re.IGNORECASE | re.MULTILINE)
+# A LF without CR before it, or a CR without LF after it.
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def header_block(body: bytes) -> bytes:
+    """Return the header block of a message: everything up to the first empty line."""
+    if body.startswith(b"\r\n"):
+        return b""
+    end = body.find(b"\r\n\r\n")
+    return body if end < 0 else body[: end + 2]
+
+
+def count_received(headers: bytes) -> int:
+    return len(_RECEIVED.findall(headers))
+
+
+def received_header(
+    *,
+    helo_name: str,
+    client_address: str,
+    hostname: str,
+    protocol: str,
+    queue_id: str,
+    recipients: list[str],
+    now: float | None = None,
+) -> bytes:
+    """Return the Received header (with its CRLF) for one message."""
+    address = client_address
+    if ":" in address:
+        address = "IPv6:" + address
+    lines = [
+        f"Received: from {helo_name} (unknown [{address}])",
+        f"\tby {hostname} (relay) with {protocol} id {queue_id}",
+    ]
+    date = formatdate(time.time() if now is None else now, localtime=True)
+    if len(recipients) == 1:
+        lines.append(f"\tfor <{recipients[0]}>; {date}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{date}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def submission_headers(headers: bytes, hostname: str, now: float | None = None) -> bytes:
+    """Return the Date and Message-ID headers a submitted message lacks (RFC 6409 section 8)."""
+    added = b""
+    if not _DATE.search(headers):
+        added += f"Date: {formatdate(time.time() if now is None else now, localtime=True)}\r\n".encode()
+    if not _MESSAGE_ID.search(headers):
+        added += f"Message-ID: <{secrets.token_hex(12)}@{hostname}>\r\n".encode()
+    return added
+
+
+def normalize_line_ends(body: bytes) -> bytes:
+    """Turn every bare LF and bare CR into CRLF (the ``bare_lf = "normalize"`` policy)."""
+    return _BARE_LINE_END.sub(b"\r\n", body)

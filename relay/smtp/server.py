@@ -1,0 +1,480 @@
+"""Listeners, worker processes and graceful shutdown for ``relay serve`` and ``relay sink``.
+
+Each ``[[listener]]`` becomes one listening socket per worker process, bound
+with SO_REUSEPORT so the kernel spreads connections over the workers.
+``server.workers`` processes run (default: one per CPU); with one worker the
+server runs in the calling process.  Every worker has its own event loop
+(uvloop unless ``asyncio`` is chosen), its own spool writer and its own
+connection counters, so ``server.max_connections`` and
+``server.max_connections_per_client`` are divided evenly between workers
+(rounded up): a per-process count cannot see the other workers' clients.
+
+Roles: ``mx`` and ``submission`` store each message with ``Spool.commit`` and
+reply ``250`` only once it is durable; a ``SpoolError`` becomes
+``452 4.3.1``.  ``sink`` accepts every recipient and discards every message,
+counting messages, recipients and octets; it opens no spool.
+
+Signals: the first SIGTERM or SIGINT stops accepting, sends ``421 4.3.2`` to
+idle sessions, lets messages already in DATA or BDAT finish for up to
+``server.shutdown_grace`` seconds, then ends the rest with ``421 4.3.2``,
+waits for commits in flight and closes the spool.  A second signal exits at
+once; committed messages are safe because the spool is durable at each 250.
+Unhandled event-loop exceptions are logged as ``loop_exception`` errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.config import Config, ListenerConfig
+from relay.log import log_event
+from relay.smtp import replies
+from relay.smtp.auth import CredentialsError, CredentialStore
+from relay.smtp.policy import RelayPolicy
+from relay.smtp.protocol import SMTPProtocol
+from relay.smtp.received import received_header
+from relay.smtp.replies import Reply
+from relay.smtp.session import Session, SessionSettings
+from relay.smtp.tls import server_context
+from relay.smtp.transaction import CheckCredentials, MessageReady
+from relay.spool import Envelope, Recipient, Spool, SpoolError, new_queue_id
+
+logger = logging.getLogger("relay.smtp")
+
+# Postfix: the default listen backlog of its master for smtpd is 100; a busy
+# MX sees bursts larger than that, so this follows the kernel's usual cap.
+LISTEN_BACKLOG = 4096
+
+
+@dataclass
+class SinkCounters:
+    """What a sink listener swallowed in this worker."""
+
+    messages: int = 0
+    recipients: int = 0
+    octets: int = 0
+
+
+@dataclass
+class ConnectionCounts:
+    """Open connections of one worker, in total and per client address."""
+
+    total: int = 0
+    per_client: dict[str, int] = field(default_factory=dict)
+
+
+class ListenerRuntime:
+    """What the sessions of one listener share inside one worker."""
+
+    def __init__(
+        self,
+        config: Config,
+        listener: ListenerConfig,
+        *,
+        policy: RelayPolicy,
+        spool: Spool | None,
+        credentials: CredentialStore | None,
+        ssl_context: ssl.SSLContext | None,
+        counts: ConnectionCounts,
+        auth_failures: dict[str, int],
+        workers: int,
+        sessions: set[SMTPProtocol],
+        prefix: str,
+    ) -> None:
+        self.config = config
+        self.listener = listener
+        self.name = listener.address_text
+        self.policy = policy
+        self.spool = spool
+        self.credentials = credentials
+        self.ssl_context = ssl_context
+        self.settings = SessionSettings.from_config(
+            config, listener, tls_ready=ssl_context is not None, auth_ready=credentials is not None
+        )
+        self.counts = counts
+        self.auth_failures = auth_failures
+        self.max_connections = math.ceil(config.server.max_connections / workers)
+        self.max_per_client = math.ceil(config.server.max_connections_per_client / workers)
+        self.sessions = sessions
+        self.sink = SinkCounters()
+        self.accepting = True
+        self._ids = itertools.count(1)
+        self._prefix = prefix
+
+    def next_session_id(self) -> str:
+        return f"{self._prefix}{next(self._ids):x}"
+
+    # -- connection accounting ----------------------------------------------
+
+    def admit(self, protocol: SMTPProtocol) -> Reply | None:
+        """Count a new connection, or return the 421 that refuses it."""
+        if not self.accepting:
+            return replies.SERVICE_UNAVAILABLE
+        counts = self.counts
+        client = protocol.client_address
+        if counts.total >= self.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        if counts.per_client.get(client, 0) >= self.max_per_client:
+            return replies.TOO_MANY_FROM_CLIENT
+        counts.total += 1
+        counts.per_client[client] = counts.per_client.get(client, 0) + 1
+        self.sessions.add(protocol)
+        return None
+
+    def release(self, protocol: SMTPProtocol) -> None:
+        counts = self.counts
+        client = protocol.client_address
+        counts.total -= 1
+        remaining = counts.per_client.get(client, 1) - 1
+        if remaining:
+            counts.per_client[client] = remaining
+        else:
+            counts.per_client.pop(client, None)
+        self.sessions.discard(protocol)
+
+    # -- messages --------------------------------------------------------------
+
+    def store_inline(self, session: Session, event: MessageReady, client: str, session_id: str) -> bool:
+        """Finish a message without waiting when the listener is a sink; return whether it did."""
+        if self.spool is not None:
+            return False
+        self.sink.messages += 1
+        self.sink.recipients += len(event.transaction.recipients)
+        self.sink.octets += len(event.body)
+        session.message_stored(replies.queued("sink"))
+        return True
+
+    async def store(self, event: MessageReady, client: str, session_id: str) -> Reply:
+        """Prepend the Received header, commit the message and return the reply for it."""
+        spool = self.spool
+        assert spool is not None
+        transaction = event.transaction
+        queue_id = new_queue_id()
+        recipients = [r.address for r in transaction.recipients]
+        header = received_header(
+            helo_name=event.helo_name,
+            client_address=client,
+            hostname=self.config.server.hostname,
+            protocol=event.protocol,
+            queue_id=queue_id,
+            recipients=recipients,
+        )
+        envelope = _envelope(event, client)
+        try:
+            stored_id = await spool.commit(envelope, header + event.body, queue_id=queue_id)
+        except SpoolError as exc:
+            log_event(
+                logger,
+                "spool_error",
+                logging.ERROR,
+                session=session_id,
+                client=client,
+                error=str(exc),
+            )
+            return replies.STORAGE_FAILURE
+        log_event(
+            logger,
+            "queued",
+            queue_id=stored_id,
+            session=session_id,
+            sender=transaction.sender,
+            recipients=len(recipients),
+            size=len(header) + len(event.body),
+            client=client,
+            protocol=event.protocol,
+        )
+        return replies.queued(stored_id)
+
+    # -- AUTH --------------------------------------------------------------------
+
+    def note_auth_failure(self, client: str) -> None:
+        self.auth_failures[client] = self.auth_failures.get(client, 0) + 1
+
+    async def check_credentials(
+        self, event: CheckCredentials, client: str, session_id: str
+    ) -> tuple[str | None, Reply | None]:
+        """Verify credentials off the loop; delay the answer after repeated failures."""
+        store = self.credentials
+        assert store is not None
+        loop = asyncio.get_running_loop()
+        try:
+            ok = await loop.run_in_executor(None, store.verify, event.user, event.password)
+        except CredentialsError as exc:
+            log_event(logger, "auth_error", logging.ERROR, session=session_id, client=client, error=str(exc))
+            return None, replies.AUTH_TEMPORARY_FAILURE
+        if ok:
+            self.auth_failures.pop(client, None)
+            log_event(
+                logger, "auth", session=session_id, client=client, mechanism=event.mechanism, user=event.user
+            )
+            return event.user, None
+        log_event(
+            logger,
+            "auth_failed",
+            logging.WARNING,
+            session=session_id,
+            client=client,
+            mechanism=event.mechanism,
+            user=event.user,
+        )
+        auth = self.config.auth
+        if self.auth_failures.get(client, 0) + 1 > auth.failures_before_delay:
+            await asyncio.sleep(auth.failure_delay)
+        return None, replies.AUTH_FAILED
+
+
+def _envelope(event: MessageReady, client: str) -> Envelope:
+    """Convert a finished transaction into the spool's envelope."""
+    from relay._parser import xtext_encode
+
+    transaction = event.transaction
+    recipients = []
+    for info in transaction.recipients:
+        orcpt = f"{info.orcpt[0]};{xtext_encode(info.orcpt[1])}" if info.orcpt else None
+        recipients.append(Recipient(address=info.address, orcpt=orcpt, notify=info.notify))
+    envid = xtext_encode(transaction.envid) if transaction.envid is not None else None
+    return Envelope(
+        sender=transaction.sender,
+        recipients=tuple(recipients),
+        size=transaction.size,
+        body_type=transaction.body_type,
+        smtputf8=transaction.smtputf8,
+        ret=transaction.ret,
+        envid=envid,
+        client_address=client,
+        helo_name=event.helo_name,
+        auth_user=event.auth_user,
+        protocol=event.protocol,
+    )
+
+
+def install_event_loop(kind: str) -> None:
+    """Make new event loops uvloop ones, unless ``kind`` is ``asyncio``."""
+    if kind == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    else:
+        asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+
+
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    exception = context.get("exception")
+    log_event(
+        logger,
+        "loop_exception",
+        logging.ERROR,
+        message=context.get("message", ""),
+        error=repr(exception) if exception is not None else None,
+    )
+
+
+class Worker:
+    """One worker process: its listeners, sessions and shutdown sequence."""
+
+    def __init__(self, config: Config, *, workers: int, index: int) -> None:
+        self.config = config
+        self.workers = workers
+        self.index = index
+        self.sessions: set[SMTPProtocol] = set()
+        self.runtimes: list[ListenerRuntime] = []
+        self.servers: list[asyncio.base_events.Server] = []
+        self.spool: Spool | None = None
+        self._stop = asyncio.Event()
+        self._signals = 0
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_loop_exception)
+        config = self.config
+        needs_spool = any(listener.role != "sink" for listener in config.listeners)
+        if needs_spool:
+            try:
+                self.spool = Spool.from_config(config.spool)
+            except SpoolError as exc:
+                log_event(logger, "spool_error", logging.ERROR, error=str(exc))
+                return 1
+        try:
+            await self._listen()
+        except OSError as exc:
+            log_event(logger, "listen_failed", logging.ERROR, error=str(exc))
+            await self._close_spool()
+            return 1
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        log_event(
+            logger,
+            "started",
+            worker=self.index,
+            pid=os.getpid(),
+            listeners=[f"{r.name}/{r.listener.role}/{r.listener.tls}" for r in self.runtimes],
+        )
+        await self._stop.wait()
+        await self._shutdown()
+        return 0
+
+    async def _listen(self) -> None:
+        config = self.config
+        policy = RelayPolicy(config)
+        credentials = CredentialStore(config.auth.password_file) if config.auth.password_file else None
+        context = server_context(config.tls)
+        counts = ConnectionCounts()
+        auth_failures: dict[str, int] = {}
+        loop = asyncio.get_running_loop()
+        for number, listener in enumerate(config.listeners):
+            runtime = ListenerRuntime(
+                config,
+                listener,
+                policy=policy,
+                spool=None if listener.role == "sink" else self.spool,
+                credentials=credentials,
+                ssl_context=context,
+                counts=counts,
+                auth_failures=auth_failures,
+                workers=self.workers,
+                sessions=self.sessions,
+                prefix=f"{os.getpid():x}.{number}.",
+            )
+            host, port = listener.address
+            server = await loop.create_server(
+                _factory(runtime),
+                host=host,
+                port=port,
+                reuse_port=True,
+                backlog=LISTEN_BACKLOG,
+                ssl=context if listener.tls == "implicit" else None,
+                ssl_handshake_timeout=60.0 if listener.tls == "implicit" else None,
+            )
+            for sock in server.sockets:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.runtimes.append(runtime)
+            self.servers.append(server)
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log_event(logger, "exit_now", logging.WARNING, signal=signal.Signals(signum).name)
+            sys.stderr.flush()
+            os._exit(1)
+        log_event(logger, "stopping", signal=signal.Signals(signum).name, sessions=len(self.sessions))
+        self._stop.set()
+
+    async def _shutdown(self) -> None:
+        for runtime in self.runtimes:
+            runtime.accepting = False
+        for server in self.servers:
+            server.close()
+        for protocol in list(self.sessions):
+            protocol.shutdown()
+        deadline = time.monotonic() + self.config.server.shutdown_grace
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for protocol in list(self.sessions):
+            protocol.abort()
+        # Commits already handed to the spool finish, so their 250 is still sent.
+        while any(protocol.busy for protocol in self.sessions):
+            await asyncio.sleep(0.05)
+        for protocol in list(self.sessions):
+            protocol.abort()
+        await asyncio.sleep(0)
+        await self._close_spool()
+        for runtime in self.runtimes:
+            if runtime.listener.role == "sink":
+                sink = runtime.sink
+                log_event(
+                    logger,
+                    "sink_totals",
+                    listener=runtime.name,
+                    messages=sink.messages,
+                    recipients=sink.recipients,
+                    octets=sink.octets,
+                )
+        log_event(logger, "stopped", worker=self.index, pid=os.getpid())
+
+    async def _close_spool(self) -> None:
+        if self.spool is not None:
+            await self.spool.aclose()
+            self.spool = None
+
+
+def _factory(runtime: ListenerRuntime) -> Callable[[], SMTPProtocol]:
+    def create() -> SMTPProtocol:
+        return SMTPProtocol(runtime)
+
+    return create
+
+
+def run_worker(config: Config, *, event_loop: str, workers: int, index: int) -> int:
+    """Run one worker's event loop until it has shut down; return its exit status."""
+    install_event_loop(event_loop)
+    worker = Worker(config, workers=workers, index=index)
+    return asyncio.run(worker.run())
+
+
+def serve(config: Config, *, event_loop: str = "uvloop") -> int:
+    """Run ``config.server.workers`` workers until a signal stops them; return the exit status."""
+    workers = config.server.workers
+    if workers == 1:
+        return run_worker(config, event_loop=event_loop, workers=1, index=0)
+    return _supervise(config, event_loop, workers)
+
+
+def _supervise(config: Config, event_loop: str, workers: int) -> int:
+    """Fork the workers, pass signals on, and wait for all of them."""
+    children: dict[int, int] = {}
+    for index in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                status = run_worker(config, event_loop=event_loop, workers=workers, index=index)
+            finally:
+                sys.stderr.flush()
+                os._exit(status)
+        children[pid] = index
+
+    signals_seen = 0
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    status = 0
+    try:
+        while children:
+            try:
+                pid, raw = os.wait()
+            except ChildProcessError:
+                break
+            index = children.pop(pid, -1)
+            code = os.waitstatus_to_exitcode(raw)
+            if code != 0:
+                status = 1
+                log_event(logger, "worker_exit", logging.ERROR, worker=index, pid=pid, status=code)
+                if signals_seen == 0:
+                    # One worker failing (a port in use, the spool unreadable) means
+                    # the others would run with a partial setup: stop them all.
+                    forward(signal.SIGTERM, None)
+                    signals_seen = 0
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return status

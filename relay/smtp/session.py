@@ -1,0 +1,686 @@
+"""The sans-IO SMTP server session: bytes in, reply bytes and events out.
+
+Theory of operation.  The owner (``relay.smtp.protocol`` over a socket, or a
+test) calls ``receive_data`` with whatever arrived, then collects
+``data_to_send()`` and ``events()``.  Bytes go into the compiled
+``SMTPBuffer``, which yields command lines, DATA end-of-data and BDAT chunks;
+each command line goes through the compiled parser and then to the handler
+its verb's row in ``VERBS`` names.  Three events make the session wait for
+its owner before it reads further input: ``MessageReady`` (store, then
+``message_stored``), ``CheckCredentials`` (verify, then
+``credentials_checked``) and ``StartTLS`` (handshake, then ``tls_started``).
+Input that arrives meanwhile stays buffered, so replies always go out in
+command order (RFC 2920 section 3.2).
+
+Policy decisions, with their sources:
+
+- Command lines: at most ``policy.max_line_length`` octets with CRLF (512,
+  RFC 5321 section 4.5.3.1.4), ``500 5.5.2`` beyond, the session continues.
+  AUTH lines may reach ``policy.max_auth_line_length`` (12288, RFC 4954
+  section 4).  A bare LF ends a command line, so clients that send LF work.
+- DATA: only CRLF ``.`` CRLF ends it.  A bare LF or CR in the data gets
+  ``521 5.5.2`` and the connection closes at once, unless ``policy.bare_lf``
+  is ``normalize`` and the client is trusted or authenticated; the message is
+  then stored with CRLF line ends.  The size limit is checked at MAIL (SIZE,
+  RFC 1870) and at end of data; nothing is answered before the final dot.
+- Pipelining (RFC 2920 section 3.1): DATA, BDAT-free commands aside, must end
+  a group.  An untrusted, unauthenticated client that sends bytes after DATA
+  without waiting for ``354`` gets ``554 5.5.0`` and is disconnected; trusted
+  or authenticated clients are served in order.
+- STARTTLS: bytes pipelined after the command are dropped unread, and EHLO,
+  AUTH and the transaction are forgotten after the handshake (RFC 3207
+  section 4.2).
+- A new EHLO/HELO or RSET clears the transaction only; TLS and AUTH stay.
+- After ``server.max_errors`` 4xx/5xx replies the session ends with
+  ``421 4.7.0`` (Postfix's ``smtpd_hard_error_limit`` is 20).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from relay._buffer import BareLineEnd, BdatChunk, DataEnd, Line, LineTooLong, SMTPBuffer
+from relay._errors import SMTPError
+from relay._parser import Command, parse_command
+from relay.config import Config, ListenerConfig
+from relay.log import log_event
+from relay.smtp import replies
+from relay.smtp.auth import Challenge, Credentials, Failure, SaslExchange
+from relay.smtp.policy import RelayPolicy
+from relay.smtp.received import count_received, header_block, normalize_line_ends, submission_headers
+from relay.smtp.replies import Reply
+from relay.smtp.transaction import (
+    CheckCredentials,
+    Close,
+    Event,
+    MessageReady,
+    RecipientInfo,
+    Rejected,
+    SessionState,
+    StartTLS,
+    Transaction,
+)
+
+logger = logging.getLogger("relay.smtp")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """What one listener's sessions need from the config, flattened for speed."""
+
+    hostname: str
+    role: str
+    # STARTTLS can be offered: the listener is "starttls" and a TLS context exists.
+    starttls: bool
+    # The connection starts in TLS (listener "implicit").
+    implicit_tls: bool
+    # A credentials file is configured and the role is not "sink".
+    auth_available: bool
+    auth_plaintext: bool
+    max_message_size: int
+    max_recipients: int
+    max_line_length: int
+    max_auth_line_length: int
+    max_received_headers: int
+    max_errors: int
+    bare_lf: str
+
+    @classmethod
+    def from_config(
+        cls, config: Config, listener: ListenerConfig, *, tls_ready: bool, auth_ready: bool
+    ) -> SessionSettings:
+        policy = config.policy
+        return cls(
+            hostname=config.server.hostname,
+            role=listener.role,
+            starttls=listener.tls == "starttls" and tls_ready,
+            implicit_tls=listener.tls == "implicit",
+            auth_available=auth_ready and listener.role != "sink",
+            auth_plaintext=listener.auth_plaintext,
+            max_message_size=policy.max_message_size,
+            max_recipients=policy.max_recipients,
+            max_line_length=policy.max_line_length,
+            max_auth_line_length=policy.max_auth_line_length,
+            max_received_headers=policy.max_received_headers,
+            max_errors=config.server.max_errors,
+            bare_lf=policy.bare_lf,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VerbRule:
+    """One row of the command table."""
+
+    handler: Callable[[Session, Command], None]
+    # Refused with 503 before EHLO or HELO (RFC 5321 section 4.1.4).
+    needs_greeting: bool
+
+
+class Session:
+    """One SMTP server session, fed bytes by its owner; no I/O of its own."""
+
+    def __init__(
+        self,
+        settings: SessionSettings,
+        policy: RelayPolicy,
+        client_address: str,
+        *,
+        session_id: str = "-",
+        trusted: bool | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.client_address = client_address
+        self.session_id = session_id
+        self.trusted = policy.is_trusted(client_address) if trusted is None else trusted
+        self.state = SessionState(tls_active=settings.implicit_tls)
+        self.transaction: Transaction | None = None
+        self.buffer = SMTPBuffer(settings.max_line_length)
+        self.counters: dict[str, int] = {}
+        self.errors = 0
+        self.messages = 0
+        self.closed = False
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._waiting: type[Event] | None = None
+        self._sasl: SaslExchange | None = None
+        self._shutting_down = False
+        # The reply owed for the BDAT chunk being read (None: accept it), and
+        # whether that chunk carried LAST.
+        self._bdat_refusal: Reply | None = None
+        self._bdat_last = False
+        self._sync_line_limit()
+
+    # -- interface for the owner ------------------------------------------
+
+    def start(self) -> None:
+        """Queue the 220 greeting (RFC 5321 section 4.3.1)."""
+        self._send(replies.greeting(self.settings.hostname))
+
+    def refuse(self, reply: Reply) -> None:
+        """Queue a greeting-time refusal (a 421 for a connection limit) and close."""
+        self._send(reply)
+        self._close("refused")
+
+    def receive_data(self, data: bytes) -> None:
+        """Take bytes from the client and run every command they complete."""
+        if self.closed:
+            return
+        self.buffer.feed(data)
+        self._process()
+
+    def data_to_send(self) -> bytes:
+        """Return and clear the reply bytes queued since the last call."""
+        if not self._out:
+            return b""
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
+
+    def events(self) -> list[Event]:
+        """Return and clear the events queued since the last call."""
+        events = self._events
+        self._events = []
+        return events
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the session waits for its owner to answer an event."""
+        return self._waiting is not None
+
+    @property
+    def in_data(self) -> bool:
+        """Whether message data is being received, for the data timeout."""
+        return self.buffer.mode != "command"
+
+    @property
+    def privileged(self) -> bool:
+        """Trusted network or authenticated: may relay and pipeline past DATA."""
+        return self.trusted or self.state.auth_user is not None
+
+    def message_stored(self, reply: Reply) -> None:
+        """Finish end of data with the spool's verdict: a 250 with the queue ID or a 4xx."""
+        self._resume(MessageReady)
+        if reply.code == 250:
+            self.messages += 1
+        self.transaction = None
+        self._send(reply)
+        self._after_transaction()
+
+    def credentials_checked(self, user: str | None, reply: Reply | None = None) -> None:
+        """Finish AUTH: ``user`` on success, None with an optional reply on failure."""
+        self._resume(CheckCredentials)
+        if user is not None:
+            self.state.auth_user = user
+            self._send(replies.AUTH_OK)
+        else:
+            self._reject("AUTH", reply or replies.AUTH_FAILED)
+        self._process()
+
+    def tls_started(self) -> None:
+        """The TLS handshake completed: forget everything learned in plaintext."""
+        self._resume(StartTLS)
+        self.state = SessionState(tls_active=True)
+        self.transaction = None
+        self._sasl = None
+        self._sync_line_limit()
+        self._process()
+
+    def timeout(self) -> None:
+        """The command or data timeout passed: ``421 4.4.2`` and close."""
+        if not self.closed:
+            self._send(replies.TIMEOUT)
+            self._close("timeout")
+
+    def shutdown(self) -> None:
+        """The server is stopping: end now unless a message is arriving or being stored.
+
+        A session in DATA, BDAT or waiting for the spool finishes that message
+        and gets ``421 4.3.2`` afterwards; any other gets it now.
+        """
+        self._shutting_down = True
+        if self.closed:
+            return
+        if self.waiting or self.in_data or (self.transaction is not None and self.transaction.bdat_started):
+            return
+        self._send(replies.SERVICE_UNAVAILABLE)
+        self._close("shutdown")
+
+    def abort(self) -> None:
+        """The grace period ran out: ``421 4.3.2`` and close, dropping any transaction."""
+        if not self.closed:
+            self.transaction = None
+            self._waiting = None
+            self._send(replies.SERVICE_UNAVAILABLE)
+            self._close("shutdown")
+
+    # -- input loop ----------------------------------------------------------
+
+    def _process(self) -> None:
+        buffer = self.buffer
+        while not self.closed and self._waiting is None:
+            event = buffer.next_event()
+            if event is None:
+                return
+            if isinstance(event, Line):
+                self._line(event.line)
+            elif isinstance(event, DataEnd):
+                self._data_end(event)
+            elif isinstance(event, BdatChunk):
+                self._bdat_chunk(event)
+            elif isinstance(event, BareLineEnd):
+                self._bare_line_end()
+            elif isinstance(event, LineTooLong):
+                self._line_too_long()
+
+    def _line(self, line: bytes) -> None:
+        if self._sasl is not None:
+            self._sasl_response(line)
+            return
+        if self._shutting_down:
+            self._send(replies.SERVICE_UNAVAILABLE)
+            self._close("shutdown")
+            return
+        try:
+            command = parse_command(line)
+        except SMTPError as error:
+            self._count("unknown" if error.code == 500 else "invalid")
+            self._reject(_verb_of(line), Reply(error.code, error.enhanced, (error.text,)))
+            return
+        verb = command.verb
+        self._count(verb.lower())
+        # The buffer admits AUTH-length lines once AUTH is offered; other commands
+        # keep the RFC 5321 limit.
+        if len(line) + 2 > self.settings.max_line_length and verb != "AUTH":
+            self._reject(verb, replies.LINE_TOO_LONG)
+            return
+        rule = VERBS[verb]
+        if rule.needs_greeting and self.state.helo_name is None:
+            self._reject(verb, replies.GREET_FIRST)
+            return
+        rule.handler(self, command)
+
+    def _line_too_long(self) -> None:
+        if self._sasl is not None:
+            self._sasl = None
+            self._sync_line_limit()
+            self._reject("AUTH", replies.AUTH_LINE_TOO_LONG)
+            return
+        self._count("too_long")
+        self._reject("-", replies.LINE_TOO_LONG)
+
+    # -- output helpers ------------------------------------------------------
+
+    def _send(self, reply: Reply) -> None:
+        self._out.append(reply.encode())
+
+    def _reject(self, command: str, reply: Reply) -> None:
+        """Send an error reply, log it, and end the session after too many."""
+        self._send(reply)
+        self._events.append(Rejected(command, reply))
+        if reply.closes:
+            self._close(reply.text)
+            return
+        self.errors += 1
+        if self.errors >= self.settings.max_errors:
+            self._send(replies.TOO_MANY_ERRORS)
+            self._close("too many errors")
+
+    def _close(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self._events.append(Close(reason))
+
+    def _wait_for(self, event: MessageReady | CheckCredentials | StartTLS) -> None:
+        self._waiting = type(event)
+        self._events.append(event)
+
+    def _resume(self, kind: type[Event]) -> None:
+        if self._waiting is not kind:
+            raise RuntimeError(f"session is not waiting for {kind.__name__}")
+        self._waiting = None
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    def _after_transaction(self) -> None:
+        if self._shutting_down:
+            self._send(replies.SERVICE_UNAVAILABLE)
+            self._close("shutdown")
+            return
+        self._process()
+
+    def _auth_offered(self) -> bool:
+        settings = self.settings
+        return settings.auth_available and (self.state.tls_active or settings.auth_plaintext)
+
+    def _sync_line_limit(self) -> None:
+        offered = self._auth_offered()
+        limit = self.settings.max_auth_line_length if offered else self.settings.max_line_length
+        self.buffer.line_limit = max(limit, self.settings.max_line_length)
+
+    # -- greeting and session commands ---------------------------------------
+
+    def _ehlo(self, command: Command) -> None:
+        self._greet(command, esmtp=True)
+
+    def _helo(self, command: Command) -> None:
+        self._greet(command, esmtp=False)
+
+    def _greet(self, command: Command, *, esmtp: bool) -> None:
+        name = command.argument
+        verb = "EHLO" if esmtp else "HELO"
+        if not name:
+            self._reject(verb, replies.HELO_REQUIRES_DOMAIN)
+            return
+        if " " in name or "\t" in name:
+            self._reject(verb, replies.INVALID_HELO)
+            return
+        # RFC 5321 section 4.1.4: a new greeting resets the transaction like RSET.
+        self.transaction = None
+        self.state.helo_name = name
+        self.state.esmtp = esmtp
+        if esmtp:
+            self._send(replies.ehlo(self.settings.hostname, name, self._extensions()))
+        else:
+            self._send(replies.helo(self.settings.hostname, name))
+
+    def _extensions(self) -> list[str]:
+        settings = self.settings
+        keywords = [
+            "PIPELINING",
+            f"SIZE {settings.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "CHUNKING",
+            "DSN",
+        ]
+        if settings.starttls and not self.state.tls_active:
+            keywords.append("STARTTLS")
+        if self._auth_offered() and self.state.auth_user is None:
+            keywords.append("AUTH PLAIN LOGIN")
+        return keywords
+
+    def _rset(self, command: Command) -> None:
+        if command.argument:
+            self._reject("RSET", replies.NO_ARGUMENTS_ALLOWED)
+            return
+        self.transaction = None
+        self._send(replies.RESET_OK)
+
+    def _noop(self, command: Command) -> None:
+        # RFC 5321 section 4.1.1.9: an argument is allowed and ignored.
+        self._send(replies.OK)
+
+    def _quit(self, command: Command) -> None:
+        if command.argument:
+            self._reject("QUIT", replies.NO_ARGUMENTS_ALLOWED)
+            return
+        self._send(replies.BYE)
+        self._close("quit")
+
+    def _vrfy(self, command: Command) -> None:
+        if not command.argument:
+            self._reject("VRFY", replies.SYNTAX_ERROR)
+            return
+        self._send(replies.CANNOT_VERIFY)
+
+    def _expn(self, command: Command) -> None:
+        self._reject("EXPN", replies.NOT_IMPLEMENTED)
+
+    def _help(self, command: Command) -> None:
+        self._send(replies.HELP)
+
+    def _starttls(self, command: Command) -> None:
+        if self.state.tls_active:
+            self._reject("STARTTLS", replies.TLS_ALREADY_ACTIVE)
+            return
+        if not self.settings.starttls:
+            self._reject("STARTTLS", replies.NOT_IMPLEMENTED)
+            return
+        if command.argument:
+            self._reject("STARTTLS", replies.NO_ARGUMENTS_ALLOWED)
+            return
+        self._send(replies.READY_TLS)
+        dropped = self.buffer.discard()
+        if dropped:
+            log_event(logger, "starttls_discard", session=self.session_id, client=self.client_address, octets=dropped)
+        self._wait_for(StartTLS())
+
+    # -- AUTH ----------------------------------------------------------------
+
+    def _auth(self, command: Command) -> None:
+        if not self.settings.auth_available:
+            self._reject("AUTH", replies.AUTH_NOT_AVAILABLE)
+            return
+        if not self.state.esmtp:
+            # AUTH is an ESMTP extension: HELO clients never saw it offered.
+            self._reject("AUTH", replies.BAD_SEQUENCE)
+            return
+        if not self._auth_offered():
+            # RFC 4954 section 4: credentials are never read before TLS here.
+            self._reject("AUTH", replies.TLS_REQUIRED)
+            return
+        if self.state.auth_user is not None:
+            self._reject("AUTH", replies.ALREADY_AUTHENTICATED)
+            return
+        if self.transaction is not None:
+            self._reject("AUTH", replies.AUTH_IN_TRANSACTION)
+            return
+        mechanism = command.mechanism or ""
+        try:
+            exchange = SaslExchange(mechanism)
+        except ValueError:
+            self._reject("AUTH", replies.AUTH_UNKNOWN_MECHANISM)
+            return
+        self._sasl_step(exchange, exchange.start(command.initial_response))
+
+    def _sasl_response(self, line: bytes) -> None:
+        exchange = self._sasl
+        assert exchange is not None
+        try:
+            text = line.decode("ascii").strip()
+        except UnicodeDecodeError:
+            self._sasl = None
+            self._reject("AUTH", replies.AUTH_BAD_BASE64)
+            return
+        self._sasl_step(exchange, exchange.respond(text))
+
+    def _sasl_step(self, exchange: SaslExchange, step: Challenge | Credentials | Failure) -> None:
+        if isinstance(step, Challenge):
+            self._sasl = exchange
+            self._send(replies.challenge(step.text))
+            return
+        self._sasl = None
+        if isinstance(step, Failure):
+            self._reject("AUTH " + exchange.mechanism, step.reply)
+            return
+        self._wait_for(CheckCredentials(exchange.mechanism, step.user, step.password))
+
+    # -- mail transaction ----------------------------------------------------
+
+    def _mail(self, command: Command) -> None:
+        if self.transaction is not None:
+            self._reject("MAIL", replies.NESTED_MAIL)
+            return
+        if self.settings.role == "submission" and self.state.auth_user is None:
+            self._reject("MAIL", replies.AUTH_REQUIRED)
+            return
+        if command.size is not None and command.size > self.settings.max_message_size:
+            self._reject("MAIL", replies.MESSAGE_TOO_BIG)
+            return
+        if command.body == "BINARYMIME":
+            # BINARYMIME is not advertised (RFC 3030 section 3).
+            self._reject("MAIL", replies.BODY_NOT_SUPPORTED)
+            return
+        sender = command.path or ""
+        auth = command.auth if self.state.auth_user is not None else None
+        self.transaction = Transaction(
+            sender=sender,
+            size=command.size,
+            body_type=command.body,
+            smtputf8=command.smtputf8,
+            ret=command.ret,
+            envid=command.envid,
+            auth=auth,
+        )
+        self._send(replies.SENDER_OK)
+
+    def _rcpt(self, command: Command) -> None:
+        transaction = self.transaction
+        if transaction is None:
+            self._reject("RCPT", replies.NEED_MAIL)
+            return
+        if len(transaction.recipients) >= self.settings.max_recipients:
+            self._reject("RCPT", replies.TOO_MANY_RECIPIENTS)
+            return
+        path = command.path or ""
+        domain = command.domain or ""
+        local_part = command.local_part or ""
+        if domain == "" and local_part.lower() != "postmaster":
+            self._reject("RCPT", replies.BAD_RECIPIENT_SYNTAX)
+            return
+        if self.settings.role != "sink":
+            refusal = self.policy.check_recipient(local_part, domain, self.privileged)
+            if refusal is not None:
+                self._reject(f"RCPT TO:<{path}>", refusal)
+                return
+        transaction.recipients.append(RecipientInfo(path, command.notify or (), command.orcpt))
+        self._send(replies.RECIPIENT_OK)
+
+    def _data(self, command: Command) -> None:
+        transaction = self.transaction
+        if command.argument:
+            self._reject("DATA", replies.NO_ARGUMENTS_ALLOWED)
+            return
+        if transaction is None:
+            self._reject("DATA", replies.NEED_MAIL)
+            return
+        if transaction.bdat_started:
+            self._reject("DATA", replies.BDAT_AFTER_DATA_MIXED)
+            return
+        if not transaction.recipients:
+            self._reject("DATA", replies.NEED_RCPT)
+            return
+        if self.buffer.buffered and not self.privileged:
+            # Message text before the 354: the shape of the published smuggling attacks.
+            self.transaction = None
+            self._reject("DATA", replies.PIPELINING_VIOLATION)
+            return
+        self._send(replies.START_DATA)
+        self.buffer.start_data(self.settings.max_message_size)
+
+    def _bare_line_end(self) -> None:
+        if self.settings.bare_lf == "normalize" and self.privileged:
+            return
+        self.transaction = None
+        self._reject("DATA", replies.BARE_LINE_END)
+
+    def _data_end(self, event: DataEnd) -> None:
+        transaction = self.transaction
+        assert transaction is not None
+        if event.oversized:
+            self.transaction = None
+            self._reject("DATA", replies.MESSAGE_TOO_BIG)
+            self._after_transaction()
+            return
+        body = event.body
+        if event.bare_lf >= 0 or event.bare_cr >= 0:
+            body = normalize_line_ends(body)
+        self._finish_message(transaction, body, "DATA")
+
+    def _bdat(self, command: Command) -> None:
+        size = command.chunk_size
+        assert size is not None
+        transaction = self.transaction
+        refusal: Reply | None = None
+        if transaction is None:
+            refusal = replies.NEED_MAIL
+        elif not transaction.recipients:
+            refusal = replies.NEED_RCPT
+        if refusal is not None:
+            # RFC 3030 section 2: the chunk is read and dropped even when BDAT fails,
+            # because its length is the only framing.
+            self.buffer.start_bdat(size, store=False)
+            self._bdat_refusal = refusal
+            return
+        assert transaction is not None
+        transaction.bdat_started = True
+        oversized = transaction.chunk_octets + size > self.settings.max_message_size
+        self._bdat_last = command.last
+        self._bdat_refusal = replies.MESSAGE_TOO_BIG if oversized else None
+        self.buffer.start_bdat(size, store=not oversized)
+
+    def _bdat_chunk(self, event: BdatChunk) -> None:
+        refusal = self._bdat_refusal
+        self._bdat_refusal = None
+        if refusal is not None:
+            if refusal is replies.MESSAGE_TOO_BIG:
+                self.transaction = None
+            self._reject("BDAT", refusal)
+            if refusal is replies.MESSAGE_TOO_BIG:
+                self._after_transaction()
+            return
+        transaction = self.transaction
+        assert transaction is not None
+        transaction.chunks.append(event.data)
+        transaction.chunk_octets += event.octets
+        if not self._bdat_last:
+            self._send(replies.Reply(250, "2.0.0", (f"{event.octets} octets received",)))
+            return
+        body = b"".join(transaction.chunks)
+        transaction.chunks.clear()
+        self._finish_message(transaction, body, "BDAT")
+
+    def _finish_message(self, transaction: Transaction, body: bytes, verb: str) -> None:
+        headers = header_block(body)
+        if count_received(headers) > self.settings.max_received_headers:
+            self.transaction = None
+            self._reject(verb, replies.MAIL_LOOP)
+            self._after_transaction()
+            return
+        if self.settings.role == "submission":
+            body = submission_headers(headers, self.settings.hostname) + body
+        self._wait_for(
+            MessageReady(
+                transaction=transaction,
+                body=body,
+                helo_name=self.state.helo_name or "unknown",
+                protocol=self._protocol(transaction),
+                auth_user=self.state.auth_user,
+            )
+        )
+
+    def _protocol(self, transaction: Transaction) -> str:
+        protocol = self.state.protocol
+        if transaction.smtputf8:
+            # RFC 6531 section 3.7.3: UTF8SMTP, UTF8SMTPS, UTF8SMTPA, UTF8SMTPSA.
+            return "UTF8" + protocol.removeprefix("E")
+        return protocol
+
+
+def _verb_of(line: bytes) -> str:
+    """Return a printable verb for logging a line the parser rejected."""
+    return line[:16].split(b" ", 1)[0].decode("ascii", "replace") or "-"
+
+
+VERBS: Final[dict[str, VerbRule]] = {
+    "EHLO": VerbRule(Session._ehlo, needs_greeting=False),
+    "HELO": VerbRule(Session._helo, needs_greeting=False),
+    "MAIL": VerbRule(Session._mail, needs_greeting=True),
+    "RCPT": VerbRule(Session._rcpt, needs_greeting=True),
+    "DATA": VerbRule(Session._data, needs_greeting=True),
+    "BDAT": VerbRule(Session._bdat, needs_greeting=False),
+    "RSET": VerbRule(Session._rset, needs_greeting=False),
+    "NOOP": VerbRule(Session._noop, needs_greeting=False),
+    "QUIT": VerbRule(Session._quit, needs_greeting=False),
+    "VRFY": VerbRule(Session._vrfy, needs_greeting=False),
+    "EXPN": VerbRule(Session._expn, needs_greeting=False),
+    "HELP": VerbRule(Session._help, needs_greeting=False),
+    "STARTTLS": VerbRule(Session._starttls, needs_greeting=False),
+    "AUTH": VerbRule(Session._auth, needs_greeting=True),
+}

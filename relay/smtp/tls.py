@@ -1,0 +1,34 @@
+"""The server-side TLS context shared by STARTTLS and implicit-TLS listeners.
+
+TLS 1.2 is the minimum (RFC 8314 section 4.1 asks for 1.2 or later), with
+the standard library's default cipher choice for that floor.  Client
+certificates are not requested.  The certificate chain and key come from
+``[tls] cert`` and ``[tls] key``; a missing or unreadable file is reported
+with its path when the server starts, not at the first STARTTLS.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from relay.config import TLSConfig
+
+
+class TLSSetupError(Exception):
+    """The certificate or key cannot be loaded."""
+
+
+def server_context(config: TLSConfig) -> ssl.SSLContext | None:
+    """Return a server SSLContext, or None when no certificate is configured."""
+    if not (config.cert and config.key):
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Session tickets would let a resumed session skip the checks a full
+    # handshake makes; SMTP sessions are long enough not to need them.
+    context.options |= ssl.OP_NO_TICKET
+    try:
+        context.load_cert_chain(config.cert, config.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSSetupError(f"cannot load TLS certificate {config.cert} with key {config.key}: {exc}") from None
+    return context

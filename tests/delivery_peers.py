@@ -1,0 +1,242 @@
+"""Loopback peers for the delivery tests: an nsd serving a .test zone, aiosmtpd upstreams, test certificates.
+
+Everything listens on 127.0.0.0/8 or ::1 and every process is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from conftest import free_port, require_peer
+
+ZONE = """$ORIGIN test.
+$TTL 300
+@ IN SOA ns.test. hostmaster.test. 1 3600 600 86400 60
+@ IN NS ns.test.
+ns IN A 127.0.0.1
+mx IN MX 10 a.mx.test.
+mx IN MX 20 b.mx.test.
+a.mx IN A 127.0.0.2
+b.mx IN A 127.0.0.3
+equal IN MX 10 a.mx.test.
+equal IN MX 10 b.mx.test.
+implicit IN A 127.0.0.4
+null IN MX 0 .
+null IN A 127.0.0.5
+alias IN CNAME mx.test.
+six IN MX 10 v6.six.test.
+v6.six IN AAAA ::1
+two-mx IN MX 10 gone.test.
+two-mx IN MX 20 b.mx.test.
+text-only IN TXT "no mail here"
+"""
+
+
+@dataclass
+class NameServer:
+    """A running nsd answering for ``test.`` and failing (SERVFAIL) for ``broken.test.``."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def nameservers(self) -> tuple[tuple[str, int], ...]:
+        return (("127.0.0.1", self.port),)
+
+
+@contextmanager
+def run_nsd(directory: Path, zone: str = ZONE) -> Iterator[NameServer]:
+    """Run nsd in the foreground on 127.0.0.1 at a free port until the block ends."""
+    nsd = require_peer("nsd")
+    port = free_port()
+    (directory / "test.zone").write_text(zone)
+    config = directory / "nsd.conf"
+    config.write_text(
+        f"""server:
+    ip-address: 127.0.0.1@{port}
+    username: ""
+    chroot: ""
+    zonesdir: "{directory}"
+    database: ""
+    pidfile: "{directory}/nsd.pid"
+    xfrdfile: "{directory}/xfrd.state"
+    zonelistfile: "{directory}/zone.list"
+    logfile: "{directory}/nsd.log"
+    server-count: 1
+    verbosity: 1
+remote-control:
+    control-enable: no
+zone:
+    name: "test"
+    zonefile: "test.zone"
+zone:
+    name: "broken.test"
+    zonefile: "missing.zone"
+"""
+    )
+    process = subprocess.Popen([nsd, "-d", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_udp(port)
+        yield NameServer(port, process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_for_udp(port: int) -> None:
+    # A minimal DNS query for "test. SOA"; any reply means nsd is serving.
+    query = bytes.fromhex("abcd01000001000000000000") + b"\x04test\x00\x00\x06\x00\x01"
+    deadline = time.monotonic() + 10
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.settimeout(0.2)
+        while time.monotonic() < deadline:
+            probe.sendto(query, ("127.0.0.1", port))
+            try:
+                probe.recvfrom(512)
+                return
+            except OSError:
+                continue
+    raise RuntimeError(f"nsd did not answer on 127.0.0.1:{port} within 10 s")
+
+
+def make_certificate(directory: Path, name: str = "smarthost.test") -> tuple[Path, Path]:
+    """Write a self-signed certificate for ``name`` (and 127.0.0.1) and its key; return both paths."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+@dataclass
+class Received:
+    """One message an upstream accepted."""
+
+    sender: str
+    recipients: list[str]
+    data: bytes
+    mail_options: list[str]
+    rcpt_options: list[str]
+    tls: bool
+    peer: Any
+
+
+@dataclass
+class RecordingHandler:
+    """aiosmtpd handler that stores messages and can refuse chosen recipients."""
+
+    messages: list[Received] = field(default_factory=list)
+    refuse: dict[str, str] = field(default_factory=dict)  # recipient -> reply
+    connections: int = 0
+    active: int = 0
+    max_active: int = 0
+    data_reply: str = "250 2.0.0 OK"
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_reply.startswith("250"):
+            with self.lock:
+                self.messages.append(
+                    Received(
+                        sender=str(envelope.mail_from),
+                        recipients=list(envelope.rcpt_tos),
+                        data=bytes(envelope.original_content or b""),
+                        mail_options=list(envelope.mail_options),
+                        rcpt_options=list(envelope.rcpt_options),
+                        tls=session.ssl is not None,
+                        peer=session.peer,
+                    )
+                )
+        return self.data_reply
+
+
+class CountingSMTP(SMTP):
+    """aiosmtpd server that counts connections and the most open at once."""
+
+    def connection_made(self, transport: Any) -> None:
+        handler: RecordingHandler = self.event_handler
+        with handler.lock:
+            handler.connections += 1
+            handler.active += 1
+            handler.max_active = max(handler.max_active, handler.active)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        handler: RecordingHandler = self.event_handler
+        with handler.lock:
+            handler.active -= 1
+        super().connection_lost(error)
+
+
+class UpstreamController(Controller):
+    def factory(self) -> SMTP:
+        return CountingSMTP(self.handler, **self.SMTP_kwargs)
+
+
+def accept_login(server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
+    """Accept user ``relay`` with password ``secret`` and nothing else."""
+    ok = isinstance(data, LoginPassword) and data.login == b"relay" and data.password == b"secret"
+    return AuthResult(success=ok)
+
+
+@contextmanager
+def run_upstream(host: str, port: int, handler: RecordingHandler | None = None, **smtp: Any) -> Iterator[RecordingHandler]:
+    """Run an aiosmtpd upstream on host:port in a thread until the block ends."""
+    handler = handler or RecordingHandler()
+    controller = UpstreamController(handler, hostname=host, port=port, server_kwargs=smtp, ready_timeout=10)
+    controller.start()
+    try:
+        yield handler
+    finally:
+        controller.stop()
+
+
+@contextmanager
+def run_smtp_sink(host: str, port: int, *options: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Run Postfix's smtp-sink on host:port with extra options until the block ends."""
+    sink = require_peer("smtp-sink")
+    process = subprocess.Popen([sink, *options, f"{host}:{port}", "100"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((host, port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()

@@ -1,0 +1,110 @@
+"""MX resolution against a real nsd on loopback: preference, implicit and null MX, failures, cache."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from delivery_peers import NameServer, run_nsd
+
+from relay.delivery.dns import LookupFailure, MailHost, MXResolver
+
+
+@pytest.fixture(scope="module")
+def nameserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NameServer]:
+    with run_nsd(tmp_path_factory.mktemp("nsd")) as server:
+        yield server
+
+
+def resolve(server: NameServer, domain: str, **options: object) -> list[MailHost]:
+    resolver = MXResolver(server.nameservers, timeout=2.0, **options)  # type: ignore[arg-type]
+    return asyncio.run(resolver.mail_hosts(domain))
+
+
+def failure(server: NameServer, domain: str) -> LookupFailure:
+    with pytest.raises(LookupFailure) as caught:
+        resolve(server, domain)
+    return caught.value
+
+
+def test_mx_sorted_by_preference(nameserver: NameServer) -> None:
+    hosts = resolve(nameserver, "mx.test")
+    assert [h.name for h in hosts] == ["a.mx.test", "b.mx.test"]
+    assert [h.addresses for h in hosts] == [("127.0.0.2",), ("127.0.0.3",)]
+
+
+def test_equal_preferences_shuffled(nameserver: NameServer) -> None:
+    orders = {tuple(h.name for h in resolve(nameserver, "equal.test")) for _ in range(30)}
+    assert orders == {("a.mx.test", "b.mx.test"), ("b.mx.test", "a.mx.test")}
+
+
+def test_implicit_mx_from_address_record(nameserver: NameServer) -> None:
+    hosts = resolve(nameserver, "implicit.test")
+    assert hosts == [MailHost("implicit.test", 0, ("127.0.0.4",))]
+
+
+def test_null_mx_fails_without_address_fallback(nameserver: NameServer) -> None:
+    error = failure(nameserver, "null.test")
+    assert error.status == "5.1.10"
+    assert not error.temporary
+
+
+def test_nxdomain_fails_permanently(nameserver: NameServer) -> None:
+    error = failure(nameserver, "nx.test")
+    assert error.status == "5.1.2"
+    assert error.reply.startswith("550 5.1.2")
+
+
+def test_no_mx_and_no_address_fails(nameserver: NameServer) -> None:
+    assert failure(nameserver, "text-only.test").status == "5.4.4"
+
+
+def test_cname_followed(nameserver: NameServer) -> None:
+    assert [h.name for h in resolve(nameserver, "alias.test")] == ["a.mx.test", "b.mx.test"]
+
+
+def test_ipv6_only_host(nameserver: NameServer) -> None:
+    assert resolve(nameserver, "six.test") == [MailHost("v6.six.test", 10, ("::1",))]
+
+
+def test_missing_mx_host_skipped(nameserver: NameServer) -> None:
+    assert [h.name for h in resolve(nameserver, "two-mx.test")] == ["b.mx.test"]
+
+
+def test_servfail_defers(nameserver: NameServer) -> None:
+    error = failure(nameserver, "x.broken.test")
+    assert error.temporary
+    assert error.status == "4.4.3"
+
+
+def test_timeout_defers() -> None:
+    # A bound UDP socket that never answers stands for an unreachable server.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", free_port()))
+        resolver = MXResolver((("127.0.0.1", silent.getsockname()[1]),), timeout=0.5)
+        with pytest.raises(LookupFailure) as caught:
+            asyncio.run(resolver.mail_hosts("mx.test"))
+    assert caught.value.temporary
+
+
+def test_answers_cached_for_ttl(tmp_path: Path) -> None:
+    clock = [1000.0]
+    with run_nsd(tmp_path) as server:
+        resolver = MXResolver(server.nameservers, timeout=2.0, clock=lambda: clock[0])
+
+        async def lookups() -> None:
+            first = await resolver.mail_hosts("mx.test")
+            server.process.terminate()
+            server.process.wait()
+            clock[0] += 299
+            assert await resolver.mail_hosts("mx.test") == first
+            clock[0] += 2
+            with pytest.raises(LookupFailure) as caught:
+                await resolver.mail_hosts("mx.test")
+            assert caught.value.temporary
+
+        asyncio.run(lookups())
