@@ -142,6 +142,11 @@ class PolicyConfig:
 class AuthConfig:
     # File of "user:scrypt-hash" lines written by `relay passwd`; empty: AUTH off.
     password_file: str = _key("", "path", must_exist=True)
+    # After this many failed AUTH attempts from one client address, each further
+    # 535 is delayed by failure_delay (Postfix smtpd_soft_error_limit = 10 with
+    # smtpd_error_sleep_time = 1s; AUTH guessing warrants an earlier, longer pause).
+    failures_before_delay: int = _key(3, "int", min=0)
+    failure_delay: float = _key(2.0, "duration")
 
 
 @dataclass(frozen=True)
