@@ -159,6 +159,10 @@ cdef class BdatChunk:
         return f"BdatChunk(data=<{len(self.data)} octets>, octets={self.octets})"
 
 
+# Every event next_event() returns; usable with isinstance() and in annotations.
+Event = Line | LineTooLong | BareLineEnd | DataEnd | BdatChunk
+
+
 cdef bytes _LF = b"\n"
 cdef bytes _CR = b"\r"
 
@@ -370,9 +374,12 @@ cdef class SMTPBuffer:
                 return None
             # The limit passed without a line end: report now, not at the LF,
             # so a client streaming a line without end cannot grow memory.
+            # Only the first line_limit octets are known to hold no LF; the
+            # discarding branch drops the rest up to the LF on the next call.
             self._discarding = True
-            self._start = self._end
-            self._compact()
+            self._start += window
+            if self._start == self._end:
+                self._compact()
             return LineTooLong(self.line_limit)
 
     cdef object _next_data(self):

@@ -414,7 +414,8 @@ cdef bint _scan_path(const unsigned char *s, Py_ssize_t i, Py_ssize_t n,
         if j >= n or s[j] != 62:
             return False
         j += 1
-    elif j < n and s[j] != 32:
+    # The path ends the argument or is followed by a space and parameters.
+    if j < n and s[j] != 32:
         return False
     span.end = j
     return True
