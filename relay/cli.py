@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -18,7 +19,7 @@ from relay import __version__
 from relay.config import Config, ConfigError, load_config
 
 # Modules that add subcommands, in the order `relay --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("relay.smtp.cli", "relay.spool.cli")
+COMMAND_MODULES: tuple[str, ...] = ("relay.smtp.cli", "relay.spool.cli", "relay.sendmail")
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the relay command line and return its exit status."""
+    # Installed as a `sendmail` symlink, relay behaves as sendmail(1).
+    if argv is None and os.path.basename(sys.argv[0]) == "sendmail":
+        from relay.sendmail import run
+
+        return run(sys.argv[1:])
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -448,9 +448,10 @@ def _parse_section(cls: type, raw: Any, name: str, ctx: _Context) -> Any:
     values: dict[str, Any] = {}
     # Default paths are relative to the directory relay runs in, so that the
     # defaults-only relay keeps ./relay-spool and ./mail where it was started.
-    for spec in fields.values():
-        if spec.metadata["kind"] == "path" and isinstance(spec.default, str) and spec.default:
-            values[spec.name] = str(Path.cwd() / spec.default)
+    for default_field in fields.values():
+        default = default_field.default
+        if default_field.metadata["kind"] == "path" and isinstance(default, str) and default:
+            values[default_field.name] = str(Path.cwd() / default)
     for key, value in raw.items():
         spec = fields.get(key)
         if spec is None:

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import orjson
-from conftest import REPO_ROOT
 
+from conftest import REPO_ROOT
 from relay.log import log_event, setup_logging
 
 

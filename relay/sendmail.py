@@ -1,0 +1,335 @@
+"""``relay sendmail``: the sendmail-compatible injector for local programs.
+
+Programs that run ``/usr/sbin/sendmail`` (cron, PHP ``mail()``, scripts) work
+unchanged when that name is a symlink to ``relay``, or when they call
+``relay sendmail``.  It reads the options that Postfix's sendmail(1) reads:
+
+- ``-t``: add the To, Cc and Bcc addresses of the message, and remove Bcc.
+- ``-i`` and ``-oi``: a line with a single dot does not end the input.
+- ``-f SENDER``: the reverse-path; ``-f ""`` or ``-f "<>"`` is the null sender.
+- ``-F NAME``: the full name for a From header the message lacks.
+- ``-bm``: the default mode, read a message and deliver it.
+- recipients as arguments.
+
+Other ``-o`` options and ``-B``/``-N``/``-R``/``-V`` values are accepted and
+ignored, as Postfix does.
+
+The message is written straight into the spool with the same group commit
+as the SMTP server, like Postfix's postdrop writing into the maildrop queue:
+it works while no listener runs, needs no credentials, and the running
+relay's scheduler delivers it.  The caller needs write access to the spool
+directory.  Lines may end in LF (the usual case for local programs); they
+are stored with CRLF.  A ``Received`` header naming the user ID, and
+``Date``, ``Message-ID`` and ``From`` when missing, are added.
+
+Exit codes follow sysexits.h: ``EX_USAGE`` (64) bad option or no
+recipients, ``EX_DATAERR`` (65) message over ``policy.max_message_size``,
+``EX_NOINPUT`` (66) standard input closed, ``EX_NOUSER`` (67) invalid
+address or unknown local user, ``EX_TEMPFAIL`` (75) the spool cannot take
+the message now, ``EX_CONFIG`` (78) invalid config file.  An unexpected
+internal error gives ``EX_SOFTWARE`` (70) with its message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import formatdate, getaddresses
+from typing import BinaryIO, TextIO
+
+from relay._errors import SMTPError
+from relay._parser import parse_command
+from relay.config import Config, ConfigError, load_config
+from relay.log import log_event
+from relay.smtp.policy import RelayPolicy
+from relay.smtp.received import header_block, normalize_line_ends, submission_headers
+from relay.spool import Envelope, Recipient, Spool, SpoolError, new_queue_id
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_NOUSER = 67
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+logger = logging.getLogger("relay.sendmail")
+
+
+class SendmailError(Exception):
+    """A failure reported on stderr with a sendmail exit code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Options:
+    """The sendmail command line, parsed."""
+
+    config: str | None = None
+    extract_recipients: bool = False  # -t
+    ignore_dots: bool = False  # -i / -oi
+    sender: str | None = None  # -f; "" is the null sender
+    full_name: str | None = None  # -F
+    recipients: list[str] = field(default_factory=list)
+
+
+# Options that take a value, either attached (-fuser) or as the next argument.
+_VALUE_OPTIONS = {"-f", "-F", "-r", "-B", "-N", "-R", "-V", "-C", "-O", "-X", "-L", "-p", "-q"}
+# Options accepted and ignored (Postfix ignores them too, or they are the default).
+_IGNORED_FLAGS = {"-bm", "-U", "-v", "-m", "-em", "-ep", "-eq", "-n", "-odb", "-odi", "-odq", "-ee"}
+
+
+def parse_options(argv: Sequence[str]) -> Options:
+    """Parse sendmail's traditional command line; raise SendmailError (EX_USAGE)."""
+    options = Options()
+    args = list(argv)
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        index += 1
+        if arg == "--":
+            options.recipients.extend(args[index:])
+            break
+        if not arg.startswith("-") or arg == "-":
+            options.recipients.append(arg)
+            continue
+        if arg == "--config":
+            if index >= len(args):
+                raise SendmailError(EX_USAGE, "option --config needs a file name")
+            options.config = args[index]
+            index += 1
+        elif arg.startswith("--config="):
+            options.config = arg.partition("=")[2]
+        elif arg == "-t":
+            options.extract_recipients = True
+        elif arg in ("-i", "-oi"):
+            options.ignore_dots = True
+        elif arg[:2] in _VALUE_OPTIONS:
+            value = arg[2:]
+            if value == "":
+                if index >= len(args):
+                    raise SendmailError(EX_USAGE, f"option {arg} needs a value")
+                value = args[index]
+                index += 1
+            if arg[:2] in ("-f", "-r"):
+                options.sender = value
+            elif arg[:2] == "-F":
+                options.full_name = value
+        elif arg in _IGNORED_FLAGS or arg.startswith("-o"):
+            continue
+        elif arg.startswith("-b"):
+            raise SendmailError(EX_USAGE, f"mode {arg} is not supported; only -bm (deliver a message) is")
+        else:
+            raise SendmailError(EX_USAGE, f"unknown option {arg}; see `relay sendmail --help`")
+    return options
+
+
+def read_message(stream: BinaryIO, ignore_dots: bool) -> bytes:
+    """Read the message from stream, stopping at a lone "." line unless ignore_dots."""
+    if ignore_dots:
+        return stream.read()
+    lines = []
+    for line in stream:
+        if line.rstrip(b"\r\n") == b".":
+            break
+        lines.append(line)
+    return b"".join(lines)
+
+
+def _check_address(address: str, role: str, default_domain: str) -> str:
+    """Validate one address with the SMTP command parser; return it without brackets.
+
+    A bare user name gets ``@default_domain`` first, as Postfix's
+    append_at_myorigin does for local programs.
+    """
+    stripped = address.strip()
+    if stripped.startswith("<") and stripped.endswith(">"):
+        stripped = stripped[1:-1]
+    if "@" not in stripped:
+        stripped = f"{stripped}@{default_domain}"
+    try:
+        # The MAIL grammar with SMTPUTF8 is the forward-path grammar too, and
+        # admits UTF-8 addresses (RFC 6531).
+        command = parse_command(f"MAIL FROM:<{stripped}> SMTPUTF8".encode())
+    except (SMTPError, UnicodeEncodeError):
+        raise SendmailError(EX_NOUSER, f"invalid {role} address {address!r}") from None
+    if not command.path:
+        raise SendmailError(EX_NOUSER, f"invalid {role} address {address!r}")
+    return command.path
+
+
+def _remove_bcc(message: bytes) -> bytes:
+    """Drop every Bcc field (with its continuation lines) from the header block."""
+    headers = header_block(message)
+    kept: list[bytes] = []
+    skipping = False
+    for line in headers.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):
+            if not skipping:
+                kept.append(line)
+            continue
+        skipping = line[:4].lower() == b"bcc:"
+        if not skipping:
+            kept.append(line)
+    return b"".join(kept) + message[len(headers) :]
+
+
+def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, bytes]:
+    """Build the envelope and the stored message from the options and the input."""
+    default_domain = config.policy.local_domains[0] if config.policy.local_domains else config.server.hostname
+    login = _login_name()
+
+    message = normalize_line_ends(raw)
+    if message and not message.endswith(b"\r\n"):
+        message += b"\r\n"
+
+    recipients = [_check_address(item, "recipient", default_domain) for item in options.recipients]
+    if options.extract_recipients:
+        parsed = BytesHeaderParser(policy=compat32).parsebytes(header_block(message))
+        fields = [value for name in ("To", "Cc", "Bcc") for value in parsed.get_all(name, [])]
+        for _, address in getaddresses([str(value) for value in fields]):
+            if address:
+                recipients.append(_check_address(address, "recipient", default_domain))
+        message = _remove_bcc(message)
+    recipients = list(dict.fromkeys(recipients))
+    if not recipients:
+        raise SendmailError(EX_USAGE, "no recipients given; name them as arguments or use -t")
+
+    policy = RelayPolicy(config)
+    for address in recipients:
+        local_part, _, domain = address.rpartition("@")
+        if policy.is_local_domain(domain) and not policy.user_exists(local_part):
+            raise SendmailError(EX_NOUSER, f"unknown local user {address!r}; create its Maildir or add an alias")
+
+    if options.sender is None:
+        sender = f"{login}@{default_domain}"
+    elif options.sender in ("", "<>"):
+        sender = ""
+    else:
+        sender = _check_address(options.sender, "sender", default_domain)
+
+    headers = header_block(message)
+    added = submission_headers(headers, config.server.hostname)
+    if not any(line[:5].lower() == b"from:" for line in headers.splitlines()):
+        name = options.full_name
+        origin = sender or f"{login}@{default_domain}"
+        added += (f'From: "{name}" <{origin}>\r\n' if name else f"From: {origin}\r\n").encode()
+    if not headers:
+        # A message without headers gets the empty line that starts its body.
+        added += b"\r\n" if message and not message.startswith(b"\r\n") else b""
+
+    envelope = Envelope(
+        sender=sender,
+        recipients=tuple(Recipient(address=address) for address in recipients),
+        smtputf8=any(not address.isascii() for address in [sender, *recipients]),
+        client_address=None,
+        helo_name=None,
+        protocol="local",
+    )
+    return envelope, added + message
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid{os.getuid()}"
+
+
+def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
+    """Read, check and spool one message; return the sendmail exit code."""
+    try:
+        config = load_config(options.config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"sendmail: {line}", file=stderr)
+        return EX_CONFIG
+
+    try:
+        raw = read_message(stdin, options.ignore_dots)
+        if len(raw) > config.policy.max_message_size:
+            raise SendmailError(
+                EX_DATAERR,
+                f"message of {len(raw)} octets exceeds policy.max_message_size ({config.policy.max_message_size})",
+            )
+        envelope, body = prepare(options, raw, config)
+        queue_id = new_queue_id()
+        trace = (
+            f"Received: by {config.server.hostname} (relay, from userid {os.getuid()})\r\n"
+            f"\tid {queue_id}; {formatdate(time.time(), localtime=True)}\r\n"
+        ).encode()
+        spool = Spool.from_config(config.spool)
+        try:
+            stored_id = spool.commit_blocking(envelope, trace + body, queue_id=queue_id)
+        finally:
+            spool.close()
+    except SendmailError as exc:
+        print(f"sendmail: {exc}", file=stderr)
+        return exc.status
+    except SpoolError as exc:
+        print(f"sendmail: the spool cannot take the message now ({exc}); try again later", file=stderr)
+        return EX_TEMPFAIL
+
+    log_event(
+        logger,
+        "received",
+        queue_id=stored_id,
+        sender=envelope.sender,
+        recipients=len(envelope.recipients),
+        size=len(body) + len(trace),
+        uid=os.getuid(),
+    )
+    return EX_OK
+
+
+def run(argv: Sequence[str]) -> int:
+    """Run sendmail with its own argument list (used for the `sendmail` program name)."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        return EX_OK
+    try:
+        options = parse_options(argv)
+    except SendmailError as exc:
+        print(f"sendmail: {exc}", file=sys.stderr)
+        return exc.status
+    if sys.stdin is None:
+        print("sendmail: standard input is closed; pipe the message into sendmail", file=sys.stderr)
+        return EX_NOINPUT
+    try:
+        return inject(options, sys.stdin.buffer, sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - a sendmail caller needs an exit code, not a traceback
+        print(f"sendmail: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EX_SOFTWARE
+
+
+def _handle(args: argparse.Namespace) -> int:
+    argv = list(args.sendmail_args)
+    if args.config:
+        argv = ["--config", args.config, *argv]
+    return run(argv)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``relay sendmail``."""
+    parser = subparsers.add_parser(
+        "sendmail",
+        help="sendmail-compatible injection for local programs",
+        description="Read a message from standard input and queue it, like sendmail(1). "
+        "Options: -t, -i/-oi, -f SENDER, -F NAME, -bm, recipients.",
+        prefix_chars="+",
+        add_help=False,
+    )
+    parser.add_argument("sendmail_args", nargs=argparse.REMAINDER, help="sendmail options and recipients")
+    parser.set_defaults(handler=_handle, config=None)

@@ -1,0 +1,230 @@
+"""`relay sendmail`: option parsing, recipients from headers, Bcc removal, exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+from relay.sendmail import (
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_NOINPUT,
+    EX_NOUSER,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    SendmailError,
+    parse_options,
+)
+from relay.spool import SpoolStore, StoredMessage
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    (tmp_path / "mail" / "alice").mkdir(parents=True)
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f"""
+[server]
+hostname = "mx.example.test"
+
+[spool]
+path = "spool"
+
+[policy]
+local_domains = ["example.test"]
+max_message_size = 4096
+
+[local]
+maildir_root = "mail"
+{extra}
+"""
+    )
+    return config
+
+
+def sendmail(args: list[str], message: bytes, argv0: str | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    if argv0 is None:
+        command = [sys.executable, "-m", "relay", "sendmail", *args]
+    else:
+        command = [argv0, *args]
+    return subprocess.run(command, input=message, capture_output=True, env=env, check=False, timeout=60)
+
+
+def stored_messages(spool: Path) -> list[tuple[StoredMessage, bytes]]:
+    with SpoolStore(spool) as store:
+        ids = store.queue_ids()
+        result = []
+        for message in store.messages(ids):
+            assert isinstance(message, StoredMessage)
+            result.append((message, store.load_body(message.queue_id)))
+        return result
+
+
+def test_t_option_takes_to_cc_bcc_and_removes_bcc(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    message = (
+        b"From: App <app@example.test>\n"
+        b"To: Alice <alice@example.test>, bob@example.net\n"
+        b"Cc: carol@example.org\n"
+        b"Bcc: dave@example.com,\n  erin@example.com\n"
+        b"Subject: report\n"
+        b"\n"
+        b"line one\n"
+    )
+
+    result = sendmail(["--config", str(config), "-t", "-i"], message)
+
+    assert result.returncode == 0, result.stderr
+    [(stored, body)] = stored_messages(tmp_path / "spool")
+    assert [r.address for r in stored.recipients] == [
+        "alice@example.test",
+        "bob@example.net",
+        "carol@example.org",
+        "dave@example.com",
+        "erin@example.com",
+    ]
+    assert b"Bcc:" not in body
+    assert b"erin@example.com" not in body
+    assert b"To: Alice <alice@example.test>, bob@example.net\r\n" in body
+    assert body.endswith(b"\r\n\r\nline one\r\n")
+    assert b"\n" not in body.replace(b"\r\n", b"")
+
+
+def test_f_sets_reverse_path(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "-f", "bounces@example.test", "alice"], b"Subject: x\n\nhi\n")
+
+    assert result.returncode == 0, result.stderr
+    [(stored, body)] = stored_messages(tmp_path / "spool")
+    assert stored.envelope.sender == "bounces@example.test"
+    assert [r.address for r in stored.recipients] == ["alice@example.test"]
+    assert body.startswith(b"Received: by mx.example.test (relay, from userid ")
+    assert b"\r\nDate: " in body
+    assert b"\r\nMessage-ID: <" in body
+    assert b"\r\nFrom: bounces@example.test\r\n" in body
+
+
+def test_null_sender_and_full_name(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "-f", "<>", "-F", "Cron Daemon", "alice"], b"Subject: x\n\nhi\n")
+
+    assert result.returncode == 0, result.stderr
+    [(stored, body)] = stored_messages(tmp_path / "spool")
+    assert stored.envelope.sender == ""
+    assert b'From: "Cron Daemon" <' in body
+
+
+def test_lone_dot_ends_input_without_i(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "alice"], b"Subject: x\n\nbefore\n.\nafter\n")
+
+    assert result.returncode == 0, result.stderr
+    [(_, body)] = stored_messages(tmp_path / "spool")
+    assert body.endswith(b"\r\nbefore\r\n")
+
+
+def test_lone_dot_kept_with_oi(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "-oi", "alice"], b"Subject: x\n\nbefore\n.\nafter\n")
+
+    assert result.returncode == 0, result.stderr
+    [(_, body)] = stored_messages(tmp_path / "spool")
+    assert body.endswith(b"\r\nbefore\r\n.\r\nafter\r\n")
+
+
+def test_program_name_sendmail(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    link = tmp_path / "sendmail"
+    link.write_text(f"#!{sys.executable}\nimport sys\nfrom relay.cli import main\nsys.exit(main())\n")
+    link.chmod(0o755)
+
+    result = sendmail(["--config", str(config), "-bm", "-odi", "alice"], b"Subject: x\n\nhi\n", argv0=str(link))
+
+    assert result.returncode == 0, result.stderr
+    assert len(stored_messages(tmp_path / "spool")) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "status", "fragment"),
+    [
+        (["-x", "alice"], b"x\n", EX_USAGE, "unknown option -x"),
+        (["-bp"], b"", EX_USAGE, "mode -bp is not supported"),
+        ([], b"Subject: x\n\nhi\n", EX_USAGE, "no recipients"),
+        (["-f"], b"", EX_USAGE, "needs a value"),
+        (["nobody"], b"x\n", EX_NOUSER, "unknown local user 'nobody@example.test'"),
+        (["bad address@example.net"], b"x\n", EX_NOUSER, "invalid recipient address"),
+        (["-f", "a b@c", "alice"], b"x\n", EX_NOUSER, "invalid sender address"),
+        (["alice"], b"Subject: x\n\n" + b"y" * 5000, EX_DATAERR, "exceeds policy.max_message_size (4096)"),
+    ],
+)
+def test_exit_codes(tmp_path: Path, args: list[str], message: bytes, status: int, fragment: str) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), *args], message)
+
+    assert result.returncode == status
+    assert fragment in result.stderr.decode()
+    assert not (tmp_path / "spool" / "spool.db").exists() or stored_messages(tmp_path / "spool") == []
+
+
+def test_exit_code_config(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[policy]\nmax_recipients = \"many\"\n")
+
+    result = sendmail(["--config", str(config), "alice"], b"x\n")
+
+    assert result.returncode == EX_CONFIG
+    assert f"{config}:policy.max_recipients:" in result.stderr.decode()
+
+
+def test_exit_code_tempfail_when_spool_unusable(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    # A regular file where the spool directory should be: the spool cannot open.
+    (tmp_path / "spool").write_text("not a directory")
+
+    result = sendmail(["--config", str(config), "alice"], b"Subject: x\n\nhi\n")
+
+    assert result.returncode == EX_TEMPFAIL
+    assert "try again later" in result.stderr.decode()
+
+
+def test_exit_code_noinput_when_stdin_closed(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+    result = subprocess.run(
+        ["sh", "-c", f'exec 0<&- "{sys.executable}" -m relay sendmail --config "{config}" alice'],
+        capture_output=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
+
+    assert result.returncode == EX_NOINPUT
+    assert b"standard input is closed" in result.stderr
+
+
+def test_parse_options_attached_values() -> None:
+    options = parse_options(["-fsender@example.test", "-FName", "-t", "-oi", "-oem", "rcpt@example.net"])
+
+    assert options.sender == "sender@example.test"
+    assert options.full_name == "Name"
+    assert options.extract_recipients
+    assert options.ignore_dots
+    assert options.recipients == ["rcpt@example.net"]
+
+
+def test_parse_options_rejects_unknown_mode() -> None:
+    with pytest.raises(SendmailError) as caught:
+        parse_options(["-bv", "x"])
+
+    assert caught.value.status == EX_USAGE
