@@ -1,9 +1,8 @@
-"""Subcommands ``relay serve``, ``relay sink`` and ``relay passwd``.
+"""Subcommands ``relay serve`` and ``relay passwd``.
 
 ``serve`` runs the listeners of the config (``--listen`` and ``--spool``
-replace the listeners and the spool directory for quick use).  ``sink`` runs
-one listener with role ``sink`` that accepts and discards everything, for
-benchmarks.  ``passwd`` adds or changes one AUTH credential, reading the
+replace the listeners and the spool directory for quick use).  ``relay
+sink`` lives in ``relay.bench``.  ``passwd`` adds or changes one AUTH credential, reading the
 password from the terminal without echo, or as one line from standard input
 when that is not a terminal.
 """
@@ -16,7 +15,7 @@ import getpass
 import sys
 
 from relay.cli import add_config_option, config_from_args
-from relay.config import Config, ListenerConfig, SpoolConfig
+from relay.config import Config, ListenerConfig
 from relay.log import setup_logging
 from relay.smtp.auth import CredentialsError, set_password
 from relay.smtp.tls import TLSSetupError
@@ -36,14 +35,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--spool", metavar="DIR", help="spool directory (overrides [spool] path)")
     _add_common(serve)
     serve.set_defaults(handler=_serve)
-
-    sink = subparsers.add_parser("sink", help="accept every message and discard it, counting")
-    add_config_option(sink)
-    sink.add_argument(
-        "--listen", metavar="HOST:PORT", default="127.0.0.1:2525", help="address to listen on (default: 127.0.0.1:2525)"
-    )
-    _add_common(sink)
-    sink.set_defaults(handler=_sink)
 
     passwd = subparsers.add_parser("passwd", help="add or change an AUTH credential in a password file")
     passwd.add_argument("file", metavar="FILE", help="credentials file (created with mode 0600 if missing)")
@@ -98,13 +89,6 @@ def _serve(args: argparse.Namespace) -> int:
         config = config.replace(listeners=(ListenerConfig(address=_listen_address(args.listen)),))
     if args.spool:
         config = config.replace(spool=dataclasses.replace(config.spool, path=args.spool))
-    return _run(_apply_workers(config, args.workers), args.event_loop)
-
-
-def _sink(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    listener = ListenerConfig(address=_listen_address(args.listen), role="sink")
-    config = config.replace(listeners=(listener,), spool=SpoolConfig())
     return _run(_apply_workers(config, args.workers), args.event_loop)
 
 

@@ -1,0 +1,333 @@
+"""Subcommands ``relay bench`` (SMTP load generator) and ``relay sink`` (counting sink).
+
+``relay bench HOST:PORT`` prints a summary (or one JSON object with
+``--json``) and exits 0, or 1 when any message failed unless
+``--allow-errors`` is given; usage errors exit 2.  Without ``--messages``
+or ``--duration`` a run sends ``DEFAULT_MESSAGES`` messages, because a run
+is never unbounded.  ``relay sink`` runs until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+import sys
+from pathlib import Path
+
+import orjson
+
+from relay.bench.client import ClientSettings
+from relay.bench.faults import FaultPlan
+from relay.bench.loadgen import LoadPlan, ProgressLine, run_load
+from relay.bench.messages import AddressPattern, encode, generate_message, load_folder
+from relay.bench.sink import SinkSettings
+from relay.bench.sink_server import SinkRun, run_sink
+from relay.bench.stats import format_report
+from relay.log import setup_logging
+from relay.units import parse_host_port, parse_size
+
+# Messages a run sends when neither --messages nor --duration is given.
+DEFAULT_MESSAGES = 1000
+# Seconds to wait for each reply; RFC 5321 section 4.5.3.2 allows servers
+# minutes, but a benchmark that waits that long has already failed.
+DEFAULT_TIMEOUT = 30.0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``bench`` and ``sink`` subcommands."""
+    _register_bench(subparsers)
+    _register_sink(subparsers)
+
+
+def _register_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = subparsers.add_parser(
+        "bench",
+        help="generate SMTP load and report throughput and latency",
+        description="Send mail to an SMTP server and report messages per second and latency percentiles.",
+    )
+    bench.add_argument("target", metavar="HOST:PORT", help="SMTP server to load, e.g. 127.0.0.1:2525")
+    load = bench.add_argument_group("load")
+    load.add_argument(
+        "-c", "--concurrency", type=int, default=10, metavar="N", help="concurrent connections (default: 10)"
+    )
+    load.add_argument(
+        "-n",
+        "--messages",
+        type=int,
+        metavar="N",
+        help=f"messages to send in total (default: {DEFAULT_MESSAGES} without --duration)",
+    )
+    load.add_argument(
+        "-d", "--duration", type=float, metavar="SECONDS", help="start no message after this many seconds"
+    )
+    load.add_argument(
+        "-m",
+        "--per-connection",
+        type=int,
+        default=1,
+        metavar="N",
+        help="messages per connection before QUIT; 0 keeps connections open for the whole run (default: 1)",
+    )
+    load.add_argument(
+        "--rate",
+        type=float,
+        metavar="MSG/S",
+        help="open loop: start messages at this rate; latency counts from each due time (default: unpaced)",
+    )
+    load.add_argument(
+        "-P",
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="client processes sharing the connections (default: 1)",
+    )
+    load.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"wait at most this long for each reply (default: {DEFAULT_TIMEOUT:g})",
+    )
+
+    mail = bench.add_argument_group("messages")
+    mail.add_argument(
+        "-s",
+        "--size",
+        default="1K",
+        metavar="OCTETS",
+        help="size of the generated message, suffix K or M allowed (default: 1K)",
+    )
+    mail.add_argument(
+        "--message-dir", metavar="DIR", help="send the files of this folder in turn instead of a generated message"
+    )
+    mail.add_argument(
+        "-r", "--recipients", type=int, default=1, metavar="N", help="recipients per message (default: 1)"
+    )
+    mail.add_argument(
+        "--from",
+        dest="sender",
+        default="bench{n}@example.test",
+        metavar="PATTERN",
+        help="sender; {n} is the message number (default: bench{n}@example.test)",
+    )
+    mail.add_argument(
+        "--to",
+        dest="recipient",
+        default="rcpt{r}@example.test",
+        metavar="PATTERN",
+        help="recipient; {n} message number, {r} recipient index (default: rcpt{r}@example.test)",
+    )
+    mail.add_argument(
+        "--helo", default="bench.example.test", metavar="NAME", help="EHLO name (default: bench.example.test)"
+    )
+
+    protocol = bench.add_argument_group("protocol")
+    protocol.add_argument(
+        "--no-pipelining", action="store_true", help="wait for each reply even when the server offers PIPELINING"
+    )
+    protocol.add_argument(
+        "--bdat", action="store_true", help="send each message as one BDAT LAST chunk instead of DATA"
+    )
+    protocol.add_argument("--starttls", action="store_true", help="require STARTTLS before sending mail")
+    protocol.add_argument(
+        "--tls-no-verify", action="store_true", help="accept any server certificate (for self-signed test servers)"
+    )
+    protocol.add_argument("--tls-ca", metavar="FILE", help="trust the CA certificates in this PEM file")
+    protocol.add_argument("--auth-user", metavar="USER", help="authenticate as USER with AUTH PLAIN or LOGIN")
+    protocol.add_argument("--auth-password-file", metavar="FILE", help="file whose first line is the AUTH password")
+
+    output = bench.add_argument_group("output")
+    output.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    output.add_argument("--allow-errors", action="store_true", help="exit 0 even when some messages failed")
+    bench.set_defaults(handler=_bench)
+
+
+def _register_sink(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sink = subparsers.add_parser(
+        "sink",
+        help="accept every message and discard it, counting",
+        description="Accept and discard mail, counting it; optionally inject failures to test a client's retry logic.",
+    )
+    sink.add_argument(
+        "--listen", default="127.0.0.1:2525", metavar="HOST:PORT", help="address to listen on (default: 127.0.0.1:2525)"
+    )
+    sink.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the port with SO_REUSEPORT (default: 1)",
+    )
+    sink.add_argument(
+        "--hostname",
+        default="sink.localdomain",
+        metavar="NAME",
+        help="name in the greeting and EHLO reply (default: sink.localdomain)",
+    )
+    sink.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="STAGE:KIND=P",
+        help="with probability P, answer STAGE (connect, mail, rcpt, data) with KIND (4xx, 5xx, drop); repeatable",
+    )
+    sink.add_argument(
+        "--delay",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="delay every reply by this many milliseconds (default: 0)",
+    )
+    sink.add_argument(
+        "--seed", type=int, metavar="N", help="seed of the fault draws, for repeatable runs (worker i uses N+i)"
+    )
+    sink.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain; with --tls-key, offer STARTTLS")
+    sink.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    sink.add_argument("--json", action="store_true", help="print counters as JSON objects")
+    sink.set_defaults(handler=_sink)
+
+
+def _usage_error(message: str) -> int:
+    print(f"relay: {message}", file=sys.stderr)
+    return 2
+
+
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=args.tls_ca)
+    if args.tls_no_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        host, port = parse_host_port(args.target)
+    except ValueError as exc:
+        return _usage_error(f"bench target: {exc}")
+    for name in ("concurrency", "processes", "recipients"):
+        if getattr(args, name) < 1:
+            return _usage_error(f"--{name}: {getattr(args, name)} is below the minimum 1")
+    if args.per_connection < 0:
+        return _usage_error(f"--per-connection: {args.per_connection} is negative; use 0 for unlimited")
+    if args.messages is not None and args.messages < 1:
+        return _usage_error(f"--messages: {args.messages} is below the minimum 1")
+    if args.duration is not None and args.duration <= 0:
+        return _usage_error(f"--duration: {args.duration:g} must be a positive number of seconds")
+    if args.rate is not None and args.rate <= 0:
+        return _usage_error(f"--rate: {args.rate:g} must be a positive number of messages per second")
+    if args.timeout <= 0:
+        return _usage_error(f"--timeout: {args.timeout:g} must be a positive number of seconds")
+    if args.processes > args.concurrency:
+        return _usage_error(
+            f"--processes {args.processes} exceeds --concurrency {args.concurrency}; each process needs a connection"
+        )
+    if (args.auth_user is None) != (args.auth_password_file is None):
+        return _usage_error("--auth-user and --auth-password-file go together; give both or neither")
+    if (args.tls_no_verify or args.tls_ca) and not args.starttls:
+        return _usage_error("--tls-no-verify and --tls-ca need --starttls")
+
+    try:
+        sender = AddressPattern(args.sender)
+        recipient = AddressPattern(args.recipient)
+    except ValueError as exc:
+        return _usage_error(str(exc))
+
+    password = None
+    if args.auth_password_file is not None:
+        try:
+            password = Path(args.auth_password_file).read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, IndexError, UnicodeDecodeError) as exc:
+            return _usage_error(f"--auth-password-file {args.auth_password_file}: cannot read a password line ({exc})")
+
+    if args.message_dir is not None:
+        try:
+            raw_messages = load_folder(Path(args.message_dir))
+        except (OSError, ValueError) as exc:
+            return _usage_error(f"--message-dir: {exc}")
+    else:
+        try:
+            size = parse_size(args.size)
+        except ValueError as exc:
+            return _usage_error(f"--size: {exc}")
+        raw_messages = [generate_message(size, sender.format(0), recipient.format(0))]
+
+    try:
+        tls_context = _tls_context(args) if args.starttls else None
+    except (OSError, ssl.SSLError) as exc:
+        return _usage_error(f"--tls-ca {args.tls_ca}: cannot load ({exc})")
+
+    settings = ClientSettings(
+        host=host,
+        port=port,
+        helo=args.helo,
+        sender=sender,
+        recipient=recipient,
+        recipients=args.recipients,
+        pipelining=not args.no_pipelining,
+        bdat=args.bdat,
+        starttls=args.starttls,
+        tls_context=tls_context,
+        auth_user=args.auth_user,
+        auth_password=password,
+        timeout=args.timeout,
+    )
+    count = args.messages
+    if count is None and args.duration is None:
+        count = DEFAULT_MESSAGES
+    plan = LoadPlan(
+        settings=settings,
+        messages=tuple(encode(message) for message in raw_messages),
+        concurrency=args.concurrency,
+        count=count,
+        duration=args.duration,
+        per_connection=args.per_connection,
+        rate=args.rate,
+    )
+
+    progress = ProgressLine(sys.stderr, enabled=sys.stderr.isatty())
+    stats = run_load(plan, args.processes, progress)
+    report = stats.report()
+    if args.json:
+        sys.stdout.write(orjson.dumps(report).decode() + "\n")
+    else:
+        print(format_report(report))
+    if stats.messages_failed and not args.allow_errors:
+        return 1
+    return 0
+
+
+def _sink(args: argparse.Namespace) -> int:
+    try:
+        host, port = parse_host_port(args.listen)
+    except ValueError as exc:
+        return _usage_error(f"--listen: {exc}")
+    if args.workers < 1:
+        return _usage_error(f"--workers: {args.workers} is below the minimum 1")
+    if args.delay < 0:
+        return _usage_error(f"--delay: {args.delay:g} is negative")
+    try:
+        faults = FaultPlan.from_specs(args.fault, args.seed)
+    except ValueError as exc:
+        return _usage_error(f"--fault: {exc}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        return _usage_error("--tls-cert and --tls-key go together; give both or neither")
+    tls_context = None
+    if args.tls_cert is not None:
+        tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls_context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            tls_context.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"relay: cannot load --tls-cert {args.tls_cert} / --tls-key {args.tls_key}: {exc}", file=sys.stderr)
+            return 1
+
+    setup_logging("text")
+    settings = SinkSettings(hostname=args.hostname, faults=faults, delay=args.delay / 1000, tls_context=tls_context)
+    run = SinkRun(host=host, port=port, workers=args.workers, settings=settings, json_output=args.json)
+    try:
+        return run_sink(run)
+    except OSError as exc:
+        print(f"relay: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+        return 1

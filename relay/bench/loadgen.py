@@ -1,0 +1,297 @@
+"""The load loop of ``relay bench``: connections, arrival schedule, processes.
+
+Closed loop (the default): each of ``concurrency`` connections sends its next
+message as soon as the previous one is answered, so the rate is the highest
+the server sustains at that concurrency.  Open loop (``rate`` set): messages
+are due at fixed intervals whatever the server does, and each transaction's
+latency runs from its due time, not from when a connection got to it.  A
+slow server therefore shows up as latency instead of being hidden by the
+client sending less (coordinated omission).
+
+Every run is bounded: by a message count, by a duration, or by both, and a
+reply that takes longer than ``timeout`` fails its message.  In an open-loop
+run, messages still waiting for a connection when the schedule plus one
+timeout is over fail as ``not_started`` instead of extending the run.
+
+With several processes each one drives its share of the connections, the
+messages and the rate on its own uvloop event loop; message numbers ``{n}``
+are interleaved so they stay unique, and the histograms are merged exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import multiprocessing.connection
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.sharedctypes import RawArray
+from typing import Any, TextIO
+
+import uvloop
+
+from relay.bench.client import ClientSettings, Session, SessionFailed, open_session, send_message
+from relay.bench.messages import EncodedMessage
+from relay.bench.stats import RunStats
+
+# Seconds between two updates of the progress line.
+PROGRESS_INTERVAL = 0.5
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What one process sends: its share of the run."""
+
+    settings: ClientSettings
+    messages: tuple[EncodedMessage, ...]
+    concurrency: int
+    count: int | None
+    """Messages to send, or None for a run bounded by duration only."""
+    duration: float | None
+    """Seconds after which no new message starts, or None."""
+    per_connection: int
+    """Messages per connection before QUIT; 0 keeps each connection for the whole run."""
+    rate: float | None
+    """Messages per second for an open-loop run, or None to send as fast as possible."""
+    first_number: int = 0
+    number_step: int = 1
+
+
+def split_plan(plan: LoadPlan, processes: int) -> list[LoadPlan]:
+    """Divide connections, messages and rate between processes, dropping empty shares."""
+    plans = []
+    for index in range(processes):
+        concurrency = plan.concurrency // processes + (1 if index < plan.concurrency % processes else 0)
+        count = None
+        if plan.count is not None:
+            count = plan.count // processes + (1 if index < plan.count % processes else 0)
+        if concurrency == 0 or count == 0:
+            continue
+        rate = None if plan.rate is None else plan.rate * concurrency / plan.concurrency
+        plans.append(
+            LoadPlan(
+                settings=plan.settings,
+                messages=plan.messages,
+                concurrency=concurrency,
+                count=count,
+                duration=plan.duration,
+                per_connection=plan.per_connection,
+                rate=rate,
+                first_number=index,
+                number_step=processes,
+            )
+        )
+    return plans
+
+
+class _Run:
+    """State shared by the connection loops of one process."""
+
+    def __init__(self, plan: LoadPlan, stats: RunStats, on_message: Callable[[RunStats], None]) -> None:
+        self.plan = plan
+        self.stats = stats
+        self.on_message = on_message
+        self.started = time.perf_counter()
+        self.deadline = None if plan.duration is None else self.started + plan.duration
+        self.issued = 0
+        self.queue: asyncio.Queue[tuple[int, float] | None] | None = None
+        self.expires: float | None = None
+
+    def take(self) -> tuple[int, float] | None:
+        """Return the next closed-loop job (message number, start time) or None when done."""
+        plan = self.plan
+        if plan.count is not None and self.issued >= plan.count:
+            return None
+        now = time.perf_counter()
+        if self.deadline is not None and now >= self.deadline:
+            return None
+        number = plan.first_number + self.issued * plan.number_step
+        self.issued += 1
+        return number, now
+
+    async def schedule(self) -> None:
+        """Put open-loop jobs on the queue at their due times, then one None per connection."""
+        plan = self.plan
+        assert self.queue is not None and plan.rate is not None
+        interval = 1.0 / plan.rate
+        index = 0
+        while plan.count is None or index < plan.count:
+            due = self.started + index * interval
+            if self.deadline is not None and due >= self.deadline:
+                break
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.queue.put_nowait((plan.first_number + index * plan.number_step, due))
+            index += 1
+        for _ in range(plan.concurrency):
+            self.queue.put_nowait(None)
+
+    def fail(self, kind: str | None = None) -> None:
+        if kind is not None:
+            self.stats.count_error(kind)
+        self.stats.messages_failed += 1
+        self.on_message(self.stats)
+
+
+async def _connection_loop(run: _Run) -> None:
+    plan = run.plan
+    stats = run.stats
+    messages = plan.messages
+    session: Session | None = None
+    used = 0
+    while True:
+        if run.queue is None:
+            job = run.take()
+        else:
+            job = await run.queue.get()
+        if job is None:
+            break
+        number, due = job
+        if run.expires is not None and time.perf_counter() > run.expires:
+            run.fail("not_started")
+            continue
+
+        if session is None:
+            try:
+                session = await open_session(plan.settings, stats)
+            except SessionFailed:
+                run.fail()
+                continue
+            used = 0
+        used += 1
+        last = plan.per_connection > 0 and used >= plan.per_connection
+        message = messages[number % len(messages)]
+        if not await send_message(session, message, number, due, last):
+            stats.messages_failed += 1
+        run.on_message(stats)
+
+        if last and session.alive:
+            await session.quit(sent_already=session.pipelining)
+        if last or not session.alive:
+            session.connection.close()
+            session = None
+    if session is not None:
+        await session.quit()
+
+
+async def run_plan(plan: LoadPlan, on_message: Callable[[RunStats], None]) -> RunStats:
+    """Send one process's share of the load and return what it measured."""
+    stats = RunStats()
+    run = _Run(plan, stats, on_message)
+    tasks = [asyncio.create_task(_connection_loop(run)) for _ in range(plan.concurrency)]
+    scheduler = None
+    if plan.rate is not None:
+        run.queue = asyncio.Queue()
+        span = plan.duration if plan.duration is not None else (plan.count or 0) / plan.rate
+        run.expires = run.started + span + plan.settings.timeout
+        scheduler = asyncio.create_task(run.schedule())
+        tasks.append(scheduler)
+    await asyncio.gather(*tasks)
+    stats.elapsed = time.perf_counter() - run.started
+    return stats
+
+
+def _run_in_loop(plan: LoadPlan, on_message: Callable[[RunStats], None]) -> RunStats:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(run_plan(plan, on_message))
+
+
+def _child(plan: LoadPlan, slot: int, progress: Any, pipe: multiprocessing.connection.Connection) -> None:
+    def publish(stats: RunStats) -> None:
+        progress[2 * slot] = stats.messages_sent
+        progress[2 * slot + 1] = stats.messages_failed
+
+    try:
+        stats = _run_in_loop(plan, publish)
+        pipe.send(stats.to_state())
+    except KeyboardInterrupt:
+        pipe.send(None)
+    finally:
+        pipe.close()
+
+
+class ProgressLine:
+    """One self-overwriting status line on a terminal; nothing elsewhere."""
+
+    def __init__(self, stream: TextIO, enabled: bool) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.started = time.perf_counter()
+        self.shown = False
+
+    def update(self, sent: int, failed: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.started
+        rate = sent / elapsed if elapsed > 0 else 0.0
+        self.stream.write(f"\r\x1b[Ksent {sent}  rate {rate:,.0f}/s  errors {failed}  elapsed {elapsed:.1f}s")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def run_load(plan: LoadPlan, processes: int, progress: ProgressLine) -> RunStats:
+    """Run the whole load in this process or in several, and return the merged stats."""
+    if processes <= 1:
+        last_shown = [0.0]
+
+        def show(stats: RunStats) -> None:
+            now = time.perf_counter()
+            if now - last_shown[0] >= PROGRESS_INTERVAL:
+                last_shown[0] = now
+                progress.update(stats.messages_sent, stats.messages_failed)
+
+        try:
+            return _run_in_loop(plan, show if progress.enabled else _ignore)
+        finally:
+            progress.clear()
+
+    plans = split_plan(plan, processes)
+    # Fork keeps the encoded messages and the TLS context without pickling them.
+    context = multiprocessing.get_context("fork")
+    counters = RawArray("q", 2 * len(plans))
+    children = []
+    for slot, share in enumerate(plans):
+        receiver, sender = context.Pipe(duplex=False)
+        process = context.Process(target=_child, args=(share, slot, counters, sender), daemon=True)
+        process.start()
+        sender.close()
+        children.append((process, receiver))
+
+    merged = RunStats()
+    try:
+        pending = [receiver for _, receiver in children]
+        while pending:
+            ready = multiprocessing.connection.wait(pending, timeout=PROGRESS_INTERVAL)
+            for item in ready:
+                assert isinstance(item, multiprocessing.connection.Connection)
+                try:
+                    state = item.recv()
+                except EOFError:
+                    state = None
+                if state is None:
+                    merged.count_error("worker_process_failed")
+                else:
+                    merged.merge(RunStats.from_state(state))
+                pending.remove(item)
+            sent = sum(counters[2 * slot] for slot in range(len(plans)))
+            failed = sum(counters[2 * slot + 1] for slot in range(len(plans)))
+            progress.update(sent, failed)
+    finally:
+        progress.clear()
+        for process, _ in children:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+    return merged
+
+
+def _ignore(stats: RunStats) -> None:
+    del stats

@@ -1,0 +1,214 @@
+"""Run ``relay sink``: listeners, worker processes, signals and counter reports.
+
+With one worker the sink runs in the calling process.  With several, each
+worker process binds its own socket to the same address with SO_REUSEPORT
+and the kernel spreads connections between them; every worker copies its
+counters into a shared array every ``FLUSH_INTERVAL`` seconds and once more
+when it stops, and the parent adds them up.
+
+SIGUSR1 prints the counters so far (up to ``FLUSH_INTERVAL`` old with
+several workers); SIGTERM or SIGINT stops the sink, closes open sessions and
+prints the final counters.  Counters are printed to standard output as one
+``key=value`` line, or as one JSON object with ``--json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.sharedctypes import RawArray
+from typing import Any
+
+import orjson
+import uvloop
+
+from relay.bench.sink import (
+    COUNTER_NAMES,
+    COUNTER_SLOTS,
+    FAULT_BASE,
+    FAULT_NAMES,
+    SinkProtocol,
+    SinkSettings,
+    SinkState,
+)
+from relay.log import log_event
+
+logger = logging.getLogger("relay.sink")
+
+# Seconds between copies of a worker's counters into the shared array.
+FLUSH_INTERVAL = 0.1
+# Pending connections the kernel queues per socket; smtp-source opens its
+# sessions in bursts, so this follows the usual kernel cap (somaxconn).
+LISTEN_BACKLOG = 4096
+
+
+@dataclass(frozen=True)
+class SinkRun:
+    """One sink invocation, from the command line."""
+
+    host: str
+    port: int
+    workers: int
+    settings: SinkSettings
+    json_output: bool
+
+
+def counters_report(values: list[int]) -> dict[str, Any]:
+    """Return the counters as the document ``--json`` prints."""
+    report: dict[str, Any] = {name: values[index] for index, name in enumerate(COUNTER_NAMES)}
+    report["faults"] = {name: values[FAULT_BASE + index] for index, name in enumerate(FAULT_NAMES)}
+    return report
+
+
+def format_counters(values: list[int], json_output: bool) -> str:
+    """Render the counters as one JSON object or one ``key=value`` line."""
+    report = counters_report(values)
+    if json_output:
+        return orjson.dumps(report).decode()
+    faults = report.pop("faults")
+    parts = [f"{key}={value}" for key, value in report.items()]
+    parts.extend(f"{key}={value}" for key, value in faults.items() if value)
+    return "sink " + " ".join(parts)
+
+
+def _print(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+async def _serve(
+    run: SinkRun,
+    state: SinkState,
+    sock: socket.socket,
+    on_report: Callable[[], None] | None,
+    flush: Callable[[], None] | None,
+) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    if on_report is not None:
+        loop.add_signal_handler(signal.SIGUSR1, on_report)
+    else:
+        # Workers ignore SIGUSR1 sent to the whole process group; the parent reports.
+        loop.add_signal_handler(signal.SIGUSR1, lambda: None)
+    server = await loop.create_server(lambda: SinkProtocol(state), sock=sock, backlog=LISTEN_BACKLOG)
+    flusher = None
+    if flush is not None:
+        flusher = asyncio.create_task(_flush_periodically(flush))
+    await stop.wait()
+    server.close()
+    for session in list(state.sessions):
+        if session.transport is not None:
+            session.transport.abort()
+    await server.wait_closed()
+    if flusher is not None:
+        flusher.cancel()
+    if flush is not None:
+        flush()
+
+
+async def _flush_periodically(flush: Callable[[], None]) -> None:
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL)
+        flush()
+
+
+def _run_single(run: SinkRun) -> int:
+    state = SinkState(run.settings)
+    sock = _listening_socket(run.host, run.port, reuse_port=False)
+    log_event(logger, "listening", address=f"{run.host}:{run.port}", workers=1)
+
+    def report() -> None:
+        _print(format_counters(state.counters, run.json_output))
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(run, state, sock, report, None))
+    report()
+    return 0
+
+
+def _worker(run: SinkRun, index: int, shared: Any, sock: socket.socket) -> None:
+    state = SinkState(run.settings, worker=index)
+    base = index * COUNTER_SLOTS
+
+    def flush() -> None:
+        shared[base : base + COUNTER_SLOTS] = state.counters
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(run, state, sock, None, flush))
+
+
+def _run_workers(run: SinkRun) -> int:
+    shared = RawArray("q", COUNTER_SLOTS * run.workers)
+    context = multiprocessing.get_context("fork")
+    processes = []
+    for index in range(run.workers):
+        # Each worker binds its own socket, so the kernel balances between them.
+        sock = _listening_socket(run.host, run.port, reuse_port=True)
+        process = context.Process(target=_worker, args=(run, index, shared, sock), daemon=True)
+        process.start()
+        sock.close()
+        processes.append(process)
+    log_event(logger, "listening", address=f"{run.host}:{run.port}", workers=run.workers)
+
+    def totals() -> list[int]:
+        values = [0] * COUNTER_SLOTS
+        for index in range(run.workers):
+            for slot in range(COUNTER_SLOTS):
+                values[slot] += shared[index * COUNTER_SLOTS + slot]
+        return values
+
+    stopping = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        if signum == signal.SIGUSR1:
+            _print(format_counters(totals(), run.json_output))
+        else:
+            stopping.append(signum)
+
+    signal.signal(signal.SIGUSR1, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stopping and any(process.is_alive() for process in processes):
+        for process in processes:
+            process.join(timeout=0.2)
+            if stopping:
+                break
+    for process in processes:
+        if process.is_alive() and process.pid is not None:
+            os.kill(process.pid, signal.SIGTERM)
+    for process in processes:
+        process.join(timeout=10)
+    failed = [process.exitcode for process in processes if process.exitcode not in (0, None)]
+    _print(format_counters(totals(), run.json_output))
+    if failed:
+        log_event(logger, "worker_failed", logging.ERROR, exit_codes=failed)
+        return 1
+    return 0
+
+
+def run_sink(run: SinkRun) -> int:
+    """Run the sink until SIGTERM or SIGINT; return the exit status."""
+    if run.workers <= 1:
+        return _run_single(run)
+    return _run_workers(run)
