@@ -154,6 +154,20 @@ def test_commit_replaces_clashing_queue_id(spool: Spool) -> None:
     assert run(spool.load_body(second)) == b"second"
 
 
+def test_clash_inside_one_batch(spool: Spool) -> None:
+    chosen = new_queue_id()
+
+    async def scenario() -> list[str]:
+        commits = [spool.commit(make_envelope(), f"body {n}".encode(), queue_id=chosen) for n in range(5)]
+        return list(await asyncio.gather(*commits))
+
+    ids = run(scenario())
+    assert len(set(ids)) == 5
+    assert chosen in ids
+    bodies = {run(spool.load_body(queue_id)) for queue_id in ids}
+    assert bodies == {f"body {n}".encode() for n in range(5)}
+
+
 def test_cancelled_commit_still_stored(spool: Spool) -> None:
     async def scenario() -> None:
         task = asyncio.ensure_future(spool.commit(make_envelope(), b"cancelled"))

@@ -61,7 +61,7 @@ from relay.spool.types import (
     StoredRecipient,
     domain_of,
 )
-from relay.spool.writer import Writer, commit_operation
+from relay.spool.writer import Writer
 
 __all__ = [
     "Attempt",
@@ -188,8 +188,7 @@ class Spool:
         without recipients.  Cancelling the await does not withdraw the message.
         """
         pending = self._pending(envelope, body, queue_id, dsn_for)
-        result: str = await self._writer.submit_async(commit_operation(pending), len(body))
-        return result
+        return await self._writer.commit_async(pending)
 
     def commit_blocking(
         self,
@@ -201,8 +200,7 @@ class Spool:
     ) -> str:
         """Store a message like ``commit``, blocking the calling thread until it is durable."""
         pending = self._pending(envelope, body, queue_id, dsn_for)
-        result: str = self._writer.submit_blocking(commit_operation(pending), len(body)).result()
-        return result
+        return self._writer.commit_blocking(pending).result()
 
     @staticmethod
     def _pending(
@@ -213,7 +211,7 @@ class Spool:
         arrival = time.time()
         return PendingCommit(
             envelope=envelope,
-            body=bytes(body),
+            body=body if type(body) is bytes else bytes(body),
             arrival=arrival,
             queue_id=queue_id or new_queue_id(arrival),
             dsn_for=dsn_for,

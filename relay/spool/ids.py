@@ -3,11 +3,13 @@
 An ID is 15 characters of Crockford base32 (digits and upper-case letters
 without I, L, O, U).  The first 11 encode the arrival time in microseconds
 since the Unix epoch (55 bits, enough until the year 3111).  The last 4 are
-20 random bits that keep IDs from concurrent worker processes apart.
+20 random bits, drawn once per process (and again after a fork), that keep
+IDs from concurrent worker processes apart.
 Within one process the time part never repeats or goes backwards, so IDs
 sort in arrival order even when two messages arrive in the same microsecond.
 Across processes, a clash needs the same microsecond and the same 20 random
-bits; the spool's primary key catches it and the writer draws a new ID.
+bits (a chance of 1 in 2**20 per pair of processes); the spool's primary key
+catches it and the writer takes the next ID.
 """
 
 from __future__ import annotations
@@ -21,16 +23,29 @@ TIME_CHARS = 11
 RANDOM_CHARS = 4
 QUEUE_ID_LENGTH = TIME_CHARS + RANDOM_CHARS
 
+# Two base32 characters per 10 bits, looked up instead of computed: an ID is made
+# for every message, on the event loop's thread.
+_PAIRS = [ALPHABET[high] + ALPHABET[low] for high in range(32) for low in range(32)]
+
 _lock = threading.Lock()
 _last_micros = 0
+_process_bits = 0
 
 
-def _encode(value: int, width: int) -> str:
-    chars = []
-    for _ in range(width):
-        chars.append(ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+def _draw_process_bits() -> None:
+    global _process_bits
+    _process_bits = int.from_bytes(os.urandom(3), "big") & 0xFFFFF
+
+
+_draw_process_bits()
+# A forked worker must not share its parent's random bits.
+os.register_at_fork(after_in_child=_draw_process_bits)
+
+
+def _encode(value: int) -> str:
+    # 75 bits: one leading character (5 bits), then seven pairs of 10 bits each.
+    pairs = [_PAIRS[(value >> shift) & 0x3FF] for shift in range(60, -1, -10)]
+    return ALPHABET[(value >> 70) & 31] + "".join(pairs)
 
 
 def new_queue_id(now: float | None = None) -> str:
@@ -41,8 +56,7 @@ def new_queue_id(now: float | None = None) -> str:
         if micros <= _last_micros:
             micros = _last_micros + 1
         _last_micros = micros
-    random_part = int.from_bytes(os.urandom(3), "big") & 0xFFFFF
-    return _encode(micros, TIME_CHARS) + _encode(random_part, RANDOM_CHARS)
+    return _encode((micros << 20) | _process_bits)
 
 
 def queue_id_time(queue_id: str) -> float:

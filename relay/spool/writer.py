@@ -9,7 +9,8 @@ per batch instead of N (group commit).  A future is resolved only after the
 ``COMMIT`` holding its job has returned, which with ``synchronous=FULL``
 means the change is on stable storage.
 
-Each job runs inside its own SAVEPOINT: a job that raises an ordinary error
+Messages in a batch are inserted first, with one statement per table for the
+whole batch.  Every other job then runs inside its own SAVEPOINT: a job that raises an ordinary error
 (a missing queue ID, a bad argument) is rolled back alone and its future gets
 the error.  A ``SpoolError`` (disk full, I/O error, lock timeout) aborts the
 whole transaction and fails every job in the batch with it, because SQLite
@@ -44,10 +45,11 @@ Operation = Callable[[SpoolStore], Any]
 class Job:
     """One operation for the writer and the future that receives its result."""
 
-    operation: Operation
+    operation: Operation | None  # None for a message commit, which ``pending`` describes
     size: int  # octets the job adds to the transaction, for the batch byte limit
     loop: asyncio.AbstractEventLoop | None
     future: asyncio.Future[Any] | concurrent.futures.Future[Any]
+    pending: PendingCommit | None = None
     outcome: tuple[bool, Any] = field(default=(False, None))  # (succeeded, result or exception)
 
 
@@ -91,17 +93,30 @@ class Writer:
         if self._start_error is not None:
             raise self._start_error
 
-    def submit_async(self, operation: Operation, size: int = 0) -> asyncio.Future[Any]:
+    def submit_async(self, operation: Operation) -> asyncio.Future[Any]:
         """Queue an operation; return an asyncio future of the running loop."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._put(Job(operation, size, loop, future))
+        self._put(Job(operation, 0, loop, future))
         return future
 
-    def submit_blocking(self, operation: Operation, size: int = 0) -> concurrent.futures.Future[Any]:
+    def submit_blocking(self, operation: Operation) -> concurrent.futures.Future[Any]:
         """Queue an operation; return a thread-safe future for callers without an event loop."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._put(Job(operation, size, None, future))
+        self._put(Job(operation, 0, None, future))
+        return future
+
+    def commit_async(self, pending: PendingCommit) -> asyncio.Future[str]:
+        """Queue a message; return an asyncio future of its queue ID."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        self._put(Job(None, len(pending.body), loop, future, pending))
+        return future
+
+    def commit_blocking(self, pending: PendingCommit) -> concurrent.futures.Future[str]:
+        """Queue a message; return a thread-safe future of its queue ID."""
+        future: concurrent.futures.Future[str] = concurrent.futures.Future()
+        self._put(Job(None, len(pending.body), None, future, pending))
         return future
 
     def _put(self, job: Job) -> None:
@@ -158,8 +173,14 @@ class Writer:
         started = time.monotonic()
         try:
             with store.transaction():
+                commits = [job for job in batch if job.pending is not None]
+                if commits:
+                    queue_ids = store.insert_messages([job.pending for job in commits if job.pending])
+                    for job, queue_id in zip(commits, queue_ids, strict=True):
+                        job.outcome = (True, queue_id)
                 for job in batch:
-                    self._apply(store, job)
+                    if job.operation is not None:
+                        self._apply(store, job)
         except (SpoolError, sqlite3.Error) as exc:
             message = str(exc) if isinstance(exc, SpoolError) else f"spool {self.directory}: {exc}"
             log_event(logger, "commit-failed", logging.ERROR, jobs=len(batch), error=message)
@@ -178,6 +199,7 @@ class Writer:
         self._deliver(batch)
 
     def _apply(self, store: SpoolStore, job: Job) -> None:
+        assert job.operation is not None
         connection = store.connection
         connection.execute("SAVEPOINT job")
         try:
@@ -208,11 +230,3 @@ class Writer:
                 loop.call_soon_threadsafe(_settle, jobs)
         _settle(blocking)
 
-
-def commit_operation(pending: PendingCommit) -> Operation:
-    """Return the writer operation that inserts one message."""
-
-    def insert(store: SpoolStore) -> str:
-        return store.insert_message(pending)
-
-    return insert
