@@ -9,6 +9,8 @@ bytes after end-of-data or after a BDAT chunk stay for the next command.
 
 from typing import Final, Literal
 
+from typing_extensions import Buffer
+
 DEFAULT_LINE_LIMIT: Final[int]
 """512: max command line in octets, CRLF included (RFC 5321 section 4.5.3.1.4)."""
 
@@ -91,7 +93,7 @@ class SMTPBuffer:
     def data_octets(self) -> int:
         """Octets of the current DATA or BDAT chunk read so far."""
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: Buffer) -> None:
         """Append received bytes; parsing happens in ``next_event``."""
 
     def next_event(self) -> Event | None:

@@ -8,6 +8,8 @@ now, so the client closes the connection and retries later or elsewhere.
 
 from typing import Final
 
+from typing_extensions import Buffer
+
 from relay._errors import SMTPError as SMTPError
 
 DEFAULT_MAX_LINE: Final[int]
@@ -50,7 +52,7 @@ class ReplyParser:
     def buffered(self) -> int:
         """Octets received and not yet returned in a reply."""
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: Buffer) -> None:
         """Append received bytes."""
 
     def next_reply(self) -> Reply | None:

@@ -1,6 +1,8 @@
 """Dot-stuffing encoder for outbound DATA (see ``csrc/stuffing.pyx``)."""
 
-def dot_stuff(body: bytes) -> bytes:
+from typing_extensions import Buffer
+
+def dot_stuff(body: Buffer) -> bytes:
     """Encode a message for DATA, terminator included.
 
     Every line end (CRLF, bare LF, bare CR) becomes CRLF, a line starting with
@@ -8,14 +10,14 @@ def dot_stuff(body: bytes) -> bytes:
     the body does not end with one, and ``.\\r\\n`` follows.
     """
 
-def normalize_line_ends(body: bytes) -> bytes:
+def normalize_line_ends(body: Buffer) -> bytes:
     """Return ``body`` with every bare LF and bare CR turned into CRLF."""
 
 class DotStuffer:
     """Streaming form of ``dot_stuff`` for large messages."""
 
     def __init__(self) -> None: ...
-    def encode(self, chunk: bytes) -> bytes:
+    def encode(self, chunk: Buffer) -> bytes:
         """Encode the next piece of the message."""
 
     def finish(self) -> bytes:

@@ -461,17 +461,21 @@ def test_discard_leaves_data_mode() -> None:
     assert buffer.next_event() == Line(b"NOOP")
 
 
+def mode_of(buffer: SMTPBuffer) -> str:
+    return buffer.mode
+
+
 def test_modes_and_counters() -> None:
     buffer = SMTPBuffer()
-    assert buffer.mode == "command"
+    assert mode_of(buffer) == "command"
     buffer.start_data(10)
-    assert buffer.mode == "data"
+    assert mode_of(buffer) == "data"
     buffer.feed(b"abc\r\n")
     assert buffer.next_event() is None
     assert buffer.data_octets == 5
     buffer.feed(b".\r\n")
     assert isinstance(buffer.next_event(), DataEnd)
-    assert buffer.mode == "command"
+    assert mode_of(buffer) == "command"
     assert buffer.data_octets == 0
 
 
