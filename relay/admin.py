@@ -1,0 +1,143 @@
+"""The admin HTTP listener: ``/metrics`` for Prometheus and ``/healthz``.
+
+Serves ``[admin] address`` (default 127.0.0.1:9025; an empty string turns it
+off) from one process.  ``GET /metrics`` returns the text exposition format
+0.0.4 with this process's metrics, the snapshots the other worker processes
+saved (see ``relay.metrics``) and the queue gauges read from the spool at
+scrape time.  ``GET /healthz`` returns ``200 ok`` while the relay accepts
+mail and ``503`` once it stops accepting.  Only ``GET`` and ``HEAD`` are
+served; a request head over ``MAX_REQUEST_HEAD`` octets or slower than
+``REQUEST_TIMEOUT`` seconds is dropped.
+
+The listener binds the address it is given; keep it on loopback or a
+management network, because the metrics name destinations and clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from relay import metrics
+from relay.log import log_event
+from relay.spool import SpoolError, SpoolStore
+from relay.spool.store import database_path
+from relay.status import STATES, summarize
+
+logger = logging.getLogger("relay.admin")
+
+# A request line and a few headers fit easily; Prometheus sends about 300 octets.
+MAX_REQUEST_HEAD = 8192
+REQUEST_TIMEOUT = 10.0
+
+
+def update_queue_gauges(spool_directory: Path) -> None:
+    """Set the queue gauges from the spool (blocking: run it in a thread)."""
+    if not database_path(spool_directory).exists():
+        return
+    with SpoolStore(spool_directory) as store:
+        summary = summarize(store, top=0)
+    now = time.time()
+    for state in STATES:
+        metrics.queue_recipients.set(summary.recipients.get(state, 0), state=state)
+        oldest = summary.oldest_arrival.get(state)
+        metrics.queue_oldest_age.set(now - oldest if oldest is not None else 0.0, state=state)
+
+
+class AdminServer:
+    """The HTTP endpoint of one relay process."""
+
+    def __init__(
+        self,
+        spool_directory: Path,
+        snapshot_directory: Path,
+        own_snapshot: str,
+        accepting: Callable[[], bool],
+    ) -> None:
+        self.spool_directory = spool_directory
+        self.snapshot_directory = snapshot_directory
+        self.own_snapshot = own_snapshot
+        self.accepting = accepting
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_REQUEST_HEAD)
+        log_event(logger, "admin_listening", address=f"{host}:{port}")
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def render_metrics(self) -> str:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, update_queue_gauges, self.spool_directory)
+        except SpoolError as exc:
+            log_event(logger, "metrics_spool_error", logging.WARNING, error=str(exc))
+        others = await loop.run_in_executor(
+            None, metrics.load_snapshots, self.snapshot_directory, self.own_snapshot
+        )
+        return metrics.REGISTRY.render(others)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+        except asyncio.LimitOverrunError:
+            await self._respond(writer, 431, "text/plain", "request header too large\n", False)
+            return
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+            return
+
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            await self._respond(writer, 400, "text/plain", "bad request\n", False)
+            return
+        method, target = parts[0], parts[1].split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            await self._respond(writer, 405, "text/plain", "only GET and HEAD are served\n", False)
+            return
+
+        head_only = method == "HEAD"
+        if target == "/metrics":
+            body = await self.render_metrics()
+            await self._respond(writer, 200, "text/plain; version=0.0.4; charset=utf-8", body, head_only)
+        elif target == "/healthz":
+            if self.accepting():
+                await self._respond(writer, 200, "text/plain", "ok\n", head_only)
+            else:
+                await self._respond(writer, 503, "text/plain", "not accepting mail\n", head_only)
+        else:
+            await self._respond(writer, 404, "text/plain", "not found: try /metrics or /healthz\n", head_only)
+
+    @staticmethod
+    async def _respond(
+        writer: asyncio.StreamWriter, status: int, content_type: str, body: str, head_only: bool
+    ) -> None:
+        reasons = {
+            200: "OK",
+            400: "Bad Request",
+            404: "Not Found",
+            405: "Method Not Allowed",
+            431: "Request Header Fields Too Large",
+            503: "Service Unavailable",
+        }
+        payload = body.encode()
+        head = (
+            f"HTTP/1.1 {status} {reasons[status]}\r\n"
+            f"Content-Type: {content_type}\r\n"
+            f"Content-Length: {len(payload)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        try:
+            writer.write(head if head_only else head + payload)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()

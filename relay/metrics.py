@@ -1,0 +1,288 @@
+"""Process metrics in the Prometheus text exposition format (version 0.0.4).
+
+The format is written directly instead of through ``prometheus-client``.
+relay needs counters, gauges and histograms with labels, added up over
+several worker processes.  That package offers the sum only through its
+multiprocess mode, which keeps one mmap file per metric and process.  Here
+each worker keeps its own ``Registry`` and saves a JSON snapshot of it
+to ``SPOOL/metrics/worker-N.json`` every ``SNAPSHOT_INTERVAL`` seconds and
+at exit; the admin listener adds those snapshots to its own live values.
+
+Metric and label names follow the Prometheus conventions: a ``relay_``
+prefix, ``_total`` for counters, base units (seconds, octets).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+# How often a worker saves its snapshot: a scrape may see values this old.
+SNAPSHOT_INTERVAL = 2.0
+
+# Upper bounds, in seconds, for delivery and commit latency histograms: from
+# one fsync (about a millisecond) to a slow remote server (minutes).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# Upper bounds for the number of messages in one spool commit batch.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+LabelValues = tuple[str, ...]
+
+
+class _Metric:
+    kind = ""
+
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.help_text = help_text
+        self.labelnames = tuple(labelnames)
+        self._lock = threading.Lock()
+
+    def _key(self, labels: dict[str, str]) -> LabelValues:
+        if set(labels) != set(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {tuple(labels)}")
+        return tuple(str(labels[name]) for name in self.labelnames)
+
+
+class Counter(_Metric):
+    """A value that only goes up (resets when the process restarts)."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(name, help_text, labelnames)
+        self.values: dict[LabelValues, float] = {}
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = self._key(labels)
+        with self._lock:
+            self.values[key] = self.values.get(key, 0.0) + amount
+
+
+class Gauge(_Metric):
+    """A value that goes up and down, such as active connections."""
+
+    kind = "gauge"
+
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(name, help_text, labelnames)
+        self.values: dict[LabelValues, float] = {}
+
+    def set(self, value: float, **labels: str) -> None:
+        with self._lock:
+            self.values[self._key(labels)] = value
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = self._key(labels)
+        with self._lock:
+            self.values[key] = self.values.get(key, 0.0) + amount
+
+    def dec(self, amount: float = 1.0, **labels: str) -> None:
+        self.inc(-amount, **labels)
+
+
+class Histogram(_Metric):
+    """Observations counted into cumulative buckets, with their count and sum."""
+
+    kind = "histogram"
+
+    def __init__(
+        self, name: str, help_text: str, buckets: Sequence[float], labelnames: Sequence[str] = ()
+    ) -> None:
+        super().__init__(name, help_text, labelnames)
+        self.buckets = tuple(sorted(buckets))
+        # Per label set: per-bucket counts (not cumulative), then count and sum.
+        self.values: dict[LabelValues, list[float]] = {}
+
+    def observe(self, value: float, **labels: str) -> None:
+        key = self._key(labels)
+        with self._lock:
+            row = self.values.get(key)
+            if row is None:
+                row = self.values[key] = [0.0] * (len(self.buckets) + 2)
+            for index, bound in enumerate(self.buckets):
+                if value <= bound:
+                    row[index] += 1
+                    break
+            row[-2] += 1
+            row[-1] += value
+
+
+Metric = Counter | Gauge | Histogram
+
+
+class Registry:
+    """The metrics of one process."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, Metric] = {}
+
+    def _add(self, metric: Metric) -> Any:
+        if metric.name in self.metrics:
+            raise ValueError(f"metric {metric.name} is already registered")
+        self.metrics[metric.name] = metric
+        return metric
+
+    def counter(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Counter:
+        result: Counter = self._add(Counter(name, help_text, labelnames))
+        return result
+
+    def gauge(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Gauge:
+        result: Gauge = self._add(Gauge(name, help_text, labelnames))
+        return result
+
+    def histogram(
+        self, name: str, help_text: str, buckets: Sequence[float], labelnames: Sequence[str] = ()
+    ) -> Histogram:
+        result: Histogram = self._add(Histogram(name, help_text, buckets, labelnames))
+        return result
+
+    def snapshot(self) -> dict[str, list[list[Any]]]:
+        """Return every value as JSON-ready data: name to a list of [labels, value]."""
+        result: dict[str, list[list[Any]]] = {}
+        for name, metric in self.metrics.items():
+            with metric._lock:
+                result[name] = [[list(key), value] for key, value in metric.values.items()]
+        return result
+
+    def render(self, others: Iterable[dict[str, list[list[Any]]]] = ()) -> str:
+        """Return the text exposition of this registry plus other processes' snapshots.
+
+        Counters and histograms are added up; gauges too, because every gauge
+        here is a per-process share (connections, sessions) of a total.
+        """
+        merged: dict[str, dict[LabelValues, Any]] = {}
+        for snapshot in [self.snapshot(), *others]:
+            for name, rows in snapshot.items():
+                if name not in self.metrics:
+                    continue
+                target = merged.setdefault(name, {})
+                for labels, value in rows:
+                    key = tuple(labels)
+                    if isinstance(value, list):
+                        previous = target.get(key)
+                        if previous is not None:
+                            value = [a + b for a, b in zip(previous, value, strict=True)]
+                        target[key] = value
+                    else:
+                        target[key] = target.get(key, 0.0) + value
+
+        lines: list[str] = []
+        for name, metric in self.metrics.items():
+            lines.append(f"# HELP {name} {_escape_help(metric.help_text)}")
+            lines.append(f"# TYPE {name} {metric.kind}")
+            for key, value in sorted(merged.get(name, {}).items()):
+                labels = dict(zip(metric.labelnames, key, strict=True))
+                if isinstance(metric, Histogram):
+                    lines.extend(_histogram_lines(metric, labels, value))
+                else:
+                    lines.append(f"{name}{_labels(labels)} {_number(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _histogram_lines(metric: Histogram, labels: dict[str, str], row: list[float]) -> list[str]:
+    lines = []
+    cumulative = 0.0
+    for bound, count in zip(metric.buckets, row[: len(metric.buckets)], strict=True):
+        cumulative += count
+        lines.append(f"{metric.name}_bucket{_labels({**labels, 'le': repr(float(bound))})} {_number(cumulative)}")
+    lines.append(f"{metric.name}_bucket{_labels({**labels, 'le': '+Inf'})} {_number(row[-2])}")
+    lines.append(f"{metric.name}_count{_labels(labels)} {_number(row[-2])}")
+    lines.append(f"{metric.name}_sum{_labels(labels)} {_number(row[-1])}")
+    return lines
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _escape_label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{key}="{_escape_label(value)}"' for key, value in labels.items()) + "}"
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+def save_snapshot(registry: Registry, directory: Path, name: str) -> None:
+    """Write the registry's snapshot to DIRECTORY/NAME.json atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = directory / f".{name}.{os.getpid()}.tmp"
+    temporary.write_bytes(orjson.dumps(registry.snapshot()))
+    os.replace(temporary, directory / f"{name}.json")
+
+
+def load_snapshots(directory: Path, exclude: str) -> list[dict[str, list[list[Any]]]]:
+    """Read the snapshots other processes saved, skipping ``exclude`` and unreadable files."""
+    snapshots = []
+    for path in sorted(directory.glob("*.json")):
+        if path.stem == exclude:
+            continue
+        try:
+            snapshots.append(orjson.loads(path.read_bytes()))
+        except (OSError, orjson.JSONDecodeError):
+            # A file being replaced or truncated: its values show up on the next scrape.
+            continue
+    return snapshots
+
+
+REGISTRY = Registry()
+
+connections = REGISTRY.counter("relay_connections_total", "SMTP connections accepted.", ["listener", "role"])
+connections_active = REGISTRY.gauge("relay_connections_active", "SMTP connections open now.", ["role"])
+connections_rejected = REGISTRY.counter(
+    "relay_connections_rejected_total", "Connections turned away at the greeting by a limit.", ["reason"]
+)
+messages_received = REGISTRY.counter(
+    "relay_messages_received_total", "Messages accepted and spooled (or counted by a sink).", ["role"]
+)
+messages_rejected = REGISTRY.counter(
+    "relay_messages_rejected_total", "4xx and 5xx replies to MAIL, RCPT and end of data.", ["reason"]
+)
+recipients_delivered = REGISTRY.counter(
+    "relay_recipients_delivered_total", "Recipients delivered.", ["transport"]
+)
+recipients_deferred = REGISTRY.counter(
+    "relay_recipients_deferred_total", "Delivery attempts that ended in a temporary failure.", ["transport"]
+)
+recipients_bounced = REGISTRY.counter(
+    "relay_recipients_bounced_total", "Recipients that failed for good.", ["transport"]
+)
+queue_recipients = REGISTRY.gauge("relay_queue_recipients", "Recipients in the spool by state.", ["state"])
+queue_oldest_age = REGISTRY.gauge(
+    "relay_queue_oldest_age_seconds", "Age of the oldest message with a recipient in this state.", ["state"]
+)
+destination_active = REGISTRY.gauge(
+    "relay_destination_connections_active", "Outbound connections open per destination.", ["destination"]
+)
+destination_attempts = REGISTRY.counter(
+    "relay_destination_attempts_total", "Delivery attempts per destination and result.", ["destination", "result"]
+)
+delivery_latency = REGISTRY.histogram(
+    "relay_delivery_latency_seconds", "Time from arrival to delivery of a recipient.", LATENCY_BUCKETS
+)
+spool_batch_size = REGISTRY.histogram(
+    "relay_spool_commit_batch_messages", "Messages in one spool commit (group commit).", BATCH_BUCKETS
+)
+spool_commit_latency = REGISTRY.histogram(
+    "relay_spool_commit_seconds", "Time to commit and fsync one spool batch.", LATENCY_BUCKETS
+)
+tls_handshakes = REGISTRY.counter(
+    "relay_tls_handshakes_total", "TLS handshakes by side and result.", ["side", "result"]
+)

@@ -1,0 +1,146 @@
+"""``relay status``: a summary of the spool by recipient state and destination.
+
+Reads the spool with its own connection inside one read transaction, so it
+gives a consistent snapshot while the relay runs.  The same summary feeds
+the queue gauges of ``/metrics``.  Works on ``--spool DIR`` or the ``[spool]
+path`` of ``--config FILE``; a missing spool is reported with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from relay.cli import add_config_option, config_from_args
+from relay.spool import SpoolError, SpoolStore
+from relay.spool.store import database_path
+
+# States in the order an operator reads them; a state with no recipient shows 0.
+STATES = ("queued", "deferred", "held", "delivered", "bounced")
+# Recipients still owed a delivery attempt count as backlog.
+BACKLOG_STATES = ("queued", "deferred")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Backlog of one recipient domain."""
+
+    domain: str
+    queued: int
+    deferred: int
+    oldest_arrival: float
+
+
+@dataclass(frozen=True)
+class QueueSummary:
+    """Counts of messages and recipients, by state and by destination."""
+
+    messages: int
+    recipients: dict[str, int]
+    oldest_arrival: dict[str, float]
+    destinations: list[Destination] = field(default_factory=list)
+
+
+def summarize(store: SpoolStore, top: int = 10) -> QueueSummary:
+    """Read the summary from an open spool in one read transaction."""
+    connection = store.connection
+    connection.execute("BEGIN")
+    try:
+        (messages,) = connection.execute("SELECT count(*) FROM message").fetchone()
+        by_state = connection.execute(
+            "SELECT r.state, count(*), min(m.arrival) FROM recipient r "
+            "JOIN message m ON m.queue_id = r.queue_id GROUP BY r.state"
+        ).fetchall()
+        by_domain = connection.execute(
+            "SELECT r.domain, sum(r.state = 'queued'), sum(r.state = 'deferred'), min(m.arrival) "
+            "FROM recipient r JOIN message m ON m.queue_id = r.queue_id "
+            "WHERE r.state IN ('queued', 'deferred') GROUP BY r.domain "
+            "ORDER BY count(*) DESC, r.domain LIMIT ?",
+            (top,),
+        ).fetchall()
+    finally:
+        connection.execute("COMMIT")
+
+    return QueueSummary(
+        messages=messages,
+        recipients={state: count for state, count, _ in by_state},
+        oldest_arrival={state: oldest for state, _, oldest in by_state},
+        destinations=[Destination(domain, queued, deferred, oldest) for domain, queued, deferred, oldest in by_domain],
+    )
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{int(seconds)}s"
+    if seconds < 7200:
+        return f"{int(seconds // 60)}m"
+    if seconds < 172800:
+        return f"{int(seconds // 3600)}h"
+    return f"{int(seconds // 86400)}d"
+
+
+def format_summary(summary: QueueSummary, now: float) -> str:
+    """Return the summary as the table ``relay status`` prints."""
+    total = sum(summary.recipients.values())
+    lines = [f"Spool: {summary.messages} message(s), {total} recipient(s)", ""]
+    lines.append(f"{'State':<10} {'Recipients':>10}  Oldest")
+    for state in STATES:
+        count = summary.recipients.get(state, 0)
+        oldest = summary.oldest_arrival.get(state)
+        lines.append(f"{state:<10} {count:>10}  {_age(now - oldest) if oldest is not None else '-'}")
+
+    lines.append("")
+    if not summary.destinations:
+        lines.append("No backlog: no recipient is queued or deferred.")
+        return "\n".join(lines)
+    lines.append("Top destinations by backlog:")
+    width = max(24, *(len(item.domain) for item in summary.destinations))
+    lines.append(f"{'Domain':<{width}} {'Queued':>7} {'Deferred':>8}  Oldest")
+    for item in summary.destinations:
+        domain = item.domain or "(no domain)"
+        lines.append(f"{domain:<{width}} {item.queued:>7} {item.deferred:>8}  {_age(now - item.oldest_arrival)}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.spool:
+        directory = Path(args.spool)
+    else:
+        directory = Path(config_from_args(args).spool.path)
+    if not database_path(directory).exists():
+        print(f"relay status: no spool in {directory}; check --spool or [spool] path", file=sys.stderr)
+        return 1
+
+    try:
+        with SpoolStore(directory) as store:
+            summary = summarize(store, args.top)
+    except SpoolError as exc:
+        print(f"relay status: cannot read the spool in {directory}: {exc}", file=sys.stderr)
+        return 1
+
+    if args.json:
+        document = {
+            "messages": summary.messages,
+            "recipients": {state: summary.recipients.get(state, 0) for state in STATES},
+            "oldest_arrival": summary.oldest_arrival,
+            "destinations": [vars(item) for item in summary.destinations],
+        }
+        sys.stdout.write(orjson.dumps(document).decode() + "\n")
+    else:
+        print(format_summary(summary, time.time()))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``relay status``."""
+    parser = subparsers.add_parser("status", help="summarize the spool by state and destination")
+    add_config_option(parser)
+    parser.add_argument("--spool", metavar="DIR", help="spool directory (default: [spool] path of the config)")
+    parser.add_argument("--top", type=int, default=10, metavar="N", help="destinations to list (default: 10)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.set_defaults(handler=_run)

@@ -1,0 +1,176 @@
+"""Metrics exposition, cross-process snapshots, the admin listener and `relay status`."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import REPO_ROOT, free_port
+from relay import metrics
+from relay.admin import AdminServer
+from relay.spool import DeliveryResult, Envelope, Outcome, Recipient, Spool
+
+
+def families(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Parse exposition text into {sample name: {sorted labels: value}}."""
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_registry_renders_parseable_text() -> None:
+    registry = metrics.Registry()
+    counter = registry.counter("relay_test_total", "A test counter.", ["reason"])
+    gauge = registry.gauge("relay_test_active", "A test gauge.")
+    histogram = registry.histogram("relay_test_seconds", "A test histogram.", (0.1, 1.0))
+
+    counter.inc(reason='5.7.1 "quoted"\nline')
+    counter.inc(2, reason="5.1.1")
+    gauge.set(3)
+    histogram.observe(0.05)
+    histogram.observe(0.5)
+    histogram.observe(5)
+
+    samples = families(registry.render())
+    assert samples["relay_test_total"][(("reason", "5.1.1"),)] == 2
+    assert samples["relay_test_total"][(("reason", '5.7.1 "quoted"\nline'),)] == 1
+    assert samples["relay_test_active"][()] == 3
+    assert samples["relay_test_seconds_bucket"][(("le", "0.1"),)] == 1
+    assert samples["relay_test_seconds_bucket"][(("le", "1.0"),)] == 2
+    assert samples["relay_test_seconds_bucket"][(("le", "+Inf"),)] == 3
+    assert samples["relay_test_seconds_count"][()] == 3
+    assert samples["relay_test_seconds_sum"][()] == pytest.approx(5.55)
+
+
+def test_snapshots_of_other_processes_add_up(tmp_path: Path) -> None:
+    first = metrics.Registry()
+    second = metrics.Registry()
+    for registry, amount in ((first, 1), (second, 4)):
+        registry.counter("relay_test_total", "A test counter.", ["role"]).inc(amount, role="mx")
+        registry.histogram("relay_test_seconds", "A test histogram.", (1.0,)).observe(0.5)
+    metrics.save_snapshot(second, tmp_path, "worker-1")
+    (tmp_path / "worker-2.json").write_bytes(b"{truncated")
+
+    others = metrics.load_snapshots(tmp_path, exclude="worker-0")
+    samples = families(first.render(others))
+
+    assert samples["relay_test_total"][(("role", "mx"),)] == 5
+    assert samples["relay_test_seconds_count"][()] == 2
+
+
+def test_wrong_labels_raise() -> None:
+    registry = metrics.Registry()
+    counter = registry.counter("relay_test_total", "A test counter.", ["role"])
+
+    with pytest.raises(ValueError, match="takes labels"):
+        counter.inc(listener="x")
+
+
+def fill_spool(directory: Path) -> None:
+    spool = Spool.open(directory)
+    try:
+        envelope = Envelope(
+            sender="a@example.test",
+            recipients=(Recipient("x@example.net"), Recipient("y@example.net"), Recipient("z@example.org")),
+        )
+        spool.commit_blocking(envelope, b"Subject: one\r\n\r\nbody\r\n")
+        spool.commit_blocking(Envelope(sender="", recipients=(Recipient("w@example.net"),)), b"x\r\n")
+    finally:
+        spool.close()
+
+
+def fetch(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+async def run_admin(tmp_path: Path, accepting: list[bool]) -> dict[str, tuple[int, str]]:
+    server = AdminServer(tmp_path / "spool", tmp_path / "snapshots", "worker-0", lambda: accepting[0])
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        results = {}
+        for path in ("/metrics", "/healthz", "/nope"):
+            results[path] = await loop.run_in_executor(None, fetch, base + path)
+        accepting[0] = False
+        results["/healthz stopped"] = await loop.run_in_executor(None, fetch, base + "/healthz")
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n")
+        await writer.drain()
+        results["oversized"] = (0, (await reader.read()).decode())
+        writer.close()
+        return results
+    finally:
+        await server.close()
+
+
+def test_admin_serves_metrics_and_health(tmp_path: Path) -> None:
+    fill_spool(tmp_path / "spool")
+    metrics.messages_received.inc(role="mx")
+
+    results = asyncio.run(run_admin(tmp_path, [True]))
+
+    status, body = results["/metrics"]
+    assert status == 200
+    samples = families(body)
+    assert samples["relay_queue_recipients"][(("state", "queued"),)] == 4
+    assert samples["relay_queue_recipients"][(("state", "deferred"),)] == 0
+    assert samples["relay_queue_oldest_age_seconds"][(("state", "queued"),)] >= 0
+    assert samples["relay_messages_received_total"][(("role", "mx"),)] >= 1
+    assert results["/healthz"] == (200, "ok\n")
+    assert results["/nope"][0] == 404
+    assert results["/healthz stopped"][0] == 503
+    assert results["oversized"][1].startswith("HTTP/1.1 431 ")
+
+
+async def defer_one(directory: Path) -> None:
+    spool = Spool.open(directory)
+    try:
+        claims = await spool.claim("test", limit=10)
+        first = claims[0]
+        result = DeliveryResult(first.queue_id, 0, Outcome.DEFERRED, "451 4.3.0 busy", "mx", next_attempt=2e9)
+        await spool.record_results([result], lease_token=first.lease_token)
+    finally:
+        await spool.aclose()
+
+
+def test_status_command(tmp_path: Path) -> None:
+    fill_spool(tmp_path / "spool")
+    asyncio.run(defer_one(tmp_path / "spool"))
+    command = [sys.executable, "-m", "relay", "status", "--spool", str(tmp_path / "spool")]
+    env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}
+
+    text = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+    document = orjson.loads(subprocess.run([*command, "--json"], capture_output=True, env=env, check=True).stdout)
+
+    assert "Spool: 2 message(s), 4 recipient(s)" in text
+    assert "Top destinations by backlog:" in text
+    assert document["recipients"]["queued"] == 3
+    assert document["recipients"]["deferred"] == 1
+    assert document["destinations"][0]["domain"] == "example.net"
+    assert document["destinations"][0]["queued"] + document["destinations"][0]["deferred"] == 3
+
+
+def test_status_missing_spool(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "relay", "status", "--spool", str(tmp_path / "none")]
+
+    result = subprocess.run(command, capture_output=True, text=True, env={"PYTHONPATH": str(REPO_ROOT)}, check=False)
+
+    assert result.returncode == 1
+    assert "no spool in" in result.stderr
