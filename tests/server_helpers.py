@@ -156,10 +156,10 @@ class RelayProcess:
         assert self.process is not None
         self.process.send_signal(signum)
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM the server, wait, and check it exited cleanly without loop errors."""
+    def stop(self, timeout: float = 30.0, *, send_signal: bool = True) -> int:
+        """SIGTERM the server (unless already signalled), wait, and check the log is clean."""
         assert self.process is not None
-        if self.process.poll() is None:
+        if send_signal and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
             status = self.process.wait(timeout)
