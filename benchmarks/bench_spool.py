@@ -1,7 +1,8 @@
 """Measure durable commits per second: relay's spool against a file-per-message spool.
 
 For each message size (1 KiB and 100 KiB by default) and each number of
-concurrent committers (1, 20 and 100), two stores run for ``--seconds``:
+concurrent committers (1, 20 and 100), two stores take turns, ``--repeat``
+runs of ``--seconds`` each, and the medians are compared:
 
 - ``relay``: ``relay.spool.Spool``; N asyncio tasks on one event loop (as in
   one server worker) each await ``commit`` in a loop.  Group commit lets the
@@ -17,7 +18,7 @@ ratio is meaningful even on a busy machine where the absolute figures are not.
 ``--json`` prints one JSON document with the machine, every figure and the
 relay/baseline ratio per case.
 
-Usage: ``python benchmarks/bench_spool.py [--seconds 2] [--json] [--dir DIR]``
+Usage: ``python benchmarks/bench_spool.py [--seconds 1] [--repeat 3] [--json] [--dir DIR]``
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import platform
 import shutil
 import sqlite3
+import statistics
 import sys
 import tempfile
 import threading
@@ -186,9 +188,14 @@ def _event_loop_runner(name: str) -> Callable[[Any], Any]:
     return asyncio.run
 
 
+def _rates(values: list[float]) -> str:
+    return "/".join(f"{value:.0f}" for value in values)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Durable commits per second: relay's spool against file+fsync.")
-    parser.add_argument("--seconds", type=float, default=2.0, help="duration of each case in seconds (default 2)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="duration of each run in seconds (default 1)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case and store, alternating (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     parser.add_argument("--dir", type=Path, help="directory to write in (default: a new one under the current one)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (default uvloop)")
@@ -203,18 +210,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for size in args.sizes:
             for concurrency in args.concurrency:
-                case = f"{size}-{concurrency}"
-                relay_row = run_loop(_bench_relay(base / f"relay-{case}", size, concurrency, args.seconds))
-                file_row = _bench_files(base / f"files-{case}", size, concurrency, args.seconds)
-                rows.extend([relay_row, file_row])
-                ratio = relay_row["commits_per_second"] / max(file_row["commits_per_second"], 1e-9)
-                ratios.append({"size": size, "concurrency": concurrency, "relay_over_file_fsync": round(ratio, 2)})
+                relay_rates: list[float] = []
+                file_rates: list[float] = []
+                # Alternate the two stores so that a burst of load from elsewhere on
+                # the machine hits both about equally; report the medians.
+                for repeat in range(args.repeat):
+                    case = f"{size}-{concurrency}-{repeat}"
+                    relay_row = run_loop(_bench_relay(base / f"relay-{case}", size, concurrency, args.seconds))
+                    file_row = _bench_files(base / f"files-{case}", size, concurrency, args.seconds)
+                    relay_row["repeat"] = file_row["repeat"] = repeat
+                    rows.extend([relay_row, file_row])
+                    relay_rates.append(relay_row["commits_per_second"])
+                    file_rates.append(file_row["commits_per_second"])
+                    shutil.rmtree(base / f"files-{case}", ignore_errors=True)
+                    shutil.rmtree(base / f"relay-{case}", ignore_errors=True)
+                relay_median = statistics.median(relay_rates)
+                file_median = statistics.median(file_rates)
+                ratio = relay_median / max(file_median, 1e-9)
+                ratios.append(
+                    {
+                        "size": size,
+                        "concurrency": concurrency,
+                        "relay_median_per_second": relay_median,
+                        "file_fsync_median_per_second": file_median,
+                        "relay_over_file_fsync": round(ratio, 2),
+                    }
+                )
                 if not args.json:
                     print(
-                        f"{size:>7} B x {concurrency:>3}: relay {relay_row['commits_per_second']:>9.1f}/s"
-                        f" (p99 {relay_row['p99_ms']:.1f} ms, {relay_row['batches']} batches)"
-                        f"  file-fsync {file_row['commits_per_second']:>8.1f}/s"
-                        f" (p99 {file_row['p99_ms']:.1f} ms)  ratio {ratio:.2f}",
+                        f"{size:>7} B x {concurrency:>3}: relay {relay_median:>9.1f}/s"
+                        f"  file-fsync {file_median:>8.1f}/s  ratio {ratio:>6.2f}"
+                        f"  (medians of {args.repeat}; relay {_rates(relay_rates)}, file {_rates(file_rates)})",
                         flush=True,
                     )
         machine = _machine(base)
@@ -226,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "spool",
             "command": " ".join(["benchmarks/bench_spool.py", *(argv if argv is not None else sys.argv[1:])]),
             "loop": args.loop,
-            "seconds_per_case": args.seconds,
+            "seconds_per_run": args.seconds,
+            "repeat": args.repeat,
             "machine": machine,
             "results": rows,
             "ratios": ratios,

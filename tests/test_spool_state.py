@@ -518,3 +518,35 @@ def test_corrupt_state_moved_aside_on_load(spool: Spool) -> None:
     assert (spool.directory / "corrupt" / f"{queue_id}.json").exists()
     with SpoolStore(spool.directory) as store:
         assert store.queue_ids() == []
+
+
+# -- checkpoints -------------------------------------------------------------------
+
+
+def test_background_checkpoint_runs(spool: Spool) -> None:
+    body = make_body("checkpoint", 100_000)
+    for _ in range(3):
+        run(asyncio.wait_for(_commit_many(spool, body, 20), timeout=60))
+    # 60 messages of 100 kB pass the 4 MB checkpoint point at least once.
+    deadline = time.monotonic() + 10
+    while spool.background_checkpoints == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert spool.background_checkpoints > 0
+
+
+def test_wal_limit_forces_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("relay.spool.writer.WAL_LIMIT_BYTES", 1)
+    spool = Spool.open(tmp_path / "spool")
+    try:
+        with caplog.at_level(logging.INFO, logger="relay.spool"):
+            ids = [spool.commit_blocking(make_envelope(), make_body(str(n), 5000)) for n in range(5)]
+        assert all(run(spool.load_body(queue_id)) == make_body(str(n), 5000) for n, queue_id in enumerate(ids))
+    finally:
+        spool.close()
+    assert "checkpoint-restart" in [getattr(record, "event", None) for record in caplog.records]
+
+
+async def _commit_many(spool: Spool, body: bytes, count: int) -> list[str]:
+    return list(await asyncio.gather(*(spool.commit(make_envelope(), body) for _ in range(count))))

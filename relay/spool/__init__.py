@@ -167,6 +167,11 @@ class Spool:
         """Changes (commits, claims, results, ...) inside those transactions."""
         return self._writer.jobs
 
+    @property
+    def background_checkpoints(self) -> int:
+        """WAL checkpoints the background thread has run since the spool was opened."""
+        return self._writer.checkpoints
+
     # -- the server -----------------------------------------------------------
 
     async def commit(

@@ -167,7 +167,9 @@ class SpoolStore:
     Any ``sqlite3.Error`` is raised as ``SpoolError``.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], *, busy_timeout: float = 10.0, autocheckpoint: bool = True
+    ) -> None:
         self.directory = Path(directory)
         created = not database_path(self.directory).exists()
         try:
@@ -183,14 +185,14 @@ class SpoolStore:
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open spool {self.directory}: {exc}") from exc
         try:
-            self._configure(busy_timeout)
+            self._configure(busy_timeout, autocheckpoint)
             if created:
                 _fsync_directory(self.directory)
         except BaseException:
             self.connection.close()
             raise
 
-    def _configure(self, busy_timeout: float) -> None:
+    def _configure(self, busy_timeout: float, autocheckpoint: bool) -> None:
         with self._errors("open"):
             self.connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             mode = self.connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -198,6 +200,11 @@ class SpoolStore:
                 raise SpoolError(f"spool {self.directory}: the file system does not support WAL mode ({mode})")
             # FULL: each commit fsyncs the WAL, so a committed message survives power loss.
             self.connection.execute("PRAGMA synchronous = FULL")
+            if not autocheckpoint:
+                # The writer leaves checkpoints to relay.spool.checkpoint's thread.
+                self.connection.execute("PRAGMA wal_autocheckpoint = 0")
+            # Truncate the WAL file to this size when SQLite restarts it: 64 MiB.
+            self.connection.execute(f"PRAGMA journal_size_limit = {64 * 1024 * 1024}")
             version = self.connection.execute("PRAGMA user_version").fetchone()[0]
             if version == SCHEMA_VERSION:
                 return

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.log import log_event
+from relay.spool.checkpoint import CHECKPOINT_BYTES, PAGE_ESTIMATE, WAL_LIMIT_BYTES, Checkpointer, wal_size
 from relay.spool.errors import SpoolError
 from relay.spool.store import PendingCommit, SpoolStore
 
@@ -83,8 +84,15 @@ class Writer:
         self._start_error: BaseException | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="relay-spool-writer", daemon=True)
+        self._checkpointer = Checkpointer(directory, busy_timeout)
+        self._wal_growth = 0  # estimated octets added to the WAL since the last checkpoint request
         self.batches = 0  # committed transactions, for tests and the benchmark
         self.jobs = 0  # jobs in those transactions
+
+    @property
+    def checkpoints(self) -> int:
+        """Background checkpoints run so far."""
+        return self._checkpointer.checkpoints
 
     def start(self) -> None:
         """Start the thread and wait until its connection is open; raise SpoolError if it fails."""
@@ -92,6 +100,7 @@ class Writer:
         self._started.wait()
         if self._start_error is not None:
             raise self._start_error
+        self._checkpointer.start()
 
     def submit_async(self, operation: Operation) -> asyncio.Future[Any]:
         """Queue an operation; return an asyncio future of the running loop."""
@@ -131,10 +140,12 @@ class Writer:
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
+        if self._start_error is None:
+            self._checkpointer.stop()
 
     def _run(self) -> None:
         try:
-            store = SpoolStore(self.directory, busy_timeout=self.busy_timeout)
+            store = SpoolStore(self.directory, busy_timeout=self.busy_timeout, autocheckpoint=False)
         except BaseException as exc:
             self._start_error = exc
             self._started.set()
@@ -145,10 +156,27 @@ class Writer:
                 batch, stop = self._next_batch()
                 if batch:
                     self._commit(store, batch)
+                    self._checkpoint(store, batch)
                 if stop:
                     break
         finally:
             store.close()
+
+    def _checkpoint(self, store: SpoolStore, batch: list[Job]) -> None:
+        # Estimate the WAL growth: the bodies plus about one page of rows and index
+        # entries per job.  A checkpoint per commit would add an fsync per commit.
+        self._wal_growth += sum(job.size for job in batch) + PAGE_ESTIMATE * len(batch)
+        if self._wal_growth >= CHECKPOINT_BYTES:
+            self._wal_growth = 0
+            self._checkpointer.request()
+        if wal_size(self.directory) <= WAL_LIMIT_BYTES:
+            return
+        try:
+            store.connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        except sqlite3.Error as exc:
+            log_event(logger, "checkpoint-failed", logging.WARNING, spool=str(self.directory), error=str(exc))
+        else:
+            log_event(logger, "checkpoint-restart", spool=str(self.directory), wal_bytes=wal_size(self.directory))
 
     def _next_batch(self) -> tuple[list[Job], bool]:
         first = self._queue.get()
