@@ -147,6 +147,9 @@ def test_failed_handshake_closes(relay: RelayProcess, client: RawClient) -> None
     client.exchange(b"STARTTLS\r\n", ["220"])
     client.send(b"\x16\x03\x01\x00\x05hello" + b"\x00" * 32)
     assert client.closed()
+    deadline = time.monotonic() + 5
+    while "tls_failed" not in relay.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "tls_failed" in relay.log()
 
 

@@ -13,8 +13,8 @@ Mechanisms: PLAIN (RFC 4616) and LOGIN (the de-facto draft that Outlook and
 most MUAs use), each with an optional initial response.  RFC 4954 section 4
 rules apply: ``=`` is an empty response, ``*`` cancels (``501 5.7.0``), data
 that is not base64 gets ``501 5.5.2``.  An authorization identity different
-from the authentication identity is refused, since nobody may act for another
-user here.  Passwords and raw responses are never logged or stored.
+from the authentication identity is rejected with ``535 5.7.8`` because no
+user may act for another here.  Passwords and raw responses are never logged or stored.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 SALT_OCTETS = 16
 KEY_OCTETS = 32
-# hashlib.scrypt refuses to use more than maxmem octets; 128 * N * r is 16 MiB here.
+# hashlib.scrypt raises ValueError above maxmem octets; 128 * N * r is 16 MiB here.
 _SCRYPT_MAXMEM = 64 * 1024 * 1024
 
 # Base64 of "Username:" and "Password:", the LOGIN prompts every client expects.
