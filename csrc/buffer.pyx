@@ -38,8 +38,54 @@ cdef extern from *:
     #ifndef RELAY_DEBUG
     #define RELAY_DEBUG 0
     #endif
+
+    /* Skip 16-octet blocks of DATA that need no per-line work: every LF is
+       preceded by CR, every CR is followed by LF, and no line starts with a
+       dot.  Returns the offset of the first block that fails (or that does
+       not fit before end); *ends_line is set when the octet before that
+       offset is the LF of a CRLF.  p must not be a line start whose dot is
+       still unchecked, and octet p - 1 must not be a CR.  Without SSE2 it
+       skips nothing and the scalar loop does all the work. */
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    static Py_ssize_t relay_skip_plain(const char *buf, Py_ssize_t p, Py_ssize_t end,
+                                       int *ends_line) {
+        const __m128i cr_byte = _mm_set1_epi8(13);
+        const __m128i lf_byte = _mm_set1_epi8(10);
+        const __m128i dot_byte = _mm_set1_epi8(46);
+        unsigned int cr_in = 0, line_start_in = 0;
+        while (end - p >= 16) {
+            __m128i block = _mm_loadu_si128((const __m128i *)(buf + p));
+            unsigned int cr = (unsigned int)_mm_movemask_epi8(_mm_cmpeq_epi8(block, cr_byte));
+            unsigned int lf = (unsigned int)_mm_movemask_epi8(_mm_cmpeq_epi8(block, lf_byte));
+            unsigned int dot = (unsigned int)_mm_movemask_epi8(_mm_cmpeq_epi8(block, dot_byte));
+            if (lf != (((cr << 1) | cr_in) & 0xFFFFu))
+                break;
+            if ((((lf << 1) | line_start_in) & dot) & 0xFFFFu)
+                break;
+            /* A CR in the last octet is accepted only when its LF is in
+               the buffer, so the block after it starts with that LF. */
+            if ((cr & 0x8000u) && (end - p == 16 || buf[p + 16] != 10))
+                break;
+            cr_in = cr >> 15;
+            line_start_in = lf >> 15;
+            p += 16;
+        }
+        *ends_line = (int)line_start_in;
+        return p;
+    }
+    #else
+    static Py_ssize_t relay_skip_plain(const char *buf, Py_ssize_t p, Py_ssize_t end,
+                                       int *ends_line) {
+        (void)buf; (void)end;
+        *ends_line = 0;
+        return p;
+    }
+    #endif
     """
     const int RELAY_DEBUG
+    Py_ssize_t relay_skip_plain(const char *buf, Py_ssize_t p, Py_ssize_t end,
+                                int *ends_line) noexcept nogil
 
 
 cdef enum:
@@ -157,6 +203,22 @@ cdef class BdatChunk:
 
     def __repr__(self):
         return f"BdatChunk(data=<{len(self.data)} octets>, octets={self.octets})"
+
+
+cdef void _check_plain(const char *buf, Py_ssize_t start, Py_ssize_t stop) noexcept:
+    """Debug builds: verify a range relay_skip_plain() skipped, octet by octet."""
+    cdef Py_ssize_t i
+    for i in range(start, stop):
+        if buf[i] == LF and (i == 0 or buf[i - 1] != CR):
+            raise_fatal(b"relay_skip_plain skipped a bare LF")
+        if buf[i] == CR and buf[i + 1] != LF:
+            raise_fatal(b"relay_skip_plain skipped a bare CR")
+        if buf[i] == DOT and i > start and buf[i - 1] == LF:
+            raise_fatal(b"relay_skip_plain skipped a dot at a line start")
+
+
+cdef extern from "Python.h":
+    void raise_fatal "Py_FatalError" (const char *message) noexcept
 
 
 # Every event next_event() returns; usable with isinstance() and in annotations.
@@ -391,6 +453,8 @@ cdef class SMTPBuffer:
         cdef Py_ssize_t line_end
         cdef Py_ssize_t scan_end
         cdef const char *hit
+        cdef Py_ssize_t skipped
+        cdef int ends_line = 0
         cdef object event = None
 
         # Invariant between calls: a consumed octet is never a CR whose
@@ -413,6 +477,17 @@ cdef class SMTPBuffer:
                     p += 1
                     copy_from = p
                 self._line_start = False
+                if p >= end:
+                    break
+
+            skipped = relay_skip_plain(buf, p, end, &ends_line)
+            if skipped > p:
+                if RELAY_DEBUG:
+                    _check_plain(buf, p, skipped)
+                p = skipped
+                if ends_line:
+                    self._line_start = True
+                    continue
                 if p >= end:
                     break
 
