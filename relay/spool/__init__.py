@@ -13,9 +13,12 @@ Storage: one SQLite database (standard-library ``sqlite3``) in WAL mode with
 per process commits in batches (group commit): jobs that arrive while a
 commit runs share the next transaction and its fsync.  Worker processes each
 run their own writer and take turns on SQLite's write lock, waiting up to
-the busy timeout; readers never block writers.  After a crash (kill -9,
-power loss) the next open replays the WAL by itself, no repair step needed,
-and every message whose commit had returned is present.
+the busy timeout; readers never block writers.  A background thread copies
+the WAL into the database (checkpoints) so commits do not wait for that copy
+(see ``relay.spool.checkpoint``).  After a crash the next open replays the
+WAL by itself, with no repair step, and every message whose commit had
+returned is present.  The tests prove this for SIGKILL; after a power loss
+it also needs a disk that honours fsync.
 
 Limits, with their defaults (all set in ``[spool]``, see ``relay.config``):
 ``commit_batch_messages`` (512) and ``commit_batch_bytes`` (64 MiB) bound
@@ -28,7 +31,8 @@ which the server maps to ``452 4.3.1``; the failed transaction is rolled back
 whole, so no partial message remains.  A record that cannot be decoded is
 copied to ``DIR/corrupt/`` and deleted, with an error logged, never skipped
 silently.  A message is deleted only when no recipient is queued, deferred
-or held and every DSN it owes is itself in the spool.
+or held and every DSN it owes is itself in the spool, or when an operator
+runs ``relay queue delete``.
 """
 
 from __future__ import annotations
