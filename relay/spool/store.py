@@ -1,9 +1,9 @@
 """SQL access to one spool database through one ``sqlite3`` connection.
 
 ``SpoolStore`` contains every statement the spool runs.  The writer thread uses
-one store for all writes and wraps a batch of operations in one transaction;
-readers and ``relay queue`` use stores of their own, each in their own
-thread, and ``relay queue`` wraps each change in ``transaction()``.
+one store for all writes and wraps a batch of operations in one transaction.
+Reader threads and ``relay queue`` open stores of their own, and ``relay
+queue`` wraps each change in ``transaction()``.
 
 Layout: ``DIR/spool.db`` (with SQLite's ``-wal`` and ``-shm`` files) and
 ``DIR/corrupt/``, where records that cannot be decoded are moved aside.
@@ -433,8 +433,8 @@ class SpoolStore:
 
         A result for a recipient already delivered or bounced is ignored.  A
         result whose lease was lost to another live lease still counts when it
-        is final (delivered or failed), because that attempt really happened;
-        a lost-lease deferral is only added to the history.
+        is final (delivered or failed), because that attempt really happened.
+        A deferral with a lost lease is only added to the history.
         """
         applied = 0
         touched: set[str] = set()
@@ -487,7 +487,8 @@ class SpoolStore:
         else:
             new_state = RecipientState.HELD if state == RecipientState.HELD else RecipientState.DEFERRED
             wants_dsn = False
-        # RFC 3461 section 6.2 and RFC 5321 section 6.1: never a DSN to the null sender.
+        # No DSN ever goes to the null reverse-path (RFC 5321), which bounces use,
+        # so two relays cannot bounce a bounce back and forth.
         dsn = DsnState.PENDING if wants_dsn and sender != "" else DsnState.NONE
         next_attempt = result.next_attempt if result.next_attempt is not None else now
         keep_lease = lease_lost
