@@ -456,18 +456,24 @@ class SpoolStore:
             (result.queue_id, result.index),
         ).fetchone()
         if row is None:
-            log_event(logger, "result-ignored", logging.WARNING, queue_id=result.queue_id,
-                      index=result.index, reason="recipient not in spool")
+            log_event(
+                logger, "result-ignored", logging.WARNING,
+                queue_id=result.queue_id, index=result.index, reason="recipient not in spool",
+            )
             return False
         state, notify_text, current_token, lease_until, sender = row
+
         self.connection.execute(
             "INSERT INTO attempt (queue_id, idx, time, outcome, reply, host) VALUES (?, ?, ?, ?, ?, ?)",
             (result.queue_id, result.index, now, result.outcome.value, result.reply, result.host),
         )
         if state in (RecipientState.DELIVERED, RecipientState.BOUNCED):
-            log_event(logger, "result-ignored", logging.WARNING, queue_id=result.queue_id,
-                      index=result.index, state=state, reason="recipient already final")
+            log_event(
+                logger, "result-ignored", logging.WARNING,
+                queue_id=result.queue_id, index=result.index, state=state, reason="recipient already final",
+            )
             return False
+
         lease_lost = (
             lease_token is not None
             and current_token is not None
@@ -477,21 +483,14 @@ class SpoolStore:
         )
         if lease_lost and result.outcome is Outcome.DEFERRED:
             return False
+
         notify = tuple(item for item in notify_text.split(",") if item)
-        if result.outcome is Outcome.DELIVERED:
-            new_state = RecipientState.DELIVERED
-            wants_dsn = "SUCCESS" in notify
-        elif result.outcome is Outcome.FAILED:
-            new_state = RecipientState.BOUNCED
-            wants_dsn = "NEVER" not in notify and (not notify or "FAILURE" in notify)
-        else:
-            new_state = RecipientState.HELD if state == RecipientState.HELD else RecipientState.DEFERRED
-            wants_dsn = False
+        new_state, wants_dsn = _after_result(result.outcome, RecipientState(state), notify)
         # No DSN ever goes to the null reverse-path (RFC 5321), which bounces use,
         # so two relays cannot bounce a bounce back and forth.
         dsn = DsnState.PENDING if wants_dsn and sender != "" else DsnState.NONE
         next_attempt = result.next_attempt if result.next_attempt is not None else now
-        keep_lease = lease_lost
+        # A lost lease belongs to the scheduler now holding it, so it stays.
         self.connection.execute(
             "UPDATE recipient SET state = ?, attempts = attempts + 1, next_attempt = ?,"
             " last_attempt = ?, last_reply = ?, last_host = ?, dsn = ?,"
@@ -500,7 +499,7 @@ class SpoolStore:
             " WHERE queue_id = ? AND idx = ?",
             (
                 new_state.value, next_attempt, now, result.reply, result.host, dsn.value,
-                keep_lease, keep_lease, result.queue_id, result.index,
+                lease_lost, lease_lost, result.queue_id, result.index,
             ),
         )
         return True
@@ -729,6 +728,24 @@ class SpoolStore:
         """Run ``PRAGMA integrity_check``; return its lines (``["ok"]`` when sound)."""
         with self._errors("integrity check"):
             return [line for (line,) in self.connection.execute("PRAGMA integrity_check")]
+
+
+def _after_result(
+    outcome: Outcome, state: RecipientState, notify: tuple[str, ...]
+) -> tuple[RecipientState, bool]:
+    """Return a recipient's state after an outcome, and whether the outcome owes a DSN.
+
+    The RFC 3461 NOTIFY parameter decides the DSN.  A failure owes one when
+    NOTIFY is absent or contains FAILURE, and a delivery only when it contains
+    SUCCESS.  A held recipient stays held when its attempt is deferred.
+    """
+    if outcome is Outcome.DELIVERED:
+        return RecipientState.DELIVERED, "SUCCESS" in notify
+    if outcome is Outcome.FAILED:
+        return RecipientState.BOUNCED, "NEVER" not in notify and (not notify or "FAILURE" in notify)
+    if state is RecipientState.HELD:
+        return RecipientState.HELD, False
+    return RecipientState.DEFERRED, False
 
 
 def _json_fallback(value: Any) -> Any:
