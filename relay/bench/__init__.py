@@ -1,0 +1,1 @@
+"""Benchmark tools: ``relay bench`` (SMTP load generator) and ``relay sink`` (counting sink)."""

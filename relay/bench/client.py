@@ -90,6 +90,11 @@ class Connection(asyncio.Protocol):
             self._wake()
 
     def eof_received(self) -> bool:
+        # Wake the reader at once: after a peer closes a TLS connection without
+        # close_notify, connection_lost may come late or not at all.
+        if self.failure is None:
+            self.failure = "connection_lost"
+        self._wake()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -358,6 +363,8 @@ async def _pipelined_envelope(
     replies = await connection.read(len(pieces), settings.timeout)
 
     mail_reply = session._reply("mail", replies[0])
+    for reply in replies[1:-1]:
+        session._reply("rcpt", reply)
     accepted = _count_rcpts(session, replies[1:-1], mail_reply.code == 250)
     final = session._reply("end_of_data" if settings.bdat else "data", replies[-1])
     if mail_reply.code != 250:
@@ -424,12 +431,12 @@ async def _stepwise_envelope(
 
 
 def _count_rcpts(session: Session, replies: list[Reply], mail_accepted: bool) -> int:
+    """Tally RCPT replies already counted by code; return how many were accepted."""
     # After a rejected MAIL the RCPT replies are sequence errors (503), not
     # recipient rejections, so only the MAIL error is counted.
     accepted = 0
     stats = session.stats
     for reply in replies:
-        session._reply("rcpt", reply)
         if reply.code == 250 or reply.code == 251:
             accepted += 1
             stats.recipients_accepted += 1

@@ -42,6 +42,8 @@ from relay.log import log_event
 
 logger = logging.getLogger("relay.sink")
 
+# Seconds the parent waits for each worker to listen before it stops waiting.
+STARTUP_TIMEOUT = 30.0
 # Seconds between copies of a worker's counters into the shared array.
 FLUSH_INTERVAL = 0.1
 # Pending connections the kernel queues per socket; smtp-source opens its
@@ -101,6 +103,7 @@ async def _serve(
     sock: socket.socket,
     on_report: Callable[[], None] | None,
     flush: Callable[[], None] | None,
+    on_ready: Callable[[], None],
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -112,6 +115,8 @@ async def _serve(
         # Workers ignore SIGUSR1 sent to the whole process group; the parent reports.
         loop.add_signal_handler(signal.SIGUSR1, lambda: None)
     server = await loop.create_server(lambda: SinkProtocol(state), sock=sock, backlog=LISTEN_BACKLOG)
+    # Signal handlers are in place, so a caller may send SIGTERM from here on.
+    on_ready()
     flusher = None
     if flush is not None:
         flusher = asyncio.create_task(_flush_periodically(flush))
@@ -136,18 +141,21 @@ async def _flush_periodically(flush: Callable[[], None]) -> None:
 def _run_single(run: SinkRun) -> int:
     state = SinkState(run.settings)
     sock = _listening_socket(run.host, run.port, reuse_port=False)
-    log_event(logger, "listening", address=f"{run.host}:{run.port}", workers=1)
 
     def report() -> None:
         _print(format_counters(state.counters, run.json_output))
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(run, state, sock, report, None))
+        runner.run(_serve(run, state, sock, report, None, lambda: _log_listening(run)))
     report()
     return 0
 
 
-def _worker(run: SinkRun, index: int, shared: Any, sock: socket.socket) -> None:
+def _log_listening(run: SinkRun) -> None:
+    log_event(logger, "listening", address=f"{run.host}:{run.port}", workers=run.workers)
+
+
+def _worker(run: SinkRun, index: int, shared: Any, sock: socket.socket, ready: Any) -> None:
     state = SinkState(run.settings, worker=index)
     base = index * COUNTER_SLOTS
 
@@ -155,21 +163,21 @@ def _worker(run: SinkRun, index: int, shared: Any, sock: socket.socket) -> None:
         shared[base : base + COUNTER_SLOTS] = state.counters
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(run, state, sock, None, flush))
+        runner.run(_serve(run, state, sock, None, flush, ready.release))
 
 
 def _run_workers(run: SinkRun) -> int:
     shared = RawArray("q", COUNTER_SLOTS * run.workers)
     context = multiprocessing.get_context("fork")
+    ready = context.Semaphore(0)
     processes = []
     for index in range(run.workers):
         # Each worker binds its own socket, so the kernel balances between them.
         sock = _listening_socket(run.host, run.port, reuse_port=True)
-        process = context.Process(target=_worker, args=(run, index, shared, sock), daemon=True)
+        process = context.Process(target=_worker, args=(run, index, shared, sock, ready), daemon=True)
         process.start()
         sock.close()
         processes.append(process)
-    log_event(logger, "listening", address=f"{run.host}:{run.port}", workers=run.workers)
 
     def totals() -> list[int]:
         values = [0] * COUNTER_SLOTS
@@ -189,6 +197,11 @@ def _run_workers(run: SinkRun) -> int:
     signal.signal(signal.SIGUSR1, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    for _ in processes:
+        if not ready.acquire(timeout=STARTUP_TIMEOUT) or stopping:
+            break
+    else:
+        _log_listening(run)
     while not stopping and any(process.is_alive() for process in processes):
         for process in processes:
             process.join(timeout=0.2)
