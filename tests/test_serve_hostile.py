@@ -112,8 +112,10 @@ def test_smuggling_closes_without_spooling(relay: RelayProcess, client: RawClien
 
 
 def test_bare_lf_command_line_end(relay: RelayProcess, client: RawClient) -> None:
-    """Postfix CVE-2023-51764 (a): a bare LF ends a command line by policy, never DATA."""
-    client.exchange(b"EHLO client.example.com\nMAIL FROM:<spoof@example.org>\r\n", ["250", "250"])
+    """Postfix CVE-2023-51764 (a): one write never runs as two commands through a bare LF."""
+    client.exchange(b"EHLO client.example.com\nMAIL FROM:<spoof@example.org>\r\n", ["501 5.5.2"])
+    client.exchange(b"EHLO client.example.com\n", ["250"])
+    client.exchange(b"MAIL FROM:<spoof@example.org>\n", ["250"])
     client.exchange(b"RCPT TO:<rcpt@example.net>\r\nDATA\r\n", ["250", "354"])
     client.exchange(b"x\n.\n\r\n.\r\n", ["521 5.5.2"])
     assert messages_from(relay, "spoof@example.org") == []
@@ -603,7 +605,7 @@ def test_many_folded_header_lines(relay: RelayProcess, client: RawClient) -> Non
 
 def test_helo_bare_lf_never_in_received(relay: RelayProcess, client: RawClient) -> None:
     """Exim 2003, KumoMTA #22: the EHLO name in Received holds no CR or LF."""
-    client.exchange(b"EHLO host.example.com\nIP\r\n", ["250", "500"])
+    client.exchange(b"EHLO host.example.com\nIP\r\n", ["501 5.5.2"])
     client.exchange(EHLO, ["250"])
     transaction(client, "helo-lf@example.com")
     client.exchange(b"Subject: s\r\n\r\nbody\r\n.\r\n", ["250"])

@@ -16,6 +16,7 @@ import pytest
 from relay.smtp import replies
 from relay.smtp.transaction import MessageReady
 from tests.smtp_transcript import (
+    TRUSTED,
     UNTRUSTED,
     feed,
     hostile_config,
@@ -397,9 +398,27 @@ def test_cr_in_arguments_rejected() -> None:
 
 
 def test_bare_lf_ends_command_line() -> None:
-    # Policy: a bare LF ends a command line, so LF-only clients work; inside
-    # DATA it never ends anything.
-    run_transcript(make_session, [(b"EHLO client.example.com\nNOOP\n", ["250", "250"])])
+    # Policy: a bare LF ends a command line when the client waits for the
+    # reply, so LF-only clients work; inside DATA it never ends anything.
+    run_transcript(
+        lambda: make_session(client=UNTRUSTED),
+        [(b"EHLO client.example.com\n", ["250"]), (b"NOOP\n", ["250"])],
+    )
+
+
+def test_bare_lf_with_input_behind_is_one_line() -> None:
+    # Postfix CVE-2023-51764 (a): one write must never run as two commands
+    # through a bare LF, so the LF stays inside the line, which is invalid.
+    for client in (TRUSTED, UNTRUSTED):
+        session = make_session(client=client)
+
+        smuggled = b"EHLO client.example.com\nMAIL FROM:<spoof@example.org>\r\n"
+        outcome = feed(session, [smuggled, b"EHLO a.example\r\n"])
+
+        assert outcome.replies[1].startswith("501 5.5.2")
+        assert outcome.replies[2].startswith("250")
+        assert len(outcome.replies) == 3
+        assert not outcome.closed
 
 
 # -- relay policy -------------------------------------------------------------

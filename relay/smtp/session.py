@@ -17,7 +17,11 @@ Policy decisions, with their sources:
 - Command lines: at most ``policy.max_line_length`` octets with CRLF (512,
   RFC 5321 section 4.5.3.1.4), ``500 5.5.2`` beyond, the session continues.
   AUTH lines may reach ``policy.max_auth_line_length`` (12288, RFC 4954
-  section 4).  A bare LF ends a command line, so clients that send LF work.
+  section 4).  A bare LF ends a command line when nothing follows it yet,
+  so clients that send LF and wait for the reply work.  When more input
+  already follows, the LF counts as part of the line, which then gets
+  ``501 5.5.2``: one client write is never run as two commands through a
+  bare LF (the SMTP smuggling pattern of CVE-2023-51764).
 - DATA: only CRLF ``.`` CRLF ends it.  A bare LF or CR in the data gets
   ``521 5.5.2`` and the connection closes at once, unless ``policy.bare_lf``
   is ``normalize`` and the client is trusted or authenticated; the message is
@@ -147,6 +151,9 @@ class Session:
         self._events: list[Event] = []
         self._waiting: type[Event] | None = None
         self._sasl: SaslExchange | None = None
+        # A command line ended by a bare LF with more input behind it: it is
+        # joined with the next line (see the module docstring).
+        self._bare_lf_head: bytes | None = None
         self._shutting_down = False
         # The reply owed for the BDAT chunk being read (None: accept it), and
         # whether that chunk carried LAST.
@@ -266,7 +273,14 @@ class Session:
             if event is None:
                 return
             if isinstance(event, Line):
-                self._line(event.line)
+                line = event.line
+                if self._bare_lf_head is not None:
+                    line = self._bare_lf_head + b"\n" + line
+                    self._bare_lf_head = None
+                if event.bare_lf and buffer.buffered > 0 and len(line) < self.buffer.line_limit:
+                    self._bare_lf_head = line
+                    continue
+                self._line(line)
             elif isinstance(event, DataEnd):
                 self._data_end(event)
             elif isinstance(event, BdatChunk):
@@ -274,6 +288,7 @@ class Session:
             elif isinstance(event, BareLineEnd):
                 self._bare_line_end()
             elif isinstance(event, LineTooLong):
+                self._bare_lf_head = None
                 self._line_too_long()
 
     def _line(self, line: bytes) -> None:
