@@ -19,6 +19,7 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
 from conftest import free_port, require_peer
 
 ZONE = """$ORIGIN test.
@@ -116,11 +117,11 @@ def _wait_for_udp(port: int) -> None:
 
 
 def make_certificate(directory: Path, name: str = "smarthost.test") -> tuple[Path, Path]:
-    """Write a self-signed certificate for ``name`` (and 127.0.0.1) and its key; return both paths."""
+    """Write a self-signed certificate for ``name``, 127.0.0.1 and 127.0.0.6 and its key; return both paths."""
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-         "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+         "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1,IP:127.0.0.6", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )
     return cert, key
@@ -207,11 +208,16 @@ def accept_login(server: SMTP, session: Session, envelope: Envelope, mechanism: 
 
 
 @contextmanager
-def run_upstream(host: str, port: int, handler: RecordingHandler | None = None, **smtp: Any) -> Iterator[RecordingHandler]:
+def run_upstream(
+    host: str, port: int, handler: RecordingHandler | None = None, **smtp: Any
+) -> Iterator[RecordingHandler]:
     """Run an aiosmtpd upstream on host:port in a thread until the block ends."""
     handler = handler or RecordingHandler()
-    controller = UpstreamController(handler, hostname=host, port=port, server_kwargs=smtp, ready_timeout=10)
+    controller = UpstreamController(handler, hostname=host, port=port, ready_timeout=10, **smtp)
     controller.start()
+    # The controller's own readiness probe is not a delivery connection.
+    with handler.lock:
+        handler.connections = 0
     try:
         yield handler
     finally:
@@ -222,7 +228,9 @@ def run_upstream(host: str, port: int, handler: RecordingHandler | None = None, 
 def run_smtp_sink(host: str, port: int, *options: str) -> Iterator[subprocess.Popen[bytes]]:
     """Run Postfix's smtp-sink on host:port with extra options until the block ends."""
     sink = require_peer("smtp-sink")
-    process = subprocess.Popen([sink, *options, f"{host}:{port}", "100"],
+    # smtp-sink refuses to run as root without a user to switch to.
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    process = subprocess.Popen([sink, *user, *options, f"{host}:{port}", "100"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10

@@ -1,0 +1,328 @@
+"""The scheduler end to end: spool -> routing -> nsd MX lookup -> aiosmtpd or smtp-sink upstreams, and back as DSNs."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import mailbox
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from delivery_peers import (
+    NameServer,
+    RecordingHandler,
+    accept_login,
+    make_certificate,
+    run_nsd,
+    run_smtp_sink,
+    run_upstream,
+)
+
+from conftest import free_port, require_corpus
+from relay.config import Config, load_config
+from relay.delivery import Scheduler
+from relay.spool import Envelope, Recipient, Spool, SpoolStore
+
+BODY = b"From: alice@local.test\r\nTo: bob@mx.test\r\nSubject: hello\r\n\r\nline\r\n.starts with a dot\r\n"
+
+
+@pytest.fixture(scope="module")
+def nameserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NameServer]:
+    with run_nsd(tmp_path_factory.mktemp("nsd")) as server:
+        yield server
+
+
+def make_config(directory: Path, nameserver: NameServer, port: int, extra: str = "", delivery: str = "") -> Config:
+    (directory / "mail").mkdir(exist_ok=True)
+    mailbox.Maildir(str(directory / "mail" / "alice"), create=True)
+    path = directory / "relay.toml"
+    path.write_text(
+        f"""
+[server]
+hostname = "relay.test"
+[spool]
+path = "spool"
+lease_time = "30s"
+[policy]
+local_domains = ["local.test"]
+[delivery]
+nameservers = ["127.0.0.1:{nameserver.port}"]
+smtp_port = {port}
+minimal_backoff_time = 0.3
+maximal_backoff_time = 1
+queue_scan_interval = 0.05
+connection_cache_time = 1
+connect_timeout = 2
+greeting_timeout = 5
+{delivery}
+[local]
+maildir_root = "mail"
+{extra}
+"""
+    )
+    return load_config(path)
+
+
+def commit(spool: Spool, sender: str, recipients: list[str], body: bytes = BODY, **envelope: Any) -> str:
+    message = Envelope(sender=sender, recipients=tuple(Recipient(address=a) for a in recipients), **envelope)
+    return spool.commit_blocking(message, body)
+
+
+def spool_counts(config: Config) -> dict[str, int]:
+    store = SpoolStore(config.spool.path)
+    try:
+        return store.counts()
+    finally:
+        store.close()
+
+
+def run_until(config: Config, spool: Spool, done: Callable[[], bool], timeout: float = 20.0) -> bool:
+    """Run a scheduler until ``done()`` holds or ``timeout`` passes; return ``done()``."""
+
+    async def main() -> bool:
+        scheduler = Scheduler(config, spool)
+        task = asyncio.create_task(scheduler.run())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while loop.time() < deadline:
+                if await asyncio.to_thread(done):
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+        finally:
+            await scheduler.stop()
+            await task
+
+    return asyncio.run(main())
+
+
+def mailbox_messages(config: Config, user: str) -> list[email.message.Message]:
+    return [message for _, message in mailbox.Maildir(str(Path(config.local.maildir_root) / user)).items()]
+
+
+@pytest.fixture
+def spool_for() -> Iterator[Callable[[Config], Spool]]:
+    opened: list[Spool] = []
+
+    def open_spool(config: Config) -> Spool:
+        spool = Spool.from_config(config.spool)
+        opened.append(spool)
+        return spool
+
+    yield open_spool
+    for spool in opened:
+        spool.close()
+
+
+def test_corpus_through_mx_byte_for_byte(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    corpus = sorted(require_corpus("cpython-email").glob("*.txt"))
+    port = free_port("127.0.0.3")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    bodies = {}
+    # The first MX (127.0.0.2) has no listener, so every message falls back to the second.
+    with run_upstream("127.0.0.3", port) as upstream:
+        for index, path in enumerate(corpus * 2):
+            # Spooled bodies have CRLF line ends and end with one, as SMTP delivers them.
+            body = path.read_bytes().replace(b"\r\n", b"\n").rstrip(b"\n").replace(b"\n", b"\r\n") + b"\r\n"
+            queue_id = commit(spool, "alice@local.test", [f"user{index}@mx.test"], body)
+            bodies[f"user{index}@mx.test"] = body
+        assert run_until(config, spool, lambda: len(upstream.messages) == len(bodies) and not spool_counts(config))
+    received = {m.recipients[0]: m.data for m in upstream.messages}
+    for address, body in bodies.items():
+        assert received[address] == body, address
+    assert upstream.connections < len(bodies)
+    assert queue_id
+
+
+def test_rcpt_5xx_bounces_to_local_sender(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    handler = RecordingHandler(refuse={"nobody@implicit.test": "550 5.1.1 no such user"})
+    with run_upstream("127.0.0.4", port, handler):
+        commit(spool, "alice@local.test", ["nobody@implicit.test", "bob@implicit.test"], ret="HDRS")
+        assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")) and not spool_counts(config))
+    assert [m.recipients for m in handler.messages] == [["bob@implicit.test"]]
+    (report,) = mailbox_messages(config, "alice")
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    assert report["Return-Path"] == "<>"
+    status = report.get_payload()[1]
+    fields = [part for part in status.get_payload()]
+    recipient_fields = fields[1]
+    assert recipient_fields["Final-Recipient"] == "rfc822; nobody@implicit.test"
+    assert recipient_fields["Action"] == "failed"
+    assert recipient_fields["Status"] == "5.1.1"
+    assert "550 5.1.1 no such user" in recipient_fields["Diagnostic-Code"]
+
+
+def test_null_sender_failure_sends_no_bounce(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    handler = RecordingHandler(refuse={"nobody@implicit.test": "550 5.1.1 no such user"})
+    with run_upstream("127.0.0.4", port, handler):
+        commit(spool, "", ["nobody@implicit.test"])
+        assert run_until(config, spool, lambda: not spool_counts(config))
+    assert mailbox_messages(config, "alice") == []
+
+
+def test_null_mx_bounces_without_connection(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    port = free_port("127.0.0.5")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    with run_upstream("127.0.0.5", port) as upstream:
+        commit(spool, "alice@local.test", ["rcpt@null.test"])
+        assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")) and not spool_counts(config))
+    assert upstream.connections == 0
+    (report,) = mailbox_messages(config, "alice")
+    assert report.get_payload()[1].get_payload()[1]["Status"] == "5.1.10"
+
+
+def test_nxdomain_bounces(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    config = make_config(tmp_path, nameserver, free_port())
+    spool = spool_for(config)
+    commit(spool, "alice@local.test", ["rcpt@nx.test"])
+    assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")) and not spool_counts(config))
+    (report,) = mailbox_messages(config, "alice")
+    assert report.get_payload()[1].get_payload()[1]["Status"] == "5.1.2"
+
+
+class FlakyHandler(RecordingHandler):
+    """Answers RCPT with 450 for the first ``failures`` attempts, then accepts."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.remaining = failures
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        if self.remaining > 0:
+            self.remaining -= 1
+            return "450 4.2.1 try again later"
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+def test_4xx_then_success_on_retry(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    handler = FlakyHandler(failures=2)
+    with run_upstream("127.0.0.4", port, handler):
+        commit(spool, "alice@local.test", ["bob@implicit.test"])
+        assert run_until(config, spool, lambda: bool(handler.messages) and not spool_counts(config))
+    assert handler.remaining == 0
+    assert len(handler.messages) == 1
+    assert mailbox_messages(config, "alice") == []
+
+
+def test_queue_lifetime_expiry_bounces(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, delivery="maximal_queue_lifetime = 1")
+    spool = spool_for(config)
+    handler = FlakyHandler(failures=1000)
+    with run_upstream("127.0.0.4", port, handler):
+        commit(spool, "alice@local.test", ["bob@implicit.test"])
+        assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")) and not spool_counts(config))
+    (report,) = mailbox_messages(config, "alice")
+    fields = report.get_payload()[1].get_payload()[1]
+    assert fields["Action"] == "failed"
+    assert fields["Status"] == "4.2.1"
+
+
+def test_destination_concurrency_limit(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, delivery="destination_concurrency_limit = 2")
+    spool = spool_for(config)
+    with run_upstream("127.0.0.4", port) as upstream:
+        for index in range(40):
+            commit(spool, "alice@local.test", [f"user{index}@implicit.test"])
+        assert run_until(config, spool, lambda: len(upstream.messages) == 40 and not spool_counts(config))
+    assert 1 <= upstream.max_active <= 2
+    assert upstream.connections < 40
+
+
+def test_recipients_split_per_transaction(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, delivery="recipients_per_transaction = 3")
+    spool = spool_for(config)
+    with run_upstream("127.0.0.4", port) as upstream:
+        commit(spool, "alice@local.test", [f"user{index}@implicit.test" for index in range(7)])
+        assert run_until(config, spool, lambda: not spool_counts(config))
+    assert sorted(len(m.recipients) for m in upstream.messages) == [1, 3, 3]
+
+
+def test_smart_host_with_starttls_and_auth(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    cert, key = make_certificate(tmp_path)
+    (tmp_path / "password").write_text("secret\n")
+    port = free_port("127.0.0.6")
+    config = make_config(
+        tmp_path, nameserver, 25,
+        delivery=f'relayhost = "[127.0.0.6]:{port}"\nrelayhost_username = "relay"\n'
+        f'relayhost_password_file = "password"\ntls_ca_file = "{cert}"',
+    )
+    spool = spool_for(config)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    with run_upstream("127.0.0.6", port, tls_context=server_tls, require_starttls=True,
+                      authenticator=accept_login, auth_required=True) as upstream:
+        for index in range(5):
+            commit(spool, "alice@local.test", [f"user{index}@example.org"])
+        assert run_until(config, spool, lambda: len(upstream.messages) == 5 and not spool_counts(config))
+    assert all(m.tls for m in upstream.messages)
+
+
+def test_smart_host_tls_required_defers_without_starttls(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any
+) -> None:
+    port = free_port("127.0.0.6")
+    config = make_config(tmp_path, nameserver, 25, delivery=f'relayhost = "[127.0.0.6]:{port}"')
+    spool = spool_for(config)
+    with run_upstream("127.0.0.6", port) as upstream:
+        commit(spool, "alice@local.test", ["user@example.org"])
+        assert not run_until(config, spool, lambda: bool(upstream.messages), timeout=2.0)
+    assert spool_counts(config) == {"deferred": 1}
+
+
+@pytest.mark.parametrize(
+    ("options", "state"),
+    [
+        (["-r", "rcpt"], "deferred"),
+        (["-f", "rcpt"], None),
+        (["-Q", "mail"], "deferred"),
+        (["-q", "data"], "deferred"),
+        (["-f", "data"], None),
+    ],
+)
+def test_smtp_sink_faults(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, options: list[str], state: str | None
+) -> None:
+    port = free_port("127.0.0.7")
+    relayhost = f'relayhost = "[127.0.0.7]:{port}"\nrelayhost_tls = "none"'
+    config = make_config(tmp_path, nameserver, port, delivery=relayhost)
+    spool = spool_for(config)
+    with run_smtp_sink("127.0.0.7", port, *options):
+        commit(spool, "", ["user@example.org"])
+        if state is None:
+            assert run_until(config, spool, lambda: not spool_counts(config))
+        else:
+            run_until(config, spool, lambda: False, timeout=1.0)
+            assert spool_counts(config) == {state: 1}
+
+
+def test_local_alias_to_local_and_remote(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    (tmp_path / "aliases").write_text("# team\nteam: alice, bob@implicit.test\n")
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, extra='aliases = "aliases"')
+    spool = spool_for(config)
+    with run_upstream("127.0.0.4", port) as upstream:
+        commit(spool, "carol@example.org", ["team@local.test"])
+        assert run_until(config, spool, lambda: bool(upstream.messages) and not spool_counts(config))
+    (local_copy,) = mailbox_messages(config, "alice")
+    assert local_copy["Return-Path"] == "<carol@example.org>"
+    assert local_copy["Delivered-To"] == "team@local.test"
+    assert upstream.messages[0].recipients == ["bob@implicit.test"]
