@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.config import Config, ListenerConfig
+from relay.delivery import Scheduler
 from relay.log import log_event
 from relay.smtp import replies
 from relay.smtp.auth import CredentialsError, CredentialStore
@@ -321,7 +322,13 @@ class Worker:
             pid=os.getpid(),
             listeners=[f"{r.name}/{r.listener.role}/{r.listener.tls}" for r in self.runtimes],
         )
+        # One scheduler per relay: worker 0 delivers what every worker spooled.
+        scheduler = Scheduler(config, self.spool) if self.spool is not None and self.index == 0 else None
+        delivering = loop.create_task(scheduler.run()) if scheduler is not None else None
         await self._stop.wait()
+        if scheduler is not None and delivering is not None:
+            await scheduler.stop()
+            await delivering
         await self._shutdown()
         return 0
 
