@@ -19,7 +19,14 @@ from relay import __version__
 from relay.config import Config, ConfigError, load_config
 
 # Modules that add subcommands, in the order `relay --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("relay.smtp.cli", "relay.spool.cli", "relay.status", "relay.sendmail", "relay.bench.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "relay.smtp.cli",
+    "relay.spool.cli",
+    "relay.status",
+    "relay.sendmail",
+    "relay.bench.cli",
+    "relay.delivery.mailbox_cli",
+)
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:

@@ -112,6 +112,7 @@ class LocalDelivery:
     def deliver(self, user: str, sender: str, recipient: str, body: bytes) -> Path:
         """Write one message into ``user``'s Maildir ``new/`` durably; return the file's path."""
         root = Path(self.config.maildir_root) / user.lower()
+        root.parent.mkdir(parents=True, exist_ok=True)
         mailbox.Maildir(str(root), create=True)
         header = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
         name = _unique_name()

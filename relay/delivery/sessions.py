@@ -46,6 +46,7 @@ class SessionPool:
         self._ca_file = ca_file
         self._cache_time = cache_time
         self._idle: dict[str, list[_Parked]] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # holds QUIT tasks until they finish
         self.opened = 0  # sessions opened so far, for tests and metrics
 
     async def acquire(self, route: Route) -> SMTPSession:
@@ -118,7 +119,9 @@ class SessionPool:
     def _expire(self, destination: str, session: SMTPSession) -> None:
         parked = self._idle.get(destination, [])
         self._idle[destination] = [entry for entry in parked if entry.session is not session]
-        asyncio.get_running_loop().create_task(session.close())
+        task = asyncio.get_running_loop().create_task(session.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         """Close every parked session with QUIT."""
