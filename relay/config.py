@@ -182,6 +182,7 @@ class DeliveryConfig:
     # default_destination_concurrency_failed_cohort_limit = 1).
     destination_failure_limit: int = _key(1, "int", min=1)
     # Postfix: delay_warning_time = 0h, so no delay warnings by default.
+    # NOTE: delay warnings are not sent yet, so any value here has no effect.
     delay_warning_time: float = _key(0.0, "duration")
     # Copy a failed message with the null sender to postmaster (Postfix:
     # notify_classes without "2bounce" by default, so off).
