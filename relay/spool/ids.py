@@ -8,8 +8,9 @@ IDs from concurrent worker processes apart.
 Within one process the time part never repeats or goes backwards, so IDs
 sort in arrival order even when two messages arrive in the same microsecond.
 Across processes, a clash needs the same microsecond and the same 20 random
-bits (a chance of 1 in 2**20 per pair of processes); the spool's primary key
-catches it and the writer takes the next ID.
+bits: two processes stamping the same microsecond clash with a chance of 1
+in 2**20.  The spool's primary key catches a clash, and the writer then
+takes the process's next ID.
 """
 
 from __future__ import annotations
