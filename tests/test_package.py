@@ -7,6 +7,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import orjson
@@ -72,3 +73,23 @@ def test_log_truncates_long_values() -> None:
     document = orjson.loads(stream.getvalue())
     assert len(document["helo"]) < 600
     assert document["helo"].endswith("...")
+
+
+def test_sdist_carries_cython_sources(tmp_path: Path) -> None:
+    # Without the .pyx files an install from the sdist would build a wheel
+    # with no compiled core; generated C must stay out of it.
+    result = subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path), str(REPO_ROOT)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    [archive] = tmp_path.glob("relay-*.tar.gz")
+    with tarfile.open(archive) as sdist:
+        names = sdist.getnames()
+    sources = {Path(name).name for name in names if "/csrc/" in name}
+    assert {"buffer.pyx", "parser.pyx", "reply.pyx", "stuffing.pyx"} <= sources
+    assert not [name for name in names if name.endswith((".c", ".so"))]
