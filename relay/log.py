@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
@@ -90,8 +91,20 @@ def setup_logging(form: str = "text", level: str = "info", stream: TextIO | None
     root.propagate = False
 
 
+# Functions called with every event and its raw fields, whatever the log
+# level: the metrics count events this way (see relay.metrics).
+_observers: list[Callable[[str, dict[str, Any]], None]] = []
+
+
+def add_observer(observer: Callable[[str, dict[str, Any]], None]) -> None:
+    """Call observer(event, fields) for every later ``log_event``, logged or not."""
+    _observers.append(observer)
+
+
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log one event with key=value fields; peer-supplied values are cleaned."""
+    for observer in _observers:
+        observer(event, fields)
     if logger.isEnabledFor(level):
         cleaned = {key: clean(value) for key, value in fields.items()}
         logger.log(level, event, extra={"event": event, "fields": cleaned})

@@ -23,6 +23,8 @@ from typing import Any
 
 import orjson
 
+from relay.log import add_observer
+
 # How often a worker saves its snapshot: a scrape may see values this old.
 SNAPSHOT_INTERVAL = 2.0
 
@@ -244,45 +246,91 @@ def load_snapshots(directory: Path, exclude: str) -> list[dict[str, list[list[An
 
 REGISTRY = Registry()
 
-connections = REGISTRY.counter("relay_connections_total", "SMTP connections accepted.", ["listener", "role"])
-connections_active = REGISTRY.gauge("relay_connections_active", "SMTP connections open now.", ["role"])
-connections_rejected = REGISTRY.counter(
-    "relay_connections_rejected_total", "Connections turned away at the greeting by a limit.", ["reason"]
-)
-messages_received = REGISTRY.counter(
-    "relay_messages_received_total", "Messages accepted and spooled (or counted by a sink).", ["role"]
-)
+connections = REGISTRY.counter("relay_connections_total", "SMTP connections accepted, by listener.", ["listener"])
+connections_active = REGISTRY.gauge("relay_connections_active", "SMTP connections open now.")
+messages_received = REGISTRY.counter("relay_messages_received_total", "Messages accepted and spooled.")
+octets_received = REGISTRY.counter("relay_message_octets_received_total", "Octets of the messages spooled.")
 messages_rejected = REGISTRY.counter(
-    "relay_messages_rejected_total", "4xx and 5xx replies to MAIL, RCPT and end of data.", ["reason"]
+    "relay_messages_rejected_total",
+    "4xx and 5xx replies, by command and enhanced status code.",
+    ["command", "status"],
 )
-recipients_delivered = REGISTRY.counter(
-    "relay_recipients_delivered_total", "Recipients delivered.", ["transport"]
-)
+auth_failures = REGISTRY.counter("relay_auth_failures_total", "Failed AUTH attempts.")
+recipients_delivered = REGISTRY.counter("relay_recipients_delivered_total", "Recipients delivered.")
 recipients_deferred = REGISTRY.counter(
-    "relay_recipients_deferred_total", "Delivery attempts that ended in a temporary failure.", ["transport"]
+    "relay_recipients_deferred_total", "Delivery attempts that ended in a temporary failure."
 )
-recipients_bounced = REGISTRY.counter(
-    "relay_recipients_bounced_total", "Recipients that failed for good.", ["transport"]
-)
-queue_recipients = REGISTRY.gauge("relay_queue_recipients", "Recipients in the spool by state.", ["state"])
+recipients_bounced = REGISTRY.counter("relay_recipients_bounced_total", "Recipients that failed for good.")
+queue_recipients = REGISTRY.gauge("relay_queue_recipients", "Recipients in the spool, by state.", ["state"])
 queue_oldest_age = REGISTRY.gauge(
     "relay_queue_oldest_age_seconds", "Age of the oldest message with a recipient in this state.", ["state"]
 )
-destination_active = REGISTRY.gauge(
-    "relay_destination_connections_active", "Outbound connections open per destination.", ["destination"]
-)
+# NOTE: one label value per recipient domain; a relay that sends to very many
+# domains grows this family without bound until it restarts.
 destination_attempts = REGISTRY.counter(
-    "relay_destination_attempts_total", "Delivery attempts per destination and result.", ["destination", "result"]
+    "relay_destination_attempts_total",
+    "Delivery attempt results per recipient domain: delivered, deferred or bounced.",
+    ["destination", "result"],
+)
+destination_active = REGISTRY.gauge(
+    "relay_destination_connections_active", "Outbound SMTP connections open, per next hop.", ["destination"]
 )
 delivery_latency = REGISTRY.histogram(
     "relay_delivery_latency_seconds", "Time from arrival to delivery of a recipient.", LATENCY_BUCKETS
 )
 spool_batch_size = REGISTRY.histogram(
-    "relay_spool_commit_batch_messages", "Messages in one spool commit (group commit).", BATCH_BUCKETS
+    "relay_spool_commit_batch_messages", "Changes in one spool transaction (group commit).", BATCH_BUCKETS
 )
 spool_commit_latency = REGISTRY.histogram(
-    "relay_spool_commit_seconds", "Time to commit and fsync one spool batch.", LATENCY_BUCKETS
+    "relay_spool_commit_seconds", "Time to commit and fsync one spool transaction.", LATENCY_BUCKETS
 )
 tls_handshakes = REGISTRY.counter(
-    "relay_tls_handshakes_total", "TLS handshakes by side and result.", ["side", "result"]
+    "relay_tls_handshakes_total", "TLS handshakes by side (server, client) and result.", ["side", "result"]
 )
+
+
+def _reply_status(reply: object) -> str:
+    # Reject lines look like "550 5.1.1 text"; the enhanced code is the label.
+    parts = str(reply).split(" ", 2)
+    return parts[1] if len(parts) > 1 and parts[1][:1] in ("4", "5") else (parts[0] if parts else "")
+
+
+def _domain(address: object) -> str:
+    _, at, domain = str(address).rpartition("@")
+    return domain.lower() if at else ""
+
+
+def observe_event(event: str, fields: dict[str, Any]) -> None:
+    """Count one log event in the metrics; installed as a ``relay.log`` observer."""
+    if event == "connect":
+        connections.inc(listener=str(fields.get("listener", "")))
+        connections_active.inc()
+    elif event == "disconnect":
+        connections_active.dec()
+    elif event == "queued":
+        messages_received.inc()
+        octets_received.inc(float(fields.get("size", 0) or 0))
+    elif event == "reject":
+        messages_rejected.inc(command=str(fields.get("command", "")), status=_reply_status(fields.get("reply", "")))
+    elif event == "auth_failed":
+        auth_failures.inc()
+    elif event == "tls":
+        tls_handshakes.inc(side="server", result="ok")
+    elif event == "tls_failed":
+        tls_handshakes.inc(side="server", result="failed")
+    elif event == "tls-skipped":
+        tls_handshakes.inc(side="client", result="failed")
+    elif event in ("delivered", "deferred", "bounced"):
+        destination_attempts.inc(destination=_domain(fields.get("to", "")), result=event)
+        if event == "delivered":
+            recipients_delivered.inc()
+            delay = fields.get("delay")
+            if isinstance(delay, (int, float)):
+                delivery_latency.observe(float(delay))
+        elif event == "deferred":
+            recipients_deferred.inc()
+        else:
+            recipients_bounced.inc()
+
+
+add_observer(observe_event)
