@@ -3,7 +3,7 @@
     python benchmarks/aiosmtpd_server.py --listen 127.0.0.1:2526 --handler null
     python benchmarks/aiosmtpd_server.py --listen 127.0.0.1:2526 --handler fsync --directory DIR
 
-``null`` answers 250 to every message and keeps nothing.  ``fsync`` writes
+``null`` replies 250 to every message and keeps nothing.  ``fsync`` writes
 each message to its own file in DIR and fsyncs it before answering 250, the
 least a server must do before it may acknowledge a message.  The write and
 fsync run on the event loop (``--fsync-in loop``) or in the default thread
@@ -32,7 +32,7 @@ class NullHandler:
 
 
 class FsyncHandler:
-    """Write every message to a file and fsync it before answering."""
+    """Write every message to a file and fsync it before replying."""
 
     def __init__(self, directory: Path, in_thread: bool) -> None:
         self.directory = directory

@@ -86,7 +86,7 @@ def _run(*command: str) -> None:
 
 
 def queue_empty(config: Path) -> bool:
-    """Return True when the instance's queue holds no message."""
+    """Return True when the instance's queue is empty."""
     completed = subprocess.run(["postqueue", "-c", str(config), "-p"], capture_output=True, check=False, timeout=30)
     return b"Mail queue is empty" in completed.stdout
 

@@ -1,7 +1,7 @@
 """Render ``compare.py`` results: a section of RESULTS.md and an SVG bar chart.
 
 The section sits between ``SECTION_BEGIN`` and ``SECTION_END`` in
-RESULTS.md and is replaced on each run; the rest of the file, which other
+RESULTS.md and is replaced on each run.  The rest of the file, which other
 benchmarks write, is kept.  Ratios divide medians measured in the same run.
 """
 

@@ -1,8 +1,8 @@
 """Subcommands ``relay bench`` (SMTP load generator) and ``relay sink`` (counting sink).
 
-``relay bench HOST:PORT`` prints a summary (or one JSON object with
-``--json``) and exits 0, or 1 when any message failed unless
-``--allow-errors`` is given; usage errors exit 2.  Without ``--messages``
+``relay bench HOST:PORT`` prints a summary, or one JSON object with
+``--json``.  It exits 1 when any message failed (0 with ``--allow-errors``),
+2 on a usage error and 0 otherwise.  Without ``--messages``
 or ``--duration`` a run sends ``DEFAULT_MESSAGES`` messages, because a run
 is never unbounded.  ``relay sink`` runs until SIGTERM or SIGINT.
 """
@@ -170,7 +170,7 @@ def _register_sink(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         action="append",
         default=[],
         metavar="STAGE:KIND=P",
-        help="with probability P, answer STAGE (connect, mail, rcpt, data) with KIND (4xx, 5xx, drop); repeatable",
+        help="with probability P, reply to STAGE (connect, mail, rcpt, data) with KIND (4xx, 5xx, drop); repeatable",
     )
     sink.add_argument(
         "--delay",

@@ -5,9 +5,8 @@ parser and wakes the session coroutine when the replies it waits for are
 complete.  ``open_session`` connects, reads the greeting, sends EHLO and,
 when asked, STARTTLS (RFC 3207) and AUTH PLAIN or LOGIN (RFC 4954).
 ``send_message`` runs one transaction with DATA or with a single
-``BDAT n LAST`` chunk (RFC 3030); with PIPELINING (RFC 2920) MAIL, every
-RCPT and DATA go out in one write, and with BDAT the chunk follows in that
-same write.
+``BDAT n LAST`` chunk (RFC 3030).  With PIPELINING (RFC 2920), MAIL, every
+RCPT and DATA go out in one write, and a BDAT chunk follows in that write.
 
 Failures never raise out of this module: each one is counted in the
 ``RunStats`` by kind (``connect_refused``, ``timeout``, ``mail_4xx``, ...)
@@ -42,7 +41,7 @@ class SessionFailed(Exception):
 
 @dataclass(frozen=True)
 class ClientSettings:
-    """What every connection of a run does, from the command line."""
+    """Settings shared by every connection of a run, from the command line."""
 
     host: str
     port: int
@@ -309,7 +308,7 @@ async def send_message(session: Session, message: EncodedMessage, number: int, s
     ``started`` is when the transaction was due (the scheduled arrival in an
     open-loop run), so the transaction latency includes any time spent
     waiting for a connection.  ``last`` pipelines QUIT after the message.
-    Every failure is counted; ``session.alive`` says whether to go on.
+    Every failure is counted, and ``session.alive`` is False when the connection must close.
     """
     settings = session.settings
     stats = session.stats

@@ -6,7 +6,7 @@ greeting), ``mail``, ``rcpt`` or ``data`` (the reply to end of data, or to
 permanent one) or ``drop`` (close the connection instead of replying).
 At each reply of a stage the sink draws one number from a seeded generator
 and picks drop, 4xx, 5xx or the normal reply with the configured
-probabilities, so with the same seed and the same client traffic the same
+probabilities.  So with the same seed and the same client traffic, the same
 replies fail.  The probabilities of one stage must add up to at most 1.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 STAGES: tuple[str, ...] = ("connect", "mail", "rcpt", "data")
 KINDS: tuple[str, ...] = ("4xx", "5xx", "drop")
 
-# Injected replies.  The texts say the failure was injected, so a log of the
+# Injected replies.  Each text marks the failure as injected, so a log of the
 # MTA under test cannot be mistaken for a real problem of the sink.
 REPLIES: dict[tuple[str, str], bytes] = {
     ("connect", "4xx"): b"421 4.3.2 Service not available (injected fault)\r\n",

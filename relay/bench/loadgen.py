@@ -1,7 +1,7 @@
 """The load loop of ``relay bench``: connections, arrival schedule, processes.
 
 Closed loop (the default): each of ``concurrency`` connections sends its next
-message as soon as the previous one is answered, so the rate is the highest
+message as soon as the server replies to the previous one, so the rate is the highest
 the server sustains at that concurrency.  Open loop (``rate`` set): messages
 are due at fixed intervals whatever the server does, and each transaction's
 latency runs from its due time, not from when a connection got to it.  A
@@ -41,7 +41,7 @@ PROGRESS_INTERVAL = 0.5
 
 @dataclass(frozen=True)
 class LoadPlan:
-    """What one process sends: its share of the run."""
+    """One process's share of a run: connections, messages and rate."""
 
     settings: ClientSettings
     messages: tuple[EncodedMessage, ...]
@@ -219,7 +219,7 @@ class ProgressLine:
         self.stream = stream
         self.enabled = enabled
         self.started = time.perf_counter()
-        self.shown = False
+        self.visible = False
 
     def update(self, sent: int, failed: int) -> None:
         if not self.enabled:
@@ -228,24 +228,24 @@ class ProgressLine:
         rate = sent / elapsed if elapsed > 0 else 0.0
         self.stream.write(f"\r\x1b[Ksent {sent}  rate {rate:,.0f}/s  errors {failed}  elapsed {elapsed:.1f}s")
         self.stream.flush()
-        self.shown = True
+        self.visible = True
 
     def clear(self) -> None:
-        if self.shown:
+        if self.visible:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
-            self.shown = False
+            self.visible = False
 
 
 def run_load(plan: LoadPlan, processes: int, progress: ProgressLine) -> RunStats:
     """Run the whole load in this process or in several, and return the merged stats."""
     if processes <= 1:
-        last_shown = [0.0]
+        last_update = [0.0]
 
         def show(stats: RunStats) -> None:
             now = time.perf_counter()
-            if now - last_shown[0] >= PROGRESS_INTERVAL:
-                last_shown[0] = now
+            if now - last_update[0] >= PROGRESS_INTERVAL:
+                last_update[0] = now
                 progress.update(stats.messages_sent, stats.messages_failed)
 
         try:

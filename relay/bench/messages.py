@@ -68,7 +68,7 @@ def generate_message(size: int, sender: str, recipient: str) -> bytes:
 def load_folder(folder: Path) -> list[bytes]:
     """Return the contents of every regular file in folder, in name order.
 
-    Raises ValueError when the folder holds no non-empty files.
+    Raises ValueError when the folder contains no non-empty file.
     """
     messages = [path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()]
     messages = [message for message in messages if message]

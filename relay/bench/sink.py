@@ -1,7 +1,7 @@
 """The SMTP session of ``relay sink``: accept every message, count it, keep nothing.
 
-The protocol feeds the compiled input buffer and command parser and answers
-each pipelined batch in one write (RFC 2920).  It offers PIPELINING, SIZE,
+The protocol feeds the compiled input buffer and command parser and sends
+the replies to a pipelined batch in one write (RFC 2920).  It offers PIPELINING, SIZE,
 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING (RFC 3030), AUTH PLAIN and
 LOGIN (any credentials are accepted, because the sink only measures), and
 STARTTLS (RFC 3207) when a certificate is configured.  Message bodies are
@@ -70,7 +70,7 @@ _HELP = b"214 2.0.0 relay sink accepts and discards every message\r\n"
 
 @dataclass(frozen=True)
 class SinkSettings:
-    """What every session of one sink does."""
+    """Settings shared by every session of one sink."""
 
     hostname: str
     faults: FaultPlan
@@ -90,7 +90,7 @@ class SinkSettings:
 
 
 class SinkState:
-    """What the sessions of one process share: settings, counters, fault draws."""
+    """State shared by the sessions of one process: settings, counters, fault draws."""
 
     def __init__(self, settings: SinkSettings, worker: int = 0) -> None:
         self.settings = settings
@@ -118,8 +118,8 @@ class SinkProtocol(asyncio.Protocol):
         self.recipients = 0
         self.chunk_octets = 0
         self.chunk_last = False
-        # Reply owed for a BDAT chunk that is read but refused.
-        self.chunk_refusal: bytes | None = None
+        # Reply owed for a BDAT chunk that is read but rejected.
+        self.chunk_error_reply: bytes | None = None
         self.auth_step = ""
         self.authenticated = False
         self.secure = False
@@ -188,7 +188,7 @@ class SinkProtocol(asyncio.Protocol):
             transport.close()
 
     def _inject(self, stage: str, fault: str, out: list[bytes]) -> None:
-        """Answer with an injected fault; a drop or a greeting failure closes the connection."""
+        """Reply with an injected fault.  A drop or a greeting failure closes the connection."""
         self.counters[_FAULT_INDEX[f"{stage}_{fault}"]] += 1
         self.closing = fault == "drop" or stage == "connect"
         if fault != "drop":
@@ -264,11 +264,11 @@ class SinkProtocol(asyncio.Protocol):
     def _bdat(self, command: Command, out: list[bytes]) -> None:
         size = command.chunk_size or 0
         if not self.has_sender:
-            self.chunk_refusal = _NEED_MAIL
+            self.chunk_error_reply = _NEED_MAIL
         elif not self.recipients:
-            self.chunk_refusal = _NO_RECIPIENT
+            self.chunk_error_reply = _NO_RECIPIENT
         else:
-            self.chunk_refusal = None
+            self.chunk_error_reply = None
         self.chunk_last = command.last
         # RFC 3030 section 2: a refused chunk is still read to its end.
         self.buffer.start_bdat(size, store=False)
@@ -287,8 +287,8 @@ class SinkProtocol(asyncio.Protocol):
         out.append(_QUEUED)
 
     def _chunk_end(self, octets: int, out: list[bytes]) -> None:
-        if self.chunk_refusal is not None:
-            out.append(self.chunk_refusal)
+        if self.chunk_error_reply is not None:
+            out.append(self.chunk_error_reply)
             self.chunk_octets = 0
             if self.chunk_last:
                 self._reset()

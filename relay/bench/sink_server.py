@@ -1,8 +1,8 @@
 """Run ``relay sink``: listeners, worker processes, signals and counter reports.
 
 With one worker the sink runs in the calling process.  With several, each
-worker process binds its own socket to the same address with SO_REUSEPORT
-and the kernel spreads connections between them; every worker copies its
+worker process binds its own socket to the same address with SO_REUSEPORT,
+and the kernel spreads connections between them.  Every worker copies its
 counters into a shared array every ``FLUSH_INTERVAL`` seconds and once more
 when it stops, and the parent adds them up.
 

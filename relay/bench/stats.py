@@ -1,9 +1,9 @@
 """Latency histograms and run counters for ``relay bench``.
 
-Latencies are recorded in whole microseconds into a log-linear histogram:
-values below 128 us get a bucket each, larger values share 64 buckets per
-power of two, so a reported percentile is within 1/64 (1.6 %) of the true
-sample and memory stays fixed however long the run.  Histograms and counters
+Latencies are recorded in whole microseconds into a log-linear histogram.
+Values below 128 us get a bucket each, and larger values share 64 buckets
+per power of two.  So a reported percentile is within 1/64 (1.6 %) of the
+true sample, and memory stays fixed however long the run.  Histograms and counters
 from several worker processes merge by adding bucket counts, so the merged
 percentiles equal those of one process that saw every sample.
 
