@@ -22,10 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from relay import metrics
+from relay.config import Config
 from relay.log import log_event
 from relay.spool import SpoolError, SpoolStore
 from relay.spool.store import database_path
 from relay.status import STATES, summarize
+from relay.units import parse_host_port
 
 logger = logging.getLogger("relay.admin")
 
@@ -141,3 +143,50 @@ class AdminServer:
             pass
         finally:
             writer.close()
+
+
+class Monitoring:
+    """Metrics upkeep of one worker: its snapshot file, and in worker 0 the admin listener."""
+
+    def __init__(self, config: Config, index: int, accepting: Callable[[], bool]) -> None:
+        self.config = config
+        self.name = f"worker-{index}"
+        self.snapshot_directory = Path(config.spool.path) / "metrics"
+        self.admin: AdminServer | None = None
+        if index == 0:
+            self.admin = AdminServer(Path(config.spool.path), self.snapshot_directory, self.name, accepting)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._save_periodically())
+        if self.admin is not None:
+            host, port = parse_host_port(self.config.admin.address)
+            try:
+                await self.admin.start(host, port)
+            except OSError as exc:
+                # Mail keeps flowing without metrics; the operator sees why in the log.
+                address = self.config.admin.address
+                log_event(logger, "admin_listen_failed", logging.ERROR, address=address, error=str(exc))
+                self.admin = None
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._save()
+        if self.admin is not None:
+            await self.admin.close()
+
+    def _save(self) -> None:
+        try:
+            metrics.save_snapshot(metrics.REGISTRY, self.snapshot_directory, self.name)
+        except OSError as exc:
+            log_event(logger, "metrics_snapshot_failed", logging.WARNING, error=str(exc))
+
+    async def _save_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(metrics.SNAPSHOT_INTERVAL)
+            self._save()

@@ -151,6 +151,9 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class DeliveryConfig:
+    # false: receive and spool only, with no scheduler; mail waits in the spool
+    # until delivery is turned on again (for maintenance and acceptance benchmarks).
+    enabled: bool = _key(True, "bool")
     relayhost: str = _key("", "relayhost")
     relayhost_tls: str = _key("required", "choice", choices=RELAYHOST_TLS_MODES)
     relayhost_username: str = _key("", "str")
@@ -182,7 +185,6 @@ class DeliveryConfig:
     # default_destination_concurrency_failed_cohort_limit = 1).
     destination_failure_limit: int = _key(1, "int", min=1)
     # Postfix: delay_warning_time = 0h, so no delay warnings by default.
-    # NOTE: delay warnings are not sent yet, so any value here has no effect.
     delay_warning_time: float = _key(0.0, "duration")
     # Copy a failed message with the null sender to postmaster (Postfix:
     # notify_classes without "2bounce" by default, so off).

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from relay.log import add_observer
 
 # How often a worker saves its snapshot: a scrape may see values this old.
 SNAPSHOT_INTERVAL = 2.0
+# A snapshot older than this comes from a process that no longer runs.
+STALE_AFTER = 10 * SNAPSHOT_INTERVAL
 
 # Upper bounds, in seconds, for delivery and commit latency histograms: from
 # one fsync (about a millisecond) to a slow remote server (minutes).
@@ -231,12 +234,20 @@ def save_snapshot(registry: Registry, directory: Path, name: str) -> None:
 
 
 def load_snapshots(directory: Path, exclude: str) -> list[dict[str, list[list[Any]]]]:
-    """Read the snapshots other processes saved, skipping ``exclude`` and unreadable files."""
+    """Read the snapshots other live processes saved, skipping ``exclude``.
+
+    A snapshot not rewritten for ``STALE_AFTER`` seconds belongs to a process
+    that is gone (an earlier run, or one with more workers); it is left out,
+    which Prometheus sees as a counter reset.
+    """
     snapshots = []
+    now = time.time()
     for path in sorted(directory.glob("*.json")):
         if path.stem == exclude:
             continue
         try:
+            if now - path.stat().st_mtime > STALE_AFTER:
+                continue
             snapshots.append(orjson.loads(path.read_bytes()))
         except (OSError, orjson.JSONDecodeError):
             # A file being replaced or truncated: its values show up on the next scrape.

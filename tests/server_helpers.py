@@ -134,8 +134,10 @@ class RelayProcess:
         environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
+                # Receive only: these tests check what the server spools, which
+                # a running scheduler would deliver and delete.
                 [sys.executable, "-m", "relay", "serve", "--config", str(self.config_path),
-                 "--event-loop", self.event_loop],
+                 "--event-loop", self.event_loop, "--no-delivery"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=environment,

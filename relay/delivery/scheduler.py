@@ -135,6 +135,17 @@ class Scheduler:
         self._workers: set[asyncio.Task[None]] = set()
         self._random = random.Random()
 
+    def apply_config(self, config: Config) -> None:
+        """Route and deliver with a reloaded config from the next claim on.
+
+        Deliveries in flight finish with the settings they started with; the
+        connection limits and timeouts of open sessions keep their values
+        until those sessions close.
+        """
+        self.config = config
+        self.router = Router(config)
+        self.local = LocalDelivery.from_config(config.local)
+
     def wake(self) -> None:
         """Look for due recipients now instead of at the next scan."""
         self._wake.set()

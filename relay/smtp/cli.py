@@ -33,6 +33,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="listen here only (role mx, no TLS) instead of the configured listeners",
     )
     serve.add_argument("--spool", metavar="DIR", help="spool directory (overrides [spool] path)")
+    serve.add_argument(
+        "--no-delivery",
+        action="store_true",
+        help="receive and spool only, with no delivery (sets [delivery] enabled = false)",
+    )
     _add_common(serve)
     serve.set_defaults(handler=_serve)
 
@@ -89,6 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
         config = config.replace(listeners=(ListenerConfig(address=_listen_address(args.listen)),))
     if args.spool:
         config = config.replace(spool=dataclasses.replace(config.spool, path=args.spool))
+    if args.no_delivery:
+        config = config.replace(delivery=dataclasses.replace(config.delivery, enabled=False))
     return _run(_apply_workers(config, args.workers), args.event_loop)
 
 

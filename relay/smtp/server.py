@@ -38,9 +38,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.admin import Monitoring
 from relay.config import Config, ListenerConfig
 from relay.delivery import Scheduler
 from relay.log import log_event
+from relay.reload import log_reload, reload_config
 from relay.smtp import replies
 from relay.smtp.auth import CredentialsError, CredentialStore
 from relay.smtp.policy import RelayPolicy
@@ -116,6 +118,17 @@ class ListenerRuntime:
 
     def next_session_id(self) -> str:
         return f"{self._prefix}{next(self._ids):x}"
+
+    def apply(self, config: Config, policy: RelayPolicy, credentials: CredentialStore | None, workers: int) -> None:
+        """Use a reloaded config for sessions that start from now on."""
+        self.config = config
+        self.policy = policy
+        self.credentials = credentials
+        self.settings = SessionSettings.from_config(
+            config, self.listener, tls_ready=self.ssl_context is not None, auth_ready=credentials is not None
+        )
+        self.max_connections = math.ceil(config.server.max_connections / workers)
+        self.max_per_client = math.ceil(config.server.max_connections_per_client / workers)
 
     # -- connection accounting ----------------------------------------------
 
@@ -295,6 +308,7 @@ class Worker:
         self.spool: Spool | None = None
         self._stop = asyncio.Event()
         self._signals = 0
+        self.scheduler: Scheduler | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -315,6 +329,7 @@ class Worker:
             return 1
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         log_event(
             logger,
             "started",
@@ -323,14 +338,54 @@ class Worker:
             listeners=[f"{r.name}/{r.listener.role}/{r.listener.tls}" for r in self.runtimes],
         )
         # One scheduler per relay: worker 0 delivers what every worker spooled.
-        scheduler = Scheduler(config, self.spool) if self.spool is not None and self.index == 0 else None
+        delivering_here = self.spool is not None and self.index == 0 and config.delivery.enabled
+        scheduler = Scheduler(config, self.spool) if delivering_here and self.spool is not None else None
+        self.scheduler = scheduler
         delivering = loop.create_task(scheduler.run()) if scheduler is not None else None
+        monitoring = await self._start_admin()
         await self._stop.wait()
         if scheduler is not None and delivering is not None:
             await scheduler.stop()
             await delivering
         await self._shutdown()
+        if monitoring is not None:
+            await monitoring.stop()
         return 0
+
+    async def _start_admin(self) -> Monitoring | None:
+        """Start metrics snapshots in every worker and the admin listener in worker 0."""
+        if not self.config.admin.address:
+            return None
+        monitoring = Monitoring(
+            self.config,
+            self.index,
+            accepting=lambda: not self._stop.is_set() and any(r.accepting for r in self.runtimes),
+        )
+        await monitoring.start()
+        return monitoring
+
+    def _on_reload(self) -> None:
+        result = reload_config(self.config)
+        log_reload(result, self.config.source, self.index)
+        if result.config is None:
+            return
+        config = result.config
+        policy = RelayPolicy(config)
+        credentials = CredentialStore(config.auth.password_file) if config.auth.password_file else None
+        context = self.runtimes[0].ssl_context if self.runtimes else None
+        if context is not None and config.tls.cert and config.tls != self.config.tls:
+            # Certificate rotation: new handshakes use the new chain, on the same
+            # context, so implicit-TLS listeners pick it up without a restart.
+            try:
+                context.load_cert_chain(config.tls.cert, config.tls.key)
+            except (OSError, ssl.SSLError) as exc:
+                log_event(logger, "reload_failed", logging.ERROR, worker=self.index, error=f"TLS: {exc}")
+                return
+        for runtime in self.runtimes:
+            runtime.apply(config, policy, credentials, self.workers)
+        if self.scheduler is not None:
+            self.scheduler.apply_config(config)
+        self.config = config
 
     async def _listen(self) -> None:
         config = self.config
@@ -425,6 +480,8 @@ def _factory(runtime: ListenerRuntime) -> Callable[[], SMTPProtocol]:
 
 def run_worker(config: Config, *, event_loop: str, workers: int, index: int) -> int:
     """Run one worker's event loop until it has shut down; return its exit status."""
+    # Until the worker's loop handles SIGHUP (reload), its default would end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     install_event_loop(event_loop)
     worker = Worker(config, workers=workers, index=index)
     return asyncio.run(worker.run())
@@ -456,14 +513,15 @@ def _supervise(config: Config, event_loop: str, workers: int) -> int:
 
     def forward(signum: int, frame: object) -> None:
         nonlocal signals_seen
-        signals_seen += 1
+        if signum != signal.SIGHUP:
+            signals_seen += 1
         for pid in children:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     status = 0
     try:
         while children:

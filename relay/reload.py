@@ -1,0 +1,84 @@
+"""Configuration reload on SIGHUP: re-read the file, keep what needs a restart.
+
+``relay serve`` re-reads its config file when it gets SIGHUP.  Settings that
+sessions and the scheduler read afresh take effect for new sessions and
+the next deliveries: domains, trusted networks, credentials, aliases, the
+transport table, relayhost, limits, timeouts and the TLS certificate.
+Sessions already open keep the settings they started with, so no
+connection is dropped.
+
+Settings bound to sockets, processes or files opened at start keep their
+running values, and a differing value in the file is logged as needing a
+restart: the listeners, ``spool.path``, ``server.workers``,
+``delivery.enabled`` and the ``[admin]`` address.  An invalid file is rejected as a whole: every error
+is logged and the running config stays in force.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+from relay.config import Config, ConfigError, load_config
+from relay.log import log_event
+
+logger = logging.getLogger("relay.reload")
+
+
+@dataclass
+class ReloadResult:
+    """A reload's outcome: the config to apply (None when rejected) and what was kept."""
+
+    config: Config | None
+    errors: list[str] = field(default_factory=list)
+    needs_restart: list[str] = field(default_factory=list)
+
+
+def reload_config(running: Config) -> ReloadResult:
+    """Re-read the running config's file and merge in the settings that need a restart."""
+    if running.source is None:
+        return ReloadResult(None, ["no config file was given at start; there is nothing to re-read"])
+    try:
+        loaded = load_config(running.source)
+    except ConfigError as exc:
+        return ReloadResult(None, exc.errors)
+
+    needs_restart = []
+    if loaded.listeners != running.listeners:
+        needs_restart.append("listener")
+    if loaded.spool.path != running.spool.path:
+        needs_restart.append("spool.path")
+    if loaded.server.workers != running.server.workers:
+        needs_restart.append("server.workers")
+    if loaded.admin.address != running.admin.address:
+        needs_restart.append("admin.address")
+    if loaded.delivery.enabled != running.delivery.enabled:
+        needs_restart.append("delivery.enabled")
+
+    merged = loaded.replace(
+        listeners=running.listeners,
+        spool=dataclasses.replace(loaded.spool, path=running.spool.path),
+        server=dataclasses.replace(loaded.server, workers=running.server.workers),
+        admin=running.admin,
+        delivery=dataclasses.replace(loaded.delivery, enabled=running.delivery.enabled),
+    )
+    return ReloadResult(merged, [], needs_restart)
+
+
+def log_reload(result: ReloadResult, source: str | None, worker: int) -> None:
+    """Log the outcome: one line per error, or one line for the applied reload."""
+    if result.config is None:
+        for error in result.errors:
+            log_event(logger, "reload_failed", logging.ERROR, worker=worker, file=source, error=error)
+        return
+    if result.needs_restart:
+        log_event(
+            logger,
+            "reload_needs_restart",
+            logging.WARNING,
+            worker=worker,
+            file=source,
+            kept=result.needs_restart,
+        )
+    log_event(logger, "reloaded", worker=worker, file=source)

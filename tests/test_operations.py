@@ -1,0 +1,230 @@
+"""`relay serve` operations: SIGHUP reload and /metrics against a running relay."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import REPO_ROOT, free_port, require_peer
+from tests.server_helpers import wait_for_port
+
+# Loopback is not trusted here, so relaying to other domains is denied and
+# policy changes show in RCPT replies.
+BASE = """
+[server]
+hostname = "mx.example.test"
+workers = {workers}
+
+[[listener]]
+address = "127.0.0.1:{port}"
+
+[spool]
+path = "spool"
+
+[policy]
+local_domains = [{domains}]
+trusted_networks = ["192.0.2.0/24"]
+
+[local]
+maildir_root = "mail"
+users = ["alice"]
+
+[delivery]
+minimal_backoff_time = "1h"
+
+[delivery.transport]
+{transport}
+
+[admin]
+address = "127.0.0.1:{admin_port}"
+"""
+
+
+class Relay:
+    def __init__(self, directory: Path, workers: int, transport: str = "") -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.workers = workers
+        self.transport = transport
+        self.config = directory / "relay.toml"
+        self.log_path = directory / "relay.log"
+        self.write(domains='"example.test"')
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def write(self, domains: str, broken: bool = False) -> None:
+        text = BASE.format(
+            workers=self.workers, port=self.port, domains=domains, transport=self.transport, admin_port=self.admin_port
+        )
+        if broken:
+            text += "\n[policy.extra]\nmax_recipients = \"many\"\n"
+        self.config.write_text(text)
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "relay", "serve", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+                cwd=self.directory,
+            )
+        wait_for_port("127.0.0.1", self.port, process=self.process)
+        wait_for_port("127.0.0.1", self.admin_port, process=self.process)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.log().count(text) < count:
+            assert time.monotonic() < deadline, f"{text!r} not logged {count} time(s); log:\n{self.log()}"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        assert "Traceback" not in self.log(), self.log()
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[Relay]:
+    server = Relay(tmp_path, workers=2)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def rcpt_code(port: int, recipient: str) -> int:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.example.com")
+        client.mail("sender@example.org")
+        code, _ = client.rcpt(recipient)
+        return code
+
+
+def test_sighup_adds_domain_without_dropping_session(relay: Relay) -> None:
+    open_session = smtplib.SMTP("127.0.0.1", relay.port, timeout=10)
+    open_session.ehlo("client.example.com")
+    assert rcpt_code(relay.port, "alice@new.test") == 554
+
+    relay.write(domains='"example.test", "new.test"')
+    assert relay.process is not None
+    relay.process.send_signal(signal.SIGHUP)
+    relay.wait_for_log("reloaded", count=2)
+
+    # Both workers took the change; SO_REUSEPORT spreads the sessions over them.
+    assert all(rcpt_code(relay.port, "alice@new.test") == 250 for _ in range(6))
+    assert open_session.noop()[0] == 250
+    open_session.mail("sender@example.org")
+    assert open_session.rcpt("alice@example.test")[0] == 250
+    open_session.quit()
+
+
+def test_sighup_with_invalid_config_keeps_old(relay: Relay) -> None:
+    relay.write(domains='"example.test"', broken=True)
+    assert relay.process is not None
+    relay.process.send_signal(signal.SIGHUP)
+    relay.wait_for_log("reload_failed", count=2)
+
+    assert rcpt_code(relay.port, "alice@example.test") == 250
+    assert rcpt_code(relay.port, "alice@other.test") == 554
+    assert "policy.extra" in relay.log()
+    assert "reloaded" not in relay.log()
+
+
+def test_sighup_reports_settings_needing_restart(relay: Relay) -> None:
+    relay.workers = 3
+    relay.write(domains='"example.test"')
+    assert relay.process is not None
+    relay.process.send_signal(signal.SIGHUP)
+    relay.wait_for_log("reloaded", count=2)
+
+    assert "reload_needs_restart" in relay.log()
+    assert "server.workers" in relay.log()
+
+
+def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def send(port: int, recipient: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        # The sender is a local user, so the bounce is delivered to its Maildir.
+        client.sendmail("alice@example.test", [recipient], b"Subject: metrics\r\n\r\nbody\r\n")
+
+
+def wait_for_metric(port: int, name: str, labels: tuple[tuple[str, str], ...], minimum: float) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        value = scrape(port).get(name, {}).get(labels, 0.0)
+        if value >= minimum:
+            return
+        assert time.monotonic() < deadline, f"{name}{dict(labels)} stayed at {value}, expected {minimum}"
+        time.sleep(0.2)
+
+
+def test_metrics_move_with_delivered_deferred_bounced(tmp_path: Path) -> None:
+    sink = require_peer("smtp-sink")
+    bounce_port = free_port("127.0.0.1")
+    closed_port = free_port("127.0.0.1")
+    transport = (
+        f'"defer.test" = "smtp:[127.0.0.1]:{closed_port}"\n' f'"bounce.test" = "smtp:[127.0.0.1]:{bounce_port}"'
+    )
+    relay = Relay(tmp_path, workers=1, transport=transport)
+    rejecting = subprocess.Popen(
+        [sink, "-u", "nobody", "-f", "rcpt", f"127.0.0.1:{bounce_port}", "10"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port("127.0.0.1", bounce_port)
+        # Loopback must be trusted here so that it may relay to the transport domains.
+        untrusted = 'trusted_networks = ["192.0.2.0/24"]'
+        relay.config.write_text(relay.config.read_text().replace(untrusted, 'trusted_networks = ["127.0.0.0/8"]'))
+        relay.start()
+
+        send(relay.port, "alice@example.test")
+        send(relay.port, "someone@defer.test")
+        send(relay.port, "someone@bounce.test")
+
+        # alice's message and the bounce for the bounce.test recipient.
+        wait_for_metric(relay.admin_port, "relay_recipients_delivered_total", (), 2)
+        wait_for_metric(relay.admin_port, "relay_recipients_deferred_total", (), 1)
+        wait_for_metric(relay.admin_port, "relay_recipients_bounced_total", (), 1)
+        samples = scrape(relay.admin_port)
+        assert samples["relay_messages_received_total"][()] >= 3
+        assert samples["relay_connections_total"][(("listener", f"127.0.0.1:{relay.port}"),)] >= 3
+        assert samples["relay_destination_attempts_total"][(("destination", "defer.test"), ("result", "deferred"))] >= 1
+        assert samples["relay_queue_recipients"][(("state", "deferred"),)] == 1
+        assert samples["relay_delivery_latency_seconds_count"][()] >= 2
+        with urllib.request.urlopen(f"http://127.0.0.1:{relay.admin_port}/healthz", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        relay.stop()
+        rejecting.terminate()
+        rejecting.wait(10)
