@@ -329,8 +329,13 @@ def observe_event(event: str, fields: dict[str, Any]) -> None:
         tls_handshakes.inc(side="server", result="ok")
     elif event == "tls_failed":
         tls_handshakes.inc(side="server", result="failed")
-    elif event == "tls-skipped":
+    elif event == "tls-fallback":
         tls_handshakes.inc(side="client", result="failed")
+    elif event == "committed":
+        spool_batch_size.observe(float(fields.get("jobs", 0) or 0))
+        seconds = fields.get("seconds")
+        if isinstance(seconds, (int, float)):
+            spool_commit_latency.observe(float(seconds))
     elif event in ("delivered", "deferred", "bounced"):
         destination_attempts.inc(destination=_domain(fields.get("to", "")), result=event)
         if event == "delivered":

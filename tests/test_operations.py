@@ -222,6 +222,12 @@ def test_metrics_move_with_delivered_deferred_bounced(tmp_path: Path) -> None:
         assert samples["relay_destination_attempts_total"][(("destination", "defer.test"), ("result", "deferred"))] >= 1
         assert samples["relay_queue_recipients"][(("state", "deferred"),)] == 1
         assert samples["relay_delivery_latency_seconds_count"][()] >= 2
+        assert samples["relay_spool_commit_batch_messages_count"][()] >= 3
+        assert samples["relay_spool_commit_seconds_count"][()] >= 3
+        # A session to the bounce.test sink opened; it may still be parked, so 0 or 1.
+        active = samples["relay_destination_connections_active"]
+        assert len(active) >= 1
+        assert all(value in (0, 1) for value in active.values())
         with urllib.request.urlopen(f"http://127.0.0.1:{relay.admin_port}/healthz", timeout=10) as response:
             assert response.status == 200
     finally:

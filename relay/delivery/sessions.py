@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import weakref
 from dataclasses import dataclass
 
+from relay import metrics
 from relay.delivery.client import SessionError, SessionOptions, SMTPSession, Timeouts
 from relay.delivery.dns import LookupFailure, MailHost, MXResolver
 from relay.delivery.router import Route
@@ -82,6 +84,10 @@ class SessionPool:
                     errors.append(exc)
                     continue
                 self.opened += 1
+                # The gauge follows the session object's life: a closed or aborted
+                # session is dropped by every holder and freed at once.
+                metrics.destination_active.inc(destination=route.destination)
+                weakref.finalize(session, metrics.destination_active.dec, destination=route.destination)
                 return session
         last = errors[-1]
         raise SessionError(last.reply, temporary=any(error.temporary for error in errors))

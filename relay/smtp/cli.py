@@ -25,7 +25,7 @@ EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    serve = subparsers.add_parser("serve", help="run the relay: receive mail over SMTP and spool it")
+    serve = subparsers.add_parser("serve", help="run the relay: receive mail over SMTP, spool it and deliver it")
     add_config_option(serve)
     serve.add_argument(
         "--listen",
