@@ -234,3 +234,47 @@ def test_metrics_move_with_delivered_deferred_bounced(tmp_path: Path) -> None:
         relay.stop()
         rejecting.terminate()
         rejecting.wait(10)
+
+
+def test_sendmail_t_delivers_to_all_without_bcc(tmp_path: Path) -> None:
+    for user in ("alice", "bob", "dave"):
+        (tmp_path / "mail" / user).mkdir(parents=True)
+    relay = Relay(tmp_path, workers=1)
+    message = (
+        b"From: app@example.test\n"
+        b"To: alice@example.test\n"
+        b"Cc: bob@example.test\n"
+        b"Bcc: dave@example.test\n"
+        b"Subject: nightly report\n"
+        b"\n"
+        b"all good\n"
+    )
+    injected = subprocess.run(
+        [sys.executable, "-m", "relay", "sendmail", "--config", str(relay.config), "-t", "-f", "cron@example.test"],
+        input=message,
+        capture_output=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+        check=False,
+        timeout=60,
+    )
+    assert injected.returncode == 0, injected.stderr
+
+    relay.start()
+    try:
+        deadline = time.monotonic() + 20
+        delivered: dict[str, list[Path]] = {}
+        while time.monotonic() < deadline:
+            delivered = {user: list((tmp_path / "mail" / user / "new").glob("*")) for user in ("alice", "bob", "dave")}
+            if all(delivered.values()):
+                break
+            time.sleep(0.1)
+    finally:
+        relay.stop()
+
+    for user in ("alice", "bob", "dave"):
+        assert len(delivered[user]) == 1, f"{user}: {delivered[user]}\n{relay.log()}"
+        body = delivered[user][0].read_bytes()
+        assert body.startswith(b"Return-Path: <cron@example.test>\r\n")
+        assert f"Delivered-To: {user}@example.test\r\n".encode() in body
+        assert b"Subject: nightly report\r\n" in body
+        assert b"Bcc:" not in body

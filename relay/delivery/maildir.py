@@ -10,7 +10,7 @@ Delivery prepends ``Return-Path: <sender>`` (RFC 5322 section 3.6.7) and
 The file is written under ``tmp/``, flushed to disk with fsync, renamed into
 ``new/``, and the ``new/`` directory is fsynced, so a delivered message
 survives a crash.  The standard library's ``mailbox.Maildir.add`` does the
-same rename but no fsync, so it is used only to create the folders.
+same rename but no fsync, so it is not used for writing.
 
 Aliases come from ``[local] aliases``: lines ``alias: target[, target]``,
 ``#`` comments and blank lines ignored.  A target without ``@`` is a local
@@ -21,7 +21,6 @@ user; one with ``@`` is any address, routed again.  Expansion recurses up to
 from __future__ import annotations
 
 import itertools
-import mailbox
 import os
 import socket
 import time
@@ -112,8 +111,10 @@ class LocalDelivery:
     def deliver(self, user: str, sender: str, recipient: str, body: bytes) -> Path:
         """Write one message into ``user``'s Maildir ``new/`` durably; return the file's path."""
         root = Path(self.config.maildir_root) / user.lower()
-        root.parent.mkdir(parents=True, exist_ok=True)
-        mailbox.Maildir(str(root), create=True)
+        # A user exists once maildir_root/USER exists, possibly still empty, and
+        # mailbox.Maildir creates the folders only for a missing root, so make them here.
+        for folder in ("tmp", "new", "cur"):
+            (root / folder).mkdir(mode=0o700, parents=True, exist_ok=True)
         header = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
         name = _unique_name()
         temporary = root / "tmp" / name
