@@ -80,6 +80,9 @@ class ServerConfig:
     data_timeout: float = _key(600.0, "duration")
     # Postfix: smtpd_hard_error_limit = 20 errors before the session is dropped.
     max_errors: int = _key(20, "int", min=1)
+    # Hold the 220 this long for untrusted clients and drop those that talk first
+    # (554 5.5.0).  Off by default like Postfix smtpd; postscreen waits 6s.
+    greeting_delay: float = _key(0.0, "duration")
 
 
 @dataclass(frozen=True)

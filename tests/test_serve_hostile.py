@@ -619,3 +619,21 @@ def test_idle_socket_closed_by_peer(relay: RelayProcess) -> None:
         sock.close()
     with RawClient(relay.port) as raw:
         raw.exchange(b"", ["220"])
+
+
+def test_input_before_delayed_greeting(tmp_path: Path) -> None:
+    """Exim "synchronization error" (K-9 Mail report): with a greeting delay, early talkers are dropped."""
+    with RelayProcess(tmp_path, server='greeting_delay = "1s"', policy='trusted_networks = ["127.0.0.2/32"]') as relay:
+        with RawClient(relay.port) as early:
+            early.send(EHLO)
+            assert early.reply().startswith("554 5.5.0")
+            assert early.closed()
+        with RawClient(relay.port) as patient:
+            started = time.monotonic()
+            patient.exchange(b"", ["220 mx.example.test"])
+            assert time.monotonic() - started >= 0.9
+            patient.exchange(EHLO, ["250"])
+        with RawClient(relay.port, source="127.0.0.2") as trusted:
+            started = time.monotonic()
+            trusted.exchange(b"", ["220 mx.example.test"])
+            assert time.monotonic() - started < 0.9

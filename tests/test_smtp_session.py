@@ -891,3 +891,34 @@ def test_shutdown_idle_and_in_data() -> None:
     assert tail[0].startswith("250 2.0.0 OK queued as Q1")
     assert tail[1].startswith("421 4.3.2")
     assert busy.closed
+
+
+def test_held_greeting_drops_early_talker() -> None:
+    session = make_session(client=UNTRUSTED)
+    session.start(delay_greeting=True)
+
+    assert session.data_to_send() == b""
+    session.receive_data(EHLO)
+
+    assert split_replies(session.data_to_send()) == ["554 5.5.0 Protocol synchronization error, closing connection"]
+    assert session.closed
+
+
+def test_held_greeting_sent_by_greet() -> None:
+    session = make_session(client=UNTRUSTED)
+    session.start(delay_greeting=True)
+
+    session.greet()
+    session.receive_data(EHLO)
+
+    replies_sent = split_replies(session.data_to_send())
+    assert replies_sent[0].startswith("220 ")
+    assert replies_sent[1].startswith("250")
+    assert not session.closed
+
+
+def test_trusted_client_greeted_at_once() -> None:
+    session = make_session(client=TRUSTED)
+    session.start(delay_greeting=True)
+
+    assert split_replies(session.data_to_send())[0].startswith("220 ")

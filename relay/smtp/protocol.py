@@ -54,6 +54,7 @@ class SMTPProtocol(asyncio.Protocol):
         self._started = 0.0
         self._tls = False
         self._counted = False
+        self._greeting_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks ---------------------------------------------------
 
@@ -83,10 +84,19 @@ class SMTPProtocol(asyncio.Protocol):
         if refusal is not None:
             session.refuse(refusal)
         else:
-            session.start()
+            delay = runtime.config.server.greeting_delay
+            session.start(delay_greeting=delay > 0)
+            if delay > 0 and not session.privileged:
+                self._greeting_timer = asyncio.get_running_loop().call_later(delay, self._greet)
         self._last_activity = time.monotonic()
         self._schedule_timer()
         self._flush()
+
+    def _greet(self) -> None:
+        self._greeting_timer = None
+        if self.session is not None:
+            self.session.greet()
+            self._flush()
 
     def data_received(self, data: bytes) -> None:
         session = self.session
@@ -102,6 +112,8 @@ class SMTPProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._greeting_timer is not None:
+            self._greeting_timer.cancel()
         session = self.session
         if self._counted:
             self.runtime.release(self)

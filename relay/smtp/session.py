@@ -154,6 +154,7 @@ class Session:
         # A command line ended by a bare LF with more input behind it: it is
         # joined with the next line (see the module docstring).
         self._bare_lf_head: bytes | None = None
+        self._greeting_held = False
         self._shutting_down = False
         # The reply owed for the BDAT chunk being read (None: accept it), and
         # whether that chunk carried LAST.
@@ -163,9 +164,24 @@ class Session:
 
     # -- interface for the owner ------------------------------------------
 
-    def start(self) -> None:
-        """Queue the 220 greeting (RFC 5321 section 4.3.1)."""
+    def start(self, delay_greeting: bool = False) -> None:
+        """Queue the 220 greeting (RFC 5321 section 4.3.1), or hold it until ``greet``.
+
+        While the greeting is held, any input from an untrusted client gets
+        ``554 5.5.0`` and closes the session: a client must wait for the 220
+        (RFC 5321 section 4.3.1), and spam engines that talk first give
+        themselves away (Postfix postscreen's pregreet test).
+        """
+        if delay_greeting and not self.privileged:
+            self._greeting_held = True
+            return
         self._send(replies.greeting(self.settings.hostname))
+
+    def greet(self) -> None:
+        """Send the greeting held by ``start(delay_greeting=True)``."""
+        if self._greeting_held and not self.closed:
+            self._greeting_held = False
+            self._send(replies.greeting(self.settings.hostname))
 
     def refuse(self, reply: Reply) -> None:
         """Queue a greeting-time refusal (a 421 for a connection limit) and close."""
@@ -175,6 +191,10 @@ class Session:
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the client and run every command they complete."""
         if self.closed:
+            return
+        if self._greeting_held:
+            self._greeting_held = False
+            self._reject("-", replies.PIPELINING_VIOLATION)
             return
         self.buffer.feed(data)
         self._process()
