@@ -637,3 +637,29 @@ def test_input_before_delayed_greeting(tmp_path: Path) -> None:
             started = time.monotonic()
             trusted.exchange(b"", ["220 mx.example.test"])
             assert time.monotonic() - started < 0.9
+
+
+def test_connection_limits_and_timeouts(tmp_path: Path) -> None:
+    """Per-client and total connection limits answer 421 4.7.0; an idle client gets 421 4.4.2."""
+    server = 'max_connections_per_client = 2\nmax_connections = 3\ncommand_timeout = "1s"'
+    with RelayProcess(tmp_path, server=server) as relay:
+        first = RawClient(relay.port)
+        second = RawClient(relay.port)
+        try:
+            first.exchange(b"", ["220"])
+            second.exchange(b"", ["220"])
+            with RawClient(relay.port) as third:
+                assert third.reply().startswith("421 4.7.0")
+                assert third.closed()
+            with RawClient(relay.port, source="127.0.0.3") as other:
+                other.exchange(b"", ["220"])
+                with RawClient(relay.port, source="127.0.0.4") as over_total:
+                    assert over_total.reply().startswith("421 4.7.0")
+
+            started = time.monotonic()
+            assert first.reply().startswith("421 4.4.2")
+            assert first.closed()
+            assert 0.9 <= time.monotonic() - started < 5
+        finally:
+            first.close()
+            second.close()
