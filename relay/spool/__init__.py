@@ -242,10 +242,14 @@ class Spool:
         A recipient is due when queued or deferred with ``next_attempt <= now``
         and not under a live lease.  The lease lasts ``lease_time`` seconds
         (default: the spool's); until then no other claim, in this or another
-        process, returns the recipient.  ``owner`` names the claimer in logs.
+        process, returns the recipient.  ``owner`` names the claimer in logs
+        and starts the lease token (``OWNER#HEX``), so ``release_leases`` can
+        end a dead owner's leases; it must not contain ``#``.
         ``domain`` limits the claim to recipients at that domain.
         """
-        token = secrets.token_hex(8)
+        if "#" in owner:
+            raise ValueError(f"lease owner {owner!r} contains '#'")
+        token = f"{owner}#{secrets.token_hex(8)}"
         seconds = self.lease_time if lease_time is None else lease_time
 
         def operation(store: SpoolStore) -> list[Claim]:
@@ -255,14 +259,30 @@ class Spool:
         claims: list[Claim] = await self._writer.submit_async(operation)
         return claims
 
+    async def lease_owners(self) -> dict[str, int]:
+        """Return each owner (as passed to ``claim``) holding live leases, with its number of leased recipients."""
+        owners: dict[str, int] = await self._read(lambda store: store.lease_owners(time.time()))
+        return owners
+
+    async def release_leases(self, owner: str) -> int:
+        """End every live lease of ``owner``, making its recipients due for claims again; return how many.
+
+        For a scheduler that died holding leases: only the caller can tell
+        that an owner is dead, and releasing a live owner's leases lets two
+        schedulers deliver the same recipients.
+        """
+        count: int = await self._writer.submit_async(lambda store: store.release_leases(owner, time.time()))
+        return count
+
     async def record_results(
         self, results: Sequence[DeliveryResult], *, lease_token: str | None = None, now: float | None = None
     ) -> int:
         """Store the outcome of delivery attempts durably; return how many took effect.
 
         Delivered and failed recipients become final (failed ones bounced), and
-        those that owe the sender a DSN get ``dsn = pending``; deferred ones
-        wait for their ``next_attempt``.  The lease on each reported recipient
+        those that owe the sender a DSN get ``dsn = pending``.  Deferred ones
+        wait for their ``next_attempt`` and keep their DSN state, unless
+        ``delay_warning`` makes a delay warning owed.  The lease on each reported recipient
         ends.  A message whose recipients are all final and owe no DSN is
         deleted in the same transaction.  Results for recipients already final
         are ignored (and logged).  Raises ValueError for a deferral without

@@ -428,6 +428,30 @@ class SpoolStore:
             log_event(logger, "claimed", logging.DEBUG, owner=owner, messages=len(claims), recipients=len(rows))
         return claims
 
+    def lease_owners(self, now: float) -> dict[str, int]:
+        """Return each owner holding live leases, with its number of leased recipients.
+
+        A lease token is ``OWNER#HEX`` (see ``Spool.claim``): trimming the
+        trailing hex digits leaves ``OWNER#``.  Tokens without ``#`` are left out.
+        """
+        with self._errors("list lease owners"):
+            rows = self.connection.execute(
+                "SELECT rtrim(lease_token, '0123456789abcdef') AS prefix, count(*) FROM recipient"
+                " WHERE lease_until > ? AND lease_token IS NOT NULL GROUP BY prefix",
+                (now,),
+            ).fetchall()
+        return {prefix[:-1]: count for prefix, count in rows if prefix.endswith("#")}
+
+    def release_leases(self, owner: str, now: float) -> int:
+        """End every live lease of ``owner`` so its recipients can be claimed at once; return how many."""
+        prefix = owner + "#"
+        with self._errors("release leases"):
+            return self.connection.execute(
+                "UPDATE recipient SET lease_token = NULL, lease_until = NULL"
+                " WHERE lease_until > ? AND substr(lease_token, 1, ?) = ?",
+                (now, len(prefix), prefix),
+            ).rowcount
+
     def record_results(self, results: Sequence[DeliveryResult], lease_token: str | None, now: float) -> int:
         """Store delivery results; return how many changed a recipient's state.
 
@@ -451,7 +475,7 @@ class SpoolStore:
         if result.outcome is Outcome.DEFERRED and result.next_attempt is None:
             raise ValueError(f"deferred result for {result.queue_id}[{result.index}] needs next_attempt")
         row = self.connection.execute(
-            "SELECT r.state, r.notify, r.lease_token, r.lease_until, m.sender FROM recipient r"
+            "SELECT r.state, r.notify, r.lease_token, r.lease_until, r.dsn, m.sender FROM recipient r"
             " JOIN message m USING (queue_id) WHERE r.queue_id = ? AND r.idx = ?",
             (result.queue_id, result.index),
         ).fetchone()
@@ -461,7 +485,7 @@ class SpoolStore:
                 queue_id=result.queue_id, index=result.index, reason="recipient not in spool",
             )
             return False
-        state, notify_text, current_token, lease_until, sender = row
+        state, notify_text, current_token, lease_until, dsn_before, sender = row
 
         self.connection.execute(
             "INSERT INTO attempt (queue_id, idx, time, outcome, reply, host) VALUES (?, ?, ?, ?, ?, ?)",
@@ -486,9 +510,17 @@ class SpoolStore:
 
         notify = tuple(item for item in notify_text.split(",") if item)
         new_state, wants_dsn = _after_result(result.outcome, RecipientState(state), notify)
+        if result.outcome is Outcome.DELIVERED and result.next_hop_notifies:
+            wants_dsn = False
         # No DSN ever goes to the null reverse-path (RFC 5321), which bounces use,
         # so two relays cannot bounce a bounce back and forth.
         dsn = DsnState.PENDING if wants_dsn and sender != "" else DsnState.NONE
+        if result.outcome is Outcome.DEFERRED:
+            # A deferral keeps the DSN state, so a queued delay warning marks the
+            # recipient as warned and no second warning follows.
+            dsn = DsnState(dsn_before)
+            if result.delay_warning and dsn is DsnState.NONE and sender != "" and _wants_delay_dsn(notify):
+                dsn = DsnState.PENDING
         next_attempt = result.next_attempt if result.next_attempt is not None else now
         # A lost lease belongs to the scheduler now holding it, so it stays.
         self.connection.execute(
@@ -746,6 +778,11 @@ def _after_result(
     if state is RecipientState.HELD:
         return RecipientState.HELD, False
     return RecipientState.DEFERRED, False
+
+
+def _wants_delay_dsn(notify: tuple[str, ...]) -> bool:
+    """Return whether NOTIFY allows a delay warning: absent (RFC 3461 section 4.1 lets the MTA choose) or DELAY."""
+    return not notify or "DELAY" in notify
 
 
 def _json_fallback(value: Any) -> Any:

@@ -134,6 +134,12 @@ class DeliveryResult:
     reply: str = ""  # the SMTP reply (or local error) that decided the outcome
     host: str = ""  # the host that gave the reply; "" for local delivery
     next_attempt: float | None = None  # required for DEFERRED
+    # DELIVERED to a next hop that accepted the NOTIFY parameter, so that hop
+    # reports success and this relay owes no success DSN (RFC 3461 section 5.2.1).
+    next_hop_notifies: bool = False
+    # DEFERRED after waiting past the delay warning time: the recipient owes an
+    # "Action: delayed" DSN when its NOTIFY allows and none was queued before.
+    delay_warning: bool = False
 
 
 @dataclass(frozen=True, slots=True)
