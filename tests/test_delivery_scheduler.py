@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import email
 import mailbox
+import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from delivery_peers import (
 from conftest import free_port, require_corpus
 from relay.config import Config, load_config
 from relay.delivery import Scheduler
+from relay.delivery.owner import process_start
 from relay.spool import Envelope, Recipient, Spool, SpoolStore
 
 BODY = b"From: alice@local.test\r\nTo: bob@mx.test\r\nSubject: hello\r\n\r\nline\r\n.starts with a dot\r\n"
@@ -326,3 +330,90 @@ def test_local_alias_to_local_and_remote(tmp_path: Path, nameserver: NameServer,
     assert local_copy["Return-Path"] == "<carol@example.org>"
     assert local_copy["Delivered-To"] == "team@local.test"
     assert upstream.messages[0].recipients == ["bob@implicit.test"]
+
+
+def commit_notify(spool: Spool, sender: str, address: str, notify: tuple[str, ...]) -> str:
+    envelope = Envelope(sender=sender, recipients=(Recipient(address=address, notify=notify),))
+    return spool.commit_blocking(envelope, BODY)
+
+
+@pytest.mark.parametrize(("sink_options", "actions"), [([], []), (["-N"], ["relayed"])])
+def test_success_dsn_only_when_next_hop_lacks_dsn(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, sink_options: list[str], actions: list[str]
+) -> None:
+    port = free_port("127.0.0.7")
+    relayhost = f'relayhost = "[127.0.0.7]:{port}"\nrelayhost_tls = "none"'
+    config = make_config(tmp_path, nameserver, port, delivery=relayhost)
+    spool = spool_for(config)
+    with run_smtp_sink("127.0.0.7", port, *sink_options):
+        commit_notify(spool, "alice@local.test", "user@example.org", ("SUCCESS",))
+        # A DSN, when owed, is delivered to the local sender before the spool is empty.
+        assert run_until(config, spool, lambda: not spool_counts(config))
+    reports = mailbox_messages(config, "alice")
+    assert [report.get_payload()[1].get_payload()[1]["Action"] for report in reports] == actions
+
+
+@pytest.mark.parametrize(
+    ("notify", "warnings"),
+    [((), 1), (("DELAY",), 1), (("FAILURE",), 0), (("NEVER",), 0)],
+)
+def test_delay_warning_once_per_recipient(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, notify: tuple[str, ...], warnings: int
+) -> None:
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, delivery="delay_warning_time = 0.2")
+    spool = spool_for(config)
+    # Three deferrals, the last two past the warning time, then delivery.
+    handler = FlakyHandler(failures=3)
+    with run_upstream("127.0.0.4", port, handler):
+        commit_notify(spool, "alice@local.test", "bob@implicit.test", notify)
+        assert run_until(config, spool, lambda: bool(handler.messages) and not spool_counts(config))
+    assert handler.remaining == 0
+    reports = mailbox_messages(config, "alice")
+    assert len(reports) == warnings
+    for report in reports:
+        assert report["Subject"] == "Delayed Mail (still being retried)"
+        fields = report.get_payload()[1].get_payload()[1]
+        assert fields["Action"] == "delayed"
+        assert fields["Status"] == "4.2.1"
+        assert fields["Will-Retry-Until"]
+
+
+def test_delay_warning_off_by_default(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    handler = FlakyHandler(failures=2)
+    with run_upstream("127.0.0.4", port, handler):
+        commit_notify(spool, "alice@local.test", "bob@implicit.test", ("DELAY",))
+        assert run_until(config, spool, lambda: bool(handler.messages) and not spool_counts(config))
+    assert mailbox_messages(config, "alice") == []
+
+
+def test_start_releases_only_dead_owners_leases(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    host = socket.gethostname()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owners = {
+            "dead": f"{host}:{ended.pid}:0-1:1",
+            "reused": f"{host}:{live.pid}:0-1:1",  # the PID now runs a process that started later
+            "live": f"{host}:{live.pid}:{process_start(live.pid)}:1",
+            "remote": f"elsewhere.test:{ended.pid}:0-1:1",
+        }
+        for name, owner in owners.items():
+            commit(spool, "alice@local.test", [f"{name}@implicit.test"])
+            assert len(asyncio.run(spool.claim(owner, limit=1))) == 1
+        with run_upstream("127.0.0.4", port) as upstream:
+            run_until(config, spool, lambda: False, timeout=2.0)
+        delivered = sorted(address for message in upstream.messages for address in message.recipients)
+        assert delivered == ["dead@implicit.test", "reused@implicit.test"]
+        # The scheduler released its own leases when it stopped.
+        assert asyncio.run(spool.lease_owners()) == {owners["live"]: 1, owners["remote"]: 1}
+    finally:
+        live.kill()
+        live.wait()

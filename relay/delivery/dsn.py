@@ -17,7 +17,11 @@ spool when results are recorded; this module only formats.
 The ``Status`` comes from the enhanced code in the recorded reply; without
 one, the reply code's class gives ``X.0.0``.  An expired recipient keeps the
 status of its last temporary failure with ``Action: failed``, as RFC 3464
-section 2.3.3 allows.
+section 2.3.3 allows.  A delivered recipient is reported as ``relayed`` when
+a remote host took it (the spool owes such a DSN only when that host did
+not offer DSN, RFC 3461 section 5.2.2) and as ``delivered`` after local
+delivery.  A still-deferred recipient is a delay warning: ``Action:
+delayed`` with ``Will-Retry-Until``.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def status_of(reply: str) -> str:
 
 def _action(recipient: StoredRecipient) -> str:
     if recipient.state is RecipientState.DELIVERED:
-        return "delivered"
+        return "relayed" if recipient.last_host else "delivered"
     if recipient.state is RecipientState.BOUNCED:
         return "failed"
     return "delayed"
@@ -76,12 +80,28 @@ def _clean(text: str) -> str:
 
 
 def build_report(
-    message: StoredMessage, body: bytes, recipients: Sequence[StoredRecipient], hostname: str, now: float
+    message: StoredMessage,
+    body: bytes,
+    recipients: Sequence[StoredRecipient],
+    hostname: str,
+    now: float,
+    *,
+    retry_until: float | None = None,
 ) -> Report:
-    """Build the DSN that reports ``recipients`` of ``message`` to its sender."""
+    """Build the DSN that reports ``recipients`` of ``message`` to its sender.
+
+    ``retry_until`` is when delayed recipients will fail (arrival plus the
+    maximal queue lifetime), given as ``Will-Retry-Until``.
+    """
     boundary = f"{message.queue_id}.{secrets.token_hex(8)}/{hostname}"
     failed = [r for r in recipients if r.state is RecipientState.BOUNCED]
-    subject = "Undelivered Mail Returned to Sender" if failed else "Successful Mail Delivery Report"
+    delayed = [r for r in recipients if _action(r) == "delayed"]
+    if failed:
+        subject = "Undelivered Mail Returned to Sender"
+    elif delayed:
+        subject = "Delayed Mail (still being retried)"
+    else:
+        subject = "Successful Mail Delivery Report"
     date = email.utils.formatdate(now)
     full = message.envelope.ret == "FULL"
 
@@ -106,6 +126,10 @@ def build_report(
     ]
     if failed:
         lines.append("Your message could not be delivered to one or more recipients.")
+    elif delayed:
+        lines.append("Your message has not been delivered yet to the recipients below.")
+        if retry_until is not None:
+            lines.append(f"The mail system will keep trying until {email.utils.formatdate(retry_until)}.")
     else:
         lines.append("Your message was delivered to the recipients below, as you asked.")
     lines.append("")
@@ -123,7 +147,7 @@ def build_report(
         lines.append(f"Original-Envelope-Id: {message.envelope.envid}")
     lines.append(f"Arrival-Date: {email.utils.formatdate(message.arrival)}")
     for recipient in recipients:
-        lines += _recipient_fields(recipient)
+        lines += _recipient_fields(recipient, retry_until)
     lines += [
         "",
         f"--{boundary}",
@@ -144,7 +168,7 @@ def build_report(
     return Report(envelope=envelope, body=head + original + tail, indexes=tuple(r.index for r in recipients))
 
 
-def _recipient_fields(recipient: StoredRecipient) -> list[str]:
+def _recipient_fields(recipient: StoredRecipient, retry_until: float | None) -> list[str]:
     reply = _clean(recipient.last_reply or "")
     fields = ["", f"Final-Recipient: {_address_type(recipient.address)}; {recipient.address}"]
     if recipient.orcpt:
@@ -158,4 +182,6 @@ def _recipient_fields(recipient: StoredRecipient) -> list[str]:
         fields.append(f"Diagnostic-Code: X-relay; {reply}")
     if recipient.last_attempt is not None:
         fields.append(f"Last-Attempt-Date: {email.utils.formatdate(recipient.last_attempt)}")
+    if retry_until is not None and _action(recipient) == "delayed":
+        fields.append(f"Will-Retry-Until: {email.utils.formatdate(retry_until)}")
     return fields

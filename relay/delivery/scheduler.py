@@ -24,7 +24,20 @@ after arrival fails with its last temporary reply.
 After results are recorded, the spool marks recipients that owe a DSN; the
 scheduler builds those DSNs (``relay.delivery.dsn``) and commits them as new
 messages.  A failed message from the null sender gets no DSN; with
-``bounce_copy_to_postmaster`` it is copied to postmaster instead.
+``bounce_copy_to_postmaster`` it is copied to postmaster instead.  A
+recipient delivered to a next hop that offers DSN gets no success DSN from
+here, because the NOTIFY parameter went on with it and that hop reports
+(RFC 3461 section 5.2.1).  When ``delay_warning_time`` is set (off by
+default), a recipient deferred after waiting that long since arrival owes
+one ``Action: delayed`` DSN; the spool sends it at most once per recipient
+and only when NOTIFY is absent or contains DELAY.  The check runs at each
+attempt, so the warning comes with the first deferral past that time.
+
+Leases: the scheduler claims under an owner name that identifies its
+process (``relay.delivery.owner``).  On start it releases the leases of
+owners on this host whose process no longer runs (a scheduler killed with
+SIGKILL), so their recipients do not wait out ``spool.lease_time``; a live
+scheduler's leases are never touched.  On stop it releases its own.
 
 Every attempt result is logged as one line: queue ID, recipient, relay,
 delay, DSN status and the reply.
@@ -47,6 +60,7 @@ from relay.delivery.dns import LookupFailure, MXResolver
 from relay.delivery.dsn import build_report, status_of
 from relay.delivery.local import deliver_local
 from relay.delivery.maildir import LocalDelivery
+from relay.delivery.owner import owner_is_dead, scheduler_owner
 from relay.delivery.router import ERROR, LOCAL, Route, Router
 from relay.delivery.sessions import SessionPool
 from relay.log import log_event
@@ -109,12 +123,12 @@ class Scheduler:
         spool: Spool,
         *,
         resolver: MXResolver | None = None,
-        owner: str = "scheduler",
+        owner: str | None = None,
     ) -> None:
         delivery = config.delivery
         self.config = config
         self.spool = spool
-        self.owner = owner
+        self.owner = owner or scheduler_owner()
         self.router = Router(config)
         self.local = LocalDelivery.from_config(config.local)
         self.resolver = resolver or MXResolver(delivery.nameservers, timeout=delivery.dns_timeout)
@@ -132,6 +146,8 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._dsn_due = True
         self._stopping = False
+        self._running = False
+        self._run_ended = asyncio.Event()
         self._workers: set[asyncio.Task[None]] = set()
         self._random = random.Random()
 
@@ -153,6 +169,15 @@ class Scheduler:
     async def run(self) -> None:
         """Claim and deliver until ``stop`` is called."""
         log_event(logger, "scheduler-start", owner=self.owner)
+        self._running = True
+        try:
+            await self._release_dead_leases()
+            await self._loop()
+        finally:
+            self._run_ended.set()
+        log_event(logger, "scheduler-stop", owner=self.owner)
+
+    async def _loop(self) -> None:
         interval = self.config.delivery.queue_scan_interval
         while not self._stopping:
             if self._dsn_due:
@@ -167,16 +192,19 @@ class Scheduler:
                     await self._wake.wait()
             except TimeoutError:
                 pass
-        log_event(logger, "scheduler-stop", owner=self.owner)
 
     async def stop(self) -> None:
         """Stop claiming, let running transactions finish (up to ``STOP_GRACE`` s), close sessions.
 
-        Recipients still queued in memory keep their lease and are claimed
-        again when it runs out.
+        Then release this scheduler's leases, so the recipients still queued
+        in memory (and those of transactions cut off by the grace time) are
+        due again at once for the next scheduler.
         """
         self._stopping = True
         self._wake.set()
+        if self._running:
+            # A claim in progress may still hand out jobs; wait for it to end.
+            await self._run_ended.wait()
         for destination in self._destinations.values():
             destination.queue.clear()
         if self._workers:
@@ -185,6 +213,26 @@ class Scheduler:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self.sessions.close()
+        try:
+            released = await self.spool.release_leases(self.owner)
+        except SpoolError as exc:
+            log_event(logger, "lease-release-failed", logging.ERROR, owner=self.owner, error=str(exc))
+            return
+        if released:
+            log_event(logger, "leases-released", owner=self.owner, recipients=released)
+
+    async def _release_dead_leases(self) -> None:
+        try:
+            owners = await self.spool.lease_owners()
+            for owner in owners:
+                if owner == self.owner or not owner_is_dead(owner):
+                    continue
+                released = await self.spool.release_leases(owner)
+                log_event(logger, "leases-released", logging.WARNING, owner=owner, recipients=released,
+                          reason="owner process no longer runs")
+        except SpoolError as exc:
+            # The leases then run out after spool.lease_time instead.
+            log_event(logger, "lease-release-failed", logging.ERROR, error=str(exc))
 
     # -- claiming and queueing ------------------------------------------------
 
@@ -342,7 +390,13 @@ class Scheduler:
         except SessionError as exc:
             await self._record(job, [(r, Outcome.DEFERRED, exc.reply) for r in job.recipients], session.peer)
             return
-        await self._record(job, [(by_index[r.index], r.outcome, r.reply) for r in results], session.peer)
+        # The client passes NOTIFY on exactly when the next hop offers DSN.
+        await self._record(
+            job,
+            [(by_index[r.index], r.outcome, r.reply) for r in results],
+            session.peer,
+            next_hop_notifies="DSN" in session.capabilities,
+        )
 
     async def _deliver_local(self, job: Job) -> None:
         outcomes = await deliver_local(self.local, self.spool, job.claim, job.recipients)
@@ -359,12 +413,16 @@ class Scheduler:
         outcomes: Sequence[tuple[StoredRecipient, Outcome, str]],
         host: str,
         next_attempt: float | None = None,
+        next_hop_notifies: bool = False,
     ) -> None:
         claim = job.claim
         delivery = self.config.delivery
         now = time.time()
-        expired = now - claim.arrival >= delivery.maximal_queue_lifetime
+        waited = now - claim.arrival
+        expired = waited >= delivery.maximal_queue_lifetime
+        warn = 0 < delivery.delay_warning_time <= waited
         results: list[DeliveryResult] = []
+        dsn_possible = False
         for recipient, outcome, reply in outcomes:
             when = None
             if outcome is Outcome.DEFERRED:
@@ -377,7 +435,17 @@ class Scheduler:
                         recipient.attempts, delivery.minimal_backoff_time, delivery.maximal_backoff_time, jitter
                     )
                     when = max(now + delay, next_attempt or 0.0)
-            results.append(DeliveryResult(claim.queue_id, recipient.index, outcome, reply, host, when))
+            results.append(
+                DeliveryResult(
+                    claim.queue_id, recipient.index, outcome, reply, host, when,
+                    next_hop_notifies=next_hop_notifies,
+                    delay_warning=warn and outcome is Outcome.DEFERRED and recipient.dsn is DsnState.NONE,
+                )
+            )
+            # A superset of the spool's DSN rule: it only decides when to look for owed DSNs.
+            dsn_possible = dsn_possible or outcome is Outcome.FAILED or results[-1].delay_warning or (
+                outcome is Outcome.DELIVERED and "SUCCESS" in recipient.notify and not next_hop_notifies
+            )
             log_event(
                 logger,
                 {Outcome.DELIVERED: "delivered", Outcome.DEFERRED: "deferred", Outcome.FAILED: "bounced"}[outcome],
@@ -396,9 +464,10 @@ class Scheduler:
             log_event(logger, "record-failed", logging.ERROR, queue_id=claim.queue_id, error=str(exc))
             return
         failed = [r for r in results if r.outcome is Outcome.FAILED]
-        if failed or any(r.outcome is Outcome.DELIVERED for r in results):
+        if dsn_possible:
             self._dsn_due = True
-            self._wake.set()
+        # Finished jobs make room for the next claim.
+        self._wake.set()
         if failed and claim.envelope.sender == "" and delivery.bounce_copy_to_postmaster:
             await self._copy_to_postmaster(claim)
 
@@ -425,7 +494,10 @@ class Scheduler:
                 continue
             try:
                 body = await self.spool.load_body(message.queue_id)
-                report = build_report(message, body, owed, self.config.server.hostname, time.time())
+                retry_until = message.arrival + self.config.delivery.maximal_queue_lifetime
+                report = build_report(
+                    message, body, owed, self.config.server.hostname, time.time(), retry_until=retry_until
+                )
                 dsn_id = await self.spool.commit(
                     report.envelope, report.body, dsn_for=DsnRequest(message.queue_id, report.indexes)
                 )
