@@ -8,6 +8,7 @@ event-loop exception.  ``spooled`` reads the spool database directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -85,9 +86,11 @@ class RelayProcess:
         workers: int = 1,
         certificate: tuple[Path, Path] | None = None,
         password_file: Path | None = None,
+        deliver: bool = False,
     ) -> None:
         self.directory = directory
         self.event_loop = event_loop
+        self.deliver = deliver
         self.listeners = listeners or [Listener()]
         for listener in self.listeners:
             listener.port = listener.port or free_port()
@@ -133,11 +136,11 @@ class RelayProcess:
     def start(self) -> RelayProcess:
         environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         with open(self.log_path, "wb") as log:
+            # Receive only unless ``deliver``: most tests check what the server
+            # spools, which a running scheduler would deliver and delete.
             self.process = subprocess.Popen(
-                # Receive only: these tests check what the server spools, which
-                # a running scheduler would deliver and delete.
                 [sys.executable, "-m", "relay", "serve", "--config", str(self.config_path),
-                 "--event-loop", self.event_loop, "--no-delivery"],
+                 "--event-loop", self.event_loop, *([] if self.deliver else ["--no-delivery"])],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=environment,
@@ -174,9 +177,14 @@ class RelayProcess:
         return status
 
     def kill(self) -> None:
+        """SIGKILL the server and, with several workers, each worker process."""
         if self.process is not None and self.process.poll() is None:
+            workers = _child_pids(self.process.pid)
             self.process.kill()
             self.process.wait()
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def spooled(self) -> list[tuple[StoredMessage, bytes]]:
         """Return every message in the spool with its body, in arrival order."""
@@ -202,6 +210,14 @@ class RelayProcess:
                 assert self.stop() == 0, self.log()
         finally:
             self.kill()
+
+
+def _child_pids(pid: int) -> list[int]:
+    # Worker processes forked by a supervisor would outlive it when it is killed.
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def strip_received(body: bytes) -> bytes:
