@@ -14,6 +14,7 @@ import base64
 import socket
 import ssl
 import threading
+import resource
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -663,3 +664,28 @@ def test_connection_limits_and_timeouts(tmp_path: Path) -> None:
         finally:
             first.close()
             second.close()
+
+
+def test_spool_write_failure_never_acknowledged(tmp_path: Path) -> None:
+    """novu inbound #11034: a message the spool cannot store gets 452 4.3.1, never 250, and a retry works."""
+    with RelayProcess(tmp_path, policy='trusted_networks = ["127.0.0.2/32"]') as relay:
+        assert relay.process is not None
+        pid = relay.process.pid
+        body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1024
+        with RawClient(relay.port) as client:
+            client.exchange(b"", ["220"])
+            greet(client)
+            # Files of the relay may not grow past their size now: the next commit fails.
+            used = sum(path.stat().st_size for path in relay.spool.glob("spool.db*"))
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (used + 65536, resource.RLIM_INFINITY))
+            try:
+                transaction(client, "full-disk@example.com")
+                client.exchange(body + b".\r\n", ["452 4.3.1"])
+            finally:
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            assert messages_from(relay, "full-disk@example.com") == []
+
+            transaction(client, "full-disk@example.com")
+            client.exchange(body + b".\r\n", ["250 2.0.0"])
+        [stored] = messages_from(relay, "full-disk@example.com")
+        assert strip_received(stored) == body
