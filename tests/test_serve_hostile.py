@@ -11,10 +11,10 @@ under uvloop and under the standard asyncio loop.
 from __future__ import annotations
 
 import base64
+import resource
 import socket
 import ssl
 import threading
-import resource
 import time
 from collections.abc import Iterator
 from pathlib import Path
