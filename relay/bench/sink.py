@@ -220,6 +220,7 @@ class SinkProtocol(asyncio.Protocol):
     def _reset(self) -> None:
         self.has_sender = False
         self.recipients = 0
+        self.chunk_octets = 0
 
     def _ehlo(self, command: Command, out: list[bytes]) -> None:
         self._reset()
@@ -303,7 +304,6 @@ class SinkProtocol(asyncio.Protocol):
 
     def _rset(self, command: Command, out: list[bytes]) -> None:
         self._reset()
-        self.chunk_octets = 0
         out.append(_OK)
 
     def _noop(self, command: Command, out: list[bytes]) -> None:
