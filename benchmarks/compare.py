@@ -12,7 +12,9 @@ Workloads (message size, connections, messages per connection):
     W5  1 KiB,  1 connection at a time, one message per connection
 
 Servers: ``relay-serve`` (durable spool, relaying what it accepts to an
-smtp-sink), ``relay-sink``, ``aiosmtpd-null`` and ``aiosmtpd-fsync``
+smtp-sink), ``relay-sink``, ``relay-serve-sink`` (a ``relay serve``
+listener with role ``sink``: the full session, no spool),
+``aiosmtpd-null`` and ``aiosmtpd-fsync``
 (``aiosmtpd_server.py`` on uvloop), ``smtp-sink`` (Postfix's test sink) and
 ``postfix`` (a private loopback-only instance relaying to an smtp-sink).
 Clients: ``relay-bench`` and Postfix's ``smtp-source``.  The script installs
@@ -177,12 +179,7 @@ def _relay_sink(port: int, workdir: Path) -> Iterator[None]:
         yield None
 
 
-@contextlib.contextmanager
-def _relay_serve(port: int, workdir: Path) -> Iterator[None]:
-    if find_program("smtp-sink") is None:
-        raise RuntimeError("relay serve relays to smtp-sink, which is not installed")
-    downstream = free_port()
-    spool = workdir / "relay-spool"
+def _relay_config(port: int, workdir: Path, role: str, downstream: int) -> Path:
     config = workdir / "relay.toml"
     config.write_text(
         f"""
@@ -195,10 +192,10 @@ max_connections_per_client = 1000
 
 [[listener]]
 address = "127.0.0.1:{port}"
-role = "mx"
+role = "{role}"
 
 [spool]
-path = "{spool}"
+path = "{workdir / "relay-spool"}"
 
 [policy]
 relay_domains = ["example.test"]
@@ -218,10 +215,28 @@ maildir_root = "{workdir / "mail"}"
 address = ""
 """
     )
+    return config
+
+
+@contextlib.contextmanager
+def _relay_serve(port: int, workdir: Path) -> Iterator[None]:
+    if find_program("smtp-sink") is None:
+        raise RuntimeError("relay serve relays to smtp-sink, which is not installed")
+    downstream = free_port()
+    config = _relay_config(port, workdir, "mx", downstream)
     with running(sink_command(downstream), downstream):
         command = [_python(), "-m", "relay", "serve", "--config", str(config)]
         with running(command, port, cwd=REPO_ROOT):
             yield None
+
+
+@contextlib.contextmanager
+def _relay_serve_sink_role(port: int, workdir: Path) -> Iterator[None]:
+    # A listener with role "sink" discards what it accepts, so nothing is relayed.
+    config = _relay_config(port, workdir, "sink", free_port())
+    command = [_python(), "-m", "relay", "serve", "--config", str(config)]
+    with running(command, port, cwd=REPO_ROOT):
+        yield None
 
 
 def _check_aiosmtpd() -> str | None:
@@ -285,6 +300,9 @@ def _postfix(port: int, workdir: Path) -> Iterator[Callable[[], None]]:
 SERVERS: dict[str, Server] = {
     "relay-serve": Server("relay-serve", "relay serve (durable)", _check_relay_command("serve"), _relay_serve),
     "relay-sink": Server("relay-sink", "relay sink", _check_relay_command("sink"), _relay_sink),
+    "relay-serve-sink": Server(
+        "relay-serve-sink", "relay serve, sink role", _check_relay_command("serve"), _relay_serve_sink_role
+    ),
     "aiosmtpd-null": Server("aiosmtpd-null", "aiosmtpd do-nothing", _check_aiosmtpd, _aiosmtpd("null")),
     "aiosmtpd-fsync": Server("aiosmtpd-fsync", "aiosmtpd write+fsync", _check_aiosmtpd, _aiosmtpd("fsync")),
     "smtp-sink": Server("smtp-sink", "smtp-sink", _check_smtp_sink, _smtp_sink),

@@ -28,6 +28,7 @@ RATIOS: tuple[tuple[str, str, str], ...] = (
 COLORS = {
     "relay-serve": "#1f5fa8",
     "relay-sink": "#6aa6e8",
+    "relay-serve-sink": "#9cc3ea",
     "aiosmtpd-null": "#e0892c",
     "aiosmtpd-fsync": "#b35806",
     "smtp-sink": "#4d9a4d",

@@ -159,7 +159,8 @@ class Session:
         self.pipelining = False
         self.alive = True
 
-    def _reply(self, stage: str, reply: Reply) -> Reply:
+    def record_reply(self, stage: str, reply: Reply) -> Reply:
+        """Count a reply by stage and code; a 421 marks the connection as closing."""
         self.stats.count_reply(stage, reply.code)
         if reply.code == 421:
             self.alive = False
@@ -169,7 +170,7 @@ class Session:
         """Send one command line (CRLF added) and return its counted reply."""
         self.connection.write(line + b"\r\n")
         (reply,) = await self.connection.read(1, self.settings.timeout)
-        return self._reply(stage, reply)
+        return self.record_reply(stage, reply)
 
     async def ehlo(self) -> dict[str, list[str]]:
         reply = await self.command("ehlo", b"EHLO " + self.settings.helo.encode())
@@ -235,7 +236,7 @@ class Session:
                 connection.write(b"QUIT\r\n")
             try:
                 (reply,) = await connection.read(1, self.settings.timeout)
-                self._reply("quit", reply)
+                self.record_reply("quit", reply)
             except SessionFailed:
                 # A server may close right after QUIT without 221; not a failure of any message.
                 pass
@@ -273,7 +274,7 @@ async def open_session(settings: ClientSettings, stats: RunStats) -> Session:
     try:
         (greeting,) = await connection.read(1, settings.timeout)
         stats.latency["greeting"].record(_micros(connected, time.perf_counter()))
-        session._reply("greeting", greeting)
+        session.record_reply("greeting", greeting)
         if greeting.code != 220:
             raise SessionFailed(f"greeting_{_classify(greeting.code)}")
         capabilities = await session.ehlo()
@@ -307,8 +308,10 @@ async def send_message(session: Session, message: EncodedMessage, number: int, s
 
     ``started`` is when the transaction was due (the scheduled arrival in an
     open-loop run), so the transaction latency includes any time spent
-    waiting for a connection.  ``last`` pipelines QUIT after the message.
-    Every failure is counted, and ``session.alive`` is False when the connection must close.
+    waiting for a connection.  ``last`` marks the connection's final
+    message, and with PIPELINING the QUIT goes out in the same write.  Every
+    failure is counted, and ``session.alive`` is False when the connection
+    must close.
     """
     settings = session.settings
     stats = session.stats
@@ -361,11 +364,11 @@ async def _pipelined_envelope(
         connection.write(b"\r\n".join(pieces) + b"\r\n")
     replies = await connection.read(len(pieces), settings.timeout)
 
-    mail_reply = session._reply("mail", replies[0])
+    mail_reply = session.record_reply("mail", replies[0])
     for reply in replies[1:-1]:
-        session._reply("rcpt", reply)
+        session.record_reply("rcpt", reply)
     accepted = _count_rcpts(session, replies[1:-1], mail_reply.code == 250)
-    final = session._reply("end_of_data" if settings.bdat else "data", replies[-1])
+    final = session.record_reply("end_of_data" if settings.bdat else "data", replies[-1])
     if mail_reply.code != 250:
         session.stats.count_error(f"mail_{_classify(mail_reply.code)}")
     elif accepted == 0:
@@ -385,13 +388,13 @@ async def _pipelined_envelope(
         # RFC 2920: after a 354 with no valid recipient the client sends only the dot.
         connection.write(b".\r\n")
         (reply,) = await connection.read(1, settings.timeout)
-        session._reply("end_of_data", reply)
+        session.record_reply("end_of_data", reply)
         await _abandon(session, last, quit_sent=False)
         return None
     connection.write(message.data + quit_line)
     eod_started = time.perf_counter()
     (reply,) = await connection.read(1, settings.timeout)
-    return eod_started, session._reply("end_of_data", reply)
+    return eod_started, session.record_reply("end_of_data", reply)
 
 
 async def _stepwise_envelope(
@@ -417,7 +420,7 @@ async def _stepwise_envelope(
         connection.write(b"BDAT %d LAST\r\n" % message.octets + message.chunk)
         eod_started = time.perf_counter()
         (reply,) = await connection.read(1, settings.timeout)
-        return eod_started, session._reply("end_of_data", reply)
+        return eod_started, session.record_reply("end_of_data", reply)
     reply = await session.command("data", b"DATA")
     if reply.code != 354:
         session.stats.count_error(f"data_command_{_classify(reply.code)}")
@@ -426,7 +429,7 @@ async def _stepwise_envelope(
     connection.write(message.data)
     eod_started = time.perf_counter()
     (reply,) = await connection.read(1, settings.timeout)
-    return eod_started, session._reply("end_of_data", reply)
+    return eod_started, session.record_reply("end_of_data", reply)
 
 
 def _count_rcpts(session: Session, replies: list[Reply], mail_accepted: bool) -> int:

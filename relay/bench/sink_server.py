@@ -39,6 +39,7 @@ from relay.bench.sink import (
     SinkState,
 )
 from relay.log import log_event
+from relay.units import format_host_port
 
 logger = logging.getLogger("relay.sink")
 
@@ -152,7 +153,7 @@ def _run_single(run: SinkRun) -> int:
 
 
 def _log_listening(run: SinkRun) -> None:
-    log_event(logger, "listening", address=f"{run.host}:{run.port}", workers=run.workers)
+    log_event(logger, "listening", address=format_host_port(run.host, run.port), workers=run.workers)
 
 
 def _worker(run: SinkRun, index: int, shared: Any, sock: socket.socket, ready: Any) -> None:
