@@ -168,3 +168,14 @@ def test_kill_during_delivery_then_restart(tmp_path: Path, nameserver: NameServe
     duplicates = sum(times - 1 for times in delivered.values())
     # Only transactions in flight at the kill may be repeated: at most one per connection.
     assert duplicates <= concurrency
+
+
+def test_commit_wakes_scheduler(tmp_path: Path, nameserver: NameServer) -> None:
+    port = free_port("127.0.0.4")
+    # With a one-minute scan, only the wake-up after the commit delivers in time.
+    settings = "queue_scan_interval = 60"
+    relay = RelayProcess(tmp_path, deliver=True, extra=delivery_section(nameserver, port, settings))
+    with run_upstream("127.0.0.4", port) as upstream, relay:
+        time.sleep(0.5)
+        send_all(relay.port, {"user@implicit.test": b"Subject: wake\r\n\r\nbody\r\n"})
+        assert wait_until(lambda: len(upstream.messages) == 1, 10)

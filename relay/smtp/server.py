@@ -113,6 +113,8 @@ class ListenerRuntime:
         self.sessions = sessions
         self.sink = SinkCounters()
         self.accepting = True
+        # Called after each stored message; in worker 0 it wakes the scheduler.
+        self.on_stored: Callable[[], None] | None = None
         self._ids = itertools.count(1)
         self._prefix = prefix
 
@@ -198,6 +200,8 @@ class ListenerRuntime:
                 error=str(exc),
             )
             return replies.STORAGE_FAILURE
+        if self.on_stored is not None:
+            self.on_stored()
         log_event(
             logger,
             "queued",
@@ -342,6 +346,11 @@ class Worker:
         scheduler = Scheduler(config, self.spool) if delivering_here and self.spool is not None else None
         self.scheduler = scheduler
         delivering = loop.create_task(scheduler.run()) if scheduler is not None else None
+        if scheduler is not None:
+            # Messages stored by this worker are claimed at once; those of other
+            # workers wait for the next queue scan.
+            for runtime in self.runtimes:
+                runtime.on_stored = scheduler.wake
         monitoring = await self._start_admin()
         await self._stop.wait()
         if scheduler is not None and delivering is not None:
