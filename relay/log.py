@@ -29,6 +29,10 @@ _ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
 
 def clean(value: Any) -> Any:
     """Return value made safe for one log line: text escaped and truncated."""
+    if type(value) is str and len(value) <= MAX_VALUE_LENGTH and value.isascii():
+        # The common case: printable ASCII without a backslash needs no escape.
+        if value.isprintable() and "\\" not in value:
+            return value
     if isinstance(value, bytes):
         value = value.decode("utf-8", "backslashreplace")
     if isinstance(value, str):
@@ -49,10 +53,36 @@ def _quote(value: Any) -> str:
         return f"{value:.3f}"
     if isinstance(value, list):
         value = ",".join(str(item) for item in value)
-    text = str(value)
-    if text == "" or any(c in text for c in ' "='):
+    text = value if type(value) is str else str(value)
+    if text == "" or " " in text or '"' in text or "=" in text:
         return '"' + text.replace('"', '\\"') + '"'
     return text
+
+
+def _timestamp(created: float) -> str:
+    """Return ``created`` as UTC ISO 8601 with milliseconds, reusing the text of the last second."""
+    global _stamp
+    second = int(created)
+    cached_second, text = _stamp  # one tuple, so threads never mix two seconds
+    if second != cached_second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _stamp = (second, text)
+    return f"{text}.{int((created - second) * 1000):03d}Z"
+
+
+_stamp = (-1, "")
+
+
+def _render(json_form: bool, created: float, level: str, name: str, event: str, fields: dict[str, Any]) -> str:
+    """Return one log line (without its newline) for already cleaned fields."""
+    stamp = _timestamp(created)
+    if json_form:
+        document = {"ts": stamp, "level": level, "logger": name, "event": event}
+        document.update(fields)
+        return orjson.dumps(document, default=str).decode()
+    parts = [stamp, level, f"{name}:", event]
+    parts.extend(f"{key}={_quote(value)}" for key, value in fields.items())
+    return " ".join(parts)
 
 
 class _EventFormatter(logging.Formatter):
@@ -67,28 +97,50 @@ class _EventFormatter(logging.Formatter):
             fields = {"text": clean(record.getMessage()), **fields}
         if record.exc_info:
             fields = {**fields, "exception": clean(self.formatException(record.exc_info))}
+        return _render(self.json_form, record.created, record.levelname.lower(), record.name, event, fields)
 
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        stamp += f".{int(record.msecs):03d}Z"
-        if self.json_form:
-            document = {"ts": stamp, "level": record.levelname.lower(), "logger": record.name, "event": event}
-            document.update(fields)
-            return orjson.dumps(document, default=str).decode()
-        parts = [stamp, record.levelname.lower(), f"{record.name}:", event]
-        parts.extend(f"{key}={_quote(value)}" for key, value in fields.items())
-        return " ".join(parts)
+
+class _EventHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler ``setup_logging`` installs; ``log_event`` writes through it directly."""
+
+    def __init__(self, stream: TextIO, json_form: bool) -> None:
+        super().__init__(stream)
+        self.json_form = json_form
+        self.setFormatter(_EventFormatter(json_form))
+
+    def write_event(self, level: int, name: str, event: str, fields: dict[str, Any]) -> None:
+        """Write one event line without building a LogRecord, as ``emit`` would write it."""
+        line = _render(self.json_form, time.time(), _LEVEL_NAMES[level], name, event, fields)
+        self.acquire()
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"name": name, "levelno": level, "msg": event}))
+        finally:
+            self.release()
+
+
+_LEVEL_NAMES = {
+    level: logging.getLevelName(level).lower()
+    for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
+}
+# The handler of the "relay" logger while setup_logging's configuration is in place.
+_direct: _EventHandler | None = None
+_relay_logger = logging.getLogger("relay")
 
 
 def setup_logging(form: str = "text", level: str = "info", stream: TextIO | None = None) -> None:
     """Route the ``relay`` loggers to stream (stderr by default) in the chosen form."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(_EventFormatter(form == "json"))
-    root = logging.getLogger("relay")
+    global _direct
+    handler = _EventHandler(stream or sys.stderr, form == "json")
+    root = _relay_logger
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
     root.propagate = False
+    _direct = handler
 
 
 # Functions called with every event and its raw fields, whatever the log
@@ -105,6 +157,25 @@ def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **f
     """Log one event with key=value fields; peer-supplied values are cleaned."""
     for observer in _observers:
         observer(event, fields)
-    if logger.isEnabledFor(level):
-        cleaned = {key: clean(value) for key, value in fields.items()}
-        logger.log(level, event, extra={"event": event, "fields": cleaned})
+    if not logger.isEnabledFor(level):
+        return
+    cleaned = {key: clean(value) for key, value in fields.items()}
+    handler = _direct
+    # The direct write skips the LogRecord and its caller lookup, which cost
+    # more than the line itself.  It applies only while the logger's sole
+    # destination is setup_logging's handler and nothing else (a test's
+    # capture handler, a filter) has been attached since.
+    if (
+        handler is not None
+        and level in _LEVEL_NAMES
+        and not logger.handlers
+        and not logger.filters
+        and logger.propagate
+        and logger.parent is _relay_logger
+        and _relay_logger.handlers == [handler]
+        and not handler.filters
+        and not _relay_logger.filters
+    ):
+        handler.write_event(level, logger.name, event, cleaned)
+        return
+    logger.log(level, event, extra={"event": event, "fields": cleaned})

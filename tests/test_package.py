@@ -64,6 +64,33 @@ def test_json_log_line_is_one_object() -> None:
     assert document["level"] == "info"
 
 
+def test_log_line_same_with_extra_handler() -> None:
+    # log_event writes directly to setup_logging's handler unless another
+    # handler is attached; both paths must produce the same line.
+    stream = io.StringIO()
+    setup_logging("text", "info", stream)
+    logger = logging.getLogger("relay.test")
+    captured: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            captured.append(record)
+
+    extra = Capture()
+
+    log_event(logger, "queued", queue_id="ABC123", size=1024, client="127.0.0.1", tls=False)
+    logger.addHandler(extra)
+    try:
+        log_event(logger, "queued", queue_id="ABC123", size=1024, client="127.0.0.1", tls=False)
+    finally:
+        logger.removeHandler(extra)
+
+    direct, via_record = stream.getvalue().splitlines()
+    assert len(captured) == 1
+    assert direct.split(" ", 1)[1] == via_record.split(" ", 1)[1]
+    assert direct.endswith("relay.test: queued queue_id=ABC123 size=1024 client=127.0.0.1 tls=false")
+
+
 def test_log_truncates_long_values() -> None:
     stream = io.StringIO()
     setup_logging("json", "info", stream)
