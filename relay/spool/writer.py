@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -55,6 +57,10 @@ class Job:
 
 
 _STOP = object()
+
+# Lock file in the spool directory that the writer threads of all processes
+# sharing the spool take in turn, one transaction at a time; see ``Writer._run``.
+WRITER_LOCK = "writer.lock"
 
 
 def _settle(jobs: list[Job]) -> None:
@@ -150,16 +156,38 @@ class Writer:
             self._start_error = exc
             self._started.set()
             return
+        try:
+            lock = os.open(self.directory / WRITER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            store.close()
+            self._start_error = SpoolError(f"spool {self.directory}: cannot open {WRITER_LOCK}: {exc.strerror}")
+            self._started.set()
+            return
         self._started.set()
         try:
             while True:
                 batch, stop = self._next_batch()
                 if batch:
-                    self._commit(store, batch)
+                    # Writers of other processes wait here, in the kernel, and not on
+                    # SQLite's write lock, because SQLite's default busy handler sleeps
+                    # 1, 2, 5, 10 ms and longer between retries (sqliteDefaultBusyCallback):
+                    # a wait of several fsyncs for a lock held during one.  flock wakes
+                    # the next writer as soon as this one has committed.
+                    # NOTE: this wait has no timeout, unlike busy_timeout, so a process
+                    # stopped (SIGSTOP) inside a transaction stalls the other writers.
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    try:
+                        if not stop:
+                            # Jobs that arrived while another process held the lock join this batch.
+                            stop = self._drain(batch)
+                        self._commit(store, batch)
+                    finally:
+                        fcntl.flock(lock, fcntl.LOCK_UN)
                     self._checkpoint(store, batch)
                 if stop:
                     break
         finally:
+            os.close(lock)
             store.close()
 
     def _checkpoint(self, store: SpoolStore, batch: list[Job]) -> None:
@@ -184,18 +212,22 @@ class Writer:
             return [], True
         assert isinstance(first, Job)
         batch = [first]
-        size = first.size
+        return batch, self._drain(batch)
+
+    def _drain(self, batch: list[Job]) -> bool:
+        """Add the jobs already queued to ``batch``, up to the limits; return whether stop was requested."""
+        size = sum(job.size for job in batch)
         while len(batch) < self.batch_max_messages and size < self.batch_max_bytes:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is _STOP:
-                return batch, True
+                return True
             assert isinstance(item, Job)
             batch.append(item)
             size += item.size
-        return batch, False
+        return False
 
     def _commit(self, store: SpoolStore, batch: list[Job]) -> None:
         started = time.monotonic()
