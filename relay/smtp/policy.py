@@ -92,6 +92,10 @@ def _is_internal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast or ip.is_reserved
 
 
+# Addresses whose trust decision is remembered; 10,000 short strings take about 1 MB.
+TRUSTED_CACHE_SIZE = 10_000
+
+
 class RelayPolicy:
     """Decide whether one client may send to one recipient."""
 
@@ -104,9 +108,20 @@ class RelayPolicy:
         self.maildir_root = config.local.maildir_root
         self.users = frozenset(u.lower() for u in config.local.users)
         self._aliases = _AliasFile(config.local.aliases)
+        # Client address -> is_trusted result; parsing the address costs more than
+        # the rest of a connection's setup.  Cleared when it reaches the bound.
+        self._trusted: dict[str, bool] = {}
 
     def is_trusted(self, address: str) -> bool:
         """Return whether a client IP address is in a trusted network."""
+        trusted = self._trusted.get(address)
+        if trusted is None:
+            if len(self._trusted) >= TRUSTED_CACHE_SIZE:
+                self._trusted.clear()
+            trusted = self._trusted[address] = self._check_trusted(address)
+        return trusted
+
+    def _check_trusted(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
         except ValueError:

@@ -61,13 +61,27 @@ def received_header(
         f"Received: from {helo_name} (unknown [{address}])",
         f"\tby {hostname} (relay) with {protocol} id {queue_id}",
     ]
-    date = formatdate(time.time() if now is None else now, localtime=True)
+    date = _date(time.time() if now is None else now)
     if len(recipients) == 1:
         lines.append(f"\tfor <{recipients[0]}>; {date}")
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def _date(moment: float) -> str:
+    """Return the RFC 5322 local date of ``moment``, formatting each second once."""
+    global _last_date
+    second = int(moment)
+    cached_second, text = _last_date
+    if second != cached_second:
+        text = formatdate(second, localtime=True)
+        _last_date = (second, text)
+    return text
+
+
+_last_date = (-1, "")
 
 
 def submission_headers(headers: bytes, hostname: str, now: float | None = None) -> bytes:
