@@ -13,7 +13,7 @@ ratios hold even on a busy machine where the absolute figures do not:
   the same bytes: the practical ceiling for finding end-of-data.
   ``data_python_bytes_per_s`` is a pure-Python loop that splits on CRLF and
   unstuffs line by line.  Without a corpus folder the messages are made of
-  generated text lines, and the output says so.
+  generated text lines, and the ``corpus`` field of the output reports that.
 - Command parsing.  A mix of MAIL and RCPT lines with ESMTP parameters goes
   through ``relay._parser.parse_command`` (``parse_commands_per_s``) and
   through the functions aiosmtpd 1.4 uses for the same lines in its read
@@ -22,7 +22,10 @@ ratios hold even on a busy machine where the absolute figures do not:
   (the standard library's e-mail address parser), ``_getparams`` and the
   SIZE check.
 
-Usage: ``python benchmarks/bench_core.py [--seconds 1.0] [--corpus DIR] [--json]``
+Each measurement runs ``--rounds`` times, alternating with the others, and
+the medians are reported.
+
+Usage: ``python benchmarks/bench_core.py [--seconds 1.0] [--rounds 3] [--corpus DIR] [--json]``
 """
 
 from __future__ import annotations
@@ -31,15 +34,19 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from relay._buffer import DataEnd, SMTPBuffer
-from relay._parser import parse_command
-from relay._stuffing import dot_stuff, normalize_line_ends
+# Run as a script from a checkout: import relay from the source tree.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from relay._buffer import DataEnd, SMTPBuffer  # noqa: E402
+from relay._parser import parse_command  # noqa: E402
+from relay._stuffing import dot_stuff, normalize_line_ends  # noqa: E402
 
 MESSAGE_SIZE = 100 * 1000
 MESSAGE_COUNT = 8
@@ -215,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=1.0,
                         help="time per measurement in seconds (default 1.0)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds of all measurements; medians are reported"
+                             " (default 3)")
     parser.add_argument("--corpus", type=Path, default=os.environ.get("RELAY_CORPUS"),
                         help="folder of messages for the DATA scan (default: $RELAY_CORPUS)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -235,11 +245,24 @@ def main(argv: list[str] | None = None) -> int:
     aiosmtpd_parse = make_aiosmtpd_parser()
 
     chunked = [split_chunks(wire) for wire in messages]
-    data_scan = rate(lambda: scan_relay(chunked), args.seconds)
-    data_find = rate(lambda: scan_find(messages), args.seconds)
-    data_python = rate(lambda: scan_python(messages), args.seconds)
-    parse_rate = rate(lambda: parse_relay(lines), args.seconds)
-    parse_aio = rate(lambda: parse_aiosmtpd(aiosmtpd_parse, lines), args.seconds)
+    workloads: dict[str, Callable[[], int]] = {
+        "data_scan": lambda: scan_relay(chunked),
+        "data_find": lambda: scan_find(messages),
+        "data_python": lambda: scan_python(messages),
+        "parse": lambda: parse_relay(lines),
+        "parse_aiosmtpd": lambda: parse_aiosmtpd(aiosmtpd_parse, lines),
+    }
+    # Rounds alternate the workloads so a change in machine load hits all
+    # of them alike; each figure is the median over the rounds.
+    samples: dict[str, list[float]] = {name: [] for name in workloads}
+    for _ in range(args.rounds):
+        for name, work in workloads.items():
+            samples[name].append(rate(work, args.seconds))
+    data_scan = statistics.median(samples["data_scan"])
+    data_find = statistics.median(samples["data_find"])
+    data_python = statistics.median(samples["data_python"])
+    parse_rate = statistics.median(samples["parse"])
+    parse_aio = statistics.median(samples["parse_aiosmtpd"])
 
     result = {
         "machine": machine(),
@@ -247,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "message_octets": sum(len(wire) for wire in messages) // len(messages),
         "messages": len(messages),
         "seconds_per_measurement": args.seconds,
+        "rounds": args.rounds,
         "data_scan_bytes_per_s": round(data_scan),
         "data_find_ceiling_bytes_per_s": round(data_find),
         "data_python_bytes_per_s": round(data_python),

@@ -55,9 +55,8 @@ cdef enum:
     # ORCPT is at most 500.
     MAX_ENVID = 100
     MAX_ORCPT = 500
-    # Longest verb (STARTTLS) and longest ESMTP keyword this parser knows.
+    # Longest verb: STARTTLS.
     MAX_VERB = 8
-    MAX_KEYWORD = 16
 
 MAX_PATH = MAX_PATH_OCTETS
 
@@ -125,7 +124,8 @@ _VERB_NAMES = (
 )
 VERBS = frozenset(_VERB_NAMES)
 
-# Errors.  Each is created once; raising copies nothing from the input.
+# Reply code, enhanced status code and text of each error.  No text includes
+# input octets, so a reply can never echo injected bytes back to the client.
 _UNKNOWN_COMMAND = (500, "5.5.1", "Unknown command")
 _CONTROL_CHARACTER = (501, "5.5.2", "Control character in command line")
 _INVALID_UTF8 = (501, "5.5.2", "Command line is not valid UTF-8")

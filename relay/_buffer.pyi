@@ -3,7 +3,7 @@
 The session feeds it the chunks from ``data_received`` and pulls events with
 ``next_event()`` until it returns None.  The buffer parses only in its current
 mode, so the session switches mode (``start_data``, ``start_bdat``) right
-after the event that asks for it, before pulling the next event; pipelined
+after the event that requests it, before pulling the next event.  Pipelined
 bytes after end-of-data or after a BDAT chunk stay for the next command.
 """
 

@@ -3,7 +3,7 @@
 Transcripts are fed whole, byte by byte, in random splits and with trailing
 bytes, and must give the same events every way.  A small driver plays the
 session's part: it parses each line and switches the buffer to DATA or BDAT
-mode when the command asks for it.
+mode when the command requests it.
 """
 
 import random
@@ -299,7 +299,7 @@ def test_bare_lf_header_block() -> None:
 
 
 def test_size_limit_stops_storing() -> None:
-    # aiosmtpd issue 9: past the limit, nothing until the end, then one result.
+    # aiosmtpd GitHub issue 9: past the limit, nothing until the end, then one result.
     data = b"DATA\r\nSubject: big\r\n\r\n" + (b"a" * 120 + b"\r\n") * 2 + b".\r\nRSET\r\n"
     events = all_feeds(data, max_size=100)
     octets = len(b"Subject: big\r\n\r\n") + 2 * 122
@@ -323,7 +323,7 @@ def test_size_counts_unstuffed_octets() -> None:
 
 
 def test_oversized_stream_memory_bounded() -> None:
-    # nodemailer smtp-server issue 262: a large DATA over the limit must not
+    # nodemailer smtp-server GitHub issue 262: a large DATA over the limit must not
     # be stored.  5 MiB keeps the test quick; the bound does not depend on it.
     buffer = SMTPBuffer()
     buffer.feed(b"DATA\r\n")
@@ -352,7 +352,7 @@ def test_oversized_stream_memory_bounded() -> None:
 
 
 def test_long_body_lines_kept() -> None:
-    # maddy issue 352, aiosmtpd issue 285: body lines over 1000 octets.
+    # maddy GitHub issue 352, aiosmtpd GitHub issue 285: body lines over 1000 octets.
     data = (b"DATA\r\nSubject: long\r\n\r\n" + b"b" * 3000 + b"\r\n.." + b"b" * 3000
             + b"\r\n.\r\nNOOP\r\n")
     events = all_feeds(data)
@@ -385,8 +385,8 @@ def test_smuggling_before_354() -> None:
     assert buffer.next_event() == Line(b"MAIL FROM:<sender@example.com>")
     assert buffer.next_event() == Line(b"RCPT TO:<rcpt@example.net>")
     assert buffer.next_event() == Line(b"DATA")
-    # The session sees input waiting behind DATA and may call it a
-    # synchronization error.
+    # Input already waits behind DATA, so a session may reject it as a
+    # synchronization error before sending 354.
     assert buffer.buffered == len(b"Subject: x\r\n\r\nbody\r\n.\r\n")
     buffer.start_data(MAX_SIZE)
     assert buffer.next_event() == DataEnd(b"Subject: x\r\n\r\nbody\r\n", 20)
@@ -419,7 +419,7 @@ def test_bdat_zero() -> None:
 
 
 def test_refused_bdat_consumes_chunk() -> None:
-    # go-smtp issue 315: a refused BDAT must still swallow its chunk.
+    # go-smtp GitHub issue 315: a refused BDAT must still swallow its chunk.
     buffer = SMTPBuffer()
     buffer.feed(b"BDAT 9 LAST\r\nMAIL FROM")
     assert buffer.next_event() == Line(b"BDAT 9 LAST")
@@ -501,8 +501,8 @@ def test_negative_sizes_rejected() -> None:
 
 
 def test_trailing_bytes_stay() -> None:
-    # Every transcript above also holds with extra bytes after it: the
-    # events so far are unchanged and the extra bytes wait as a partial line.
+    # Extra bytes after a transcript leave its events unchanged and wait in
+    # the buffer as the start of the next line.
     data = b"DATA\r\na\r\n.\r\nBDAT 2\r\nxyNOOP\r\n"
     expected = drive([data])
     for tail in (b"MAIL FROM", b"\r", b".", b"x" * 100):

@@ -1,7 +1,7 @@
 """Property tests of the compiled core, with Hypothesis.
 
 The invariant for every parser: any input either parses or raises the
-core's SMTPError, never another exception and never a hang; and the result
+core's SMTPError, never another exception and never a hang.  The result
 does not depend on how the input is split into chunks.
 
 ``RELAY_FUZZ_EXAMPLES`` sets the examples per property (default 200, which
