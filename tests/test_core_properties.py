@@ -201,3 +201,56 @@ def test_reply_parser_any_bytes(data: bytes, cuts: list[int]) -> None:
         assert 200 <= reply.code <= 559
         if reply.enhanced is not None:
             assert reply.enhanced[0] == str(reply.code)[0]
+
+
+def reference_data(wire: bytes) -> tuple[bytes, int, int, int]:
+    """Scan DATA octet by octet, the slow way; return (body, bare_lf, bare_cr, end)."""
+    body = bytearray()
+    bare_lf = bare_cr = -1
+    line_start = True
+    i = 0
+    while i < len(wire):
+        if line_start and wire[i:i + 3] == b".\r\n":
+            return bytes(body), bare_lf, bare_cr, i + 3
+        if line_start and wire[i:i + 1] == b".":
+            i += 1
+            line_start = False
+            continue
+        octet = wire[i]
+        if octet == 13 and wire[i + 1:i + 2] != b"\n" and bare_cr < 0:
+            bare_cr = len(body)
+        if octet == 10 and (i == 0 or wire[i - 1] != 13) and bare_lf < 0:
+            bare_lf = len(body)
+        line_start = octet == 10 and i > 0 and wire[i - 1] == 13
+        body.append(octet)
+        i += 1
+    raise AssertionError("no end of data")
+
+
+# Long plain CRLF lines at every alignment, so the 16-octet block skip runs,
+# with the octets that make it fall back to the per-line path mixed in.  No
+# line is a lone ".", which would end the data early.
+long_lines = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=40),
+        st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r", b"\r\r\n"]),
+        st.sampled_from([b"", b"", b"", b".b", b"..", b"x."]),
+    ),
+    max_size=40,
+).map(lambda rows: b"".join(lead + b"a" * count + end for count, end, lead in rows))
+
+
+@FUZZ
+@given(long_lines, st.lists(st.integers(min_value=0), max_size=5))
+def test_scan_matches_reference(text: bytes, cuts: list[int]) -> None:
+    wire = (text + b"\r\n" if text else b"") + b".\r\nNOOP\r\n"
+    body, bare_lf, bare_cr, end = reference_data(wire)
+    assert wire[end:] == b"NOOP\r\n"
+    buffer = SMTPBuffer()
+    buffer.start_data(1 << 20)
+    events: list[Event] = []
+    for chunk in split(wire, cuts):
+        buffer.feed(chunk)
+        while (event := buffer.next_event()) is not None:
+            events.append(event)
+    assert events[-2:] == [DataEnd(body, len(body), False, bare_lf, bare_cr), Line(b"NOOP")]
