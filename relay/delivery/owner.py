@@ -9,8 +9,9 @@ can release its own leases when it stops.
 
 After a crash (kill -9, OOM kill) the dead scheduler's leases would hold its
 recipients for ``spool.lease_time``.  A starting scheduler therefore checks each owner
-holding leases with ``owner_is_dead`` and releases the leases of dead ones.  The answer is "dead" only for an owner on this host whose PID
-runs no process, or runs one that started at another time.  Owners on other
+holding leases with ``owner_is_dead`` and releases the leases of dead ones.
+The answer is "dead" only for an owner on this host whose PID runs no
+process, or runs one that started at another time.  Owners on other
 hosts sharing the spool, and names in another format, are never judged dead:
 their leases run out by themselves.
 
