@@ -23,6 +23,11 @@ Modes and the standards they follow:
   limit in DATA: only the message size caps a message.
 - BDAT: exactly the chunk size in octets, with no unstuffing (RFC 3030).
 
+Speed: in DATA mode, 16-octet blocks of plain CRLF lines (no bare CR or LF,
+no line starting with a dot) are skipped with SSE2 compares and copied in
+bulk; everything else takes a per-line path that uses ``memchr``.  Builds
+without SSE2 use the per-line path alone, with the same results.
+
 Memory: the received bytes not yet consumed, plus the message being stored,
 which never exceeds ``max_size``.  Buffers larger than ``_KEEP_CAPACITY`` are
 freed once drained, so an idle connection holds little.
