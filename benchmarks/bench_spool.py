@@ -185,7 +185,7 @@ def _event_loop_runner(name: str) -> Callable[[Any], Any]:
     if name == "uvloop":
         import uvloop
 
-        return uvloop.run  # type: ignore[no-any-return]
+        return uvloop.run
     return asyncio.run
 
 

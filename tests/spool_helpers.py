@@ -29,7 +29,8 @@ def run(coroutine: Coroutine[Any, Any, T], loop_kind: str = "asyncio") -> T:
     if loop_kind == "uvloop":
         import uvloop
 
-        return uvloop.run(coroutine)  # type: ignore[no-any-return]
+        result: T = uvloop.run(coroutine)
+        return result
     return asyncio.run(coroutine)
 
 

@@ -6,6 +6,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -46,7 +47,7 @@ def _queue(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, st
     return status, captured.out, captured.err
 
 
-def _json_lines(output: str) -> list[dict[str, object]]:
+def _json_lines(output: str) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in output.splitlines()]
 
 
@@ -88,7 +89,7 @@ def test_list_json_document(spool_dir: Path, capsys: pytest.CaptureFixture[str])
     assert document["size"] == 10
     assert document["client_address"] == "127.0.0.2"
     assert document["esmtp"] == {"size": None, "body": "8BITMIME", "smtputf8": False, "ret": None, "envid": None}
-    [recipient] = document["recipients"]  # type: ignore[misc]
+    [recipient] = document["recipients"]
     assert recipient["address"] == "postmaster@one.example.test"
     assert recipient["orcpt"] == "rfc822;pm@one.example.test"
     assert recipient["notify"] == ["NEVER"]
@@ -100,7 +101,7 @@ def test_list_filters(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> No
     from_null = _commit(spool_dir, Envelope("", (Recipient("b@two.example.test"),)))
     _defer(spool_dir, from_null, 0, "451 later")
 
-    def listed(*filters: str) -> list[object]:
+    def listed(*filters: str) -> list[str]:
         status, out, _ = _queue(capsys, "list", "--json", "--spool", str(spool_dir), *filters)
         assert status == 0
         return [document["queue_id"] for document in _json_lines(out)]
@@ -174,7 +175,11 @@ def test_delete_asks_on_terminal(
     answers = iter(["n", "y"])
     prompts: list[str] = []
     monkeypatch.setattr("sys.stdin.isatty", lambda: True)
-    monkeypatch.setattr("builtins.input", lambda prompt: prompts.append(prompt) or next(answers))
+    def answer(prompt: str) -> str:
+        prompts.append(prompt)
+        return next(answers)
+
+    monkeypatch.setattr("builtins.input", answer)
 
     status, out, _ = _queue(capsys, "delete", queue_id, "--spool", str(spool_dir))
     assert status == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -15,12 +16,12 @@ CHILD = str(TESTS / "spool_children.py")
 _PRIVATE_NAMESPACE = ("unshare", "--mount", "--propagation", "private")
 
 
-def _steps(output: bytes) -> dict[str, dict[str, object]]:
+def _steps(output: bytes) -> dict[str, dict[str, Any]]:
     steps = [orjson.loads(line) for line in output.splitlines()]
     return {str(step["step"]): step for step in steps}
 
 
-def _check_steps(steps: dict[str, dict[str, object]], failing_step: str) -> None:
+def _check_steps(steps: dict[str, dict[str, Any]], failing_step: str) -> None:
     assert steps[failing_step]["error"] is not None, "the commit on a full disk did not fail"
     # Only the two messages committed with space left are in the spool: nothing partial.
     assert steps["check"]["ids"] == sorted([steps["small"]["queue_id"], steps["again"]["queue_id"]])
