@@ -98,7 +98,7 @@ def test_open_loop_latency_includes_waiting() -> None:
         status, report = run_bench(sink.target, "--rate", "40", "-n", "20", "-c", "1", "-m", "0")
     assert status == 0
     latencies = report["latencies_ms"]
-    assert latencies["end_of_data"]["max"] < 100
+    assert latencies["end_of_data"]["p50"] < 100
     assert latencies["transaction"]["max"] > 250
 
 
