@@ -230,6 +230,22 @@ def test_claim_returns_due_recipients(spool: Spool) -> None:
     assert claim.lease_until > time.time()
 
 
+def test_only_lease_batches_skip_fsync(spool: Spool) -> None:
+    # PRAGMA synchronous inside a job shows the mode its batch commits with:
+    # 1 is NORMAL (no fsync at commit), 2 is FULL.
+    def synchronous(store: SpoolStore) -> int:
+        value: int = store.connection.execute("PRAGMA synchronous").fetchone()[0]
+        return value
+
+    writer = spool._writer
+    assert writer.submit_blocking(synchronous, durable=False).result() == 1
+    assert writer.submit_blocking(synchronous).result() == 2
+    assert writer.submit_blocking(synchronous, durable=False).result() == 1
+    queue_id = spool.commit_blocking(make_envelope(), b"x")
+    assert writer.submit_blocking(synchronous).result() == 2
+    assert run(spool.load(queue_id)) is not None
+
+
 def test_claim_skips_leased_recipients(spool: Spool) -> None:
     run(spool.commit(make_envelope(), b"x"))
     assert len(run(spool.claim("scheduler-a"))) == 1

@@ -15,6 +15,13 @@ whole batch.  Every other job then runs inside its own SAVEPOINT: a job that rai
 the error.  A ``SpoolError`` (disk full, I/O error, lock timeout) aborts the
 whole transaction and fails every job in the batch with it, because SQLite
 may have left the transaction unusable.
+
+A batch made only of jobs submitted with ``durable=False`` (lease claims)
+commits with ``synchronous=NORMAL``: atomic and at once visible to other
+connections, but without an fsync.  The next ``FULL`` commit syncs the WAL
+and with it every earlier frame.  A power loss before that can only undo
+leases, so their recipients are claimed again.  Every other batch, and so
+every message commit, runs with ``synchronous=FULL``.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ class Job:
     future: asyncio.Future[Any] | concurrent.futures.Future[Any]
     pending: PendingCommit | None = None
     outcome: tuple[bool, Any] = field(default=(False, None))  # (succeeded, result or exception)
+    durable: bool = True  # False: the change may be lost in a power failure (see the module docs)
 
 
 _STOP = object()
@@ -92,6 +100,8 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="relay-spool-writer", daemon=True)
         self._checkpointer = Checkpointer(directory, busy_timeout)
         self._wal_growth = 0  # estimated octets added to the WAL since the last checkpoint request
+        # The write connection's synchronous setting; SpoolStore opens it with FULL.
+        self._synchronous = "FULL"
         self.batches = 0  # committed transactions, for tests and the benchmark
         self.jobs = 0  # jobs in those transactions
 
@@ -108,17 +118,17 @@ class Writer:
             raise self._start_error
         self._checkpointer.start()
 
-    def submit_async(self, operation: Operation) -> asyncio.Future[Any]:
+    def submit_async(self, operation: Operation, *, durable: bool = True) -> asyncio.Future[Any]:
         """Queue an operation; return an asyncio future of the running loop."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._put(Job(operation, 0, loop, future))
+        self._put(Job(operation, 0, loop, future, durable=durable))
         return future
 
-    def submit_blocking(self, operation: Operation) -> concurrent.futures.Future[Any]:
+    def submit_blocking(self, operation: Operation, *, durable: bool = True) -> concurrent.futures.Future[Any]:
         """Queue an operation; return a thread-safe future for callers without an event loop."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._put(Job(operation, 0, None, future))
+        self._put(Job(operation, 0, None, future, durable=durable))
         return future
 
     def commit_async(self, pending: PendingCommit) -> asyncio.Future[str]:
@@ -169,10 +179,10 @@ class Writer:
                 batch, stop = self._next_batch()
                 if batch:
                     # Writers of other processes wait here, in the kernel, and not on
-                    # SQLite's write lock, because SQLite's default busy handler sleeps
-                    # 1, 2, 5, 10 ms and longer between retries (sqliteDefaultBusyCallback):
-                    # a wait of several fsyncs for a lock held during one.  flock wakes
-                    # the next writer as soon as this one has committed.
+                    # SQLite's write lock.  SQLite's default busy handler sleeps 1, 2, 5,
+                    # 10 ms and longer between retries (sqliteDefaultBusyCallback), which
+                    # is several fsyncs of waiting for a lock held during one.  flock
+                    # wakes the next writer as soon as this one has committed.
                     # NOTE: this wait has no timeout, unlike busy_timeout, so a process
                     # stopped (SIGSTOP) inside a transaction stalls the other writers.
                     fcntl.flock(lock, fcntl.LOCK_EX)
@@ -232,6 +242,7 @@ class Writer:
     def _commit(self, store: SpoolStore, batch: list[Job]) -> None:
         started = time.monotonic()
         try:
+            self._set_synchronous(store, "FULL" if any(job.durable for job in batch) else "NORMAL")
             with store.transaction():
                 commits = [job for job in batch if job.pending is not None]
                 if commits:
@@ -257,6 +268,13 @@ class Writer:
             log_event(logger, "committed", logging.DEBUG, jobs=len(batch),
                       seconds=time.monotonic() - started)
         self._deliver(batch)
+
+    def _set_synchronous(self, store: SpoolStore, mode: str) -> None:
+        # Set before BEGIN, and the state is updated only after the PRAGMA succeeded,
+        # so a durable batch never commits under NORMAL.
+        if self._synchronous != mode:
+            store.connection.execute(f"PRAGMA synchronous = {mode}")
+            self._synchronous = mode
 
     def _apply(self, store: SpoolStore, job: Job) -> None:
         assert job.operation is not None
