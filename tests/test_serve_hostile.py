@@ -642,28 +642,31 @@ def test_input_before_delayed_greeting(tmp_path: Path) -> None:
 
 def test_connection_limits_and_timeouts(tmp_path: Path) -> None:
     """Per-client and total connection limits answer 421 4.7.0; an idle client gets 421 4.4.2."""
-    server = 'max_connections_per_client = 2\nmax_connections = 3\ncommand_timeout = "1s"'
-    with RelayProcess(tmp_path, server=server) as relay:
-        first = RawClient(relay.port)
-        second = RawClient(relay.port)
+    server = 'max_connections_per_client = 2\nmax_connections = 5\ncommand_timeout = "1s"'
+    policy = 'trusted_networks = ["127.0.0.2/32"]'
+    with RelayProcess(tmp_path, server=server, policy=policy) as relay:
+        clients = [RawClient(relay.port), RawClient(relay.port)]
         try:
-            first.exchange(b"", ["220"])
-            second.exchange(b"", ["220"])
+            for client in clients:
+                client.exchange(b"", ["220"])
             with RawClient(relay.port) as third:
                 assert third.reply().startswith("421 4.7.0")
                 assert third.closed()
-            with RawClient(relay.port, source="127.0.0.3") as other:
-                other.exchange(b"", ["220"])
-                with RawClient(relay.port, source="127.0.0.4") as over_total:
-                    assert over_total.reply().startswith("421 4.7.0")
+            # A trusted client is exempt from the per-client limit, as Postfix exempts mynetworks.
+            for _ in range(3):
+                trusted = RawClient(relay.port, source="127.0.0.2")
+                clients.append(trusted)
+                trusted.exchange(b"", ["220"])
+            with RawClient(relay.port, source="127.0.0.3") as over_total:
+                assert over_total.reply().startswith("421 4.7.0")
 
             started = time.monotonic()
-            assert first.reply().startswith("421 4.4.2")
-            assert first.closed()
+            assert clients[0].reply().startswith("421 4.4.2")
+            assert clients[0].closed()
             assert 0.9 <= time.monotonic() - started < 5
         finally:
-            first.close()
-            second.close()
+            for client in clients:
+                client.close()
 
 
 def test_spool_write_failure_never_acknowledged(tmp_path: Path) -> None:

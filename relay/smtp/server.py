@@ -142,7 +142,10 @@ class ListenerRuntime:
         client = protocol.client_address
         if counts.total >= self.max_connections:
             return replies.TOO_MANY_CONNECTIONS
-        if counts.per_client.get(client, 0) >= self.max_per_client:
+        # Trusted networks are exempt, as Postfix exempts $mynetworks
+        # (smtpd_client_event_limit_exceptions): application servers that
+        # hand their mail to this relay open many connections on purpose.
+        if counts.per_client.get(client, 0) >= self.max_per_client and not self.policy.is_trusted(client):
             return replies.TOO_MANY_FROM_CLIENT
         counts.total += 1
         counts.per_client[client] = counts.per_client.get(client, 0) + 1
