@@ -12,8 +12,10 @@ Storage: one SQLite database (standard-library ``sqlite3``) in WAL mode with
 ``synchronous=FULL`` under the ``[spool] path`` directory.  One writer thread
 per process commits in batches (group commit): jobs that arrive while a
 commit runs share the next transaction and its fsync.  Worker processes each
-run their own writer and take turns on SQLite's write lock, waiting up to
-the busy timeout; readers never block writers.  A background thread copies
+run their own writer, and the writers take turns through an flock on
+``writer.lock`` in the spool directory.  Other programs that write (``relay
+queue``) wait for SQLite's write lock up to the busy timeout.  Readers never
+block writers.  A background thread copies
 the WAL into the database (checkpoints) so commits do not wait for that copy
 (see ``relay.spool.checkpoint``).  After a crash the next open replays the
 WAL by itself, with no repair step, and every message whose commit had
