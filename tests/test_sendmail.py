@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+import relay.sendmail as sendmail_module
 from conftest import REPO_ROOT
 from relay.sendmail import (
     EX_CONFIG,
     EX_DATAERR,
     EX_NOINPUT,
     EX_NOUSER,
+    EX_SOFTWARE,
     EX_TEMPFAIL,
     EX_USAGE,
     SendmailError,
@@ -228,3 +230,17 @@ def test_parse_options_rejects_unknown_mode() -> None:
         parse_options(["-bv", "x"])
 
     assert caught.value.status == EX_USAGE
+
+
+def test_internal_error_gives_ex_software(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # A bug anywhere below run() must reach the caller as EX_SOFTWARE and one
+    # line on stderr, never a traceback; a failing inject() stands in for it.
+    def broken_inject(*args: object) -> int:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(sendmail_module, "inject", broken_inject)
+
+    status = sendmail_module.run(["alice@example.test"])
+
+    assert status == EX_SOFTWARE
+    assert capsys.readouterr().err == "sendmail: internal error: RuntimeError: simulated bug\n"
