@@ -20,7 +20,11 @@ Servers:
   ``server.max_connections_per_client`` is raised to 1000: W4 opens 100
   connections from 127.0.0.1, more than the default of 50 split between the
   workers.  (Postfix exempts ``$mynetworks`` from its per-client limits by
-  default, through ``smtpd_client_event_limit_exceptions``.)
+  default, through ``smtpd_client_event_limit_exceptions``.)  Each workload
+  starts once the spool is empty, so no backlog of the previous one is being
+  delivered meanwhile.  The row ``relay-serve relayed`` is the end-to-end
+  rate: the messages divided by the time from the start of sending until
+  the spool was empty again.
 - ``relay-sink``: ``relay sink`` with ``--workers`` processes.
 - ``aiosmtpd-null``, ``aiosmtpd-fsync-loop``, ``aiosmtpd-fsync-thread``:
   ``benchmarks/aiosmtpd_server.py`` on uvloop, answering 250 at once, or
@@ -61,12 +65,18 @@ from typing import Any
 import orjson
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from relay.spool.store import database_path  # noqa: E402
+
 PYTHON = sys.executable
 SMTP_SOURCE = "smtp-source"
 SMTP_SINK = "smtp-sink"
 # smtp-sink drops root privileges to this user (it refuses to run as root without -u).
 SINK_USER = "nobody"
 STARTUP_TIMEOUT = 20.0
+# Seconds relay serve gets to deliver its backlog to the smtp-sink after a workload.
+DRAIN_TIMEOUT = 300.0
 # An smtp-source run longer than this raises TimeoutExpired and ends the benchmark.
 RUN_TIMEOUT = 300.0
 SENDER = "bench@example.test"
@@ -94,6 +104,9 @@ WORKLOADS = {
 }
 SERVERS = ("relay-serve", "relay-sink", "aiosmtpd-null", "aiosmtpd-fsync-loop", "aiosmtpd-fsync-thread", "smtp-sink")
 WARM_UP = Workload("warm-up", 1024, 20, False, 200)
+# relay serve's end-to-end rate: the workload's messages divided by the time
+# from the first one sent until the last one was delivered to the smtp-sink.
+RELAYED = "relay-serve relayed"
 
 
 def free_port() -> int:
@@ -211,6 +224,20 @@ def send(port: int, workload: Workload, messages: int) -> float:
     return messages / elapsed
 
 
+def wait_drained(spool: Path) -> None:
+    """Wait until relay serve has delivered and deleted every message in ``spool``."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    uri = f"file:{database_path(spool)}?mode=ro"
+    left = -1
+    while time.monotonic() < deadline:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10.0)) as connection:
+            (left,) = connection.execute("SELECT count(*) FROM message").fetchone()
+        if left == 0:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"relay serve still had {left} messages in {spool} after {DRAIN_TIMEOUT:.0f} s")
+
+
 def machine() -> dict[str, Any]:
     version = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "postfix"], capture_output=True, text=True)
     return {
@@ -294,23 +321,36 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine()
     print(f"machine: {orjson.dumps(info).decode()}", flush=True)
-    runs: dict[str, dict[str, list[float]]] = {s: {w: [] for w in workloads} for s in servers}
+    measured = servers + [RELAYED] if "relay-serve" in servers else servers
+    runs: dict[str, dict[str, list[float]]] = {s: {w: [] for w in workloads} for s in measured}
     scratch = Path(tempfile.mkdtemp(prefix="bench-server-", dir=args.directory))
     try:
         for number in range(args.runs):
             order = servers[number % len(servers) :] + servers[: number % len(servers)]
             for server in order:
-                with running(server, scratch / f"{number}-{server}", args.workers) as port:
+                directory = scratch / f"{number}-{server}"
+                with running(server, directory, args.workers) as port:
                     send(port, WARM_UP, WARM_UP.messages)
                     for name in workloads:
                         workload = WORKLOADS[name]
-                        rate = send(port, workload, max(1, round(workload.messages * args.scale)))
+                        if server == "relay-serve":
+                            # Every workload starts with an empty queue, as Postfix's does in
+                            # compare.py, rather than with the previous one's delivery backlog.
+                            wait_drained(directory / "spool")
+                        messages = max(1, round(workload.messages * args.scale))
+                        started = time.monotonic()
+                        rate = send(port, workload, messages)
                         runs[server][name].append(rate)
                         print(f"run {number + 1} {server} {name}: {rate:,.0f} messages/s", flush=True)
+                        if server == "relay-serve":
+                            wait_drained(directory / "spool")
+                            relayed = messages / (time.monotonic() - started)
+                            runs[RELAYED][name].append(relayed)
+                            print(f"run {number + 1} {RELAYED} {name}: {relayed:,.0f} messages/s", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    medians = {s: {w: statistics.median(runs[s][w]) for w in workloads} for s in servers}
+    medians = {s: {w: statistics.median(runs[s][w]) for w in workloads} for s in measured}
     info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     print()
     print(markdown(medians, runs, workloads))
