@@ -435,7 +435,7 @@ def test_bdat_message_spooled(relay: RelayProcess, client: RawClient) -> None:
     greet(client)
     client.exchange(b"MAIL FROM:<bdat@example.com>\r\nRCPT TO:<rcpt@example.net>\r\n", ["250", "250"])
     client.exchange(b"BDAT 12\r\nSubject: s\r\n", ["250"])
-    client.exchange(b"BDAT 5 LAST\r\n\r\nx\r\n", ["250 2.0.0 OK queued as"])
+    client.exchange(b"BDAT 5 LAST\r\n\r\nx\r\n", ["250 2.0.0 Ok: queued as"])
     [body] = messages_from(relay, "bdat@example.com")
     assert strip_received(body) == b"Subject: s\r\n\r\nx\r\n"
 

@@ -80,7 +80,7 @@ def test_full_transaction_with_data() -> None:
             (b"MAIL FROM:<sender@example.com>\r\n", ["250 2.1.0"]),
             (b"RCPT TO:<rcpt@example.net>\r\n", ["250 2.1.5"]),
             (b"DATA\r\n", ["354"]),
-            (b"Subject: s\r\n\r\nbody\r\n..dot\r\n.\r\n", ["250 2.0.0 OK queued as Q1"]),
+            (b"Subject: s\r\n\r\nbody\r\n..dot\r\n.\r\n", ["250 2.0.0 Ok: queued as Q1"]),
             (b"QUIT\r\n", ["221 2.0.0"]),
         ],
     )
@@ -700,7 +700,7 @@ def test_bdat_transaction() -> None:
             (EHLO, ["250"]),
             (T, ["250", "250"]),
             (b"BDAT 12\r\nSubject: s\r\n", ["250 2.0.0"]),
-            (b"BDAT 5 LAST\r\n\r\nx\r\n", ["250 2.0.0 OK queued as Q1"]),
+            (b"BDAT 5 LAST\r\n\r\nx\r\n", ["250 2.0.0 Ok: queued as Q1"]),
             (b"MAIL FROM:<a@example.com>\r\nRCPT TO:<rcpt@example.net>\r\nBDAT 0 LAST\r\n", ["250", "250", "250"]),
         ],
     )
@@ -888,7 +888,7 @@ def test_shutdown_idle_and_in_data() -> None:
     assert isinstance(events[-1], MessageReady)
     busy.message_stored(replies.queued("Q1"))
     tail = split_replies(busy.data_to_send())[-2:]
-    assert tail[0].startswith("250 2.0.0 OK queued as Q1")
+    assert tail[0].startswith("250 2.0.0 Ok: queued as Q1")
     assert tail[1].startswith("421 4.3.2")
     assert busy.closed
 
@@ -922,3 +922,16 @@ def test_trusted_client_greeted_at_once() -> None:
     session.start(delay_greeting=True)
 
     assert split_replies(session.data_to_send())[0].startswith("220 ")
+
+
+def test_bdat_far_over_limit_closes() -> None:
+    # A chunk size past any int64 must give a reply, never an exception, and
+    # relay will not read gigabytes only to drop them.
+    for size in (b"99999999999999999999999999", b"20971521"):
+        session = make_session(client=UNTRUSTED)
+
+        outcome = feed(session, [EHLO, T, b"BDAT " + size + b" LAST\r\n", b"NOOP\r\n"])
+
+        assert outcome.replies[-1].startswith("552 5.3.4")
+        assert outcome.closed
+        assert outcome.messages == []

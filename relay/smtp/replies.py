@@ -141,6 +141,9 @@ NO_SUCH_USER = _reply("NO_SUCH_USER", 550, "5.1.1", "No such user here")
 ADDRESS_LITERAL_DENIED = _reply("ADDRESS_LITERAL_DENIED", 550, "5.7.1", "Address literal not accepted")
 TOO_MANY_RECIPIENTS = _reply("TOO_MANY_RECIPIENTS", 452, "4.5.3", "Too many recipients")
 MESSAGE_TOO_BIG = _reply("MESSAGE_TOO_BIG", 552, "5.3.4", "Message size exceeds fixed maximum message size")
+BDAT_TOO_BIG = _reply(
+    "BDAT_TOO_BIG", 552, "5.3.4", "Message size exceeds fixed maximum message size, closing connection"
+)
 MAIL_LOOP = _reply("MAIL_LOOP", 554, "5.4.6", "Too many Received headers, mail loop detected")
 NO_VALID_RECIPIENTS = _reply("NO_VALID_RECIPIENTS", 554, "5.5.1", "No valid recipients")
 
@@ -149,12 +152,12 @@ STORAGE_FAILURE = _reply("STORAGE_FAILURE", 452, "4.3.1", "Insufficient system s
 LOCAL_ERROR = _reply("LOCAL_ERROR", 451, "4.3.0", "Local error in processing, try again later")
 
 # The server closes the connection after these replies (besides 221/421/521).
-_CLOSING = frozenset({PIPELINING_VIOLATION})
+_CLOSING = frozenset({PIPELINING_VIOLATION, BDAT_TOO_BIG})
 
 
 def queued(queue_id: str) -> Reply:
     """Return the end-of-data reply naming the queue ID the spool assigned."""
-    return Reply(250, "2.0.0", (f"OK queued as {queue_id}",))
+    return Reply(250, "2.0.0", (f"Ok: queued as {queue_id}",))
 
 
 def greeting(hostname: str) -> Reply:

@@ -631,6 +631,13 @@ class Session:
     def _bdat(self, command: Command) -> None:
         size = command.chunk_size
         assert size is not None
+        # A refused chunk must still be read to keep the framing (RFC 3030
+        # section 2), but not one far past the size limit: that could mean
+        # reading terabytes, so such a chunk ends the session instead.
+        if size > 2 * self.settings.max_message_size:
+            self.transaction = None
+            self._reject("BDAT", replies.BDAT_TOO_BIG)
+            return
         transaction = self.transaction
         refusal: Reply | None = None
         if transaction is None:
