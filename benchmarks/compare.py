@@ -14,8 +14,9 @@ Workloads (message size, connections, messages per connection):
 Servers: ``relay-serve`` (durable spool, relaying what it accepts to an
 smtp-sink), ``relay-sink``, ``relay-serve-sink`` (a ``relay serve``
 listener with role ``sink``: the full session, no spool),
-``aiosmtpd-null`` and ``aiosmtpd-fsync``
-(``aiosmtpd_server.py`` on uvloop), ``smtp-sink`` (Postfix's test sink) and
+``aiosmtpd-null``, ``aiosmtpd-fsync`` (fsync in a thread pool) and
+``aiosmtpd-fsync-loop`` (fsync on the event loop), all ``aiosmtpd_server.py``
+on uvloop; the ratios use the better of the two fsync handlers, ``smtp-sink`` (Postfix's test sink) and
 ``postfix`` (a private loopback-only instance relaying to an smtp-sink).
 Clients: ``relay-bench`` and Postfix's ``smtp-source``.  The script installs
 nothing: a peer that is missing is reported as unavailable and skipped.
@@ -247,7 +248,7 @@ def _check_aiosmtpd() -> str | None:
     return None
 
 
-def _aiosmtpd(handler: str) -> ServerContext:
+def _aiosmtpd(handler: str, fsync_in: str = "thread") -> ServerContext:
     @contextlib.contextmanager
     def run(port: int, workdir: Path) -> Iterator[None]:
         command = [
@@ -259,6 +260,8 @@ def _aiosmtpd(handler: str) -> ServerContext:
             handler,
             "--directory",
             str(workdir / "aiosmtpd"),
+            "--fsync-in",
+            fsync_in,
         ]
         with running(command, port):
             yield None
@@ -304,7 +307,12 @@ SERVERS: dict[str, Server] = {
         "relay-serve-sink", "relay serve, sink role", _check_relay_command("serve"), _relay_serve_sink_role
     ),
     "aiosmtpd-null": Server("aiosmtpd-null", "aiosmtpd do-nothing", _check_aiosmtpd, _aiosmtpd("null")),
-    "aiosmtpd-fsync": Server("aiosmtpd-fsync", "aiosmtpd write+fsync", _check_aiosmtpd, _aiosmtpd("fsync")),
+    "aiosmtpd-fsync": Server(
+        "aiosmtpd-fsync", "aiosmtpd write+fsync in a thread pool", _check_aiosmtpd, _aiosmtpd("fsync")
+    ),
+    "aiosmtpd-fsync-loop": Server(
+        "aiosmtpd-fsync-loop", "aiosmtpd write+fsync on the loop", _check_aiosmtpd, _aiosmtpd("fsync", "loop")
+    ),
     "smtp-sink": Server("smtp-sink", "smtp-sink", _check_smtp_sink, _smtp_sink),
     "postfix": Server("postfix", "Postfix (queue fsync'd)", _check_postfix, _postfix),
 }
