@@ -180,11 +180,15 @@ def test_kill_during_delivery_then_restart(tmp_path: Path, nameserver: NameServe
     assert duplicates <= concurrency
 
 
-def test_commit_wakes_scheduler(tmp_path: Path, nameserver: NameServer) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_commit_wakes_scheduler(tmp_path: Path, nameserver: NameServer, workers: int) -> None:
     port = free_port("127.0.0.4")
     # With a one-minute scan, only the wake-up after the commit delivers in time.
+    # Two workers put the scheduler in a delivery process, woken through a pipe.
     settings = "queue_scan_interval = 60"
-    relay = RelayProcess(tmp_path, deliver=True, extra=delivery_section(nameserver, port, settings))
+    relay = RelayProcess(
+        tmp_path, workers=workers, deliver=True, extra=delivery_section(nameserver, port, settings)
+    )
     with run_upstream("127.0.0.4", port) as upstream, relay:
         time.sleep(0.5)
         send_all(relay.port, {"user@implicit.test": b"Subject: wake\r\n\r\nbody\r\n"})

@@ -1,7 +1,8 @@
 """The delivery scheduler: claims due recipients from the spool and delivers them.
 
-One ``Scheduler`` runs per relay, as an asyncio task beside the listeners
-(``asyncio.create_task(scheduler.run())``, ended by ``await scheduler.stop()``).
+One ``Scheduler`` runs per relay, as an asyncio task in the delivery
+process or in the only worker (``asyncio.create_task(scheduler.run())``,
+ended by ``await scheduler.stop()``).
 
 Cycle: claim due recipients with a lease (``Spool.claim``), route each one
 (``relay.delivery.router``), and queue a job per message, route and group of

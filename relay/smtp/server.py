@@ -3,7 +3,9 @@
 Each ``[[listener]]`` becomes one listening socket per worker process, bound
 with SO_REUSEPORT so the kernel spreads connections over the workers.
 ``server.workers`` processes run (default: one per CPU); with one worker the
-server runs in the calling process.  Every worker has its own event loop
+server runs in the calling process.  The delivery scheduler runs in worker 0
+when there is one worker, and otherwise in a delivery process of its own
+(``relay.delivery.process``) that the workers wake after their commits.  Every worker has its own event loop
 (uvloop unless ``asyncio`` is chosen), its own spool writer and its own
 connection counters, so ``server.max_connections`` and
 ``server.max_connections_per_client`` are divided evenly between workers
@@ -41,6 +43,7 @@ from typing import Any
 from relay.admin import Monitoring
 from relay.config import Config, ListenerConfig
 from relay.delivery import Scheduler
+from relay.delivery.process import DeliveryProcess, WakeChannel
 from relay.log import log_event
 from relay.reload import log_reload, reload_config
 from relay.smtp import replies
@@ -113,7 +116,7 @@ class ListenerRuntime:
         self.sessions = sessions
         self.sink = SinkCounters()
         self.accepting = True
-        # Called after each stored message; in worker 0 it wakes the scheduler.
+        # Called after each stored message to wake the scheduler, in-process or through the delivery pipe.
         self.on_stored: Callable[[], None] | None = None
         self._ids = itertools.count(1)
         self._prefix = prefix
@@ -305,10 +308,12 @@ def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
 class Worker:
     """One worker process: its listeners, sessions and shutdown sequence."""
 
-    def __init__(self, config: Config, *, workers: int, index: int) -> None:
+    def __init__(self, config: Config, *, workers: int, index: int, wake: WakeChannel | None = None) -> None:
         self.config = config
         self.workers = workers
         self.index = index
+        # Set when the scheduler runs in a delivery process: commits wake it through this pipe.
+        self.wake = wake
         self.sessions: set[SMTPProtocol] = set()
         self.runtimes: list[ListenerRuntime] = []
         self.servers: list[asyncio.base_events.Server] = []
@@ -344,14 +349,19 @@ class Worker:
             pid=os.getpid(),
             listeners=[f"{r.name}/{r.listener.role}/{r.listener.tls}" for r in self.runtimes],
         )
-        # One scheduler per relay: worker 0 delivers what every worker spooled.
-        delivering_here = self.spool is not None and self.index == 0 and config.delivery.enabled
+        # One scheduler per relay: in the delivery process when there is one
+        # (several workers), else in worker 0.
+        if self.wake is not None:
+            sender = self.wake.sender()
+            for runtime in self.runtimes:
+                runtime.on_stored = sender
+        delivering_here = (
+            self.spool is not None and self.wake is None and self.index == 0 and config.delivery.enabled
+        )
         scheduler = Scheduler(config, self.spool) if delivering_here and self.spool is not None else None
         self.scheduler = scheduler
         delivering = loop.create_task(scheduler.run()) if scheduler is not None else None
         if scheduler is not None:
-            # Messages stored by this worker are claimed at once; those of other
-            # workers wait for the next queue scan.
             for runtime in self.runtimes:
                 runtime.on_stored = scheduler.wake
         monitoring = await self._start_admin()
@@ -490,13 +500,33 @@ def _factory(runtime: ListenerRuntime) -> Callable[[], SMTPProtocol]:
     return create
 
 
-def run_worker(config: Config, *, event_loop: str, workers: int, index: int) -> int:
+def run_worker(
+    config: Config, *, event_loop: str, workers: int, index: int, wake: WakeChannel | None = None
+) -> int:
     """Run one worker's event loop until it has shut down; return its exit status."""
     # Until the worker's loop handles SIGHUP (reload), its default would end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     install_event_loop(event_loop)
-    worker = Worker(config, workers=workers, index=index)
+    worker = Worker(config, workers=workers, index=index, wake=wake)
     return asyncio.run(worker.run())
+
+
+def run_delivery(config: Config, *, event_loop: str, index: int, wake: WakeChannel) -> int:
+    """Run the delivery process's event loop until it has shut down; return its exit status."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    install_event_loop(event_loop)
+
+    async def main() -> int:
+        asyncio.get_running_loop().set_exception_handler(_loop_exception)
+        return await DeliveryProcess(config, index=index, wake_fd=wake.read_fd).run()
+
+    return asyncio.run(main())
+
+
+def _separate_delivery(config: Config) -> bool:
+    """Return whether the scheduler gets a process of its own: several workers that spool and deliver."""
+    spooling = any(listener.role != "sink" for listener in config.listeners)
+    return config.server.workers > 1 and spooling and config.delivery.enabled
 
 
 def serve(config: Config, *, event_loop: str = "uvloop") -> int:
@@ -508,18 +538,35 @@ def serve(config: Config, *, event_loop: str = "uvloop") -> int:
 
 
 def _supervise(config: Config, event_loop: str, workers: int) -> int:
-    """Fork the workers, pass signals on, and wait for all of them."""
+    """Fork the workers (and the delivery process, numbered after them), pass signals on, wait for all."""
+    wake = WakeChannel() if _separate_delivery(config) else None
     children: dict[int, int] = {}
     for index in range(workers):
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
-                status = run_worker(config, event_loop=event_loop, workers=workers, index=index)
+                if wake is not None:
+                    wake.close_read_end()
+                status = run_worker(config, event_loop=event_loop, workers=workers, index=index, wake=wake)
             finally:
                 sys.stderr.flush()
                 os._exit(status)
         children[pid] = index
+    if wake is not None:
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                wake.close_write_end()
+                status = run_delivery(config, event_loop=event_loop, index=workers, wake=wake)
+            finally:
+                sys.stderr.flush()
+                os._exit(status)
+        children[pid] = workers
+        # The children hold their ends; the supervisor needs neither.
+        wake.close_read_end()
+        wake.close_write_end()
 
     signals_seen = 0
 

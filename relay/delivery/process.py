@@ -1,0 +1,158 @@
+"""The delivery process: the scheduler in a process of its own, woken by the receiving workers.
+
+With ``server.workers`` above 1, ``relay serve`` forks one more process
+that opens the spool and runs the ``Scheduler`` and nothing else: no
+listener, no admin listener.  The kernel then shares the CPUs between
+receiving and delivering, where a scheduler inside worker 0 made that
+worker do both while the others had spare time.  With one worker the
+scheduler stays in that worker and is woken in-process.
+
+Wake-up: a ``WakeChannel`` is a non-blocking pipe created before the fork.
+A receiving worker writes one byte after its commits (at most one write per
+event-loop iteration), and the delivery process reads the pipe with
+``loop.add_reader`` and wakes the scheduler, which then claims at once
+instead of at the next ``queue_scan_interval``.  A full pipe already holds
+unread wake-ups, so a write that would block is dropped.
+
+Signals: SIGTERM or SIGINT stops the scheduler and closes the spool.
+Running transactions get ``STOP_GRACE`` seconds, then the scheduler releases
+its leases.  A second SIGTERM or SIGINT exits at once.  SIGHUP re-reads the config like the workers.
+The process saves a metrics snapshot like every worker, under the name
+``worker-N`` where N is ``server.workers``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from relay.admin import Monitoring
+from relay.config import Config
+from relay.delivery.scheduler import Scheduler
+from relay.log import log_event
+from relay.reload import log_reload, reload_config
+from relay.spool import Spool, SpoolError
+
+logger = logging.getLogger("relay.delivery")
+
+# The octet of one wake-up write.  Only its arrival counts, never its value.
+WAKE_BYTE = b"\x01"
+# Maximum wake-ups that one read takes out of the pipe.  Any number of them means the same.
+WAKE_READ_SIZE = 4096
+
+
+class WakeChannel:
+    """A pipe from the receiving workers to the delivery process, created before ``fork``."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def sender(self) -> WakeSender:
+        """Return the callable a receiving worker runs after each stored message."""
+        return WakeSender(self.write_fd)
+
+    def close_read_end(self) -> None:
+        os.close(self.read_fd)
+
+    def close_write_end(self) -> None:
+        os.close(self.write_fd)
+
+
+class WakeSender:
+    """Write one wake-up per event-loop iteration however many messages were stored in it."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._scheduled = False
+        self._broken = False
+
+    def __call__(self) -> None:
+        if self._scheduled or self._broken:
+            return
+        self._scheduled = True
+        # The spool settles a whole group commit in one callback, so its 250s
+        # resume in the same iteration and share this one write.
+        asyncio.get_running_loop().call_soon(self._send)
+
+    def _send(self) -> None:
+        self._scheduled = False
+        try:
+            os.write(self._fd, WAKE_BYTE)
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups the scheduler has not read yet
+        except OSError as exc:
+            # The delivery process has exited (EPIPE).  Stored messages stay in the
+            # spool for the next scheduler, which scans the queue when it starts.
+            self._broken = True
+            log_event(logger, "wake-failed", logging.WARNING, error=str(exc))
+
+
+class DeliveryProcess:
+    """The process that runs the scheduler for every receiving worker."""
+
+    def __init__(self, config: Config, *, index: int, wake_fd: int) -> None:
+        self.config = config
+        self.index = index
+        self.wake_fd = wake_fd
+        self.scheduler: Scheduler | None = None
+        self._stop = asyncio.Event()
+        self._signals = 0
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            spool = Spool.from_config(self.config.spool)
+        except SpoolError as exc:
+            log_event(logger, "spool_error", logging.ERROR, error=str(exc))
+            return 1
+        scheduler = Scheduler(self.config, spool)
+        self.scheduler = scheduler
+        loop.add_reader(self.wake_fd, self._on_wake)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        log_event(logger, "started", worker=self.index, pid=os.getpid(), role="delivery")
+        delivering = loop.create_task(scheduler.run())
+        monitoring: Monitoring | None = None
+        if self.config.admin.address:
+            # Not worker 0, so this saves snapshots for the admin listener and serves nothing.
+            monitoring = Monitoring(self.config, self.index, accepting=lambda: not self._stop.is_set())
+            await monitoring.start()
+        await self._stop.wait()
+        loop.remove_reader(self.wake_fd)
+        await scheduler.stop()
+        await delivering
+        await spool.aclose()
+        if monitoring is not None:
+            await monitoring.stop()
+        log_event(logger, "stopped", worker=self.index, pid=os.getpid())
+        return 0
+
+    def _on_wake(self) -> None:
+        try:
+            os.read(self.wake_fd, WAKE_READ_SIZE)
+        except BlockingIOError:
+            return
+        if self.scheduler is not None:
+            self.scheduler.wake()
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log_event(logger, "exit_now", logging.WARNING, signal=signal.Signals(signum).name)
+            sys.stderr.flush()
+            os._exit(1)
+        log_event(logger, "stopping", signal=signal.Signals(signum).name, worker=self.index)
+        self._stop.set()
+
+    def _on_reload(self) -> None:
+        result = reload_config(self.config)
+        log_reload(result, self.config.source, self.index)
+        if result.config is None:
+            return
+        self.config = result.config
+        if self.scheduler is not None:
+            self.scheduler.apply_config(result.config)
