@@ -297,6 +297,44 @@ def test_claim_ignores_other_leases_after_result(spool: Spool) -> None:
 # -- results and deletion ----------------------------------------------------------------
 
 
+def test_concurrent_results_share_one_job(spool: Spool) -> None:
+    done_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+    partial_id = run(spool.commit(make_envelope(recipients=2), b"y"))
+    claims = {claim.queue_id: claim for claim in run(spool.claim("a"))}
+    jobs_before = spool.committed_jobs
+
+    async def record_both() -> list[int]:
+        # Both calls are queued before the writer runs, so they share one writer job.
+        delivered = DeliveryResult(done_id, 0, Outcome.DELIVERED, "250 ok", "mx")
+        deferred = DeliveryResult(partial_id, 1, Outcome.DEFERRED, "451 later", "mx", time.time() + 600)
+        return list(
+            await asyncio.gather(
+                spool.record_results([delivered], lease_token=claims[done_id].lease_token),
+                spool.record_results([deferred], lease_token=claims[partial_id].lease_token),
+            )
+        )
+
+    assert run(record_both()) == [1, 1]
+    assert spool.committed_jobs == jobs_before + 1
+    assert run(spool.load(done_id)) is None
+    assert _state(spool, partial_id) == [RecipientState.QUEUED, RecipientState.DEFERRED]
+    with SpoolStore(spool.directory) as store:
+        assert [attempt.outcome for attempt in store.history(partial_id)] == ["deferred"]
+        assert store.history(done_id) == []
+
+
+def test_results_in_one_call_apply_in_order(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+    claim = run(spool.claim("a"))[0]
+    deferred = DeliveryResult(queue_id, 0, Outcome.DEFERRED, "451 later", "mx", time.time() + 600)
+    delivered = DeliveryResult(queue_id, 0, Outcome.DELIVERED, "250 ok", "mx")
+    failed = DeliveryResult(queue_id, 0, Outcome.FAILED, "550 no", "mx")
+    # The failure comes after the delivery made the recipient final, so it is ignored.
+    applied = run(spool.record_results([deferred, delivered, failed], lease_token=claim.lease_token))
+    assert applied == 2
+    assert run(spool.load(queue_id)) is None
+
+
 def test_deferred_result_updates_recipient(spool: Spool) -> None:
     queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
     claim = run(spool.claim("a"))[0]

@@ -46,13 +46,14 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from relay.config import SpoolConfig
 from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
 from relay.spool.ids import is_queue_id, new_queue_id
-from relay.spool.store import PendingCommit, SpoolStore
+from relay.spool.store import PendingCommit, ResultGroup, SpoolStore
 from relay.spool.types import (
     Attempt,
     Claim,
@@ -105,6 +106,15 @@ DEFAULT_BUSY_TIMEOUT = 10.0
 DEFAULT_LEASE_TIME = 30 * 60.0
 
 
+@dataclass
+class _ResultsJob:
+    """A writer job that records the results of every ``record_results`` call that joined it."""
+
+    loop: asyncio.AbstractEventLoop
+    groups: list[ResultGroup] = field(default_factory=list)
+    future: asyncio.Future[list[int]] | None = None
+
+
 class Spool:
     """An open spool: the writer thread plus two reader threads with their own connections.
 
@@ -121,6 +131,9 @@ class Spool:
         # Two threads are enough because reads are short indexed lookups.
         self._readers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="relay-spool-reader")
         self._reader_local = threading.local()
+        # Results waiting for the writer job that records them all (see ``record_results``).
+        self._results_lock = threading.Lock()
+        self._results_open: _ResultsJob | None = None
 
     @classmethod
     def open(
@@ -290,15 +303,37 @@ class Spool:
         ends.  A message whose recipients are all final and owe no DSN is
         deleted in the same transaction.  Results for recipients already final
         are ignored (and logged).  Raises ValueError for a deferral without
-        ``next_attempt``.
+        ``next_attempt``.  Calls from one event loop made before the writer
+        starts on the first of them share one writer job, so a SpoolError in
+        that job fails all of them.
         """
         batch = tuple(results)
+        for result in batch:
+            if result.outcome is Outcome.DEFERRED and result.next_attempt is None:
+                raise ValueError(f"deferred result for {result.queue_id}[{result.index}] needs next_attempt")
+        loop = asyncio.get_running_loop()
+        group = ResultGroup(batch, lease_token, time.time() if now is None else now)
+        with self._results_lock:
+            # Calls made while the writer has not yet started the queued job join it,
+            # so the results of many transactions share one writer job.
+            job = self._results_open
+            if job is None or job.loop is not loop:
+                job = _ResultsJob(loop)
+                job.future = self._writer.submit_async(lambda store: self._record_job(store, job))
+                self._results_open = job
+            job.groups.append(group)
+            position = len(job.groups) - 1
+            future = job.future
+        assert future is not None
+        counts: list[int] = await future
+        return counts[position]
 
-        def operation(store: SpoolStore) -> int:
-            return store.record_results(batch, lease_token, time.time() if now is None else now)
-
-        applied: int = await self._writer.submit_async(operation)
-        return applied
+    def _record_job(self, store: SpoolStore, job: _ResultsJob) -> list[int]:
+        # Runs in the writer thread.  From here on, calls start the next job.
+        with self._results_lock:
+            if self._results_open is job:
+                self._results_open = None
+        return store.record_result_groups(job.groups)
 
     async def pending_dsns(self, limit: int = 100) -> list[StoredMessage]:
         """Return messages with recipients that owe a DSN not yet queued (``dsn = pending``).

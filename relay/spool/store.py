@@ -121,6 +121,31 @@ _RECIPIENT_COLUMNS = (
 
 
 @dataclass(frozen=True, slots=True)
+class ResultGroup:
+    """Results of one ``record_results`` call: the lease they were claimed under and the time."""
+
+    results: tuple[DeliveryResult, ...]
+    lease_token: str | None
+    now: float
+
+
+@dataclass(slots=True)
+class _ResultRow:
+    """The columns of one recipient that recording a result reads, kept current during a batch."""
+
+    state: str
+    notify: str
+    lease_token: str | None
+    lease_until: float | None
+    dsn: str
+    sender: str
+
+
+# Queue IDs per IN (...) list: below 999, the host parameter limit of SQLite before 3.32.
+_IDS_PER_QUERY = 500
+
+
+@dataclass(frozen=True, slots=True)
 class PendingCommit:
     """One message on its way into the spool, as the writer thread inserts it."""
 
@@ -460,80 +485,137 @@ class SpoolStore:
         is final (delivered or failed), because that attempt really happened.
         A deferral with a lost lease is only added to the history.
         """
-        applied = 0
-        touched: set[str] = set()
-        with self._errors("record results"):
-            for result in results:
-                if self._record_one(result, lease_token, now):
-                    applied += 1
-                touched.add(result.queue_id)
-            for queue_id in touched:
-                self.delete_if_done(queue_id)
-        return applied
+        return self.record_result_groups([ResultGroup(tuple(results), lease_token, now)])[0]
 
-    def _record_one(self, result: DeliveryResult, lease_token: str | None, now: float) -> bool:
-        if result.outcome is Outcome.DEFERRED and result.next_attempt is None:
-            raise ValueError(f"deferred result for {result.queue_id}[{result.index}] needs next_attempt")
-        row = self.connection.execute(
-            "SELECT r.state, r.notify, r.lease_token, r.lease_until, r.dsn, m.sender FROM recipient r"
-            " JOIN message m USING (queue_id) WHERE r.queue_id = ? AND r.idx = ?",
-            (result.queue_id, result.index),
-        ).fetchone()
+    def record_result_groups(self, groups: Sequence[ResultGroup]) -> list[int]:
+        """Store several groups of results like ``record_results``; return each group's count.
+
+        The groups share their statements.  One query reads the recipients of
+        every message concerned, and one ``executemany`` per table writes the
+        attempts and the new states.  A message that is done is deleted
+        without either write, because its attempt rows would go with it.
+        Raises ValueError, before any change, for a deferral without
+        ``next_attempt``.
+        """
+        for group in groups:
+            for result in group.results:
+                if result.outcome is Outcome.DEFERRED and result.next_attempt is None:
+                    raise ValueError(f"deferred result for {result.queue_id}[{result.index}] needs next_attempt")
+        queue_ids = list(dict.fromkeys(result.queue_id for group in groups for result in group.results))
+        counts: list[int] = []
+        attempts: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
+        with self._errors("record results"):
+            recipients = self._result_rows(queue_ids)
+            for group in groups:
+                applied = 0
+                for result in group.results:
+                    if self._apply_result(result, recipients, group.lease_token, group.now, attempts, updates):
+                        applied += 1
+                counts.append(applied)
+            done = {queue_id for queue_id in queue_ids if _message_done(recipients.get(queue_id))}
+            self.connection.executemany(
+                "INSERT INTO attempt (queue_id, idx, time, outcome, reply, host) VALUES (?, ?, ?, ?, ?, ?)",
+                [row for row in attempts if row[0] not in done],
+            )
+            self.connection.executemany(
+                "UPDATE recipient SET state = ?, attempts = attempts + 1, next_attempt = ?,"
+                " last_attempt = ?, last_reply = ?, last_host = ?, dsn = ?,"
+                " lease_token = CASE WHEN ? THEN lease_token END,"
+                " lease_until = CASE WHEN ? THEN lease_until END"
+                " WHERE queue_id = ? AND idx = ?",
+                [row for row in updates if row[-2] not in done],
+            )
+            if done:
+                rows = [(queue_id,) for queue_id in done]
+                for table in ("message", "body", "recipient", "attempt"):
+                    self.connection.executemany(f"DELETE FROM {table} WHERE queue_id = ?", rows)
+        for queue_id in queue_ids:
+            if queue_id in done:
+                log_event(logger, "removed", queue_id=queue_id)
+        return counts
+
+    def _result_rows(self, queue_ids: Sequence[str]) -> dict[str, dict[int, _ResultRow]]:
+        """Read the recipients of the given messages, by queue ID and index (messages not found are left out)."""
+        recipients: dict[str, dict[int, _ResultRow]] = {}
+        for start in range(0, len(queue_ids), _IDS_PER_QUERY):
+            chunk = queue_ids[start : start + _IDS_PER_QUERY]
+            marks = ",".join("?" * len(chunk))
+            rows = self.connection.execute(
+                "SELECT r.queue_id, r.idx, r.state, r.notify, r.lease_token, r.lease_until, r.dsn, m.sender"
+                f" FROM recipient r JOIN message m USING (queue_id) WHERE r.queue_id IN ({marks})",
+                chunk,
+            ).fetchall()
+            for queue_id, index, state, notify, token, until, dsn, sender in rows:
+                recipients.setdefault(queue_id, {})[index] = _ResultRow(state, notify, token, until, dsn, sender)
+        return recipients
+
+    def _apply_result(
+        self,
+        result: DeliveryResult,
+        recipients: dict[str, dict[int, _ResultRow]],
+        lease_token: str | None,
+        now: float,
+        attempts: list[tuple[Any, ...]],
+        updates: list[tuple[Any, ...]],
+    ) -> bool:
+        """Add one result's attempt row and update to the lists; return whether it changed the recipient.
+
+        The row in ``recipients`` changes with it, so a later result for the
+        same recipient in the batch starts from the state this one leaves.
+        """
+        row = recipients.get(result.queue_id, {}).get(result.index)
         if row is None:
             log_event(
                 logger, "result-ignored", logging.WARNING,
                 queue_id=result.queue_id, index=result.index, reason="recipient not in spool",
             )
             return False
-        state, notify_text, current_token, lease_until, dsn_before, sender = row
 
-        self.connection.execute(
-            "INSERT INTO attempt (queue_id, idx, time, outcome, reply, host) VALUES (?, ?, ?, ?, ?, ?)",
-            (result.queue_id, result.index, now, result.outcome.value, result.reply, result.host),
-        )
-        if state in (RecipientState.DELIVERED, RecipientState.BOUNCED):
+        attempts.append((result.queue_id, result.index, now, result.outcome.value, result.reply, result.host))
+        if row.state in (RecipientState.DELIVERED, RecipientState.BOUNCED):
             log_event(
                 logger, "result-ignored", logging.WARNING,
-                queue_id=result.queue_id, index=result.index, state=state, reason="recipient already final",
+                queue_id=result.queue_id, index=result.index, state=row.state, reason="recipient already final",
             )
             return False
 
         lease_lost = (
             lease_token is not None
-            and current_token is not None
-            and current_token != lease_token
-            and lease_until is not None
-            and lease_until > now
+            and row.lease_token is not None
+            and row.lease_token != lease_token
+            and row.lease_until is not None
+            and row.lease_until > now
         )
         if lease_lost and result.outcome is Outcome.DEFERRED:
             return False
 
-        notify = tuple(item for item in notify_text.split(",") if item)
-        new_state, wants_dsn = _after_result(result.outcome, RecipientState(state), notify)
+        notify = tuple(item for item in row.notify.split(",") if item)
+        new_state, wants_dsn = _after_result(result.outcome, RecipientState(row.state), notify)
         if result.outcome is Outcome.DELIVERED and result.next_hop_notifies:
             wants_dsn = False
         # No DSN ever goes to the null reverse-path (RFC 5321), which bounces use,
         # so two relays cannot bounce a bounce back and forth.
-        dsn = DsnState.PENDING if wants_dsn and sender != "" else DsnState.NONE
+        dsn = DsnState.PENDING if wants_dsn and row.sender != "" else DsnState.NONE
         if result.outcome is Outcome.DEFERRED:
             # A deferral keeps the DSN state, so a queued delay warning marks the
             # recipient as warned and no second warning follows.
-            dsn = DsnState(dsn_before)
-            if result.delay_warning and dsn is DsnState.NONE and sender != "" and _wants_delay_dsn(notify):
+            dsn = DsnState(row.dsn)
+            if result.delay_warning and dsn is DsnState.NONE and row.sender != "" and _wants_delay_dsn(notify):
                 dsn = DsnState.PENDING
         next_attempt = result.next_attempt if result.next_attempt is not None else now
         # A lost lease belongs to the scheduler now holding it, so it stays.
-        self.connection.execute(
-            "UPDATE recipient SET state = ?, attempts = attempts + 1, next_attempt = ?,"
-            " last_attempt = ?, last_reply = ?, last_host = ?, dsn = ?,"
-            " lease_token = CASE WHEN ? THEN lease_token END,"
-            " lease_until = CASE WHEN ? THEN lease_until END"
-            " WHERE queue_id = ? AND idx = ?",
+        updates.append(
             (
                 new_state.value, next_attempt, now, result.reply, result.host, dsn.value,
                 lease_lost, lease_lost, result.queue_id, result.index,
-            ),
+            )
         )
+        row.state = new_state.value
+        row.dsn = dsn.value
+        if not lease_lost:
+            row.lease_token = None
+            row.lease_until = None
         return True
 
     def delete_if_done(self, queue_id: str) -> bool:
@@ -778,6 +860,14 @@ def _after_result(
     if state is RecipientState.HELD:
         return RecipientState.HELD, False
     return RecipientState.DEFERRED, False
+
+
+def _message_done(recipients: dict[int, _ResultRow] | None) -> bool:
+    """Return whether a message read by ``_result_rows`` can go: nothing pending and no DSN owed."""
+    if not recipients:
+        return False
+    pending = (RecipientState.QUEUED, RecipientState.DEFERRED, RecipientState.HELD)
+    return all(row.state not in pending and row.dsn != DsnState.PENDING for row in recipients.values())
 
 
 def _wants_delay_dsn(notify: tuple[str, ...]) -> bool:
