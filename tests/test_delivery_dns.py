@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from delivery_peers import NameServer, run_nsd
 
+from conftest import free_port
 from relay.delivery.dns import LookupFailure, MailHost, MXResolver
 
 
