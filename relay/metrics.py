@@ -329,7 +329,7 @@ def observe_event(event: str, fields: dict[str, Any]) -> None:
         tls_handshakes.inc(side="server", result="ok")
     elif event == "tls_failed":
         tls_handshakes.inc(side="server", result="failed")
-    elif event == "tls-fallback":
+    elif event == "tls_fallback":
         tls_handshakes.inc(side="client", result="failed")
     elif event == "committed":
         spool_batch_size.observe(float(fields.get("jobs", 0) or 0))

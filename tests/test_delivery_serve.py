@@ -172,7 +172,7 @@ def test_kill_during_delivery_then_restart(tmp_path: Path, nameserver: NameServe
             assert relay.stop() == 0
         finally:
             relay.kill()
-    assert "leases-released" in relay.log()
+    assert "leases_released" in relay.log()
     delivered = Counter(address for message in upstream.messages for address in message.recipients)
     assert sorted(delivered) == sorted(messages)
     duplicates = sum(times - 1 for times in delivered.values())

@@ -431,7 +431,7 @@ def test_result_for_final_recipient_ignored(spool: Spool, caplog: pytest.LogCapt
         applied = run(spool.record_results([DeliveryResult(queue_id, 0, Outcome.FAILED, "550", "mx")]))
     assert applied == 0
     assert _state(spool, queue_id) == [RecipientState.DELIVERED, RecipientState.QUEUED]
-    assert "result-ignored" in [getattr(record, "event", None) for record in caplog.records]
+    assert "result_ignored" in [getattr(record, "event", None) for record in caplog.records]
 
 
 def test_result_for_unknown_message_ignored(spool: Spool) -> None:
@@ -547,7 +547,7 @@ def test_corrupt_body_moved_aside(spool: Spool, caplog: pytest.LogCaptureFixture
     assert run(spool.load(queue_id)) is None
     assert (spool.directory / "corrupt" / f"{queue_id}.json").exists()
     assert (spool.directory / "corrupt" / f"{queue_id}.body").read_bytes() == b"damaged body!"
-    assert "corrupt-moved-aside" in [getattr(record, "event", None) for record in caplog.records]
+    assert "corrupt_moved_aside" in [getattr(record, "event", None) for record in caplog.records]
 
 
 def test_corrupt_envelope_not_claimed(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
@@ -599,7 +599,7 @@ def test_wal_limit_forces_restart(
         assert all(run(spool.load_body(queue_id)) == make_body(str(n), 5000) for n, queue_id in enumerate(ids))
     finally:
         spool.close()
-    assert "checkpoint-restart" in [getattr(record, "event", None) for record in caplog.records]
+    assert "checkpoint_restart" in [getattr(record, "event", None) for record in caplog.records]
 
 
 async def _commit_many(spool: Spool, body: bytes, count: int) -> list[str]:

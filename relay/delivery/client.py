@@ -243,7 +243,7 @@ class SMTPSession:
             if options.tls == "required" or reply.code == 421:
                 raise SessionError(f"451 4.7.4 STARTTLS rejected by {self.peer}: {reply_text(reply)}")
             # Opportunistic: the session goes on in plaintext on this connection.
-            log_event(logger, "tls-skipped", logging.WARNING, relay=self.peer, reply=reply_text(reply))
+            log_event(logger, "tls_skipped", logging.WARNING, relay=self.peer, reply=reply_text(reply))
             return
         if self._parser.buffered:
             # Bytes after the 220 were sent before the handshake; honouring them

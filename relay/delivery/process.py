@@ -87,7 +87,7 @@ class WakeSender:
             # The delivery process has exited (EPIPE).  Stored messages stay in the
             # spool for the next scheduler, which scans the queue when it starts.
             self._broken = True
-            log_event(logger, "wake-failed", logging.WARNING, error=str(exc))
+            log_event(logger, "wake_failed", logging.WARNING, error=str(exc))
 
 
 class DeliveryProcess:

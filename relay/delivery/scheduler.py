@@ -169,14 +169,14 @@ class Scheduler:
 
     async def run(self) -> None:
         """Claim and deliver until ``stop`` is called."""
-        log_event(logger, "scheduler-start", owner=self.owner)
+        log_event(logger, "scheduler_start", owner=self.owner)
         self._running = True
         try:
             await self._release_dead_leases()
             await self._loop()
         finally:
             self._run_ended.set()
-        log_event(logger, "scheduler-stop", owner=self.owner)
+        log_event(logger, "scheduler_stop", owner=self.owner)
 
     async def _loop(self) -> None:
         interval = self.config.delivery.queue_scan_interval
@@ -217,10 +217,10 @@ class Scheduler:
         try:
             released = await self.spool.release_leases(self.owner)
         except SpoolError as exc:
-            log_event(logger, "lease-release-failed", logging.ERROR, owner=self.owner, error=str(exc))
+            log_event(logger, "lease_release_failed", logging.ERROR, owner=self.owner, error=str(exc))
             return
         if released:
-            log_event(logger, "leases-released", owner=self.owner, recipients=released)
+            log_event(logger, "leases_released", owner=self.owner, recipients=released)
 
     async def _release_dead_leases(self) -> None:
         try:
@@ -229,11 +229,11 @@ class Scheduler:
                 if owner == self.owner or not owner_is_dead(owner):
                     continue
                 released = await self.spool.release_leases(owner)
-                log_event(logger, "leases-released", logging.WARNING, owner=owner, recipients=released,
+                log_event(logger, "leases_released", logging.WARNING, owner=owner, recipients=released,
                           reason="owner process no longer runs")
         except SpoolError as exc:
             # The leases then run out after spool.lease_time instead.
-            log_event(logger, "lease-release-failed", logging.ERROR, error=str(exc))
+            log_event(logger, "lease_release_failed", logging.ERROR, error=str(exc))
 
     # -- claiming and queueing ------------------------------------------------
 
@@ -244,7 +244,7 @@ class Scheduler:
         try:
             claims = await self.spool.claim(self.owner, limit=room)
         except SpoolError as exc:
-            log_event(logger, "claim-failed", logging.ERROR, error=str(exc))
+            log_event(logger, "claim_failed", logging.ERROR, error=str(exc))
             return False
         claimed = 0
         for claim in claims:
@@ -356,7 +356,7 @@ class Scheduler:
             destination.failures - 1, delivery.minimal_backoff_time, delivery.maximal_backoff_time, jitter
         )
         destination.suspended_until = time.time() + delay
-        log_event(logger, "destination-backoff", logging.WARNING, destination=name,
+        log_event(logger, "destination_backoff", logging.WARNING, destination=name,
                   failures=destination.failures, seconds=round(delay, 1), reply=error.reply)
         await self._defer_until(job, error.reply, destination.suspended_until)
         # The queued jobs would meet the same dead hosts; defer them together.
@@ -462,7 +462,7 @@ class Scheduler:
             await self.spool.record_results(results, lease_token=claim.lease_token)
         except SpoolError as exc:
             # The lease runs out and the recipients are claimed again later.
-            log_event(logger, "record-failed", logging.ERROR, queue_id=claim.queue_id, error=str(exc))
+            log_event(logger, "record_failed", logging.ERROR, queue_id=claim.queue_id, error=str(exc))
             return
         failed = [r for r in results if r.outcome is Outcome.FAILED]
         if dsn_possible:
@@ -479,15 +479,15 @@ class Scheduler:
             envelope = Envelope(sender="", recipients=(Recipient(address=f"postmaster@{domain}"),))
             copy_id = await self.spool.commit(envelope, body)
         except (SpoolError, MessageNotFound) as exc:
-            log_event(logger, "postmaster-copy-failed", logging.ERROR, queue_id=claim.queue_id, error=str(exc))
+            log_event(logger, "postmaster_copy_failed", logging.ERROR, queue_id=claim.queue_id, error=str(exc))
             return
-        log_event(logger, "postmaster-copy", queue_id=claim.queue_id, copy_id=copy_id)
+        log_event(logger, "postmaster_copy", queue_id=claim.queue_id, copy_id=copy_id)
 
     async def _queue_dsns(self) -> None:
         try:
             messages = await self.spool.pending_dsns()
         except SpoolError as exc:
-            log_event(logger, "dsn-scan-failed", logging.ERROR, error=str(exc))
+            log_event(logger, "dsn_scan_failed", logging.ERROR, error=str(exc))
             return
         for message in messages:
             owed = [r for r in message.recipients if r.dsn is DsnState.PENDING]
@@ -503,9 +503,9 @@ class Scheduler:
                     report.envelope, report.body, dsn_for=DsnRequest(message.queue_id, report.indexes)
                 )
             except (SpoolError, MessageNotFound) as exc:
-                log_event(logger, "dsn-failed", logging.ERROR, queue_id=message.queue_id, error=str(exc))
+                log_event(logger, "dsn_failed", logging.ERROR, queue_id=message.queue_id, error=str(exc))
                 continue
-            log_event(logger, "dsn-queued", queue_id=message.queue_id, dsn_id=dsn_id,
+            log_event(logger, "dsn_queued", queue_id=message.queue_id, dsn_id=dsn_id,
                       to=message.envelope.sender, recipients=len(owed))
             self._wake.set()
 

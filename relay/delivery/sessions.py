@@ -79,7 +79,7 @@ class SessionPool:
                 try:
                     session = await self._open(host.name, address, route, options)
                 except SessionError as exc:
-                    log_event(logger, "connect-failed", logging.INFO, relay=f"{host.name}[{address}]:{route.port}",
+                    log_event(logger, "connect_failed", logging.INFO, relay=f"{host.name}[{address}]:{route.port}",
                               reply=exc.reply)
                     errors.append(exc)
                     continue
@@ -98,7 +98,7 @@ class SessionPool:
         except SessionError as exc:
             if not (exc.tls_failed and route.tls == "opportunistic"):
                 raise
-            log_event(logger, "tls-fallback", logging.WARNING, relay=f"{name}[{address}]:{route.port}",
+            log_event(logger, "tls_fallback", logging.WARNING, relay=f"{name}[{address}]:{route.port}",
                       reason=exc.reply, action="retrying once without STARTTLS")
             return await SMTPSession.open(name, address, route.port, options, starttls=False)
 

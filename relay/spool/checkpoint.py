@@ -80,7 +80,7 @@ class Checkpointer:
                 database_path(self.directory), timeout=self.busy_timeout, isolation_level=None
             )
         except sqlite3.Error as exc:
-            log_event(logger, "checkpoint-failed", logging.ERROR, spool=str(self.directory), error=str(exc))
+            log_event(logger, "checkpoint_failed", logging.ERROR, spool=str(self.directory), error=str(exc))
             return
         try:
             while True:
@@ -94,7 +94,7 @@ class Checkpointer:
                 except sqlite3.Error as exc:
                     # Harmless for durability: the pages stay in the WAL and the next
                     # checkpoint, or the writer's RESTART at the size limit, copies them.
-                    log_event(logger, "checkpoint-failed", logging.WARNING, spool=str(self.directory), error=str(exc))
+                    log_event(logger, "checkpoint_failed", logging.WARNING, spool=str(self.directory), error=str(exc))
         finally:
             connection.close()
 

@@ -567,7 +567,7 @@ class SpoolStore:
         row = recipients.get(result.queue_id, {}).get(result.index)
         if row is None:
             log_event(
-                logger, "result-ignored", logging.WARNING,
+                logger, "result_ignored", logging.WARNING,
                 queue_id=result.queue_id, index=result.index, reason="recipient not in spool",
             )
             return False
@@ -575,7 +575,7 @@ class SpoolStore:
         attempts.append((result.queue_id, result.index, now, result.outcome.value, result.reply, result.host))
         if row.state in (RecipientState.DELIVERED, RecipientState.BOUNCED):
             log_event(
-                logger, "result-ignored", logging.WARNING,
+                logger, "result_ignored", logging.WARNING,
                 queue_id=result.queue_id, index=result.index, state=row.state, reason="recipient already final",
             )
             return False
@@ -726,7 +726,7 @@ class SpoolStore:
         _fsync_directory(aside)
         with self._errors("delete corrupt message"):
             self._delete_rows(queue_id)
-        log_event(logger, "corrupt-moved-aside", logging.ERROR, queue_id=queue_id, reason=reason, file=str(path))
+        log_event(logger, "corrupt_moved_aside", logging.ERROR, queue_id=queue_id, reason=reason, file=str(path))
         return path
 
     # -- reads --------------------------------------------------------------

@@ -212,9 +212,9 @@ class Writer:
         try:
             store.connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
         except sqlite3.Error as exc:
-            log_event(logger, "checkpoint-failed", logging.WARNING, spool=str(self.directory), error=str(exc))
+            log_event(logger, "checkpoint_failed", logging.WARNING, spool=str(self.directory), error=str(exc))
         else:
-            log_event(logger, "checkpoint-restart", spool=str(self.directory), wal_bytes=wal_size(self.directory))
+            log_event(logger, "checkpoint_restart", spool=str(self.directory), wal_bytes=wal_size(self.directory))
 
     def _next_batch(self) -> tuple[list[Job], bool]:
         first = self._queue.get()
@@ -254,7 +254,7 @@ class Writer:
                         self._apply(store, job)
         except (SpoolError, sqlite3.Error) as exc:
             message = str(exc) if isinstance(exc, SpoolError) else f"spool {self.directory}: {exc}"
-            log_event(logger, "commit-failed", logging.ERROR, jobs=len(batch), error=message)
+            log_event(logger, "commit_failed", logging.ERROR, jobs=len(batch), error=message)
             for job in batch:
                 job.outcome = (False, SpoolError(message))
         except Exception as exc:
