@@ -278,3 +278,43 @@ def test_sendmail_t_delivers_to_all_without_bcc(tmp_path: Path) -> None:
         assert f"Delivered-To: {user}@example.test\r\n".encode() in body
         assert b"Subject: nightly report\r\n" in body
         assert b"Bcc:" not in body
+
+
+def test_group_sigterm_is_one_stop_request(tmp_path: Path) -> None:
+    # systemd's control-group kill and a terminal's Ctrl-C signal every process,
+    # and the supervisor forwards once more: still one graceful stop.
+    relay = Relay(tmp_path, workers=2)
+    with open(relay.log_path, "wb") as log:
+        relay.process = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--config", str(relay.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+    wait_for_port("127.0.0.1", relay.port, process=relay.process)
+    relay.wait_for_log("scheduler_start")
+
+    os.killpg(relay.process.pid, signal.SIGTERM)
+
+    assert relay.process.wait(30) == 0, relay.log()
+    assert "exit_now" not in relay.log()
+    assert relay.log().count(" stopped ") >= 2
+
+
+def test_second_sigterm_exits_at_once(relay: Relay) -> None:
+    assert relay.process is not None
+    open_session = smtplib.SMTP("127.0.0.1", relay.port, timeout=10)
+    open_session.ehlo("client.example.com")
+    open_session.mail("sender@example.org")
+    open_session.docmd("RCPT TO:<alice@example.test>")
+    open_session.docmd("DATA")
+
+    relay.process.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    relay.process.send_signal(signal.SIGTERM)
+
+    assert relay.process.wait(30) != 0
+    assert "exit_now" in relay.log()
+    open_session.close()

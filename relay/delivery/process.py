@@ -34,6 +34,7 @@ from relay.config import Config
 from relay.delivery.scheduler import Scheduler
 from relay.log import log_event
 from relay.reload import log_reload, reload_config
+from relay.signals import StopRequests
 from relay.spool import Spool, SpoolError
 
 logger = logging.getLogger("relay.delivery")
@@ -99,7 +100,7 @@ class DeliveryProcess:
         self.wake_fd = wake_fd
         self.scheduler: Scheduler | None = None
         self._stop = asyncio.Event()
-        self._signals = 0
+        self._stop_requests = StopRequests()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -140,8 +141,10 @@ class DeliveryProcess:
             self.scheduler.wake()
 
     def _on_signal(self, signum: int) -> None:
-        self._signals += 1
-        if self._signals > 1:
+        request = self._stop_requests.classify()
+        if request == "copy":
+            return
+        if request == "second":
             log_event(logger, "exit_now", logging.WARNING, signal=signal.Signals(signum).name)
             sys.stderr.flush()
             os._exit(1)

@@ -46,6 +46,7 @@ from relay.delivery import Scheduler
 from relay.delivery.process import DeliveryProcess, WakeChannel
 from relay.log import log_event
 from relay.reload import log_reload, reload_config
+from relay.signals import StopRequests
 from relay.smtp import replies
 from relay.smtp.auth import CredentialsError, CredentialStore
 from relay.smtp.policy import RelayPolicy
@@ -319,7 +320,7 @@ class Worker:
         self.servers: list[asyncio.base_events.Server] = []
         self.spool: Spool | None = None
         self._stop = asyncio.Event()
-        self._signals = 0
+        self._stop_requests = StopRequests()
         self.scheduler: Scheduler | None = None
 
     async def run(self) -> int:
@@ -447,8 +448,10 @@ class Worker:
             self.servers.append(server)
 
     def _on_signal(self, signum: int) -> None:
-        self._signals += 1
-        if self._signals > 1:
+        request = self._stop_requests.classify()
+        if request == "copy":
+            return
+        if request == "second":
             log_event(logger, "exit_now", logging.WARNING, signal=signal.Signals(signum).name)
             sys.stderr.flush()
             os._exit(1)

@@ -1,0 +1,34 @@
+"""Tell a second stop request from a copy of the first one.
+
+``relay serve`` stops gracefully on the first SIGTERM or SIGINT and exits at
+once on a second.  A terminal's Ctrl-C and systemd's default
+``KillMode=control-group`` send the signal to every process of the relay,
+and the supervisor forwards it to its children as well, so one request can
+reach a worker two or three times within milliseconds.  Copies that arrive
+within ``DUPLICATE_WINDOW`` seconds of the first count as that first request.
+"""
+
+from __future__ import annotations
+
+import time
+
+# Far longer than the few milliseconds between copies of one signal, and
+# shorter than an operator takes to press Ctrl-C a second time on purpose.
+DUPLICATE_WINDOW = 0.5
+
+
+class StopRequests:
+    """Classify each stop signal as the first, a copy of it, or a second request."""
+
+    def __init__(self) -> None:
+        self._first: float | None = None
+
+    def classify(self) -> str:
+        """Return "first", "copy" or "second" for a signal arriving now."""
+        now = time.monotonic()
+        if self._first is None:
+            self._first = now
+            return "first"
+        if now - self._first < DUPLICATE_WINDOW:
+            return "copy"
+        return "second"
