@@ -64,6 +64,21 @@ EX_CONFIG = 78
 
 logger = logging.getLogger("relay.sendmail")
 
+USAGE = """usage: relay sendmail [--config FILE] [-t] [-i] [-f SENDER] [-F NAME] [-bm] [RECIPIENT ...]
+
+Read a message from standard input and queue it for delivery, like sendmail(1).
+
+  -t          add the To, Cc and Bcc addresses of the message; remove Bcc
+  -i, -oi     a line with a single dot does not end the message
+  -f SENDER   envelope sender (reverse-path); -f "<>" is the null sender
+  -F NAME     full name for the From header, when the message has none
+  -bm         read a message and deliver it (the default mode)
+  --config F  relay.toml to read (default: built-in defaults)
+
+Other -o options are accepted and ignored.  Exit status: 0 queued, 64 usage,
+65 message too large, 66 no input, 67 invalid address or unknown local user,
+70 internal error, 75 spool unavailable (try again later), 78 invalid config."""
+
 
 class SendmailError(Exception):
     """A failure reported on stderr with a sendmail exit code."""
@@ -204,6 +219,8 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
                 recipients.append(_check_address(address, "recipient", default_domain))
         message = _remove_bcc(message)
     recipients = list(dict.fromkeys(recipients))
+    if not recipients and options.extract_recipients:
+        raise SendmailError(EX_USAGE, "no recipients: the message has no To, Cc or Bcc address and none was given")
     if not recipients:
         raise SendmailError(EX_USAGE, "no recipients given; name them as arguments or use -t")
 
@@ -297,7 +314,7 @@ def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
 def run(argv: Sequence[str]) -> int:
     """Run sendmail with its own argument list (used for the `sendmail` program name)."""
     if any(arg in ("-h", "--help") for arg in argv):
-        print(__doc__)
+        print(USAGE)
         return EX_OK
     try:
         options = parse_options(argv)

@@ -59,8 +59,10 @@ def drive(chunks: list[bytes], line_limit: int = 64, max_size: int = 200) -> lis
                 if event.line == b"DATA":
                     buffer.start_data(max_size)
                 elif event.line.startswith(b"BDAT "):
+                    # Like a session, switch modes only for a well-formed chunk size.
                     words = event.line.split()
-                    buffer.start_bdat(int(words[1]))
+                    if len(words) > 1 and words[1].isdigit() and words[1].isascii():
+                        buffer.start_bdat(int(words[1]))
     return events
 
 

@@ -356,10 +356,10 @@ class Session:
         """Send an error reply, log it, and end the session after too many."""
         self._send(reply)
         self._events.append(Rejected(command, reply))
+        self.errors += 1
         if reply.closes:
             self._close(reply.text)
             return
-        self.errors += 1
         if self.errors >= self.settings.max_errors:
             self._send(replies.TOO_MANY_ERRORS)
             self._close("too many errors")

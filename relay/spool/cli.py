@@ -264,7 +264,7 @@ def _show(store: SpoolStore, args: argparse.Namespace) -> int:
         ("HELO", envelope.helo_name),
         ("Protocol", envelope.protocol),
         ("Authenticated", envelope.auth_user),
-        ("SIZE", envelope.size),
+        ("Declared SIZE", f"{envelope.size} octets" if envelope.size is not None else None),
         ("BODY", envelope.body_type),
         ("SMTPUTF8", "yes" if envelope.smtputf8 else None),
         ("RET", envelope.ret),
