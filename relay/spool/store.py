@@ -220,7 +220,7 @@ class SpoolStore:
     def _configure(self, busy_timeout: float, autocheckpoint: bool) -> None:
         with self._errors("open"):
             self.connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            mode = self.connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._enable_wal(busy_timeout)
             if mode != "wal":
                 raise SpoolError(f"spool {self.directory}: the file system does not support WAL mode ({mode})")
             # FULL: each commit fsyncs the WAL, so a committed message survives power loss.
@@ -243,6 +243,26 @@ class SpoolStore:
                     if statement.strip():
                         self.connection.execute(statement)
                 self.connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _enable_wal(self, busy_timeout: float) -> str:
+        """Switch to WAL mode and return the mode now in force.
+
+        When several processes open a new spool at once, switching the
+        journal mode can fail with "database is locked" at once, without
+        SQLite's busy handler waiting, so the switch is retried here until
+        the busy timeout has passed.
+        """
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                mode: str = self.connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                return mode
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     def close(self) -> None:
         """Close the connection."""
