@@ -1,9 +1,10 @@
 """Build the compiled SMTP core: every ``csrc/NAME.pyx`` becomes ``relay._NAME``.
 
 Release builds are optimised and carry no tracing.  ``RELAY_DEBUG=1`` makes a
-debug build instead: Cython writes annotated HTML next to each source, line
-tracing is compiled in (for coverage and profilers) and the C macro
-``RELAY_DEBUG`` turns on the invariant checks in the ``.pyx`` sources.
+debug build instead: Cython writes annotated HTML beside the generated C in
+``build/cython-debug``, line tracing is compiled in (for coverage and
+profilers) and the C macro ``RELAY_DEBUG`` turns on the invariant checks in
+the ``.pyx`` sources.
 """
 
 import os
@@ -47,5 +48,8 @@ setup(
         compiler_directives=directives,
         annotate=DEBUG,
         include_path=["csrc"],
+        # Each mode keeps its own generated C, so switching RELAY_DEBUG on or
+        # off regenerates it instead of reusing C from the other mode.
+        build_dir="build/cython-debug" if DEBUG else "build/cython-release",
     ),
 )
