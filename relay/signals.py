@@ -10,7 +10,9 @@ within ``DUPLICATE_WINDOW`` seconds of the first count as that first request.
 
 from __future__ import annotations
 
+import signal
 import time
+from types import FrameType
 
 # Far longer than the few milliseconds between copies of one signal, and
 # shorter than an operator takes to press Ctrl-C a second time on purpose.
@@ -32,3 +34,25 @@ class StopRequests:
         if now - self._first < DUPLICATE_WINDOW:
             return "copy"
         return "second"
+
+
+class EarlyStop:
+    """Remember a stop signal that arrives before the event loop handles signals.
+
+    A worker needs a moment to open the spool and its sockets; a SIGTERM in
+    that window would otherwise end it with the default action and a
+    non-zero status.  ``install`` records the signal instead, and the worker
+    acts on ``signum`` once its own handlers are in place.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def install(self) -> EarlyStop:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._record)
+        return self

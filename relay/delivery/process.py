@@ -34,7 +34,7 @@ from relay.config import Config
 from relay.delivery.scheduler import Scheduler
 from relay.log import log_event
 from relay.reload import log_reload, reload_config
-from relay.signals import StopRequests
+from relay.signals import EarlyStop, StopRequests
 from relay.spool import Spool, SpoolError
 
 logger = logging.getLogger("relay.delivery")
@@ -94,10 +94,11 @@ class WakeSender:
 class DeliveryProcess:
     """The process that runs the scheduler for every receiving worker."""
 
-    def __init__(self, config: Config, *, index: int, wake_fd: int) -> None:
+    def __init__(self, config: Config, *, index: int, wake_fd: int, early_stop: EarlyStop | None = None) -> None:
         self.config = config
         self.index = index
         self.wake_fd = wake_fd
+        self._early_stop = early_stop
         self.scheduler: Scheduler | None = None
         self._stop = asyncio.Event()
         self._stop_requests = StopRequests()
@@ -115,6 +116,8 @@ class DeliveryProcess:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        if self._early_stop is not None and self._early_stop.signum is not None:
+            self._on_signal(self._early_stop.signum)
         log_event(logger, "started", worker=self.index, pid=os.getpid(), role="delivery")
         delivering = loop.create_task(scheduler.run())
         monitoring: Monitoring | None = None

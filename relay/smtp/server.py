@@ -46,7 +46,7 @@ from relay.delivery import Scheduler
 from relay.delivery.process import DeliveryProcess, WakeChannel
 from relay.log import log_event
 from relay.reload import log_reload, reload_config
-from relay.signals import StopRequests
+from relay.signals import EarlyStop, StopRequests
 from relay.smtp import replies
 from relay.smtp.auth import CredentialsError, CredentialStore
 from relay.smtp.policy import RelayPolicy
@@ -309,10 +309,19 @@ def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
 class Worker:
     """One worker process: its listeners, sessions and shutdown sequence."""
 
-    def __init__(self, config: Config, *, workers: int, index: int, wake: WakeChannel | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        workers: int,
+        index: int,
+        wake: WakeChannel | None = None,
+        early_stop: EarlyStop | None = None,
+    ) -> None:
         self.config = config
         self.workers = workers
         self.index = index
+        self._early_stop = early_stop
         # Set when the scheduler runs in a delivery process: commits wake it through this pipe.
         self.wake = wake
         self.sessions: set[SMTPProtocol] = set()
@@ -343,6 +352,8 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        if self._early_stop is not None and self._early_stop.signum is not None:
+            self._on_signal(self._early_stop.signum)
         log_event(
             logger,
             "started",
@@ -509,19 +520,21 @@ def run_worker(
     """Run one worker's event loop until it has shut down; return its exit status."""
     # Until the worker's loop handles SIGHUP (reload), its default would end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    early = EarlyStop().install()
     install_event_loop(event_loop)
-    worker = Worker(config, workers=workers, index=index, wake=wake)
+    worker = Worker(config, workers=workers, index=index, wake=wake, early_stop=early)
     return asyncio.run(worker.run())
 
 
 def run_delivery(config: Config, *, event_loop: str, index: int, wake: WakeChannel) -> int:
     """Run the delivery process's event loop until it has shut down; return its exit status."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    early = EarlyStop().install()
     install_event_loop(event_loop)
 
     async def main() -> int:
         asyncio.get_running_loop().set_exception_handler(_loop_exception)
-        return await DeliveryProcess(config, index=index, wake_fd=wake.read_fd).run()
+        return await DeliveryProcess(config, index=index, wake_fd=wake.read_fd, early_stop=early).run()
 
     return asyncio.run(main())
 
