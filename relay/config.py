@@ -194,6 +194,8 @@ class DeliveryConfig:
     bounce_copy_to_postmaster: bool = _key(False, "bool")
     # Postfix: smtp_connection_cache_time_limit = 2s of idle time before close.
     connection_cache_time: float = _key(2.0, "duration")
+    # Send with BDAT (RFC 3030 CHUNKING) to next hops that offer it; false uses DATA for all.
+    chunking: bool = _key(True, "bool")
     # How often the scheduler looks for due recipients when nothing woke it.
     queue_scan_interval: float = _key(1.0, "duration")
     # Postfix: smtp_connect_timeout = 30s.

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from conftest import free_port
+from relay.delivery import client
 from relay.delivery.client import (
     OutboundMessage,
     OutboundRecipient,
@@ -20,8 +23,13 @@ from relay.delivery.dns import MXResolver
 from relay.delivery.router import Route
 from relay.delivery.sessions import SessionPool
 from relay.spool import Outcome
+from tests.delivery_peers import run_smtp_sink
+from tests.server_helpers import RelayProcess, strip_received
 
 EHLO_PLAIN = b"250-mx.example.net\r\n250 8BITMIME\r\n"
+EHLO_CHUNKING = b"250-mx.example.net\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250 CHUNKING\r\n"
+EHLO_CHUNKING_ONLY = b"250-mx.example.net\r\n250 CHUNKING\r\n"
+EHLO_BINARYMIME = b"250-mx.example.net\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 BINARYMIME\r\n"
 OPTIONS = SessionOptions(helo_name="relay.example.test", tls="none", timeouts=Timeouts(connect=2, greeting=2, helo=2,
                          mail=2, rcpt=2, data_init=2, data_block=2, data_done=2, rset=2))
 
@@ -35,7 +43,8 @@ class ScriptedServer:
         # A list answers successive commands with the same verb in turn.
         self.replies: dict[str, bytes | list[bytes]] = {
             "EHLO": EHLO_PLAIN, "MAIL": b"250 ok\r\n", "RCPT": b"250 ok\r\n", "DATA": b"354 go\r\n",
-            ".": b"250 queued\r\n", "RSET": b"250 ok\r\n", "QUIT": b"221 bye\r\n", **replies,
+            ".": b"250 queued\r\n", "BDAT": b"250 queued\r\n", "RSET": b"250 ok\r\n", "QUIT": b"221 bye\r\n",
+            **replies,
         }
         self.greeting = greeting
         self.lines: list[bytes] = []
@@ -57,6 +66,9 @@ class ScriptedServer:
                 else:
                     self.lines.append(line)
                     verb = line.split(b" ")[0].rstrip(b"\r\n").upper().decode()
+                    if verb == "BDAT":
+                        # The chunk follows its command and is read whatever the reply is.
+                        self.data += await reader.readexactly(int(line.split()[1]))
                 planned = self.replies.get(verb, b"500 unknown\r\n")
                 reply = planned.pop(0) if isinstance(planned, list) else planned
                 writer.write(reply)
@@ -72,12 +84,14 @@ class ScriptedServer:
         return [line.split(b" ")[0].rstrip(b"\r\n").decode() for line in self.lines]
 
 
-def run_session(server: ScriptedServer, action: Callable[[SMTPSession], object]) -> object:
+def run_session(
+    server: ScriptedServer, action: Callable[[SMTPSession], object], options: SessionOptions = OPTIONS
+) -> object:
     async def main() -> object:
         port = free_port()
         listener = await asyncio.start_server(server.handle, "127.0.0.1", port)
         try:
-            session = await SMTPSession.open("mx.example.net", "127.0.0.1", port, OPTIONS)
+            session = await SMTPSession.open("mx.example.net", "127.0.0.1", port, options)
             try:
                 return await action(session)  # type: ignore[misc]
             finally:
@@ -88,12 +102,19 @@ def run_session(server: ScriptedServer, action: Callable[[SMTPSession], object])
     return asyncio.run(main())
 
 
-def message(*recipients: str, body: bytes = b"Subject: t\r\n\r\nx\r\n", orcpt: str | None = None) -> OutboundMessage:
+def message(
+    *recipients: str,
+    body: bytes = b"Subject: t\r\n\r\nx\r\n",
+    orcpt: str | None = None,
+    body_type: str | None = None,
+    sender: str = "sender@example.com",
+) -> OutboundMessage:
     return OutboundMessage(
         queue_id="Q",
-        sender="sender@example.com",
+        sender=sender,
         recipients=tuple(OutboundRecipient(i, a, orcpt=orcpt) for i, a in enumerate(recipients)),
         body=body,
+        body_type=body_type,
     )
 
 
@@ -199,3 +220,172 @@ def test_broken_opportunistic_tls_retried_in_plaintext() -> None:
     results = asyncio.run(main())
     assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
     assert "STARTTLS" not in server.verbs()
+
+
+class CountingWrites:
+    """Wraps a session's stream writer and counts its write calls."""
+
+    def __init__(self, session: SMTPSession) -> None:
+        self.writes = 0
+        self._write = session._writer.write
+        session._writer.write = self._count  # type: ignore[method-assign]
+
+    def _count(self, data: bytes) -> None:
+        self.writes += 1
+        self._write(data)
+
+
+def test_bdat_pipelined_in_one_write() -> None:
+    body = b"Subject: t\r\n.\r\n..x\r\nbare\nlf\r\n"
+    server = ScriptedServer({"EHLO": EHLO_CHUNKING})
+
+    async def send(session: SMTPSession) -> tuple[object, int]:
+        counter = CountingWrites(session)
+        results = await session.send(message("a@example.net", body=body))
+        return results, counter.writes
+
+    results, writes = run_session(server, send)  # type: ignore[misc]
+    assert [r.outcome for r in results] == [Outcome.DELIVERED]
+    assert writes == 1
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "BDAT", "QUIT"]
+    assert server.lines[1] == f"MAIL FROM:<sender@example.com> SIZE={len(body)}\r\n".encode()
+    assert server.lines[3] == f"BDAT {len(body)} LAST\r\n".encode()
+    assert server.data == body
+
+
+def test_bdat_body_larger_than_one_write() -> None:
+    body = b"Subject: t\r\n\r\n" + bytes(range(256)) * (3 * client.DATA_CHUNK // 256) + b"\r\n"
+    server = ScriptedServer({"EHLO": EHLO_CHUNKING})
+    results = run_session(server, lambda session: session.send(message("a@example.net", body=body)))
+    assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+    assert server.data == body
+
+
+def test_bdat_rcpt_outcomes_mixed() -> None:
+    rcpt_replies = [b"450 4.2.1 try later\r\n", b"550 5.1.1 unknown\r\n", b"250 ok\r\n"]
+    server = ScriptedServer({"EHLO": EHLO_CHUNKING, "RCPT": rcpt_replies, "BDAT": b"250 2.0.0 queued as X\r\n"})
+    outgoing = message("a@example.net", "b@example.net", "c@example.net")
+    results = run_session(server, lambda session: session.send(outgoing))
+    outcomes = [r.outcome for r in results]  # type: ignore[attr-defined]
+    replies = [r.reply for r in results]  # type: ignore[attr-defined]
+    assert outcomes == [Outcome.DEFERRED, Outcome.FAILED, Outcome.DELIVERED]
+    assert replies == ["450 4.2.1 try later", "550 5.1.1 unknown", "250 2.0.0 queued as X"]
+    assert "RSET" not in server.verbs()
+
+
+@pytest.mark.parametrize("bdat_reply", [b"554 5.5.1 no valid recipients\r\n", b"250 2.0.0 queued\r\n"])
+def test_bdat_reply_ignored_without_recipients(bdat_reply: bytes) -> None:
+    rcpt_replies = [b"550 5.1.1 unknown\r\n", b"450 4.2.1 try later\r\n"]
+    server = ScriptedServer({"EHLO": EHLO_CHUNKING, "RCPT": rcpt_replies, "BDAT": bdat_reply})
+    outgoing = message("a@example.net", "b@example.net")
+    results = run_session(server, lambda session: session.send(outgoing))
+    outcomes = [r.outcome for r in results]  # type: ignore[attr-defined]
+    replies = [r.reply for r in results]  # type: ignore[attr-defined]
+    assert outcomes == [Outcome.FAILED, Outcome.DEFERRED]
+    assert replies == ["550 5.1.1 unknown", "450 4.2.1 try later"]
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "RCPT", "BDAT", "RSET", "QUIT"]
+
+
+def test_bdat_after_refused_mail() -> None:
+    server = ScriptedServer({"EHLO": EHLO_CHUNKING, "MAIL": b"451 4.3.0 busy\r\n", "BDAT": b"503 5.5.1 no MAIL\r\n"})
+    results = run_session(server, lambda session: session.send(message("a@example.net", "b@example.net")))
+    assert [r.outcome for r in results] == [Outcome.DEFERRED, Outcome.DEFERRED]  # type: ignore[attr-defined]
+    assert [r.reply for r in results] == ["451 4.3.0 busy", "451 4.3.0 busy"]  # type: ignore[attr-defined]
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "RCPT", "BDAT", "RSET", "QUIT"]
+
+
+@pytest.mark.parametrize(("bdat_reply", "outcome"), [(b"452 4.3.1 no space\r\n", Outcome.DEFERRED),
+                                                      (b"554 5.6.0 rejected\r\n", Outcome.FAILED)])
+def test_refused_bdat_decides_and_resets(bdat_reply: bytes, outcome: Outcome) -> None:
+    server = ScriptedServer({"EHLO": EHLO_CHUNKING, "RCPT": [b"250 ok\r\n", b"550 5.1.1 unknown\r\n"],
+                             "BDAT": bdat_reply})
+    results = run_session(server, lambda session: session.send(message("a@example.net", "b@example.net")))
+    assert [r.outcome for r in results] == [outcome, Outcome.FAILED]  # type: ignore[attr-defined]
+    assert server.verbs()[-2:] == ["RSET", "QUIT"]
+
+
+def test_bdat_without_pipelining_waits_for_rcpt() -> None:
+    body = b"Subject: t\r\n\r\n.x\r\n"
+    server = ScriptedServer({"EHLO": EHLO_CHUNKING_ONLY, "RCPT": [b"550 5.1.1 unknown\r\n", b"250 ok\r\n"]})
+    results = run_session(server, lambda session: session.send(message("a@example.net", "b@example.net", body=body)))
+    assert [r.outcome for r in results] == [Outcome.FAILED, Outcome.DELIVERED]  # type: ignore[attr-defined]
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "RCPT", "BDAT", "QUIT"]
+    assert server.data == body
+
+
+def test_no_bdat_without_pipelining_or_recipients() -> None:
+    server = ScriptedServer({"EHLO": EHLO_CHUNKING_ONLY, "RCPT": b"550 5.1.1 unknown\r\n"})
+    results = run_session(server, lambda session: session.send(message("a@example.net")))
+    assert [r.outcome for r in results] == [Outcome.FAILED]  # type: ignore[attr-defined]
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "RSET", "QUIT"]
+
+
+def test_chunking_off_sends_data() -> None:
+    server = ScriptedServer({"EHLO": EHLO_CHUNKING})
+    options = dataclasses.replace(OPTIONS, chunking=False)
+    results = run_session(server, lambda session: session.send(message("a@example.net")), options)
+    assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+    assert "BDAT" not in server.verbs()
+    assert "DATA" in server.verbs()
+
+
+def test_binarymime_sent_with_bdat() -> None:
+    body = b"Content-Transfer-Encoding: binary\r\n\r\n\x00\xff\r.\n\r\n"
+    server = ScriptedServer({"EHLO": EHLO_BINARYMIME})
+    outgoing = message("a@example.net", body=body, body_type="BINARYMIME")
+    results = run_session(server, lambda session: session.send(outgoing))
+    assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+    assert server.lines[1] == b"MAIL FROM:<sender@example.com> BODY=BINARYMIME\r\n"
+    assert server.data == body
+
+
+@pytest.mark.parametrize("ehlo", [EHLO_CHUNKING, EHLO_PLAIN,
+                                  b"250-mx.example.net\r\n250-PIPELINING\r\n250 BINARYMIME\r\n"])
+def test_binarymime_fails_without_support(ehlo: bytes) -> None:
+    server = ScriptedServer({"EHLO": ehlo})
+    outgoing = message("a@example.net", body=b"x\x00\r\n", body_type="BINARYMIME")
+    results = run_session(server, lambda session: session.send(outgoing))
+    assert [r.outcome for r in results] == [Outcome.FAILED]  # type: ignore[attr-defined]
+    assert results[0].reply.startswith("554 5.6.3 ")  # type: ignore[index]
+    assert "MAIL" not in server.verbs()
+
+
+def test_bdat_to_relay_serve_with_rcpt_rejections(tmp_path: Path) -> None:
+    body = b"Subject: chunked\r\n\r\n.leading dot\r\n" + b"y" * 70000 + b"\r\n"
+    outgoing = message("rcpt@example.net", "nobody@example.net", "rcpt@example.net", body=body,
+                       sender="alice@example.org")
+    with RelayProcess(tmp_path) as upstream:
+        async def main() -> object:
+            session = await SMTPSession.open("mx.example.test", "127.0.0.1", upstream.port, OPTIONS)
+            try:
+                assert session.uses_chunking
+                first = await session.send(outgoing)
+                second = await session.send(outgoing)
+                return first, second
+            finally:
+                await session.close()
+
+        first, second = asyncio.run(main())  # type: ignore[misc]
+        spooled = [stored for stored, _ in upstream.spooled()]
+        bodies = [strip_received(stored_body) for _, stored_body in upstream.spooled()]
+    for results in (first, second):
+        assert [r.outcome for r in results] == [Outcome.DELIVERED, Outcome.FAILED, Outcome.DELIVERED]
+        assert results[1].reply.startswith("550 ")
+    assert len(spooled) == 2
+    assert bodies == [body, body]
+
+
+def test_smtp_sink_gets_data_not_bdat() -> None:
+    # Postfix's smtp-sink (3.7) offers PIPELINING but not CHUNKING, and answers BDAT with 500.
+    port = free_port()
+    with run_smtp_sink("127.0.0.1", port):
+        async def main() -> tuple[bool, object]:
+            session = await SMTPSession.open("sink.example.test", "127.0.0.1", port, OPTIONS)
+            try:
+                return session.uses_chunking, await session.send(message("a@example.net", "b@example.net"))
+            finally:
+                await session.close()
+
+        uses_chunking, results = asyncio.run(main())
+    assert not uses_chunking
+    assert [r.outcome for r in results] == [Outcome.DELIVERED, Outcome.DELIVERED]  # type: ignore[attr-defined]

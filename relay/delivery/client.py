@@ -3,21 +3,26 @@
 Standards: RFC 5321 (session, replies, section 4.5.3.2 timeouts), RFC 3207
 STARTTLS, RFC 4954 AUTH with RFC 4616 PLAIN or LOGIN, RFC 2920 PIPELINING,
 RFC 1870 SIZE, RFC 6152 8BITMIME, RFC 6531 SMTPUTF8, RFC 3461 DSN parameters
-(NOTIFY, ORCPT, RET, ENVID, passed on only when the server offers DSN), and
-RFC 8314 implicit TLS when the next hop's port is 465.
+(NOTIFY, ORCPT, RET, ENVID, passed on only when the server offers DSN), RFC
+3030 CHUNKING and BINARYMIME, and RFC 8314 implicit TLS when the next hop's
+port is 465.
 
 Replies are parsed by the compiled ``ReplyParser``; a malformed reply ends the
-session as a temporary failure (``451 4.5.0``).  The body is written exactly
-as spooled, dot-stuffed by the compiled encoder.  No command is written with
-CR, LF or NUL inside an argument: such a recipient fails with ``5.1.3``
-(``5.1.7`` for the sender), and xtext values are decoded and encoded again.
+session as a temporary failure (``451 4.5.0``).  When the next hop offers
+CHUNKING, the body goes in one ``BDAT <size> LAST`` chunk of the exact spooled
+bytes, and when it offers PIPELINING too, MAIL, RCPT, BDAT and the body share
+one write.  Otherwise DATA sends the body dot-stuffed by the compiled encoder.
+No command is written with CR, LF or NUL inside an argument: such a recipient
+fails with ``5.1.3`` (``5.1.7`` for the sender), and xtext values are decoded
+and encoded again.
 
 Session-level problems (connection refused or dropped, a non-220 greeting,
 ``421`` at any point, a timeout, a TLS failure) raise ``SessionError``; its
 ``temporary`` flag says whether the scheduler defers or fails the recipients
 in flight.  Per-recipient results come back from ``SMTPSession.send``:
 a ``4xx`` to RCPT defers that recipient, ``5xx`` fails it, and the reply to
-DATA or to the end of data decides every recipient RCPT accepted.
+DATA, to the end of data or to ``BDAT LAST`` decides every recipient RCPT
+accepted.
 """
 
 from __future__ import annotations
@@ -146,6 +151,8 @@ class SessionOptions:
     username: str = ""
     password: str = ""
     timeouts: Timeouts = Timeouts()
+    # Send with BDAT when the next hop offers CHUNKING; False keeps DATA for every hop.
+    chunking: bool = True
 
 
 class SMTPSession:
@@ -165,6 +172,7 @@ class SMTPSession:
         self._writer = writer
         self._parser = ReplyParser()
         self._timeouts = Timeouts()
+        self._chunking = True
         # The reply to a pipelined DATA, read with the RCPT replies.
         self._data_reply: Reply | None = None
 
@@ -199,6 +207,7 @@ class SMTPSession:
 
         session = cls(reader, writer, host, address, port)
         session._timeouts = options.timeouts
+        session._chunking = options.chunking
         session.tls_active = implicit
         try:
             await session._handshake(options, starttls)
@@ -307,15 +316,23 @@ class SMTPSession:
         mail_command = self._mail_command(message)
         rcpt_commands = [self._rcpt_command(recipient) for recipient in sendable]
         try:
-            accepted = await self._envelope(mail_command, rcpt_commands, sendable, results)
-            if accepted:
-                await self._data(message.body, accepted, results)
+            if self.uses_chunking:
+                await self._send_with_bdat(message.body, mail_command, rcpt_commands, sendable, results)
             else:
-                await self._reset()
+                accepted = await self._envelope(mail_command, rcpt_commands, sendable, results)
+                if accepted:
+                    await self._data(message.body, accepted, results)
+                else:
+                    await self._reset()
         except SessionError:
             self.abort()
             raise
         return [results[r.index] for r in message.recipients]
+
+    @property
+    def uses_chunking(self) -> bool:
+        """Whether transactions on this session send the body with BDAT instead of DATA."""
+        return self._chunking and "CHUNKING" in self.capabilities
 
     def _check_message(self, message: OutboundMessage) -> str | None:
         """Return the reply that fails the whole message before MAIL, or None to go on."""
@@ -323,6 +340,10 @@ class SMTPSession:
             return "553 5.1.7 sender address contains CR, LF or NUL"
         if _needs_smtputf8(message) and "SMTPUTF8" not in self.capabilities:
             return f"554 5.6.7 {self.peer} does not support SMTPUTF8, which this message needs"
+        if message.body_type == "BINARYMIME" and not (self.uses_chunking and "BINARYMIME" in self.capabilities):
+            # RFC 3030: a BINARYMIME body goes only to a next hop that offers
+            # BINARYMIME, and this relay does not convert it to 7bit or 8bit MIME.
+            return f"554 5.6.3 {self.peer} does not support BINARYMIME with CHUNKING, which this message needs"
         limit = _size_limit(self.capabilities)
         if limit and len(message.body) > limit:
             return f"552 5.3.4 message size {len(message.body)} exceeds the limit {limit} of {self.peer}"
@@ -334,6 +355,9 @@ class SMTPSession:
             parts.append(f"SIZE={len(message.body)}")
         if message.body_type == "8BITMIME" and "8BITMIME" in self.capabilities:
             parts.append("BODY=8BITMIME")
+        elif message.body_type == "BINARYMIME":
+            # _check_message passes such a message only when the next hop offers CHUNKING and BINARYMIME.
+            parts.append("BODY=BINARYMIME")
         if _needs_smtputf8(message):
             parts.append("SMTPUTF8")
         if "DSN" in self.capabilities:
@@ -375,33 +399,24 @@ class SMTPSession:
             rcpt_replies = [await self._read_checked(self._timeouts.rcpt) for _ in rcpt_commands]
             self._data_reply = await self._read_checked(self._timeouts.data_init)
         else:
-            mail_reply = await self._command(mail_command, self._timeouts.mail)
-            _raise_on_421(mail_reply)
-            rcpt_replies = []
-            if mail_reply.code == 250:
-                for command in rcpt_commands:
-                    reply = await self._command(command, self._timeouts.rcpt)
-                    _raise_on_421(reply)
-                    rcpt_replies.append(reply)
+            mail_reply, rcpt_replies = await self._envelope_in_turn(mail_command, rcpt_commands)
 
-        if mail_reply.code != 250:
-            outcome = Outcome.DEFERRED if mail_reply.code < 500 else Outcome.FAILED
-            for recipient in recipients:
-                results[recipient.index] = RecipientResult(recipient.index, outcome, reply_text(mail_reply))
-            if self._data_reply is not None and self._data_reply.code == 354:
-                await self._finish_empty_data()
-            return []
-
-        accepted: list[OutboundRecipient] = []
-        for recipient, reply in zip(recipients, rcpt_replies, strict=True):
-            if reply.code in (250, 251):
-                accepted.append(recipient)
-                continue
-            outcome = Outcome.DEFERRED if reply.code < 500 else Outcome.FAILED
-            results[recipient.index] = RecipientResult(recipient.index, outcome, reply_text(reply))
+        accepted = self._record_envelope(mail_reply, rcpt_replies, recipients, results)
         if not accepted and self._data_reply is not None and self._data_reply.code == 354:
             await self._finish_empty_data()
         return accepted
+
+    async def _envelope_in_turn(self, mail_command: str, rcpt_commands: list[str]) -> tuple[Reply, list[Reply]]:
+        """Send MAIL and then each RCPT, waiting for each reply; no RCPT is sent after a rejected MAIL."""
+        mail_reply = await self._command(mail_command, self._timeouts.mail)
+        _raise_on_421(mail_reply)
+        rcpt_replies: list[Reply] = []
+        if mail_reply.code == 250:
+            for command in rcpt_commands:
+                reply = await self._command(command, self._timeouts.rcpt)
+                _raise_on_421(reply)
+                rcpt_replies.append(reply)
+        return mail_reply, rcpt_replies
 
     async def _finish_empty_data(self) -> None:
         # RFC 2920 section 3.1: a server that answered the pipelined DATA with
@@ -428,6 +443,80 @@ class SMTPSession:
             await self._drain(self._timeouts.data_block)
         final = await self._read_checked(self._timeouts.data_done)
         self._decide(accepted, final, results)
+
+    async def _send_with_bdat(
+        self,
+        body: bytes,
+        mail_command: str,
+        rcpt_commands: list[str],
+        recipients: list[OutboundRecipient],
+        results: dict[int, RecipientResult],
+    ) -> None:
+        """Send the envelope and the body as one ``BDAT <size> LAST`` chunk and record every outcome.
+
+        With PIPELINING, MAIL, RCPT, BDAT and the first part of the body go in
+        one write, so the chunk is sent before any RCPT reply is read.  The
+        server reads a chunk even when it rejects the BDAT command, because the
+        size is the only framing (RFC 3030 section 2), so the BDAT reply is
+        always read.  When MAIL or every RCPT was rejected, that reply is
+        ignored, no recipient is delivered, and RSET ends the transaction.
+        """
+        bdat_command = f"BDAT {len(body)} LAST\r\n".encode("ascii")
+        if "PIPELINING" in self.capabilities:
+            envelope = "".join(f"{line}\r\n" for line in (mail_command, *rcpt_commands)).encode("utf-8")
+            await self._write_chunk(envelope + bdat_command, body)
+            mail_reply = await self._read_checked(self._timeouts.mail)
+            rcpt_replies = [await self._read_checked(self._timeouts.rcpt) for _ in rcpt_commands]
+            bdat_reply: Reply | None = await self._read_checked(self._timeouts.data_done)
+        else:
+            mail_reply, rcpt_replies = await self._envelope_in_turn(mail_command, rcpt_commands)
+            bdat_reply = None
+
+        accepted = self._record_envelope(mail_reply, rcpt_replies, recipients, results)
+        if accepted and bdat_reply is None:
+            await self._write_chunk(bdat_command, body)
+            bdat_reply = await self._read_checked(self._timeouts.data_done)
+        if not accepted or bdat_reply is None:
+            await self._reset()
+            return
+        self._decide(accepted, bdat_reply, results)
+        if bdat_reply.code != 250:
+            # The transaction failed with the chunk, and RSET clears whatever
+            # state the server kept before the next MAIL.
+            await self._reset()
+
+    def _record_envelope(
+        self,
+        mail_reply: Reply,
+        rcpt_replies: list[Reply],
+        recipients: list[OutboundRecipient],
+        results: dict[int, RecipientResult],
+    ) -> list[OutboundRecipient]:
+        """Record the outcome of every recipient that MAIL or RCPT rejected, and return those RCPT accepted."""
+        if mail_reply.code != 250:
+            outcome = Outcome.DEFERRED if mail_reply.code < 500 else Outcome.FAILED
+            for recipient in recipients:
+                results[recipient.index] = RecipientResult(recipient.index, outcome, reply_text(mail_reply))
+            return []
+        accepted: list[OutboundRecipient] = []
+        for recipient, reply in zip(recipients, rcpt_replies, strict=True):
+            if reply.code in (250, 251):
+                accepted.append(recipient)
+                continue
+            outcome = Outcome.DEFERRED if reply.code < 500 else Outcome.FAILED
+            results[recipient.index] = RecipientResult(recipient.index, outcome, reply_text(reply))
+        return accepted
+
+    async def _write_chunk(self, command: bytes, body: bytes) -> None:
+        """Write ``command`` and then ``body`` unchanged, draining after every DATA_CHUNK bytes of body."""
+        view = memoryview(body)
+        # The command and the first part of the body share one write (and so
+        # usually one send on the socket).
+        self._writer.write(command + view[:DATA_CHUNK])
+        await self._drain(self._timeouts.data_block)
+        for start in range(DATA_CHUNK, len(body), DATA_CHUNK):
+            self._writer.write(view[start : start + DATA_CHUNK])
+            await self._drain(self._timeouts.data_block)
 
     def _decide(
         self, accepted: list[OutboundRecipient], reply: Reply, results: dict[int, RecipientResult]

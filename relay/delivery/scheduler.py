@@ -139,6 +139,7 @@ class Scheduler:
             Timeouts.from_config(delivery),
             ca_file=delivery.tls_ca_file,
             cache_time=delivery.connection_cache_time,
+            chunking=delivery.chunking,
         )
         self._connections = asyncio.Semaphore(delivery.connection_limit)
         self._destinations: dict[str, _Destination] = {}

@@ -40,13 +40,21 @@ class SessionPool:
     """Opens sessions for routes and keeps finished ones for the next message."""
 
     def __init__(
-        self, resolver: MXResolver, helo_name: str, timeouts: Timeouts, *, ca_file: str = "", cache_time: float = 2.0
+        self,
+        resolver: MXResolver,
+        helo_name: str,
+        timeouts: Timeouts,
+        *,
+        ca_file: str = "",
+        cache_time: float = 2.0,
+        chunking: bool = True,
     ) -> None:
         self._resolver = resolver
         self._helo_name = helo_name
         self._timeouts = timeouts
         self._ca_file = ca_file
         self._cache_time = cache_time
+        self._chunking = chunking
         self._idle: dict[str, list[_Parked]] = {}
         self._closing: set[asyncio.Task[None]] = set()  # holds QUIT tasks until they finish
         self.opened = 0  # sessions opened so far, for tests and metrics
@@ -72,6 +80,7 @@ class SessionPool:
             username=route.username,
             password=route.password,
             timeouts=self._timeouts,
+            chunking=self._chunking,
         )
         errors: list[SessionError] = []
         for host in hosts:
