@@ -14,9 +14,14 @@ before each 250, and Postfix fsyncs each queue file.
 
 The queue is polled every ``POLL_INTERVAL`` seconds (relay: a read-only
 SQLite query; Postfix: ``postqueue -p``), so the end time is late by up to
-that much.  Postfix needs root (its master runs as root).  Usage:
+that much.  Postfix needs root (its master runs as root).  Postfix's
+smtp-sink (3.7) does not offer CHUNKING, so relay sends with DATA to it;
+``--next-hop relay-sink`` puts ``relay sink``, which offers CHUNKING, in its
+place for both MTAs, and ``--no-chunking`` sets ``delivery.chunking = false``.
+Usage:
 
     .venv/bin/python benchmarks/bench_delivery.py [--messages 5000] [--runs 3] [--json]
+        [--next-hop smtp-sink|relay-sink] [--no-chunking]
 """
 
 from __future__ import annotations
@@ -100,7 +105,25 @@ def smtp_sink(port: int) -> Iterator[None]:
         stop(process)
 
 
-def relay_config(directory: Path, port: int, sink_port: int) -> Path:
+@contextlib.contextmanager
+def relay_sink(port: int) -> Iterator[None]:
+    """Run ``relay sink`` on 127.0.0.1:port: it accepts and discards mail, offering PIPELINING and CHUNKING."""
+    process = subprocess.Popen([sys.executable, "-m", "relay", "sink", "--listen", f"127.0.0.1:{port}"],
+                               cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, process, "relay sink")
+        yield
+    finally:
+        stop(process)
+
+
+NEXT_HOPS: dict[str, Callable[[int], contextlib.AbstractContextManager[None]]] = {
+    "smtp-sink": smtp_sink,
+    "relay-sink": relay_sink,
+}
+
+
+def relay_config(directory: Path, port: int, sink_port: int, chunking: bool) -> Path:
     path = directory / "relay.toml"
     path.write_text(
         f"""[server]
@@ -118,6 +141,7 @@ path = "{directory / 'spool'}"
 [delivery]
 relayhost = "[127.0.0.1]:{sink_port}"
 relayhost_tls = "none"
+chunking = {"true" if chunking else "false"}
 
 [admin]
 address = ""
@@ -140,9 +164,11 @@ def worker_pids(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def relay_serve(directory: Path, port: int, sink_port: int) -> Iterator[tuple[Callable[[], bool], list[int]]]:
+def relay_serve(
+    directory: Path, port: int, sink_port: int, chunking: bool
+) -> Iterator[tuple[Callable[[], bool], list[int]]]:
     """Run ``relay serve`` relaying to the sink; yield a spool-is-empty check and the worker PIDs."""
-    config = relay_config(directory, port, sink_port)
+    config = relay_config(directory, port, sink_port, chunking)
     log = (directory / "relay.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--config", str(config)],
                                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -190,10 +216,12 @@ def measure(port: int, queue_is_empty: Callable[[], bool], messages: int, size: 
     }
 
 
-def run_relay(scratch: Path, messages: int, size: int, sessions: int) -> dict[str, float]:
+def run_relay(scratch: Path, args: argparse.Namespace) -> dict[str, float]:
+    messages, size, sessions = args.messages, args.size, args.sessions
     directory = Path(tempfile.mkdtemp(prefix="relay-", dir=scratch))
     sink_port, port = free_port(), free_port()
-    with smtp_sink(sink_port), relay_serve(directory, port, sink_port) as (spool_empty, workers):
+    next_hop = NEXT_HOPS[args.next_hop](sink_port)
+    with next_hop, relay_serve(directory, port, sink_port, args.chunking) as (spool_empty, workers):
         before = [cpu_seconds(pid) for pid in workers]
         result = measure(port, spool_empty, messages, size, sessions)
         # With two or more workers the last process is the delivery process (it is forked last),
@@ -206,10 +234,11 @@ def run_relay(scratch: Path, messages: int, size: int, sessions: int) -> dict[st
     return result
 
 
-def run_postfix(scratch: Path, messages: int, size: int, sessions: int) -> dict[str, float]:
+def run_postfix(scratch: Path, args: argparse.Namespace) -> dict[str, float]:
+    messages, size, sessions = args.messages, args.size, args.sessions
     base = Path(tempfile.mkdtemp(prefix="postfix-", dir=scratch))
     sink_port, port = free_port(), free_port()
-    with smtp_sink(sink_port), postfix_instance(base, port, sink_port, DRAIN_TIMEOUT):
+    with NEXT_HOPS[args.next_hop](sink_port), postfix_instance(base, port, sink_port, DRAIN_TIMEOUT):
         config = base / "etc"
         result = measure(port, lambda: queue_empty(config), messages, size, sessions)
     shutil.rmtree(base, ignore_errors=True)
@@ -240,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per MTA, alternating (default 3)")
     parser.add_argument("--no-postfix", action="store_true", help="measure relay only")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--next-hop", choices=sorted(NEXT_HOPS), default="smtp-sink",
+                        help="smart host both MTAs relay to (default smtp-sink)")
+    parser.add_argument("--no-chunking", dest="chunking", action="store_false",
+                        help="set delivery.chunking = false, so relay sends with DATA even to a CHUNKING next hop")
     args = parser.parse_args(argv)
     for program in (SMTP_SOURCE, SMTP_SINK):
         if not os.access(program, os.X_OK):
@@ -257,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 # Writeback left over from the previous run would otherwise land on this one's fsyncs.
                 os.sync()
                 run = run_relay if name == "relay" else run_postfix
-                result = run(scratch, args.messages, args.size, args.sessions)
+                result = run(scratch, args)
                 runs[name].append(result)
                 if not args.json:
                     print(f"run {number + 1} {name}: {result}", file=sys.stderr)
@@ -269,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         "messages": args.messages,
         "size": args.size,
         "sessions": args.sessions,
+        "next_hop": args.next_hop,
+        "chunking": args.chunking,
         "machine": info,
         "runs": runs,
         "median_relayed_per_second": medians,
