@@ -10,9 +10,15 @@ within ``DUPLICATE_WINDOW`` seconds of the first count as that first request.
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+import sys
 import time
 from types import FrameType
+from typing import Any
+
+from relay.log import log_event
 
 # Far longer than the few milliseconds between copies of one signal, and
 # shorter than an operator takes to press Ctrl-C a second time on purpose.
@@ -34,6 +40,23 @@ class StopRequests:
         if now - self._first < DUPLICATE_WINDOW:
             return "copy"
         return "second"
+
+    def receive(self, signum: int, logger: logging.Logger, **fields: Any) -> bool:
+        """Handle one stop signal; return True when the caller should start a graceful stop.
+
+        A copy of the first request returns False.  A second request logs
+        ``exit_now`` and ends the process at once with status 1.
+        """
+        request = self.classify()
+        name = signal.Signals(signum).name
+        if request == "copy":
+            return False
+        if request == "second":
+            log_event(logger, "exit_now", logging.WARNING, signal=name)
+            sys.stderr.flush()
+            os._exit(1)
+        log_event(logger, "stopping", signal=name, **fields)
+        return True
 
 
 class EarlyStop:

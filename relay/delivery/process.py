@@ -27,7 +27,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 
 from relay.admin import Monitoring
 from relay.config import Config
@@ -144,15 +143,8 @@ class DeliveryProcess:
             self.scheduler.wake()
 
     def _on_signal(self, signum: int) -> None:
-        request = self._stop_requests.classify()
-        if request == "copy":
-            return
-        if request == "second":
-            log_event(logger, "exit_now", logging.WARNING, signal=signal.Signals(signum).name)
-            sys.stderr.flush()
-            os._exit(1)
-        log_event(logger, "stopping", signal=signal.Signals(signum).name, worker=self.index)
-        self._stop.set()
+        if self._stop_requests.receive(signum, logger, worker=self.index):
+            self._stop.set()
 
     def _on_reload(self) -> None:
         result = reload_config(self.config)

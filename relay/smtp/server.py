@@ -459,15 +459,8 @@ class Worker:
             self.servers.append(server)
 
     def _on_signal(self, signum: int) -> None:
-        request = self._stop_requests.classify()
-        if request == "copy":
-            return
-        if request == "second":
-            log_event(logger, "exit_now", logging.WARNING, signal=signal.Signals(signum).name)
-            sys.stderr.flush()
-            os._exit(1)
-        log_event(logger, "stopping", signal=signal.Signals(signum).name, sessions=len(self.sessions))
-        self._stop.set()
+        if self._stop_requests.receive(signum, logger, sessions=len(self.sessions)):
+            self._stop.set()
 
     async def _shutdown(self) -> None:
         for runtime in self.runtimes:
