@@ -12,13 +12,12 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import orjson
 
-from relay.cli import add_config_option, config_from_args
+from relay.cli import add_config_option
 from relay.spool import SpoolError, SpoolStore
-from relay.spool.store import database_path
+from relay.spool.cli import UsageError, open_store
 
 # States in the order an operator reads them; a state with no recipient shows 0.
 STATES = ("queued", "deferred", "held", "delivered", "bounced")
@@ -108,19 +107,11 @@ def format_summary(summary: QueueSummary, now: float) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.spool:
-        directory = Path(args.spool)
-    else:
-        directory = Path(config_from_args(args).spool.path)
-    if not database_path(directory).exists():
-        print(f"relay status: no spool in {directory}; check --spool or [spool] path", file=sys.stderr)
-        return 1
-
     try:
-        with SpoolStore(directory) as store:
+        with open_store(args) as store:
             summary = summarize(store, args.top)
-    except SpoolError as exc:
-        print(f"relay status: cannot read the spool in {directory}: {exc}", file=sys.stderr)
+    except (UsageError, SpoolError) as exc:
+        print(f"relay status: {exc}", file=sys.stderr)
         return 1
 
     if args.json:

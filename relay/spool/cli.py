@@ -38,7 +38,7 @@ _ID_WIDTH = 15
 _TIME_WIDTH = 20
 
 
-class _UsageError(Exception):
+class UsageError(Exception):
     """An error the user can fix; printed as one line, exit status 1."""
 
 
@@ -89,10 +89,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        with _open_store(args) as store:
+        with open_store(args) as store:
             status: int = args.action(store, args)
             return status
-    except (MessageNotFound, _UsageError, SpoolError) as exc:
+    except (MessageNotFound, UsageError, SpoolError) as exc:
         print(f"relay queue: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
@@ -104,7 +104,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _open_store(args: argparse.Namespace) -> Iterator[SpoolStore]:
+def open_store(args: argparse.Namespace) -> Iterator[SpoolStore]:
+    """Open the spool of ``--spool`` or the config's ``[spool] path``; raise UsageError if it is missing."""
     if args.spool:
         directory = Path(args.spool)
         busy_timeout = 10.0
@@ -115,7 +116,7 @@ def _open_store(args: argparse.Namespace) -> Iterator[SpoolStore]:
     if not database_path(directory).exists():
         # Opening would create an empty spool, which hides a mistyped path.
         name = database_path(directory).name
-        raise _UsageError(f"no spool in {directory} ({name} not found); check --spool or [spool] path")
+        raise UsageError(f"no spool in {directory} ({name} not found); check --spool or [spool] path")
     store = SpoolStore(directory, busy_timeout=busy_timeout)
     try:
         yield store
@@ -125,7 +126,7 @@ def _open_store(args: argparse.Namespace) -> Iterator[SpoolStore]:
 
 def _check_id(queue_id: str) -> str:
     if not is_queue_id(queue_id):
-        raise _UsageError(f"invalid queue ID {queue_id!r}; expected 15 characters as printed by `relay queue list`")
+        raise UsageError(f"invalid queue ID {queue_id!r}; expected 15 characters as printed by `relay queue list`")
     return queue_id
 
 
