@@ -38,7 +38,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(Exception):
-    """A configuration that cannot be used; ``errors`` holds one line per problem."""
+    """A configuration that cannot be used; ``errors`` contains one line per problem."""
 
     def __init__(self, errors: list[str]) -> None:
         super().__init__("\n".join(errors))
@@ -133,7 +133,7 @@ class PolicyConfig:
     max_line_length: int = _key(512, "size", min=512)
     # RFC 4954 section 4: AUTH lines may be up to 12288 octets.
     max_auth_line_length: int = _key(12288, "size", min=512)
-    # RFC 5321 section 6.3 asks for a loop limit of at least 100 Received headers.
+    # RFC 5321 section 6.3 requires a loop limit of at least 100 Received headers.
     max_received_headers: int = _key(100, "int", min=1)
     allow_address_literals: bool = _key(False, "bool")
     # What to do with a bare LF or CR in message data: reject (521 5.5.2) or

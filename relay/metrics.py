@@ -4,9 +4,13 @@ The format is written directly instead of through ``prometheus-client``.
 relay needs counters, gauges and histograms with labels, added up over
 several worker processes.  That package offers the sum only through its
 multiprocess mode, which keeps one mmap file per metric and process.  Here
-each worker keeps its own ``Registry`` and saves a JSON snapshot of it
+each process keeps its own ``Registry`` and saves a JSON snapshot of it
 to ``SPOOL/metrics/worker-N.json`` every ``SNAPSHOT_INTERVAL`` seconds and
-at exit; the admin listener adds those snapshots to its own live values.
+at exit.  The admin listener adds those snapshots to its own live values.
+
+Most counters move in ``observe_event``, which sees every ``log_event``
+call whatever the log level, so the server, the spool and the scheduler
+need no metric calls of their own.
 
 Metric and label names follow the Prometheus conventions: a ``relay_``
 prefix, ``_total`` for counters, base units (seconds, octets).
@@ -238,7 +242,7 @@ def load_snapshots(directory: Path, exclude: str) -> list[dict[str, list[list[An
 
     A snapshot not rewritten for ``STALE_AFTER`` seconds belongs to a process
     that is gone (an earlier run, or one with more workers); it is left out,
-    which Prometheus sees as a counter reset.
+    which Prometheus treats as a counter reset.
     """
     snapshots = []
     now = time.time()
