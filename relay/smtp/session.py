@@ -215,7 +215,7 @@ class Session:
 
     @property
     def waiting(self) -> bool:
-        """Whether the session waits for its owner to answer an event."""
+        """Whether the session waits for its owner to finish handling an event."""
         return self._waiting is not None
 
     @property
@@ -248,7 +248,7 @@ class Session:
         self._process()
 
     def tls_started(self) -> None:
-        """The TLS handshake completed: forget everything learned in plaintext."""
+        """Forget everything learned in plaintext, after the TLS handshake completed."""
         self._resume(StartTLS)
         self.state = SessionState(tls_active=True)
         self.transaction = None
@@ -257,16 +257,16 @@ class Session:
         self._process()
 
     def timeout(self) -> None:
-        """The command or data timeout passed: ``421 4.4.2`` and close."""
+        """Send ``421 4.4.2`` and close, after the command or data timeout passed."""
         if not self.closed:
             self._send(replies.TIMEOUT)
             self._close("timeout")
 
     def shutdown(self) -> None:
-        """The server is stopping: end now unless a message is arriving or being stored.
+        """End the session because the server is stopping, unless a message is in flight.
 
         A session in DATA, BDAT or waiting for the spool finishes that message
-        and gets ``421 4.3.2`` afterwards; any other gets it now.
+        and gets ``421 4.3.2`` afterwards.  Any other session gets it now.
         """
         self._shutting_down = True
         if self.closed:
@@ -277,7 +277,7 @@ class Session:
         self._close("shutdown")
 
     def abort(self) -> None:
-        """The grace period ran out: ``421 4.3.2`` and close, dropping any transaction."""
+        """Send ``421 4.3.2`` and close, dropping any transaction, after the grace period ran out."""
         if not self.closed:
             self.transaction = None
             self._waiting = None
