@@ -11,6 +11,7 @@ hostile client cannot forge or flood log lines.  Callers never pass secrets
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -18,6 +19,8 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
+
+_get_running_loop = asyncio.events._get_running_loop
 
 # Long enough for an SMTP reply line (512 octets), short enough to keep one
 # hostile client from filling the log.
@@ -101,24 +104,84 @@ class _EventFormatter(logging.Formatter):
 
 
 class _EventHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The handler ``setup_logging`` installs; ``log_event`` writes through it directly."""
+    """The handler ``setup_logging`` installs; ``log_event`` writes through it directly.
+
+    Lines logged on a thread with a running event loop are collected and
+    written together once per loop iteration: one ``write`` for all the
+    events of the iteration instead of one per line.  Lines from other
+    threads, ``emit`` and ``flush`` write the collected lines first, so the
+    output keeps the order in which events were logged.
+    """
 
     def __init__(self, stream: TextIO, json_form: bool) -> None:
         super().__init__(stream)
         self.json_form = json_form
         self.setFormatter(_EventFormatter(json_form))
+        self._pending: list[str] = []
+        self._write_scheduled = False
 
     def write_event(self, level: int, name: str, event: str, fields: dict[str, Any]) -> None:
         """Write one event line without building a LogRecord, as ``emit`` would write it."""
         line = _render(self.json_form, time.time(), _LEVEL_NAMES[level], name, event, fields)
+        loop = _get_running_loop()
         self.acquire()
         try:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+            self._pending.append(line)
+            if loop is not None and self._schedule_write(loop):
+                return
+            self._write_pending()
         except Exception:
             self.handleError(logging.makeLogRecord({"name": name, "levelno": level, "msg": event}))
         finally:
             self.release()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.acquire()
+        try:
+            self._write_pending()
+        except Exception:
+            self.handleError(record)
+        finally:
+            self.release()
+        super().emit(record)
+
+    def flush(self) -> None:
+        """Write the collected lines, then flush the stream."""
+        self.acquire()
+        try:
+            self._write_pending()
+        finally:
+            self.release()
+
+    def _schedule_write(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Arrange for the collected lines to be written in the loop's next iteration; return whether that worked."""
+        if self._write_scheduled:
+            return True
+        try:
+            loop.call_soon(self._write_scheduled_lines)
+        except RuntimeError:  # the loop is closing
+            return False
+        self._write_scheduled = True
+        return True
+
+    def _write_scheduled_lines(self) -> None:
+        self.acquire()
+        try:
+            self._write_scheduled = False
+            self._write_pending()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"name": "relay", "levelno": logging.ERROR, "msg": "log write"}))
+        finally:
+            self.release()
+
+    def _write_pending(self) -> None:
+        # Called with the handler's lock held.
+        if self._pending and self.stream is not None:
+            text = "\n".join(self._pending) + "\n"
+            self._pending.clear()
+            self.stream.write(text)
+        if self.stream is not None and hasattr(self.stream, "flush"):
+            self.stream.flush()
 
 
 _LEVEL_NAMES = {
@@ -130,12 +193,24 @@ _direct: _EventHandler | None = None
 _relay_logger = logging.getLogger("relay")
 
 
+def flush_log() -> None:
+    """Write every event line still collected for the current loop iteration, then flush stderr.
+
+    Call before ``os._exit``, which skips the ``logging`` shutdown that
+    would otherwise do it.
+    """
+    if _direct is not None:
+        _direct.flush()
+    sys.stderr.flush()
+
+
 def setup_logging(form: str = "text", level: str = "info", stream: TextIO | None = None) -> None:
     """Route the ``relay`` loggers to stream (stderr by default) in the chosen form."""
     global _direct
     handler = _EventHandler(stream or sys.stderr, form == "json")
     root = _relay_logger
     for old in list(root.handlers):
+        old.flush()
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())

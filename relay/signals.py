@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
 from types import FrameType
 from typing import Any
 
-from relay.log import log_event
+from relay.log import flush_log, log_event
 
 # Far longer than the few milliseconds between copies of one signal, and
 # shorter than an operator takes to press Ctrl-C a second time on purpose.
@@ -53,7 +52,7 @@ class StopRequests:
             return False
         if request == "second":
             log_event(logger, "exit_now", logging.WARNING, signal=name)
-            sys.stderr.flush()
+            flush_log()
             os._exit(1)
         log_event(logger, "stopping", signal=name, **fields)
         return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import orjson
 
 from conftest import REPO_ROOT
-from relay.log import log_event, setup_logging
+from relay.log import flush_log, log_event, setup_logging
 
 
 def test_import_without_extension_says_how_to_build(tmp_path: Path) -> None:
@@ -123,3 +124,77 @@ def test_sdist_carries_cython_sources(tmp_path: Path) -> None:
     sources = {Path(name).name for name in names if "/csrc/" in name}
     assert {"buffer.pyx", "parser.pyx", "reply.pyx", "stuffing.pyx"} <= sources
     assert not [name for name in names if name.endswith((".c", ".so"))]
+
+
+class CountingStream(io.StringIO):
+    """A text stream that counts its write calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_log_lines_of_one_loop_iteration_share_a_write() -> None:
+    stream = CountingStream()
+    setup_logging("text", "info", stream)
+    logger = logging.getLogger("relay.test")
+
+    async def log_three() -> str:
+        for number in range(3):
+            log_event(logger, "queued", queue_id=f"ID{number}")
+        written_before_next_iteration = stream.getvalue()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return written_before_next_iteration
+
+    before = asyncio.run(log_three())
+
+    assert before == ""
+    assert stream.writes == 1
+    assert [line.split()[-1] for line in stream.getvalue().splitlines()] == [
+        "queue_id=ID0", "queue_id=ID1", "queue_id=ID2",
+    ]
+
+
+def test_log_line_from_thread_follows_pending_lines() -> None:
+    stream = CountingStream()
+    setup_logging("text", "info", stream)
+    logger = logging.getLogger("relay.test")
+
+    async def log_from_loop_then_thread() -> None:
+        log_event(logger, "queued", queue_id="FIRST")
+        # A thread without a loop writes at once, after what the loop collected.
+        await asyncio.to_thread(log_event, logger, "committed", queue_id="SECOND")
+
+    asyncio.run(log_from_loop_then_thread())
+
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("queue_id=FIRST")
+    assert lines[1].endswith("queue_id=SECOND")
+
+
+def test_flush_log_writes_collected_lines() -> None:
+    stream = CountingStream()
+    setup_logging("text", "info", stream)
+    logger = logging.getLogger("relay.test")
+    loop = asyncio.new_event_loop()
+
+    async def log_and_stop() -> None:
+        log_event(logger, "stopping", signal="SIGTERM")
+        loop.stop()
+
+    # The loop stops before the scheduled write runs, like a process that
+    # ends right after logging; flush_log must still write the line.
+    loop.create_task(log_and_stop())
+    loop.run_forever()
+    written_after_stop = stream.getvalue()
+    flush_log()
+    loop.close()
+
+    assert written_after_stop == ""
+    assert stream.getvalue().rstrip().endswith("signal=SIGTERM")

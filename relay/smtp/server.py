@@ -34,7 +34,6 @@ import os
 import signal
 import socket
 import ssl
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from relay.admin import Monitoring
 from relay.config import Config, ListenerConfig
 from relay.delivery import Scheduler
 from relay.delivery.process import DeliveryProcess, WakeChannel
-from relay.log import log_event
+from relay.log import flush_log, log_event
 from relay.reload import log_reload, reload_config
 from relay.signals import EarlyStop, StopRequests
 from relay.smtp import replies
@@ -559,7 +558,7 @@ def _supervise(config: Config, event_loop: str, workers: int) -> int:
                     wake.close_read_end()
                 status = run_worker(config, event_loop=event_loop, workers=workers, index=index, wake=wake)
             finally:
-                sys.stderr.flush()
+                flush_log()
                 os._exit(status)
         children[pid] = index
     if wake is not None:
@@ -570,7 +569,7 @@ def _supervise(config: Config, event_loop: str, workers: int) -> int:
                 wake.close_write_end()
                 status = run_delivery(config, event_loop=event_loop, index=workers, wake=wake)
             finally:
-                sys.stderr.flush()
+                flush_log()
                 os._exit(status)
         children[pid] = workers
         # The children hold their ends; the supervisor needs neither.
