@@ -935,3 +935,9 @@ def test_bdat_far_over_limit_closes() -> None:
         assert outcome.replies[-1].startswith("552 5.3.4")
         assert outcome.closed
         assert outcome.messages == []
+
+
+def test_catalog_wire_bytes_match_fresh_encoding() -> None:
+    for name, reply in replies.CATALOG.items():
+        fresh = replies.Reply(reply.code, reply.status, reply.lines)
+        assert reply.wire == fresh.encode(), name

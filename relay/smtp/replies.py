@@ -3,7 +3,7 @@
 A reply is a code (RFC 5321 section 4.2), an enhanced status code (RFC 3463,
 advertised as ENHANCEDSTATUSCODES per RFC 2034) and text.  Every 4xx and 5xx
 reply carries an enhanced code whose class digit matches the reply's first
-digit; ``tests/test_smtp_replies.py`` checks that for the whole catalog.  The
+digit; ``tests/test_smtp_session.py`` checks that for the whole catalog.  The
 greeting, EHLO/HELO replies, ``334`` challenges and ``354`` carry no enhanced
 code, as RFC 2034 section 3 exempts them.
 
@@ -14,7 +14,7 @@ NUL can reach a reply).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +24,8 @@ class Reply:
     code: int
     status: str
     lines: tuple[str, ...]
+    # The wire bytes, filled in once for catalog replies, which are sent again and again.
+    wire: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def text(self) -> str:
@@ -40,6 +42,8 @@ class Reply:
 
     def encode(self) -> bytes:
         """Return the reply as wire bytes, continuation lines marked with ``-``."""
+        if self.wire:
+            return self.wire
         prefix = f"{self.status} " if self.status else ""
         last = len(self.lines) - 1
         out = []
@@ -59,6 +63,7 @@ CATALOG: dict[str, Reply] = {}
 
 def _reply(name: str, code: int, status: str, *lines: str) -> Reply:
     reply = Reply(code, status, lines)
+    object.__setattr__(reply, "wire", reply.encode())
     CATALOG[name] = reply
     return reply
 
