@@ -54,9 +54,13 @@ class _Metric:
         self._lock = threading.Lock()
 
     def _key(self, labels: dict[str, str]) -> LabelValues:
-        if set(labels) != set(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {tuple(labels)}")
-        return tuple(str(labels[name]) for name in self.labelnames)
+        # Same length and every name present means the same set of names.
+        if len(labels) == len(self.labelnames):
+            try:
+                return tuple([str(labels[name]) for name in self.labelnames])
+            except KeyError:
+                pass
+        raise ValueError(f"{self.name} takes labels {self.labelnames}, got {tuple(labels)}")
 
 
 class Counter(_Metric):
