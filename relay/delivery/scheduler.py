@@ -325,7 +325,8 @@ class Scheduler:
             destination.workers -= 1
             if session is not None:
                 self._connections.release()
-                if route is not None and session.usable and not self._stopping:
+                # A session left with a pipelined job's commands (after an unexpected error) cannot be reused.
+                if route is not None and session.usable and session.pipelined is None and not self._stopping:
                     self.sessions.release(route, session)
                 else:
                     await session.close()
