@@ -554,4 +554,5 @@ def test_reply_timeout_after_longer_wait(mail_timeout: float) -> None:
 
     reply, elapsed = asyncio.run(main())
     assert reply == "451 4.4.2 timed out waiting for a reply from mx.example.net[127.0.0.1]:" + reply.rsplit(":", 1)[1]
-    assert mail_timeout <= elapsed < mail_timeout + 0.5
+    # The upper bound leaves room for a loaded test machine; a timer left at the 5 s deadline would fail it.
+    assert mail_timeout <= elapsed < mail_timeout + 2
