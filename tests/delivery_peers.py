@@ -150,7 +150,21 @@ class RecordingHandler:
     active: int = 0
     max_active: int = 0
     data_reply: str = "250 2.0.0 OK"
+    pipelining: bool = False  # offer PIPELINING in the EHLO reply
+    drop_after: set[str] = field(default_factory=set)  # close without a reply after the data for these recipients
+    dropped: list[Received] = field(default_factory=list)  # messages whose end of data got no reply
+    # Ends of data after which the client's next command had already arrived before the reply.
+    commands_pipelined_after_data: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        # aiosmtpd passes every line of its reply, the last one ("250 HELP") included.
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -162,19 +176,26 @@ class RecordingHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        if self.data_reply.startswith("250"):
-            with self.lock:
-                self.messages.append(
-                    Received(
-                        sender=str(envelope.mail_from),
-                        recipients=list(envelope.rcpt_tos),
-                        data=bytes(envelope.original_content or b""),
-                        mail_options=list(envelope.mail_options),
-                        rcpt_options=list(envelope.rcpt_options),
-                        tls=session.ssl is not None,
-                        peer=session.peer,
-                    )
-                )
+        received = Received(
+            sender=str(envelope.mail_from),
+            recipients=list(envelope.rcpt_tos),
+            data=bytes(envelope.original_content or b""),
+            mail_options=list(envelope.mail_options),
+            rcpt_options=list(envelope.rcpt_options),
+            tls=session.ssl is not None,
+            peer=session.peer,
+        )
+        with self.lock:
+            # Bytes already read past the end of data are the client's next commands.
+            if server._reader is not None and server._reader._buffer:  # type: ignore[attr-defined]
+                self.commands_pipelined_after_data += 1
+            if self.drop_after.intersection(received.recipients):
+                self.dropped.append(received)
+                # abort, not close: a closing asyncio transport still sends the reply written after it.
+                server.transport.abort()
+                return "250 2.0.0 OK (never sent: the connection is aborted)"
+            if self.data_reply.startswith("250"):
+                self.messages.append(received)
         return self.data_reply
 
 

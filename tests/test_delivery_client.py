@@ -223,12 +223,12 @@ def test_broken_opportunistic_tls_retried_in_plaintext() -> None:
 
 
 class CountingWrites:
-    """Wraps a session's stream writer and counts its write calls."""
+    """Wraps a session's write method and counts its calls."""
 
     def __init__(self, session: SMTPSession) -> None:
         self.writes = 0
-        self._write = session._writer.write
-        session._writer.write = self._count  # type: ignore[method-assign]
+        self._write = session._write
+        session._write = self._count  # type: ignore[method-assign]
 
     def _count(self, data: bytes) -> None:
         self.writes += 1
@@ -389,3 +389,170 @@ def test_smtp_sink_gets_data_not_bdat() -> None:
         uses_chunking, results = asyncio.run(main())
     assert not uses_chunking
     assert [r.outcome for r in results] == [Outcome.DELIVERED, Outcome.DELIVERED]  # type: ignore[attr-defined]
+
+
+EHLO_PIPELINING = b"250-mx.example.net\r\n250 PIPELINING\r\n"
+
+
+def test_next_transaction_pipelined_after_body() -> None:
+    server = ScriptedServer({"EHLO": EHLO_PIPELINING})
+    first = message("a@example.net")
+    second = message("b@example.net", body=b"Subject: two\r\n\r\n.dot\r\n")
+
+    async def send(session: SMTPSession) -> tuple[object, object, object, int]:
+        first_results = await session.send(first, second)
+        pipelined = session.pipelined
+        counter = CountingWrites(session)
+        second_results = await session.send(second)
+        return first_results, pipelined, second_results, counter.writes
+
+    first_results, pipelined, second_results, writes = run_session(server, send)  # type: ignore[misc]
+    assert [r.outcome for r in first_results] == [Outcome.DELIVERED]
+    assert pipelined is second
+    assert [r.outcome for r in second_results] == [Outcome.DELIVERED]
+    # The second message's MAIL, RCPT and DATA went with the first body, so only its body was left to write.
+    assert writes == 1
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA", "QUIT"]
+    assert server.data == b"Subject: t\r\n\r\nx\r\n.\r\nSubject: two\r\n\r\n..dot\r\n.\r\n"
+
+
+def test_pipelined_transaction_rcpt_rejected() -> None:
+    server = ScriptedServer({
+        "EHLO": EHLO_PIPELINING,
+        "RCPT": [b"250 ok\r\n", b"250 ok\r\n", b"550 5.1.1 no such user\r\n"],
+    })
+
+    async def send(session: SMTPSession) -> tuple[object, object]:
+        second = message("b@example.net", "c@example.net")
+        first_results = await session.send(message("a@example.net"), second)
+        return first_results, await session.send(second)
+
+    first_results, second_results = run_session(server, send)  # type: ignore[misc]
+    assert [r.outcome for r in first_results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+    assert [r.outcome for r in second_results] == [Outcome.DELIVERED, Outcome.FAILED]  # type: ignore[attr-defined]
+    assert second_results[1].reply == "550 5.1.1 no such user"  # type: ignore[index]
+
+
+def test_pipelined_transaction_every_rcpt_rejected() -> None:
+    server = ScriptedServer({
+        "EHLO": EHLO_PIPELINING,
+        "RCPT": [b"250 ok\r\n", b"450 4.2.1 try later\r\n", b"250 ok\r\n"],
+        "DATA": [b"354 go\r\n", b"554 5.5.1 no valid recipients\r\n", b"354 go\r\n"],
+    })
+    third = message("c@example.net")
+
+    async def send(session: SMTPSession) -> tuple[object, object, object]:
+        second = message("b@example.net")
+        first_results = await session.send(message("a@example.net"), second)
+        second_results = await session.send(second, third)
+        return first_results, second_results, await session.send(third)
+
+    first_results, second_results, third_results = run_session(server, send)  # type: ignore[misc]
+    assert [r.outcome for r in first_results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+    assert [r.outcome for r in second_results] == [Outcome.DEFERRED]  # type: ignore[attr-defined]
+    assert second_results[0].reply == "450 4.2.1 try later"  # type: ignore[index]
+    # No body went out for the second message, so the third was sent on its own after RSET.
+    assert [r.outcome for r in third_results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA", "RSET",
+                              "MAIL", "RCPT", "DATA", "QUIT"]
+
+
+def test_drop_after_data_with_pipelined_next() -> None:
+    server = ScriptedServer({"EHLO": EHLO_PIPELINING, ".": b""})
+
+    async def send(session: SMTPSession) -> tuple[str, bool]:
+        try:
+            await session.send(message("a@example.net"), message("b@example.net"))
+        except SessionError as exc:
+            return exc.reply, session.usable
+        raise AssertionError("send returned after the connection was dropped")
+
+    reply, usable = run_session(server, send)  # type: ignore[misc]
+    assert reply.startswith("451 4.4.2 ")
+    assert not usable
+
+
+def test_drop_after_pipelined_mail() -> None:
+    server = ScriptedServer({"EHLO": EHLO_PIPELINING, "MAIL": [b"250 ok\r\n", b""]})
+
+    async def send(session: SMTPSession) -> tuple[object, str]:
+        second = message("b@example.net")
+        first_results = await session.send(message("a@example.net"), second)
+        try:
+            await session.send(second)
+        except SessionError as exc:
+            return first_results, exc.reply
+        raise AssertionError("send returned after the connection was dropped")
+
+    first_results, reply = run_session(server, send)  # type: ignore[misc]
+    assert [r.outcome for r in first_results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+    assert reply == "451 4.4.2 connection closed by mx.example.net[127.0.0.1]:" + reply.rsplit(":", 1)[1]
+
+
+def test_send_rejects_unpipelined_message() -> None:
+    server = ScriptedServer({"EHLO": EHLO_PIPELINING})
+
+    async def send(session: SMTPSession) -> str:
+        await session.send(message("a@example.net"), message("b@example.net"))
+        try:
+            await session.send(message("c@example.net"))
+        except ValueError as exc:
+            return str(exc)
+        raise AssertionError("send accepted a message other than the pipelined one")
+
+    assert "pipelined" in run_session(server, send)  # type: ignore[operator]
+
+
+def test_no_pipelined_next_without_pipelining() -> None:
+    server = ScriptedServer({})
+    second = message("b@example.net")
+
+    async def send(session: SMTPSession) -> object:
+        await session.send(message("a@example.net"), second)
+        return session.pipelined
+
+    assert run_session(server, send) is None
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
+
+
+class SilentAfterEhlo:
+    """A next hop that sends its greeting and replies to EHLO, then reads commands and never replies."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx.example.net ESMTP\r\n")
+        await reader.readline()
+        writer.write(EHLO_PIPELINING)
+        try:
+            while await reader.read(4096):
+                pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("mail_timeout", [0.3, 0.6])
+def test_reply_timeout_after_longer_wait(mail_timeout: float) -> None:
+    # The greeting and EHLO waits run with a 5 s deadline, so the MAIL wait must time out sooner.
+    options = dataclasses.replace(OPTIONS, timeouts=Timeouts(greeting=5, helo=5, mail=mail_timeout, rset=0.2))
+    server = SilentAfterEhlo()
+
+    async def main() -> tuple[str, float]:
+        port = free_port()
+        listener = await asyncio.start_server(server.handle, "127.0.0.1", port)
+        loop = asyncio.get_running_loop()
+        try:
+            session = await SMTPSession.open("mx.example.net", "127.0.0.1", port, options)
+            started = loop.time()
+            try:
+                await session.send(message("a@example.net"))
+            except SessionError as exc:
+                return exc.reply, loop.time() - started
+            finally:
+                await session.close()
+            raise AssertionError("send returned without a reply")
+        finally:
+            listener.close()
+
+    reply, elapsed = asyncio.run(main())
+    assert reply == "451 4.4.2 timed out waiting for a reply from mx.example.net[127.0.0.1]:" + reply.rsplit(":", 1)[1]
+    # The upper bound leaves room for a loaded test machine; a timer left at the 5 s deadline would fail it.
+    assert mail_timeout <= elapsed < mail_timeout + 2

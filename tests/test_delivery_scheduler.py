@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email
 import mailbox
 import socket
@@ -417,3 +418,40 @@ def test_start_releases_only_dead_owners_leases(tmp_path: Path, nameserver: Name
     finally:
         live.kill()
         live.wait()
+
+
+def test_pipelined_transactions_keep_results_exact(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any
+) -> None:
+    port = free_port("127.0.0.7")
+    relayhost = f'relayhost = "[127.0.0.7]:{port}"\nrelayhost_tls = "none"\ndestination_concurrency_limit = 1'
+    config = make_config(tmp_path, nameserver, port, delivery=relayhost)
+    # A long backoff, so a recipient deferred by mistake stays deferred for the rest of the test.
+    config = dataclasses.replace(
+        config, delivery=dataclasses.replace(config.delivery, minimal_backoff_time=600, maximal_backoff_time=600)
+    )
+    spool = spool_for(config)
+    order = ["ok0", "reject", "ok1", "drop", "ok2", "ok3"]
+    handler = RecordingHandler(
+        refuse={"reject@example.org": "550 5.1.1 no such user"}, pipelining=True, drop_after={"drop@example.org"}
+    )
+    with run_upstream("127.0.0.7", port, handler):
+        for name in order:
+            commit(spool, "", [f"{name}@example.org"])
+        expected = ["ok0@example.org", "ok1@example.org", "ok2@example.org", "ok3@example.org"]
+
+        def settled() -> bool:
+            return len(handler.messages) >= len(expected) and spool_counts(config) == {"deferred": 1}
+
+        assert run_until(config, spool, settled), (spool_counts(config), handler.connections)
+    assert sorted(r for m in handler.messages for r in m.recipients) == expected
+    assert [m.recipients for m in handler.dropped] == [["drop@example.org"]]
+    # The message after the drop had only its envelope on the lost connection, so it went over a second one.
+    assert handler.connections == 2
+    assert handler.commands_pipelined_after_data >= 1
+    store = SpoolStore(config.spool.path)
+    try:
+        [message] = list(store.messages(store.queue_ids()))
+    finally:
+        store.close()
+    assert [r.address for r in message.recipients] == ["drop@example.org"]

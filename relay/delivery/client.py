@@ -11,10 +11,19 @@ Replies are parsed by the compiled ``ReplyParser``; a malformed reply ends the
 session as a temporary failure (``451 4.5.0``).  When the next hop offers
 CHUNKING, the body goes in one ``BDAT <size> LAST`` chunk of the exact spooled
 bytes, and when it offers PIPELINING too, MAIL, RCPT, BDAT and the body share
-one write.  Otherwise DATA sends the body dot-stuffed by the compiled encoder.
+one write.  Otherwise DATA sends the body dot-stuffed by the compiled encoder,
+and with PIPELINING the MAIL, RCPT and DATA commands of the session's next
+message go in the write that ends the body (RFC 2920 section 3.1 lets message
+content start a group), so a reused connection costs one write and one read
+per message.
 No command is written with CR, LF or NUL inside an argument: such a recipient
 fails with ``5.1.3`` (``5.1.7`` for the sender), and xtext values are decoded
 and encoded again.
+
+The connection is an ``asyncio.Protocol`` that feeds received bytes straight
+to the parser.  Each wait for a reply or for the send buffer to drain has its
+own deadline (RFC 5321 section 4.5.3.2), and one timer per session, moved only
+when a deadline comes earlier than the time it is set for, enforces it.
 
 Session-level problems (connection refused or dropped, a non-220 greeting,
 ``421`` at any point, a timeout, a TLS failure) raise ``SessionError``; its
@@ -33,6 +42,7 @@ import logging
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from relay._errors import SMTPError
 from relay._reply import Reply, ReplyParser, parse_ehlo
@@ -155,12 +165,69 @@ class SessionOptions:
     chunking: bool = True
 
 
+class _Connection(asyncio.Protocol):
+    """The transport's protocol: feeds received bytes to the reply parser and wakes the waiting session."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = ReplyParser()
+        self.eof = False  # True once the server closed its side or the connection was lost
+        self.lost = False  # True once connection_lost was called
+        self.error: Exception | None = None  # the error that ended the connection, if any
+        self.paused = False  # True while the send buffer is over its high-water mark
+        self.waiter: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed(data)
+        self.wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.wake()
+        # Keep a plain TCP connection half-open so what is already written still
+        # goes out, as asyncio streams do.  TLS transports cannot stay half-open.
+        assert self.transport is not None
+        return self.transport.get_extra_info("sslcontext") is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.lost = True
+        self.error = exc
+        self.paused = False
+        self.wake()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+@dataclass(slots=True)
+class _Transaction:
+    """A message ready to send: its commands, the recipients to send, and results decided before MAIL."""
+
+    message: OutboundMessage
+    mail_command: str
+    rcpt_commands: list[str]
+    sendable: list[OutboundRecipient]
+    results: dict[int, RecipientResult]
+
+
 class SMTPSession:
     """One open connection to a next hop, ready for transactions after ``open``."""
 
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, address: str, port: int
-    ) -> None:
+    def __init__(self, connection: _Connection, host: str, address: str, port: int) -> None:
         self.host = host
         self.address = address
         self.port = port
@@ -168,13 +235,20 @@ class SMTPSession:
         self.tls_active = False
         self.usable = True
         self.transactions = 0
-        self._reader = reader
-        self._writer = writer
-        self._parser = ReplyParser()
+        self._connection = connection
+        assert connection.transport is not None
+        self._transport = connection.transport
+        self._loop = asyncio.get_running_loop()
         self._timeouts = Timeouts()
         self._chunking = True
         # The reply to a pipelined DATA, read with the RCPT replies.
         self._data_reply: Reply | None = None
+        # The next message, whose MAIL, RCPT and DATA went out after the last body.
+        self._pipelined: _Transaction | None = None
+        # The deadline of the current wait, and the one timer that enforces it.
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
 
     @property
     def peer(self) -> str:
@@ -192,10 +266,11 @@ class SMTPSession:
         """
         implicit = port == IMPLICIT_TLS_PORT and options.tls != "none"
         context = tls_context(options.tls, options.ca_file) if implicit else None
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(options.timeouts.connect):
-                reader, writer = await asyncio.open_connection(
-                    address, port, ssl=context, server_hostname=host if context else None
+                _, connection = await loop.create_connection(
+                    _Connection, address, port, ssl=context, server_hostname=host if context else None
                 )
         except TimeoutError:
             raise SessionError(f"451 4.4.1 connect to {host}[{address}]:{port} timed out") from None
@@ -205,7 +280,7 @@ class SMTPSession:
             reason = exc.strerror or type(exc).__name__
             raise SessionError(f"451 4.4.1 connect to {host}[{address}]:{port} failed: {reason}") from None
 
-        session = cls(reader, writer, host, address, port)
+        session = cls(connection, host, address, port)
         session._timeouts = options.timeouts
         session._chunking = options.chunking
         session.tls_active = implicit
@@ -254,19 +329,25 @@ class SMTPSession:
             # Opportunistic: the session goes on in plaintext on this connection.
             log_event(logger, "tls_skipped", logging.WARNING, relay=self.peer, reply=reply_text(reply))
             return
-        if self._parser.buffered:
+        if self._connection.parser.buffered:
             # Bytes after the 220 were sent before the handshake; honouring them
             # would let a man in the middle inject replies (CVE-2011-0411's kind).
             raise SessionError(f"451 4.7.0 {self.peer} sent data after its STARTTLS reply", tls_failed=True)
         context = tls_context(options.tls, options.ca_file)
         try:
             async with asyncio.timeout(self._timeouts.helo):
-                await self._writer.start_tls(context, server_hostname=self.host)
+                transport = await self._loop.start_tls(
+                    self._transport, self._connection, context, server_hostname=self.host
+                )
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
             raise SessionError(f"451 4.7.5 TLS handshake with {self.peer} failed: {reason}", tls_failed=True) from None
+        if transport is None:
+            raise SessionError(f"451 4.7.5 TLS handshake with {self.peer} failed: connection closed", tls_failed=True)
+        self._transport = transport
+        self._connection.transport = transport
         self.tls_active = True
-        self._parser = ReplyParser()
+        self._connection.parser = ReplyParser()
         await self._ehlo(options.helo_name)
 
     async def _authenticate(self, username: str, password: str) -> None:
@@ -289,15 +370,64 @@ class SMTPSession:
             await self._quit_quietly()
             raise SessionError(f"451 4.7.8 AUTH with {self.peer} failed: {reply_text(reply)}")
 
-    async def send(self, message: OutboundMessage) -> list[RecipientResult]:
+    async def send(
+        self, message: OutboundMessage, following: OutboundMessage | None = None
+    ) -> list[RecipientResult]:
         """Run one transaction and return a result for every recipient of ``message``.
 
-        Raises SessionError when the session fails; no recipient of the
-        message is then delivered and the session is unusable.
+        ``following`` is the message this session sends next, if the caller
+        has one.  When the message goes with DATA and the next hop offers
+        PIPELINING, the MAIL, RCPT and DATA commands of ``following`` are
+        written together with the end of this message's body, and the next
+        call must then send ``following`` (``pipelined`` names it).  No part
+        of its body is sent before that call.
+
+        Raises SessionError when the session fails.  No recipient of
+        ``message`` is then delivered, the session is unusable, and
+        ``following`` was not delivered either, so it can go over another
+        session.  Raises ValueError when another message's commands were
+        pipelined.
         """
         if not self.usable:
             raise SessionError("451 4.4.2 session already closed")
         self.transactions += 1
+        transaction = self._pipelined
+        pipelined = transaction is not None
+        if transaction is not None:
+            if transaction.message is not message:
+                pipelined_id = transaction.message.queue_id
+                raise ValueError(f"the commands of {pipelined_id} were pipelined, not those of {message.queue_id}")
+            self._pipelined = None
+        else:
+            prepared = self._prepare(message)
+            if isinstance(prepared, list):
+                return prepared
+            transaction = prepared
+
+        results = transaction.results
+        try:
+            if self.uses_chunking:
+                await self._send_with_bdat(
+                    message.body, transaction.mail_command, transaction.rcpt_commands, transaction.sendable, results
+                )
+            else:
+                accepted = await self._envelope(transaction, written=pipelined)
+                if accepted:
+                    await self._data(message.body, accepted, results, following)
+                else:
+                    await self._reset()
+        except SessionError:
+            self.abort()
+            raise
+        return [results[r.index] for r in message.recipients]
+
+    @property
+    def pipelined(self) -> OutboundMessage | None:
+        """The message whose MAIL, RCPT and DATA commands went out with the last body, or None."""
+        return self._pipelined.message if self._pipelined is not None else None
+
+    def _prepare(self, message: OutboundMessage) -> _Transaction | list[RecipientResult]:
+        """Build the commands of a transaction, or return the results when no recipient can be sent."""
         refused = self._check_message(message)
         if refused is not None:
             return [RecipientResult(r.index, Outcome.FAILED, refused) for r in message.recipients]
@@ -315,19 +445,12 @@ class SMTPSession:
 
         mail_command = self._mail_command(message)
         rcpt_commands = [self._rcpt_command(recipient) for recipient in sendable]
-        try:
-            if self.uses_chunking:
-                await self._send_with_bdat(message.body, mail_command, rcpt_commands, sendable, results)
-            else:
-                accepted = await self._envelope(mail_command, rcpt_commands, sendable, results)
-                if accepted:
-                    await self._data(message.body, accepted, results)
-                else:
-                    await self._reset()
-        except SessionError:
-            self.abort()
-            raise
-        return [results[r.index] for r in message.recipients]
+        return _Transaction(message, mail_command, rcpt_commands, sendable, results)
+
+    @property
+    def pipelines_transactions(self) -> bool:
+        """Whether ``send`` can write the next message's commands with the end of a body."""
+        return "PIPELINING" in self.capabilities and not self.uses_chunking
 
     @property
     def uses_chunking(self) -> bool:
@@ -378,30 +501,26 @@ class SMTPSession:
                 parts.append(f"ORCPT={orcpt}")
         return " ".join(parts)
 
-    async def _envelope(
-        self,
-        mail_command: str,
-        rcpt_commands: list[str],
-        recipients: list[OutboundRecipient],
-        results: dict[int, RecipientResult],
-    ) -> list[OutboundRecipient]:
+    async def _envelope(self, transaction: _Transaction, written: bool) -> list[OutboundRecipient]:
         """Send MAIL and RCPT (and DATA when pipelining); return the recipients RCPT accepted.
 
         With PIPELINING the DATA command goes in the same write (RFC 2920
         section 3.1 lets DATA end a group); ``self._data_reply`` then holds
-        its reply.
+        its reply.  ``written`` means those commands already went out with
+        the previous message's body, so only their replies are read.
         """
-        pipelining = "PIPELINING" in self.capabilities
+        rcpt_commands = transaction.rcpt_commands
         self._data_reply = None
-        if pipelining:
-            self._write_lines([mail_command, *rcpt_commands, "DATA"])
+        if written or "PIPELINING" in self.capabilities:
+            if not written:
+                self._write_lines([transaction.mail_command, *rcpt_commands, "DATA"])
             mail_reply = await self._read_checked(self._timeouts.mail)
             rcpt_replies = [await self._read_checked(self._timeouts.rcpt) for _ in rcpt_commands]
             self._data_reply = await self._read_checked(self._timeouts.data_init)
         else:
-            mail_reply, rcpt_replies = await self._envelope_in_turn(mail_command, rcpt_commands)
+            mail_reply, rcpt_replies = await self._envelope_in_turn(transaction.mail_command, rcpt_commands)
 
-        accepted = self._record_envelope(mail_reply, rcpt_replies, recipients, results)
+        accepted = self._record_envelope(mail_reply, rcpt_replies, transaction.sendable, transaction.results)
         if not accepted and self._data_reply is not None and self._data_reply.code == 354:
             await self._finish_empty_data()
         return accepted
@@ -426,7 +545,11 @@ class SMTPSession:
         self._data_reply = None
 
     async def _data(
-        self, body: bytes, accepted: list[OutboundRecipient], results: dict[int, RecipientResult]
+        self,
+        body: bytes,
+        accepted: list[OutboundRecipient],
+        results: dict[int, RecipientResult],
+        following: OutboundMessage | None,
     ) -> None:
         data_reply = self._data_reply
         if data_reply is None:
@@ -438,11 +561,33 @@ class SMTPSession:
             return
 
         encoded = dot_stuff(body)
+        next_commands = self._pipeline_next(following)
         for start in range(0, len(encoded), DATA_CHUNK):
-            self._writer.write(encoded[start : start + DATA_CHUNK])
+            chunk = encoded[start : start + DATA_CHUNK]
+            if start + DATA_CHUNK >= len(encoded):
+                chunk += next_commands
+            self._write(chunk)
             await self._drain(self._timeouts.data_block)
         final = await self._read_checked(self._timeouts.data_done)
         self._decide(accepted, final, results)
+
+    def _pipeline_next(self, following: OutboundMessage | None) -> bytes:
+        """Return the MAIL, RCPT and DATA lines of ``following`` to send after the end of data, or b"".
+
+        RFC 2920 section 3.1 allows message content as the first command of a
+        group, so the next transaction's envelope may follow the end of data
+        before its reply.  The server replies to that end of data first, and
+        whatever that reply is, the next MAIL starts a new transaction.
+        """
+        if following is None or "PIPELINING" not in self.capabilities:
+            return b""
+        prepared = self._prepare(following)
+        if isinstance(prepared, list):
+            # Nothing of it can be sent; its ``send`` returns these results without a command.
+            return b""
+        self._pipelined = prepared
+        lines = [prepared.mail_command, *prepared.rcpt_commands, "DATA"]
+        return "".join(f"{line}\r\n" for line in lines).encode("utf-8")
 
     async def _send_with_bdat(
         self,
@@ -512,10 +657,10 @@ class SMTPSession:
         view = memoryview(body)
         # The command and the first part of the body share one write (and so
         # usually one send on the socket).
-        self._writer.write(command + view[:DATA_CHUNK])
+        self._write(command + view[:DATA_CHUNK])
         await self._drain(self._timeouts.data_block)
         for start in range(DATA_CHUNK, len(body), DATA_CHUNK):
-            self._writer.write(view[start : start + DATA_CHUNK])
+            self._write(view[start : start + DATA_CHUNK])
             await self._drain(self._timeouts.data_block)
 
     def _decide(
@@ -537,14 +682,19 @@ class SMTPSession:
 
     async def close(self) -> None:
         """Send QUIT and close; errors on the way out are ignored."""
-        if self.usable:
+        if self.usable and self._pipelined is None:
             await self._quit_quietly()
+        # A pipelined DATA may have put the server into the message text, where QUIT is not a command.
         self.abort()
 
     def abort(self) -> None:
         """Close the connection at once, without QUIT."""
         self.usable = False
-        self._writer.close()
+        self._pipelined = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport.close()
 
     async def _quit_quietly(self) -> None:
         try:
@@ -559,16 +709,26 @@ class SMTPSession:
         return await self._read_reply(timeout)
 
     def _write_lines(self, lines: Sequence[str]) -> None:
-        self._writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8"))
+        self._write("".join(f"{line}\r\n" for line in lines).encode("utf-8"))
+
+    def _write(self, data: bytes | memoryview) -> None:
+        if self._connection.lost or self._transport.is_closing():
+            self.usable = False
+            raise SessionError(f"451 4.4.2 connection to {self.peer} lost while sending")
+        self._transport.write(data)
 
     async def _drain(self, timeout: float) -> None:
-        try:
-            async with asyncio.timeout(timeout):
-                await self._writer.drain()
-        except TimeoutError:
-            raise SessionError(f"451 4.4.2 timed out sending to {self.peer}") from None
-        except (OSError, ConnectionError):
-            raise SessionError(f"451 4.4.2 connection to {self.peer} lost while sending") from None
+        """Wait until the send buffer is below its high-water mark, at most ``timeout`` seconds."""
+        connection = self._connection
+        if not connection.paused and not connection.lost:
+            return
+        deadline = self._loop.time() + timeout
+        while connection.paused:
+            if self._loop.time() >= deadline:
+                raise SessionError(f"451 4.4.2 timed out sending to {self.peer}")
+            await self._wait(deadline)
+        if connection.lost:
+            raise SessionError(f"451 4.4.2 connection to {self.peer} lost while sending")
 
     async def _read_checked(self, timeout: float) -> Reply:
         reply = await self._read_reply(timeout)
@@ -576,27 +736,57 @@ class SMTPSession:
         return reply
 
     async def _read_reply(self, timeout: float) -> Reply:
+        """Return the next reply, waiting at most ``timeout`` seconds for the rest of it to arrive."""
+        connection = self._connection
+        deadline: float | None = None
+        while True:
+            try:
+                reply = connection.parser.next_reply()
+            except SMTPError:
+                self.usable = False
+                raise SessionError(f"451 4.5.0 malformed reply from {self.peer}") from None
+            if reply is not None:
+                return reply
+            if connection.eof:
+                self.usable = False
+                if connection.error is not None:
+                    raise SessionError(f"451 4.4.2 connection to {self.peer} lost: {connection.error}")
+                raise SessionError(f"451 4.4.2 connection closed by {self.peer}")
+            if deadline is None:
+                deadline = self._loop.time() + timeout
+            elif self._loop.time() >= deadline:
+                self.usable = False
+                raise SessionError(f"451 4.4.2 timed out waiting for a reply from {self.peer}")
+            await self._wait(deadline)
+
+    async def _wait(self, deadline: float) -> None:
+        """Wait until the connection receives bytes, closes or drains, or until ``deadline`` (loop time)."""
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or self._timer_when > deadline:
+            # A timer set for later would fire late; a timer set for earlier
+            # moves itself on to the deadline when it fires.
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_when = deadline
+        waiter = self._loop.create_future()
+        self._connection.waiter = waiter
         try:
-            async with asyncio.timeout(timeout):
-                await self._writer.drain()
-                while True:
-                    reply = self._parser.next_reply()
-                    if reply is not None:
-                        return reply
-                    data = await self._reader.read(65536)
-                    if not data:
-                        self.usable = False
-                        raise SessionError(f"451 4.4.2 connection closed by {self.peer}")
-                    self._parser.feed(data)
-        except SMTPError:
-            self.usable = False
-            raise SessionError(f"451 4.5.0 malformed reply from {self.peer}") from None
-        except TimeoutError:
-            self.usable = False
-            raise SessionError(f"451 4.4.2 timed out waiting for a reply from {self.peer}") from None
-        except (OSError, ConnectionError) as exc:
-            self.usable = False
-            raise SessionError(f"451 4.4.2 connection to {self.peer} lost: {exc}") from None
+            await waiter
+        finally:
+            self._connection.waiter = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter = self._connection.waiter
+        if waiter is None or waiter.done():
+            return  # nothing waits; the next wait sets the timer again
+        if self._loop.time() >= self._deadline:
+            waiter.set_result(None)
+            return
+        self._timer = self._loop.call_at(self._deadline, self._on_timer)
+        self._timer_when = self._deadline
 
 
 def _raise_on_421(reply: Reply) -> None:

@@ -11,7 +11,9 @@ at most ``recipients_per_transaction`` (50, Postfix's
 destination runs at most ``destination_concurrency_limit`` (20) workers and
 all destinations together at most ``connection_limit`` (100) sessions.  A
 worker sends job after job over one session and parks the session for the
-next worker when its queue is empty.
+next worker when its queue is empty.  While it sends a job it takes the next
+one of the same route, so the client can pipeline that job's commands after
+the body (``SMTPSession.send``).
 
 Retries: a deferred recipient waits ``minimal_backoff_time`` (300 s) times
 two to the number of earlier attempts, capped at ``maximal_backoff_time``
@@ -291,9 +293,15 @@ class Scheduler:
     async def _worker(self, name: str, destination: _Destination) -> None:
         session: SMTPSession | None = None
         route: Route | None = None
+        # A job taken with the previous one, and its message when already loaded.
+        carried: tuple[Job, OutboundMessage | None] | None = None
         try:
-            while destination.queue and not self._stopping:
-                job = destination.queue.popleft()
+            while carried is not None or (destination.queue and not self._stopping):
+                if carried is not None:
+                    job, message = carried
+                    carried = None
+                else:
+                    job, message = destination.queue.popleft(), None
                 try:
                     if job.route.kind == LOCAL:
                         await self._deliver_local(job)
@@ -308,7 +316,7 @@ class Scheduler:
                         if session is None:
                             continue
                         route = job.route
-                    await self._send(session, job)
+                    carried = await self._send(session, job, message, destination)
                 finally:
                     self._jobs_in_memory -= 1
         except Exception:
@@ -317,7 +325,8 @@ class Scheduler:
             destination.workers -= 1
             if session is not None:
                 self._connections.release()
-                if route is not None and session.usable and not self._stopping:
+                # A session left with a pipelined job's commands (after an unexpected error) cannot be reused.
+                if route is not None and session.usable and session.pipelined is None and not self._stopping:
                     self.sessions.release(route, session)
                 else:
                     await session.close()
@@ -368,13 +377,63 @@ class Scheduler:
             finally:
                 self._jobs_in_memory -= 1
 
-    async def _send(self, session: SMTPSession, job: Job) -> None:
+    async def _send(
+        self, session: SMTPSession, job: Job, message: OutboundMessage | None, destination: _Destination
+    ) -> tuple[Job, OutboundMessage | None] | None:
+        """Deliver a job over ``session`` and record its results.
+
+        Returns the destination's next job when it was taken to go with this
+        one: its MAIL, RCPT and DATA commands may already be on the wire, so
+        the worker must send it next over the same session.  When the session
+        fails, that job goes back to the front of the queue instead.
+        """
+        if message is None:
+            message = await self._load_message(job)
+            if message is None:
+                return None
+        following = self._take_following(session, job, destination)
+        following_message: OutboundMessage | None = None
+        if following is not None:
+            following_message = await self._load_message(following)
+            if following_message is None:
+                self._jobs_in_memory -= 1
+                following = None
+
+        by_index = {r.index: r for r in job.recipients}
+        try:
+            results = await session.send(message, following_message)
+        except SessionError as exc:
+            await self._record(job, [(r, Outcome.DEFERRED, exc.reply) for r in job.recipients], session.peer)
+            if following is not None:
+                # Its body was never sent, so it waits in the queue for the next session like any other job.
+                destination.queue.appendleft(following)
+            return None
+        # The client passes NOTIFY on exactly when the next hop offers DSN.
+        await self._record(
+            job,
+            [(by_index[r.index], r.outcome, r.reply) for r in results],
+            session.peer,
+            next_hop_notifies="DSN" in session.capabilities,
+        )
+        return (following, following_message) if following is not None else None
+
+    def _take_following(self, session: SMTPSession, job: Job, destination: _Destination) -> Job | None:
+        """Take the destination's next job when the session can pipeline its commands after ``job``."""
+        if self._stopping or not destination.queue or not session.pipelines_transactions:
+            return None
+        following = destination.queue[0]
+        if following.route != job.route:
+            return None
+        return destination.queue.popleft()
+
+    async def _load_message(self, job: Job) -> OutboundMessage | None:
+        """Return the message a job sends, or None when it is no longer in the spool."""
         claim = job.claim
         try:
             body = await self.spool.load_body(claim.queue_id)
         except MessageNotFound:
-            return
-        message = OutboundMessage(
+            return None
+        return OutboundMessage(
             queue_id=claim.queue_id,
             sender=claim.envelope.sender,
             recipients=tuple(
@@ -385,19 +444,6 @@ class Scheduler:
             smtputf8=claim.envelope.smtputf8,
             ret=claim.envelope.ret,
             envid=claim.envelope.envid,
-        )
-        by_index = {r.index: r for r in job.recipients}
-        try:
-            results = await session.send(message)
-        except SessionError as exc:
-            await self._record(job, [(r, Outcome.DEFERRED, exc.reply) for r in job.recipients], session.peer)
-            return
-        # The client passes NOTIFY on exactly when the next hop offers DSN.
-        await self._record(
-            job,
-            [(by_index[r.index], r.outcome, r.reply) for r in results],
-            session.peer,
-            next_hop_notifies="DSN" in session.capabilities,
         )
 
     async def _deliver_local(self, job: Job) -> None:
