@@ -541,7 +541,7 @@ def test_history_lists_attempts(tmp_path: Path) -> None:
 def test_corrupt_body_moved_aside(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
     queue_id = run(spool.commit(make_envelope(), b"original body"))
     with sqlite3.connect(database_path(spool.directory)) as connection:
-        connection.execute("UPDATE body SET data = ? WHERE queue_id = ?", (b"damaged body!", queue_id))
+        connection.execute("UPDATE message SET body = ? WHERE queue_id = ?", (b"damaged body!", queue_id))
     with caplog.at_level(logging.ERROR, logger="relay.spool"), pytest.raises(CorruptRecord, match="CRC-32"):
         run(spool.load_body(queue_id))
     assert run(spool.load(queue_id)) is None

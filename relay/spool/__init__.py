@@ -208,8 +208,9 @@ class Spool:
         chosen earlier (from ``new_queue_id``); the returned ID is the one
         stored and differs only after a clash.  ``dsn_for`` marks, in the same
         transaction, the original recipients whose DSN this message is.
-        Raises SpoolError (reply ``452 4.3.1``) and ValueError for an envelope
-        without recipients.  Cancelling the await does not withdraw the message.
+        Raises SpoolError (reply ``452 4.3.1``), and ValueError for an envelope
+        without recipients or a ``queue_id`` that is not a queue ID.  Cancelling
+        the await does not withdraw the message.
         """
         pending = self._pending(envelope, body, queue_id, dsn_for)
         return await self._writer.commit_async(pending)
@@ -232,6 +233,8 @@ class Spool:
     ) -> PendingCommit:
         if not envelope.recipients:
             raise ValueError("a message needs at least one recipient")
+        if queue_id is not None and not is_queue_id(queue_id):
+            raise ValueError(f"invalid queue ID {queue_id!r}; use one from new_queue_id")
         arrival = time.time()
         return PendingCommit(
             envelope=envelope,
