@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from spool_helpers import LOOP_KINDS, make_body, make_envelope, run
 
+from relay.config import load_config
 from relay.spool import (
     CorruptRecord,
     DeliveryResult,
@@ -228,6 +229,57 @@ def test_claim_returns_due_recipients(spool: Spool) -> None:
     assert [r.index for r in claim.recipients] == [0, 1, 2]
     assert claim.envelope.sender == "sender@example.test"
     assert claim.lease_until > time.time()
+
+
+def test_claim_without_bodies_has_none(spool: Spool) -> None:
+    run(spool.commit(make_envelope(), b"small body"))
+    claims = run(spool.claim("scheduler-a"))
+    assert len(claims) == 1
+    assert claims[0].body is None
+
+
+def test_claim_returns_small_bodies(tmp_path: Path) -> None:
+    small = make_body("small", 1000)
+    large = make_body("large", 5000)
+    spool = Spool.open(tmp_path / "spool", claim_body_max_bytes=len(small))
+    try:
+        small_id = run(spool.commit(make_envelope(), small))
+        large_id = run(spool.commit(make_envelope(), large))
+        claims = {claim.queue_id: claim for claim in run(spool.claim("scheduler-a", bodies=True))}
+        assert set(claims) == {small_id, large_id}
+        assert claims[small_id].body == small
+        assert claims[large_id].body is None
+        assert run(spool.load_body(large_id)) == large
+    finally:
+        spool.close()
+
+
+def test_claim_body_limit_from_config(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('[spool]\npath = "spool"\nclaim_body_max_bytes = "2K"\n')
+    config = load_config(path)
+    assert config.spool.claim_body_max_bytes == 2048
+    spool = Spool.from_config(config.spool)
+    try:
+        fits = run(spool.commit(make_envelope(), make_body("fits", 2000)))
+        too_large = run(spool.commit(make_envelope(), make_body("too large", 3000)))
+        bodies = {claim.queue_id: claim.body for claim in run(spool.claim("scheduler-a", bodies=True))}
+    finally:
+        spool.close()
+    assert bodies[fits] == make_body("fits", 2000)
+    assert bodies[too_large] is None
+
+
+def test_claim_moves_corrupt_body_aside(spool: Spool) -> None:
+    broken = run(spool.commit(make_envelope(recipients=1), b"original"))
+    sound = run(spool.commit(make_envelope(recipients=1), b"sound"))
+    with sqlite3.connect(database_path(spool.directory)) as connection:
+        connection.execute("UPDATE message SET body = ? WHERE queue_id = ?", (b"damaged!", broken))
+    claims = run(spool.claim("scheduler-a", bodies=True))
+    assert [claim.queue_id for claim in claims] == [sound]
+    assert claims[0].body == b"sound"
+    assert (spool.directory / "corrupt" / f"{broken}.body").read_bytes() == b"damaged!"
+    assert run(spool.load(broken)) is None
 
 
 def test_only_lease_batches_skip_fsync(spool: Spool) -> None:

@@ -500,12 +500,23 @@ class SpoolStore:
         self.delete_if_done(request.queue_id)
 
     def claim(
-        self, owner: str, token: str, *, now: float, lease_time: float, limit: int, domain: str | None
+        self,
+        owner: str,
+        token: str,
+        *,
+        now: float,
+        lease_time: float,
+        limit: int,
+        domain: str | None,
+        body_max_bytes: int | None = None,
     ) -> list[Claim]:
         """Lease up to ``limit`` due recipients to ``token`` and return them by message.
 
         Due means queued or deferred, ``next_attempt <= now`` and no live lease.
-        Messages whose records cannot be decoded are moved aside, not returned.
+        With ``body_max_bytes`` each claim carries its message's body when the
+        body is at most that many octets.  Messages whose records cannot be
+        decoded, or whose body read for the claim fails its CRC-32, are moved
+        aside, not returned.
         """
         until = now + lease_time
         query = (
@@ -531,6 +542,9 @@ class SpoolStore:
         for queue_id, indexes in claimed.items():
             try:
                 message = self.load(queue_id)
+                body = None
+                if message is not None and body_max_bytes is not None and message.size <= body_max_bytes:
+                    body = self.load_body(queue_id)
             except CorruptRecord as exc:
                 self.move_aside(queue_id, str(exc))
                 continue
@@ -546,6 +560,7 @@ class SpoolStore:
                     recipients=recipients,
                     lease_token=token,
                     lease_until=until,
+                    body=body,
                 )
             )
         if claims:
