@@ -30,7 +30,7 @@ from relay.spool import (
     new_queue_id,
 )
 from relay.spool.ids import queue_id_time
-from relay.spool.store import SCHEMA_VERSION, database_path
+from relay.spool.store import SCHEMA_VERSION, PendingCommit, database_path
 
 
 @pytest.fixture
@@ -167,6 +167,35 @@ def test_clash_inside_one_batch(spool: Spool) -> None:
     assert chosen in ids
     bodies = {run(spool.load_body(queue_id)) for queue_id in ids}
     assert bodies == {f"body {n}".encode() for n in range(5)}
+
+
+def test_batch_over_parameter_limit(tmp_path: Path) -> None:
+    # 30 parameters fit two message rows (11 values each) per statement, so the
+    # batch is split into several statements inside a savepoint.
+    with SpoolStore(tmp_path / "spool") as store:
+        store.connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 30)
+        clash = new_queue_id()
+        with store.transaction():
+            store.insert_messages([PendingCommit(make_envelope(), b"first", time.time(), clash)])
+        batch = [
+            PendingCommit(make_envelope(), f"body {n}".encode(), time.time(), new_queue_id()) for n in range(5)
+        ]
+        with store.transaction():
+            ids = store.insert_messages(batch)
+        assert ids == [pending.queue_id for pending in batch]
+        clashing = [
+            PendingCommit(make_envelope(), b"second", time.time(), new_queue_id()),
+            PendingCommit(make_envelope(), b"third", time.time(), clash),
+            PendingCommit(make_envelope(), b"fourth", time.time(), new_queue_id()),
+        ]
+        with store.transaction():
+            replaced = store.insert_messages(clashing)
+        assert replaced[0] == clashing[0].queue_id
+        assert replaced[1] != clash
+        assert replaced[2] == clashing[2].queue_id
+        for queue_id, pending in zip([*ids, *replaced], [*batch, *clashing], strict=True):
+            assert store.load_body(queue_id) == pending.body
+        assert store.load_body(clash) == b"first"
 
 
 def test_cancelled_commit_still_stored(spool: Spool) -> None:

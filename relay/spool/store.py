@@ -25,6 +25,7 @@ tables were keyed by the queue ID text; opening such a spool migrates it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -122,6 +123,17 @@ _INSERT_RECIPIENT = (
     "INSERT INTO recipient (queue_id, idx, address, domain, orcpt, notify, state, next_attempt)"
     " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)"
 )
+
+_MESSAGE_VALUES = _INSERT_MESSAGE.count("?")
+_RECIPIENT_VALUES = _INSERT_RECIPIENT.count("?")
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_many(statement: str, rows: int) -> str:
+    """Return an ``INSERT ... VALUES (...)`` statement extended to insert ``rows`` rows."""
+    head, _, values = statement.partition(" VALUES ")
+    return head + " VALUES " + ",".join([values] * rows)
+
 
 _RECIPIENT_COLUMNS = (
     "idx, address, orcpt, notify, state, attempts, next_attempt, last_attempt, last_reply, last_host, dsn"
@@ -460,35 +472,63 @@ class SpoolStore:
     def insert_messages(self, batch: Sequence[PendingCommit]) -> list[str]:
         """Insert several messages with one statement per table; return their queue IDs.
 
-        This is the group commit's fast path: one ``executemany`` per table
-        instead of two statements per message.  When any key clashes the bulk
-        insert is undone and each message is inserted alone by
-        ``insert_message``, which picks a free key or a fresh ID for the
-        clashing one.
+        This is the group commit's fast path.  One multi-row ``INSERT`` per
+        table costs one statement execution per batch instead of one per row.
+        When any key clashes the insert is undone and each message is
+        inserted alone by ``insert_message``, which picks a free key or a
+        fresh ID for the clashing one.
         """
-        message_rows = []
-        recipient_rows = []
+        message_values: list[Any] = []
+        recipient_values: list[Any] = []
         for pending in batch:
             if not pending.envelope.recipients:
                 raise ValueError("a message needs at least one recipient")
             if not is_queue_id(pending.queue_id):
                 raise ValueError(f"invalid queue ID {pending.queue_id!r}")
-            message_rows.append(_message_row(pending, message_key(pending.queue_id), pending.queue_id))
-            recipient_rows.extend(_recipient_rows(pending, pending.queue_id))
+            message_values.extend(_message_row(pending, message_key(pending.queue_id), pending.queue_id))
+            for row in _recipient_rows(pending, pending.queue_id):
+                recipient_values.extend(row)
+        limit = self.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         with self._errors("insert messages"):
-            self.connection.execute("SAVEPOINT bulk_insert")
-            try:
-                self.connection.executemany(_INSERT_MESSAGE, message_rows)
-                self.connection.executemany(_INSERT_RECIPIENT, recipient_rows)
-            except sqlite3.IntegrityError:
-                self.connection.execute("ROLLBACK TO bulk_insert")
-                self.connection.execute("RELEASE bulk_insert")
+            if len(message_values) <= limit and len(recipient_values) <= limit:
+                # A failed statement undoes only its own rows, and the message rows
+                # go first in one statement, so a clash leaves nothing to undo.
+                try:
+                    self.connection.execute(_insert_many(_INSERT_MESSAGE, len(batch)), message_values)
+                except sqlite3.IntegrityError:
+                    return [self.insert_message(pending) for pending in batch]
+                self.connection.execute(
+                    _insert_many(_INSERT_RECIPIENT, len(recipient_values) // _RECIPIENT_VALUES), recipient_values
+                )
+            elif not self._insert_in_parts(message_values, recipient_values, limit):
                 return [self.insert_message(pending) for pending in batch]
-            self.connection.execute("RELEASE bulk_insert")
             for pending in batch:
                 if pending.dsn_for is not None:
                     self._mark_dsn_queued(pending.dsn_for)
         return [pending.queue_id for pending in batch]
+
+    def _insert_in_parts(self, message_values: list[Any], recipient_values: list[Any], limit: int) -> bool:
+        """Insert rows too many for one statement in several, inside a savepoint; return False on a clash.
+
+        SQLite before 3.32 allows 999 parameters per statement, which is 90
+        message rows.
+        """
+        self.connection.execute("SAVEPOINT bulk_insert")
+        try:
+            for statement, values, width in (
+                (_INSERT_MESSAGE, message_values, _MESSAGE_VALUES),
+                (_INSERT_RECIPIENT, recipient_values, _RECIPIENT_VALUES),
+            ):
+                step = max(1, limit // width) * width
+                for start in range(0, len(values), step):
+                    part = values[start : start + step]
+                    self.connection.execute(_insert_many(statement, len(part) // width), part)
+        except sqlite3.IntegrityError:
+            self.connection.execute("ROLLBACK TO bulk_insert")
+            self.connection.execute("RELEASE bulk_insert")
+            return False
+        self.connection.execute("RELEASE bulk_insert")
+        return True
 
     def _mark_dsn_queued(self, request: DsnRequest) -> None:
         marks = ",".join("?" * len(request.indexes))
