@@ -62,8 +62,20 @@ os.register_at_fork(after_in_child=_draw_process_bits)
 
 def _encode(value: int) -> str:
     # 75 bits: one leading character (5 bits), then seven pairs of 10 bits each.
-    pairs = [_PAIRS[(value >> shift) & 0x3FF] for shift in range(60, -1, -10)]
-    return ALPHABET[(value >> 70) & 31] + "".join(pairs)
+    # Unrolled, because a loop over the pairs takes twice as long.
+    pairs = _PAIRS
+    return "".join(
+        (
+            ALPHABET[(value >> 70) & 31],
+            pairs[(value >> 60) & 0x3FF],
+            pairs[(value >> 50) & 0x3FF],
+            pairs[(value >> 40) & 0x3FF],
+            pairs[(value >> 30) & 0x3FF],
+            pairs[(value >> 20) & 0x3FF],
+            pairs[(value >> 10) & 0x3FF],
+            pairs[value & 0x3FF],
+        )
+    )
 
 
 def new_queue_id(now: float | None = None) -> str:
