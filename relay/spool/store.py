@@ -161,10 +161,6 @@ class _ResultRow:
     sender: str
 
 
-# Queue IDs per IN (...) list: below 999, the host parameter limit of SQLite before 3.32.
-_IDS_PER_QUERY = 500
-
-
 # Not frozen: a frozen dataclass takes about three times as long to create, and
 # one is created per message on the event loop's thread.
 @dataclass(slots=True)
@@ -695,18 +691,16 @@ class SpoolStore:
     def _result_rows(self, queue_ids: Sequence[str]) -> dict[str, dict[int, _ResultRow]]:
         """Read the recipients of the given messages, by queue ID and index (messages not found are left out)."""
         recipients: dict[str, dict[int, _ResultRow]] = {}
+        # One query per message, because the message table has no index on queue_id
+        # that a join over an IN list could use.
+        query = (
+            "SELECT r.idx, r.state, r.notify, r.lease_token, r.lease_until, r.dsn, m.sender"
+            " FROM message m JOIN recipient r ON r.queue_id = m.queue_id"
+            " WHERE m.id BETWEEN ? AND ? AND m.queue_id = ?"
+        )
         for queue_id in queue_ids:
-            message = self.connection.execute(f"SELECT sender FROM message WHERE {_BY_QUEUE_ID}", _match(queue_id))
-            found = message.fetchone()
-            if found is None:
-                continue
-            rows = self.connection.execute(
-                "SELECT idx, state, notify, lease_token, lease_until, dsn FROM recipient WHERE queue_id = ?",
-                (queue_id,),
-            )
-            by_index = recipients[queue_id] = {}
-            for index, state, notify, token, until, dsn in rows:
-                by_index[index] = _ResultRow(state, notify, token, until, dsn, found[0])
+            for index, state, notify, token, until, dsn, sender in self.connection.execute(query, _match(queue_id)):
+                recipients.setdefault(queue_id, {})[index] = _ResultRow(state, notify, token, until, dsn, sender)
         return recipients
 
     def _apply_result(
