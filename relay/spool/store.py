@@ -130,7 +130,12 @@ _RECIPIENT_VALUES = _INSERT_RECIPIENT.count("?")
 
 @functools.lru_cache(maxsize=64)
 def _insert_many(statement: str, rows: int) -> str:
-    """Return an ``INSERT ... VALUES (...)`` statement extended to insert ``rows`` rows."""
+    """Return an ``INSERT ... VALUES (...)`` statement extended to insert ``rows`` rows.
+
+    NOTE: each row count is a statement of its own in sqlite3's statement
+    cache (128 entries by default), so batches of many different sizes
+    prepare their statements again.
+    """
     head, _, values = statement.partition(" VALUES ")
     return head + " VALUES " + ",".join([values] * rows)
 
