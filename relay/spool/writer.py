@@ -226,9 +226,9 @@ class Writer:
             self._wal_growth = 0
             self._checkpointer.request()
         # A stat per batch would cost a system call per batch, so the size is read
-        # each time the estimate has grown by a sixteenth of the limit.  The
-        # estimate runs above the real growth, so the WAL passes the limit by
-        # less than that before the RESTART below.
+        # each time the estimate has grown by a sixteenth of the limit.  Small
+        # batches rewrite several pages each, more than the estimate counts, so
+        # the WAL can pass the limit by a few sixteenths before the RESTART below.
         if self._unchecked_growth < WAL_LIMIT_BYTES // 16:
             return
         self._unchecked_growth = 0
