@@ -118,6 +118,10 @@ class SpoolConfig:
     # section 4.5.3.2 client timeouts (5+5+5+2+3+10 minutes), so one slow but legal
     # delivery ends before another scheduler may claim the recipient again.
     lease_time: float = _key(1800.0, "duration")
+    # A claim made with Spool.claim(bodies=True) carries each body up to this size,
+    # read in the claim's transaction, so small messages need no second read.
+    # Larger bodies are read separately to bound the claim's memory.
+    claim_body_max_bytes: int = _key(64 * 1024, "size", min=0)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from spool_helpers import LOOP_KINDS, make_body, make_envelope, run
 
+from relay.config import load_config
 from relay.spool import (
     CorruptRecord,
     DeliveryResult,
@@ -29,7 +30,7 @@ from relay.spool import (
     new_queue_id,
 )
 from relay.spool.ids import queue_id_time
-from relay.spool.store import SCHEMA_VERSION, database_path
+from relay.spool.store import SCHEMA_VERSION, PendingCommit, database_path
 
 
 @pytest.fixture
@@ -168,6 +169,35 @@ def test_clash_inside_one_batch(spool: Spool) -> None:
     assert bodies == {f"body {n}".encode() for n in range(5)}
 
 
+def test_batch_over_parameter_limit(tmp_path: Path) -> None:
+    # 30 parameters fit two message rows (11 values each) per statement, so the
+    # batch is split into several statements inside a savepoint.
+    with SpoolStore(tmp_path / "spool") as store:
+        store.connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 30)
+        clash = new_queue_id()
+        with store.transaction():
+            store.insert_messages([PendingCommit(make_envelope(), b"first", time.time(), clash)])
+        batch = [
+            PendingCommit(make_envelope(), f"body {n}".encode(), time.time(), new_queue_id()) for n in range(5)
+        ]
+        with store.transaction():
+            ids = store.insert_messages(batch)
+        assert ids == [pending.queue_id for pending in batch]
+        clashing = [
+            PendingCommit(make_envelope(), b"second", time.time(), new_queue_id()),
+            PendingCommit(make_envelope(), b"third", time.time(), clash),
+            PendingCommit(make_envelope(), b"fourth", time.time(), new_queue_id()),
+        ]
+        with store.transaction():
+            replaced = store.insert_messages(clashing)
+        assert replaced[0] == clashing[0].queue_id
+        assert replaced[1] != clash
+        assert replaced[2] == clashing[2].queue_id
+        for queue_id, pending in zip([*ids, *replaced], [*batch, *clashing], strict=True):
+            assert store.load_body(queue_id) == pending.body
+        assert store.load_body(clash) == b"first"
+
+
 def test_cancelled_commit_still_stored(spool: Spool) -> None:
     async def scenario() -> None:
         task = asyncio.ensure_future(spool.commit(make_envelope(), b"cancelled"))
@@ -228,6 +258,57 @@ def test_claim_returns_due_recipients(spool: Spool) -> None:
     assert [r.index for r in claim.recipients] == [0, 1, 2]
     assert claim.envelope.sender == "sender@example.test"
     assert claim.lease_until > time.time()
+
+
+def test_claim_without_bodies_has_none(spool: Spool) -> None:
+    run(spool.commit(make_envelope(), b"small body"))
+    claims = run(spool.claim("scheduler-a"))
+    assert len(claims) == 1
+    assert claims[0].body is None
+
+
+def test_claim_returns_small_bodies(tmp_path: Path) -> None:
+    small = make_body("small", 1000)
+    large = make_body("large", 5000)
+    spool = Spool.open(tmp_path / "spool", claim_body_max_bytes=len(small))
+    try:
+        small_id = run(spool.commit(make_envelope(), small))
+        large_id = run(spool.commit(make_envelope(), large))
+        claims = {claim.queue_id: claim for claim in run(spool.claim("scheduler-a", bodies=True))}
+        assert set(claims) == {small_id, large_id}
+        assert claims[small_id].body == small
+        assert claims[large_id].body is None
+        assert run(spool.load_body(large_id)) == large
+    finally:
+        spool.close()
+
+
+def test_claim_body_limit_from_config(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('[spool]\npath = "spool"\nclaim_body_max_bytes = "2K"\n')
+    config = load_config(path)
+    assert config.spool.claim_body_max_bytes == 2048
+    spool = Spool.from_config(config.spool)
+    try:
+        fits = run(spool.commit(make_envelope(), make_body("fits", 2000)))
+        too_large = run(spool.commit(make_envelope(), make_body("too large", 3000)))
+        bodies = {claim.queue_id: claim.body for claim in run(spool.claim("scheduler-a", bodies=True))}
+    finally:
+        spool.close()
+    assert bodies[fits] == make_body("fits", 2000)
+    assert bodies[too_large] is None
+
+
+def test_claim_moves_corrupt_body_aside(spool: Spool) -> None:
+    broken = run(spool.commit(make_envelope(recipients=1), b"original"))
+    sound = run(spool.commit(make_envelope(recipients=1), b"sound"))
+    with sqlite3.connect(database_path(spool.directory)) as connection:
+        connection.execute("UPDATE message SET body = ? WHERE queue_id = ?", (b"damaged!", broken))
+    claims = run(spool.claim("scheduler-a", bodies=True))
+    assert [claim.queue_id for claim in claims] == [sound]
+    assert claims[0].body == b"sound"
+    assert (spool.directory / "corrupt" / f"{broken}.body").read_bytes() == b"damaged!"
+    assert run(spool.load(broken)) is None
 
 
 def test_only_lease_batches_skip_fsync(spool: Spool) -> None:
@@ -541,7 +622,7 @@ def test_history_lists_attempts(tmp_path: Path) -> None:
 def test_corrupt_body_moved_aside(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
     queue_id = run(spool.commit(make_envelope(), b"original body"))
     with sqlite3.connect(database_path(spool.directory)) as connection:
-        connection.execute("UPDATE body SET data = ? WHERE queue_id = ?", (b"damaged body!", queue_id))
+        connection.execute("UPDATE message SET body = ? WHERE queue_id = ?", (b"damaged body!", queue_id))
     with caplog.at_level(logging.ERROR, logger="relay.spool"), pytest.raises(CorruptRecord, match="CRC-32"):
         run(spool.load_body(queue_id))
     assert run(spool.load(queue_id)) is None

@@ -26,7 +26,8 @@ Limits, with their defaults (all set in ``[spool]``, see ``relay.config``):
 ``commit_batch_messages`` (512) and ``commit_batch_bytes`` (64 MiB) bound
 one transaction, ``busy_timeout`` (10 s) bounds the wait for another
 process's write lock, ``lease_time`` (30 min) is how long a claim holds its
-recipients.
+recipients, and ``claim_body_max_bytes`` (64 KiB) is the largest body a
+claim returns with its recipients.
 
 Failures: disk full, an I/O error or a lock timeout raise ``SpoolError``,
 which the server maps to ``452 4.3.1``; the failed transaction is rolled back
@@ -104,6 +105,7 @@ DEFAULT_BUSY_TIMEOUT = 10.0
 # 5 MAIL, 5 RCPT, 2 DATA, 3 data block, 10 end of data.  So one slow but legal
 # delivery finishes before its lease runs out.
 DEFAULT_LEASE_TIME = 30 * 60.0
+DEFAULT_CLAIM_BODY_MAX_BYTES = 64 * 1024
 
 
 @dataclass
@@ -123,9 +125,17 @@ class Spool:
     threads.  ``commit_blocking`` serves callers without a loop.
     """
 
-    def __init__(self, directory: Path, writer: Writer, busy_timeout: float, lease_time: float) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        writer: Writer,
+        busy_timeout: float,
+        lease_time: float,
+        claim_body_max_bytes: int = DEFAULT_CLAIM_BODY_MAX_BYTES,
+    ) -> None:
         self.directory = directory
         self.lease_time = lease_time
+        self.claim_body_max_bytes = claim_body_max_bytes
         self._writer = writer
         self._busy_timeout = busy_timeout
         # Two threads are enough because reads are short indexed lookups.
@@ -144,6 +154,7 @@ class Spool:
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         lease_time: float = DEFAULT_LEASE_TIME,
+        claim_body_max_bytes: int = DEFAULT_CLAIM_BODY_MAX_BYTES,
     ) -> Spool:
         """Open (creating if needed) the spool in directory ``path`` and start its writer.
 
@@ -154,7 +165,7 @@ class Spool:
             directory, busy_timeout=busy_timeout, batch_max_messages=batch_messages, batch_max_bytes=batch_bytes
         )
         writer.start()
-        return cls(directory, writer, busy_timeout, lease_time)
+        return cls(directory, writer, busy_timeout, lease_time, claim_body_max_bytes)
 
     @classmethod
     def from_config(cls, config: SpoolConfig) -> Spool:
@@ -165,6 +176,7 @@ class Spool:
             batch_bytes=config.commit_batch_bytes,
             busy_timeout=config.busy_timeout,
             lease_time=config.lease_time,
+            claim_body_max_bytes=config.claim_body_max_bytes,
         )
 
     def close(self) -> None:
@@ -208,8 +220,9 @@ class Spool:
         chosen earlier (from ``new_queue_id``); the returned ID is the one
         stored and differs only after a clash.  ``dsn_for`` marks, in the same
         transaction, the original recipients whose DSN this message is.
-        Raises SpoolError (reply ``452 4.3.1``) and ValueError for an envelope
-        without recipients.  Cancelling the await does not withdraw the message.
+        Raises SpoolError (reply ``452 4.3.1``), and ValueError for an envelope
+        without recipients or a ``queue_id`` that is not a queue ID.  Cancelling
+        the await does not withdraw the message.
         """
         pending = self._pending(envelope, body, queue_id, dsn_for)
         return await self._writer.commit_async(pending)
@@ -232,6 +245,8 @@ class Spool:
     ) -> PendingCommit:
         if not envelope.recipients:
             raise ValueError("a message needs at least one recipient")
+        if queue_id is not None and not is_queue_id(queue_id):
+            raise ValueError(f"invalid queue ID {queue_id!r}; use one from new_queue_id")
         arrival = time.time()
         return PendingCommit(
             envelope=envelope,
@@ -251,6 +266,7 @@ class Spool:
         lease_time: float | None = None,
         domain: str | None = None,
         now: float | None = None,
+        bodies: bool = False,
     ) -> list[Claim]:
         """Lease up to ``limit`` due recipients and return them grouped by message.
 
@@ -261,15 +277,21 @@ class Spool:
         and starts the lease token (``OWNER#HEX``), so ``release_leases`` can
         end a dead owner's leases; it must not contain ``#``.
         ``domain`` limits the claim to recipients at that domain.
+        With ``bodies`` each claim carries its message's body in ``Claim.body``
+        when the body is at most ``claim_body_max_bytes`` octets, read in the
+        same writer operation, so the caller needs no ``load_body`` for it.
         """
         if "#" in owner:
             raise ValueError(f"lease owner {owner!r} contains '#'")
         token = f"{owner}#{secrets.token_hex(8)}"
         seconds = self.lease_time if lease_time is None else lease_time
+        body_max_bytes = self.claim_body_max_bytes if bodies else None
 
         def operation(store: SpoolStore) -> list[Claim]:
             moment = time.time() if now is None else now
-            return store.claim(owner, token, now=moment, lease_time=seconds, limit=limit, domain=domain)
+            return store.claim(
+                owner, token, now=moment, lease_time=seconds, limit=limit, domain=domain, body_max_bytes=body_max_bytes
+            )
 
         # A lease lost in a power failure only lets the recipients be claimed again,
         # so the claim skips the fsync (see relay.spool.writer).

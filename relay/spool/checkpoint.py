@@ -11,10 +11,17 @@ on its own connection while the writer goes on committing.
 SQLite releases the GIL while it copies, so the copy uses another core.
 
 PASSIVE checkpoints never block the writer, so under a load with no pause
-the WAL could keep growing.  Two bounds stop that: ``journal_size_limit``
-truncates the file when SQLite restarts the WAL, and the writer itself runs
-a blocking RESTART checkpoint whenever the WAL file passes
-``WAL_LIMIT_BYTES``.
+they never catch up with it: the writer appends while the thread copies.
+SQLite writes the WAL from its start again only when a checkpoint has
+copied every frame, so the writer finishes the job.  After a background
+checkpoint, when its own commits have added at most ``CATCH_UP_BYTES``
+since that checkpoint was requested, it runs a PASSIVE checkpoint itself,
+which copies only those frames.  Its next transaction then reuses the start
+of the WAL file, whose pages are already allocated and cached, instead of
+extending the file.  Two bounds stop the WAL from growing without end if
+that fails: ``journal_size_limit`` truncates the file when SQLite restarts
+the WAL, and the writer runs a blocking RESTART checkpoint whenever the WAL
+file passes ``WAL_LIMIT_BYTES``.
 """
 
 from __future__ import annotations
@@ -37,6 +44,12 @@ CHECKPOINT_BYTES = 1000 * 4096
 # change about one page; an estimate, used only to pace checkpoints.
 PAGE_ESTIMATE = 4096
 
+# The writer copies the remaining frames itself (see the module docs) only when
+# its commits added at most this much since the background checkpoint was
+# requested, so that the copy delays its next batch by little.  Otherwise it
+# requests another background checkpoint.
+CATCH_UP_BYTES = 512 * 1024
+
 # Above this size the writer runs a RESTART checkpoint itself, so that its next
 # commit starts the WAL again from the beginning, even though that delays the
 # batch.  64 MiB is 16 times SQLite's default checkpoint point, so it is
@@ -58,7 +71,7 @@ class Checkpointer:
         self._wanted = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="relay-spool-checkpoint", daemon=True)
-        self.checkpoints = 0  # completed PASSIVE checkpoints, for tests
+        self.checkpoints = 0  # completed PASSIVE checkpoints, for tests and the writer
 
     def start(self) -> None:
         """Start the thread."""

@@ -122,6 +122,9 @@ class Claim:
     recipients: tuple[StoredRecipient, ...]
     lease_token: str  # identifies this lease; pass it back with the results
     lease_until: float
+    # The message body, checked against its CRC-32, when the claim asked for bodies
+    # and the body is at most the spool's claim_body_max_bytes; None otherwise.
+    body: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from relay.log import log_event
-from relay.spool.checkpoint import CHECKPOINT_BYTES, PAGE_ESTIMATE, WAL_LIMIT_BYTES, Checkpointer, wal_size
+from relay.spool.checkpoint import (
+    CATCH_UP_BYTES,
+    CHECKPOINT_BYTES,
+    PAGE_ESTIMATE,
+    WAL_LIMIT_BYTES,
+    Checkpointer,
+    wal_size,
+)
 from relay.spool.errors import SpoolError
 from relay.spool.store import PendingCommit, SpoolStore
 
@@ -100,6 +107,8 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="relay-spool-writer", daemon=True)
         self._checkpointer = Checkpointer(directory, busy_timeout)
         self._wal_growth = 0  # estimated octets added to the WAL since the last checkpoint request
+        self._unchecked_growth = 0  # estimated octets added since the writer last read the WAL's size
+        self._checkpoints_seen = 0  # background checkpoints whose completion the writer has handled
         # The write connection's synchronous setting; SpoolStore opens it with FULL.
         self._synchronous = "FULL"
         self.batches = 0  # committed transactions, for tests and the benchmark
@@ -203,10 +212,26 @@ class Writer:
     def _checkpoint(self, store: SpoolStore, batch: list[Job]) -> None:
         # Estimate the WAL growth: the bodies plus about one page of rows and index
         # entries per job.  A checkpoint per commit would add an fsync per commit.
-        self._wal_growth += sum(job.size for job in batch) + PAGE_ESTIMATE * len(batch)
-        if self._wal_growth >= CHECKPOINT_BYTES:
+        growth = sum(job.size for job in batch) + PAGE_ESTIMATE * len(batch)
+        self._wal_growth += growth
+        self._unchecked_growth += growth
+        if self._checkpointer.checkpoints != self._checkpoints_seen:
+            self._checkpoints_seen = self._checkpointer.checkpoints
+            if self._wal_growth <= CATCH_UP_BYTES:
+                self._catch_up(store)
+            else:
+                self._wal_growth = 0
+                self._checkpointer.request()
+        elif self._wal_growth >= CHECKPOINT_BYTES:
             self._wal_growth = 0
             self._checkpointer.request()
+        # A stat per batch would cost a system call per batch, so the size is read
+        # each time the estimate has grown by a sixteenth of the limit.  Small
+        # batches rewrite several pages each, more than the estimate counts, so
+        # the WAL can pass the limit by a few sixteenths before the RESTART below.
+        if self._unchecked_growth < WAL_LIMIT_BYTES // 16:
+            return
+        self._unchecked_growth = 0
         if wal_size(self.directory) <= WAL_LIMIT_BYTES:
             return
         try:
@@ -215,6 +240,16 @@ class Writer:
             log_event(logger, "checkpoint_failed", logging.WARNING, spool=str(self.directory), error=str(exc))
         else:
             log_event(logger, "checkpoint_restart", spool=str(self.directory), wal_bytes=wal_size(self.directory))
+
+    def _catch_up(self, store: SpoolStore) -> None:
+        """Copy the frames committed since the last background checkpoint, so the WAL starts again."""
+        try:
+            store.connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            # The pages stay in the WAL, and the next background checkpoint copies them.
+            log_event(logger, "checkpoint_failed", logging.WARNING, spool=str(self.directory), error=str(exc))
+            return
+        self._wal_growth = 0
 
     def _next_batch(self) -> tuple[list[Job], bool]:
         first = self._queue.get()
