@@ -40,7 +40,9 @@ def nameserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NameServer]
         yield server
 
 
-def make_config(directory: Path, nameserver: NameServer, port: int, extra: str = "", delivery: str = "") -> Config:
+def make_config(
+    directory: Path, nameserver: NameServer, port: int, extra: str = "", delivery: str = "", spool: str = ""
+) -> Config:
     (directory / "mail").mkdir(exist_ok=True)
     mailbox.Maildir(str(directory / "mail" / "alice"), create=True)
     path = directory / "relay.toml"
@@ -51,6 +53,7 @@ hostname = "relay.test"
 [spool]
 path = "spool"
 lease_time = "30s"
+{spool}
 [policy]
 local_domains = ["local.test"]
 [delivery]
@@ -123,10 +126,14 @@ def spool_for() -> Iterator[Callable[[Config], Spool]]:
         spool.close()
 
 
-def test_corpus_through_mx_byte_for_byte(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+# The default passes every corpus body with its claim; 0 makes the scheduler read each one separately.
+@pytest.mark.parametrize("spool_settings", ["", "claim_body_max_bytes = 0"], ids=["bodies-in-claim", "bodies-read"])
+def test_corpus_through_mx_byte_for_byte(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, spool_settings: str
+) -> None:
     corpus = sorted(require_corpus("cpython-email").glob("*.txt"))
     port = free_port("127.0.0.3")
-    config = make_config(tmp_path, nameserver, port)
+    config = make_config(tmp_path, nameserver, port, spool=spool_settings)
     spool = spool_for(config)
     bodies = {}
     # The first MX (127.0.0.2) has no listener, so every message falls back to the second.

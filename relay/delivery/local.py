@@ -25,10 +25,12 @@ async def deliver_local(
     local: LocalDelivery, spool: Spool, claim: Claim, recipients: Sequence[StoredRecipient]
 ) -> list[tuple[StoredRecipient, Outcome, str]]:
     """Deliver ``recipients`` of ``claim`` locally and return each one's outcome and reply."""
-    try:
-        body = await spool.load_body(claim.queue_id)
-    except MessageNotFound:
-        return []
+    body = claim.body
+    if body is None:
+        try:
+            body = await spool.load_body(claim.queue_id)
+        except MessageNotFound:
+            return []
     sender = claim.envelope.sender
     outcomes: list[tuple[StoredRecipient, Outcome, str]] = []
     for recipient in recipients:
