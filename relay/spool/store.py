@@ -294,6 +294,14 @@ class SpoolStore:
                 self.connection.execute("PRAGMA wal_autocheckpoint = 0")
             # Truncate the WAL file to this size when SQLite restarts it: 64 MiB.
             self.connection.execute(f"PRAGMA journal_size_limit = {64 * 1024 * 1024}")
+            # Debian builds SQLite with SQLITE_SECURE_DELETE (see PRAGMA compile_options
+            # of its 3.40.1), so secure_delete defaults to ON and every freed page is
+            # overwritten with zeros.  Deleting a delivered 100 KiB body then writes
+            # 100 KiB of zeros to the WAL, and a checkpoint copies them again.  FAST
+            # clears deleted cells only in pages that are written anyway, so a freed
+            # body page keeps its old content until SQLite reuses it, as the disk
+            # blocks of a deleted queue file do.
+            self.connection.execute("PRAGMA secure_delete = FAST")
             version = self._schema_version()
             if version == SCHEMA_VERSION:
                 return
