@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -84,7 +85,15 @@ def _render(json_form: bool, created: float, level: str, name: str, event: str, 
         document.update(fields)
         return orjson.dumps(document, default=str).decode()
     parts = [stamp, level, f"{name}:", event]
-    parts.extend(f"{key}={_quote(value)}" for key, value in fields.items())
+    for key, value in fields.items():
+        # Inline fast paths for the common field types; _quote handles the rest.
+        kind = type(value)
+        if kind is str and value and " " not in value and '"' not in value and "=" not in value:
+            parts.append(f"{key}={value}")
+        elif kind is int:
+            parts.append(f"{key}={value}")
+        else:
+            parts.append(f"{key}={_quote(value)}")
     return " ".join(parts)
 
 
@@ -119,15 +128,24 @@ class _EventHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.setFormatter(_EventFormatter(json_form))
         self._pending: list[str] = []
         self._write_scheduled = False
+        # The loop that writes the collected lines while _write_scheduled is set, and its thread.
+        self._scheduled_loop: asyncio.AbstractEventLoop | None = None
+        self._scheduled_thread = 0
 
     def write_event(self, level: int, name: str, event: str, fields: dict[str, Any]) -> None:
         """Write one event line without building a LogRecord, as ``emit`` would write it."""
         line = _render(self.json_form, time.time(), _LEVEL_NAMES[level], name, event, fields)
-        loop = _get_running_loop()
+        thread = threading.get_ident()
         self.acquire()
         try:
             self._pending.append(line)
-            if loop is not None and self._schedule_write(loop):
+            scheduled = self._scheduled_loop
+            if self._write_scheduled and thread == self._scheduled_thread and scheduled and scheduled.is_running():
+                # This thread's loop writes the lines in its next iteration.  Checked
+                # first because _get_running_loop makes a getpid system call in 3.11.
+                return
+            loop = _get_running_loop()
+            if loop is not None and self._schedule_write(loop, thread):
                 return
             self._write_pending()
         except Exception:
@@ -153,7 +171,7 @@ class _EventHandler(logging.StreamHandler):  # type: ignore[type-arg]
         finally:
             self.release()
 
-    def _schedule_write(self, loop: asyncio.AbstractEventLoop) -> bool:
+    def _schedule_write(self, loop: asyncio.AbstractEventLoop, thread: int) -> bool:
         """Arrange for the collected lines to be written in the loop's next iteration; return whether that worked."""
         if self._write_scheduled:
             return True
@@ -162,12 +180,15 @@ class _EventHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except RuntimeError:  # the loop is closing
             return False
         self._write_scheduled = True
+        self._scheduled_loop = loop
+        self._scheduled_thread = thread
         return True
 
     def _write_scheduled_lines(self) -> None:
         self.acquire()
         try:
             self._write_scheduled = False
+            self._scheduled_loop = None
             self._write_pending()
         except Exception:
             self.handleError(logging.makeLogRecord({"name": "relay", "levelno": logging.ERROR, "msg": "log write"}))
@@ -234,7 +255,23 @@ def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **f
         observer(event, fields)
     if not logger.isEnabledFor(level):
         return
-    cleaned = {key: clean(value) for key, value in fields.items()}
+    cleaned = {}
+    for key, value in fields.items():
+        kind = type(value)
+        # Inline fast paths of clean() for values that need no change: ints and
+        # short printable ASCII text without a backslash.
+        if kind is int or kind is bool or value is None:
+            cleaned[key] = value
+        elif (
+            kind is str
+            and len(value) <= MAX_VALUE_LENGTH
+            and value.isascii()
+            and value.isprintable()
+            and "\\" not in value
+        ):
+            cleaned[key] = value
+        else:
+            cleaned[key] = clean(value)
     handler = _direct
     # The direct write skips the LogRecord and its caller lookup, which cost
     # more than the line itself.  It applies only while the logger's sole

@@ -54,6 +54,8 @@ class _Metric:
         self._lock = threading.Lock()
 
     def _key(self, labels: dict[str, str]) -> LabelValues:
+        if not labels and not self.labelnames:
+            return ()
         # Same length and every name present means the same set of names.
         if len(labels) == len(self.labelnames):
             try:
@@ -97,7 +99,9 @@ class Gauge(_Metric):
             self.values[key] = self.values.get(key, 0.0) + amount
 
     def dec(self, amount: float = 1.0, **labels: str) -> None:
-        self.inc(-amount, **labels)
+        key = self._key(labels)
+        with self._lock:
+            self.values[key] = self.values.get(key, 0.0) - amount
 
 
 class Histogram(_Metric):

@@ -198,3 +198,25 @@ def test_flush_log_writes_collected_lines() -> None:
 
     assert written_after_stop == ""
     assert stream.getvalue().rstrip().endswith("signal=SIGTERM")
+
+
+def test_log_line_after_loop_stopped_writes_pending() -> None:
+    stream = CountingStream()
+    setup_logging("text", "info", stream)
+    logger = logging.getLogger("relay.test")
+    loop = asyncio.new_event_loop()
+
+    async def log_and_stop() -> None:
+        log_event(logger, "stopping", signal="SIGTERM")
+        loop.stop()
+
+    loop.create_task(log_and_stop())
+    loop.run_forever()
+    # The loop no longer runs its scheduled write, so this thread writes both lines.
+    log_event(logger, "stopped", worker=0)
+    loop.close()
+
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("signal=SIGTERM")
+    assert lines[1].endswith("worker=0")

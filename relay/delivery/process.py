@@ -50,9 +50,9 @@ class WakeChannel:
     def __init__(self) -> None:
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
-    def sender(self) -> WakeSender:
-        """Return the callable a receiving worker runs after each stored message."""
-        return WakeSender(self.write_fd)
+    def sender(self, loop: asyncio.AbstractEventLoop) -> WakeSender:
+        """Return the callable a receiving worker runs on ``loop`` after each stored message."""
+        return WakeSender(self.write_fd, loop)
 
     def close_read_end(self) -> None:
         os.close(self.read_fd)
@@ -64,8 +64,9 @@ class WakeChannel:
 class WakeSender:
     """Write one wake-up per event-loop iteration however many messages were stored in it."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
         self._fd = fd
+        self._loop = loop
         self._scheduled = False
         self._broken = False
 
@@ -75,7 +76,7 @@ class WakeSender:
         self._scheduled = True
         # The spool settles a whole group commit in one callback, so its 250s
         # resume in the same iteration and share this one write.
-        asyncio.get_running_loop().call_soon(self._send)
+        self._loop.call_soon(self._send)
 
     def _send(self) -> None:
         self._scheduled = False

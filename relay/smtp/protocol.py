@@ -47,7 +47,8 @@ class SMTPProtocol(asyncio.Protocol):
         self.session: Session | None = None
         self.client_address = "-"
         self.session_id = runtime.next_session_id()
-        self._task: asyncio.Task[None] | None = None
+        # The pending spool commit, AUTH check or TLS handshake, if any.
+        self._task: asyncio.Future[Any] | None = None
         self._pause_reasons: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
@@ -87,7 +88,7 @@ class SMTPProtocol(asyncio.Protocol):
             delay = runtime.config.server.greeting_delay
             session.start(delay_greeting=delay > 0)
             if delay > 0 and not session.privileged:
-                self._greeting_timer = asyncio.get_running_loop().call_later(delay, self._greet)
+                self._greeting_timer = runtime.loop.call_later(delay, self._greet)
         self._last_activity = time.monotonic()
         self._schedule_timer()
         self._flush()
@@ -184,7 +185,7 @@ class SMTPProtocol(asyncio.Protocol):
                     return
                 elif isinstance(event, MessageReady):
                     if not self.runtime.store_inline(session, event, self.client_address, self.session_id):
-                        self._start_task(self._store(event))
+                        self._start_store(event)
                 elif isinstance(event, CheckCredentials):
                     self._start_task(self._check_credentials(event))
                 elif isinstance(event, StartTLS):
@@ -194,14 +195,29 @@ class SMTPProtocol(asyncio.Protocol):
 
     def _start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
         self._pause("wait")
-        self._task = asyncio.get_running_loop().create_task(coroutine)
+        self._task = self.runtime.loop.create_task(coroutine)
 
-    async def _store(self, event: MessageReady) -> None:
+    def _start_store(self, event: MessageReady) -> None:
+        # The reply waits in a done callback of the commit's future.  A task per
+        # message would cost its creation and two steps on the loop.
         session = self.session
         assert session is not None
-        reply: Reply = await self.runtime.store(event, self.client_address, self.session_id)
+        started = self.runtime.start_store(event, self.client_address, self.session_id)
+        if isinstance(started, Reply):
+            session.message_stored(started)
+            return
+        commit, size = started
+        self._pause("wait")
+        self._task = commit
+        commit.add_done_callback(lambda future: self._stored(event, future, size))
+
+    def _stored(self, event: MessageReady, commit: asyncio.Future[str], size: int) -> None:
+        if commit.cancelled():
+            return
+        reply = self.runtime.finish_store(event, self.client_address, self.session_id, commit, size)
         self._resume("wait")
-        if self.transport is not None:
+        session = self.session
+        if self.transport is not None and session is not None:
             session.message_stored(reply)
             self._flush()
 
@@ -271,7 +287,7 @@ class SMTPProtocol(asyncio.Protocol):
         server = self.runtime.config.server
         timeout = server.data_timeout if session.in_data else server.command_timeout
         delay = max(0.0, self._last_activity + timeout - time.monotonic())
-        self._timer = asyncio.get_running_loop().call_later(delay + 0.01, self._on_timer)
+        self._timer = self.runtime.loop.call_later(delay + 0.01, self._on_timer)
 
     def _on_timer(self) -> None:
         # Rather than re-arming a timer on every read, the timer checks the time

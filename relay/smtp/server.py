@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay._parser import xtext_encode
 from relay.admin import Monitoring
 from relay.config import Config, ListenerConfig
 from relay.delivery import Scheduler
@@ -120,6 +121,9 @@ class ListenerRuntime:
         self.on_stored: Callable[[], None] | None = None
         self._ids = itertools.count(1)
         self._prefix = prefix
+        # The worker's loop, kept because asyncio.get_running_loop makes a getpid
+        # system call on each call in Python 3.11.
+        self.loop = asyncio.get_running_loop()
 
     def next_session_id(self) -> str:
         return f"{self._prefix}{next(self._ids):x}"
@@ -178,48 +182,64 @@ class ListenerRuntime:
         session.message_stored(replies.queued("sink"))
         return True
 
-    async def store(self, event: MessageReady, client: str, session_id: str) -> Reply:
-        """Prepend the Received header, commit the message and return the reply for it."""
+    def start_store(
+        self, event: MessageReady, client: str, session_id: str
+    ) -> tuple[asyncio.Future[str], int] | Reply:
+        """Prepend the Received header and queue the message for the spool.
+
+        Returns the future of its queue ID and the stored size, for
+        ``finish_store``, or the ``452`` reply when the spool rejects the
+        message at once.
+        """
         spool = self.spool
         assert spool is not None
         transaction = event.transaction
         queue_id = new_queue_id()
-        recipients = [r.address for r in transaction.recipients]
         header = received_header(
             helo_name=event.helo_name,
             client_address=client,
             hostname=self.config.server.hostname,
             protocol=event.protocol,
             queue_id=queue_id,
-            recipients=recipients,
+            recipients=[r.address for r in transaction.recipients],
         )
         envelope = _envelope(event, client)
         try:
-            stored_id = await spool.commit(envelope, header + event.body, queue_id=queue_id)
+            future = spool.submit_commit(envelope, header + event.body, loop=self.loop, queue_id=queue_id)
         except SpoolError as exc:
-            log_event(
-                logger,
-                "spool_error",
-                logging.ERROR,
-                session=session_id,
-                client=client,
-                error=str(exc),
-            )
-            return replies.STORAGE_FAILURE
+            return self._storage_failure(exc, client, session_id)
+        return future, len(header) + len(event.body)
+
+    def finish_store(
+        self, event: MessageReady, client: str, session_id: str, commit: asyncio.Future[str], size: int
+    ) -> Reply:
+        """Log the outcome of a finished commit and return the reply for it.
+
+        Raises the commit's exception when it is not a SpoolError.
+        """
+        try:
+            stored_id = commit.result()
+        except SpoolError as exc:
+            return self._storage_failure(exc, client, session_id)
         if self.on_stored is not None:
             self.on_stored()
+        transaction = event.transaction
         log_event(
             logger,
             "queued",
             queue_id=stored_id,
             session=session_id,
             sender=transaction.sender,
-            recipients=len(recipients),
-            size=len(header) + len(event.body),
+            recipients=len(transaction.recipients),
+            size=size,
             client=client,
             protocol=event.protocol,
         )
         return replies.queued(stored_id)
+
+    def _storage_failure(self, exc: SpoolError, client: str, session_id: str) -> Reply:
+        log_event(logger, "spool_error", logging.ERROR, session=session_id, client=client, error=str(exc))
+        return replies.STORAGE_FAILURE
 
     # -- AUTH --------------------------------------------------------------------
 
@@ -261,8 +281,6 @@ class ListenerRuntime:
 
 def _envelope(event: MessageReady, client: str) -> Envelope:
     """Convert a finished transaction into the spool's envelope."""
-    from relay._parser import xtext_encode
-
     transaction = event.transaction
     recipients = []
     for info in transaction.recipients:
@@ -363,7 +381,7 @@ class Worker:
         # One scheduler per relay: in the delivery process when there is one
         # (several workers), else in worker 0.
         if self.wake is not None:
-            sender = self.wake.sender()
+            sender = self.wake.sender(loop)
             for runtime in self.runtimes:
                 runtime.on_stored = sender
         delivering_here = (

@@ -227,6 +227,24 @@ class Spool:
         pending = self._pending(envelope, body, queue_id, dsn_for)
         return await self._writer.commit_async(pending)
 
+    def submit_commit(
+        self,
+        envelope: Envelope,
+        body: bytes,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        queue_id: str | None = None,
+    ) -> asyncio.Future[str]:
+        """Queue a message like ``commit`` and return a future of ``loop`` for its queue ID.
+
+        The future is resolved only after the commit is durable.  For callers on
+        the hot path that already hold their loop: ``commit`` looks the loop up
+        on each call, and in Python 3.11 that costs a getpid system call.
+        Raises like ``commit`` when the message cannot be queued.
+        """
+        pending = self._pending(envelope, body, queue_id, None)
+        return self._writer.commit_async(pending, loop)
+
     def commit_blocking(
         self,
         envelope: Envelope,
