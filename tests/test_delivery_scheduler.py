@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -462,3 +463,53 @@ def test_pipelined_transactions_keep_results_exact(
     finally:
         store.close()
     assert [r.address for r in message.recipients] == ["drop@example.org"]
+
+
+def test_flush_lifts_destination_backoff(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port("127.0.0.4")
+    base = make_config(tmp_path, nameserver, port)
+    # A backoff far longer than the test, so only the flush can bring the messages out.
+    config = base.replace(
+        delivery=dataclasses.replace(base.delivery, minimal_backoff_time=600.0, maximal_backoff_time=1200.0)
+    )
+    spool = spool_for(config)
+    for number in range(3):
+        commit(spool, "alice@local.test", [f"bob{number}@implicit.test"])
+
+    def deferred() -> int:
+        return spool_counts(config).get("deferred", 0)
+
+    async def main() -> int:
+        scheduler = Scheduler(config, spool)
+        task = asyncio.create_task(scheduler.run())
+        loop = asyncio.get_running_loop()
+        try:
+            # Nothing listens yet: every attempt fails and the destination backs off.
+            deadline = loop.time() + 10
+            while deferred() < 3 and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            assert deferred() == 3
+            with run_upstream("127.0.0.4", port) as upstream:
+                store = SpoolStore(config.spool.path)
+                try:
+                    assert store.flush(time.time()) == 3
+                finally:
+                    store.close()
+                deadline = loop.time() + 10
+                while len(upstream.messages) < 3 and loop.time() < deadline:
+                    await asyncio.sleep(0.05)
+                return len(upstream.messages)
+        finally:
+            await scheduler.stop()
+            await task
+
+    with caplog.at_level("INFO", logger="relay"):
+        delivered = asyncio.run(main())
+
+    assert delivered == 3
+    events = [getattr(record, "event", "") for record in caplog.records]
+    # The three sessions failed in the same outage: one backoff, not three growing ones.
+    assert events.count("destination_backoff") == 1
+    assert events.count("flush_requested") == 1

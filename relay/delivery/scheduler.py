@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import random
 import time
 from collections.abc import Coroutine, Sequence
@@ -81,6 +82,7 @@ from relay.spool import (
     StoredRecipient,
     domain_of,
 )
+from relay.spool.store import FLUSH_REQUEST
 
 logger = logging.getLogger("relay.delivery")
 
@@ -145,6 +147,9 @@ class Scheduler:
         )
         self._connections = asyncio.Semaphore(delivery.connection_limit)
         self._destinations: dict[str, _Destination] = {}
+        self._flush_request_path = spool.directory / FLUSH_REQUEST
+        # A flush from before this scheduler started has nothing to lift.
+        self._flush_request_seen = self._flush_request_stamp()
         self._jobs_in_memory = 0
         self._max_jobs = delivery.connection_limit * JOBS_PER_CONNECTION
         self._wake = asyncio.Event()
@@ -244,6 +249,7 @@ class Scheduler:
         room = self._max_jobs - self._jobs_in_memory
         if room <= 0:
             return False
+        self._check_flush_request()
         try:
             # Small bodies come with the claim, which saves a read per message; at
             # most max_jobs claims of claim_body_max_bytes each are held at once.
@@ -256,6 +262,33 @@ class Scheduler:
             claimed += len(claim.recipients)
             self._dispatch(claim)
         return claimed >= room
+
+    def _check_flush_request(self) -> None:
+        """Lift every destination's backoff when ``relay queue flush`` ran since the last check.
+
+        Like ``postqueue -f``, a flush asks for delivery now, also to
+        destinations whose connections failed; without this, the flushed
+        recipients would be deferred again until the backoff ran out.
+        """
+        stamp = self._flush_request_stamp()
+        if stamp is None or stamp == self._flush_request_seen:
+            return
+        self._flush_request_seen = stamp
+        lifted = 0
+        for destination in self._destinations.values():
+            if destination.suspended_until or destination.failures:
+                lifted += 1
+            destination.suspended_until = 0.0
+            destination.failures = 0
+        log_event(logger, "flush_requested", destinations_lifted=lifted)
+
+    def _flush_request_stamp(self) -> tuple[int, int, int] | None:
+        """Return the flush request file's (inode, mtime, size), or None while there is none."""
+        try:
+            info = os.stat(self._flush_request_path)
+        except OSError:
+            return None
+        return (info.st_ino, info.st_mtime_ns, info.st_size)
 
     def _dispatch(self, claim: Claim) -> None:
         by_route: dict[Route, list[StoredRecipient]] = {}
@@ -357,6 +390,11 @@ class Scheduler:
     async def _session_failed(self, name: str, destination: _Destination, job: Job, error: SessionError) -> None:
         if not error.temporary:
             await self._record(job, [(r, Outcome.FAILED, error.reply) for r in job.recipients], "")
+            return
+        if destination.suspended_until > time.time():
+            # A session opened before another one's failure suspended the destination:
+            # the same outage, so it neither counts again nor lengthens the backoff.
+            await self._defer_until(job, error.reply, destination.suspended_until)
             return
         destination.failures += 1
         if destination.failures < self.config.delivery.destination_failure_limit:

@@ -60,6 +60,10 @@ logger = logging.getLogger("relay.spool")
 
 DATABASE_NAME = "spool.db"
 CORRUPT_DIRECTORY = "corrupt"
+# File in the spool directory that a flush rewrites before it makes recipients
+# due, so a running scheduler also lifts the backoff of whole destinations,
+# which it keeps in memory (see relay.delivery.scheduler).
+FLUSH_REQUEST = "flush-request"
 SCHEMA_VERSION = 2
 
 # ``crc32`` and ``body`` are NULL only for a message migrated from version 1
@@ -845,6 +849,7 @@ class SpoolStore:
         With ``queue_id`` only that message's recipients, with ``domain`` only
         recipients at that domain, with neither every pending recipient.
         """
+        self._announce_flush(now)
         with self._errors("flush"):
             if queue_id is not None:
                 return self._operator_action(
@@ -856,6 +861,15 @@ class SpoolStore:
                 query += " AND domain = ?"
                 parameters.append(domain.lower())
             return self.connection.execute(query, parameters).rowcount
+
+    def _announce_flush(self, now: float) -> None:
+        # Written before the recipients become due, so a scheduler that claims
+        # them has already seen the request.
+        path = self.directory / FLUSH_REQUEST
+        try:
+            path.write_text(f"{now!r}\n")
+        except OSError as exc:
+            raise SpoolError(f"spool {self.directory}: cannot write {FLUSH_REQUEST}: {exc.strerror}") from exc
 
     def _require(self, queue_id: str) -> None:
         if self.connection.execute(f"SELECT 1 FROM message WHERE {_BY_QUEUE_ID}", _match(queue_id)).fetchone() is None:
