@@ -194,7 +194,12 @@ class Registry:
         for name, metric in self.metrics.items():
             lines.append(f"# HELP {name} {_escape_help(metric.help_text)}")
             lines.append(f"# TYPE {name} {metric.kind}")
-            for key, value in sorted(merged.get(name, {}).items()):
+            series: dict[LabelValues, Any] = merged.get(name, {})
+            if not series and not metric.labelnames:
+                # An unlabelled series exists from the start, so rate() and alerts see
+                # a 0 and not a missing series before the first event.
+                series = {(): [0.0] * (len(metric.buckets) + 2) if isinstance(metric, Histogram) else 0.0}
+            for key, value in sorted(series.items()):
                 labels = dict(zip(metric.labelnames, key, strict=True))
                 if isinstance(metric, Histogram):
                     lines.extend(_histogram_lines(metric, labels, value))

@@ -191,3 +191,20 @@ def test_log_events_move_counters() -> None:
     assert metrics.recipients_delivered.values[()] == before_delivered + 1
     assert metrics.messages_rejected.values[("RCPT", "5.7.1")] == before_rejected + 1
     assert metrics.destination_attempts.values[("example.net", "deferred")] == before_attempts + 1
+
+
+def test_unlabelled_series_start_at_zero() -> None:
+    registry = metrics.Registry()
+    registry.counter("relay_test_total", "A test counter.")
+    registry.gauge("relay_test_active", "A test gauge.")
+    registry.histogram("relay_test_seconds", "A test histogram.", (0.1, 1.0))
+    registry.counter("relay_test_by_reason_total", "A labelled counter.", ["reason"])
+
+    samples = families(registry.render())
+
+    assert samples["relay_test_total"][()] == 0
+    assert samples["relay_test_active"][()] == 0
+    assert samples["relay_test_seconds_bucket"][(("le", "+Inf"),)] == 0
+    assert samples["relay_test_seconds_count"][()] == 0
+    # A labelled series has no sample until a label value is known.
+    assert "relay_test_by_reason_total" not in samples
