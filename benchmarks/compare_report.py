@@ -97,8 +97,8 @@ def render_section(document: dict[str, Any]) -> str:
         "",
         f"Machine: {machine['cores']} cores ({machine['cpu']}), Linux {machine['kernel']}; "
         + ", ".join(f"{name} {version}" for name, version in machine.items() if name not in ("cpu", "cores", "kernel"))
-        + f".  The whole comparison took {document['elapsed_s']:.0f} s.  Other work shared the two cores, "
-        "so compare ratios within this run rather than absolute figures across runs.",
+        + f".  The whole comparison took {document['elapsed_s']:.0f} s.  The clients share the server's "
+        "cores, and other work may too, so compare ratios within this run rather than absolute figures across runs.",
         "",
         "Workloads: " + "; ".join(f"{name}: {text}" for name, text in document["workloads"].items()) + ".",
         "",
