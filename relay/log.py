@@ -31,6 +31,9 @@ _ESCAPES = {i: f"\\x{i:02x}" for i in range(32)} | {0x7F: "\\x7f", ord("\\"): "\
 _ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
 
 
+_PLAIN_TYPES = frozenset({int, bool, type(None)})
+
+
 def clean(value: Any) -> Any:
     """Return value made safe for one log line: text escaped and truncated."""
     if type(value) is str and len(value) <= MAX_VALUE_LENGTH and value.isascii():
@@ -49,7 +52,10 @@ def clean(value: Any) -> Any:
 
 
 def _quote(value: Any) -> str:
-    if isinstance(value, bool):
+    kind = type(value)
+    if kind is int:
+        return str(value)
+    if kind is bool:
         return "true" if value else "false"
     if value is None:
         return "-"
@@ -57,7 +63,7 @@ def _quote(value: Any) -> str:
         return f"{value:.3f}"
     if isinstance(value, list):
         value = ",".join(str(item) for item in value)
-    text = value if type(value) is str else str(value)
+    text = value if kind is str else str(value)
     if text == "" or " " in text or '"' in text or "=" in text:
         return '"' + text.replace('"', '\\"') + '"'
     return text
@@ -85,15 +91,7 @@ def _render(json_form: bool, created: float, level: str, name: str, event: str, 
         document.update(fields)
         return orjson.dumps(document, default=str).decode()
     parts = [stamp, level, f"{name}:", event]
-    for key, value in fields.items():
-        # Inline fast paths for the common field types; _quote handles the rest.
-        kind = type(value)
-        if kind is str and value and " " not in value and '"' not in value and "=" not in value:
-            parts.append(f"{key}={value}")
-        elif kind is int:
-            parts.append(f"{key}={value}")
-        else:
-            parts.append(f"{key}={_quote(value)}")
+    parts.extend(f"{key}={_quote(value)}" for key, value in fields.items())
     return " ".join(parts)
 
 
@@ -255,23 +253,8 @@ def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **f
         observer(event, fields)
     if not logger.isEnabledFor(level):
         return
-    cleaned = {}
-    for key, value in fields.items():
-        kind = type(value)
-        # Inline fast paths of clean() for values that need no change: ints and
-        # short printable ASCII text without a backslash.
-        if kind is int or kind is bool or value is None:
-            cleaned[key] = value
-        elif (
-            kind is str
-            and len(value) <= MAX_VALUE_LENGTH
-            and value.isascii()
-            and value.isprintable()
-            and "\\" not in value
-        ):
-            cleaned[key] = value
-        else:
-            cleaned[key] = clean(value)
+    # Ints, booleans and None need no cleaning, so they skip the call.
+    cleaned = {key: value if type(value) in _PLAIN_TYPES else clean(value) for key, value in fields.items()}
     handler = _direct
     # The direct write skips the LogRecord and its caller lookup, which cost
     # more than the line itself.  It applies only while the logger's sole
