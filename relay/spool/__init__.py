@@ -224,8 +224,8 @@ class Spool:
         without recipients or a ``queue_id`` that is not a queue ID.  Cancelling
         the await does not withdraw the message.
         """
-        pending = self._pending(envelope, body, queue_id, dsn_for)
-        return await self._writer.commit_async(pending)
+        loop = asyncio.get_running_loop()
+        return await self.submit_commit(envelope, body, loop=loop, queue_id=queue_id, dsn_for=dsn_for)
 
     def submit_commit(
         self,
@@ -234,6 +234,7 @@ class Spool:
         *,
         loop: asyncio.AbstractEventLoop,
         queue_id: str | None = None,
+        dsn_for: DsnRequest | None = None,
     ) -> asyncio.Future[str]:
         """Queue a message like ``commit`` and return a future of ``loop`` for its queue ID.
 
@@ -242,7 +243,7 @@ class Spool:
         on each call, and in Python 3.11 that costs a getpid system call.
         Raises like ``commit`` when the message cannot be queued.
         """
-        pending = self._pending(envelope, body, queue_id, None)
+        pending = self._pending(envelope, body, queue_id, dsn_for)
         return self._writer.commit_async(pending, loop)
 
     def commit_blocking(

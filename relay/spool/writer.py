@@ -140,12 +140,8 @@ class Writer:
         self._put(Job(operation, 0, None, future, durable=durable))
         return future
 
-    def commit_async(
-        self, pending: PendingCommit, loop: asyncio.AbstractEventLoop | None = None
-    ) -> asyncio.Future[str]:
-        """Queue a message; return a future of its queue ID on ``loop`` (default: the running loop)."""
-        if loop is None:
-            loop = asyncio.get_running_loop()
+    def commit_async(self, pending: PendingCommit, loop: asyncio.AbstractEventLoop) -> asyncio.Future[str]:
+        """Queue a message; return a future of its queue ID on ``loop``."""
         future: asyncio.Future[str] = loop.create_future()
         self._put(Job(None, len(pending.body), loop, future, pending))
         return future
