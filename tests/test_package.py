@@ -138,7 +138,7 @@ class CountingStream(io.StringIO):
         return super().write(text)
 
 
-def test_log_lines_of_one_loop_iteration_share_a_write() -> None:
+def test_loop_log_lines_share_write() -> None:
     stream = CountingStream()
     setup_logging("text", "info", stream)
     logger = logging.getLogger("relay.test")
@@ -178,20 +178,26 @@ def test_log_line_from_thread_follows_pending_lines() -> None:
     assert lines[1].endswith("queue_id=SECOND")
 
 
-def test_flush_log_writes_collected_lines() -> None:
-    stream = CountingStream()
-    setup_logging("text", "info", stream)
-    logger = logging.getLogger("relay.test")
+def log_then_stop_loop(logger: logging.Logger) -> asyncio.AbstractEventLoop:
+    """Log one line inside a loop that stops before its scheduled write runs; return the stopped loop."""
     loop = asyncio.new_event_loop()
 
     async def log_and_stop() -> None:
         log_event(logger, "stopping", signal="SIGTERM")
         loop.stop()
 
-    # The loop stops before the scheduled write runs, like a process that
-    # ends right after logging; flush_log must still write the line.
     loop.create_task(log_and_stop())
     loop.run_forever()
+    return loop
+
+
+def test_flush_log_writes_collected_lines() -> None:
+    stream = CountingStream()
+    setup_logging("text", "info", stream)
+    logger = logging.getLogger("relay.test")
+
+    # Like a process that ends right after logging: flush_log must still write the line.
+    loop = log_then_stop_loop(logger)
     written_after_stop = stream.getvalue()
     flush_log()
     loop.close()
@@ -204,14 +210,8 @@ def test_log_line_after_loop_stopped_writes_pending() -> None:
     stream = CountingStream()
     setup_logging("text", "info", stream)
     logger = logging.getLogger("relay.test")
-    loop = asyncio.new_event_loop()
 
-    async def log_and_stop() -> None:
-        log_event(logger, "stopping", signal="SIGTERM")
-        loop.stop()
-
-    loop.create_task(log_and_stop())
-    loop.run_forever()
+    loop = log_then_stop_loop(logger)
     # The loop no longer runs its scheduled write, so this thread writes both lines.
     log_event(logger, "stopped", worker=0)
     loop.close()

@@ -266,8 +266,8 @@ class Scheduler:
     def _check_flush_request(self) -> None:
         """Lift every destination's backoff when ``relay queue flush`` ran since the last check.
 
-        Like ``postqueue -f``, a flush asks for delivery now, also to
-        destinations whose connections failed; without this, the flushed
+        Like ``postqueue -f``, a flush requests delivery now, also to
+        destinations whose connections failed.  Without this, the flushed
         recipients would be deferred again until the backoff ran out.
         """
         stamp = self._flush_request_stamp()
