@@ -251,7 +251,7 @@ class Scheduler:
             return False
         self._check_flush_request()
         try:
-            # Small bodies come with the claim, which saves a read per message; at
+            # Small bodies come with the claim, which saves a read per message.  At
             # most max_jobs claims of claim_body_max_bytes each are held at once.
             claims = await self.spool.claim(self.owner, limit=room, bodies=True)
         except SpoolError as exc:

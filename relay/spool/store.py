@@ -869,7 +869,10 @@ class SpoolStore:
         try:
             path.write_text(f"{now!r}\n")
         except OSError as exc:
-            raise SpoolError(f"spool {self.directory}: cannot write {FLUSH_REQUEST}: {exc.strerror}") from exc
+            raise SpoolError(
+                f"spool {self.directory}: writing {FLUSH_REQUEST} failed: {exc.strerror};"
+                " check that the spool directory is writable"
+            ) from exc
 
     def _require(self, queue_id: str) -> None:
         if self.connection.execute(f"SELECT 1 FROM message WHERE {_BY_QUEUE_ID}", _match(queue_id)).fetchone() is None:
