@@ -5,7 +5,7 @@ concurrent committers (1, 20 and 100), two stores take turns, ``--repeat``
 runs of ``--seconds`` each, and the medians are compared:
 
 - ``relay``: ``relay.spool.Spool``; N asyncio tasks on one event loop (as in
-  one server worker) each await ``commit`` in a loop.  Group commit lets the
+  one server worker) each await ``submit_commit`` in a loop.  Group commit lets the
   tasks share one SQLite transaction and one fsync per batch.
 - ``file-fsync``: the baseline, what a file-per-message spool with a per-message
   fsync does.  N threads each write one file per message (envelope line, then
@@ -93,11 +93,13 @@ async def _bench_relay(directory: Path, size: int, concurrency: int, seconds: fl
     body = make_body(size)
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
+    loop = asyncio.get_running_loop()
 
     async def committer() -> None:
+        # submit_commit, as the server's sessions call it: they hold their loop.
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            await spool.commit(ENVELOPE, body)
+            await spool.submit_commit(ENVELOPE, body, loop=loop)
             latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()

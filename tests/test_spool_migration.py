@@ -12,7 +12,14 @@ import pytest
 from spool_helpers import make_envelope, run
 
 from relay.spool import CorruptRecord, DsnState, RecipientState, Spool, SpoolStore, new_queue_id
-from relay.spool.ids import ALPHABET, KEY_SLOTS, message_key, message_key_range, queue_id_time
+from relay.spool.ids import (
+    ALPHABET,
+    KEY_SLOTS,
+    message_key,
+    message_key_range,
+    new_queue_id_and_key,
+    queue_id_time,
+)
 from relay.spool.store import SCHEMA_VERSION, database_path
 
 # The version 1 schema as relay created it, before the body moved into the message row.
@@ -182,6 +189,14 @@ def test_message_key_sorts_like_queue_id() -> None:
         assert low <= message_key(queue_id) <= high
         assert high - low + 1 == KEY_SLOTS
         assert abs(low // KEY_SLOTS / 1e6 - queue_id_time(queue_id)) < 1e-6
+
+
+def test_new_id_key_matches_message_key() -> None:
+    # The spool stores a fresh message under the key made with its ID.  Lookups
+    # later use message_key of the ID, so the two must agree.
+    for _ in range(100):
+        queue_id, key = new_queue_id_and_key()
+        assert key == message_key(queue_id)
 
 
 def test_shared_key_keeps_both_ids(tmp_path: Path) -> None:

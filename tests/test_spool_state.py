@@ -29,6 +29,7 @@ from relay.spool import (
     is_queue_id,
     new_queue_id,
 )
+from relay.spool.checkpoint import CHECKPOINT_BYTES
 from relay.spool.ids import queue_id_time
 from relay.spool.store import SCHEMA_VERSION, PendingCommit, database_path
 
@@ -660,9 +661,9 @@ def test_corrupt_state_moved_aside_on_load(spool: Spool) -> None:
 
 def test_background_checkpoint_runs(spool: Spool) -> None:
     body = make_body("checkpoint", 100_000)
-    for _ in range(3):
+    # Enough rounds of 20 messages of 100 kB to pass the checkpoint point at least once.
+    for _ in range(CHECKPOINT_BYTES // (20 * 100_000) + 1):
         run(asyncio.wait_for(_commit_many(spool, body, 20), timeout=60))
-    # 60 messages of 100 kB pass the 4 MB checkpoint point at least once.
     deadline = time.monotonic() + 10
     while spool.background_checkpoints == 0 and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -53,7 +53,7 @@ from typing import TypeVar
 
 from relay.config import SpoolConfig
 from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
-from relay.spool.ids import is_queue_id, new_queue_id
+from relay.spool.ids import is_queue_id, message_key, new_queue_id, new_queue_id_and_key
 from relay.spool.store import PendingCommit, ResultGroup, SpoolStore
 from relay.spool.types import (
     Attempt,
@@ -264,15 +264,15 @@ class Spool:
     ) -> PendingCommit:
         if not envelope.recipients:
             raise ValueError("a message needs at least one recipient")
-        if queue_id is not None and not is_queue_id(queue_id):
-            raise ValueError(f"invalid queue ID {queue_id!r}; use one from new_queue_id")
         arrival = time.time()
+        if queue_id is None:
+            queue_id, key = new_queue_id_and_key(arrival)
+        elif is_queue_id(queue_id):
+            key = message_key(queue_id)
+        else:
+            raise ValueError(f"invalid queue ID {queue_id!r}; use one from new_queue_id")
         return PendingCommit(
-            envelope=envelope,
-            body=body if type(body) is bytes else bytes(body),
-            arrival=arrival,
-            queue_id=queue_id or new_queue_id(arrival),
-            dsn_for=dsn_for,
+            envelope, body if type(body) is bytes else bytes(body), arrival, queue_id, dsn_for, key
         )
 
     # -- the scheduler --------------------------------------------------------

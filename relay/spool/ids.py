@@ -80,13 +80,19 @@ def _encode(value: int) -> str:
 
 def new_queue_id(now: float | None = None) -> str:
     """Return a fresh queue ID for a message arriving at ``now`` (default: the clock)."""
+    return new_queue_id_and_key(now)[0]
+
+
+def new_queue_id_and_key(now: float | None = None) -> tuple[str, int]:
+    """Return a fresh queue ID and its ``message_key``, both made from the same integer."""
     global _last_micros
     micros = int((time.time() if now is None else now) * 1_000_000)
     with _lock:
         if micros <= _last_micros:
             micros = _last_micros + 1
         _last_micros = micros
-    return _encode((micros << 20) | _process_bits)
+    value = (micros << 20) | _process_bits
+    return _encode(value), value >> DROPPED_BITS
 
 
 def queue_id_time(queue_id: str) -> float:

@@ -181,6 +181,9 @@ class PendingCommit:
     arrival: float
     queue_id: str
     dsn_for: DsnRequest | None = None
+    # ``message_key(queue_id)`` when the caller has checked the ID's form and
+    # derived the key already; None makes the writer check and derive them.
+    key: int | None = None
 
 
 def database_path(directory: str | os.PathLike[str]) -> Path:
@@ -212,12 +215,19 @@ def _message_row(pending: PendingCommit, key: int, queue_id: str) -> tuple[Any, 
 
 
 def _recipient_rows(pending: PendingCommit, queue_id: str) -> list[tuple[Any, ...]]:
-    notify_of = ",".join
-    return [
-        (queue_id, index, recipient.address, domain_of(recipient.address), recipient.orcpt,
-         notify_of(recipient.notify), pending.arrival)
-        for index, recipient in enumerate(pending.envelope.recipients)
-    ]
+    values: list[Any] = []
+    _add_recipient_values(values, pending, queue_id)
+    return [tuple(values[start : start + _RECIPIENT_VALUES]) for start in range(0, len(values), _RECIPIENT_VALUES)]
+
+
+def _add_recipient_values(values: list[Any], pending: PendingCommit, queue_id: str) -> None:
+    """Append the ``_INSERT_RECIPIENT`` parameters of every recipient of ``pending`` to ``values``."""
+    # One flat list for the whole batch: the writer runs this for every message.
+    arrival = pending.arrival
+    add = values.extend
+    for index, recipient in enumerate(pending.envelope.recipients):
+        address = recipient.address
+        add((queue_id, index, address, domain_of(address), recipient.orcpt, ",".join(recipient.notify), arrival))
 
 
 def _checked_body(queue_id: str, crc: int | None, data: bytes | None) -> bytes:
@@ -496,13 +506,15 @@ class SpoolStore:
         message_values: list[Any] = []
         recipient_values: list[Any] = []
         for pending in batch:
+            queue_id, key = pending.queue_id, pending.key
+            if key is None:
+                if not is_queue_id(queue_id):
+                    raise ValueError(f"invalid queue ID {queue_id!r}; use one from new_queue_id")
+                key = message_key(queue_id)
             if not pending.envelope.recipients:
                 raise ValueError("a message needs at least one recipient")
-            if not is_queue_id(pending.queue_id):
-                raise ValueError(f"invalid queue ID {pending.queue_id!r}")
-            message_values.extend(_message_row(pending, message_key(pending.queue_id), pending.queue_id))
-            for row in _recipient_rows(pending, pending.queue_id):
-                recipient_values.extend(row)
+            message_values.extend(_message_row(pending, key, queue_id))
+            _add_recipient_values(recipient_values, pending, queue_id)
         limit = self.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         with self._errors("insert messages"):
             if len(message_values) <= limit and len(recipient_values) <= limit:
