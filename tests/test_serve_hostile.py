@@ -11,6 +11,8 @@ under uvloop and under the standard asyncio loop.
 from __future__ import annotations
 
 import base64
+import fcntl
+import os
 import resource
 import socket
 import ssl
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from relay.smtp.auth import set_password
+from relay.spool.writer import WRITER_LOCK
 from tests.server_helpers import EVENT_LOOPS, Listener, RawClient, RelayProcess, make_certificate, strip_received
 
 EHLO = b"EHLO client.example.com\r\n"
@@ -667,6 +670,29 @@ def test_connection_limits_and_timeouts(tmp_path: Path) -> None:
         finally:
             for client in clients:
                 client.close()
+
+
+def test_spool_lock_timeout_replies_452(tmp_path: Path) -> None:
+    """A spool write lock held past busy_timeout gets 452 4.3.1, not a hang, and a retry works."""
+    with RelayProcess(tmp_path, spool='busy_timeout = "1s"') as relay, RawClient(relay.port) as client:
+        client.exchange(b"", ["220"])
+        greet(client)
+        # Another open file description of writer.lock stands for a stopped relay process.
+        holder = os.open(relay.spool / WRITER_LOCK, os.O_RDWR)
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        try:
+            transaction(client, "locked-out@example.com")
+            started = time.monotonic()
+            client.exchange(b"Subject: locked\r\n\r\nbody\r\n.\r\n", ["452 4.3.1"])
+            assert time.monotonic() - started < 5
+        finally:
+            fcntl.flock(holder, fcntl.LOCK_UN)
+            os.close(holder)
+        assert messages_from(relay, "locked-out@example.com") == []
+
+        transaction(client, "locked-out@example.com")
+        client.exchange(b"Subject: retried\r\n\r\nbody\r\n.\r\n", ["250 2.0.0"])
+        assert len(messages_from(relay, "locked-out@example.com")) == 1
 
 
 def test_spool_write_failure_never_acknowledged(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ from relay.spool import (
 from relay.spool.checkpoint import CHECKPOINT_BYTES
 from relay.spool.ids import queue_id_time
 from relay.spool.store import SCHEMA_VERSION, PendingCommit, database_path
+from relay.spool.writer import WRITER_LOCK
 
 
 @pytest.fixture
@@ -668,6 +671,34 @@ def test_background_checkpoint_runs(spool: Spool) -> None:
     while spool.background_checkpoints == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert spool.background_checkpoints > 0
+
+
+def test_held_writer_lock_fails_commit(tmp_path: Path) -> None:
+    """A commit waiting longer than busy_timeout for writer.lock fails, and is not stored later."""
+    spool = Spool.open(tmp_path / "spool", busy_timeout=0.3)
+    try:
+        # Another open file description of writer.lock stands for a stopped process
+        # that holds the lock.
+        holder = os.open(tmp_path / "spool" / WRITER_LOCK, os.O_RDWR)
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        try:
+            started = time.monotonic()
+            with pytest.raises(SpoolError, match="for more than 0.3 s"):
+                spool.commit_blocking(make_envelope(), b"waited too long")
+            assert time.monotonic() - started < 2
+            # A commit queued while the lock is still held fails too.
+            with pytest.raises(SpoolError, match=WRITER_LOCK):
+                spool.commit_blocking(make_envelope(), b"queued during the wait")
+        finally:
+            fcntl.flock(holder, fcntl.LOCK_UN)
+            os.close(holder)
+
+        queue_id = spool.commit_blocking(make_envelope(), b"after the release")
+        with SpoolStore(tmp_path / "spool") as store:
+            assert store.queue_ids() == [queue_id]
+        assert run(spool.load_body(queue_id)) == b"after the release"
+    finally:
+        spool.close()
 
 
 def test_wal_limit_forces_restart(

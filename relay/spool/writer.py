@@ -106,6 +106,16 @@ class Writer:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="relay-spool-writer", daemon=True)
         self._checkpointer = Checkpointer(directory, busy_timeout)
+        # The batch waiting for writer.lock and since when; the watchdog fails its
+        # jobs once the wait passes busy_timeout (see ``_watch``).  ``_guard``
+        # orders those failures against the writer taking the batch to commit.
+        self._guard = threading.Lock()
+        self._waiting: list[Job] | None = None
+        self._waiting_since = 0.0
+        self._stuck = False  # the watchdog gave up on the current wait
+        self._watch_interval = min(0.5, max(0.01, busy_timeout / 4))
+        self._watch_stop = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="relay-spool-lock-watch", daemon=True)
         self._wal_growth = 0  # estimated octets added to the WAL since the last checkpoint request
         self._unchecked_growth = 0  # estimated octets added since the writer last read the WAL's size
         self._checkpoints_seen = 0  # background checkpoints whose completion the writer has handled
@@ -126,6 +136,7 @@ class Writer:
         if self._start_error is not None:
             raise self._start_error
         self._checkpointer.start()
+        self._watchdog.start()
 
     def submit_async(self, operation: Operation, *, durable: bool = True) -> asyncio.Future[Any]:
         """Queue an operation; return an asyncio future of the running loop."""
@@ -163,9 +174,19 @@ class Writer:
             return
         self._closed = True
         self._queue.put(_STOP)
-        self._thread.join()
+        while self._thread.is_alive():
+            self._thread.join(self._watch_interval)
+            if self._stuck:
+                # Another process still holds writer.lock.  The watchdog has failed every
+                # queued job, and the writer thread (a daemon) ends with the process.
+                log_event(logger, "writer_abandoned", logging.ERROR, spool=str(self.directory),
+                          error=f"{WRITER_LOCK} still held by another process at close")
+                break
         if self._start_error is None:
-            self._checkpointer.stop()
+            self._watch_stop.set()
+            self._watchdog.join()
+            if not self._stuck:
+                self._checkpointer.stop()
 
     def _run(self) -> None:
         try:
@@ -186,27 +207,107 @@ class Writer:
             while True:
                 batch, stop = self._next_batch()
                 if batch:
-                    # Writers of other processes wait here, in the kernel, and not on
-                    # SQLite's write lock.  SQLite's default busy handler sleeps 1, 2, 5,
-                    # 10 ms and longer between retries (sqliteDefaultBusyCallback), which
-                    # is several fsyncs of waiting for a lock held during one.  flock
-                    # wakes the next writer as soon as this one has committed.
-                    # NOTE: this wait has no timeout, unlike busy_timeout, so a process
-                    # stopped (SIGSTOP) inside a transaction stalls the other writers.
-                    fcntl.flock(lock, fcntl.LOCK_EX)
-                    try:
-                        if not stop:
-                            # Jobs that arrived while another process held the lock join this batch.
-                            stop = self._drain(batch)
-                        self._commit(store, batch)
-                    finally:
-                        fcntl.flock(lock, fcntl.LOCK_UN)
-                    self._checkpoint(store, batch)
+                    stop = self._write(store, lock, batch, stop)
                 if stop:
                     break
         finally:
             os.close(lock)
             store.close()
+
+    def _write(self, store: SpoolStore, lock: int, batch: list[Job], stop: bool) -> bool:
+        """Commit ``batch`` under writer.lock; return whether stop was requested."""
+        try:
+            self._take_lock(lock, batch)
+        except SpoolError as exc:
+            self._fail(batch, exc)
+            return stop
+        try:
+            if not stop:
+                # Jobs that arrived while another process held the lock join this batch.
+                stop = self._drain(batch)
+            if batch:  # empty when the watchdog has failed its jobs
+                self._commit(store, batch)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        if batch:
+            self._checkpoint(store, batch)
+        return stop
+
+    def _take_lock(self, lock: int, batch: list[Job]) -> None:
+        """Take writer.lock for ``batch``; raise SpoolError when flock fails.
+
+        Writers of other processes wait here, in the kernel, and not on
+        SQLite's write lock.  SQLite's default busy handler sleeps 1, 2, 5, 10
+        ms and longer between retries (sqliteDefaultBusyCallback), which is
+        several fsyncs of waiting for a lock held during one.  flock wakes the
+        next writer as soon as this one has committed.  flock has no timeout,
+        so ``_watch`` applies busy_timeout to the wait.
+        """
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise self._lock_error(exc) from exc
+        with self._guard:
+            self._waiting = batch
+            self._waiting_since = time.monotonic()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise self._lock_error(exc) from exc
+        finally:
+            with self._guard:
+                self._waiting = None
+                self._stuck = False
+
+    def _lock_error(self, exc: OSError) -> SpoolError:
+        return SpoolError(
+            f"spool {self.directory}: locking {WRITER_LOCK} failed: {exc.strerror};"
+            " keep the spool on a local file system"
+        )
+
+    def _watch(self) -> None:
+        """Fail the jobs of a writer that has waited for writer.lock longer than busy_timeout.
+
+        Their callers get the SpoolError (the server replies ``452 4.3.1``)
+        instead of waiting as long as another process holds the lock, for
+        example one stopped with SIGSTOP.  Jobs queued during the wait fail
+        too.  The writer commits none of them once it has the lock.
+        """
+        while not self._watch_stop.wait(self._watch_interval):
+            with self._guard:
+                waiting = self._waiting
+                if waiting is None or time.monotonic() - self._waiting_since < self.busy_timeout:
+                    continue
+                failed = list(waiting)
+                waiting.clear()
+                stop = False
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stop = True
+                    else:
+                        assert isinstance(item, Job)
+                        failed.append(item)
+                if stop:
+                    self._queue.put(_STOP)
+                self._stuck = True
+            if failed:
+                self._fail(failed, SpoolError(
+                    f"spool {self.directory}: another process has held {WRITER_LOCK} for more than"
+                    f" {self.busy_timeout:g} s; look for a stopped relay or relay queue process"
+                ))
+
+    def _fail(self, jobs: list[Job], error: SpoolError) -> None:
+        log_event(logger, "commit_failed", logging.ERROR, jobs=len(jobs), error=str(error))
+        for job in jobs:
+            job.outcome = (False, error)
+        self._deliver(jobs)
 
     def _checkpoint(self, store: SpoolStore, batch: list[Job]) -> None:
         # Estimate the WAL growth: the bodies plus about one page of rows and index
