@@ -242,6 +242,8 @@ class LogConfig:
 class AdminConfig:
     # Empty string: the admin listener is off.
     address: str = _key("127.0.0.1:9025", "optional_hostport")
+    # Distinct values of the metrics' destination label; later ones count as "other".
+    max_destination_labels: int = _key(100, "int", min=1)
 
 
 @dataclass(frozen=True)

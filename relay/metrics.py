@@ -293,8 +293,34 @@ queue_recipients = REGISTRY.gauge("relay_queue_recipients", "Recipients in the s
 queue_oldest_age = REGISTRY.gauge(
     "relay_queue_oldest_age_seconds", "Age of the oldest message with a recipient in this state.", ["state"]
 )
-# NOTE: one label value per recipient domain; a relay that sends to very many
-# domains grows this family without bound until it restarts.
+
+
+class BoundedLabel:
+    """The values of one label, capped: after ``limit`` distinct values the rest map to "other".
+
+    A relay that sends to very many domains would otherwise add series
+    without end, and every scrape would grow with them.  The first values
+    seen keep their own series until the process restarts.
+    """
+
+    OTHER = "other"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        """Return ``value`` if it has or can still get a series of its own, else "other"."""
+        if value in self._seen:
+            return value
+        if len(self._seen) < self.limit:
+            self._seen.add(value)
+            return value
+        return self.OTHER
+
+
+# The destination label of the two families below, set from [admin] max_destination_labels at start.
+destination_label = BoundedLabel(100)
 destination_attempts = REGISTRY.counter(
     "relay_destination_attempts_total",
     "Delivery attempt results per recipient domain: delivered, deferred or bounced.",
@@ -354,7 +380,7 @@ def observe_event(event: str, fields: dict[str, Any]) -> None:
         if isinstance(seconds, (int, float)):
             spool_commit_latency.observe(float(seconds))
     elif event in ("delivered", "deferred", "bounced"):
-        destination_attempts.inc(destination=_domain(fields.get("to", "")), result=event)
+        destination_attempts.inc(destination=destination_label(_domain(fields.get("to", ""))), result=event)
         if event == "delivered":
             recipients_delivered.inc()
             delay = fields.get("delay")

@@ -10,7 +10,7 @@ connection is dropped.
 Settings bound to sockets, processes or files opened at start keep their
 running values, and a differing value in the file is logged as needing a
 restart: the listeners, ``spool.path``, ``server.workers``,
-``delivery.enabled`` and the ``[admin]`` address.  An invalid file is rejected as a whole: every error
+``delivery.enabled`` and the ``[admin]`` section.  An invalid file is rejected as a whole: every error
 is logged and the running config stays in force.
 """
 
@@ -51,8 +51,9 @@ def reload_config(running: Config) -> ReloadResult:
         needs_restart.append("spool.path")
     if loaded.server.workers != running.server.workers:
         needs_restart.append("server.workers")
-    if loaded.admin.address != running.admin.address:
-        needs_restart.append("admin.address")
+    for admin_field in dataclasses.fields(loaded.admin):
+        if getattr(loaded.admin, admin_field.name) != getattr(running.admin, admin_field.name):
+            needs_restart.append(f"admin.{admin_field.name}")
     if loaded.delivery.enabled != running.delivery.enabled:
         needs_restart.append("delivery.enabled")
 

@@ -10,6 +10,7 @@ import pytest
 
 from relay.cli import main
 from relay.config import Config, ConfigError, describe_defaults, load_config
+from relay.reload import reload_config
 from relay.units import parse_duration, parse_host_port, parse_size
 
 
@@ -129,6 +130,7 @@ format = "json"
         ("[delivery.transport]\n\"example.net\" = \"uucp:host\"\n", "delivery.transport", "invalid route"),
         ("[delivery]\nrelayhost_username = \"u\"\n", "delivery.relayhost_password_file", "missing"),
         ("[admin]\naddress = \"localhost\"\n", "admin.address", "missing port"),
+        ("[admin]\nmax_destination_labels = 0\n", "admin.max_destination_labels", "below the minimum 1"),
         ("[server]\nworkers = 0\n", "server.workers", "below the minimum 1"),
     ],
 )
@@ -238,3 +240,15 @@ def test_version_command() -> None:
 
     assert result.returncode == 0
     assert result.stdout.strip().startswith("relay 0.")
+
+
+def test_reload_keeps_admin_settings(tmp_path: Path) -> None:
+    path = write(tmp_path, "[admin]\nmax_destination_labels = 5\n")
+    running = load_config(path)
+    path.write_text("[admin]\nmax_destination_labels = 7\n")
+
+    result = reload_config(running)
+
+    assert result.config is not None
+    assert result.config.admin.max_destination_labels == 5
+    assert result.needs_restart == ["admin.max_destination_labels"]

@@ -193,6 +193,31 @@ def test_log_events_move_counters() -> None:
     assert metrics.destination_attempts.values[("example.net", "deferred")] == before_attempts + 1
 
 
+def test_destination_label_capped() -> None:
+    label = metrics.BoundedLabel(2)
+
+    assert label("example.net") == "example.net"
+    assert label("example.org") == "example.org"
+    assert label("example.com") == "other"
+    # The first values keep their series; "other" stays "other".
+    assert label("example.net") == "example.net"
+    assert label("example.com") == "other"
+
+
+def test_destination_attempts_past_cap_count_as_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    logger = logging.getLogger("relay.test")
+    monkeypatch.setattr(metrics, "destination_label", metrics.BoundedLabel(1))
+    before_other = metrics.destination_attempts.values.get(("other", "delivered"), 0.0)
+
+    log_event(logger, "delivered", queue_id="Q", to="a@first.example", delay=1.0, reply="250 ok")
+    for number in range(3):
+        log_event(logger, "delivered", queue_id="Q", to=f"a@d{number}.example", delay=1.0, reply="250 ok")
+
+    assert metrics.destination_attempts.values[("first.example", "delivered")] >= 1
+    assert metrics.destination_attempts.values[("other", "delivered")] == before_other + 3
+    assert ("d0.example", "delivered") not in metrics.destination_attempts.values
+
+
 def test_unlabelled_series_start_at_zero() -> None:
     registry = metrics.Registry()
     registry.counter("relay_test_total", "A test counter.")

@@ -95,8 +95,9 @@ class SessionPool:
                 self.opened += 1
                 # The gauge follows the session object's life: a closed or aborted
                 # session is dropped by every holder and freed at once.
-                metrics.destination_active.inc(destination=route.destination)
-                weakref.finalize(session, metrics.destination_active.dec, destination=route.destination)
+                label = metrics.destination_label(route.destination)
+                metrics.destination_active.inc(destination=label)
+                weakref.finalize(session, metrics.destination_active.dec, destination=label)
                 return session
         last = errors[-1]
         raise SessionError(last.reply, temporary=any(error.temporary for error in errors))

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay import metrics
 from relay._parser import xtext_encode
 from relay.admin import Monitoring
 from relay.config import Config, ListenerConfig
@@ -558,6 +559,8 @@ def _separate_delivery(config: Config) -> bool:
 def serve(config: Config, *, event_loop: str = "uvloop") -> int:
     """Run ``config.server.workers`` workers until a signal stops them; return the exit status."""
     workers = config.server.workers
+    # Set before the workers fork, so each of them inherits it.
+    metrics.destination_label.limit = config.admin.max_destination_labels
     if workers == 1:
         return run_worker(config, event_loop=event_loop, workers=1, index=0)
     return _supervise(config, event_loop, workers)
