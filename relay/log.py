@@ -12,11 +12,12 @@ hostile client cannot forge or flood log lines.  Callers never pass secrets
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 import orjson
@@ -115,7 +116,8 @@ class _EventHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     Lines logged on a thread with a running event loop are collected and
     written together once per loop iteration: one ``write`` for all the
-    events of the iteration instead of one per line.  Lines from other
+    events of the iteration instead of one per line.  A thread without a
+    loop gets the same inside a ``collect_lines`` block.  Lines from other
     threads, ``emit`` and ``flush`` write the collected lines first, so the
     output keeps the order in which events were logged.
     """
@@ -129,6 +131,7 @@ class _EventHandler(logging.StreamHandler):  # type: ignore[type-arg]
         # The loop that writes the collected lines while _write_scheduled is set, and its thread.
         self._scheduled_loop: asyncio.AbstractEventLoop | None = None
         self._scheduled_thread = 0
+        self._collecting = threading.local()  # ``active`` is set inside collect_lines
 
     def write_event(self, level: int, name: str, event: str, fields: dict[str, Any]) -> None:
         """Write one event line without building a LogRecord, as ``emit`` would write it."""
@@ -141,6 +144,8 @@ class _EventHandler(logging.StreamHandler):  # type: ignore[type-arg]
             if self._write_scheduled and thread == self._scheduled_thread and scheduled and scheduled.is_running():
                 # This thread's loop writes the lines in its next iteration.  Checked
                 # first because _get_running_loop makes a getpid system call in 3.11.
+                return
+            if getattr(self._collecting, "active", False):
                 return
             loop = _get_running_loop()
             if loop is not None and self._schedule_write(loop, thread):
@@ -210,6 +215,25 @@ _LEVEL_NAMES = {
 # The handler of the "relay" logger while setup_logging's configuration is in place.
 _direct: _EventHandler | None = None
 _relay_logger = logging.getLogger("relay")
+
+
+@contextlib.contextmanager
+def collect_lines() -> Iterator[None]:
+    """Collect the event lines this thread logs in the block; write them with one ``write`` at its end.
+
+    For threads without an event loop that log several events at a time,
+    such as the spool's writer thread.
+    """
+    handler = _direct
+    if handler is None:
+        yield
+        return
+    handler._collecting.active = True
+    try:
+        yield
+    finally:
+        handler._collecting.active = False
+        handler.flush()
 
 
 def flush_log() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 
 from conftest import REPO_ROOT
-from relay.log import flush_log, log_event, setup_logging
+from relay.log import collect_lines, flush_log, log_event, setup_logging
 
 
 def test_import_without_extension_says_how_to_build(tmp_path: Path) -> None:
@@ -176,6 +176,27 @@ def test_log_line_from_thread_follows_pending_lines() -> None:
     assert len(lines) == 2
     assert lines[0].endswith("queue_id=FIRST")
     assert lines[1].endswith("queue_id=SECOND")
+
+
+def test_thread_collected_lines_share_write() -> None:
+    stream = CountingStream()
+    setup_logging("text", "info", stream)
+    logger = logging.getLogger("relay.test")
+
+    def log_three() -> str:
+        with collect_lines():
+            for number in range(3):
+                log_event(logger, "removed", queue_id=f"ID{number}")
+            return stream.getvalue()
+
+    written_inside = log_three()
+    log_event(logger, "removed", queue_id="AFTER")
+
+    assert written_inside == ""
+    assert stream.writes == 2
+    assert [line.split()[-1] for line in stream.getvalue().splitlines()] == [
+        "queue_id=ID0", "queue_id=ID1", "queue_id=ID2", "queue_id=AFTER",
+    ]
 
 
 def log_then_stop_loop(logger: logging.Logger) -> asyncio.AbstractEventLoop:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay.log import log_event
+from relay.log import collect_lines, log_event
 from relay.spool.checkpoint import (
     CATCH_UP_BYTES,
     CHECKPOINT_BYTES,
@@ -207,7 +207,9 @@ class Writer:
             while True:
                 batch, stop = self._next_batch()
                 if batch:
-                    stop = self._write(store, lock, batch, stop)
+                    # One write for the batch's log lines (each removed message logs one).
+                    with collect_lines():
+                        stop = self._write(store, lock, batch, stop)
                 if stop:
                     break
         finally:
