@@ -31,8 +31,6 @@ import contextlib
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +47,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare_postfix import postfix_instance, queue_empty  # noqa: E402
+from peers import free_port, smtp_sink_command, stop, wait_listening  # noqa: E402
 
 from relay.spool import SpoolStore  # noqa: E402
 
@@ -61,43 +60,10 @@ POLL_INTERVAL = 0.05
 DRAIN_TIMEOUT = 300.0
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def wait_listening(port: int, process: subprocess.Popen[bytes], name: str) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with status {process.returncode} before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{name} did not listen on 127.0.0.1:{port} within 20 s")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @contextlib.contextmanager
 def smtp_sink(port: int) -> Iterator[None]:
     """Run smtp-sink on 127.0.0.1:port (as nobody when root, which it requires)."""
-    user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    # 1000: the listen backlog, so no delivery connection waits for an accept slot.
-    process = subprocess.Popen([SMTP_SINK, *user, f"127.0.0.1:{port}", "1000"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(smtp_sink_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_listening(port, process, "smtp-sink")
         yield

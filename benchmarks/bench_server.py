@@ -49,8 +49,6 @@ import contextlib
 import os
 import platform
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -65,16 +63,16 @@ from typing import Any
 import orjson
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 sys.path.insert(0, str(REPO_ROOT))
+
+from peers import free_port, smtp_sink_command, stop, wait_listening  # noqa: E402
 
 from relay.spool.store import database_path  # noqa: E402
 
 PYTHON = sys.executable
 SMTP_SOURCE = "smtp-source"
 SMTP_SINK = "smtp-sink"
-# smtp-sink drops root privileges to this user (it refuses to run as root without -u).
-SINK_USER = "nobody"
-STARTUP_TIMEOUT = 20.0
 # Seconds relay serve gets to deliver its backlog to the smtp-sink after a workload.
 DRAIN_TIMEOUT = 300.0
 # An smtp-source run longer than this raises TimeoutExpired and ends the benchmark.
@@ -107,40 +105,6 @@ WARM_UP = Workload("warm-up", 1024, 20, False, 200)
 # relay serve's end-to-end rate: the workload's messages divided by the time
 # from the first one sent until the last one was delivered to the smtp-sink.
 RELAYED = "relay-serve relayed"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_listening(port: int, process: subprocess.Popen[bytes], name: str) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with status {process.returncode} before listening on port {port}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1.0):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{name} did not listen on port {port} within {STARTUP_TIMEOUT:.0f} s")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def smtp_sink_command(port: int) -> list[str]:
-    user = ["-u", SINK_USER] if os.geteuid() == 0 else []
-    # 1000: the listen backlog, so no connection of W4 waits for an accept slot.
-    return [SMTP_SINK, *user, f"127.0.0.1:{port}", "1000"]
 
 
 def relay_config(directory: Path, port: int, delivery_port: int, workers: int) -> Path:

@@ -40,9 +40,6 @@ import argparse
 import contextlib
 import os
 import platform
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,16 +57,15 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 sys.path.insert(0, str(REPO_ROOT))
 
 from compare_report import write_results  # noqa: E402
+from peers import find_program, free_port, smtp_sink_command, stop, wait_listening  # noqa: E402
 
 # smtp-source sends at least this many messages per run, so a very slow
 # server still yields a measurable run.
 MIN_MESSAGES = 100
 # smtp-source sends at most this many, so a mis-calibration cannot run for long.
 MAX_MESSAGES = 200_000
-# Seconds to wait for a server to listen, and for Postfix to drain its queue.
-STARTUP_TIMEOUT = 20.0
+# Seconds to wait for Postfix to drain its queue.
 DRAIN_TIMEOUT = 120.0
-SINK_USER = "nobody"
 
 
 @dataclass(frozen=True)
@@ -90,58 +86,14 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with status {process.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {STARTUP_TIMEOUT:g} s")
-
-
-def find_program(name: str) -> str | None:
-    extra = os.pathsep.join(["/usr/sbin", "/usr/local/sbin", "/sbin"])
-    return shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + extra)
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    """Stop a server started here: SIGTERM, then SIGKILL after 10 s."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def sink_command(port: int) -> list[str]:
-    """Return the smtp-sink command line for a loopback port (``-u`` is required as root)."""
-    program = find_program("smtp-sink")
-    assert program is not None
-    user = ["-u", SINK_USER] if os.geteuid() == 0 else []
-    return [program, *user, f"127.0.0.1:{port}", "1000"]
-
-
 @contextlib.contextmanager
 def running(command: list[str], port: int, **options: Any) -> Iterator[subprocess.Popen[bytes]]:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **options)
     try:
-        wait_for_port(port, process)
+        wait_listening(port, process)
         yield process
     finally:
-        stop_process(process)
+        stop(process, timeout=10)
 
 
 # Servers.  Each returns a reason when unavailable, or a context manager
@@ -225,7 +177,7 @@ def _relay_serve(port: int, workdir: Path) -> Iterator[None]:
         raise RuntimeError("relay serve relays to smtp-sink, which is not installed")
     downstream = free_port()
     config = _relay_config(port, workdir, "mx", downstream)
-    with running(sink_command(downstream), downstream):
+    with running(smtp_sink_command(downstream), downstream):
         command = [_python(), "-m", "relay", "serve", "--config", str(config)]
         with running(command, port, cwd=REPO_ROOT):
             yield None
@@ -277,7 +229,7 @@ def _check_smtp_sink() -> str | None:
 
 @contextlib.contextmanager
 def _smtp_sink(port: int, workdir: Path) -> Iterator[None]:
-    with running(sink_command(port), port):
+    with running(smtp_sink_command(port), port):
         yield None
 
 
@@ -294,9 +246,9 @@ def _postfix(port: int, workdir: Path) -> Iterator[Callable[[], None]]:
     from compare_postfix import postfix_instance
 
     downstream = free_port()
-    with running(sink_command(downstream), downstream):
+    with running(smtp_sink_command(downstream), downstream):
         with postfix_instance(workdir / "postfix", port, downstream, DRAIN_TIMEOUT) as drain:
-            wait_for_port(port)
+            wait_listening(port, name="Postfix")
             yield drain
 
 
