@@ -131,6 +131,7 @@ format = "json"
         ("[delivery]\nrelayhost_username = \"u\"\n", "delivery.relayhost_password_file", "missing"),
         ("[admin]\naddress = \"localhost\"\n", "admin.address", "missing port"),
         ("[admin]\nmax_destination_labels = 0\n", "admin.max_destination_labels", "below the minimum 1"),
+        ("[spool]\nbusy_timeout = \"4w\"\n", "spool.busy_timeout", "above the maximum 86400"),
         ("[server]\nworkers = 0\n", "server.workers", "below the minimum 1"),
     ],
 )

@@ -297,7 +297,8 @@ class SpoolStore:
 
     def _configure(self, busy_timeout: float, autocheckpoint: bool) -> None:
         with self._errors("open"):
-            self.connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            # SQLite takes milliseconds as a signed 32-bit number and treats more as 0 (no wait).
+            self.connection.execute(f"PRAGMA busy_timeout = {min(int(busy_timeout * 1000), 2**31 - 1)}")
             mode = self._enable_wal(busy_timeout)
             if mode != "wal":
                 raise SpoolError(f"spool {self.directory}: the file system does not support WAL mode ({mode})")

@@ -302,7 +302,7 @@ class Writer:
             if failed:
                 self._fail(failed, SpoolError(
                     f"spool {self.directory}: another process has held {WRITER_LOCK} for more than"
-                    f" {self.busy_timeout:g} s; look for a stopped relay or relay queue process"
+                    f" {self.busy_timeout:g} s; look for a stopped relay serve process"
                 ))
 
     def _fail(self, jobs: list[Job], error: SpoolError) -> None:
