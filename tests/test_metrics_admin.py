@@ -204,7 +204,7 @@ def test_destination_label_capped() -> None:
     assert label("example.com") == "other"
 
 
-def test_destination_attempts_past_cap_count_as_other(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_attempts_past_cap_count_as_other(monkeypatch: pytest.MonkeyPatch) -> None:
     logger = logging.getLogger("relay.test")
     monkeypatch.setattr(metrics, "destination_label", metrics.BoundedLabel(1))
     before_other = metrics.destination_attempts.values.get(("other", "delivered"), 0.0)
