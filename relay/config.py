@@ -203,6 +203,9 @@ class DeliveryConfig:
     chunking: bool = _key(True, "bool")
     # How often the scheduler looks for due recipients when nothing woke it.
     queue_scan_interval: float = _key(1.0, "duration")
+    # When new mail wakes the scheduler, the least time between two claims, so
+    # that a burst of mail is claimed in batches instead of one claim per message.
+    claim_min_interval: float = _key(0.01, "duration", max=1.0)
     # Postfix: smtp_connect_timeout = 30s.
     connect_timeout: float = _key(30.0, "duration")
     # RFC 5321 section 4.5.3.2.1: initial 220 message, 5 minutes.

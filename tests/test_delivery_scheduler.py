@@ -42,7 +42,13 @@ def nameserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NameServer]
 
 
 def make_config(
-    directory: Path, nameserver: NameServer, port: int, extra: str = "", delivery: str = "", spool: str = ""
+    directory: Path,
+    nameserver: NameServer,
+    port: int,
+    extra: str = "",
+    delivery: str = "",
+    spool: str = "",
+    scan_interval: float = 0.05,
 ) -> Config:
     (directory / "mail").mkdir(exist_ok=True)
     mailbox.Maildir(str(directory / "mail" / "alice"), create=True)
@@ -62,7 +68,7 @@ nameservers = ["127.0.0.1:{nameserver.port}"]
 smtp_port = {port}
 minimal_backoff_time = 0.3
 maximal_backoff_time = 1
-queue_scan_interval = 0.05
+queue_scan_interval = {scan_interval}
 connection_cache_time = 1
 connect_timeout = 2
 greeting_timeout = 5
@@ -513,3 +519,53 @@ def test_flush_lifts_destination_backoff(
     # The three sessions failed in the same outage: one backoff, not three growing ones.
     assert events.count("destination_backoff") == 1
     assert events.count("flush_requested") == 1
+
+
+class CountingScheduler(Scheduler):
+    """A scheduler that counts its claims."""
+
+    claims = 0
+
+    async def _claim_once(self) -> bool:
+        self.claims += 1
+        return await super()._claim_once()
+
+
+def test_burst_of_wakes_shares_claim(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    port = free_port("127.0.0.4")
+    # No scan during the test: only wake-ups lead to claims.
+    config = make_config(tmp_path, nameserver, port, delivery="claim_min_interval = 1", scan_interval=30)
+    spool = spool_for(config)
+
+    async def main(upstream: Any) -> tuple[float, int, int]:
+        scheduler = CountingScheduler(config, spool)
+        task = asyncio.create_task(scheduler.run())
+        try:
+            # A quiet spell longer than the interval: the next message is claimed at once.
+            await asyncio.sleep(1.2)
+            started = time.monotonic()
+            await asyncio.to_thread(commit, spool, "alice@local.test", ["first@implicit.test"])
+            scheduler.wake()
+            while len(upstream.messages) < 1:
+                await asyncio.sleep(0.01)
+            first_delay = time.monotonic() - started
+
+            # Ten messages, each followed by a wake-up, as the server sends one after its commits.
+            claims_before = scheduler.claims
+            for index in range(10):
+                await asyncio.to_thread(commit, spool, "alice@local.test", [f"user{index}@implicit.test"])
+                scheduler.wake()
+            while len(upstream.messages) < 11:
+                await asyncio.sleep(0.01)
+            return first_delay, claims_before, scheduler.claims
+        finally:
+            await scheduler.stop()
+            await task
+
+    with run_upstream("127.0.0.4", port) as upstream:
+        first_delay, claims_before, claims_after = asyncio.run(asyncio.wait_for(main(upstream), timeout=30))
+
+    assert first_delay < 0.8
+    # The burst came within one interval of the first claim, so one claim (two
+    # when the burst straddles the end of the interval) took all ten.
+    assert claims_after - claims_before <= 2

@@ -13,7 +13,9 @@ all destinations together at most ``connection_limit`` (100) sessions.  A
 worker sends job after job over one session and parks the session for the
 next worker when its queue is empty.  While it sends a job it takes the next
 one of the same route, so the client can pipeline that job's commands after
-the body (``SMTPSession.send``).
+the body (``SMTPSession.send``).  New mail wakes the scheduler, and a wake-up
+within ``claim_min_interval`` (10 ms) of the last claim waits for the rest of
+that interval, so that mail arriving together shares one claim.
 
 Retries: a deferred recipient waits ``minimal_backoff_time`` (300 s) times
 two to the number of earlier attempts, capped at ``maximal_backoff_time``
@@ -153,6 +155,7 @@ class Scheduler:
         self._jobs_in_memory = 0
         self._max_jobs = delivery.connection_limit * JOBS_PER_CONNECTION
         self._wake = asyncio.Event()
+        self._last_claim = 0.0  # time.monotonic() when the last claim started
         self._dsn_due = True
         self._stopping = False
         self._running = False
@@ -200,7 +203,20 @@ class Scheduler:
                 async with asyncio.timeout(interval):
                     await self._wake.wait()
             except TimeoutError:
-                pass
+                continue
+            await self._space_claims()
+
+    async def _space_claims(self) -> None:
+        """After a wake-up, wait until ``claim_min_interval`` has passed since the last claim.
+
+        Under a steady stream of new mail every commit wakes the scheduler,
+        and a claim per wake-up would take one or two messages, each claim a
+        spool transaction of its own.  Waiting collects the mail of the
+        interval into one claim.  Mail after a quiet spell is claimed at once.
+        """
+        delay = self._last_claim + self.config.delivery.claim_min_interval - time.monotonic()
+        if delay > 0 and not self._stopping:
+            await asyncio.sleep(delay)
 
     async def stop(self) -> None:
         """Stop claiming, let running transactions finish (up to ``STOP_GRACE`` s), close sessions.
@@ -250,6 +266,7 @@ class Scheduler:
         if room <= 0:
             return False
         self._check_flush_request()
+        self._last_claim = time.monotonic()
         try:
             # Small bodies come with the claim, which saves a read per message.  At
             # most max_jobs claims of claim_body_max_bytes each are held at once.
