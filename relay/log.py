@@ -115,9 +115,10 @@ class _EventHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler ``setup_logging`` installs; ``log_event`` writes through it directly.
 
     Lines logged on a thread with a running event loop are collected and
-    written together once per loop iteration: one ``write`` for all the
-    events of the iteration instead of one per line.  A thread without a
-    loop gets the same inside a ``collect_lines`` block.  Lines from other
+    written together ``WRITE_DELAY`` seconds after the first of them: one
+    ``write`` for all the events of that time instead of one per line (or
+    one per loop iteration, two or three per SMTP session).  A thread
+    without a loop gets the same inside a ``collect_lines`` block.  Lines from other
     threads, ``emit`` and ``flush`` write the collected lines first, so the
     output keeps the order in which events were logged.
     """
@@ -175,11 +176,13 @@ class _EventHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.release()
 
     def _schedule_write(self, loop: asyncio.AbstractEventLoop, thread: int) -> bool:
-        """Arrange for the collected lines to be written in the loop's next iteration; return whether that worked."""
-        if self._write_scheduled:
+        """Arrange for the collected lines to be written by ``loop`` soon; return whether that worked."""
+        # A write scheduled on another loop may never run, because that loop may
+        # have stopped before its timer fired.  So this loop schedules its own.
+        if self._write_scheduled and self._scheduled_loop is loop:
             return True
         try:
-            loop.call_soon(self._write_scheduled_lines)
+            loop.call_later(WRITE_DELAY, self._write_scheduled_lines)
         except RuntimeError:  # the loop is closing
             return False
         self._write_scheduled = True
@@ -207,6 +210,10 @@ class _EventHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if self.stream is not None and hasattr(self.stream, "flush"):
             self.stream.flush()
 
+
+# How long lines logged on an event loop wait to share one write.  A crash
+# that ends the process at once (SIGKILL) loses at most this much of the log.
+WRITE_DELAY = 0.01
 
 _LEVEL_NAMES = {
     level: logging.getLevelName(level).lower()

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 
 from conftest import REPO_ROOT
-from relay.log import collect_lines, flush_log, log_event, setup_logging
+from relay.log import WRITE_DELAY, collect_lines, flush_log, log_event, setup_logging
 
 
 def test_import_without_extension_says_how_to_build(tmp_path: Path) -> None:
@@ -146,10 +146,9 @@ def test_loop_log_lines_share_write() -> None:
     async def log_three() -> str:
         for number in range(3):
             log_event(logger, "queued", queue_id=f"ID{number}")
-        written_before_next_iteration = stream.getvalue()
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        return written_before_next_iteration
+        written_at_once = stream.getvalue()
+        await asyncio.sleep(WRITE_DELAY * 5)
+        return written_at_once
 
     before = asyncio.run(log_three())
 
@@ -241,3 +240,24 @@ def test_log_line_after_loop_stopped_writes_pending() -> None:
     assert len(lines) == 2
     assert lines[0].endswith("signal=SIGTERM")
     assert lines[1].endswith("worker=0")
+
+
+def test_new_loop_writes_after_stopped_one() -> None:
+    stream = CountingStream()
+    setup_logging("text", "info", stream)
+    logger = logging.getLogger("relay.test")
+
+    # The write scheduled on this loop never runs, because the loop stopped first.
+    loop = log_then_stop_loop(logger)
+
+    async def log_in_new_loop() -> None:
+        log_event(logger, "started", worker=1)
+        await asyncio.sleep(WRITE_DELAY * 5)
+
+    asyncio.run(log_in_new_loop())
+    loop.close()
+
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("signal=SIGTERM")
+    assert lines[1].endswith("worker=1")
