@@ -138,10 +138,15 @@ class CountingStream(io.StringIO):
         return super().write(text)
 
 
-def test_loop_log_lines_share_write() -> None:
+def capture_events() -> tuple[CountingStream, logging.Logger]:
+    """Route relay's event log to a new CountingStream; return it and a test logger."""
     stream = CountingStream()
     setup_logging("text", "info", stream)
-    logger = logging.getLogger("relay.test")
+    return stream, logging.getLogger("relay.test")
+
+
+def test_loop_log_lines_share_write() -> None:
+    stream, logger = capture_events()
 
     async def log_three() -> str:
         for number in range(3):
@@ -160,9 +165,7 @@ def test_loop_log_lines_share_write() -> None:
 
 
 def test_log_line_from_thread_follows_pending_lines() -> None:
-    stream = CountingStream()
-    setup_logging("text", "info", stream)
-    logger = logging.getLogger("relay.test")
+    stream, logger = capture_events()
 
     async def log_from_loop_then_thread() -> None:
         log_event(logger, "queued", queue_id="FIRST")
@@ -178,9 +181,7 @@ def test_log_line_from_thread_follows_pending_lines() -> None:
 
 
 def test_thread_collected_lines_share_write() -> None:
-    stream = CountingStream()
-    setup_logging("text", "info", stream)
-    logger = logging.getLogger("relay.test")
+    stream, logger = capture_events()
 
     def log_three() -> str:
         with collect_lines():
@@ -212,9 +213,7 @@ def log_then_stop_loop(logger: logging.Logger) -> asyncio.AbstractEventLoop:
 
 
 def test_flush_log_writes_collected_lines() -> None:
-    stream = CountingStream()
-    setup_logging("text", "info", stream)
-    logger = logging.getLogger("relay.test")
+    stream, logger = capture_events()
 
     # Like a process that ends right after logging: flush_log must still write the line.
     loop = log_then_stop_loop(logger)
@@ -227,9 +226,7 @@ def test_flush_log_writes_collected_lines() -> None:
 
 
 def test_log_line_after_loop_stopped_writes_pending() -> None:
-    stream = CountingStream()
-    setup_logging("text", "info", stream)
-    logger = logging.getLogger("relay.test")
+    stream, logger = capture_events()
 
     loop = log_then_stop_loop(logger)
     # The loop no longer runs its scheduled write, so this thread writes both lines.
@@ -243,9 +240,7 @@ def test_log_line_after_loop_stopped_writes_pending() -> None:
 
 
 def test_new_loop_writes_after_stopped_one() -> None:
-    stream = CountingStream()
-    setup_logging("text", "info", stream)
-    logger = logging.getLogger("relay.test")
+    stream, logger = capture_events()
 
     # The write scheduled on this loop never runs, because the loop stopped first.
     loop = log_then_stop_loop(logger)

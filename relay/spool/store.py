@@ -222,7 +222,8 @@ def _recipient_rows(pending: PendingCommit, queue_id: str) -> list[tuple[Any, ..
 
 def _add_recipient_values(values: list[Any], pending: PendingCommit, queue_id: str) -> None:
     """Append the ``_INSERT_RECIPIENT`` parameters of every recipient of ``pending`` to ``values``."""
-    # One flat list for the whole batch: the writer runs this for every message.
+    # The writer runs this for every message, so it extends one flat list for
+    # the whole batch instead of building a list of rows.
     arrival = pending.arrival
     add = values.extend
     for index, recipient in enumerate(pending.envelope.recipients):
@@ -947,10 +948,15 @@ class SpoolStore:
             ).fetchone()
             if row is None:
                 return None
-            recipient_rows = self.connection.execute(
-                f"SELECT {_RECIPIENT_COLUMNS} FROM recipient WHERE queue_id = ? ORDER BY idx", (queue_id,)
-            ).fetchall()
+            recipient_rows = self._stored_recipient_rows(queue_id)
         return _decode_message(row, recipient_rows)
+
+    def _stored_recipient_rows(self, queue_id: str) -> list[Any]:
+        """Return the recipient rows of a message in index order, as ``_decode_message`` reads them."""
+        rows: list[Any] = self.connection.execute(
+            f"SELECT {_RECIPIENT_COLUMNS} FROM recipient WHERE queue_id = ? ORDER BY idx", (queue_id,)
+        ).fetchall()
+        return rows
 
     def _load_claimed(self, queue_id: str, body_max_bytes: int | None) -> tuple[StoredMessage, bytes | None] | None:
         """Read a claimed message like ``load``, with its body when at most ``body_max_bytes`` octets.
@@ -967,9 +973,7 @@ class SpoolStore:
             ).fetchone()
             if row is None:
                 return None
-            recipient_rows = self.connection.execute(
-                f"SELECT {_RECIPIENT_COLUMNS} FROM recipient WHERE queue_id = ? ORDER BY idx", (queue_id,)
-            ).fetchall()
+            recipient_rows = self._stored_recipient_rows(queue_id)
         message = _decode_message(row, recipient_rows)
         if body_max_bytes is None or message.size > body_max_bytes:
             return message, None

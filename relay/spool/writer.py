@@ -221,7 +221,7 @@ class Writer:
         try:
             self._take_lock(lock, batch)
         except SpoolError as exc:
-            self._fail(batch, exc)
+            self._fail(batch, str(exc))
             return stop
         try:
             if not stop:
@@ -300,15 +300,18 @@ class Writer:
                     self._queue.put(_STOP)
                 self._stuck = True
             if failed:
-                self._fail(failed, SpoolError(
+                self._fail(
+                    failed,
                     f"spool {self.directory}: another process has held {WRITER_LOCK} for more than"
-                    f" {self.busy_timeout:g} s; look for a stopped relay serve process"
-                ))
+                    f" {self.busy_timeout:g} s; look for a stopped relay serve process",
+                )
 
-    def _fail(self, jobs: list[Job], error: SpoolError) -> None:
-        log_event(logger, "commit_failed", logging.ERROR, jobs=len(jobs), error=str(error))
+    def _fail(self, jobs: list[Job], message: str) -> None:
+        """Log the failure once and fail every job's future with a SpoolError of ``message``."""
+        log_event(logger, "commit_failed", logging.ERROR, jobs=len(jobs), error=message)
         for job in jobs:
-            job.outcome = (False, error)
+            # One exception per future: a shared one would collect every awaiting task's traceback.
+            job.outcome = (False, SpoolError(message))
         self._deliver(jobs)
 
     def _checkpoint(self, store: SpoolStore, batch: list[Job]) -> None:
@@ -390,10 +393,8 @@ class Writer:
                     if job.operation is not None:
                         self._apply(store, job)
         except (SpoolError, sqlite3.Error) as exc:
-            message = str(exc) if isinstance(exc, SpoolError) else f"spool {self.directory}: {exc}"
-            log_event(logger, "commit_failed", logging.ERROR, jobs=len(batch), error=message)
-            for job in batch:
-                job.outcome = (False, SpoolError(message))
+            self._fail(batch, str(exc) if isinstance(exc, SpoolError) else f"spool {self.directory}: {exc}")
+            return
         except Exception as exc:
             # A bug in an operation must not kill the thread and strand every caller.
             logger.exception("spool writer failed")
