@@ -113,7 +113,8 @@ class SpoolConfig:
     commit_batch_bytes: int = _key(64 * 1024 * 1024, "size", min=1)
     # How long a commit waits for another worker process's write lock before the
     # session gets 452 4.3.1; a group commit holds the lock for milliseconds.
-    # At most a day: SQLite reads a busy timeout above about 24.8 days as none at all.
+    # At most a day: SQLite (3.40) reads a busy timeout above 2**31 - 1 ms, about
+    # 24.8 days, as none at all.
     busy_timeout: float = _key(10.0, "duration", max=86400.0)
     # A claimed recipient is leased to its scheduler this long: the sum of the RFC 5321
     # section 4.5.3.2 client timeouts (5+5+5+2+3+10 minutes), so one slow but legal

@@ -143,7 +143,7 @@ class _EventHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._pending.append(line)
             scheduled = self._scheduled_loop
             if self._write_scheduled and thread == self._scheduled_thread and scheduled and scheduled.is_running():
-                # This thread's loop writes the lines in its next iteration.  Checked
+                # This thread's loop writes the lines when its timer fires.  Checked
                 # first because _get_running_loop makes a getpid system call in 3.11.
                 return
             if getattr(self._collecting, "active", False):
@@ -244,7 +244,7 @@ def collect_lines() -> Iterator[None]:
 
 
 def flush_log() -> None:
-    """Write every event line still collected for the current loop iteration, then flush stderr.
+    """Write every event line still collected for a later write, then flush stderr.
 
     Call before ``os._exit``, which skips the ``logging`` shutdown that
     would otherwise do it.
