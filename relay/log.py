@@ -49,25 +49,33 @@ def clean(value: Any) -> Any:
         return value.translate(_ESCAPES)
     if isinstance(value, (list, tuple)):
         return [clean(item) for item in value]
-    return value
+    if value is None or isinstance(value, (int, float)):
+        return value
+    # Any other object (an exception, a path) is logged as its text, which may contain a line break.
+    return clean(str(value))
 
 
-def _quote(value: Any) -> str:
+def _text_value(value: Any) -> str:
+    """Clean one field value for the text form, quoted when it contains a space, a quote or ``=``."""
     kind = type(value)
-    if kind is int:
+    if kind is str:
+        text: str = value
+        if len(text) > MAX_VALUE_LENGTH or not text.isascii() or not text.isprintable() or "\\" in text:
+            text = clean(text)
+    elif kind is int:
         return str(value)
-    if kind is bool:
+    elif kind is bool:
         return "true" if value else "false"
-    if value is None:
+    elif value is None:
         return "-"
-    if isinstance(value, float):
+    elif isinstance(value, float):
         return f"{value:.3f}"
-    if isinstance(value, list):
-        value = ",".join(str(item) for item in value)
-    text = value if kind is str else str(value)
-    if text == "" or " " in text or '"' in text or "=" in text:
-        return '"' + text.replace('"', '\\"') + '"'
-    return text
+    else:
+        cleaned = clean(value)
+        text = ",".join(str(item) for item in cleaned) if isinstance(cleaned, list) else cleaned
+    if text and " " not in text and '"' not in text and "=" not in text:
+        return text
+    return '"' + text.replace('"', '\\"') + '"'
 
 
 def _timestamp(created: float) -> str:
@@ -85,14 +93,16 @@ _stamp = (-1, "")
 
 
 def _render(json_form: bool, created: float, level: str, name: str, event: str, fields: dict[str, Any]) -> str:
-    """Return one log line (without its newline) for already cleaned fields."""
+    """Return one log line (without its newline), cleaning the field values."""
     stamp = _timestamp(created)
     if json_form:
         document = {"ts": stamp, "level": level, "logger": name, "event": event}
-        document.update(fields)
+        # Ints, booleans and None need no cleaning, so they skip the call.
+        document.update((key, value if type(value) in _PLAIN_TYPES else clean(value)) for key, value in fields.items())
         return orjson.dumps(document, default=str).decode()
-    parts = [stamp, level, f"{name}:", event]
-    parts.extend(f"{key}={_quote(value)}" for key, value in fields.items())
+    parts = [stamp, level, name + ":", event]
+    # One call per value cleans and quotes it, because this runs for every line a session logs.
+    parts += [key + "=" + _text_value(value) for key, value in fields.items()]
     return " ".join(parts)
 
 
@@ -105,9 +115,9 @@ class _EventFormatter(logging.Formatter):
         event = getattr(record, "event", None) or "message"
         fields: dict[str, Any] = getattr(record, "fields", None) or {}
         if event == "message":
-            fields = {"text": clean(record.getMessage()), **fields}
+            fields = {"text": record.getMessage(), **fields}
         if record.exc_info:
-            fields = {**fields, "exception": clean(self.formatException(record.exc_info))}
+            fields = {**fields, "exception": self.formatException(record.exc_info)}
         return _render(self.json_form, record.created, record.levelname.lower(), record.name, event, fields)
 
 
@@ -284,8 +294,6 @@ def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **f
         observer(event, fields)
     if not logger.isEnabledFor(level):
         return
-    # Ints, booleans and None need no cleaning, so they skip the call.
-    cleaned = {key: value if type(value) in _PLAIN_TYPES else clean(value) for key, value in fields.items()}
     handler = _direct
     # The direct write skips the LogRecord and its caller lookup, which cost
     # more than the line itself.  It applies only while the logger's sole
@@ -302,6 +310,6 @@ def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **f
         and not handler.filters
         and not _relay_logger.filters
     ):
-        handler.write_event(level, logger.name, event, cleaned)
+        handler.write_event(level, logger.name, event, fields)
         return
-    logger.log(level, event, extra={"event": event, "fields": cleaned})
+    logger.log(level, event, extra={"event": event, "fields": fields})

@@ -95,6 +95,34 @@ def test_log_line_same_with_extra_handler() -> None:
     assert direct.endswith("relay.test: queued queue_id=ABC123 size=1024 client=127.0.0.1 tls=false")
 
 
+def test_hostile_values_same_on_both_paths() -> None:
+    # The direct write cleans and quotes each value in one step; the LogRecord
+    # path cleans first and quotes later.  Each value must come out the same.
+    values = [
+        "", "two words", 'say "hi"', "key=value", "bell\a\x1b[31m", "back\\slash", "naïve ü",
+        "x" * 600, "é" * 600, b"raw\xffbytes", ["a", "b c"], None, 0.5, 7, True, ValueError("no\nline"),
+    ]
+    stream = io.StringIO()
+    setup_logging("text", "info", stream)
+    logger = logging.getLogger("relay.test")
+    extra = logging.NullHandler()
+
+    for value in values:
+        log_event(logger, "checked", value=value)
+        logger.addHandler(extra)
+        try:
+            log_event(logger, "checked", value=value)
+        finally:
+            logger.removeHandler(extra)
+
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 * len(values)
+    for direct, via_record in zip(lines[::2], lines[1::2], strict=True):
+        assert direct.split(" ", 1)[1] == via_record.split(" ", 1)[1]
+    assert 'value="two words"' in lines[2]
+    assert "value=bell\\x07\\x1b[31m" in lines[8]
+
+
 def test_log_truncates_long_values() -> None:
     stream = io.StringIO()
     setup_logging("json", "info", stream)
