@@ -331,6 +331,28 @@ def test_only_lease_batches_skip_fsync(spool: Spool) -> None:
     assert run(spool.load(queue_id)) is not None
 
 
+def test_large_claim_and_result_batch(spool: Spool, tmp_path: Path) -> None:
+    # More messages than one lookup statement takes, a third of them sharing an
+    # arrival microsecond, so their key ranges overlap.
+    shared = time.time()
+    queue_ids = []
+    for number in range(250):
+        queue_id = new_queue_id(shared) if number % 3 == 0 else None
+        body = f"body {number}".encode()
+        queue_ids.append(run(spool.commit(make_envelope(recipients=1), body, queue_id=queue_id)))
+
+    claims = run(spool.claim("a", limit=1000, bodies=True))
+
+    assert sorted(claim.queue_id for claim in claims) == sorted(queue_ids)
+    bodies = {claim.queue_id: claim.body for claim in claims}
+    for number, queue_id in enumerate(queue_ids):
+        assert bodies[queue_id] == f"body {number}".encode()
+    results = [DeliveryResult(claim.queue_id, 0, Outcome.DELIVERED, "250 ok", "mx") for claim in claims]
+    assert run(spool.record_results(results, lease_token=claims[0].lease_token)) == 250
+    with SpoolStore(tmp_path / "spool") as store:
+        assert store.counts() == {}
+
+
 def test_claim_skips_leased_recipients(spool: Spool) -> None:
     run(spool.commit(make_envelope(), b"x"))
     assert len(run(spool.claim("scheduler-a"))) == 1

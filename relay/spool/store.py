@@ -123,6 +123,9 @@ _INSERT_MESSAGE = (
 )
 # The condition that finds a message by queue ID, with the parameters from ``_match``.
 _BY_QUEUE_ID = "id BETWEEN ? AND ? AND queue_id = ?"
+# Queue IDs that one statement looks up or deletes.  Each adds a term to an OR
+# or an IN list, and SQLite limits an expression's depth to 1000 by default.
+LOOKUP_CHUNK = 100
 _INSERT_RECIPIENT = (
     "INSERT INTO recipient (queue_id, idx, address, domain, orcpt, notify, state, next_attempt)"
     " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)"
@@ -608,13 +611,13 @@ class SpoolStore:
         for queue_id, index in rows:
             claimed.setdefault(queue_id, set()).add(index)
         claims = []
+        messages = self._load_claimed(list(claimed), body_max_bytes)
         for queue_id, indexes in claimed.items():
-            try:
-                loaded = self._load_claimed(queue_id, body_max_bytes)
-            except CorruptRecord as exc:
-                self.move_aside(queue_id, str(exc))
-                continue
+            loaded = messages.get(queue_id)
             if loaded is None:
+                continue
+            if isinstance(loaded, CorruptRecord):
+                self.move_aside(queue_id, str(loaded))
                 continue
             message, body = loaded
             recipients = tuple(r for r in message.recipients if r.index in indexes)
@@ -687,7 +690,7 @@ class SpoolStore:
         attempts: list[tuple[Any, ...]] = []
         updates: list[tuple[Any, ...]] = []
         with self._errors("record results"):
-            recipients = self._result_rows(queue_ids)
+            keys, recipients = self._result_rows(queue_ids)
             for group in groups:
                 applied = 0
                 for result in group.results:
@@ -708,29 +711,39 @@ class SpoolStore:
                 [row for row in updates if row[-2] not in done],
             )
             if done:
-                self.connection.executemany(f"DELETE FROM message WHERE {_BY_QUEUE_ID}", map(_match, done))
-                rows = [(queue_id,) for queue_id in done]
-                for table in ("recipient", "attempt"):
-                    self.connection.executemany(f"DELETE FROM {table} WHERE queue_id = ?", rows)
+                self._delete_messages([keys[queue_id] for queue_id in done], list(done))
         for queue_id in queue_ids:
             if queue_id in done:
                 log_event(logger, "removed", queue_id=queue_id)
         return counts
 
-    def _result_rows(self, queue_ids: Sequence[str]) -> dict[str, dict[int, _ResultRow]]:
-        """Read the recipients of the given messages, by queue ID and index (messages not found are left out)."""
+    def _result_rows(
+        self, queue_ids: Sequence[str]
+    ) -> tuple[dict[str, int], dict[str, dict[int, _ResultRow]]]:
+        """Return the given messages' keys, and their recipients by queue ID and index.
+
+        Messages not found are left out of both.
+        """
+        messages = self._message_rows("queue_id, id, sender", queue_ids)
+        columns = "idx, state, notify, lease_token, lease_until, dsn"
         recipients: dict[str, dict[int, _ResultRow]] = {}
-        # One query per message, because the message table has no index on queue_id
-        # that a join over an IN list could use.
-        query = (
-            "SELECT r.idx, r.state, r.notify, r.lease_token, r.lease_until, r.dsn, m.sender"
-            " FROM message m JOIN recipient r ON r.queue_id = m.queue_id"
-            " WHERE m.id BETWEEN ? AND ? AND m.queue_id = ?"
-        )
-        for queue_id in queue_ids:
-            for index, state, notify, token, until, dsn, sender in self.connection.execute(query, _match(queue_id)):
-                recipients.setdefault(queue_id, {})[index] = _ResultRow(state, notify, token, until, dsn, sender)
-        return recipients
+        for queue_id, rows in self._recipient_rows_of(columns, list(messages)).items():
+            sender = messages[queue_id][2]
+            recipients[queue_id] = {
+                index: _ResultRow(state, notify, token, until, dsn, sender)
+                for index, state, notify, token, until, dsn in rows
+            }
+        return {queue_id: row[1] for queue_id, row in messages.items()}, recipients
+
+    def _delete_messages(self, keys: Sequence[int], queue_ids: Sequence[str]) -> None:
+        """Delete messages with their recipients and attempts, one statement per table and chunk."""
+        for start in range(0, len(queue_ids), LOOKUP_CHUNK):
+            chunk_keys = keys[start : start + LOOKUP_CHUNK]
+            chunk_ids = queue_ids[start : start + LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk_ids))
+            self.connection.execute(f"DELETE FROM message WHERE id IN ({marks})", chunk_keys)
+            for table in ("recipient", "attempt"):
+                self.connection.execute(f"DELETE FROM {table} WHERE queue_id IN ({marks})", chunk_ids)
 
     def _apply_result(
         self,
@@ -958,26 +971,68 @@ class SpoolStore:
         ).fetchall()
         return rows
 
-    def _load_claimed(self, queue_id: str, body_max_bytes: int | None) -> tuple[StoredMessage, bytes | None] | None:
-        """Read a claimed message like ``load``, with its body when at most ``body_max_bytes`` octets.
+    def _load_claimed(
+        self, queue_ids: Sequence[str], body_max_bytes: int | None
+    ) -> dict[str, tuple[StoredMessage, bytes | None] | CorruptRecord]:
+        """Read claimed messages like ``load``, with each body when at most ``body_max_bytes`` octets.
 
-        One statement reads the row and the body, so a claim runs one query
-        per message fewer than ``load`` and ``load_body``.  The CASE leaves a
-        larger body unselected, so SQLite does not read its overflow pages.
+        Two statements per ``LOOKUP_CHUNK`` messages read the rows, the
+        recipients and the bodies.  The CASE leaves a larger body unselected,
+        so SQLite does not read its overflow pages.  Messages not in the spool
+        are left out, and one that cannot be decoded maps to its CorruptRecord.
         """
+        limit = -1 if body_max_bytes is None else body_max_bytes
         with self._errors("read message"):
-            row = self.connection.execute(
-                "SELECT queue_id, arrival, sender, size, client_address, helo_name, auth_user, envelope,"
-                f" crc32, CASE WHEN size <= ? THEN body END FROM message WHERE {_BY_QUEUE_ID}",
-                (-1 if body_max_bytes is None else body_max_bytes, *_match(queue_id)),
-            ).fetchone()
-            if row is None:
-                return None
-            recipient_rows = self._stored_recipient_rows(queue_id)
-        message = _decode_message(row, recipient_rows)
-        if body_max_bytes is None or message.size > body_max_bytes:
-            return message, None
-        return message, _checked_body(queue_id, row[8], row[9])
+            rows = self._message_rows(
+                "queue_id, arrival, sender, size, client_address, helo_name, auth_user, envelope,"
+                " crc32, CASE WHEN size <= ? THEN body END",
+                queue_ids,
+                (limit,),
+            )
+            recipient_rows = self._recipient_rows_of(_RECIPIENT_COLUMNS, list(rows))
+        loaded: dict[str, tuple[StoredMessage, bytes | None] | CorruptRecord] = {}
+        for queue_id, row in rows.items():
+            try:
+                message = _decode_message(row, recipient_rows.get(queue_id, []))
+                body = None
+                if body_max_bytes is not None and message.size <= body_max_bytes:
+                    body = _checked_body(queue_id, row[8], row[9])
+            except CorruptRecord as exc:
+                loaded[queue_id] = exc
+                continue
+            loaded[queue_id] = (message, body)
+        return loaded
+
+    def _message_rows(
+        self, columns: str, queue_ids: Sequence[str], parameters: Sequence[Any] = ()
+    ) -> dict[str, Sequence[Any]]:
+        """Return the message rows of ``queue_ids`` by queue ID; ``columns`` must start with ``queue_id``.
+
+        ``parameters`` are those of ``columns``.  The message table has no
+        index on queue_id, so each ID adds a search of its key range, and the
+        rows of other IDs in those ranges are dropped.
+        """
+        found: dict[str, Sequence[Any]] = {}
+        for start in range(0, len(queue_ids), LOOKUP_CHUNK):
+            chunk = queue_ids[start : start + LOOKUP_CHUNK]
+            requested = set(chunk)
+            ranges = " OR ".join(["id BETWEEN ? AND ?"] * len(chunk))
+            values = [*parameters, *(key for queue_id in chunk for key in message_key_range(queue_id))]
+            for row in self.connection.execute(f"SELECT {columns} FROM message WHERE {ranges}", values):
+                if row[0] in requested:
+                    found[row[0]] = row
+        return found
+
+    def _recipient_rows_of(self, columns: str, queue_ids: Sequence[str]) -> dict[str, list[Any]]:
+        """Return ``columns`` of the recipients of ``queue_ids``, by queue ID and in index order."""
+        found: dict[str, list[Any]] = {}
+        for start in range(0, len(queue_ids), LOOKUP_CHUNK):
+            chunk = queue_ids[start : start + LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT queue_id, {columns} FROM recipient WHERE queue_id IN ({marks}) ORDER BY queue_id, idx"
+            for row in self.connection.execute(query, chunk):
+                found.setdefault(row[0], []).append(row[1:])
+        return found
 
     def load_body(self, queue_id: str) -> bytes:
         """Return a message body, checked against its CRC-32.
