@@ -124,6 +124,10 @@ class SpoolConfig:
     # read in the claim's transaction, so small messages need no second read.
     # Larger bodies are read separately to bound the claim's memory.
     claim_body_max_bytes: int = _key(64 * 1024, "size", min=0)
+    # While other clients are connected to the same worker, a message commit waits
+    # this long for theirs to join its transaction, so several messages share one
+    # fsync.  It adds this much to the time before the 250.  0 turns it off.
+    commit_delay: float = _key(0.0005, "duration", max=0.1)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Sizes are octets with an optional binary suffix (``10M`` = 10 MiB).  Durations
 are seconds with an optional unit (``30s``, ``5m``, ``4h``, ``5d``; Postfix's
-time units).  Addresses are ``HOST:PORT`` with IPv6 hosts in brackets
+time units, and ``ms``).  Addresses are ``HOST:PORT`` with IPv6 hosts in brackets
 (``[::1]:25``).  Each parser raises ``ValueError`` with a message that names
 the expected form, so callers can prefix the file and key.
 """
@@ -13,10 +13,10 @@ import ipaddress
 import re
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)B?\s*$", re.IGNORECASE)
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|[smhdw]|)\s*$")
 _HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
 )
@@ -47,7 +47,7 @@ def parse_duration(value: int | float | str) -> float:
     match = _DURATION_RE.match(value)
     if match is None:
         raise ValueError(
-            f"invalid duration {value!r}; expected a number with an optional unit s, m, h, d or w,"
+            f"invalid duration {value!r}; expected a number with an optional unit ms, s, m, h, d or w,"
             " such as \"30s\" or \"5d\""
         )
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]

@@ -192,7 +192,9 @@ def test_parse_size(text: int | str, octets: int) -> None:
     assert parse_size(text) == octets
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("5m", 300), ("4h", 14400), ("5d", 432000), (7, 7)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30s", 30), ("5m", 300), ("4h", 14400), ("5d", 432000), (7, 7), ("0.5ms", 0.0005)]
+)
 def test_parse_duration(text: int | str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 

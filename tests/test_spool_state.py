@@ -173,6 +173,28 @@ def test_clash_inside_one_batch(spool: Spool) -> None:
     assert bodies == {f"body {n}".encode() for n in range(5)}
 
 
+@pytest.mark.parametrize("may_wait", [True, False])
+def test_commit_delay_gathers_later_message(tmp_path: Path, may_wait: bool) -> None:
+    # The second message comes 0.2 s after the first: inside the 1 s delay that
+    # may_wait allows, and long after a commit that does not wait has finished.
+    spool = Spool.open(tmp_path / "spool", commit_delay=1.0)
+
+    async def scenario() -> tuple[str, str]:
+        loop = asyncio.get_running_loop()
+        first = spool.submit_commit(make_envelope(), b"first", loop=loop, may_wait=may_wait)
+        await asyncio.sleep(0.2)
+        second = spool.submit_commit(make_envelope(), b"second", loop=loop)
+        return await first, await second
+
+    try:
+        ids = run(scenario())
+        assert spool.committed_batches == (1 if may_wait else 2)
+        assert run(spool.load_body(ids[0])) == b"first"
+        assert run(spool.load_body(ids[1])) == b"second"
+    finally:
+        spool.close()
+
+
 def test_batch_over_parameter_limit(tmp_path: Path) -> None:
     # 30 parameters fit two message rows (11 values each) per statement, so the
     # batch is split into several statements inside a savepoint.

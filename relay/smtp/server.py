@@ -205,8 +205,12 @@ class ListenerRuntime:
             recipients=[r.address for r in transaction.recipients],
         )
         envelope = _envelope(event, client)
+        # With other clients connected, their messages may join this commit's transaction.
+        may_wait = self.counts.total > 1
         try:
-            future = spool.submit_commit(envelope, header + event.body, loop=self.loop, queue_id=queue_id)
+            future = spool.submit_commit(
+                envelope, header + event.body, loop=self.loop, queue_id=queue_id, may_wait=may_wait
+            )
         except SpoolError as exc:
             return self._storage_failure(exc, client, session_id)
         return future, len(header) + len(event.body)

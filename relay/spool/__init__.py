@@ -155,14 +155,21 @@ class Spool:
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         lease_time: float = DEFAULT_LEASE_TIME,
         claim_body_max_bytes: int = DEFAULT_CLAIM_BODY_MAX_BYTES,
+        commit_delay: float = 0.0,
     ) -> Spool:
         """Open (creating if needed) the spool in directory ``path`` and start its writer.
 
-        Raises SpoolError when the directory or database cannot be opened.
+        ``commit_delay`` applies to commits submitted with ``may_wait`` (see
+        ``relay.spool.writer``).  Raises SpoolError when the directory or
+        database cannot be opened.
         """
         directory = Path(path)
         writer = Writer(
-            directory, busy_timeout=busy_timeout, batch_max_messages=batch_messages, batch_max_bytes=batch_bytes
+            directory,
+            busy_timeout=busy_timeout,
+            batch_max_messages=batch_messages,
+            batch_max_bytes=batch_bytes,
+            commit_delay=commit_delay,
         )
         writer.start()
         return cls(directory, writer, busy_timeout, lease_time, claim_body_max_bytes)
@@ -177,6 +184,7 @@ class Spool:
             busy_timeout=config.busy_timeout,
             lease_time=config.lease_time,
             claim_body_max_bytes=config.claim_body_max_bytes,
+            commit_delay=config.commit_delay,
         )
 
     def close(self) -> None:
@@ -235,16 +243,19 @@ class Spool:
         loop: asyncio.AbstractEventLoop,
         queue_id: str | None = None,
         dsn_for: DsnRequest | None = None,
+        may_wait: bool = False,
     ) -> asyncio.Future[str]:
         """Queue a message like ``commit`` and return a future of ``loop`` for its queue ID.
 
         The future is resolved only after the commit is durable.  For callers on
         the hot path that already hold their loop: ``commit`` looks the loop up
         on each call, and in Python 3.11 that costs a getpid system call.
-        Raises like ``commit`` when the message cannot be queued.
+        ``may_wait`` lets the writer wait the spool's ``commit_delay`` for
+        other messages to share the transaction.  Raises like ``commit`` when
+        the message cannot be queued.
         """
         pending = self._pending(envelope, body, queue_id, dsn_for)
-        return self._writer.commit_async(pending, loop)
+        return self._writer.commit_async(pending, loop, may_wait=may_wait)
 
     def commit_blocking(
         self,

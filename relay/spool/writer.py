@@ -16,6 +16,15 @@ the error.  A ``SpoolError`` (disk full, I/O error, lock timeout) aborts the
 whole transaction and fails every job in the batch with it, because SQLite
 may have left the transaction unusable.
 
+A message commit submitted with ``may_wait`` (the server sets it when other
+clients are connected to the same worker) lets the writer wait
+``commit_delay`` before it takes the rest of the batch, so that the
+messages of those clients join the same transaction.  Each transaction has
+a fixed cost (the fsync, the pages rewritten at the end of each table, the
+hand-offs between threads) that the messages inside it share; the wait
+trades that much latency for fewer transactions, like PostgreSQL's
+``commit_delay`` with ``commit_siblings``.
+
 A batch made only of jobs submitted with ``durable=False`` (lease claims)
 commits with ``synchronous=NORMAL``: atomic and at once visible to other
 connections, but without an fsync.  The next ``FULL`` commit syncs the WAL
@@ -69,6 +78,7 @@ class Job:
     pending: PendingCommit | None = None
     outcome: tuple[bool, Any] = field(default=(False, None))  # (succeeded, result or exception)
     durable: bool = True  # False: the change may be lost in a power failure (see the module docs)
+    may_wait: bool = False  # True: the writer may wait commit_delay for more jobs (see the module docs)
 
 
 _STOP = object()
@@ -94,10 +104,17 @@ class Writer:
     """The thread that owns the spool's write connection."""
 
     def __init__(
-        self, directory: Path, *, busy_timeout: float, batch_max_messages: int, batch_max_bytes: int
+        self,
+        directory: Path,
+        *,
+        busy_timeout: float,
+        batch_max_messages: int,
+        batch_max_bytes: int,
+        commit_delay: float = 0.0,
     ) -> None:
         self.directory = directory
         self.busy_timeout = busy_timeout
+        self.commit_delay = commit_delay
         self.batch_max_messages = batch_max_messages
         self.batch_max_bytes = batch_max_bytes
         self._queue: queue.SimpleQueue[Job | object] = queue.SimpleQueue()
@@ -151,10 +168,16 @@ class Writer:
         self._put(Job(operation, 0, None, future, durable=durable))
         return future
 
-    def commit_async(self, pending: PendingCommit, loop: asyncio.AbstractEventLoop) -> asyncio.Future[str]:
-        """Queue a message; return a future of its queue ID on ``loop``."""
+    def commit_async(
+        self, pending: PendingCommit, loop: asyncio.AbstractEventLoop, *, may_wait: bool = False
+    ) -> asyncio.Future[str]:
+        """Queue a message; return a future of its queue ID on ``loop``.
+
+        ``may_wait`` lets the writer wait ``commit_delay`` for more messages
+        before it commits this one.
+        """
         future: asyncio.Future[str] = loop.create_future()
-        self._put(Job(None, len(pending.body), loop, future, pending))
+        self._put(Job(None, len(pending.body), loop, future, pending, may_wait=may_wait))
         return future
 
     def commit_blocking(self, pending: PendingCommit) -> concurrent.futures.Future[str]:
@@ -362,6 +385,9 @@ class Writer:
             return [], True
         assert isinstance(first, Job)
         batch = [first]
+        if first.may_wait and self.commit_delay > 0:
+            # A sleep, not a wait on the queue: one wake-up however many jobs arrive.
+            time.sleep(self.commit_delay)
         return batch, self._drain(batch)
 
     def _drain(self, batch: list[Job]) -> bool:
