@@ -26,7 +26,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from relay.units import format_host_port, is_hostname, parse_duration, parse_host_port, parse_size
+from relay.units import format_duration, format_host_port, is_hostname, parse_duration, parse_host_port, parse_size
 
 ROLES = ("mx", "submission", "sink")
 TLS_MODES = ("none", "starttls", "implicit")
@@ -454,10 +454,11 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
         raise AssertionError(f"unknown config kind {kind}")
 
     low, high = options.get("min"), options.get("max")
+    format_limit = format_duration if kind == "duration" else str
     if low is not None and converted < low:
-        raise ValueError(f"value {converted} is below the minimum {low}")
+        raise ValueError(f"value {value!r} is below the minimum {format_limit(low)}")
     if high is not None and converted > high:
-        raise ValueError(f"value {converted} is above the maximum {high}")
+        raise ValueError(f"value {value!r} is above the maximum {format_limit(high)}")
     return converted
 
 

@@ -45,12 +45,25 @@ def parse_duration(value: int | float | str) -> float:
             raise ValueError(f"duration {value} is negative; expected 0 or more seconds")
         return float(value)
     match = _DURATION_RE.match(value)
+    if match is None and value.strip().startswith("-"):
+        raise ValueError(f"duration {value!r} is negative; expected 0 or more, such as \"30s\"")
     if match is None:
         raise ValueError(
             f"invalid duration {value!r}; expected a number with an optional unit ms, s, m, h, d or w,"
             " such as \"30s\" or \"5d\""
         )
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """Return ``seconds`` in the largest unit that divides it, as a config file would write it (``"100ms"``)."""
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    for unit in ("w", "d", "h", "m"):
+        size = _DURATION_UNITS[unit]
+        if seconds and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def is_hostname(name: str) -> bool:

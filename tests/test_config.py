@@ -131,7 +131,9 @@ format = "json"
         ("[delivery]\nrelayhost_username = \"u\"\n", "delivery.relayhost_password_file", "missing"),
         ("[admin]\naddress = \"localhost\"\n", "admin.address", "missing port"),
         ("[admin]\nmax_destination_labels = 0\n", "admin.max_destination_labels", "below the minimum 1"),
-        ("[spool]\nbusy_timeout = \"4w\"\n", "spool.busy_timeout", "above the maximum 86400"),
+        ("[spool]\nbusy_timeout = \"4w\"\n", "spool.busy_timeout", "value '4w' is above the maximum 1d"),
+        ("[spool]\ncommit_delay = \"200ms\"\n", "spool.commit_delay", "value '200ms' is above the maximum 100ms"),
+        ("[spool]\ncommit_delay = \"-1ms\"\n", "spool.commit_delay", "is negative"),
         ("[server]\nworkers = 0\n", "server.workers", "below the minimum 1"),
     ],
 )

@@ -30,3 +30,6 @@ def test_mailbox_lists_and_prints(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert printed.startswith("Return-Path: <j@x.test>\r\nDelivered-To: alice@localhost\r\n")
 
     assert main(["mailbox", "alice", "2", "--config", str(tmp_path / "relay.toml")]) == 1
+    error = capsys.readouterr().err
+    assert "message 2 not found;" in error
+    assert error.rstrip().endswith("contains 1 message")

@@ -560,6 +560,8 @@ class SMTPSession:
             await self._reset()
             return
 
+        # TODO: lines over 1,000 octets (RFC 5321 section 4.5.3.1.6) go out
+        # unchanged, so a next hop that enforces the limit may reject them.
         encoded = dot_stuff(body)
         next_commands = self._pipeline_next(following)
         for start in range(0, len(encoded), DATA_CHUNK):

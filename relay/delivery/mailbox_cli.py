@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     files = _message_files(root)
     if args.number is not None:
         if not 1 <= args.number <= len(files):
-            print(f"message {args.number} not found; {root} holds {len(files)} messages", file=sys.stderr)
+            count = f"{len(files)} message" + ("" if len(files) == 1 else "s")
+            print(f"message {args.number} not found; {root} contains {count}", file=sys.stderr)
             return 1
         sys.stdout.buffer.write(files[args.number - 1].read_bytes())
         return 0
