@@ -59,9 +59,7 @@ def _text_value(value: Any) -> str:
     """Clean one field value for the text form, quoted when it contains a space, a quote or ``=``."""
     kind = type(value)
     if kind is str:
-        text: str = value
-        if len(text) > MAX_VALUE_LENGTH or not text.isascii() or not text.isprintable() or "\\" in text:
-            text = clean(text)
+        text: str = clean(value)
     elif kind is int:
         return str(value)
     elif kind is bool:

@@ -99,9 +99,7 @@ class Gauge(_Metric):
             self.values[key] = self.values.get(key, 0.0) + amount
 
     def dec(self, amount: float = 1.0, **labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self.values[key] = self.values.get(key, 0.0) - amount
+        self.inc(-amount, **labels)
 
 
 class Histogram(_Metric):

@@ -45,9 +45,9 @@ def parse_duration(value: int | float | str) -> float:
             raise ValueError(f"duration {value} is negative; expected 0 or more seconds")
         return float(value)
     match = _DURATION_RE.match(value)
-    if match is None and value.strip().startswith("-"):
-        raise ValueError(f"duration {value!r} is negative; expected 0 or more, such as \"30s\"")
     if match is None:
+        if value.strip().startswith("-"):
+            raise ValueError(f"duration {value!r} is negative; expected 0 or more, such as \"30s\"")
         raise ValueError(
             f"invalid duration {value!r}; expected a number with an optional unit ms, s, m, h, d or w,"
             " such as \"30s\" or \"5d\""

@@ -96,8 +96,8 @@ def test_log_line_same_with_extra_handler() -> None:
 
 
 def test_hostile_values_same_on_both_paths() -> None:
-    # The direct write cleans and quotes each value in one step; the LogRecord
-    # path cleans first and quotes later.  Each value must come out the same.
+    # log_event writes to the handler directly unless another handler is attached,
+    # and through a LogRecord otherwise.  Both routes must write each value the same.
     values = [
         "", "two words", 'say "hi"', "key=value", "bell\a\x1b[31m", "back\\slash", "naïve ü",
         "x" * 600, "é" * 600, b"raw\xffbytes", ["a", "b c"], None, 0.5, 7, True, ValueError("no\nline"),

@@ -34,7 +34,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -126,6 +126,7 @@ _BY_QUEUE_ID = "id BETWEEN ? AND ? AND queue_id = ?"
 # Queue IDs that one statement looks up or deletes.  Each adds a term to an OR
 # or an IN list, and SQLite limits an expression's depth to 1000 by default.
 LOOKUP_CHUNK = 100
+_Item = TypeVar("_Item")
 _INSERT_RECIPIENT = (
     "INSERT INTO recipient (queue_id, idx, address, domain, orcpt, notify, state, next_attempt)"
     " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)"
@@ -232,6 +233,12 @@ def _add_recipient_values(values: list[Any], pending: PendingCommit, queue_id: s
     for index, recipient in enumerate(pending.envelope.recipients):
         address = recipient.address
         add((queue_id, index, address, domain_of(address), recipient.orcpt, ",".join(recipient.notify), arrival))
+
+
+def _chunks(items: Sequence[_Item]) -> Iterator[Sequence[_Item]]:
+    """Yield ``items`` in slices of ``LOOKUP_CHUNK``, one per statement."""
+    for start in range(0, len(items), LOOKUP_CHUNK):
+        yield items[start : start + LOOKUP_CHUNK]
 
 
 def _checked_body(queue_id: str, crc: int | None, data: bytes | None) -> bytes:
@@ -737,9 +744,7 @@ class SpoolStore:
 
     def _delete_messages(self, keys: Sequence[int], queue_ids: Sequence[str]) -> None:
         """Delete messages with their recipients and attempts, one statement per table and chunk."""
-        for start in range(0, len(queue_ids), LOOKUP_CHUNK):
-            chunk_keys = keys[start : start + LOOKUP_CHUNK]
-            chunk_ids = queue_ids[start : start + LOOKUP_CHUNK]
+        for chunk_keys, chunk_ids in zip(_chunks(keys), _chunks(queue_ids), strict=True):
             marks = ",".join("?" * len(chunk_ids))
             self.connection.execute(f"DELETE FROM message WHERE id IN ({marks})", chunk_keys)
             for table in ("recipient", "attempt"):
@@ -961,15 +966,8 @@ class SpoolStore:
             ).fetchone()
             if row is None:
                 return None
-            recipient_rows = self._stored_recipient_rows(queue_id)
+            recipient_rows = self._recipient_rows_of(_RECIPIENT_COLUMNS, [queue_id]).get(queue_id, [])
         return _decode_message(row, recipient_rows)
-
-    def _stored_recipient_rows(self, queue_id: str) -> list[Any]:
-        """Return the recipient rows of a message in index order, as ``_decode_message`` reads them."""
-        rows: list[Any] = self.connection.execute(
-            f"SELECT {_RECIPIENT_COLUMNS} FROM recipient WHERE queue_id = ? ORDER BY idx", (queue_id,)
-        ).fetchall()
-        return rows
 
     def _load_claimed(
         self, queue_ids: Sequence[str], body_max_bytes: int | None
@@ -1013,8 +1011,7 @@ class SpoolStore:
         rows of other IDs in those ranges are dropped.
         """
         found: dict[str, Sequence[Any]] = {}
-        for start in range(0, len(queue_ids), LOOKUP_CHUNK):
-            chunk = queue_ids[start : start + LOOKUP_CHUNK]
+        for chunk in _chunks(queue_ids):
             requested = set(chunk)
             ranges = " OR ".join(["id BETWEEN ? AND ?"] * len(chunk))
             values = [*parameters, *(key for queue_id in chunk for key in message_key_range(queue_id))]
@@ -1026,8 +1023,7 @@ class SpoolStore:
     def _recipient_rows_of(self, columns: str, queue_ids: Sequence[str]) -> dict[str, list[Any]]:
         """Return ``columns`` of the recipients of ``queue_ids``, by queue ID and in index order."""
         found: dict[str, list[Any]] = {}
-        for start in range(0, len(queue_ids), LOOKUP_CHUNK):
-            chunk = queue_ids[start : start + LOOKUP_CHUNK]
+        for chunk in _chunks(queue_ids):
             marks = ",".join("?" * len(chunk))
             query = f"SELECT queue_id, {columns} FROM recipient WHERE queue_id IN ({marks}) ORDER BY queue_id, idx"
             for row in self.connection.execute(query, chunk):
