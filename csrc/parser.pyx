@@ -14,7 +14,9 @@ route (``<@a,@b:user@c>``) is accepted and dropped (RFC 5321 section 4.1.2
 and appendix C).  Two lenient forms that real clients send are accepted: a
 space after the colon and a path without angle brackets.  In both the stored
 address is exactly the mailbox, without spaces or brackets.  Non-ASCII octets
-in a path need the SMTPUTF8 parameter and must then be valid UTF-8 (RFC 6531).
+in a path must be valid UTF-8 (RFC 6531).  A MAIL path with them also needs
+the SMTPUTF8 parameter.  A RCPT path with them is parsed, and the session
+rejects it unless its transaction's MAIL had SMTPUTF8.
 
 Limits: a path is at most ``MAX_PATH`` = 256 octets with its brackets (RFC
 5321 section 4.5.3.1.3), a domain 255 octets and a label 63 (RFC 1035
@@ -719,7 +721,9 @@ cdef Command _parse_path_command(Verb verb, const unsigned char *s, Py_ssize_t i
         raise _error(error)
 
     if span.eight_bit:
-        if not command.smtputf8:
+        # SMTPUTF8 is a MAIL parameter (RFC 6531 section 3.4), so only the
+        # session knows whether a RCPT's transaction allows a UTF-8 path.
+        if not recipient and not command.smtputf8:
             raise _error(_NON_ASCII)
         try:
             command.path = _text(s, span.mailbox_start, span.mailbox_end, True)

@@ -10,7 +10,7 @@
   a known ESMTP parameter; a parameter given twice
 - ``501 5.1.7`` bad sender address syntax (MAIL)
 - ``501 5.1.3`` bad recipient address syntax (RCPT)
-- ``553 5.6.7`` non-ASCII address without the SMTPUTF8 parameter
+- ``553 5.6.7`` non-ASCII MAIL address without the SMTPUTF8 parameter
 - ``555 5.5.4`` unknown ESMTP parameter, or one not valid for the verb
 """
 

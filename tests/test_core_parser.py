@@ -117,6 +117,8 @@ VALID: list[tuple[bytes, OK]] = [
     (b"MAIL FROM:<\xe7\x94\xa8\xe6\x88\xb7@\xe4\xbe\x8b\xe5\xad\x90.\xe5\xb9\xbf\xe5\x91\x8a> SMTPUTF8",
      {"local_part": "\u7528\u6237", "domain": "\u4f8b\u5b50.\u5e7f\u544a"}),
     (b'MAIL FROM:<"\xc3\xa9 x"@example.com> SMTPUTF8', {"path": '"\u00e9 x"@example.com'}),
+    (b"RCPT TO:<r\xc3\xa9@b\xc3\xbccher.example>",
+     {"path": "r\u00e9@b\u00fccher.example", "local_part": "r\u00e9", "domain": "b\u00fccher.example"}),
     # RCPT
     (b"RCPT TO:<rcpt@example.net>",
      {"verb": "RCPT", "path": "rcpt@example.net", "notify": None, "orcpt": None}),
@@ -268,8 +270,8 @@ INVALID: list[tuple[bytes, tuple[int, str]]] = [
     (b"MAIL FROM:<s\xc3\xa9nder@example.com>", (553, "5.6.7")),
     (b"MAIL FROM:<sender@b\xc3\xbccher.example>", (553, "5.6.7")),
     (b"MAIL FROM:<s\xe9nder@example.com>", (553, "5.6.7")),
-    (b"RCPT TO:<r\xc3\xa9@example.net>", (553, "5.6.7")),
-    (b'RCPT TO:<"\xc3\xa9"@example.net>', (553, "5.6.7")),
+    # A RCPT path is checked against its transaction's SMTPUTF8 by the session.
+    (b"RCPT TO:<r\xe9@example.net>", (501, "5.1.3")),
     (b"MAIL FROM:<s\xc3\xa9nder@example.com> SIZE=10", (553, "5.6.7")),
     # Parameters (RFC 1870, 6152, 3461, 4954).
     (b"MAIL FROM:<a@example.com> SIZE=abc", (501, "5.5.4")),

@@ -294,6 +294,22 @@ def test_eight_bit_commands(relay: RelayProcess, client: RawClient) -> None:
     client.exchange(b"MAIL FROM:<s\xc3\xa9nder@example.com> SMTPUTF8\r\n", ["250"])
 
 
+def test_utf8_recipient_spooled(relay: RelayProcess) -> None:
+    """SMTPUTF8 on MAIL covers the RCPT paths after it (RFC 6531 section 3.4)."""
+    with RawClient(relay.port, source="127.0.0.2") as trusted:
+        trusted.exchange(b"", ["220 mx.example.test"])
+        greet(trusted)
+        trusted.exchange(b"MAIL FROM:<utf8@example.com>\r\n", ["250"])
+        trusted.exchange("RCPT TO:<jörg@bücher.example>\r\n".encode(), ["553 5.6.7"])
+        trusted.exchange(b"RSET\r\n", ["250"])
+        trusted.exchange(b"MAIL FROM:<utf8@example.com> SMTPUTF8\r\n", ["250"])
+        trusted.exchange("RCPT TO:<jörg@bücher.example>\r\nDATA\r\n".encode(), ["250", "354"])
+        trusted.exchange(b"x\r\n.\r\n", ["250"])
+    [(message, _body)] = [m for m in relay.spooled() if m[0].envelope.sender == "utf8@example.com"]
+    assert message.recipients[0].address == "jörg@bücher.example"
+    assert message.envelope.smtputf8
+
+
 def test_quoted_and_invalid_local_parts(relay: RelayProcess, client: RawClient) -> None:
     """CPython bpo-27931, OpenSMTPD CVE-2020-7247, KumoMTA #495: syntax verdicts, never 4xx."""
     greet(client)

@@ -331,6 +331,22 @@ def test_non_ascii_addresses() -> None:
     )
 
 
+def test_non_ascii_recipient_needs_smtputf8_mail() -> None:
+    # RFC 6531 puts SMTPUTF8 on MAIL only; it covers every RCPT of the transaction.
+    run_transcript(
+        make_session,
+        [
+            (EHLO, ["250"]),
+            (b"MAIL FROM:<sender@example.com>\r\n", ["250"]),
+            (b"RCPT TO:<r\xc3\xa9@b\xc3\xbccher.example>\r\n", ["553 5.6.7"]),
+            (b"RSET\r\n", ["250"]),
+            (b"MAIL FROM:<sender@example.com> SMTPUTF8\r\n", ["250"]),
+            (b"RCPT TO:<r\xc3\xa9@b\xc3\xbccher.example>\r\n", ["250"]),
+            (b"RCPT TO:<r\xe9@example.net>\r\n", ["501 5.1.3"]),
+        ],
+    )
+
+
 def test_smtputf8_protocol_name() -> None:
     outcome = run_transcript(
         make_session,

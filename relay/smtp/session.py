@@ -574,6 +574,9 @@ class Session:
             self._reject("RCPT", replies.TOO_MANY_RECIPIENTS)
             return
         path = command.path or ""
+        if not transaction.smtputf8 and not path.isascii():
+            self._reject("RCPT", replies.NON_ASCII_ADDRESS)
+            return
         domain = command.domain or ""
         local_part = command.local_part or ""
         if domain == "" and local_part.lower() != "postmaster":
