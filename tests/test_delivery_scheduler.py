@@ -347,6 +347,22 @@ def test_local_alias_to_local_and_remote(tmp_path: Path, nameserver: NameServer,
     assert upstream.messages[0].recipients == ["bob@implicit.test"]
 
 
+@pytest.mark.parametrize("address", ["postmaster", "POSTMASTER"])
+def test_bare_postmaster_delivered_locally(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, address: str
+) -> None:
+    # A relayhost is set, so only the no-domain rule keeps <postmaster> local.
+    port = free_port("127.0.0.7")
+    relayhost = f'relayhost = "[127.0.0.7]:{port}"\nrelayhost_tls = "none"'
+    config = make_config(tmp_path, nameserver, port, delivery=relayhost)
+    spool = spool_for(config)
+    commit(spool, "carol@example.org", [address])
+    assert run_until(config, spool, lambda: not spool_counts(config))
+    (message,) = mailbox_messages(config, "postmaster")
+    assert message["Return-Path"] == "<carol@example.org>"
+    assert message["Delivered-To"] == address
+
+
 def commit_notify(spool: Spool, sender: str, address: str, notify: tuple[str, ...]) -> str:
     envelope = Envelope(sender=sender, recipients=(Recipient(address=address, notify=notify),))
     return spool.commit_blocking(envelope, BODY)

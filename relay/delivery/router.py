@@ -1,7 +1,9 @@
 """Choose how each recipient is delivered: local Maildir, a fixed next hop, or MX.
 
-Order (first match wins): a domain in ``[policy] local_domains`` goes to the
-local Maildir; a domain in ``[delivery.transport]`` goes where its entry says
+Order (first match wins): a domain in ``[policy] local_domains``, and an
+address without a domain (``<postmaster>``, which RFC 5321 section 4.5.1
+makes every SMTP server accept for its own postmaster), goes to the local
+Maildir; a domain in ``[delivery.transport]`` goes where its entry says
 (``"local"`` or ``"smtp:[host]:port"``); when ``[delivery] relayhost`` is set
 every other domain goes to that smart host; otherwise the domain's MX hosts
 on ``[delivery] smtp_port``.  An address literal (``user@[192.0.2.30]``,
@@ -72,7 +74,7 @@ class Router:
     def route(self, domain: str) -> Route:
         """Return the route for recipients at ``domain`` (lower-case, no trailing dot)."""
         domain = domain.rstrip(".").lower()
-        if domain in self._local_domains:
+        if domain == "" or domain in self._local_domains:
             return Route(kind=LOCAL, destination=LOCAL)
         if domain.startswith("["):
             return self._literal_route(domain)
@@ -91,8 +93,6 @@ class Router:
             )
         if self._relayhost is not None:
             return self._relayhost
-        if domain == "":
-            return Route(kind=ERROR, destination=ERROR, error="550 5.1.2 recipient address has no domain")
         return Route(kind=SMTP, destination=domain, host=domain, port=self._smtp_port, tls=self._mx_tls)
 
     def _literal_route(self, domain: str) -> Route:
