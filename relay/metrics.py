@@ -341,6 +341,21 @@ tls_handshakes = REGISTRY.counter(
 )
 
 
+# The values of the ``command`` label of relay_messages_rejected_total.  A reject
+# line's command may carry the address ("RCPT TO:<a@b>") or a client's unknown
+# verb, and either as a label would add a series per value.
+_REJECT_COMMANDS = frozenset(
+    "HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH".split()
+)
+
+
+def _reject_command(command: object) -> str:
+    """Return the SMTP verb of a reject line's command, or "other" for an unknown one."""
+    words = str(command).split(None, 1)
+    verb = words[0].upper() if words else ""
+    return verb if verb in _REJECT_COMMANDS else "other"
+
+
 def _reply_status(reply: object) -> str:
     # Reject lines look like "550 5.1.1 text"; the enhanced code is the label.
     parts = str(reply).split(" ", 2)
@@ -363,7 +378,8 @@ def observe_event(event: str, fields: dict[str, Any]) -> None:
         messages_received.inc()
         octets_received.inc(float(fields.get("size", 0) or 0))
     elif event == "reject":
-        messages_rejected.inc(command=str(fields.get("command", "")), status=_reply_status(fields.get("reply", "")))
+        status = _reply_status(fields.get("reply", ""))
+        messages_rejected.inc(command=_reject_command(fields.get("command")), status=status)
     elif event == "auth_failed":
         auth_failures.inc()
     elif event == "tls":

@@ -193,6 +193,19 @@ def test_log_events_move_counters() -> None:
     assert metrics.destination_attempts.values[("example.net", "deferred")] == before_attempts + 1
 
 
+def test_reject_command_label_is_verb() -> None:
+    logger = logging.getLogger("relay.test")
+    before_rcpt = metrics.messages_rejected.values.get(("RCPT", "5.1.1"), 0.0)
+    before_other = metrics.messages_rejected.values.get(("other", "5.5.1"), 0.0)
+
+    log_event(logger, "reject", session="s", command="RCPT TO:<carol@localhost>", reply="550 5.1.1 No such user")
+    log_event(logger, "reject", session="s", command="XYZZY", reply="500 5.5.1 Unknown command")
+
+    assert metrics.messages_rejected.values[("RCPT", "5.1.1")] == before_rcpt + 1
+    assert metrics.messages_rejected.values[("other", "5.5.1")] == before_other + 1
+    assert not any("carol" in command for command, _status in metrics.messages_rejected.values)
+
+
 def test_destination_label_capped() -> None:
     label = metrics.BoundedLabel(2)
 
