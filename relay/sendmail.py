@@ -18,7 +18,13 @@ The message is written straight into the spool with the same group commit
 as the SMTP server, like Postfix's postdrop writing into the maildrop queue:
 it works while no listener runs, needs no credentials, and the running
 relay's scheduler delivers it.  The caller needs write access to the spool
-directory.  Lines may end in LF (the usual case for local programs); they
+directory.  The config is ``--config FILE``, else the file that the
+``RELAY_CONFIG`` environment variable names, else ``/etc/relay/relay.toml``
+when it exists, else the built-in defaults: a program that runs
+``/usr/sbin/sendmail`` passes no relay options.  sendmail never creates a
+spool.  A spool that does not exist yet is not read by any running relay,
+so the message is refused with ``EX_TEMPFAIL`` instead of being stranded.
+Lines may end in LF (the usual case for local programs); they
 are stored with CRLF.  A ``Received`` header naming the user ID, and
 ``Date``, ``Message-ID`` and ``From`` when missing, are added.
 
@@ -52,6 +58,7 @@ from relay.log import log_event
 from relay.smtp.policy import RelayPolicy
 from relay.smtp.received import header_block, normalize_line_ends, submission_headers
 from relay.spool import Envelope, Recipient, Spool, SpoolError, new_queue_id
+from relay.spool.store import database_path
 
 EX_OK = 0
 EX_USAGE = 64
@@ -73,11 +80,17 @@ Read a message from standard input and queue it for delivery, like sendmail(1).
   -f SENDER   envelope sender (reverse-path); -f "<>" is the null sender
   -F NAME     full name for the From header, when the message has none
   -bm         read a message and deliver it (the default mode)
-  --config F  relay.toml to read (default: built-in defaults)
+  --config F  relay.toml to read (default: $RELAY_CONFIG, else
+              /etc/relay/relay.toml if it exists, else built-in defaults)
 
 Other -o options are accepted and ignored.  Exit status: 0 queued, 64 usage,
 65 message too large, 66 no input, 67 invalid address or unknown local user,
 70 internal error, 75 spool unavailable (try again later), 78 invalid config."""
+
+
+# Where the config comes from without --config; see the module docs.
+CONFIG_ENVIRONMENT = "RELAY_CONFIG"
+SYSTEM_CONFIG = "/etc/relay/relay.toml"
 
 
 class SendmailError(Exception):
@@ -265,10 +278,33 @@ def _login_name() -> str:
         return f"uid{os.getuid()}"
 
 
+def _config_file(options: Options) -> str | None:
+    """Return the config file to read: --config, $RELAY_CONFIG, the system file, or None for defaults."""
+    if options.config:
+        return options.config
+    named = os.environ.get(CONFIG_ENVIRONMENT)
+    if named:
+        return named
+    return SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else None
+
+
+def _require_spool(directory: str) -> None:
+    """Raise SpoolError unless ``directory`` holds a spool that a relay created."""
+    try:
+        found = database_path(directory).exists()
+    except OSError as exc:
+        raise SpoolError(f"cannot read spool {directory}: {exc.strerror}") from exc
+    if not found:
+        raise SpoolError(
+            f"no spool in {directory} (spool.db not found); start relay serve with the same config first,"
+            f" or name the relay's config with --config or {CONFIG_ENVIRONMENT}"
+        )
+
+
 def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
     """Read, check and spool one message; return the sendmail exit code."""
     try:
-        config = load_config(options.config)
+        config = load_config(_config_file(options))
     except ConfigError as exc:
         for line in exc.errors:
             print(f"sendmail: {line}", file=stderr)
@@ -287,6 +323,7 @@ def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
             f"Received: by {config.server.hostname} (relay, from userid {os.getuid()})\r\n"
             f"\tid {queue_id}; {formatdate(time.time(), localtime=True)}\r\n"
         ).encode()
+        _require_spool(config.spool.path)
         spool = Spool.from_config(config.spool)
         try:
             stored_id = spool.commit_blocking(envelope, trace + body, queue_id=queue_id)

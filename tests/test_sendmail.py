@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,8 @@ maildir_root = "mail"
 {extra}
 """
     )
+    # sendmail writes only into a spool that exists, as one relay serve created.
+    SpoolStore(tmp_path / "spool").close()
     return config
 
 
@@ -191,12 +194,40 @@ def test_exit_code_config(tmp_path: Path) -> None:
 def test_exit_code_tempfail_when_spool_unusable(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     # A regular file where the spool directory should be: the spool cannot open.
+    shutil.rmtree(tmp_path / "spool")
     (tmp_path / "spool").write_text("not a directory")
 
     result = sendmail(["--config", str(config), "alice"], b"Subject: x\n\nhi\n")
 
     assert result.returncode == EX_TEMPFAIL
     assert "try again later" in result.stderr.decode()
+
+
+def test_missing_spool_not_created(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    shutil.rmtree(tmp_path / "spool")
+
+    result = sendmail(["--config", str(config), "alice"], b"Subject: x\n\nhi\n")
+
+    assert result.returncode == EX_TEMPFAIL
+    assert "no spool in" in result.stderr.decode()
+    assert not (tmp_path / "spool").exists()
+
+
+def test_config_from_environment(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RELAY_CONFIG": str(config)}
+    command = [sys.executable, "-m", "relay", "sendmail", "alice"]
+
+    result = subprocess.run(
+        command, input=b"Subject: x\n\nhi\n", capture_output=True, env=env, cwd=workdir, check=False, timeout=60
+    )
+
+    assert result.returncode == 0, result.stderr.decode()
+    assert len(stored_messages(tmp_path / "spool")) == 1
+    assert not (workdir / "relay-spool").exists()
 
 
 def test_exit_code_noinput_when_stdin_closed(tmp_path: Path) -> None:
