@@ -21,9 +21,11 @@ relay's scheduler delivers it.  The caller needs write access to the spool
 directory.  The config is ``--config FILE``, else the file that the
 ``RELAY_CONFIG`` environment variable names, else ``/etc/relay/relay.toml``
 when it exists, else the built-in defaults: a program that runs
-``/usr/sbin/sendmail`` passes no relay options.  sendmail never creates a
-spool.  A spool that does not exist yet is not read by any running relay,
-so the message is refused with ``EX_TEMPFAIL`` instead of being stranded.
+``/usr/sbin/sendmail`` passes no relay options.  With the built-in
+defaults the spool is ``relay-spool`` in the caller's working directory.
+sendmail writes there only when that spool exists, and otherwise refuses
+the message with ``EX_TEMPFAIL``: a spool created there would strand the
+message, because no running relay reads it.
 Lines may end in LF (the usual case for local programs); they
 are stored with CRLF.  A ``Received`` header naming the user ID, and
 ``Date``, ``Message-ID`` and ``From`` when missing, are added.
@@ -296,15 +298,16 @@ def _require_spool(directory: str) -> None:
         raise SpoolError(f"cannot read spool {directory}: {exc.strerror}") from exc
     if not found:
         raise SpoolError(
-            f"no spool in {directory} (spool.db not found); start relay serve with the same config first,"
-            f" or name the relay's config with --config or {CONFIG_ENVIRONMENT}"
+            f"no spool in {directory} (spool.db not found) and no config file;"
+            f" name the relay's config with --config or {CONFIG_ENVIRONMENT}"
         )
 
 
 def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
     """Read, check and spool one message; return the sendmail exit code."""
+    config_file = _config_file(options)
     try:
-        config = load_config(_config_file(options))
+        config = load_config(config_file)
     except ConfigError as exc:
         for line in exc.errors:
             print(f"sendmail: {line}", file=stderr)
@@ -323,7 +326,8 @@ def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
             f"Received: by {config.server.hostname} (relay, from userid {os.getuid()})\r\n"
             f"\tid {queue_id}; {formatdate(time.time(), localtime=True)}\r\n"
         ).encode()
-        _require_spool(config.spool.path)
+        if config_file is None:
+            _require_spool(config.spool.path)
         spool = Spool.from_config(config.spool)
         try:
             stored_id = spool.commit_blocking(envelope, trace + body, queue_id=queue_id)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +45,6 @@ maildir_root = "mail"
 {extra}
 """
     )
-    # sendmail writes only into a spool that exists, as one relay serve created.
-    SpoolStore(tmp_path / "spool").close()
     return config
 
 
@@ -194,7 +191,6 @@ def test_exit_code_config(tmp_path: Path) -> None:
 def test_exit_code_tempfail_when_spool_unusable(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     # A regular file where the spool directory should be: the spool cannot open.
-    shutil.rmtree(tmp_path / "spool")
     (tmp_path / "spool").write_text("not a directory")
 
     result = sendmail(["--config", str(config), "alice"], b"Subject: x\n\nhi\n")
@@ -203,15 +199,19 @@ def test_exit_code_tempfail_when_spool_unusable(tmp_path: Path) -> None:
     assert "try again later" in result.stderr.decode()
 
 
-def test_missing_spool_not_created(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
-    shutil.rmtree(tmp_path / "spool")
+@pytest.mark.skipif(Path("/etc/relay/relay.toml").exists(), reason="this host has a system-wide relay config")
+def test_defaults_never_create_spool(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "RELAY_CONFIG"}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    command = [sys.executable, "-m", "relay", "sendmail", "alice@example.test"]
 
-    result = sendmail(["--config", str(config), "alice"], b"Subject: x\n\nhi\n")
+    result = subprocess.run(
+        command, input=b"Subject: x\n\nhi\n", capture_output=True, env=env, cwd=tmp_path, check=False, timeout=60
+    )
 
     assert result.returncode == EX_TEMPFAIL
-    assert "no spool in" in result.stderr.decode()
-    assert not (tmp_path / "spool").exists()
+    assert f"no spool in {tmp_path / 'relay-spool'}" in result.stderr.decode()
+    assert not (tmp_path / "relay-spool").exists()
 
 
 def test_config_from_environment(tmp_path: Path) -> None:
