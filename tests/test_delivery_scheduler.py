@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -361,6 +362,62 @@ def test_bare_postmaster_delivered_locally(
     (message,) = mailbox_messages(config, "postmaster")
     assert message["Return-Path"] == "<carol@example.org>"
     assert message["Delivered-To"] == address
+
+
+def test_reload_applies_nameservers(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    port = free_port("127.0.0.4")
+    # Nothing answers DNS on this port, so every lookup times out and defers.
+    silent = types.SimpleNamespace(port=free_port("127.0.0.1"))
+    before = make_config(tmp_path, silent, port, delivery="dns_timeout = 0.3")  # type: ignore[arg-type]
+    after = make_config(tmp_path, nameserver, port, delivery="dns_timeout = 0.3")
+    spool = spool_for(before)
+
+    async def main(upstream: Any) -> bool:
+        scheduler = Scheduler(before, spool)
+        task = asyncio.create_task(scheduler.run())
+        try:
+            deadline = time.monotonic() + 20
+            while spool_counts(before).get("deferred", 0) == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert spool_counts(before).get("deferred", 0) == 1
+            scheduler.apply_config(after)
+            while not upstream.messages and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return bool(upstream.messages)
+        finally:
+            await scheduler.stop()
+            await task
+
+    with run_upstream("127.0.0.4", port) as upstream:
+        commit(spool, "carol@example.org", ["dave@implicit.test"])
+        assert asyncio.run(main(upstream))
+    assert upstream.messages[0].recipients == ["dave@implicit.test"]
+
+
+def test_reload_resizes_connection_limit(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    config = make_config(tmp_path, nameserver, 25, delivery="connection_limit = 4")
+    smaller = make_config(tmp_path, nameserver, 25, delivery="connection_limit = 1")
+    larger = make_config(tmp_path, nameserver, 25, delivery="connection_limit = 6")
+    spool = spool_for(config)
+
+    async def main() -> list[bool]:
+        scheduler = Scheduler(config, spool)
+        scheduler.apply_config(smaller)
+        await asyncio.sleep(0)
+        # The 3 slots taken away are held, so only one connection may open.
+        free_after_lowering = [scheduler._connections.locked()]
+        await scheduler._connections.acquire()
+        free_after_lowering.append(scheduler._connections.locked())
+        scheduler._connections.release()
+        scheduler.apply_config(larger)
+        await asyncio.sleep(0)
+        for _ in range(6):
+            await asyncio.wait_for(scheduler._connections.acquire(), 1)
+        free_after_raising = scheduler._connections.locked()
+        await scheduler.stop()
+        return [*free_after_lowering, free_after_raising]
+
+    assert asyncio.run(main()) == [False, True, True]
 
 
 def commit_notify(spool: Spool, sender: str, address: str, notify: tuple[str, ...]) -> str:

@@ -138,16 +138,15 @@ class Scheduler:
         self.owner = owner or scheduler_owner()
         self.router = Router(config)
         self.local = LocalDelivery.from_config(config.local)
+        # A resolver passed in (by tests) is kept across reloads.
+        self._own_resolver = resolver is None
         self.resolver = resolver or MXResolver(delivery.nameservers, timeout=delivery.dns_timeout)
-        self.sessions = SessionPool(
-            self.resolver,
-            config.server.hostname,
-            Timeouts.from_config(delivery),
-            ca_file=delivery.tls_ca_file,
-            cache_time=delivery.connection_cache_time,
-            chunking=delivery.chunking,
-        )
+        self.sessions = self._session_pool(config)
         self._connections = asyncio.Semaphore(delivery.connection_limit)
+        self._connection_limit = delivery.connection_limit
+        # Tasks that hold connection slots taken away by a reload that lowered the limit.
+        self._slot_holders: set[asyncio.Task[bool]] = set()
+        self._retired_pools: set[asyncio.Task[None]] = set()
         self._destinations: dict[str, _Destination] = {}
         self._flush_request_path = spool.directory / FLUSH_REQUEST
         # A flush from before this scheduler started has nothing to lift.
@@ -163,16 +162,53 @@ class Scheduler:
         self._workers: set[asyncio.Task[None]] = set()
         self._random = random.Random()
 
+    def _session_pool(self, config: Config) -> SessionPool:
+        delivery = config.delivery
+        return SessionPool(
+            self.resolver,
+            config.server.hostname,
+            Timeouts.from_config(delivery),
+            ca_file=delivery.tls_ca_file,
+            cache_time=delivery.connection_cache_time,
+            chunking=delivery.chunking,
+        )
+
     def apply_config(self, config: Config) -> None:
         """Route and deliver with a reloaded config from the next claim on.
 
-        Deliveries in flight finish with the settings they started with; the
-        connection limits and timeouts of open sessions keep their values
-        until those sessions close.
+        Routing, local delivery, the nameservers, the outbound timeouts, the
+        CA file and the connection limit all change.  Deliveries in flight
+        finish with the settings they started with, and sessions open at the
+        reload keep their timeouts until they close.  Parked sessions are
+        closed, so the next message opens one with the new settings.
         """
+        old = self.config.delivery
+        delivery = config.delivery
         self.config = config
         self.router = Router(config)
         self.local = LocalDelivery.from_config(config.local)
+
+        if self._own_resolver and (delivery.nameservers, delivery.dns_timeout) != (old.nameservers, old.dns_timeout):
+            self.resolver = MXResolver(delivery.nameservers, timeout=delivery.dns_timeout)
+        retired = self.sessions
+        self.sessions = self._session_pool(config)
+        closing = asyncio.get_running_loop().create_task(retired.close())
+        self._retired_pools.add(closing)
+        closing.add_done_callback(self._retired_pools.discard)
+
+        self._resize_connections(delivery.connection_limit)
+        self._max_jobs = delivery.connection_limit * JOBS_PER_CONNECTION
+
+    def _resize_connections(self, limit: int) -> None:
+        """Change the total connection limit without replacing the semaphore that open sessions release."""
+        change = limit - self._connection_limit
+        self._connection_limit = limit
+        for _ in range(max(0, change)):
+            self._connections.release()
+        for _ in range(max(0, -change)):
+            # The slot is taken as soon as a session gives one back, and never returned.
+            holder = asyncio.get_running_loop().create_task(self._connections.acquire())
+            self._slot_holders.add(holder)
 
     def wake(self) -> None:
         """Look for due recipients now instead of at the next scan."""
@@ -238,6 +274,9 @@ class Scheduler:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self.sessions.close()
+        for holder in self._slot_holders:
+            holder.cancel()
+        await asyncio.gather(*self._slot_holders, *self._retired_pools, return_exceptions=True)
         try:
             released = await self.spool.release_leases(self.owner)
         except SpoolError as exc:
