@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
+import reprlib
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -57,8 +59,26 @@ def _key(default: Any, kind: str, **options: Any) -> Any:
     return field(default=default, metadata=metadata)
 
 
+_LOCALHOST_NAMES = ("localhost", "localhost.localdomain")
+
+
+def _is_qualified_name(name: str) -> bool:
+    return "." in name and name.lower() not in _LOCALHOST_NAMES and is_hostname(name)
+
+
 def _default_hostname() -> str:
+    """Return the default server.hostname.
+
+    That is socket.getfqdn(), unless it is localhost, localhost.localdomain or a
+    name without a dot and socket.gethostname() is a dotted name other than those.
+    getfqdn() returns "localhost" on hosts whose /etc/hosts lists localhost first
+    for 127.0.0.1.  A result that is not a valid DNS name becomes "localhost".
+    """
     name = socket.getfqdn()
+    if not _is_qualified_name(name):
+        hostname = socket.gethostname()
+        if _is_qualified_name(hostname):
+            name = hostname
     return name if is_hostname(name) else "localhost"
 
 
@@ -296,9 +316,18 @@ class _Context:
         self.filename = filename
         self.base = base
         self.errors: list[str] = []
+        # Keys ("delivery.relayhost") and sections ("listener[1]") whose value was
+        # invalid.  The loaded config contains the default there, so the cross-key
+        # checks skip them instead of reporting errors that follow from the default.
+        self.invalid: set[str] = set()
 
     def error(self, key: str, message: str) -> None:
         self.errors.append(f"{self.filename}:{key}: {message}")
+
+    def is_invalid(self, key: str) -> bool:
+        """Return whether the value of ``section.key``, or its whole section, was invalid."""
+        section = key.partition(".")[0]
+        return key in self.invalid or section in self.invalid
 
     def resolve(self, value: str) -> str:
         if value == "":
@@ -312,18 +341,39 @@ def _type_name(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+_value_repr = reprlib.Repr()
+_value_repr.maxstring = 60
+_value_repr.maxother = 60
+
+
+def _describe(value: Any) -> str:
+    """Return the TOML type and value for an error message, such as ``string 'lots'``.
+
+    Long strings, arrays and tables are shortened with "...".
+    """
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    return f"{_type_name(value)} {_value_repr.repr(value)}"
+
+
 def _expect(value: Any, types: tuple[type, ...], what: str) -> None:
-    if isinstance(value, bool) and bool not in types:
-        raise ValueError(f"expected {what}, got boolean")
-    if not isinstance(value, types):
-        raise ValueError(f"expected {what}, got {_type_name(value)}")
+    # TOML booleans are Python bools, which are also ints.
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        raise ValueError(f"expected {what}, got {_describe(value)}")
+
+
+def _expect_items(value: Any, types: tuple[type, ...], what: str) -> None:
+    """Raise ValueError unless value is an array whose items are all of ``types``."""
+    _expect(value, (list,), what)
+    for index, item in enumerate(value):
+        if (isinstance(item, bool) and bool not in types) or not isinstance(item, types):
+            raise ValueError(f"expected {what}, but item {index} is {_describe(item)}")
 
 
 def _parse_domains(value: Any) -> tuple[str, ...]:
-    _expect(value, (list,), "an array of domain names")
+    _expect_items(value, (str,), "an array of domain names")
     domains = []
     for item in value:
-        _expect(item, (str,), "an array of domain names")
         name = item.strip().rstrip(".").lower()
         if not is_hostname(name):
             raise ValueError(f"invalid domain {item!r}; expected a DNS name such as \"example.test\"")
@@ -332,10 +382,9 @@ def _parse_domains(value: Any) -> tuple[str, ...]:
 
 
 def _parse_networks(value: Any) -> tuple[str, ...]:
-    _expect(value, (list,), "an array of networks in CIDR notation")
+    _expect_items(value, (str,), "an array of networks in CIDR notation")
     networks = []
     for item in value:
-        _expect(item, (str,), "an array of networks in CIDR notation")
         try:
             networks.append(str(ipaddress.ip_network(item, strict=False)))
         except ValueError:
@@ -374,7 +423,10 @@ def _parse_transport(value: Any) -> Mapping[str, str]:
         if not is_hostname(name):
             raise ValueError(f"invalid domain {domain!r}; expected a DNS name")
         if not isinstance(route, str):
-            raise ValueError(f"route for {domain!r} must be a string such as \"smtp:[127.0.0.1]:2526\" or \"local\"")
+            raise ValueError(
+                f"route for {domain!r} must be a string such as \"smtp:[127.0.0.1]:2526\" or \"local\","
+                f" got {_describe(route)}"
+            )
         if route != "local":
             if not route.startswith("smtp:"):
                 raise ValueError(f"invalid route {route!r} for {domain!r}; expected \"smtp:[host]:port\" or \"local\"")
@@ -400,10 +452,13 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
     elif kind == "size":
         converted = parse_size(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
         if converted is None:
-            raise ValueError(f"expected a size such as 10485760 or \"10M\", got {_type_name(value)}")
+            raise ValueError(f"expected a size such as 10485760 or \"10M\", got {_describe(value)}")
     elif kind == "duration":
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"expected a duration such as \"30s\" or \"5d\", got {_type_name(value)}")
+            raise ValueError(f"expected a duration such as \"30s\" or \"5d\", got {_describe(value)}")
+        # TOML has inf and nan floats, and nan would also pass every min and max check.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"invalid duration {value}; expected finite seconds or a string such as \"5d\"")
         converted = parse_duration(value)
     elif kind == "choice":
         _expect(value, (str,), "a string")
@@ -425,10 +480,9 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
             parse_host_port(value)
         return value
     elif kind == "hostports":
-        _expect(value, (list,), "an array of \"HOST:PORT\" strings")
+        _expect_items(value, (str,), "an array of \"HOST:PORT\" strings")
         result = []
         for item in value:
-            _expect(item, (str,), "an array of \"HOST:PORT\" strings")
             result.append(parse_host_port(item, options.get("default_port")))
         return tuple(result)
     elif kind == "path":
@@ -438,9 +492,7 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
             raise ValueError(f"file {path} not found; create it or fix the path")
         return path
     elif kind == "strings":
-        _expect(value, (list,), "an array of strings")
-        for item in value:
-            _expect(item, (str,), "an array of strings")
+        _expect_items(value, (str,), "an array of strings")
         return tuple(value)
     elif kind == "domains":
         return _parse_domains(value)
@@ -465,7 +517,8 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
 def _parse_section(cls: type, raw: Any, name: str, ctx: _Context) -> Any:
     """Build one section dataclass from its TOML table, recording errors in ctx."""
     if not isinstance(raw, dict):
-        ctx.error(name, f"expected a table, got {_type_name(raw)}")
+        ctx.error(name, f"expected a table, got {_describe(raw)}")
+        ctx.invalid.add(name)
         return cls()
 
     fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata}
@@ -485,34 +538,45 @@ def _parse_section(cls: type, raw: Any, name: str, ctx: _Context) -> Any:
             values[key] = _convert(spec.metadata["kind"], value, spec.metadata, ctx)
         except ValueError as exc:
             ctx.error(f"{name}.{key}", str(exc))
+            ctx.invalid.add(f"{name}.{key}")
     return cls(**values)
 
 
 def _check_conflicts(config: Config, ctx: _Context, raw_tls: bool) -> None:
-    """Record settings that are valid alone but not together."""
+    """Record settings that are valid alone but not together.
+
+    A key whose value was invalid counts as set, because it was already reported
+    and the default that replaced it would only cause follow-on errors.
+    """
     seen: dict[tuple[str, int], int] = {}
+    cert_set = bool(config.tls.cert) or ctx.is_invalid("tls.cert")
+    key_set = bool(config.tls.key) or ctx.is_invalid("tls.key")
     for index, listener in enumerate(config.listeners):
         key = f"listener[{index}]"
-        if listener.address in seen:
-            first = seen[listener.address]
-            ctx.error(f"{key}.address", f"{listener.address_text} is already used by listener[{first}]")
-        seen.setdefault(listener.address, index)
-        if listener.tls != "none" and not (config.tls.cert and config.tls.key):
+        if not ctx.is_invalid(f"{key}.address"):
+            if listener.address in seen:
+                first = seen[listener.address]
+                ctx.error(f"{key}.address", f"{listener.address_text} is already used by listener[{first}]")
+            seen.setdefault(listener.address, index)
+        if listener.tls != "none" and not (cert_set and key_set):
             message = f"tls = \"{listener.tls}\" needs [tls] cert and key; add them or set tls = \"none\""
             ctx.error(f"{key}.tls", message)
-    if raw_tls and bool(config.tls.cert) != bool(config.tls.key):
-        missing = "key" if config.tls.cert else "cert"
+    if raw_tls and cert_set != key_set:
+        missing = "key" if cert_set else "cert"
         ctx.error(f"tls.{missing}", "missing; [tls] needs both cert and key")
 
     delivery = config.delivery
-    if delivery.relayhost_username and not delivery.relayhost_password_file:
+    password_file_set = bool(delivery.relayhost_password_file) or ctx.is_invalid("delivery.relayhost_password_file")
+    relayhost_set = bool(delivery.relayhost) or ctx.is_invalid("delivery.relayhost")
+    if delivery.relayhost_username and not password_file_set:
         ctx.error("delivery.relayhost_password_file", "missing; relayhost_username needs a password file")
-    if delivery.relayhost_username and not delivery.relayhost:
+    if delivery.relayhost_username and not relayhost_set:
         ctx.error("delivery.relayhost_username", "set but delivery.relayhost is empty; set a relayhost or remove it")
 
-    overlap = set(config.policy.local_domains) & set(config.policy.relay_domains)
-    for domain in sorted(overlap):
-        ctx.error("policy.relay_domains", f"{domain!r} is also in policy.local_domains; list it in one only")
+    if not (ctx.is_invalid("policy.local_domains") or ctx.is_invalid("policy.relay_domains")):
+        overlap = set(config.policy.local_domains) & set(config.policy.relay_domains)
+        for domain in sorted(overlap):
+            ctx.error("policy.relay_domains", f"{domain!r} is also in policy.local_domains; list it in one only")
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -528,14 +592,30 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     ctx = _Context(filename, Path(filename).resolve().parent)
     try:
         with open(filename, "rb") as handle:
-            raw = tomllib.load(handle)
+            data = handle.read()
     except FileNotFoundError:
         raise ConfigError([f"{filename}: file not found; pass an existing config file"]) from None
     except OSError as exc:
         raise ConfigError([f"{filename}: cannot be read: {exc.strerror}"]) from None
+    # Decoded here rather than by tomllib.load, which lets UnicodeDecodeError escape.
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([_describe_utf8_error(filename, data, exc)]) from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{filename}: invalid TOML: {exc}"]) from None
     return _build(raw, ctx, filename)
+
+
+def _describe_utf8_error(filename: str, data: bytes, exc: UnicodeDecodeError) -> str:
+    """Return the error line for a config file that is not UTF-8, naming the first bad byte."""
+    line = data.count(b"\n", 0, exc.start) + 1
+    return (
+        f"{filename}: not valid UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line});"
+        " TOML files must be UTF-8, so convert the file, for example with iconv -f latin1 -t utf-8"
+    )
 
 
 def _build(raw: dict[str, Any], ctx: _Context, source: str | None) -> Config:

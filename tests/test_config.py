@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from relay import config as config_module
 from relay.cli import main
 from relay.config import Config, ConfigError, describe_defaults, load_config
 from relay.reload import reload_config
@@ -179,6 +180,205 @@ def test_invalid_toml_names_file(tmp_path: Path) -> None:
     assert errors[0].startswith(f"{path}: invalid TOML")
 
 
+def test_non_utf8_file_is_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_bytes(b"[server]\n# M\xfcller\nworkers = 1\n")
+
+    errors = errors_of(path)
+
+    assert errors == [
+        f"{path}: not valid UTF-8: byte 0xfc at offset 12 (line 2); TOML files must be UTF-8,"
+        " so convert the file, for example with iconv -f latin1 -t utf-8"
+    ]
+
+
+def test_check_config_cli_non_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_bytes(b"# M\xfcller\n")
+
+    status = main(["check-config", str(path)])
+
+    assert status == 1
+    assert capsys.readouterr().err.startswith(f"{path}: not valid UTF-8: byte 0xfc at offset 3 (line 1);")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[server]\nmax_errors = \"lots\"\n", "server.max_errors: expected an integer, got string 'lots'"),
+        (
+            "[policy]\nlocal_domains = \"example.test\"\n",
+            "policy.local_domains: expected an array of domain names, got string 'example.test'",
+        ),
+        (
+            "[policy]\nlocal_domains = [\"example.test\", 3]\n",
+            "policy.local_domains: expected an array of domain names, but item 1 is integer 3",
+        ),
+        ("[policy]\nmax_recipients = true\n", "policy.max_recipients: expected an integer, got boolean true"),
+        (
+            "[policy]\nallow_address_literals = 1\n",
+            "policy.allow_address_literals: expected true or false, got integer 1",
+        ),
+        (
+            "[policy]\nmax_message_size = 1.5\n",
+            "policy.max_message_size: expected a size such as 10485760 or \"10M\", got float 1.5",
+        ),
+        (
+            "[server]\ncommand_timeout = [5]\n",
+            "server.command_timeout: expected a duration such as \"30s\" or \"5d\", got array [5]",
+        ),
+        ("[local]\nusers = \"bob\"\n", "local.users: expected an array of strings, got string 'bob'"),
+        (
+            "[delivery]\nnameservers = [53]\n",
+            "delivery.nameservers: expected an array of \"HOST:PORT\" strings, but item 0 is integer 53",
+        ),
+        ("server = 1\n", "server: expected a table, got integer 1"),
+        (
+            "[delivery.transport]\n\"example.net\" = 5\n",
+            "delivery.transport: route for 'example.net' must be a string such as \"smtp:[127.0.0.1]:2526\""
+            " or \"local\", got integer 5",
+        ),
+    ],
+)
+def test_type_error_names_value(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+
+    errors = errors_of(path)
+
+    assert errors == [f"{path}:{expected}"]
+
+
+def test_type_error_shortens_long_value(tmp_path: Path) -> None:
+    path = write(tmp_path, f"[server]\nmax_errors = \"{'x' * 500}\"\n")
+
+    errors = errors_of(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{path}:server.max_errors: expected an integer, got string 'xxx")
+    assert "..." in errors[0]
+    assert len(errors[0]) < len(str(path)) + 120
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_duration_rejects_non_finite_float(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"[server]\nshutdown_grace = {value}\n")
+
+    errors = errors_of(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{path}:server.shutdown_grace: ")
+    assert "finite" in errors[0]
+
+
+def test_invalid_listener_addresses_not_duplicates(tmp_path: Path) -> None:
+    path = write(tmp_path, "[[listener]]\naddress = \"127.0.0.1\"\n[[listener]]\naddress = \"[::1]:99999\"\n")
+
+    errors = errors_of(path)
+
+    assert [line.split(": ")[0] for line in errors] == [f"{path}:listener[0].address", f"{path}:listener[1].address"]
+    assert "missing port" in errors[0]
+    assert "invalid port 99999" in errors[1]
+
+
+def test_invalid_listener_tables_not_duplicates(tmp_path: Path) -> None:
+    path = write(tmp_path, "listener = [1, 2]\n")
+
+    errors = errors_of(path)
+
+    assert errors == [
+        f"{path}:listener[0]: expected a table, got integer 1",
+        f"{path}:listener[1]: expected a table, got integer 2",
+    ]
+
+
+def test_invalid_relayhost_is_not_empty(tmp_path: Path) -> None:
+    (tmp_path / "password").write_text("secret\n")
+    path = write(
+        tmp_path,
+        "[delivery]\nrelayhost = \"[smtp.example.test\"\nrelayhost_username = \"u\"\n"
+        "relayhost_password_file = \"password\"\n",
+    )
+
+    errors = errors_of(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{path}:delivery.relayhost: invalid address '[smtp.example.test': missing ']'")
+
+
+def test_missing_password_file_reported_once(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[delivery]\nrelayhost = \"[smtp.example.test]:587\"\nrelayhost_username = \"u\"\n"
+        "relayhost_password_file = \"password\"\n",
+    )
+
+    errors = errors_of(path)
+
+    assert errors == [
+        f"{path}:delivery.relayhost_password_file: file {tmp_path / 'password'} not found; create it or fix the path"
+    ]
+
+
+def test_missing_tls_files_reported_once(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "[[listener]]\ntls = \"starttls\"\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n"
+    )
+
+    errors = errors_of(path)
+
+    assert errors == [
+        f"{path}:tls.cert: file {tmp_path / 'cert.pem'} not found; create it or fix the path",
+        f"{path}:tls.key: file {tmp_path / 'key.pem'} not found; create it or fix the path",
+    ]
+
+
+def test_missing_tls_cert_with_unset_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "[tls]\ncert = \"cert.pem\"\n")
+
+    errors = errors_of(path)
+
+    assert errors == [
+        f"{path}:tls.cert: file {tmp_path / 'cert.pem'} not found; create it or fix the path",
+        f"{path}:tls.key: missing; [tls] needs both cert and key",
+    ]
+
+
+@pytest.mark.parametrize("name", ["relay-smarthost.toml", "relay-throughput.toml"])
+def test_example_errors_only_not_found(name: str) -> None:
+    # Each file that the examples name under /etc/relay is missing on a host without that folder.
+    example = Path(__file__).resolve().parent.parent / "examples" / name
+    if Path("/etc/relay").exists():
+        pytest.skip("/etc/relay exists on this host, so the example files may be found")
+
+    errors = errors_of(example)
+
+    assert errors
+    for line in errors:
+        assert line.endswith("not found; create it or fix the path"), line
+
+
+@pytest.mark.parametrize(
+    ("fqdn", "hostname", "expected"),
+    [
+        ("mx.example.test", "vm", "mx.example.test"),
+        ("localhost", "vm.example.test", "vm.example.test"),
+        ("localhost.localdomain", "vm.example.test", "vm.example.test"),
+        ("LOCALHOST", "vm.example.test", "vm.example.test"),
+        ("vm", "vm.example.test", "vm.example.test"),
+        ("localhost", "vm", "localhost"),
+        ("vm", "vm", "vm"),
+        ("localhost", "localhost.localdomain", "localhost"),
+        ("vm", "bad_name.example.test", "vm"),
+        ("bad_name", "bad_name", "localhost"),
+    ],
+)
+def test_default_hostname_fallback(monkeypatch: pytest.MonkeyPatch, fqdn: str, hostname: str, expected: str) -> None:
+    monkeypatch.setattr(config_module.socket, "getfqdn", lambda: fqdn)
+    monkeypatch.setattr(config_module.socket, "gethostname", lambda: hostname)
+
+    assert load_config(None).server.hostname == expected
+
+
 def test_describe_defaults_lists_sections() -> None:
     defaults = describe_defaults()
 
@@ -188,7 +388,19 @@ def test_describe_defaults_lists_sections() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "octets"), [(0, 0), ("512", 512), ("10K", 10240), ("10M", 10485760), ("1g", 1073741824)]
+    ("text", "octets"),
+    [
+        (0, 0),
+        ("512", 512),
+        ("10K", 10240),
+        ("10M", 10485760),
+        ("1g", 1073741824),
+        ("10m", 10485760),
+        ("10MB", 10485760),
+        ("10 mb", 10485760),
+        ("512B", 512),
+        (" 64K ", 65536),
+    ],
 )
 def test_parse_size(text: int | str, octets: int) -> None:
     assert parse_size(text) == octets
@@ -199,6 +411,23 @@ def test_parse_size(text: int | str, octets: int) -> None:
 )
 def test_parse_duration(text: int | str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["1.5M", "-1K", "+1K", "10KiB", "10 M B"])
+def test_parse_size_rejects_invalid_forms(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("5 s", 5), ("1.5h", 5400), (" 7 ", 7), ("5 ms", 0.005)])
+def test_parse_duration_spaces_and_decimals(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["5S", "5M", "5MS", ".5s", "5.s", "5sec"])
+def test_parse_duration_rejects_invalid_forms(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration(text)
 
 
 def test_parse_host_port_forms() -> None:
@@ -227,7 +456,7 @@ def test_check_config_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert status == 1
     assert stderr == [
         f"{path}:log.format: invalid value 'xml'; expected one of: text, json",
-        f"{path}:spool.path: expected a file or directory path, got integer",
+        f"{path}:spool.path: expected a file or directory path, got integer 3",
     ]
 
 
