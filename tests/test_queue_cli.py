@@ -1,9 +1,15 @@
-"""Tests of ``relay queue``: listing, filters, JSON, show, flush, hold, release, delete."""
+"""Tests of ``relay queue``: listing, filters, JSON, show, flush, hold, release, delete, and spool errors."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import shutil
 import sqlite3
+import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,9 +18,12 @@ import orjson
 import pytest
 from spool_helpers import make_body, make_envelope, run
 
-from relay.cli import main
+from relay.cli import build_parser, main
 from relay.spool import DeliveryResult, Envelope, Outcome, Recipient, Spool, SpoolStore, new_queue_id
-from relay.spool.store import database_path
+from relay.spool.store import FLUSH_REQUEST, database_path
+
+# User and group ID of "nobody", which a child running as root switches to.
+NOBODY = 65534
 
 
 @pytest.fixture
@@ -39,6 +48,60 @@ def _defer(directory: Path, queue_id: str, index: int, reply: str, delay: float 
         run(spool.record_results([result]))
     finally:
         spool.close()
+
+
+@pytest.fixture
+def shared_spool_dir() -> Iterator[Path]:
+    """Yield a spool whose parent directory every user can search, so a child running as nobody reaches it."""
+    base = Path(tempfile.mkdtemp(prefix="relay-queue-cli-"))
+    directory = base / "spool"
+    try:
+        base.chmod(0o755)
+        Spool.open(directory).close()
+        yield directory
+    finally:
+        # A test may have taken the owner's permissions away, and rmtree needs them back.
+        if directory.exists():
+            directory.chmod(0o700)
+        shutil.rmtree(base)
+
+
+def _queue_without_owner_rights(*args: str) -> tuple[int, str, str]:
+    """Run ``relay queue`` in a forked child that only has the rights the spool's permission bits grant.
+
+    Root passes every permission check, so as root the child switches to
+    nobody.  Any other user stays itself, and the test's chmod then limits the
+    owner too.  Returns the exit status, stdout and stderr (a traceback on an
+    uncaught exception, with status -1).
+    """
+    # Import every subcommand module now, because as nobody the child may not read the standard library's directory.
+    build_parser()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        result: list[Any] = [-1, "", ""]
+        try:
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                status = main(["queue", *args])
+            result = [status, out.getvalue(), err.getvalue()]
+        except BaseException:
+            result[2] = traceback.format_exc()
+        finally:
+            with os.fdopen(write_end, "wb") as pipe:
+                pipe.write(orjson.dumps(result))
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    status, out, err = orjson.loads(data)
+    return status, out, err
 
 
 def _queue(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -236,3 +299,224 @@ def test_corrupt_record_reported(spool_dir: Path, capsys: pytest.CaptureFixture[
     assert f"message {broken} is corrupt" in err
     assert "moved aside to" in err
     assert (spool_dir / "corrupt" / f"{broken}.json").exists()
+
+
+def test_delete_without_terminal_needs_yes(
+    spool_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue_id = _commit(spool_dir, make_envelope())
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+
+    status, out, err = _queue(capsys, "delete", queue_id, "--spool", str(spool_dir))
+
+    assert status == 1
+    assert out == ""
+    assert err == (
+        f"relay queue: cannot ask whether to delete {queue_id}: standard input is not a terminal;"
+        " pass --yes to delete without confirmation\n"
+    )
+    with SpoolStore(spool_dir) as store:
+        assert store.queue_ids() == [queue_id]
+
+
+@pytest.mark.parametrize("interruption", [EOFError, KeyboardInterrupt])
+def test_delete_prompt_interrupted_is_no(
+    spool_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    interruption: type[BaseException],
+) -> None:
+    queue_id = _commit(spool_dir, make_envelope())
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+
+    def interrupt(prompt: str) -> str:
+        raise interruption
+
+    monkeypatch.setattr("builtins.input", interrupt)
+
+    status, out, err = _queue(capsys, "delete", queue_id, "--spool", str(spool_dir))
+
+    assert status == 1
+    assert out == "\nnot deleted\n"
+    assert err == ""
+    with SpoolStore(spool_dir) as store:
+        assert store.queue_ids() == [queue_id]
+
+
+@pytest.mark.parametrize(
+    "action", [["list"], ["show", "ID"], ["flush"], ["hold", "ID"], ["release", "ID"], ["delete", "ID", "--yes"]]
+)
+def test_unreadable_spool_exits_1(shared_spool_dir: Path, action: list[str]) -> None:
+    queue_id = _commit(shared_spool_dir, make_envelope())
+    arguments = [queue_id if argument == "ID" else argument for argument in action]
+    shared_spool_dir.chmod(0o000)
+
+    status, out, err = _queue_without_owner_rights(*arguments, "--spool", str(shared_spool_dir))
+
+    assert "Traceback" not in err
+    assert status == 1
+    assert out == ""
+    assert err.startswith(f"relay queue: cannot read spool {shared_spool_dir}: Permission denied (owner ")
+    assert err.endswith(", mode 0000); run as the user that owns it\n")
+
+
+def test_read_only_spool_explains_cause(shared_spool_dir: Path) -> None:
+    queue_id = _commit(shared_spool_dir, make_envelope())
+    database_path(shared_spool_dir).chmod(0o444)
+    shared_spool_dir.chmod(0o555)
+
+    status, out, err = _queue_without_owner_rights("list", "--spool", str(shared_spool_dir))
+
+    assert "Traceback" not in err
+    assert status == 1
+    assert out == ""
+    assert err.startswith(f"relay queue: spool {shared_spool_dir}: open failed: ")
+    assert f"needs write access to {shared_spool_dir} (owner " in err
+    assert err.endswith("; run it as the user that owns the spool\n")
+    shared_spool_dir.chmod(0o700)
+    with SpoolStore(shared_spool_dir) as store:
+        assert store.queue_ids() == [queue_id]
+
+
+def test_flush_empty_id_exits_1(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queue_id = _commit(spool_dir, make_envelope(recipients=1))
+    _defer(spool_dir, queue_id, 0, "451 later")
+
+    status, out, err = _queue(capsys, "flush", "", "--spool", str(spool_dir))
+
+    assert status == 1
+    assert out == ""
+    assert err.startswith("relay queue: invalid queue ID ''; expected 15 characters")
+    with SpoolStore(spool_dir) as store:
+        message = store.load(queue_id)
+    assert message is not None
+    assert message.recipients[0].next_attempt > time.time()
+
+
+@pytest.mark.parametrize("action", ["flush", "release"])
+def test_flush_and_release_write_flush_request(
+    spool_dir: Path, capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    queue_id = _commit(spool_dir, make_envelope(recipients=1))
+    _defer(spool_dir, queue_id, 0, "451 later")
+    if action == "release":
+        assert _queue(capsys, "hold", queue_id, "--spool", str(spool_dir))[0] == 0
+    # The scheduler notices a new request by the file's inode, mtime and size.
+    request = spool_dir / FLUSH_REQUEST
+    request.write_text("0.0\n")
+    os.utime(request, (0, 0))
+    started = time.time()
+
+    status, _, _ = _queue(capsys, action, queue_id, "--spool", str(spool_dir))
+
+    assert status == 0
+    assert float(request.read_text()) >= started
+    assert request.stat().st_mtime >= started - 1
+
+
+@pytest.mark.parametrize("action", ["show", "hold", "release", "flush", "delete"])
+def test_lower_case_id_accepted(spool_dir: Path, capsys: pytest.CaptureFixture[str], action: str) -> None:
+    queue_id = _commit(spool_dir, make_envelope())
+    extra = ["--yes"] if action == "delete" else []
+
+    status, out, err = _queue(capsys, action, queue_id.lower(), *extra, "--spool", str(spool_dir))
+
+    assert err == ""
+    assert status == 0
+    if action != "flush":
+        assert queue_id in out
+
+
+@pytest.mark.parametrize("argument", ["1k1vbbhega3n28", "1k1vbbhega3n28u", "1k1vbbhega3n28\u00df"])
+def test_malformed_lower_case_id_rejected(
+    spool_dir: Path, capsys: pytest.CaptureFixture[str], argument: str
+) -> None:
+    status, out, err = _queue(capsys, "show", argument, "--spool", str(spool_dir))
+    assert status == 1
+    assert out == ""
+    assert err.startswith(f"relay queue: invalid queue ID {argument!r}; expected 15 characters of Crockford base32")
+
+
+def test_spool_option_regular_file_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    regular = tmp_path / "afile"
+    regular.write_text("")
+
+    status, out, err = _queue(capsys, "list", "--spool", str(regular))
+
+    assert status == 1
+    assert out == ""
+    assert err == (
+        f"relay queue: spool {regular} is not a directory; give the spool directory in --spool or [spool] path\n"
+    )
+
+
+def test_spool_option_empty_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The config names a valid spool, which an empty --spool must not fall back to.
+    _commit(tmp_path / "configured", make_envelope())
+    config = tmp_path / "relay.toml"
+    config.write_text('[spool]\npath = "configured"\n')
+
+    status, out, err = _queue(capsys, "list", "--spool", "", "--config", str(config))
+
+    assert status == 1
+    assert out == ""
+    assert err.startswith("relay queue: --spool is empty;")
+
+
+def test_locked_spool_names_wait_and_next_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = tmp_path / "spool"
+    queue_id = _commit(directory, make_envelope())
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[spool]\npath = "{directory}"\nbusy_timeout = "200ms"\n')
+    holder = sqlite3.connect(database_path(directory), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        status, out, err = _queue(capsys, "hold", queue_id, "--config", str(config))
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+
+    assert status == 1
+    assert out == ""
+    assert err.startswith(f"relay queue: spool {directory}: begin transaction failed: database is locked;")
+    assert "for the 200ms this command waited ([spool] busy_timeout)" in err
+    assert err.endswith("; retry, or look for a stopped relay process that holds it\n")
+    with SpoolStore(directory) as store:
+        assert store.queue_ids(state=None) == [queue_id]
+        message = store.load(queue_id)
+    assert message is not None
+    assert [r.state.value for r in message.recipients] == ["queued", "queued"]
+
+
+def test_show_escapes_header_controls(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    body = (
+        b"Subject: hello\r\n"
+        b"X-Bin: \x01\x02\x1b[31mred\x7f\r\n"
+        b"X-C1: \xc2\x9b2J and\ttab\r\n"
+        b"X-Folded: one\r\n\ttwo\r\n"
+        b"X-Bare-CR: a\rb\r\n"
+        b"\r\n\x1b[31mbody\r\n"
+    )
+    queue_id = _commit(spool_dir, make_envelope(), body)
+
+    status, out, _ = _queue(capsys, "show", queue_id, "--spool", str(spool_dir))
+
+    assert status == 0
+    assert out.endswith(
+        "Headers:\n"
+        "Subject: hello\n"
+        "X-Bin: \\x01\\x02\\x1b[31mred\\x7f\n"
+        "X-C1: \\x9b2J and\ttab\n"
+        "X-Folded: one\n\ttwo\n"
+        "X-Bare-CR: a\\x0db\n"
+    )
+    assert "\x1b" not in out
+    assert "\x9b" not in out
+
+
+def test_show_body_keeps_controls(spool_dir: Path, capfdbinary: pytest.CaptureFixture[bytes]) -> None:
+    body = b"X-Bin: \x01\x1b[31mred\r\n\r\nbody\r\n"
+    queue_id = _commit(spool_dir, make_envelope(), body)
+    assert main(["queue", "show", queue_id, "--body", "--spool", str(spool_dir)]) == 0
+    assert capfdbinary.readouterr().out.endswith(body)

@@ -7,9 +7,10 @@ or on the ``[spool] path`` of ``--config FILE`` (default: ``./relay-spool``).
 
 Reads run in one SQLite read transaction, so ``list`` prints one consistent
 snapshot even while worker processes commit.  Changes wait up to the spool's
-busy timeout for the write lock.  An unknown queue ID, a missing spool or a
-spool error prints one line on stderr and exits with status 1.  A record
-that cannot be decoded is moved to ``DIR/corrupt/`` and reported on stderr.
+busy timeout for the write lock.  Queue IDs are accepted in upper or lower
+case.  An unknown queue ID, a missing spool or a spool error prints one line
+on stderr and exits with status 1.  A record that cannot be decoded is moved
+to ``DIR/corrupt/`` and reported on stderr.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import pwd
+import re
+import sqlite3
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -31,11 +36,16 @@ from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
 from relay.spool.ids import is_queue_id
 from relay.spool.store import SpoolStore, database_path
 from relay.spool.types import Attempt, RecipientState, StoredMessage, StoredRecipient
+from relay.units import format_duration
 
 # Column widths: queue IDs are 15 characters (see relay.spool.ids) and an
 # arrival time "YYYY-MM-DD HH:MM:SS" is 19.
 _ID_WIDTH = 15
 _TIME_WIDTH = 20
+# C0 control characters other than TAB and LF, plus DEL and the C1 control
+# characters.  Header lines come from remote senders, and these characters
+# would reach the operator's terminal as escape sequences.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 class UsageError(Exception):
@@ -105,28 +115,121 @@ def _run(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def open_store(args: argparse.Namespace) -> Iterator[SpoolStore]:
-    """Open the spool of ``--spool`` or the config's ``[spool] path``; raise UsageError if it is missing."""
-    if args.spool:
+    """Open the spool of ``--spool`` or the config's ``[spool] path``.
+
+    Raises UsageError when the spool is missing or cannot be read.  A
+    SpoolError from opening or from the block is raised again with the likely
+    cause and what to do, for a held lock or missing write access.
+    """
+    if args.spool is not None:
+        if not args.spool:
+            raise UsageError("--spool is empty; give the spool directory, or leave out --spool to use [spool] path")
         directory = Path(args.spool)
         busy_timeout = 10.0
     else:
         config = config_from_args(args)
         directory = Path(config.spool.path)
         busy_timeout = config.spool.busy_timeout
-    if not database_path(directory).exists():
-        # Opening would create an empty spool, which hides a mistyped path.
-        name = database_path(directory).name
-        raise UsageError(f"no spool in {directory} ({name} not found); check --spool or [spool] path")
-    store = SpoolStore(directory, busy_timeout=busy_timeout)
+    _check_spool_directory(directory)
+    try:
+        store = SpoolStore(directory, busy_timeout=busy_timeout)
+    except SpoolError as exc:
+        hint = _spool_error_hint(exc, directory, busy_timeout)
+        if hint is None:
+            raise
+        raise SpoolError(f"{exc}; {hint}") from exc
     try:
         yield store
+    except SpoolError as exc:
+        hint = _spool_error_hint(exc, directory, busy_timeout)
+        if hint is None:
+            raise
+        raise SpoolError(f"{exc}; {hint}") from exc
     finally:
         store.close()
 
 
-def _check_id(queue_id: str) -> str:
+def _check_spool_directory(directory: Path) -> None:
+    """Raise UsageError unless ``directory`` is a directory that contains a spool database this user can reach.
+
+    Opening a missing database would create an empty spool, which hides a
+    mistyped path.
+    """
+    database = database_path(directory)
+    try:
+        info = directory.stat()
+    except FileNotFoundError:
+        raise UsageError(f"no spool in {directory} (directory not found); check --spool or [spool] path") from None
+    except PermissionError as exc:
+        raise UsageError(f"cannot read spool {directory}: {exc.strerror}; run as the user that owns it") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read spool {directory}: {exc.strerror}; check --spool or [spool] path") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"spool {directory} is not a directory; give the spool directory in --spool or [spool] path")
+    try:
+        database.stat()
+    except FileNotFoundError:
+        raise UsageError(
+            f"no spool in {directory} ({database.name} not found); check --spool or [spool] path"
+        ) from None
+    except PermissionError as exc:
+        raise UsageError(
+            f"cannot read spool {directory}: {exc.strerror} ({_owner_and_mode(info)});"
+            " run as the user that owns it"
+        ) from None
+
+
+def _spool_error_hint(error: SpoolError, directory: Path, busy_timeout: float) -> str | None:
+    """Return the likely cause of ``error`` and the next step, or None when its SQLite error has no known fix."""
+    cause = error.__cause__
+    if not isinstance(cause, sqlite3.Error):
+        return None
+    # sqlite_errorcode is the extended result code, whose low byte is the primary one.
+    code = getattr(cause, "sqlite_errorcode", 0) & 0xFF
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return (
+            f"another process kept the spool's write lock for the {format_duration(busy_timeout)}"
+            " this command waited ([spool] busy_timeout); retry, or look for a stopped relay process that holds it"
+        )
+    if code == sqlite3.SQLITE_READONLY or (code == sqlite3.SQLITE_CANTOPEN and _read_only(directory)):
+        try:
+            owner = f" ({_owner_and_mode(directory.stat())})"
+        except OSError:
+            owner = ""
+        return (
+            f"this command needs write access to {directory}{owner} and its {database_path(directory).name}"
+            " files even to list or show, because it opens the spool for writing; run it as the user that owns"
+            " the spool"
+        )
+    return None
+
+
+def _read_only(directory: Path) -> bool:
+    """Return whether this user lacks write access to the spool directory or an existing database file."""
+    database = database_path(directory)
+    paths = [directory, database, *(database.with_name(database.name + suffix) for suffix in ("-wal", "-shm"))]
+    # os.path.exists, unlike Path.exists in Python 3.11, returns False when the directory cannot be searched.
+    return any(os.path.exists(path) and not os.access(path, os.W_OK) for path in paths)
+
+
+def _owner_and_mode(info: os.stat_result) -> str:
+    try:
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except KeyError:
+        owner = str(info.st_uid)
+    return f"owner {owner}, mode {stat.S_IMODE(info.st_mode):04o}"
+
+
+def _check_id(argument: str) -> str:
+    """Return the queue ID in ``argument`` in the spool's upper case; raise UsageError if it is malformed."""
+    # Crockford base32 is case-insensitive.  Only ASCII is upper-cased, because
+    # str.upper() turns some other letters into two (such as the ligature "ﬀ" into "FF").
+    queue_id = argument.upper() if argument.isascii() else argument
     if not is_queue_id(queue_id):
-        raise UsageError(f"invalid queue ID {queue_id!r}; expected 15 characters as printed by `relay queue list`")
+        raise UsageError(
+            f"invalid queue ID {argument!r}; expected 15 characters of Crockford base32 (0-9 and A-Z without"
+            " I, L, O, U) as printed by `relay queue list`"
+        )
     return queue_id
 
 
@@ -297,8 +400,14 @@ def _show(store: SpoolStore, args: argparse.Namespace) -> int:
     print("\nHeaders:")
     header_end = body.find(b"\r\n\r\n")
     headers = body if header_end < 0 else body[: header_end + 2]
-    sys.stdout.write(headers.decode("utf-8", "backslashreplace").replace("\r\n", "\n"))
+    text = headers.decode("utf-8", "backslashreplace").replace("\r\n", "\n")
+    sys.stdout.write(_escape_controls(text))
     return 0
+
+
+def _escape_controls(text: str) -> str:
+    """Replace each character of ``_CONTROL_CHARACTERS`` in ``text`` with a visible escape such as ``\\x1b``."""
+    return _CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def _history_line(attempt: Attempt) -> str:
@@ -314,7 +423,8 @@ def _history_line(attempt: Attempt) -> str:
 
 
 def _flush(store: SpoolStore, args: argparse.Namespace) -> int:
-    queue_id = _check_id(args.queue_id) if args.queue_id else None
+    # An empty ID is an error like in the other actions, not a flush of the whole queue.
+    queue_id = _check_id(args.queue_id) if args.queue_id is not None else None
     with store.transaction():
         count = store.flush(time.time(), queue_id=queue_id, domain=args.domain)
     print(f"flushed {count} recipient(s)")
@@ -339,22 +449,38 @@ def _release(store: SpoolStore, args: argparse.Namespace) -> int:
 
 def _delete(store: SpoolStore, args: argparse.Namespace) -> int:
     queue_id = _check_id(args.queue_id)
-    if not args.yes and sys.stdin.isatty():
-        message = store.load(queue_id)
-        if message is None:
-            raise MessageNotFound(queue_id)
-        pending = sum(r.state.value in ("queued", "deferred", "held") for r in message.recipients)
-        answer = input(
-            f"Delete {queue_id} from {_format_path(message.envelope.sender)} with {pending} undelivered"
-            " recipient(s), sending no DSN? [y/N] "
-        )
-        if answer.strip().lower() not in ("y", "yes"):
-            print("not deleted")
-            return 1
+    if not args.yes and not _confirm_delete(store, queue_id):
+        print("not deleted")
+        return 1
     with store.transaction():
         store.delete(queue_id)
     print(f"{queue_id}: deleted")
     return 0
+
+
+def _confirm_delete(store: SpoolStore, queue_id: str) -> bool:
+    """Ask on the terminal whether to delete ``queue_id``; return True only for an explicit yes."""
+    if not sys.stdin.isatty():
+        # Piped input does not come from the operator, and a deletion sends no DSN
+        # and cannot be undone, so without a terminal only --yes deletes.
+        raise UsageError(
+            f"cannot ask whether to delete {queue_id}: standard input is not a terminal;"
+            " pass --yes to delete without confirmation"
+        )
+    message = store.load(queue_id)
+    if message is None:
+        raise MessageNotFound(queue_id)
+    pending = sum(r.state.value in ("queued", "deferred", "held") for r in message.recipients)
+    try:
+        answer = input(
+            f"Delete {queue_id} from {_format_path(message.envelope.sender)} with {pending} undelivered"
+            " recipient(s), sending no DSN? [y/N] "
+        )
+    except (EOFError, KeyboardInterrupt):
+        # Ctrl-D or Ctrl-C at the prompt means no.  The newline ends the prompt's line.
+        print()
+        return False
+    return answer.strip().lower() in ("y", "yes")
 
 
 # -- formatting ----------------------------------------------------------------

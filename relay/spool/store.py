@@ -865,7 +865,13 @@ class SpoolStore:
             return self._operator_action(queue_id, "held", now, "state = 'held'", "'queued', 'deferred'")
 
     def release(self, queue_id: str, now: float) -> int:
-        """Release held recipients and make them due now; return how many changed."""
+        """Release held recipients and make them due now; return how many changed.
+
+        Like ``flush``, it first rewrites ``FLUSH_REQUEST``, so a running
+        scheduler lifts the backoff of every destination and does not defer
+        the released recipients at once without trying to connect.
+        """
+        self._announce_flush(now)
         with self._errors("release message"):
             return self._operator_action(
                 queue_id,
