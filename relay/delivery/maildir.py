@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,16 @@ class Expansion:
     remote: tuple[str, ...] = ()
 
 
+# A local part that may name a folder under maildir_root: no "/" and no leading
+# dot, so it can neither leave the root ("..") nor name a hidden folder.
+_SAFE_USER_NAME = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9._+=-]*$")
+
+
+def is_safe_user_name(name: str) -> bool:
+    """Return whether ``name`` can be a Maildir folder name under maildir_root."""
+    return _SAFE_USER_NAME.match(name) is not None
+
+
 @dataclass
 class LocalDelivery:
     """Deliver to the Maildirs under one root, resolving aliases first."""
@@ -80,6 +91,10 @@ class LocalDelivery:
     def user_exists(self, user: str) -> bool:
         """Return whether ``user`` has a mailbox (existing, configured, or postmaster)."""
         name = user.lower()
+        # A transport entry "local" sends any local part of its domain here, and
+        # a name from the config or the aliases must not leave maildir_root either.
+        if not is_safe_user_name(name):
+            return False
         if name == "postmaster" or name in (u.lower() for u in self.config.users):
             return True
         return (Path(self.config.maildir_root) / name).is_dir()
@@ -109,7 +124,12 @@ class LocalDelivery:
                 self._expand(target.lower(), users, remote, seen, depth + 1)
 
     def deliver(self, user: str, sender: str, recipient: str, body: bytes) -> Path:
-        """Write one message into ``user``'s Maildir ``new/`` durably; return the file's path."""
+        """Write one message into ``user``'s Maildir ``new/`` durably; return the file's path.
+
+        Raises ValueError for a user name that is not a safe folder name.
+        """
+        if not is_safe_user_name(user):
+            raise ValueError(f"invalid local user name {user!r}")
         root = Path(self.config.maildir_root) / user.lower()
         # A user exists once maildir_root/USER exists, possibly still empty, and
         # mailbox.Maildir creates the folders only for a missing root, so make them here.

@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import threading
 from collections.abc import Iterable
 
 from relay.config import Config
+from relay.delivery.maildir import is_safe_user_name
 from relay.smtp import replies
 from relay.smtp.replies import Reply
-
-# Local parts that may safely name a directory under maildir_root.
-_SAFE_MAILDIR_NAME = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9._+=-]*$")
 
 
 def parse_aliases(text: str) -> set[str]:
@@ -138,7 +135,7 @@ class RelayPolicy:
         lowered = local_part.lower()
         if lowered == "postmaster" or lowered in self.users or lowered in self._aliases.names():
             return True
-        if not self.maildir_root or not _SAFE_MAILDIR_NAME.match(local_part):
+        if not self.maildir_root or not is_safe_user_name(local_part):
             return False
         for name in _unique((local_part, lowered)):
             if os.path.isdir(os.path.join(self.maildir_root, name)):
