@@ -1,16 +1,53 @@
-"""``relay mailbox``: summary lines with decoded headers, and printing one message."""
+"""``relay mailbox``: summary lines with decoded headers, and printing one message.
+
+Messages are real files in a Maildir under ``tmp_path``.  The closed-pipe
+tests run ``python -m relay`` as a child process, because only a real pipe
+shows what the command does when its reader exits.
+"""
 
 from __future__ import annotations
 
+import errno
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO_ROOT
 from relay.cli import main
-from relay.config import load_config
-from relay.delivery.maildir import LocalDelivery
+from relay.config import LocalConfig, load_config
+from relay.delivery import mailbox_cli
+from relay.delivery.maildir import LocalDelivery, UnknownUser
 
 MESSAGE = b"From: =?utf-8?q?J=C3=B6rg?= <j@x.test>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n\r\nhi\r\n"
+
+# Character offsets of the columns: "NNNN  YYYY-MM-DD HH:MM  sender(40)  subject(60)  size".
+SENDER_START = 4 + 2 + 16 + 2
+SUBJECT_START = SENDER_START + 40 + 2
+SIZE_START = SUBJECT_START + 60 + 2
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[local]\nmaildir_root = "mail"\nusers = ["alice", "bob"]\n{extra}')
+    return config
+
+
+def write_message(tmp_path: Path, name: str, data: bytes, *, folder: str = "new", mtime: float = 1_700_000_000) -> Path:
+    """Write one message file into alice's Maildir, with a fixed delivery time for ordering."""
+    root = tmp_path / "mail" / "alice"
+    for sub in ("tmp", "new", "cur"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    path = root / folder / name
+    path.write_bytes(data)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def mailbox(config: Path, *args: str) -> int:
+    return main(["mailbox", *args, "--config", str(config)])
 
 
 def test_mailbox_lists_and_prints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -33,3 +70,326 @@ def test_mailbox_lists_and_prints(tmp_path: Path, capsys: pytest.CaptureFixture[
     error = capsys.readouterr().err
     assert "message 2 not found;" in error
     assert error.rstrip().endswith("contains 1 message")
+
+
+# -- closed stdout -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("number", [None, "1"], ids=["list", "print"])
+def test_mailbox_closed_pipe_is_quiet(tmp_path: Path, number: str | None) -> None:
+    config = write_config(tmp_path)
+    if number is None:
+        # About 130 bytes a line, so 1000 lines overflow Linux's default 64 KiB pipe
+        # capacity and the command is still writing when the reader exits.
+        for index in range(1000):
+            write_message(tmp_path, f"{index:05d}.x", f"Subject: s {index}\r\n\r\nhi\r\n".encode(), mtime=index)
+    else:
+        write_message(tmp_path, "big.x", b"Subject: big\r\n\r\n" + b"a" * 70 * 30_000 + b"\r\n")
+    command = [sys.executable, "-m", "relay", "mailbox", "alice"]
+    if number is not None:
+        command.append(number)
+    command += ["--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert process.stdout is not None and process.stderr is not None
+
+    first = process.stdout.readline()
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    status = process.wait(timeout=60)
+
+    assert first
+    assert "Traceback" not in stderr
+    assert "BrokenPipeError" not in stderr
+    assert status == 1
+
+
+# -- unreadable Maildir --------------------------------------------------------
+
+
+@pytest.mark.parametrize("folder", ["new", "cur"])
+def test_mailbox_permission_denied_names_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, folder: str
+) -> None:
+    # Root may read a folder whatever its mode, so the test raises the error where iterdir() would.
+    config = write_config(tmp_path)
+    write_message(tmp_path, "1.x", MESSAGE)
+    denied = tmp_path / "mail" / "alice" / folder
+    original_iterdir = Path.iterdir
+
+    def iterdir(self: Path):  # type: ignore[no-untyped-def]
+        if self == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return original_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+
+    assert mailbox(config, "alice") == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"permission denied on {denied}" in captured.err
+    assert "relay's user" in captured.err
+    assert "readable" in captured.err
+    assert len(captured.err.splitlines()) == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file modes")
+def test_mailbox_unreadable_folder_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    write_message(tmp_path, "1.x", MESSAGE)
+    denied = tmp_path / "mail" / "alice" / "new"
+    denied.chmod(0)
+    try:
+        assert mailbox(config, "alice") == 1
+    finally:
+        denied.chmod(0o700)
+    assert f"permission denied on {denied}" in capsys.readouterr().err
+
+
+# -- messages that move or vanish while listed ---------------------------------
+
+
+def test_mailbox_follows_moved_skips_deleted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path)
+    moved = write_message(tmp_path, "1.moved", b"Subject: moved\r\n\r\nx\r\n", mtime=1)
+    deleted = write_message(tmp_path, "2.deleted", b"Subject: deleted\r\n\r\nx\r\n", mtime=2)
+    write_message(tmp_path, "3.kept", b"Subject: kept\r\n\r\nx\r\n", mtime=3)
+    original = mailbox_cli._message_files
+
+    def listing_then_changes(root: Path) -> list[tuple[Path, float]]:
+        # A mail client marks one message seen and deletes another right after the listing.
+        files = original(root)
+        moved.rename(root / "cur" / "1.moved:2,S")
+        deleted.unlink()
+        return files
+
+    monkeypatch.setattr(mailbox_cli, "_message_files", listing_then_changes)
+
+    assert mailbox(config, "alice") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["1", "2"]
+    assert "moved" in lines[0]
+    assert "kept" in lines[1]
+
+
+def test_mailbox_skips_file_gone_before_stat(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path)
+    write_message(tmp_path, "1.x", b"Subject: present\r\n\r\nx\r\n")
+    new = tmp_path / "mail" / "alice" / "new"
+    original_iterdir = Path.iterdir
+
+    def iterdir(self: Path):  # type: ignore[no-untyped-def]
+        entries = list(original_iterdir(self))
+        # A name the folder listed but whose file was renamed before stat().
+        return iter([*entries, new / "2.gone"]) if self == new else iter(entries)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+
+    assert mailbox(config, "alice") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    assert "present" in lines[0]
+
+
+def test_mailbox_message_in_new_and_cur_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # What a listing reads when a message moves from new/ to cur/ between reading the two folders.
+    config = write_config(tmp_path)
+    write_message(tmp_path, "1.same", b"Subject: once\r\n\r\nx\r\n")
+    write_message(tmp_path, "1.same:2,S", b"Subject: once\r\n\r\nx\r\n", folder="cur")
+
+    assert mailbox(config, "alice") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    assert "once" in lines[0]
+
+
+def test_mailbox_print_deleted_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path)
+    path = write_message(tmp_path, "1.x", MESSAGE)
+    original = mailbox_cli._message_files
+
+    def listing_then_delete(root: Path) -> list[tuple[Path, float]]:
+        files = original(root)
+        path.unlink()
+        return files
+
+    monkeypatch.setattr(mailbox_cli, "_message_files", listing_then_delete)
+
+    assert mailbox(config, "alice", "1") == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "message 1 (1.x) was deleted" in captured.err
+    assert "Traceback" not in captured.err
+
+
+# -- header decoding and terminal safety ---------------------------------------
+
+
+def test_mailbox_raw_utf8_headers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    data = "From: Jörg <jörg@client.test>\r\nSubject: Grüße roh ✓\r\n\r\nhi\r\n".encode()
+    write_message(tmp_path, "1.x", data)
+
+    assert mailbox(config, "alice") == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "\ufffd" not in line
+    assert line[SENDER_START:SUBJECT_START].rstrip() == "Jörg <jörg@client.test>"
+    assert line[SUBJECT_START:SIZE_START].rstrip() == "Grüße roh ✓"
+    assert line[SIZE_START:] == str(len(data))
+
+
+def test_mailbox_invalid_utf8_and_encoded_words(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    # Latin-1 "ä" (0xE4) is not valid UTF-8, and the encoded word sits next to raw UTF-8 text.
+    data = b"From: M\xe4rz <m@x.test>\r\nSubject: r\xc3\xb6h =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n\r\nhi\r\n"
+    write_message(tmp_path, "1.x", data)
+
+    assert mailbox(config, "alice") == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line[SENDER_START:SUBJECT_START].rstrip() == "M\ufffdrz <m@x.test>"
+    assert line[SUBJECT_START:SIZE_START].rstrip() == "röh Grüße"
+    assert line[SIZE_START:] == str(len(data))
+
+
+def test_mailbox_wide_characters_keep_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    data = "From: a@x.test\r\nSubject: 中文\r\n\r\nhi\r\n".encode()
+    write_message(tmp_path, "1.x", data)
+
+    assert mailbox(config, "alice") == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    # Each of the two characters takes two terminal cells, so the padding is 60 - 4 spaces.
+    assert line[SUBJECT_START:].startswith("中文" + " " * 56 + "  ")
+    assert line.endswith("  " + str(len(data)))
+
+
+def test_mailbox_folded_subject_unfolded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    data = b"From: a@x.test\r\nSubject: first part\r\n\tsecond\r\n part\r\n\r\nhi\r\n"
+    write_message(tmp_path, "1.x", data)
+
+    assert mailbox(config, "alice") == 0
+    output = capsys.readouterr().out
+    (line,) = output.splitlines()
+    assert "\r" not in output
+    assert line[SUBJECT_START:SIZE_START].rstrip() == "first part second part"
+    assert line[SIZE_START:] == str(len(data))
+
+
+def test_mailbox_escapes_control_characters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    # ESC from an encoded word, a raw UTF-8 C1 CSI (U+009B), DEL, and an encoded CR LF.
+    data = b"From: x\x7fy@x.test\r\nSubject: =?utf-8?q?=1B[2J=1B[31mred?= \xc2\x9b1m =?utf-8?q?a=0D=0Ab?=\r\n\r\nhi\r\n"
+    path = write_message(tmp_path, "1.x", data)
+
+    assert mailbox(config, "alice") == 0
+    output = capsys.readouterr().out
+    (line,) = output.splitlines()
+    assert line[SENDER_START:SUBJECT_START].rstrip() == "x\\x7fy@x.test"
+    assert line[SUBJECT_START:SIZE_START].rstrip() == "\\x1b[2J\\x1b[31mred \\x9b1m a\\x0d\\x0ab"
+    for character in output.rstrip("\n"):
+        code = ord(character)
+        assert not (code < 0x20 or 0x7F <= code <= 0x9F), f"control character U+{code:04X} in {line!r}"
+
+    assert mailbox(config, "alice", "1") == 0
+    assert capsys.readouterr().out.encode("utf-8", "surrogateescape") == path.read_bytes()
+
+
+def test_mailbox_print_is_byte_exact(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    config = write_config(tmp_path)
+    data = b"Subject: \x1b[31m\r\n\r\n\xff\xfe raw \x00 bytes\r\n"
+    write_message(tmp_path, "1.x", data)
+
+    assert mailbox(config, "alice", "1") == 0
+    assert capsysbinary.readouterr().out == data
+
+
+# -- known but empty, unknown, alias -------------------------------------------
+
+
+@pytest.mark.parametrize("user", ["bob", "postmaster", "Bob"])
+def test_mailbox_known_user_without_maildir(tmp_path: Path, capsys: pytest.CaptureFixture[str], user: str) -> None:
+    config = write_config(tmp_path)
+
+    assert mailbox(config, user) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line.startswith(f"mailbox {user.lower()} is empty")
+
+
+def test_mailbox_existing_empty_maildir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    for sub in ("tmp", "new", "cur"):
+        (tmp_path / "mail" / "carol" / sub).mkdir(parents=True)
+
+    assert mailbox(config, "carol") == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "mailbox carol is empty\n"
+
+
+def test_mailbox_unknown_user_not_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+
+    assert mailbox(config, "mallory") == 1
+    error = capsys.readouterr().err
+    assert f"mailbox {tmp_path / 'mail' / 'mallory'} not found;" in error
+    assert "is empty" not in error
+
+
+def test_mailbox_alias_not_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "aliases").write_text("postmaster: alice\nsales: alice, boss@elsewhere.test\n")
+    config = write_config(tmp_path, 'aliases = "aliases"\n')
+
+    for alias, targets in [("sales", "alice, boss@elsewhere.test"), ("postmaster", "alice")]:
+        assert mailbox(config, alias) == 1
+        error = capsys.readouterr().err
+        assert "not found" in error
+        assert f"{alias} is an alias for {targets}" in error
+
+
+def test_mailbox_print_without_maildir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+
+    assert mailbox(config, "bob", "1") == 1
+    assert "message 1 not found;" in capsys.readouterr().err
+
+
+# -- user names that would leave maildir_root ----------------------------------
+
+
+@pytest.mark.parametrize("user", ["../etc", "a/b", "..", "a..b", ".hidden", "a\0b", ""])
+def test_mailbox_rejects_unsafe_user_name(tmp_path: Path, capsys: pytest.CaptureFixture[str], user: str) -> None:
+    config = write_config(tmp_path)
+    # A Maildir outside maildir_root that "../etc" would reach.
+    for sub in ("new", "cur"):
+        (tmp_path / "etc" / sub).mkdir(parents=True)
+    (tmp_path / "etc" / "new" / "1.x").write_bytes(MESSAGE)
+
+    assert mailbox(config, user) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"invalid user name {user!r}:")
+
+
+@pytest.mark.parametrize("user", ["../outside", "..", ".hidden", "a/b"])
+def test_local_delivery_stays_in_root(tmp_path: Path, user: str) -> None:
+    # A transport entry "local" hands any local part of its domain to local delivery.
+    (tmp_path / "mail").mkdir()
+    for folder in ("outside", ".hidden", "mail/.hidden", "mail/a/b"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    local = LocalDelivery(LocalConfig(maildir_root=str(tmp_path / "mail"), users=(user,)))
+
+    assert not local.user_exists(user)
+    with pytest.raises(UnknownUser):
+        local.expand(user)
+    with pytest.raises(ValueError, match="invalid local user name"):
+        local.deliver(user, "sender@example.test", f"{user}@example.test", b"Subject: x\r\n\r\nbody\r\n")
+    assert not (tmp_path / "outside" / "new").exists()

@@ -1,26 +1,64 @@
 """``relay mailbox USER [N]``: list a local Maildir, or print message N of it.
 
 The list has one line per message, oldest first: number, date, sender,
-subject (RFC 2047 encoded words decoded) and size in octets.  Messages are
-read from ``[local] maildir_root/USER``, in both ``new/`` and ``cur/``,
-ordered by delivery time (the file's modification time, then its name), and
-parsed as ``mailbox.MaildirMessage``.  The date is the ``Date`` header, or
-the delivery time when that is missing or invalid.
+subject and size in octets.  Messages are read from
+``[local] maildir_root/USER``, in both ``new/`` and ``cur/``, ordered by
+delivery time (the file's modification time, then its name).  The date is
+the ``Date`` header, or the delivery time when that is missing or invalid.
+
+Sender and subject come from remote senders, so they are cleaned for the
+terminal.  Folded header lines are joined, raw 8-bit header bytes are
+decoded as UTF-8 (RFC 6532) with U+FFFD in place of bytes that are not
+valid UTF-8, and RFC 2047 encoded words are decoded.  Every C0 control character,
+DEL and C1 control character is then shown as a ``\\xNN`` escape (ESC as
+``\\x1b``), so none of them reaches the terminal, except that a tab becomes a
+space.  A backslash in the header itself is shown unchanged, so ``\\x1b`` in
+a line may also be those four characters.  Columns are padded by terminal
+cells: wide East Asian characters count two, combining marks none.
+
+``relay mailbox USER N`` writes message N byte for byte, without escaping,
+because it is the message itself.  Page an untrusted message with ``less``
+rather than printing it to the terminal.
+
+A user that local delivery accepts (see ``relay.delivery.maildir``) but whose
+Maildir has no messages, or does not exist yet, prints "mailbox USER is
+empty" on stderr and exits with status 0.  An alias without a Maildir of its
+own and a name the config does not know print "not found" and exit 1.  A user
+name containing ``/``, ``..`` or NUL, or starting with ``.``, is rejected so
+that the lookup stays inside ``maildir_root``.  A message that a mail client
+moves between ``new/`` and ``cur/`` while the command runs is read under its
+new name, and a message deleted meanwhile is left out.  When the reader of
+the output goes away (``| head``), the command stops quietly with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import email.errors
-import email.header
+import email.parser
+import email.policy
 import email.utils
-import mailbox
+import os
+import stat
 import sys
 import time
+import unicodedata
+from email.headerregistry import HeaderRegistry
 from pathlib import Path
 from typing import Any
 
 from relay.cli import add_config_option, config_from_args
+from relay.config import LocalConfig
+from relay.delivery.maildir import LocalDelivery
+
+MAILDIR_FOLDERS = ("new", "cur")
+
+# The default policy decodes RFC 6532 raw UTF-8 and RFC 2047 encoded words and
+# unfolds lines.  Treating every header as unstructured text keeps a malformed
+# From line from being rewritten or rejected by the address parser.
+_HEADER_POLICY = email.policy.default.clone(header_factory=HeaderRegistry(use_default_map=False))
+
+_SENDER_WIDTH = 40
+_SUBJECT_WIDTH = 60
 
 
 def register(subparsers: Any) -> None:
@@ -32,45 +70,219 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def _decode(value: str | None) -> str:
-    if not value:
-        return ""
-    try:
-        return str(email.header.make_header(email.header.decode_header(value))).replace("\n", " ")
-    except (UnicodeDecodeError, LookupError, email.errors.HeaderParseError):
-        return value
-
-
-def _message_files(root: Path) -> list[Path]:
-    files = [path for folder in ("new", "cur") if (root / folder).is_dir() for path in (root / folder).iterdir()]
-    return sorted((path for path in files if path.is_file()), key=lambda path: (path.stat().st_mtime, path.name))
-
-
 def run(args: argparse.Namespace) -> int:
     """List the mailbox or print one message; return the exit status."""
     config = config_from_args(args)
-    root = Path(config.local.maildir_root) / args.user.lower()
-    if not (root / "new").is_dir() and not (root / "cur").is_dir():
-        print(f"mailbox {root} not found; check the user name and [local] maildir_root", file=sys.stderr)
+    problem = _user_name_problem(args.user)
+    if problem:
+        print(
+            f"invalid user name {args.user!r}: {problem}. "
+            "Give a local user name such as alice, which names one folder under [local] maildir_root.",
+            file=sys.stderr,
+        )
         return 1
-    files = _message_files(root)
-    if args.number is not None:
-        if not 1 <= args.number <= len(files):
-            count = f"{len(files)} message" + ("" if len(files) == 1 else "s")
-            print(f"message {args.number} not found; {root} contains {count}", file=sys.stderr)
-            return 1
-        sys.stdout.buffer.write(files[args.number - 1].read_bytes())
-        return 0
-    for number, path in enumerate(files, start=1):
-        data = path.read_bytes()
-        message = mailbox.MaildirMessage(data)
-        date = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
-        if message["Date"]:
-            try:
-                date = email.utils.parsedate_to_datetime(message["Date"]).strftime("%Y-%m-%d %H:%M")
-            except (TypeError, ValueError):
-                pass
-        sender = _decode(message["From"]) or (message["Return-Path"] or "").strip("<>")
-        subject = _decode(message["Subject"])
-        print(f"{number:4d}  {date}  {sender[:40]:40s}  {subject[:60]:60s}  {len(data)}")
+    user = args.user.lower()
+    root = Path(config.local.maildir_root) / user
+    try:
+        if not any((root / folder).is_dir() for folder in MAILDIR_FOLDERS):
+            problem = _missing_maildir_problem(config.local, user, root)
+            if problem:
+                print(problem, file=sys.stderr)
+                return 1
+            if args.number is None:
+                print(f"mailbox {user} is empty (delivery creates its Maildir {root})", file=sys.stderr)
+                return 0
+        if args.number is not None:
+            status = _print_message(root, args.number)
+        else:
+            status = _list_messages(user, root)
+        sys.stdout.flush()
+        return status
+    except PermissionError as exc:
+        _report_permission_error(user, root, exc)
+        return 1
+    except BrokenPipeError:
+        # The reader of the output (such as ``| head``) closed the pipe, so stop without a
+        # traceback.  Pointing stdout at /dev/null keeps the exit-time flush from failing too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _user_name_problem(user: str) -> str | None:
+    """Return why ``user`` cannot name a folder directly under maildir_root, or None if it can."""
+    if not user:
+        return "it is empty"
+    if "\0" in user:
+        return "it contains a NUL character"
+    if "/" in user:
+        return "it contains '/'"
+    if ".." in user:
+        return "it contains '..'"
+    if user.startswith("."):
+        return "it starts with '.'"
+    return None
+
+
+def _report_permission_error(user: str, root: Path, exc: PermissionError) -> None:
+    path = Path(exc.filename) if exc.filename else root
+    try:
+        owner_hint = f" ({path.owner()}, the owner of {path})"
+    except (OSError, KeyError):
+        owner_hint = ""
+    print(
+        f"cannot read mailbox {user}: permission denied on {path}. "
+        f"Run relay mailbox as the relay's user{owner_hint}, or make {path} readable for this user.",
+        file=sys.stderr,
+    )
+
+
+def _print_message(root: Path, number: int) -> int:
+    messages = _message_files(root)
+    if not 1 <= number <= len(messages):
+        count = f"{len(messages)} message" + ("" if len(messages) == 1 else "s")
+        print(f"message {number} not found; {root} contains {count}", file=sys.stderr)
+        return 1
+    path, _ = messages[number - 1]
+    data = _read_message(root, path)
+    if data is None:
+        print(
+            f"message {number} ({path.name}) was deleted from {root} while it was being read. "
+            "Run relay mailbox without N to list the current messages.",
+            file=sys.stderr,
+        )
+        return 1
+    # When the reader closes a pipe mid-write, Linux returns the bytes written so far and the
+    # buffered writer (CPython 3.11) returns that short count without raising.  Writing the rest
+    # raises BrokenPipeError, and a short count from a signal is completed the same way.
+    remaining = memoryview(data)
+    while remaining:
+        remaining = remaining[sys.stdout.buffer.write(remaining) :]
     return 0
+
+
+def _list_messages(user: str, root: Path) -> int:
+    number = 0
+    for path, mtime in _message_files(root):
+        data = _read_message(root, path)
+        if data is None:
+            continue
+        number += 1
+        print(_summary_line(number, data, mtime))
+    if number == 0:
+        print(f"mailbox {user} is empty", file=sys.stderr)
+    return 0
+
+
+def _missing_maildir_problem(local: LocalConfig, user: str, root: Path) -> str | None:
+    """Return the error for a user without a Maildir, or None when local delivery accepts mail for the user."""
+    try:
+        delivery = LocalDelivery.from_config(local)
+    except (OSError, ValueError) as exc:
+        return f"cannot read [local] aliases {local.aliases}: {exc}"
+    # Delivery looks up aliases before mailboxes, so an alias's mail is in its targets' Maildirs.
+    targets = delivery.aliases.get(user)
+    if targets is not None:
+        return (
+            f"mailbox {root} not found: {user} is an alias for {', '.join(targets)}, "
+            "so its mail is delivered to those addresses"
+        )
+    if delivery.user_exists(user):
+        return None
+    return f"mailbox {root} not found; check the user name and [local] maildir_root"
+
+
+def _message_files(root: Path) -> list[tuple[Path, float]]:
+    """Return each message's path and modification time, oldest first.
+
+    A message listed in both ``new/`` and ``cur/`` (moved while the folders
+    were read) counts once, under its ``cur/`` name.
+    """
+    found: dict[str, tuple[float, str, Path]] = {}
+    for folder in MAILDIR_FOLDERS:
+        directory = root / folder
+        if not directory.is_dir():
+            continue
+        for path in directory.iterdir():
+            try:
+                status = path.stat()
+            except FileNotFoundError:
+                continue  # moved or deleted since the folder was read
+            if stat.S_ISREG(status.st_mode):
+                found[_unique_part(path.name)] = (status.st_mtime, path.name, path)
+    return [(path, mtime) for mtime, _, path in sorted(found.values())]
+
+
+def _unique_part(name: str) -> str:
+    # A Maildir file name is a unique part, then ":2," and flags once the file is in cur/.
+    return name.partition(":")[0]
+
+
+def _read_message(root: Path, path: Path) -> bytes | None:
+    """Read a listed message, following it to its new name if it moved; return None if it is gone."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    unique = _unique_part(path.name)
+    for folder in MAILDIR_FOLDERS:
+        try:
+            candidates = [entry for entry in (root / folder).iterdir() if _unique_part(entry.name) == unique]
+        except FileNotFoundError:
+            continue
+        for candidate in candidates:
+            try:
+                return candidate.read_bytes()
+            except FileNotFoundError:
+                continue
+    return None
+
+
+def _summary_line(number: int, data: bytes, mtime: float) -> str:
+    headers = email.parser.BytesHeaderParser(policy=_HEADER_POLICY).parsebytes(data)
+    date = time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime))
+    if headers["Date"]:
+        try:
+            date = email.utils.parsedate_to_datetime(str(headers["Date"])).strftime("%Y-%m-%d %H:%M")
+        except (TypeError, ValueError):
+            pass
+    sender = str(headers["From"] or "") or str(headers["Return-Path"] or "").strip("<>")
+    subject = str(headers["Subject"] or "")
+    sender_column = _fit(_escape_controls(sender), _SENDER_WIDTH)
+    subject_column = _fit(_escape_controls(subject), _SUBJECT_WIDTH)
+    return f"{number:4d}  {date}  {sender_column}  {subject_column}  {len(data)}"
+
+
+def _escape_controls(text: str) -> str:
+    """Replace C0 controls, DEL and C1 controls with ``\\xNN``, and a tab with a space."""
+    characters = []
+    for character in text:
+        code = ord(character)
+        if character == "\t":
+            characters.append(" ")
+        elif code < 0x20 or 0x7F <= code <= 0x9F:
+            characters.append(f"\\x{code:02x}")
+        else:
+            characters.append(character)
+    return "".join(characters)
+
+
+def _fit(text: str, width: int) -> str:
+    """Cut ``text`` to ``width`` terminal cells and pad it with spaces to exactly that width."""
+    kept = []
+    used = 0
+    for character in text:
+        cells = _cell_width(character)
+        if used + cells > width:
+            break
+        kept.append(character)
+        used += cells
+    return "".join(kept) + " " * (width - used)
+
+
+def _cell_width(character: str) -> int:
+    # NOTE: an estimate of what terminals do.  Emoji sequences and ambiguous-width
+    # characters are drawn differently by different terminals and fonts.
+    if unicodedata.combining(character) or unicodedata.category(character) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(character) in ("W", "F") else 1
