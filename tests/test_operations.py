@@ -323,3 +323,43 @@ def test_second_sigterm_exits_at_once(relay: Relay) -> None:
     assert relay.process.wait(30) != 0
     assert "exit_now" in relay.log()
     open_session.close()
+
+
+def test_second_relay_on_same_port_refused(relay: Relay, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    config = other / "relay.toml"
+    config.write_text(
+        f'[[listener]]\naddress = "127.0.0.1:{relay.port}"\n[spool]\npath = "spool"\n[admin]\naddress = ""\n'
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "--config", str(config), "--workers", "2"],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=other,
+        check=False, timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert f"listener 127.0.0.1:{relay.port} is already in use by another process" in result.stderr
+    assert not (other / "spool").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bad_certificate_reported_before_workers(tmp_path: Path, workers: int) -> None:
+    (tmp_path / "cert.pem").write_text("x\n")
+    (tmp_path / "key.pem").write_text("x\n")
+    config = tmp_path / "relay.toml"
+    port = free_port()
+    config.write_text(
+        f'[[listener]]\naddress = "127.0.0.1:{port}"\ntls = "starttls"\n[tls]\ncert = "cert.pem"\nkey = "key.pem"\n'
+        '[spool]\npath = "spool"\n[admin]\naddress = ""\n'
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "--config", str(config), "--workers", str(workers)],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=tmp_path,
+        check=False, timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert f"cannot load TLS certificate {tmp_path / 'cert.pem'}" in result.stderr

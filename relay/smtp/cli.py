@@ -75,11 +75,14 @@ def _apply_workers(config: Config, workers: int | None) -> Config:
 
 
 def _run(config: Config, event_loop: str) -> int:
-    from relay.smtp.server import serve
+    from relay.smtp.server import ListenerInUse, serve
 
     setup_logging(config.log.format, config.log.level)
     try:
         return serve(config, event_loop=event_loop)
+    except ListenerInUse as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
     except TLSSetupError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ Unhandled event-loop exceptions are logged as ``loop_exception`` errors.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import math
@@ -560,8 +561,57 @@ def _separate_delivery(config: Config) -> bool:
     return config.server.workers > 1 and spooling and config.delivery.enabled
 
 
+class ListenerInUse(Exception):
+    """A listener's address is already bound by another process."""
+
+
+def check_startup(config: Config) -> None:
+    """Check before any worker starts what would stop every worker; raise with the reason.
+
+    The TLS certificate and the credentials file are loaded once, so that a
+    bad one is reported in the same words for one worker as for several.
+    Each listener's address is bound once without SO_REUSEPORT: that bind
+    fails while another process listens there, which the workers' own
+    SO_REUSEPORT binds would join silently, splitting connections between
+    two relays with different configs and spools.
+    """
+    if any(listener.tls != "none" for listener in config.listeners):
+        server_context(config.tls)  # raises TLSSetupError
+    if config.auth.password_file:
+        CredentialStore(config.auth.password_file)  # raises CredentialsError
+    for listener in config.listeners:
+        _check_address_free(listener)
+
+
+def _check_address_free(listener: ListenerConfig) -> None:
+    host, port = listener.address
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return  # create_server reports the unresolvable address itself
+    for family, kind, proto, _name, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # SO_REUSEADDR ignores connections of an earlier run in TIME_WAIT.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ListenerInUse(
+                        f"listener {listener.address_text} is already in use by another process;"
+                        " stop that process or choose another address"
+                    ) from None
+                # Other errors (no such address here, no permission) come from create_server.
+
+
 def serve(config: Config, *, event_loop: str = "uvloop") -> int:
-    """Run ``config.server.workers`` workers until a signal stops them; return the exit status."""
+    """Run ``config.server.workers`` workers until a signal stops them; return the exit status.
+
+    Raises TLSSetupError, CredentialsError or ListenerInUse before any worker starts.
+    """
+    check_startup(config)
     workers = config.server.workers
     # Set before the workers fork, so each of them inherits it.
     metrics.destination_label.limit = config.admin.max_destination_labels
