@@ -10,7 +10,10 @@ shutdown with transactions in flight.
 from __future__ import annotations
 
 import asyncio
+import os
+import pty
 import re
+import select
 import signal
 import smtplib
 import ssl
@@ -265,6 +268,36 @@ def test_passwd_command(tmp_path: Path) -> None:
     assert not store.verify("alice", "secret")
     assert not store.verify("bob", "changed")
     assert "changed" not in path.read_text()
+
+
+def test_passwd_eof_at_prompt(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child, whose controlling terminal is the pty
+        os.environ["PYTHONPATH"] = str(REPO_ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", "relay", "passwd", str(path), "alice"])
+    output = b""
+    deadline = time.monotonic() + 30
+    while b"Password for alice" not in output and time.monotonic() < deadline:
+        if select.select([terminal], [], [], 0.5)[0]:
+            output += os.read(terminal, 1024)
+    os.write(terminal, b"\x04")  # Ctrl-D
+    while time.monotonic() < deadline:
+        if select.select([terminal], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(terminal, 1024)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(terminal)
+
+    assert os.waitstatus_to_exitcode(status) == 1
+    assert b"no password entered; nothing changed" in output
+    assert b"Traceback" not in output
+    assert not path.exists()
 
 
 def test_graceful_shutdown_loses_nothing(tmp_path: Path) -> None:

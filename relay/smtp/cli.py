@@ -104,8 +104,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _passwd(args: argparse.Namespace) -> int:
     if sys.stdin.isatty():
-        password = getpass.getpass(f"Password for {args.user}: ")
-        if getpass.getpass("Repeat password: ") != password:
+        try:
+            password = getpass.getpass(f"Password for {args.user}: ")
+            repeated = getpass.getpass("Repeat password: ")
+        except EOFError:
+            # Ctrl-D at the prompt: the user gave up, as with Ctrl-C.
+            print("\nrelay: no password entered; nothing changed", file=sys.stderr)
+            return 1
+        if repeated != password:
             print("relay: passwords do not match; nothing changed", file=sys.stderr)
             return 1
     else:
