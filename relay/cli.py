@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from relay import __version__
 from relay.config import Config, ConfigError, load_config
+from relay.log import setup_logging
 
 # Modules that add subcommands, in the order `relay --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -86,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None:
+        # Run as a program: warnings and errors that commands log (a record moved
+        # aside, for example) go to stderr with their fields.  relay serve
+        # replaces this with its config's logging.  A caller that passes argv
+        # keeps its own logging setup.
+        setup_logging(level="warning")
     try:
         status: int = args.handler(args)
     except KeyboardInterrupt:

@@ -7,6 +7,8 @@ import io
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -18,6 +20,7 @@ import orjson
 import pytest
 from spool_helpers import make_body, make_envelope, run
 
+from conftest import REPO_ROOT
 from relay.cli import build_parser, main
 from relay.spool import DeliveryResult, Envelope, Outcome, Recipient, Spool, SpoolStore, new_queue_id
 from relay.spool.store import FLUSH_REQUEST, database_path
@@ -299,6 +302,22 @@ def test_corrupt_record_reported(spool_dir: Path, capsys: pytest.CaptureFixture[
     assert f"message {broken} is corrupt" in err
     assert "moved aside to" in err
     assert (spool_dir / "corrupt" / f"{broken}.json").exists()
+
+
+def test_corrupt_record_logged_with_fields(spool_dir: Path) -> None:
+    broken = _commit(spool_dir, make_envelope())
+    with sqlite3.connect(database_path(spool_dir)) as connection:
+        connection.execute("UPDATE message SET envelope = x'00' WHERE queue_id = ?", (broken,))
+    command = [sys.executable, "-m", "relay", "queue", "list", "--spool", str(spool_dir)]
+
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=60
+    )
+
+    assert result.returncode == 0
+    # The log line carries its fields, not only the event name.
+    (line,) = [line for line in result.stderr.splitlines() if "corrupt_moved_aside" in line]
+    assert f"queue_id={broken}" in line
 
 
 def test_delete_without_terminal_needs_yes(
