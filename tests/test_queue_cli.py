@@ -534,6 +534,21 @@ def test_show_escapes_header_controls(spool_dir: Path, capsys: pytest.CaptureFix
     assert "\x9b" not in out
 
 
+def test_remote_replies_escaped(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queue_id = _commit(spool_dir, make_envelope())
+    _defer(spool_dir, queue_id, 0, "451 4.3.0 busy \x1b[2J\x1b[31mnow")
+
+    show_status, shown, _ = _queue(capsys, "show", queue_id, "--spool", str(spool_dir))
+    list_status, listed, _ = _queue(capsys, "list", "--spool", str(spool_dir))
+
+    assert show_status == 0
+    assert list_status == 0
+    assert "busy \\x1b[2J\\x1b[31mnow" in shown
+    assert "busy \\x1b[2J\\x1b[31mnow" in listed
+    assert "\x1b" not in shown
+    assert "\x1b" not in listed
+
+
 def test_show_body_keeps_controls(spool_dir: Path, capfdbinary: pytest.CaptureFixture[bytes]) -> None:
     body = b"X-Bin: \x01\x1b[31mred\r\n\r\nbody\r\n"
     queue_id = _commit(spool_dir, make_envelope(), body)

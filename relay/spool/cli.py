@@ -376,7 +376,7 @@ def _show(store: SpoolStore, args: argparse.Namespace) -> int:
     ]
     for name, value in fields:
         if value is not None:
-            print(f"{name + ':':<15}{value}")
+            print(f"{name + ':':<15}{_escape_controls(str(value))}")
 
     print("\nRecipients:")
     for recipient in message.recipients:
@@ -500,4 +500,5 @@ def _format_path(address: str) -> str:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    # Replies come from remote servers, so their control characters are escaped too.
+    return _escape_controls(" ".join(text.split()))
