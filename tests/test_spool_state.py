@@ -135,6 +135,18 @@ def test_concurrent_commits_share_batches(tmp_path: Path, loop_kind: str) -> Non
         assert len(store.queue_ids()) == 300
 
 
+def test_filters_fold_unicode_and_idna(spool: Spool, tmp_path: Path) -> None:
+    envelope = Envelope("jörg@client.test", (Recipient("user@bücher.test"),), smtputf8=True)
+    queue_id = spool.commit_blocking(envelope, b"Subject: x\r\n\r\nbody\r\n")
+    other = spool.commit_blocking(make_envelope(), b"Subject: y\r\n\r\nbody\r\n")
+
+    with SpoolStore(tmp_path / "spool") as store:
+        assert store.queue_ids(sender="JÖRG@Client.TEST") == [queue_id]
+        assert store.queue_ids(domain="xn--bcher-kva.test") == [queue_id]
+        assert store.queue_ids(domain="BÜCHER.test") == [queue_id]
+        assert store.queue_ids(domain="one.example.test") == [other]
+
+
 def test_commit_without_recipients_rejected(spool: Spool) -> None:
     with pytest.raises(ValueError, match="recipient"):
         run(spool.commit(Envelope("a@example.test", ()), b"x"))

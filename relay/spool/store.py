@@ -235,6 +235,23 @@ def _add_recipient_values(values: list[Any], pending: PendingCommit, queue_id: s
         add((queue_id, index, address, domain_of(address), recipient.orcpt, ",".join(recipient.notify), arrival))
 
 
+def _casefold(value: str | None) -> str | None:
+    return value.casefold() if value is not None else None
+
+
+def _domain_forms(domain: str) -> list[str]:
+    """Return ``domain`` lower-cased, plus its other IDNA form when it has one."""
+    name = domain.lower().rstrip(".")
+    forms = [name]
+    try:
+        other = name.encode("idna").decode("ascii") if not name.isascii() else name.encode("ascii").decode("idna")
+    except UnicodeError:
+        return forms
+    if other != name:
+        forms.append(other.lower())
+    return forms
+
+
 def _chunks(items: Sequence[_Item]) -> Iterator[Sequence[_Item]]:
     """Yield ``items`` in slices of ``LOOKUP_CHUNK``, one per statement."""
     for start in range(0, len(items), LOOKUP_CHUNK):
@@ -1069,18 +1086,23 @@ class SpoolStore:
     ) -> list[str]:
         """Return queue IDs in arrival order, filtered by sender, recipient domain or state.
 
-        ``sender`` matches the reverse-path case-insensitively ("" is the null
-        sender); ``domain`` and ``state`` match if any recipient matches.
+        ``sender`` matches the reverse-path case-insensitively, also in
+        non-ASCII letters ("" is the null sender).  ``domain`` and ``state``
+        match if any recipient matches.  A domain matches in its Unicode form
+        and in its ASCII form (IDNA, "xn--" labels) whichever one is given.
         """
         clauses: list[str] = []
         parameters: list[Any] = []
         if sender is not None:
-            clauses.append("m.sender = ? COLLATE NOCASE")
-            parameters.append(sender)
+            # SQLite's NOCASE folds ASCII letters only; UTF-8 reverse-paths (RFC 6531) need more.
+            self.connection.create_function("relay_casefold", 1, _casefold, deterministic=True)
+            clauses.append("relay_casefold(m.sender) = ?")
+            parameters.append(sender.casefold())
         recipient_clauses = []
         if domain is not None:
-            recipient_clauses.append("r.domain = ?")
-            parameters.append(domain.lower())
+            forms = _domain_forms(domain)
+            recipient_clauses.append(f"r.domain IN ({','.join('?' * len(forms))})")
+            parameters.extend(forms)
         if state is not None:
             recipient_clauses.append("r.state = ?")
             parameters.append(state.value)
