@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 import time
 
+import pytest
+
+from relay.delivery.process import WAKE_BYTE, WakeChannel
 from relay.signals import DUPLICATE_WINDOW, EarlyStop, StopRequests
 
 
@@ -30,3 +35,25 @@ def test_early_stop_records_signal_instead_of_dying() -> None:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_wake_sender_quiet_after_stop(caplog: pytest.LogCaptureFixture) -> None:
+    channel = WakeChannel()
+    loop = asyncio.new_event_loop()
+    try:
+        sender = channel.sender(loop)
+        sender()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert os.read(channel.read_fd, 16) == WAKE_BYTE
+
+        # A worker stops waking the delivery process when it shuts down, so a
+        # delivery process that has already exited (EPIPE) logs no warning.
+        sender.stop()
+        channel.close_read_end()
+        with caplog.at_level(logging.WARNING, logger="relay.delivery"):
+            sender()
+            loop.run_until_complete(asyncio.sleep(0))
+        assert not [record for record in caplog.records if getattr(record, "event", None) == "wake_failed"]
+    finally:
+        loop.close()
+        channel.close_write_end()

@@ -78,8 +78,18 @@ class WakeSender:
         # resume in the same iteration and share this one write.
         self._loop.call_soon(self._send)
 
+    def stop(self) -> None:
+        """Send no more wake-ups: the worker is shutting down, and so is the delivery process.
+
+        A wake-up then could only fail with EPIPE and log a false warning.
+        Messages stored from now on wait in the spool for the next start.
+        """
+        self._broken = True
+
     def _send(self) -> None:
         self._scheduled = False
+        if self._broken:
+            return
         try:
             os.write(self._fd, WAKE_BYTE)
         except BlockingIOError:

@@ -45,7 +45,7 @@ from relay._parser import xtext_encode
 from relay.admin import Monitoring
 from relay.config import Config, ListenerConfig
 from relay.delivery import Scheduler
-from relay.delivery.process import DeliveryProcess, WakeChannel
+from relay.delivery.process import DeliveryProcess, WakeChannel, WakeSender
 from relay.log import flush_log, log_event
 from relay.reload import log_reload, reload_config
 from relay.signals import EarlyStop, StopRequests
@@ -347,6 +347,7 @@ class Worker:
         self._early_stop = early_stop
         # Set when the scheduler runs in a delivery process: commits wake it through this pipe.
         self.wake = wake
+        self._wake_sender: WakeSender | None = None
         self.sessions: set[SMTPProtocol] = set()
         self.runtimes: list[ListenerRuntime] = []
         self.servers: list[asyncio.base_events.Server] = []
@@ -388,6 +389,7 @@ class Worker:
         # (several workers), else in worker 0.
         if self.wake is not None:
             sender = self.wake.sender(loop)
+            self._wake_sender = sender
             for runtime in self.runtimes:
                 runtime.on_stored = sender
         delivering_here = (
@@ -486,6 +488,8 @@ class Worker:
             self._stop.set()
 
     async def _shutdown(self) -> None:
+        if self._wake_sender is not None:
+            self._wake_sender.stop()
         for runtime in self.runtimes:
             runtime.accepting = False
         for server in self.servers:
