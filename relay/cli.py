@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from relay import __version__
-from relay.config import Config, ConfigError, load_config
+from relay.config import CONFIG_ENVIRONMENT, Config, ConfigError, load_config
 from relay.log import setup_logging
 
 # Modules that add subcommands, in the order `relay --help` lists them.
@@ -33,14 +33,15 @@ COMMAND_MODULES: tuple[str, ...] = (
 def add_config_option(parser: argparse.ArgumentParser) -> None:
     """Add the ``--config FILE`` option that most subcommands share."""
     parser.add_argument(
-        "--config", metavar="FILE", help="relay.toml to read (default: built-in defaults)"
+        "--config", metavar="FILE", help="relay.toml to read (default: the file $RELAY_CONFIG names, else built-in defaults)"
     )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Load the config named by ``--config``; print every error and exit 1 if invalid."""
+    """Load the config of ``--config``, else of ``$RELAY_CONFIG``; print every error and exit 1 if invalid."""
+    path = getattr(args, "config", None) or os.environ.get(CONFIG_ENVIRONMENT) or None
     try:
-        return load_config(getattr(args, "config", None))
+        return load_config(path)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)

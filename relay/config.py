@@ -15,6 +15,7 @@ current directory.  Sizes accept ``K``/``M``/``G`` suffixes and durations
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import ipaddress
 import math
@@ -58,6 +59,10 @@ def _key(default: Any, kind: str, **options: Any) -> Any:
         return field(default_factory=lambda: default, metadata=metadata)
     return field(default=default, metadata=metadata)
 
+
+# The environment variable naming the config file that commands read when
+# they are given no --config.
+CONFIG_ENVIRONMENT = "RELAY_CONFIG"
 
 _LOCALHOST_NAMES = ("localhost", "localhost.localdomain")
 
@@ -598,6 +603,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     except OSError as exc:
         raise ConfigError([f"{filename}: cannot be read: {exc.strerror}"]) from None
     # Decoded here rather than by tomllib.load, which lets UnicodeDecodeError escape.
+    # Some editors write a byte-order mark, which tomllib would report as an
+    # invalid statement at line 1.
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -55,7 +55,7 @@ from typing import BinaryIO, TextIO
 
 from relay._errors import SMTPError
 from relay._parser import parse_command
-from relay.config import Config, ConfigError, load_config
+from relay.config import CONFIG_ENVIRONMENT, Config, ConfigError, load_config
 from relay.log import log_event
 from relay.smtp.policy import RelayPolicy
 from relay.smtp.received import header_block, normalize_line_ends, submission_headers
@@ -90,8 +90,7 @@ Other -o options are accepted and ignored.  Exit status: 0 queued, 64 usage,
 70 internal error, 75 spool unavailable (try again later), 78 invalid config."""
 
 
-# Where the config comes from without --config; see the module docs.
-CONFIG_ENVIRONMENT = "RELAY_CONFIG"
+# The config file read without --config and $RELAY_CONFIG, when it exists.
 SYSTEM_CONFIG = "/etc/relay/relay.toml"
 
 
@@ -320,14 +319,16 @@ def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
                 EX_DATAERR,
                 f"message of {len(raw)} octets exceeds policy.max_message_size ({config.policy.max_message_size})",
             )
+        if config_file is None:
+            # Before the recipients are checked against the default ./mail, which
+            # is as much a guess as the default spool.
+            _require_spool(config.spool.path)
         envelope, body = prepare(options, raw, config)
         queue_id = new_queue_id()
         trace = (
             f"Received: by {config.server.hostname} (relay, from userid {os.getuid()})\r\n"
             f"\tid {queue_id}; {formatdate(time.time(), localtime=True)}\r\n"
         ).encode()
-        if config_file is None:
-            _require_spool(config.spool.path)
         spool = Spool.from_config(config.spool)
         try:
             stored_id = spool.commit_blocking(envelope, trace + body, queue_id=queue_id)

@@ -304,6 +304,23 @@ def test_corrupt_record_reported(spool_dir: Path, capsys: pytest.CaptureFixture[
     assert (spool_dir / "corrupt" / f"{broken}.json").exists()
 
 
+def test_config_from_environment(tmp_path: Path) -> None:
+    queue_id = _commit(tmp_path / "configured", make_envelope())
+    config = tmp_path / "relay.toml"
+    config.write_text('[spool]\npath = "configured"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RELAY_CONFIG": str(config)}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "queue", "list"], capture_output=True, text=True, env=env, cwd=elsewhere,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert queue_id in result.stdout
+
+
 def test_corrupt_record_logged_with_fields(spool_dir: Path) -> None:
     broken = _commit(spool_dir, make_envelope())
     with sqlite3.connect(database_path(spool_dir)) as connection:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,9 +23,13 @@ from relay.sendmail import (
     EX_TEMPFAIL,
     EX_USAGE,
     SendmailError,
+    inject,
     parse_options,
 )
 from relay.spool import SpoolStore, StoredMessage
+
+# User and group ID of "nobody", which a child running as root switches to.
+NOBODY = 65534
 
 
 def write_config(tmp_path: Path, extra: str = "") -> Path:
@@ -203,15 +210,57 @@ def test_exit_code_tempfail_when_spool_unusable(tmp_path: Path) -> None:
 def test_defaults_never_create_spool(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key != "RELAY_CONFIG"}
     env["PYTHONPATH"] = str(REPO_ROOT)
-    command = [sys.executable, "-m", "relay", "sendmail", "alice@example.test"]
 
-    result = subprocess.run(
-        command, input=b"Subject: x\n\nhi\n", capture_output=True, env=env, cwd=tmp_path, check=False, timeout=60
-    )
+    # A local recipient too: the default ./mail is as much a guess as the spool.
+    for recipient in ("alice@example.test", "root"):
+        command = [sys.executable, "-m", "relay", "sendmail", recipient]
+        result = subprocess.run(
+            command, input=b"Subject: x\n\nhi\n", capture_output=True, env=env, cwd=tmp_path, check=False, timeout=60
+        )
 
-    assert result.returncode == EX_TEMPFAIL
-    assert f"no spool in {tmp_path / 'relay-spool'}" in result.stderr.decode()
-    assert not (tmp_path / "relay-spool").exists()
+        assert result.returncode == EX_TEMPFAIL, result.stderr.decode()
+        assert f"no spool in {tmp_path / 'relay-spool'}" in result.stderr.decode()
+        assert not (tmp_path / "relay-spool").exists()
+
+
+def test_unwritable_spool_is_tempfail() -> None:
+    # Under /tmp, which every user can search, so that the child reaches the config.
+    base = Path(tempfile.mkdtemp(prefix="relay-sendmail-"))
+    try:
+        base.chmod(0o755)
+        assert _inject_without_owner_rights(base) == EX_TEMPFAIL
+    finally:
+        if (base / "spool").exists():
+            (base / "spool").chmod(0o700)
+        shutil.rmtree(base)
+
+
+def _inject_without_owner_rights(base: Path) -> int:
+    """Run sendmail into a 0700 spool from a child without the owner's rights; return its exit status."""
+    config = write_config(base)
+    SpoolStore(base / "spool").close()
+    (base / "spool").chmod(0o700)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a child with only the rights the spool's mode grants others
+        status = -1
+        try:
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+            else:
+                (base / "spool").chmod(0)
+            options = parse_options(["--config", str(config), "someone@remote.test"])
+            status = inject(options, io.BytesIO(b"Subject: x\n\nhi\n"), io.StringIO())
+        finally:
+            os.write(write_end, str(status).encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        status = int(pipe.read())
+    os.waitpid(pid, 0)
+    return status
 
 
 def test_config_from_environment(tmp_path: Path) -> None:

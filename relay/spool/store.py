@@ -302,8 +302,9 @@ class SpoolStore:
         self, directory: str | os.PathLike[str], *, busy_timeout: float = 10.0, autocheckpoint: bool = True
     ) -> None:
         self.directory = Path(directory)
-        created = not database_path(self.directory).exists()
         try:
+            # Path.exists raises PermissionError for a directory this user cannot search.
+            created = not database_path(self.directory).exists()
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             # isolation_level=None: the module's implicit transactions are off and
             # every BEGIN/COMMIT below is explicit.
