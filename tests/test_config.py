@@ -486,3 +486,10 @@ def test_reload_keeps_admin_settings(tmp_path: Path) -> None:
     assert result.config is not None
     assert result.config.admin.max_destination_labels == 5
     assert result.needs_restart == ["admin.max_destination_labels"]
+
+
+def test_byte_order_mark_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_bytes(b"\xef\xbb\xbf[server]\nhostname = \"mx.example.test\"\n")
+
+    assert load_config(path).server.hostname == "mx.example.test"
