@@ -33,7 +33,9 @@ COMMAND_MODULES: tuple[str, ...] = (
 def add_config_option(parser: argparse.ArgumentParser) -> None:
     """Add the ``--config FILE`` option that most subcommands share."""
     parser.add_argument(
-        "--config", metavar="FILE", help="relay.toml to read (default: the file $RELAY_CONFIG names, else built-in defaults)"
+        "--config",
+        metavar="FILE",
+        help="relay.toml to read (default: the file $RELAY_CONFIG names, else built-in defaults)",
     )
 
 

@@ -301,6 +301,16 @@ def test_mailbox_escapes_control_characters(tmp_path: Path, capsys: pytest.Captu
     assert capsys.readouterr().out.encode("utf-8", "surrogateescape") == path.read_bytes()
 
 
+def test_mailbox_escapes_bidi_controls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    data = "From: x@x.test\r\nSubject: invoice\u202efdp.exe\r\n\r\nhi\r\n".encode()
+    write_message(tmp_path, "1.x", data)
+
+    assert mailbox(config, "alice") == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line[SUBJECT_START:SIZE_START].rstrip() == "invoice\\u202efdp.exe"
+
+
 def test_mailbox_print_is_byte_exact(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     config = write_config(tmp_path)
     data = b"Subject: \x1b[31m\r\n\r\n\xff\xfe raw \x00 bytes\r\n"

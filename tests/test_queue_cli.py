@@ -304,6 +304,17 @@ def test_corrupt_record_reported(spool_dir: Path, capsys: pytest.CaptureFixture[
     assert (spool_dir / "corrupt" / f"{broken}.json").exists()
 
 
+def test_flush_empty_domain_rejected(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queue_id = _commit(spool_dir, make_envelope())
+    _defer(spool_dir, queue_id, 0, "451 4.3.0 later")
+
+    status, out, err = _queue(capsys, "flush", "--domain", "", "--spool", str(spool_dir))
+
+    assert status == 1
+    assert "--domain is empty" in err
+    assert out == ""
+
+
 def test_config_from_environment(tmp_path: Path) -> None:
     queue_id = _commit(tmp_path / "configured", make_envelope())
     config = tmp_path / "relay.toml"
@@ -532,6 +543,7 @@ def test_show_escapes_header_controls(spool_dir: Path, capsys: pytest.CaptureFix
         b"X-C1: \xc2\x9b2J and\ttab\r\n"
         b"X-Folded: one\r\n\ttwo\r\n"
         b"X-Bare-CR: a\rb\r\n"
+        b"X-Bidi: invoice\xe2\x80\xaefdp.exe\r\n"
         b"\r\n\x1b[31mbody\r\n"
     )
     queue_id = _commit(spool_dir, make_envelope(), body)
@@ -546,6 +558,7 @@ def test_show_escapes_header_controls(spool_dir: Path, capsys: pytest.CaptureFix
         "X-C1: \\x9b2J and\ttab\n"
         "X-Folded: one\n\ttwo\n"
         "X-Bare-CR: a\\x0db\n"
+        "X-Bidi: invoice\\u202efdp.exe\n"
     )
     assert "\x1b" not in out
     assert "\x9b" not in out

@@ -253,8 +253,12 @@ def _summary_line(number: int, data: bytes, mtime: float) -> str:
     return f"{number:4d}  {date}  {sender_column}  {subject_column}  {len(data)}"
 
 
+# The Unicode bidirectional formatting characters, which reorder the text shown.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def _escape_controls(text: str) -> str:
-    """Replace C0 controls, DEL and C1 controls with ``\\xNN``, and a tab with a space."""
+    """Replace C0, DEL and C1 controls with ``\\xNN``, bidirectional controls with ``\\uNNNN``, a tab with a space."""
     characters = []
     for character in text:
         code = ord(character)
@@ -262,6 +266,9 @@ def _escape_controls(text: str) -> str:
             characters.append(" ")
         elif code < 0x20 or 0x7F <= code <= 0x9F:
             characters.append(f"\\x{code:02x}")
+        elif character in _BIDI_CONTROLS:
+            # A right-to-left override would show "invoice\u202efdp.exe" reversed.
+            characters.append(f"\\u{code:04x}")
         else:
             characters.append(character)
     return "".join(characters)

@@ -42,10 +42,11 @@ from relay.units import format_duration
 # arrival time "YYYY-MM-DD HH:MM:SS" is 19.
 _ID_WIDTH = 15
 _TIME_WIDTH = 20
-# C0 control characters other than TAB and LF, plus DEL and the C1 control
-# characters.  Header lines come from remote senders, and these characters
-# would reach the operator's terminal as escape sequences.
-_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0 control characters other than TAB and LF, plus DEL, the C1 control
+# characters and the Unicode bidirectional controls.  Header lines come from
+# remote senders, and these characters would reach the operator's terminal as
+# escape sequences, or reorder the text shown (a right-to-left override).
+_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 class UsageError(Exception):
@@ -407,7 +408,11 @@ def _show(store: SpoolStore, args: argparse.Namespace) -> int:
 
 def _escape_controls(text: str) -> str:
     """Replace each character of ``_CONTROL_CHARACTERS`` in ``text`` with a visible escape such as ``\\x1b``."""
-    return _CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+    return _CONTROL_CHARACTERS.sub(lambda match: _escape_code(ord(match.group())), text)
+
+
+def _escape_code(code: int) -> str:
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def _history_line(attempt: Attempt) -> str:
@@ -425,6 +430,8 @@ def _history_line(attempt: Attempt) -> str:
 def _flush(store: SpoolStore, args: argparse.Namespace) -> int:
     # An empty ID is an error like in the other actions, not a flush of the whole queue.
     queue_id = _check_id(args.queue_id) if args.queue_id is not None else None
+    if args.domain is not None and not args.domain.strip():
+        raise UsageError("--domain is empty; give a recipient domain such as example.com")
     with store.transaction():
         count = store.flush(time.time(), queue_id=queue_id, domain=args.domain)
     print(f"flushed {count} recipient(s)")
