@@ -270,6 +270,20 @@ def test_passwd_command(tmp_path: Path) -> None:
     assert "changed" not in path.read_text()
 
 
+def test_passwd_checks_name_before_prompt(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    command = [sys.executable, "-m", "relay", "passwd", str(path), "a:b"]
+
+    result = subprocess.run(
+        command, input="", capture_output=True, text=True, env={"PYTHONPATH": str(REPO_ROOT)}, timeout=60
+    )
+
+    # An empty stdin would give "empty password"; the name is checked first.
+    assert result.returncode == 1
+    assert "invalid user name 'a:b'" in result.stderr
+    assert not path.exists()
+
+
 def test_passwd_eof_at_prompt(tmp_path: Path) -> None:
     path = tmp_path / "passwd"
     pid, terminal = pty.fork()

@@ -137,13 +137,18 @@ class CredentialStore:
         return verify_password(password, encoded)
 
 
+def check_user_name(user: str) -> None:
+    """Raise ValueError unless ``user`` can be a name in a credentials file."""
+    if not user or ":" in user or any(ord(c) < 0x21 or c == "\x7f" for c in user):
+        raise ValueError(f"invalid user name {user!r}: use printable characters without spaces or ':'")
+
+
 def set_password(path: str, user: str, password: str) -> bool:
     """Add or replace one user's line in a credentials file; return whether it was new.
 
     The file is rewritten atomically (temporary file, fsync, rename) with mode 0600.
     """
-    if not user or ":" in user or any(ord(c) < 0x21 or c == "\x7f" for c in user):
-        raise ValueError(f"invalid user name {user!r}: use printable characters without spaces or ':'")
+    check_user_name(user)
     try:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()

@@ -17,7 +17,7 @@ import sys
 from relay.cli import add_config_option, config_from_args
 from relay.config import Config, ListenerConfig
 from relay.log import setup_logging
-from relay.smtp.auth import CredentialsError, set_password
+from relay.smtp.auth import CredentialsError, check_user_name, set_password
 from relay.smtp.tls import TLSSetupError
 from relay.units import parse_host_port
 
@@ -103,6 +103,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _passwd(args: argparse.Namespace) -> int:
+    # Before the prompts, so that nobody types a password for a name that cannot be stored.
+    try:
+        check_user_name(args.user)
+    except ValueError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
     if sys.stdin.isatty():
         try:
             password = getpass.getpass(f"Password for {args.user}: ")
