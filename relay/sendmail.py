@@ -290,7 +290,7 @@ def _config_file(options: Options) -> str | None:
 
 
 def _require_spool(directory: str) -> None:
-    """Raise SpoolError unless ``directory`` holds a spool that a relay created."""
+    """Raise SpoolError unless ``directory`` contains a spool that a relay created."""
     try:
         found = database_path(directory).exists()
     except OSError as exc:

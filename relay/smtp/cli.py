@@ -103,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _passwd(args: argparse.Namespace) -> int:
-    # Before the prompts, so that nobody types a password for a name that cannot be stored.
+    # Checked before the prompts, so that no password is typed for a name that cannot be stored.
     try:
         check_user_name(args.user)
     except ValueError as exc:
