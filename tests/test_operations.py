@@ -16,7 +16,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO_ROOT, free_port, require_peer
-from tests.server_helpers import wait_for_port
+from relay.config import TLSConfig
+from relay.smtp.tls import TLSSetupError, server_context
+from tests.server_helpers import make_certificate, wait_for_port
 
 # Loopback is not trusted here, so relaying to other domains is denied and
 # policy changes show in RCPT replies.
@@ -363,3 +365,16 @@ def test_bad_certificate_reported_before_workers(tmp_path: Path, workers: int) -
 
     assert result.returncode == 1
     assert f"cannot load TLS certificate {tmp_path / 'cert.pem'}" in result.stderr
+    assert f"{tmp_path / 'cert.pem'} contains no valid PEM certificate" in result.stderr
+
+
+def test_key_not_matching_certificate_named(tmp_path: Path) -> None:
+    cert, _key = make_certificate(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    _other_cert, other_key = make_certificate(other)
+
+    with pytest.raises(TLSSetupError) as raised:
+        server_context(TLSConfig(cert=str(cert), key=str(other_key)))
+
+    assert f"{other_key} is not a valid PEM private key, or not the key of that certificate" in str(raised.value)

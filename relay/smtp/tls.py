@@ -30,5 +30,23 @@ def server_context(config: TLSConfig) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(config.cert, config.key)
     except (OSError, ssl.SSLError) as exc:
-        raise TLSSetupError(f"cannot load TLS certificate {config.cert} with key {config.key}: {exc}") from None
+        bad_file = _bad_file(config)
+        reason = f"{bad_file} ({exc})" if bad_file else str(exc)
+        raise TLSSetupError(f"cannot load TLS certificate {config.cert} with key {config.key}: {reason}") from None
     return context
+
+
+def _bad_file(config: TLSConfig) -> str | None:
+    """Return which of the two files OpenSSL could not use, or None when the check cannot tell.
+
+    OpenSSL's error for load_cert_chain ("PEM lib") is the same for a bad
+    certificate and a bad key.  The certificate is loaded alone, as a CA
+    file, to tell them apart.
+    """
+    try:
+        ssl.create_default_context(cafile=config.cert)
+    except ssl.SSLError:
+        return f"{config.cert} contains no valid PEM certificate"
+    except OSError:
+        return None
+    return f"{config.key} is not a valid PEM private key, or not the key of that certificate"
