@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -96,6 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # replaces this with its config's logging.  A caller that passes argv
         # keeps its own logging setup.
         setup_logging(level="warning")
+        # A terminal or pipe whose encoding cannot show an address (an ASCII
+        # locale and a UTF-8 mailbox) gets an escape instead of a traceback.
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, io.TextIOWrapper):
+                stream.reconfigure(errors="backslashreplace")
     try:
         status: int = args.handler(args)
     except KeyboardInterrupt:

@@ -584,3 +584,21 @@ def test_show_body_keeps_controls(spool_dir: Path, capfdbinary: pytest.CaptureFi
     queue_id = _commit(spool_dir, make_envelope(), body)
     assert main(["queue", "show", queue_id, "--body", "--spool", str(spool_dir)]) == 0
     assert capfdbinary.readouterr().out.endswith(body)
+
+
+def test_list_on_ascii_output(spool_dir: Path) -> None:
+    envelope = Envelope("jörg@client.test", (Recipient("user@example.test"),), smtputf8=True)
+    spool = Spool.open(spool_dir)
+    try:
+        spool.commit_blocking(envelope, b"Subject: x\r\n\r\nbody\r\n")
+    finally:
+        spool.close()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONIOENCODING": "ascii"}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "queue", "list", "--spool", str(spool_dir)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "j\\xf6rg@client.test" in result.stdout
