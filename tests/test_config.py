@@ -413,7 +413,7 @@ def test_parse_duration(text: int | str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["1.5M", "-1K", "+1K", "10KiB", "10 M B"])
+@pytest.mark.parametrize("text", ["1.5M", "-1K", "+1K", "10KiB", "10 M B", "\u0661\u0660M"])
 def test_parse_size_rejects_invalid_forms(text: str) -> None:
     with pytest.raises(ValueError, match="invalid size"):
         parse_size(text)
@@ -424,7 +424,7 @@ def test_parse_duration_spaces_and_decimals(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["5S", "5M", "5MS", ".5s", "5.s", "5sec"])
+@pytest.mark.parametrize("text", ["5S", "5M", "5MS", ".5s", "5.s", "5sec", "\u0665s"])
 def test_parse_duration_rejects_invalid_forms(text: str) -> None:
     with pytest.raises(ValueError, match="invalid duration"):
         parse_duration(text)
