@@ -145,6 +145,10 @@ def test_filters_fold_unicode_and_idna(spool: Spool, tmp_path: Path) -> None:
         assert store.queue_ids(domain="xn--bcher-kva.test") == [queue_id]
         assert store.queue_ids(domain="BÜCHER.test") == [queue_id]
         assert store.queue_ids(domain="one.example.test") == [other]
+    result = DeliveryResult(queue_id, 0, Outcome.DEFERRED, "451 4.3.0 later", "mx.test", time.time() + 3600)
+    run(spool.record_results([result]))
+    with SpoolStore(tmp_path / "spool") as store, store.transaction():
+        assert store.flush(time.time(), domain="xn--bcher-kva.test") == 1
 
 
 def test_commit_without_recipients_rejected(spool: Spool) -> None:

@@ -903,7 +903,8 @@ class SpoolStore:
         """Make deferred and queued recipients due now; return how many changed.
 
         With ``queue_id`` only that message's recipients, with ``domain`` only
-        recipients at that domain, with neither every pending recipient.
+        recipients at that domain (in its Unicode or ASCII form), with neither
+        every pending recipient.
         """
         self._announce_flush(now)
         with self._errors("flush"):
@@ -914,8 +915,9 @@ class SpoolStore:
             query = "UPDATE recipient SET next_attempt = ? WHERE state IN ('queued', 'deferred') AND next_attempt > ?"
             parameters: list[Any] = [now, now]
             if domain is not None:
-                query += " AND domain = ?"
-                parameters.append(domain.lower())
+                forms = _domain_forms(domain)
+                query += f" AND domain IN ({','.join('?' * len(forms))})"
+                parameters.extend(forms)
             return self.connection.execute(query, parameters).rowcount
 
     def _announce_flush(self, now: float) -> None:
