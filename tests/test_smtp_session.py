@@ -625,6 +625,39 @@ def test_bare_lf_normalized_for_trusted() -> None:
     )
 
 
+def test_bdat_bare_line_ends_follow_policy() -> None:
+    # Bare LF and bare CR in a BDAT message: rejected from an untrusted client,
+    # normalized for a trusted one with bare_lf = "normalize".
+    message = b"Subject: a\n\nbody\rx\n.\n"
+    chunk = b"BDAT %d LAST\r\n" % len(message) + message
+    run_transcript(
+        lambda: make_session(client=UNTRUSTED),
+        [(EHLO, ["250"]), (T, ["250", "250"]), (chunk, ["521 5.5.2"])],
+    )
+    config = hostile_config(bare_lf="normalize")
+    outcome = run_transcript(
+        lambda: make_session(config),
+        [(EHLO, ["250"]), (T, ["250", "250"]), (chunk, ["250 2.0.0"])],
+    )
+    assert outcome.messages[0].body == b"Subject: a\r\n\r\nbody\r\nx\r\n.\r\n"
+
+
+def test_repeated_recipient_stored_once() -> None:
+    outcome = run_transcript(
+        make_session,
+        [
+            (EHLO, ["250"]),
+            (b"MAIL FROM:<sender@example.com>\r\n", ["250"]),
+            (b"RCPT TO:<rcpt@example.net>\r\n", ["250 2.1.5"]),
+            (b"RCPT TO:<rcpt@example.net>\r\n", ["250 2.1.5"]),
+            (b"RCPT TO:<RCPT@Example.NET>\r\n", ["250 2.1.5"]),
+            (b"DATA\r\n", ["354"]),
+            (b"Subject: s\r\n\r\nbody\r\n.\r\n", ["250 2.0.0"]),
+        ],
+    )
+    assert [r.address for r in outcome.messages[0].transaction.recipients] == ["rcpt@example.net"]
+
+
 def test_long_body_lines_kept() -> None:
     outcome = run_transcript(
         make_session,

@@ -22,8 +22,8 @@ Policy decisions, with their sources:
   already follows, the LF counts as part of the line, which then gets
   ``501 5.5.2``: one client write is never run as two commands through a
   bare LF (the SMTP smuggling pattern of CVE-2023-51764).
-- DATA: only CRLF ``.`` CRLF ends it.  A bare LF or CR in the data gets
-  ``521 5.5.2`` and the connection closes at once, unless ``policy.bare_lf``
+- DATA: only CRLF ``.`` CRLF ends it.  A bare LF or CR in the data, or in
+  a message sent with BDAT, gets ``521 5.5.2`` and the connection closes at once, unless ``policy.bare_lf``
   is ``normalize`` and the client is trusted or authenticated; the message is
   then stored with CRLF line ends.  The size limit is checked at MAIL (SIZE,
   RFC 1870) and at end of data; nothing is answered before the final dot.
@@ -42,6 +42,7 @@ Policy decisions, with their sources:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -587,7 +588,12 @@ class Session:
             if refusal is not None:
                 self._reject(f"RCPT TO:<{path}>", refusal)
                 return
-        transaction.recipients.append(RecipientInfo(path, command.notify or (), command.orcpt))
+        # A repeated forward-path (also in another letter case) gets 250 but is
+        # stored once, so the recipient gets one copy, as with Postfix.
+        key = path.lower()
+        if key not in transaction.recipient_keys:
+            transaction.recipient_keys.add(key)
+            transaction.recipients.append(RecipientInfo(path, command.notify or (), command.orcpt))
         self._send(replies.RECIPIENT_OK)
 
     def _data(self, command: Command) -> None:
@@ -612,11 +618,11 @@ class Session:
         self._send(replies.START_DATA)
         self.buffer.start_data(self.settings.max_message_size)
 
-    def _bare_line_end(self) -> None:
+    def _bare_line_end(self, verb: str = "DATA") -> None:
         if self.settings.bare_lf == "normalize" and self.privileged:
             return
         self.transaction = None
-        self._reject("DATA", replies.BARE_LINE_END)
+        self._reject(verb, replies.BARE_LINE_END)
 
     def _data_end(self, event: DataEnd) -> None:
         transaction = self.transaction
@@ -679,6 +685,13 @@ class Session:
             return
         body = b"".join(transaction.chunks)
         transaction.chunks.clear()
+        if _BARE_LINE_END.search(body) is not None:
+            # BDAT's length framing rules out smuggling, but the policy on bare
+            # line ends is the same as for DATA, which lone CR or LF never passes.
+            self._bare_line_end("BDAT")
+            if self.transaction is None:
+                return
+            body = normalize_line_ends(body)
         self._finish_message(transaction, body, "BDAT")
 
     def _finish_message(self, transaction: Transaction, body: bytes, verb: str) -> None:
@@ -706,6 +719,10 @@ class Session:
             # RFC 6531 section 3.7.3: UTF8SMTP, UTF8SMTPS, UTF8SMTPA, UTF8SMTPSA.
             return "UTF8" + protocol.removeprefix("E")
         return protocol
+
+
+# A CR not followed by LF, or an LF not preceded by CR.
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
 def _verb_of(line: bytes) -> str:

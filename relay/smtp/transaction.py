@@ -36,6 +36,8 @@ class Transaction:
     # AUTH= on MAIL (RFC 4954 section 5), kept only from authenticated clients.
     auth: str | None = None
     recipients: list[RecipientInfo] = field(default_factory=list)
+    # Lower-cased forward-paths already accepted, so a repeated RCPT is stored once.
+    recipient_keys: set[str] = field(default_factory=set)
     chunks: list[bytes] = field(default_factory=list)
     chunk_octets: int = 0
     # Set once BDAT was used: DATA is then refused (RFC 3030 section 3).
