@@ -13,6 +13,7 @@ import argparse
 import importlib
 import io
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -38,6 +39,26 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="relay.toml to read (default: the file $RELAY_CONFIG names, else built-in defaults)",
     )
+
+
+# C0 control characters, DEL, the C1 control characters and the Unicode
+# bidirectional formatting characters.  Text from remote senders would reach the
+# operator's terminal with them as escape sequences, or reordered for display
+# (a right-to-left override shows "invoice\u202efdp.exe" as "invoiceexe.pdf").
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_controls(text: str, keep: str = "") -> str:
+    """Replace control characters in ``text``, except those in ``keep``, with ``\\xNN`` or ``\\uNNNN``."""
+
+    def escape(match: re.Match[str]) -> str:
+        character = match.group()
+        if character in keep:
+            return character
+        code = ord(character)
+        return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+    return _CONTROL_CHARACTERS.sub(escape, text)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -24,8 +24,9 @@ A user that local delivery accepts (see ``relay.delivery.maildir``) but whose
 Maildir has no messages, or does not exist yet, prints "mailbox USER is
 empty" on stderr and exits with status 0.  An alias without a Maildir of its
 own and a name the config does not know print "not found" and exit 1.  A user
-name containing ``/``, ``..`` or NUL, or starting with ``.``, is rejected so
-that the lookup stays inside ``maildir_root``.  A message that a mail client
+name that local delivery would not use as a folder name (only letters,
+digits and ``. _ + = -``, no leading dot and no ``..``) is rejected, so that
+the lookup stays inside ``maildir_root``.  A message that a mail client
 moves between ``new/`` and ``cur/`` while the command runs is read under its
 new name, and a message deleted meanwhile is left out.  When the reader of
 the output goes away (``| head``), the command stops quietly with status 1.
@@ -46,9 +47,9 @@ from email.headerregistry import HeaderRegistry
 from pathlib import Path
 from typing import Any
 
-from relay.cli import add_config_option, config_from_args
+from relay.cli import add_config_option, config_from_args, escape_controls
 from relay.config import LocalConfig
-from relay.delivery.maildir import LocalDelivery
+from relay.delivery.maildir import LocalDelivery, is_safe_user_name
 
 MAILDIR_FOLDERS = ("new", "cur")
 
@@ -73,11 +74,10 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """List the mailbox or print one message; return the exit status."""
     config = config_from_args(args)
-    problem = _user_name_problem(args.user)
-    if problem:
+    if not is_safe_user_name(args.user):
         print(
-            f"invalid user name {args.user!r}: {problem}. "
-            "Give a local user name such as alice, which names one folder under [local] maildir_root.",
+            f"invalid user name {args.user!r}: a local user name is one folder under [local] maildir_root,"
+            " made of letters, digits and . _ + = - and not starting with '.', such as alice.",
             file=sys.stderr,
         )
         return 1
@@ -107,21 +107,6 @@ def run(args: argparse.Namespace) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
-
-
-def _user_name_problem(user: str) -> str | None:
-    """Return why ``user`` cannot name a folder directly under maildir_root, or None if it can."""
-    if not user:
-        return "it is empty"
-    if "\0" in user:
-        return "it contains a NUL character"
-    if "/" in user:
-        return "it contains '/'"
-    if ".." in user:
-        return "it contains '..'"
-    if user.startswith("."):
-        return "it starts with '.'"
-    return None
 
 
 def _report_permission_error(user: str, root: Path, exc: PermissionError) -> None:
@@ -253,25 +238,9 @@ def _summary_line(number: int, data: bytes, mtime: float) -> str:
     return f"{number:4d}  {date}  {sender_column}  {subject_column}  {len(data)}"
 
 
-# The Unicode bidirectional formatting characters, which reorder the text shown.
-_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
 def _escape_controls(text: str) -> str:
-    """Replace C0, DEL and C1 controls with ``\\xNN``, bidirectional controls with ``\\uNNNN``, a tab with a space."""
-    characters = []
-    for character in text:
-        code = ord(character)
-        if character == "\t":
-            characters.append(" ")
-        elif code < 0x20 or 0x7F <= code <= 0x9F:
-            characters.append(f"\\x{code:02x}")
-        elif character in _BIDI_CONTROLS:
-            # A right-to-left override would show "invoice\u202efdp.exe" reversed.
-            characters.append(f"\\u{code:04x}")
-        else:
-            characters.append(character)
-    return "".join(characters)
+    """Replace a tab with a space and escape every other control character, for one summary line."""
+    return escape_controls(text.replace("\t", " "))
 
 
 def _fit(text: str, width: int) -> str:

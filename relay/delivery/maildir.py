@@ -69,8 +69,12 @@ _SAFE_USER_NAME = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9._+=-]*$")
 
 
 def is_safe_user_name(name: str) -> bool:
-    """Return whether ``name`` can be a Maildir folder name under maildir_root."""
-    return _SAFE_USER_NAME.match(name) is not None
+    """Return whether ``name`` can be a Maildir folder name under maildir_root.
+
+    Two dots in a row are rejected too: a dot-atom local part cannot contain
+    them (RFC 5322 section 3.2.3).
+    """
+    return _SAFE_USER_NAME.match(name) is not None and ".." not in name
 
 
 @dataclass

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import os
 import pwd
-import re
 import sqlite3
 import stat
 import sys
@@ -31,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from relay.cli import add_config_option, config_from_args
+from relay.cli import add_config_option, config_from_args, escape_controls
 from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
 from relay.spool.ids import is_queue_id
 from relay.spool.store import SpoolStore, database_path
@@ -42,11 +41,6 @@ from relay.units import format_duration
 # arrival time "YYYY-MM-DD HH:MM:SS" is 19.
 _ID_WIDTH = 15
 _TIME_WIDTH = 20
-# C0 control characters other than TAB and LF, plus DEL, the C1 control
-# characters and the Unicode bidirectional controls.  Header lines come from
-# remote senders, and these characters would reach the operator's terminal as
-# escape sequences, or reorder the text shown (a right-to-left override).
-_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 class UsageError(Exception):
@@ -407,12 +401,8 @@ def _show(store: SpoolStore, args: argparse.Namespace) -> int:
 
 
 def _escape_controls(text: str) -> str:
-    """Replace each character of ``_CONTROL_CHARACTERS`` in ``text`` with a visible escape such as ``\\x1b``."""
-    return _CONTROL_CHARACTERS.sub(lambda match: _escape_code(ord(match.group())), text)
-
-
-def _escape_code(code: int) -> str:
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+    # Header lines keep their TAB and the LF between them.
+    return escape_controls(text, keep="\t\n")
 
 
 def _history_line(attempt: Attempt) -> str:
