@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from relay._parser import VERBS
 from relay.log import add_observer
 
 # How often a worker saves its snapshot: a scrape may see values this old.
@@ -341,19 +342,17 @@ tls_handshakes = REGISTRY.counter(
 )
 
 
-# The values of the ``command`` label of relay_messages_rejected_total.  A reject
-# line's command may carry the address ("RCPT TO:<a@b>") or a client's unknown
-# verb, and either as a label would add a series per value.
-_REJECT_COMMANDS = frozenset(
-    "HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH".split()
-)
+# The ``command`` label of relay_messages_rejected_total is one of the parser's
+# verbs or "other".  A reject line's command may carry the address ("RCPT
+# TO:<a@b>") or a client's unknown verb, and either as a label would add a
+# series per value.
 
 
 def _reject_command(command: object) -> str:
     """Return the SMTP verb of a reject line's command, or "other" for an unknown one."""
     words = str(command).split(None, 1)
     verb = words[0].upper() if words else ""
-    return verb if verb in _REJECT_COMMANDS else "other"
+    return verb if verb in VERBS else "other"
 
 
 def _reply_status(reply: object) -> str:

@@ -143,7 +143,6 @@ class Scheduler:
         self.resolver = resolver or MXResolver(delivery.nameservers, timeout=delivery.dns_timeout)
         self.sessions = self._session_pool(config)
         self._connections = asyncio.Semaphore(delivery.connection_limit)
-        self._connection_limit = delivery.connection_limit
         # Tasks that hold connection slots taken away by a reload that lowered the limit.
         self._slot_holders: set[asyncio.Task[bool]] = set()
         self._retired_pools: set[asyncio.Task[None]] = set()
@@ -196,13 +195,11 @@ class Scheduler:
         self._retired_pools.add(closing)
         closing.add_done_callback(self._retired_pools.discard)
 
-        self._resize_connections(delivery.connection_limit)
+        self._resize_connections(delivery.connection_limit - old.connection_limit)
         self._max_jobs = delivery.connection_limit * JOBS_PER_CONNECTION
 
-    def _resize_connections(self, limit: int) -> None:
-        """Change the total connection limit without replacing the semaphore that open sessions release."""
-        change = limit - self._connection_limit
-        self._connection_limit = limit
+    def _resize_connections(self, change: int) -> None:
+        """Add ``change`` (negative: remove) connection slots, keeping the semaphore that open sessions release."""
         for _ in range(max(0, change)):
             self._connections.release()
         for _ in range(max(0, -change)):
