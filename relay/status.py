@@ -58,18 +58,31 @@ def summarize(store: SpoolStore, top: int = 10) -> QueueSummary:
         by_domain = connection.execute(
             "SELECT r.domain, sum(r.state = 'queued'), sum(r.state = 'deferred'), min(m.arrival) "
             "FROM recipient r JOIN message m ON m.queue_id = r.queue_id "
-            "WHERE r.state IN ('queued', 'deferred') GROUP BY r.domain "
-            "ORDER BY count(*) DESC, r.domain LIMIT ?",
-            (top,),
+            "WHERE r.state IN ('queued', 'deferred') GROUP BY r.domain"
+        ).fetchall()
+        # Messages not yet attempted have no recipient rows: every recipient is queued.
+        fresh = connection.execute(
+            "SELECT f.domains, m.arrival FROM fresh f JOIN message m ON m.id = f.id"
         ).fetchall()
     finally:
         connection.execute("COMMIT")
 
+    recipients = {state: count for state, count, _ in by_state}
+    oldest_arrival = {state: oldest for state, _, oldest in by_state}
+    backlog = {domain: [queued, deferred, oldest] for domain, queued, deferred, oldest in by_domain}
+    for domains, arrival in fresh:
+        for domain in domains[1:-1].split(" "):
+            entry = backlog.setdefault(domain, [0, 0, arrival])
+            entry[0] += 1
+            entry[2] = min(entry[2], arrival)
+        recipients["queued"] = recipients.get("queued", 0) + domains.count(" ") - 1
+        oldest_arrival["queued"] = min(oldest_arrival.get("queued", arrival), arrival)
+    ranked = sorted(backlog.items(), key=lambda item: (-(item[1][0] + item[1][1]), item[0]))[:top]
     return QueueSummary(
         messages=messages,
-        recipients={state: count for state, count, _ in by_state},
-        oldest_arrival={state: oldest for state, _, oldest in by_state},
-        destinations=[Destination(domain, queued, deferred, oldest) for domain, queued, deferred, oldest in by_domain],
+        recipients=recipients,
+        oldest_arrival=oldest_arrival,
+        destinations=[Destination(domain, queued, deferred, oldest) for domain, (queued, deferred, oldest) in ranked],
     )
 
 

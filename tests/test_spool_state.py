@@ -710,6 +710,8 @@ def test_corrupt_envelope_not_claimed(spool: Spool, caplog: pytest.LogCaptureFix
 
 def test_corrupt_state_moved_aside_on_load(spool: Spool) -> None:
     queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+    # A commit writes no recipient rows (see test_spool_fresh); holding the message does.
+    run(spool.hold(queue_id))
     with sqlite3.connect(database_path(spool.directory)) as connection:
         connection.execute("UPDATE recipient SET state = 'lost' WHERE queue_id = ?", (queue_id,))
     with pytest.raises(CorruptRecord):

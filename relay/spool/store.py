@@ -13,13 +13,25 @@ block the writer.  A crashed writer leaves a WAL that the next connection
 replays by itself: no repair step is needed.
 
 Each message is one row in ``message`` (structured fields as columns, the
-rest of the envelope as an orjson document, and the body with a CRC-32 to
-detect damage), one ``recipient`` row per forward-path and one ``attempt``
-row per delivery attempt or operator action.  A message row's key is the
-integer ``relay.spool.ids.message_key`` derives from its queue ID, so a
-commit inserts into one B-tree for the message and needs no index on the
-queue ID.  Schema version 1 kept the body in a table of its own, and both
-tables were keyed by the queue ID text; opening such a spool migrates it.
+rest of the envelope, recipients included, as an orjson document, and the
+body with a CRC-32 to detect damage) and one ``attempt`` row per delivery
+attempt or operator action.  A message row's key is the integer
+``relay.spool.ids.message_key`` derives from its queue ID, so a commit
+inserts into one B-tree for the message and needs no index on the queue ID.
+
+Per-recipient state lives in ``recipient`` rows, but a commit writes none:
+it adds one small ``fresh`` row standing for "every recipient queued, due at
+arrival".  The first delivery attempt that leaves a recipient pending, an
+operator action, or a claim of part of the message writes the recipient
+rows from the envelope document; a message delivered at its first attempt
+never has any.  ``recipient`` is keyed by queue ID and index, and SQLite
+rebalances such an index B-tree on every append at its right edge, so its
+rows cost about half of a commit's pages; the fresh row goes to a rowid
+table, where appends are cheap.
+
+Schema version 1 kept the body in a table of its own, and both tables were
+keyed by the queue ID text; opening such a spool migrates it.  Version 2
+had no ``fresh`` table; opening such a spool adds it.
 """
 
 from __future__ import annotations
@@ -64,7 +76,7 @@ CORRUPT_DIRECTORY = "corrupt"
 # due, so a running scheduler also lifts the backoff of whole destinations,
 # which it keeps in memory (see relay.delivery.scheduler).
 FLUSH_REQUEST = "flush-request"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # ``crc32`` and ``body`` are NULL only for a message migrated from version 1
 # without its body row; reading that body raises CorruptRecord.
@@ -81,6 +93,21 @@ CREATE TABLE IF NOT EXISTS {name} (
     envelope BLOB NOT NULL,
     crc32 INTEGER,
     body BLOB
+)"""
+
+# A message nobody has tried to deliver yet has no ``recipient`` rows: its
+# recipients are in its envelope document, and one row here stands for all
+# of them (state queued, due at arrival).  ``domains`` lists each recipient's
+# domain in index order between commas, for filters by domain.  Recipient rows
+# are written once an attempt leaves a recipient pending, or an operator acts
+# on the message; a message delivered at its first attempt never has any.
+_FRESH_TABLE = """
+CREATE TABLE IF NOT EXISTS fresh (
+    id INTEGER PRIMARY KEY,
+    recipients INTEGER NOT NULL,
+    domains TEXT NOT NULL,
+    lease_token TEXT,
+    lease_until REAL
 )"""
 
 _SCHEMA = _MESSAGE_TABLE.format(name="message") + """;
@@ -114,7 +141,7 @@ CREATE TABLE IF NOT EXISTS attempt (
     host TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS attempt_message ON attempt (queue_id);
-"""
+""" + _FRESH_TABLE
 
 _INSERT_MESSAGE = (
     "INSERT INTO message"
@@ -128,12 +155,15 @@ _BY_QUEUE_ID = "id BETWEEN ? AND ? AND queue_id = ?"
 LOOKUP_CHUNK = 100
 _Item = TypeVar("_Item")
 _INSERT_RECIPIENT = (
-    "INSERT INTO recipient (queue_id, idx, address, domain, orcpt, notify, state, next_attempt)"
-    " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)"
+    "INSERT INTO recipient"
+    " (queue_id, idx, address, domain, orcpt, notify, state, next_attempt, lease_token, lease_until)"
+    " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)"
 )
 
+_INSERT_FRESH = "INSERT INTO fresh (id, recipients, domains) VALUES (?, ?, ?)"
+
 _MESSAGE_VALUES = _INSERT_MESSAGE.count("?")
-_RECIPIENT_VALUES = _INSERT_RECIPIENT.count("?")
+_FRESH_VALUES = _INSERT_FRESH.count("?")
 
 
 @functools.lru_cache(maxsize=64)
@@ -196,7 +226,11 @@ def database_path(directory: str | os.PathLike[str]) -> Path:
 
 
 def envelope_document(envelope: Envelope) -> bytes:
-    """Encode the envelope fields that have no column of their own as orjson."""
+    """Encode the envelope fields that have no column of their own as orjson.
+
+    The recipients are part of it: a fresh message's recipient rows are
+    written from them when it first needs any.
+    """
     return orjson.dumps(
         {
             "size": envelope.size,
@@ -205,6 +239,7 @@ def envelope_document(envelope: Envelope) -> bytes:
             "ret": envelope.ret,
             "envid": envelope.envid,
             "protocol": envelope.protocol,
+            "recipients": [[r.address, r.orcpt, ",".join(r.notify)] for r in envelope.recipients],
         }
     )
 
@@ -218,21 +253,15 @@ def _message_row(pending: PendingCommit, key: int, queue_id: str) -> tuple[Any, 
     )
 
 
-def _recipient_rows(pending: PendingCommit, queue_id: str) -> list[tuple[Any, ...]]:
-    values: list[Any] = []
-    _add_recipient_values(values, pending, queue_id)
-    return [tuple(values[start : start + _RECIPIENT_VALUES]) for start in range(0, len(values), _RECIPIENT_VALUES)]
+def _fresh_row(pending: PendingCommit, key: int) -> tuple[int, int, str]:
+    """Return the ``_INSERT_FRESH`` parameters of a new message."""
+    recipients = pending.envelope.recipients
+    return key, len(recipients), _domain_list(recipient.address for recipient in recipients)
 
 
-def _add_recipient_values(values: list[Any], pending: PendingCommit, queue_id: str) -> None:
-    """Append the ``_INSERT_RECIPIENT`` parameters of every recipient of ``pending`` to ``values``."""
-    # The writer runs this for every message, so it extends one flat list for
-    # the whole batch instead of building a list of rows.
-    arrival = pending.arrival
-    add = values.extend
-    for index, recipient in enumerate(pending.envelope.recipients):
-        address = recipient.address
-        add((queue_id, index, address, domain_of(address), recipient.orcpt, ",".join(recipient.notify), arrival))
+def _domain_list(addresses: Iterable[str]) -> str:
+    # Spaces separate the domains because no domain or address literal contains one.
+    return " " + " ".join(domain_of(address) for address in addresses) + " "
 
 
 def _casefold(value: str | None) -> str | None:
@@ -353,12 +382,15 @@ class SpoolStore:
                 # Read again under the write lock: another process may have created
                 # or migrated the spool since.
                 version = self._schema_version()
-                if version == 1:
-                    self._migrate_from_version_1()
-                elif version == 0:
+                if version == 0:
                     for statement in _SCHEMA.split(";"):
                         if statement.strip():
                             self.connection.execute(statement)
+                if version == 1:
+                    self._migrate_from_version_1()
+                if version in (1, 2):
+                    # Version 2 wrote recipient rows for every message; its messages keep them.
+                    self.connection.execute(_FRESH_TABLE)
                 self.connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _schema_version(self) -> int:
@@ -519,7 +551,7 @@ class SpoolStore:
             else:
                 raise SpoolError("could not find an unused queue ID after 5 tries")
             self.connection.execute(_INSERT_MESSAGE, _message_row(pending, key, queue_id))
-            self.connection.executemany(_INSERT_RECIPIENT, _recipient_rows(pending, queue_id))
+            self.connection.execute(_INSERT_FRESH, _fresh_row(pending, key))
             if pending.dsn_for is not None:
                 self._mark_dsn_queued(pending.dsn_for)
         return queue_id
@@ -534,7 +566,7 @@ class SpoolStore:
         fresh ID for the clashing one.
         """
         message_values: list[Any] = []
-        recipient_values: list[Any] = []
+        fresh_values: list[Any] = []
         for pending in batch:
             queue_id, key = pending.queue_id, pending.key
             if key is None:
@@ -544,27 +576,25 @@ class SpoolStore:
             if not pending.envelope.recipients:
                 raise ValueError("a message needs at least one recipient")
             message_values.extend(_message_row(pending, key, queue_id))
-            _add_recipient_values(recipient_values, pending, queue_id)
+            fresh_values.extend(_fresh_row(pending, key))
         limit = self.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         with self._errors("insert messages"):
-            if len(message_values) <= limit and len(recipient_values) <= limit:
+            if len(message_values) <= limit:
                 # A failed statement undoes only its own rows, and the message rows
                 # go first in one statement, so a clash leaves nothing to undo.
                 try:
                     self.connection.execute(_insert_many(_INSERT_MESSAGE, len(batch)), message_values)
                 except sqlite3.IntegrityError:
                     return [self.insert_message(pending) for pending in batch]
-                self.connection.execute(
-                    _insert_many(_INSERT_RECIPIENT, len(recipient_values) // _RECIPIENT_VALUES), recipient_values
-                )
-            elif not self._insert_in_parts(message_values, recipient_values, limit):
+                self.connection.execute(_insert_many(_INSERT_FRESH, len(batch)), fresh_values)
+            elif not self._insert_in_parts(message_values, fresh_values, limit):
                 return [self.insert_message(pending) for pending in batch]
             for pending in batch:
                 if pending.dsn_for is not None:
                     self._mark_dsn_queued(pending.dsn_for)
         return [pending.queue_id for pending in batch]
 
-    def _insert_in_parts(self, message_values: list[Any], recipient_values: list[Any], limit: int) -> bool:
+    def _insert_in_parts(self, message_values: list[Any], fresh_values: list[Any], limit: int) -> bool:
         """Insert rows too many for one statement in several, inside a savepoint; return False on a clash.
 
         SQLite before 3.32 allows 999 parameters per statement, which is 90
@@ -574,7 +604,7 @@ class SpoolStore:
         try:
             for statement, values, width in (
                 (_INSERT_MESSAGE, message_values, _MESSAGE_VALUES),
-                (_INSERT_RECIPIENT, recipient_values, _RECIPIENT_VALUES),
+                (_INSERT_FRESH, fresh_values, _FRESH_VALUES),
             ):
                 step = max(1, limit // width) * width
                 for start in range(0, len(values), step):
@@ -617,7 +647,7 @@ class SpoolStore:
         """
         until = now + lease_time
         query = (
-            "SELECT queue_id, idx FROM recipient WHERE state IN ('queued', 'deferred')"
+            "SELECT queue_id, idx, next_attempt FROM recipient WHERE state IN ('queued', 'deferred')"
             " AND next_attempt <= ? AND (lease_until IS NULL OR lease_until <= ?)"
         )
         parameters: list[Any] = [now, now]
@@ -627,10 +657,29 @@ class SpoolStore:
         query += " ORDER BY next_attempt LIMIT ?"
         parameters.append(limit)
         with self._errors("claim recipients"):
-            rows = self.connection.execute(query, parameters).fetchall()
+            if domain is not None:
+                # Only some recipients of a fresh message may be at the domain, and
+                # only recipient rows can be leased one by one.
+                self._materialize_fresh(
+                    "instr(f.domains, ?) AND (f.lease_until IS NULL OR f.lease_until <= ?)",
+                    (f" {domain.lower()} ", now),
+                )
+            due = self.connection.execute(query, parameters).fetchall()
+            fresh = []
+            if domain is None:
+                fresh = self.connection.execute(
+                    "SELECT m.queue_id, f.id, m.arrival, f.recipients FROM fresh f JOIN message m ON m.id = f.id"
+                    " WHERE (f.lease_until IS NULL OR f.lease_until <= ?) AND m.arrival <= ? ORDER BY f.id LIMIT ?",
+                    (now, now, limit),
+                ).fetchall()
+            rows, fresh_keys = self._choose_due(due, fresh, limit)
             self.connection.executemany(
                 "UPDATE recipient SET lease_token = ?, lease_until = ? WHERE queue_id = ? AND idx = ?",
                 [(token, until, queue_id, index) for queue_id, index in rows],
+            )
+            self.connection.executemany(
+                "UPDATE fresh SET lease_token = ?, lease_until = ? WHERE id = ?",
+                [(token, until, key) for key in fresh_keys],
             )
         claimed: dict[str, set[int]] = {}
         for queue_id, index in rows:
@@ -662,6 +711,87 @@ class SpoolStore:
             log_event(logger, "claimed", logging.DEBUG, owner=owner, messages=len(claims), recipients=len(rows))
         return claims
 
+    def _choose_due(
+        self, due: Sequence[Sequence[Any]], fresh: Sequence[Sequence[Any]], limit: int
+    ) -> tuple[list[tuple[str, int]], list[int]]:
+        """Pick up to ``limit`` recipients from due recipient rows and fresh messages, oldest first.
+
+        Returns the chosen (queue ID, index) pairs, in the order their
+        messages should be delivered, and the keys of the fresh messages among
+        them.  A fresh message with more recipients than the room left gets
+        recipient rows, and as many of them as fit are chosen.
+        """
+        candidates = sorted(
+            [(float(due_at), 0, queue_id, index, 1) for queue_id, index, due_at in due]
+            + [(float(arrival), 1, queue_id, key, count) for queue_id, key, arrival, count in fresh],
+            key=lambda item: (item[0], item[1]),
+        )
+        rows: list[tuple[str, int]] = []
+        fresh_keys: list[int] = []
+        room = limit
+        for _, is_fresh, queue_id, number, count in candidates:
+            if room <= 0:
+                break
+            if not is_fresh:
+                rows.append((queue_id, number))
+                room -= 1
+            elif count <= room:
+                rows.extend((queue_id, index) for index in range(count))
+                fresh_keys.append(number)
+                room -= count
+            else:
+                self._materialize_fresh("f.id = ?", (number,))
+                rows.extend((queue_id, index) for index in range(room))
+                room = 0
+        return rows, fresh_keys
+
+    def _materialize_fresh(self, condition: str, parameters: Sequence[Any]) -> int:
+        """Write the recipient rows of the fresh messages matching ``condition``; return how many messages.
+
+        ``condition`` is on ``fresh f``.  Each recipient is queued and due at
+        arrival and keeps the message's lease.  A message whose envelope
+        document lists no usable recipients keeps its ``fresh`` row, so
+        reading it reports the damage.
+        """
+        selected = self.connection.execute(
+            "SELECT m.queue_id, f.id, m.arrival, m.envelope, f.recipients, f.lease_token, f.lease_until"
+            f" FROM fresh f JOIN message m ON m.id = f.id WHERE {condition}",
+            parameters,
+        ).fetchall()
+        values: list[tuple[Any, ...]] = []
+        done: list[int] = []
+        for queue_id, key, arrival, document, count, token, until in selected:
+            try:
+                recipients = _document_recipients(document, count)
+            except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+                log_event(logger, "fresh_unreadable", logging.ERROR, queue_id=queue_id, reason=str(exc))
+                continue
+            for index, (address, orcpt, notify) in enumerate(recipients):
+                values.append((queue_id, index, address, domain_of(address), orcpt, notify, arrival, token, until))
+            done.append(key)
+        self.connection.executemany(_INSERT_RECIPIENT, values)
+        for chunk in _chunks(done):
+            self.connection.execute(f"DELETE FROM fresh WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+        return len(done)
+
+    def _materialize(self, queue_id: str) -> None:
+        """Write the recipient rows of one message if it is fresh."""
+        low, high, _ = _match(queue_id)
+        self._materialize_fresh(
+            "f.id BETWEEN ? AND ? AND m.queue_id = ?", (low, high, queue_id)
+        )
+
+    def _fresh_leases(self, keys: Sequence[int]) -> dict[int, tuple[str | None, float | None]]:
+        """Return the lease of each fresh message among ``keys``; the others are left out."""
+        found: dict[int, tuple[str | None, float | None]] = {}
+        for chunk in _chunks(keys):
+            marks = ",".join("?" * len(chunk))
+            for key, token, until in self.connection.execute(
+                f"SELECT id, lease_token, lease_until FROM fresh WHERE id IN ({marks})", chunk
+            ):
+                found[key] = (token, until)
+        return found
+
     def lease_owners(self, now: float) -> dict[str, int]:
         """Return each owner holding live leases, with its number of leased recipients.
 
@@ -671,20 +801,31 @@ class SpoolStore:
         with self._errors("list lease owners"):
             rows = self.connection.execute(
                 "SELECT rtrim(lease_token, '0123456789abcdef') AS prefix, count(*) FROM recipient"
+                " WHERE lease_until > ? AND lease_token IS NOT NULL GROUP BY prefix"
+                " UNION ALL SELECT rtrim(lease_token, '0123456789abcdef') AS prefix, sum(recipients) FROM fresh"
                 " WHERE lease_until > ? AND lease_token IS NOT NULL GROUP BY prefix",
-                (now,),
+                (now, now),
             ).fetchall()
-        return {prefix[:-1]: count for prefix, count in rows if prefix.endswith("#")}
+        owners: dict[str, int] = {}
+        for prefix, count in rows:
+            if prefix.endswith("#"):
+                owners[prefix[:-1]] = owners.get(prefix[:-1], 0) + count
+        return owners
 
     def release_leases(self, owner: str, now: float) -> int:
         """End every live lease of ``owner`` so its recipients can be claimed at once; return how many."""
         prefix = owner + "#"
+        condition = "WHERE lease_until > ? AND substr(lease_token, 1, ?) = ?"
+        parameters = (now, len(prefix), prefix)
         with self._errors("release leases"):
-            return self.connection.execute(
-                "UPDATE recipient SET lease_token = NULL, lease_until = NULL"
-                " WHERE lease_until > ? AND substr(lease_token, 1, ?) = ?",
-                (now, len(prefix), prefix),
+            (fresh,) = self.connection.execute(
+                f"SELECT coalesce(sum(recipients), 0) FROM fresh {condition}", parameters
+            ).fetchone()
+            self.connection.execute(f"UPDATE fresh SET lease_token = NULL, lease_until = NULL {condition}", parameters)
+            rows = self.connection.execute(
+                f"UPDATE recipient SET lease_token = NULL, lease_until = NULL {condition}", parameters
             ).rowcount
+        return int(fresh) + rows
 
     def record_results(self, results: Sequence[DeliveryResult], lease_token: str | None, now: float) -> int:
         """Store delivery results; return how many changed a recipient's state.
@@ -715,7 +856,7 @@ class SpoolStore:
         attempts: list[tuple[Any, ...]] = []
         updates: list[tuple[Any, ...]] = []
         with self._errors("record results"):
-            keys, recipients = self._result_rows(queue_ids)
+            keys, recipients, fresh = self._result_rows(queue_ids)
             for group in groups:
                 applied = 0
                 for result in group.results:
@@ -723,6 +864,9 @@ class SpoolStore:
                         applied += 1
                 counts.append(applied)
             done = {queue_id for queue_id in queue_ids if _message_done(recipients.get(queue_id))}
+            # A fresh message that is not done needs rows for the updates below to change.
+            for chunk in _chunks([keys[queue_id] for queue_id in fresh if queue_id not in done]):
+                self._materialize_fresh(f"f.id IN ({','.join('?' * len(chunk))})", chunk)
             self.connection.executemany(
                 "INSERT INTO attempt (queue_id, idx, time, outcome, reply, host) VALUES (?, ?, ?, ?, ?, ?)",
                 [row for row in attempts if row[0] not in done],
@@ -744,12 +888,13 @@ class SpoolStore:
 
     def _result_rows(
         self, queue_ids: Sequence[str]
-    ) -> tuple[dict[str, int], dict[str, dict[int, _ResultRow]]]:
-        """Return the given messages' keys, and their recipients by queue ID and index.
+    ) -> tuple[dict[str, int], dict[str, dict[int, _ResultRow]], list[str]]:
+        """Return the given messages' keys, their recipients by queue ID and index, and the fresh ones.
 
-        Messages not found are left out of both.
+        A fresh message's recipients come from its envelope document, queued
+        and under the message's lease.  Messages not found are left out.
         """
-        messages = self._message_rows("queue_id, id, sender", queue_ids)
+        messages = self._message_rows("queue_id, id, sender, envelope", queue_ids)
         columns = "idx, state, notify, lease_token, lease_until, dsn"
         recipients: dict[str, dict[int, _ResultRow]] = {}
         for queue_id, rows in self._recipient_rows_of(columns, list(messages)).items():
@@ -758,13 +903,32 @@ class SpoolStore:
                 index: _ResultRow(state, notify, token, until, dsn, sender)
                 for index, state, notify, token, until, dsn in rows
             }
-        return {queue_id: row[1] for queue_id, row in messages.items()}, recipients
+        missing = [queue_id for queue_id in messages if queue_id not in recipients]
+        leases = self._fresh_leases([messages[queue_id][1] for queue_id in missing])
+        fresh: list[str] = []
+        for queue_id in missing:
+            _, key, sender, document = messages[queue_id]
+            if key not in leases:
+                continue
+            token, until = leases[key]
+            try:
+                listed = _document_recipients(document)
+            except (orjson.JSONDecodeError, TypeError, ValueError):
+                # Left without recipients: its results are ignored, and the next claim moves it aside.
+                continue
+            recipients[queue_id] = {
+                index: _ResultRow(RecipientState.QUEUED.value, notify, token, until, DsnState.NONE.value, sender)
+                for index, (_, _, notify) in enumerate(listed)
+            }
+            fresh.append(queue_id)
+        return {queue_id: row[1] for queue_id, row in messages.items()}, recipients, fresh
 
     def _delete_messages(self, keys: Sequence[int], queue_ids: Sequence[str]) -> None:
         """Delete messages with their recipients and attempts, one statement per table and chunk."""
         for chunk_keys, chunk_ids in zip(_chunks(keys), _chunks(queue_ids), strict=True):
             marks = ",".join("?" * len(chunk_ids))
             self.connection.execute(f"DELETE FROM message WHERE id IN ({marks})", chunk_keys)
+            self.connection.execute(f"DELETE FROM fresh WHERE id IN ({marks})", chunk_keys)
             for table in ("recipient", "attempt"):
                 self.connection.execute(f"DELETE FROM {table} WHERE queue_id IN ({marks})", chunk_ids)
 
@@ -838,6 +1002,8 @@ class SpoolStore:
 
     def delete_if_done(self, queue_id: str) -> bool:
         """Delete a message once no recipient is pending and no DSN is owed; return whether deleted."""
+        if self._is_fresh(queue_id):
+            return False
         row = self.connection.execute(
             "SELECT 1 FROM recipient WHERE queue_id = ?"
             " AND (state IN ('queued', 'deferred', 'held') OR dsn = 'pending') LIMIT 1",
@@ -850,7 +1016,16 @@ class SpoolStore:
         log_event(logger, "removed", queue_id=queue_id)
         return True
 
+    def _is_fresh(self, queue_id: str) -> bool:
+        row = self.connection.execute(
+            f"SELECT 1 FROM fresh WHERE id IN (SELECT id FROM message WHERE {_BY_QUEUE_ID})", _match(queue_id)
+        ).fetchone()
+        return row is not None
+
     def _delete_rows(self, queue_id: str) -> bool:
+        self.connection.execute(
+            f"DELETE FROM fresh WHERE id IN (SELECT id FROM message WHERE {_BY_QUEUE_ID})", _match(queue_id)
+        )
         cursor = self.connection.execute(f"DELETE FROM message WHERE {_BY_QUEUE_ID}", _match(queue_id))
         self.connection.execute("DELETE FROM recipient WHERE queue_id = ?", (queue_id,))
         self.connection.execute("DELETE FROM attempt WHERE queue_id = ?", (queue_id,))
@@ -865,6 +1040,7 @@ class SpoolStore:
 
     def _operator_action(self, queue_id: str, action: str, now: float, update: str, states: str) -> int:
         self._require(queue_id)
+        self._materialize(queue_id)
         rows = self.connection.execute(
             f"SELECT idx FROM recipient WHERE queue_id = ? AND state IN ({states})", (queue_id,)
         ).fetchall()
@@ -945,9 +1121,14 @@ class SpoolStore:
         aside = self.directory / CORRUPT_DIRECTORY
         aside.mkdir(mode=0o700, exist_ok=True)
         record: dict[str, Any] = {"queue_id": queue_id, "reason": reason, "moved": time.time()}
-        for table in ("message", "recipient", "attempt"):
+        for table in ("message", "fresh", "recipient", "attempt"):
             try:
-                if table == "message":
+                if table == "fresh":
+                    cursor = self.connection.execute(
+                        f"SELECT * FROM fresh WHERE id IN (SELECT id FROM message WHERE {_BY_QUEUE_ID})",
+                        _match(queue_id),
+                    )
+                elif table == "message":
                     # The body goes to a file of its own below.
                     cursor = self.connection.execute(
                         "SELECT queue_id, arrival, sender, size, client_address, helo_name, auth_user, envelope,"
@@ -986,14 +1167,15 @@ class SpoolStore:
         """
         with self._errors("read message"):
             row = self.connection.execute(
-                "SELECT queue_id, arrival, sender, size, client_address, helo_name, auth_user, envelope"
+                "SELECT queue_id, arrival, sender, size, client_address, helo_name, auth_user, envelope, id"
                 f" FROM message WHERE {_BY_QUEUE_ID}",
                 _match(queue_id),
             ).fetchone()
             if row is None:
                 return None
             recipient_rows = self._recipient_rows_of(_RECIPIENT_COLUMNS, [queue_id]).get(queue_id, [])
-        return _decode_message(row, recipient_rows)
+            fresh = not recipient_rows and bool(self._fresh_leases([row[8]]))
+        return _decode_message(row, recipient_rows, fresh)
 
     def _load_claimed(
         self, queue_ids: Sequence[str], body_max_bytes: int | None
@@ -1009,15 +1191,16 @@ class SpoolStore:
         with self._errors("read message"):
             rows = self._message_rows(
                 "queue_id, arrival, sender, size, client_address, helo_name, auth_user, envelope,"
-                " crc32, CASE WHEN size <= ? THEN body END",
+                " crc32, CASE WHEN size <= ? THEN body END, id",
                 queue_ids,
                 (limit,),
             )
             recipient_rows = self._recipient_rows_of(_RECIPIENT_COLUMNS, list(rows))
+            fresh = self._fresh_leases([row[10] for queue_id, row in rows.items() if queue_id not in recipient_rows])
         loaded: dict[str, tuple[StoredMessage, bytes | None] | CorruptRecord] = {}
         for queue_id, row in rows.items():
             try:
-                message = _decode_message(row, recipient_rows.get(queue_id, []))
+                message = _decode_message(row, recipient_rows.get(queue_id, []), row[10] in fresh)
                 body = None
                 if body_max_bytes is not None and message.size <= body_max_bytes:
                     body = _checked_body(queue_id, row[8], row[9])
@@ -1102,21 +1285,30 @@ class SpoolStore:
             clauses.append("relay_casefold(m.sender) = ?")
             parameters.append(sender.casefold())
         recipient_clauses = []
-        if domain is not None:
-            forms = _domain_forms(domain)
+        fresh_clauses = []
+        forms = _domain_forms(domain) if domain is not None else []
+        if forms:
             recipient_clauses.append(f"r.domain IN ({','.join('?' * len(forms))})")
             parameters.extend(forms)
+            fresh_clauses.append("(" + " OR ".join(["instr(f.domains, ?)"] * len(forms)) + ")")
         if state is not None:
             recipient_clauses.append("r.state = ?")
             parameters.append(state.value)
-        if dsn_pending:
-            recipient_clauses.append("r.dsn = 'pending'")
-        if recipient_clauses:
-            clauses.append(
+        if recipient_clauses or dsn_pending:
+            if dsn_pending:
+                recipient_clauses.append("r.dsn = 'pending'")
+            condition = (
                 "EXISTS (SELECT 1 FROM recipient r WHERE r.queue_id = m.queue_id AND "
                 + " AND ".join(recipient_clauses)
                 + ")"
             )
+            # Every recipient of a fresh message is queued and owes no DSN.
+            if not dsn_pending and state in (None, RecipientState.QUEUED):
+                condition += " OR EXISTS (SELECT 1 FROM fresh f WHERE f.id = m.id AND " + " AND ".join(
+                    fresh_clauses or ["1"]
+                ) + ")"
+                parameters.extend(f" {form} " for form in forms)
+            clauses.append(f"({condition})")
         query = "SELECT m.queue_id FROM message m"
         if clauses:
             query += " WHERE " + " AND ".join(clauses)
@@ -1146,7 +1338,11 @@ class SpoolStore:
         """Return the number of recipients in each state (states with none are left out)."""
         with self._errors("count recipients"):
             rows = self.connection.execute("SELECT state, count(*) FROM recipient GROUP BY state").fetchall()
-        return {state: count for state, count in rows}
+            (fresh,) = self.connection.execute("SELECT coalesce(sum(recipients), 0) FROM fresh").fetchone()
+        counts = {state: count for state, count in rows}
+        if fresh:
+            counts[RecipientState.QUEUED.value] = counts.get(RecipientState.QUEUED.value, 0) + fresh
+        return counts
 
     def integrity_check(self) -> list[str]:
         """Run ``PRAGMA integrity_check``; return its lines (``["ok"]`` when sound)."""
@@ -1191,13 +1387,73 @@ def _json_fallback(value: Any) -> Any:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
-def _decode_message(row: Sequence[Any], recipient_rows: Sequence[Sequence[Any]]) -> StoredMessage:
+def _document_recipients(document: bytes | str, count: int | None = None) -> list[tuple[str, str | None, str]]:
+    """Return the recipients an envelope document lists, as (address, ORCPT, NOTIFY) tuples.
+
+    Raises ValueError or TypeError (or orjson's JSONDecodeError, a
+    ValueError) when the document does not list them properly, or lists
+    other than ``count`` of them.
+    """
+    parsed = orjson.loads(document)
+    if not isinstance(parsed, dict):
+        raise TypeError("envelope document is not an object")
+    return _listed_recipients(parsed.get("recipients"), count)
+
+
+def _listed_recipients(value: Any, count: int | None = None) -> list[tuple[str, str | None, str]]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("envelope document lists no recipients")
+    listed = []
+    for item in value:
+        if not (
+            isinstance(item, list)
+            and len(item) == 3
+            and isinstance(item[0], str)
+            and (item[1] is None or isinstance(item[1], str))
+            and isinstance(item[2], str)
+        ):
+            raise TypeError("envelope document lists a malformed recipient")
+        listed.append((item[0], item[1], item[2]))
+    if count is not None and len(listed) != count:
+        raise ValueError(f"envelope document lists {len(listed)} recipients, not {count}")
+    return listed
+
+
+def _fresh_recipients(document: dict[str, Any], arrival: float) -> tuple[StoredRecipient, ...]:
+    """Return a fresh message's recipients from its envelope document: queued and due at arrival."""
+    return tuple(
+        StoredRecipient(
+            index=index,
+            address=address,
+            orcpt=orcpt,
+            notify=tuple(item for item in notify.split(",") if item),
+            state=RecipientState.QUEUED,
+            attempts=0,
+            next_attempt=arrival,
+            last_attempt=None,
+            last_reply=None,
+            last_host=None,
+            dsn=DsnState.NONE,
+        )
+        for index, (address, orcpt, notify) in enumerate(_listed_recipients(document.get("recipients")))
+    )
+
+
+def _decode_message(row: Sequence[Any], recipient_rows: Sequence[Sequence[Any]], fresh: bool = False) -> StoredMessage:
+    """Decode a message row (its first eight columns as ``load`` selects them) and its recipients.
+
+    A ``fresh`` message without recipient rows takes its recipients from the
+    envelope document.
+    """
     queue_id = row[0]
     try:
         document = orjson.loads(row[7])
         if not isinstance(document, dict):
             raise TypeError("envelope document is not an object")
-        recipients = tuple(_decode_recipient(values) for values in recipient_rows)
+        if fresh and not recipient_rows:
+            recipients = _fresh_recipients(document, float(row[1]))
+        else:
+            recipients = tuple(_decode_recipient(values) for values in recipient_rows)
         if not recipients:
             raise ValueError("message has no recipients")
         envelope = Envelope(
