@@ -118,7 +118,7 @@ def test_deferral_writes_rows_for_what_is_left(spool: Spool) -> None:
     assert [r.index for r in again.recipients] == [1]
 
 
-def test_fresh_lease_blocks_a_second_claim_until_it_expires(spool: Spool) -> None:
+def test_fresh_lease_blocks_second_claim(spool: Spool) -> None:
     queue_id = run(spool.commit(make_envelope(recipients=2), b"x"))
     now = time.time()
     (first,) = run(spool.claim("a", lease_time=60, now=now))
@@ -158,7 +158,7 @@ def test_claim_limit_splits_a_fresh_message(spool: Spool) -> None:
     assert run(spool.load(queue_id)) is None
 
 
-def test_claims_take_the_oldest_first_across_fresh_and_deferred(tmp_path: Path) -> None:
+def test_claim_takes_oldest_first(tmp_path: Path) -> None:
     now = time.time()
 
     def commit(store: SpoolStore, arrival: float) -> str:

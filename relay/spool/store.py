@@ -19,19 +19,19 @@ attempt or operator action.  A message row's key is the integer
 ``relay.spool.ids.message_key`` derives from its queue ID, so a commit
 inserts into one B-tree for the message and needs no index on the queue ID.
 
-Per-recipient state lives in ``recipient`` rows, but a commit writes none:
-it adds one small ``fresh`` row standing for "every recipient queued, due at
-arrival".  The first delivery attempt that leaves a recipient pending, an
-operator action, or a claim of part of the message writes the recipient
-rows from the envelope document; a message delivered at its first attempt
-never has any.  ``recipient`` is keyed by queue ID and index, and SQLite
-rebalances such an index B-tree on every append at its right edge, so its
-rows cost about half of a commit's pages; the fresh row goes to a rowid
-table, where appends are cheap.
+Per-recipient state lives in ``recipient`` rows, but a commit writes none.
+It adds one small ``fresh`` row, which means "every recipient queued, due
+at arrival".  The first delivery attempt that leaves the message in the
+spool (a recipient pending or a DSN owed), an operator action, or a claim of
+part of the message writes the recipient rows from the envelope document.  A message delivered at its first attempt
+never has any.  The reason: ``recipient`` is an index B-tree keyed by queue
+ID and index, which SQLite rebalances on appends at its right edge, so its
+rows cost about half of a commit's pages.  Appends to the rowid table
+``fresh`` are cheap.
 
 Schema version 1 kept the body in a table of its own, and both tables were
-keyed by the queue ID text; opening such a spool migrates it.  Version 2
-had no ``fresh`` table; opening such a spool adds it.
+keyed by the queue ID text.  Opening such a spool migrates it.  Version 2
+had no ``fresh`` table, and opening such a spool adds it.
 """
 
 from __future__ import annotations
@@ -98,9 +98,7 @@ CREATE TABLE IF NOT EXISTS {name} (
 # A message nobody has tried to deliver yet has no ``recipient`` rows: its
 # recipients are in its envelope document, and one row here stands for all
 # of them (state queued, due at arrival).  ``domains`` lists each recipient's
-# domain in index order between commas, for filters by domain.  Recipient rows
-# are written once an attempt leaves a recipient pending, or an operator acts
-# on the message; a message delivered at its first attempt never has any.
+# domain in index order between spaces, for filters by domain.
 _FRESH_TABLE = """
 CREATE TABLE IF NOT EXISTS fresh (
     id INTEGER PRIMARY KEY,
@@ -228,7 +226,7 @@ def database_path(directory: str | os.PathLike[str]) -> Path:
 def envelope_document(envelope: Envelope) -> bytes:
     """Encode the envelope fields that have no column of their own as orjson.
 
-    The recipients are part of it: a fresh message's recipient rows are
+    It includes the recipients, because a fresh message's recipient rows are
     written from them when it first needs any.
     """
     return orjson.dumps(
@@ -776,10 +774,7 @@ class SpoolStore:
 
     def _materialize(self, queue_id: str) -> None:
         """Write the recipient rows of one message if it is fresh."""
-        low, high, _ = _match(queue_id)
-        self._materialize_fresh(
-            "f.id BETWEEN ? AND ? AND m.queue_id = ?", (low, high, queue_id)
-        )
+        self._materialize_fresh("f.id BETWEEN ? AND ? AND m.queue_id = ?", _match(queue_id))
 
     def _fresh_leases(self, keys: Sequence[int]) -> dict[int, tuple[str | None, float | None]]:
         """Return the lease of each fresh message among ``keys``; the others are left out."""
@@ -914,7 +909,7 @@ class SpoolStore:
             try:
                 listed = _document_recipients(document)
             except (orjson.JSONDecodeError, TypeError, ValueError):
-                # Left without recipients: its results are ignored, and the next claim moves it aside.
+                # Without recipients its results are ignored, and the next claim moves it aside.
                 continue
             recipients[queue_id] = {
                 index: _ResultRow(RecipientState.QUEUED.value, notify, token, until, DsnState.NONE.value, sender)
