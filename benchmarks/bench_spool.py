@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="message sizes in octets")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY), help="committer counts")
     args = parser.parse_args(argv)
+    if args.dir is not None and not args.dir.is_dir():
+        parser.error(f"--dir {args.dir}: not an existing directory; create it or name another")
 
     base = Path(tempfile.mkdtemp(prefix="bench-spool-", dir=args.dir or Path.cwd()))
     run_loop = _event_loop_runner(args.loop)
