@@ -659,6 +659,21 @@ def test_input_before_delayed_greeting(tmp_path: Path) -> None:
             assert time.monotonic() - started < 0.9
 
 
+def test_command_timeout_starts_at_greeting(tmp_path: Path) -> None:
+    """A greeting delay longer than the command timeout does not cut the client off."""
+    server = 'greeting_delay = "1.5s"\ncommand_timeout = "1s"'
+    policy = 'trusted_networks = ["127.0.0.2/32"]'
+    with RelayProcess(tmp_path, server=server, policy=policy) as relay, RawClient(relay.port) as client:
+        started = time.monotonic()
+        client.exchange(b"", ["220 mx.example.test"])
+        assert time.monotonic() - started >= 1.4
+        time.sleep(0.6)
+        client.exchange(EHLO, ["250"])
+        started = time.monotonic()
+        assert client.reply().startswith("421 4.4.2")
+        assert 0.8 <= time.monotonic() - started < 5
+
+
 def test_connection_limits_and_timeouts(tmp_path: Path) -> None:
     """Per-client and total connection limits answer 421 4.7.0; an idle client gets 421 4.4.2."""
     server = 'max_connections_per_client = 2\nmax_connections = 5\ncommand_timeout = "1s"'

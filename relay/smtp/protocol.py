@@ -95,6 +95,8 @@ class SMTPProtocol(asyncio.Protocol):
 
     def _greet(self) -> None:
         self._greeting_timer = None
+        # The client's command timeout starts with the greeting, not with the connection.
+        self._last_activity = time.monotonic()
         if self.session is not None:
             self.session.greet()
             self._flush()
@@ -298,8 +300,9 @@ class SMTPProtocol(asyncio.Protocol):
             return
         server = self.runtime.config.server
         timeout = server.data_timeout if session.in_data else server.command_timeout
-        if session.waiting or time.monotonic() - self._last_activity < timeout:
-            if session.waiting:
+        waiting = session.waiting or self._greeting_timer is not None
+        if waiting or time.monotonic() - self._last_activity < timeout:
+            if waiting:
                 self._last_activity = time.monotonic()
             self._schedule_timer()
             return
