@@ -210,7 +210,8 @@ def test_hold_release_flush(spool_dir: Path, capsys: pytest.CaptureFixture[str])
     assert _queue(capsys, "flush", "--domain", "two.example.test", "--spool", str(spool_dir))[1] == (
         "flushed 1 recipient(s)\n"
     )
-    assert _queue(capsys, "flush", queue_id, "--spool", str(spool_dir))[1] == "flushed 2 recipient(s)\n"
+    # The recipient at two.example.test is due already, so only the other one counts.
+    assert _queue(capsys, "flush", queue_id, "--spool", str(spool_dir))[1] == "flushed 1 recipient(s)\n"
     assert _queue(capsys, "hold", queue_id, "--spool", str(spool_dir))[1] == f"{queue_id}: held 2 recipient(s)\n"
     status, out, _ = _queue(capsys, "list", "--json", "--state", "held", "--spool", str(spool_dir))
     assert status == 0

@@ -647,7 +647,9 @@ def test_flush_makes_deferred_due(spool: Spool) -> None:
     assert run(spool.flush(domain="two.example.test")) == 1
     claimed = run(spool.claim("a"))
     assert [r.address for c in claimed for r in c.recipients] == ["user1@two.example.test"]
-    assert run(spool.flush(queue_id=first)) == 2
+    # The recipient the domain flush made due is not counted again.
+    assert run(spool.flush(queue_id=first)) == 1
+    assert run(spool.flush(queue_id=first)) == 0
     assert run(spool.flush()) == 0
 
 

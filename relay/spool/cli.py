@@ -72,7 +72,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     show.add_argument("--body", action="store_true", help="print the whole message after the envelope")
     show.set_defaults(handler=_run, action=_show)
 
-    flush = actions.add_parser("flush", parents=[common], help="make deferred recipients due now")
+    flush = actions.add_parser(
+        "flush", parents=[common], help="make queued and deferred recipients not yet due, due now"
+    )
     target = flush.add_mutually_exclusive_group()
     target.add_argument("queue_id", metavar="ID", nargs="?", help="only this message")
     target.add_argument("--domain", metavar="DOMAIN", help="only recipients at this domain")

@@ -1033,15 +1033,23 @@ class SpoolStore:
                 raise MessageNotFound(queue_id)
         log_event(logger, "removed", queue_id=queue_id, reason="deleted by operator")
 
-    def _operator_action(self, queue_id: str, action: str, now: float, update: str, states: str) -> int:
+    def _operator_action(
+        self, queue_id: str, action: str, now: float, update: str, condition: str, *, fresh_unchanged: bool = False
+    ) -> int:
+        """Apply ``update`` to the recipients of one message matching ``condition``; return how many.
+
+        Each changed recipient gets a history row.  With ``fresh_unchanged``
+        the action leaves every recipient of a fresh message as it is, so it
+        returns 0 for one without writing its recipient rows.
+        """
         self._require(queue_id)
+        if fresh_unchanged and self._is_fresh(queue_id):
+            return 0
         self._materialize(queue_id)
         rows = self.connection.execute(
-            f"SELECT idx FROM recipient WHERE queue_id = ? AND state IN ({states})", (queue_id,)
+            f"SELECT idx FROM recipient WHERE queue_id = ? AND {condition}", (queue_id,)
         ).fetchall()
-        self.connection.execute(
-            f"UPDATE recipient SET {update} WHERE queue_id = ? AND state IN ({states})", (queue_id,)
-        )
+        self.connection.execute(f"UPDATE recipient SET {update} WHERE queue_id = ? AND {condition}", (queue_id,))
         self.connection.executemany(
             "INSERT INTO attempt (queue_id, idx, time, outcome, reply, host) VALUES (?, ?, ?, ?, '', '')",
             [(queue_id, index, now, action) for (index,) in rows],
@@ -1051,7 +1059,7 @@ class SpoolStore:
     def hold(self, queue_id: str, now: float) -> int:
         """Hold every pending recipient of a message; return how many changed."""
         with self._errors("hold message"):
-            return self._operator_action(queue_id, "held", now, "state = 'held'", "'queued', 'deferred'")
+            return self._operator_action(queue_id, "held", now, "state = 'held'", "state IN ('queued', 'deferred')")
 
     def release(self, queue_id: str, now: float) -> int:
         """Release held recipients and make them due now; return how many changed.
@@ -1067,21 +1075,27 @@ class SpoolStore:
                 "released",
                 now,
                 f"state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, next_attempt = {now!r}",
-                "'held'",
+                "state = 'held'",
             )
 
     def flush(self, now: float, queue_id: str | None = None, domain: str | None = None) -> int:
-        """Make deferred and queued recipients due now; return how many changed.
+        """Make queued and deferred recipients that are not yet due, due now; return how many changed.
 
         With ``queue_id`` only that message's recipients, with ``domain`` only
         recipients at that domain (in its Unicode or ASCII form), with neither
-        every pending recipient.
+        every pending recipient.  A recipient already due is not counted, and
+        neither is any recipient of a fresh message, which is due at arrival.
         """
         self._announce_flush(now)
         with self._errors("flush"):
             if queue_id is not None:
                 return self._operator_action(
-                    queue_id, "flushed", now, f"next_attempt = {now!r}", "'queued', 'deferred'"
+                    queue_id,
+                    "flushed",
+                    now,
+                    f"next_attempt = {now!r}",
+                    f"state IN ('queued', 'deferred') AND next_attempt > {now!r}",
+                    fresh_unchanged=True,
                 )
             query = "UPDATE recipient SET next_attempt = ? WHERE state IN ('queued', 'deferred') AND next_attempt > ?"
             parameters: list[Any] = [now, now]
