@@ -193,6 +193,15 @@ def test_claim_by_domain_takes_only_that_domain(spool: Spool) -> None:
     assert [r.index for r in rest.recipients] == [0, 2]
 
 
+def test_claim_by_domain_writes_rows_up_to_limit(spool: Spool) -> None:
+    queue_ids = [run(spool.commit(make_envelope(recipients=2), b"x")) for _ in range(5)]
+    claims = run(spool.claim("a", domain="one.example.test", limit=2))
+    assert [c.queue_id for c in claims] == queue_ids[:2]
+    # Only the two oldest messages got recipient rows; the rest stay fresh.
+    assert _rows(spool, "fresh") == 3
+    assert _rows(spool, "recipient") == 4
+
+
 def test_hold_and_release_a_fresh_message(spool: Spool) -> None:
     queue_id = run(spool.commit(make_envelope(recipients=2), b"x"))
     assert run(spool.hold(queue_id)) == 2

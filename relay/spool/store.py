@@ -661,6 +661,7 @@ class SpoolStore:
                 self._materialize_fresh(
                     "instr(f.domains, ?) AND (f.lease_until IS NULL OR f.lease_until <= ?)",
                     (f" {domain.lower()} ", now),
+                    limit=limit,
                 )
             due = self.connection.execute(query, parameters).fetchall()
             fresh = []
@@ -743,19 +744,23 @@ class SpoolStore:
                 room = 0
         return rows, fresh_keys
 
-    def _materialize_fresh(self, condition: str, parameters: Sequence[Any]) -> int:
+    def _materialize_fresh(self, condition: str, parameters: Sequence[Any], *, limit: int | None = None) -> int:
         """Write the recipient rows of the fresh messages matching ``condition``; return how many messages.
 
-        ``condition`` is on ``fresh f``.  Each recipient is queued and due at
-        arrival and keeps the message's lease.  A message whose envelope
-        document lists no usable recipients keeps its ``fresh`` row, so
-        reading it reports the damage.
+        ``condition`` is on ``fresh f``.  With ``limit``, only that many of
+        the oldest matching messages get rows.  Each recipient is queued and
+        due at arrival and keeps the message's lease.  A message whose
+        envelope document lists no usable recipients keeps its ``fresh`` row,
+        so reading it reports the damage.
         """
-        selected = self.connection.execute(
+        query = (
             "SELECT m.queue_id, f.id, m.arrival, m.envelope, f.recipients, f.lease_token, f.lease_until"
-            f" FROM fresh f JOIN message m ON m.id = f.id WHERE {condition}",
-            parameters,
-        ).fetchall()
+            f" FROM fresh f JOIN message m ON m.id = f.id WHERE {condition}"
+        )
+        if limit is not None:
+            query += " ORDER BY f.id LIMIT ?"
+            parameters = (*parameters, limit)
+        selected = self.connection.execute(query, parameters).fetchall()
         values: list[tuple[Any, ...]] = []
         done: list[int] = []
         for queue_id, key, arrival, document, count, token, until in selected:
