@@ -103,6 +103,9 @@ class ServerConfig:
     # RFC 5321 section 4.5.3.2.6 (data termination) is 10 minutes on the client side;
     # this is the server's wait between two reads inside DATA.
     data_timeout: float = _key(600.0, "duration")
+    # Wait for a client's TLS handshake after STARTTLS, or on an implicit-TLS
+    # listener.  Postfix's smtpd_starttls_timeout is 300s; a handshake needs far less.
+    tls_handshake_timeout: float = _key(60.0, "duration")
     # Postfix: smtpd_hard_error_limit = 20 errors before the session is dropped.
     max_errors: int = _key(20, "int", min=1)
     # Hold the 220 this long for untrusted clients and drop those that talk first

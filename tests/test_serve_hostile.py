@@ -159,6 +159,27 @@ def test_failed_handshake_closes(relay: RelayProcess, client: RawClient) -> None
     assert "tls_failed" in relay.log()
 
 
+def test_stalled_handshake_times_out(tmp_path: Path) -> None:
+    """A client that sends STARTTLS and then nothing is dropped after tls_handshake_timeout."""
+    relay = RelayProcess(
+        tmp_path,
+        listeners=[Listener(tls="starttls")],
+        server='tls_handshake_timeout = "1s"',
+        certificate=make_certificate(tmp_path),
+    )
+    with relay, RawClient(relay.port) as client:
+        client.exchange(b"", ["220"])
+        greet(client)
+        client.exchange(b"STARTTLS\r\n", ["220"])
+        started = time.monotonic()
+        assert client.closed()
+        assert 0.8 <= time.monotonic() - started < 5
+        deadline = time.monotonic() + 5
+        while "tls_failed" not in relay.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "tls_failed" in relay.log()
+
+
 # -- limits ---------------------------------------------------------------------
 
 

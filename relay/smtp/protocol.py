@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("relay.smtp")
 
-# Postfix's smtpd_starttls_timeout default is 300 s; a handshake needs far less.
-TLS_HANDSHAKE_TIMEOUT = 60.0
 
 
 class SMTPProtocol(asyncio.Protocol):
@@ -240,7 +238,11 @@ class SMTPProtocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             new_transport = await loop.start_tls(
-                transport, self, context, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT
+                transport,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self.runtime.config.server.tls_handshake_timeout,
             )
         except (TimeoutError, OSError, ConnectionError) as exc:
             log_event(

@@ -476,7 +476,8 @@ class Worker:
                 reuse_port=True,
                 backlog=LISTEN_BACKLOG,
                 ssl=context if listener.tls == "implicit" else None,
-                ssl_handshake_timeout=60.0 if listener.tls == "implicit" else None,
+                # Fixed when the listener opens, so a reload does not change it here.
+                ssl_handshake_timeout=config.server.tls_handshake_timeout if listener.tls == "implicit" else None,
             )
             for sock in server.sockets:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
