@@ -8,6 +8,7 @@ one recipient.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -273,6 +274,27 @@ def test_damaged_recipient_list_of_a_fresh_message_is_moved_aside(spool: Spool) 
     aside = orjson.loads((spool.directory / "corrupt" / f"{broken}.json").read_bytes())
     assert aside["fresh"][0]["recipients"] == 2
     assert _rows(spool, "fresh") == 1
+
+
+def test_damaged_fresh_message_gets_no_rows(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    broken = run(spool.commit(make_envelope(recipients=2), b"x"))
+    with sqlite3.connect(database_path(spool.directory)) as connection:
+        (document,) = connection.execute("SELECT envelope FROM message WHERE queue_id = ?", (broken,)).fetchone()
+        damaged = orjson.loads(document)
+        damaged["recipients"] = "user@one.example.test"
+        connection.execute("UPDATE message SET envelope = ? WHERE queue_id = ?", (orjson.dumps(damaged), broken))
+
+    with caplog.at_level(logging.ERROR, logger="relay.spool"):
+        assert run(spool.claim("a", domain="one.example.test")) == []
+    unreadable = [record for record in caplog.records if getattr(record, "event", None) == "fresh_unreadable"]
+    assert [getattr(record, "fields", {}).get("queue_id") for record in unreadable] == [broken]
+    assert _rows(spool, "recipient") == 0
+    assert _rows(spool, "fresh") == 1
+
+    # A claim without a domain reads the message and moves it aside.
+    assert run(spool.claim("a")) == []
+    assert (spool.directory / "corrupt" / f"{broken}.json").exists()
+    assert _rows(spool, "fresh") == 0
 
 
 def test_version_2_spool_gains_the_fresh_table(tmp_path: Path) -> None:
