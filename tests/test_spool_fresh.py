@@ -297,6 +297,34 @@ def test_damaged_fresh_message_gets_no_rows(spool: Spool, caplog: pytest.LogCapt
     assert _rows(spool, "fresh") == 0
 
 
+def test_load_sees_one_snapshot(tmp_path: Path) -> None:
+    """Another connection writing a fresh message's recipient rows between load's reads changes nothing."""
+    directory = tmp_path / "spool"
+    with SpoolStore(directory) as writer, SpoolStore(directory) as reader:
+        pending = PendingCommit(make_envelope(recipients=2), b"x", time.time(), new_queue_id(time.time()))
+        with writer.transaction():
+            queue_id = writer.insert_message(pending)
+
+        def hold_during_fresh_read(statement: str) -> None:
+            # Runs as load starts reading the fresh table, after its recipient rows.
+            if "FROM fresh" in statement and not held:
+                held.append(True)
+                with writer.transaction():
+                    writer.hold(queue_id, time.time())
+
+        held: list[bool] = []
+        reader.connection.set_trace_callback(hold_during_fresh_read)
+        message = reader.load(queue_id)
+        reader.connection.set_trace_callback(None)
+
+        assert held == [True]
+        assert message is not None
+        assert [r.state for r in message.recipients] == [RecipientState.QUEUED, RecipientState.QUEUED]
+        after = reader.load(queue_id)
+        assert after is not None
+        assert [r.state for r in after.recipients] == [RecipientState.HELD, RecipientState.HELD]
+
+
 def test_version_2_spool_gains_the_fresh_table(tmp_path: Path) -> None:
     directory = tmp_path / "spool"
     spool = Spool.open(directory)

@@ -230,16 +230,6 @@ def _check_id(argument: str) -> str:
     return queue_id
 
 
-@contextlib.contextmanager
-def _snapshot(store: SpoolStore) -> Iterator[None]:
-    # One read transaction: every row read inside comes from the same commit.
-    store.connection.execute("BEGIN")
-    try:
-        yield
-    finally:
-        store.connection.execute("COMMIT")
-
-
 def _report_corrupt(store: SpoolStore, errors: list[CorruptRecord]) -> None:
     for error in errors:
         with store.transaction():
@@ -260,7 +250,7 @@ def _list(store: SpoolStore, args: argparse.Namespace) -> int:
 
     corrupt: list[CorruptRecord] = []
     messages: list[StoredMessage] = []
-    with _snapshot(store):
+    with store.snapshot():
         queue_ids = store.queue_ids(sender=sender, domain=args.domain, state=state)
         for item in store.messages(queue_ids):
             if isinstance(item, CorruptRecord):
@@ -345,7 +335,7 @@ def _message_document(message: StoredMessage) -> dict[str, Any]:
 def _show(store: SpoolStore, args: argparse.Namespace) -> int:
     queue_id = _check_id(args.queue_id)
     try:
-        with _snapshot(store):
+        with store.snapshot():
             message = store.load(queue_id)
             if message is None:
                 raise MessageNotFound(queue_id)

@@ -525,6 +525,23 @@ class SpoolStore:
                 self.connection.execute("ROLLBACK")
             raise SpoolError(f"spool {self.directory}: commit failed: {exc}") from exc
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Run the block in one read transaction, so every row it reads comes from the same commit.
+
+        Inside a transaction already (a writer's batch), the block joins it.
+        """
+        if self.connection.in_transaction:
+            yield
+            return
+        with self._errors("begin read"):
+            self.connection.execute("BEGIN")
+        try:
+            yield
+        finally:
+            with self._errors("end read"):
+                self.connection.execute("COMMIT")
+
     # -- writes -------------------------------------------------------------
 
     def insert_message(self, pending: PendingCommit) -> str:
@@ -1179,7 +1196,9 @@ class SpoolStore:
 
         Raises CorruptRecord when its rows cannot be decoded.
         """
-        with self._errors("read message"):
+        # One snapshot: a writer that gives a fresh message its recipient rows between
+        # two of the reads below would otherwise leave it with neither.
+        with self._errors("read message"), self.snapshot():
             row = self.connection.execute(
                 "SELECT queue_id, arrival, sender, size, client_address, helo_name, auth_user, envelope, id"
                 f" FROM message WHERE {_BY_QUEUE_ID}",
@@ -1350,7 +1369,7 @@ class SpoolStore:
 
     def counts(self) -> dict[str, int]:
         """Return the number of recipients in each state (states with none are left out)."""
-        with self._errors("count recipients"):
+        with self._errors("count recipients"), self.snapshot():
             rows = self.connection.execute("SELECT state, count(*) FROM recipient GROUP BY state").fetchall()
             (fresh,) = self.connection.execute("SELECT coalesce(sum(recipients), 0) FROM fresh").fetchone()
         counts = {state: count for state, count in rows}
