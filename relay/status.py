@@ -77,7 +77,9 @@ def summarize(store: SpoolStore, top: int = 10) -> QueueSummary:
             entry[2] = min(entry[2], arrival)
         recipients["queued"] = recipients.get("queued", 0) + domains.count(" ") - 1
         oldest_arrival["queued"] = min(oldest_arrival.get("queued", arrival), arrival)
-    ranked = sorted(backlog.items(), key=lambda item: (-(item[1][0] + item[1][1]), item[0]))[:top]
+    ranked = sorted(backlog.items(), key=lambda item: (-(item[1][0] + item[1][1]), item[0]))
+    if top >= 0:
+        ranked = ranked[:top]
     return QueueSummary(
         messages=messages,
         recipients=recipients,
@@ -140,11 +142,23 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _destination_count(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return count
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``relay status``."""
     parser = subparsers.add_parser("status", help="summarize the spool by state and destination")
     add_config_option(parser)
     parser.add_argument("--spool", metavar="DIR", help="spool directory (default: [spool] path of the config)")
-    parser.add_argument("--top", type=int, default=10, metavar="N", help="destinations to list (default: 10)")
+    parser.add_argument(
+        "--top", type=_destination_count, default=10, metavar="N", help="destinations to list (default: 10)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.set_defaults(handler=_run)

@@ -169,6 +169,21 @@ def test_status_command(tmp_path: Path) -> None:
     assert document["destinations"][0]["queued"] + document["destinations"][0]["deferred"] == 3
 
 
+def test_status_top_limits_destinations(tmp_path: Path) -> None:
+    fill_spool(tmp_path / "spool")
+    command = [sys.executable, "-m", "relay", "status", "--spool", str(tmp_path / "spool"), "--json"]
+    env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}
+
+    every = orjson.loads(subprocess.run(command, capture_output=True, env=env, check=True).stdout)
+    first = orjson.loads(subprocess.run([*command, "--top", "1"], capture_output=True, env=env, check=True).stdout)
+    negative = subprocess.run([*command, "--top", "-1"], capture_output=True, text=True, env=env, check=False)
+
+    assert len(every["destinations"]) == 2
+    assert first["destinations"] == every["destinations"][:1]
+    assert negative.returncode == 2
+    assert "--top: expected a whole number of at least 1, got '-1'" in negative.stderr
+
+
 def test_status_missing_spool(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "relay", "status", "--spool", str(tmp_path / "none")]
 

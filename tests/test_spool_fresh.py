@@ -325,6 +325,52 @@ def test_load_sees_one_snapshot(tmp_path: Path) -> None:
         assert [r.state for r in after.recipients] == [RecipientState.HELD, RecipientState.HELD]
 
 
+def test_recipient_count_mismatch_is_moved_aside(spool: Spool) -> None:
+    sound = run(spool.commit(make_envelope(recipients=1), b"y"))
+    broken = run(spool.commit(make_envelope(recipients=3), b"x"))
+    with sqlite3.connect(database_path(spool.directory)) as connection:
+        connection.execute("UPDATE fresh SET recipients = 5 WHERE id = (SELECT id FROM message WHERE queue_id = ?)",
+                           (broken,))
+
+    with pytest.raises(CorruptRecord):
+        run(spool.load(broken))
+    # A claim too small for the five recipients the fresh row counts reads the message and moves it aside.
+    claims = run(spool.claim("a", limit=2))
+    assert [claim.queue_id for claim in claims] == [sound]
+    assert (spool.directory / "corrupt" / f"{broken}.json").exists()
+    assert run(spool.claim("b")) == []
+
+
+def test_domain_with_space_matches_nothing(spool: Spool) -> None:
+    fresh = run(spool.commit(make_envelope(recipients=3), b"x"))
+    attempted = run(spool.commit(make_envelope(recipients=3), b"y"))
+    run(spool.hold(attempted))
+    with SpoolStore(spool.directory) as store:
+        for domain in ("one.example.test two.example.test", " one.example.test", "two.example.test "):
+            assert store.queue_ids(domain=domain) == [], domain
+        assert store.queue_ids(domain="one.example.test") == [fresh, attempted]
+    assert run(spool.claim("a", domain="one.example.test two.example.test")) == []
+
+
+def test_flush_makes_fresh_due_after_clock_step(tmp_path: Path) -> None:
+    now = time.time()
+    with SpoolStore(tmp_path / "spool") as store:
+        pending = PendingCommit(make_envelope(recipients=2), b"x", now, new_queue_id(now))
+        with store.transaction():
+            queue_id = store.insert_message(pending)
+        earlier = now - 60
+        with store.transaction():
+            assert store.flush(earlier, domain="two.example.test") == 1
+        with store.transaction():
+            assert store.flush(earlier, queue_id=queue_id) == 1
+        message = store.load(queue_id)
+        assert message is not None
+        assert [r.next_attempt for r in message.recipients] == [earlier, earlier]
+        with store.transaction():
+            claims = store.claim("a", "a#1", now=earlier, lease_time=60, limit=10, domain=None)
+        assert [r.index for c in claims for r in c.recipients] == [0, 1]
+
+
 def test_version_2_spool_gains_the_fresh_table(tmp_path: Path) -> None:
     directory = tmp_path / "spool"
     spool = Spool.open(directory)

@@ -672,7 +672,7 @@ class SpoolStore:
         query += " ORDER BY next_attempt LIMIT ?"
         parameters.append(limit)
         with self._errors("claim recipients"):
-            if domain is not None:
+            if domain is not None and " " not in domain:
                 # Only some recipients of a fresh message may be at the domain, and
                 # only recipient rows can be leased one by one.
                 self._materialize_fresh(
@@ -798,15 +798,15 @@ class SpoolStore:
         """Write the recipient rows of one message if it is fresh."""
         self._materialize_fresh("f.id BETWEEN ? AND ? AND m.queue_id = ?", _match(queue_id))
 
-    def _fresh_leases(self, keys: Sequence[int]) -> dict[int, tuple[str | None, float | None]]:
-        """Return the lease of each fresh message among ``keys``; the others are left out."""
-        found: dict[int, tuple[str | None, float | None]] = {}
+    def _fresh_rows(self, keys: Sequence[int]) -> dict[int, tuple[int, str | None, float | None]]:
+        """Return the recipient count and lease of each fresh message among ``keys``; the others are left out."""
+        found: dict[int, tuple[int, str | None, float | None]] = {}
         for chunk in _chunks(keys):
             marks = ",".join("?" * len(chunk))
-            for key, token, until in self.connection.execute(
-                f"SELECT id, lease_token, lease_until FROM fresh WHERE id IN ({marks})", chunk
+            for key, count, token, until in self.connection.execute(
+                f"SELECT id, recipients, lease_token, lease_until FROM fresh WHERE id IN ({marks})", chunk
             ):
-                found[key] = (token, until)
+                found[key] = (count, token, until)
         return found
 
     def lease_owners(self, now: float) -> dict[str, int]:
@@ -921,15 +921,15 @@ class SpoolStore:
                 for index, state, notify, token, until, dsn in rows
             }
         missing = [queue_id for queue_id in messages if queue_id not in recipients]
-        leases = self._fresh_leases([messages[queue_id][1] for queue_id in missing])
+        fresh_rows = self._fresh_rows([messages[queue_id][1] for queue_id in missing])
         fresh: list[str] = []
         for queue_id in missing:
             _, key, sender, document = messages[queue_id]
-            if key not in leases:
+            if key not in fresh_rows:
                 continue
-            token, until = leases[key]
+            count, token, until = fresh_rows[key]
             try:
-                listed = _document_recipients(document)
+                listed = _document_recipients(document, count)
             except (orjson.JSONDecodeError, TypeError, ValueError):
                 # Without recipients its results are ignored, and the next claim moves it aside.
                 continue
@@ -1033,11 +1033,14 @@ class SpoolStore:
         log_event(logger, "removed", queue_id=queue_id)
         return True
 
-    def _is_fresh(self, queue_id: str) -> bool:
-        row = self.connection.execute(
-            f"SELECT 1 FROM fresh WHERE id IN (SELECT id FROM message WHERE {_BY_QUEUE_ID})", _match(queue_id)
-        ).fetchone()
-        return row is not None
+    def _is_fresh(self, queue_id: str, arrived_by: float | None = None) -> bool:
+        """Return whether a message is fresh, and with ``arrived_by`` also arrived by then."""
+        query = (
+            "SELECT m.arrival FROM fresh f JOIN message m ON m.id = f.id"
+            " WHERE m.id BETWEEN ? AND ? AND m.queue_id = ?"
+        )
+        row = self.connection.execute(query, _match(queue_id)).fetchone()
+        return row is not None and (arrived_by is None or row[0] <= arrived_by)
 
     def _delete_rows(self, queue_id: str) -> bool:
         self.connection.execute(
@@ -1056,16 +1059,16 @@ class SpoolStore:
         log_event(logger, "removed", queue_id=queue_id, reason="deleted by operator")
 
     def _operator_action(
-        self, queue_id: str, action: str, now: float, update: str, condition: str, *, fresh_unchanged: bool = False
+        self, queue_id: str, action: str, now: float, update: str, condition: str, *, skip_due_fresh: bool = False
     ) -> int:
         """Apply ``update`` to the recipients of one message matching ``condition``; return how many.
 
-        Each changed recipient gets a history row.  With ``fresh_unchanged``
-        the action leaves every recipient of a fresh message as it is, so it
-        returns 0 for one without writing its recipient rows.
+        Each changed recipient gets a history row.  With ``skip_due_fresh``
+        a fresh message that arrived by ``now`` is left as it is, without
+        recipient rows, and the action returns 0 for it.
         """
         self._require(queue_id)
-        if fresh_unchanged and self._is_fresh(queue_id):
+        if skip_due_fresh and self._is_fresh(queue_id, arrived_by=now):
             return 0
         self._materialize(queue_id)
         rows = self.connection.execute(
@@ -1105,8 +1108,9 @@ class SpoolStore:
 
         With ``queue_id`` only that message's recipients, with ``domain`` only
         recipients at that domain (in its Unicode or ASCII form), with neither
-        every pending recipient.  A recipient already due is not counted, and
-        neither is any recipient of a fresh message, which is due at arrival.
+        every pending recipient.  A recipient already due is not counted.  A
+        fresh message is due at arrival, so it gets recipient rows and counts
+        only when it arrived after ``now`` (the clock was set back).
         """
         self._announce_flush(now)
         with self._errors("flush"):
@@ -1117,14 +1121,21 @@ class SpoolStore:
                     now,
                     f"next_attempt = {now!r}",
                     f"state IN ('queued', 'deferred') AND next_attempt > {now!r}",
-                    fresh_unchanged=True,
+                    skip_due_fresh=True,
                 )
             query = "UPDATE recipient SET next_attempt = ? WHERE state IN ('queued', 'deferred') AND next_attempt > ?"
             parameters: list[Any] = [now, now]
+            # A fresh message is due at arrival, so only one that arrived after ``now``
+            # (the clock was set back) needs recipient rows to be made due.
+            fresh_condition = "m.arrival > ?"
+            fresh_parameters: list[Any] = [now]
             if domain is not None:
                 forms = _domain_forms(domain)
                 query += f" AND domain IN ({','.join('?' * len(forms))})"
                 parameters.extend(forms)
+                fresh_condition += " AND " + _fresh_domain_condition(forms)
+                fresh_parameters.extend(f" {form} " for form in forms if " " not in form)
+            self._materialize_fresh(fresh_condition, fresh_parameters)
             return self.connection.execute(query, parameters).rowcount
 
     def _announce_flush(self, now: float) -> None:
@@ -1207,8 +1218,8 @@ class SpoolStore:
             if row is None:
                 return None
             recipient_rows = self._recipient_rows_of(_RECIPIENT_COLUMNS, [queue_id]).get(queue_id, [])
-            fresh = not recipient_rows and bool(self._fresh_leases([row[8]]))
-        return _decode_message(row, recipient_rows, fresh)
+            fresh = self._fresh_rows([row[8]]) if not recipient_rows else {}
+        return _decode_message(row, recipient_rows, fresh[row[8]][0] if fresh else None)
 
     def _load_claimed(
         self, queue_ids: Sequence[str], body_max_bytes: int | None
@@ -1229,11 +1240,12 @@ class SpoolStore:
                 (limit,),
             )
             recipient_rows = self._recipient_rows_of(_RECIPIENT_COLUMNS, list(rows))
-            fresh = self._fresh_leases([row[10] for queue_id, row in rows.items() if queue_id not in recipient_rows])
+            fresh = self._fresh_rows([row[10] for queue_id, row in rows.items() if queue_id not in recipient_rows])
         loaded: dict[str, tuple[StoredMessage, bytes | None] | CorruptRecord] = {}
         for queue_id, row in rows.items():
             try:
-                message = _decode_message(row, recipient_rows.get(queue_id, []), row[10] in fresh)
+                count = fresh[row[10]][0] if row[10] in fresh else None
+                message = _decode_message(row, recipient_rows.get(queue_id, []), count)
                 body = None
                 if body_max_bytes is not None and message.size <= body_max_bytes:
                     body = _checked_body(queue_id, row[8], row[9])
@@ -1323,7 +1335,7 @@ class SpoolStore:
         if forms:
             recipient_clauses.append(f"r.domain IN ({','.join('?' * len(forms))})")
             parameters.extend(forms)
-            fresh_clauses.append("(" + " OR ".join(["instr(f.domains, ?)"] * len(forms)) + ")")
+            fresh_clauses.append(_fresh_domain_condition(forms))
         if state is not None:
             recipient_clauses.append("r.state = ?")
             parameters.append(state.value)
@@ -1340,7 +1352,7 @@ class SpoolStore:
                 condition += " OR EXISTS (SELECT 1 FROM fresh f WHERE f.id = m.id AND " + " AND ".join(
                     fresh_clauses or ["1"]
                 ) + ")"
-                parameters.extend(f" {form} " for form in forms)
+                parameters.extend(f" {form} " for form in forms if " " not in form)
             clauses.append(f"({condition})")
         query = "SELECT m.queue_id FROM message m"
         if clauses:
@@ -1420,6 +1432,17 @@ def _json_fallback(value: Any) -> Any:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
+def _fresh_domain_condition(forms: Sequence[str]) -> str:
+    """Return the SQL condition on ``fresh f`` that a recipient is at one of ``forms``.
+
+    Its parameters are each form without a space, between spaces.  A form
+    with a space matches no recipient, because ``domains`` uses spaces as
+    separators and no domain contains one.
+    """
+    terms = ["instr(f.domains, ?)" for form in forms if " " not in form]
+    return "(" + (" OR ".join(terms) or "0") + ")"
+
+
 def _document_recipients(document: bytes | str, count: int | None = None) -> list[tuple[str, str | None, str]]:
     """Return the recipients an envelope document lists, as (address, ORCPT, NOTIFY) tuples.
 
@@ -1452,8 +1475,8 @@ def _listed_recipients(value: Any, count: int | None = None) -> list[tuple[str, 
     return listed
 
 
-def _fresh_recipients(document: dict[str, Any], arrival: float) -> tuple[StoredRecipient, ...]:
-    """Return a fresh message's recipients from its envelope document: queued and due at arrival."""
+def _fresh_recipients(document: dict[str, Any], arrival: float, count: int) -> tuple[StoredRecipient, ...]:
+    """Return a fresh message's ``count`` recipients from its envelope document: queued and due at arrival."""
     return tuple(
         StoredRecipient(
             index=index,
@@ -1468,23 +1491,26 @@ def _fresh_recipients(document: dict[str, Any], arrival: float) -> tuple[StoredR
             last_host=None,
             dsn=DsnState.NONE,
         )
-        for index, (address, orcpt, notify) in enumerate(_listed_recipients(document.get("recipients")))
+        for index, (address, orcpt, notify) in enumerate(_listed_recipients(document.get("recipients"), count))
     )
 
 
-def _decode_message(row: Sequence[Any], recipient_rows: Sequence[Sequence[Any]], fresh: bool = False) -> StoredMessage:
+def _decode_message(
+    row: Sequence[Any], recipient_rows: Sequence[Sequence[Any]], fresh_count: int | None = None
+) -> StoredMessage:
     """Decode a message row (its first eight columns as ``load`` selects them) and its recipients.
 
-    A ``fresh`` message without recipient rows takes its recipients from the
-    envelope document.
+    A fresh message without recipient rows (``fresh_count`` is its ``fresh``
+    row's recipient count) takes its recipients from the envelope document,
+    which must list that many.
     """
     queue_id = row[0]
     try:
         document = orjson.loads(row[7])
         if not isinstance(document, dict):
             raise TypeError("envelope document is not an object")
-        if fresh and not recipient_rows:
-            recipients = _fresh_recipients(document, float(row[1]))
+        if fresh_count is not None and not recipient_rows:
+            recipients = _fresh_recipients(document, float(row[1]), fresh_count)
         else:
             recipients = tuple(_decode_recipient(values) for values in recipient_rows)
         if not recipients:
