@@ -316,6 +316,27 @@ def test_flush_empty_domain_rejected(spool_dir: Path, capsys: pytest.CaptureFixt
     assert out == ""
 
 
+@pytest.mark.parametrize("action", ["list", "flush"])
+def test_domain_with_space_rejected(spool_dir: Path, capsys: pytest.CaptureFixture[str], action: str) -> None:
+    _commit(spool_dir, make_envelope())
+
+    domain = "one.example.test two.example.test"
+    status, out, err = _queue(capsys, action, "--domain", domain, "--spool", str(spool_dir))
+
+    assert status == 1
+    assert "--domain 'one.example.test two.example.test' contains a space" in err
+    assert out == ""
+
+
+def test_domain_surrounding_blanks_ignored(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queue_id = _commit(spool_dir, make_envelope())
+
+    status, out, _ = _queue(capsys, "list", "--json", "--domain", " two.example.test ", "--spool", str(spool_dir))
+
+    assert status == 0
+    assert [document["queue_id"] for document in _json_lines(out)] == [queue_id]
+
+
 def test_config_from_environment(tmp_path: Path) -> None:
     queue_id = _commit(tmp_path / "configured", make_envelope())
     config = tmp_path / "relay.toml"

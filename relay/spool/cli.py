@@ -237,6 +237,16 @@ def _report_corrupt(store: SpoolStore, errors: list[CorruptRecord]) -> None:
         print(f"relay queue: {error}; moved aside to {path}", file=sys.stderr)
 
 
+def _check_domain(argument: str) -> str:
+    """Return a --domain value without surrounding blanks; raise UsageError when it contains one inside."""
+    domain = argument.strip()
+    if any(character.isspace() for character in domain):
+        raise UsageError(
+            f"--domain {argument!r} contains a space; give one recipient domain such as example.com"
+        )
+    return domain
+
+
 # -- list ----------------------------------------------------------------------
 
 
@@ -247,11 +257,12 @@ def _list(store: SpoolStore, args: argparse.Namespace) -> int:
     elif sender is not None:
         sender = sender.strip("<>")
     state = RecipientState(args.state) if args.state else None
+    domain = _check_domain(args.domain) if args.domain is not None else None
 
     corrupt: list[CorruptRecord] = []
     messages: list[StoredMessage] = []
     with store.snapshot():
-        queue_ids = store.queue_ids(sender=sender, domain=args.domain, state=state)
+        queue_ids = store.queue_ids(sender=sender, domain=domain, state=state)
         for item in store.messages(queue_ids):
             if isinstance(item, CorruptRecord):
                 corrupt.append(item)
@@ -412,10 +423,11 @@ def _history_line(attempt: Attempt) -> str:
 def _flush(store: SpoolStore, args: argparse.Namespace) -> int:
     # An empty ID is an error like in the other actions, not a flush of the whole queue.
     queue_id = _check_id(args.queue_id) if args.queue_id is not None else None
-    if args.domain is not None and not args.domain.strip():
+    domain = _check_domain(args.domain) if args.domain is not None else None
+    if domain == "":
         raise UsageError("--domain is empty; give a recipient domain such as example.com")
     with store.transaction():
-        count = store.flush(time.time(), queue_id=queue_id, domain=args.domain)
+        count = store.flush(time.time(), queue_id=queue_id, domain=domain)
     print(f"flushed {count} recipient(s)")
     return 0
 
