@@ -18,6 +18,7 @@ import orjson
 from relay.cli import add_config_option
 from relay.spool import SpoolError, SpoolStore
 from relay.spool.cli import UsageError, open_store
+from relay.spool.store import fresh_domains
 
 # States in the order an operator reads them; a state with no recipient shows 0.
 STATES = ("queued", "deferred", "held", "delivered", "bounced")
@@ -48,8 +49,7 @@ class QueueSummary:
 def summarize(store: SpoolStore, top: int = 10) -> QueueSummary:
     """Read the summary from an open spool in one read transaction."""
     connection = store.connection
-    connection.execute("BEGIN")
-    try:
+    with store.snapshot():
         (messages,) = connection.execute("SELECT count(*) FROM message").fetchone()
         by_state = connection.execute(
             "SELECT r.state, count(*), min(m.arrival) FROM recipient r "
@@ -64,18 +64,17 @@ def summarize(store: SpoolStore, top: int = 10) -> QueueSummary:
         fresh = connection.execute(
             "SELECT f.domains, m.arrival FROM fresh f JOIN message m ON m.id = f.id"
         ).fetchall()
-    finally:
-        connection.execute("COMMIT")
 
     recipients = {state: count for state, count, _ in by_state}
     oldest_arrival = {state: oldest for state, _, oldest in by_state}
     backlog = {domain: [queued, deferred, oldest] for domain, queued, deferred, oldest in by_domain}
-    for domains, arrival in fresh:
-        for domain in domains[1:-1].split(" "):
+    for domain_list, arrival in fresh:
+        domains = fresh_domains(domain_list)
+        for domain in domains:
             entry = backlog.setdefault(domain, [0, 0, arrival])
             entry[0] += 1
             entry[2] = min(entry[2], arrival)
-        recipients["queued"] = recipients.get("queued", 0) + domains.count(" ") - 1
+        recipients["queued"] = recipients.get("queued", 0) + len(domains)
         oldest_arrival["queued"] = min(oldest_arrival.get("queued", arrival), arrival)
     ranked = sorted(backlog.items(), key=lambda item: (-(item[1][0] + item[1][1]), item[0]))
     if top >= 0:

@@ -23,8 +23,8 @@ Per-recipient state lives in ``recipient`` rows, but a commit writes none.
 It adds one small ``fresh`` row, which means "every recipient queued, due
 at arrival".  The first delivery attempt that leaves the message in the
 spool (a recipient pending or a DSN owed), an operator action, or a claim of
-part of the message writes the recipient rows from the envelope document.  A message delivered at its first attempt
-never has any.  The reason: ``recipient`` is an index B-tree keyed by queue
+part of the message writes the recipient rows from the envelope document.
+A message delivered at its first attempt never has any.  The reason: ``recipient`` is an index B-tree keyed by queue
 ID and index, which SQLite rebalances on appends at its right edge, so its
 rows cost about half of a commit's pages.  Appends to the rowid table
 ``fresh`` are cheap.
@@ -159,6 +159,8 @@ _INSERT_RECIPIENT = (
 )
 
 _INSERT_FRESH = "INSERT INTO fresh (id, recipients, domains) VALUES (?, ?, ?)"
+# A fresh message that no live lease holds, with ``now`` as the parameter.
+_FRESH_UNLEASED = "(f.lease_until IS NULL OR f.lease_until <= ?)"
 
 _MESSAGE_VALUES = _INSERT_MESSAGE.count("?")
 _FRESH_VALUES = _INSERT_FRESH.count("?")
@@ -260,6 +262,11 @@ def _fresh_row(pending: PendingCommit, key: int) -> tuple[int, int, str]:
 def _domain_list(addresses: Iterable[str]) -> str:
     # Spaces separate the domains because no domain or address literal contains one.
     return " " + " ".join(domain_of(address) for address in addresses) + " "
+
+
+def fresh_domains(domain_list: str) -> list[str]:
+    """Return the recipient domains, one per recipient, of a ``fresh`` row's ``domains`` column."""
+    return domain_list[1:-1].split(" ")
 
 
 def _casefold(value: str | None) -> str | None:
@@ -672,20 +679,19 @@ class SpoolStore:
         query += " ORDER BY next_attempt LIMIT ?"
         parameters.append(limit)
         with self._errors("claim recipients"):
-            if domain is not None and " " not in domain:
+            if domain is not None:
                 # Only some recipients of a fresh message may be at the domain, and
                 # only recipient rows can be leased one by one.
+                at_domain, domain_parameters = _fresh_domain_condition([domain.lower()])
                 self._materialize_fresh(
-                    "instr(f.domains, ?) AND (f.lease_until IS NULL OR f.lease_until <= ?)",
-                    (f" {domain.lower()} ", now),
-                    limit=limit,
+                    f"{at_domain} AND {_FRESH_UNLEASED}", [*domain_parameters, now], limit=limit
                 )
             due = self.connection.execute(query, parameters).fetchall()
             fresh = []
             if domain is None:
                 fresh = self.connection.execute(
                     "SELECT m.queue_id, f.id, m.arrival, f.recipients FROM fresh f JOIN message m ON m.id = f.id"
-                    " WHERE (f.lease_until IS NULL OR f.lease_until <= ?) AND m.arrival <= ? ORDER BY f.id LIMIT ?",
+                    f" WHERE {_FRESH_UNLEASED} AND m.arrival <= ? ORDER BY f.id LIMIT ?",
                     (now, now, limit),
                 ).fetchall()
             rows, fresh_keys = self._choose_due(due, fresh, limit)
@@ -1133,8 +1139,9 @@ class SpoolStore:
                 forms = _domain_forms(domain)
                 query += f" AND domain IN ({','.join('?' * len(forms))})"
                 parameters.extend(forms)
-                fresh_condition += " AND " + _fresh_domain_condition(forms)
-                fresh_parameters.extend(f" {form} " for form in forms if " " not in form)
+                at_domain, domain_parameters = _fresh_domain_condition(forms)
+                fresh_condition += f" AND {at_domain}"
+                fresh_parameters.extend(domain_parameters)
             self._materialize_fresh(fresh_condition, fresh_parameters)
             return self.connection.execute(query, parameters).rowcount
 
@@ -1331,11 +1338,13 @@ class SpoolStore:
             parameters.append(sender.casefold())
         recipient_clauses = []
         fresh_clauses = []
+        fresh_parameters: list[str] = []
         forms = _domain_forms(domain) if domain is not None else []
         if forms:
             recipient_clauses.append(f"r.domain IN ({','.join('?' * len(forms))})")
             parameters.extend(forms)
-            fresh_clauses.append(_fresh_domain_condition(forms))
+            at_domain, fresh_parameters = _fresh_domain_condition(forms)
+            fresh_clauses.append(at_domain)
         if state is not None:
             recipient_clauses.append("r.state = ?")
             parameters.append(state.value)
@@ -1352,7 +1361,7 @@ class SpoolStore:
                 condition += " OR EXISTS (SELECT 1 FROM fresh f WHERE f.id = m.id AND " + " AND ".join(
                     fresh_clauses or ["1"]
                 ) + ")"
-                parameters.extend(f" {form} " for form in forms if " " not in form)
+                parameters.extend(fresh_parameters)
             clauses.append(f"({condition})")
         query = "SELECT m.queue_id FROM message m"
         if clauses:
@@ -1432,15 +1441,15 @@ def _json_fallback(value: Any) -> Any:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
-def _fresh_domain_condition(forms: Sequence[str]) -> str:
-    """Return the SQL condition on ``fresh f`` that a recipient is at one of ``forms``.
+def _fresh_domain_condition(forms: Sequence[str]) -> tuple[str, list[str]]:
+    """Return the SQL condition on ``fresh f`` that a recipient is at one of ``forms``, and its parameters.
 
-    Its parameters are each form without a space, between spaces.  A form
-    with a space matches no recipient, because ``domains`` uses spaces as
-    separators and no domain contains one.
+    A form with a space matches no recipient, because ``domains`` uses
+    spaces as separators and no domain contains one.
     """
-    terms = ["instr(f.domains, ?)" for form in forms if " " not in form]
-    return "(" + (" OR ".join(terms) or "0") + ")"
+    parameters = [f" {form} " for form in forms if " " not in form]
+    terms = ["instr(f.domains, ?)"] * len(parameters)
+    return "(" + (" OR ".join(terms) or "0") + ")", parameters
 
 
 def _document_recipients(document: bytes | str, count: int | None = None) -> list[tuple[str, str | None, str]]:
