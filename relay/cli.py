@@ -61,6 +61,17 @@ def escape_controls(text: str, keep: str = "") -> str:
     return _CONTROL_CHARACTERS.sub(escape, text)
 
 
+def stop_output() -> int:
+    """Stop writing to standard output after its reader closed the pipe (``| head``); return exit status 1.
+
+    Pointing stdout at /dev/null keeps the flush at exit from raising
+    BrokenPipeError again, so the command ends without a traceback.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Load the config of ``--config``, else of ``$RELAY_CONFIG``; print every error and exit 1 if invalid."""
     path = getattr(args, "config", None) or os.environ.get(CONFIG_ENVIRONMENT) or None

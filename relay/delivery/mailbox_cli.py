@@ -38,7 +38,6 @@ import argparse
 import email.parser
 import email.policy
 import email.utils
-import os
 import stat
 import sys
 import time
@@ -47,7 +46,7 @@ from email.headerregistry import HeaderRegistry
 from pathlib import Path
 from typing import Any
 
-from relay.cli import add_config_option, config_from_args, escape_controls
+from relay.cli import add_config_option, config_from_args, escape_controls, stop_output
 from relay.config import LocalConfig
 from relay.delivery.maildir import LocalDelivery, is_safe_user_name
 
@@ -102,11 +101,7 @@ def run(args: argparse.Namespace) -> int:
         _report_permission_error(user, root, exc)
         return 1
     except BrokenPipeError:
-        # The reader of the output (such as ``| head``) closed the pipe, so stop without a
-        # traceback.  Pointing stdout at /dev/null keeps the exit-time flush from failing too.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
+        return stop_output()
 
 
 def _report_permission_error(user: str, root: Path, exc: PermissionError) -> None:

@@ -80,13 +80,7 @@ def _run(config: Config, event_loop: str) -> int:
     setup_logging(config.log.format, config.log.level)
     try:
         return serve(config, event_loop=event_loop)
-    except ListenerInUse as exc:
-        print(f"relay: {exc}", file=sys.stderr)
-        return 1
-    except TLSSetupError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
-        return 1
-    except CredentialsError as exc:
+    except (ListenerInUse, TLSSetupError, CredentialsError) as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
 

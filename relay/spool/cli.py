@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from relay.cli import add_config_option, config_from_args, escape_controls
+from relay.cli import add_config_option, config_from_args, escape_controls, stop_output
 from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
 from relay.spool.ids import is_queue_id
 from relay.spool.store import SpoolStore, database_path
@@ -103,11 +103,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"relay queue: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
-        # The reader of the output (such as ``| head``) closed the pipe, so stop without a
-        # traceback.  Pointing stdout at /dev/null keeps the exit-time flush from failing too.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
+        return stop_output()
 
 
 @contextlib.contextmanager
@@ -131,17 +127,11 @@ def open_store(args: argparse.Namespace) -> Iterator[SpoolStore]:
     try:
         store = SpoolStore(directory, busy_timeout=busy_timeout)
     except SpoolError as exc:
-        hint = _spool_error_hint(exc, directory, busy_timeout)
-        if hint is None:
-            raise
-        raise SpoolError(f"{exc}; {hint}") from exc
+        raise _with_hint(exc, directory, busy_timeout) from exc.__cause__
     try:
         yield store
     except SpoolError as exc:
-        hint = _spool_error_hint(exc, directory, busy_timeout)
-        if hint is None:
-            raise
-        raise SpoolError(f"{exc}; {hint}") from exc
+        raise _with_hint(exc, directory, busy_timeout) from exc.__cause__
     finally:
         store.close()
 
@@ -174,6 +164,12 @@ def _check_spool_directory(directory: Path) -> None:
             f"cannot read spool {directory}: {exc.strerror} ({_owner_and_mode(info)});"
             " run as the user that owns it"
         ) from None
+
+
+def _with_hint(error: SpoolError, directory: Path, busy_timeout: float) -> SpoolError:
+    """Return ``error`` with the likely cause and the next step added, when its SQLite error has a known fix."""
+    hint = _spool_error_hint(error, directory, busy_timeout)
+    return error if hint is None else SpoolError(f"{error}; {hint}")
 
 
 def _spool_error_hint(error: SpoolError, directory: Path, busy_timeout: float) -> str | None:
