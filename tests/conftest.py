@@ -15,11 +15,23 @@ from pathlib import Path
 
 import pytest
 
+from relay.spool import Spool
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # The shared corpus sits beside the repository; RELAY_CORPUS overrides it.
 CORPUS_DIR = Path(os.environ.get("RELAY_CORPUS", REPO_ROOT.parent / "shared" / "corpus"))
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    """A spool opened in a scratch directory, closed after the test."""
+    opened = Spool.open(tmp_path / "spool")
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -31,15 +30,6 @@ from relay.spool import (
 )
 from relay.spool.store import SCHEMA_VERSION, PendingCommit, database_path
 from relay.status import summarize
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    opened = Spool.open(tmp_path / "spool")
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def _rows(spool: Spool, table: str) -> int:
@@ -258,7 +248,7 @@ def test_filters_counts_and_status_see_fresh_recipients(spool: Spool) -> None:
     assert by_domain == {"one.example.test": (3, 1), "two.example.test": (2, 0)}
 
 
-def test_damaged_recipient_list_of_a_fresh_message_is_moved_aside(spool: Spool) -> None:
+def test_damaged_recipient_list_moved_aside(spool: Spool) -> None:
     sound = run(spool.commit(make_envelope(recipients=1), b"y"))
     broken = run(spool.commit(make_envelope(recipients=2), b"x"))
     with sqlite3.connect(database_path(spool.directory)) as connection:
@@ -307,17 +297,17 @@ def test_load_sees_one_snapshot(tmp_path: Path) -> None:
 
         def hold_during_fresh_read(statement: str) -> None:
             # Runs as load starts reading the fresh table, after its recipient rows.
-            if "FROM fresh" in statement and not held:
-                held.append(True)
+            if "FROM fresh" in statement and not holds:
+                holds.append(statement)
                 with writer.transaction():
                     writer.hold(queue_id, time.time())
 
-        held: list[bool] = []
+        holds: list[str] = []
         reader.connection.set_trace_callback(hold_during_fresh_read)
         message = reader.load(queue_id)
         reader.connection.set_trace_callback(None)
 
-        assert held == [True]
+        assert len(holds) == 1
         assert message is not None
         assert [r.state for r in message.recipients] == [RecipientState.QUEUED, RecipientState.QUEUED]
         after = reader.load(queue_id)

@@ -8,7 +8,6 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,15 +34,6 @@ from relay.spool.checkpoint import CHECKPOINT_BYTES
 from relay.spool.ids import queue_id_time
 from relay.spool.store import SCHEMA_VERSION, PendingCommit, database_path
 from relay.spool.writer import WRITER_LOCK
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    opened = Spool.open(tmp_path / "spool")
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def _state(spool: Spool, queue_id: str) -> list[RecipientState]:

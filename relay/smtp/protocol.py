@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("relay.smtp")
 
 
-
 class SMTPProtocol(asyncio.Protocol):
     """One client connection; created by the listener for each accept."""
 

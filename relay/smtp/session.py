@@ -23,9 +23,9 @@ Policy decisions, with their sources:
   ``501 5.5.2``: one client write is never run as two commands through a
   bare LF (the SMTP smuggling pattern of CVE-2023-51764).
 - DATA: only CRLF ``.`` CRLF ends it.  A bare LF or CR in the data, or in
-  a message sent with BDAT, gets ``521 5.5.2`` and the connection closes at once, unless ``policy.bare_lf``
-  is ``normalize`` and the client is trusted or authenticated; the message is
-  then stored with CRLF line ends.  The size limit is checked at MAIL (SIZE,
+  a message sent with BDAT, gets ``521 5.5.2`` and the connection closes at
+  once, unless ``policy.bare_lf`` is ``normalize`` and the client is trusted
+  or authenticated; the message is then stored with CRLF line ends.  The size limit is checked at MAIL (SIZE,
   RFC 1870) and at end of data; nothing is answered before the final dot.
 - Pipelining (RFC 2920 section 3.1): DATA, BDAT-free commands aside, must end
   a group.  An untrusted, unauthenticated client that sends bytes after DATA
