@@ -22,3 +22,11 @@ class DotStuffer:
 
     def finish(self) -> bytes:
         """Return the CRLF the message may lack and the ``.\\r\\n`` terminator."""
+
+def fold_long_lines(body: Buffer, limit: int) -> bytes:
+    """Return ``body`` with every line longer than ``limit`` octets broken; ``body`` itself if none is.
+
+    A line breaks before the last space or tab in its second half (RFC 5322
+    folding), or else at the limit by inserting CRLF and a space.  Raises
+    ValueError when ``limit`` is below 8.
+    """

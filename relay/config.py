@@ -234,6 +234,9 @@ class DeliveryConfig:
     connection_cache_time: float = _key(2.0, "duration")
     # Send with BDAT (RFC 3030 CHUNKING) to next hops that offer it; false uses DATA for all.
     chunking: bool = _key(True, "bool")
+    # RFC 5321 section 4.5.3.1.6 allows 1000 octets with the CRLF; longer lines
+    # are broken before sending (Postfix 3.7: smtp_line_length_limit = 998).
+    line_length_limit: int = _key(998, "int", min=78, max=1 << 30)
     # How often the scheduler looks for due recipients when nothing woke it.
     queue_scan_interval: float = _key(1.0, "duration")
     # When new mail wakes the scheduler, the least time between two claims, so

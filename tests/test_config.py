@@ -128,6 +128,7 @@ format = "json"
         ("[tls]\ncert = \"missing.pem\"\nkey = \"missing.pem\"\n", "tls.cert", "not found"),
         ("[[listener]]\ntls = \"starttls\"\n", "listener[0].tls", "needs [tls] cert and key"),
         ("[delivery]\nsmtp_port = 70000\n", "delivery.smtp_port", "above the maximum"),
+        ("[delivery]\nline_length_limit = 40\n", "delivery.line_length_limit", "below the minimum 78"),
         ("[delivery.transport]\n\"example.net\" = \"uucp:host\"\n", "delivery.transport", "invalid route"),
         ("[delivery]\nrelayhost_username = \"u\"\n", "delivery.relayhost_password_file", "missing"),
         ("[admin]\naddress = \"localhost\"\n", "admin.address", "missing port"),

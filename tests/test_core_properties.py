@@ -19,7 +19,7 @@ from relay._buffer import DataEnd, Event, Line, SMTPBuffer
 from relay._errors import SMTPError
 from relay._parser import Command, parse_command
 from relay._reply import Reply, ReplyParser
-from relay._stuffing import DotStuffer, dot_stuff, normalize_line_ends
+from relay._stuffing import DotStuffer, dot_stuff, fold_long_lines, normalize_line_ends
 
 EXAMPLES = int(os.environ.get("RELAY_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(
@@ -256,3 +256,21 @@ def test_scan_matches_reference(text: bytes, cuts: list[int]) -> None:
         while (event := buffer.next_event()) is not None:
             events.append(event)
     assert events[-2:] == [DataEnd(body, len(body), False, bare_lf, bare_cr), Line(b"NOOP")]
+
+
+fold_input = st.lists(
+    st.sampled_from([b"\r\n", b"\n", b"\r", b" ", b"\t", b"x" * 7, b"\xc3\xa9", b"\xe2\x82\xac", b"\xff", b"."]),
+    max_size=120,
+).map(b"".join)
+
+
+@FUZZ
+@given(fold_input, st.integers(min_value=8, max_value=40))
+def test_fold_bounds_lines_keeps_text(body: bytes, limit: int) -> None:
+    folded = fold_long_lines(body, limit)
+    assert max(len(line) for line in folded.replace(b"\r", b"\n").split(b"\n")) <= limit
+    # Only CRLF and a space are ever inserted; every other octet stays, in order.
+    def strip(data: bytes) -> bytes:
+        return data.replace(b"\r", b"").replace(b"\n", b"").replace(b" ", b"")
+    assert strip(folded) == strip(body)
+    assert fold_long_lines(folded, limit) == folded

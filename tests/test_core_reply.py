@@ -1,5 +1,5 @@
-"""Tests of the reply parser and formatter (relay._reply) and the
-dot-stuffing encoder (relay._stuffing)."""
+"""Tests of the reply parser and formatter (relay._reply), the
+dot-stuffing encoder and the line-length fold (relay._stuffing)."""
 
 import pytest
 
@@ -13,7 +13,7 @@ from relay._reply import (
     format_reply,
     parse_ehlo,
 )
-from relay._stuffing import DotStuffer, dot_stuff, normalize_line_ends
+from relay._stuffing import DotStuffer, dot_stuff, fold_long_lines, normalize_line_ends
 
 
 def parse_all(data: bytes, splits: int = 1) -> list[Reply]:
@@ -231,3 +231,55 @@ def test_normalize_line_ends() -> None:
     assert normalize_line_ends(b"a\nb\rc\r\nd") == b"a\r\nb\r\nc\r\nd"
     assert normalize_line_ends(b".x\n") == b".x\r\n"
     assert normalize_line_ends(b"") == b""
+
+
+def wire_lines(data: bytes) -> list[bytes]:
+    return data.split(b"\r\n")
+
+
+def test_fold_leaves_short_lines_alone() -> None:
+    body = b"Subject: t\r\n\r\n" + b"x" * 998 + b"\r\n" + b"y" * 998
+    assert fold_long_lines(body, 998) is body
+    assert fold_long_lines(bytearray(b"a\r\nb"), 998) == b"a\r\nb"
+
+
+def test_fold_header_before_last_blank() -> None:
+    value = b" ".join([b"word%d" % i for i in range(300)])
+    header = b"X-Long: " + value + b"\r\n"
+    folded = fold_long_lines(header + b"\r\nbody\r\n", 998)
+    lines = wire_lines(folded)
+    assert max(len(line) for line in lines) <= 998
+    assert len(lines[0]) >= 998 // 2
+    assert all(line.startswith(b" ") for line in lines[1:-3])
+    # RFC 5322 section 2.2.3: unfolding removes the CRLF before each blank and restores the field.
+    assert folded.replace(b"\r\n ", b" ") == header + b"\r\nbody\r\n"
+
+
+def test_fold_without_blank_inserts_crlf_space() -> None:
+    line = b"y" * 2500
+    assert wire_lines(fold_long_lines(line + b"\r\n", 998)) == [
+        b"y" * 998, b" " + b"y" * 997, b" " + b"y" * 505, b""
+    ]
+
+
+def test_fold_counts_bare_line_ends() -> None:
+    assert fold_long_lines(b"x" * 10 + b"\n" + b"x" * 10 + b"\r" + b"x" * 10, 10) == (
+        b"x" * 10 + b"\n" + b"x" * 10 + b"\r" + b"x" * 10
+    )
+    assert fold_long_lines(b"x" * 11 + b"\n", 10) == b"x" * 10 + b"\r\n x\n"
+
+
+@pytest.mark.parametrize("limit", [8, 9, 10, 77, 78, 997, 998])
+@pytest.mark.parametrize("char", ["\u00e9", "\u20ac", "\U0001f600"])
+def test_fold_keeps_utf8_sequences_whole(limit: int, char: str) -> None:
+    text = char * 2000
+    folded = fold_long_lines(text.encode(), limit)
+    for number, line in enumerate(wire_lines(folded)):
+        assert len(line) <= limit
+        piece = line.decode()  # raises when a sequence was split
+        assert piece == (char * len(piece) if number == 0 else " " + char * (len(piece) - 1))
+
+
+def test_fold_limit_below_eight_rejected() -> None:
+    with pytest.raises(ValueError, match="below 8"):
+        fold_long_lines(b"x" * 20, 7)

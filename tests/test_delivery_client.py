@@ -339,6 +339,77 @@ def test_binarymime_sent_with_bdat() -> None:
     assert server.data == body
 
 
+LONG_HEADERS = b"Subject: long lines\r\nX-Long: " + b" ".join(b"part%d" % i for i in range(400)) + b"\r\n"
+LONG_LINE = b"." + b"z" * 2999
+LONG_BODY = LONG_HEADERS + b"\r\n" + LONG_LINE + b"\r\nshort\r\n"
+
+
+def check_folded(sent: bytes) -> None:
+    """Check that ``LONG_BODY`` arrived with every line at most 998 octets, folded as documented."""
+    assert max(len(line) for line in sent.split(b"\r\n")) == 998
+    headers, _, body = sent.partition(b"\r\n\r\n")
+    # RFC 5322 section 2.2.3: unfolding removes each CRLF before a blank and restores the field.
+    assert headers.replace(b"\r\n ", b" ") + b"\r\n" == LONG_HEADERS
+    # The body line has no blank, so CRLF and a space were inserted at 998 octets.
+    assert body.split(b"\r\n") == [LONG_LINE[:998], b" " + LONG_LINE[998:1995], b" " + LONG_LINE[1995:2992],
+                                     b" " + LONG_LINE[2992:], b"short", b""]
+
+
+@pytest.mark.parametrize("ehlo", [EHLO_PLAIN, EHLO_CHUNKING])
+def test_long_lines_broken_before_sending(ehlo: bytes) -> None:
+    # RFC 5321 section 4.5.3.1.6: at most 1000 octets with the CRLF, not counting a stuffed dot.
+    server = ScriptedServer({"EHLO": ehlo})
+    results = run_session(server, lambda session: session.send(message("a@example.net", body=LONG_BODY)))
+    assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+    if ehlo == EHLO_PLAIN:
+        assert server.data.endswith(b"\r\n.\r\n")
+        assert b"\r\n..zzz" in server.data
+        check_folded(server.data.removesuffix(b".\r\n").replace(b"\r\n..", b"\r\n."))
+    else:
+        check_folded(server.data)
+        # SIZE and BDAT count the octets as sent.
+        assert server.lines[1] == f"MAIL FROM:<sender@example.com> SIZE={len(server.data)}\r\n".encode()
+        assert server.lines[3] == f"BDAT {len(server.data)} LAST\r\n".encode()
+
+
+def test_line_length_limit_configurable() -> None:
+    server = ScriptedServer({})
+    options = dataclasses.replace(OPTIONS, line_length_limit=78)
+    body = b"Subject: t\r\n\r\n" + b"w " * 100 + b"\r\n"
+    run_session(server, lambda session: session.send(message("a@example.net", body=body)), options)
+    lines = server.data.split(b"\r\n")
+    assert max(len(line) for line in lines) <= 78
+    assert server.data.replace(b"\r\n ", b" ") == body + b".\r\n"
+
+
+def test_binarymime_long_lines_sent_unchanged() -> None:
+    body = b"Content-Transfer-Encoding: binary\r\n\r\n" + b"\x00\xff" * 3000 + b"\r\n"
+    server = ScriptedServer({"EHLO": EHLO_BINARYMIME})
+    outgoing = message("a@example.net", body=body, body_type="BINARYMIME")
+    results = run_session(server, lambda session: session.send(outgoing))
+    assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+    assert server.data == body
+
+
+def test_long_lines_folded_for_real_next_hops(tmp_path: Path) -> None:
+    # Real next hops: relay serve takes BDAT, Postfix's smtp-sink takes DATA.
+    sink_port = free_port()
+    with RelayProcess(tmp_path) as upstream, run_smtp_sink("127.0.0.1", sink_port):
+        async def main(port: int) -> object:
+            session = await SMTPSession.open("mx.example.test", "127.0.0.1", port, OPTIONS)
+            try:
+                return await session.send(message("rcpt@example.net", body=LONG_BODY, sender="alice@example.org"))
+            finally:
+                await session.close()
+
+        for port in (upstream.port, sink_port):
+            results = asyncio.run(main(port))
+            assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+        bodies = [strip_received(stored_body) for _, stored_body in upstream.spooled()]
+    assert len(bodies) == 1
+    check_folded(bodies[0])
+
+
 @pytest.mark.parametrize("ehlo", [EHLO_CHUNKING, EHLO_PLAIN,
                                   b"250-mx.example.net\r\n250-PIPELINING\r\n250 BINARYMIME\r\n"])
 def test_binarymime_fails_without_support(ehlo: bytes) -> None:
@@ -351,7 +422,7 @@ def test_binarymime_fails_without_support(ehlo: bytes) -> None:
 
 
 def test_bdat_to_relay_serve_with_rcpt_rejections(tmp_path: Path) -> None:
-    body = b"Subject: chunked\r\n\r\n.leading dot\r\n" + b"y" * 70000 + b"\r\n"
+    body = b"Subject: chunked\r\n\r\n.leading dot\r\n" + (b"y" * 98 + b"\r\n") * 700
     outgoing = message("rcpt@example.net", "nobody@example.net", "rcpt@example.net", body=body,
                        sender="alice@example.org")
     with RelayProcess(tmp_path) as upstream:

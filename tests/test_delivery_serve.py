@@ -137,6 +137,23 @@ def test_serve_corpus_through_smart_host(tmp_path: Path, nameserver: NameServer)
     assert all(message.tls for message in upstream.messages)
 
 
+def test_long_lines_folded_for_aiosmtpd(tmp_path: Path, nameserver: NameServer) -> None:
+    # aiosmtpd rejects a DATA line over 1000 octets with "500 Line too long", so without
+    # delivery.line_length_limit the message would bounce.
+    header = b"X-Long: " + b" ".join(b"item%d" % i for i in range(300)) + b"\r\n"
+    body = b"Subject: long lines\r\n" + header + b"\r\n" + b"q" * 2500 + b"\r\nend\r\n"
+    port = free_port("127.0.0.3")
+    relay = RelayProcess(tmp_path, deliver=True, extra=delivery_section(nameserver, port))
+    with run_upstream("127.0.0.3", port) as upstream, relay:
+        send_all(relay.port, {"user@mx.test": body})
+        assert wait_until(lambda: len(upstream.messages) == 1 and spool_empty(relay), 30), relay.log()[-3000:]
+    received = strip_received(upstream.messages[0].data)
+    assert max(len(line) for line in received.split(b"\r\n")) <= 998
+    headers, _, text = received.partition(b"\r\n\r\n")
+    assert headers.replace(b"\r\n ", b" ") + b"\r\n" == b"Subject: long lines\r\n" + header
+    assert text == b"q" * 998 + b"\r\n " + b"q" * 997 + b"\r\n " + b"q" * 505 + b"\r\nend\r\n"
+
+
 class SlowHandler(RecordingHandler):
     """Holds each end of data for a moment, so a kill lands while transactions are in flight."""
 

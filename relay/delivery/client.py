@@ -9,13 +9,16 @@ port is 465.
 
 Replies are parsed by the compiled ``ReplyParser``; a malformed reply ends the
 session as a temporary failure (``451 4.5.0``).  When the next hop offers
-CHUNKING, the body goes in one ``BDAT <size> LAST`` chunk of the exact spooled
-bytes, and when it offers PIPELINING too, MAIL, RCPT, BDAT and the body share
-one write.  Otherwise DATA sends the body dot-stuffed by the compiled encoder,
+CHUNKING, the body goes in one ``BDAT <size> LAST`` chunk, and when it offers
+PIPELINING too, MAIL, RCPT, BDAT and the body share one write.  Otherwise DATA
+sends the body dot-stuffed by the compiled encoder,
 and with PIPELINING the MAIL, RCPT and DATA commands of the session's next
 message go in the write that ends the body (RFC 2920 section 3.1 lets message
 content start a group), so a reused connection costs one write and one read
 per message.
+Lines longer than ``line_length_limit`` octets (998 by default, RFC 5321
+section 4.5.3.1.6) are broken before either is sent, except in a BINARYMIME
+body, and SIZE counts the octets as sent.
 No command is written with CR, LF or NUL inside an argument: such a recipient
 fails with ``5.1.3`` (``5.1.7`` for the sender), and xtext values are decoded
 and encoded again.
@@ -46,7 +49,7 @@ from typing import cast
 
 from relay._errors import SMTPError
 from relay._reply import Reply, ReplyParser, parse_ehlo
-from relay._stuffing import dot_stuff
+from relay._stuffing import dot_stuff, fold_long_lines
 from relay.config import DeliveryConfig
 from relay.log import log_event
 from relay.spool import Outcome
@@ -56,6 +59,8 @@ logger = logging.getLogger("relay.delivery")
 # Bytes per write while sending DATA; each write must drain within the data
 # block timeout (RFC 5321 section 4.5.3.2.5).
 DATA_CHUNK = 64 * 1024
+# RFC 5321 section 4.5.3.1.6: 1000 octets with the CRLF; Postfix's smtp_line_length_limit.
+DEFAULT_LINE_LENGTH_LIMIT = 998
 # RFC 8314 section 3.3: port 465 speaks TLS from the first byte.
 IMPLICIT_TLS_PORT = 465
 
@@ -163,6 +168,8 @@ class SessionOptions:
     timeouts: Timeouts = Timeouts()
     # Send with BDAT when the next hop offers CHUNKING; False keeps DATA for every hop.
     chunking: bool = True
+    # Longer lines are broken before sending (see ``relay._stuffing.fold_long_lines``).
+    line_length_limit: int = DEFAULT_LINE_LENGTH_LIMIT
 
 
 class _Connection(asyncio.Protocol):
@@ -218,6 +225,7 @@ class _Transaction:
     """A message ready to send: its commands, the recipients to send, and results decided before MAIL."""
 
     message: OutboundMessage
+    body: bytes  # the message's body as sent, with long lines broken
     mail_command: str
     rcpt_commands: list[str]
     sendable: list[OutboundRecipient]
@@ -241,6 +249,7 @@ class SMTPSession:
         self._loop = asyncio.get_running_loop()
         self._timeouts = Timeouts()
         self._chunking = True
+        self._line_length_limit = DEFAULT_LINE_LENGTH_LIMIT
         # The reply to a pipelined DATA, read with the RCPT replies.
         self._data_reply: Reply | None = None
         # The next message, whose MAIL, RCPT and DATA went out after the last body.
@@ -283,6 +292,7 @@ class SMTPSession:
         session = cls(connection, host, address, port)
         session._timeouts = options.timeouts
         session._chunking = options.chunking
+        session._line_length_limit = options.line_length_limit
         session.tls_active = implicit
         try:
             await session._handshake(options, starttls)
@@ -408,12 +418,12 @@ class SMTPSession:
         try:
             if self.uses_chunking:
                 await self._send_with_bdat(
-                    message.body, transaction.mail_command, transaction.rcpt_commands, transaction.sendable, results
+                    transaction.body, transaction.mail_command, transaction.rcpt_commands, transaction.sendable, results
                 )
             else:
                 accepted = await self._envelope(transaction, written=pipelined)
                 if accepted:
-                    await self._data(message.body, accepted, results, following)
+                    await self._data(transaction.body, accepted, results, following)
                 else:
                     await self._reset()
         except SessionError:
@@ -428,7 +438,11 @@ class SMTPSession:
 
     def _prepare(self, message: OutboundMessage) -> _Transaction | list[RecipientResult]:
         """Build the commands of a transaction, or return the results when no recipient can be sent."""
-        refused = self._check_message(message)
+        body = message.body
+        if message.body_type != "BINARYMIME":
+            # RFC 3030 section 3 lifts the line limit for BINARYMIME only.
+            body = fold_long_lines(body, self._line_length_limit)
+        refused = self._check_message(message, len(body))
         if refused is not None:
             return [RecipientResult(r.index, Outcome.FAILED, refused) for r in message.recipients]
 
@@ -443,9 +457,9 @@ class SMTPSession:
         if not sendable:
             return [results[r.index] for r in message.recipients]
 
-        mail_command = self._mail_command(message)
+        mail_command = self._mail_command(message, len(body))
         rcpt_commands = [self._rcpt_command(recipient) for recipient in sendable]
-        return _Transaction(message, mail_command, rcpt_commands, sendable, results)
+        return _Transaction(message, body, mail_command, rcpt_commands, sendable, results)
 
     @property
     def pipelines_transactions(self) -> bool:
@@ -457,8 +471,8 @@ class SMTPSession:
         """Whether transactions on this session send the body with BDAT instead of DATA."""
         return self._chunking and "CHUNKING" in self.capabilities
 
-    def _check_message(self, message: OutboundMessage) -> str | None:
-        """Return the reply that fails the whole message before MAIL, or None to go on."""
+    def _check_message(self, message: OutboundMessage, size: int) -> str | None:
+        """Return the reply that fails the whole message of ``size`` octets before MAIL, or None to go on."""
         if _unsafe(message.sender):
             return "553 5.1.7 sender address contains CR, LF or NUL"
         if _needs_smtputf8(message) and "SMTPUTF8" not in self.capabilities:
@@ -468,14 +482,14 @@ class SMTPSession:
             # BINARYMIME, and this relay does not convert it to 7bit or 8bit MIME.
             return f"554 5.6.3 {self.peer} does not support BINARYMIME with CHUNKING, which this message needs"
         limit = _size_limit(self.capabilities)
-        if limit and len(message.body) > limit:
-            return f"552 5.3.4 message size {len(message.body)} exceeds the limit {limit} of {self.peer}"
+        if limit and size > limit:
+            return f"552 5.3.4 message size {size} exceeds the limit {limit} of {self.peer}"
         return None
 
-    def _mail_command(self, message: OutboundMessage) -> str:
+    def _mail_command(self, message: OutboundMessage, size: int) -> str:
         parts = [f"MAIL FROM:<{message.sender}>"]
         if "SIZE" in self.capabilities:
-            parts.append(f"SIZE={len(message.body)}")
+            parts.append(f"SIZE={size}")
         if message.body_type == "8BITMIME" and "8BITMIME" in self.capabilities:
             parts.append("BODY=8BITMIME")
         elif message.body_type == "BINARYMIME":
@@ -560,8 +574,6 @@ class SMTPSession:
             await self._reset()
             return
 
-        # TODO: lines over 1,000 octets (RFC 5321 section 4.5.3.1.6) go out
-        # unchanged, so a next hop that enforces the limit may reject them.
         encoded = dot_stuff(body)
         next_commands = self._pipeline_next(following)
         for start in range(0, len(encoded), DATA_CHUNK):

@@ -170,6 +170,7 @@ class Scheduler:
             ca_file=delivery.tls_ca_file,
             cache_time=delivery.connection_cache_time,
             chunking=delivery.chunking,
+            line_length_limit=delivery.line_length_limit,
         )
 
     def apply_config(self, config: Config) -> None:

@@ -22,7 +22,7 @@ import weakref
 from dataclasses import dataclass
 
 from relay import metrics
-from relay.delivery.client import SessionError, SessionOptions, SMTPSession, Timeouts
+from relay.delivery.client import DEFAULT_LINE_LENGTH_LIMIT, SessionError, SessionOptions, SMTPSession, Timeouts
 from relay.delivery.dns import LookupFailure, MailHost, MXResolver
 from relay.delivery.router import Route
 from relay.log import log_event
@@ -48,6 +48,7 @@ class SessionPool:
         ca_file: str = "",
         cache_time: float = 2.0,
         chunking: bool = True,
+        line_length_limit: int = DEFAULT_LINE_LENGTH_LIMIT,
     ) -> None:
         self._resolver = resolver
         self._helo_name = helo_name
@@ -55,6 +56,7 @@ class SessionPool:
         self._ca_file = ca_file
         self._cache_time = cache_time
         self._chunking = chunking
+        self._line_length_limit = line_length_limit
         self._idle: dict[str, list[_Parked]] = {}
         self._closing: set[asyncio.Task[None]] = set()  # holds QUIT tasks until they finish
         self.opened = 0  # sessions opened so far, for tests and metrics
@@ -81,6 +83,7 @@ class SessionPool:
             password=route.password,
             timeouts=self._timeouts,
             chunking=self._chunking,
+            line_length_limit=self._line_length_limit,
         )
         errors: list[SessionError] = []
         for host in hosts:
