@@ -625,6 +625,18 @@ def test_bare_lf_normalized_for_trusted() -> None:
     )
 
 
+def test_bare_lf_lines_unstuffed_for_trusted() -> None:
+    # A client that ends lines with bare LF stuffs the lines after them too.
+    # A single leading dot there stays, because a client that does not stuff may have sent it.
+    config = hostile_config(bare_lf="normalize")
+    outcome = run_transcript(
+        lambda: make_session(config),
+        [(EHLO, ["250"]), (T + b"DATA\r\n", ["250", "250", "354"]),
+         (b"Subject: a\n\n..one\n.two\r..three\r\n..four\n...\r\n.\r\n", ["250"])],
+    )
+    assert outcome.messages[0].body == b"Subject: a\r\n\r\n.one\r\n.two\r\n.three\r\n.four\r\n..\r\n"
+
+
 def test_bdat_bare_line_ends_follow_policy() -> None:
     # Bare LF and bare CR in a BDAT message: rejected from an untrusted client,
     # normalized for a trusted one with bare_lf = "normalize".

@@ -97,3 +97,19 @@ def submission_headers(headers: bytes, hostname: str, now: float | None = None) 
 def normalize_line_ends(body: bytes) -> bytes:
     """Turn every bare LF and bare CR into CRLF (the ``bare_lf = "normalize"`` policy)."""
     return _BARE_LINE_END.sub(b"\r\n", body)
+
+
+# Two dots at the start of a line that follows a bare LF or bare CR.
+_STUFFED_AFTER_BARE_LINE_END = re.compile(rb"(\r(?!\n)|(?<!\r)\n)\.(?=\.)")
+
+
+def normalize_data_line_ends(body: bytes) -> bytes:
+    """Turn bare line ends in DATA content into CRLF, and unstuff ``..`` lines after them.
+
+    The DATA buffer removes the dot that RFC 5321 section 4.5.2 adds to a
+    line starting with ``.`` only after CRLF.  A client that ends its lines
+    with bare LF stuffs the lines after them too, so such a line starting
+    with ``..`` loses one dot, as it would after CRLF.  A single leading dot
+    stays, because a client that does not stuff may have sent it.
+    """
+    return normalize_line_ends(_STUFFED_AFTER_BARE_LINE_END.sub(rb"\1", body))

@@ -25,7 +25,8 @@ Policy decisions, with their sources:
 - DATA: only CRLF ``.`` CRLF ends it.  A bare LF or CR in the data, or in
   a message sent with BDAT, gets ``521 5.5.2`` and the connection closes at
   once, unless ``policy.bare_lf`` is ``normalize`` and the client is trusted
-  or authenticated; the message is then stored with CRLF line ends.  The size limit is checked at MAIL (SIZE,
+  or authenticated; the message is then stored with CRLF line ends, and
+  a line after a bare line end that starts with ``..`` loses one dot.  The size limit is checked at MAIL (SIZE,
   RFC 1870) and at end of data; nothing is answered before the final dot.
 - Pipelining (RFC 2920 section 3.1): DATA, BDAT-free commands aside, must end
   a group.  An untrusted, unauthenticated client that sends bytes after DATA
@@ -55,7 +56,13 @@ from relay.log import log_event
 from relay.smtp import replies
 from relay.smtp.auth import Challenge, Credentials, Failure, SaslExchange
 from relay.smtp.policy import RelayPolicy
-from relay.smtp.received import count_received, header_block, normalize_line_ends, submission_headers
+from relay.smtp.received import (
+    count_received,
+    header_block,
+    normalize_data_line_ends,
+    normalize_line_ends,
+    submission_headers,
+)
 from relay.smtp.replies import Reply
 from relay.smtp.transaction import (
     CheckCredentials,
@@ -634,7 +641,7 @@ class Session:
             return
         body = event.body
         if event.bare_lf >= 0 or event.bare_cr >= 0:
-            body = normalize_line_ends(body)
+            body = normalize_data_line_ends(body)
         self._finish_message(transaction, body, "DATA")
 
     def _bdat(self, command: Command) -> None:
