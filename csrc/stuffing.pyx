@@ -10,11 +10,14 @@ dropped as its second half.
 RFC 5321 section 4.5.3.1.6 limits a line to 1000 octets with its CRLF, and
 RFC 5322 section 2.1.1 to 998 before it.  ``fold_long_lines`` breaks longer
 lines before they are sent, as Postfix's ``smtp_line_length_limit`` does.
-It breaks before the last space or tab in the second half of the line,
-which for a header field is RFC 5322 folding and loses nothing when the
-field is unfolded.  A line without such a blank is broken at the limit by
-inserting CRLF and a space, never inside a UTF-8 sequence.  That inserted
-space stays in the text, as it does with Postfix.
+It breaks before the last space or tab in the second half of the line
+that has other text after it, which for a header field is RFC 5322
+folding and loses nothing when the field is unfolded.  A line without
+such a blank is broken at the limit by inserting CRLF and a space, never
+inside a UTF-8 sequence.  That inserted space stays in the text, as it
+does with Postfix.  Blanks at the end of a line that pass the limit, or a
+run of blanks longer than half the limit, can still end up on a line of
+their own.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -153,19 +156,29 @@ cdef class DotStuffer:
 cdef bint _has_long_line(const unsigned char *src, Py_ssize_t n, Py_ssize_t limit) noexcept nogil:
     """Return whether a line of src[:n] (ended by CR or LF) is longer than limit octets."""
     cdef Py_ssize_t start = 0
-    cdef Py_ssize_t i
+    cdef Py_ssize_t window_end
+    cdef Py_ssize_t lf_free = 0  # src[:lf_free] is known to hold no LF after start
     cdef const unsigned char *found
     while n - start > limit:
         # The next line end within limit + 1 octets; none means the line is too long.
-        found = <const unsigned char *>memchr(src + start, LF, limit + 1)
+        window_end = start + limit + 1
+        if lf_free < start:
+            lf_free = start
+        found = <const unsigned char *>memchr(src + lf_free, LF, window_end - lf_free)
         if found == NULL:
-            # A bare CR also ends a line, as dot_stuff sends it.
-            found = <const unsigned char *>memchr(src + start, CR, limit + 1)
+            # A bare CR also ends a line, as dot_stuff sends it.  The window has no
+            # LF, so the next search for one starts after it: lines ended by bare
+            # CR cost one pass, not one per line.
+            lf_free = window_end
+            found = <const unsigned char *>memchr(src + start, CR, window_end - start)
             if found == NULL:
                 return True
-        i = found - src
-        start = i + 1
+        start = found - src + 1
     return False
+
+
+cdef inline bint _is_blank(unsigned char c) noexcept nogil:
+    return c == SP or c == HTAB
 
 
 cdef Py_ssize_t _break_at(const unsigned char *out, Py_ssize_t o, Py_ssize_t line_begin,
@@ -178,10 +191,15 @@ cdef Py_ssize_t _break_at(const unsigned char *out, Py_ssize_t o, Py_ssize_t lin
     """
     cdef Py_ssize_t i = o - 1
     cdef Py_ssize_t lowest = line_begin + limit // 2
+    cdef bint text_after = not _is_blank(next_octet)
     while i >= lowest:
-        if out[i] == SP or out[i] == HTAB:
+        # RFC 5322 section 3.2.2: a folded line must not consist of blanks only,
+        # so the blank must have other text after it.
+        if _is_blank(out[i]) and text_after:
             blank[0] = True
             return i
+        if not _is_blank(out[i]):
+            text_after = True
         i -= 1
     blank[0] = False
     if next_octet & 0xC0 != 0x80:

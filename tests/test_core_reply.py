@@ -255,6 +255,19 @@ def test_fold_header_before_last_blank() -> None:
     assert folded.replace(b"\r\n ", b" ") == header + b"\r\nbody\r\n"
 
 
+def test_fold_leaves_no_blank_only_line() -> None:
+    # RFC 5322 section 3.2.2: a folded header line must not consist of blanks only.
+    folded = fold_long_lines(b" xxx xx x  x    x  x  ", 11)
+    assert [line.strip(b" ") != b"" for line in wire_lines(folded)] == [True] * len(wire_lines(folded))
+    assert folded.replace(b"\r\n ", b" ") == b" xxx xx x  x    x  x  "
+
+
+def test_fold_bare_cr_lines_in_one_pass() -> None:
+    body = (b"x" * 76 + b"\r") * 20000
+    assert fold_long_lines(body, 1 << 20) is body
+    assert fold_long_lines(body + b"y" * 30, 100) is not body
+
+
 def test_fold_without_blank_inserts_crlf_space() -> None:
     line = b"y" * 2500
     assert wire_lines(fold_long_lines(line + b"\r\n", 998)) == [
