@@ -1,4 +1,4 @@
-"""Tell a second stop request from a copy of the first one.
+"""Tell a second stop request from a copy of the first one, and keep signals sent during startup.
 
 ``relay serve`` stops gracefully on the first SIGTERM or SIGINT and exits at
 once on a second.  A terminal's Ctrl-C and systemd's default
@@ -58,23 +58,27 @@ class StopRequests:
         return True
 
 
-class EarlyStop:
-    """Remember a stop signal that arrives before the event loop handles signals.
+class EarlySignals:
+    """Remember stop and reload signals that arrive before the event loop handles signals.
 
-    A worker needs a moment to open the spool and its sockets; a SIGTERM in
-    that window would otherwise end it with the default action and a
-    non-zero status.  ``install`` records the signal instead, and the worker
-    acts on ``signum`` once its own handlers are in place.
+    A worker needs a moment to open the spool and its sockets.  In that
+    window a SIGTERM would end it with the default action and a non-zero
+    status, and a SIGHUP would end it too.  ``install`` records them
+    instead.  Once its own handlers are in place, the worker stops for
+    ``stop_signum`` and reloads its config for ``reload_requested``.
     """
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.stop_signum: int | None = None
+        self.reload_requested = False
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is None:
-            self.signum = signum
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+        elif self.stop_signum is None:
+            self.stop_signum = signum
 
-    def install(self) -> EarlyStop:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+    def install(self) -> EarlySignals:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._record)
         return self

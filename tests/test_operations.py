@@ -153,6 +153,34 @@ def test_sighup_with_invalid_config_keeps_old(relay: Relay) -> None:
     assert "reloaded" not in relay.log()
 
 
+def test_sighup_during_startup_reaches_every_process(tmp_path: Path) -> None:
+    # A SIGHUP that arrives while some workers are still starting is kept
+    # and acted on once they are up, instead of being dropped or ending them.
+    server = Relay(tmp_path, workers=3)
+    with open(server.log_path, "wb") as log:
+        server.process = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--config", str(server.config)],
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=tmp_path,
+        )
+    try:
+        # Signal as soon as the supervisor, done with the config file, forks its first child.
+        children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+        deadline = time.monotonic() + 15
+        while not children.read_text().split():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.001)
+        server.write(domains='"example.test"', broken=True)
+        server.process.send_signal(signal.SIGHUP)
+
+        # Three workers and the delivery process each re-read the file.
+        server.wait_for_log("reload_failed", count=4)
+        wait_for_port("127.0.0.1", server.port, process=server.process)
+        assert server.process.poll() is None
+        assert rcpt_code(server.port, "alice@example.test") == 250
+    finally:
+        server.stop()
+
+
 def test_sighup_reports_settings_needing_restart(relay: Relay) -> None:
     relay.workers = 3
     relay.write(domains='"example.test"')

@@ -1,4 +1,4 @@
-"""Stop-signal bookkeeping: copies of one request, and signals before the loop is up."""
+"""Signal bookkeeping: copies of one stop request, and stop and reload signals before the loop is up."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 import pytest
 
 from relay.delivery.process import WAKE_BYTE, WakeChannel
-from relay.signals import DUPLICATE_WINDOW, EarlyStop, StopRequests
+from relay.signals import DUPLICATE_WINDOW, EarlySignals, StopRequests
 
 
 def test_copies_within_window_are_one_request() -> None:
@@ -23,15 +23,18 @@ def test_copies_within_window_are_one_request() -> None:
     assert requests.classify() == "second"
 
 
-def test_early_stop_records_signal_instead_of_dying() -> None:
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+def test_early_signals_recorded_instead_of_dying() -> None:
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        early = EarlyStop().install()
+        early = EarlySignals().install()
+
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert early.reload_requested
+        assert early.stop_signum is None
 
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGINT)
-
-        assert early.signum == signal.SIGTERM
+        assert early.stop_signum == signal.SIGTERM
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

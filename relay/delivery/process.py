@@ -33,7 +33,7 @@ from relay.config import Config
 from relay.delivery.scheduler import Scheduler
 from relay.log import log_event
 from relay.reload import log_reload, reload_config
-from relay.signals import EarlyStop, StopRequests
+from relay.signals import EarlySignals, StopRequests
 from relay.spool import Spool, SpoolError
 
 logger = logging.getLogger("relay.delivery")
@@ -104,11 +104,11 @@ class WakeSender:
 class DeliveryProcess:
     """The process that runs the scheduler for every receiving worker."""
 
-    def __init__(self, config: Config, *, index: int, wake_fd: int, early_stop: EarlyStop | None = None) -> None:
+    def __init__(self, config: Config, *, index: int, wake_fd: int, early_signals: EarlySignals | None = None) -> None:
         self.config = config
         self.index = index
         self.wake_fd = wake_fd
-        self._early_stop = early_stop
+        self._early_signals = early_signals
         self.scheduler: Scheduler | None = None
         self._stop = asyncio.Event()
         self._stop_requests = StopRequests()
@@ -126,8 +126,12 @@ class DeliveryProcess:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
-        if self._early_stop is not None and self._early_stop.signum is not None:
-            self._on_signal(self._early_stop.signum)
+        early = self._early_signals
+        if early is not None and early.stop_signum is not None:
+            self._on_signal(early.stop_signum)
+        elif early is not None and early.reload_requested:
+            # The config file may have changed after the supervisor read it.
+            self._on_reload()
         log_event(logger, "started", worker=self.index, pid=os.getpid(), role="delivery")
         delivering = loop.create_task(scheduler.run())
         monitoring: Monitoring | None = None

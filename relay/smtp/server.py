@@ -48,7 +48,7 @@ from relay.delivery import Scheduler
 from relay.delivery.process import DeliveryProcess, WakeChannel, WakeSender
 from relay.log import flush_log, log_event
 from relay.reload import log_reload, reload_config
-from relay.signals import EarlyStop, StopRequests
+from relay.signals import EarlySignals, StopRequests
 from relay.smtp import replies
 from relay.smtp.auth import CredentialsError, CredentialStore
 from relay.smtp.policy import RelayPolicy
@@ -339,12 +339,12 @@ class Worker:
         workers: int,
         index: int,
         wake: WakeChannel | None = None,
-        early_stop: EarlyStop | None = None,
+        early_signals: EarlySignals | None = None,
     ) -> None:
         self.config = config
         self.workers = workers
         self.index = index
-        self._early_stop = early_stop
+        self._early_signals = early_signals
         # Set when the scheduler runs in a delivery process: commits wake it through this pipe.
         self.wake = wake
         self._wake_sender: WakeSender | None = None
@@ -376,8 +376,12 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
-        if self._early_stop is not None and self._early_stop.signum is not None:
-            self._on_signal(self._early_stop.signum)
+        early = self._early_signals
+        if early is not None and early.stop_signum is not None:
+            self._on_signal(early.stop_signum)
+        elif early is not None and early.reload_requested:
+            # The config file may have changed after the supervisor read it.
+            self._on_reload()
         log_event(
             logger,
             "started",
@@ -528,6 +532,10 @@ class Worker:
             self.spool = None
 
 
+# The signals the supervisor passes on to its children: stop (TERM, INT) and reload (HUP).
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def _factory(runtime: ListenerRuntime) -> Callable[[], SMTPProtocol]:
     def create() -> SMTPProtocol:
         return SMTPProtocol(runtime)
@@ -539,23 +547,22 @@ def run_worker(
     config: Config, *, event_loop: str, workers: int, index: int, wake: WakeChannel | None = None
 ) -> int:
     """Run one worker's event loop until it has shut down; return its exit status."""
-    # Until the worker's loop handles SIGHUP (reload), its default would end the process.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    early = EarlyStop().install()
+    early = EarlySignals().install()
+    _unblock_signals()
     install_event_loop(event_loop)
-    worker = Worker(config, workers=workers, index=index, wake=wake, early_stop=early)
+    worker = Worker(config, workers=workers, index=index, wake=wake, early_signals=early)
     return asyncio.run(worker.run())
 
 
 def run_delivery(config: Config, *, event_loop: str, index: int, wake: WakeChannel) -> int:
     """Run the delivery process's event loop until it has shut down; return its exit status."""
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    early = EarlyStop().install()
+    early = EarlySignals().install()
+    _unblock_signals()
     install_event_loop(event_loop)
 
     async def main() -> int:
         asyncio.get_running_loop().set_exception_handler(_loop_exception)
-        return await DeliveryProcess(config, index=index, wake_fd=wake.read_fd, early_stop=early).run()
+        return await DeliveryProcess(config, index=index, wake_fd=wake.read_fd, early_signals=early).run()
 
     return asyncio.run(main())
 
@@ -625,8 +632,17 @@ def serve(config: Config, *, event_loop: str = "uvloop") -> int:
     return _supervise(config, event_loop, workers)
 
 
+def _unblock_signals() -> None:
+    """Deliver the stop and reload signals that ``_supervise`` blocked while it forked."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+
+
 def _supervise(config: Config, event_loop: str, workers: int) -> int:
     """Fork the workers (and the delivery process, numbered after them), pass signals on, wait for all."""
+    # Until the handlers are in place, a SIGHUP would end the supervisor or a
+    # new child with the default action.  A blocked signal waits instead.  Each
+    # child unblocks it after installing EarlySignals, the supervisor after forking.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     wake = WakeChannel() if _separate_delivery(config) else None
     children: dict[int, int] = {}
     for index in range(workers):
@@ -668,7 +684,8 @@ def _supervise(config: Config, event_loop: str, workers: int) -> int:
             except ProcessLookupError:
                 pass
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    _unblock_signals()
     status = 0
     try:
         while children:
