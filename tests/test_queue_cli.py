@@ -123,6 +123,13 @@ def test_list_empty_queue(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -
     assert out.strip() == "Mail queue is empty"
 
 
+def test_list_no_match_says_so(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _commit(spool_dir, make_envelope())
+    status, out, _ = _queue(capsys, "list", "--state", "held", "--spool", str(spool_dir))
+    assert status == 0
+    assert out == "No message in the queue matches the filters\n"
+
+
 def test_list_shows_messages_like_mailq(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     queue_id = _commit(spool_dir, make_envelope(recipients=2))
     _defer(spool_dir, queue_id, 1, "451 4.7.1 greylisted")
@@ -224,6 +231,17 @@ def test_hold_release_flush(spool_dir: Path, capsys: pytest.CaptureFixture[str])
     assert message is not None
     assert [r.state.value for r in message.recipients] == ["deferred", "deferred"]
     assert all(r.next_attempt <= time.time() for r in message.recipients)
+
+
+def test_hold_release_twice_explained(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queue_id = _commit(spool_dir, make_envelope())
+    assert _queue(capsys, "release", queue_id, "--spool", str(spool_dir))[1] == (
+        f"{queue_id}: released 0 recipients, none is held\n"
+    )
+    assert _queue(capsys, "hold", queue_id, "--spool", str(spool_dir))[1] == f"{queue_id}: held 2 recipient(s)\n"
+    assert _queue(capsys, "hold", queue_id, "--spool", str(spool_dir)) == (
+        0, f"{queue_id}: held 0 recipients, none is queued or deferred\n", ""
+    )
 
 
 def test_delete_with_yes(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -368,6 +386,22 @@ def test_corrupt_record_logged_with_fields(spool_dir: Path) -> None:
     # The log line carries its fields, not only the event name.
     (line,) = [line for line in result.stderr.splitlines() if "corrupt_moved_aside" in line]
     assert f"queue_id={broken}" in line
+
+
+def test_delete_unknown_id_without_terminal(
+    spool_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not found comes before the question, so a script learns the ID is wrong.
+    missing = _commit(spool_dir, make_envelope())
+    with SpoolStore(spool_dir) as store, store.transaction():
+        store.delete(missing)
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+
+    status, out, err = _queue(capsys, "delete", missing, "--spool", str(spool_dir))
+
+    assert status == 1
+    assert out == ""
+    assert err == f"relay queue: queue ID {missing} not found in the spool\n"
 
 
 def test_delete_without_terminal_needs_yes(

@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     listing.set_defaults(handler=_run, action=_list)
 
     show = actions.add_parser("show", parents=[common], help="show one message's envelope, history and headers")
-    show.add_argument("queue_id", metavar="ID")
+    show.add_argument("queue_id", metavar="ID", help="queue ID, as relay queue list shows it")
     show.add_argument("--body", action="store_true", help="print the whole message after the envelope")
     show.set_defaults(handler=_run, action=_show)
 
@@ -76,20 +76,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "flush", parents=[common], help="make queued and deferred recipients not yet due, due now"
     )
     target = flush.add_mutually_exclusive_group()
-    target.add_argument("queue_id", metavar="ID", nargs="?", help="only this message")
+    target.add_argument("queue_id", metavar="ID", nargs="?", help="only this message (a queue ID)")
     target.add_argument("--domain", metavar="DOMAIN", help="only recipients at this domain")
     flush.set_defaults(handler=_run, action=_flush)
 
     hold = actions.add_parser("hold", parents=[common], help="stop delivery attempts for a message")
-    hold.add_argument("queue_id", metavar="ID")
+    hold.add_argument("queue_id", metavar="ID", help="queue ID, as relay queue list shows it")
     hold.set_defaults(handler=_run, action=_hold)
 
     release = actions.add_parser("release", parents=[common], help="resume delivery of a held message now")
-    release.add_argument("queue_id", metavar="ID")
+    release.add_argument("queue_id", metavar="ID", help="queue ID, as relay queue list shows it")
     release.set_defaults(handler=_run, action=_release)
 
     delete = actions.add_parser("delete", parents=[common], help="delete a message without sending a DSN")
-    delete.add_argument("queue_id", metavar="ID")
+    delete.add_argument("queue_id", metavar="ID", help="queue ID, as relay queue list shows it")
     delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     delete.set_defaults(handler=_run, action=_delete)
 
@@ -271,7 +271,8 @@ def _list(store: SpoolStore, args: argparse.Namespace) -> int:
             sys.stdout.write(orjson.dumps(_message_document(message)).decode() + "\n")
         return 0
     if not messages:
-        print("Mail queue is empty")
+        filtered = sender is not None or domain is not None or state is not None
+        print("No message in the queue matches the filters" if filtered else "Mail queue is empty")
         return 0
     heading = f"{'-Queue ID-':<{_ID_WIDTH}} {'--Size--':>8} {'-Arrival Time (UTC)-':<{_TIME_WIDTH}}"
     print(f"{heading} -Sender/Recipient-------")
@@ -432,7 +433,10 @@ def _hold(store: SpoolStore, args: argparse.Namespace) -> int:
     queue_id = _check_id(args.queue_id)
     with store.transaction():
         count = store.hold(queue_id, time.time())
-    print(f"{queue_id}: held {count} recipient(s)")
+    if count == 0:
+        print(f"{queue_id}: held 0 recipients, none is queued or deferred")
+    else:
+        print(f"{queue_id}: held {count} recipient(s)")
     return 0
 
 
@@ -440,7 +444,10 @@ def _release(store: SpoolStore, args: argparse.Namespace) -> int:
     queue_id = _check_id(args.queue_id)
     with store.transaction():
         count = store.release(queue_id, time.time())
-    print(f"{queue_id}: released {count} recipient(s)")
+    if count == 0:
+        print(f"{queue_id}: released 0 recipients, none is held")
+    else:
+        print(f"{queue_id}: released {count} recipient(s)")
     return 0
 
 
@@ -457,6 +464,10 @@ def _delete(store: SpoolStore, args: argparse.Namespace) -> int:
 
 def _confirm_delete(store: SpoolStore, queue_id: str) -> bool:
     """Ask on the terminal whether to delete ``queue_id``; return True only for an explicit yes."""
+    # An unknown ID is reported as such, with or without a terminal.
+    message = store.load(queue_id)
+    if message is None:
+        raise MessageNotFound(queue_id)
     if not sys.stdin.isatty():
         # Piped input does not come from the operator, and a deletion sends no DSN
         # and cannot be undone, so without a terminal only --yes deletes.
@@ -464,9 +475,6 @@ def _confirm_delete(store: SpoolStore, queue_id: str) -> bool:
             f"cannot ask whether to delete {queue_id}: standard input is not a terminal;"
             " pass --yes to delete without confirmation"
         )
-    message = store.load(queue_id)
-    if message is None:
-        raise MessageNotFound(queue_id)
     pending = sum(r.state.value in ("queued", "deferred", "held") for r in message.recipients)
     try:
         answer = input(
