@@ -1,4 +1,4 @@
-"""Tell a second stop request from a copy of the first one, and keep signals sent during startup.
+"""Stop and reload requests: copies of one signal, signals during startup, and a dead supervisor.
 
 ``relay serve`` stops gracefully on the first SIGTERM or SIGINT and exits at
 once on a second.  A terminal's Ctrl-C and systemd's default
@@ -6,6 +6,8 @@ once on a second.  A terminal's Ctrl-C and systemd's default
 and the supervisor forwards it to its children as well, so one request can
 reach a worker two or three times within milliseconds.  Copies that arrive
 within ``DUPLICATE_WINDOW`` seconds of the first count as that first request.
+The supervisor's children also stop gracefully when the supervisor exits
+without them, even by SIGKILL: a pipe reaches end of file (``SupervisorLink``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import logging
 import os
 import signal
 import time
+from asyncio import AbstractEventLoop
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -82,3 +86,41 @@ class EarlySignals:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._record)
         return self
+
+
+class SupervisorLink:
+    """A pipe whose end of file signals to the supervisor's children that the supervisor is gone.
+
+    Only the supervisor keeps the write end open and nothing is written to
+    it, so the read end reaches end of file when the supervisor exits, even
+    by SIGKILL.  Each child closes its copy of the write end right after
+    fork, and watches the read end from its event loop so that it stops
+    instead of running on without a parent to forward signals.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+
+    def close_write_end(self) -> None:
+        """Close the write end; every child does this first."""
+        os.close(self.write_fd)
+
+    def close_read_end(self) -> None:
+        """Close the read end; the supervisor does this after forking."""
+        os.close(self.read_fd)
+
+    def watch(self, loop: AbstractEventLoop, on_gone: Callable[[], None]) -> None:
+        """Call ``on_gone`` once, from ``loop``, when the supervisor has exited."""
+
+        def readable() -> None:
+            try:
+                data = os.read(self.read_fd, 1)
+            except BlockingIOError:
+                return
+            if data:
+                return  # the supervisor writes nothing; ignore it if anything arrives
+            loop.remove_reader(self.read_fd)
+            on_gone()
+
+        os.set_blocking(self.read_fd, False)
+        loop.add_reader(self.read_fd, readable)

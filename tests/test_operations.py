@@ -181,6 +181,32 @@ def test_sighup_during_startup_reaches_every_process(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_children_stop_when_supervisor_killed(relay: Relay) -> None:
+    assert relay.process is not None
+    children = Path(f"/proc/{relay.process.pid}/task/{relay.process.pid}/children").read_text().split()
+    assert len(children) == 3  # two workers and the delivery process
+
+    relay.process.kill()
+    relay.process.wait()
+
+    # Each child notices through the supervisor pipe, logs it and stops gracefully.
+    relay.wait_for_log("supervisor_gone", count=3)
+    relay.wait_for_log("stopped", count=3)
+    deadline = time.monotonic() + 15
+    while any(running(pid) for pid in children):
+        assert time.monotonic() < deadline, relay.log()
+        time.sleep(0.05)
+
+
+def running(pid: str) -> bool:
+    """Return whether process ``pid`` exists and has not exited (a zombie waits for a parent to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 def test_sighup_reports_settings_needing_restart(relay: Relay) -> None:
     relay.workers = 3
     relay.write(domains='"example.test"')

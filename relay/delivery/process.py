@@ -33,7 +33,7 @@ from relay.config import Config
 from relay.delivery.scheduler import Scheduler
 from relay.log import log_event
 from relay.reload import log_reload, reload_config
-from relay.signals import EarlySignals, StopRequests
+from relay.signals import EarlySignals, StopRequests, SupervisorLink
 from relay.spool import Spool, SpoolError
 
 logger = logging.getLogger("relay.delivery")
@@ -104,11 +104,20 @@ class WakeSender:
 class DeliveryProcess:
     """The process that runs the scheduler for every receiving worker."""
 
-    def __init__(self, config: Config, *, index: int, wake_fd: int, early_signals: EarlySignals | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        index: int,
+        wake_fd: int,
+        early_signals: EarlySignals | None = None,
+        supervisor: SupervisorLink | None = None,
+    ) -> None:
         self.config = config
         self.index = index
         self.wake_fd = wake_fd
         self._early_signals = early_signals
+        self._supervisor = supervisor
         self.scheduler: Scheduler | None = None
         self._stop = asyncio.Event()
         self._stop_requests = StopRequests()
@@ -132,6 +141,8 @@ class DeliveryProcess:
         elif early is not None and early.reload_requested:
             # The config file may have changed after the supervisor read it.
             self._on_reload()
+        if self._supervisor is not None:
+            self._supervisor.watch(loop, self._on_supervisor_gone)
         log_event(logger, "started", worker=self.index, pid=os.getpid(), role="delivery")
         delivering = loop.create_task(scheduler.run())
         monitoring: Monitoring | None = None
@@ -160,6 +171,10 @@ class DeliveryProcess:
     def _on_signal(self, signum: int) -> None:
         if self._stop_requests.receive(signum, logger, worker=self.index):
             self._stop.set()
+
+    def _on_supervisor_gone(self) -> None:
+        log_event(logger, "supervisor_gone", logging.ERROR, worker=self.index)
+        self._stop.set()
 
     def _on_reload(self) -> None:
         result = reload_config(self.config)

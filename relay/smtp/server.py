@@ -48,7 +48,7 @@ from relay.delivery import Scheduler
 from relay.delivery.process import DeliveryProcess, WakeChannel, WakeSender
 from relay.log import flush_log, log_event
 from relay.reload import log_reload, reload_config
-from relay.signals import EarlySignals, StopRequests
+from relay.signals import EarlySignals, StopRequests, SupervisorLink
 from relay.smtp import replies
 from relay.smtp.auth import CredentialsError, CredentialStore
 from relay.smtp.policy import RelayPolicy
@@ -340,11 +340,13 @@ class Worker:
         index: int,
         wake: WakeChannel | None = None,
         early_signals: EarlySignals | None = None,
+        supervisor: SupervisorLink | None = None,
     ) -> None:
         self.config = config
         self.workers = workers
         self.index = index
         self._early_signals = early_signals
+        self._supervisor = supervisor
         # Set when the scheduler runs in a delivery process: commits wake it through this pipe.
         self.wake = wake
         self._wake_sender: WakeSender | None = None
@@ -382,6 +384,8 @@ class Worker:
         elif early is not None and early.reload_requested:
             # The config file may have changed after the supervisor read it.
             self._on_reload()
+        if self._supervisor is not None:
+            self._supervisor.watch(loop, self._on_supervisor_gone)
         log_event(
             logger,
             "started",
@@ -492,6 +496,10 @@ class Worker:
         if self._stop_requests.receive(signum, logger, sessions=len(self.sessions)):
             self._stop.set()
 
+    def _on_supervisor_gone(self) -> None:
+        log_event(logger, "supervisor_gone", logging.ERROR, worker=self.index, sessions=len(self.sessions))
+        self._stop.set()
+
     async def _shutdown(self) -> None:
         if self._wake_sender is not None:
             self._wake_sender.stop()
@@ -544,17 +552,25 @@ def _factory(runtime: ListenerRuntime) -> Callable[[], SMTPProtocol]:
 
 
 def run_worker(
-    config: Config, *, event_loop: str, workers: int, index: int, wake: WakeChannel | None = None
+    config: Config,
+    *,
+    event_loop: str,
+    workers: int,
+    index: int,
+    wake: WakeChannel | None = None,
+    supervisor: SupervisorLink | None = None,
 ) -> int:
     """Run one worker's event loop until it has shut down; return its exit status."""
     early = EarlySignals().install()
     _unblock_signals()
     install_event_loop(event_loop)
-    worker = Worker(config, workers=workers, index=index, wake=wake, early_signals=early)
+    worker = Worker(config, workers=workers, index=index, wake=wake, early_signals=early, supervisor=supervisor)
     return asyncio.run(worker.run())
 
 
-def run_delivery(config: Config, *, event_loop: str, index: int, wake: WakeChannel) -> int:
+def run_delivery(
+    config: Config, *, event_loop: str, index: int, wake: WakeChannel, supervisor: SupervisorLink | None = None
+) -> int:
     """Run the delivery process's event loop until it has shut down; return its exit status."""
     early = EarlySignals().install()
     _unblock_signals()
@@ -562,7 +578,8 @@ def run_delivery(config: Config, *, event_loop: str, index: int, wake: WakeChann
 
     async def main() -> int:
         asyncio.get_running_loop().set_exception_handler(_loop_exception)
-        return await DeliveryProcess(config, index=index, wake_fd=wake.read_fd, early_signals=early).run()
+        process = DeliveryProcess(config, index=index, wake_fd=wake.read_fd, early_signals=early, supervisor=supervisor)
+        return await process.run()
 
     return asyncio.run(main())
 
@@ -644,15 +661,19 @@ def _supervise(config: Config, event_loop: str, workers: int) -> int:
     # child unblocks it after installing EarlySignals, the supervisor after forking.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     wake = WakeChannel() if _separate_delivery(config) else None
+    supervisor = SupervisorLink()
     children: dict[int, int] = {}
     for index in range(workers):
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
+                supervisor.close_write_end()
                 if wake is not None:
                     wake.close_read_end()
-                status = run_worker(config, event_loop=event_loop, workers=workers, index=index, wake=wake)
+                status = run_worker(
+                    config, event_loop=event_loop, workers=workers, index=index, wake=wake, supervisor=supervisor
+                )
             finally:
                 flush_log()
                 os._exit(status)
@@ -662,8 +683,9 @@ def _supervise(config: Config, event_loop: str, workers: int) -> int:
         if pid == 0:
             status = 1
             try:
+                supervisor.close_write_end()
                 wake.close_write_end()
-                status = run_delivery(config, event_loop=event_loop, index=workers, wake=wake)
+                status = run_delivery(config, event_loop=event_loop, index=workers, wake=wake, supervisor=supervisor)
             finally:
                 flush_log()
                 os._exit(status)
@@ -671,6 +693,8 @@ def _supervise(config: Config, event_loop: str, workers: int) -> int:
         # The children hold their ends; the supervisor needs neither.
         wake.close_read_end()
         wake.close_write_end()
+    # The write end stays open until the supervisor exits.
+    supervisor.close_read_end()
 
     signals_seen = 0
 
