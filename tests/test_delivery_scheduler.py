@@ -30,6 +30,7 @@ from delivery_peers import (
 from conftest import free_port, require_corpus
 from relay.config import Config, load_config
 from relay.delivery import Scheduler
+from relay.delivery.dsn import _remote_mta
 from relay.delivery.owner import process_start
 from relay.spool import Envelope, Recipient, Spool, SpoolStore
 
@@ -178,7 +179,21 @@ def test_rcpt_5xx_bounces_to_local_sender(tmp_path: Path, nameserver: NameServer
     assert recipient_fields["Final-Recipient"] == "rfc822; nobody@implicit.test"
     assert recipient_fields["Action"] == "failed"
     assert recipient_fields["Status"] == "5.1.1"
+    # RFC 3464 section 2.3.5: the next hop's name, without its address and port.
+    assert recipient_fields["Remote-MTA"] == "dns; implicit.test"
     assert "550 5.1.1 no such user" in recipient_fields["Diagnostic-Code"]
+
+
+@pytest.mark.parametrize(
+    ("peer", "field"),
+    [
+        ("mx1.example.net[192.0.2.1]:25", "dns; mx1.example.net"),
+        ("192.0.2.7[192.0.2.7]:2600", "dns; [192.0.2.7]"),
+        ("2001:db8::1[2001:db8::1]:25", "dns; [IPv6:2001:db8::1]"),
+    ],
+)
+def test_remote_mta_names_next_hop(peer: str, field: str) -> None:
+    assert _remote_mta(peer) == field
 
 
 def test_null_sender_failure_sends_no_bounce(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:

@@ -27,6 +27,7 @@ delayed`` with ``Will-Retry-Until``.
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import re
 import secrets
 from collections.abc import Sequence
@@ -77,6 +78,21 @@ def _address_type(address: str) -> str:
 
 def _clean(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")
+
+
+def _remote_mta(peer: str) -> str:
+    """Return the ``Remote-MTA`` value for a next hop stored as ``name[address]:port``.
+
+    RFC 3464 section 2.3.5 asks for the MTA's name, with the type ``dns``.
+    A next hop named by its address (a relayhost such as ``[192.0.2.1]``)
+    gets that address as an RFC 5321 address literal.
+    """
+    name = peer.split("[", 1)[0] or peer
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return f"dns; {name}"
+    return f"dns; [IPv6:{address}]" if address.version == 6 else f"dns; [{address}]"
 
 
 def build_report(
@@ -176,7 +192,7 @@ def _recipient_fields(recipient: StoredRecipient, retry_until: float | None) -> 
     fields.append(f"Action: {_action(recipient)}")
     fields.append(f"Status: {status_of(reply)}")
     if recipient.last_host:
-        fields.append(f"Remote-MTA: dns; {_clean(recipient.last_host)}")
+        fields.append(f"Remote-MTA: {_remote_mta(_clean(recipient.last_host))}")
         fields.append(f"Diagnostic-Code: smtp; {reply}")
     elif reply:
         fields.append(f"Diagnostic-Code: X-relay; {reply}")
