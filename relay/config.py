@@ -40,6 +40,10 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+# The largest value an "int" or "size" key without a maximum of its own accepts.
+_INTEGER_CEILING = (1 << 62) - 1
+
+
 class ConfigError(Exception):
     """A configuration that cannot be used; ``errors`` contains one line per problem."""
 
@@ -91,7 +95,7 @@ def _default_hostname() -> str:
 class ServerConfig:
     hostname: str = field(default_factory=_default_hostname, metadata={"kind": "hostname"})
     # One worker process per CPU, like a pre-forked Postfix smtpd pool sized to the box.
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1, metadata={"kind": "int", "min": 1})
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1, metadata={"kind": "int", "min": 1, "max": 256})
     # How long transactions already in DATA may run after SIGTERM before they get 421.
     shutdown_grace: float = _key(30.0, "duration")
     # Postfix: default_process_limit 100 per service; we count connections, not processes.
@@ -164,13 +168,14 @@ class PolicyConfig:
     relay_domains: tuple[str, ...] = _key((), "domains")
     trusted_networks: tuple[str, ...] = _key(("127.0.0.0/8", "::1/128"), "networks")
     # Postfix: message_size_limit = 10240000; we follow the DESIGN default of 35 MiB.
-    max_message_size: int = _key(36700160, "size", min=1)
+    # At most 1 TiB: the compiled buffer counts octets in a C ssize_t.
+    max_message_size: int = _key(36700160, "size", min=1, max=1 << 40)
     # Postfix: smtpd_recipient_limit = 1000.
     max_recipients: int = _key(1000, "int", min=1)
     # RFC 5321 section 4.5.3.1.4: 512 octets including CRLF.
-    max_line_length: int = _key(512, "size", min=512)
+    max_line_length: int = _key(512, "size", min=512, max=1 << 20)
     # RFC 4954 section 4: AUTH lines may be up to 12288 octets.
-    max_auth_line_length: int = _key(12288, "size", min=512)
+    max_auth_line_length: int = _key(12288, "size", min=512, max=1 << 20)
     # RFC 5321 section 6.3 requires a loop limit of at least 100 Received headers.
     max_received_headers: int = _key(100, "int", min=1)
     allow_address_literals: bool = _key(False, "bool")
@@ -516,7 +521,9 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
     else:
         raise AssertionError(f"unknown config kind {kind}")
 
-    low, high = options.get("min"), options.get("max")
+    # Integers without a maximum of their own still must fit the C integers of the
+    # compiled core and the system calls they reach.
+    low, high = options.get("min"), options.get("max", _INTEGER_CEILING if kind in ("int", "size") else None)
     format_limit = format_duration if kind == "duration" else str
     if low is not None and converted < low:
         raise ValueError(f"value {value!r} is below the minimum {format_limit(low)}")

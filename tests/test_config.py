@@ -461,6 +461,51 @@ def test_check_config_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ]
 
 
+@pytest.mark.parametrize(
+    ("section", "fragment"),
+    [
+        ('[auth]\npassword_file = "{dir}"\n', "cannot be read: Is a directory; check [auth] password_file"),
+        ('[auth]\npassword_file = "{dir}/pw"\n', "invalid UTF-8 at byte 4"),
+        ('[tls]\ncert = "{dir}/pw"\nkey = "{dir}/pw"\n[[listener]]\naddress = "127.0.0.1:25"\ntls = "starttls"\n',
+         "contains no valid PEM certificate"),
+    ],
+)
+def test_check_config_loads_files_like_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], section: str, fragment: str
+) -> None:
+    # What would stop relay serve before any worker starts fails check-config too.
+    (tmp_path / "pw").write_bytes(b"bob:\xff\n")
+    path = write(tmp_path, section.format(dir=tmp_path))
+
+    status = main(["check-config", str(path)])
+
+    assert status == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"{path}: ")
+    assert fragment in captured.err
+    assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "maximum"),
+    [
+        ("[policy]\nmax_message_size = 99999999999999999999\n", "policy.max_message_size", "1099511627776"),
+        ('[policy]\nmax_message_size = "9999999999G"\n', "policy.max_message_size", "1099511627776"),
+        ("[policy]\nmax_line_length = 99999999999999999999\n", "policy.max_line_length", "1048576"),
+        ("[server]\nworkers = 1000\n", "server.workers", "256"),
+        ("[server]\nmax_connections = 99999999999999999999\n", "server.max_connections", "4611686018427387903"),
+    ],
+)
+def test_huge_integers_rejected(tmp_path: Path, text: str, key: str, maximum: str) -> None:
+    # Larger values overflowed the compiled core's C integers at the first connection.
+    path = write(tmp_path, text)
+
+    errors = errors_of(path)
+
+    assert any(line.startswith(f"{path}:{key}: ") and f"above the maximum {maximum}" in line for line in errors)
+
+
 def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status = main(["check-config", str(tmp_path / "nope.toml")])
 

@@ -207,6 +207,19 @@ def running(pid: str) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+def test_sighup_with_unreadable_credentials_keeps_old(relay: Relay) -> None:
+    # A directory as the credentials file: each worker logs reload_failed and goes on.
+    relay.write(domains='"other.test"')
+    relay.config.write_text(relay.config.read_text() + f'\n[auth]\npassword_file = "{relay.directory}"\n')
+    assert relay.process is not None
+    relay.process.send_signal(signal.SIGHUP)
+    relay.wait_for_log("reload_failed", count=2)
+
+    assert "Is a directory" in relay.log()
+    assert "loop_exception" not in relay.log()
+    assert rcpt_code(relay.port, "alice@example.test") == 250
+
+
 def test_sighup_reports_settings_needing_restart(relay: Relay) -> None:
     relay.workers = 3
     relay.write(domains='"example.test"')

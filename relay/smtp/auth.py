@@ -114,22 +114,29 @@ class CredentialStore:
         self._dummy = hash_password(secrets.token_hex(8))
 
     def _reload(self) -> None:
-        stat = os.stat(self.path)
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        if stamp == self._stamp:
-            return
-        with open(self.path, encoding="utf-8") as handle:
-            users = parse_credentials(handle.read(), self.path)
-        self._users = users
+        """Read the file again if it changed; raise CredentialsError when it cannot be read or parsed."""
+        try:
+            stat = os.stat(self.path)
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if stamp == self._stamp:
+                return
+            with open(self.path, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise CredentialsError(
+                f"{self.path}: cannot be read: {exc.strerror or exc}; check [auth] password_file"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise CredentialsError(
+                f"{self.path}: invalid UTF-8 at byte {exc.start}; write USER:HASH lines with relay passwd"
+            ) from None
+        self._users = parse_credentials(text, self.path)
         self._stamp = stamp
 
     def verify(self, user: str, password: str) -> bool:
         """Check a user's password; raise CredentialsError if the file became unreadable."""
         with self._lock:
-            try:
-                self._reload()
-            except OSError as exc:
-                raise CredentialsError(f"{self.path}: cannot be read: {exc.strerror}") from None
+            self._reload()
             encoded = self._users.get(user)
         if encoded is None:
             verify_password(password, self._dummy)

@@ -438,7 +438,11 @@ class Worker:
             return
         config = result.config
         policy = RelayPolicy(config)
-        credentials = CredentialStore(config.auth.password_file) if config.auth.password_file else None
+        try:
+            credentials = CredentialStore(config.auth.password_file) if config.auth.password_file else None
+        except CredentialsError as exc:
+            log_event(logger, "reload_failed", logging.ERROR, worker=self.index, error=str(exc))
+            return
         context = self.runtimes[0].ssl_context if self.runtimes else None
         if context is not None and config.tls.cert and config.tls != self.config.tls:
             # Certificate rotation: new handshakes use the new chain, on the same
@@ -604,12 +608,21 @@ def check_startup(config: Config) -> None:
     SO_REUSEPORT binds would join silently, splitting connections between
     two relays with different configs and spools.
     """
+    check_files(config)
+    for listener in config.listeners:
+        _check_address_free(listener)
+
+
+def check_files(config: Config) -> None:
+    """Load the TLS certificate and the credentials file as the workers will; raise with the reason.
+
+    Raises TLSSetupError or CredentialsError.  ``relay check-config`` runs
+    this too, so that it rejects what would stop ``relay serve``.
+    """
     if any(listener.tls != "none" for listener in config.listeners):
         server_context(config.tls)  # raises TLSSetupError
     if config.auth.password_file:
         CredentialStore(config.auth.password_file)  # raises CredentialsError
-    for listener in config.listeners:
-        _check_address_free(listener)
 
 
 def _check_address_free(listener: ListenerConfig) -> None:
