@@ -207,6 +207,22 @@ def test_mailbox_message_in_new_and_cur_once(tmp_path: Path, capsys: pytest.Capt
     assert "once" in lines[0]
 
 
+def test_mailbox_ignores_symbolic_links(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A link in a Maildir must not make the operator's command print the file it points to.
+    config = write_config(tmp_path)
+    write_message(tmp_path, "1.real", b"Subject: real\r\n\r\nx\r\n")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"Subject: secret\r\n\r\nroot:x:0:0\r\n")
+    (tmp_path / "mail" / "alice" / "new" / "2.link").symlink_to(secret)
+
+    assert mailbox(config, "alice") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    assert "real" in lines[0]
+    assert mailbox(config, "alice", "2") == 1
+    assert "secret" not in capsys.readouterr().out
+
+
 def test_mailbox_print_deleted_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -38,6 +38,8 @@ import argparse
 import email.parser
 import email.policy
 import email.utils
+import errno
+import os
 import stat
 import sys
 import time
@@ -185,7 +187,8 @@ def _message_files(root: Path) -> list[tuple[Path, float]]:
             continue
         for path in directory.iterdir():
             try:
-                status = path.stat()
+                # lstat: a symbolic link is not a message, wherever it points.
+                status = path.lstat()
             except FileNotFoundError:
                 continue  # moved or deleted since the folder was read
             if stat.S_ISREG(status.st_mode):
@@ -201,7 +204,7 @@ def _unique_part(name: str) -> str:
 def _read_message(root: Path, path: Path) -> bytes | None:
     """Read a listed message, following it to its new name if it moved; return None if it is gone."""
     try:
-        return path.read_bytes()
+        return _read_regular_file(path)
     except FileNotFoundError:
         pass
     unique = _unique_part(path.name)
@@ -212,10 +215,24 @@ def _read_message(root: Path, path: Path) -> bytes | None:
             continue
         for candidate in candidates:
             try:
-                return candidate.read_bytes()
+                return _read_regular_file(candidate)
             except FileNotFoundError:
                 continue
     return None
+
+
+def _read_regular_file(path: Path) -> bytes | None:
+    """Return the contents of ``path``, or None when it is not a regular file (a link put in its place)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None  # a symbolic link
+        raise
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            return None
+        return handle.read()
 
 
 def _summary_line(number: int, data: bytes, mtime: float) -> str:
