@@ -29,7 +29,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from relay.units import format_duration, format_host_port, is_hostname, parse_duration, parse_host_port, parse_size
+from relay.units import (
+    format_duration,
+    format_host_port,
+    is_hostname,
+    is_safe_user_name,
+    parse_duration,
+    parse_host_port,
+    parse_size,
+)
 
 ROLES = ("mx", "submission", "sink")
 TLS_MODES = ("none", "starttls", "implicit")
@@ -273,7 +281,7 @@ class DeliveryConfig:
 @dataclass(frozen=True)
 class LocalConfig:
     maildir_root: str = _key("mail", "path")
-    users: tuple[str, ...] = _key((), "strings")
+    users: tuple[str, ...] = _key((), "users")
     aliases: str = _key("", "path", must_exist=True)
 
 
@@ -509,6 +517,15 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
         return path
     elif kind == "strings":
         _expect_items(value, (str,), "an array of strings")
+        return tuple(value)
+    elif kind == "users":
+        _expect_items(value, (str,), "an array of user names")
+        for name in value:
+            if not is_safe_user_name(name):
+                raise ValueError(
+                    f"invalid user name {name!r}; expected letters, digits and . _ + = -,"
+                    " without a leading dot, \"..\" or \"/\""
+                )
         return tuple(value)
     elif kind == "domains":
         return _parse_domains(value)

@@ -104,7 +104,8 @@ def parse_host_port(value: str, default_port: int | None = None) -> tuple[str, i
             raise ValueError(f"invalid address {value!r}: missing port; {expected}")
         port = default_port
     else:
-        if not port_text.isdigit():
+        # ASCII only: int() also reads other scripts' digits, and "²" passes isdigit().
+        if not (port_text.isascii() and port_text.isdigit()):
             raise ValueError(f"invalid port in {value!r}; expected a number from 1 to 65535")
         port = int(port_text)
         if not 0 < port < 65536:
@@ -123,3 +124,17 @@ def parse_host_port(value: str, default_port: int | None = None) -> tuple[str, i
 def format_host_port(host: str, port: int) -> str:
     """Return ``HOST:PORT``, bracketing IPv6 hosts."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# A local part that may name a folder under maildir_root: no "/" and no leading
+# dot, so it can neither leave the root ("..") nor name a hidden folder.
+_SAFE_USER_NAME = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9._+=-]*$")
+
+
+def is_safe_user_name(name: str) -> bool:
+    """Return whether ``name`` can be a Maildir folder name under maildir_root.
+
+    Two dots in a row are rejected too: a dot-atom local part cannot contain
+    them (RFC 5322 section 3.2.3).
+    """
+    return _SAFE_USER_NAME.fullmatch(name) is not None and ".." not in name

@@ -50,7 +50,8 @@ from typing import Any
 
 from relay.cli import add_config_option, config_from_args, escape_controls, stop_output
 from relay.config import LocalConfig
-from relay.delivery.maildir import LocalDelivery, is_safe_user_name
+from relay.delivery.maildir import LocalDelivery
+from relay.units import is_safe_user_name
 
 MAILDIR_FOLDERS = ("new", "cur")
 

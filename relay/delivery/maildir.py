@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.config import LocalConfig
+from relay.units import is_safe_user_name
 
 # Deep enough for any hand-written alias file; a longer chain is a loop.
 MAX_ALIAS_DEPTH = 10
@@ -63,18 +63,6 @@ class Expansion:
     remote: tuple[str, ...] = ()
 
 
-# A local part that may name a folder under maildir_root: no "/" and no leading
-# dot, so it can neither leave the root ("..") nor name a hidden folder.
-_SAFE_USER_NAME = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9._+=-]*$")
-
-
-def is_safe_user_name(name: str) -> bool:
-    """Return whether ``name`` can be a Maildir folder name under maildir_root.
-
-    Two dots in a row are rejected too: a dot-atom local part cannot contain
-    them (RFC 5322 section 3.2.3).
-    """
-    return _SAFE_USER_NAME.match(name) is not None and ".." not in name
 
 
 @dataclass

@@ -30,9 +30,9 @@ import threading
 from collections.abc import Iterable
 
 from relay.config import Config
-from relay.delivery.maildir import is_safe_user_name
 from relay.smtp import replies
 from relay.smtp.replies import Reply
+from relay.units import is_safe_user_name
 
 
 def parse_aliases(text: str) -> set[str]:
