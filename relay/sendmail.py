@@ -41,6 +41,8 @@ internal error gives ``EX_SOFTWARE`` (70) with its message, never a traceback.
 from __future__ import annotations
 
 import argparse
+import email.header
+import email.utils
 import getpass
 import logging
 import os
@@ -57,6 +59,7 @@ from relay._errors import SMTPError
 from relay._parser import parse_command
 from relay.config import CONFIG_ENVIRONMENT, Config, ConfigError, load_config
 from relay.log import log_event
+from relay.smtp import replies
 from relay.smtp.policy import RelayPolicy
 from relay.smtp.received import header_block, normalize_line_ends, submission_headers
 from relay.spool import Envelope, Recipient, Spool, SpoolError, new_queue_id
@@ -238,11 +241,17 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
     if not recipients:
         raise SendmailError(EX_USAGE, "no recipients given; name them as arguments or use -t")
 
+    # The checks of an SMTP client on a trusted network, which a local user is.
     policy = RelayPolicy(config)
     for address in recipients:
         local_part, _, domain = address.rpartition("@")
-        if policy.is_local_domain(domain) and not policy.user_exists(local_part):
+        rejection = policy.check_recipient(local_part, domain, privileged=True)
+        if rejection is replies.NO_SUCH_USER:
             raise SendmailError(EX_NOUSER, f"unknown local user {address!r}; create its Maildir or add an alias")
+        if rejection is not None:
+            raise SendmailError(
+                EX_DATAERR, f"recipient {address!r} rejected: {rejection.code} {rejection.status} {rejection.text}"
+            )
 
     if options.sender is None:
         sender = f"{login}@{default_domain}"
@@ -256,7 +265,7 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
     if not any(line[:5].lower() == b"from:" for line in headers.splitlines()):
         name = options.full_name
         origin = sender or f"{login}@{default_domain}"
-        added += (f'From: "{name}" <{origin}>\r\n' if name else f"From: {origin}\r\n").encode()
+        added += f"From: {_from_field(name, origin)}\r\n".encode()
     if not headers:
         # A message without headers gets the empty line that starts its body.
         added += b"\r\n" if message and not message.startswith(b"\r\n") else b""
@@ -392,3 +401,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("sendmail_args", nargs=argparse.REMAINDER, help="sendmail options and recipients")
     parser.set_defaults(handler=_handle, config=None)
+
+
+def _from_field(name: str | None, address: str) -> str:
+    """Return a From field body for ``address`` with the display name given by -F.
+
+    The name is a quoted string (RFC 5322 section 3.2.4), or an RFC 2047
+    encoded word when it is not ASCII.  Line ends in it become spaces, so it
+    cannot start another header field.
+    """
+    if not name:
+        return address
+    name = " ".join(name.splitlines())
+    if name.isascii():
+        display = '"' + email.utils.quote(name) + '"'
+    else:
+        display = email.header.Header(name, "utf-8").encode()
+    return f"{display} <{address}>"

@@ -130,6 +130,25 @@ def test_null_sender_and_full_name(tmp_path: Path) -> None:
     assert b'From: "Cron Daemon" <' in body
 
 
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [
+        ('John "Q" Doe', b'From: "John \\"Q\\" Doe" <'),
+        ("J\u00f6hn <Doe>", b"From: =?utf-8?b?SsO2aG4gPERvZT4=?= <"),
+        ("Evil\nBcc: x@example.net", b'From: "Evil Bcc: x@example.net" <'),
+    ],
+)
+def test_full_name_quoted_or_encoded(tmp_path: Path, name: str, field: bytes) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "-F", name, "alice"], b"Subject: x\n\nhi\n")
+
+    assert result.returncode == 0, result.stderr
+    [(_, body)] = stored_messages(tmp_path / "spool")
+    assert field in body
+    assert b"\r\nBcc:" not in body
+
+
 def test_lone_dot_ends_input_without_i(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
@@ -173,6 +192,8 @@ def test_program_name_sendmail(tmp_path: Path) -> None:
         (["bad address@example.net"], b"x\n", EX_NOUSER, "invalid recipient address"),
         (["-f", "a b@c", "alice"], b"x\n", EX_NOUSER, "invalid sender address"),
         (["alice"], b"Subject: x\n\n" + b"y" * 5000, EX_DATAERR, "exceeds policy.max_message_size (4096)"),
+        # The SMTP server's rules: a loopback address literal never passes.
+        (["x@[127.0.0.1]"], b"x\n", EX_DATAERR, "rejected: 550 5.7.1 Address literal not accepted"),
     ],
 )
 def test_exit_codes(tmp_path: Path, args: list[str], message: bytes, status: int, fragment: str) -> None:
