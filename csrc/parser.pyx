@@ -637,7 +637,9 @@ cdef object _apply_param(Command command, str keyword, const unsigned char *s,
         return _PARAM_UNKNOWN
 
     if keyword == "SIZE":
-        if not has_value:
+        # RFC 1870: size-value is 1*20DIGIT.  A longer one is invalid, and int()
+        # would refuse more than 4300 digits with an exception of its own.
+        if not has_value or end - start > 20:
             return _SIZE_INVALID
         for i in range(start, end):
             if not (CLASS[s[i]] & C_DIGIT):
@@ -820,7 +822,8 @@ cdef Command _parse_bdat(const unsigned char *s, Py_ssize_t i, Py_ssize_t n, str
     cdef Command command
     while i < n and (CLASS[s[i]] & C_DIGIT):
         i += 1
-    if i == start:
+    # Twenty digits, as RFC 1870 allows for SIZE, are far more than any chunk.
+    if i == start or i - start > 20:
         raise _error(_BDAT_SYNTAX)
     command = _new_command(V_BDAT, argument)
     command.chunk_size = int(_ascii(s, start, i))
@@ -836,8 +839,12 @@ cdef Command _parse_bdat(const unsigned char *s, Py_ssize_t i, Py_ssize_t n, str
 
 
 cdef Command _parse_auth(str argument):
-    cdef list words = argument.split()
+    # Words are separated by spaces only: str.split() would also split on
+    # Unicode spaces, and could return no word at all for "AUTH \u00a0".
+    cdef list words = [word for word in argument.split(" ") if word]
     cdef Command command
+    if not words:
+        raise _error(_AUTH_SYNTAX)
     mechanism = words[0].upper()
     # RFC 4954 section 4: sasl-mech is 1*20 of upper-case letters, digits, "-" and "_".
     if len(mechanism) > 20 or len(words) > 2:

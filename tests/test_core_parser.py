@@ -415,3 +415,29 @@ def test_xtext_decode_rejects(value: str) -> None:
     with pytest.raises(SMTPError) as caught:
         xtext_decode(value)
     assert (caught.value.code, caught.value.enhanced) == (501, "5.5.4")
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        # Unicode spaces are no separators: str.split() left no word here, and
+        # reading the first one crashed the worker.
+        (b"AUTH \xc2\xa0", "501 5.5.4"),
+        (b"AUTH \xe3\x80\x80", "501 5.5.4"),
+        (b"AUTH PLAIN\xc2\xa0dGVzdA==", "501 5.5.4"),
+        # RFC 1870: at most 20 digits.  int() refuses more than 4300.
+        (b"MAIL FROM:<a@example.com> SIZE=" + b"9" * 21, "501 5.5.4"),
+        (b"MAIL FROM:<a@example.com> SIZE=" + b"9" * 5000, "501 5.5.4"),
+        (b"BDAT " + b"9" * 21 + b" LAST", "501 5.5.4"),
+        (b"BDAT " + b"9" * 4400, "501 5.5.4"),
+    ],
+)
+def test_hostile_arguments_rejected(line: bytes, reply: str) -> None:
+    with pytest.raises(SMTPError) as raised:
+        parse_command(line)
+    assert f"{raised.value.code} {raised.value.enhanced}" == reply
+
+
+def test_twenty_digit_size_parsed() -> None:
+    assert parse_command(b"MAIL FROM:<a@example.com> SIZE=" + b"9" * 20).size == 10**20 - 1
+    assert parse_command(b"BDAT " + b"1" * 20 + b" LAST").chunk_size == int("1" * 20)

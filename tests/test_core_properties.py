@@ -42,7 +42,8 @@ line_bytes = st.lists(
     st.sampled_from([b"MAIL FROM:", b"RCPT TO:", b"<", b">", b"@", b'"', b"\\", b" ", b".",
                      b"[", b"]", b"IPv6:", b"::", b"192.0.2.1", b"SIZE=", b"BODY=8BITMIME",
                      b"SMTPUTF8", b"NOTIFY=", b"ORCPT=rfc822;", b"+0A", b"+41", b"=", b",",
-                     b"postmaster", b"example.com", b"\xc3\xa9", b"\xe9", b"-", b"a", b"1"])
+                     b"postmaster", b"example.com", b"\xc3\xa9", b"\xe9", b"-", b"a", b"1",
+                     b"AUTH ", b"BDAT ", b"\xc2\xa0", b"\xe3\x80\x80", b"9" * 25])
     | st.binary(max_size=8),
     max_size=30,
 ).map(b"".join)
