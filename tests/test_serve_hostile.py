@@ -770,3 +770,44 @@ def test_spool_write_failure_never_acknowledged(tmp_path: Path) -> None:
             client.exchange(body + b".\r\n", ["250 2.0.0"])
         [stored] = messages_from(relay, "full-disk@example.com")
         assert strip_received(stored) == body
+
+
+def _reset(sock: socket.socket) -> None:
+    # SO_LINGER with a zero timeout: close sends RST instead of FIN.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+def test_reset_during_tls_handshake_frees_slot(relay: RelayProcess) -> None:
+    """A reset in the middle of the TLS handshake must not keep the connection's slot.
+
+    The event loop reported the loss to its TLS layer only, so the slot stayed
+    counted: 50 such resets locked a client out with 421, and max_connections
+    of them everybody.
+    """
+    for _ in range(60):
+        with RawClient(relay.port) as raw:
+            raw.exchange(b"", ["220"])
+            raw.exchange(EHLO, ["250"])
+            raw.exchange(b"STARTTLS\r\n", ["220 2.0.0"])
+            raw.send(b"\x16\x03\x01\x00")  # the start of a ClientHello, then nothing
+            _reset(raw.sock)
+
+    with RawClient(relay.port) as raw:
+        assert raw.reply().startswith("220 ")
+    assert "loop_exception" not in relay.log()
+
+
+def test_reset_right_after_starttls_is_quiet(relay: RelayProcess) -> None:
+    # The reset can arrive before the TLS upgrade starts; that must log no error.
+    for _ in range(30):
+        with RawClient(relay.port) as raw:
+            raw.exchange(b"", ["220"])
+            raw.send(EHLO + b"STARTTLS\r\n")
+            _reset(raw.sock)
+
+    with RawClient(relay.port) as raw:
+        assert raw.reply().startswith("220 ")
+    time.sleep(0.2)
+    assert "loop_exception" not in relay.log()
+    assert "AssertionError" not in relay.log()

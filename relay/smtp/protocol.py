@@ -52,6 +52,7 @@ class SMTPProtocol(asyncio.Protocol):
         self._started = 0.0
         self._tls = False
         self._counted = False
+        self._lost = False  # connection_lost has run
         self._greeting_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks ---------------------------------------------------
@@ -110,12 +111,18 @@ class SMTPProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Also called by _start_tls when the handshake fails: the event loop
+        # then reports the loss to its TLS layer only, never to this protocol.
+        if self._lost:
+            return
+        self._lost = True
         if self._timer is not None:
             self._timer.cancel()
         if self._greeting_timer is not None:
             self._greeting_timer.cancel()
         session = self.session
         if self._counted:
+            self._counted = False
             self.runtime.release(self)
         if session is not None:
             # A spool commit still in flight finishes on its own task: the message
@@ -233,7 +240,9 @@ class SMTPProtocol(asyncio.Protocol):
         session = self.session
         transport = self.transport
         context = self.runtime.ssl_context
-        assert session is not None and transport is not None and context is not None
+        assert session is not None and context is not None
+        if transport is None:
+            return  # the client was gone before the upgrade started
         loop = asyncio.get_running_loop()
         try:
             new_transport = await loop.start_tls(
@@ -253,9 +262,11 @@ class SMTPProtocol(asyncio.Protocol):
                 error=str(exc) or type(exc).__name__,
             )
             transport.abort()
+            self.connection_lost(exc)
             return
         if new_transport is None:
             transport.abort()
+            self.connection_lost(None)
             return
         self.transport = new_transport
         self._tls = True
