@@ -811,3 +811,31 @@ def test_reset_right_after_starttls_is_quiet(relay: RelayProcess) -> None:
     time.sleep(0.2)
     assert "loop_exception" not in relay.log()
     assert "AssertionError" not in relay.log()
+
+
+def test_timeout_follows_data_mode(tmp_path: Path) -> None:
+    """DATA and the commands after it each get their own timeout from the moment they start."""
+    policy = 'trusted_networks = ["127.0.0.2/32"]'
+    server = 'command_timeout = "4s"\ndata_timeout = "1s"'
+    (tmp_path / "data").mkdir()
+    (tmp_path / "command").mkdir()
+    with RelayProcess(tmp_path / "data", server=server, policy=policy) as relay, RawClient(relay.port) as client:
+        client.exchange(b"", ["220"])
+        client.exchange(EHLO, ["250"])
+        for command, expected in T:
+            client.exchange(command, expected)
+        client.send(b"Subject: partial\r\n\r\nno end")
+        started = time.monotonic()
+        assert client.reply().startswith("421 4.4.2")
+        assert time.monotonic() - started < 3
+
+    server = 'command_timeout = "1s"\ndata_timeout = "4s"'
+    with RelayProcess(tmp_path / "command", server=server, policy=policy) as relay, RawClient(relay.port) as client:
+        client.exchange(b"", ["220"])
+        client.exchange(EHLO, ["250"])
+        for command, expected in T:
+            client.exchange(command, expected)
+        client.exchange(b"Subject: whole\r\n\r\nbody\r\n.\r\n", ["250 2.0.0"])
+        started = time.monotonic()
+        assert client.reply().startswith("421 4.4.2")
+        assert time.monotonic() - started < 3

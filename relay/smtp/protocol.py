@@ -53,6 +53,7 @@ class SMTPProtocol(asyncio.Protocol):
         self._tls = False
         self._counted = False
         self._lost = False  # connection_lost has run
+        self._timer_in_data = False  # whether the timer runs on data_timeout
         self._greeting_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks ---------------------------------------------------
@@ -182,6 +183,10 @@ class SMTPProtocol(asyncio.Protocol):
             if out:
                 transport.write(out)
             if not events:
+                if self._timer is not None and session.in_data != self._timer_in_data:
+                    # Entering or leaving DATA: the other timeout applies from now on.
+                    self._timer.cancel()
+                    self._schedule_timer()
                 return
             for event in events:
                 if isinstance(event, Rejected):
@@ -299,6 +304,7 @@ class SMTPProtocol(asyncio.Protocol):
         session = self.session
         assert session is not None
         server = self.runtime.config.server
+        self._timer_in_data = session.in_data
         timeout = server.data_timeout if session.in_data else server.command_timeout
         delay = max(0.0, self._last_activity + timeout - time.monotonic())
         self._timer = self.runtime.loop.call_later(delay + 0.01, self._on_timer)
