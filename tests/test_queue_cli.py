@@ -123,6 +123,39 @@ def test_list_empty_queue(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -
     assert out.strip() == "Mail queue is empty"
 
 
+def test_spool_with_invalid_config_rejected(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --spool picks the directory, but a --config given as well must still be valid.
+    missing = spool_dir / "missing.toml"
+    with pytest.raises(SystemExit) as raised:
+        main(["queue", "list", "--config", str(missing), "--spool", str(spool_dir)])
+    assert raised.value.code == 1
+    assert f"{missing}: file not found" in capsys.readouterr().err
+
+
+def test_foreign_database_left_unchanged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # An empty file or another program's database is reported, not turned into a spool.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "spool.db").touch()
+    other = tmp_path / "other"
+    other.mkdir()
+    with sqlite3.connect(other / "spool.db") as connection:
+        connection.execute("CREATE TABLE foo (x)")
+    connection.close()
+
+    for directory, what in ((empty, "is an empty database"), (other, "is not a relay spool")):
+        status, out, err = _queue(capsys, "list", "--spool", str(directory))
+        assert status == 1
+        assert out == ""
+        assert err == f"relay queue: {directory / 'spool.db'} {what}" + (
+            " (it has no message table)" if directory is other else ""
+        ) + "; check --spool or [spool] path\n"
+    assert (empty / "spool.db").stat().st_size == 0
+    with sqlite3.connect(other / "spool.db") as connection:
+        assert [name for (name,) in connection.execute("SELECT name FROM sqlite_master")] == ["foo"]
+    connection.close()
+
+
 def test_list_no_match_says_so(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _commit(spool_dir, make_envelope())
     status, out, _ = _queue(capsys, "list", "--state", "held", "--spool", str(spool_dir))

@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 
 from relay.cli import add_config_option, config_from_args, escape_controls, stop_output
+from relay.spool import DEFAULT_BUSY_TIMEOUT
 from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
 from relay.spool.ids import is_queue_id
 from relay.spool.store import SpoolStore, database_path
@@ -118,7 +119,8 @@ def open_store(args: argparse.Namespace) -> Iterator[SpoolStore]:
         if not args.spool:
             raise UsageError("--spool is empty; give the spool directory, or leave out --spool to use [spool] path")
         directory = Path(args.spool)
-        busy_timeout = 10.0
+        # A --config given as well still counts: it must be valid, and it sets busy_timeout.
+        busy_timeout = config_from_args(args).spool.busy_timeout if args.config else DEFAULT_BUSY_TIMEOUT
     else:
         config = config_from_args(args)
         directory = Path(config.spool.path)
@@ -164,6 +166,28 @@ def _check_spool_directory(directory: Path) -> None:
             f"cannot read spool {directory}: {exc.strerror} ({_owner_and_mode(info)});"
             " run as the user that owns it"
         ) from None
+    _check_relay_database(database)
+
+
+def _check_relay_database(database: Path) -> None:
+    """Raise UsageError when ``database`` is an empty file or another program's SQLite database.
+
+    Opening it as a spool would create relay's tables in it, and no command
+    of ``relay queue`` should change a file that is not a spool.
+    """
+    try:
+        connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return  # SpoolStore reports the same error with its hints
+    try:
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
+        return
+    finally:
+        connection.close()
+    if "message" not in tables:
+        what = "an empty database" if not tables else "not a relay spool (it has no message table)"
+        raise UsageError(f"{database} is {what}; check --spool or [spool] path")
 
 
 def _with_hint(error: SpoolError, directory: Path, busy_timeout: float) -> SpoolError:
