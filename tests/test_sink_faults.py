@@ -7,6 +7,7 @@ import signal
 import subprocess
 
 import orjson
+import pytest
 from bench_helpers import relay_command, run_bench, running_sink, wait_for_listening
 
 from conftest import REPO_ROOT, free_port
@@ -118,3 +119,21 @@ def test_invalid_fault_is_usage_error() -> None:
     )
     assert completed.returncode == 2
     assert b"add up to 1.2" in completed.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("sink", "--delay", "inf"), b"--delay: inf is not between 0 and 3600000 milliseconds"),
+        (("sink", "--delay", "nan"), b"--delay: nan is not between 0 and 3600000 milliseconds"),
+        (("sink", "--hostname", "bad name"), b"--hostname 'bad name': not a host name"),
+        (("bench", "127.0.0.1:9", "-n", "1", "--to", "{"), b"--to: invalid address pattern '{'"),
+        (("bench", "127.0.0.1:9", "-n", "1", "--helo", ""), b"--helo '': not a host name"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(args: tuple[str, ...], fragment: bytes) -> None:
+    # Nothing listens on port 9: a usage error must come before any connection.
+    completed = subprocess.run(relay_command(*args), cwd=REPO_ROOT, capture_output=True, timeout=30, check=False)
+    assert completed.returncode == 2
+    assert fragment in completed.stderr, completed.stderr
+    assert b"Traceback" not in completed.stderr

@@ -10,6 +10,7 @@ is never unbounded.  ``relay sink`` runs until SIGTERM or SIGINT.
 from __future__ import annotations
 
 import argparse
+import math
 import ssl
 import sys
 from pathlib import Path
@@ -24,10 +25,12 @@ from relay.bench.sink import SinkSettings
 from relay.bench.sink_server import SinkRun, run_sink
 from relay.bench.stats import format_report
 from relay.log import setup_logging
-from relay.units import parse_host_port, parse_size
+from relay.units import is_hostname, parse_host_port, parse_size
 
 # Messages a run sends when neither --messages nor --duration is given.
 DEFAULT_MESSAGES = 1000
+# One hour: any longer delay outlasts every client timeout.
+MAX_SINK_DELAY_MS = 3_600_000
 # Seconds to wait for each reply; RFC 5321 section 4.5.3.2 allows servers
 # minutes, but a benchmark that waits that long has already failed.
 DEFAULT_TIMEOUT = 30.0
@@ -230,9 +233,14 @@ def _bench(args: argparse.Namespace) -> int:
 
     try:
         sender = AddressPattern(args.sender)
+    except ValueError as exc:
+        return _usage_error(f"--from: {exc}")
+    try:
         recipient = AddressPattern(args.recipient)
     except ValueError as exc:
-        return _usage_error(str(exc))
+        return _usage_error(f"--to: {exc}")
+    if not (is_hostname(args.helo) or (args.helo.startswith("[") and args.helo.endswith("]"))):
+        return _usage_error(f"--helo {args.helo!r}: not a host name; give a name such as bench.example.test")
 
     password = None
     if args.auth_password_file is not None:
@@ -305,8 +313,11 @@ def _sink(args: argparse.Namespace) -> int:
         return _usage_error(f"--listen: {exc}")
     if args.workers < 1:
         return _usage_error(f"--workers: {args.workers} is below the minimum 1")
-    if args.delay < 0:
-        return _usage_error(f"--delay: {args.delay:g} is negative")
+    # NaN fails every comparison, so it is tested first; inf would never reply.
+    if not math.isfinite(args.delay) or not 0 <= args.delay <= MAX_SINK_DELAY_MS:
+        return _usage_error(f"--delay: {args.delay:g} is not between 0 and {MAX_SINK_DELAY_MS} milliseconds")
+    if not is_hostname(args.hostname):
+        return _usage_error(f"--hostname {args.hostname!r}: not a host name; give a name such as sink.example.test")
     try:
         faults = FaultPlan.from_specs(args.fault, args.seed)
     except ValueError as exc:

@@ -83,7 +83,10 @@ class AddressPattern:
     __slots__ = ("template", "fixed")
 
     def __init__(self, template: str) -> None:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as exc:  # an unmatched brace
+            raise ValueError(f"invalid address pattern {template!r}: {exc}; write {{{{ or }}}} for a brace") from None
         unknown = names - {"n", "r"}
         if unknown:
             raise ValueError(
