@@ -34,7 +34,8 @@ Exit codes follow sysexits.h: ``EX_USAGE`` (64) bad option or no
 recipients, ``EX_DATAERR`` (65) message over ``policy.max_message_size``,
 ``EX_NOINPUT`` (66) standard input closed, ``EX_NOUSER`` (67) invalid
 address or unknown local user, ``EX_TEMPFAIL`` (75) the spool cannot take
-the message now, ``EX_CONFIG`` (78) invalid config file.  An unexpected
+the message now (or the caller cannot write to it), ``EX_CONFIG`` (78)
+invalid config file.  An unexpected
 internal error gives ``EX_SOFTWARE`` (70) with its message, never a traceback.
 """
 
@@ -50,7 +51,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 from email.policy import compat32
 from email.utils import formatdate, getaddresses
 from typing import BinaryIO, TextIO
@@ -90,7 +91,7 @@ Read a message from standard input and queue it for delivery, like sendmail(1).
 
 Other -o options are accepted and ignored.  Exit status: 0 queued, 64 usage,
 65 message too large, 66 no input, 67 invalid address or unknown local user,
-70 internal error, 75 spool unavailable (try again later), 78 invalid config."""
+70 internal error, 75 spool unavailable (try again later, or get write access to it), 78 invalid config."""
 
 
 # The config file read without --config and $RELAY_CONFIG, when it exists.
@@ -228,14 +229,18 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
         message += b"\r\n"
 
     recipients = [_check_address(item, "recipient", default_domain) for item in options.recipients]
+    fields: list[str] = []
     if options.extract_recipients:
-        parsed = BytesHeaderParser(policy=compat32).parsebytes(header_block(message))
-        fields = [value for name in ("To", "Cc", "Bcc") for value in parsed.get_all(name, [])]
-        for _, address in getaddresses([str(value) for value in fields]):
+        # RFC 6532: header fields may hold UTF-8, which the bytes parser would not decode.
+        parsed = HeaderParser(policy=compat32).parsestr(header_block(message).decode("utf-8", "replace"))
+        fields = [str(value) for name in ("To", "Cc", "Bcc") for value in parsed.get_all(name, [])]
+        for _, address in getaddresses(fields):
             if address:
                 recipients.append(_check_address(address, "recipient", default_domain))
         message = _remove_bcc(message)
     recipients = list(dict.fromkeys(recipients))
+    if not recipients and fields:
+        raise SendmailError(EX_USAGE, "no recipients: the To, Cc and Bcc fields hold no valid address")
     if not recipients and options.extract_recipients:
         raise SendmailError(EX_USAGE, "no recipients: the message has no To, Cc or Bcc address and none was given")
     if not recipients:
@@ -347,6 +352,12 @@ def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
         print(f"sendmail: {exc}", file=stderr)
         return exc.status
     except SpoolError as exc:
+        if not os.access(config.spool.path, os.W_OK):
+            # Still EX_TEMPFAIL, as Postfix's sendmail exits when it cannot write its
+            # queue, but the message says that waiting alone will not help.
+            print(f"sendmail: cannot write to the spool {config.spool.path} ({exc}); run as a user with write"
+                  " access to it", file=stderr)
+            return EX_TEMPFAIL
         print(f"sendmail: the spool cannot take the message now ({exc}); try again later", file=stderr)
         return EX_TEMPFAIL
 

@@ -345,3 +345,16 @@ def test_internal_error_gives_ex_software(monkeypatch: pytest.MonkeyPatch, capsy
 
     assert status == EX_SOFTWARE
     assert capsys.readouterr().err == "sendmail: internal error: RuntimeError: simulated bug\n"
+
+
+def test_extract_recipients_reports_bad_fields(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    malformed = sendmail(["--config", str(config), "-t"], b"To: <<<>>>, @@@\nSubject: x\n\nhi\n")
+    non_ascii = sendmail(["--config", str(config), "-t"], "To: jös@example.test\nSubject: x\n\nhi\n".encode())
+
+    assert malformed.returncode == EX_USAGE
+    assert "the To, Cc and Bcc fields hold no valid address" in malformed.stderr.decode()
+    # The header's UTF-8 (RFC 6532) shows as such in the error.
+    assert non_ascii.returncode == EX_NOUSER
+    assert "unknown local user 'jös@example.test'" in non_ascii.stderr.decode()
