@@ -146,7 +146,7 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class SpoolConfig:
-    path: str = _key("relay-spool", "path")
+    path: str = _key("relay-spool", "path", required=True)
     # Group commit: at most this many messages (or octets) share one transaction and
     # its fsync; larger batches add little once the fsync is shared by hundreds.
     commit_batch_messages: int = _key(512, "int", min=1)
@@ -280,7 +280,7 @@ class DeliveryConfig:
 
 @dataclass(frozen=True)
 class LocalConfig:
-    maildir_root: str = _key("mail", "path")
+    maildir_root: str = _key("mail", "path", required=True)
     users: tuple[str, ...] = _key((), "users")
     aliases: str = _key("", "path", must_exist=True)
 
@@ -511,6 +511,8 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
         return tuple(result)
     elif kind == "path":
         _expect(value, (str,), "a file or directory path")
+        if not value.strip() and options.get("required"):
+            raise ValueError("empty path; give a directory")
         path = ctx.resolve(value)
         if path and options.get("must_exist") and not os.path.exists(path):
             raise ValueError(f"file {path} not found; create it or fix the path")

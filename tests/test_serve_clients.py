@@ -284,6 +284,32 @@ def test_passwd_checks_name_before_prompt(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+def test_passwd_non_utf8_file_named(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    path.write_bytes(b"bob:\xff\n")
+    command = [sys.executable, "-m", "relay", "passwd", str(path), "alice"]
+
+    result = subprocess.run(
+        command, input="secret\n", capture_output=True, text=True, env={"PYTHONPATH": str(REPO_ROOT)}, timeout=60
+    )
+
+    assert result.returncode == 1
+    assert f"{path}: invalid UTF-8 at byte 4" in result.stderr
+    assert path.read_bytes() == b"bob:\xff\n"
+
+
+def test_serve_empty_spool_option_rejected(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "relay", "serve", "--spool", ""]
+
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={"PYTHONPATH": str(REPO_ROOT)}, cwd=tmp_path, timeout=60
+    )
+
+    assert result.returncode == 2
+    assert "--spool is empty" in result.stderr
+    assert not (tmp_path / "relay-spool").exists()
+
+
 def test_passwd_eof_at_prompt(tmp_path: Path) -> None:
     path = tmp_path / "passwd"
     pid, terminal = pty.fork()

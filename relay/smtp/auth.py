@@ -161,6 +161,8 @@ def set_password(path: str, user: str, password: str) -> bool:
             lines = handle.read().splitlines()
     except FileNotFoundError:
         lines = []
+    except UnicodeDecodeError as exc:
+        raise CredentialsError(f"{path}: invalid UTF-8 at byte {exc.start}; fix or remove that line") from None
     parse_credentials("\n".join(lines), path)
 
     entry = f"{user}:{hash_password(password)}"

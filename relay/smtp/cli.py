@@ -89,7 +89,11 @@ def _serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.listen:
         config = config.replace(listeners=(ListenerConfig(address=_listen_address(args.listen)),))
-    if args.spool:
+    if args.spool is not None:
+        if not args.spool:
+            print("relay: --spool is empty; give the spool directory, or leave it out to use [spool] path",
+                  file=sys.stderr)
+            return 2
         config = config.replace(spool=dataclasses.replace(config.spool, path=args.spool))
     if args.no_delivery:
         config = config.replace(delivery=dataclasses.replace(config.delivery, enabled=False))
