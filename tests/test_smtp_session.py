@@ -429,11 +429,14 @@ def test_bare_lf_with_input_behind_is_one_line() -> None:
         session = make_session(client=client)
 
         smuggled = b"EHLO client.example.com\nMAIL FROM:<spoof@example.org>\r\n"
-        outcome = feed(session, [smuggled, b"EHLO a.example\r\n"])
+        outcome = feed(session, [smuggled, b"EHLO a.example\r\n", b"NOOP\nNOOP\nQUIT\r\n", b"NOOP\r\n"])
 
-        assert outcome.replies[1].startswith("501 5.5.2")
+        # The same reply wherever the LF falls, even where the parser would see an unknown verb.
+        assert outcome.replies[1] == "501 5.5.2 Bare LF in command line"
         assert outcome.replies[2].startswith("250")
-        assert len(outcome.replies) == 3
+        assert outcome.replies[3] == "501 5.5.2 Bare LF in command line"
+        assert outcome.replies[4].startswith("250")
+        assert len(outcome.replies) == 5
         assert not outcome.closed
 
 

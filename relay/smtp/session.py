@@ -327,6 +327,11 @@ class Session:
             self._send(replies.SERVICE_UNAVAILABLE)
             self._close("shutdown")
             return
+        if b"\n" in line:
+            # Lines joined through a bare LF (see _process): one reply for the whole line.
+            self._count("invalid")
+            self._reject(_verb_of(line), replies.BARE_LF_IN_COMMAND)
+            return
         try:
             command = parse_command(line)
         except SMTPError as error:
@@ -734,7 +739,7 @@ _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 def _verb_of(line: bytes) -> str:
     """Return a printable verb for logging a line the parser rejected."""
-    return line[:16].split(b" ", 1)[0].decode("ascii", "replace") or "-"
+    return line[:16].split(b"\n", 1)[0].split(b" ", 1)[0].decode("ascii", "replace") or "-"
 
 
 VERBS: Final[dict[str, VerbRule]] = {
