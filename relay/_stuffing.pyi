@@ -26,7 +26,8 @@ class DotStuffer:
 def fold_long_lines(body: Buffer, limit: int) -> bytes:
     """Return ``body`` with every line longer than ``limit`` octets broken; ``body`` itself if none is.
 
-    A line breaks before the last space or tab in its second half (RFC 5322
-    folding), or else at the limit by inserting CRLF and a space.  Raises
+    A line breaks before the last space or tab in its second half that has
+    other text after it (RFC 5322 folding), or else at the limit by
+    inserting CRLF and a space.  Raises
     ValueError when ``limit`` is below 8.
     """

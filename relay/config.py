@@ -48,6 +48,8 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+# The most worker processes: far beyond any machine's cores, and a bound on forks.
+MAX_WORKERS = 256
 # The largest value an "int" or "size" key without a maximum of its own accepts.
 _INTEGER_CEILING = (1 << 62) - 1
 
@@ -103,7 +105,10 @@ def _default_hostname() -> str:
 class ServerConfig:
     hostname: str = field(default_factory=_default_hostname, metadata={"kind": "hostname"})
     # One worker process per CPU, like a pre-forked Postfix smtpd pool sized to the box.
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1, metadata={"kind": "int", "min": 1, "max": 256})
+    workers: int = field(
+        default_factory=lambda: min(os.cpu_count() or 1, MAX_WORKERS),
+        metadata={"kind": "int", "min": 1, "max": MAX_WORKERS},
+    )
     # How long transactions already in DATA may run after SIGTERM before they get 421.
     shutdown_grace: float = _key(30.0, "duration")
     # Postfix: default_process_limit 100 per service; we count connections, not processes.

@@ -33,7 +33,7 @@ are stored with CRLF.  A ``Received`` header naming the user ID, and
 Exit codes follow sysexits.h: ``EX_USAGE`` (64) bad option or no
 recipients, ``EX_DATAERR`` (65) message over ``policy.max_message_size``,
 ``EX_NOINPUT`` (66) standard input closed, ``EX_NOUSER`` (67) invalid
-address or unknown local user, ``EX_TEMPFAIL`` (75) the spool cannot take
+address, one the SMTP server would reject, or unknown local user, ``EX_TEMPFAIL`` (75) the spool cannot take
 the message now (or the caller cannot write to it), ``EX_CONFIG`` (78)
 invalid config file.  An unexpected
 internal error gives ``EX_SOFTWARE`` (70) with its message, never a traceback.
@@ -90,7 +90,7 @@ Read a message from standard input and queue it for delivery, like sendmail(1).
               /etc/relay/relay.toml if it exists, else built-in defaults)
 
 Other -o options are accepted and ignored.  Exit status: 0 queued, 64 usage,
-65 message too large, 66 no input, 67 invalid address or unknown local user,
+65 message too large, 66 no input, 67 invalid, rejected or unknown local address,
 70 internal error, 75 spool unavailable (try again later, or get write access to it), 78 invalid config."""
 
 
@@ -232,9 +232,13 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
     fields: list[str] = []
     if options.extract_recipients:
         # RFC 6532: header fields may hold UTF-8, which the bytes parser would not decode.
+        # Octets that are not UTF-8 become U+FFFD, and an address with one is
+        # rejected below instead of being queued mangled.
         parsed = HeaderParser(policy=compat32).parsestr(header_block(message).decode("utf-8", "replace"))
         fields = [str(value) for name in ("To", "Cc", "Bcc") for value in parsed.get_all(name, [])]
         for _, address in getaddresses(fields):
+            if "\ufffd" in address:
+                raise SendmailError(EX_NOUSER, f"invalid recipient address {address!r}: the header is not UTF-8")
             if address:
                 recipients.append(_check_address(address, "recipient", default_domain))
         message = _remove_bcc(message)
@@ -255,7 +259,7 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
             raise SendmailError(EX_NOUSER, f"unknown local user {address!r}; create its Maildir or add an alias")
         if rejection is not None:
             raise SendmailError(
-                EX_DATAERR, f"recipient {address!r} rejected: {rejection.code} {rejection.status} {rejection.text}"
+                EX_NOUSER, f"recipient {address!r} rejected: {rejection.code} {rejection.status} {rejection.text}"
             )
 
     if options.sender is None:
@@ -427,5 +431,6 @@ def _from_field(name: str | None, address: str) -> str:
     if name.isascii():
         display = '"' + email.utils.quote(name) + '"'
     else:
-        display = email.header.Header(name, "utf-8").encode()
+        # A long name is folded, and the message is stored with CRLF line ends.
+        display = email.header.Header(name, "utf-8").encode(linesep="\r\n")
     return f"{display} <{address}>"

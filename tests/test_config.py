@@ -545,3 +545,11 @@ def test_byte_order_mark_ignored(tmp_path: Path) -> None:
     path.write_bytes(b"\xef\xbb\xbf[server]\nhostname = \"mx.example.test\"\n")
 
     assert load_config(path).server.hostname == "mx.example.test"
+
+
+def test_default_workers_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A machine with more CPUs than the maximum gets the maximum, as an explicit value would.
+    monkeypatch.setattr("os.cpu_count", lambda: 384)
+    path = write(tmp_path, "[server]\nhostname = \"mx.example.test\"\n")
+
+    assert load_config(path).server.workers == 256

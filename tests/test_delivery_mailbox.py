@@ -223,6 +223,21 @@ def test_mailbox_ignores_symbolic_links(tmp_path: Path, capsys: pytest.CaptureFi
     assert "secret" not in capsys.readouterr().out
 
 
+def test_mailbox_ignores_linked_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    write_message(tmp_path, "1.real", b"Subject: real\r\n\r\nx\r\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "2.secret").write_bytes(b"Subject: secret\r\n\r\nroot:x:0:0\r\n")
+    (tmp_path / "mail" / "alice" / "cur").rmdir()
+    (tmp_path / "mail" / "alice" / "cur").symlink_to(elsewhere)
+
+    assert mailbox(config, "alice") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    assert "real" in lines[0]
+
+
 def test_mailbox_print_deleted_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -136,6 +136,8 @@ def test_null_sender_and_full_name(tmp_path: Path) -> None:
         ('John "Q" Doe', b'From: "John \\"Q\\" Doe" <'),
         ("J\u00f6hn <Doe>", b"From: =?utf-8?b?SsO2aG4gPERvZT4=?= <"),
         ("Evil\nBcc: x@example.net", b'From: "Evil Bcc: x@example.net" <'),
+        # Long enough to fold: the fold must use CRLF like the rest of the message.
+        ("Zo\u00eb " + "Featherstonehaugh " * 5, b"From: =?utf-8?q?Zo=C3=AB_Featherstonehaugh"),
     ],
 )
 def test_full_name_quoted_or_encoded(tmp_path: Path, name: str, field: bytes) -> None:
@@ -147,6 +149,7 @@ def test_full_name_quoted_or_encoded(tmp_path: Path, name: str, field: bytes) ->
     [(_, body)] = stored_messages(tmp_path / "spool")
     assert field in body
     assert b"\r\nBcc:" not in body
+    assert b"\n" not in body.replace(b"\r\n", b"")
 
 
 def test_lone_dot_ends_input_without_i(tmp_path: Path) -> None:
@@ -193,7 +196,7 @@ def test_program_name_sendmail(tmp_path: Path) -> None:
         (["-f", "a b@c", "alice"], b"x\n", EX_NOUSER, "invalid sender address"),
         (["alice"], b"Subject: x\n\n" + b"y" * 5000, EX_DATAERR, "exceeds policy.max_message_size (4096)"),
         # The SMTP server's rules: a loopback address literal never passes.
-        (["x@[127.0.0.1]"], b"x\n", EX_DATAERR, "rejected: 550 5.7.1 Address literal not accepted"),
+        (["x@[127.0.0.1]"], b"x\n", EX_NOUSER, "rejected: 550 5.7.1 Address literal not accepted"),
     ],
 )
 def test_exit_codes(tmp_path: Path, args: list[str], message: bytes, status: int, fragment: str) -> None:
@@ -358,3 +361,14 @@ def test_extract_recipients_reports_bad_fields(tmp_path: Path) -> None:
     # The header's UTF-8 (RFC 6532) shows as such in the error.
     assert non_ascii.returncode == EX_NOUSER
     assert "unknown local user 'jös@example.test'" in non_ascii.stderr.decode()
+
+
+def test_extract_recipients_rejects_invalid_utf8(tmp_path: Path) -> None:
+    # Latin-1 in To: is not UTF-8; the address is rejected, not queued with U+FFFD.
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "-t"], b"To: j\xf6rg@remote.test\nSubject: x\n\nhi\n")
+
+    assert result.returncode == EX_NOUSER
+    assert "invalid recipient address" in result.stderr.decode()
+    assert not (tmp_path / "spool" / "spool.db").exists() or stored_messages(tmp_path / "spool") == []

@@ -184,7 +184,8 @@ def _message_files(root: Path) -> list[tuple[Path, float]]:
     found: dict[str, tuple[float, str, Path]] = {}
     for folder in MAILDIR_FOLDERS:
         directory = root / folder
-        if not directory.is_dir():
+        # A folder that is a symbolic link is skipped like a linked message file.
+        if directory.is_symlink() or not directory.is_dir():
             continue
         for path in directory.iterdir():
             try:
@@ -211,6 +212,8 @@ def _read_message(root: Path, path: Path) -> bytes | None:
     unique = _unique_part(path.name)
     for folder in MAILDIR_FOLDERS:
         try:
+            if (root / folder).is_symlink():
+                continue
             candidates = [entry for entry in (root / folder).iterdir() if _unique_part(entry.name) == unique]
         except FileNotFoundError:
             continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import getpass
+import signal
 import sys
 
 from relay.cli import add_config_option, config_from_args
@@ -86,6 +87,11 @@ def _run(config: Config, event_loop: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from relay.smtp.server import FORWARDED_SIGNALS
+
+    # From here on a stop or reload signal waits for the handlers that the
+    # workers install, instead of ending relay serve while it reads its config.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     config = config_from_args(args)
     if args.listen:
         config = config.replace(listeners=(ListenerConfig(address=_listen_address(args.listen)),))
