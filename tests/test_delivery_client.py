@@ -627,3 +627,40 @@ def test_reply_timeout_after_longer_wait(mail_timeout: float) -> None:
     assert reply == "451 4.4.2 timed out waiting for a reply from mx.example.net[127.0.0.1]:" + reply.rsplit(":", 1)[1]
     # The upper bound leaves room for a loaded test machine; a timer left at the 5 s deadline would fail it.
     assert mail_timeout <= elapsed < mail_timeout + 2
+
+
+@pytest.mark.parametrize("ehlo", [EHLO_PLAIN, EHLO_PIPELINING])
+def test_data_answered_250_is_not_delivery(ehlo: bytes) -> None:
+    # RFC 5321 section 4.3.2: only 354 lets the body go; a 250 to DATA once
+    # counted as delivered, and the message left the spool unsent.
+    server = ScriptedServer({"EHLO": ehlo, "DATA": b"250 2.0.0 ok\r\n"})
+
+    with pytest.raises(SessionError) as raised:
+        run_session(server, lambda session: session.send(message("a@example.net")))
+
+    assert raised.value.reply.startswith("451 4.5.0 mx.example.net[127.0.0.1]:")
+    assert raised.value.reply.endswith(" answered DATA with 250, not 354")
+    assert raised.value.temporary
+    assert server.data == b""
+
+
+def test_extra_reply_is_a_desync() -> None:
+    # One reply more than asked for puts every later reply on the wrong command.
+    server = ScriptedServer({}, greeting=b"220 mx.example.net ESMTP\r\n250 surprise\r\n")
+
+    with pytest.raises(SessionError) as raised:
+        run_session(server, lambda session: session.send(message("a@example.net")))
+
+    # Caught before MAIL when the extra reply is already in, else at DATA; never delivered.
+    assert raised.value.reply.startswith("451 4.5.0 ")
+    assert server.data == b""
+
+
+def test_reply_waiting_before_mail_is_a_desync() -> None:
+    server = ScriptedServer({"EHLO": EHLO_PLAIN + b"250 one more\r\n"})
+
+    with pytest.raises(SessionError) as raised:
+        run_session(server, lambda session: session.send(message("a@example.net")))
+
+    assert raised.value.reply.endswith(" sent a reply that no command asked for")
+    assert "MAIL" not in server.verbs()

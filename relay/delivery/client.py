@@ -413,6 +413,11 @@ class SMTPSession:
             if isinstance(prepared, list):
                 return prepared
             transaction = prepared
+            if self._connection.parser.buffered:
+                # A reply before any command of this transaction: the server sent one
+                # more than it was asked for, so every reply would answer the wrong command.
+                self.abort()
+                raise SessionError(f"451 4.5.0 {self.peer} sent a reply that no command asked for")
 
         results = transaction.results
         try:
@@ -570,6 +575,12 @@ class SMTPSession:
             data_reply = await self._command("DATA", self._timeouts.data_init)
             _raise_on_421(data_reply)
         if data_reply.code != 354:
+            if data_reply.code < 400:
+                # RFC 5321 section 4.3.2: only 354 lets the body go, and only the reply
+                # to the end of data can deliver.  Another 2xx or 3xx here means the
+                # replies are out of step with the commands.
+                self.usable = False
+                raise SessionError(f"451 4.5.0 {self.peer} answered DATA with {data_reply.code}, not 354")
             self._decide(accepted, data_reply, results)
             await self._reset()
             return
