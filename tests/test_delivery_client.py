@@ -664,3 +664,25 @@ def test_reply_waiting_before_mail_is_a_desync() -> None:
 
     assert raised.value.reply.endswith(" sent a reply that no command asked for")
     assert "MAIL" not in server.verbs()
+
+
+def test_auth_never_in_plaintext_unless_tls_none() -> None:
+    # RFC 4616 section 5: PLAIN sends the password itself.  A next hop without
+    # STARTTLS (or a path that strips it) must not receive it.
+    ehlo = b"250-mx.example.net\r\n250 AUTH PLAIN LOGIN\r\n"
+    server = ScriptedServer({"EHLO": ehlo})
+    options = dataclasses.replace(OPTIONS, tls="opportunistic", username="relay", password="secret")
+
+    with pytest.raises(SessionError) as raised:
+        run_session(server, lambda session: session.send(message("a@example.net")), options)
+
+    assert raised.value.reply.startswith("451 4.7.10 ")
+    assert raised.value.temporary
+    assert "AUTH" not in server.verbs()
+
+    # relayhost_tls = "none" is the operator's explicit consent to a plaintext AUTH.
+    server = ScriptedServer({"EHLO": ehlo, "AUTH": b"235 2.7.0 ok\r\n"})
+    options = dataclasses.replace(OPTIONS, tls="none", username="relay", password="secret")
+    results = run_session(server, lambda session: session.send(message("a@example.net")), options)
+    assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+    assert "AUTH" in server.verbs()

@@ -316,6 +316,15 @@ class SMTPSession:
                 await self._quit_quietly()
                 raise SessionError(f"451 4.7.4 TLS is required but {self.peer} does not offer STARTTLS")
         if options.username:
+            if not self.tls_active and options.tls != "none":
+                # PLAIN and LOGIN send the password itself (RFC 4616 section 5), and
+                # anyone on the path can strip STARTTLS or break its handshake.  Only
+                # relayhost_tls = "none" says the operator accepts a plaintext AUTH.
+                await self._quit_quietly()
+                raise SessionError(
+                    f"451 4.7.10 {self.peer} offered no working TLS, and AUTH would send the password in"
+                    " plaintext; fix TLS there, or set relayhost_tls = \"none\" to allow it"
+                )
             await self._authenticate(options.username, options.password)
 
     async def _ehlo(self, helo_name: str) -> None:
