@@ -686,3 +686,19 @@ def test_auth_never_in_plaintext_unless_tls_none() -> None:
     results = run_session(server, lambda session: session.send(message("a@example.net")), options)
     assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
     assert "AUTH" in server.verbs()
+
+
+@pytest.mark.parametrize("ehlo", [EHLO_PLAIN, EHLO_PIPELINING])
+def test_rcpt_rejection_survives_later_421(ehlo: bytes) -> None:
+    # RFC 5321 section 3.3: a 5xx to RCPT is final for that recipient, even when
+    # the session then fails and the other recipients must wait.
+    server = ScriptedServer({"EHLO": ehlo, "RCPT": [b"550 5.1.1 unknown user\r\n", b"421 4.3.2 closing\r\n"]})
+
+    with pytest.raises(SessionError) as raised:
+        run_session(server, lambda session: session.send(message("bad@example.net", "good@example.net")))
+
+    assert raised.value.reply.startswith("421 4.3.2")
+    decided = raised.value.decided
+    assert list(decided) == [0]
+    assert decided[0].outcome == Outcome.FAILED
+    assert decided[0].reply == "550 5.1.1 unknown user"

@@ -184,6 +184,37 @@ def test_rcpt_5xx_bounces_to_local_sender(tmp_path: Path, nameserver: NameServer
     assert "550 5.1.1 no such user" in recipient_fields["Diagnostic-Code"]
 
 
+def test_rcpt_5xx_kept_when_session_fails(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # RFC 5321 section 3.3: the 550 for one recipient is final although a 421
+    # for the next ends the session; only the second recipient waits.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    handler = RecordingHandler(
+        refuse={"nobody@implicit.test": "550 5.1.1 no such user", "later@implicit.test": "421 4.3.2 closing"}
+    )
+    with run_upstream("127.0.0.4", port, handler):
+        queue_id = commit(spool, "alice@local.test", ["nobody@implicit.test", "later@implicit.test"], ret="HDRS")
+        assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")))
+
+    (report,) = mailbox_messages(config, "alice")
+    recipient_fields = report.get_payload()[1].get_payload()[1]
+    assert recipient_fields["Final-Recipient"] == "rfc822; nobody@implicit.test"
+    assert recipient_fields["Status"] == "5.1.1"
+    store = SpoolStore(config.spool.path)
+    try:
+        message = store.load(queue_id)
+    finally:
+        store.close()
+    assert message is not None
+    states = {r.address: (r.state.value, r.last_reply) for r in message.recipients}
+    # Bounced at the first attempt, not after a retry that happened to order things differently.
+    assert {r.address: r.attempts for r in message.recipients}["nobody@implicit.test"] == 1
+    assert states["nobody@implicit.test"][0] == "bounced"
+    assert states["later@implicit.test"][0] == "deferred"
+    assert states["later@implicit.test"][1].startswith("421 4.3.2")
+
+
 @pytest.mark.parametrize(
     ("peer", "field"),
     [

@@ -136,6 +136,9 @@ class SessionError(Exception):
         self.reply = reply
         self.temporary = temporary
         self.tls_failed = tls_failed
+        # Recipients whose outcome a reply decided before the session failed, by
+        # index (a 5xx to RCPT is final, RFC 5321 section 3.3); set by ``send``.
+        self.decided: dict[int, RecipientResult] = {}
 
 
 def reply_text(reply: Reply) -> str:
@@ -252,6 +255,9 @@ class SMTPSession:
         self._line_length_limit = DEFAULT_LINE_LENGTH_LIMIT
         # The reply to a pipelined DATA, read with the RCPT replies.
         self._data_reply: Reply | None = None
+        # The current transaction's MAIL and RCPT replies so far (see _decided_before_failure).
+        self._mail_seen: Reply | None = None
+        self._rcpt_seen: list[Reply] = []
         # The next message, whose MAIL, RCPT and DATA went out after the last body.
         self._pipelined: _Transaction | None = None
         # The deadline of the current wait, and the one timer that enforces it.
@@ -429,6 +435,9 @@ class SMTPSession:
                 raise SessionError(f"451 4.5.0 {self.peer} sent a reply that no command asked for")
 
         results = transaction.results
+        # The replies of this transaction's MAIL and RCPT commands, as they arrive.
+        self._mail_seen = None
+        self._rcpt_seen = []
         try:
             if self.uses_chunking:
                 await self._send_with_bdat(
@@ -440,8 +449,9 @@ class SMTPSession:
                     await self._data(transaction.body, accepted, results, following)
                 else:
                     await self._reset()
-        except SessionError:
+        except SessionError as exc:
             self.abort()
+            exc.decided = self._decided_before_failure(transaction)
             raise
         return [results[r.index] for r in message.recipients]
 
@@ -542,8 +552,8 @@ class SMTPSession:
         if written or "PIPELINING" in self.capabilities:
             if not written:
                 self._write_lines([transaction.mail_command, *rcpt_commands, "DATA"])
-            mail_reply = await self._read_checked(self._timeouts.mail)
-            rcpt_replies = [await self._read_checked(self._timeouts.rcpt) for _ in rcpt_commands]
+            mail_reply = self._mail_seen = await self._read_checked(self._timeouts.mail)
+            rcpt_replies = [await self._read_rcpt_reply() for _ in rcpt_commands]
             self._data_reply = await self._read_checked(self._timeouts.data_init)
         else:
             mail_reply, rcpt_replies = await self._envelope_in_turn(transaction.mail_command, rcpt_commands)
@@ -557,13 +567,37 @@ class SMTPSession:
         """Send MAIL and then each RCPT, waiting for each reply; no RCPT is sent after a rejected MAIL."""
         mail_reply = await self._command(mail_command, self._timeouts.mail)
         _raise_on_421(mail_reply)
+        self._mail_seen = mail_reply
         rcpt_replies: list[Reply] = []
         if mail_reply.code == 250:
             for command in rcpt_commands:
                 reply = await self._command(command, self._timeouts.rcpt)
                 _raise_on_421(reply)
+                self._rcpt_seen.append(reply)
                 rcpt_replies.append(reply)
         return mail_reply, rcpt_replies
+
+    async def _read_rcpt_reply(self) -> Reply:
+        """Read the reply to a pipelined RCPT, and keep it for ``_decided_before_failure``."""
+        reply = await self._read_checked(self._timeouts.rcpt)
+        self._rcpt_seen.append(reply)
+        return reply
+
+    def _decided_before_failure(self, transaction: _Transaction) -> dict[int, RecipientResult]:
+        """Return the results that replies decided in ``transaction`` before the session failed.
+
+        RFC 5321 section 3.3: a 5xx to RCPT is final for that recipient, and a
+        4xx carries its own reason, whatever happens to the session afterwards.
+        """
+        decided = dict(transaction.results)
+        mail_reply = self._mail_seen
+        if mail_reply is None or mail_reply.code != 250:
+            return decided
+        for recipient, reply in zip(transaction.sendable, self._rcpt_seen, strict=False):
+            if reply.code not in (250, 251) and recipient.index not in decided:
+                outcome = Outcome.DEFERRED if reply.code < 500 else Outcome.FAILED
+                decided[recipient.index] = RecipientResult(recipient.index, outcome, reply_text(reply))
+        return decided
 
     async def _finish_empty_data(self) -> None:
         # RFC 2920 section 3.1: a server that answered the pipelined DATA with
@@ -644,8 +678,8 @@ class SMTPSession:
         if "PIPELINING" in self.capabilities:
             envelope = "".join(f"{line}\r\n" for line in (mail_command, *rcpt_commands)).encode("utf-8")
             await self._write_chunk(envelope + bdat_command, body)
-            mail_reply = await self._read_checked(self._timeouts.mail)
-            rcpt_replies = [await self._read_checked(self._timeouts.rcpt) for _ in rcpt_commands]
+            mail_reply = self._mail_seen = await self._read_checked(self._timeouts.mail)
+            rcpt_replies = [await self._read_rcpt_reply() for _ in rcpt_commands]
             bdat_reply: Reply | None = await self._read_checked(self._timeouts.data_done)
         else:
             mail_reply, rcpt_replies = await self._envelope_in_turn(mail_command, rcpt_commands)

@@ -497,7 +497,15 @@ class Scheduler:
         try:
             results = await session.send(message, following_message)
         except SessionError as exc:
-            await self._record(job, [(r, Outcome.DEFERRED, exc.reply) for r in job.recipients], session.peer)
+            # Replies that decided a recipient before the failure stand; the rest wait.
+            outcomes = []
+            for recipient in job.recipients:
+                decided = exc.decided.get(recipient.index)
+                if decided is None:
+                    outcomes.append((recipient, Outcome.DEFERRED, exc.reply))
+                else:
+                    outcomes.append((recipient, decided.outcome, decided.reply))
+            await self._record(job, outcomes, session.peer)
             if following is not None:
                 # Its body was never sent, so it waits in the queue for the next session like any other job.
                 destination.queue.appendleft(following)
