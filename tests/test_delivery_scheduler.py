@@ -30,9 +30,18 @@ from delivery_peers import (
 from conftest import free_port, require_corpus
 from relay.config import Config, load_config
 from relay.delivery import Scheduler
-from relay.delivery.dsn import _remote_mta
+from relay.delivery.dsn import _remote_mta, build_report
 from relay.delivery.owner import process_start
-from relay.spool import Envelope, Recipient, Spool, SpoolStore
+from relay.spool import (
+    DsnState,
+    Envelope,
+    Recipient,
+    RecipientState,
+    Spool,
+    SpoolStore,
+    StoredMessage,
+    StoredRecipient,
+)
 
 BODY = b"From: alice@local.test\r\nTo: bob@mx.test\r\nSubject: hello\r\n\r\nline\r\n.starts with a dot\r\n"
 
@@ -688,3 +697,42 @@ def test_burst_of_wakes_shares_claim(tmp_path: Path, nameserver: NameServer, spo
     # The burst came within one interval of the first claim, so one claim (two
     # when the burst straddles the end of the interval) took all ten.
     assert claims_after - claims_before <= 2
+
+
+def _bounced(reply: str) -> StoredMessage:
+    recipient = StoredRecipient(
+        index=0, address="bob@remote.test", orcpt=None, notify=(), state=RecipientState.BOUNCED, attempts=1,
+        next_attempt=0.0, last_attempt=1_700_000_000.0, last_reply=reply, last_host="mx.remote.test[192.0.2.1]:25",
+        dsn=DsnState.PENDING,
+    )
+    envelope = Envelope(sender="alice@local.test", recipients=(Recipient(address="bob@remote.test"),))
+    return StoredMessage(queue_id="Q", arrival=1_700_000_000.0, size=10, envelope=envelope, recipients=(recipient,))
+
+
+def test_dsn_text_from_next_hop_made_safe() -> None:
+    # A next hop's reply is untrusted text: the delivery-status part must stay
+    # US-ASCII (RFC 3464 section 2.1), no line may pass 998 octets, and control
+    # characters must not reach a reader's terminal.
+    reply = "550 5.1.1 Empf\u00e4nger \u2603 \x1b[31mred " + "long " * 900
+    message = _bounced(reply)
+
+    report = build_report(message, b"Subject: s\r\n\r\nx\r\n", message.recipients, "mx.local.test", 1_700_000_100.0)
+
+    assert max(len(line) for line in report.body.split(b"\r\n")) <= 998
+    assert b"\x1b" not in report.body
+    status_part = report.body.split(b"Content-Type: message/delivery-status")[1].split(b"\r\n--")[0]
+    assert status_part.isascii()
+    assert b"Diagnostic-Code: smtp; 550 5.1.1 Empf?nger ? ?[31m" in status_part
+    # The human-readable part keeps the UTF-8, so the DSN goes with BODY=8BITMIME (RFC 6152 section 3).
+    assert "Empfänger ☃".encode() in report.body
+    assert report.envelope.body_type == "8BITMIME"
+
+
+def test_dsn_status_class_follows_reply() -> None:
+    # RFC 3463 section 2: "550 4.2.2" is a permanent failure, so its status is 5.0.0.
+    message = _bounced("550 4.2.2 mailbox full")
+
+    report = build_report(message, b"Subject: s\r\n\r\nx\r\n", message.recipients, "mx.local.test", 1_700_000_100.0)
+
+    assert b"Status: 5.0.0\r\n" in report.body
+    assert report.envelope.body_type is None

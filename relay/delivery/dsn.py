@@ -52,7 +52,9 @@ def status_of(reply: str) -> str:
     match = _REPLY_RE.match(reply)
     if match is None:
         return "5.0.0"
-    return match.group(2) or f"{match.group(1)}.0.0"
+    klass, enhanced = match.group(1), match.group(2)
+    # RFC 3463 section 2: the status class must be the reply's ("550 4.2.2" gives 5.0.0).
+    return enhanced if enhanced and enhanced[0] == klass else f"{klass}.0.0"
 
 
 def _action(recipient: StoredRecipient) -> str:
@@ -78,6 +80,43 @@ def _address_type(address: str) -> str:
 
 def _clean(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")
+
+
+# Control characters, which a next hop's reply may contain and a terminal would act on.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Longest line of a DSN field before it is folded; RFC 5322 section 2.1.1 recommends 78.
+_FOLD_WIDTH = 78
+# Longer words are cut into pieces of this many characters, well below 998 octets.
+_CUT_WIDTH = 900
+
+
+def _printable(text: str, ascii_only: bool) -> str:
+    """Return ``text`` with control characters, and with ``ascii_only`` non-ASCII ones, as "?"."""
+    text = _CONTROL.sub("?", _clean(text))
+    return text.encode("ascii", "replace").decode("ascii") if ascii_only else text
+
+
+def _folded(line: str) -> str:
+    """Fold a long field or text line at spaces, so no line passes 998 octets (RFC 5322 section 2.1.1).
+
+    Continuation lines start with a space, as a folded header field does.  A
+    word longer than the limit is cut.
+    """
+    if len(line) <= _FOLD_WIDTH:
+        return line
+    pieces: list[str] = []
+    for word in line.split(" "):
+        pieces += [word[start : start + _CUT_WIDTH] for start in range(0, len(word), _CUT_WIDTH)] or [""]
+    out: list[str] = []
+    current = ""
+    for piece in pieces:
+        if current and len(current) + 1 + len(piece) > _FOLD_WIDTH:
+            out.append(current)
+            current = piece
+        else:
+            current = f"{current} {piece}" if current else piece
+    out.append(current)
+    return "\r\n ".join(out)
 
 
 def _remote_mta(peer: str) -> str:
@@ -150,7 +189,8 @@ def build_report(
         lines.append("Your message was delivered to the recipients below, as you asked.")
     lines.append("")
     for recipient in recipients:
-        lines.append(f"<{recipient.address}>: {_action(recipient)}: {_clean(recipient.last_reply or '')}")
+        reply = _printable(recipient.last_reply or "", ascii_only=False)
+        lines.append(_folded(f"<{recipient.address}>: {_action(recipient)}: {reply}"))
     lines += [
         "",
         f"--{boundary}",
@@ -176,16 +216,20 @@ def build_report(
         original += b"\r\n"
     tail = f"\r\n--{boundary}--\r\n".encode()
 
+    report = head + original + tail
     envelope = Envelope(
         sender="",
         recipients=(Recipient(address=message.envelope.sender),),
         smtputf8=not message.envelope.sender.isascii(),
+        # RFC 6152 section 3: 8-bit text (a reply in UTF-8, or the original) needs BODY=8BITMIME.
+        body_type="8BITMIME" if not report.isascii() else None,
     )
-    return Report(envelope=envelope, body=head + original + tail, indexes=tuple(r.index for r in recipients))
+    return Report(envelope=envelope, body=report, indexes=tuple(r.index for r in recipients))
 
 
 def _recipient_fields(recipient: StoredRecipient, retry_until: float | None) -> list[str]:
-    reply = _clean(recipient.last_reply or "")
+    # RFC 3464 section 2.1: the delivery-status part is US-ASCII.
+    reply = _printable(recipient.last_reply or "", ascii_only=True)
     fields = ["", f"Final-Recipient: {_address_type(recipient.address)}; {recipient.address}"]
     if recipient.orcpt:
         fields.append(f"Original-Recipient: {_clean(recipient.orcpt)}")
@@ -193,9 +237,9 @@ def _recipient_fields(recipient: StoredRecipient, retry_until: float | None) -> 
     fields.append(f"Status: {status_of(reply)}")
     if recipient.last_host:
         fields.append(f"Remote-MTA: {_remote_mta(_clean(recipient.last_host))}")
-        fields.append(f"Diagnostic-Code: smtp; {reply}")
+        fields.append(_folded(f"Diagnostic-Code: smtp; {reply}"))
     elif reply:
-        fields.append(f"Diagnostic-Code: X-relay; {reply}")
+        fields.append(_folded(f"Diagnostic-Code: X-relay; {reply}"))
     if recipient.last_attempt is not None:
         fields.append(f"Last-Attempt-Date: {email.utils.formatdate(recipient.last_attempt)}")
     if retry_until is not None and _action(recipient) == "delayed":
