@@ -126,6 +126,9 @@ def test_malformed_reply_ends_session_temporarily(reply: bytes) -> None:
         run_session(server, lambda session: session.send(message("a@example.net")))
     assert caught.value.temporary
     assert "DATA" not in server.verbs()
+    # The parser's reason follows the peer, so an operator sees what was wrong.
+    assert caught.value.reply.startswith("451 4.5.0 malformed reply from mx.example.net[127.0.0.1]:")
+    assert len(caught.value.reply.split(": ", 1)[1]) > 0
 
 
 def test_multiline_greeting_and_bare_code_accepted() -> None:

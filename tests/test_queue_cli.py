@@ -156,6 +156,16 @@ def test_foreign_database_left_unchanged(tmp_path: Path, capsys: pytest.CaptureF
     connection.close()
 
 
+def test_list_names_host_once(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queue_id = _commit(spool_dir, make_envelope())
+    _defer(spool_dir, queue_id, 0, "451 4.4.1 connect to mx.two.example.test[192.0.2.2]:25 failed: refused")
+
+    out = _queue(capsys, "list", "--spool", str(spool_dir))[1]
+
+    assert "(451 4.4.1 connect to mx.two.example.test[192.0.2.2]:25 failed: refused)" in out
+    assert out.count("mx.two.example.test") == 1
+
+
 def test_list_no_match_says_so(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _commit(spool_dir, make_envelope())
     status, out, _ = _queue(capsys, "list", "--state", "held", "--spool", str(spool_dir))

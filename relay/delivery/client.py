@@ -810,9 +810,9 @@ class SMTPSession:
         while True:
             try:
                 reply = connection.parser.next_reply()
-            except SMTPError:
+            except SMTPError as error:
                 self.usable = False
-                raise SessionError(f"451 4.5.0 malformed reply from {self.peer}") from None
+                raise SessionError(f"451 4.5.0 malformed reply from {self.peer}: {error.text}") from None
             if reply is not None:
                 return reply
             if connection.eof:

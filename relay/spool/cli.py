@@ -321,7 +321,9 @@ def _recipient_line(recipient: StoredRecipient) -> str:
         line += f" (attempt {recipient.attempts}, next {_format_time(recipient.next_attempt)})"
     if recipient.last_reply:
         line += f"\n{indent}  ({_one_line(recipient.last_reply)}"
-        line += f" from {recipient.last_host})" if recipient.last_host else ")"
+        # Local errors about a host (a refused connection) name it already.
+        named = recipient.last_host is None or recipient.last_host in recipient.last_reply
+        line += ")" if named else f" from {recipient.last_host})"
     return line
 
 
