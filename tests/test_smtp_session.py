@@ -515,6 +515,8 @@ def test_too_many_recipients() -> None:
             (b"MAIL FROM:<a@example.com>\r\n", ["250"]),
             (b"RCPT TO:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\n",
              ["250", "250", "452 4.5.3"]),
+            # A repeat adds no recipient, so it gets 250 at the limit as below it.
+            (b"RCPT TO:<B@example.org>\r\n", ["250"]),
         ],
     )
 

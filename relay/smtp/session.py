@@ -583,9 +583,6 @@ class Session:
         if transaction is None:
             self._reject("RCPT", replies.NEED_MAIL)
             return
-        if len(transaction.recipients) >= self.settings.max_recipients:
-            self._reject("RCPT", replies.TOO_MANY_RECIPIENTS)
-            return
         path = command.path or ""
         if not transaction.smtputf8 and not path.isascii():
             self._reject("RCPT", replies.NON_ASCII_ADDRESS)
@@ -604,6 +601,10 @@ class Session:
         # stored once, so the recipient gets one copy, as with Postfix.
         key = path.lower()
         if key not in transaction.recipient_keys:
+            # Only a new recipient counts against the limit, so a repeat gets 250 at the limit too.
+            if len(transaction.recipients) >= self.settings.max_recipients:
+                self._reject("RCPT", replies.TOO_MANY_RECIPIENTS)
+                return
             transaction.recipient_keys.add(key)
             transaction.recipients.append(RecipientInfo(path, command.notify or (), command.orcpt))
         self._send(replies.RECIPIENT_OK)
