@@ -91,13 +91,11 @@ def _check_config(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
         return 1
     # The files that relay serve loads before it starts any worker.
-    from relay.smtp.auth import CredentialsError
-    from relay.smtp.server import check_files
-    from relay.smtp.tls import TLSSetupError
+    from relay.reload import FileCheckError, check_files
 
     try:
         check_files(config)
-    except (TLSSetupError, CredentialsError) as exc:
+    except FileCheckError as exc:
         print(f"{args.file}: {exc}", file=sys.stderr)
         return 1
     names = ", ".join(listener.address_text for listener in config.listeners)

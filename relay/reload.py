@@ -11,7 +11,9 @@ Settings bound to sockets, processes or files opened at start keep their
 running values, and a differing value in the file is logged as needing a
 restart: the listeners, ``spool.path``, ``server.workers``,
 ``delivery.enabled`` and the ``[admin]`` section.  An invalid file is rejected as a whole: every error
-is logged and the running config stays in force.
+is logged and the running config stays in force.  So is a config whose TLS
+certificate, credentials file or aliases file cannot be loaded
+(``check_files``), in every process alike.
 """
 
 from __future__ import annotations
@@ -21,9 +23,40 @@ import logging
 from dataclasses import dataclass, field
 
 from relay.config import Config, ConfigError, load_config
+from relay.delivery.maildir import parse_aliases
 from relay.log import log_event
+from relay.smtp.auth import CredentialsError, CredentialStore
+from relay.smtp.tls import TLSSetupError, server_context
 
 logger = logging.getLogger("relay.reload")
+
+
+class FileCheckError(Exception):
+    """A file that the config names cannot be loaded: the TLS certificate, credentials or aliases."""
+
+
+def check_files(config: Config) -> None:
+    """Load the files the config names as ``relay serve`` will; raise FileCheckError with the reason.
+
+    ``relay check-config`` and ``relay serve`` run this before they start,
+    and every process before it applies a reload.
+    """
+    try:
+        if any(listener.tls != "none" for listener in config.listeners):
+            server_context(config.tls)
+        if config.auth.password_file:
+            CredentialStore(config.auth.password_file)
+    except (TLSSetupError, CredentialsError) as exc:
+        raise FileCheckError(str(exc)) from None
+    path = config.local.aliases
+    if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                parse_aliases(handle.read())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FileCheckError(f"{path}: cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+        except ValueError as exc:
+            raise FileCheckError(f"{path}: {exc}") from None
 
 
 @dataclass
@@ -43,6 +76,10 @@ def reload_config(running: Config) -> ReloadResult:
         loaded = load_config(running.source)
     except ConfigError as exc:
         return ReloadResult(None, exc.errors)
+    try:
+        check_files(loaded.replace(listeners=running.listeners))
+    except FileCheckError as exc:
+        return ReloadResult(None, [str(exc)])
 
     needs_restart = []
     if loaded.listeners != running.listeners:

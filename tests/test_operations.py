@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
+import ssl
 import subprocess
 import sys
 import time
@@ -445,3 +446,71 @@ def test_key_not_matching_certificate_named(tmp_path: Path) -> None:
         server_context(TLSConfig(cert=str(cert), key=str(other_key)))
 
     assert f"{other_key} is not a valid PEM private key, or not the key of that certificate" in str(raised.value)
+
+
+def _starttls_works(port: int) -> bool:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.example.com")
+        client.starttls(context=context)
+        return client.ehlo("client.example.com")[0] == 250
+
+
+def test_bad_certificate_reload_keeps_tls_working(tmp_path: Path) -> None:
+    # The new chain is loaded into a context of its own first: a key that does
+    # not match must leave the running certificate in place, not break STARTTLS.
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    cert, key = make_certificate(tmp_path / "one")
+    _other_cert, other_key = make_certificate(tmp_path / "two")
+    port = free_port()
+    config = tmp_path / "relay.toml"
+    text = (
+        f'[server]\nworkers = 1\n[[listener]]\naddress = "127.0.0.1:{port}"\ntls = "starttls"\n'
+        f'[tls]\ncert = "{cert}"\nkey = "{{key}}"\n[spool]\npath = "spool"\n[admin]\naddress = ""\n'
+    )
+    config.write_text(text.format(key=key))
+    log_path = tmp_path / "relay.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--config", str(config), "--no-delivery"],
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=tmp_path,
+        )
+    try:
+        wait_for_port("127.0.0.1", port, process=process)
+        config.write_text(text.format(key=other_key))
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while "reload_failed" not in log_path.read_text():
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+
+        assert "reloaded" not in log_path.read_text()
+        assert _starttls_works(port)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+
+
+def test_bad_aliases_rejected_at_check_and_reload(relay: Relay) -> None:
+    # A bad line in the aliases file fails check-config, and a reload with it is
+    # rejected by every process alike, with no half-applied config.
+    aliases = relay.directory / "aliases"
+    aliases.write_text("sales alice\n")
+    relay.config.write_text(relay.config.read_text().replace("[local]\n", f'[local]\naliases = "{aliases}"\n'))
+
+    checked = subprocess.run(
+        [sys.executable, "-m", "relay", "check-config", str(relay.config)],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), check=False, timeout=60,
+    )
+    assert checked.returncode == 1
+    assert f"{aliases}: line 1:" in checked.stderr
+
+    assert relay.process is not None
+    relay.process.send_signal(signal.SIGHUP)
+    # Two workers and the delivery process.
+    relay.wait_for_log("reload_failed", count=3)
+    assert "loop_exception" not in relay.log()
+    assert "reloaded" not in relay.log()

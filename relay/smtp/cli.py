@@ -19,7 +19,6 @@ from relay.cli import add_config_option, config_from_args
 from relay.config import Config, ListenerConfig
 from relay.log import setup_logging
 from relay.smtp.auth import CredentialsError, check_user_name, set_password
-from relay.smtp.tls import TLSSetupError
 from relay.units import parse_host_port
 
 EVENT_LOOPS = ("uvloop", "asyncio")
@@ -76,12 +75,13 @@ def _apply_workers(config: Config, workers: int | None) -> Config:
 
 
 def _run(config: Config, event_loop: str) -> int:
+    from relay.reload import FileCheckError
     from relay.smtp.server import ListenerInUse, serve
 
     setup_logging(config.log.format, config.log.level)
     try:
         return serve(config, event_loop=event_loop)
-    except (ListenerInUse, TLSSetupError, CredentialsError) as exc:
+    except (ListenerInUse, FileCheckError) as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
 

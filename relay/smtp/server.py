@@ -47,7 +47,7 @@ from relay.config import Config, ListenerConfig
 from relay.delivery import Scheduler
 from relay.delivery.process import DeliveryProcess, WakeChannel, WakeSender
 from relay.log import flush_log, log_event
-from relay.reload import log_reload, reload_config
+from relay.reload import check_files, log_reload, reload_config
 from relay.signals import EarlySignals, StopRequests, SupervisorLink
 from relay.smtp import replies
 from relay.smtp.auth import CredentialsError, CredentialStore
@@ -444,9 +444,11 @@ class Worker:
             log_event(logger, "reload_failed", logging.ERROR, worker=self.index, error=str(exc))
             return
         context = self.runtimes[0].ssl_context if self.runtimes else None
-        if context is not None and config.tls.cert and config.tls != self.config.tls:
-            # Certificate rotation: new handshakes use the new chain, on the same
-            # context, so implicit-TLS listeners pick it up without a restart.
+        if context is not None and config.tls.cert:
+            # Certificate rotation, also of files replaced under the same names:
+            # new handshakes use the new chain, on the same context, so implicit-TLS
+            # listeners pick it up without a restart.  reload_config has loaded the
+            # chain into a context of its own first, so a bad one never gets here.
             try:
                 context.load_cert_chain(config.tls.cert, config.tls.key)
             except (OSError, ssl.SSLError) as exc:
@@ -601,8 +603,9 @@ class ListenerInUse(Exception):
 def check_startup(config: Config) -> None:
     """Check before any worker starts what would stop every worker; raise with the reason.
 
-    The TLS certificate and the credentials file are loaded once, so that a
-    bad one is reported in the same words for one worker as for several.
+    The TLS certificate, the credentials file and the aliases file are
+    loaded once, so that a bad one is reported in the same words for one
+    worker as for several.
     Each listener's address is bound once without SO_REUSEPORT: that bind
     fails while another process listens there, which the workers' own
     SO_REUSEPORT binds would join silently, splitting connections between
@@ -611,18 +614,6 @@ def check_startup(config: Config) -> None:
     check_files(config)
     for listener in config.listeners:
         _check_address_free(listener)
-
-
-def check_files(config: Config) -> None:
-    """Load the TLS certificate and the credentials file as the workers will; raise with the reason.
-
-    Raises TLSSetupError or CredentialsError.  ``relay check-config`` runs
-    this too, so that it rejects what would stop ``relay serve``.
-    """
-    if any(listener.tls != "none" for listener in config.listeners):
-        server_context(config.tls)  # raises TLSSetupError
-    if config.auth.password_file:
-        CredentialStore(config.auth.password_file)  # raises CredentialsError
 
 
 def _check_address_free(listener: ListenerConfig) -> None:
@@ -651,7 +642,7 @@ def _check_address_free(listener: ListenerConfig) -> None:
 def serve(config: Config, *, event_loop: str = "uvloop") -> int:
     """Run ``config.server.workers`` workers until a signal stops them; return the exit status.
 
-    Raises TLSSetupError, CredentialsError or ListenerInUse before any worker starts.
+    Raises FileCheckError or ListenerInUse before any worker starts.
     """
     check_startup(config)
     workers = config.server.workers
