@@ -236,6 +236,64 @@ def test_remote_mta_names_next_hop(peer: str, field: str) -> None:
     assert _remote_mta(peer) == field
 
 
+def test_more_dsns_than_one_batch_all_queued(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DSNs are queued a batch at a time; the rest must follow without waiting
+    # for another failure or a restart.
+    monkeypatch.setattr("relay.delivery.scheduler.DSN_BATCH", 3)
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    handler = RecordingHandler(refuse={"nobody@implicit.test": "550 5.1.1 no such user"})
+    with run_upstream("127.0.0.4", port, handler):
+        for _ in range(8):
+            commit(spool, "alice@local.test", ["nobody@implicit.test"], ret="HDRS")
+        assert run_until(
+            config, spool, lambda: len(mailbox_messages(config, "alice")) == 8 and not spool_counts(config)
+        ), spool_counts(config)
+
+
+class _SlowDataHandler(RecordingHandler):
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        await asyncio.sleep(1.2)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_hold_reaches_claimed_job(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # A job claimed before the hold but not yet sent must not be sent after it.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, delivery="destination_concurrency_limit = 1")
+    spool = spool_for(config)
+    handler = _SlowDataHandler()
+    with run_upstream("127.0.0.4", port, handler):
+        ids = [commit(spool, "alice@local.test", [f"user{n}@implicit.test"]) for n in range(3)]
+        started = time.monotonic()
+        held: list[int] = []
+
+        def hold_then_wait() -> bool:
+            if not held and time.monotonic() - started > 0.3:
+                store = SpoolStore(config.spool.path)
+                try:
+                    with store.transaction():
+                        held.append(store.hold(ids[2], time.time()))
+                finally:
+                    store.close()
+            return len(handler.messages) >= 2 and time.monotonic() - started > 5
+
+        assert run_until(config, spool, hold_then_wait)
+
+    assert held == [1]
+    assert sorted(m.recipients[0] for m in handler.messages) == ["user0@implicit.test", "user1@implicit.test"]
+    store = SpoolStore(config.spool.path)
+    try:
+        message = store.load(ids[2])
+    finally:
+        store.close()
+    assert message is not None
+    assert [r.state for r in message.recipients] == [RecipientState.HELD]
+
+
 def test_null_sender_failure_sends_no_bounce(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     port = free_port("127.0.0.4")
     config = make_config(tmp_path, nameserver, port)

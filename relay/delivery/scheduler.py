@@ -72,6 +72,7 @@ from relay.delivery.sessions import SessionPool
 from relay.log import log_event
 from relay.spool import (
     Claim,
+    CorruptRecord,
     DeliveryResult,
     DsnRequest,
     DsnState,
@@ -79,6 +80,7 @@ from relay.spool import (
     MessageNotFound,
     Outcome,
     Recipient,
+    RecipientState,
     Spool,
     SpoolError,
     StoredRecipient,
@@ -93,6 +95,11 @@ logger = logging.getLogger("relay.delivery")
 JOBS_PER_CONNECTION = 4
 # How long ``stop`` lets running transactions finish before cancelling them.
 STOP_GRACE = 10.0
+# Messages owing a DSN that one pass of the loop reads and queues DSNs for.
+DSN_BATCH = 100
+# A job that waited longer than this in memory reads its recipients' state again
+# before it is sent, so that a hold or delete since the claim takes effect.
+RECHECK_AFTER = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,8 +536,19 @@ class Scheduler:
         return destination.queue.popleft()
 
     async def _load_message(self, job: Job) -> OutboundMessage | None:
-        """Return the message a job sends, or None when it is no longer in the spool."""
+        """Return the message a job sends, or None when the job must not be sent any more.
+
+        That is when the message left the spool, when its lease ran out while
+        the job waited (another claim may own the recipients now), or when an
+        operator held or deleted it after the claim.
+        """
         claim = job.claim
+        now = time.time()
+        if claim.lease_until <= now:
+            log_event(logger, "lease_expired", logging.WARNING, queue_id=claim.queue_id, owner=self.owner)
+            return None
+        if now - (claim.lease_until - self.spool.lease_time) > RECHECK_AFTER and not await self._still_pending(job):
+            return None
         body = claim.body
         if body is None:
             try:
@@ -549,6 +567,21 @@ class Scheduler:
             ret=claim.envelope.ret,
             envid=claim.envelope.envid,
         )
+
+    async def _still_pending(self, job: Job) -> bool:
+        """Return whether every recipient of a job that waited in memory is still queued or deferred."""
+        try:
+            stored = await self.spool.load(job.claim.queue_id)
+        except CorruptRecord:
+            return False  # moved aside and logged by load
+        except SpoolError as exc:
+            # The lease still holds the recipients, so sending is safe; only a hold could be missed.
+            log_event(logger, "recheck_failed", logging.WARNING, queue_id=job.claim.queue_id, error=str(exc))
+            return True
+        if stored is None:
+            return False
+        pending = {r.index for r in stored.recipients if r.state in (RecipientState.QUEUED, RecipientState.DEFERRED)}
+        return all(recipient.index in pending for recipient in job.recipients)
 
     async def _deliver_local(self, job: Job) -> None:
         outcomes = await deliver_local(self.local, self.spool, job.claim, job.recipients)
@@ -636,10 +669,14 @@ class Scheduler:
 
     async def _queue_dsns(self) -> None:
         try:
-            messages = await self.spool.pending_dsns()
+            messages = await self.spool.pending_dsns(DSN_BATCH)
         except SpoolError as exc:
             log_event(logger, "dsn_scan_failed", logging.ERROR, error=str(exc))
             return
+        if len(messages) == DSN_BATCH:
+            # More may owe a DSN: look again on the next pass of the loop, not only
+            # at the next failure or restart, or they would wait indefinitely.
+            self._dsn_due = True
         for message in messages:
             owed = [r for r in message.recipients if r.dsn is DsnState.PENDING]
             if not owed:
