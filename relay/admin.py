@@ -102,12 +102,20 @@ class AdminServer:
             return
         method, target = parts[0], parts[1].split("?", 1)[0]
         if method not in ("GET", "HEAD"):
-            await self._respond(writer, 405, "text/plain", "only GET and HEAD are served\n", False)
+            # RFC 9110 section 15.5.6: a 405 lists the allowed methods.
+            allow = "Allow: GET, HEAD\r\n"
+            await self._respond(writer, 405, "text/plain", "only GET and HEAD are served\n", False, allow)
             return
 
         head_only = method == "HEAD"
         if target == "/metrics":
-            body = await self.render_metrics()
+            try:
+                body = await self.render_metrics()
+            except Exception as exc:
+                # A response in every case: an unanswered request would keep its socket open.
+                log_event(logger, "metrics_failed", logging.ERROR, error=repr(exc))
+                await self._respond(writer, 500, "text/plain", "metrics unavailable; see the relay log\n", head_only)
+                return
             await self._respond(writer, 200, "text/plain; version=0.0.4; charset=utf-8", body, head_only)
         elif target == "/healthz":
             if self.accepting():
@@ -119,7 +127,7 @@ class AdminServer:
 
     @staticmethod
     async def _respond(
-        writer: asyncio.StreamWriter, status: int, content_type: str, body: str, head_only: bool
+        writer: asyncio.StreamWriter, status: int, content_type: str, body: str, head_only: bool, extra: str = ""
     ) -> None:
         reasons = {
             200: "OK",
@@ -127,6 +135,7 @@ class AdminServer:
             404: "Not Found",
             405: "Method Not Allowed",
             431: "Request Header Fields Too Large",
+            500: "Internal Server Error",
             503: "Service Unavailable",
         }
         payload = body.encode()
@@ -134,6 +143,7 @@ class AdminServer:
             f"HTTP/1.1 {status} {reasons[status]}\r\n"
             f"Content-Type: {content_type}\r\n"
             f"Content-Length: {len(payload)}\r\n"
+            f"{extra}"
             "Connection: close\r\n\r\n"
         ).encode()
         try:

@@ -261,3 +261,38 @@ def test_unlabelled_series_start_at_zero() -> None:
     assert samples["relay_test_seconds_count"][()] == 0
     # A labelled series has no sample until a label value is known.
     assert "relay_test_by_reason_total" not in samples
+
+
+async def _raw_request(port: int, request: bytes) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    response = (await asyncio.wait_for(reader.read(), 10)).decode()
+    writer.close()
+    return response
+
+
+def test_admin_answers_post_and_broken_metrics(tmp_path: Path) -> None:
+    async def main() -> tuple[str, str]:
+        server = AdminServer(tmp_path / "spool", tmp_path / "snapshots", "worker-0", lambda: True)
+        port = free_port()
+        await server.start("127.0.0.1", port)
+        try:
+            post = await _raw_request(port, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+
+            # Any failure while rendering gets a 500 response, never silence and an open socket.
+            async def broken() -> str:
+                raise ValueError("snapshot with a bad label")
+
+            server.render_metrics = broken  # type: ignore[method-assign]
+            failed = await _raw_request(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            return post, failed
+        finally:
+            await server.close()
+
+    post, failed = asyncio.run(main())
+
+    # RFC 9110 section 15.5.6: a 405 lists the allowed methods.
+    assert post.startswith("HTTP/1.1 405 ")
+    assert "\r\nAllow: GET, HEAD\r\n" in post
+    assert failed.startswith("HTTP/1.1 500 ")
