@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from relay.cli import add_config_option
+from relay.cli import add_config_option, escape_controls, stop_output
 from relay.spool import SpoolError, SpoolStore
 from relay.spool.cli import UsageError, open_store
 from relay.spool.store import fresh_domains
@@ -115,7 +115,8 @@ def format_summary(summary: QueueSummary, now: float) -> str:
     width = max(24, *(len(item.domain) for item in summary.destinations))
     lines.append(f"{'Domain':<{width}} {'Queued':>7} {'Deferred':>8}  Oldest")
     for item in summary.destinations:
-        domain = item.domain or "(no domain)"
+        # A domain may hold bidirectional or control characters (SMTPUTF8), which a terminal would act on.
+        domain = escape_controls(item.domain) if item.domain else "(no domain)"
         lines.append(f"{domain:<{width}} {item.queued:>7} {item.deferred:>8}  {_age(now - item.oldest_arrival)}")
     return "\n".join(lines)
 
@@ -128,16 +129,20 @@ def _run(args: argparse.Namespace) -> int:
         print(f"relay status: {exc}", file=sys.stderr)
         return 1
 
-    if args.json:
-        document = {
-            "messages": summary.messages,
-            "recipients": {state: summary.recipients.get(state, 0) for state in STATES},
-            "oldest_arrival": summary.oldest_arrival,
-            "destinations": [vars(item) for item in summary.destinations],
-        }
-        sys.stdout.write(orjson.dumps(document).decode() + "\n")
-    else:
-        print(format_summary(summary, time.time()))
+    try:
+        if args.json:
+            document = {
+                "messages": summary.messages,
+                "recipients": {state: summary.recipients.get(state, 0) for state in STATES},
+                "oldest_arrival": summary.oldest_arrival,
+                "destinations": [vars(item) for item in summary.destinations],
+            }
+            sys.stdout.write(orjson.dumps(document).decode() + "\n")
+            sys.stdout.flush()
+        else:
+            print(format_summary(summary, time.time()), flush=True)
+    except BrokenPipeError:
+        return stop_output()
     return 0
 
 

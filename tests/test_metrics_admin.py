@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 import urllib.error
@@ -296,3 +297,16 @@ def test_admin_answers_post_and_broken_metrics(tmp_path: Path) -> None:
     assert post.startswith("HTTP/1.1 405 ")
     assert "\r\nAllow: GET, HEAD\r\n" in post
     assert failed.startswith("HTTP/1.1 500 ")
+
+
+def test_status_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    fill_spool(tmp_path / "spool")
+    command = f"{sys.executable} -m relay status --json --spool {tmp_path / 'spool'} | head -c 0"
+
+    result = subprocess.run(
+        command, shell=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+        timeout=60, check=False,
+    )
+
+    assert "Traceback" not in result.stderr
+    assert result.stderr == ""
