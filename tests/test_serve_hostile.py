@@ -714,6 +714,11 @@ def test_connection_limits_and_timeouts(tmp_path: Path) -> None:
                 trusted.exchange(b"", ["220"])
             with RawClient(relay.port, source="127.0.0.3") as over_total:
                 assert over_total.reply().startswith("421 4.7.0")
+            # Each refused connection is logged like any other rejection (log lines are written in batches).
+            deadline = time.monotonic() + 5
+            while relay.log().count("command=CONNECT") < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert relay.log().count("command=CONNECT") == 2
 
             started = time.monotonic()
             assert clients[0].reply().startswith("421 4.4.2")

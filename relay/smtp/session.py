@@ -194,6 +194,8 @@ class Session:
     def refuse(self, reply: Reply) -> None:
         """Queue a greeting-time refusal (a 421 for a connection limit) and close."""
         self._send(reply)
+        # Logged and counted like every other 4xx or 5xx reply.
+        self._events.append(Rejected("CONNECT", reply))
         self._close("refused")
 
     def receive_data(self, data: bytes) -> None:
