@@ -10,10 +10,13 @@ receiving side are here too, named after the kind of fault they stand for;
 from __future__ import annotations
 
 import base64
+import logging
+from pathlib import Path
 
 import pytest
 
 from relay.smtp import replies
+from relay.smtp.policy import _AliasFile
 from relay.smtp.transaction import MessageReady
 from tests.smtp_transcript import (
     TRUSTED,
@@ -1007,3 +1010,20 @@ def test_catalog_wire_bytes_match_fresh_encoding() -> None:
     for name, reply in replies.CATALOG.items():
         fresh = replies.Reply(reply.code, reply.status, reply.lines)
         assert reply.wire == fresh.encode(), name
+
+
+def test_unreadable_aliases_keep_old_names(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A changed aliases file that cannot be read keeps the names read before, with
+    # one error line, instead of failing the RCPT that looked it up.
+    aliases = tmp_path / "aliases"
+    aliases.write_text("sales: alice\n")
+    policy_file = _AliasFile(str(aliases))
+    assert policy_file.names() == {"sales"}
+
+    aliases.unlink()
+    aliases.mkdir()  # a directory: it exists, but open() fails
+    with caplog.at_level(logging.ERROR, logger="relay.smtp"):
+        assert policy_file.names() == {"sales"}
+        assert policy_file.names() == {"sales"}
+    assert [r.getMessage() for r in caplog.records].count("aliases_error") <= 1
+    assert any("aliases_error" in r.getMessage() or getattr(r, "event", "") == "aliases_error" for r in caplog.records)

@@ -25,14 +25,18 @@ and local parts that could name a path outside the root (``/``, a leading
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import threading
 from collections.abc import Iterable
 
 from relay.config import Config
+from relay.log import log_event
 from relay.smtp import replies
 from relay.smtp.replies import Reply
 from relay.units import is_safe_user_name
+
+logger = logging.getLogger("relay.smtp")
 
 
 def parse_aliases(text: str) -> set[str]:
@@ -69,9 +73,13 @@ class _AliasFile:
                 return set()
             stamp = (stat.st_mtime_ns, stat.st_size)
             if stamp != self._stamp:
-                with open(self.path, encoding="utf-8", errors="replace") as handle:
-                    self._names = parse_aliases(handle.read())
                 self._stamp = stamp
+                try:
+                    with open(self.path, encoding="utf-8", errors="replace") as handle:
+                        self._names = parse_aliases(handle.read())
+                except OSError as exc:
+                    # Keep the names read before; one line per change of the file.
+                    log_event(logger, "aliases_error", logging.ERROR, file=self.path, error=exc.strerror or str(exc))
             return self._names
 
 
