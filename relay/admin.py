@@ -161,7 +161,7 @@ class Monitoring:
     def __init__(self, config: Config, index: int, accepting: Callable[[], bool]) -> None:
         self.config = config
         self.name = f"worker-{index}"
-        self.snapshot_directory = Path(config.spool.path) / "metrics"
+        self.snapshot_directory = metrics.snapshot_directory(config.spool.path)
         self.admin: AdminServer | None = None
         if index == 0:
             self.admin = AdminServer(Path(config.spool.path), self.snapshot_directory, self.name, accepting)

@@ -249,6 +249,24 @@ def save_snapshot(registry: Registry, directory: Path, name: str) -> None:
     os.replace(temporary, directory / f"{name}.json")
 
 
+def snapshot_directory(spool_path: str) -> Path:
+    """Return the folder of the processes' snapshots inside the spool directory ``spool_path``."""
+    return Path(spool_path) / "metrics"
+
+
+def clear_snapshots(directory: Path) -> None:
+    """Remove the snapshots of an earlier run, which ``relay serve`` does before its processes start.
+
+    Otherwise a restart with fewer workers would add the old ones' counts
+    until they go stale, and Prometheus would then see a counter reset.
+    """
+    for path in directory.glob("*.json"):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def load_snapshots(directory: Path, exclude: str) -> list[dict[str, list[list[Any]]]]:
     """Read the snapshots other live processes saved, skipping ``exclude``.
 

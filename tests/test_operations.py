@@ -514,3 +514,19 @@ def test_bad_aliases_rejected_at_check_and_reload(relay: Relay) -> None:
     relay.wait_for_log("reload_failed", count=3)
     assert "loop_exception" not in relay.log()
     assert "reloaded" not in relay.log()
+
+
+def test_restart_forgets_old_snapshots(tmp_path: Path) -> None:
+    # A snapshot left by an earlier run's worker (here one that a smaller restart
+    # no longer has) must not add its counts to the new run's metrics.
+    server = Relay(tmp_path, workers=2)
+    old = tmp_path / "spool" / "metrics"
+    old.mkdir(parents=True)
+    (old / "worker-7.json").write_bytes(b'{"relay_messages_received_total": [[[], 5000]]}')
+    server.start()
+    try:
+        samples = scrape(server.admin_port)
+        assert samples["relay_messages_received_total"][()] < 5000
+        assert not (old / "worker-7.json").exists()
+    finally:
+        server.stop()

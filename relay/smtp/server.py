@@ -648,6 +648,7 @@ def serve(config: Config, *, event_loop: str = "uvloop") -> int:
     workers = config.server.workers
     # Set before the workers fork, so each of them inherits it.
     metrics.destination_label.limit = config.admin.max_destination_labels
+    metrics.clear_snapshots(metrics.snapshot_directory(config.spool.path))
     if workers == 1:
         return run_worker(config, event_loop=event_loop, workers=1, index=0)
     return _supervise(config, event_loop, workers)
