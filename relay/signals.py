@@ -124,3 +124,29 @@ class SupervisorLink:
 
         os.set_blocking(self.read_fd, False)
         loop.add_reader(self.read_fd, readable)
+
+
+def install_loop_handlers(
+    loop: AbstractEventLoop,
+    *,
+    on_stop: Callable[[int], None],
+    on_reload: Callable[[], None],
+    on_supervisor_gone: Callable[[], None],
+    early: EarlySignals | None,
+    supervisor: SupervisorLink | None,
+) -> None:
+    """Hand stop and reload signals to ``loop``, then act on those that came during startup.
+
+    A worker and the delivery process both call this once their own setup
+    is done.  With a ``supervisor``, its exit also reaches ``on_supervisor_gone``.
+    """
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_stop, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    if early is not None and early.stop_signum is not None:
+        on_stop(early.stop_signum)
+    elif early is not None and early.reload_requested:
+        # The config file may have changed after the supervisor read it.
+        on_reload()
+    if supervisor is not None:
+        supervisor.watch(loop, on_supervisor_gone)

@@ -26,14 +26,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 
 from relay.admin import Monitoring
 from relay.config import Config
 from relay.delivery.scheduler import Scheduler
 from relay.log import log_event
 from relay.reload import log_reload, reload_config
-from relay.signals import EarlySignals, StopRequests, SupervisorLink
+from relay.signals import EarlySignals, StopRequests, SupervisorLink, install_loop_handlers
 from relay.spool import Spool, SpoolError
 
 logger = logging.getLogger("relay.delivery")
@@ -132,17 +131,14 @@ class DeliveryProcess:
         scheduler = Scheduler(self.config, spool)
         self.scheduler = scheduler
         loop.add_reader(self.wake_fd, self._on_wake)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._on_signal, signum)
-        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
-        early = self._early_signals
-        if early is not None and early.stop_signum is not None:
-            self._on_signal(early.stop_signum)
-        elif early is not None and early.reload_requested:
-            # The config file may have changed after the supervisor read it.
-            self._on_reload()
-        if self._supervisor is not None:
-            self._supervisor.watch(loop, self._on_supervisor_gone)
+        install_loop_handlers(
+            loop,
+            on_stop=self._on_signal,
+            on_reload=self._on_reload,
+            on_supervisor_gone=self._on_supervisor_gone,
+            early=self._early_signals,
+            supervisor=self._supervisor,
+        )
         log_event(logger, "started", worker=self.index, pid=os.getpid(), role="delivery")
         delivering = loop.create_task(scheduler.run())
         monitoring: Monitoring | None = None

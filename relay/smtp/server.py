@@ -48,7 +48,7 @@ from relay.delivery import Scheduler
 from relay.delivery.process import DeliveryProcess, WakeChannel, WakeSender
 from relay.log import flush_log, log_event
 from relay.reload import check_files, log_reload, reload_config
-from relay.signals import EarlySignals, StopRequests, SupervisorLink
+from relay.signals import EarlySignals, StopRequests, SupervisorLink, install_loop_handlers
 from relay.smtp import replies
 from relay.smtp.auth import CredentialsError, CredentialStore
 from relay.smtp.policy import RelayPolicy
@@ -375,17 +375,14 @@ class Worker:
             log_event(logger, "listen_failed", logging.ERROR, error=str(exc))
             await self._close_spool()
             return 1
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._on_signal, signum)
-        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
-        early = self._early_signals
-        if early is not None and early.stop_signum is not None:
-            self._on_signal(early.stop_signum)
-        elif early is not None and early.reload_requested:
-            # The config file may have changed after the supervisor read it.
-            self._on_reload()
-        if self._supervisor is not None:
-            self._supervisor.watch(loop, self._on_supervisor_gone)
+        install_loop_handlers(
+            loop,
+            on_stop=self._on_signal,
+            on_reload=self._on_reload,
+            on_supervisor_gone=self._on_supervisor_gone,
+            early=self._early_signals,
+            supervisor=self._supervisor,
+        )
         log_event(
             logger,
             "started",
