@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from relay.config import Config, ConfigError, load_config
 from relay.delivery.maildir import parse_aliases
 from relay.log import log_event
-from relay.smtp.auth import CredentialsError, CredentialStore
+from relay.smtp.auth import CredentialsError, read_credentials
 from relay.smtp.tls import TLSSetupError, server_context
 
 logger = logging.getLogger("relay.reload")
@@ -45,7 +45,8 @@ def check_files(config: Config) -> None:
         if any(listener.tls != "none" for listener in config.listeners):
             server_context(config.tls)
         if config.auth.password_file:
-            CredentialStore(config.auth.password_file)
+            # Parsed only: a CredentialStore would also compute a scrypt hash.
+            read_credentials(config.auth.password_file)
     except (TLSSetupError, CredentialsError) as exc:
         raise FileCheckError(str(exc)) from None
     path = config.local.aliases

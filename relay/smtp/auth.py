@@ -97,6 +97,24 @@ def parse_credentials(text: str, filename: str) -> dict[str, str]:
     return users
 
 
+def read_credentials(path: str) -> dict[str, str]:
+    """Read and parse a credentials file; raise CredentialsError when it cannot be read or parsed."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise CredentialsError(_unreadable(path, exc)) from None
+    except UnicodeDecodeError as exc:
+        raise CredentialsError(
+            f"{path}: invalid UTF-8 at byte {exc.start}; write USER:HASH lines with relay passwd"
+        ) from None
+    return parse_credentials(text, path)
+
+
+def _unreadable(path: str, exc: OSError) -> str:
+    return f"{path}: cannot be read: {exc.strerror or exc}; check [auth] password_file"
+
+
 class CredentialStore:
     """The users of a credentials file, re-read when the file changes.
 
@@ -117,20 +135,12 @@ class CredentialStore:
         """Read the file again if it changed; raise CredentialsError when it cannot be read or parsed."""
         try:
             stat = os.stat(self.path)
-            stamp = (stat.st_mtime_ns, stat.st_size)
-            if stamp == self._stamp:
-                return
-            with open(self.path, encoding="utf-8") as handle:
-                text = handle.read()
         except OSError as exc:
-            raise CredentialsError(
-                f"{self.path}: cannot be read: {exc.strerror or exc}; check [auth] password_file"
-            ) from None
-        except UnicodeDecodeError as exc:
-            raise CredentialsError(
-                f"{self.path}: invalid UTF-8 at byte {exc.start}; write USER:HASH lines with relay passwd"
-            ) from None
-        self._users = parse_credentials(text, self.path)
+            raise CredentialsError(_unreadable(self.path, exc)) from None
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp == self._stamp:
+            return
+        self._users = read_credentials(self.path)
         self._stamp = stamp
 
     def verify(self, user: str, password: str) -> bool:
