@@ -48,7 +48,7 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-# The most worker processes: far beyond any machine's cores, and a bound on forks.
+# Maximum number of worker processes: far beyond any machine's cores, and a bound on the forks at start.
 MAX_WORKERS = 256
 # The largest value an "int" or "size" key without a maximum of its own accepts.
 _INTEGER_CEILING = (1 << 62) - 1

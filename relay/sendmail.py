@@ -33,10 +33,11 @@ are stored with CRLF.  A ``Received`` header naming the user ID, and
 Exit codes follow sysexits.h: ``EX_USAGE`` (64) bad option or no
 recipients, ``EX_DATAERR`` (65) message over ``policy.max_message_size``,
 ``EX_NOINPUT`` (66) standard input closed, ``EX_NOUSER`` (67) invalid
-address, one the SMTP server would reject, or unknown local user, ``EX_TEMPFAIL`` (75) the spool cannot take
-the message now (or the caller cannot write to it), ``EX_CONFIG`` (78)
-invalid config file.  An unexpected
-internal error gives ``EX_SOFTWARE`` (70) with its message, never a traceback.
+address, one the SMTP server would reject, or unknown local user,
+``EX_TEMPFAIL`` (75) the spool cannot take the message now (or the caller
+cannot write to it), ``EX_CONFIG`` (78) invalid config file.  An
+unexpected internal error gives ``EX_SOFTWARE`` (70) with its message,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -358,7 +359,7 @@ def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
     except SpoolError as exc:
         if not os.access(config.spool.path, os.W_OK):
             # Still EX_TEMPFAIL, as Postfix's sendmail exits when it cannot write its
-            # queue, but the message says that waiting alone will not help.
+            # queue, but the message explains that waiting alone will not help.
             print(f"sendmail: cannot write to the spool {config.spool.path} ({exc}); run as a user with write"
                   " access to it", file=stderr)
             return EX_TEMPFAIL

@@ -269,21 +269,21 @@ def test_hold_reaches_claimed_job(tmp_path: Path, nameserver: NameServer, spool_
     with run_upstream("127.0.0.4", port, handler):
         ids = [commit(spool, "alice@local.test", [f"user{n}@implicit.test"]) for n in range(3)]
         started = time.monotonic()
-        held: list[int] = []
+        held_counts: list[int] = []
 
         def hold_then_wait() -> bool:
-            if not held and time.monotonic() - started > 0.3:
+            if not held_counts and time.monotonic() - started > 0.3:
                 store = SpoolStore(config.spool.path)
                 try:
                     with store.transaction():
-                        held.append(store.hold(ids[2], time.time()))
+                        held_counts.append(store.hold(ids[2], time.time()))
                 finally:
                     store.close()
             return len(handler.messages) >= 2 and time.monotonic() - started > 5
 
         assert run_until(config, spool, hold_then_wait)
 
-    assert held == [1]
+    assert held_counts == [1]
     assert sorted(m.recipients[0] for m in handler.messages) == ["user0@implicit.test", "user1@implicit.test"]
     store = SpoolStore(config.spool.path)
     try:

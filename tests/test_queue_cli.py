@@ -143,11 +143,11 @@ def test_foreign_database_left_unchanged(tmp_path: Path, capsys: pytest.CaptureF
         connection.execute("CREATE TABLE foo (x)")
     connection.close()
 
-    for directory, what in ((empty, "is an empty database"), (other, "is not a relay spool")):
+    for directory, problem in ((empty, "is an empty database"), (other, "is not a relay spool")):
         status, out, err = _queue(capsys, "list", "--spool", str(directory))
         assert status == 1
         assert out == ""
-        assert err == f"relay queue: {directory / 'spool.db'} {what}" + (
+        assert err == f"relay queue: {directory / 'spool.db'} {problem}" + (
             " (it has no message table)" if directory is other else ""
         ) + "; check --spool or [spool] path\n"
     assert (empty / "spool.db").stat().st_size == 0

@@ -325,7 +325,7 @@ class SMTPSession:
             if not self.tls_active and options.tls != "none":
                 # PLAIN and LOGIN send the password itself (RFC 4616 section 5), and
                 # anyone on the path can strip STARTTLS or break its handshake.  Only
-                # relayhost_tls = "none" says the operator accepts a plaintext AUTH.
+                # relayhost_tls = "none" means the operator accepts a plaintext AUTH.
                 await self._quit_quietly()
                 raise SessionError(
                     f"451 4.7.10 {self.peer} offered no working TLS, and AUTH would send the password in"
@@ -429,8 +429,8 @@ class SMTPSession:
                 return prepared
             transaction = prepared
             if self._connection.parser.buffered:
-                # A reply before any command of this transaction: the server sent one
-                # more than it was asked for, so every reply would answer the wrong command.
+                # A reply before any command of this transaction: the server sent one reply
+                # too many, so each later reply would be taken for the wrong command's.
                 self.abort()
                 raise SessionError(f"451 4.5.0 {self.peer} sent a reply that no command asked for")
 

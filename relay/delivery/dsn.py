@@ -84,7 +84,7 @@ def _clean(text: str) -> str:
 
 # Control characters, which a next hop's reply may contain and a terminal would act on.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-# Longest line of a DSN field before it is folded; RFC 5322 section 2.1.1 recommends 78.
+# Maximum length of a DSN line before it is folded; RFC 5322 section 2.1.1 recommends 78.
 _FOLD_WIDTH = 78
 # Longer words are cut into pieces of this many characters, well below 998 octets.
 _CUT_WIDTH = 900
@@ -122,7 +122,7 @@ def _folded(line: str) -> str:
 def _remote_mta(peer: str) -> str:
     """Return the ``Remote-MTA`` value for a next hop stored as ``name[address]:port``.
 
-    RFC 3464 section 2.3.5 asks for the MTA's name, with the type ``dns``.
+    RFC 3464 section 2.3.5 defines the field as the MTA's name, with the type ``dns``.
     A next hop named by its address (a relayhost such as ``[192.0.2.1]``)
     gets that address as an RFC 5321 address literal.
     """

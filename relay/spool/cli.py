@@ -186,8 +186,8 @@ def _check_relay_database(database: Path) -> None:
     finally:
         connection.close()
     if "message" not in tables:
-        what = "an empty database" if not tables else "not a relay spool (it has no message table)"
-        raise UsageError(f"{database} is {what}; check --spool or [spool] path")
+        problem = "an empty database" if not tables else "not a relay spool (it has no message table)"
+        raise UsageError(f"{database} is {problem}; check --spool or [spool] path")
 
 
 def _with_hint(error: SpoolError, directory: Path, busy_timeout: float) -> SpoolError:
