@@ -14,14 +14,30 @@ takes the process's next ID.
 
 The spool keys each message by an integer derived from its ID (see
 ``message_key``), so that the ID needs no index of its own.
+
+Making, checking and keying IDs is compiled (``csrc/spoolrows.pyx``),
+because the spool does all three for every message.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import threading
-import time
+
+from relay._spoolrows import is_queue_id, message_key, new_queue_id_and_key, set_process_bits
+
+__all__ = [
+    "ALPHABET",
+    "DROPPED_BITS",
+    "KEY_SLOTS",
+    "MALFORMED_KEYS",
+    "QUEUE_ID_LENGTH",
+    "is_queue_id",
+    "message_key",
+    "message_key_range",
+    "new_queue_id",
+    "new_queue_id_and_key",
+    "queue_id_time",
+]
 
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 TIME_CHARS = 11
@@ -37,22 +53,10 @@ KEY_SLOTS = 1 << (RANDOM_CHARS * 5 - DROPPED_BITS)
 # contain.  They are negative, so they never meet the keys of well-formed IDs.
 MALFORMED_KEYS = (-(1 << 63), -1)
 
-_QUEUE_ID = re.compile(f"[{ALPHABET}]{{{QUEUE_ID_LENGTH}}}")
-# Crockford digits to the digits that int(text, 32) reads.
-_TO_BASE32 = str.maketrans(ALPHABET, "0123456789abcdefghijklmnopqrstuv")
-
-# Two base32 characters per 10 bits, looked up instead of computed: an ID is made
-# for every message, on the event loop's thread.
-_PAIRS = [ALPHABET[high] + ALPHABET[low] for high in range(32) for low in range(32)]
-
-_lock = threading.Lock()
-_last_micros = 0
-_process_bits = 0
 
 
 def _draw_process_bits() -> None:
-    global _process_bits
-    _process_bits = int.from_bytes(os.urandom(3), "big") & 0xFFFFF
+    set_process_bits(int.from_bytes(os.urandom(3), "big") & 0xFFFFF)
 
 
 _draw_process_bits()
@@ -60,39 +64,9 @@ _draw_process_bits()
 os.register_at_fork(after_in_child=_draw_process_bits)
 
 
-def _encode(value: int) -> str:
-    # 75 bits: one leading character (5 bits), then seven pairs of 10 bits each.
-    # Unrolled, because a loop over the pairs takes twice as long.
-    pairs = _PAIRS
-    return "".join(
-        (
-            ALPHABET[(value >> 70) & 31],
-            pairs[(value >> 60) & 0x3FF],
-            pairs[(value >> 50) & 0x3FF],
-            pairs[(value >> 40) & 0x3FF],
-            pairs[(value >> 30) & 0x3FF],
-            pairs[(value >> 20) & 0x3FF],
-            pairs[(value >> 10) & 0x3FF],
-            pairs[value & 0x3FF],
-        )
-    )
-
-
 def new_queue_id(now: float | None = None) -> str:
     """Return a fresh queue ID for a message arriving at ``now`` (default: the clock)."""
     return new_queue_id_and_key(now)[0]
-
-
-def new_queue_id_and_key(now: float | None = None) -> tuple[str, int]:
-    """Return a fresh queue ID and its ``message_key``, both made from the same integer."""
-    global _last_micros
-    micros = int((time.time() if now is None else now) * 1_000_000)
-    with _lock:
-        if micros <= _last_micros:
-            micros = _last_micros + 1
-        _last_micros = micros
-    value = (micros << 20) | _process_bits
-    return _encode(value), value >> DROPPED_BITS
 
 
 def queue_id_time(queue_id: str) -> float:
@@ -106,22 +80,6 @@ def queue_id_time(queue_id: str) -> float:
     for char in queue_id[:TIME_CHARS]:
         micros = micros * 32 + ALPHABET.index(char)
     return micros / 1_000_000
-
-
-def is_queue_id(text: str) -> bool:
-    """Return whether ``text`` has the form of a queue ID."""
-    return _QUEUE_ID.fullmatch(text) is not None
-
-
-def message_key(queue_id: str) -> int:
-    """Return the spool's integer key for a well-formed queue ID.
-
-    The key is the ID's 75-bit value without its low ``DROPPED_BITS`` random
-    bits: the arrival microsecond times ``KEY_SLOTS`` plus a slot, below 2**63
-    so it fits SQLite's signed 64-bit rowid.  Keys sort like the IDs.  Two IDs
-    can share a key, so the spool stores the ID too and compares it.
-    """
-    return int(queue_id.translate(_TO_BASE32), 32) >> DROPPED_BITS
 
 
 def message_key_range(queue_id: str) -> tuple[int, int]:

@@ -44,12 +44,13 @@ import sqlite3
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 
+from relay._spoolrows import add_message_rows
 from relay.log import log_event
 from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
 from relay.spool.ids import KEY_SLOTS, MALFORMED_KEYS, is_queue_id, message_key, message_key_range, new_queue_id
@@ -223,45 +224,6 @@ class PendingCommit:
 def database_path(directory: str | os.PathLike[str]) -> Path:
     """Return the path of the spool database inside a spool directory."""
     return Path(directory) / DATABASE_NAME
-
-
-def envelope_document(envelope: Envelope) -> bytes:
-    """Encode the envelope fields that have no column of their own as orjson.
-
-    It includes the recipients, because a fresh message's recipient rows are
-    written from them when it first needs any.
-    """
-    return orjson.dumps(
-        {
-            "size": envelope.size,
-            "body_type": envelope.body_type,
-            "smtputf8": envelope.smtputf8,
-            "ret": envelope.ret,
-            "envid": envelope.envid,
-            "protocol": envelope.protocol,
-            "recipients": [[r.address, r.orcpt, ",".join(r.notify)] for r in envelope.recipients],
-        }
-    )
-
-
-def _message_row(pending: PendingCommit, key: int, queue_id: str) -> tuple[Any, ...]:
-    envelope = pending.envelope
-    body = pending.body
-    return (
-        key, queue_id, pending.arrival, envelope.sender, len(body), envelope.client_address,
-        envelope.helo_name, envelope.auth_user, envelope_document(envelope), zlib.crc32(body), body,
-    )
-
-
-def _fresh_row(pending: PendingCommit, key: int) -> tuple[int, int, str]:
-    """Return the ``_INSERT_FRESH`` parameters of a new message."""
-    recipients = pending.envelope.recipients
-    return key, len(recipients), _domain_list(recipient.address for recipient in recipients)
-
-
-def _domain_list(addresses: Iterable[str]) -> str:
-    # Spaces separate the domains because no domain or address literal contains one.
-    return " " + " ".join(domain_of(address) for address in addresses) + " "
 
 
 def fresh_domains(domain_list: str) -> list[str]:
@@ -572,8 +534,11 @@ class SpoolStore:
                 queue_id = new_queue_id(pending.arrival)
             else:
                 raise SpoolError("could not find an unused queue ID after 5 tries")
-            self.connection.execute(_INSERT_MESSAGE, _message_row(pending, key, queue_id))
-            self.connection.execute(_INSERT_FRESH, _fresh_row(pending, key))
+            message_values: list[Any] = []
+            fresh_values: list[Any] = []
+            add_message_rows((replace(pending, queue_id=queue_id, key=key),), message_values, fresh_values)
+            self.connection.execute(_INSERT_MESSAGE, message_values)
+            self.connection.execute(_INSERT_FRESH, fresh_values)
             if pending.dsn_for is not None:
                 self._mark_dsn_queued(pending.dsn_for)
         return queue_id
@@ -589,16 +554,7 @@ class SpoolStore:
         """
         message_values: list[Any] = []
         fresh_values: list[Any] = []
-        for pending in batch:
-            queue_id, key = pending.queue_id, pending.key
-            if key is None:
-                if not is_queue_id(queue_id):
-                    raise ValueError(f"invalid queue ID {queue_id!r}; use one from new_queue_id")
-                key = message_key(queue_id)
-            if not pending.envelope.recipients:
-                raise ValueError("a message needs at least one recipient")
-            message_values.extend(_message_row(pending, key, queue_id))
-            fresh_values.extend(_fresh_row(pending, key))
+        add_message_rows(batch, message_values, fresh_values)
         limit = self.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         with self._errors("insert messages"):
             if len(message_values) <= limit:
