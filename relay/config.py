@@ -255,6 +255,10 @@ class DeliveryConfig:
     # RFC 5321 section 4.5.3.1.6 allows 1000 octets with the CRLF; longer lines
     # are broken before sending (Postfix 3.7: smtp_line_length_limit = 998).
     line_length_limit: int = _key(998, "int", min=78, max=1 << 30)
+    # Octets per reply line, CRLF included, that a next hop may send.  RFC 5321
+    # section 4.5.3.1.5 sets 512, but a server may send longer reply text, and
+    # Postfix's SMTP client reads reply lines up to line_length_limit = 2048.
+    reply_line_limit: int = _key(2048, "int", min=512, max=65536)
     # How often the scheduler looks for due recipients when nothing woke it.
     queue_scan_interval: float = _key(1.0, "duration")
     # When new mail wakes the scheduler, the least time between two claims, so

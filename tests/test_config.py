@@ -129,6 +129,7 @@ format = "json"
         ("[[listener]]\ntls = \"starttls\"\n", "listener[0].tls", "needs [tls] cert and key"),
         ("[delivery]\nsmtp_port = 70000\n", "delivery.smtp_port", "above the maximum"),
         ("[delivery]\nline_length_limit = 40\n", "delivery.line_length_limit", "below the minimum 78"),
+        ("[delivery]\nreply_line_limit = 100\n", "delivery.reply_line_limit", "below the minimum 512"),
         ('[local]\nusers = ["a/b"]\n', "local.users", "invalid user name 'a/b'"),
         ('[spool]\npath = ""\n', "spool.path", "empty path; give a directory"),
         ('[local]\nmaildir_root = " "\n', "local.maildir_root", "empty path; give a directory"),

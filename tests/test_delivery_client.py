@@ -119,7 +119,7 @@ def message(
 
 
 @pytest.mark.parametrize("reply", [b"250-a\r\n251 b\r\n", b"25\r\n", b"2500 ok\r\n",
-                                   b"250-" + b"x" * 600 + b"\r\n250 ok\r\n", b"250-x\r\n" * 12000])
+                                   b"250-" + b"x" * 2100 + b"\r\n250 ok\r\n", b"250-x\r\n" * 12000])
 def test_malformed_reply_ends_session_temporarily(reply: bytes) -> None:
     server = ScriptedServer({"MAIL": reply})
     with pytest.raises(SessionError) as caught:
@@ -129,6 +129,27 @@ def test_malformed_reply_ends_session_temporarily(reply: bytes) -> None:
     # The parser's reason follows the peer, so an operator sees what was wrong.
     assert caught.value.reply.startswith("451 4.5.0 malformed reply from mx.example.net[127.0.0.1]:")
     assert len(caught.value.reply.split(": ", 1)[1]) > 0
+
+
+def test_long_reply_line_within_limit_accepted() -> None:
+    # Longer than RFC 5321's 512 octets; the default limit is 2048.
+    text = b"2.1.0 " + b"x" * 1500
+    server = ScriptedServer({"MAIL": b"250 " + text + b"\r\n", ".": b"250-" + text + b"\r\n250 queued\r\n"})
+
+    results = run_session(server, lambda session: session.send(message("a@example.net")))
+
+    assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+
+
+def test_reply_line_limit_configurable() -> None:
+    server = ScriptedServer({"MAIL": b"250 " + b"x" * 600 + b"\r\n"})
+    options = dataclasses.replace(OPTIONS, reply_line_limit=512)
+
+    with pytest.raises(SessionError) as caught:
+        run_session(server, lambda session: session.send(message("a@example.net")), options)
+
+    assert caught.value.reply.startswith("451 4.5.0 malformed reply")
+    assert "line too long" in caught.value.reply
 
 
 def test_multiline_greeting_and_bare_code_accepted() -> None:

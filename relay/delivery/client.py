@@ -61,6 +61,8 @@ logger = logging.getLogger("relay.delivery")
 DATA_CHUNK = 64 * 1024
 # RFC 5321 section 4.5.3.1.6: 1000 octets with the CRLF; Postfix's smtp_line_length_limit.
 DEFAULT_LINE_LENGTH_LIMIT = 998
+# Longest reply line read from a next hop, CRLF included (see DeliveryConfig.reply_line_limit).
+DEFAULT_REPLY_LINE_LIMIT = 2048
 # RFC 8314 section 3.3: port 465 speaks TLS from the first byte.
 IMPLICIT_TLS_PORT = 465
 
@@ -173,14 +175,17 @@ class SessionOptions:
     chunking: bool = True
     # Longer lines are broken before sending (see ``relay._stuffing.fold_long_lines``).
     line_length_limit: int = DEFAULT_LINE_LENGTH_LIMIT
+    # Longer reply lines make the reply malformed (451 4.5.0).
+    reply_line_limit: int = DEFAULT_REPLY_LINE_LIMIT
 
 
 class _Connection(asyncio.Protocol):
     """The transport's protocol: feeds received bytes to the reply parser and wakes the waiting session."""
 
-    def __init__(self) -> None:
+    def __init__(self, reply_line_limit: int = DEFAULT_REPLY_LINE_LIMIT) -> None:
         self.transport: asyncio.Transport | None = None
-        self.parser = ReplyParser()
+        self.reply_line_limit = reply_line_limit
+        self.parser = ReplyParser(max_line=reply_line_limit)
         self.eof = False  # True once the server closed its side or the connection was lost
         self.lost = False  # True once connection_lost was called
         self.error: Exception | None = None  # the error that ended the connection, if any
@@ -282,10 +287,15 @@ class SMTPSession:
         implicit = port == IMPLICIT_TLS_PORT and options.tls != "none"
         context = tls_context(options.tls, options.ca_file) if implicit else None
         loop = asyncio.get_running_loop()
+        reply_line_limit = options.reply_line_limit
         try:
             async with asyncio.timeout(options.timeouts.connect):
                 _, connection = await loop.create_connection(
-                    _Connection, address, port, ssl=context, server_hostname=host if context else None
+                    lambda: _Connection(reply_line_limit),
+                    address,
+                    port,
+                    ssl=context,
+                    server_hostname=host if context else None,
                 )
         except TimeoutError:
             raise SessionError(f"451 4.4.1 connect to {host}[{address}]:{port} timed out") from None
@@ -372,7 +382,7 @@ class SMTPSession:
         self._transport = transport
         self._connection.transport = transport
         self.tls_active = True
-        self._connection.parser = ReplyParser()
+        self._connection.parser = ReplyParser(max_line=self._connection.reply_line_limit)
         await self._ehlo(options.helo_name)
 
     async def _authenticate(self, username: str, password: str) -> None:

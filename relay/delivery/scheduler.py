@@ -178,6 +178,7 @@ class Scheduler:
             cache_time=delivery.connection_cache_time,
             chunking=delivery.chunking,
             line_length_limit=delivery.line_length_limit,
+            reply_line_limit=delivery.reply_line_limit,
         )
 
     def apply_config(self, config: Config) -> None:

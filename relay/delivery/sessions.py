@@ -22,7 +22,14 @@ import weakref
 from dataclasses import dataclass
 
 from relay import metrics
-from relay.delivery.client import DEFAULT_LINE_LENGTH_LIMIT, SessionError, SessionOptions, SMTPSession, Timeouts
+from relay.delivery.client import (
+    DEFAULT_LINE_LENGTH_LIMIT,
+    DEFAULT_REPLY_LINE_LIMIT,
+    SessionError,
+    SessionOptions,
+    SMTPSession,
+    Timeouts,
+)
 from relay.delivery.dns import LookupFailure, MailHost, MXResolver
 from relay.delivery.router import Route
 from relay.log import log_event
@@ -49,6 +56,7 @@ class SessionPool:
         cache_time: float = 2.0,
         chunking: bool = True,
         line_length_limit: int = DEFAULT_LINE_LENGTH_LIMIT,
+        reply_line_limit: int = DEFAULT_REPLY_LINE_LIMIT,
     ) -> None:
         self._resolver = resolver
         self._helo_name = helo_name
@@ -57,6 +65,7 @@ class SessionPool:
         self._cache_time = cache_time
         self._chunking = chunking
         self._line_length_limit = line_length_limit
+        self._reply_line_limit = reply_line_limit
         self._idle: dict[str, list[_Parked]] = {}
         self._closing: set[asyncio.Task[None]] = set()  # holds QUIT tasks until they finish
         self.opened = 0  # sessions opened so far, for tests and metrics
@@ -84,6 +93,7 @@ class SessionPool:
             timeouts=self._timeouts,
             chunking=self._chunking,
             line_length_limit=self._line_length_limit,
+            reply_line_limit=self._reply_line_limit,
         )
         errors: list[SessionError] = []
         for host in hosts:
