@@ -6,8 +6,10 @@ off) from one process.  ``GET /metrics`` returns the text exposition format
 saved (see ``relay.metrics``) and the queue gauges read from the spool at
 scrape time.  ``GET /healthz`` returns ``200 ok`` while the relay accepts
 mail and ``503`` once it stops accepting.  Only ``GET`` and ``HEAD`` are
-served; a request head over ``MAX_REQUEST_HEAD`` octets or slower than
-``REQUEST_TIMEOUT`` seconds is dropped.
+served.  A request head over ``MAX_REQUEST_HEAD`` octets gets 431, an
+HTTP/1.1 request without one Host field 400 (RFC 9112 section 3.2), and a
+head slower than ``REQUEST_TIMEOUT`` seconds is dropped.  Empty lines before
+the request line are skipped (RFC 9112 section 2.2).
 
 The listener binds the address it is given; keep it on loopback or a
 management network, because the metrics name destinations and clients.
@@ -34,6 +36,11 @@ logger = logging.getLogger("relay.admin")
 # A request line and a few headers fit easily; Prometheus sends about 300 octets.
 MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT = 10.0
+# Reads that may return only empty lines before the request line (each read ends at two line ends).
+MAX_EMPTY_LINES = 4
+# After a 431, what is read and dropped before the socket closes.
+DISCARD_LIMIT = 1024 * 1024
+DISCARD_TIME = 2.0
 
 
 def update_queue_gauges(spool_directory: Path) -> None:
@@ -87,18 +94,32 @@ class AdminServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+            head = await asyncio.wait_for(self._read_head(reader), REQUEST_TIMEOUT)
         except asyncio.LimitOverrunError:
-            await self._respond(writer, 431, "text/plain", "request header too large\n", False)
+            await self._respond(writer, 431, "text/plain", "request header too large\n", False, close=False)
+            # Read what the client still sends before closing: closing a socket with
+            # unread data resets the connection, and the client may lose the 431.
+            try:
+                if not writer.is_closing():
+                    writer.write_eof()
+                await self._discard(reader)
+            finally:
+                writer.close()
             return
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             writer.close()
             return
 
-        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        request_line, *fields = head.decode("latin-1").split("\r\n")
         parts = request_line.split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             await self._respond(writer, 400, "text/plain", "bad request\n", False)
+            return
+        # RFC 9112 section 3.2: an HTTP/1.1 request needs exactly one Host field,
+        # and no request may carry two.
+        hosts = sum(1 for field in fields if field.partition(":")[0].strip().lower() == "host")
+        if hosts > 1 or (hosts == 0 and parts[2] == "HTTP/1.1"):
+            await self._respond(writer, 400, "text/plain", "bad request: send one Host header field\n", False)
             return
         method, target = parts[0], parts[1].split("?", 1)[0]
         if method not in ("GET", "HEAD"):
@@ -126,8 +147,47 @@ class AdminServer:
             await self._respond(writer, 404, "text/plain", "not found: try /metrics or /healthz\n", head_only)
 
     @staticmethod
+    async def _read_head(reader: asyncio.StreamReader) -> bytes:
+        """Return the request head without its final empty line.
+
+        RFC 9112 section 2.2: empty lines before the request line are skipped.
+        """
+        head = await reader.readuntil(b"\r\n\r\n")
+        skipped = 0
+        while True:
+            head = head.lstrip(b"\r\n")
+            if head:
+                return head[:-4]
+            # Nothing but empty lines so far: the request line is still to come.
+            skipped += 1
+            if skipped > MAX_EMPTY_LINES:
+                raise asyncio.IncompleteReadError(b"", None)
+            head = await reader.readuntil(b"\r\n\r\n")
+
+    @staticmethod
+    async def _discard(reader: asyncio.StreamReader) -> None:
+        """Read and drop what the client still sends, up to DISCARD_LIMIT octets and DISCARD_TIME seconds."""
+        received = 0
+        try:
+            async with asyncio.timeout(DISCARD_TIME):
+                while received < DISCARD_LIMIT:
+                    data = await reader.read(65536)
+                    if not data:
+                        return
+                    received += len(data)
+        except (TimeoutError, ConnectionError):
+            return
+
+    @staticmethod
     async def _respond(
-        writer: asyncio.StreamWriter, status: int, content_type: str, body: str, head_only: bool, extra: str = ""
+        writer: asyncio.StreamWriter,
+        status: int,
+        content_type: str,
+        body: str,
+        head_only: bool,
+        extra: str = "",
+        *,
+        close: bool = True,
     ) -> None:
         reasons = {
             200: "OK",
@@ -152,7 +212,8 @@ class AdminServer:
         except ConnectionError:
             pass
         finally:
-            writer.close()
+            if close:
+                writer.close()
 
 
 class Monitoring:

@@ -310,3 +310,31 @@ def test_status_closed_pipe_is_quiet(tmp_path: Path) -> None:
 
     assert "Traceback" not in result.stderr
     assert result.stderr == ""
+
+
+def test_admin_request_head_rules(tmp_path: Path) -> None:
+    async def main() -> dict[str, str]:
+        server = AdminServer(tmp_path / "spool", tmp_path / "snapshots", "worker-0", lambda: True)
+        port = free_port()
+        await server.start("127.0.0.1", port)
+        requests = {
+            "empty lines first": b"\r\n\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+            "no host, 1.1": b"GET /healthz HTTP/1.1\r\nAccept: */*\r\n\r\n",
+            "no host, 1.0": b"GET /healthz HTTP/1.0\r\n\r\n",
+            "two hosts": b"GET /healthz HTTP/1.1\r\nHost: x\r\nhost: y\r\n\r\n",
+            # Far past the 8 KiB head limit: the whole request is sent before the reply is read.
+            "huge header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 300_000 + b"\r\n\r\n",
+        }
+        try:
+            return {name: await _raw_request(port, request) for name, request in requests.items()}
+        finally:
+            await server.close()
+
+    responses = asyncio.run(main())
+
+    assert responses["empty lines first"].startswith("HTTP/1.1 200 ")
+    assert responses["no host, 1.1"].startswith("HTTP/1.1 400 ")
+    assert "Host" in responses["no host, 1.1"]
+    assert responses["no host, 1.0"].startswith("HTTP/1.1 200 ")
+    assert responses["two hosts"].startswith("HTTP/1.1 400 ")
+    assert responses["huge header"].startswith("HTTP/1.1 431 ")
