@@ -64,7 +64,10 @@ def test_mailbox_lists_and_prints(tmp_path: Path, capsys: pytest.CaptureFixture[
 
     assert main(["mailbox", "alice", "1", "--config", str(tmp_path / "relay.toml")]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("Return-Path: <j@x.test>\r\nDelivered-To: alice@localhost\r\n")
+    # Maildir files have LF line ends, as Postfix's local(8) writes them.
+    assert printed.startswith("Return-Path: <j@x.test>\nDelivered-To: alice@localhost\nFrom: ")
+    assert "\r" not in printed
+    assert path.read_bytes().endswith(b"\n\nhi\n")
 
     assert main(["mailbox", "alice", "2", "--config", str(tmp_path / "relay.toml")]) == 1
     error = capsys.readouterr().err
@@ -434,3 +437,12 @@ def test_local_delivery_stays_in_root(tmp_path: Path, user: str) -> None:
     with pytest.raises(ValueError, match="invalid local user name"):
         local.deliver(user, "sender@example.test", f"{user}@example.test", b"Subject: x\r\n\r\nbody\r\n")
     assert not (tmp_path / "outside" / "new").exists()
+
+
+def test_maildir_keeps_binarymime_crlf(tmp_path: Path) -> None:
+    config = LocalConfig(maildir_root=str(tmp_path / "mail"), users=("alice",))
+    body = b"Content-Type: application/octet-stream\r\n\r\n\x00\r\n\xff\n\r\n"
+
+    path = LocalDelivery.from_config(config).deliver("alice", "j@x.test", "alice@localhost", body, binary=True)
+
+    assert path.read_bytes() == b"Return-Path: <j@x.test>\r\nDelivered-To: alice@localhost\r\n" + body

@@ -344,9 +344,9 @@ def test_sendmail_t_delivers_to_all_without_bcc(tmp_path: Path) -> None:
     for user in ("alice", "bob", "dave"):
         assert len(delivered[user]) == 1, f"{user}: {delivered[user]}\n{relay.log()}"
         body = delivered[user][0].read_bytes()
-        assert body.startswith(b"Return-Path: <cron@example.test>\r\n")
-        assert f"Delivered-To: {user}@example.test\r\n".encode() in body
-        assert b"Subject: nightly report\r\n" in body
+        assert body.startswith(b"Return-Path: <cron@example.test>\n")
+        assert f"Delivered-To: {user}@example.test\n".encode() in body
+        assert b"Subject: nightly report\n" in body
         assert b"Bcc:" not in body
 
 

@@ -32,6 +32,7 @@ async def deliver_local(
         except MessageNotFound:
             return []
     sender = claim.envelope.sender
+    binary = claim.envelope.body_type == "BINARYMIME"
     outcomes: list[tuple[StoredRecipient, Outcome, str]] = []
     for recipient in recipients:
         local_part = recipient.address.rpartition("@")[0] or recipient.address
@@ -42,7 +43,9 @@ async def deliver_local(
             continue
         try:
             for user in expansion.users:
-                await asyncio.to_thread(local.deliver, user, sender, recipient.address, body)
+                await asyncio.to_thread(
+                    local.deliver, user, sender, recipient.address, body, binary=binary
+                )
             if expansion.remote:
                 forwarded = Envelope(
                     sender=sender,

@@ -6,7 +6,10 @@ when the name is ``postmaster`` (RFC 5321 section 4.5.1 requires it).  User
 names are compared in lower case.
 
 Delivery prepends ``Return-Path: <sender>`` (RFC 5322 section 3.6.7) and
-``Delivered-To: recipient`` and then writes the message bytes unchanged.
+``Delivered-To: recipient`` and then writes the message with LF line ends,
+as Postfix's local(8) writes Maildir files and mail readers expect: each
+CRLF of the SMTP form becomes LF.  A BINARYMIME body (RFC 3030) is written
+unchanged, headers included, because a CRLF inside it may be data.
 The file is written under ``tmp/``, flushed to disk with fsync, renamed into
 ``new/``, and the ``new/`` directory is fsynced, so a delivered message
 survives a crash.  The standard library's ``mailbox.Maildir.add`` does the
@@ -115,9 +118,10 @@ class LocalDelivery:
             else:
                 self._expand(target.lower(), users, remote, seen, depth + 1)
 
-    def deliver(self, user: str, sender: str, recipient: str, body: bytes) -> Path:
+    def deliver(self, user: str, sender: str, recipient: str, body: bytes, *, binary: bool = False) -> Path:
         """Write one message into ``user``'s Maildir ``new/`` durably; return the file's path.
 
+        ``binary`` keeps the body's CRLF line ends (a BINARYMIME body).
         Raises ValueError for a user name that is not a safe folder name.
         """
         if not is_safe_user_name(user):
@@ -127,7 +131,10 @@ class LocalDelivery:
         # mailbox.Maildir creates the folders only for a missing root, so make them here.
         for folder in ("tmp", "new", "cur"):
             (root / folder).mkdir(mode=0o700, parents=True, exist_ok=True)
-        header = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
+        line_end = "\r\n" if binary else "\n"
+        header = f"Return-Path: <{sender}>{line_end}Delivered-To: {recipient}{line_end}".encode()
+        if not binary:
+            body = body.replace(b"\r\n", b"\n")
         name = _unique_name()
         temporary = root / "tmp" / name
         final = root / "new" / name
