@@ -151,6 +151,7 @@ class RecordingHandler:
     max_active: int = 0
     data_reply: str = "250 2.0.0 OK"
     pipelining: bool = False  # offer PIPELINING in the EHLO reply
+    helo_reply: str = ""  # when set, the reply to both EHLO and HELO instead of accepting them
     drop_after: set[str] = field(default_factory=set)  # close without a reply after the data for these recipients
     dropped: list[Received] = field(default_factory=list)  # messages whose end of data got no reply
     # Ends of data after which the client's next command had already arrived before the reply.
@@ -161,10 +162,18 @@ class RecordingHandler:
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
     ) -> list[str]:
         # aiosmtpd passes every line of its reply, the last one ("250 HELP") included.
+        if self.helo_reply:
+            return [self.helo_reply]
         session.host_name = hostname
         if self.pipelining:
             responses.insert(len(responses) - 1, "250-PIPELINING")
         return responses
+
+    async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str) -> str:
+        if self.helo_reply:
+            return self.helo_reply
+        session.host_name = hostname
+        return f"250 {server.hostname}"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]

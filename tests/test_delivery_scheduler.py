@@ -193,6 +193,26 @@ def test_rcpt_5xx_bounces_to_local_sender(tmp_path: Path, nameserver: NameServer
     assert "550 5.1.1 no such user" in recipient_fields["Diagnostic-Code"]
 
 
+def test_refused_helo_bounce_names_remote_mta(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    handler = RecordingHandler(helo_reply="554 5.7.1 relay.example.test is not welcome")
+
+    with run_upstream("127.0.0.4", port, handler):
+        commit(spool, "alice@local.test", ["bob@implicit.test"], ret="HDRS")
+        assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")) and not spool_counts(config))
+
+    (report,) = mailbox_messages(config, "alice")
+    recipient_fields = report.get_payload()[1].get_payload()[1]
+    assert recipient_fields["Action"] == "failed"
+    assert recipient_fields["Status"] == "5.7.1"
+    # The session never opened, but the refusal came from that host.
+    assert recipient_fields["Remote-MTA"] == "dns; implicit.test"
+    assert "554 5.7.1 relay.example.test is not welcome" in recipient_fields["Diagnostic-Code"]
+    assert handler.messages == []
+
+
 def test_rcpt_5xx_kept_when_session_fails(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # RFC 5321 section 3.3: the 550 for one recipient is final although a 421
     # for the next ends the session; only the second recipient waits.

@@ -133,11 +133,14 @@ class RecipientResult:
 class SessionError(Exception):
     """The session failed as a whole; ``reply`` is the SMTP reply (received or local) that says why."""
 
-    def __init__(self, reply: str, *, temporary: bool = True, tls_failed: bool = False) -> None:
+    def __init__(self, reply: str, *, temporary: bool = True, tls_failed: bool = False, peer: str = "") -> None:
         super().__init__(reply)
         self.reply = reply
         self.temporary = temporary
         self.tls_failed = tls_failed
+        # The next hop (``name[address]:port``) whose session failed while it was
+        # opened; empty when no connection was made.  Recorded like a reply's host.
+        self.peer = peer
         # Recipients whose outcome a reply decided before the session failed, by
         # index (a 5xx to RCPT is final, RFC 5321 section 3.3); set by ``send``.
         self.decided: dict[int, RecipientResult] = {}
@@ -312,6 +315,10 @@ class SMTPSession:
         session.tls_active = implicit
         try:
             await session._handshake(options, starttls)
+        except SessionError as exc:
+            session.abort()
+            exc.peer = exc.peer or session.peer
+            raise
         except BaseException:
             session.abort()
             raise

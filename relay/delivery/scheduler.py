@@ -451,16 +451,16 @@ class Scheduler:
 
     async def _session_failed(self, name: str, destination: _Destination, job: Job, error: SessionError) -> None:
         if not error.temporary:
-            await self._record(job, [(r, Outcome.FAILED, error.reply) for r in job.recipients], "")
+            await self._record(job, [(r, Outcome.FAILED, error.reply) for r in job.recipients], error.peer)
             return
         if destination.suspended_until > time.time():
             # A session opened before another one's failure suspended the destination:
             # the same outage, so it neither counts again nor lengthens the backoff.
-            await self._defer_until(job, error.reply, destination.suspended_until)
+            await self._defer_until(job, error.reply, destination.suspended_until, error.peer)
             return
         destination.failures += 1
         if destination.failures < self.config.delivery.destination_failure_limit:
-            await self._record(job, [(r, Outcome.DEFERRED, error.reply) for r in job.recipients], "")
+            await self._record(job, [(r, Outcome.DEFERRED, error.reply) for r in job.recipients], error.peer)
             return
         delivery = self.config.delivery
         jitter = self._random.random()
@@ -470,7 +470,7 @@ class Scheduler:
         destination.suspended_until = time.time() + delay
         log_event(logger, "destination_backoff", logging.WARNING, destination=name,
                   failures=destination.failures, seconds=round(delay, 1), reply=error.reply)
-        await self._defer_until(job, error.reply, destination.suspended_until)
+        await self._defer_until(job, error.reply, destination.suspended_until, error.peer)
         # The queued jobs would meet the same dead hosts; defer them together.
         while destination.queue:
             queued = destination.queue.popleft()
@@ -590,8 +590,8 @@ class Scheduler:
 
     # -- results ---------------------------------------------------------------
 
-    async def _defer_until(self, job: Job, reply: str, when: float) -> None:
-        await self._record(job, [(r, Outcome.DEFERRED, reply) for r in job.recipients], "", next_attempt=when)
+    async def _defer_until(self, job: Job, reply: str, when: float, host: str = "") -> None:
+        await self._record(job, [(r, Outcome.DEFERRED, reply) for r in job.recipients], host, next_attempt=when)
 
     async def _record(
         self,

@@ -113,7 +113,7 @@ class SessionPool:
                 weakref.finalize(session, metrics.destination_active.dec, destination=label)
                 return session
         last = errors[-1]
-        raise SessionError(last.reply, temporary=any(error.temporary for error in errors))
+        raise SessionError(last.reply, temporary=any(error.temporary for error in errors), peer=last.peer)
 
     async def _open(self, name: str, address: str, route: Route, options: SessionOptions) -> SMTPSession:
         try:
