@@ -10,8 +10,10 @@ of the spool's multi-row ``INSERT`` statements.  Its output is the same as
 building each row in Python: the envelope document is made by the same
 ``orjson.dumps`` call on the same dictionary, the CRC by ``zlib.crc32``.
 
-Called with the GIL held; nothing here releases it, so the last timestamp
-needs no lock of its own.
+Called with the GIL held.  Between reading and writing the last timestamp,
+``new_queue_id_and_key`` runs only C code, which never releases the GIL,
+so the timestamp needs no lock of its own.  (``zlib.crc32`` in
+``add_message_rows`` does release it for large buffers.)
 """
 
 import zlib
@@ -83,7 +85,8 @@ def new_queue_id_and_key(now=None):
     cdef double seconds
     cdef unsigned long long micros
     if now is None:
-        clock_gettime(CLOCK_REALTIME, &clock)
+        if clock_gettime(CLOCK_REALTIME, &clock) != 0:
+            raise OSError("clock_gettime(CLOCK_REALTIME) failed")
         micros = <unsigned long long>clock.tv_sec * 1000000 + <unsigned long long>(clock.tv_nsec // 1000)
     else:
         seconds = now

@@ -101,7 +101,7 @@ def test_queue_ids_monotonic_when_clock_goes_back() -> None:
 
 def test_queue_id_time_out_of_range() -> None:
     for now in (-1.0, 2.0**55 / 1e6, float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="queue ID"):
+        with pytest.raises(ValueError, match="arrival time"):
             new_queue_id_and_key(now)
 
 
