@@ -323,6 +323,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     source: str | None = None
+    # Settings given on the command line ("listeners", "spool.path", ...): a
+    # reload keeps them without reporting that the file's value needs a restart.
+    overrides: frozenset[str] = frozenset()
 
     def replace(self, **changes: Any) -> Config:
         """Return a copy with top-level sections replaced."""

@@ -82,25 +82,30 @@ def reload_config(running: Config) -> ReloadResult:
     except FileCheckError as exc:
         return ReloadResult(None, [str(exc)])
 
-    needs_restart = []
+    changed = []
     if loaded.listeners != running.listeners:
-        needs_restart.append("listener")
+        changed.append("listener")
     if loaded.spool.path != running.spool.path:
-        needs_restart.append("spool.path")
+        changed.append("spool.path")
     if loaded.server.workers != running.server.workers:
-        needs_restart.append("server.workers")
-    for admin_field in dataclasses.fields(loaded.admin):
-        if getattr(loaded.admin, admin_field.name) != getattr(running.admin, admin_field.name):
-            needs_restart.append(f"admin.{admin_field.name}")
+        changed.append("server.workers")
+    for section in ("admin", "log"):
+        for setting in dataclasses.fields(getattr(loaded, section)):
+            if getattr(getattr(loaded, section), setting.name) != getattr(getattr(running, section), setting.name):
+                changed.append(f"{section}.{setting.name}")
     if loaded.delivery.enabled != running.delivery.enabled:
-        needs_restart.append("delivery.enabled")
+        changed.append("delivery.enabled")
+    # A value given on the command line was never the file's, so keeping it is no news.
+    needs_restart = [name for name in changed if name not in running.overrides]
 
     merged = loaded.replace(
         listeners=running.listeners,
         spool=dataclasses.replace(loaded.spool, path=running.spool.path),
         server=dataclasses.replace(loaded.server, workers=running.server.workers),
         admin=running.admin,
+        log=running.log,
         delivery=dataclasses.replace(loaded.delivery, enabled=running.delivery.enabled),
+        overrides=running.overrides,
     )
     return ReloadResult(merged, [], needs_restart)
 

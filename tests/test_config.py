@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from relay import config as config_module
 from relay.cli import main
-from relay.config import Config, ConfigError, describe_defaults, load_config
+from relay.config import Config, ConfigError, ListenerConfig, describe_defaults, load_config
 from relay.reload import reload_config
 from relay.units import parse_duration, parse_host_port, parse_size
 
@@ -539,6 +540,38 @@ def test_reload_keeps_admin_settings(tmp_path: Path) -> None:
     assert result.config is not None
     assert result.config.admin.max_destination_labels == 5
     assert result.needs_restart == ["admin.max_destination_labels"]
+
+
+def test_reload_reports_log_changes(tmp_path: Path) -> None:
+    path = write(tmp_path, "[log]\nlevel = \"info\"\n")
+    running = load_config(path)
+    path.write_text("[log]\nlevel = \"debug\"\nformat = \"json\"\n")
+
+    result = reload_config(running)
+
+    assert result.config is not None
+    assert result.config.log == running.log
+    assert result.needs_restart == ["log.format", "log.level"]
+
+
+def test_reload_quiet_about_command_line_values(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nworkers = 2\n")
+    loaded = load_config(path)
+    running = loaded.replace(
+        listeners=(ListenerConfig(address="127.0.0.1:2600"),),
+        server=dataclasses.replace(loaded.server, workers=1),
+        delivery=dataclasses.replace(loaded.delivery, enabled=False),
+        overrides=frozenset({"listener", "server.workers", "delivery.enabled"}),
+    )
+
+    result = reload_config(running)
+
+    assert result.config is not None
+    assert result.needs_restart == []
+    assert result.config.listeners == running.listeners
+    assert result.config.server.workers == 1
+    assert not result.config.delivery.enabled
+    assert result.config.overrides == running.overrides
 
 
 def test_byte_order_mark_ignored(tmp_path: Path) -> None:

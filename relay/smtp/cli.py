@@ -93,16 +93,23 @@ def _serve(args: argparse.Namespace) -> int:
     # workers install, instead of ending relay serve while it reads its config.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     config = config_from_args(args)
+    overrides = set()
     if args.listen:
         config = config.replace(listeners=(ListenerConfig(address=_listen_address(args.listen)),))
+        overrides.add("listener")
     if args.spool is not None:
         if not args.spool:
             print("relay: --spool is empty; give the spool directory, or leave it out to use [spool] path",
                   file=sys.stderr)
             return 2
         config = config.replace(spool=dataclasses.replace(config.spool, path=args.spool))
+        overrides.add("spool.path")
     if args.no_delivery:
         config = config.replace(delivery=dataclasses.replace(config.delivery, enabled=False))
+        overrides.add("delivery.enabled")
+    if args.workers is not None:
+        overrides.add("server.workers")
+    config = config.replace(overrides=frozenset(overrides))
     return _run(_apply_workers(config, args.workers), args.event_loop)
 
 
