@@ -32,6 +32,7 @@ from relay.config import Config, load_config
 from relay.delivery import Scheduler
 from relay.delivery.dsn import _remote_mta, build_report
 from relay.delivery.owner import process_start
+from relay.delivery.scheduler import RECHECK_AFTER, Job
 from relay.spool import (
     DsnState,
     Envelope,
@@ -308,6 +309,38 @@ def test_hold_reaches_claimed_job(tmp_path: Path, nameserver: NameServer, spool_
     store = SpoolStore(config.spool.path)
     try:
         message = store.load(ids[2])
+    finally:
+        store.close()
+    assert message is not None
+    assert [r.state for r in message.recipients] == [RecipientState.HELD]
+
+
+def test_hold_reaches_claimed_local_job(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # The same for a local job: claimed, held by an operator, then its turn comes.
+    config = make_config(tmp_path, nameserver, free_port())
+    spool = spool_for(config)
+    queue_id = commit(spool, "carol@example.org", ["alice@local.test"])
+
+    async def main() -> None:
+        scheduler = Scheduler(config, spool)
+        (claim,) = await spool.claim("test", limit=10)
+        store = SpoolStore(config.spool.path)
+        try:
+            with store.transaction():
+                assert store.hold(queue_id, time.time()) == 1
+        finally:
+            store.close()
+        # Past the scheduler's recheck time: a job this old reads its state again.
+        await asyncio.sleep(RECHECK_AFTER + 0.2)
+        job = Job(claim, scheduler.router.route("local.test"), tuple(claim.recipients))
+        await scheduler._deliver_local(job)
+
+    asyncio.run(main())
+
+    assert mailbox_messages(config, "alice") == []
+    store = SpoolStore(config.spool.path)
+    try:
+        message = store.load(queue_id)
     finally:
         store.close()
     assert message is not None

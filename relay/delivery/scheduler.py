@@ -544,11 +544,7 @@ class Scheduler:
         operator held or deleted it after the claim.
         """
         claim = job.claim
-        now = time.time()
-        if claim.lease_until <= now:
-            log_event(logger, "lease_expired", logging.WARNING, queue_id=claim.queue_id, owner=self.owner)
-            return None
-        if now - (claim.lease_until - self.spool.lease_time) > RECHECK_AFTER and not await self._still_pending(job):
+        if not await self._may_deliver(job):
             return None
         body = claim.body
         if body is None:
@@ -569,6 +565,17 @@ class Scheduler:
             envid=claim.envelope.envid,
         )
 
+    async def _may_deliver(self, job: Job) -> bool:
+        """Return whether a job may still be delivered: its lease holds, and no hold or delete came after the claim."""
+        claim = job.claim
+        now = time.time()
+        if claim.lease_until <= now:
+            log_event(logger, "lease_expired", logging.WARNING, queue_id=claim.queue_id, owner=self.owner)
+            return False
+        if now - (claim.lease_until - self.spool.lease_time) > RECHECK_AFTER:
+            return await self._still_pending(job)
+        return True
+
     async def _still_pending(self, job: Job) -> bool:
         """Return whether every recipient of a job that waited in memory is still queued or deferred."""
         try:
@@ -585,6 +592,8 @@ class Scheduler:
         return all(recipient.index in pending for recipient in job.recipients)
 
     async def _deliver_local(self, job: Job) -> None:
+        if not await self._may_deliver(job):
+            return
         outcomes = await deliver_local(self.local, self.spool, job.claim, job.recipients)
         await self._record(job, outcomes, "")
 
