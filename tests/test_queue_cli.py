@@ -258,16 +258,16 @@ def test_hold_release_flush(spool_dir: Path, capsys: pytest.CaptureFixture[str])
     _defer(spool_dir, queue_id, 1, "451 later")
 
     assert _queue(capsys, "flush", "--domain", "two.example.test", "--spool", str(spool_dir))[1] == (
-        "flushed 1 recipient(s)\n"
+        "flushed 1 recipient\n"
     )
     # The recipient at two.example.test is due already, so only the other one counts.
-    assert _queue(capsys, "flush", queue_id, "--spool", str(spool_dir))[1] == "flushed 1 recipient(s)\n"
-    assert _queue(capsys, "hold", queue_id, "--spool", str(spool_dir))[1] == f"{queue_id}: held 2 recipient(s)\n"
+    assert _queue(capsys, "flush", queue_id, "--spool", str(spool_dir))[1] == "flushed 1 recipient\n"
+    assert _queue(capsys, "hold", queue_id, "--spool", str(spool_dir))[1] == f"{queue_id}: held 2 recipients\n"
     status, out, _ = _queue(capsys, "list", "--json", "--state", "held", "--spool", str(spool_dir))
     assert status == 0
     assert len(_json_lines(out)) == 1
     assert _queue(capsys, "release", queue_id, "--spool", str(spool_dir))[1] == (
-        f"{queue_id}: released 2 recipient(s)\n"
+        f"{queue_id}: released 2 recipients\n"
     )
     with SpoolStore(spool_dir) as store:
         message = store.load(queue_id)
@@ -281,7 +281,7 @@ def test_hold_release_twice_explained(spool_dir: Path, capsys: pytest.CaptureFix
     assert _queue(capsys, "release", queue_id, "--spool", str(spool_dir))[1] == (
         f"{queue_id}: released 0 recipients, none is held\n"
     )
-    assert _queue(capsys, "hold", queue_id, "--spool", str(spool_dir))[1] == f"{queue_id}: held 2 recipient(s)\n"
+    assert _queue(capsys, "hold", queue_id, "--spool", str(spool_dir))[1] == f"{queue_id}: held 2 recipients\n"
     assert _queue(capsys, "hold", queue_id, "--spool", str(spool_dir)) == (
         0, f"{queue_id}: held 0 recipients, none is queued or deferred\n", ""
     )
@@ -313,7 +313,7 @@ def test_delete_asks_on_terminal(
     assert status == 1
     assert out == "not deleted\n"
     assert queue_id in prompts[0]
-    assert "2 undelivered recipient(s)" in prompts[0]
+    assert "2 undelivered recipients" in prompts[0]
 
     status, out, _ = _queue(capsys, "delete", queue_id, "--spool", str(spool_dir))
     assert status == 0
@@ -328,7 +328,10 @@ def test_unknown_id_exits_1(spool_dir: Path, capsys: pytest.CaptureFixture[str],
     status, out, err = _queue(capsys, action, missing, *extra, "--spool", str(spool_dir))
     assert status == 1
     assert out == ""
-    assert err == f"relay queue: queue ID {missing} not found in the spool\n"
+    assert err == (
+        f"relay queue: queue ID {missing} not found in the spool {spool_dir};"
+        " `relay queue list` shows the queue IDs\n"
+    )
 
 
 def test_invalid_id_exits_1(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -373,7 +376,7 @@ def test_flush_empty_domain_rejected(spool_dir: Path, capsys: pytest.CaptureFixt
     status, out, err = _queue(capsys, "flush", "--domain", "", "--spool", str(spool_dir))
 
     assert status == 1
-    assert "--domain is empty" in err
+    assert "--domain '' is empty" in err
     assert out == ""
 
 
@@ -387,6 +390,30 @@ def test_domain_with_space_rejected(spool_dir: Path, capsys: pytest.CaptureFixtu
     assert status == 1
     assert "--domain 'one.example.test two.example.test' contains a space" in err
     assert out == ""
+
+
+@pytest.mark.parametrize(("domain", "problem"), [("", "is empty"), (" ", "is empty"), ("@@", "contains @"),
+                                                 ("bob@example.test", "contains @")])
+def test_domain_empty_or_address_rejected(
+    spool_dir: Path, capsys: pytest.CaptureFixture[str], domain: str, problem: str
+) -> None:
+    status, out, err = _queue(capsys, "list", "--domain", domain, "--spool", str(spool_dir))
+
+    assert status == 1
+    assert f"--domain {domain!r} {problem}" in err
+    assert out == ""
+
+
+def test_text_file_spool_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    (directory / "spool.db").write_text("not a database, just text\n" * 200)
+
+    status, out, err = _queue(capsys, "list", "--spool", str(directory))
+
+    assert status == 1
+    assert out == ""
+    assert f"{directory / 'spool.db'} is not an SQLite database; check --spool or [spool] path" in err
 
 
 def test_domain_surrounding_blanks_ignored(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -444,7 +471,10 @@ def test_delete_unknown_id_without_terminal(
 
     assert status == 1
     assert out == ""
-    assert err == f"relay queue: queue ID {missing} not found in the spool\n"
+    assert err == (
+        f"relay queue: queue ID {missing} not found in the spool {spool_dir};"
+        " `relay queue list` shows the queue IDs\n"
+    )
 
 
 def test_delete_without_terminal_needs_yes(

@@ -98,9 +98,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _run(args: argparse.Namespace) -> int:
     try:
         with open_store(args) as store:
-            status: int = args.action(store, args)
+            try:
+                status: int = args.action(store, args)
+            except MessageNotFound as exc:
+                # Delivered, deleted, or mistyped: the list shows what is there.
+                print(f"relay queue: {exc} {store.directory}; `relay queue list` shows the queue IDs",
+                      file=sys.stderr)
+                return 1
             return status
-    except (MessageNotFound, UsageError, SpoolError) as exc:
+    except (UsageError, SpoolError) as exc:
         print(f"relay queue: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
@@ -203,6 +209,8 @@ def _spool_error_hint(error: SpoolError, directory: Path, busy_timeout: float) -
         return None
     # sqlite_errorcode is the extended result code, whose low byte is the primary one.
     code = getattr(cause, "sqlite_errorcode", 0) & 0xFF
+    if code == sqlite3.SQLITE_NOTADB:
+        return f"{database_path(directory)} is not an SQLite database; check --spool or [spool] path"
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         return (
             f"another process kept the spool's write lock for the {format_duration(busy_timeout)}"
@@ -260,10 +268,14 @@ def _report_corrupt(store: SpoolStore, errors: list[CorruptRecord]) -> None:
 def _check_domain(argument: str) -> str:
     """Return a --domain value without surrounding blanks; raise UsageError when it contains one inside."""
     domain = argument.strip()
+    if not domain:
+        raise UsageError(f"--domain {argument!r} is empty; give one recipient domain such as example.com")
     if any(character.isspace() for character in domain):
         raise UsageError(
             f"--domain {argument!r} contains a space; give one recipient domain such as example.com"
         )
+    if "@" in domain:
+        raise UsageError(f"--domain {argument!r} contains @; give the domain alone, such as example.com")
     return domain
 
 
@@ -443,15 +455,17 @@ def _history_line(attempt: Attempt) -> str:
 # -- changes -------------------------------------------------------------------
 
 
+def _recipients(count: int) -> str:
+    return f"{count} recipient" if count == 1 else f"{count} recipients"
+
+
 def _flush(store: SpoolStore, args: argparse.Namespace) -> int:
     # An empty ID is an error like in the other actions, not a flush of the whole queue.
     queue_id = _check_id(args.queue_id) if args.queue_id is not None else None
     domain = _check_domain(args.domain) if args.domain is not None else None
-    if domain == "":
-        raise UsageError("--domain is empty; give a recipient domain such as example.com")
     with store.transaction():
         count = store.flush(time.time(), queue_id=queue_id, domain=domain)
-    print(f"flushed {count} recipient(s)")
+    print(f"flushed {_recipients(count)}")
     return 0
 
 
@@ -462,7 +476,7 @@ def _hold(store: SpoolStore, args: argparse.Namespace) -> int:
     if count == 0:
         print(f"{queue_id}: held 0 recipients, none is queued or deferred")
     else:
-        print(f"{queue_id}: held {count} recipient(s)")
+        print(f"{queue_id}: held {_recipients(count)}")
     return 0
 
 
@@ -473,7 +487,7 @@ def _release(store: SpoolStore, args: argparse.Namespace) -> int:
     if count == 0:
         print(f"{queue_id}: released 0 recipients, none is held")
     else:
-        print(f"{queue_id}: released {count} recipient(s)")
+        print(f"{queue_id}: released {_recipients(count)}")
     return 0
 
 
@@ -505,7 +519,7 @@ def _confirm_delete(store: SpoolStore, queue_id: str) -> bool:
     try:
         answer = input(
             f"Delete {queue_id} from {_format_path(message.envelope.sender)} with {pending} undelivered"
-            " recipient(s), sending no DSN? [y/N] "
+            f" {'recipient' if pending == 1 else 'recipients'}, sending no DSN? [y/N] "
         )
     except (EOFError, KeyboardInterrupt):
         # Ctrl-D or Ctrl-C at the prompt means no.  The newline ends the prompt's line.
