@@ -12,8 +12,12 @@ matches the reply code.
 Limits: a reply line is at most ``max_line`` octets with its line end
 (default 512, RFC 5321 section 4.5.3.1.5) and a whole reply at most
 ``max_reply`` octets (default 64 KiB; an EHLO reply, the longest in practice,
-is well under 1 KiB).  The parser stops reading at either limit, so a hostile
-server cannot grow the client's memory.  Lines ending in a bare LF are
+is well under 1 KiB).  A longer line is cut: its first ``max_line - 2``
+octets are read as the line and the rest is dropped up to the line end, as
+Postfix's SMTP client does.  Failing the reply instead would, for the reply
+to the end of data, retry a message the server has already taken.  A reply
+longer than ``max_reply`` is malformed, so a hostile server cannot grow the
+client's memory.  Lines ending in a bare LF are
 accepted: the reply's meaning does not depend on the line end, and the client
 never forwards reply text.
 
@@ -131,6 +135,7 @@ cdef class ReplyParser:
     cdef list _lines                  # text lines of the reply being read
     cdef object _enhanced             # enhanced code of its first line
     cdef object _failure              # SMTPError once the input was malformed
+    cdef bint _skipping               # dropping the rest of a line cut at max_line
 
     def __init__(self, Py_ssize_t max_line=DEFAULT_MAX_LINE_OCTETS,
                  Py_ssize_t max_reply=DEFAULT_MAX_REPLY_OCTETS):
@@ -182,21 +187,36 @@ cdef class ReplyParser:
                 self._compact()
                 return None
             hit = memchr(s + self._pos, LF, n - self._pos)
+            if self._skipping:
+                # The rest of a cut line: drop it up to its line end.
+                if hit == NULL:
+                    self._pos = n
+                    self._compact()
+                    return None
+                self._pos = <const unsigned char *>hit - s + 1
+                self._skipping = False
+                continue
             if hit == NULL:
-                if n - self._pos >= self._max_line:
-                    raise _malformed("line too long")
-                self._compact()
-                return None
-            lf = <const unsigned char *>hit - s
-            length = lf + 1 - self._pos
-            if length > self._max_line:
-                raise _malformed("line too long")
+                if n - self._pos < self._max_line:
+                    self._compact()
+                    return None
+                # No line end within max_line octets: read the line cut, drop the rest later.
+                lf = n
+                length = self._max_line
+                stop = self._pos + self._max_line - 2
+                self._skipping = True
+            else:
+                lf = <const unsigned char *>hit - s
+                length = lf + 1 - self._pos
+                stop = lf
+                if stop > self._pos and s[stop - 1] == CR:
+                    stop -= 1
+                if length > self._max_line:
+                    length = self._max_line
+                    stop = self._pos + self._max_line - 2
             self._reply_octets += length
             if self._reply_octets > self._max_reply:
                 raise _malformed("reply too long")
-            stop = lf
-            if stop > self._pos and s[stop - 1] == CR:
-                stop -= 1
 
             if stop - self._pos < 3:
                 raise _malformed("line shorter than a reply code")
@@ -233,7 +253,7 @@ cdef class ReplyParser:
                 PyBytes_FromStringAndSize(<const char *>s + text_start, stop - text_start)
                 .decode("utf-8", "replace")
             )
-            self._pos = lf + 1
+            self._pos = n if self._skipping else lf + 1
             if last:
                 reply = Reply.__new__(Reply)
                 reply.code = self._code

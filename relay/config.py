@@ -255,9 +255,10 @@ class DeliveryConfig:
     # RFC 5321 section 4.5.3.1.6 allows 1000 octets with the CRLF; longer lines
     # are broken before sending (Postfix 3.7: smtp_line_length_limit = 998).
     line_length_limit: int = _key(998, "int", min=78, max=1 << 30)
-    # Octets per reply line, CRLF included, that a next hop may send.  RFC 5321
-    # section 4.5.3.1.5 sets 512, but a server may send longer reply text, and
-    # Postfix's SMTP client reads reply lines up to line_length_limit = 2048.
+    # Octets per reply line, CRLF included, that are read from a next hop; the
+    # rest of a longer line is dropped.  RFC 5321 section 4.5.3.1.5 sets 512,
+    # but a server may send longer reply text, and Postfix's SMTP client reads
+    # up to line_length_limit = 2048 octets of each reply line.
     reply_line_limit: int = _key(2048, "int", min=512, max=65536)
     # How often the scheduler looks for due recipients when nothing woke it.
     queue_scan_interval: float = _key(1.0, "duration")
@@ -323,7 +324,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     source: str | None = None
-    # Settings given on the command line ("listeners", "spool.path", ...): a
+    # Settings given on the command line ("listener", "spool.path", ...): a
     # reload keeps them without reporting that the file's value needs a restart.
     overrides: frozenset[str] = frozenset()
 

@@ -79,8 +79,8 @@ MALFORMED_REPLIES = [
     b"650 ok\r\n",
     b"260 ok\r\n",                  # second digit 0 to 5
     b"25x ok\r\n",
-    b"250-" + b"x" * 600 + b"\r\n250 ok\r\n",
-    b"250 " + b"x" * 600,
+    b"250-" + b"x" * 600 + b"\r\n251 ok\r\n",  # cut, then the codes differ
+    b"2" + b"x" * 600,                            # a line past the limit still needs a code
 ]
 
 
@@ -126,6 +126,30 @@ def test_reply_limits_configurable() -> None:
     with pytest.raises(ValueError):
         ReplyParser(max_line=4)
     assert DEFAULT_MAX_LINE == 512
+
+
+def test_long_line_cut_at_limit() -> None:
+    parser = ReplyParser(max_line=20)
+    parser.feed(b"250-" + b"x" * 50 + b"\r\n250 ok\r\n")
+
+    reply = parser.next_reply()
+
+    assert reply == Reply(250, ["x" * 14, "ok"])
+    assert parser.next_reply() is None
+
+
+def test_long_last_line_cut_before_its_end_arrives() -> None:
+    parser = ReplyParser(max_line=20)
+    parser.feed(b"250 2.0.0 " + b"y" * 30)
+
+    # The code and the cut text are known once max_line octets are in.
+    assert parser.next_reply() == Reply(250, ["y" * 8], "2.0.0")
+
+    parser.feed(b"y" * 100)
+    assert parser.next_reply() is None
+    parser.feed(b"y\r\n220 next\r\n")
+    assert parser.next_reply() == Reply(220, ["next"])
+    assert parser.buffered == 0
 
 
 def test_reply_classes() -> None:

@@ -178,7 +178,7 @@ class SessionOptions:
     chunking: bool = True
     # Longer lines are broken before sending (see ``relay._stuffing.fold_long_lines``).
     line_length_limit: int = DEFAULT_LINE_LENGTH_LIMIT
-    # Longer reply lines make the reply malformed (451 4.5.0).
+    # The rest of a longer reply line is dropped (see relay._reply.ReplyParser).
     reply_line_limit: int = DEFAULT_REPLY_LINE_LIMIT
 
 
