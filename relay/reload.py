@@ -10,8 +10,10 @@ connection is dropped.
 Settings bound to sockets, processes or files opened at start keep their
 running values, and a differing value in the file is logged as needing a
 restart: the listeners, ``spool.path``, ``server.workers``,
-``delivery.enabled`` and the ``[admin]`` section.  An invalid file is rejected as a whole: every error
-is logged and the running config stays in force.  So is a config whose TLS
+``delivery.enabled`` and the ``[admin]`` and ``[log]`` sections.  A value
+given on the command line (``Config.overrides``) is kept without that
+message.  An invalid file is rejected as a whole: every error is logged and
+the running config stays in force.  So is a config whose TLS
 certificate, credentials file or aliases file cannot be loaded
 (``check_files``), in every process alike.
 """

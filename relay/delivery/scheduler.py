@@ -475,7 +475,7 @@ class Scheduler:
         while destination.queue:
             queued = destination.queue.popleft()
             try:
-                await self._defer_until(queued, error.reply, destination.suspended_until)
+                await self._defer_until(queued, error.reply, destination.suspended_until, error.peer)
             finally:
                 self._jobs_in_memory -= 1
 
