@@ -56,6 +56,10 @@ def update_queue_gauges(spool_directory: Path) -> None:
         metrics.queue_oldest_age.set(now - oldest if oldest is not None else 0.0, state=state)
 
 
+class _OnlyEmptyLines(Exception):
+    """The client sent more than MAX_EMPTY_LINES reads of empty lines and no request line."""
+
+
 class AdminServer:
     """The HTTP endpoint of one relay process."""
 
@@ -96,15 +100,10 @@ class AdminServer:
         try:
             head = await asyncio.wait_for(self._read_head(reader), REQUEST_TIMEOUT)
         except asyncio.LimitOverrunError:
-            await self._respond(writer, 431, "text/plain", "request header too large\n", False, close=False)
-            # Read what the client still sends before closing: closing a socket with
-            # unread data resets the connection, and the client may lose the 431.
-            try:
-                if not writer.is_closing():
-                    writer.write_eof()
-                await self._discard(reader)
-            finally:
-                writer.close()
+            await self._refuse(reader, writer, 431, "request header too large\n")
+            return
+        except _OnlyEmptyLines:
+            await self._refuse(reader, writer, 400, "bad request: no request line\n")
             return
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             writer.close()
@@ -113,19 +112,25 @@ class AdminServer:
         request_line, *fields = head.decode("latin-1").split("\r\n")
         parts = request_line.split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            await self._respond(writer, 400, "text/plain", "bad request\n", False)
+            await self._refuse(reader, writer, 400, "bad request\n")
+            return
+        # RFC 9112 section 5.1: no blank between a field name and its colon; section
+        # 5.2: a line folded onto the one before it may be rejected.
+        names = [field.partition(":")[0] for field in fields]
+        if any(":" not in field or name != name.strip() or not name for field, name in zip(fields, names, strict=True)):
+            await self._refuse(reader, writer, 400, "bad request: malformed header field\n")
             return
         # RFC 9112 section 3.2: an HTTP/1.1 request needs exactly one Host field,
         # and no request may carry two.
-        hosts = sum(1 for field in fields if field.partition(":")[0].strip().lower() == "host")
+        hosts = sum(1 for name in names if name.lower() == "host")
         if hosts > 1 or (hosts == 0 and parts[2] == "HTTP/1.1"):
-            await self._respond(writer, 400, "text/plain", "bad request: send one Host header field\n", False)
+            await self._refuse(reader, writer, 400, "bad request: send one Host header field\n")
             return
         method, target = parts[0], parts[1].split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             # RFC 9110 section 15.5.6: a 405 lists the allowed methods.
             allow = "Allow: GET, HEAD\r\n"
-            await self._respond(writer, 405, "text/plain", "only GET and HEAD are served\n", False, allow)
+            await self._refuse(reader, writer, 405, "only GET and HEAD are served\n", allow)
             return
 
         head_only = method == "HEAD"
@@ -161,8 +166,24 @@ class AdminServer:
             # Nothing but empty lines so far: the request line is still to come.
             skipped += 1
             if skipped > MAX_EMPTY_LINES:
-                raise asyncio.IncompleteReadError(b"", None)
+                raise _OnlyEmptyLines
             head = await reader.readuntil(b"\r\n\r\n")
+
+    async def _refuse(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, body: str, extra: str = ""
+    ) -> None:
+        """Send an error response, then read what the client still sends before closing.
+
+        Closing a socket with unread data resets the connection, and the
+        client may lose the response (a large header, or a request body).
+        """
+        await self._respond(writer, status, "text/plain", body, False, extra, close=False)
+        try:
+            if not writer.is_closing():
+                writer.write_eof()
+            await self._discard(reader)
+        finally:
+            writer.close()
 
     @staticmethod
     async def _discard(reader: asyncio.StreamReader) -> None:

@@ -322,6 +322,12 @@ def test_admin_request_head_rules(tmp_path: Path) -> None:
             "no host, 1.1": b"GET /healthz HTTP/1.1\r\nAccept: */*\r\n\r\n",
             "no host, 1.0": b"GET /healthz HTTP/1.0\r\n\r\n",
             "two hosts": b"GET /healthz HTTP/1.1\r\nHost: x\r\nhost: y\r\n\r\n",
+            "blank before colon": b"GET /healthz HTTP/1.1\r\nHost : x\r\n\r\n",
+            "folded line": b"GET /healthz HTTP/1.1\r\nHost: x\r\n y\r\n\r\n",
+            "only empty lines": b"\r\n" * 40,
+            # The body of a refused POST is read before the close, so the 405 arrives.
+            "post with body": b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n"
+            + b"b" * 300_000,
             # Far past the 8 KiB head limit: the whole request is sent before the reply is read.
             "huge header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 300_000 + b"\r\n\r\n",
         }
@@ -337,4 +343,8 @@ def test_admin_request_head_rules(tmp_path: Path) -> None:
     assert "Host" in responses["no host, 1.1"]
     assert responses["no host, 1.0"].startswith("HTTP/1.1 200 ")
     assert responses["two hosts"].startswith("HTTP/1.1 400 ")
+    assert responses["blank before colon"].startswith("HTTP/1.1 400 ")
+    assert responses["folded line"].startswith("HTTP/1.1 400 ")
+    assert responses["only empty lines"].startswith("HTTP/1.1 400 ")
+    assert responses["post with body"].startswith("HTTP/1.1 405 ")
     assert responses["huge header"].startswith("HTTP/1.1 431 ")
