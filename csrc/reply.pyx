@@ -14,7 +14,8 @@ Limits: a reply line is at most ``max_line`` octets with its line end
 ``max_reply`` octets (default 64 KiB; an EHLO reply, the longest in practice,
 is well under 1 KiB).  A longer line is cut: its first ``max_line - 2``
 octets are read as the line and the rest is dropped up to the line end, as
-Postfix's SMTP client does.  Failing the reply instead would, for the reply
+Postfix's SMTP client does; the reply is complete only once that line end
+has arrived.  Failing the reply instead would, for the reply
 to the end of data, retry a message the server has already taken.  A reply
 longer than ``max_reply`` is malformed, so a hostile server cannot grow the
 client's memory.  Lines ending in a bare LF are
@@ -136,12 +137,15 @@ cdef class ReplyParser:
     cdef object _enhanced             # enhanced code of its first line
     cdef object _failure              # SMTPError once the input was malformed
     cdef bint _skipping               # dropping the rest of a line cut at max_line
+    cdef bint _done_after_skip        # the cut line was the reply's last: return it at the line end
 
     def __init__(self, Py_ssize_t max_line=DEFAULT_MAX_LINE_OCTETS,
                  Py_ssize_t max_reply=DEFAULT_MAX_REPLY_OCTETS):
-        if max_line < 5 or max_reply < max_line:
+        # A cut line keeps max_line - 2 octets: with 6 or more, the code and the
+        # separator that tells the last line from the others.
+        if max_line < 6 or max_reply < max_line:
             raise ValueError(
-                f"need 5 <= max_line <= max_reply, got max_line={max_line}, max_reply={max_reply}"
+                f"need 6 <= max_line <= max_reply, got max_line={max_line}, max_reply={max_reply}"
             )
         self._buf = bytearray()
         self._max_line = max_line
@@ -179,7 +183,6 @@ cdef class ReplyParser:
         cdef const void *hit
         cdef int code
         cdef bint last
-        cdef Reply reply
         while True:
             n = len(self._buf)
             s = <const unsigned char *>(<char *>self._buf)
@@ -188,13 +191,18 @@ cdef class ReplyParser:
                 return None
             hit = memchr(s + self._pos, LF, n - self._pos)
             if self._skipping:
-                # The rest of a cut line: drop it up to its line end.
+                # The rest of a cut line: drop it up to its line end.  A reply whose
+                # last line was cut is returned only now, so that no octet of it
+                # is still to come when the caller sends its next command.
                 if hit == NULL:
                     self._pos = n
                     self._compact()
                     return None
                 self._pos = <const unsigned char *>hit - s + 1
                 self._skipping = False
+                if self._done_after_skip:
+                    self._done_after_skip = False
+                    return self._finish()
                 continue
             if hit == NULL:
                 if n - self._pos < self._max_line:
@@ -253,17 +261,25 @@ cdef class ReplyParser:
                 PyBytes_FromStringAndSize(<const char *>s + text_start, stop - text_start)
                 .decode("utf-8", "replace")
             )
-            self._pos = n if self._skipping else lf + 1
+            if self._skipping:
+                self._pos = n
+                self._done_after_skip = last
+                continue
+            self._pos = lf + 1
             if last:
-                reply = Reply.__new__(Reply)
-                reply.code = self._code
-                reply.lines = self._lines
-                reply.enhanced = self._enhanced
-                self._code = 0
-                self._lines = []
-                self._enhanced = None
-                self._reply_octets = 0
-                return reply
+                return self._finish()
+
+    cdef Reply _finish(self):
+        """Return the reply read so far and start the next one."""
+        cdef Reply reply = Reply.__new__(Reply)
+        reply.code = self._code
+        reply.lines = self._lines
+        reply.enhanced = self._enhanced
+        self._code = 0
+        self._lines = []
+        self._enhanced = None
+        self._reply_octets = 0
+        return reply
 
     cdef void _compact(self) noexcept:
         if self._pos:

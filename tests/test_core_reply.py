@@ -138,18 +138,31 @@ def test_long_line_cut_at_limit() -> None:
     assert parser.next_reply() is None
 
 
-def test_long_last_line_cut_before_its_end_arrives() -> None:
+def test_long_last_line_complete_at_its_end() -> None:
     parser = ReplyParser(max_line=20)
     parser.feed(b"250 2.0.0 " + b"y" * 30)
 
-    # The code and the cut text are known once max_line octets are in.
-    assert parser.next_reply() == Reply(250, ["y" * 8], "2.0.0")
-
+    # Returned only at the line end, so that no octet of it arrives after the
+    # caller has taken the reply and sent its next command.
+    assert parser.next_reply() is None
     parser.feed(b"y" * 100)
     assert parser.next_reply() is None
+    assert parser.buffered == 20
     parser.feed(b"y\r\n220 next\r\n")
+    assert parser.next_reply() == Reply(250, ["y" * 8], "2.0.0")
     assert parser.next_reply() == Reply(220, ["next"])
     assert parser.buffered == 0
+
+
+def test_cut_keeps_the_separator() -> None:
+    parser = ReplyParser(max_line=6)
+    parser.feed(b"250-abc\r\n250 ok\r\n")
+
+    # Both lines are cut to their first 4 octets, "250-" and "250 ": one reply, not two.
+    assert parser.next_reply() == Reply(250, ["", ""])
+    assert parser.next_reply() is None
+    with pytest.raises(ValueError):
+        ReplyParser(max_line=5)
 
 
 def test_reply_classes() -> None:

@@ -34,14 +34,27 @@ OPTIONS = SessionOptions(helo_name="relay.example.test", tls="none", timeouts=Ti
                          mail=2, rcpt=2, data_init=2, data_block=2, data_done=2, rset=2))
 
 
+@dataclasses.dataclass
+class SplitReply:
+    """A reply sent in two writes with a pause between them."""
+
+    first: bytes
+    pause: float
+    rest: bytes
+
+
+# What the server answers to one verb: a reply, or a list answering successive commands.
+Planned = bytes | SplitReply | list[bytes | SplitReply]
+
+
 class ScriptedServer:
     """A next hop that answers each command by its verb and records every line the client sends."""
 
     def __init__(
-        self, replies: dict[str, bytes | list[bytes]], greeting: bytes = b"220 mx.example.net ESMTP\r\n"
+        self, replies: dict[str, Planned], greeting: bytes = b"220 mx.example.net ESMTP\r\n"
     ) -> None:
         # A list answers successive commands with the same verb in turn.
-        self.replies: dict[str, bytes | list[bytes]] = {
+        self.replies: dict[str, Planned] = {
             "EHLO": EHLO_PLAIN, "MAIL": b"250 ok\r\n", "RCPT": b"250 ok\r\n", "DATA": b"354 go\r\n",
             ".": b"250 queued\r\n", "BDAT": b"250 queued\r\n", "RSET": b"250 ok\r\n", "QUIT": b"221 bye\r\n",
             **replies,
@@ -71,6 +84,11 @@ class ScriptedServer:
                         self.data += await reader.readexactly(int(line.split()[1]))
                 planned = self.replies.get(verb, b"500 unknown\r\n")
                 reply = planned.pop(0) if isinstance(planned, list) else planned
+                if isinstance(reply, SplitReply):
+                    writer.write(reply.first)
+                    await writer.drain()
+                    await asyncio.sleep(reply.pause)
+                    reply = reply.rest
                 writer.write(reply)
                 await writer.drain()
                 if verb == "DATA" and reply.startswith(b"354"):
@@ -154,6 +172,25 @@ def test_reply_line_past_limit_cut() -> None:
     # The first 510 octets of the line, before its CRLF, are read: "250 2.0.0 queued " and the text.
     assert result.reply == "250 2.0.0 " + long_text[6:506].decode()
     assert server.verbs().count("DATA") == 1
+
+
+def test_cut_reply_line_ending_late_keeps_session() -> None:
+    # The end of a cut line arrives after a pause: it belongs to the reply before,
+    # not to the next command's.
+    end_of_data = SplitReply(b"250 2.0.0 queued " + b"x" * 700, 0.1, b"yyyy\r\n")
+    server = ScriptedServer({".": [end_of_data, b"250 2.0.0 queued\r\n"]})
+    options = dataclasses.replace(OPTIONS, reply_line_limit=512)
+
+    async def two_messages(session: SMTPSession) -> list[list[Outcome]]:
+        first = await session.send(message("a@example.net"))
+        await asyncio.sleep(0.3)
+        second = await session.send(message("b@example.net"))
+        return [[r.outcome for r in first], [r.outcome for r in second]]
+
+    outcomes = run_session(server, two_messages, options)
+
+    assert outcomes == [[Outcome.DELIVERED], [Outcome.DELIVERED]]
+    assert server.verbs().count("DATA") == 2
 
 
 def test_multiline_greeting_and_bare_code_accepted() -> None:
