@@ -229,8 +229,12 @@ class AdminServer:
         ).encode()
         try:
             writer.write(head if head_only else head + payload)
-            await writer.drain()
-        except ConnectionError:
+            # A client that never reads must not hold the response, and its socket, forever.
+            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+        except (ConnectionError, TimeoutError):
+            pass
+        except RuntimeError:
+            # uvloop raises it instead of ConnectionError when the client reset first.
             pass
         finally:
             if close:

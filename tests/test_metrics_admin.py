@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
+import struct
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO_ROOT, free_port
@@ -348,3 +352,26 @@ def test_admin_request_head_rules(tmp_path: Path) -> None:
     assert responses["only empty lines"].startswith("HTTP/1.1 400 ")
     assert responses["post with body"].startswith("HTTP/1.1 405 ")
     assert responses["huge header"].startswith("HTTP/1.1 431 ")
+
+
+def test_admin_client_reset_is_quiet(tmp_path: Path) -> None:
+    # uvloop raises RuntimeError, not ConnectionError, when writing to a reset client.
+    async def main() -> list[dict[str, Any]]:
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        server = AdminServer(tmp_path / "spool", tmp_path / "snapshots", "worker-0", lambda: True)
+        port = free_port()
+        await server.start("127.0.0.1", port)
+        try:
+            for _ in range(20):
+                client = socket.create_connection(("127.0.0.1", port))
+                client.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")  # no Host: a 400
+                # Linger 0: close() sends a reset instead of a FIN.
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+            await asyncio.sleep(0.5)
+        finally:
+            await server.close()
+        return errors
+
+    assert uvloop.run(main()) == []

@@ -330,7 +330,7 @@ def test_unknown_id_exits_1(spool_dir: Path, capsys: pytest.CaptureFixture[str],
     assert out == ""
     assert err == (
         f"relay queue: queue ID {missing} not found in the spool {spool_dir};"
-        " `relay queue list` shows the queue IDs\n"
+        " `relay queue list` with the same --spool or --config shows the queue IDs\n"
     )
 
 
@@ -473,7 +473,7 @@ def test_delete_unknown_id_without_terminal(
     assert out == ""
     assert err == (
         f"relay queue: queue ID {missing} not found in the spool {spool_dir};"
-        " `relay queue list` shows the queue IDs\n"
+        " `relay queue list` with the same --spool or --config shows the queue IDs\n"
     )
 
 

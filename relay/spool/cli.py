@@ -102,7 +102,8 @@ def _run(args: argparse.Namespace) -> int:
                 status: int = args.action(store, args)
             except MessageNotFound as exc:
                 # Delivered, deleted, or mistyped: the list shows what is there.
-                print(f"relay queue: {exc} {store.directory}; `relay queue list` shows the queue IDs",
+                print(f"relay queue: queue ID {exc.queue_id} not found in the spool {store.directory};"
+                      " `relay queue list` with the same --spool or --config shows the queue IDs",
                       file=sys.stderr)
                 return 1
             return status
