@@ -193,6 +193,21 @@ def test_cut_reply_line_ending_late_keeps_session() -> None:
     assert server.verbs().count("DATA") == 2
 
 
+def test_flood_of_unread_replies_ends_connection() -> None:
+    # Nobody reads while a session is parked: a next hop that keeps sending is cut off.
+    server = ScriptedServer({"EHLO": EHLO_PLAIN + b"250-x\r\n" * 100_000})
+
+    async def parked_then_used(session: SMTPSession) -> object:
+        await asyncio.sleep(0.5)
+        return await session.send(message("a@example.net"))
+
+    with pytest.raises(SessionError) as caught:
+        run_session(server, parked_then_used)
+
+    assert "octets of replies that nobody read" in caught.value.reply
+    assert "DATA" not in server.verbs()
+
+
 def test_multiline_greeting_and_bare_code_accepted() -> None:
     server = ScriptedServer({"EHLO": b"250-mx.example.net\r\n250-\r\n250\r\n"},
                             greeting=b"220-mx.example.net\r\n220 ESMTP\r\n")

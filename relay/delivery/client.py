@@ -63,6 +63,10 @@ DATA_CHUNK = 64 * 1024
 DEFAULT_LINE_LENGTH_LIMIT = 998
 # Longest reply line read from a next hop, CRLF included (see DeliveryConfig.reply_line_limit).
 DEFAULT_REPLY_LINE_LIMIT = 2048
+# Octets of replies that may wait unread; more ends the connection.  Pipelined
+# replies to MAIL, RCPT and DATA take a few KiB, and one reply at most the
+# parser's 64 KiB.
+UNREAD_LIMIT = 256 * 1024
 # RFC 8314 section 3.3: port 465 speaks TLS from the first byte.
 IMPLICIT_TLS_PORT = 465
 
@@ -182,6 +186,10 @@ class SessionOptions:
     reply_line_limit: int = DEFAULT_REPLY_LINE_LIMIT
 
 
+class _UnreadReplies(ConnectionError):
+    """The next hop sent more than UNREAD_LIMIT octets that no command asked for yet."""
+
+
 class _Connection(asyncio.Protocol):
     """The transport's protocol: feeds received bytes to the reply parser and wakes the waiting session."""
 
@@ -201,6 +209,11 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed(data)
+        if self.parser.buffered > UNREAD_LIMIT and self.transport is not None and self.error is None:
+            # Nobody reads replies while a body is sent or a session is parked, so a
+            # next hop that keeps sending would grow the buffer without end.
+            self.error = _UnreadReplies(f"more than {UNREAD_LIMIT} octets of replies that nobody read")
+            self.transport.abort()
         self.wake()
 
     def eof_received(self) -> bool:
@@ -214,7 +227,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
         self.lost = True
-        self.error = exc
+        self.error = self.error or exc
         self.paused = False
         self.wake()
 
@@ -449,6 +462,8 @@ class SMTPSession:
                 # A reply before any command of this transaction: the server sent one reply
                 # too many, so each later reply would be taken for the wrong command's.
                 self.abort()
+                if isinstance(self._connection.error, _UnreadReplies):
+                    raise SessionError(f"451 4.5.0 {self.peer} sent {self._connection.error}")
                 raise SessionError(f"451 4.5.0 {self.peer} sent a reply that no command asked for")
 
         results = transaction.results
