@@ -414,6 +414,25 @@ def test_second_relay_on_same_port_refused(relay: Relay, tmp_path: Path) -> None
     assert not (other / "spool").exists()
 
 
+def test_foreign_listener_address_reported_before_workers(tmp_path: Path) -> None:
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine: bind fails locally, nothing is sent.
+    port = free_port()
+    (tmp_path / "relay.toml").write_text(
+        f'[[listener]]\naddress = "192.0.2.1:{port}"\n[spool]\npath = "spool"\n[admin]\naddress = ""\n'
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "--config", str(tmp_path / "relay.toml"), "--workers", "2"],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=tmp_path,
+        check=False, timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert f"relay: listener 192.0.2.1:{port}: the address is not one of this machine's;" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "spool").exists()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_bad_certificate_reported_before_workers(tmp_path: Path, workers: int) -> None:
     (tmp_path / "cert.pem").write_text("x\n")

@@ -76,12 +76,12 @@ def _apply_workers(config: Config, workers: int | None) -> Config:
 
 def _run(config: Config, event_loop: str) -> int:
     from relay.reload import FileCheckError
-    from relay.smtp.server import ListenerInUse, serve
+    from relay.smtp.server import ListenerError, serve
 
     setup_logging(config.log.format, config.log.level)
     try:
         return serve(config, event_loop=event_loop)
-    except (ListenerInUse, FileCheckError) as exc:
+    except (ListenerError, FileCheckError) as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
 

@@ -593,7 +593,11 @@ def _separate_delivery(config: Config) -> bool:
     return config.server.workers > 1 and spooling and config.delivery.enabled
 
 
-class ListenerInUse(Exception):
+class ListenerError(Exception):
+    """A listener's address cannot be used; the message names it and what to do."""
+
+
+class ListenerInUse(ListenerError):
     """A listener's address is already bound by another process."""
 
 
@@ -619,8 +623,11 @@ def _check_address_free(listener: ListenerConfig) -> None:
         return
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return  # create_server reports the unresolvable address itself
+    except socket.gaierror as exc:
+        raise ListenerError(
+            f"listener {listener.address_text}: cannot resolve {host} ({exc.strerror});"
+            " give an IP address of this machine, or a name that resolves to one"
+        ) from None
     for family, kind, proto, _name, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             # SO_REUSEADDR ignores connections of an earlier run in TIME_WAIT.
@@ -628,18 +635,29 @@ def _check_address_free(listener: ListenerConfig) -> None:
             try:
                 probe.bind(address)
             except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise ListenerInUse(
-                        f"listener {listener.address_text} is already in use by another process;"
-                        " stop that process or choose another address"
-                    ) from None
-                # Other errors (no such address here, no permission) come from create_server.
+                raise _bind_error(listener, exc) from None
+
+
+def _bind_error(listener: ListenerConfig, exc: OSError) -> ListenerError:
+    """Return the error that names why a listener's address cannot be bound and what to do."""
+    where = f"listener {listener.address_text}"
+    if exc.errno == errno.EADDRINUSE:
+        return ListenerInUse(
+            f"{where} is already in use by another process; stop that process or choose another address"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ListenerError(f"{where}: the address is not one of this machine's; use one of them, or 0.0.0.0 for all")
+    if exc.errno == errno.EACCES:
+        return ListenerError(
+            f"{where}: permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE, or choose a port above"
+        )
+    return ListenerError(f"{where}: cannot bind: {exc.strerror}")
 
 
 def serve(config: Config, *, event_loop: str = "uvloop") -> int:
     """Run ``config.server.workers`` workers until a signal stops them; return the exit status.
 
-    Raises FileCheckError or ListenerInUse before any worker starts.
+    Raises FileCheckError or ListenerError before any worker starts.
     """
     check_startup(config)
     workers = config.server.workers
