@@ -416,6 +416,16 @@ def test_text_file_spool_named(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert f"{directory / 'spool.db'} is not an SQLite database; check --spool or [spool] path" in err
 
 
+def test_directory_as_spool_db_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "spool" / "spool.db").mkdir(parents=True)
+
+    status, out, err = _queue(capsys, "list", "--spool", str(tmp_path / "spool"))
+
+    assert status == 1
+    assert out == ""
+    assert f"{tmp_path / 'spool' / 'spool.db'} is a directory, not a database; check --spool" in err
+
+
 def test_domain_surrounding_blanks_ignored(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     queue_id = _commit(spool_dir, make_envelope())
 

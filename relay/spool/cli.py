@@ -212,6 +212,8 @@ def _spool_error_hint(error: SpoolError, directory: Path, busy_timeout: float) -
     code = getattr(cause, "sqlite_errorcode", 0) & 0xFF
     if code == sqlite3.SQLITE_NOTADB:
         return f"{database_path(directory)} is not an SQLite database; check --spool or [spool] path"
+    if code == sqlite3.SQLITE_CANTOPEN and database_path(directory).is_dir():
+        return f"{database_path(directory)} is a directory, not a database; check --spool or [spool] path"
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         return (
             f"another process kept the spool's write lock for the {format_duration(busy_timeout)}"
