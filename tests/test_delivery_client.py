@@ -193,19 +193,46 @@ def test_cut_reply_line_ending_late_keeps_session() -> None:
     assert server.verbs().count("DATA") == 2
 
 
-def test_flood_of_unread_replies_ends_connection() -> None:
-    # Nobody reads while a session is parked: a next hop that keeps sending is cut off.
-    server = ScriptedServer({"EHLO": EHLO_PLAIN + b"250-x\r\n" * 100_000})
+def test_flood_of_unread_replies_bounded() -> None:
+    # Nobody takes replies while a session is parked: reading stops at UNREAD_LIMIT.
+    server = ScriptedServer({"EHLO": EHLO_PLAIN + b"250-x\r\n" * 300_000})
 
     async def parked_then_used(session: SMTPSession) -> object:
         await asyncio.sleep(0.5)
+        buffered.append(session._connection.parser.buffered)
         return await session.send(message("a@example.net"))
 
+    buffered: list[int] = []
     with pytest.raises(SessionError) as caught:
         run_session(server, parked_then_used)
 
-    assert "octets of replies that nobody read" in caught.value.reply
+    # At most one read past the limit; the server sent 2.1 MB.
+    assert client.UNREAD_LIMIT < buffered[0] < 2 * client.UNREAD_LIMIT
+    assert "sent a reply that no command asked for" in caught.value.reply
     assert "DATA" not in server.verbs()
+
+
+def test_many_pipelined_replies_unread_for_a_while() -> None:
+    # The next message's MAIL, RCPT and DATA go out with this body; 999 long 550
+    # replies (about 290 KB) wait while the caller records the first result.
+    reject = b"".join(
+        b"550" + separator + b" 5.1.1 no such user here, please check the address and try again\r\n"
+        for separator in (b"-", b"-", b"-", b" ")
+    )
+    server = ScriptedServer({"EHLO": EHLO_PIPELINING, "RCPT": [b"250 ok\r\n", b"250 ok\r\n"] + [reject] * 999})
+    first = message("a@example.net")
+    second = message("b@example.net", *(f"u{n}@example.net" for n in range(999)))
+
+    async def pipelined(session: SMTPSession) -> list[list[Outcome]]:
+        first_results = await session.send(first, following=second)
+        await asyncio.sleep(0.3)
+        second_results = await session.send(second)
+        return [[r.outcome for r in first_results], sorted({r.outcome for r in second_results})]
+
+    outcomes = run_session(server, pipelined)
+
+    assert outcomes == [[Outcome.DELIVERED], [Outcome.DELIVERED, Outcome.FAILED]]
+    assert server.verbs().count("DATA") == 2
 
 
 def test_multiline_greeting_and_bare_code_accepted() -> None:

@@ -63,9 +63,11 @@ DATA_CHUNK = 64 * 1024
 DEFAULT_LINE_LENGTH_LIMIT = 998
 # Longest reply line read from a next hop, CRLF included (see DeliveryConfig.reply_line_limit).
 DEFAULT_REPLY_LINE_LIMIT = 2048
-# Octets of replies that may wait unread; more ends the connection.  Pipelined
-# replies to MAIL, RCPT and DATA take a few KiB, and one reply at most the
-# parser's 64 KiB.
+# Octets of replies that may wait unread before the client stops reading from
+# the socket; it reads again once it has taken replies below half of this.
+# Pipelined replies to 1000 recipients can pass it, and only wait in the
+# socket buffers for a while; a next hop that keeps sending cannot grow the
+# client's memory past it.
 UNREAD_LIMIT = 256 * 1024
 # RFC 8314 section 3.3: port 465 speaks TLS from the first byte.
 IMPLICIT_TLS_PORT = 465
@@ -186,10 +188,6 @@ class SessionOptions:
     reply_line_limit: int = DEFAULT_REPLY_LINE_LIMIT
 
 
-class _UnreadReplies(ConnectionError):
-    """The next hop sent more than UNREAD_LIMIT octets that no command asked for yet."""
-
-
 class _Connection(asyncio.Protocol):
     """The transport's protocol: feeds received bytes to the reply parser and wakes the waiting session."""
 
@@ -201,6 +199,7 @@ class _Connection(asyncio.Protocol):
         self.lost = False  # True once connection_lost was called
         self.error: Exception | None = None  # the error that ended the connection, if any
         self.paused = False  # True while the send buffer is over its high-water mark
+        self.reading_paused = False  # True while UNREAD_LIMIT octets of replies wait (see data_received)
         self.waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -209,12 +208,19 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed(data)
-        if self.parser.buffered > UNREAD_LIMIT and self.transport is not None and self.error is None:
-            # Nobody reads replies while a body is sent or a session is parked, so a
-            # next hop that keeps sending would grow the buffer without end.
-            self.error = _UnreadReplies(f"more than {UNREAD_LIMIT} octets of replies that nobody read")
-            self.transport.abort()
+        if not self.reading_paused and self.parser.buffered > UNREAD_LIMIT and self.transport is not None:
+            # Nobody takes replies while a body is sent or a session is parked, so
+            # reading on would let a next hop that keeps sending grow the buffer.
+            self.transport.pause_reading()
+            self.reading_paused = True
         self.wake()
+
+    def resume_reading_when_taken(self) -> None:
+        """Read from the socket again once the replies waiting are below half of UNREAD_LIMIT."""
+        if self.reading_paused and self.parser.buffered <= UNREAD_LIMIT // 2 and not self.lost:
+            assert self.transport is not None
+            self.transport.resume_reading()
+            self.reading_paused = False
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -227,7 +233,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
         self.lost = True
-        self.error = self.error or exc
+        self.error = exc
         self.paused = False
         self.wake()
 
@@ -462,8 +468,6 @@ class SMTPSession:
                 # A reply before any command of this transaction: the server sent one reply
                 # too many, so each later reply would be taken for the wrong command's.
                 self.abort()
-                if isinstance(self._connection.error, _UnreadReplies):
-                    raise SessionError(f"451 4.5.0 {self.peer} sent {self._connection.error}")
                 raise SessionError(f"451 4.5.0 {self.peer} sent a reply that no command asked for")
 
         results = transaction.results
@@ -845,6 +849,9 @@ class SMTPSession:
             except SMTPError as error:
                 self.usable = False
                 raise SessionError(f"451 4.5.0 malformed reply from {self.peer}: {error.text}") from None
+            # Without a reply the buffer holds at most a partial one (64 KiB), so a
+            # paused socket is always read again before the wait below.
+            connection.resume_reading_when_taken()
             if reply is not None:
                 return reply
             if connection.eof:
