@@ -229,13 +229,17 @@ class AdminServer:
         ).encode()
         try:
             writer.write(head if head_only else head + payload)
-            # A client that never reads must not hold the response, and its socket, forever.
+            # A client that never reads must not hold the response, and its socket, forever:
+            # close() would wait for the unsent rest, so the connection is aborted.
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
-        except (ConnectionError, TimeoutError):
+        except TimeoutError:
+            writer.transport.abort()
+        except ConnectionError:
             pass
         except RuntimeError:
             # uvloop raises it instead of ConnectionError when the client reset first.
-            pass
+            if not writer.is_closing():
+                raise
         finally:
             if close:
                 writer.close()

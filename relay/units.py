@@ -116,11 +116,12 @@ def parse_host_port(value: str, default_port: int | None = None) -> tuple[str, i
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        if all(label.isascii() and label.isdigit() for label in host.split(".")):
+        if all(label.isascii() and label.isdigit() for label in host.removesuffix(".").split(".")):
             # RFC 3696 section 2: a top-level domain is never all-numeric, so dotted
             # digits can only be an IPv4 address.
             raise ValueError(
-                f"invalid IPv4 address {host!r} in {value!r}; expected four numbers from 0 to 255, such as 192.0.2.1"
+                f"invalid IPv4 address {host!r} in {value!r}; expected four numbers from 0 to 255 without"
+                " leading zeros, such as 192.0.2.1"
             ) from None
         if not is_hostname(host):
             raise ValueError(f"invalid host {host!r} in {value!r}; expected an IP address or a DNS name") from None

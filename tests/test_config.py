@@ -445,7 +445,7 @@ def test_parse_host_port_forms() -> None:
     assert parse_host_port("mx.example.test", 25) == ("mx.example.test", 25)
     with pytest.raises(ValueError, match="invalid host"):
         parse_host_port("bad_host!:25")
-    for dotted in ("999.1.1.1:25", "1.2.3:25", "10.0.0.0.1:25"):
+    for dotted in ("999.1.1.1:25", "1.2.3:25", "10.0.0.0.1:25", "999.1.1.1.:25", "127.0.0.01:25"):
         with pytest.raises(ValueError, match="invalid IPv4 address"):
             parse_host_port(dotted)
     assert parse_host_port("1.2.3.example:25") == ("1.2.3.example", 25)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -430,6 +431,30 @@ def test_foreign_listener_address_reported_before_workers(tmp_path: Path) -> Non
     assert result.returncode == 1
     assert f"relay: listener 192.0.2.1:{port}: the address is not one of this machine's;" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "spool").exists()
+
+
+def test_one_address_under_two_names_rejected(tmp_path: Path) -> None:
+    # [::1] and [0::1] are one address; only its text differs, so the config check passes.
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    port = free_port()
+    (tmp_path / "relay.toml").write_text(
+        f'[[listener]]\naddress = "[::1]:{port}"\n[[listener]]\naddress = "[0::1]:{port}"\n'
+        '[spool]\npath = "spool"\n[admin]\naddress = ""\n'
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "--config", str(tmp_path / "relay.toml"), "--workers", "1"],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=tmp_path,
+        check=False, timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert f"relay: listeners [::1]:{port} and [0::1]:{port} are the same address; remove one of them" in result.stderr
     assert not (tmp_path / "spool").exists()
 
 

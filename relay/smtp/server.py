@@ -613,14 +613,24 @@ def check_startup(config: Config) -> None:
     two relays with different configs and spools.
     """
     check_files(config)
+    bound: dict[tuple[int, Any], ListenerConfig] = {}
     for listener in config.listeners:
-        _check_address_free(listener)
+        for family, address in _check_address_free(listener):
+            # Two names of one address (localhost and 127.0.0.1, say) pass the
+            # config's check of the text, and SO_REUSEPORT would share the socket.
+            other = bound.setdefault((family, address), listener)
+            if other is not listener:
+                raise ListenerError(
+                    f"listeners {other.address_text} and {listener.address_text} are the same address;"
+                    " remove one of them"
+                )
 
 
-def _check_address_free(listener: ListenerConfig) -> None:
+def _check_address_free(listener: ListenerConfig) -> list[tuple[int, Any]]:
+    """Bind each address of ``listener`` once; return them; raise ListenerError naming what is wrong."""
     host, port = listener.address
     if port == 0:
-        return
+        return []
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -628,14 +638,24 @@ def _check_address_free(listener: ListenerConfig) -> None:
             f"listener {listener.address_text}: cannot resolve {host} ({exc.strerror});"
             " give an IP address of this machine, or a name that resolves to one"
         ) from None
+    checked: list[tuple[int, Any]] = []
     for family, kind, proto, _name, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # a family this machine lacks (IPv6 turned off): the workers skip it too
+        with probe:
             # SO_REUSEADDR ignores connections of an earlier run in TIME_WAIT.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # As the workers' sockets: [::] must not also claim the IPv4 port.
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 probe.bind(address)
             except OSError as exc:
                 raise _bind_error(listener, exc) from None
+        checked.append((family, address))
+    return checked
 
 
 def _bind_error(listener: ListenerConfig, exc: OSError) -> ListenerError:
