@@ -177,7 +177,8 @@ class Writer:
         before it commits this one.
         """
         future: asyncio.Future[str] = loop.create_future()
-        self._put(Job(None, len(pending.body), loop, future, pending, may_wait=may_wait))
+        # Positional: a keyword argument makes the dataclass's __init__ slower, once per message.
+        self._put(Job(None, len(pending.body), loop, future, pending, (False, None), True, may_wait))
         return future
 
     def commit_blocking(self, pending: PendingCommit) -> concurrent.futures.Future[str]:
@@ -462,11 +463,16 @@ class Writer:
         # One call_soon_threadsafe per event loop and batch, not one per job.
         by_loop: dict[asyncio.AbstractEventLoop, list[Job]] = {}
         blocking: list[Job] = []
-        for job in batch:
-            if job.loop is None:
-                blocking.append(job)
-            else:
-                by_loop.setdefault(job.loop, []).append(job)
+        first = batch[0].loop if batch else None
+        if first is not None and all(job.loop is first for job in batch):
+            # The common case: every job came from the sessions of one worker's loop.
+            by_loop[first] = batch
+        else:
+            for job in batch:
+                if job.loop is None:
+                    blocking.append(job)
+                else:
+                    by_loop.setdefault(job.loop, []).append(job)
         for loop, jobs in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop was closed while we committed
                 loop.call_soon_threadsafe(_settle, jobs)
