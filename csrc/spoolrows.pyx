@@ -61,6 +61,11 @@ def set_process_bits(unsigned long bits):
     _process_bits = bits & RANDOM_MASK
 
 
+cdef inline long long _key(unsigned long long micros, unsigned long bits) noexcept:
+    # The 75-bit ID value without its low DROPPED_BITS random bits (see message_key).
+    return <long long>((micros << (RANDOM_BITS - DROPPED_BITS)) | (bits >> DROPPED_BITS))
+
+
 cdef str _encode(unsigned long long micros, unsigned long bits):
     cdef char out[ID_LENGTH]
     cdef const char *alphabet = ALPHABET
@@ -98,7 +103,7 @@ def new_queue_id_and_key(now=None):
     if micros >= MICROS_LIMIT:
         raise ValueError("the clock is past what a queue ID can hold")
     _last_micros = micros
-    return _encode(micros, _process_bits), <long long>((micros << (RANDOM_BITS - DROPPED_BITS)) | (_process_bits >> DROPPED_BITS))
+    return _encode(micros, _process_bits), _key(micros, _process_bits)
 
 
 cdef bint _decode(object text, unsigned long long *micros, unsigned long *bits):
@@ -140,7 +145,7 @@ def message_key(queue_id):
     cdef unsigned long bits
     if not _decode(queue_id, &micros, &bits):
         raise ValueError(f"invalid queue ID {queue_id!r}")
-    return <long long>((micros << (RANDOM_BITS - DROPPED_BITS)) | (bits >> DROPPED_BITS))
+    return _key(micros, bits)
 
 
 cdef str _domain(str address):
@@ -166,7 +171,7 @@ def add_message_rows(batch, list message_values, list fresh_values):
         if key is None:
             if not _decode(queue_id, &micros, &bits):
                 raise ValueError(f"invalid queue ID {queue_id!r}; use one from new_queue_id")
-            key = <long long>((micros << (RANDOM_BITS - DROPPED_BITS)) | (bits >> DROPPED_BITS))
+            key = _key(micros, bits)
         envelope = pending.envelope
         recipients = envelope.recipients
         if not recipients:
