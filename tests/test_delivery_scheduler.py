@@ -127,6 +127,15 @@ def run_until(config: Config, spool: Spool, done: Callable[[], bool], timeout: f
     return asyncio.run(main())
 
 
+def stored_message(config: Config, queue_id: str) -> StoredMessage | None:
+    """Return one message as the spool stores it now, or None when it is gone."""
+    store = SpoolStore(config.spool.path)
+    try:
+        return store.load(queue_id)
+    finally:
+        store.close()
+
+
 def mailbox_messages(config: Config, user: str) -> list[email.message.Message]:
     return [message for _, message in mailbox.Maildir(str(Path(config.local.maildir_root) / user)).items()]
 
@@ -231,11 +240,7 @@ def test_rcpt_5xx_kept_when_session_fails(tmp_path: Path, nameserver: NameServer
     recipient_fields = report.get_payload()[1].get_payload()[1]
     assert recipient_fields["Final-Recipient"] == "rfc822; nobody@implicit.test"
     assert recipient_fields["Status"] == "5.1.1"
-    store = SpoolStore(config.spool.path)
-    try:
-        message = store.load(queue_id)
-    finally:
-        store.close()
+    message = stored_message(config, queue_id)
     assert message is not None
     states = {r.address: (r.state.value, r.last_reply) for r in message.recipients}
     # Bounced at the first attempt, not after a retry that happened to order things differently.
@@ -306,11 +311,7 @@ def test_hold_reaches_claimed_job(tmp_path: Path, nameserver: NameServer, spool_
 
     assert held_counts == [1]
     assert sorted(m.recipients[0] for m in handler.messages) == ["user0@implicit.test", "user1@implicit.test"]
-    store = SpoolStore(config.spool.path)
-    try:
-        message = store.load(ids[2])
-    finally:
-        store.close()
+    message = stored_message(config, ids[2])
     assert message is not None
     assert [r.state for r in message.recipients] == [RecipientState.HELD]
 
@@ -338,11 +339,7 @@ def test_hold_reaches_claimed_local_job(tmp_path: Path, nameserver: NameServer, 
     asyncio.run(main())
 
     assert mailbox_messages(config, "alice") == []
-    store = SpoolStore(config.spool.path)
-    try:
-        message = store.load(queue_id)
-    finally:
-        store.close()
+    message = stored_message(config, queue_id)
     assert message is not None
     assert [r.state for r in message.recipients] == [RecipientState.HELD]
 

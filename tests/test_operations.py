@@ -396,6 +396,15 @@ def test_second_sigterm_exits_at_once(relay: Relay) -> None:
     open_session.close()
 
 
+def serve_until_exit(config: Path, workers: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``relay serve`` with a config that must stop it before any worker starts."""
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "--config", str(config), "--workers", workers],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=cwd,
+        check=False, timeout=60,
+    )
+
+
 def test_second_relay_on_same_port_refused(relay: Relay, tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
@@ -404,11 +413,7 @@ def test_second_relay_on_same_port_refused(relay: Relay, tmp_path: Path) -> None
         f'[[listener]]\naddress = "127.0.0.1:{relay.port}"\n[spool]\npath = "spool"\n[admin]\naddress = ""\n'
     )
 
-    result = subprocess.run(
-        [sys.executable, "-m", "relay", "serve", "--config", str(config), "--workers", "2"],
-        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=other,
-        check=False, timeout=60,
-    )
+    result = serve_until_exit(config, "2", other)
 
     assert result.returncode == 1
     assert f"listener 127.0.0.1:{relay.port} is already in use by another process" in result.stderr
@@ -422,11 +427,7 @@ def test_foreign_listener_address_reported_before_workers(tmp_path: Path) -> Non
         f'[[listener]]\naddress = "192.0.2.1:{port}"\n[spool]\npath = "spool"\n[admin]\naddress = ""\n'
     )
 
-    result = subprocess.run(
-        [sys.executable, "-m", "relay", "serve", "--config", str(tmp_path / "relay.toml"), "--workers", "2"],
-        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=tmp_path,
-        check=False, timeout=60,
-    )
+    result = serve_until_exit(tmp_path / "relay.toml", "2", tmp_path)
 
     assert result.returncode == 1
     assert f"relay: listener 192.0.2.1:{port}: the address is not one of this machine's;" in result.stderr
@@ -447,11 +448,7 @@ def test_one_address_under_two_names_rejected(tmp_path: Path) -> None:
         '[spool]\npath = "spool"\n[admin]\naddress = ""\n'
     )
 
-    result = subprocess.run(
-        [sys.executable, "-m", "relay", "serve", "--config", str(tmp_path / "relay.toml"), "--workers", "1"],
-        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=tmp_path,
-        check=False, timeout=60,
-    )
+    result = serve_until_exit(tmp_path / "relay.toml", "1", tmp_path)
 
     assert result.returncode == 1
     assert f"relay: listeners [::1]:{port} and [0::1]:{port} are the same address; remove one of them" in result.stderr
@@ -469,11 +466,7 @@ def test_bad_certificate_reported_before_workers(tmp_path: Path, workers: int) -
         '[spool]\npath = "spool"\n[admin]\naddress = ""\n'
     )
 
-    result = subprocess.run(
-        [sys.executable, "-m", "relay", "serve", "--config", str(config), "--workers", str(workers)],
-        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=tmp_path,
-        check=False, timeout=60,
-    )
+    result = serve_until_exit(config, str(workers), tmp_path)
 
     assert result.returncode == 1
     assert f"cannot load TLS certificate {tmp_path / 'cert.pem'}" in result.stderr
