@@ -100,10 +100,10 @@ class AdminServer:
         try:
             head = await asyncio.wait_for(self._read_head(reader), REQUEST_TIMEOUT)
         except asyncio.LimitOverrunError:
-            await self._refuse(reader, writer, 431, "request header too large\n")
+            await self._reject(reader, writer, 431, "request header too large\n")
             return
         except _OnlyEmptyLines:
-            await self._refuse(reader, writer, 400, "bad request: no request line\n")
+            await self._reject(reader, writer, 400, "bad request: no request line\n")
             return
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             writer.close()
@@ -112,25 +112,25 @@ class AdminServer:
         request_line, *fields = head.decode("latin-1").split("\r\n")
         parts = request_line.split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            await self._refuse(reader, writer, 400, "bad request\n")
+            await self._reject(reader, writer, 400, "bad request\n")
             return
-        # RFC 9112 section 5.1: no blank between a field name and its colon; section
-        # 5.2: a line folded onto the one before it may be rejected.
+        # RFC 9112 section 5.1 forbids a blank between a field name and its colon.
+        # Section 5.2 allows rejecting a line folded onto the one before it.
         names = [field.partition(":")[0] for field in fields]
         if any(":" not in field or name != name.strip() or not name for field, name in zip(fields, names, strict=True)):
-            await self._refuse(reader, writer, 400, "bad request: malformed header field\n")
+            await self._reject(reader, writer, 400, "bad request: malformed header field\n")
             return
         # RFC 9112 section 3.2: an HTTP/1.1 request needs exactly one Host field,
         # and no request may carry two.
         hosts = sum(1 for name in names if name.lower() == "host")
         if hosts > 1 or (hosts == 0 and parts[2] == "HTTP/1.1"):
-            await self._refuse(reader, writer, 400, "bad request: send one Host header field\n")
+            await self._reject(reader, writer, 400, "bad request: send one Host header field\n")
             return
         method, target = parts[0], parts[1].split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             # RFC 9110 section 15.5.6: a 405 lists the allowed methods.
             allow = "Allow: GET, HEAD\r\n"
-            await self._refuse(reader, writer, 405, "only GET and HEAD are served\n", allow)
+            await self._reject(reader, writer, 405, "only GET and HEAD are served\n", allow)
             return
 
         head_only = method == "HEAD"
@@ -169,7 +169,7 @@ class AdminServer:
                 raise _OnlyEmptyLines
             head = await reader.readuntil(b"\r\n\r\n")
 
-    async def _refuse(
+    async def _reject(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, body: str, extra: str = ""
     ) -> None:
         """Send an error response, then read what the client still sends before closing.

@@ -43,7 +43,7 @@ class SplitReply:
     rest: bytes
 
 
-# What the server answers to one verb: a reply, or a list answering successive commands.
+# The server's reply to one verb, or a list of replies to successive commands with that verb.
 Planned = bytes | SplitReply | list[bytes | SplitReply]
 
 
@@ -194,7 +194,7 @@ def test_cut_reply_line_ending_late_keeps_session() -> None:
 
 
 def test_flood_of_unread_replies_bounded() -> None:
-    # Nobody takes replies while a session is parked: reading stops at UNREAD_LIMIT.
+    # A parked session takes no replies, so reading stops at UNREAD_LIMIT.
     server = ScriptedServer({"EHLO": EHLO_PLAIN + b"250-x\r\n" * 300_000})
 
     async def parked_then_used(session: SMTPSession) -> object:

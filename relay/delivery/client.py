@@ -64,10 +64,10 @@ DEFAULT_LINE_LENGTH_LIMIT = 998
 # Longest reply line read from a next hop, CRLF included (see DeliveryConfig.reply_line_limit).
 DEFAULT_REPLY_LINE_LIMIT = 2048
 # Octets of replies that may wait unread before the client stops reading from
-# the socket; it reads again once it has taken replies below half of this.
-# Pipelined replies to 1000 recipients can pass it, and only wait in the
-# socket buffers for a while; a next hop that keeps sending cannot grow the
-# client's memory past it.
+# the socket.  It reads again once it has taken replies below half of this.
+# The pipelined replies to 1000 recipients can pass the limit, and then wait
+# in the socket buffers for a while.  A next hop that keeps sending cannot
+# grow the client's memory past it.
 UNREAD_LIMIT = 256 * 1024
 # RFC 8314 section 3.3: port 465 speaks TLS from the first byte.
 IMPLICIT_TLS_PORT = 465
@@ -209,7 +209,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.parser.feed(data)
         if not self.reading_paused and self.parser.buffered > UNREAD_LIMIT and self.transport is not None:
-            # Nobody takes replies while a body is sent or a session is parked, so
+            # The session takes no replies while it sends a body or is parked, so
             # reading on would let a next hop that keeps sending grow the buffer.
             self.transport.pause_reading()
             self.reading_paused = True
@@ -849,7 +849,7 @@ class SMTPSession:
             except SMTPError as error:
                 self.usable = False
                 raise SessionError(f"451 4.5.0 malformed reply from {self.peer}: {error.text}") from None
-            # Without a reply the buffer holds at most a partial one (64 KiB), so a
+            # Without a reply the buffer contains at most a partial one (64 KiB), so a
             # paused socket is always read again before the wait below.
             connection.resume_reading_when_taken()
             if reply is not None:

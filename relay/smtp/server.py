@@ -648,7 +648,7 @@ def _check_address_free(listener: ListenerConfig) -> list[tuple[int, Any]]:
             # SO_REUSEADDR ignores connections of an earlier run in TIME_WAIT.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
-                # As the workers' sockets: [::] must not also claim the IPv4 port.
+                # Set as on the workers' sockets, so that [::] does not also claim the IPv4 port.
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 probe.bind(address)
