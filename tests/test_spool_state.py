@@ -513,7 +513,7 @@ def test_all_delivered_deletes_message(spool: Spool) -> None:
         run(spool.load_body(queue_id))
 
 
-def test_failure_keeps_message_until_dsn_queued(spool: Spool) -> None:
+def test_failure_keeps_message_until_dsn_queued(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
     queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
     result = DeliveryResult(queue_id, 0, Outcome.FAILED, "550 5.1.1 unknown user", "mx")
     run(spool.record_results([result]))
@@ -524,10 +524,20 @@ def test_failure_keeps_message_until_dsn_queued(spool: Spool) -> None:
     assert [m.queue_id for m in run(spool.pending_dsns())] == [queue_id]
 
     dsn_envelope = Envelope("", (Recipient("sender@example.test"),))
-    dsn_id = run(spool.commit(dsn_envelope, b"DSN", dsn_for=DsnRequest(queue_id, (0,))))
+    with caplog.at_level(logging.INFO, logger="relay.spool"):
+        dsn_id = run(spool.commit(dsn_envelope, b"DSN", dsn_for=DsnRequest(queue_id, (0,))))
     assert run(spool.load(queue_id)) is None
     assert run(spool.pending_dsns()) == []
     assert run(spool.load_body(dsn_id)) == b"DSN"
+
+    # The original's log reads in order: its DSN is queued, then it is removed.
+    fields = [getattr(record, "fields", {}) for record in caplog.records]
+    events = [
+        (record.getMessage(), field.get("dsn_id"), field.get("to"))
+        for record, field in zip(caplog.records, fields, strict=True)
+        if field.get("queue_id") == queue_id
+    ]
+    assert events == [("dsn_queued", dsn_id, "sender@example.test"), ("removed", None, None)]
 
 
 def test_failure_to_null_sender_needs_no_dsn(spool: Spool) -> None:

@@ -697,14 +697,13 @@ class Scheduler:
                 report = build_report(
                     message, body, owed, self.config.server.hostname, time.time(), retry_until=retry_until
                 )
-                dsn_id = await self.spool.commit(
+                # The spool logs dsn_queued inside the commit, before the original's removed.
+                await self.spool.commit(
                     report.envelope, report.body, dsn_for=DsnRequest(message.queue_id, report.indexes)
                 )
             except (SpoolError, MessageNotFound) as exc:
                 log_event(logger, "dsn_failed", logging.ERROR, queue_id=message.queue_id, error=str(exc))
                 continue
-            log_event(logger, "dsn_queued", queue_id=message.queue_id, dsn_id=dsn_id,
-                      to=message.envelope.sender, recipients=len(owed))
             self._wake.set()
 
 

@@ -540,7 +540,7 @@ class SpoolStore:
             self.connection.execute(_INSERT_MESSAGE, message_values)
             self.connection.execute(_INSERT_FRESH, fresh_values)
             if pending.dsn_for is not None:
-                self._mark_dsn_queued(pending.dsn_for)
+                self._mark_dsn_queued(pending.dsn_for, queue_id, pending.envelope)
         return queue_id
 
     def insert_messages(self, batch: Sequence[PendingCommit]) -> list[str]:
@@ -569,7 +569,7 @@ class SpoolStore:
                 return [self.insert_message(pending) for pending in batch]
             for pending in batch:
                 if pending.dsn_for is not None:
-                    self._mark_dsn_queued(pending.dsn_for)
+                    self._mark_dsn_queued(pending.dsn_for, pending.queue_id, pending.envelope)
         return [pending.queue_id for pending in batch]
 
     def _insert_in_parts(self, message_values: list[Any], fresh_values: list[Any], limit: int) -> bool:
@@ -595,13 +595,16 @@ class SpoolStore:
         self.connection.execute("RELEASE bulk_insert")
         return True
 
-    def _mark_dsn_queued(self, request: DsnRequest) -> None:
+    def _mark_dsn_queued(self, request: DsnRequest, dsn_id: str, dsn: Envelope) -> None:
         marks = ",".join("?" * len(request.indexes))
         self.connection.execute(
             f"UPDATE recipient SET dsn = 'queued' WHERE queue_id = ? AND idx IN ({marks})"
             " AND dsn = 'pending'",
             (request.queue_id, *request.indexes),
         )
+        # Logged here, before delete_if_done may log the original's ``removed``.
+        log_event(logger, "dsn_queued", queue_id=request.queue_id, dsn_id=dsn_id,
+                  to=dsn.recipients[0].address, recipients=len(request.indexes))
         self.delete_if_done(request.queue_id)
 
     def claim(
