@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import dns.message
+import dns.rcode
 import pytest
 from delivery_peers import NameServer, run_nsd
 
@@ -79,6 +82,38 @@ def test_servfail_defers(nameserver: NameServer) -> None:
     error = failure(nameserver, "x.broken.test")
     assert error.temporary
     assert error.status == "4.4.3"
+
+
+def test_nameservers_on_different_ports(nameserver: NameServer) -> None:
+    # The first entry refuses every query, so each lookup moves on to the
+    # second entry, which is nsd on a port of its own.
+    (host, port), *_ = nameserver.nameservers
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as refuser:
+        refuser.bind(("127.0.0.1", 0))
+        refuser_port = refuser.getsockname()[1]
+        refuser.settimeout(0.2)
+        stop = threading.Event()
+
+        def refuse() -> None:
+            while not stop.is_set():
+                try:
+                    query, client = refuser.recvfrom(4096)
+                except TimeoutError:
+                    continue
+                response = dns.message.make_response(dns.message.from_wire(query))
+                response.set_rcode(dns.rcode.REFUSED)
+                refuser.sendto(response.to_wire(), client)
+
+        thread = threading.Thread(target=refuse)
+        thread.start()
+        try:
+            resolver = MXResolver((("127.0.0.1", refuser_port), (host, port)), timeout=5.0)
+            hosts = asyncio.run(resolver.mail_hosts("mx.test"))
+        finally:
+            stop.set()
+            thread.join()
+    assert refuser_port != port
+    assert [h.name for h in hosts] == ["a.mx.test", "b.mx.test"]
 
 
 def test_timeout_defers() -> None:

@@ -30,6 +30,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.message
 import dns.name
+import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
@@ -93,12 +94,9 @@ class MXResolver:
     ) -> None:
         if nameservers:
             resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = [host for host, _ in nameservers]
-            # dnspython has one port for all nameservers; per-server ports need
-            # Nameserver objects, so every entry must share the first's port.
-            resolver.port = nameservers[0][1]
-            if any(port != resolver.port for _, port in nameservers):
-                raise ValueError("every entry in delivery.nameservers must use the same port")
+            # Each Nameserver object has its own port.  Plain addresses would all
+            # use the resolver's single port.
+            resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in nameservers]
         else:
             resolver = dns.asyncresolver.Resolver()
         resolver.lifetime = timeout
