@@ -116,13 +116,13 @@ class ServerConfig:
     # Postfix: smtpd_client_connection_count_limit = 50.
     max_connections_per_client: int = _key(50, "int", min=1)
     # RFC 5321 section 4.5.3.2.7: a server waits at least 5 minutes for the next command.
-    command_timeout: float = _key(300.0, "duration")
+    command_timeout: float = _key(300.0, "duration", positive=True)
     # RFC 5321 section 4.5.3.2.6 (data termination) is 10 minutes on the client side;
     # this is the server's wait between two reads inside DATA.
-    data_timeout: float = _key(600.0, "duration")
+    data_timeout: float = _key(600.0, "duration", positive=True)
     # Wait for a client's TLS handshake after STARTTLS, or on an implicit-TLS
     # listener.  Postfix's smtpd_starttls_timeout is 300s; a handshake needs far less.
-    tls_handshake_timeout: float = _key(60.0, "duration")
+    tls_handshake_timeout: float = _key(60.0, "duration", positive=True)
     # Postfix: smtpd_hard_error_limit = 20 errors before the session is dropped.
     max_errors: int = _key(20, "int", min=1)
     # Hold the 220 this long for untrusted clients and drop those that talk first
@@ -160,11 +160,11 @@ class SpoolConfig:
     # session gets 452 4.3.1; a group commit holds the lock for milliseconds.
     # At most a day: SQLite (3.40) reads a busy timeout above 2**31 - 1 ms, about
     # 24.8 days, as none at all.
-    busy_timeout: float = _key(10.0, "duration", max=86400.0)
+    busy_timeout: float = _key(10.0, "duration", positive=True, max=86400.0)
     # A claimed recipient is leased to its scheduler this long: the sum of the RFC 5321
     # section 4.5.3.2 client timeouts (5+5+5+2+3+10 minutes), so one slow but legal
     # delivery ends before another scheduler may claim the recipient again.
-    lease_time: float = _key(1800.0, "duration")
+    lease_time: float = _key(1800.0, "duration", min=1.0)
     # A claim made with Spool.claim(bodies=True) carries each body up to this size,
     # read in the claim's transaction, so small messages need no second read.
     # Larger bodies are read separately to bound the claim's memory.
@@ -217,7 +217,7 @@ class DeliveryConfig:
     relayhost_tls: str = _key("required", "choice", choices=RELAYHOST_TLS_MODES)
     relayhost_username: str = _key("", "str")
     relayhost_password_file: str = _key("", "path", must_exist=True)
-    nameservers: tuple[tuple[str, int], ...] = _key((), "hostports", default_port=53)
+    nameservers: tuple[tuple[str, int], ...] = _key((), "hostports", default_port=53, addresses_only=True)
     smtp_port: int = _key(25, "int", min=1, max=65535)
     # Postfix: maximal_queue_lifetime = 5d.
     maximal_queue_lifetime: float = _key(5 * 86400.0, "duration")
@@ -236,9 +236,9 @@ class DeliveryConfig:
     recipients_per_transaction: int = _key(50, "int", min=1, max=1000)
     # Postfix: minimal_backoff_time = 300s.  Each retry doubles the wait up to the
     # maximum, with up to a quarter added at random so retries spread out.
-    minimal_backoff_time: float = _key(300.0, "duration")
+    minimal_backoff_time: float = _key(300.0, "duration", positive=True)
     # Postfix uses 4000s; about 4 hours keeps a dead host from being polled often.
-    maximal_backoff_time: float = _key(4 * 3600.0, "duration")
+    maximal_backoff_time: float = _key(4 * 3600.0, "duration", positive=True)
     # Consecutive failed connections to every host of a destination before the
     # whole destination waits out its backoff (Postfix:
     # default_destination_concurrency_failed_cohort_limit = 1).
@@ -261,31 +261,31 @@ class DeliveryConfig:
     # up to line_length_limit = 2048 octets of each reply line.
     reply_line_limit: int = _key(2048, "int", min=512, max=65536)
     # How often the scheduler looks for due recipients when nothing woke it.
-    queue_scan_interval: float = _key(1.0, "duration")
+    queue_scan_interval: float = _key(1.0, "duration", positive=True)
     # When new mail wakes the scheduler, the least time between two claims, so
     # that a burst of mail is claimed in batches instead of one claim per message.
     claim_min_interval: float = _key(0.01, "duration", max=1.0)
     # Postfix: smtp_connect_timeout = 30s.
-    connect_timeout: float = _key(30.0, "duration")
+    connect_timeout: float = _key(30.0, "duration", positive=True)
     # RFC 5321 section 4.5.3.2.1: initial 220 message, 5 minutes.
-    greeting_timeout: float = _key(300.0, "duration")
+    greeting_timeout: float = _key(300.0, "duration", positive=True)
     # Postfix: smtp_helo_timeout = 300s; also bounds STARTTLS and AUTH replies.
-    helo_timeout: float = _key(300.0, "duration")
+    helo_timeout: float = _key(300.0, "duration", positive=True)
     # RFC 5321 section 4.5.3.2.2: MAIL command, 5 minutes.
-    mail_timeout: float = _key(300.0, "duration")
+    mail_timeout: float = _key(300.0, "duration", positive=True)
     # RFC 5321 section 4.5.3.2.3: RCPT command, 5 minutes.
-    rcpt_timeout: float = _key(300.0, "duration")
+    rcpt_timeout: float = _key(300.0, "duration", positive=True)
     # RFC 5321 section 4.5.3.2.4: DATA initiation, 2 minutes.
-    data_init_timeout: float = _key(120.0, "duration")
+    data_init_timeout: float = _key(120.0, "duration", positive=True)
     # RFC 5321 section 4.5.3.2.5: each data block send, 3 minutes.
-    data_block_timeout: float = _key(180.0, "duration")
+    data_block_timeout: float = _key(180.0, "duration", positive=True)
     # RFC 5321 section 4.5.3.2.6: DATA termination, 10 minutes.
-    data_done_timeout: float = _key(600.0, "duration")
+    data_done_timeout: float = _key(600.0, "duration", positive=True)
     # Postfix: smtp_rset_timeout = 20s and smtp_quit_timeout = 300s; one key for both.
-    rset_timeout: float = _key(20.0, "duration")
+    rset_timeout: float = _key(20.0, "duration", positive=True)
     # Whole time for one DNS lookup, retries included; dnspython's own default is 5s,
     # doubled so one slow authoritative server does not defer mail.
-    dns_timeout: float = _key(10.0, "duration")
+    dns_timeout: float = _key(10.0, "duration", positive=True)
 
 
 @dataclass(frozen=True)
@@ -371,6 +371,14 @@ class _Context:
             return ""
         path = Path(value).expanduser()
         return str(path if path.is_absolute() else self.base / path)
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _type_name(value: Any) -> str:
@@ -497,6 +505,8 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"invalid duration {value}; expected finite seconds or a string such as \"5d\"")
         converted = parse_duration(value)
+        if options.get("positive") and converted <= 0:
+            raise ValueError(f"value {value!r} must be above 0; give a duration such as \"30s\"")
     elif kind == "choice":
         _expect(value, (str,), "a string")
         choices = options["choices"]
@@ -520,15 +530,25 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
         _expect_items(value, (str,), "an array of \"HOST:PORT\" strings")
         result = []
         for item in value:
-            result.append(parse_host_port(item, options.get("default_port")))
+            host, port = parse_host_port(item, options.get("default_port"))
+            if options.get("addresses_only") and not _is_ip_address(host):
+                raise ValueError(
+                    f"{item!r} is not an IP address; relay does not look up its nameservers by name,"
+                    " so give addresses such as \"127.0.0.1:53\" or \"[::1]:53\""
+                )
+            result.append((host, port))
         return tuple(result)
     elif kind == "path":
         _expect(value, (str,), "a file or directory path")
         if not value.strip() and options.get("required"):
             raise ValueError("empty path; give a directory")
         path = ctx.resolve(value)
-        if path and options.get("must_exist") and not os.path.exists(path):
-            raise ValueError(f"file {path} not found; create it or fix the path")
+        if path and options.get("must_exist"):
+            # Every key that names an existing path names a file.
+            if not os.path.exists(path):
+                raise ValueError(f"file {path} not found; create it or fix the path")
+            if os.path.isdir(path):
+                raise ValueError(f"{path} is a directory; give the path of a file")
         return path
     elif kind == "strings":
         _expect_items(value, (str,), "an array of strings")
@@ -622,6 +642,14 @@ def _check_conflicts(config: Config, ctx: _Context, raw_tls: bool) -> None:
         ctx.error("delivery.relayhost_password_file", "missing; relayhost_username needs a password file")
     if delivery.relayhost_username and not relayhost_set:
         ctx.error("delivery.relayhost_username", "set but delivery.relayhost is empty; set a relayhost or remove it")
+
+    if not (ctx.is_invalid("delivery.minimal_backoff_time") or ctx.is_invalid("delivery.maximal_backoff_time")):
+        if delivery.maximal_backoff_time < delivery.minimal_backoff_time:
+            ctx.error(
+                "delivery.maximal_backoff_time",
+                f"{format_duration(delivery.maximal_backoff_time)} is below minimal_backoff_time"
+                f" ({format_duration(delivery.minimal_backoff_time)}); raise it or lower the minimum",
+            )
 
     if not (ctx.is_invalid("policy.local_domains") or ctx.is_invalid("policy.relay_domains")):
         overlap = set(config.policy.local_domains) & set(config.policy.relay_domains)

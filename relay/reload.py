@@ -14,18 +14,20 @@ restart: the listeners, ``spool.path``, ``server.workers``,
 given on the command line (``Config.overrides``) is kept without that
 message.  An invalid file is rejected as a whole: every error is logged and
 the running config stays in force.  So is a config whose TLS
-certificate, credentials file or aliases file cannot be loaded
-(``check_files``), in every process alike.
+certificate, credentials file, aliases file, delivery CA bundle or smart
+host password cannot be loaded (``check_files``), in every process alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import ssl
 from dataclasses import dataclass, field
 
 from relay.config import Config, ConfigError, load_config
 from relay.delivery.maildir import parse_aliases
+from relay.delivery.router import read_password
 from relay.log import log_event
 from relay.smtp.auth import CredentialsError, read_credentials
 from relay.smtp.tls import TLSSetupError, server_context
@@ -34,7 +36,7 @@ logger = logging.getLogger("relay.reload")
 
 
 class FileCheckError(Exception):
-    """A file that the config names cannot be loaded: the TLS certificate, credentials or aliases."""
+    """A file that the config names cannot be loaded: a TLS certificate, credentials, aliases or a password."""
 
 
 def check_files(config: Config) -> None:
@@ -51,6 +53,7 @@ def check_files(config: Config) -> None:
             read_credentials(config.auth.password_file)
     except (TLSSetupError, CredentialsError) as exc:
         raise FileCheckError(str(exc)) from None
+    _check_delivery_files(config)
     path = config.local.aliases
     if path:
         try:
@@ -60,6 +63,32 @@ def check_files(config: Config) -> None:
             raise FileCheckError(f"{path}: cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
         except ValueError as exc:
             raise FileCheckError(f"{path}: {exc}") from None
+
+
+def _check_delivery_files(config: Config) -> None:
+    """Load the CA bundle and the smart host's password as the delivery process will."""
+    delivery = config.delivery
+    if delivery.tls_ca_file:
+        try:
+            ssl.create_default_context(cafile=delivery.tls_ca_file)
+        except ssl.SSLError as exc:
+            raise FileCheckError(
+                f"delivery.tls_ca_file {delivery.tls_ca_file}: not a bundle of PEM CA certificates ({exc})"
+            ) from None
+        except OSError as exc:
+            where = f"delivery.tls_ca_file {delivery.tls_ca_file}"
+            raise FileCheckError(f"{where}: cannot be read: {exc.strerror}") from None
+    if delivery.relayhost_username and delivery.relayhost_password_file:
+        path = delivery.relayhost_password_file
+        try:
+            password = read_password(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise FileCheckError(f"delivery.relayhost_password_file {path}: cannot be read: {reason}") from None
+        if not password:
+            raise FileCheckError(
+                f"delivery.relayhost_password_file {path}: the first line is empty; put the password there"
+            )
 
 
 @dataclass

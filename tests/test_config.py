@@ -145,6 +145,14 @@ format = "json"
         ("[spool]\ncommit_delay = \"200ms\"\n", "spool.commit_delay", "value '200ms' is above the maximum 100ms"),
         ("[spool]\ncommit_delay = \"-1ms\"\n", "spool.commit_delay", "is negative"),
         ("[server]\nworkers = 0\n", "server.workers", "below the minimum 1"),
+        ("[server]\ncommand_timeout = 0\n", "server.command_timeout", "value 0 must be above 0"),
+        ('[delivery]\nconnect_timeout = "0s"\n', "delivery.connect_timeout", "value '0s' must be above 0"),
+        ("[delivery]\nqueue_scan_interval = 0\n", "delivery.queue_scan_interval", "must be above 0"),
+        ('[spool]\nlease_time = "500ms"\n', "spool.lease_time", "below the minimum 1s"),
+        ('[delivery]\nnameservers = ["localhost"]\n', "delivery.nameservers", "'localhost' is not an IP address"),
+        ('[delivery]\nminimal_backoff_time = "2h"\nmaximal_backoff_time = "1m"\n',
+         "delivery.maximal_backoff_time", "1m is below minimal_backoff_time (2h)"),
+        ('[local]\naliases = "."\n', "local.aliases", "is a directory; give the path of a file"),
     ],
 )
 def test_error_has_exact_prefix(tmp_path: Path, text: str, prefix: str, fragment: str) -> None:
@@ -476,7 +484,9 @@ def test_check_config_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
 @pytest.mark.parametrize(
     ("section", "fragment"),
     [
-        ('[auth]\npassword_file = "{dir}"\n', "cannot be read: Is a directory; check [auth] password_file"),
+        ('[delivery]\ntls_ca_file = "{dir}/pw"\n', "delivery.tls_ca_file"),
+        ('[delivery]\nrelayhost = "[127.0.0.1]:25"\nrelayhost_username = "u"\nrelayhost_password_file = "{dir}/pw"\n',
+         "delivery.relayhost_password_file"),
         ('[auth]\npassword_file = "{dir}/pw"\n', "invalid UTF-8 at byte 4"),
         ('[tls]\ncert = "{dir}/pw"\nkey = "{dir}/pw"\n[[listener]]\naddress = "127.0.0.1:25"\ntls = "starttls"\n',
          "contains no valid PEM certificate"),

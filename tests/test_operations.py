@@ -209,6 +209,21 @@ def running(pid: str) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+def test_sighup_with_nameserver_name_keeps_old(relay: Relay) -> None:
+    # A host name as nameserver: every process, the delivery process too, rejects the file.
+    backoff = 'minimal_backoff_time = "1h"'
+    relay.config.write_text(relay.config.read_text().replace(backoff, f'{backoff}\nnameservers = ["localhost"]'))
+    assert relay.process is not None
+    relay.process.send_signal(signal.SIGHUP)
+    relay.wait_for_log("reload_failed", count=3)
+
+    log = relay.log()
+    assert "'localhost' is not an IP address" in log
+    assert "reloaded" not in log
+    assert "loop_exception" not in log
+    assert rcpt_code(relay.port, "alice@example.test") == 250
+
+
 def test_sighup_with_unreadable_credentials_keeps_old(relay: Relay) -> None:
     # A directory as the credentials file: each worker logs reload_failed and goes on.
     relay.write(domains='"other.test"')
@@ -217,7 +232,7 @@ def test_sighup_with_unreadable_credentials_keeps_old(relay: Relay) -> None:
     relay.process.send_signal(signal.SIGHUP)
     relay.wait_for_log("reload_failed", count=2)
 
-    assert "Is a directory" in relay.log()
+    assert "is a directory; give the path of a file" in relay.log()
     assert "loop_exception" not in relay.log()
     assert rcpt_code(relay.port, "alice@example.test") == 250
 
