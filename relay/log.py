@@ -115,7 +115,11 @@ class _EventFormatter(logging.Formatter):
         if event == "message":
             fields = {"text": record.getMessage(), **fields}
         if record.exc_info:
-            fields = {**fields, "exception": self.formatException(record.exc_info)}
+            text = self.formatException(record.exc_info)
+            if len(text) > MAX_VALUE_LENGTH:
+                # The innermost frames and the error itself come last: keep the end.
+                text = "..." + text[3 - MAX_VALUE_LENGTH :]
+            fields = {**fields, "exception": text}
         return _render(self.json_form, record.created, record.levelname.lower(), record.name, event, fields)
 
 

@@ -459,6 +459,28 @@ def test_smart_host_with_starttls_and_auth(tmp_path: Path, nameserver: NameServe
     assert all(m.tls for m in upstream.messages)
 
 
+def test_worker_error_defers_with_reason(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # The CA bundle passed the start-up check and was damaged later: the
+    # delivery worker fails, and the recipient is deferred with the reason
+    # instead of waiting for its lease to run out with no reply recorded.
+    cert, key = make_certificate(tmp_path)
+    port = free_port("127.0.0.6")
+    config = make_config(
+        tmp_path, nameserver, 25, delivery=f'relayhost = "[127.0.0.6]:{port}"\ntls_ca_file = "{cert}"'
+    )
+    spool = spool_for(config)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    Path(cert).write_text("not a certificate\n")
+    with run_upstream("127.0.0.6", port, tls_context=server_tls, require_starttls=True) as upstream:
+        queue_id = commit(spool, "alice@local.test", ["user@example.org"])
+        assert run_until(config, spool, lambda: spool_counts(config) == {"deferred": 1}, timeout=10.0)
+    assert upstream.messages == []
+    message = stored_message(config, queue_id)
+    assert message is not None
+    assert message.recipients[0].last_reply.startswith("451 4.3.0 internal error during delivery: SSLError")
+
+
 def test_smart_host_tls_required_defers_without_starttls(
     tmp_path: Path, nameserver: NameServer, spool_for: Any
 ) -> None:

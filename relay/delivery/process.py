@@ -31,7 +31,7 @@ from relay.admin import Monitoring
 from relay.config import Config
 from relay.delivery.scheduler import Scheduler
 from relay.log import log_event
-from relay.reload import log_reload, reload_config
+from relay.reload import ReloadResult, log_reload, reload_config
 from relay.signals import EarlySignals, StopRequests, SupervisorLink, install_loop_handlers
 from relay.spool import Spool, SpoolError
 
@@ -174,9 +174,12 @@ class DeliveryProcess:
 
     def _on_reload(self) -> None:
         result = reload_config(self.config)
+        if result.config is not None and self.scheduler is not None:
+            try:
+                self.scheduler.apply_config(result.config)
+            except Exception as exc:
+                # Logged as reload_failed, not reloaded: the scheduler keeps its settings.
+                result = ReloadResult(None, [f"the scheduler cannot use it: {type(exc).__name__}: {exc}"])
         log_reload(result, self.config.source, self.index)
-        if result.config is None:
-            return
-        self.config = result.config
-        if self.scheduler is not None:
-            self.scheduler.apply_config(result.config)
+        if result.config is not None:
+            self.config = result.config

@@ -148,7 +148,7 @@ class Scheduler:
         # A resolver passed in (by tests) is kept across reloads.
         self._own_resolver = resolver is None
         self.resolver = resolver or MXResolver(delivery.nameservers, timeout=delivery.dns_timeout)
-        self.sessions = self._session_pool(config)
+        self.sessions = self._session_pool(config, self.resolver)
         self._connections = asyncio.Semaphore(delivery.connection_limit)
         # Tasks that hold connection slots taken away by a reload that lowered the limit.
         self._slot_holders: set[asyncio.Task[bool]] = set()
@@ -168,10 +168,10 @@ class Scheduler:
         self._workers: set[asyncio.Task[None]] = set()
         self._random = random.Random()
 
-    def _session_pool(self, config: Config) -> SessionPool:
+    def _session_pool(self, config: Config, resolver: MXResolver) -> SessionPool:
         delivery = config.delivery
         return SessionPool(
-            self.resolver,
+            resolver,
             config.server.hostname,
             Timeouts.from_config(delivery),
             ca_file=delivery.tls_ca_file,
@@ -192,14 +192,21 @@ class Scheduler:
         """
         old = self.config.delivery
         delivery = config.delivery
-        self.config = config
-        self.router = Router(config)
-        self.local = LocalDelivery.from_config(config.local)
-
+        # Everything that can fail is built before anything changes, so a
+        # failed reload leaves the running settings whole.
+        router = Router(config)
+        local = LocalDelivery.from_config(config.local)
+        resolver = self.resolver
         if self._own_resolver and (delivery.nameservers, delivery.dns_timeout) != (old.nameservers, old.dns_timeout):
-            self.resolver = MXResolver(delivery.nameservers, timeout=delivery.dns_timeout)
+            resolver = MXResolver(delivery.nameservers, timeout=delivery.dns_timeout)
+        sessions = self._session_pool(config, resolver)
+
+        self.config = config
+        self.router = router
+        self.local = local
+        self.resolver = resolver
         retired = self.sessions
-        self.sessions = self._session_pool(config)
+        self.sessions = sessions
         closing = asyncio.get_running_loop().create_task(retired.close())
         self._retired_pools.add(closing)
         closing.add_done_callback(self._retired_pools.discard)
@@ -392,6 +399,7 @@ class Scheduler:
         route: Route | None = None
         # A job taken with the previous one, and its message when already loaded.
         carried: tuple[Job, OutboundMessage | None] | None = None
+        job: Job | None = None
         try:
             while carried is not None or (destination.queue and not self._stopping):
                 if carried is not None:
@@ -414,10 +422,13 @@ class Scheduler:
                             continue
                         route = job.route
                     carried = await self._send(session, job, message, destination)
+                    job = None
                 finally:
                     self._jobs_in_memory -= 1
-        except Exception:
+        except Exception as exc:
             logger.exception("delivery worker for %s failed", name)
+            if job is not None:
+                await self._defer_after_error(job, exc)
         finally:
             destination.workers -= 1
             if session is not None:
@@ -427,6 +438,17 @@ class Scheduler:
                     self.sessions.release(route, session)
                 else:
                     await session.close()
+
+    async def _defer_after_error(self, job: Job, error: Exception) -> None:
+        """Defer the recipients of the job a worker failed on, so the queue shows why and retries them.
+
+        Without this they would wait, with no reply recorded, until their lease ran out.
+        """
+        reply = f"451 4.3.0 internal error during delivery: {type(error).__name__}: {error}"
+        try:
+            await self._record(job, [(r, Outcome.DEFERRED, reply) for r in job.recipients], "")
+        except Exception:
+            logger.exception("could not defer %s after a delivery worker failed", job.claim.queue_id)
 
     async def _open_session(self, name: str, destination: _Destination, job: Job) -> SMTPSession | None:
         now = time.time()

@@ -36,6 +36,7 @@ import signal
 import socket
 import ssl
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -694,6 +695,15 @@ def _unblock_signals() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
 
 
+def _log_child_failure(index: int, error: BaseException) -> None:
+    """Log the exception that ends a forked worker, which os._exit would otherwise end silently."""
+    if isinstance(error, SystemExit):
+        return
+    # The end of the traceback, which names the error, survives the log's value limit.
+    log_event(logger, "worker_failed", logging.ERROR, worker=index, error=f"{type(error).__name__}: {error}",
+              exception=traceback.format_exc()[-400:])
+
+
 def _supervise(config: Config, event_loop: str, workers: int) -> int:
     """Fork the workers (and the delivery process, numbered after them), pass signals on, wait for all."""
     # Until the handlers are in place, a SIGHUP would end the supervisor or a
@@ -714,6 +724,8 @@ def _supervise(config: Config, event_loop: str, workers: int) -> int:
                 status = run_worker(
                     config, event_loop=event_loop, workers=workers, index=index, wake=wake, supervisor=supervisor
                 )
+            except BaseException as exc:
+                _log_child_failure(index, exc)
             finally:
                 flush_log()
                 os._exit(status)
@@ -726,6 +738,8 @@ def _supervise(config: Config, event_loop: str, workers: int) -> int:
                 supervisor.close_write_end()
                 wake.close_write_end()
                 status = run_delivery(config, event_loop=event_loop, index=workers, wake=wake, supervisor=supervisor)
+            except BaseException as exc:
+                _log_child_failure(workers, exc)
             finally:
                 flush_log()
                 os._exit(status)
