@@ -129,6 +129,13 @@ def test_invalid_fault_is_usage_error() -> None:
         (("sink", "--hostname", "bad name"), b"--hostname 'bad name': not a host name"),
         (("bench", "127.0.0.1:9", "-n", "1", "--to", "{"), b"--to: invalid address pattern '{'"),
         (("bench", "127.0.0.1:9", "-n", "1", "--helo", ""), b"--helo '': not a host name"),
+        (("bench", "127.0.0.1:9", "-n", "1", "--timeout", "nan"), b"--timeout: nan must be a positive number"),
+        (("bench", "127.0.0.1:9", "-n", "1", "--rate", "nan"), b"--rate: nan must be a positive number"),
+        (("bench", "127.0.0.1:9", "-d", "nan"), b"--duration: nan must be a positive number"),
+        (("bench", "127.0.0.1:9", "-d", "inf"), b"--duration: inf must be a positive number"),
+        (("bench", "127.0.0.1:9", "-c", "300", "-P", "300"), b"--processes: 300 is above the maximum 256"),
+        (("sink", "--workers", "300"), b"--workers: 300 is above the maximum 256"),
+        (("serve", "--workers", "300"), b"--workers: 300 is above the maximum 256"),
     ],
 )
 def test_bad_option_values_are_usage_errors(args: tuple[str, ...], fragment: bytes) -> None:

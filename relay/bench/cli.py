@@ -24,6 +24,7 @@ from relay.bench.messages import AddressPattern, encode, generate_message, load_
 from relay.bench.sink import SinkSettings
 from relay.bench.sink_server import SinkRun, run_sink
 from relay.bench.stats import format_report
+from relay.config import MAX_WORKERS
 from relay.log import setup_logging
 from relay.units import is_hostname, parse_host_port, parse_size
 
@@ -216,11 +217,14 @@ def _bench(args: argparse.Namespace) -> int:
         return _usage_error(f"--per-connection: {args.per_connection} is negative; use 0 for unlimited")
     if args.messages is not None and args.messages < 1:
         return _usage_error(f"--messages: {args.messages} is below the minimum 1")
-    if args.duration is not None and args.duration <= 0:
+    if args.processes > MAX_WORKERS:
+        return _usage_error(f"--processes: {args.processes} is above the maximum {MAX_WORKERS}")
+    # The range checks also reject NaN, which fails every comparison, and inf, which never ends.
+    if args.duration is not None and not (0 < args.duration < math.inf):
         return _usage_error(f"--duration: {args.duration:g} must be a positive number of seconds")
-    if args.rate is not None and args.rate <= 0:
+    if args.rate is not None and not (0 < args.rate < math.inf):
         return _usage_error(f"--rate: {args.rate:g} must be a positive number of messages per second")
-    if args.timeout <= 0:
+    if not (0 < args.timeout < math.inf):
         return _usage_error(f"--timeout: {args.timeout:g} must be a positive number of seconds")
     if args.processes > args.concurrency:
         return _usage_error(
@@ -313,6 +317,8 @@ def _sink(args: argparse.Namespace) -> int:
         return _usage_error(f"--listen: {exc}")
     if args.workers < 1:
         return _usage_error(f"--workers: {args.workers} is below the minimum 1")
+    if args.workers > MAX_WORKERS:
+        return _usage_error(f"--workers: {args.workers} is above the maximum {MAX_WORKERS}")
     # NaN fails every comparison, so it is tested first; inf would never reply.
     if not math.isfinite(args.delay) or not 0 <= args.delay <= MAX_SINK_DELAY_MS:
         return _usage_error(f"--delay: {args.delay:g} is not between 0 and {MAX_SINK_DELAY_MS} milliseconds")

@@ -16,7 +16,7 @@ import signal
 import sys
 
 from relay.cli import add_config_option, config_from_args
-from relay.config import Config, ListenerConfig
+from relay.config import MAX_WORKERS, Config, ListenerConfig
 from relay.log import setup_logging
 from relay.smtp.auth import CredentialsError, check_user_name, set_password
 from relay.units import parse_host_port
@@ -70,6 +70,9 @@ def _apply_workers(config: Config, workers: int | None) -> Config:
         return config
     if workers < 1:
         print(f"relay: --workers: {workers} is below the minimum 1", file=sys.stderr)
+        raise SystemExit(2)
+    if workers > MAX_WORKERS:
+        print(f"relay: --workers: {workers} is above the maximum {MAX_WORKERS}", file=sys.stderr)
         raise SystemExit(2)
     return config.replace(server=dataclasses.replace(config.server, workers=workers))
 
