@@ -122,6 +122,22 @@ def test_session_commands() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("starttls", "auth_plaintext", "offered"),
+    [(False, False, []), (True, False, ["STARTTLS"]), (True, True, ["STARTTLS", "AUTH"])],
+)
+def test_help_lists_what_the_session_offers(starttls: bool, auth_plaintext: bool, offered: list[str]) -> None:
+    # HELP names STARTTLS and AUTH only where EHLO advertises them too.
+    outcome = run_transcript(
+        lambda: make_session(starttls=starttls, auth_plaintext=auth_plaintext),
+        [(b"EHLO client.example.com\r\n", ["250"]), (b"HELP\r\n", ["214-2.0.0 Commands: EHLO HELO MAIL"])],
+    )
+    ehlo, help_reply = outcome.replies[1], outcome.replies[2]
+    commands = help_reply.split("|")[0].split("Commands: ")[1].split()
+    assert [name for name in ("STARTTLS", "AUTH") if name in commands] == offered
+    assert [name for name in ("STARTTLS", "AUTH") if f"250-{name}" in ehlo or f"250 {name}" in ehlo] == offered
+
+
 def test_sequence_errors() -> None:
     run_transcript(
         make_session,

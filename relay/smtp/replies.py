@@ -88,13 +88,14 @@ READY_TLS = _reply("READY_TLS", 220, "2.0.0", "Ready to start TLS")
 CANNOT_VERIFY = _reply(
     "CANNOT_VERIFY", 252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"
 )
-HELP = _reply(
-    "HELP",
-    214,
-    "2.0.0",
-    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
-    "See RFC 5321 for their use",
-)
+# The commands every session accepts; HELP adds STARTTLS and AUTH where offered.
+HELP_COMMANDS = ("EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "HELP")
+
+
+def help_reply(extra: tuple[str, ...] = ()) -> Reply:
+    """Return the HELP reply listing the commands the session accepts."""
+    return Reply(214, "2.0.0", ("Commands: " + " ".join(HELP_COMMANDS + extra), "See RFC 5321 for their use"))
+
 AUTH_OK = _reply("AUTH_OK", 235, "2.7.0", "Authentication successful")
 CHUNK_OK = _reply("CHUNK_OK", 250, "2.0.0", "Chunk received")
 

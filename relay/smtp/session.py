@@ -483,7 +483,13 @@ class Session:
         self._reject("EXPN", replies.NOT_IMPLEMENTED)
 
     def _help(self, command: Command) -> None:
-        self._send(replies.HELP)
+        # The same offers as the EHLO reply makes, so HELP lists nothing EHLO would not.
+        extra: tuple[str, ...] = ()
+        if self.settings.starttls and not self.state.tls_active:
+            extra += ("STARTTLS",)
+        if self._auth_offered() and self.state.auth_user is None:
+            extra += ("AUTH",)
+        self._send(replies.help_reply(extra))
 
     def _starttls(self, command: Command) -> None:
         if self.state.tls_active:
