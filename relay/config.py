@@ -495,6 +495,10 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
         _expect(value, (int,), "an integer")
         converted: Any = value
     elif kind == "size":
+        low = options.get("min")
+        if type(value) is int and value < 0 and low is not None:
+            # parse_size would say "0 or more", which is wrong for a key whose minimum is 1.
+            raise ValueError(f"value {value} is below the minimum {low}")
         converted = parse_size(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
         if converted is None:
             raise ValueError(f"expected a size such as 10485760 or \"10M\", got {_describe(value)}")

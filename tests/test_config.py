@@ -146,6 +146,7 @@ format = "json"
         ("[spool]\ncommit_delay = \"-1ms\"\n", "spool.commit_delay", "is negative"),
         ("[server]\nworkers = 0\n", "server.workers", "below the minimum 1"),
         ("[server]\ncommand_timeout = 0\n", "server.command_timeout", "value 0 must be above 0"),
+        ("[policy]\nmax_message_size = -5\n", "policy.max_message_size", "value -5 is below the minimum 1"),
         ('[delivery]\nconnect_timeout = "0s"\n', "delivery.connect_timeout", "value '0s' must be above 0"),
         ("[delivery]\nqueue_scan_interval = 0\n", "delivery.queue_scan_interval", "must be above 0"),
         ('[spool]\nlease_time = "500ms"\n', "spool.lease_time", "below the minimum 1s"),
@@ -601,3 +602,20 @@ def test_default_workers_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     path = write(tmp_path, "[server]\nhostname = \"mx.example.test\"\n")
 
     assert load_config(path).server.workers == 256
+
+
+def test_missing_config_from_environment_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.toml"
+    monkeypatch.setenv("RELAY_CONFIG", str(missing))
+
+    with pytest.raises(SystemExit) as exited:
+        main(["status"])
+
+    assert exited.value.code == 1
+    stderr = capsys.readouterr().err.splitlines()
+    assert stderr == [
+        f"{missing}: file not found; pass an existing config file",
+        f"{missing}: named by the RELAY_CONFIG environment variable; fix or unset it",
+    ]

@@ -420,6 +420,19 @@ def serve_until_exit(config: Path, workers: str, cwd: Path) -> subprocess.Comple
     )
 
 
+def test_spool_path_that_is_a_file_refused(tmp_path: Path) -> None:
+    (tmp_path / "spool").write_text("not a spool\n")
+    config = tmp_path / "relay.toml"
+    listener = f'[[listener]]\naddress = "127.0.0.1:{free_port()}"\n'
+    config.write_text(listener + '[spool]\npath = "spool"\n[admin]\naddress = ""\n')
+
+    result = serve_until_exit(config, "1", tmp_path)
+
+    assert result.returncode == 1
+    assert "spool: it is not a directory; give a directory in --spool or [spool] path" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_second_relay_on_same_port_refused(relay: Relay, tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()

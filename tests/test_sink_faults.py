@@ -135,6 +135,8 @@ def test_invalid_fault_is_usage_error() -> None:
         (("bench", "127.0.0.1:9", "-d", "inf"), b"--duration: inf must be a positive number"),
         (("bench", "127.0.0.1:9", "-c", "300", "-P", "300"), b"--processes: 300 is above the maximum 256"),
         (("sink", "--workers", "300"), b"--workers: 300 is above the maximum 256"),
+        (("bench", "127.0.0.1:9", "-n", "1", "--message-dir", "no-such-folder"),
+         b"--message-dir no-such-folder: cannot read no-such-folder: No such file or directory"),
         (("serve", "--workers", "300"), b"--workers: 300 is above the maximum 256"),
     ],
 )

@@ -256,7 +256,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.message_dir is not None:
         try:
             raw_messages = load_folder(Path(args.message_dir))
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            where = exc.filename or args.message_dir
+            return _usage_error(f"--message-dir {args.message_dir}: cannot read {where}: {exc.strerror}")
+        except ValueError as exc:
             return _usage_error(f"--message-dir: {exc}")
     else:
         try:

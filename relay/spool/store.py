@@ -310,6 +310,12 @@ class SpoolStore:
                 isolation_level=None,
                 check_same_thread=True,
             )
+        except FileExistsError as exc:
+            # mkdir found something other than a directory at the path.
+            raise SpoolError(
+                f"cannot open spool {self.directory}: it is not a directory;"
+                " give a directory in --spool or [spool] path"
+            ) from exc
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open spool {self.directory}: {exc}") from exc
         try:
