@@ -418,22 +418,32 @@ def _expect_items(value: Any, types: tuple[type, ...], what: str) -> None:
 def _parse_domains(value: Any) -> tuple[str, ...]:
     _expect_items(value, (str,), "an array of domain names")
     domains = []
+    invalid = []
     for item in value:
         name = item.strip().rstrip(".").lower()
-        if not is_hostname(name):
-            raise ValueError(f"invalid domain {item!r}; expected a DNS name such as \"example.test\"")
-        domains.append(name)
+        if is_hostname(name):
+            domains.append(name)
+        else:
+            invalid.append(repr(item))
+    if invalid:
+        # One line names every bad item, so one round of fixes clears them all.
+        label = "domain" if len(invalid) == 1 else "domains"
+        raise ValueError(f"invalid {label} {', '.join(invalid)}; expected a DNS name such as \"example.test\"")
     return tuple(domains)
 
 
 def _parse_networks(value: Any) -> tuple[str, ...]:
     _expect_items(value, (str,), "an array of networks in CIDR notation")
     networks = []
+    invalid = []
     for item in value:
         try:
             networks.append(str(ipaddress.ip_network(item, strict=False)))
         except ValueError:
-            raise ValueError(f"invalid network {item!r}; expected CIDR notation such as \"192.0.2.0/24\"") from None
+            invalid.append(repr(item))
+    if invalid:
+        label = "network" if len(invalid) == 1 else "networks"
+        raise ValueError(f"invalid {label} {', '.join(invalid)}; expected CIDR notation such as \"192.0.2.0/24\"")
     return tuple(networks)
 
 

@@ -619,3 +619,20 @@ def test_missing_config_from_environment_named(
         f"{missing}: file not found; pass an existing config file",
         f"{missing}: named by the RELAY_CONFIG environment variable; fix or unset it",
     ]
+
+
+def test_every_bad_list_item_reported(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[policy]\ntrusted_networks = ["10.0.0.0/33", "foo", "::1/128"]\n'
+        'local_domains = ["bad domain", "also bad", "ok.test"]\n',
+    )
+
+    errors = errors_of(path)
+
+    assert errors == [
+        f"{path}:policy.trusted_networks: invalid networks '10.0.0.0/33', 'foo';"
+        ' expected CIDR notation such as "192.0.2.0/24"',
+        f"{path}:policy.local_domains: invalid domains 'bad domain', 'also bad';"
+        ' expected a DNS name such as "example.test"',
+    ]
