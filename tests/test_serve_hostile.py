@@ -116,13 +116,26 @@ def test_smuggling_closes_without_spooling(relay: RelayProcess, client: RawClien
 
 
 def test_bare_lf_command_line_end(relay: RelayProcess, client: RawClient) -> None:
-    """Postfix CVE-2023-51764 (a): one write never runs as two commands through a bare LF."""
-    client.exchange(b"EHLO client.example.com\nMAIL FROM:<spoof@example.org>\r\n", ["501 5.5.2"])
+    """A bare LF ends each command line, pipelined or not; inside DATA only CRLF.CRLF ends the message."""
+    client.exchange(b"EHLO client.example.com\nRSET\nNOOP\r\n", ["250-", "250 2.0.0", "250 2.0.0"])
     client.exchange(b"EHLO client.example.com\n", ["250"])
     client.exchange(b"MAIL FROM:<spoof@example.org>\n", ["250"])
     client.exchange(b"RCPT TO:<rcpt@example.net>\r\nDATA\r\n", ["250", "354"])
     client.exchange(b"x\n.\n\r\n.\r\n", ["521 5.5.2"])
     assert messages_from(relay, "spoof@example.org") == []
+
+
+def test_refused_data_text_not_run(relay: RelayProcess, client: RawClient) -> None:
+    """The text pipelined behind a refused DATA never runs as commands, so no envelope comes from it."""
+    greet(client)
+    client.exchange(
+        b"MAIL FROM:<form@example.com>\r\nRCPT TO:<nobody@example.net>\r\nDATA\r\n"
+        b"Subject: contact form\r\n\r\nRSET\r\nMAIL FROM:<ceo@example.org>\r\nRCPT TO:<rcpt@example.net>\r\n"
+        b"DATA\r\nwire the money\r\n.\r\n",
+        ["250 2.1.0", "5", "503 5.5.1", "554 5.5.0"],
+    )
+    assert client.closed()
+    assert messages_from(relay, "ceo@example.org") == []
 
 
 # -- STARTTLS injection -------------------------------------------------------
@@ -646,7 +659,7 @@ def test_many_folded_header_lines(relay: RelayProcess, client: RawClient) -> Non
 
 def test_helo_bare_lf_never_in_received(relay: RelayProcess, client: RawClient) -> None:
     """Exim 2003, KumoMTA #22: the EHLO name in Received holds no CR or LF."""
-    client.exchange(b"EHLO host.example.com\nIP\r\n", ["501 5.5.2"])
+    client.exchange(b"EHLO host.example.com\nIP\r\n", ["250", "500 5.5.1"])
     client.exchange(EHLO, ["250"])
     transaction(client, "helo-lf@example.com")
     client.exchange(b"Subject: s\r\n\r\nbody\r\n.\r\n", ["250"])

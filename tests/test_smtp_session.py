@@ -441,22 +441,53 @@ def test_bare_lf_ends_command_line() -> None:
     )
 
 
-def test_bare_lf_with_input_behind_is_one_line() -> None:
-    # Postfix CVE-2023-51764 (a): one write must never run as two commands
-    # through a bare LF, so the LF stays inside the line, which is invalid.
+def test_bare_lf_lines_each_run_as_a_command() -> None:
+    # As in Postfix, a bare LF ends a command line even with input behind it,
+    # so LF-ended pipelined commands get one reply each.
     for client in (TRUSTED, UNTRUSTED):
         session = make_session(client=client)
 
-        smuggled = b"EHLO client.example.com\nMAIL FROM:<spoof@example.org>\r\n"
-        outcome = feed(session, [smuggled, b"EHLO a.example\r\n", b"NOOP\nNOOP\nQUIT\r\n", b"NOOP\r\n"])
+        pipelined = b"EHLO client.example.com\nMAIL FROM:<sender@example.org>\r\n"
+        outcome = feed(session, [pipelined, b"RSET\r\n", b"NOOP\nNOOP\nQUIT\r\n"])
 
-        # The same reply wherever the LF falls, even where the parser would see an unknown verb.
-        assert outcome.replies[1] == "501 5.5.2 Bare LF in command line"
-        assert outcome.replies[2].startswith("250")
-        assert outcome.replies[3] == "501 5.5.2 Bare LF in command line"
-        assert outcome.replies[4].startswith("250")
-        assert len(outcome.replies) == 5
-        assert not outcome.closed
+        assert outcome.replies[1].startswith("250-")
+        assert outcome.replies[2].startswith("250 2.1.0")
+        assert outcome.replies[3].startswith("250 2.0.0")
+        assert outcome.replies[4:] == ["250 2.0.0 OK", "250 2.0.0 OK", "221 2.0.0 Bye"]
+        assert outcome.closed
+
+
+def test_lf_ended_data_reads_message_text() -> None:
+    # With LF-ended commands before it, DATA still starts the message: the
+    # command-like lines after it are message text, not a second envelope.
+    text = b"Subject: x\r\n\r\nMAIL FROM:<spoof@example.org>\r\nRCPT TO:<victim@example.test>\r\n.\r\n"
+    outcome = feed(
+        make_session(client=TRUSTED),
+        [b"EHLO client.example.com\r\n", b"MAIL FROM:<a@example.org>\nRCPT TO:<b@example.test>\nDATA\n" + text],
+    )
+
+    assert [reply[:3] for reply in outcome.replies] == ["220", "250", "250", "250", "354", "250"]
+    [message] = outcome.messages
+    assert message.transaction.sender == "a@example.org"
+    assert message.body == text[:-3]
+
+
+@pytest.mark.parametrize("client", [TRUSTED, UNTRUSTED])
+def test_refused_data_never_runs_text_as_commands(client: str) -> None:
+    # Every RCPT failed, so DATA is refused: the pipelined text behind it must
+    # not run as commands, or its MAIL, RCPT and DATA lines would queue a message.
+    text = b"Subject: form\r\n\r\nRSET\r\nMAIL FROM:<ceo@example.org>\r\nRCPT TO:<a@example.test>\r\nDATA\r\nx\r\n.\r\n"
+    outcome = feed(
+        make_session(client=client),
+        [b"EHLO client.example.com\r\n", b"MAIL FROM:<a@example.org>\r\nDATA\r\n" + text],
+    )
+
+    assert outcome.replies[2].startswith("250 2.1.0")
+    assert outcome.replies[3].startswith("503 5.5.1")
+    assert outcome.replies[4] == "554 5.5.0 Protocol synchronization error, closing connection"
+    assert len(outcome.replies) == 5
+    assert outcome.closed
+    assert outcome.messages == []
 
 
 # -- relay policy -------------------------------------------------------------

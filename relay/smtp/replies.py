@@ -130,7 +130,6 @@ PIPELINING_VIOLATION = _reply(
 )
 BARE_LINE_END = _reply("BARE_LINE_END", 521, "5.5.2", "Bare CR or LF in message data, closing connection")
 BAD_COMMAND_LINE_END = _reply("BAD_COMMAND_LINE_END", 501, "5.5.2", "Bare CR in command line")
-BARE_LF_IN_COMMAND = _reply("BARE_LF_IN_COMMAND", 501, "5.5.2", "Bare LF in command line")
 BODY_NOT_SUPPORTED = _reply("BODY_NOT_SUPPORTED", 555, "5.5.4", "BODY value not supported")
 
 # Policy.

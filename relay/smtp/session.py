@@ -17,11 +17,11 @@ Policy decisions, with their sources:
 - Command lines: at most ``policy.max_line_length`` octets with CRLF (512,
   RFC 5321 section 4.5.3.1.4), ``500 5.5.2`` beyond, the session continues.
   AUTH lines may reach ``policy.max_auth_line_length`` (12288, RFC 4954
-  section 4).  A bare LF ends a command line when nothing follows it yet,
-  so clients that send LF and wait for the reply work.  When more input
-  already follows, the LF counts as part of the line, which then gets
-  ``501 5.5.2``: one client write is never run as two commands through a
-  bare LF (the SMTP smuggling pattern of CVE-2023-51764).
+  section 4).  A bare LF ends a command line, as in Postfix, so each
+  LF-ended command gets its own reply.  Smuggling (CVE-2023-51764) needs a
+  message's end to be read differently; that is ruled out by the strict
+  end of DATA below, and by a refused DATA never running the message text
+  behind it as commands (``554 5.5.0``, and the connection closes).
 - DATA: only CRLF ``.`` CRLF ends it.  A bare LF or CR in the data, or in
   a message sent with BDAT, gets ``521 5.5.2`` and the connection closes at
   once, unless ``policy.bare_lf`` is ``normalize`` and the client is trusted
@@ -159,9 +159,6 @@ class Session:
         self._events: list[Event] = []
         self._waiting: type[Event] | None = None
         self._sasl: SaslExchange | None = None
-        # A command line ended by a bare LF with more input behind it: it is
-        # joined with the next line (see the module docstring).
-        self._bare_lf_head: bytes | None = None
         self._greeting_held = False
         self._shutting_down = False
         # The reply owed for the BDAT chunk being read (None: accept it), and
@@ -303,14 +300,7 @@ class Session:
             if event is None:
                 return
             if isinstance(event, Line):
-                line = event.line
-                if self._bare_lf_head is not None:
-                    line = self._bare_lf_head + b"\n" + line
-                    self._bare_lf_head = None
-                if event.bare_lf and buffer.buffered > 0 and len(line) < self.buffer.line_limit:
-                    self._bare_lf_head = line
-                    continue
-                self._line(line)
+                self._line(event.line)
             elif isinstance(event, DataEnd):
                 self._data_end(event)
             elif isinstance(event, BdatChunk):
@@ -318,7 +308,6 @@ class Session:
             elif isinstance(event, BareLineEnd):
                 self._bare_line_end()
             elif isinstance(event, LineTooLong):
-                self._bare_lf_head = None
                 self._line_too_long()
 
     def _line(self, line: bytes) -> None:
@@ -328,11 +317,6 @@ class Session:
         if self._shutting_down:
             self._send(replies.SERVICE_UNAVAILABLE)
             self._close("shutdown")
-            return
-        if b"\n" in line:
-            # Lines joined through a bare LF (see _process): one reply for the whole line.
-            self._count("invalid")
-            self._reject(_verb_of(line), replies.BARE_LF_IN_COMMAND)
             return
         try:
             command = parse_command(line)
@@ -619,18 +603,27 @@ class Session:
 
     def _data(self, command: Command) -> None:
         transaction = self.transaction
+        refusal: Reply | None = None
         if command.argument:
-            self._reject("DATA", replies.NO_ARGUMENTS_ALLOWED)
+            refusal = replies.NO_ARGUMENTS_ALLOWED
+        elif transaction is None:
+            refusal = replies.NEED_MAIL
+        elif transaction.bdat_started:
+            refusal = replies.BDAT_AFTER_DATA_MIXED
+        elif not transaction.recipients:
+            refusal = replies.NEED_RCPT
+        if refusal is not None:
+            self._reject("DATA", refusal)
+            if self.buffer.buffered:
+                # DATA ends a pipelined group (RFC 2920 section 3.1), so what
+                # follows a refused DATA is message text.  Run as commands, it
+                # could queue a message whose envelope comes from the text.
+                self.transaction = None
+                self.buffer.discard()
+                self._send(replies.PIPELINING_VIOLATION)
+                self._close("text_after_refused_data")
             return
-        if transaction is None:
-            self._reject("DATA", replies.NEED_MAIL)
-            return
-        if transaction.bdat_started:
-            self._reject("DATA", replies.BDAT_AFTER_DATA_MIXED)
-            return
-        if not transaction.recipients:
-            self._reject("DATA", replies.NEED_RCPT)
-            return
+        assert transaction is not None
         if self.buffer.buffered and not self.privileged:
             # Message text before the 354: the shape of the published smuggling attacks.
             self.transaction = None
