@@ -146,7 +146,7 @@ _RECIPIENT_UTF8 = (501, "5.1.3", "Recipient address is not valid UTF-8")
 _NON_ASCII = (553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
 _PARAM_SYNTAX = (501, "5.5.4", "Invalid parameter syntax")
 _PARAM_UNKNOWN = (555, "5.5.4", "Unknown or unsupported parameter")
-_PARAM_REPEATED = (501, "5.5.4", "Parameter given more than once")
+_PARAM_REPEATED = (501, "5.5.4", "Parameter given twice with different values")
 _SIZE_INVALID = (501, "5.5.4", "Invalid SIZE value")
 _BODY_INVALID = (501, "5.5.4", "Invalid BODY value")
 _SMTPUTF8_INVALID = (501, "5.5.4", "SMTPUTF8 takes no value")
@@ -579,15 +579,19 @@ cdef object _parse_params(Command command, const unsigned char *s, Py_ssize_t i,
         i = value_end
 
         keyword = _ascii(s, key_start, key_end).upper()
-        if keyword in params:
-            return _PARAM_REPEATED
+        value = None
         if has_value:
             try:
-                params[keyword] = _text(s, value_start, value_end, value_eight_bit)
+                value = _text(s, value_start, value_end, value_eight_bit)
             except UnicodeDecodeError:
                 return _PARAM_SYNTAX
-        else:
-            params[keyword] = None
+        if keyword in params:
+            # An exact repeat changes nothing, and Python's smtplib sends
+            # one (BODY=8BITMIME, SMTPUTF8) when the caller also passed it.
+            if params[keyword] == value:
+                continue
+            return _PARAM_REPEATED
+        params[keyword] = value
 
         error = _apply_param(command, keyword, s, value_start, value_end, has_value,
                              value_eight_bit, recipient)

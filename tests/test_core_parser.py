@@ -111,6 +111,10 @@ VALID: list[tuple[bytes, OK]] = [
     (b"MAIL FROM:<a@example.com> SIZE=10 BODY=8BITMIME RET=HDRS ENVID=x1",
      {"size": 10, "body": "8BITMIME", "ret": "HDRS", "envid": "x1"}),
     (b"MAIL FROM:<a@example.com>  SIZE=10   BODY=7BIT", {"size": 10, "body": "7BIT"}),
+    # An exact repeat is ignored (Python's smtplib sends one); different values are not.
+    (b"MAIL FROM:<a@example.com> BODY=8BITMIME SMTPUTF8 BODY=8BITMIME SMTPUTF8",
+     {"body": "8BITMIME", "smtputf8": True, "params": {"BODY": "8BITMIME", "SMTPUTF8": None}}),
+    (b"RCPT TO:<a@example.com> NOTIFY=SUCCESS NOTIFY=SUCCESS", {"notify": ("SUCCESS",)}),
     (b"MAIL FROM:<a@example.com> SIZE=10 ", {"size": 10}),
     (b"MAIL FROM:<s\xc3\xa9nder@example.com> SMTPUTF8",
      {"path": "s\u00e9nder@example.com", "local_part": "s\u00e9nder", "smtputf8": True}),

@@ -111,7 +111,7 @@ def test_session_commands() -> None:
             (b"NOOP\r\n", ["250 2.0.0"]),
             (b"NOOP anything\r\n", ["250 2.0.0"]),
             (b"HELP\r\n", ["214-2.0.0", ]),
-            (b"VRFY rcpt\r\n", ["252 2.5.2"]),
+            (b"VRFY rcpt\r\n", ["252 2.0.0"]),
             (b"VRFY\r\n", ["501 5.5.4"]),
             (b"EXPN list\r\n", ["502 5.5.1"]),
             (b"RSET\r\n", ["250 2.0.0"]),
@@ -1074,3 +1074,67 @@ def test_unreadable_aliases_keep_old_names(tmp_path: Path, caplog: pytest.LogCap
         assert policy_file.names() == {"sales"}
     assert [r.getMessage() for r in caplog.records].count("aliases_error") <= 1
     assert any("aliases_error" in r.getMessage() or getattr(r, "event", "") == "aliases_error" for r in caplog.records)
+
+
+# -- conformance details ---------------------------------------------------
+
+
+def test_rcpt_with_dsn_parameters_beyond_512_octets() -> None:
+    # RFC 5321 section 4.5.3.1.4 lets extensions lengthen command lines: a
+    # 240-octet path with NOTIFY and a long ORCPT is a valid RCPT.
+    path = "a" * 64 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 40 + ".example.net"
+    rcpt = f"RCPT TO:<{path}> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;{'x' * 300}@example.net\r\n".encode()
+    assert 512 < len(rcpt) < 512 + 1024
+    config = hostile_config(relay_domains=("example.org",))
+    run_transcript(
+        lambda: make_session(config),
+        [(b"EHLO client.example.com\r\n", ["250"]), (b"MAIL FROM:<s@example.com>\r\n", ["250"]),
+         (rcpt.replace(b".example.net>", b".example.org>"), ["250 2.1.5"]),
+         (b"NOOP " + b"x" * 600 + b"\r\n", ["500 5.5.2"]),
+         (b"MAIL FROM:<s@example.com> ENVID=" + b"x" * 1600 + b"\r\n", ["500 5.5.2"])],
+    )
+
+
+@pytest.mark.parametrize("local_part", ["victim%other.test", "other.test!victim", '"victim@other.test"'])
+def test_sender_routing_to_relay_domain(local_part: str) -> None:
+    # Postfix's allow_untrusted_routing = no: only privileged clients may route through a relay domain.
+    config = hostile_config(relay_domains=("relay.test",))
+    rcpt = f"RCPT TO:<{local_part}@relay.test>\r\n".encode()
+    greeting = [(b"EHLO client.example.com\r\n", ["250"]), (b"MAIL FROM:<s@example.com>\r\n", ["250"])]
+    run_transcript(lambda: make_session(config, client=UNTRUSTED), [*greeting, (rcpt, ["554 5.7.1"])])
+    run_transcript(lambda: make_session(config, client=TRUSTED), [*greeting, (rcpt, ["250 2.1.5"])])
+    run_transcript(
+        lambda: make_session(config, client=UNTRUSTED), [*greeting, (b"RCPT TO:<victim@relay.test>\r\n", ["250"])]
+    )
+
+
+def test_greeting_name_echoed_printable_and_short() -> None:
+    outcome = feed(
+        make_session(),
+        [b"EHLO \xc3\xa9xample.test\r\n", b"HELO " + b"h" * 400 + b"\r\n"],
+    )
+
+    assert outcome.replies[1].startswith("250-mx.example.test greets ?xample.test|")
+    assert outcome.replies[2] == "250 mx.example.test greets " + "h" * 255
+    assert all(len(line) + 2 <= 512 for reply in outcome.replies for line in reply.split("|"))
+
+
+def test_auth_where_tls_cannot_start() -> None:
+    # Without STARTTLS on the listener, AUTH is simply not available; asking for STARTTLS would mislead.
+    run_transcript(
+        lambda: make_session(starttls=False),
+        [(b"EHLO client.example.com\r\n", ["250"]), (b"AUTH PLAIN " + PLAIN_OK + b"\r\n", ["502 5.5.1"])],
+    )
+    run_transcript(
+        lambda: make_session(starttls=True),
+        [(b"EHLO client.example.com\r\n", ["250"]), (b"AUTH PLAIN " + PLAIN_OK + b"\r\n", ["530 5.7.0"])],
+    )
+
+
+def test_rcpt_after_bdat_chunk_refused() -> None:
+    outcome = run_transcript(
+        make_session,
+        [(b"EHLO client.example.com\r\n", ["250"]), (T, ["250", "250"]), (b"BDAT 5\r\nhello", ["250"]),
+         (b"RCPT TO:<rcpt@example.net>\r\n", ["503 5.5.1"]), (b"BDAT 2 LAST\r\n\r\n", ["250 2.0.0"])],
+    )
+    assert len(outcome.messages[0].transaction.recipients) == 1

@@ -63,7 +63,7 @@ _AUTH_UNKNOWN = b"504 5.5.4 Unrecognized authentication mechanism\r\n"
 _AUTH_USERNAME = b"334 VXNlcm5hbWU6\r\n"
 _AUTH_PASSWORD = b"334 UGFzc3dvcmQ6\r\n"
 _AUTH_EMPTY_CHALLENGE = b"334 \r\n"
-_VRFY = b"252 2.5.2 Cannot verify the user\r\n"
+_VRFY = b"252 2.0.0 Cannot verify the user\r\n"
 _EXPN = b"502 5.5.1 EXPN not supported\r\n"
 _HELP = b"214 2.0.0 relay sink accepts and discards every message\r\n"
 

@@ -170,7 +170,14 @@ class RelayPolicy:
         name = domain.lower().rstrip(".")
         if name in self.local_domains:
             return None if self.user_exists(local_part) else replies.NO_SUCH_USER
-        if name in self.relay_domains or privileged:
+        if privileged:
+            return None
+        if name in self.relay_domains:
+            # Sender-specified routing (user%host@relay-domain, host!user@...):
+            # a next hop that honours it would relay for anyone, so only
+            # privileged clients may use it, as Postfix's allow_untrusted_routing.
+            if any(mark in local_part for mark in "%!@"):
+                return replies.RELAY_DENIED
             return None
         return replies.RELAY_DENIED
 

@@ -86,7 +86,7 @@ RESET_OK = _reply("RESET_OK", 250, "2.0.0", "Reset OK")
 START_DATA = _reply("START_DATA", 354, "", "End data with <CR><LF>.<CR><LF>")
 READY_TLS = _reply("READY_TLS", 220, "2.0.0", "Ready to start TLS")
 CANNOT_VERIFY = _reply(
-    "CANNOT_VERIFY", 252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"
+    "CANNOT_VERIFY", 252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery"
 )
 # The commands every session accepts; HELP adds STARTTLS and AUTH where offered.
 HELP_COMMANDS = ("EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "HELP")
@@ -120,6 +120,7 @@ TLS_ALREADY_ACTIVE = _reply("TLS_ALREADY_ACTIVE", 503, "5.5.1", "TLS already act
 ALREADY_AUTHENTICATED = _reply("ALREADY_AUTHENTICATED", 503, "5.5.1", "Already authenticated")
 AUTH_IN_TRANSACTION = _reply("AUTH_IN_TRANSACTION", 503, "5.5.1", "AUTH not allowed during a mail transaction")
 BDAT_AFTER_DATA_MIXED = _reply("BDAT_AFTER_DATA_MIXED", 503, "5.5.1", "DATA not allowed after BDAT")
+RCPT_AFTER_BDAT = _reply("RCPT_AFTER_BDAT", 503, "5.5.1", "RCPT not allowed after BDAT")
 BAD_BDAT_SYNTAX = _reply("BAD_BDAT_SYNTAX", 501, "5.5.4", "Usage: BDAT size [LAST]")
 NON_ASCII_ADDRESS = _reply(
     "NON_ASCII_ADDRESS", 553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter"

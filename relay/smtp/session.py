@@ -326,9 +326,12 @@ class Session:
             return
         verb = command.verb
         self._count(verb.lower())
-        # The buffer admits AUTH-length lines once AUTH is offered; other commands
-        # keep the RFC 5321 limit.
-        if len(line) + 2 > self.settings.max_line_length and verb != "AUTH":
+        # The buffer admits AUTH-length lines once AUTH is offered, and MAIL and RCPT
+        # get room for their parameters; other commands keep the RFC 5321 limit.
+        limit = self.settings.max_line_length
+        if verb in ("MAIL", "RCPT"):
+            limit += PARAMETER_ALLOWANCE
+        if len(line) + 2 > limit and verb != "AUTH":
             self._reject(verb, replies.LINE_TOO_LONG)
             return
         rule = VERBS[verb]
@@ -394,7 +397,7 @@ class Session:
     def _sync_line_limit(self) -> None:
         offered = self._auth_offered()
         limit = self.settings.max_auth_line_length if offered else self.settings.max_line_length
-        self.buffer.line_limit = max(limit, self.settings.max_line_length)
+        self.buffer.line_limit = max(limit, self.settings.max_line_length + PARAMETER_ALLOWANCE)
 
     # -- greeting and session commands ---------------------------------------
 
@@ -415,12 +418,12 @@ class Session:
             return
         # RFC 5321 section 4.1.4: a new greeting resets the transaction like RSET.
         self.transaction = None
-        self.state.helo_name = name
+        self.state.helo_name = _printable_helo(name)
         self.state.esmtp = esmtp
         if esmtp:
-            self._send(replies.ehlo(self.settings.hostname, name, self._extensions()))
+            self._send(replies.ehlo(self.settings.hostname, self.state.helo_name, self._extensions()))
         else:
-            self._send(replies.helo(self.settings.hostname, name))
+            self._send(replies.helo(self.settings.hostname, self.state.helo_name))
 
     def _extensions(self) -> list[str]:
         settings = self.settings
@@ -502,8 +505,10 @@ class Session:
             self._reject("AUTH", replies.BAD_SEQUENCE)
             return
         if not self._auth_offered():
-            # RFC 4954 section 4: credentials are never read before TLS here.
-            self._reject("AUTH", replies.TLS_REQUIRED)
+            # RFC 4954 section 4: credentials are never read before TLS here.  A
+            # listener that cannot start TLS never offers AUTH at all.
+            can_start_tls = self.settings.starttls and not self.state.tls_active
+            self._reject("AUTH", replies.TLS_REQUIRED if can_start_tls else replies.AUTH_NOT_AVAILABLE)
             return
         if self.state.auth_user is not None:
             self._reject("AUTH", replies.ALREADY_AUTHENTICATED)
@@ -574,6 +579,10 @@ class Session:
         transaction = self.transaction
         if transaction is None:
             self._reject("RCPT", replies.NEED_MAIL)
+            return
+        if transaction.bdat_started:
+            # The envelope is fixed once part of the message is in, as Postfix holds.
+            self._reject("RCPT", replies.RCPT_AFTER_BDAT)
             return
         path = command.path or ""
         if not transaction.smtputf8 and not path.isascii():
@@ -737,6 +746,28 @@ class Session:
 
 # A CR not followed by LF, or an LF not preceded by CR.
 _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+# Octets MAIL and RCPT lines may have beyond policy.max_line_length.  RFC 5321
+# section 4.5.3.1.4 lets extensions lengthen command lines, and the ones
+# offered here do: SIZE (RFC 1870), SMTPUTF8 (RFC 6531), ENVID up to 100
+# and ORCPT up to 500 characters (RFC 3461), AUTH= (RFC 4954).
+PARAMETER_ALLOWANCE = 1024
+
+# Longest greeting name kept: a domain name is at most 255 octets (RFC 1035 section 2.3.4).
+MAX_HELO_NAME = 255
+
+
+def _printable_helo(name: str) -> str:
+    """Return the greeting name as relay echoes and records it: printable ASCII, at most 255 characters.
+
+    Reply text and the Received header of a message without SMTPUTF8 allow
+    only ASCII, and a reply line has at most 512 octets (RFC 5321 sections
+    4.2 and 4.5.3.1.5), so other characters become ``?`` as in Postfix.
+    """
+    if len(name) <= MAX_HELO_NAME and name.isascii() and name.isprintable():
+        return name
+    return "".join(c if c.isascii() and c.isprintable() else "?" for c in name[:MAX_HELO_NAME])
 
 
 def _verb_of(line: bytes) -> str:
