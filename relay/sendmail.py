@@ -9,7 +9,9 @@ unchanged when that name is a symlink to ``relay``, or when they call
 - ``-f SENDER``: the reverse-path; ``-f ""`` or ``-f "<>"`` is the null sender.
 - ``-F NAME``: the full name for a From header the message lacks.
 - ``-bm``: the default mode, read a message and deliver it.
+- ``-h N``: the initial hop count; checked to be a number, then ignored.
 - recipients as arguments.
+- ``--help``: print the usage and queue nothing.
 
 Other ``-o`` options and ``-B``/``-N``/``-R``/``-V`` values are accepted and
 ignored, as Postfix does.
@@ -78,7 +80,7 @@ EX_CONFIG = 78
 
 logger = logging.getLogger("relay.sendmail")
 
-USAGE = """usage: relay sendmail [--config FILE] [-t] [-i] [-f SENDER] [-F NAME] [-bm] [RECIPIENT ...]
+USAGE = """usage: relay sendmail [--config FILE] [-t] [-i] [-f SENDER] [-F NAME] [-bm] [-h N] [RECIPIENT ...]
 
 Read a message from standard input and queue it for delivery, like sendmail(1).
 
@@ -87,8 +89,10 @@ Read a message from standard input and queue it for delivery, like sendmail(1).
   -f SENDER   envelope sender (reverse-path); -f "<>" is the null sender
   -F NAME     full name for the From header, when the message has none
   -bm         read a message and deliver it (the default mode)
+  -h N        initial hop count; accepted and ignored, as Postfix does
   --config F  relay.toml to read (default: $RELAY_CONFIG, else
               /etc/relay/relay.toml if it exists, else built-in defaults)
+  --help      print this text and exit without reading a message
 
 Other -o options are accepted and ignored.  Exit status: 0 queued, 64 usage,
 65 message too large, 66 no input, 67 invalid, rejected or unknown local address,
@@ -116,11 +120,12 @@ class Options:
     ignore_dots: bool = False  # -i / -oi
     sender: str | None = None  # -f; "" is the null sender
     full_name: str | None = None  # -F
+    show_help: bool = False  # --help
     recipients: list[str] = field(default_factory=list)
 
 
 # Options that take a value, either attached (-fuser) or as the next argument.
-_VALUE_OPTIONS = {"-f", "-F", "-r", "-B", "-N", "-R", "-V", "-C", "-O", "-X", "-L", "-p", "-q"}
+_VALUE_OPTIONS = {"-f", "-F", "-r", "-h", "-B", "-N", "-R", "-V", "-C", "-O", "-X", "-L", "-p", "-q"}
 # Options accepted and ignored (Postfix ignores them too, or they are the default).
 _IGNORED_FLAGS = {"-bm", "-U", "-v", "-m", "-em", "-ep", "-eq", "-n", "-odb", "-odi", "-odq", "-ee"}
 
@@ -146,6 +151,8 @@ def parse_options(argv: Sequence[str]) -> Options:
             index += 1
         elif arg.startswith("--config="):
             options.config = arg.partition("=")[2]
+        elif arg == "--help":
+            options.show_help = True
         elif arg == "-t":
             options.extract_recipients = True
         elif arg in ("-i", "-oi"):
@@ -161,6 +168,8 @@ def parse_options(argv: Sequence[str]) -> Options:
                 options.sender = value
             elif arg[:2] == "-F":
                 options.full_name = value
+            elif arg[:2] == "-h":
+                _check_hop_count(value)
         elif arg in _IGNORED_FLAGS or arg.startswith("-o"):
             continue
         elif arg.startswith("-b"):
@@ -168,6 +177,16 @@ def parse_options(argv: Sequence[str]) -> Options:
         else:
             raise SendmailError(EX_USAGE, f"unknown option {arg}; see `relay sendmail --help`")
     return options
+
+
+def _check_hop_count(value: str) -> None:
+    """Raise SendmailError (EX_USAGE) unless ``value`` is a hop count, a string of decimal digits.
+
+    sendmail's ``-h N`` sets the message's initial hop count.  relay ignores
+    the value, as Postfix's sendmail does.
+    """
+    if not (value.isascii() and value.isdigit()):
+        raise SendmailError(EX_USAGE, f"invalid hop count {value!r} for -h; expected a number such as -h 10")
 
 
 def read_message(stream: BinaryIO, ignore_dots: bool) -> bytes:
@@ -380,14 +399,14 @@ def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
 
 def run(argv: Sequence[str]) -> int:
     """Run sendmail with its own argument list (used for the `sendmail` program name)."""
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(USAGE)
-        return EX_OK
     try:
         options = parse_options(argv)
     except SendmailError as exc:
         print(f"sendmail: {exc}", file=sys.stderr)
         return exc.status
+    if options.show_help:
+        print(USAGE)
+        return EX_OK
     if sys.stdin is None:
         print("sendmail: standard input is closed; pipe the message into sendmail", file=sys.stderr)
         return EX_NOINPUT

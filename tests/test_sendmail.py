@@ -184,6 +184,29 @@ def test_program_name_sendmail(tmp_path: Path) -> None:
     assert len(stored_messages(tmp_path / "spool")) == 1
 
 
+@pytest.mark.parametrize("hop_count", [["-h", "5"], ["-h17"]])
+def test_hop_count_ignored(tmp_path: Path, hop_count: list[str]) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), *hop_count, "alice"], b"Subject: x\n\nhi\n")
+
+    assert result.returncode == 0, result.stderr
+    assert b"usage:" not in result.stdout
+    [(stored, _)] = stored_messages(tmp_path / "spool")
+    assert [r.address for r in stored.recipients] == ["alice@example.test"]
+
+
+def test_help_prints_usage_and_queues_nothing(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "--help", "alice"], b"Subject: x\n\nhi\n")
+
+    assert result.returncode == 0
+    assert result.stdout.startswith(b"usage: relay sendmail ")
+    assert b"-h N" in result.stdout
+    assert not (tmp_path / "spool" / "spool.db").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message", "status", "fragment"),
     [
@@ -191,6 +214,10 @@ def test_program_name_sendmail(tmp_path: Path) -> None:
         (["-bp"], b"", EX_USAGE, "mode -bp is not supported"),
         ([], b"Subject: x\n\nhi\n", EX_USAGE, "no recipients"),
         (["-f"], b"", EX_USAGE, "needs a value"),
+        # -h takes a hop count; alone or with a bad one it is a usage error, not help.
+        (["-h"], b"Subject: x\n\nhi\n", EX_USAGE, "option -h needs a value"),
+        (["-h", "five", "alice"], b"Subject: x\n\nhi\n", EX_USAGE, "invalid hop count 'five' for -h"),
+        (["-h-1", "alice"], b"Subject: x\n\nhi\n", EX_USAGE, "invalid hop count '-1' for -h"),
         (["nobody"], b"x\n", EX_NOUSER, "unknown local user 'nobody@example.test'"),
         (["bad address@example.net"], b"x\n", EX_NOUSER, "invalid recipient address"),
         (["-f", "a b@c", "alice"], b"x\n", EX_NOUSER, "invalid sender address"),
