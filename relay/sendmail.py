@@ -2,7 +2,9 @@
 
 Programs that run ``/usr/sbin/sendmail`` (cron, PHP ``mail()``, scripts) work
 unchanged when that name is a symlink to ``relay``, or when they call
-``relay sendmail``.  It reads the options that Postfix's sendmail(1) reads:
+``relay sendmail``.  It reads the options that Postfix's sendmail(1) reads,
+grouped as getopt(3) allows (``-ti``), as ``relay.sendmail_options`` parses
+them:
 
 - ``-t``: add the To, Cc and Bcc addresses of the message, and remove Bcc.
 - ``-i`` and ``-oi``: a line with a single dot does not end the input.
@@ -13,8 +15,9 @@ unchanged when that name is a symlink to ``relay``, or when they call
 - recipients as arguments.
 - ``--help``: print the usage and queue nothing.
 
-Other ``-o`` options and ``-B``/``-N``/``-R``/``-V`` values are accepted and
-ignored, as Postfix does.
+Other ``-o`` options, and ``-B``, ``-C``, ``-e``, ``-L``, ``-m``, ``-n``,
+``-N``, ``-O``, ``-p``, ``-q``, ``-R``, ``-U``, ``-v``, ``-V`` and ``-X``, are
+accepted and ignored.
 
 The message is written straight into the spool with the same group commit
 as the SMTP server, like Postfix's postdrop writing into the maildrop queue:
@@ -53,7 +56,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from email.parser import HeaderParser
 from email.policy import compat32
 from email.utils import formatdate, getaddresses
@@ -63,24 +65,28 @@ from relay._errors import SMTPError
 from relay._parser import parse_command
 from relay.config import CONFIG_ENVIRONMENT, Config, ConfigError, load_config
 from relay.log import log_event
+from relay.sendmail_options import (
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_NOINPUT,
+    EX_NOUSER,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    Options,
+    SendmailError,
+    parse_options,
+)
 from relay.smtp import replies
 from relay.smtp.policy import RelayPolicy
 from relay.smtp.received import header_block, normalize_line_ends, submission_headers
 from relay.spool import Envelope, Recipient, Spool, SpoolError, new_queue_id
 from relay.spool.store import database_path
 
-EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_NOINPUT = 66
-EX_NOUSER = 67
-EX_SOFTWARE = 70
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
-
 logger = logging.getLogger("relay.sendmail")
 
-USAGE = """usage: relay sendmail [--config FILE] [-t] [-i] [-f SENDER] [-F NAME] [-bm] [-h N] [RECIPIENT ...]
+USAGE = """usage: relay sendmail [--config FILE] [-ti] [-f SENDER] [-F NAME] [-bm] [-h N] [RECIPIENT ...]
 
 Read a message from standard input and queue it for delivery, like sendmail(1).
 
@@ -94,99 +100,16 @@ Read a message from standard input and queue it for delivery, like sendmail(1).
               /etc/relay/relay.toml if it exists, else built-in defaults)
   --help      print this text and exit without reading a message
 
-Other -o options are accepted and ignored.  Exit status: 0 queued, 64 usage,
-65 message too large, 66 no input, 67 invalid, rejected or unknown local address,
-70 internal error, 75 spool unavailable (try again later, or get write access to it), 78 invalid config."""
+Flags can be grouped (-ti is -t -i), and an option with a value can end a
+group (-tf SENDER).  Other -o options are accepted and ignored.
+Exit status: 0 queued, 64 usage, 65 message too large, 66 no input,
+67 invalid, rejected or unknown local address, 70 internal error,
+75 spool unavailable (try again later, or get write access to it),
+78 invalid config."""
 
 
 # The config file read without --config and $RELAY_CONFIG, when it exists.
 SYSTEM_CONFIG = "/etc/relay/relay.toml"
-
-
-class SendmailError(Exception):
-    """A failure reported on stderr with a sendmail exit code."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class Options:
-    """The sendmail command line, parsed."""
-
-    config: str | None = None
-    extract_recipients: bool = False  # -t
-    ignore_dots: bool = False  # -i / -oi
-    sender: str | None = None  # -f; "" is the null sender
-    full_name: str | None = None  # -F
-    show_help: bool = False  # --help
-    recipients: list[str] = field(default_factory=list)
-
-
-# Options that take a value, either attached (-fuser) or as the next argument.
-_VALUE_OPTIONS = {"-f", "-F", "-r", "-h", "-B", "-N", "-R", "-V", "-C", "-O", "-X", "-L", "-p", "-q"}
-# Options accepted and ignored (Postfix ignores them too, or they are the default).
-_IGNORED_FLAGS = {"-bm", "-U", "-v", "-m", "-em", "-ep", "-eq", "-n", "-odb", "-odi", "-odq", "-ee"}
-
-
-def parse_options(argv: Sequence[str]) -> Options:
-    """Parse sendmail's traditional command line; raise SendmailError (EX_USAGE)."""
-    options = Options()
-    args = list(argv)
-    index = 0
-    while index < len(args):
-        arg = args[index]
-        index += 1
-        if arg == "--":
-            options.recipients.extend(args[index:])
-            break
-        if not arg.startswith("-") or arg == "-":
-            options.recipients.append(arg)
-            continue
-        if arg == "--config":
-            if index >= len(args):
-                raise SendmailError(EX_USAGE, "option --config needs a file name")
-            options.config = args[index]
-            index += 1
-        elif arg.startswith("--config="):
-            options.config = arg.partition("=")[2]
-        elif arg == "--help":
-            options.show_help = True
-        elif arg == "-t":
-            options.extract_recipients = True
-        elif arg in ("-i", "-oi"):
-            options.ignore_dots = True
-        elif arg[:2] in _VALUE_OPTIONS:
-            value = arg[2:]
-            if value == "":
-                if index >= len(args):
-                    raise SendmailError(EX_USAGE, f"option {arg} needs a value")
-                value = args[index]
-                index += 1
-            if arg[:2] in ("-f", "-r"):
-                options.sender = value
-            elif arg[:2] == "-F":
-                options.full_name = value
-            elif arg[:2] == "-h":
-                _check_hop_count(value)
-        elif arg in _IGNORED_FLAGS or arg.startswith("-o"):
-            continue
-        elif arg.startswith("-b"):
-            raise SendmailError(EX_USAGE, f"mode {arg} is not supported; only -bm (deliver a message) is")
-        else:
-            raise SendmailError(EX_USAGE, f"unknown option {arg}; see `relay sendmail --help`")
-    return options
-
-
-def _check_hop_count(value: str) -> None:
-    """Raise SendmailError (EX_USAGE) unless ``value`` is a hop count, a string of decimal digits.
-
-    sendmail's ``-h N`` sets the message's initial hop count.  relay ignores
-    the value, as Postfix's sendmail does.
-    """
-    if not (value.isascii() and value.isdigit()):
-        raise SendmailError(EX_USAGE, f"invalid hop count {value!r} for -h; expected a number such as -h 10")
 
 
 def read_message(stream: BinaryIO, ignore_dots: bool) -> bytes:
@@ -430,7 +353,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "sendmail",
         help="sendmail-compatible injection for local programs",
         description="Read a message from standard input and queue it, like sendmail(1). "
-        "Options: -t, -i/-oi, -f SENDER, -F NAME, -bm, recipients.",
+        "Options: -t, -i/-oi, -f SENDER, -F NAME, -bm, -h N, recipients;"
+        " `relay sendmail --help` describes them.",
         prefix_chars="+",
         add_help=False,
     )

@@ -356,6 +356,59 @@ def test_parse_options_attached_values() -> None:
     assert options.recipients == ["rcpt@example.net"]
 
 
+@pytest.mark.parametrize(
+    ("args", "extract", "ignore_dots", "sender", "recipients"),
+    [
+        (["-ti"], True, True, None, []),
+        (["-it"], True, True, None, []),
+        (["-tif", "s@example.test", "rcpt"], True, True, "s@example.test", ["rcpt"]),
+        (["-tfs@example.test", "rcpt"], True, False, "s@example.test", ["rcpt"]),
+        # A value letter takes the rest of its group: -o with the value "i".
+        (["-toi", "rcpt"], True, True, None, ["rcpt"]),
+        (["-tbm", "-Uv", "rcpt"], True, False, None, ["rcpt"]),
+        (["-o", "i", "rcpt"], False, True, None, ["rcpt"]),
+    ],
+)
+def test_parse_options_grouped_flags(
+    args: list[str], extract: bool, ignore_dots: bool, sender: str | None, recipients: list[str]
+) -> None:
+    options = parse_options(args)
+
+    assert options.extract_recipients is extract
+    assert options.ignore_dots is ignore_dots
+    assert options.sender == sender
+    assert options.recipients == recipients
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["-tx", "rcpt"], "unknown option -x in -tx"),
+        (["-tbp"], "mode -bp is not supported"),
+        (["-tf"], "option -f needs a value"),
+        (["--verbose"], "unknown option --verbose"),
+    ],
+)
+def test_parse_options_grouped_errors(args: list[str], fragment: str) -> None:
+    with pytest.raises(SendmailError) as caught:
+        parse_options(args)
+
+    assert caught.value.status == EX_USAGE
+    assert fragment in str(caught.value)
+
+
+def test_grouped_ti_queues_with_dots_kept(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    message = b"To: alice@example.test\nSubject: x\n\nbefore\n.\nafter\n"
+
+    result = sendmail(["--config", str(config), "-ti"], message)
+
+    assert result.returncode == 0, result.stderr
+    [(stored, body)] = stored_messages(tmp_path / "spool")
+    assert [r.address for r in stored.recipients] == ["alice@example.test"]
+    assert body.endswith(b"\r\nbefore\r\n.\r\nafter\r\n")
+
+
 def test_parse_options_rejects_unknown_mode() -> None:
     with pytest.raises(SendmailError) as caught:
         parse_options(["-bv", "x"])
