@@ -10,14 +10,16 @@ them:
 - ``-i`` and ``-oi``: a line with a single dot does not end the input.
 - ``-f SENDER``: the reverse-path; ``-f ""`` or ``-f "<>"`` is the null sender.
 - ``-F NAME``: the full name for a From header the message lacks.
+- ``-N DSN``, ``-R RET``, ``-V ENVID``: the RFC 3461 NOTIFY (for every
+  recipient), RET and ENVID parameters, stored with the message as if an
+  SMTP client had given them.
 - ``-bm``: the default mode, read a message and deliver it.
 - ``-h N``: the initial hop count; checked to be a number, then ignored.
 - recipients as arguments.
 - ``--help``: print the usage and queue nothing.
 
 Other ``-o`` options, and ``-B``, ``-C``, ``-e``, ``-L``, ``-m``, ``-n``,
-``-N``, ``-O``, ``-p``, ``-q``, ``-R``, ``-U``, ``-v``, ``-V`` and ``-X``, are
-accepted and ignored.
+``-O``, ``-p``, ``-q``, ``-U``, ``-v`` and ``-X``, are accepted and ignored.
 
 The message is written straight into the spool with the same group commit
 as the SMTP server, like Postfix's postdrop writing into the maildrop queue:
@@ -86,7 +88,8 @@ from relay.spool.store import database_path
 
 logger = logging.getLogger("relay.sendmail")
 
-USAGE = """usage: relay sendmail [--config FILE] [-ti] [-f SENDER] [-F NAME] [-bm] [-h N] [RECIPIENT ...]
+USAGE = """usage: relay sendmail [--config FILE] [-ti] [-f SENDER] [-F NAME] [-N DSN] [-R RET] [-V ENVID]
+                     [-bm] [-h N] [RECIPIENT ...]
 
 Read a message from standard input and queue it for delivery, like sendmail(1).
 
@@ -94,6 +97,13 @@ Read a message from standard input and queue it for delivery, like sendmail(1).
   -i, -oi     a line with a single dot does not end the message
   -f SENDER   envelope sender (reverse-path); -f "<>" is the null sender
   -F NAME     full name for the From header, when the message has none
+  -N DSN      when to send a delivery status notification (DSN) to the sender:
+              never, or a comma-separated list of success, delay and failure
+              (default: on failure, and on delay when delivery.delay_warning_time
+              is set)
+  -R RET      what a DSN returns of the message: hdrs (the header only) or
+              full (relay's own DSNs return the header when -R is not given)
+  -V ENVID    envelope ID that DSNs quote, printable ASCII
   -bm         read a message and deliver it (the default mode)
   -h N        initial hop count; accepted and ignored, as Postfix does
   --config F  relay.toml to read (default: $RELAY_CONFIG, else
@@ -224,8 +234,10 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
 
     envelope = Envelope(
         sender=sender,
-        recipients=tuple(Recipient(address=address) for address in recipients),
+        recipients=tuple(Recipient(address=address, notify=options.notify) for address in recipients),
         smtputf8=any(not address.isascii() for address in [sender, *recipients]),
+        ret=options.ret,
+        envid=options.envid,
         client_address=None,
         helo_name=None,
         protocol="local",
@@ -353,7 +365,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "sendmail",
         help="sendmail-compatible injection for local programs",
         description="Read a message from standard input and queue it, like sendmail(1). "
-        "Options: -t, -i/-oi, -f SENDER, -F NAME, -bm, -h N, recipients;"
+        "Options: -t, -i/-oi, -f SENDER, -F NAME, -N DSN, -R RET, -V ENVID, -bm, -h N, recipients;"
         " `relay sendmail --help` describes them.",
         prefix_chars="+",
         add_help=False,

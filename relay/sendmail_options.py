@@ -8,14 +8,22 @@ Arguments that do not start with ``-`` are recipients, and so is every
 argument after ``--``.  As with GNU getopt, an option may also follow a
 recipient.
 
-Every error raises ``SendmailError`` with ``EX_USAGE``.  Exit codes follow
-sysexits.h.
+The DSN options set the RFC 3461 parameters that an SMTP client would give
+with MAIL and RCPT: ``-N`` is NOTIFY for every recipient, ``-R`` is RET and
+``-V`` is ENVID.  Their values follow the same rules as the SMTP
+parameters, with two differences: ``-N`` allows spaces around items and a
+repeated item, and ``-V`` takes only printable ASCII.
+
+``parse_options`` raises ``SendmailError`` with ``EX_USAGE`` for every
+error.  The exit codes follow sysexits.h.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from relay._parser import xtext_encode
 
 EX_OK = 0
 EX_USAGE = 64
@@ -28,9 +36,15 @@ EX_CONFIG = 78
 
 # Option letters without a value.  -U, -v, -m and -n are accepted and ignored.
 _FLAG_LETTERS = frozenset("tiUvmn")
-# Option letters that take a value.  The values of -B, -C, -e, -L, -N, -O,
-# -p, -q, -R, -V and -X are ignored, and so are -o values other than -oi.
+# Option letters that take a value.  The values of -B, -C, -e, -L, -O, -p,
+# -q and -X are ignored, and so are -o values other than -oi.
 _VALUE_LETTERS = frozenset("fFrhbeoNRVBCOXLpq")
+
+# NOTIFY keywords other than NEVER, which must be the only keyword (RFC 3461 section 4.1).
+NOTIFY_KEYWORDS = ("SUCCESS", "DELAY", "FAILURE")
+# Maximum ENVID length in xtext form (RFC 3461 section 4.4), the limit that
+# the SMTP server applies to ENVID too.
+MAX_ENVID = 100
 
 
 class SendmailError(Exception):
@@ -51,6 +65,9 @@ class Options:
     sender: str | None = None  # -f; "" is the null sender
     full_name: str | None = None  # -F
     show_help: bool = False  # --help
+    notify: tuple[str, ...] = ()  # -N: ("NEVER",) or some of NOTIFY_KEYWORDS; () if not given
+    ret: str | None = None  # -R: "FULL" or "HDRS"
+    envid: str | None = None  # -V, xtext-encoded as the spool stores ENVID
     recipients: list[str] = field(default_factory=list)
 
 
@@ -130,6 +147,12 @@ def _apply_value(options: Options, letter: str, value: str) -> None:
     elif letter == "o":
         if value == "i":
             options.ignore_dots = True
+    elif letter == "N":
+        options.notify = parse_notify(value)
+    elif letter == "R":
+        options.ret = parse_ret(value)
+    elif letter == "V":
+        options.envid = parse_envid(value)
 
 
 def _check_hop_count(value: str) -> None:
@@ -140,3 +163,43 @@ def _check_hop_count(value: str) -> None:
     """
     if not (value.isascii() and value.isdigit()):
         raise SendmailError(EX_USAGE, f"invalid hop count {value!r} for -h; expected a number such as -h 10")
+
+
+def parse_notify(value: str) -> tuple[str, ...]:
+    """Parse ``-N``: ``never``, or a comma-separated list of success, delay and failure, in any case.
+
+    Spaces around the items are allowed (``-N "delay, failure"``) and a
+    repeated item counts once.  Return the upper-case NOTIFY keywords.
+    """
+    items = [item.strip().upper() for item in value.split(",")]
+    keywords = tuple(dict.fromkeys(items))
+    if keywords == ("NEVER",) or (keywords and all(item in NOTIFY_KEYWORDS for item in keywords)):
+        return keywords
+    raise SendmailError(
+        EX_USAGE,
+        f"invalid -N value {value!r}; expected never, or a comma-separated list of success, delay and failure",
+    )
+
+
+def parse_ret(value: str) -> str:
+    """Parse ``-R``: ``hdrs`` or ``full``, in any case; return the RET keyword."""
+    keyword = value.strip().upper()
+    if keyword not in ("FULL", "HDRS"):
+        raise SendmailError(EX_USAGE, f"invalid -R value {value!r}; expected hdrs or full")
+    return keyword
+
+
+def parse_envid(value: str) -> str:
+    """Check ``-V``: printable US-ASCII of at most MAX_ENVID characters in xtext form; return that form."""
+    if value == "" or not all(" " <= character <= "~" for character in value):
+        raise SendmailError(
+            EX_USAGE, f"invalid -V value {value!r}; expected an envelope ID of printable ASCII characters"
+        )
+    encoded = xtext_encode(value)
+    if len(encoded) > MAX_ENVID:
+        raise SendmailError(
+            EX_USAGE,
+            f"invalid -V value {value!r}: longer than {MAX_ENVID} characters once encoded as xtext;"
+            " use a shorter envelope ID",
+        )
+    return encoded

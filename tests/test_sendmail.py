@@ -409,6 +409,63 @@ def test_grouped_ti_queues_with_dots_kept(tmp_path: Path) -> None:
     assert body.endswith(b"\r\nbefore\r\n.\r\nafter\r\n")
 
 
+def test_dsn_options_stored_with_message(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    dsn = ["-N", "Success, delay", "-R", "full", "-V", "batch 7+1"]
+    args = ["--config", str(config), *dsn, "alice", "bob@remote.test"]
+
+    result = sendmail(args, b"Subject: x\n\nhi\n")
+
+    assert result.returncode == 0, result.stderr
+    [(stored, _)] = stored_messages(tmp_path / "spool")
+    assert [r.notify for r in stored.recipients] == [("SUCCESS", "DELAY"), ("SUCCESS", "DELAY")]
+    assert stored.envelope.ret == "FULL"
+    # Stored in xtext form, as the SMTP server stores ENVID.
+    assert stored.envelope.envid == "batch+207+2B1"
+
+
+def test_dsn_never_and_defaults_stored(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    never = sendmail(["--config", str(config), "-Nnever", "-Rhdrs", "alice"], b"Subject: x\n\nhi\n")
+    default = sendmail(["--config", str(config), "alice"], b"Subject: x\n\nhi\n")
+
+    assert never.returncode == 0, never.stderr
+    assert default.returncode == 0, default.stderr
+    stored = sorted((message for message, _ in stored_messages(tmp_path / "spool")), key=lambda m: m.arrival)
+    assert [r.notify for r in stored[0].recipients] == [("NEVER",)]
+    assert stored[0].envelope.ret == "HDRS"
+    assert stored[0].envelope.envid is None
+    assert [r.notify for r in stored[1].recipients] == [()]
+    assert stored[1].envelope.ret is None
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["-N", "never,success", "alice"], "invalid -N value 'never,success'; expected never, or a comma-separated"),
+        (["-N", "sometimes", "alice"], "invalid -N value 'sometimes'"),
+        (["-N", "failure,", "alice"], "invalid -N value 'failure,'"),
+        (["-N", "", "alice"], "invalid -N value ''"),
+        (["-R", "body", "alice"], "invalid -R value 'body'; expected hdrs or full"),
+        (["-V", "a\x01b", "alice"], "invalid -V value 'a\\x01b'; expected an envelope ID of printable ASCII"),
+        (["-V", "\u00e9t\u00e9", "alice"], "invalid -V value"),
+        (["-V", "x" * 101, "alice"], "longer than 100 characters once encoded as xtext"),
+        # Each "+" takes three characters in xtext: 40 of them are 120.
+        (["-V", "+" * 40, "alice"], "longer than 100 characters once encoded as xtext"),
+        (["alice", "-N"], "option -N needs a value"),
+    ],
+)
+def test_dsn_options_reject_bad_values(tmp_path: Path, args: list[str], fragment: str) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), *args], b"Subject: x\n\nhi\n")
+
+    assert result.returncode == EX_USAGE
+    assert fragment in result.stderr.decode()
+    assert not (tmp_path / "spool" / "spool.db").exists()
+
+
 def test_parse_options_rejects_unknown_mode() -> None:
     with pytest.raises(SendmailError) as caught:
         parse_options(["-bv", "x"])
