@@ -15,7 +15,8 @@ them:
   SMTP client had given them.
 - ``-bm``: the default mode, read a message and deliver it.
 - ``-h N``: the initial hop count; checked to be a number, then ignored.
-- recipients as arguments.
+- recipients as arguments.  A user name without ``@`` gets the domain of
+  ``origin_domain``, in recipients and in the sender alike.
 - ``--help``: print the usage and queue nothing.
 
 Other ``-o`` options, and ``-B``, ``-C``, ``-e``, ``-L``, ``-m``, ``-n``,
@@ -112,6 +113,9 @@ Read a message from standard input and queue it for delivery, like sendmail(1).
 
 Flags can be grouped (-ti is -t -i), and an option with a value can end a
 group (-tf SENDER).  Other -o options are accepted and ignored.
+A user name without @ (in recipients, -f and the default sender USER) gets
+@server.hostname when policy.local_domains lists that name, else @ the first
+entry of policy.local_domains, so that mail to a bare name stays local.
 Exit status: 0 queued, 64 usage, 65 message too large, 66 no input,
 67 invalid, rejected or unknown local address, 70 internal error,
 75 spool unavailable (try again later, or get write access to it),
@@ -132,6 +136,23 @@ def read_message(stream: BinaryIO, ignore_dots: bool) -> bytes:
             break
         lines.append(line)
     return b"".join(lines)
+
+
+def origin_domain(config: Config) -> str:
+    """Return the domain appended to a bare user name in a sender or recipient.
+
+    It is ``server.hostname`` when ``policy.local_domains`` lists it, else
+    the first local domain, so that mail to a bare name such as ``root``
+    stays local.  Postfix appends ``myorigin``, which defaults to
+    ``$myhostname``, a name that its default ``mydestination`` lists as
+    local.  With no local domains at all, as on a host that only forwards
+    mail, the host name is used.
+    """
+    hostname = config.server.hostname
+    local_domains = config.policy.local_domains
+    if not local_domains or hostname.lower().rstrip(".") in local_domains:
+        return hostname
+    return local_domains[0]
 
 
 def _check_address(address: str, role: str, default_domain: str) -> str:
@@ -174,7 +195,7 @@ def _remove_bcc(message: bytes) -> bytes:
 
 def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, bytes]:
     """Build the envelope and the stored message from the options and the input."""
-    default_domain = config.policy.local_domains[0] if config.policy.local_domains else config.server.hostname
+    default_domain = origin_domain(config)
     login = _login_name()
 
     message = normalize_line_ends(raw)

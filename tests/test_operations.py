@@ -366,6 +366,39 @@ def test_sendmail_t_delivers_to_all_without_bcc(tmp_path: Path) -> None:
         assert b"Bcc:" not in body
 
 
+def test_sendmail_bare_name_delivered_locally(tmp_path: Path) -> None:
+    # With server.hostname among the local domains, a bare name gets
+    # @server.hostname, and the scheduler still delivers it to the Maildir.
+    (tmp_path / "mail" / "alice").mkdir(parents=True)
+    relay = Relay(tmp_path, workers=1)
+    relay.write(domains='"example.test", "mx.example.test"')
+    injected = subprocess.run(
+        [sys.executable, "-m", "relay", "sendmail", "--config", str(relay.config), "-f", "cron", "alice"],
+        input=b"Subject: bare name\n\nhello\n",
+        capture_output=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+        check=False,
+        timeout=60,
+    )
+    assert injected.returncode == 0, injected.stderr
+
+    relay.start()
+    try:
+        deadline = time.monotonic() + 20
+        delivered: list[Path] = []
+        while not delivered and time.monotonic() < deadline:
+            delivered = list((tmp_path / "mail" / "alice" / "new").glob("*"))
+            time.sleep(0.1)
+    finally:
+        relay.stop()
+
+    assert len(delivered) == 1, relay.log()
+    body = delivered[0].read_bytes()
+    assert body.startswith(b"Return-Path: <cron@mx.example.test>\n")
+    assert b"Delivered-To: alice@mx.example.test\n" in body
+    assert b"Subject: bare name\n" in body
+
+
 @pytest.mark.parametrize("moment", ["starting", "running"])
 def test_group_sigterm_is_one_stop_request(tmp_path: Path, moment: str) -> None:
     # systemd's control-group kill and a terminal's Ctrl-C signal every process,

@@ -119,6 +119,40 @@ def test_f_sets_reverse_path(tmp_path: Path) -> None:
     assert b"\r\nFrom: bounces@example.test\r\n" in body
 
 
+# server.hostname is MX.example.test. local_domains contains lower-case names, and
+# the host name matches them regardless of case but is appended as written.
+@pytest.mark.parametrize(
+    ("local_domains", "domain"),
+    [
+        # The host name is appended when it is a local domain, even when not listed first.
+        ('["example.test", "mx.example.test"]', "MX.example.test"),
+        # Otherwise the first local domain, so the bare name stays local.
+        ('["example.test", "other.test"]', "example.test"),
+        # With no local domains nothing is delivered locally: the host name.
+        ("[]", "MX.example.test"),
+    ],
+)
+def test_bare_names_get_origin_domain(tmp_path: Path, local_domains: str, domain: str) -> None:
+    (tmp_path / "mail" / "alice").mkdir(parents=True)
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[server]\nhostname = "MX.example.test"\n[spool]\npath = "spool"\n'
+        f'[policy]\nlocal_domains = {local_domains}\n[local]\nmaildir_root = "mail"\n'
+    )
+
+    result = sendmail(["--config", str(config), "alice"], b"Subject: x\n\nhi\n")
+    with_sender = sendmail(["--config", str(config), "-f", "cron", "alice"], b"Subject: x\n\nhi\n")
+
+    assert result.returncode == 0, result.stderr
+    assert with_sender.returncode == 0, with_sender.stderr
+    stored = sorted(stored_messages(tmp_path / "spool"), key=lambda item: item[0].arrival)
+    [(default, default_body), (explicit, _)] = stored
+    assert [r.address for r in default.recipients] == [f"alice@{domain}"]
+    assert default.envelope.sender.endswith(f"@{domain}")
+    assert f"\r\nFrom: {default.envelope.sender}\r\n".encode() in default_body
+    assert explicit.envelope.sender == f"cron@{domain}"
+
+
 def test_null_sender_and_full_name(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
