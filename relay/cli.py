@@ -99,7 +99,8 @@ def _check_config(args: argparse.Namespace) -> int:
     try:
         check_files(config)
     except FileCheckError as exc:
-        print(f"{args.file}: {exc}", file=sys.stderr)
+        for error in exc.errors:
+            print(f"{args.file}: {error}", file=sys.stderr)
         return 1
     names = ", ".join(listener.address_text for listener in config.listeners)
     print(f"{args.file}: ok ({len(config.listeners)} listener(s): {names})")

@@ -25,8 +25,8 @@ import logging
 import ssl
 from dataclasses import dataclass, field
 
+from relay.aliases import AliasError, parse_aliases
 from relay.config import Config, ConfigError, load_config
-from relay.delivery.maildir import parse_aliases
 from relay.delivery.router import read_password
 from relay.log import log_event
 from relay.smtp.auth import CredentialsError, read_credentials
@@ -36,7 +36,14 @@ logger = logging.getLogger("relay.reload")
 
 
 class FileCheckError(Exception):
-    """A file that the config names cannot be loaded: a TLS certificate, credentials, aliases or a password."""
+    """A file that the config names cannot be loaded: a TLS certificate, credentials, aliases or a password.
+
+    ``errors`` has one line for each problem found.
+    """
+
+    def __init__(self, *errors: str) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = list(errors)
 
 
 def check_files(config: Config) -> None:
@@ -61,8 +68,8 @@ def check_files(config: Config) -> None:
                 parse_aliases(handle.read())
         except (OSError, UnicodeDecodeError) as exc:
             raise FileCheckError(f"{path}: cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
-        except ValueError as exc:
-            raise FileCheckError(f"{path}: {exc}") from None
+        except AliasError as exc:
+            raise FileCheckError(*(f"{path}: {error}" for error in exc.errors)) from None
 
 
 def _check_delivery_files(config: Config) -> None:
@@ -111,7 +118,7 @@ def reload_config(running: Config) -> ReloadResult:
     try:
         check_files(loaded.replace(listeners=running.listeners))
     except FileCheckError as exc:
-        return ReloadResult(None, [str(exc)])
+        return ReloadResult(None, exc.errors)
 
     changed = []
     if loaded.listeners != running.listeners:

@@ -510,6 +510,29 @@ def test_check_config_loads_files_like_serve(
     assert "Traceback" not in captured.err
 
 
+def test_check_config_rejects_undeliverable_aliases(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Targets relay cannot deliver and alias loops would pass RCPT and then bounce.
+    aliases = tmp_path / "aliases"
+    aliases.write_text("pipe: |/bin/touch x\nfile: /tmp/x\ninc: :include:/tmp/list\nok: alice\na1: a2\na2: a1\n")
+    path = write(tmp_path, f'[local]\naliases = "{aliases}"\n')
+
+    status = main(["check-config", str(path)])
+
+    captured = capsys.readouterr()
+    assert status == 1
+    assert captured.out == ""
+    prefix = f"{path}: {aliases}: "
+    assert captured.err.splitlines() == [
+        prefix + "line 1: alias pipe: target '|/bin/touch x' is a command, which relay does not run;"
+        ' relay supports only "alias: user[, user@domain]" targets',
+        prefix + "line 2: alias file: target '/tmp/x' is a file, which relay does not write;"
+        ' relay supports only "alias: user[, user@domain]" targets',
+        prefix + "line 3: alias inc: target ':include:/tmp/list' is an include file, which relay does not read;"
+        ' relay supports only "alias: user[, user@domain]" targets',
+        prefix + "line 5: aliases form a loop, a1 -> a2 -> a1; an alias must not lead back to itself",
+    ]
+
+
 @pytest.mark.parametrize(
     ("text", "key", "maximum"),
     [
@@ -587,6 +610,21 @@ def test_reload_quiet_about_command_line_values(tmp_path: Path) -> None:
     assert result.config.server.workers == 1
     assert not result.config.delivery.enabled
     assert result.config.overrides == running.overrides
+
+
+def test_reload_rejects_alias_loop_and_pipe(tmp_path: Path) -> None:
+    aliases = tmp_path / "aliases"
+    aliases.write_text("sales: alice\n")
+    path = write(tmp_path, f'[local]\naliases = "{aliases}"\n')
+    running = load_config(path)
+    aliases.write_text("sales: alice\npipe: |/bin/true\nloop: loop\n")
+
+    result = reload_config(running)
+
+    assert result.config is None
+    assert len(result.errors) == 2
+    assert result.errors[0].startswith(f"{aliases}: line 2: alias pipe: target '|/bin/true' is a command")
+    assert result.errors[1].startswith(f"{aliases}: line 3: aliases form a loop, loop -> loop")
 
 
 def test_byte_order_mark_ignored(tmp_path: Path) -> None:

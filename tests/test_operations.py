@@ -614,6 +614,53 @@ def test_bad_aliases_rejected_at_check_and_reload(relay: Relay) -> None:
     assert "reloaded" not in relay.log()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_undeliverable_aliases_stop_serve_before_workers(tmp_path: Path, workers: int) -> None:
+    aliases = tmp_path / "aliases"
+    aliases.write_text("pipe: |/bin/touch x\na1: a2\na2: a1\n")
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[[listener]]\naddress = "127.0.0.1:{free_port()}"\n[spool]\npath = "spool"\n'
+        f'[local]\naliases = "{aliases}"\n[admin]\naddress = ""\n'
+    )
+
+    result = serve_until_exit(config, str(workers), tmp_path)
+
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2, result.stderr
+    assert lines[0].startswith(f"relay: {aliases}: line 1: alias pipe: target '|/bin/touch x' is a command")
+    assert lines[1].startswith(f"relay: {aliases}: line 2: aliases form a loop, a1 -> a2 -> a1")
+    assert not (tmp_path / "spool").exists()
+
+
+def test_undeliverable_aliases_rejected_live_and_at_reload(tmp_path: Path) -> None:
+    aliases = tmp_path / "aliases"
+    aliases.write_text("sales: alice\n")
+    relay = Relay(tmp_path, workers=2)
+    relay.config.write_text(relay.config.read_text().replace("[local]\n", f'[local]\naliases = "{aliases}"\n'))
+    relay.start()
+    try:
+        assert rcpt_code(relay.port, "sales@example.test") == 250
+        aliases.write_text("sales: alice\npipe: |/bin/true\nloop: loop\n")
+
+        # RCPT re-reads a changed aliases file, and keeps the names read before when it is invalid.
+        assert rcpt_code(relay.port, "pipe@example.test") == 550
+        assert rcpt_code(relay.port, "loop@example.test") == 550
+        assert rcpt_code(relay.port, "sales@example.test") == 250
+
+        assert relay.process is not None
+        relay.process.send_signal(signal.SIGHUP)
+        # Two errors, each logged by the two workers and the delivery process.
+        relay.wait_for_log("reload_failed", count=6)
+        log = relay.log()
+        assert log.count("line 2: alias pipe: target '|/bin/true' is a command") >= 3
+        assert log.count("line 3: aliases form a loop, loop -> loop") >= 3
+        assert "reloaded" not in log
+    finally:
+        relay.stop()
+
+
 def test_restart_forgets_old_snapshots(tmp_path: Path) -> None:
     # A snapshot left by an earlier run's worker (here one that a smaller restart
     # no longer has) must not add its counts to the new run's metrics.

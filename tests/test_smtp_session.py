@@ -1138,3 +1138,26 @@ def test_rcpt_after_bdat_chunk_refused() -> None:
          (b"RCPT TO:<rcpt@example.net>\r\n", ["503 5.5.1"]), (b"BDAT 2 LAST\r\n\r\n", ["250 2.0.0"])],
     )
     assert len(outcome.messages[0].transaction.recipients) == 1
+
+
+def test_invalid_aliases_keep_old_names(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # An edit that adds a target relay cannot deliver, or a loop, is not taken
+    # up at RCPT: those aliases would pass RCPT and then bounce.
+    aliases = tmp_path / "aliases"
+    aliases.write_text("sales: alice\n")
+    policy_file = _AliasFile(str(aliases))
+    aliases.write_text("sales: alice\npipe: |/bin/true\nloop: loop\n")
+
+    with caplog.at_level(logging.ERROR, logger="relay.smtp"):
+        assert policy_file.names() == {"sales"}
+        assert policy_file.names() == {"sales"}
+
+    errors = [record for record in caplog.records if record.getMessage() == "aliases_error"]
+    assert len(errors) == 1
+    error = errors[0].fields["error"]  # type: ignore[attr-defined]
+    assert "line 2: alias pipe: target '|/bin/true' is a command" in error
+    assert "line 3: aliases form a loop, loop -> loop" in error
+
+    # A valid file is taken up again.
+    aliases.write_text("sales: alice\nsupport: alice\n")
+    assert policy_file.names() == {"sales", "support"}

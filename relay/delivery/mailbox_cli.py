@@ -48,6 +48,7 @@ from email.headerregistry import HeaderRegistry
 from pathlib import Path
 from typing import Any
 
+from relay.aliases import AliasError
 from relay.cli import add_config_option, config_from_args, escape_controls, stop_output
 from relay.config import LocalConfig
 from relay.delivery.maildir import LocalDelivery
@@ -161,6 +162,8 @@ def _missing_maildir_problem(local: LocalConfig, user: str, root: Path) -> str |
     """Return the error for a user without a Maildir, or None when local delivery accepts mail for the user."""
     try:
         delivery = LocalDelivery.from_config(local)
+    except AliasError as exc:
+        return f"invalid [local] aliases {local.aliases}: {exc}; run relay check-config to see each error"
     except (OSError, ValueError) as exc:
         return f"cannot read [local] aliases {local.aliases}: {exc}"
     # Delivery looks up aliases before mailboxes, so an alias's mail is in its targets' Maildirs.

@@ -15,10 +15,11 @@ The file is written under ``tmp/``, flushed to disk with fsync, renamed into
 survives a crash.  The standard library's ``mailbox.Maildir.add`` does the
 same rename but no fsync, so it is not used for writing.
 
-Aliases come from ``[local] aliases``: lines ``alias: target[, target]``,
-``#`` comments and blank lines ignored.  A target without ``@`` is a local
-user; one with ``@`` is any address, routed again.  Expansion recurses up to
-``MAX_ALIAS_DEPTH`` levels and ignores cycles.
+Aliases come from ``[local] aliases``, parsed and checked by
+``relay.aliases``.  A target without ``@`` is a local user or another alias;
+one with ``@`` is any address, routed again.  Expansion stops at a name it
+has seen and after ``MAX_ALIAS_DEPTH`` levels.  A file that ``parse_aliases``
+accepted has no loop and no deeper chain, so neither stop drops a target.
 """
 
 from __future__ import annotations
@@ -30,32 +31,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.aliases import MAX_ALIAS_DEPTH, parse_aliases
 from relay.config import LocalConfig
 from relay.units import is_safe_user_name
-
-# Deep enough for any hand-written alias file; a longer chain is a loop.
-MAX_ALIAS_DEPTH = 10
 
 _counter = itertools.count()
 
 
 class UnknownUser(LookupError):
     """No mailbox and no alias exists for a local address."""
-
-
-def parse_aliases(text: str) -> dict[str, tuple[str, ...]]:
-    """Parse an aliases file into ``alias -> targets``; raise ValueError naming a bad line."""
-    aliases: dict[str, tuple[str, ...]] = {}
-    for number, raw_line in enumerate(text.splitlines(), start=1):
-        line = raw_line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        name, colon, rest = line.partition(":")
-        targets = tuple(item.strip() for item in rest.split(",") if item.strip())
-        if not colon or not name.strip() or not targets:
-            raise ValueError(f"line {number}: expected \"alias: user[, user@domain]\", got {raw_line!r}")
-        aliases[name.strip().lower()] = targets
-    return aliases
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +61,7 @@ class LocalDelivery:
 
     @classmethod
     def from_config(cls, config: LocalConfig) -> LocalDelivery:
-        """Load the aliases file named in ``config``; raise ValueError for a bad line."""
+        """Load the aliases file named in ``config``; raise AliasError (a ValueError) for an invalid file."""
         aliases: dict[str, tuple[str, ...]] = {}
         if config.aliases:
             aliases = parse_aliases(Path(config.aliases).read_text(encoding="utf-8"))

@@ -84,8 +84,12 @@ def _run(config: Config, event_loop: str) -> int:
     setup_logging(config.log.format, config.log.level)
     try:
         return serve(config, event_loop=event_loop)
-    except (ListenerError, FileCheckError) as exc:
+    except ListenerError as exc:
         print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    except FileCheckError as exc:
+        for error in exc.errors:
+            print(f"relay: {error}", file=sys.stderr)
         return 1
 
 

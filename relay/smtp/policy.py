@@ -30,6 +30,7 @@ import os
 import threading
 from collections.abc import Iterable
 
+from relay.aliases import AliasError, parse_aliases
 from relay.config import Config
 from relay.log import log_event
 from relay.smtp import replies
@@ -39,27 +40,26 @@ from relay.units import is_safe_user_name
 logger = logging.getLogger("relay.smtp")
 
 
-def parse_aliases(text: str) -> set[str]:
-    """Return the lower-cased alias names of an ``alias: user[, user]`` file."""
-    names: set[str] = set()
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, _targets = line.partition(":")
-        if sep and name.strip():
-            names.add(name.strip().lower())
-    return names
-
-
 class _AliasFile:
-    """Alias names, re-read when the file changes."""
+    """Alias names, re-read when the file changes.
+
+    A changed file that cannot be read or that ``parse_aliases`` rejects
+    leaves the names read before in use, so RCPT does not accept a
+    ``|command`` alias or a loop that delivery would bounce.
+
+    NOTE: delivery reads the file only at start and on SIGHUP, so an alias
+    added to a valid file without a reload passes RCPT and then bounces
+    until the next reload.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._stamp: tuple[int, int] | None = None
         self._names: set[str] = set()
         self._lock = threading.Lock()
+        # Read now, while the file is the one that the start or the reload
+        # checked, so that every worker has valid names to keep if it changes.
+        self.names()
 
     def names(self) -> set[str]:
         if not self.path:
@@ -76,10 +76,12 @@ class _AliasFile:
                 self._stamp = stamp
                 try:
                     with open(self.path, encoding="utf-8", errors="replace") as handle:
-                        self._names = parse_aliases(handle.read())
+                        self._names = set(parse_aliases(handle.read()))
                 except OSError as exc:
                     # Keep the names read before; one line per change of the file.
                     log_event(logger, "aliases_error", logging.ERROR, file=self.path, error=exc.strerror or str(exc))
+                except AliasError as exc:
+                    log_event(logger, "aliases_error", logging.ERROR, file=self.path, error="; ".join(exc.errors))
             return self._names
 
 

@@ -1,0 +1,109 @@
+"""The aliases file: what it accepts, and the targets, loops and chains that it rejects."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.aliases import MAX_ALIAS_DEPTH, AliasError, parse_aliases
+
+EXPECTED = 'relay supports only "alias: user[, user@domain]" targets'
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(AliasError) as caught:
+        parse_aliases(text)
+    return caught.value.errors
+
+
+def test_users_and_addresses_accepted() -> None:
+    text = "# staff\nSales: alice, Bob\nteam: sales, carol@example.net  # nested\n\nbob.smith: b_s+x=y-z\n"
+
+    aliases = parse_aliases(text)
+
+    assert aliases == {
+        "sales": ("alice", "Bob"),
+        "team": ("sales", "carol@example.net"),
+        "bob.smith": ("b_s+x=y-z",),
+    }
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("pipe: |/usr/bin/procmail", "alias pipe: target '|/usr/bin/procmail' is a command, which relay does not run"),
+        ('pipe: "|/usr/bin/vacation alice"', "alias pipe: target '\"|/usr/bin/vacation alice\"' is a command"),
+        ("file: /var/log/mail.archive", "alias file: target '/var/log/mail.archive' is a file, which relay does not"),
+        ('file: "/tmp/x"', "alias file: target '\"/tmp/x\"' is a file"),
+        ("list: :include:/etc/mail/list", "alias list: target ':include:/etc/mail/list' is an include file"),
+        ("list: :INCLUDE:/etc/mail/list", "alias list: target ':INCLUDE:/etc/mail/list' is an include file"),
+        ("dots: ..", "alias dots: target '..' is not a valid user name"),
+        ("mailbox: \\alice", "alias mailbox: target '\\\\alice' is not a valid user name"),
+    ],
+)
+def test_undeliverable_target_rejected(line: str, error: str) -> None:
+    errors = errors_of(f"ok: alice\n{line}\n")
+
+    assert len(errors) == 1
+    assert errors[0].startswith(f"line 2: {error}")
+    assert errors[0].endswith(f"; {EXPECTED}")
+
+
+def test_bad_target_among_good_ones_rejected() -> None:
+    errors = errors_of("team: alice, |/bin/true, bob@example.net\n")
+
+    assert errors == [f"line 1: alias team: target '|/bin/true' is a command, which relay does not run; {EXPECTED}"]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("loop: loop\n", "line 1: aliases form a loop, loop -> loop"),
+        ("a1: a2\na2: a1\n", "line 1: aliases form a loop, a1 -> a2 -> a1"),
+        # Names match in any case, so this is a loop too.
+        ("A1: A2\na2: a1\n", "line 1: aliases form a loop, a1 -> a2 -> a1"),
+        # The loop is reported where it starts, not at the alias that leads into it.
+        ("entry: a1\na1: a2, alice\na2: bob, a1\n", "line 2: aliases form a loop, a1 -> a2 -> a1"),
+        # Delivery looks up aliases before mailboxes, so this never reaches alice's mailbox.
+        ("alice: alice, alice@backup.example.net\n", "line 1: aliases form a loop, alice -> alice"),
+    ],
+)
+def test_alias_loop_rejected(text: str, error: str) -> None:
+    errors = errors_of(text)
+
+    assert errors == [f"{error}; an alias must not lead back to itself"]
+
+
+def test_chain_depth_limit() -> None:
+    def chain(aliases: int) -> str:
+        lines = [f"c{level}: c{level + 1}" for level in range(aliases - 1)]
+        return "\n".join([*lines, f"c{aliases - 1}: alice"]) + "\n"
+
+    assert len(parse_aliases(chain(MAX_ALIAS_DEPTH))) == MAX_ALIAS_DEPTH
+
+    errors = errors_of(chain(MAX_ALIAS_DEPTH + 1))
+
+    assert errors == [
+        "line 1: alias chain c0 -> c1 -> c2 -> c3 -> c4 -> c5 -> c6 -> c7 -> c8 -> c9 -> c10 is 11 aliases deep;"
+        " relay follows at most 10, so shorten it"
+    ]
+
+
+def test_long_chain_checked_without_recursion() -> None:
+    # Deeper than Python's default recursion limit of 1000.
+    text = "\n".join(f"c{level}: c{level + 1}" for level in range(5000)) + "\n"
+
+    errors = errors_of(text)
+
+    assert len(errors) == 1
+    assert errors[0].startswith("line 1: alias chain c0 -> c1 -> ")
+    assert " -> ... is 5000 aliases deep;" in errors[0]
+
+
+def test_every_error_reported_in_line_order() -> None:
+    text = "a1: a2\npipe: |/bin/true\nsales alice\na2: a1\nfile: /tmp/x\n"
+
+    errors = errors_of(text)
+
+    assert [error.split(":", 1)[0] for error in errors] == ["line 1", "line 2", "line 3", "line 5"]
+    assert errors[0].startswith("line 1: aliases form a loop, a1 -> a2 -> a1")
+    assert errors[2] == "line 3: expected \"alias: user[, user@domain]\", got 'sales alice'"
