@@ -13,7 +13,9 @@ such an alias would be accepted at RCPT and then bounce, sending a DSN to a
 sender who may be forged (backscatter).
 
 For the same reason, the file is checked as a whole.  An alias must not
-lead back to itself (``a: a``, or ``a: b`` with ``b: a``), and a chain of
+lead back to itself through other aliases (``a: b`` with ``b: a``); an
+alias that names itself (``carol: carol, copy@elsewhere``) means its own
+mailbox, as in Postfix and sendmail.  A chain of
 aliases must be at most ``MAX_ALIAS_DEPTH`` levels deep, the depth to which
 delivery expands them.
 
@@ -91,7 +93,12 @@ def _graph_errors(aliases: dict[str, tuple[str, ...]], lines: dict[str, int]) ->
     """Return (line, error) for each alias loop and each chain deeper than MAX_ALIAS_DEPTH."""
 
     def alias_targets(name: str) -> list[str]:
-        return [target.lower() for target in aliases[name] if "@" not in target and target.lower() in aliases]
+        # A target equal to the alias's own name means its mailbox, not a loop.
+        return [
+            target.lower()
+            for target in aliases[name]
+            if "@" not in target and target.lower() in aliases and target.lower() != name
+        ]
 
     errors: list[tuple[int, str]] = []
     # Depth-first search without recursion, because a long chain would pass

@@ -617,14 +617,14 @@ def test_reload_rejects_alias_loop_and_pipe(tmp_path: Path) -> None:
     aliases.write_text("sales: alice\n")
     path = write(tmp_path, f'[local]\naliases = "{aliases}"\n')
     running = load_config(path)
-    aliases.write_text("sales: alice\npipe: |/bin/true\nloop: loop\n")
+    aliases.write_text("sales: alice\npipe: |/bin/true\nloop: pool\npool: loop\n")
 
     result = reload_config(running)
 
     assert result.config is None
     assert len(result.errors) == 2
     assert result.errors[0].startswith(f"{aliases}: line 2: alias pipe: target '|/bin/true' is a command")
-    assert result.errors[1].startswith(f"{aliases}: line 3: aliases form a loop, loop -> loop")
+    assert result.errors[1].startswith(f"{aliases}: line 3: aliases form a loop, loop -> pool -> loop")
 
 
 def test_byte_order_mark_ignored(tmp_path: Path) -> None:

@@ -400,13 +400,13 @@ def test_mailbox_alias_not_found(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_mailbox_reports_invalid_aliases(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "aliases").write_text("sales: alice\nloop: loop\n")
+    (tmp_path / "aliases").write_text("sales: alice\nloop: pool\npool: loop\n")
     config = write_config(tmp_path, 'aliases = "aliases"\n')
 
     assert mailbox(config, "carol") == 1
 
     error = capsys.readouterr().err
-    assert f"invalid [local] aliases {tmp_path / 'aliases'}: line 2: aliases form a loop, loop -> loop" in error
+    assert f"invalid [local] aliases {tmp_path / 'aliases'}: line 2: aliases form a loop, loop -> pool -> loop" in error
     assert error.rstrip().endswith("run relay check-config to see each error")
 
 

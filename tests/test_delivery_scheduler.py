@@ -533,6 +533,37 @@ def test_local_alias_to_local_and_remote(tmp_path: Path, nameserver: NameServer,
     assert upstream.messages[0].recipients == ["bob@implicit.test"]
 
 
+def test_alias_forward_loop_bounces_once(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # The aliases file cannot see this loop: the target is an address in a local
+    # domain.  Delivered-To on the forwarded copy stops it at the second pass.
+    (tmp_path / "aliases").write_text("loop: loop@local.test\n")
+    config = make_config(tmp_path, nameserver, free_port("127.0.0.4"), extra='aliases = "aliases"')
+    spool = spool_for(config)
+    commit(spool, "alice@local.test", ["loop@local.test"])
+
+    assert run_until(config, spool, lambda: not spool_counts(config) and bool(mailbox_messages(config, "alice")))
+
+    (report,) = mailbox_messages(config, "alice")
+    text = report.as_string()
+    assert "Status: 5.4.6" in text
+    assert "554 5.4.6 <loop@local.test>: mail forwarding loop" in text
+
+
+def test_alias_naming_itself_keeps_mailbox_copy(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    (tmp_path / "aliases").write_text("alice: alice, bob@implicit.test\n")
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, extra='aliases = "aliases"')
+    spool = spool_for(config)
+    with run_upstream("127.0.0.4", port) as upstream:
+        commit(spool, "carol@example.org", ["alice@local.test"])
+        assert run_until(config, spool, lambda: bool(upstream.messages) and not spool_counts(config))
+
+    (local_copy,) = mailbox_messages(config, "alice")
+    assert local_copy["Delivered-To"] == "alice@local.test"
+    assert upstream.messages[0].recipients == ["bob@implicit.test"]
+    assert upstream.messages[0].data.startswith(b"Delivered-To: alice@local.test\r\n")
+
+
 @pytest.mark.parametrize("address", ["postmaster", "POSTMASTER"])
 def test_bare_postmaster_delivered_locally(
     tmp_path: Path, nameserver: NameServer, spool_for: Any, address: str

@@ -1146,7 +1146,7 @@ def test_invalid_aliases_keep_old_names(tmp_path: Path, caplog: pytest.LogCaptur
     aliases = tmp_path / "aliases"
     aliases.write_text("sales: alice\n")
     policy_file = _AliasFile(str(aliases))
-    aliases.write_text("sales: alice\npipe: |/bin/true\nloop: loop\n")
+    aliases.write_text("sales: alice\npipe: |/bin/true\nloop: pool\npool: loop\n")
 
     with caplog.at_level(logging.ERROR, logger="relay.smtp"):
         assert policy_file.names() == {"sales"}
@@ -1156,7 +1156,7 @@ def test_invalid_aliases_keep_old_names(tmp_path: Path, caplog: pytest.LogCaptur
     assert len(errors) == 1
     error = errors[0].fields["error"]  # type: ignore[attr-defined]
     assert "line 2: alias pipe: target '|/bin/true' is a command" in error
-    assert "line 3: aliases form a loop, loop -> loop" in error
+    assert "line 3: aliases form a loop, loop -> pool -> loop" in error
 
     # A valid file is taken up again.
     aliases.write_text("sales: alice\nsupport: alice\n")

@@ -6,16 +6,25 @@ remote targets (``alias: user@elsewhere``) are committed to the spool as one
 new message with the same sender and body, which the scheduler then routes
 like any other.  An address with no mailbox and no alias fails with
 ``5.1.1``; a write error defers the recipient with ``4.3.0``.
+
+Forwarding loops: a forwarded copy starts with ``Delivered-To:`` naming the
+recipient it was expanded for, and a recipient that the message's header
+already names in ``Delivered-To:`` fails with ``5.4.6`` instead of being
+expanded again, as Postfix's local delivery does.  This stops loops the
+aliases file cannot show, such as ``a: a@localhost`` or two aliases that
+forward to each other through two local domains.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Sequence
 
 from relay.delivery.maildir import LocalDelivery, UnknownUser
 from relay.log import log_event
+from relay.smtp.received import header_block
 from relay.spool import Claim, Envelope, MessageNotFound, Outcome, Recipient, Spool, SpoolError, StoredRecipient
 
 logger = logging.getLogger("relay.delivery")
@@ -33,8 +42,13 @@ async def deliver_local(
             return []
     sender = claim.envelope.sender
     binary = claim.envelope.body_type == "BINARYMIME"
+    delivered_to = _delivered_to(body)
     outcomes: list[tuple[StoredRecipient, Outcome, str]] = []
     for recipient in recipients:
+        if recipient.address.lower() in delivered_to:
+            reply = f"554 5.4.6 <{recipient.address}>: mail forwarding loop for {recipient.address}"
+            outcomes.append((recipient, Outcome.FAILED, reply))
+            continue
         local_part = recipient.address.rpartition("@")[0] or recipient.address
         try:
             expansion = local.expand(local_part)
@@ -53,7 +67,8 @@ async def deliver_local(
                     body_type=claim.envelope.body_type,
                     smtputf8=claim.envelope.smtputf8,
                 )
-                forward_id = await spool.commit(forwarded, body)
+                trace = f"Delivered-To: {recipient.address}\r\n".encode()
+                forward_id = await spool.commit(forwarded, trace + body)
                 log_event(logger, "forwarded", queue_id=claim.queue_id, to=recipient.address,
                           new_queue_id=forward_id, recipients=list(expansion.remote))
         except (OSError, SpoolError) as exc:
@@ -62,3 +77,12 @@ async def deliver_local(
         targets = ", ".join([*expansion.users, *expansion.remote])
         outcomes.append((recipient, Outcome.DELIVERED, f"250 2.0.0 delivered to {targets}"))
     return outcomes
+
+
+_DELIVERED_TO = re.compile(rb"^Delivered-To:[ \t]*<?([^<>\s]+)>?[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+
+
+def _delivered_to(body: bytes) -> set[str]:
+    """Return the addresses in the message's Delivered-To header fields, lower-cased."""
+    headers = header_block(body)
+    return {match.decode("utf-8", "replace").lower() for match in _DELIVERED_TO.findall(headers)}

@@ -99,6 +99,11 @@ class LocalDelivery:
         for target in targets:
             if "@" in target:
                 remote.append(target)
+            elif target.lower() == name:
+                # An alias naming itself means its own mailbox, as in Postfix
+                # and sendmail: "carol: carol, copy@elsewhere".
+                if self.user_exists(name):
+                    users.append(name)
             else:
                 self._expand(target.lower(), users, remote, seen, depth + 1)
 
