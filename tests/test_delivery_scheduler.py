@@ -533,6 +533,21 @@ def test_local_alias_to_local_and_remote(tmp_path: Path, nameserver: NameServer,
     assert upstream.messages[0].recipients == ["bob@implicit.test"]
 
 
+def test_mx_that_is_this_relay_bounces(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # The MX greets with the relay's own name: sending would loop, so the mail bounces at once.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    with run_upstream("127.0.0.4", port, server_hostname="relay.test") as upstream:
+        commit(spool, "alice@local.test", ["bob@implicit.test"])
+        assert run_until(config, spool, lambda: not spool_counts(config) and bool(mailbox_messages(config, "alice")))
+    assert upstream.messages == []
+    (report,) = mailbox_messages(config, "alice")
+    text = " ".join(report.as_string().split())  # unfolded
+    assert "Status: 5.4.6" in text
+    assert "greets as relay.test, this relay's own name: mail for implicit.test loops back to myself" in text
+
+
 def test_alias_forward_loop_bounces_once(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # The aliases file cannot see this loop: the target is an address in a local
     # domain.  Delivered-To on the forwarded copy stops it at the second pass.

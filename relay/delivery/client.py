@@ -159,6 +159,12 @@ def reply_text(reply: Reply) -> str:
     return f"{reply.code} {reply.text}".rstrip()
 
 
+def _greeting_name(reply: Reply) -> str:
+    """Return the first word of an EHLO or HELO reply, the server's name, or "" when there is none."""
+    words = reply.lines[0].split(None, 1) if reply.lines else []
+    return words[0] if words else ""
+
+
 def tls_context(mode: str, ca_file: str = "") -> ssl.SSLContext:
     """Return the client TLS context for ``required`` (verified) or ``opportunistic`` (unverified) mode."""
     context = ssl.create_default_context(cafile=ca_file or None)
@@ -186,6 +192,8 @@ class SessionOptions:
     line_length_limit: int = DEFAULT_LINE_LENGTH_LIMIT
     # The rest of a longer reply line is dropped (see relay._reply.ReplyParser).
     reply_line_limit: int = DEFAULT_REPLY_LINE_LIMIT
+    # Fail the session when the server greets with helo_name (an MX that is this relay).
+    loop_check: bool = False
 
 
 class _Connection(asyncio.Protocol):
@@ -270,6 +278,7 @@ class SMTPSession:
         self.address = address
         self.port = port
         self.capabilities: dict[str, list[str]] = {}
+        self.server_name = ""  # the first word of the EHLO (or HELO) reply: the name the server greets as
         self.tls_active = False
         self.usable = True
         self.transactions = 0
@@ -351,6 +360,15 @@ class SMTPSession:
             raise SessionError(reply_text(greeting), temporary=greeting.code < 500)
 
         await self._ehlo(options.helo_name)
+        if options.loop_check and self.server_name.lower() == options.helo_name.lower():
+            # The MX is this relay itself: sending would only queue the mail here
+            # again, until the Received limit stops it (Postfix: "loops back to myself").
+            await self._quit_quietly()
+            raise SessionError(
+                f"554 5.4.6 {self.peer} greets as {self.server_name}, this relay's own name:"
+                f" mail for {self.host} loops back to myself",
+                temporary=False,
+            )
         if starttls and options.tls != "none" and not self.tls_active:
             if "STARTTLS" in self.capabilities:
                 await self._starttls(options)
@@ -373,6 +391,7 @@ class SMTPSession:
         reply = await self._command(f"EHLO {helo_name}", self._timeouts.helo)
         if reply.code == 250:
             self.capabilities = parse_ehlo(reply)
+            self.server_name = _greeting_name(reply)
             return
         if reply.code == 421:
             raise SessionError(reply_text(reply))
@@ -381,6 +400,7 @@ class SMTPSession:
             await self._quit_quietly()
             raise SessionError(reply_text(reply), temporary=reply.code < 500)
         self.capabilities = {}
+        self.server_name = _greeting_name(reply)
 
     async def _starttls(self, options: SessionOptions) -> None:
         reply = await self._command("STARTTLS", self._timeouts.helo)

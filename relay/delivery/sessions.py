@@ -94,6 +94,9 @@ class SessionPool:
             chunking=self._chunking,
             line_length_limit=self._line_length_limit,
             reply_line_limit=self._reply_line_limit,
+            # A fixed next hop (relayhost, transport) is the operator's choice even
+            # when it greets with this relay's name; an MX found by lookup is checked.
+            loop_check=route.use_mx,
         )
         errors: list[SessionError] = []
         for host in hosts:
