@@ -316,6 +316,40 @@ def test_hold_reaches_claimed_job(tmp_path: Path, nameserver: NameServer, spool_
     assert [r.state for r in message.recipients] == [RecipientState.HELD]
 
 
+def test_release_after_dropped_claim_delivers_at_once(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any
+) -> None:
+    # The scheduler drops a held job's claim and gives its lease back, so a
+    # release makes the recipient due at once, not when the 30 s lease runs out.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, delivery="destination_concurrency_limit = 1")
+    spool = spool_for(config)
+    handler = _SlowDataHandler()
+    with run_upstream("127.0.0.4", port, handler):
+        ids = [commit(spool, "alice@local.test", [f"user{n}@implicit.test"]) for n in range(3)]
+        started = time.monotonic()
+        steps: list[str] = []
+
+        def hold_release_deliver() -> bool:
+            store = SpoolStore(config.spool.path)
+            try:
+                if not steps and time.monotonic() - started > 0.3:
+                    with store.transaction():
+                        store.hold(ids[2], time.time())
+                    steps.append("held")
+                elif steps == ["held"] and len(handler.messages) >= 2 and time.monotonic() - started > 5:
+                    with store.transaction():
+                        store.release(ids[2], time.time())
+                    steps.append("released")
+            finally:
+                store.close()
+            return len(handler.messages) == 3
+
+        assert run_until(config, spool, hold_release_deliver, timeout=15.0)
+    assert steps == ["held", "released"]
+    assert sorted(m.recipients[0] for m in handler.messages) == [f"user{n}@implicit.test" for n in range(3)]
+
+
 def test_hold_reaches_claimed_local_job(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # The same for a local job: claimed, held by an operator, then its turn comes.
     config = make_config(tmp_path, nameserver, free_port())

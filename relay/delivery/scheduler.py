@@ -595,7 +595,15 @@ class Scheduler:
             log_event(logger, "lease_expired", logging.WARNING, queue_id=claim.queue_id, owner=self.owner)
             return False
         if now - (claim.lease_until - self.spool.lease_time) > RECHECK_AFTER:
-            return await self._still_pending(job)
+            if await self._still_pending(job):
+                return True
+            # Held (or gone): give the lease back, or a release would leave the
+            # recipients waiting for it to run out.
+            try:
+                await self.spool.end_lease(claim.queue_id, [r.index for r in job.recipients], claim.lease_token)
+            except SpoolError as exc:
+                log_event(logger, "lease_end_failed", logging.WARNING, queue_id=claim.queue_id, error=str(exc))
+            return False
         return True
 
     async def _still_pending(self, job: Job) -> bool:

@@ -343,6 +343,11 @@ class Spool:
         count: int = await self._writer.submit_async(lambda store: store.release_leases(owner, time.time()))
         return count
 
+    async def end_lease(self, queue_id: str, indexes: Sequence[int], lease_token: str) -> int:
+        """End a claim's lease on some recipients of a message, so they can be claimed again; return how many."""
+        count: int = await self._writer.submit_async(lambda store: store.end_lease(queue_id, indexes, lease_token))
+        return count
+
     async def record_results(
         self, results: Sequence[DeliveryResult], *, lease_token: str | None = None, now: float | None = None
     ) -> int:

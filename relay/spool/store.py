@@ -815,6 +815,26 @@ class SpoolStore:
             ).rowcount
         return int(fresh) + rows
 
+    def end_lease(self, queue_id: str, indexes: Sequence[int], lease_token: str) -> int:
+        """End ``lease_token``'s lease on some recipients of a message; return how many rows changed.
+
+        For a claim dropped before delivery (its recipients were held): so
+        that a release makes them due at once, not when the lease runs out.
+        """
+        marks = ",".join("?" * len(indexes))
+        with self._errors("end lease"):
+            rows = self.connection.execute(
+                "UPDATE recipient SET lease_token = NULL, lease_until = NULL"
+                f" WHERE queue_id = ? AND idx IN ({marks}) AND lease_token = ?",
+                (queue_id, *indexes, lease_token),
+            ).rowcount
+            rows += self.connection.execute(
+                f"UPDATE fresh SET lease_token = NULL, lease_until = NULL WHERE id IN"
+                f" (SELECT id FROM message WHERE {_BY_QUEUE_ID}) AND lease_token = ?",
+                (*_match(queue_id), lease_token),
+            ).rowcount
+        return int(rows)
+
     def record_results(self, results: Sequence[DeliveryResult], lease_token: str | None, now: float) -> int:
         """Store delivery results; return how many changed a recipient's state.
 
