@@ -751,12 +751,20 @@ def test_start_releases_only_dead_owners_leases(tmp_path: Path, nameserver: Name
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # Killed but not reaped until the end: a zombie runs no scheduler either.
+    zombie = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    zombie_start = process_start(zombie.pid)
+    zombie.kill()
+    deadline = time.monotonic() + 5
+    while process_start(zombie.pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
     try:
         owners = {
             "dead": f"{host}:{ended.pid}:0-1:1",
             "reused": f"{host}:{live.pid}:0-1:1",  # the PID now runs a process that started later
             "live": f"{host}:{live.pid}:{process_start(live.pid)}:1",
             "remote": f"elsewhere.test:{ended.pid}:0-1:1",
+            "zombie": f"{host}:{zombie.pid}:{zombie_start}:1",
         }
         for name, owner in owners.items():
             commit(spool, "alice@local.test", [f"{name}@implicit.test"])
@@ -764,12 +772,13 @@ def test_start_releases_only_dead_owners_leases(tmp_path: Path, nameserver: Name
         with run_upstream("127.0.0.4", port) as upstream:
             run_until(config, spool, lambda: False, timeout=2.0)
         delivered = sorted(address for message in upstream.messages for address in message.recipients)
-        assert delivered == ["dead@implicit.test", "reused@implicit.test"]
+        assert delivered == ["dead@implicit.test", "reused@implicit.test", "zombie@implicit.test"]
         # The scheduler released its own leases when it stopped.
         assert asyncio.run(spool.lease_owners()) == {owners["live"]: 1, owners["remote"]: 1}
     finally:
         live.kill()
         live.wait()
+        zombie.wait()
 
 
 def test_pipelined_transactions_keep_results_exact(

@@ -11,7 +11,8 @@ After a crash (kill -9, OOM kill) the dead scheduler's leases would hold its
 recipients for ``spool.lease_time``.  A starting scheduler therefore checks each owner
 holding leases with ``owner_is_dead`` and releases the leases of dead ones.
 The answer is "dead" only for an owner on this host whose PID runs no
-process, or runs one that started at another time.  Owners on other
+process (a zombie, killed but not yet reaped, counts as none), or runs one
+that started at another time.  Owners on other
 hosts sharing the spool, and names in another format, are never judged dead:
 their leases run out by themselves.
 
@@ -38,7 +39,10 @@ def _boot_id() -> str:
 
 
 def process_start(pid: int) -> str | None:
-    """Return the start identity of process ``pid``, "" when /proc is missing, None when no such process runs."""
+    """Return the start identity of process ``pid``, "" when /proc is missing, None when no such process runs.
+
+    A zombie runs nothing, so it gives None too.
+    """
     if not _PROC.is_dir():
         try:
             os.kill(pid, 0)
@@ -52,8 +56,11 @@ def process_start(pid: int) -> str | None:
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may contain spaces, so
-    # count fields from the last ")"; start time is field 22 overall.
+    # count fields from the last ")"; state is field 3, start time field 22.
     fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        # Killed and not yet reaped (zombie) or being removed: it runs no scheduler.
+        return None
     return f"{_boot_id()}-{fields[19]}"
 
 
