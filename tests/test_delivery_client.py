@@ -261,10 +261,11 @@ def test_per_recipient_outcomes() -> None:
 
 
 def test_refusing_greeting_gets_only_quit() -> None:
+    # Temporary all the same, as with Postfix's smtp_skip_5xx_greeting: the next MX is tried.
     server = ScriptedServer({}, greeting=b"554 5.7.1 not allowed\r\n")
     with pytest.raises(SessionError) as caught:
         run_session(server, lambda session: session.send(message("a@example.net")))
-    assert not caught.value.temporary
+    assert caught.value.temporary
     assert server.verbs() == ["QUIT"]
 
 

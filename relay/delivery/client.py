@@ -356,8 +356,11 @@ class SMTPSession:
         greeting = await self._read_reply(self._timeouts.greeting)
         if greeting.code != 220:
             # RFC 5321 section 3.1: after a refusing greeting only QUIT may follow.
+            # A 5xx greeting counts as temporary, as with Postfix's default
+            # smtp_skip_5xx_greeting: servers send 554 while overloaded too, so
+            # the next MX host is tried and the mail is deferred, not bounced.
             await self._quit_quietly()
-            raise SessionError(reply_text(greeting), temporary=greeting.code < 500)
+            raise SessionError(reply_text(greeting), temporary=True)
 
         await self._ehlo(options.helo_name)
         if options.loop_check and self.server_name.lower() == options.helo_name.lower():
