@@ -7,6 +7,7 @@ import dataclasses
 import email
 import mailbox
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -596,6 +597,34 @@ def test_alias_forward_loop_bounces_once(tmp_path: Path, nameserver: NameServer,
     text = report.as_string()
     assert "Status: 5.4.6" in text
     assert "554 5.4.6 <loop@local.test>: mail forwarding loop" in text
+
+
+def test_alias_forward_keeps_dsn_parameters(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # As Postfix's local delivery: RET, ENVID and the original recipient as ORCPT
+    # go with the forwarded copy, and NOTIFY without SUCCESS, reported here already.
+    (tmp_path / "aliases").write_text("fwd: bob@implicit.test\n")
+    config = make_config(tmp_path, nameserver, free_port("127.0.0.4"), extra='aliases = "aliases"')
+    spool = spool_for(config)
+    original = Envelope(
+        sender="alice@local.test",
+        recipients=(Recipient("fwd@local.test", notify=("SUCCESS", "FAILURE")),),
+        ret="FULL",
+        envid="abc123",
+    )
+    queue_id = spool.commit_blocking(original, BODY)
+
+    # Nothing listens at implicit.test's MX, so the forwarded copy stays deferred.
+    assert run_until(config, spool, lambda: spool_counts(config) == {"deferred": 1})
+
+    with sqlite3.connect(Path(config.spool.path) / "spool.db") as connection:
+        (forward_id,) = connection.execute("SELECT queue_id FROM message WHERE queue_id != ?", (queue_id,)).fetchone()
+    forwarded = stored_message(config, forward_id)
+    assert forwarded is not None
+    assert (forwarded.envelope.ret, forwarded.envelope.envid) == ("FULL", "abc123")
+    [recipient] = forwarded.recipients
+    assert recipient.address == "bob@implicit.test"
+    assert recipient.notify == ("FAILURE",)
+    assert recipient.orcpt == "rfc822;fwd@local.test"
 
 
 def test_alias_naming_itself_keeps_mailbox_copy(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:

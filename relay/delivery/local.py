@@ -3,8 +3,8 @@
 Each recipient's local part is expanded through the aliases
 (``relay.delivery.maildir``).  Local targets get a copy in their Maildir;
 remote targets (``alias: user@elsewhere``) are committed to the spool as one
-new message with the same sender and body, which the scheduler then routes
-like any other.  An address with no mailbox and no alias fails with
+new message with the same sender, body, RET and ENVID, which the scheduler
+then routes like any other.  An address with no mailbox and no alias fails with
 ``5.1.1``; a write error defers the recipient with ``4.3.0``.
 
 Forwarding loops: a forwarded copy starts with ``Delivered-To:`` naming the
@@ -22,6 +22,7 @@ import logging
 import re
 from collections.abc import Sequence
 
+from relay._parser import xtext_encode
 from relay.delivery.maildir import LocalDelivery, UnknownUser
 from relay.log import log_event
 from relay.smtp.received import header_block
@@ -61,11 +62,14 @@ async def deliver_local(
                     local.deliver, user, sender, recipient.address, body, binary=binary
                 )
             if expansion.remote:
+                notify, orcpt = _forwarded_dsn(recipient)
                 forwarded = Envelope(
                     sender=sender,
-                    recipients=tuple(Recipient(address=address) for address in expansion.remote),
+                    recipients=tuple(Recipient(address, orcpt, notify) for address in expansion.remote),
                     body_type=claim.envelope.body_type,
                     smtputf8=claim.envelope.smtputf8,
+                    ret=claim.envelope.ret,
+                    envid=claim.envelope.envid,
                 )
                 trace = f"Delivered-To: {recipient.address}\r\n".encode()
                 forward_id = await spool.commit(forwarded, trace + body)
@@ -86,3 +90,19 @@ def _delivered_to(body: bytes) -> set[str]:
     """Return the addresses in the message's Delivered-To header fields, lower-cased."""
     headers = header_block(body)
     return {match.decode("utf-8", "replace").lower() for match in _DELIVERED_TO.findall(headers)}
+
+
+def _forwarded_dsn(recipient: StoredRecipient) -> tuple[tuple[str, ...], str | None]:
+    """Return the NOTIFY and ORCPT that the forwarded copies of ``recipient`` carry.
+
+    As Postfix's local delivery does for aliases: NOTIFY without SUCCESS,
+    whose report this delivery already makes (NEVER when nothing else was
+    asked), and the original recipient as ORCPT unless the client gave one.
+    """
+    notify = recipient.notify
+    if notify:
+        notify = tuple(item for item in notify if item != "SUCCESS") or ("NEVER",)
+    orcpt = recipient.orcpt
+    if orcpt is None and recipient.address.isascii():
+        orcpt = "rfc822;" + xtext_encode(recipient.address)
+    return notify, orcpt
