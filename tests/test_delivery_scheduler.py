@@ -976,6 +976,22 @@ def test_dsn_text_from_next_hop_made_safe() -> None:
     assert report.envelope.body_type == "8BITMIME"
 
 
+def test_dsn_utf8_recipient_written_as_ascii() -> None:
+    # RFC 6533 section 3: in a US-ASCII delivery-status part a UTF-8 address is
+    # utf-8-addr-xtext, with each non-ASCII character (and "+", "=", "\\") as \x{HEX}.
+    recipient = dataclasses.replace(
+        _bounced("550 5.1.1 unknown").recipients[0], address="j\u00fcrgen+x@remote.test", orcpt="utf-8;j\u00fcrgen"
+    )
+    message = dataclasses.replace(_bounced("550 5.1.1 unknown"), recipients=(recipient,))
+
+    report = build_report(message, b"Subject: s\r\n\r\nx\r\n", message.recipients, "mx.local.test", 1_700_000_100.0)
+
+    status_part = report.body.split(b"Content-Type: message/delivery-status")[1].split(b"\r\n--")[0]
+    assert status_part.isascii()
+    assert b"Final-Recipient: utf-8; j\\x{FC}rgen\\x{2B}x@remote.test\r\n" in status_part
+    assert b"Original-Recipient: utf-8;j\\x{FC}rgen\r\n" in status_part
+
+
 def test_dsn_status_class_follows_reply() -> None:
     # RFC 3463 section 2: "550 4.2.2" is a permanent failure, so its status is 5.0.0.
     message = _bounced("550 4.2.2 mailbox full")

@@ -78,6 +78,20 @@ def _address_type(address: str) -> str:
     return "rfc822" if address.isascii() else "utf-8"
 
 
+def _utf8_addr_xtext(text: str) -> str:
+    """Return ``text`` with every character outside US-ASCII written ``\\x{HEX}``.
+
+    RFC 6533 section 3 (utf-8-addr-xtext): the form of a UTF-8 address in
+    a US-ASCII delivery-status part, where "+", "=" and "\\" are escaped
+    too.  ASCII text comes back unchanged.
+    """
+    if text.isascii():
+        return text
+    return "".join(
+        char if 0x21 <= ord(char) <= 0x7E and char not in "+=\\" else f"\\x{{{ord(char):X}}}" for char in text
+    )
+
+
 def _clean(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")
 
@@ -230,9 +244,9 @@ def build_report(
 def _recipient_fields(recipient: StoredRecipient, retry_until: float | None) -> list[str]:
     # RFC 3464 section 2.1: the delivery-status part is US-ASCII.
     reply = _printable(recipient.last_reply or "", ascii_only=True)
-    fields = ["", f"Final-Recipient: {_address_type(recipient.address)}; {recipient.address}"]
+    fields = ["", f"Final-Recipient: {_address_type(recipient.address)}; {_utf8_addr_xtext(recipient.address)}"]
     if recipient.orcpt:
-        fields.append(f"Original-Recipient: {_clean(recipient.orcpt)}")
+        fields.append(f"Original-Recipient: {_utf8_addr_xtext(_clean(recipient.orcpt))}")
     fields.append(f"Action: {_action(recipient)}")
     fields.append(f"Status: {status_of(reply)}")
     if recipient.last_host:
