@@ -568,6 +568,30 @@ def test_local_alias_to_local_and_remote(tmp_path: Path, nameserver: NameServer,
     assert upstream.messages[0].recipients == ["bob@implicit.test"]
 
 
+def test_soft_failure_moves_on_to_backup_mx(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # mx.test: a.mx.test (127.0.0.2) first, b.mx.test (127.0.0.3) second.  The
+    # first defers one recipient and refuses another for good; only the deferred
+    # one goes on to the second host, and each result keeps the host that gave it.
+    port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    primary = RecordingHandler(refuse={"soft@mx.test": "451 4.3.0 try later", "hard@mx.test": "550 5.1.1 no such user"})
+    with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port) as backup:
+        queue_id = commit(spool, "alice@local.test", ["soft@mx.test", "hard@mx.test", "fine@mx.test"])
+
+        def settled() -> bool:
+            message = stored_message(config, queue_id)
+            return message is None or all(r.state is not RecipientState.QUEUED for r in message.recipients)
+
+        assert run_until(config, spool, lambda: bool(backup.messages) and settled())
+    assert [m.recipients for m in primary.messages] == [["fine@mx.test"]]
+    assert [m.recipients for m in backup.messages] == [["soft@mx.test"]]
+    (report,) = mailbox_messages(config, "alice")
+    text = " ".join(report.as_string().split())
+    assert "Final-Recipient: rfc822; hard@mx.test" in text
+    assert "Remote-MTA: dns; a.mx.test" in text
+
+
 def test_mx_that_is_this_relay_bounces(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # The MX greets with the relay's own name: sending would loop, so the mail bounces at once.
     port = free_port("127.0.0.4")

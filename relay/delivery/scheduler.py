@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import os
 import random
@@ -61,7 +62,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.config import Config
-from relay.delivery.client import OutboundMessage, OutboundRecipient, SessionError, SMTPSession, Timeouts
+from relay.delivery.client import (
+    OutboundMessage,
+    OutboundRecipient,
+    RecipientResult,
+    SessionError,
+    SMTPSession,
+    Timeouts,
+)
 from relay.delivery.dns import LookupFailure, MXResolver
 from relay.delivery.dsn import build_report, status_of
 from relay.delivery.local import deliver_local
@@ -535,19 +543,64 @@ class Scheduler:
                     outcomes.append((recipient, Outcome.DEFERRED, exc.reply))
                 else:
                     outcomes.append((recipient, decided.outcome, decided.reply))
-            await self._record(job, outcomes, session.peer)
+            await self._record_with_backup_mx(job, message, session, outcomes, False)
             if following is not None:
                 # Its body was never sent, so it waits in the queue for the next session like any other job.
                 destination.queue.appendleft(following)
             return None
         # The client passes NOTIFY on exactly when the next hop offers DSN.
-        await self._record(
-            job,
-            [(by_index[r.index], r.outcome, r.reply) for r in results],
-            session.peer,
-            next_hop_notifies="DSN" in session.capabilities,
-        )
+        outcomes = [(by_index[r.index], r.outcome, r.reply) for r in results]
+        await self._record_with_backup_mx(job, message, session, outcomes, "DSN" in session.capabilities)
         return (following, following_message) if following is not None else None
+
+    async def _record_with_backup_mx(
+        self,
+        job: Job,
+        message: OutboundMessage,
+        session: SMTPSession,
+        outcomes: list[tuple[StoredRecipient, Outcome, str]],
+        notifies: bool,
+    ) -> None:
+        """Record a transaction's outcomes, after sending the deferred recipients to the next MX host once.
+
+        RFC 5321 section 5.1 has a client try the MX hosts in order, and
+        Postfix moves a soft failure on to the next host (two sessions per
+        delivery by default, smtp_mx_session_limit).  Without a free
+        connection slot, a next host, or a usable session there, the
+        deferrals stand.  Each outcome is recorded with the host that gave it.
+        """
+        deferred = [recipient for recipient, outcome, _ in outcomes if outcome is Outcome.DEFERRED]
+        if not deferred or not job.route.use_mx or self._stopping or self._connections.locked():
+            await self._record(job, outcomes, session.peer, next_hop_notifies=notifies)
+            return
+        await self._connections.acquire()
+        backup: SMTPSession | None = None
+        results: dict[int, RecipientResult] = {}
+        try:
+            backup = await self.sessions.open_backup(job.route, session.host)
+            if backup is not None:
+                wanted = {recipient.index for recipient in deferred}
+                retry = dataclasses.replace(
+                    message, recipients=tuple(r for r in message.recipients if r.index in wanted)
+                )
+                results = {result.index: result for result in await backup.send(retry)}
+        except (LookupFailure, SessionError) as exc:
+            log_event(logger, "backup_mx_failed", logging.INFO, queue_id=job.claim.queue_id, error=str(exc))
+        finally:
+            if backup is not None:
+                await backup.close()
+            self._connections.release()
+
+        first = [outcome for outcome in outcomes if outcome[0].index not in results]
+        if first:
+            await self._record(job, first, session.peer, next_hop_notifies=notifies)
+        if results and backup is not None:
+            second = [
+                (recipient, results[recipient.index].outcome, results[recipient.index].reply)
+                for recipient, _, _ in outcomes
+                if recipient.index in results
+            ]
+            await self._record(job, second, backup.peer, next_hop_notifies="DSN" in backup.capabilities)
 
     def _take_following(self, session: SMTPSession, job: Job, destination: _Destination) -> Job | None:
         """Take the destination's next job when the session can pipeline its commands after ``job``."""

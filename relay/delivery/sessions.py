@@ -84,20 +84,7 @@ class SessionPool:
             if entry.session.usable:
                 return entry.session
         hosts = await self._hosts(route)
-        options = SessionOptions(
-            helo_name=self._helo_name,
-            tls=route.tls,
-            ca_file=self._ca_file,
-            username=route.username,
-            password=route.password,
-            timeouts=self._timeouts,
-            chunking=self._chunking,
-            line_length_limit=self._line_length_limit,
-            reply_line_limit=self._reply_line_limit,
-            # A fixed next hop (relayhost, transport) is the operator's choice even
-            # when it greets with this relay's name; an MX found by lookup is checked.
-            loop_check=route.use_mx,
-        )
+        options = self._options(route)
         errors: list[SessionError] = []
         for host in hosts:
             for address in host.addresses:
@@ -118,6 +105,32 @@ class SessionPool:
         last = errors[-1]
         raise SessionError(last.reply, temporary=any(error.temporary for error in errors), peer=last.peer)
 
+    async def open_backup(self, route: Route, tried: str) -> SMTPSession | None:
+        """Open a session to the first MX host after ``tried`` that accepts one; None when there is none.
+
+        For recipients that ``tried`` deferred: RFC 5321 section 5.1 has a
+        client try the MX hosts in order, and Postfix retries a soft failure
+        at the next host.  Raises LookupFailure when the hosts cannot be found.
+        """
+        if not route.use_mx:
+            return None
+        hosts = await self._hosts(route)
+        names = [host.name for host in hosts]
+        if tried not in names:
+            return None
+        options = self._options(route)
+        for host in hosts[names.index(tried) + 1 :]:
+            for address in host.addresses:
+                try:
+                    session = await self._open(host.name, address, route, options)
+                except SessionError as exc:
+                    log_event(logger, "connect_failed", logging.INFO, relay=f"{host.name}[{address}]:{route.port}",
+                              reply=exc.reply)
+                    continue
+                self.opened += 1
+                return session
+        return None
+
     async def _open(self, name: str, address: str, route: Route, options: SessionOptions) -> SMTPSession:
         try:
             return await SMTPSession.open(name, address, route.port, options)
@@ -127,6 +140,22 @@ class SessionPool:
             log_event(logger, "tls_fallback", logging.WARNING, relay=f"{name}[{address}]:{route.port}",
                       reason=exc.reply, action="retrying once without STARTTLS")
             return await SMTPSession.open(name, address, route.port, options, starttls=False)
+
+    def _options(self, route: Route) -> SessionOptions:
+        return SessionOptions(
+            helo_name=self._helo_name,
+            tls=route.tls,
+            ca_file=self._ca_file,
+            username=route.username,
+            password=route.password,
+            timeouts=self._timeouts,
+            chunking=self._chunking,
+            line_length_limit=self._line_length_limit,
+            reply_line_limit=self._reply_line_limit,
+            # A fixed next hop (relayhost, transport) is the operator's choice even
+            # when it greets with this relay's name; an MX found by lookup is checked.
+            loop_check=route.use_mx,
+        )
 
     async def _hosts(self, route: Route) -> list[MailHost]:
         if route.use_mx:
