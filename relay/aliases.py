@@ -26,6 +26,11 @@ is used.
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+
+from relay.log import log_event
 from relay.units import is_safe_user_name
 
 # Levels of aliases that delivery expands: with a0: a1, ..., a9: user, the
@@ -149,3 +154,53 @@ def _graph_errors(aliases: dict[str, tuple[str, ...]], lines: dict[str, int]) ->
              " so shorten it")
         )
     return errors
+
+
+class AliasFile:
+    """An aliases file, read again whenever it changes.
+
+    A changed file that cannot be read or that ``parse_aliases`` rejects
+    leaves the aliases read before in use, and is logged as
+    ``aliases_error`` once per change.  So RCPT never accepts a
+    ``|command`` alias or a loop that delivery would bounce, and delivery
+    knows every alias that RCPT accepted.
+    """
+
+    def __init__(self, path: str, logger: logging.Logger) -> None:
+        self.path = path
+        self._logger = logger
+        self._stamp: tuple[int, int] | None = None
+        self._table: dict[str, tuple[str, ...]] = {}
+        self._lock = threading.Lock()
+        # Read now, while the file is the one that the start or the reload
+        # checked, so that every process has valid aliases to keep if it changes.
+        self.table()
+
+    def names(self) -> set[str]:
+        """Return the alias names."""
+        return set(self.table())
+
+    def table(self) -> dict[str, tuple[str, ...]]:
+        """Return each alias with its targets, from the file as it is now when it is valid."""
+        if not self.path:
+            return {}
+        with self._lock:
+            try:
+                stat = os.stat(self.path)
+            except OSError:
+                # A missing alias file means no aliases; config validation
+                # already checked it existed at start.
+                return {}
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    with open(self.path, encoding="utf-8", errors="replace") as handle:
+                        self._table = parse_aliases(handle.read())
+                except OSError as exc:
+                    log_event(self._logger, "aliases_error", logging.ERROR, file=self.path,
+                              error=exc.strerror or str(exc))
+                except AliasError as exc:
+                    log_event(self._logger, "aliases_error", logging.ERROR, file=self.path,
+                              error="; ".join(exc.errors))
+            return self._table

@@ -607,6 +607,27 @@ def test_mx_that_is_this_relay_bounces(tmp_path: Path, nameserver: NameServer, s
     assert "greets as relay.test, this relay's own name: mail for implicit.test loops back to myself" in text
 
 
+def test_alias_added_without_reload_delivered(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # RCPT re-reads a changed aliases file, so delivery must know the new alias too, not bounce it.
+    aliases = tmp_path / "aliases"
+    aliases.write_text("team: alice\n")
+    config = make_config(tmp_path, nameserver, free_port("127.0.0.4"), extra='aliases = "aliases"')
+    spool = spool_for(config)
+    sent: list[str] = []
+
+    def add_alias_then_wait() -> bool:
+        # The scheduler runs, with the file as it was, before the alias is added.
+        if not sent:
+            aliases.write_text("team: alice\nsupport: alice\n")
+            sent.append(commit(spool, "carol@local.test", ["support@local.test"]))
+        return not spool_counts(config) and bool(mailbox_messages(config, "alice"))
+
+    assert run_until(config, spool, add_alias_then_wait)
+
+    (copy,) = mailbox_messages(config, "alice")
+    assert copy["Delivered-To"] == "support@local.test"
+
+
 def test_alias_forward_loop_bounces_once(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # The aliases file cannot see this loop: the target is an address in a local
     # domain.  Delivered-To on the forwarded copy stops it at the second pass.

@@ -167,7 +167,7 @@ def _missing_maildir_problem(local: LocalConfig, user: str, root: Path) -> str |
     except (OSError, ValueError) as exc:
         return f"cannot read [local] aliases {local.aliases}: {exc}"
     # Delivery looks up aliases before mailboxes, so an alias's mail is in its targets' Maildirs.
-    targets = delivery.aliases.get(user)
+    targets = delivery.table().get(user)
     if targets is not None:
         return (
             f"mailbox {root} not found: {user} is an alias for {', '.join(targets)}, "

@@ -25,15 +25,18 @@ accepted has no loop and no deeper chain, so neither stop drops a target.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relay.aliases import MAX_ALIAS_DEPTH, parse_aliases
+from relay.aliases import MAX_ALIAS_DEPTH, AliasFile, parse_aliases
 from relay.config import LocalConfig
 from relay.units import is_safe_user_name
+
+logger = logging.getLogger("relay.delivery")
 
 _counter = itertools.count()
 
@@ -58,14 +61,25 @@ class LocalDelivery:
 
     config: LocalConfig
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # The aliases file, read again when it changes; None: ``aliases`` as given.
+    source: AliasFile | None = None
 
     @classmethod
     def from_config(cls, config: LocalConfig) -> LocalDelivery:
-        """Load the aliases file named in ``config``; raise AliasError (a ValueError) for an invalid file."""
-        aliases: dict[str, tuple[str, ...]] = {}
-        if config.aliases:
-            aliases = parse_aliases(Path(config.aliases).read_text(encoding="utf-8"))
-        return cls(config, aliases)
+        """Load the aliases file named in ``config``; raise AliasError (a ValueError) for an invalid file.
+
+        Later changes to the file take effect at the next expansion, as they
+        do at RCPT, so an alias that RCPT accepted is known here too.
+        """
+        if not config.aliases:
+            return cls(config)
+        # Parsed once here to raise for an invalid file, which AliasFile would only log.
+        aliases = parse_aliases(Path(config.aliases).read_text(encoding="utf-8"))
+        return cls(config, aliases, AliasFile(config.aliases, logger))
+
+    def table(self) -> dict[str, tuple[str, ...]]:
+        """Return the aliases in force now."""
+        return self.source.table() if self.source is not None else self.aliases
 
     def user_exists(self, user: str) -> bool:
         """Return whether ``user`` has a mailbox (existing, configured, or postmaster)."""
@@ -82,16 +96,24 @@ class LocalDelivery:
         """Resolve a local part through the aliases; raise UnknownUser when it leads nowhere."""
         users: list[str] = []
         remote: list[str] = []
-        self._expand(local_part.lower(), users, remote, set(), 0)
+        self._expand(self.table(), local_part.lower(), users, remote, set(), 0)
         if not users and not remote:
             raise UnknownUser(local_part)
         return Expansion(tuple(dict.fromkeys(users)), tuple(dict.fromkeys(remote)))
 
-    def _expand(self, name: str, users: list[str], remote: list[str], seen: set[str], depth: int) -> None:
+    def _expand(
+        self,
+        aliases: dict[str, tuple[str, ...]],
+        name: str,
+        users: list[str],
+        remote: list[str],
+        seen: set[str],
+        depth: int,
+    ) -> None:
         if name in seen or depth > MAX_ALIAS_DEPTH:
             return
         seen.add(name)
-        targets = self.aliases.get(name)
+        targets = aliases.get(name)
         if targets is None:
             if self.user_exists(name):
                 users.append(name)
@@ -105,7 +127,7 @@ class LocalDelivery:
                 if self.user_exists(name):
                     users.append(name)
             else:
-                self._expand(target.lower(), users, remote, seen, depth + 1)
+                self._expand(aliases, target.lower(), users, remote, seen, depth + 1)
 
     def deliver(self, user: str, sender: str, recipient: str, body: bytes, *, binary: bool = False) -> Path:
         """Write one message into ``user``'s Maildir ``new/`` durably; return the file's path.

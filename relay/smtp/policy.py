@@ -27,12 +27,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import threading
 from collections.abc import Iterable
 
-from relay.aliases import AliasError, parse_aliases
+from relay.aliases import AliasFile
 from relay.config import Config
-from relay.log import log_event
 from relay.smtp import replies
 from relay.smtp.replies import Reply
 from relay.units import is_safe_user_name
@@ -40,49 +38,11 @@ from relay.units import is_safe_user_name
 logger = logging.getLogger("relay.smtp")
 
 
-class _AliasFile:
-    """Alias names, re-read when the file changes.
-
-    A changed file that cannot be read or that ``parse_aliases`` rejects
-    leaves the names read before in use, so RCPT does not accept a
-    ``|command`` alias or a loop that delivery would bounce.
-
-    NOTE: delivery reads the file only at start and on SIGHUP, so an alias
-    added to a valid file without a reload passes RCPT and then bounces
-    until the next reload.
-    """
+class _AliasFile(AliasFile):
+    """The aliases file as RCPT reads it: re-read when it changes, errors logged by ``relay.smtp``."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self._stamp: tuple[int, int] | None = None
-        self._names: set[str] = set()
-        self._lock = threading.Lock()
-        # Read now, while the file is the one that the start or the reload
-        # checked, so that every worker has valid names to keep if it changes.
-        self.names()
-
-    def names(self) -> set[str]:
-        if not self.path:
-            return set()
-        with self._lock:
-            try:
-                stat = os.stat(self.path)
-            except OSError:
-                # A missing alias file means no aliases; config validation
-                # already checked it existed at start.
-                return set()
-            stamp = (stat.st_mtime_ns, stat.st_size)
-            if stamp != self._stamp:
-                self._stamp = stamp
-                try:
-                    with open(self.path, encoding="utf-8", errors="replace") as handle:
-                        self._names = set(parse_aliases(handle.read()))
-                except OSError as exc:
-                    # Keep the names read before; one line per change of the file.
-                    log_event(logger, "aliases_error", logging.ERROR, file=self.path, error=exc.strerror or str(exc))
-                except AliasError as exc:
-                    log_event(logger, "aliases_error", logging.ERROR, file=self.path, error="; ".join(exc.errors))
-            return self._names
+        super().__init__(path, logger)
 
 
 def address_literal_ip(domain: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
