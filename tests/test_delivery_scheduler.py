@@ -670,6 +670,10 @@ def test_alias_forward_keeps_dsn_parameters(tmp_path: Path, nameserver: NameServ
     assert recipient.address == "bob@implicit.test"
     assert recipient.notify == ("FAILURE",)
     assert recipient.orcpt == "rfc822;fwd@local.test"
+    # The success DSN that the alias owed says the message went on: "expanded" (RFC 3464 section 2.3.3).
+    (report,) = mailbox_messages(config, "alice")
+    text = " ".join(report.as_string().split())
+    assert "Final-Recipient: rfc822; fwd@local.test Action: expanded" in text
 
 
 def test_alias_naming_itself_keeps_mailbox_copy(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:

@@ -57,9 +57,19 @@ def status_of(reply: str) -> str:
     return enhanced if enhanced and enhanced[0] == klass else f"{klass}.0.0"
 
 
+# The start of the reply text of a local delivery whose alias forwarded the
+# message to other addresses; a success DSN gives such a recipient
+# "Action: expanded" (RFC 3464 section 2.3.3), as Postfix does.
+EXPANDED = "expanded to"
+
+
 def _action(recipient: StoredRecipient) -> str:
     if recipient.state is RecipientState.DELIVERED:
-        return "relayed" if recipient.last_host else "delivered"
+        if recipient.last_host:
+            return "relayed"
+        if (recipient.last_reply or "").startswith(f"250 2.0.0 {EXPANDED} "):
+            return "expanded"
+        return "delivered"
     if recipient.state is RecipientState.BOUNCED:
         return "failed"
     return "delayed"

@@ -23,6 +23,7 @@ import re
 from collections.abc import Sequence
 
 from relay._parser import xtext_encode
+from relay.delivery.dsn import EXPANDED
 from relay.delivery.maildir import LocalDelivery, UnknownUser
 from relay.log import log_event
 from relay.smtp.received import header_block
@@ -79,7 +80,9 @@ async def deliver_local(
             outcomes.append((recipient, Outcome.DEFERRED, f"451 4.3.0 local delivery failed: {exc}"))
             continue
         targets = ", ".join([*expansion.users, *expansion.remote])
-        outcomes.append((recipient, Outcome.DELIVERED, f"250 2.0.0 delivered to {targets}"))
+        # Forwarded on: RFC 3464's "expanded", which the success DSN reports (see EXPANDED).
+        verb = EXPANDED if expansion.remote else "delivered to"
+        outcomes.append((recipient, Outcome.DELIVERED, f"250 2.0.0 {verb} {targets}"))
     return outcomes
 
 
