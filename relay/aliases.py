@@ -160,10 +160,12 @@ class AliasFile:
     """An aliases file, read again whenever it changes.
 
     A changed file that cannot be read or that ``parse_aliases`` rejects
-    leaves the aliases read before in use, and is logged as
-    ``aliases_error`` once per change.  So RCPT never accepts a
-    ``|command`` alias or a loop that delivery would bounce, and delivery
-    knows every alias that RCPT accepted.
+    is logged as ``aliases_error`` once per change, and the aliases read
+    when the object was made (at the start or the last reload, when the
+    file had been checked) are used until the file is valid again.  Every
+    process falls back to that same version, so RCPT never accepts an alias
+    that delivery does not know, and never a ``|command`` alias or a loop
+    that delivery would bounce.
     """
 
     def __init__(self, path: str, logger: logging.Logger) -> None:
@@ -172,9 +174,10 @@ class AliasFile:
         self._stamp: tuple[int, int] | None = None
         self._table: dict[str, tuple[str, ...]] = {}
         self._lock = threading.Lock()
+        self._checked: dict[str, tuple[str, ...]] = {}
         # Read now, while the file is the one that the start or the reload
-        # checked, so that every process has valid aliases to keep if it changes.
-        self.table()
+        # checked: the version every process falls back to.
+        self._checked = self.table()
 
     def names(self) -> set[str]:
         """Return the alias names."""
@@ -198,9 +201,11 @@ class AliasFile:
                     with open(self.path, encoding="utf-8", errors="replace") as handle:
                         self._table = parse_aliases(handle.read())
                 except OSError as exc:
+                    self._table = self._checked
                     log_event(self._logger, "aliases_error", logging.ERROR, file=self.path,
                               error=exc.strerror or str(exc))
                 except AliasError as exc:
+                    self._table = self._checked
                     log_event(self._logger, "aliases_error", logging.ERROR, file=self.path,
                               error="; ".join(exc.errors))
             return self._table

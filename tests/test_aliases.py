@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pytest
 
-from relay.aliases import MAX_ALIAS_DEPTH, AliasError, parse_aliases
+from relay.aliases import MAX_ALIAS_DEPTH, AliasError, AliasFile, parse_aliases
 
 EXPECTED = 'relay supports only "alias: user[, user@domain]" targets'
 
@@ -112,3 +115,19 @@ def test_alias_naming_itself_is_its_mailbox(text: str) -> None:
     aliases = parse_aliases(text)
 
     assert "carol" in aliases
+
+
+def test_invalid_change_falls_back_to_checked_aliases(tmp_path: Path) -> None:
+    # Every process falls back to the version read at start or reload, never to
+    # a later valid version that only some of them read.
+    path = tmp_path / "aliases"
+    path.write_text("team: alice\n")
+    aliases = AliasFile(str(path), logging.getLogger("relay.test"))
+    path.write_text("team: alice\nsupport: alice\n")
+    assert aliases.names() == {"team", "support"}
+
+    path.write_text("team: alice\nsupport: alice\npipe: |/bin/true\n")
+
+    assert aliases.names() == {"team"}
+    path.write_text("team: alice\nhelp: bob\n")
+    assert aliases.names() == {"team", "help"}

@@ -10,13 +10,14 @@ receiving side are here too, named after the kind of fault they stand for;
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 from pathlib import Path
 
 import pytest
 
 from relay.smtp import replies
-from relay.smtp.policy import _AliasFile
+from relay.smtp.policy import RelayPolicy, _AliasFile
 from relay.smtp.transaction import MessageReady
 from tests.smtp_transcript import (
     TRUSTED,
@@ -1161,3 +1162,27 @@ def test_invalid_aliases_keep_old_names(tmp_path: Path, caplog: pytest.LogCaptur
     # A valid file is taken up again.
     aliases.write_text("sales: alice\nsupport: alice\n")
     assert policy_file.names() == {"sales", "support"}
+
+
+def test_alias_accepted_only_where_delivery_leads(tmp_path: Path) -> None:
+    # An alias counts at RCPT only when delivery would find a mailbox or an
+    # address behind it; otherwise it would be accepted and then bounced.
+    (tmp_path / "mail" / "carol").mkdir(parents=True)
+    aliases = tmp_path / "aliases"
+    aliases.write_text(
+        "ghost: nouser\nself: self\nselfplus: selfplus, carol\nchain: ghost, hop\nhop: carol\nout: bob@example.org\n"
+    )
+    config = hostile_config(local_domains=("local.test",))
+    config = config.replace(
+        local=dataclasses.replace(config.local, maildir_root=str(tmp_path / "mail"), aliases=str(aliases))
+    )
+    policy = RelayPolicy(config)
+
+    refused = {name for name in ("ghost", "self") if policy.check_recipient(name, "local.test", False) is not None}
+    accepted = {
+        name for name in ("selfplus", "chain", "hop", "out", "carol")
+        if policy.check_recipient(name, "local.test", False) is None
+    }
+
+    assert refused == {"ghost", "self"}
+    assert accepted == {"selfplus", "chain", "hop", "out", "carol"}

@@ -29,7 +29,7 @@ import logging
 import os
 from collections.abc import Iterable
 
-from relay.aliases import AliasFile
+from relay.aliases import MAX_ALIAS_DEPTH, AliasFile
 from relay.config import Config
 from relay.smtp import replies
 from relay.smtp.replies import Reply
@@ -101,14 +101,39 @@ class RelayPolicy:
         return domain.lower().rstrip(".") in self.local_domains
 
     def user_exists(self, local_part: str) -> bool:
-        """Return whether a local part names a local user, alias or postmaster."""
+        """Return whether a local part names a local user, postmaster, or an alias that delivery can expand."""
         lowered = local_part.lower()
-        if lowered == "postmaster" or lowered in self.users or lowered in self._aliases.names():
+        if lowered == "postmaster" or lowered in self.users:
             return True
+        table = self._aliases.table()
+        if lowered in table:
+            # An alias that leads to no mailbox and no address would be accepted
+            # here and then bounced by delivery (backscatter), so it counts only
+            # when delivery would find somewhere to put the message.
+            return self._alias_leads_somewhere(table, lowered, set())
+        return self._has_mailbox(local_part)
+
+    def _has_mailbox(self, local_part: str) -> bool:
         if not self.maildir_root or not is_safe_user_name(local_part):
             return False
-        for name in _unique((local_part, lowered)):
+        for name in _unique((local_part, local_part.lower())):
             if os.path.isdir(os.path.join(self.maildir_root, name)):
+                return True
+        return False
+
+    def _alias_leads_somewhere(self, table: dict[str, tuple[str, ...]], name: str, seen: set[str]) -> bool:
+        """Return whether expanding alias ``name`` reaches an address or a user with a mailbox."""
+        if name in seen or len(seen) > MAX_ALIAS_DEPTH:
+            return False
+        seen.add(name)
+        for target in table[name]:
+            if "@" in target:
+                return True
+            lowered = target.lower()
+            if lowered != name and lowered in table:
+                if self._alias_leads_somewhere(table, lowered, seen):
+                    return True
+            elif lowered == "postmaster" or lowered in self.users or self._has_mailbox(target):
                 return True
         return False
 
