@@ -266,6 +266,8 @@ def test_refusing_greeting_gets_only_quit() -> None:
     with pytest.raises(SessionError) as caught:
         run_session(server, lambda session: session.send(message("a@example.net")))
     assert caught.value.temporary
+    # The deferral carries a temporary status, so a delay DSN does not contradict itself.
+    assert caught.value.reply == "454 4.7.1 not allowed"
     assert server.verbs() == ["QUIT"]
 
 

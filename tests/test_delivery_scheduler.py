@@ -593,18 +593,22 @@ def test_soft_failure_moves_on_to_backup_mx(tmp_path: Path, nameserver: NameServ
 
 
 def test_mx_that_is_this_relay_bounces(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
-    # The MX greets with the relay's own name: sending would loop, so the mail bounces at once.
-    port = free_port("127.0.0.4")
+    # Both MX hosts of mx.test greet with the relay's own name: sending would
+    # loop, so the mail bounces at once, naming the mail domain.
+    port = free_port("127.0.0.2")
     config = make_config(tmp_path, nameserver, port)
     spool = spool_for(config)
-    with run_upstream("127.0.0.4", port, server_hostname="relay.test") as upstream:
-        commit(spool, "alice@local.test", ["bob@implicit.test"])
+    with (
+        run_upstream("127.0.0.2", port, server_hostname="relay.test") as first,
+        run_upstream("127.0.0.3", port, server_hostname="RELAY.test") as second,
+    ):
+        commit(spool, "alice@local.test", ["bob@mx.test"])
         assert run_until(config, spool, lambda: not spool_counts(config) and bool(mailbox_messages(config, "alice")))
-    assert upstream.messages == []
+    assert first.messages == second.messages == []
     (report,) = mailbox_messages(config, "alice")
     text = " ".join(report.as_string().split())  # unfolded
     assert "Status: 5.4.6" in text
-    assert "greets as relay.test, this relay's own name: mail for implicit.test loops back to myself" in text
+    assert "this relay's own name: mail for mx.test loops back to myself" in text
 
 
 def test_alias_added_without_reload_delivered(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:

@@ -159,6 +159,18 @@ def reply_text(reply: Reply) -> str:
     return f"{reply.code} {reply.text}".rstrip()
 
 
+def _as_temporary(reply: Reply) -> str:
+    """Return a 5xx reply's text as a 4xx one (554 5.3.2 becomes 454 4.3.2), for a refusal taken as temporary.
+
+    A deferral must not carry a permanent status (RFC 3463 section 3.1):
+    the delay DSN and the logs would contradict themselves.
+    """
+    if reply.code < 500:
+        return reply_text(reply)
+    enhanced = f" 4{reply.enhanced[1:]}" if reply.enhanced else ""
+    return f"{reply.code - 100}{enhanced} {reply.text}".rstrip()
+
+
 def _greeting_name(reply: Reply) -> str:
     """Return the first word of an EHLO or HELO reply, the server's name, or "" when there is none."""
     words = reply.lines[0].split(None, 1) if reply.lines else []
@@ -192,8 +204,9 @@ class SessionOptions:
     line_length_limit: int = DEFAULT_LINE_LENGTH_LIMIT
     # The rest of a longer reply line is dropped (see relay._reply.ReplyParser).
     reply_line_limit: int = DEFAULT_REPLY_LINE_LIMIT
-    # Fail the session when the server greets with helo_name (an MX that is this relay).
-    loop_check: bool = False
+    # The mail domain of an MX route: the session fails when the server greets
+    # with helo_name (the MX is this relay).  "" for fixed next hops, which are not checked.
+    mx_domain: str = ""
 
 
 class _Connection(asyncio.Protocol):
@@ -360,16 +373,16 @@ class SMTPSession:
             # smtp_skip_5xx_greeting: servers send 554 while overloaded too, so
             # the next MX host is tried and the mail is deferred, not bounced.
             await self._quit_quietly()
-            raise SessionError(reply_text(greeting), temporary=True)
+            raise SessionError(_as_temporary(greeting), temporary=True)
 
         await self._ehlo(options.helo_name)
-        if options.loop_check and self.server_name.lower() == options.helo_name.lower():
+        if options.mx_domain and self.server_name.lower() == options.helo_name.lower():
             # The MX is this relay itself: sending would only queue the mail here
             # again, until the Received limit stops it (Postfix: "loops back to myself").
             await self._quit_quietly()
             raise SessionError(
                 f"554 5.4.6 {self.peer} greets as {self.server_name}, this relay's own name:"
-                f" mail for {self.host} loops back to myself",
+                f" mail for {options.mx_domain} loops back to myself",
                 temporary=False,
             )
         if starttls and options.tls != "none" and not self.tls_active:

@@ -154,7 +154,7 @@ class SessionPool:
             reply_line_limit=self._reply_line_limit,
             # A fixed next hop (relayhost, transport) is the operator's choice even
             # when it greets with this relay's name; an MX found by lookup is checked.
-            loop_check=route.use_mx,
+            mx_domain=route.host if route.use_mx else "",
         )
 
     async def _hosts(self, route: Route) -> list[MailHost]:
