@@ -518,6 +518,10 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
         # TOML has inf and nan floats, and nan would also pass every min and max check.
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"invalid duration {value}; expected finite seconds or a string such as \"5d\"")
+        negative = value < 0 if not isinstance(value, str) else value.strip().startswith("-")
+        if options.get("positive") and negative:
+            # parse_duration would say "0 or more", which is wrong for these keys.
+            raise ValueError(f"value {value!r} must be above 0; give a duration such as \"30s\"")
         converted = parse_duration(value)
         if options.get("positive") and converted <= 0:
             raise ValueError(f"value {value!r} must be above 0; give a duration such as \"30s\"")

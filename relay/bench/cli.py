@@ -221,11 +221,11 @@ def _bench(args: argparse.Namespace) -> int:
         return _usage_error(f"--processes: {args.processes} is above the maximum {MAX_WORKERS}")
     # The range checks also reject NaN, which fails every comparison, and inf, which never ends.
     if args.duration is not None and not (0 < args.duration < math.inf):
-        return _usage_error(f"--duration: {args.duration:g} must be a positive number of seconds")
+        return _usage_error(f"--duration: {args.duration:g} must be a finite number of seconds above 0")
     if args.rate is not None and not (0 < args.rate < math.inf):
-        return _usage_error(f"--rate: {args.rate:g} must be a positive number of messages per second")
+        return _usage_error(f"--rate: {args.rate:g} must be a finite number of messages per second above 0")
     if not (0 < args.timeout < math.inf):
-        return _usage_error(f"--timeout: {args.timeout:g} must be a positive number of seconds")
+        return _usage_error(f"--timeout: {args.timeout:g} must be a finite number of seconds above 0")
     if args.processes > args.concurrency:
         return _usage_error(
             f"--processes {args.processes} exceeds --concurrency {args.concurrency}; each process needs a connection"
