@@ -1045,6 +1045,19 @@ def test_dsn_utf8_recipient_written_as_ascii() -> None:
     assert b"Original-Recipient: utf-8;j\\x{FC}rgen\r\n" in status_part
 
 
+def test_dsn_utf8_header_returned_as_global_headers() -> None:
+    # RFC 6533: an original header with UTF-8 goes back as message/global-headers.
+    message = _bounced("550 5.1.1 unknown")
+    original = "Subject: s\r\nReceived: for <j\u00fcrgen@remote.test>\r\n\r\nx\r\n".encode()
+
+    report = build_report(message, original, message.recipients, "mx.local.test", 1_700_000_100.0)
+
+    assert b"Content-Type: message/global-headers\r\n" in report.body
+    assert b"text/rfc822-headers" not in report.body
+    plain = build_report(message, b"Subject: s\r\n\r\nx\r\n", message.recipients, "mx.local.test", 1_700_000_100.0)
+    assert b"Content-Type: text/rfc822-headers\r\n" in plain.body
+
+
 def test_dsn_status_class_follows_reply() -> None:
     # RFC 3463 section 2: "550 4.2.2" is a permanent failure, so its status is 5.0.0.
     message = _bounced("550 4.2.2 mailbox full")

@@ -7,7 +7,8 @@ explanation, the ``message/delivery-status`` fields (per message:
 ``Final-Recipient``, ``Original-Recipient``, ``Action``, ``Status``,
 ``Remote-MTA``, ``Diagnostic-Code``, ``Last-Attempt-Date``), and the original
 message: its header only (``text/rfc822-headers``) unless the sender asked
-for ``RET=FULL`` (``message/rfc822``).
+for ``RET=FULL`` (``message/rfc822``); an original with UTF-8 in its header
+goes as ``message/global-headers`` or ``message/global`` (RFC 6533).
 
 The envelope sender of a DSN is the null reverse-path (RFC 5321 section
 4.5.5), so a DSN that fails is never answered by another DSN.  Which
@@ -228,12 +229,14 @@ def build_report(
     lines.append(f"Arrival-Date: {email.utils.formatdate(message.arrival)}")
     for recipient in recipients:
         lines += _recipient_fields(recipient, retry_until)
-    lines += [
-        "",
-        f"--{boundary}",
-        "Content-Type: message/rfc822" if full else "Content-Type: text/rfc822-headers",
-        "",
-    ]
+    # RFC 6533 section 3: an original whose header holds UTF-8 (an SMTPUTF8
+    # message) goes in the global types, whose header may contain it.
+    utf8_header = not _header_block(body).isascii()
+    if full:
+        content_type = "message/global" if utf8_header else "message/rfc822"
+    else:
+        content_type = "message/global-headers" if utf8_header else "text/rfc822-headers"
+    lines += ["", f"--{boundary}", f"Content-Type: {content_type}", ""]
     head = ("\r\n".join(lines) + "\r\n").encode("utf-8")
     original = body if full else _header_block(body)
     if not original.endswith(b"\n"):
