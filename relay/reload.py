@@ -52,24 +52,34 @@ def check_files(config: Config) -> None:
     ``relay check-config`` and ``relay serve`` run this before they start,
     and every process before it applies a reload.
     """
+    # Every file is checked, and every problem reported at once.
+    errors: list[str] = []
     try:
         if any(listener.tls != "none" for listener in config.listeners):
             server_context(config.tls)
-        if config.auth.password_file:
+    except TLSSetupError as exc:
+        errors.append(str(exc))
+    if config.auth.password_file:
+        try:
             # Parsed only: a CredentialStore would also compute a scrypt hash.
             read_credentials(config.auth.password_file)
-    except (TLSSetupError, CredentialsError) as exc:
-        raise FileCheckError(str(exc)) from None
-    _check_delivery_files(config)
+        except CredentialsError as exc:
+            errors.append(str(exc))
+    try:
+        _check_delivery_files(config)
+    except FileCheckError as exc:
+        errors.extend(exc.errors)
     path = config.local.aliases
     if path:
         try:
             with open(path, encoding="utf-8") as handle:
                 parse_aliases(handle.read())
         except (OSError, UnicodeDecodeError) as exc:
-            raise FileCheckError(f"{path}: cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+            errors.append(f"{path}: cannot be read: {getattr(exc, 'strerror', None) or exc}")
         except AliasError as exc:
-            raise FileCheckError(*(f"{path}: {error}" for error in exc.errors)) from None
+            errors.extend(f"{path}: {error}" for error in exc.errors)
+    if errors:
+        raise FileCheckError(*errors)
 
 
 def _check_delivery_files(config: Config) -> None:

@@ -676,3 +676,18 @@ def test_every_bad_list_item_reported(tmp_path: Path) -> None:
         f"{path}:policy.local_domains: invalid domains 'bad domain', 'also bad';"
         ' expected a DNS name such as "example.test"',
     ]
+
+
+def test_check_config_reports_every_file_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "pw").write_text("a:x\n# comment\nb:scrypt$1\nc\n")
+    (tmp_path / "aliases").write_text("p: |/bin/true\n")
+    path = write(tmp_path, f'[auth]\npassword_file = "{tmp_path}/pw"\n[local]\naliases = "{tmp_path}/aliases"\n')
+
+    assert main(["check-config", str(path)]) == 1
+
+    stderr = capsys.readouterr().err.splitlines()
+    assert stderr == [
+        f"{path}: {tmp_path}/pw: lines 1, 4: expected USER:scrypt$N$r$p$SALT$KEY",
+        f"{path}: {tmp_path}/aliases: line 1: alias p: target '|/bin/true' is a command, which relay does not run;"
+        ' relay supports only "alias: user[, user@domain]" targets',
+    ]

@@ -86,14 +86,20 @@ def verify_password(password: str, encoded: str) -> bool:
 def parse_credentials(text: str, filename: str) -> dict[str, str]:
     """Parse credentials file text into a user-to-hash mapping."""
     users: dict[str, str] = {}
+    bad: list[str] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         user, sep, encoded = line.partition(":")
         if not sep or not user or not encoded.startswith("scrypt$"):
-            raise CredentialsError(f"{filename}:{number}: expected USER:scrypt$N$r$p$SALT$KEY")
+            bad.append(str(number))
+            continue
         users[user] = encoded
+    if bad:
+        # Every bad line at once, so one round of fixes clears them all.
+        where = f"{filename}:{bad[0]}" if len(bad) == 1 else f"{filename}: lines {', '.join(bad)}"
+        raise CredentialsError(f"{where}: expected USER:scrypt$N$r$p$SALT$KEY")
     return users
 
 
