@@ -496,8 +496,8 @@ def test_smart_host_with_starttls_and_auth(tmp_path: Path, nameserver: NameServe
 
 def test_worker_error_defers_with_reason(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # The CA bundle passed the start-up check and was damaged later: the
-    # delivery worker fails, and the recipient is deferred with the reason
-    # instead of waiting for its lease to run out with no reply recorded.
+    # session fails, and the recipient is deferred with the reason instead of
+    # the worker failing with no reply recorded.
     cert, key = make_certificate(tmp_path)
     port = free_port("127.0.0.6")
     config = make_config(
@@ -513,7 +513,7 @@ def test_worker_error_defers_with_reason(tmp_path: Path, nameserver: NameServer,
     assert upstream.messages == []
     message = stored_message(config, queue_id)
     assert message is not None
-    assert message.recipients[0].last_reply.startswith("451 4.3.0 internal error during delivery: SSLError")
+    assert message.recipients[0].last_reply.startswith(f"451 4.7.5 cannot use the CA file {cert}")
 
 
 def test_smart_host_tls_required_defers_without_starttls(
@@ -590,6 +590,74 @@ def test_soft_failure_moves_on_to_backup_mx(tmp_path: Path, nameserver: NameServ
     text = " ".join(report.as_string().split())
     assert "Final-Recipient: rfc822; hard@mx.test" in text
     assert "Remote-MTA: dns; a.mx.test" in text
+
+
+def test_backup_mx_failure_keeps_first_results(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # a.mx.test accepts fine@ and defers soft@.  b.mx.test offers STARTTLS, and
+    # the CA bundle was damaged after the start, so the backup session fails:
+    # fine@ must stay delivered once, and soft@ deferred.
+    cert, key = make_certificate(tmp_path)
+    port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port, delivery=f'tls_ca_file = "{cert}"')
+    spool = spool_for(config)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    Path(cert).write_text("not a certificate\n")
+    primary = RecordingHandler(refuse={"soft@mx.test": "451 4.3.0 try later"})
+    with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, tls_context=server_tls):
+        commit(spool, "alice@local.test", ["fine@mx.test", "soft@mx.test"])
+        run_until(config, spool, lambda: False, timeout=3.0)
+    assert [m.recipients for m in primary.messages] == [["fine@mx.test"]]
+    assert spool_counts(config) == {"delivered": 1, "deferred": 1}
+
+
+def test_first_mx_results_recorded_before_backup(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # b.mx.test accepts the connection and never greets.  While the backup
+    # session waits, fine@, which a.mx.test accepted, is already recorded:
+    # a crash in that wait must not deliver it twice.
+    port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    primary = RecordingHandler(refuse={"soft@mx.test": "451 4.3.0 try later"})
+    silent = socket.create_server(("127.0.0.3", port))
+    states: list[RecipientState] = []
+    try:
+        with run_upstream("127.0.0.2", port, primary):
+            queue_id = commit(spool, "alice@local.test", ["fine@mx.test", "soft@mx.test"])
+            started = time.monotonic()
+
+            def observe() -> bool:
+                if primary.messages:
+                    message = stored_message(config, queue_id)
+                    if message is not None:
+                        states.append(message.recipients[0].state)
+                return time.monotonic() - started > 3.0
+
+            run_until(config, spool, observe, timeout=6.0)
+    finally:
+        silent.close()
+    assert states
+    assert set(states) == {RecipientState.DELIVERED}
+
+
+def test_double_bounce_copied_to_postmaster_once(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # With bounce_copy_to_postmaster a failed null-sender message is copied to
+    # postmaster.  A failed delivery to postmaster itself is not copied, so a
+    # message that fails there (a forged Delivered-To) cannot loop.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, delivery="bounce_copy_to_postmaster = true")
+    spool = spool_for(config)
+    handler = RecordingHandler(refuse={"nobody@implicit.test": "550 5.1.1 no such user"})
+    with run_upstream("127.0.0.4", port, handler):
+        commit(spool, "", ["nobody@implicit.test"])
+        commit(spool, "", ["postmaster@local.test"], body=b"Delivered-To: postmaster@local.test\r\n\r\nx\r\n")
+        assert run_until(
+            config, spool, lambda: not spool_counts(config) and bool(mailbox_messages(config, "postmaster"))
+        )
+        run_until(config, spool, lambda: False, timeout=1.0)
+    copies = mailbox_messages(config, "postmaster")
+    assert len(copies) == 1
+    assert copies[0]["Subject"] == "hello"
 
 
 def test_mx_that_is_this_relay_bounces(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:

@@ -329,7 +329,10 @@ class SMTPSession:
         after an opportunistic handshake failed.  Raises SessionError.
         """
         implicit = port == IMPLICIT_TLS_PORT and options.tls != "none"
-        context = tls_context(options.tls, options.ca_file) if implicit else None
+        try:
+            context = tls_context(options.tls, options.ca_file) if implicit else None
+        except (OSError, ssl.SSLError) as exc:
+            raise SessionError(f"451 4.7.5 cannot use the CA file {options.ca_file}: {exc}") from None
         loop = asyncio.get_running_loop()
         reply_line_limit = options.reply_line_limit
         try:
@@ -430,7 +433,12 @@ class SMTPSession:
             # Bytes after the 220 were sent before the handshake; honouring them
             # would let a man in the middle inject replies (CVE-2011-0411's kind).
             raise SessionError(f"451 4.7.0 {self.peer} sent data after its STARTTLS reply", tls_failed=True)
-        context = tls_context(options.tls, options.ca_file)
+        try:
+            context = tls_context(options.tls, options.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            # A CA bundle damaged after the start-up check: this session cannot
+            # verify the host, so it fails like a TLS error instead of crashing the worker.
+            raise SessionError(f"451 4.7.5 cannot use the CA file {options.ca_file}: {exc}") from None
         try:
             async with asyncio.timeout(self._timeouts.helo):
                 transport = await self._loop.start_tls(

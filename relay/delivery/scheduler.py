@@ -543,14 +543,20 @@ class Scheduler:
                     outcomes.append((recipient, Outcome.DEFERRED, exc.reply))
                 else:
                     outcomes.append((recipient, decided.outcome, decided.reply))
-            await self._record_with_backup_mx(job, message, session, outcomes, False)
             if following is not None:
                 # Its body was never sent, so it waits in the queue for the next session like any other job.
                 destination.queue.appendleft(following)
+            await self._record_with_backup_mx(job, message, session, outcomes, False)
             return None
         # The client passes NOTIFY on exactly when the next hop offers DSN.
         outcomes = [(by_index[r.index], r.outcome, r.reply) for r in results]
-        await self._record_with_backup_mx(job, message, session, outcomes, "DSN" in session.capabilities)
+        notifies = "DSN" in session.capabilities
+        if following is not None:
+            # The next job's commands are on the wire and the host waits for its
+            # body, so no backup session runs first: deferrals wait for the retry.
+            await self._record(job, outcomes, session.peer, next_hop_notifies=notifies)
+        else:
+            await self._record_with_backup_mx(job, message, session, outcomes, notifies)
         return (following, following_message) if following is not None else None
 
     async def _record_with_backup_mx(
@@ -561,46 +567,54 @@ class Scheduler:
         outcomes: list[tuple[StoredRecipient, Outcome, str]],
         notifies: bool,
     ) -> None:
-        """Record a transaction's outcomes, after sending the deferred recipients to the next MX host once.
+        """Record a transaction's outcomes, then send the deferred recipients to the next MX host once.
 
         RFC 5321 section 5.1 has a client try the MX hosts in order, and
         Postfix moves a soft failure on to the next host (two sessions per
-        delivery by default, smtp_mx_session_limit).  Without a free
-        connection slot, a next host, or a usable session there, the
-        deferrals stand.  Each outcome is recorded with the host that gave it.
+        delivery by default, smtp_mx_session_limit).  The final outcomes are
+        recorded first: a 250 is final, and the backup session may take
+        minutes or fail.  Without a free connection slot, a next host, or a
+        usable session there, the deferrals stand.  Each outcome is recorded
+        with the host that gave it.
         """
-        deferred = [recipient for recipient, outcome, _ in outcomes if outcome is Outcome.DEFERRED]
+        deferred = [item for item in outcomes if item[1] is Outcome.DEFERRED]
         if not deferred or not job.route.use_mx or self._stopping or self._connections.locked():
             await self._record(job, outcomes, session.peer, next_hop_notifies=notifies)
             return
+        final = [item for item in outcomes if item[1] is not Outcome.DEFERRED]
+        if final:
+            await self._record(job, final, session.peer, next_hop_notifies=notifies)
+
         await self._connections.acquire()
         backup: SMTPSession | None = None
         results: dict[int, RecipientResult] = {}
         try:
             backup = await self.sessions.open_backup(job.route, session.host)
             if backup is not None:
-                wanted = {recipient.index for recipient in deferred}
+                wanted = {recipient.index for recipient, _, _ in deferred}
                 retry = dataclasses.replace(
                     message, recipients=tuple(r for r in message.recipients if r.index in wanted)
                 )
                 results = {result.index: result for result in await backup.send(retry)}
-        except (LookupFailure, SessionError) as exc:
-            log_event(logger, "backup_mx_failed", logging.INFO, queue_id=job.claim.queue_id, error=str(exc))
+        except Exception as exc:
+            # Any failure here leaves the first host's deferrals as they were.
+            results = {}
+            log_event(logger, "backup_mx_failed", logging.INFO, queue_id=job.claim.queue_id, error=repr(exc))
         finally:
             if backup is not None:
                 await backup.close()
             self._connections.release()
 
-        first = [outcome for outcome in outcomes if outcome[0].index not in results]
-        if first:
-            await self._record(job, first, session.peer, next_hop_notifies=notifies)
+        rest = [item for item in deferred if item[0].index not in results]
+        if rest:
+            await self._record(job, rest, session.peer, next_hop_notifies=notifies)
         if results and backup is not None:
-            second = [
+            retried = [
                 (recipient, results[recipient.index].outcome, results[recipient.index].reply)
-                for recipient, _, _ in outcomes
+                for recipient, _, _ in deferred
                 if recipient.index in results
             ]
-            await self._record(job, second, backup.peer, next_hop_notifies="DSN" in backup.capabilities)
+            await self._record(job, retried, backup.peer, next_hop_notifies="DSN" in backup.capabilities)
 
     def _take_following(self, session: SMTPSession, job: Job, destination: _Destination) -> Job | None:
         """Take the destination's next job when the session can pipeline its commands after ``job``."""
@@ -735,27 +749,54 @@ class Scheduler:
                 dsn=status_of(reply) if reply else "2.0.0",
                 reply=reply,
             )
+        copy_body: bytes | None = None
+        if claim.envelope.sender == "" and delivery.bounce_copy_to_postmaster:
+            copy_body = await self._postmaster_copy_body(claim, outcomes, results)
         try:
             await self.spool.record_results(results, lease_token=claim.lease_token)
         except SpoolError as exc:
             # The lease runs out and the recipients are claimed again later.
             log_event(logger, "record_failed", logging.ERROR, queue_id=claim.queue_id, error=str(exc))
             return
-        failed = [r for r in results if r.outcome is Outcome.FAILED]
         if dsn_possible:
             self._dsn_due = True
         # Finished jobs make room for the next claim.
         self._wake.set()
-        if failed and claim.envelope.sender == "" and delivery.bounce_copy_to_postmaster:
-            await self._copy_to_postmaster(claim)
+        if copy_body is not None:
+            await self._copy_to_postmaster(claim, copy_body)
 
-    async def _copy_to_postmaster(self, claim: Claim) -> None:
+    async def _postmaster_copy_body(
+        self,
+        claim: Claim,
+        outcomes: Sequence[tuple[StoredRecipient, Outcome, str]],
+        results: Sequence[DeliveryResult],
+    ) -> bytes | None:
+        """Return the body to copy to postmaster for a failed null-sender message, or None for no copy.
+
+        Read before the results are recorded, because recording the last
+        failure deletes the message.  A failed delivery to postmaster itself
+        gets no copy: it would go where it just failed, again and again.
+        """
+        failed = {result.index for result in results if result.outcome is Outcome.FAILED}
+        if not failed:
+            return None
+        if all(recipient.address.lower().startswith("postmaster@") for recipient, _, _ in outcomes
+               if recipient.index in failed):
+            return None
+        if claim.body is not None:
+            return claim.body
+        try:
+            return await self.spool.load_body(claim.queue_id)
+        except (SpoolError, MessageNotFound) as exc:
+            log_event(logger, "postmaster_copy_failed", logging.ERROR, queue_id=claim.queue_id, error=str(exc))
+            return None
+
+    async def _copy_to_postmaster(self, claim: Claim, body: bytes) -> None:
         domain = self.config.policy.local_domains[0] if self.config.policy.local_domains else "localhost"
         try:
-            body = await self.spool.load_body(claim.queue_id)
             envelope = Envelope(sender="", recipients=(Recipient(address=f"postmaster@{domain}"),))
             copy_id = await self.spool.commit(envelope, body)
-        except (SpoolError, MessageNotFound) as exc:
+        except SpoolError as exc:
             log_event(logger, "postmaster_copy_failed", logging.ERROR, queue_id=claim.queue_id, error=str(exc))
             return
         log_event(logger, "postmaster_copy", queue_id=claim.queue_id, copy_id=copy_id)
