@@ -190,10 +190,15 @@ class AliasFile:
         with self._lock:
             try:
                 stat = os.stat(self.path)
-            except OSError:
-                # A missing alias file means no aliases; config validation
-                # already checked it existed at start.
-                return {}
+            except OSError as exc:
+                # Gone for a moment while an editor replaces it, or removed: the
+                # checked version stays in use, as for an unreadable file.
+                if self._stamp is not None:
+                    self._stamp = None
+                    self._table = self._checked
+                    log_event(self._logger, "aliases_error", logging.ERROR, file=self.path,
+                              error=exc.strerror or str(exc))
+                return self._table
             stamp = (stat.st_mtime_ns, stat.st_size)
             if stamp != self._stamp:
                 self._stamp = stamp

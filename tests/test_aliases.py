@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from relay.aliases import MAX_ALIAS_DEPTH, AliasError, AliasFile, parse_aliases
+from relay.config import LocalConfig
+from relay.delivery.maildir import LocalDelivery
 
 EXPECTED = 'relay supports only "alias: user[, user@domain]" targets'
 
@@ -131,3 +133,22 @@ def test_invalid_change_falls_back_to_checked_aliases(tmp_path: Path) -> None:
     assert aliases.names() == {"team"}
     path.write_text("team: alice\nhelp: bob\n")
     assert aliases.names() == {"team", "help"}
+
+
+def test_missing_file_falls_back_to_checked_aliases(tmp_path: Path) -> None:
+    # An editor may remove the file for a moment while it replaces it.
+    path = tmp_path / "aliases"
+    path.write_text("team: alice\n")
+    aliases = AliasFile(str(path), logging.getLogger("relay.test"))
+    path.unlink()
+
+    assert aliases.names() == {"team"}
+    path.write_text("team: alice\nhelp: bob\n")
+    assert aliases.names() == {"team", "help"}
+
+
+def test_postmaster_alias_to_nobody_keeps_mailbox(tmp_path: Path) -> None:
+    # RFC 5321 section 4.5.1: postmaster stays deliverable even when its alias leads nowhere.
+    local = LocalDelivery(LocalConfig(maildir_root=str(tmp_path)), {"postmaster": ("root",)})
+
+    assert local.expand("postmaster").users == ("postmaster",)

@@ -1186,3 +1186,51 @@ def test_alias_accepted_only_where_delivery_leads(tmp_path: Path) -> None:
 
     assert refused == {"ghost", "self"}
     assert accepted == {"selfplus", "chain", "hop", "out", "carol"}
+
+
+@pytest.mark.parametrize(
+    ("greeting", "data_line"),
+    [
+        (b"", b"DATA\r\n"),  # refused: no EHLO yet
+        (b"EHLO client.example.com\r\n", b"DATA now\r\n"),  # refused: an argument
+        (b"EHLO client.example.com\r\n", b"DATA" + b" " * 600 + b"\r\n"),  # refused: too long
+    ],
+)
+def test_every_refused_data_drops_text(greeting: bytes, data_line: bytes) -> None:
+    # However DATA is refused, the text pipelined behind it never runs as commands.
+    text = b"MAIL FROM:<ceo@example.org>\r\nRCPT TO:<rcpt@example.net>\r\nDATA\r\nforged\r\n.\r\n"
+    outcome = feed(make_session(client=TRUSTED), [greeting + T + data_line + text])
+
+    assert outcome.replies[-1] == "554 5.5.0 Protocol synchronization error, closing connection"
+    assert outcome.closed
+    assert outcome.messages == []
+
+
+def test_refused_data_at_error_limit_sends_one_closing_reply() -> None:
+    # The refusal that reaches max_errors already closes with 421; no 554 follows it.
+    outcome = feed(
+        make_session(client=UNTRUSTED, max_errors=2),
+        [
+            b"EHLO client.example.com\r\n",
+            b"MAIL FROM:<a@example.org>\r\nRCPT TO:<x@elsewhere.example>\r\nDATA\r\nx\r\n",
+        ],
+    )
+
+    assert outcome.replies[-1].startswith("421 4.7.0")
+    assert not any(reply.startswith("554 5.5.0") for reply in outcome.replies)
+    assert outcome.closed
+
+
+def test_wide_alias_accepted_like_delivery(tmp_path: Path) -> None:
+    # The RCPT check limits the depth of the walk, as delivery does, not the aliases visited.
+    (tmp_path / "mail" / "carol").mkdir(parents=True)
+    aliases = tmp_path / "aliases"
+    former = [f"former{n}: gone{n}" for n in range(1, 12)]
+    members = ", ".join([*(f"former{n}" for n in range(1, 12)), "current"])
+    aliases.write_text("\n".join([*former, "current: carol", f"staff: {members}"]) + "\n")
+    config = hostile_config(local_domains=("local.test",))
+    config = config.replace(
+        local=dataclasses.replace(config.local, maildir_root=str(tmp_path / "mail"), aliases=str(aliases))
+    )
+
+    assert RelayPolicy(config).check_recipient("staff", "local.test", False) is None

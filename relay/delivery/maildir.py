@@ -96,7 +96,12 @@ class LocalDelivery:
         """Resolve a local part through the aliases; raise UnknownUser when it leads nowhere."""
         users: list[str] = []
         remote: list[str] = []
-        self._expand(self.table(), local_part.lower(), users, remote, set(), 0)
+        name = local_part.lower()
+        self._expand(self.table(), name, users, remote, set(), 0)
+        if not users and not remote and (name == "postmaster" or name in (u.lower() for u in self.config.users)):
+            # postmaster must always be deliverable (RFC 5321 section 4.5.1), and
+            # RCPT accepts configured users whatever their alias says.
+            users.append(name)
         if not users and not remote:
             raise UnknownUser(local_part)
         return Expansion(tuple(dict.fromkeys(users)), tuple(dict.fromkeys(remote)))

@@ -110,7 +110,7 @@ class RelayPolicy:
             # An alias that leads to no mailbox and no address would be accepted
             # here and then bounced by delivery (backscatter), so it counts only
             # when delivery would find somewhere to put the message.
-            return self._alias_leads_somewhere(table, lowered, set())
+            return self._alias_leads_somewhere(table, lowered, set(), 0)
         return self._has_mailbox(local_part)
 
     def _has_mailbox(self, local_part: str) -> bool:
@@ -121,9 +121,14 @@ class RelayPolicy:
                 return True
         return False
 
-    def _alias_leads_somewhere(self, table: dict[str, tuple[str, ...]], name: str, seen: set[str]) -> bool:
-        """Return whether expanding alias ``name`` reaches an address or a user with a mailbox."""
-        if name in seen or len(seen) > MAX_ALIAS_DEPTH:
+    def _alias_leads_somewhere(
+        self, table: dict[str, tuple[str, ...]], name: str, seen: set[str], depth: int
+    ) -> bool:
+        """Return whether expanding alias ``name`` reaches an address or a user with a mailbox.
+
+        The same walk as delivery's expansion: at most MAX_ALIAS_DEPTH levels deep.
+        """
+        if name in seen or depth > MAX_ALIAS_DEPTH:
             return False
         seen.add(name)
         for target in table[name]:
@@ -131,7 +136,7 @@ class RelayPolicy:
                 return True
             lowered = target.lower()
             if lowered != name and lowered in table:
-                if self._alias_leads_somewhere(table, lowered, seen):
+                if self._alias_leads_somewhere(table, lowered, seen, depth + 1):
                     return True
             elif lowered == "postmaster" or lowered in self.users or self._has_mailbox(target):
                 return True

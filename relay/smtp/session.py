@@ -322,7 +322,10 @@ class Session:
             command = parse_command(line)
         except SMTPError as error:
             self._count("unknown" if error.code == 500 else "invalid")
-            self._reject(_verb_of(line), Reply(error.code, error.enhanced, (error.text,)))
+            verb = _verb_of(line)
+            self._reject(verb, Reply(error.code, error.enhanced, (error.text,)))
+            if verb.upper() == "DATA":
+                self._drop_text_after_refused_data()
             return
         verb = command.verb
         self._count(verb.lower())
@@ -333,10 +336,14 @@ class Session:
             limit += PARAMETER_ALLOWANCE
         if len(line) + 2 > limit and verb != "AUTH":
             self._reject(verb, replies.LINE_TOO_LONG)
+            if verb == "DATA":
+                self._drop_text_after_refused_data()
             return
         rule = VERBS[verb]
         if rule.needs_greeting and self.state.helo_name is None:
             self._reject(verb, replies.GREET_FIRST)
+            if verb == "DATA":
+                self._drop_text_after_refused_data()
             return
         rule.handler(self, command)
 
@@ -623,14 +630,7 @@ class Session:
             refusal = replies.NEED_RCPT
         if refusal is not None:
             self._reject("DATA", refusal)
-            if self.buffer.buffered:
-                # DATA ends a pipelined group (RFC 2920 section 3.1), so what
-                # follows a refused DATA is message text.  Run as commands, it
-                # could queue a message whose envelope comes from the text.
-                self.transaction = None
-                self.buffer.discard()
-                self._send(replies.PIPELINING_VIOLATION)
-                self._close("text_after_refused_data")
+            self._drop_text_after_refused_data()
             return
         assert transaction is not None
         if self.buffer.buffered and not self.privileged:
@@ -640,6 +640,20 @@ class Session:
             return
         self._send(replies.START_DATA)
         self.buffer.start_data(self.settings.max_message_size)
+
+    def _drop_text_after_refused_data(self) -> None:
+        """Close the session when input follows a refused DATA, without running it.
+
+        DATA ends a pipelined group (RFC 2920 section 3.1), so what follows
+        a refused DATA is message text.  Run as commands, it could queue a
+        message whose envelope comes from the text.
+        """
+        if self.closed or not self.buffer.buffered:
+            return
+        self.transaction = None
+        self.buffer.discard()
+        self._send(replies.PIPELINING_VIOLATION)
+        self._close("text_after_refused_data")
 
     def _bare_line_end(self, verb: str = "DATA") -> None:
         if self.settings.bare_lf == "normalize" and self.privileged:
