@@ -65,10 +65,7 @@ def check_files(config: Config) -> None:
             read_credentials(config.auth.password_file)
         except CredentialsError as exc:
             errors.append(str(exc))
-    try:
-        _check_delivery_files(config)
-    except FileCheckError as exc:
-        errors.extend(exc.errors)
+    errors.extend(_delivery_file_errors(config))
     path = config.local.aliases
     if path:
         try:
@@ -82,30 +79,31 @@ def check_files(config: Config) -> None:
         raise FileCheckError(*errors)
 
 
-def _check_delivery_files(config: Config) -> None:
-    """Load the CA bundle and the smart host's password as the delivery process will."""
+def _delivery_file_errors(config: Config) -> list[str]:
+    """Load the CA bundle and the smart host's password as the delivery process will; return the problems."""
+    errors: list[str] = []
     delivery = config.delivery
     if delivery.tls_ca_file:
+        where = f"delivery.tls_ca_file {delivery.tls_ca_file}"
         try:
             ssl.create_default_context(cafile=delivery.tls_ca_file)
         except ssl.SSLError as exc:
-            raise FileCheckError(
-                f"delivery.tls_ca_file {delivery.tls_ca_file}: not a bundle of PEM CA certificates ({exc})"
-            ) from None
+            errors.append(f"{where}: not a bundle of PEM CA certificates ({exc})")
         except OSError as exc:
-            where = f"delivery.tls_ca_file {delivery.tls_ca_file}"
-            raise FileCheckError(f"{where}: cannot be read: {exc.strerror}") from None
+            errors.append(f"{where}: cannot be read: {exc.strerror}")
     if delivery.relayhost_username and delivery.relayhost_password_file:
         path = delivery.relayhost_password_file
         try:
             password = read_password(path)
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
-            raise FileCheckError(f"delivery.relayhost_password_file {path}: cannot be read: {reason}") from None
-        if not password:
-            raise FileCheckError(
-                f"delivery.relayhost_password_file {path}: the first line is empty; put the password there"
-            )
+            errors.append(f"delivery.relayhost_password_file {path}: cannot be read: {reason}")
+        else:
+            if not password:
+                errors.append(
+                    f"delivery.relayhost_password_file {path}: the first line is empty; put the password there"
+                )
+    return errors
 
 
 @dataclass

@@ -691,3 +691,20 @@ def test_check_config_reports_every_file_problem(tmp_path: Path, capsys: pytest.
         f"{path}: {tmp_path}/aliases: line 1: alias p: target '|/bin/true' is a command, which relay does not run;"
         ' relay supports only "alias: user[, user@domain]" targets',
     ]
+
+
+def test_check_config_reports_both_delivery_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    (tmp_path / "password").write_text("")
+    path = write(
+        tmp_path,
+        f'[delivery]\ntls_ca_file = "{tmp_path}/ca.pem"\nrelayhost = "[127.0.0.1]:2525"\n'
+        f'relayhost_username = "u"\nrelayhost_password_file = "{tmp_path}/password"\n',
+    )
+
+    assert main(["check-config", str(path)]) == 1
+
+    stderr = capsys.readouterr().err.splitlines()
+    assert len(stderr) == 2
+    assert "delivery.tls_ca_file" in stderr[0]
+    assert "delivery.relayhost_password_file" in stderr[1]
