@@ -98,7 +98,8 @@ class LocalDelivery:
         remote: list[str] = []
         name = local_part.lower()
         self._expand(self.table(), name, users, remote, set(), 0)
-        if not users and not remote and (name == "postmaster" or name in (u.lower() for u in self.config.users)):
+        configured = name == "postmaster" or name in (u.lower() for u in self.config.users)
+        if not users and not remote and configured and self.user_exists(name):
             # postmaster must always be deliverable (RFC 5321 section 4.5.1), and
             # RCPT accepts configured users whatever their alias says.
             users.append(name)
