@@ -578,12 +578,17 @@ class Scheduler:
         with the host that gave it.
         """
         deferred = [item for item in outcomes if item[1] is Outcome.DEFERRED]
-        if not deferred or not job.route.use_mx or self._stopping or self._connections.locked():
+        if not deferred or not job.route.use_mx or self._stopping:
             await self._record(job, outcomes, session.peer, next_hop_notifies=notifies)
             return
         final = [item for item in outcomes if item[1] is not Outcome.DEFERRED]
         if final:
             await self._record(job, final, session.peer, next_hop_notifies=notifies)
+        # Checked right before the acquire, with no await in between: a worker that
+        # waited for a second slot while holding one could deadlock with the others.
+        if self._connections.locked():
+            await self._record(job, deferred, session.peer, next_hop_notifies=notifies)
+            return
 
         await self._connections.acquire()
         backup: SMTPSession | None = None
