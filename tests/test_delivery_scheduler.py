@@ -593,22 +593,39 @@ def test_soft_failure_moves_on_to_backup_mx(tmp_path: Path, nameserver: NameServ
 
 
 def test_backup_mx_failure_keeps_first_results(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
-    # a.mx.test accepts fine@ and defers soft@.  b.mx.test offers STARTTLS, and
-    # the CA bundle was damaged after the start, so the backup session fails:
-    # fine@ must stay delivered once, and soft@ deferred.
-    cert, key = make_certificate(tmp_path)
+    # a.mx.test accepts fine@ and defers soft@; b.mx.test defers soft@ too, at
+    # the end of data.  fine@ is delivered once, and soft@ stays deferred.
     port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    primary = RecordingHandler(refuse={"soft@mx.test": "451 4.3.0 try later"})
+    backup = RecordingHandler(data_reply="451 4.3.0 backup busy")
+    with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, backup):
+        queue_id = commit(spool, "alice@local.test", ["fine@mx.test", "soft@mx.test"])
+        run_until(config, spool, lambda: False, timeout=3.0)
+    assert [m.recipients for m in primary.messages] == [["fine@mx.test"]]
+    assert spool_counts(config) == {"delivered": 1, "deferred": 1}
+    message = stored_message(config, queue_id)
+    assert message is not None
+    assert message.recipients[1].last_reply == "451 4.3.0 backup busy"
+
+
+def test_opportunistic_tls_ignores_damaged_ca_file(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any
+) -> None:
+    # MX delivery with opportunistic TLS never verifies, so a CA file damaged
+    # after the start must not stop it.
+    cert, key = make_certificate(tmp_path)
+    port = free_port("127.0.0.4")
     config = make_config(tmp_path, nameserver, port, delivery=f'tls_ca_file = "{cert}"')
     spool = spool_for(config)
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert, key)
     Path(cert).write_text("not a certificate\n")
-    primary = RecordingHandler(refuse={"soft@mx.test": "451 4.3.0 try later"})
-    with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, tls_context=server_tls):
-        commit(spool, "alice@local.test", ["fine@mx.test", "soft@mx.test"])
-        run_until(config, spool, lambda: False, timeout=3.0)
-    assert [m.recipients for m in primary.messages] == [["fine@mx.test"]]
-    assert spool_counts(config) == {"delivered": 1, "deferred": 1}
+    with run_upstream("127.0.0.4", port, tls_context=server_tls, require_starttls=True) as upstream:
+        commit(spool, "alice@local.test", ["bob@implicit.test"])
+        assert run_until(config, spool, lambda: bool(upstream.messages) and not spool_counts(config))
+    assert upstream.messages[0].tls
 
 
 def test_first_mx_results_recorded_before_backup(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:

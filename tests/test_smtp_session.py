@@ -1194,6 +1194,7 @@ def test_alias_accepted_only_where_delivery_leads(tmp_path: Path) -> None:
         (b"", b"DATA\r\n"),  # refused: no EHLO yet
         (b"EHLO client.example.com\r\n", b"DATA now\r\n"),  # refused: an argument
         (b"EHLO client.example.com\r\n", b"DATA" + b" " * 600 + b"\r\n"),  # refused: too long
+        (b"EHLO client.example.com\r\n", b"DATA" + b" " * 3000 + b"\r\n"),  # dropped by the buffer
     ],
 )
 def test_every_refused_data_drops_text(greeting: bytes, data_line: bytes) -> None:

@@ -178,8 +178,12 @@ def _greeting_name(reply: Reply) -> str:
 
 
 def tls_context(mode: str, ca_file: str = "") -> ssl.SSLContext:
-    """Return the client TLS context for ``required`` (verified) or ``opportunistic`` (unverified) mode."""
-    context = ssl.create_default_context(cafile=ca_file or None)
+    """Return the client TLS context for ``required`` (verified) or ``opportunistic`` (unverified) mode.
+
+    Only ``required`` reads ``ca_file``: an unverified context has no use for
+    it, so a damaged CA file cannot stop opportunistic TLS.
+    """
+    context = ssl.create_default_context(cafile=(ca_file or None) if mode == "required" else None)
     if mode != "required":
         # Opportunistic TLS guards against passive eavesdropping only; an MX
         # host's certificate is rarely valid for the name we looked up.

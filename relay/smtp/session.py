@@ -161,6 +161,8 @@ class Session:
         self._sasl: SaslExchange | None = None
         self._greeting_held = False
         self._shutting_down = False
+        # An overlong line was dropped in a transaction during this input (see _line_too_long).
+        self._after_long_line = False
         # The reply owed for the BDAT chunk being read (None: accept it), and
         # whether that chunk carried LAST.
         self._bdat_refusal: Reply | None = None
@@ -298,8 +300,17 @@ class Session:
         while not self.closed and self._waiting is None:
             event = buffer.next_event()
             if event is None:
+                self._after_long_line = False
                 return
             if isinstance(event, Line):
+                if self._after_long_line:
+                    # Sent with a dropped overlong line, without waiting for its reply.
+                    self._after_long_line = False
+                    self._send(replies.PIPELINING_VIOLATION)
+                    self.transaction = None
+                    self.buffer.discard()
+                    self._close("text_after_refused_data")
+                    return
                 self._line(event.line)
             elif isinstance(event, DataEnd):
                 self._data_end(event)
@@ -355,6 +366,9 @@ class Session:
             return
         self._count("too_long")
         self._reject("-", replies.LINE_TOO_LONG)
+        # The dropped line may have been a DATA padded past the limit, so a line
+        # that arrived with it, in a transaction, may be message text (see _process).
+        self._after_long_line = self.transaction is not None
 
     # -- output helpers ------------------------------------------------------
 
