@@ -83,25 +83,10 @@ class SessionPool:
             entry.closer.cancel()
             if entry.session.usable:
                 return entry.session
-        hosts = await self._hosts(route)
-        options = self._options(route)
         errors: list[SessionError] = []
-        for host in hosts:
-            for address in host.addresses:
-                try:
-                    session = await self._open(host.name, address, route, options)
-                except SessionError as exc:
-                    log_event(logger, "connect_failed", logging.INFO, relay=f"{host.name}[{address}]:{route.port}",
-                              reply=exc.reply)
-                    errors.append(exc)
-                    continue
-                self.opened += 1
-                # The gauge follows the session object's life: a closed or aborted
-                # session is dropped by every holder and freed at once.
-                label = metrics.destination_label(route.destination)
-                metrics.destination_active.inc(destination=label)
-                weakref.finalize(session, metrics.destination_active.dec, destination=label)
-                return session
+        session = await self._open_first(await self._hosts(route), route, errors)
+        if session is not None:
+            return session
         last = errors[-1]
         raise SessionError(last.reply, temporary=any(error.temporary for error in errors), peer=last.peer)
 
@@ -118,16 +103,28 @@ class SessionPool:
         names = [host.name for host in hosts]
         if tried not in names:
             return None
+        return await self._open_first(hosts[names.index(tried) + 1 :], route, [])
+
+    async def _open_first(
+        self, hosts: list[MailHost], route: Route, errors: list[SessionError]
+    ) -> SMTPSession | None:
+        """Open a session to the first address of ``hosts`` that accepts one; append each failure to ``errors``."""
         options = self._options(route)
-        for host in hosts[names.index(tried) + 1 :]:
+        for host in hosts:
             for address in host.addresses:
                 try:
                     session = await self._open(host.name, address, route, options)
                 except SessionError as exc:
                     log_event(logger, "connect_failed", logging.INFO, relay=f"{host.name}[{address}]:{route.port}",
                               reply=exc.reply)
+                    errors.append(exc)
                     continue
                 self.opened += 1
+                # The gauge follows the session object's life: a closed or aborted
+                # session is dropped by every holder and freed at once.
+                label = metrics.destination_label(route.destination)
+                metrics.destination_active.inc(destination=label)
+                weakref.finalize(session, metrics.destination_active.dec, destination=label)
                 return session
         return None
 
