@@ -13,9 +13,9 @@ such an alias would be accepted at RCPT and then bounce, sending a DSN to a
 sender who may be forged (backscatter).
 
 For the same reason, the file is checked as a whole.  An alias must not
-lead back to itself through other aliases (``a: b`` with ``b: a``); an
+lead back to itself through other aliases (``a: b`` with ``b: a``).  An
 alias that names itself (``carol: carol, copy@elsewhere``) means its own
-mailbox, as in Postfix and sendmail.  A chain of
+mailbox, as in Postfix.  A chain of
 aliases must be at most ``MAX_ALIAS_DEPTH`` levels deep, the depth to which
 delivery expands them.
 
@@ -160,12 +160,12 @@ class AliasFile:
     """An aliases file, read again whenever it changes.
 
     A changed file that cannot be read or that ``parse_aliases`` rejects
-    is logged as ``aliases_error`` once per change, and the aliases read
-    when the object was made (at the start or the last reload, when the
-    file had been checked) are used until the file is valid again.  Every
-    process falls back to that same version, so RCPT never accepts an alias
-    that delivery does not know, and never a ``|command`` alias or a loop
-    that delivery would bounce.
+    is logged as ``aliases_error`` once per change.  Until the file is
+    valid again, the aliases read when the object was made are used: the
+    file as checked at the start or the last reload.  Every process falls
+    back to that same version, so RCPT never accepts an alias that delivery
+    does not know, nor a ``|command`` alias or a loop that delivery would
+    bounce.
     """
 
     def __init__(self, path: str, logger: logging.Logger) -> None:

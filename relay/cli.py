@@ -74,14 +74,14 @@ def stop_output() -> int:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Load the config of ``--config``, else of ``$RELAY_CONFIG``; print every error and exit 1 if invalid."""
-    given = getattr(args, "config", None)
-    path = given or os.environ.get(CONFIG_ENVIRONMENT) or None
+    option_path = getattr(args, "config", None)
+    path = option_path or os.environ.get(CONFIG_ENVIRONMENT) or None
     try:
         return load_config(path)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
-        if path is not None and not given and not os.path.isfile(path):
+        if path is not None and not option_path and not os.path.isfile(path):
             print(f"{path}: named by the {CONFIG_ENVIRONMENT} environment variable; fix or unset it", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -507,7 +507,7 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
     elif kind == "size":
         low = options.get("min")
         if type(value) is int and value < 0 and low is not None:
-            # parse_size would say "0 or more", which is wrong for a key whose minimum is 1.
+            # parse_size's message asks for "0 or more", which is wrong for a key whose minimum is 1.
             raise ValueError(f"value {value} is below the minimum {low}")
         converted = parse_size(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
         if converted is None:
@@ -520,7 +520,7 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
             raise ValueError(f"invalid duration {value}; expected finite seconds or a string such as \"5d\"")
         negative = value < 0 if not isinstance(value, str) else value.strip().startswith("-")
         if options.get("positive") and negative:
-            # parse_duration would say "0 or more", which is wrong for these keys.
+            # parse_duration's message asks for "0 or more", which is wrong for these keys.
             raise ValueError(f"value {value!r} must be above 0; give a duration such as \"30s\"")
         converted = parse_duration(value)
         if options.get("positive") and converted <= 0:

@@ -137,6 +137,11 @@ def stored_message(config: Config, queue_id: str) -> StoredMessage | None:
         store.close()
 
 
+def unfolded(message: email.message.Message) -> str:
+    """Return a message's text with every run of whitespace, folds included, as one space."""
+    return " ".join(message.as_string().split())
+
+
 def mailbox_messages(config: Config, user: str) -> list[email.message.Message]:
     return [message for _, message in mailbox.Maildir(str(Path(config.local.maildir_root) / user)).items()]
 
@@ -570,7 +575,7 @@ def test_local_alias_to_local_and_remote(tmp_path: Path, nameserver: NameServer,
 
 def test_soft_failure_moves_on_to_backup_mx(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # mx.test: a.mx.test (127.0.0.2) first, b.mx.test (127.0.0.3) second.  The
-    # first defers one recipient and refuses another for good; only the deferred
+    # first defers one recipient and rejects another for good.  Only the deferred
     # one goes on to the second host, and each result keeps the host that gave it.
     port = free_port("127.0.0.2")
     config = make_config(tmp_path, nameserver, port)
@@ -587,7 +592,7 @@ def test_soft_failure_moves_on_to_backup_mx(tmp_path: Path, nameserver: NameServ
     assert [m.recipients for m in primary.messages] == [["fine@mx.test"]]
     assert [m.recipients for m in backup.messages] == [["soft@mx.test"]]
     (report,) = mailbox_messages(config, "alice")
-    text = " ".join(report.as_string().split())
+    text = unfolded(report)
     assert "Final-Recipient: rfc822; hard@mx.test" in text
     assert "Remote-MTA: dns; a.mx.test" in text
 
@@ -691,7 +696,7 @@ def test_mx_that_is_this_relay_bounces(tmp_path: Path, nameserver: NameServer, s
         assert run_until(config, spool, lambda: not spool_counts(config) and bool(mailbox_messages(config, "alice")))
     assert first.messages == second.messages == []
     (report,) = mailbox_messages(config, "alice")
-    text = " ".join(report.as_string().split())  # unfolded
+    text = unfolded(report)
     assert "Status: 5.4.6" in text
     assert "this relay's own name: mail for mx.test loops back to myself" in text
 
@@ -759,9 +764,9 @@ def test_alias_forward_keeps_dsn_parameters(tmp_path: Path, nameserver: NameServ
     assert recipient.address == "bob@implicit.test"
     assert recipient.notify == ("FAILURE",)
     assert recipient.orcpt == "rfc822;fwd@local.test"
-    # The success DSN that the alias owed says the message went on: "expanded" (RFC 3464 section 2.3.3).
+    # The success DSN that the alias owed reports that the message went on: "expanded" (RFC 3464 section 2.3.3).
     (report,) = mailbox_messages(config, "alice")
-    text = " ".join(report.as_string().split())
+    text = unfolded(report)
     assert "Final-Recipient: rfc822; fwd@local.test Action: expanded" in text
 
 

@@ -1207,7 +1207,7 @@ def test_every_refused_data_drops_text(greeting: bytes, data_line: bytes) -> Non
     assert outcome.messages == []
 
 
-def test_refused_data_at_error_limit_sends_one_closing_reply() -> None:
+def test_refused_data_error_limit_one_reply() -> None:
     # The refusal that reaches max_errors already closes with 421; no 554 follows it.
     outcome = feed(
         make_session(client=UNTRUSTED, max_errors=2),

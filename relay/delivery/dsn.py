@@ -59,8 +59,8 @@ def status_of(reply: str) -> str:
 
 
 # The start of the reply text of a local delivery whose alias forwarded the
-# message to other addresses; a success DSN gives such a recipient
-# "Action: expanded" (RFC 3464 section 2.3.3), as Postfix does.
+# message to other addresses.  A success DSN gives such a recipient
+# "Action: expanded" (RFC 3464 section 2.3.3).
 EXPANDED = "expanded to"
 
 
@@ -229,7 +229,7 @@ def build_report(
     lines.append(f"Arrival-Date: {email.utils.formatdate(message.arrival)}")
     for recipient in recipients:
         lines += _recipient_fields(recipient, retry_until)
-    # RFC 6533 section 3: an original whose header holds UTF-8 (an SMTPUTF8
+    # RFC 6533 section 3: an original whose header contains UTF-8 (an SMTPUTF8
     # message) goes in the global types, whose header may contain it.
     utf8_header = not _header_block(body).isascii()
     if full:

@@ -101,7 +101,7 @@ class LocalDelivery:
         configured = name == "postmaster" or name in (u.lower() for u in self.config.users)
         if not users and not remote and configured and self.user_exists(name):
             # postmaster must always be deliverable (RFC 5321 section 4.5.1), and
-            # RCPT accepts configured users whatever their alias says.
+            # RCPT accepts configured users whatever their alias lists.
             users.append(name)
         if not users and not remote:
             raise UnknownUser(local_part)

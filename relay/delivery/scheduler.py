@@ -596,9 +596,9 @@ class Scheduler:
         try:
             backup = await self.sessions.open_backup(job.route, session.host)
             if backup is not None:
-                wanted = {recipient.index for recipient, _, _ in deferred}
+                deferred_indexes = {recipient.index for recipient, _, _ in deferred}
                 retry = dataclasses.replace(
-                    message, recipients=tuple(r for r in message.recipients if r.index in wanted)
+                    message, recipients=tuple(r for r in message.recipients if r.index in deferred_indexes)
                 )
                 results = {result.index: result for result in await backup.send(retry)}
         except Exception as exc:

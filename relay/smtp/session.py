@@ -782,7 +782,8 @@ _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 # and ORCPT up to 500 characters (RFC 3461), AUTH= (RFC 4954).
 PARAMETER_ALLOWANCE = 1024
 
-# Longest greeting name kept: a domain name is at most 255 octets (RFC 1035 section 2.3.4).
+# Maximum length of the greeting name relay keeps: a domain name has at most
+# 255 octets (RFC 1035 section 2.3.4).
 MAX_HELO_NAME = 255
 
 
