@@ -98,9 +98,9 @@ def _delivered_to(body: bytes) -> set[str]:
 def _forwarded_dsn(recipient: StoredRecipient) -> tuple[tuple[str, ...], str | None]:
     """Return the NOTIFY and ORCPT that the forwarded copies of ``recipient`` carry.
 
-    As Postfix's local delivery does for aliases: NOTIFY without SUCCESS,
-    whose report this delivery already makes (NEVER when nothing else was
-    asked), and the original recipient as ORCPT unless the client gave one.
+    NOTIFY loses SUCCESS, because this delivery already reports it, and
+    becomes NEVER when nothing else was requested.  ORCPT is the original
+    recipient unless the client gave one.
     """
     notify = recipient.notify
     if notify:

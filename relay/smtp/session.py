@@ -602,7 +602,7 @@ class Session:
             self._reject("RCPT", replies.NEED_MAIL)
             return
         if transaction.bdat_started:
-            # The envelope is fixed once part of the message is in, as Postfix holds.
+            # The envelope is fixed once part of the message has arrived.
             self._reject("RCPT", replies.RCPT_AFTER_BDAT)
             return
         path = command.path or ""
