@@ -365,7 +365,7 @@ def test_mailbox_known_user_without_maildir(tmp_path: Path, capsys: pytest.Captu
     captured = capsys.readouterr()
     assert captured.out == ""
     (line,) = captured.err.splitlines()
-    assert line.startswith(f"mailbox {user.lower()} is empty")
+    assert line.startswith(f"relay mailbox: mailbox {user.lower()} is empty")
 
 
 def test_mailbox_existing_empty_maildir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -376,7 +376,7 @@ def test_mailbox_existing_empty_maildir(tmp_path: Path, capsys: pytest.CaptureFi
     assert mailbox(config, "carol") == 0
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == "mailbox carol is empty\n"
+    assert captured.err == "relay mailbox: mailbox carol is empty\n"
 
 
 def test_mailbox_unknown_user_not_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -431,7 +431,7 @@ def test_mailbox_rejects_unsafe_user_name(tmp_path: Path, capsys: pytest.Capture
     assert mailbox(config, user) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith(f"invalid user name {user!r}:")
+    assert captured.err.startswith(f"relay mailbox: invalid user name {user!r}:")
 
 
 @pytest.mark.parametrize("user", ["../outside", "..", ".hidden", "a/b"])

@@ -78,11 +78,9 @@ def run(args: argparse.Namespace) -> int:
     """List the mailbox or print one message; return the exit status."""
     config = config_from_args(args)
     if not is_safe_user_name(args.user):
-        print(
+        _error(
             f"invalid user name {args.user!r}: a local user name is one folder under [local] maildir_root,"
-            " made of letters, digits and . _ + = - and not starting with '.', such as alice.",
-            file=sys.stderr,
-        )
+            " made of letters, digits and . _ + = - and not starting with '.', such as alice.")
         return 1
     user = args.user.lower()
     root = Path(config.local.maildir_root) / user
@@ -90,10 +88,10 @@ def run(args: argparse.Namespace) -> int:
         if not any((root / folder).is_dir() for folder in MAILDIR_FOLDERS):
             problem = _missing_maildir_problem(config.local, user, root)
             if problem:
-                print(problem, file=sys.stderr)
+                _error(problem)
                 return 1
             if args.number is None:
-                print(f"mailbox {user} is empty (delivery creates its Maildir {root})", file=sys.stderr)
+                _error(f"mailbox {user} is empty (delivery creates its Maildir {root})")
                 return 0
         if args.number is not None:
             status = _print_message(root, args.number)
@@ -108,33 +106,34 @@ def run(args: argparse.Namespace) -> int:
         return stop_output()
 
 
+def _error(text: str) -> None:
+    """Print one line on stderr, named for the command like the errors of relay queue."""
+    print(f"relay mailbox: {text}", file=sys.stderr)
+
+
 def _report_permission_error(user: str, root: Path, exc: PermissionError) -> None:
     path = Path(exc.filename) if exc.filename else root
     try:
         owner_hint = f" ({path.owner()}, the owner of {path})"
     except (OSError, KeyError):
         owner_hint = ""
-    print(
+    _error(
         f"cannot read mailbox {user}: permission denied on {path}. "
-        f"Run relay mailbox as the relay's user{owner_hint}, or make {path} readable for this user.",
-        file=sys.stderr,
-    )
+        f"Run relay mailbox as the relay's user{owner_hint}, or make {path} readable for this user.")
 
 
 def _print_message(root: Path, number: int) -> int:
     messages = _message_files(root)
     if not 1 <= number <= len(messages):
         count = f"{len(messages)} message" + ("" if len(messages) == 1 else "s")
-        print(f"message {number} not found; {root} contains {count}", file=sys.stderr)
+        _error(f"message {number} not found; {root} contains {count}")
         return 1
     path, _ = messages[number - 1]
     data = _read_message(root, path)
     if data is None:
-        print(
+        _error(
             f"message {number} ({path.name}) was deleted from {root} while it was being read. "
-            "Run relay mailbox without N to list the current messages.",
-            file=sys.stderr,
-        )
+            "Run relay mailbox without N to list the current messages.")
         return 1
     # When the reader closes a pipe mid-write, Linux returns the bytes written so far and the
     # buffered writer (CPython 3.11) returns that short count without raising.  Writing the rest
@@ -154,7 +153,7 @@ def _list_messages(user: str, root: Path) -> int:
         number += 1
         print(_summary_line(number, data, mtime))
     if number == 0:
-        print(f"mailbox {user} is empty", file=sys.stderr)
+        _error(f"mailbox {user} is empty")
     return 0
 
 
