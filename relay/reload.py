@@ -84,24 +84,25 @@ def _delivery_file_errors(config: Config) -> list[str]:
     errors: list[str] = []
     delivery = config.delivery
     if delivery.tls_ca_file:
-        where = f"delivery.tls_ca_file {delivery.tls_ca_file}"
+        # Named like the config's own errors (section.key: problem), then the file.
+        path = delivery.tls_ca_file
         try:
-            ssl.create_default_context(cafile=delivery.tls_ca_file)
+            ssl.create_default_context(cafile=path)
         except ssl.SSLError as exc:
-            errors.append(f"{where}: not a bundle of PEM CA certificates ({exc})")
+            errors.append(f"delivery.tls_ca_file: {path} is not a bundle of PEM CA certificates ({exc})")
         except OSError as exc:
-            errors.append(f"{where}: cannot be read: {exc.strerror}")
+            errors.append(f"delivery.tls_ca_file: cannot read {path}: {exc.strerror}")
     if delivery.relayhost_username and delivery.relayhost_password_file:
         path = delivery.relayhost_password_file
         try:
             password = read_password(path)
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
-            errors.append(f"delivery.relayhost_password_file {path}: cannot be read: {reason}")
+            errors.append(f"delivery.relayhost_password_file: cannot read {path}: {reason}")
         else:
             if not password:
                 errors.append(
-                    f"delivery.relayhost_password_file {path}: the first line is empty; put the password there"
+                    f"delivery.relayhost_password_file: the first line of {path} is empty; put the password there"
                 )
     return errors
 
