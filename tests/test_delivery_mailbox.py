@@ -399,6 +399,16 @@ def test_mailbox_alias_not_found(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert f"{alias} is an alias for {targets}" in error
 
 
+def test_mailbox_alias_naming_itself_is_empty_before_delivery(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "aliases").write_text("carol: carol, copy@elsewhere.test\n")
+    config = write_config(tmp_path, 'aliases = "aliases"\n')
+
+    assert mailbox(config, "carol") == 0
+    assert capsys.readouterr().err.startswith("relay mailbox: mailbox carol is empty")
+
+
 def test_mailbox_reports_invalid_aliases(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "aliases").write_text("sales: alice\nloop: pool\npool: loop\n")
     config = write_config(tmp_path, 'aliases = "aliases"\n')

@@ -785,6 +785,21 @@ def test_alias_naming_itself_keeps_mailbox_copy(tmp_path: Path, nameserver: Name
     assert upstream.messages[0].data.startswith(b"Delivered-To: alice@local.test\r\n")
 
 
+def test_alias_naming_itself_creates_its_mailbox(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # carol has no Maildir and is not in [local] users: the alias line declares her mailbox.
+    (tmp_path / "aliases").write_text("carol: carol, bob@implicit.test\n")
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, extra='aliases = "aliases"')
+    spool = spool_for(config)
+    with run_upstream("127.0.0.4", port) as upstream:
+        commit(spool, "dave@example.org", ["carol@local.test"])
+        assert run_until(config, spool, lambda: bool(upstream.messages) and not spool_counts(config))
+
+    (local_copy,) = mailbox_messages(config, "carol")
+    assert local_copy["Delivered-To"] == "carol@local.test"
+    assert upstream.messages[0].recipients == ["bob@implicit.test"]
+
+
 @pytest.mark.parametrize("address", ["postmaster", "POSTMASTER"])
 def test_bare_postmaster_delivered_locally(
     tmp_path: Path, nameserver: NameServer, spool_for: Any, address: str

@@ -168,6 +168,8 @@ def _missing_maildir_problem(local: LocalConfig, user: str, root: Path) -> str |
     # Delivery looks up aliases before mailboxes, so an alias's mail is in its targets' Maildirs.
     targets = delivery.table().get(user)
     if targets is not None:
+        if user in (target.lower() for target in targets):
+            return None  # "carol: carol, ...": carol's own mailbox, made at the first delivery
         return (
             f"mailbox {root} not found: {user} is an alias for {', '.join(targets)}, "
             "so its mail is delivered to those addresses"

@@ -129,8 +129,9 @@ class LocalDelivery:
                 remote.append(target)
             elif target.lower() == name:
                 # An alias naming itself means its own mailbox, as in Postfix
-                # and sendmail: "carol: carol, copy@elsewhere".
-                if self.user_exists(name):
+                # and sendmail: "carol: carol, copy@elsewhere".  The line
+                # declares that mailbox, so delivery creates its Maildir.
+                if is_safe_user_name(name):
                     users.append(name)
             else:
                 self._expand(aliases, target.lower(), users, remote, seen, depth + 1)
