@@ -252,6 +252,10 @@ class DeliveryConfig:
     connection_cache_time: float = _key(2.0, "duration")
     # Send with BDAT (RFC 3030 CHUNKING) to next hops that offer it; false uses DATA for all.
     chunking: bool = _key(True, "bool")
+    # RFC 6152 section 3: 8-bit mail for a next hop without 8BITMIME is
+    # converted to 7 bit, as with Postfix's disable_mime_output_conversion = no.
+    # With false, such mail bounces with 5.6.3.
+    mime_downgrade: bool = _key(True, "bool")
     # RFC 5321 section 4.5.3.1.6 allows 1000 octets with the CRLF; longer lines
     # are broken before sending (Postfix 3.7: smtp_line_length_limit = 998).
     line_length_limit: int = _key(998, "int", min=78, max=1 << 30)

@@ -365,7 +365,8 @@ def test_bdat_pipelined_in_one_write() -> None:
 
 def test_bdat_body_larger_than_one_write() -> None:
     body = b"Subject: t\r\n\r\n" + bytes(range(256)) * (3 * client.DATA_CHUNK // 256) + b"\r\n"
-    server = ScriptedServer({"EHLO": EHLO_CHUNKING})
+    # The body has 8-bit octets, which go unconverted only to a next hop with 8BITMIME.
+    server = ScriptedServer({"EHLO": EHLO_CHUNKING.replace(b"250 CHUNKING", b"250-8BITMIME\r\n250 CHUNKING")})
     results = run_session(server, lambda session: session.send(message("a@example.net", body=body)))
     assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
     assert server.data == body
@@ -812,3 +813,94 @@ def test_rcpt_rejection_survives_later_421(ehlo: bytes) -> None:
     assert list(decided) == [0]
     assert decided[0].outcome == Outcome.FAILED
     assert decided[0].reply == "550 5.1.1 unknown user"
+
+
+# -- 8-bit mail for next hops without 8BITMIME (RFC 6152 section 3) -------------
+
+EIGHT_BIT_BODY = b"Subject: t\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nd\xc3\xa9j\xc3\xa0 vu\r\n"
+EIGHT_BIT_AS_7BIT = (
+    b"Subject: t\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n"
+    b"MIME-Version: 1.0\r\n\r\nd=C3=A9j=C3=A0 vu\r\n"
+)
+
+
+@pytest.mark.parametrize("body_type", ["8BITMIME", None])
+def test_8bit_message_converted_without_8bitmime(body_type: str | None) -> None:
+    # 8-bit mail often comes without BODY=8BITMIME: the octets decide.
+    server = ScriptedServer({"EHLO": EHLO_CHUNKING})
+    outgoing = message("a@example.net", body=EIGHT_BIT_BODY, body_type=body_type)
+    results = run_session(server, lambda session: session.send(outgoing))
+    assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+    assert [r.downgraded for r in results] == [True]  # type: ignore[attr-defined]
+    assert server.data == EIGHT_BIT_AS_7BIT
+    # No BODY parameter, and SIZE counts the converted message.
+    assert server.lines[1] == f"MAIL FROM:<sender@example.com> SIZE={len(EIGHT_BIT_AS_7BIT)}\r\n".encode()
+
+
+def test_8bit_message_unchanged_with_8bitmime() -> None:
+    server = ScriptedServer({})
+    outgoing = message("a@example.net", body=EIGHT_BIT_BODY, body_type="8BITMIME")
+    results = run_session(server, lambda session: session.send(outgoing))
+    assert [r.downgraded for r in results] == [False]  # type: ignore[attr-defined]
+    assert server.lines[1] == b"MAIL FROM:<sender@example.com> BODY=8BITMIME\r\n"
+    assert server.data == EIGHT_BIT_BODY + b".\r\n"
+
+
+def test_mime_downgrade_off_fails_8bit_message() -> None:
+    server = ScriptedServer({"EHLO": EHLO_CHUNKING})
+    options = dataclasses.replace(OPTIONS, mime_downgrade=False)
+    outgoing = message("a@example.net", "b@example.net", body=EIGHT_BIT_BODY, body_type="8BITMIME")
+    results = run_session(server, lambda session: session.send(outgoing), options)
+    assert [r.outcome for r in results] == [Outcome.FAILED, Outcome.FAILED]  # type: ignore[attr-defined]
+    reply = results[0].reply  # type: ignore[index]
+    assert reply.startswith("554 5.6.3 mx.example.net[127.0.0.1]:")
+    assert reply.endswith("does not support 8BITMIME, which this message needs, and conversion to 7 bit is off"
+                          " (delivery.mime_downgrade)")
+    assert "MAIL" not in server.verbs()
+
+
+def test_mime_downgrade_off_sends_7bit_message() -> None:
+    server = ScriptedServer({"EHLO": EHLO_CHUNKING})
+    options = dataclasses.replace(OPTIONS, mime_downgrade=False)
+    outgoing = message("a@example.net", body_type="8BITMIME")
+    results = run_session(server, lambda session: session.send(outgoing), options)
+    assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+    assert server.data == outgoing.body
+
+
+def test_8bit_header_fails_without_8bitmime() -> None:
+    server = ScriptedServer({"EHLO": EHLO_CHUNKING})
+    outgoing = message("a@example.net", body=b"Subject: caf\xc3\xa9\r\n\r\nx\r\n", body_type="8BITMIME")
+    results = run_session(server, lambda session: session.send(outgoing))
+    assert [r.outcome for r in results] == [Outcome.FAILED]  # type: ignore[attr-defined]
+    reply = results[0].reply  # type: ignore[index]
+    assert reply.startswith("554 5.6.3 ")
+    assert reply.endswith("cannot be converted to 7 bit: the subject header field of the message has 8-bit octets,"
+                          " which only SMTPUTF8 can carry")
+    assert "MAIL" not in server.verbs()
+
+
+def test_smtputf8_message_keeps_8bit_header() -> None:
+    # A next hop that offers SMTPUTF8 without 8BITMIME gets the UTF-8 header as it is and the body converted.
+    server = ScriptedServer({"EHLO": b"250-mx.example.net\r\n250-CHUNKING\r\n250 SMTPUTF8\r\n"})
+    body = b"Subject: caf\xc3\xa9\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nth\xc3\xa9\r\n"
+    outgoing = dataclasses.replace(message("a@example.net", body=body, body_type="8BITMIME"), smtputf8=True)
+    results = run_session(server, lambda session: session.send(outgoing))
+    assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+    assert server.lines[1] == b"MAIL FROM:<sender@example.com> SMTPUTF8\r\n"
+    assert server.data.startswith(b"Subject: caf\xc3\xa9\r\n")
+    assert server.data.endswith(b"\r\n\r\nth=C3=A9\r\n")
+
+
+def test_size_limit_applies_to_converted_size() -> None:
+    # Base64 makes the attachment a third larger: the converted size passes the
+    # next hop's limit although the message as spooled is under it.
+    attachment = bytes(range(128, 256)) * 8
+    body = (b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+            + attachment + b"\r\n")
+    limit = len(body) + 100
+    server = ScriptedServer({"EHLO": f"250-mx.example.net\r\n250 SIZE {limit}\r\n".encode()})
+    results = run_session(server, lambda session: session.send(message("a@example.net", body=body)))
+    assert [r.outcome for r in results] == [Outcome.FAILED]  # type: ignore[attr-defined]
+    assert results[0].reply.startswith("552 5.3.4 message size ")  # type: ignore[index]
+    assert "MAIL" not in server.verbs()

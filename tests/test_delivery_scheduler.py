@@ -6,14 +6,17 @@ import asyncio
 import dataclasses
 import email
 import mailbox
+import shutil
 import socket
 import sqlite3
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +30,12 @@ from delivery_peers import (
     run_smtp_sink,
     run_upstream,
 )
+from mime_helpers import decoded_leaves
 
 from conftest import free_port, require_corpus
 from relay.config import Config, load_config
 from relay.delivery import Scheduler
+from relay.delivery.downgrade import downgrade_to_7bit
 from relay.delivery.dsn import _remote_mta, build_report
 from relay.delivery.owner import process_start
 from relay.delivery.scheduler import RECHECK_AFTER, Job
@@ -1171,3 +1176,94 @@ def test_dsn_status_class_follows_reply() -> None:
 
     assert b"Status: 5.0.0\r\n" in report.body
     assert report.envelope.body_type is None
+
+
+# -- 8-bit mail for a next hop without 8BITMIME ----------------------------------
+
+EIGHT_BIT_PARTS = (
+    b"From: alice@local.test\r\nTo: user@example.org\r\nSubject: 8-bit parts\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="mixed"\r\n\r\n'
+    b"--mixed\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    b"Gr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln\r\n.a line with a leading dot\r\n"
+    b"--mixed\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+    + bytes(range(128, 256)) * 4
+    + b"\r\n--mixed\r\nContent-Type: message/rfc822\r\n\r\n"
+    b"Subject: enclosed\r\nContent-Type: text/plain; charset=iso-8859-1\r\n\r\nVoil\xe0\r\n"
+    b"--mixed--\r\n"
+)
+
+
+@contextmanager
+def sink_dump_directory() -> Iterator[Path]:
+    """Yield a folder for smtp-sink's -d dumps that the user nobody, which it runs as under root, can write."""
+    path = Path(tempfile.mkdtemp(prefix="relay-sink-dump-"))
+    path.chmod(0o777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_8bit_mail_converted_for_sink_without_8bitmime(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port("127.0.0.7")
+    relayhost = f'relayhost = "[127.0.0.7]:{port}"\nrelayhost_tls = "none"'
+    config = make_config(tmp_path, nameserver, port, delivery=relayhost)
+    spool = spool_for(config)
+    # smtp-sink -8 leaves 8BITMIME out of its EHLO reply; -d writes each message to a file.
+    with sink_dump_directory() as dump, run_smtp_sink("127.0.0.7", port, "-8", "-d", f"{dump}/%M."):
+        recipients = ["user@example.org", "alice@local.test"]
+        commit(spool, "carol@example.org", recipients, body=EIGHT_BIT_PARTS, body_type="8BITMIME")
+        with caplog.at_level("INFO", logger="relay"):
+            assert run_until(config, spool, lambda: not spool_counts(config) and any(dump.iterdir()))
+        (dumped,) = [path.read_bytes() for path in dump.iterdir()]
+
+    assert dumped.isascii()
+    # smtp-sink writes LF line ends and its own fields first, the MAIL arguments among them.
+    (mail_arguments,) = [line for line in dumped.split(b"\n") if line.startswith(b"X-Mail-Args:")]
+    assert b"BODY=" not in mail_arguments
+    assert decoded_leaves(dumped) == decoded_leaves(EIGHT_BIT_PARTS)
+    assert b"\nContent-Transfer-Encoding: quoted-printable\n\nGr=C3=BC=C3=9Fe aus K=C3=B6ln\n" in dumped
+    delivered = [record for record in caplog.records if getattr(record, "event", "") == "delivered"]
+    converted = {record.fields["to"]: record.fields.get("converted") for record in delivered}  # type: ignore[attr-defined]
+    assert converted == {"user@example.org": "7bit", "alice@local.test": None}
+    # Local delivery stores the message as received, with LF line ends in the Maildir file.
+    maildir = mailbox.Maildir(str(Path(config.local.maildir_root) / "alice"))
+    (stored,) = [maildir.get_bytes(key) for key in maildir.keys()]
+    assert stored.endswith(EIGHT_BIT_PARTS.replace(b"\r\n", b"\n"))
+
+
+def test_8bit_mail_bounced_when_mime_downgrade_off(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    port = free_port("127.0.0.7")
+    relayhost = f'relayhost = "[127.0.0.7]:{port}"\nrelayhost_tls = "none"\nmime_downgrade = false'
+    config = make_config(tmp_path, nameserver, port, delivery=relayhost)
+    spool = spool_for(config)
+    with sink_dump_directory() as dump, run_smtp_sink("127.0.0.7", port, "-8", "-d", f"{dump}/%M."):
+        commit(spool, "alice@local.test", ["user@example.org"], body=EIGHT_BIT_PARTS, body_type="8BITMIME")
+        # The bounce goes to alice's local mailbox, and the spool empties once it is there.
+        assert run_until(config, spool, lambda: not spool_counts(config))
+        assert list(dump.iterdir()) == []
+    (report,) = mailbox_messages(config, "alice")
+    assert report["Subject"] == "Undelivered Mail Returned to Sender"
+    fields = report.get_payload()[1].get_payload()[1]
+    assert fields["Action"] == "failed"
+    assert fields["Status"] == "5.6.3"
+    diagnostic = " ".join(fields["Diagnostic-Code"].split())  # unfolded
+    assert diagnostic.endswith("does not support 8BITMIME, which this message needs, and conversion to 7 bit is off"
+                               " (delivery.mime_downgrade)")
+
+
+def test_dsn_with_full_8bit_original_converts() -> None:
+    # A DSN goes through the same client, so RET=FULL with an 8-bit original is
+    # converted like any message when the sender's host lacks 8BITMIME.
+    message = _bounced("550 5.1.1 Empf\u00e4nger unbekannt")
+    message = dataclasses.replace(message, envelope=dataclasses.replace(message.envelope, ret="FULL"))
+
+    report = build_report(message, EIGHT_BIT_PARTS, message.recipients, "mx.local.test", 1_700_000_100.0)
+    converted = downgrade_to_7bit(report.body)
+
+    assert report.envelope.body_type == "8BITMIME"
+    assert converted.isascii()
+    assert decoded_leaves(converted) == decoded_leaves(report.body)
+    assert b"Content-Type: message/rfc822\r\n" in converted

@@ -16,6 +16,9 @@ and with PIPELINING the MAIL, RCPT and DATA commands of the session's next
 message go in the write that ends the body (RFC 2920 section 3.1 lets message
 content start a group), so a reused connection costs one write and one read
 per message.
+A message with 8-bit octets goes to a next hop without 8BITMIME converted
+to 7 bit by ``relay.delivery.downgrade`` (RFC 6152 section 3), or fails with
+``5.6.3`` when ``mime_downgrade`` is off or the conversion is impossible.
 Lines longer than ``line_length_limit`` octets (998 by default, RFC 5321
 section 4.5.3.1.6) are broken before either is sent, except in a BINARYMIME
 body, and SIZE counts the octets as sent.
@@ -44,13 +47,14 @@ import base64
 import logging
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 from relay._errors import SMTPError
 from relay._reply import Reply, ReplyParser, parse_ehlo
 from relay._stuffing import dot_stuff, fold_long_lines
 from relay.config import DeliveryConfig
+from relay.delivery.downgrade import DowngradeError, body_is_8bit, downgrade_to_7bit
 from relay.log import log_event
 from relay.spool import Outcome
 
@@ -134,6 +138,8 @@ class RecipientResult:
     index: int
     outcome: Outcome
     reply: str
+    # True when the transaction sent the message converted to 7 bit (see relay.delivery.downgrade).
+    downgraded: bool = False
 
 
 class SessionError(Exception):
@@ -211,6 +217,8 @@ class SessionOptions:
     # The mail domain of an MX route: the session fails when the server greets
     # with helo_name (the MX is this relay).  "" for fixed next hops, which are not checked.
     mx_domain: str = ""
+    # Convert 8-bit mail to 7 bit for a next hop without 8BITMIME; False fails it with 5.6.3.
+    mime_downgrade: bool = True
 
 
 class _Connection(asyncio.Protocol):
@@ -280,11 +288,12 @@ class _Transaction:
     """A message ready to send: its commands, the recipients to send, and results decided before MAIL."""
 
     message: OutboundMessage
-    body: bytes  # the message's body as sent, with long lines broken
+    body: bytes  # the message's body as sent: converted to 7 bit when needed, with long lines broken
     mail_command: str
     rcpt_commands: list[str]
     sendable: list[OutboundRecipient]
     results: dict[int, RecipientResult]
+    downgraded: bool  # True when ``body`` is the message converted to 7 bit
 
 
 class SMTPSession:
@@ -306,6 +315,7 @@ class SMTPSession:
         self._timeouts = Timeouts()
         self._chunking = True
         self._line_length_limit = DEFAULT_LINE_LENGTH_LIMIT
+        self._mime_downgrade = True
         # The reply to a pipelined DATA, read with the RCPT replies.
         self._data_reply: Reply | None = None
         # The current transaction's MAIL and RCPT replies so far (see _decided_before_failure).
@@ -360,6 +370,7 @@ class SMTPSession:
         session._timeouts = options.timeouts
         session._chunking = options.chunking
         session._line_length_limit = options.line_length_limit
+        session._mime_downgrade = options.mime_downgrade
         session.tls_active = implicit
         try:
             await session._handshake(options, starttls)
@@ -537,6 +548,8 @@ class SMTPSession:
             self.abort()
             exc.decided = self._decided_before_failure(transaction)
             raise
+        if transaction.downgraded:
+            return [replace(results[r.index], downgraded=True) for r in message.recipients]
         return [results[r.index] for r in message.recipients]
 
     @property
@@ -546,11 +559,12 @@ class SMTPSession:
 
     def _prepare(self, message: OutboundMessage) -> _Transaction | list[RecipientResult]:
         """Build the commands of a transaction, or return the results when no recipient can be sent."""
-        body = message.body
-        if message.body_type != "BINARYMIME":
-            # RFC 3030 section 3 lifts the line limit for BINARYMIME only.
-            body = fold_long_lines(body, self._line_length_limit)
-        refused = self._check_message(message, len(body))
+        refused = self._check_message(message)
+        body, downgraded = message.body, False
+        if refused is None:
+            body, downgraded, refused = self._body_as_sent(message)
+        if refused is None:
+            refused = self._check_size(len(body))
         if refused is not None:
             return [RecipientResult(r.index, Outcome.FAILED, refused) for r in message.recipients]
 
@@ -567,7 +581,7 @@ class SMTPSession:
 
         mail_command = self._mail_command(message, len(body))
         rcpt_commands = [self._rcpt_command(recipient) for recipient in sendable]
-        return _Transaction(message, body, mail_command, rcpt_commands, sendable, results)
+        return _Transaction(message, body, mail_command, rcpt_commands, sendable, results, downgraded)
 
     @property
     def pipelines_transactions(self) -> bool:
@@ -579,8 +593,8 @@ class SMTPSession:
         """Whether transactions on this session send the body with BDAT instead of DATA."""
         return self._chunking and "CHUNKING" in self.capabilities
 
-    def _check_message(self, message: OutboundMessage, size: int) -> str | None:
-        """Return the reply that fails the whole message of ``size`` octets before MAIL, or None to go on."""
+    def _check_message(self, message: OutboundMessage) -> str | None:
+        """Return the reply that fails the whole message before MAIL for its envelope or body type, or None."""
         if _unsafe(message.sender):
             return "553 5.1.7 sender address contains CR, LF or NUL"
         if _needs_smtputf8(message) and "SMTPUTF8" not in self.capabilities:
@@ -589,6 +603,41 @@ class SMTPSession:
             # RFC 3030: a BINARYMIME body goes only to a next hop that offers
             # BINARYMIME, and this relay does not convert it to 7bit or 8bit MIME.
             return f"554 5.6.3 {self.peer} does not support BINARYMIME with CHUNKING, which this message needs"
+        return None
+
+    def _body_as_sent(self, message: OutboundMessage) -> tuple[bytes, bool, str | None]:
+        """Return the body to send, whether it was converted to 7 bit, and the reply that fails it or None.
+
+        RFC 6152 section 3: 8-bit data goes only to a next hop that offers
+        8BITMIME; for any other the message is converted or returned.  The
+        octets decide, not the BODY parameter it came with, since 8-bit mail
+        often arrives without one.  A message sent with SMTPUTF8 may have
+        UTF-8 header fields (RFC 6532), so only its bodies are converted.
+        """
+        body = message.body
+        if message.body_type == "BINARYMIME":
+            # _check_message let it through to a next hop that offers BINARYMIME, and
+            # RFC 3030 section 3 lifts the line limit for BINARYMIME only.
+            return body, False, None
+        downgraded = False
+        if "8BITMIME" not in self.capabilities and body_is_8bit(body):
+            if not self._mime_downgrade:
+                return b"", False, (
+                    f"554 5.6.3 {self.peer} does not support 8BITMIME, which this message needs,"
+                    " and conversion to 7 bit is off (delivery.mime_downgrade)"
+                )
+            try:
+                body = downgrade_to_7bit(body, allow_8bit_headers=_needs_smtputf8(message))
+            except DowngradeError as exc:
+                return b"", False, (
+                    f"554 5.6.3 {self.peer} does not support 8BITMIME, and this message cannot be"
+                    f" converted to 7 bit: {exc}"
+                )
+            downgraded = True
+        return fold_long_lines(body, self._line_length_limit), downgraded, None
+
+    def _check_size(self, size: int) -> str | None:
+        """Return the reply that fails a message of ``size`` octets as sent, or None when the next hop takes it."""
         limit = _size_limit(self.capabilities)
         if limit and size > limit:
             return f"552 5.3.4 message size {size} exceeds the limit {limit} of {self.peer}"

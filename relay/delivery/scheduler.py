@@ -187,6 +187,7 @@ class Scheduler:
             chunking=delivery.chunking,
             line_length_limit=delivery.line_length_limit,
             reply_line_limit=delivery.reply_line_limit,
+            mime_downgrade=delivery.mime_downgrade,
         )
 
     def apply_config(self, config: Config) -> None:
@@ -551,12 +552,13 @@ class Scheduler:
         # The client passes NOTIFY on exactly when the next hop offers DSN.
         outcomes = [(by_index[r.index], r.outcome, r.reply) for r in results]
         notifies = "DSN" in session.capabilities
+        downgraded = any(r.downgraded for r in results)
         if following is not None:
             # The next job's commands are on the wire and the host waits for its
             # body, so no backup session runs first: deferrals wait for the retry.
-            await self._record(job, outcomes, session.peer, next_hop_notifies=notifies)
+            await self._record(job, outcomes, session.peer, next_hop_notifies=notifies, downgraded=downgraded)
         else:
-            await self._record_with_backup_mx(job, message, session, outcomes, notifies)
+            await self._record_with_backup_mx(job, message, session, outcomes, notifies, downgraded)
         return (following, following_message) if following is not None else None
 
     async def _record_with_backup_mx(
@@ -566,6 +568,7 @@ class Scheduler:
         session: SMTPSession,
         outcomes: list[tuple[StoredRecipient, Outcome, str]],
         notifies: bool,
+        downgraded: bool = False,
     ) -> None:
         """Record a transaction's outcomes, then send the deferred recipients to the next MX host once.
 
@@ -579,15 +582,15 @@ class Scheduler:
         """
         deferred = [item for item in outcomes if item[1] is Outcome.DEFERRED]
         if not deferred or not job.route.use_mx or self._stopping:
-            await self._record(job, outcomes, session.peer, next_hop_notifies=notifies)
+            await self._record(job, outcomes, session.peer, next_hop_notifies=notifies, downgraded=downgraded)
             return
         final = [item for item in outcomes if item[1] is not Outcome.DEFERRED]
         if final:
-            await self._record(job, final, session.peer, next_hop_notifies=notifies)
+            await self._record(job, final, session.peer, next_hop_notifies=notifies, downgraded=downgraded)
         # Checked right before the acquire, with no await in between: a worker that
         # waited for a second slot while holding one could deadlock with the others.
         if self._connections.locked():
-            await self._record(job, deferred, session.peer, next_hop_notifies=notifies)
+            await self._record(job, deferred, session.peer, next_hop_notifies=notifies, downgraded=downgraded)
             return
 
         await self._connections.acquire()
@@ -612,14 +615,17 @@ class Scheduler:
 
         rest = [item for item in deferred if item[0].index not in results]
         if rest:
-            await self._record(job, rest, session.peer, next_hop_notifies=notifies)
+            await self._record(job, rest, session.peer, next_hop_notifies=notifies, downgraded=downgraded)
         if results and backup is not None:
             retried = [
                 (recipient, results[recipient.index].outcome, results[recipient.index].reply)
                 for recipient, _, _ in deferred
                 if recipient.index in results
             ]
-            await self._record(job, retried, backup.peer, next_hop_notifies="DSN" in backup.capabilities)
+            await self._record(
+                job, retried, backup.peer, next_hop_notifies="DSN" in backup.capabilities,
+                downgraded=any(result.downgraded for result in results.values()),
+            )
 
     def _take_following(self, session: SMTPSession, job: Job, destination: _Destination) -> Job | None:
         """Take the destination's next job when the session can pipeline its commands after ``job``."""
@@ -711,7 +717,9 @@ class Scheduler:
         host: str,
         next_attempt: float | None = None,
         next_hop_notifies: bool = False,
+        downgraded: bool = False,
     ) -> None:
+        """Store the outcomes and log one line for each.  With ``downgraded``, the lines carry ``converted=7bit``."""
         claim = job.claim
         delivery = self.config.delivery
         now = time.time()
@@ -743,17 +751,19 @@ class Scheduler:
             dsn_possible = dsn_possible or outcome is Outcome.FAILED or results[-1].delay_warning or (
                 outcome is Outcome.DELIVERED and "SUCCESS" in recipient.notify and not next_hop_notifies
             )
-            log_event(
-                logger,
-                {Outcome.DELIVERED: "delivered", Outcome.DEFERRED: "deferred", Outcome.FAILED: "bounced"}[outcome],
-                logging.INFO,
-                queue_id=claim.queue_id,
-                to=recipient.address,
-                relay=host or job.route.destination,
-                delay=round(now - claim.arrival, 3),
-                dsn=status_of(reply) if reply else "2.0.0",
-                reply=reply,
-            )
+            fields: dict[str, object] = {
+                "queue_id": claim.queue_id,
+                "to": recipient.address,
+                "relay": host or job.route.destination,
+                "delay": round(now - claim.arrival, 3),
+                "dsn": status_of(reply) if reply else "2.0.0",
+                "reply": reply,
+            }
+            if downgraded:
+                # The next hop lacks 8BITMIME and got the message converted to 7 bit.
+                fields["converted"] = "7bit"
+            event = {Outcome.DELIVERED: "delivered", Outcome.DEFERRED: "deferred", Outcome.FAILED: "bounced"}[outcome]
+            log_event(logger, event, logging.INFO, **fields)
         copy_body: bytes | None = None
         if claim.envelope.sender == "" and delivery.bounce_copy_to_postmaster:
             copy_body = await self._postmaster_copy_body(claim, outcomes, results)

@@ -57,6 +57,7 @@ class SessionPool:
         chunking: bool = True,
         line_length_limit: int = DEFAULT_LINE_LENGTH_LIMIT,
         reply_line_limit: int = DEFAULT_REPLY_LINE_LIMIT,
+        mime_downgrade: bool = True,
     ) -> None:
         self._resolver = resolver
         self._helo_name = helo_name
@@ -66,6 +67,7 @@ class SessionPool:
         self._chunking = chunking
         self._line_length_limit = line_length_limit
         self._reply_line_limit = reply_line_limit
+        self._mime_downgrade = mime_downgrade
         self._idle: dict[str, list[_Parked]] = {}
         self._closing: set[asyncio.Task[None]] = set()  # holds QUIT tasks until they finish
         self.opened = 0  # sessions opened so far, for tests and metrics
@@ -149,6 +151,7 @@ class SessionPool:
             chunking=self._chunking,
             line_length_limit=self._line_length_limit,
             reply_line_limit=self._reply_line_limit,
+            mime_downgrade=self._mime_downgrade,
             # A fixed next hop (relayhost, transport) is the operator's choice even
             # when it greets with this relay's name; an MX found by lookup is checked.
             mx_domain=route.host if route.use_mx else "",
