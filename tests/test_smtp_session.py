@@ -18,7 +18,7 @@ import pytest
 
 from relay.smtp import replies
 from relay.smtp.policy import RelayPolicy, _AliasFile
-from relay.smtp.transaction import MessageReady
+from relay.smtp.transaction import MessageReady, Rejected
 from tests.smtp_transcript import (
     TRUSTED,
     UNTRUSTED,
@@ -909,6 +909,22 @@ def test_auth_before_tls_refused() -> None:
             (b"*\r\n", ["501"]),
         ],
     )
+
+
+def test_credentials_sent_after_refused_auth_are_not_logged() -> None:
+    # The client sends its AUTH LOGIN password without waiting for the 334
+    # prompt; AUTH is refused before TLS, so the password line fails as an
+    # unknown command, and the logged Rejected event must not carry its text.
+    session = make_session()
+    session.start()
+    secret = base64.b64encode(b"secret1")
+    session.receive_data(EHLO + b"AUTH LOGIN YWxpY2U=\r\n" + secret + b"\r\nNOOP\r\nBOGUS\r\n")
+    replies_sent = split_replies(session.data_to_send())
+    logged = [event.command for event in session.events() if isinstance(event, Rejected)]
+
+    assert [reply[:3] for reply in replies_sent] == ["220", "250", "530", "500", "250", "500"]
+    assert logged == ["AUTH", "(hidden: sent after a refused AUTH)", "BOGUS"]
+    assert not any(secret.decode() in command for command in logged)
 
 
 def test_auth_plain_and_login() -> None:

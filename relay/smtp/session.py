@@ -163,6 +163,7 @@ class Session:
         self._shutting_down = False
         # An overlong line was dropped in a transaction during this input (see _line_too_long).
         self._after_long_line = False
+        self._hidden_lines = 0  # lines after a refused AUTH whose text is not logged
         # The reply owed for the BDAT chunk being read (None: accept it), and
         # whether that chunk carried LAST.
         self._bdat_refusal: Reply | None = None
@@ -322,6 +323,10 @@ class Session:
                 self._line_too_long()
 
     def _line(self, line: bytes) -> None:
+        # A line sent right after a refused AUTH may be a credential (see _reject).
+        hidden = self._hidden_lines > 0
+        if hidden:
+            self._hidden_lines -= 1
         if self._sasl is not None:
             self._sasl_response(line)
             return
@@ -334,7 +339,8 @@ class Session:
         except SMTPError as error:
             self._count("unknown" if error.code == 500 else "invalid")
             verb = _verb_of(line)
-            self._reject(verb, Reply(error.code, error.enhanced, (error.text,)))
+            logged = "(hidden: sent after a refused AUTH)" if hidden else verb
+            self._reject(logged, Reply(error.code, error.enhanced, (error.text,)))
             if verb.upper() == "DATA":
                 self._drop_text_after_refused_data()
             return
@@ -377,6 +383,12 @@ class Session:
 
     def _reject(self, command: str, reply: Reply) -> None:
         """Send an error reply, log it, and end the session after too many."""
+        if command.startswith("AUTH"):
+            # A client that does not wait for the 334 prompt has sent its
+            # credentials (AUTH LOGIN: user name, then password) behind the
+            # refused AUTH.  Those lines fail as unknown commands, and their
+            # text must not reach the log.
+            self._hidden_lines = 2
         self._send(reply)
         self._events.append(Rejected(command, reply))
         self.errors += 1
