@@ -11,6 +11,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -333,6 +334,33 @@ def test_mailbox_escapes_control_characters(tmp_path: Path, capsys: pytest.Captu
 
     assert mailbox(config, "alice", "1") == 0
     assert capsys.readouterr().out.encode("utf-8", "surrogateescape") == path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "date",
+    [
+        "Mon, 1 Jan 99999 10:00:00 +0000",
+        "Mon, 1 Jan 100000000000000000000 10:00:00 +0000",
+        "Mon, 99999999999999999999 Jan 2024 10:00:00 +0000",
+        "Mon, 1 Jan 2024 10:00:00 +99999999999999999999",
+        "Tue, 99 Foo 2024",
+    ],
+)
+def test_mailbox_invalid_date_uses_delivery_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], date: str
+) -> None:
+    config = write_config(tmp_path)
+    write_message(tmp_path, "1.x", f"From: a@x.test\r\nDate: {date}\r\nSubject: bad date\r\n\r\nhi\r\n".encode())
+    write_message(tmp_path, "2.x", b"From: b@x.test\r\nSubject: next\r\n\r\nhi\r\n", mtime=1_700_000_060)
+
+    assert mailbox(config, "alice") == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    first, second = captured.out.splitlines()
+    delivery_time = time.strftime("%Y-%m-%d %H:%M", time.localtime(1_700_000_000))
+    assert first[6:SENDER_START].rstrip() == delivery_time
+    assert first[SUBJECT_START:SIZE_START].rstrip() == "bad date"
+    assert second[SUBJECT_START:SIZE_START].rstrip() == "next"
 
 
 def test_mailbox_escapes_bidi_controls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -249,7 +249,8 @@ def _summary_line(number: int, data: bytes, mtime: float) -> str:
     if headers["Date"]:
         try:
             date = email.utils.parsedate_to_datetime(str(headers["Date"])).strftime("%Y-%m-%d %H:%M")
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
+            # OverflowError: a number too large for a C integer, such as year 10**20.
             pass
     sender = str(headers["From"] or "") or str(headers["Return-Path"] or "").strip("<>")
     subject = str(headers["Subject"] or "")
