@@ -108,6 +108,46 @@ def test_mailbox_closed_pipe_is_quiet(tmp_path: Path, number: str | None) -> Non
     assert status == 1
 
 
+def test_mailbox_list_reads_headers_only(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    header = b"From: big@x.test\nSubject: larger than memory\n\n"
+    path = write_message(tmp_path, "big.x", header + b"body\n")
+    # A sparse file: 2 GiB long, but only a few blocks on disk.
+    size = 2 * 1024**3
+    os.truncate(path, size)
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    write_message(tmp_path, "small.x", b"Subject: small\n\nhi\n", mtime=1_700_000_060)
+
+    # The child may map 1 GiB, so reading the whole message would raise MemoryError.
+    limit = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (1024**3, 1024**3));"
+    run_relay = "sys.argv[0] = 'relay'; runpy.run_module('relay', run_name='__main__')"
+    command = [sys.executable, "-c", limit + run_relay, "mailbox", "alice", "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+
+    assert result.stderr == ""
+    assert result.returncode == 0
+    first, second = result.stdout.splitlines()
+    assert first[SUBJECT_START:SIZE_START].rstrip() == "larger than memory"
+    assert first[SIZE_START:] == str(size)
+    assert second[SUBJECT_START:SIZE_START].rstrip() == "small"
+
+
+def test_mailbox_header_section_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    # The subject is beyond the part of the header section the list reads.
+    padding = b"X-Padding: " + b"p" * 900 + b"\n"
+    count = mailbox_cli.HEADER_READ_LIMIT // len(padding) + 1
+    data = b"From: a@x.test\n" + padding * count + b"Subject: too far\n\nhi\n"
+    write_message(tmp_path, "1.x", data)
+
+    assert mailbox(config, "alice") == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line[SENDER_START:SUBJECT_START].rstrip() == "a@x.test"
+    assert line[SUBJECT_START:SIZE_START].rstrip() == ""
+    assert line[SIZE_START:] == str(len(data))
+
+
 # -- unreadable Maildir --------------------------------------------------------
 
 

@@ -40,13 +40,14 @@ import email.policy
 import email.utils
 import errno
 import os
+import re
 import stat
 import sys
 import time
 import unicodedata
 from email.headerregistry import HeaderRegistry
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from relay.aliases import AliasError
 from relay.cli import add_config_option, config_from_args, escape_controls, stop_output
@@ -63,6 +64,15 @@ _HEADER_POLICY = email.policy.default.clone(header_factory=HeaderRegistry(use_de
 
 _SENDER_WIDTH = 40
 _SUBJECT_WIDTH = 60
+
+# The list reads each message only up to the blank line that ends its header
+# section, and at most this many octets of it, so a large message costs no more
+# memory than a small one.  RFC 5322 sets no limit on the header section, and 1 MiB
+# is room for thousands of Received lines.
+HEADER_READ_LIMIT = 1024 * 1024
+_READ_CHUNK = 64 * 1024
+# The end of the header section: an empty line, with LF or CRLF line ends.
+_HEADER_END = re.compile(rb"\n\r?\n")
 
 
 def register(subparsers: Any) -> None:
@@ -129,12 +139,13 @@ def _print_message(root: Path, number: int) -> int:
         _error(f"message {number} not found; {root} contains {count}")
         return 1
     path, _ = messages[number - 1]
-    data = _read_message(root, path)
-    if data is None:
+    found = _read_message(root, path)
+    if found is None:
         _error(
             f"message {number} ({path.name}) was deleted from {root} while it was being read. "
             "Run relay mailbox without N to list the current messages.")
         return 1
+    data, _ = found
     # When the reader closes a pipe mid-write, Linux returns the bytes written so far and the
     # buffered writer (CPython 3.11) returns that short count without raising.  Writing the rest
     # raises BrokenPipeError, and a short count from a signal is completed the same way.
@@ -147,11 +158,12 @@ def _print_message(root: Path, number: int) -> int:
 def _list_messages(user: str, root: Path) -> int:
     number = 0
     for path, mtime in _message_files(root):
-        data = _read_message(root, path)
-        if data is None:
+        found = _read_message(root, path, header_only=True)
+        if found is None:
             continue
+        header, size = found
         number += 1
-        print(_summary_line(number, data, mtime))
+        print(_summary_line(number, header, size, mtime))
     if number == 0:
         _error(f"mailbox {user} is empty")
     return 0
@@ -207,10 +219,14 @@ def _unique_part(name: str) -> str:
     return name.partition(":")[0]
 
 
-def _read_message(root: Path, path: Path) -> bytes | None:
-    """Read a listed message, following it to its new name if it moved; return None if it is gone."""
+def _read_message(root: Path, path: Path, *, header_only: bool = False) -> tuple[bytes, int] | None:
+    """Read a listed message, following it to its new name if it moved; return None if it is gone.
+
+    Returns the bytes read and the file's size in octets.  With ``header_only``
+    the bytes are the header section (see ``HEADER_READ_LIMIT``), else the whole file.
+    """
     try:
-        return _read_regular_file(path)
+        return _read_regular_file(path, header_only)
     except FileNotFoundError:
         pass
     unique = _unique_part(path.name)
@@ -223,14 +239,14 @@ def _read_message(root: Path, path: Path) -> bytes | None:
             continue
         for candidate in candidates:
             try:
-                return _read_regular_file(candidate)
+                return _read_regular_file(candidate, header_only)
             except FileNotFoundError:
                 continue
     return None
 
 
-def _read_regular_file(path: Path) -> bytes | None:
-    """Return the contents of ``path``, or None when it is not a regular file (a link put in its place)."""
+def _read_regular_file(path: Path, header_only: bool) -> tuple[bytes, int] | None:
+    """Return the contents of ``path`` and its size, or None when it is not a regular file (a link put in its place)."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
@@ -238,13 +254,32 @@ def _read_regular_file(path: Path) -> bytes | None:
             return None  # a symbolic link
         raise
     with os.fdopen(descriptor, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        status = os.fstat(handle.fileno())
+        if not stat.S_ISREG(status.st_mode):
             return None
-        return handle.read()
+        if header_only:
+            return _read_header_section(handle), status.st_size
+        data = handle.read()
+        return data, len(data)
 
 
-def _summary_line(number: int, data: bytes, mtime: float) -> str:
-    headers = email.parser.BytesHeaderParser(policy=_HEADER_POLICY).parsebytes(data)
+def _read_header_section(handle: BinaryIO) -> bytes:
+    """Read up to and including the empty line after the headers, at most ``HEADER_READ_LIMIT`` octets."""
+    data = b""
+    while len(data) < HEADER_READ_LIMIT:
+        chunk = handle.read(min(_READ_CHUNK, HEADER_READ_LIMIT - len(data)))
+        if not chunk:
+            break
+        # An empty line may straddle two chunks, so the search starts a few octets back.
+        search_from = max(len(data) - 2, 0)
+        data += chunk
+        if _HEADER_END.search(data, search_from):
+            break
+    return data
+
+
+def _summary_line(number: int, header: bytes, size: int, mtime: float) -> str:
+    headers = email.parser.BytesHeaderParser(policy=_HEADER_POLICY).parsebytes(header)
     date = time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime))
     if headers["Date"]:
         try:
@@ -256,7 +291,7 @@ def _summary_line(number: int, data: bytes, mtime: float) -> str:
     subject = str(headers["Subject"] or "")
     sender_column = _fit(_escape_controls(sender), _SENDER_WIDTH)
     subject_column = _fit(_escape_controls(subject), _SUBJECT_WIDTH)
-    return f"{number:4d}  {date}  {sender_column}  {subject_column}  {len(data)}"
+    return f"{number:4d}  {date}  {sender_column}  {subject_column}  {size}"
 
 
 def _escape_controls(text: str) -> str:
