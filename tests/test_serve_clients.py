@@ -284,6 +284,20 @@ def test_passwd_checks_name_before_prompt(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+@pytest.mark.parametrize("user", ["#alice", "a b", "a:b", ""])
+def test_passwd_rejects_unstorable_name(tmp_path: Path, user: str) -> None:
+    path = tmp_path / "passwd"
+    command = [sys.executable, "-m", "relay", "passwd", str(path), user]
+
+    result = subprocess.run(
+        command, input="secret\n", capture_output=True, text=True, env={"PYTHONPATH": str(REPO_ROOT)}, timeout=60
+    )
+
+    assert result.returncode == 1
+    assert f"invalid user name {user!r}" in result.stderr
+    assert not path.exists()
+
+
 def test_passwd_non_utf8_file_named(tmp_path: Path) -> None:
     path = tmp_path / "passwd"
     path.write_bytes(b"bob:\xff\n")

@@ -164,6 +164,9 @@ def check_user_name(user: str) -> None:
     """Raise ValueError unless ``user`` can be a name in a credentials file."""
     if not user or ":" in user or any(ord(c) < 0x21 or c == "\x7f" for c in user):
         raise ValueError(f"invalid user name {user!r}: use printable characters without spaces or ':'")
+    if user.startswith("#"):
+        # The file would store the user's line as a comment, so the user could never log in.
+        raise ValueError(f"invalid user name {user!r}: a name must not start with '#'")
 
 
 def set_password(path: str, user: str, password: str) -> bool:
