@@ -10,6 +10,7 @@ shutdown with transactions in flight.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import pty
 import re
@@ -28,7 +29,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from relay.smtp.auth import CredentialStore, set_password
+from relay.smtp.auth import CredentialsError, CredentialStore, set_password
 from tests.conftest import REPO_ROOT, require_corpus, require_peer
 from tests.server_helpers import EVENT_LOOPS, Listener, RawClient, RelayProcess, make_certificate, strip_received
 
@@ -282,6 +283,59 @@ def test_passwd_checks_name_before_prompt(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "invalid user name 'a:b'" in result.stderr
     assert not path.exists()
+
+
+def test_passwd_keeps_file_mode(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    command = [sys.executable, "-m", "relay", "passwd", str(path), "alice"]
+    environment = {"PYTHONPATH": str(REPO_ROOT)}
+    assert subprocess.run(command, input=b"secret\n", capture_output=True, env=environment, timeout=60).returncode == 0
+    # An operator lets the relay's group read the file.
+    path.chmod(0o640)
+
+    result = subprocess.run(command, input="changed\n", capture_output=True, text=True, env=environment, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert CredentialStore(str(path)).verify("alice", "changed")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_passwd_as_root_keeps_owner(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    command = [sys.executable, "-m", "relay", "passwd", str(path), "alice"]
+    environment = {"PYTHONPATH": str(REPO_ROOT)}
+    assert subprocess.run(command, input=b"secret\n", capture_output=True, env=environment, timeout=60).returncode == 0
+    # The file belongs to the user the relay runs as, here nobody (65534).
+    os.chown(path, 65534, 65534)
+
+    result = subprocess.run(command, input="changed\n", capture_output=True, text=True, env=environment, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    status = path.stat()
+    assert status.st_uid == 65534
+    assert status.st_gid == 65534
+    assert status.st_mode & 0o777 == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving the file to another owner needs root")
+def test_passwd_cannot_keep_owner_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "passwd"
+    set_password(str(path), "alice", "secret")
+    os.chown(path, 65534, 65534)
+    before = path.read_bytes()
+
+    def chown_not_permitted(target: str, uid: int, gid: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted", target)
+
+    # What a user other than root and the owner gets from chown.
+    monkeypatch.setattr(os, "chown", chown_not_permitted)
+    with pytest.raises(CredentialsError) as caught:
+        set_password(str(path), "alice", "changed")
+
+    assert str(caught.value).startswith(f"{path}: cannot keep its owner 65534 and group 65534, so nothing changed")
+    assert path.read_bytes() == before
+    assert [entry.name for entry in tmp_path.iterdir()] == ["passwd"]
 
 
 @pytest.mark.parametrize("user", ["#alice", "a b", "a:b", ""])

@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -172,13 +173,18 @@ def check_user_name(user: str) -> None:
 def set_password(path: str, user: str, password: str) -> bool:
     """Add or replace one user's line in a credentials file; return whether it was new.
 
-    The file is rewritten atomically (temporary file, fsync, rename) with mode 0600.
+    The file is rewritten atomically (temporary file, fsync, rename).  A new
+    file gets mode 0600.  A rewritten file keeps its mode, owner and group, so
+    a server that reads it as another user (root:relay 0640, say) still can.
+    Raises CredentialsError when the owner or group cannot be kept.
     """
     check_user_name(user)
     try:
         with open(path, encoding="utf-8") as handle:
+            existing: os.stat_result | None = os.fstat(handle.fileno())
             lines = handle.read().splitlines()
     except FileNotFoundError:
+        existing = None
         lines = []
     except UnicodeDecodeError as exc:
         raise CredentialsError(f"{path}: invalid UTF-8 at byte {exc.start}; fix or remove that line") from None
@@ -200,12 +206,29 @@ def set_password(path: str, user: str, password: str) -> bool:
             handle.write("\n".join(lines) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temporary, 0o600)
+        _copy_access(temporary, existing, path)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
     return not found
+
+
+def _copy_access(temporary: str, existing: os.stat_result | None, path: str) -> None:
+    """Give the new file the mode, owner and group of the one it replaces (mode 0600 for a new file)."""
+    if existing is None:
+        os.chmod(temporary, 0o600)
+        return
+    created = os.stat(temporary)
+    if (created.st_uid, created.st_gid) != (existing.st_uid, existing.st_gid):
+        try:
+            os.chown(temporary, existing.st_uid, existing.st_gid)
+        except PermissionError:
+            raise CredentialsError(
+                f"{path}: cannot keep its owner {existing.st_uid} and group {existing.st_gid}, so nothing changed;"
+                " run relay passwd as root or as the owner of the file"
+            ) from None
+    os.chmod(temporary, stat.S_IMODE(existing.st_mode))
 
 
 @dataclass(frozen=True, slots=True)

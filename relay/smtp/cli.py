@@ -42,7 +42,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.set_defaults(handler=_serve)
 
     passwd = subparsers.add_parser("passwd", help="add or change an AUTH credential in a password file")
-    passwd.add_argument("file", metavar="FILE", help="credentials file (created with mode 0600 if missing)")
+    passwd.add_argument(
+        "file",
+        metavar="FILE",
+        help="credentials file; created with mode 0600 if missing, else rewritten keeping its mode, owner and group",
+    )
     passwd.add_argument("user", metavar="USER", help="user name to add or change")
     passwd.set_defaults(handler=_passwd)
 
