@@ -132,6 +132,8 @@ def test_invalid_fault_is_usage_error() -> None:
         (("bench", "127.0.0.1:9", "-n", "1", "--timeout", "nan"), b"--timeout: nan must be a finite number"),
         (("bench", "127.0.0.1:9", "-n", "1", "--rate", "nan"), b"--rate: nan must be a finite number"),
         (("bench", "127.0.0.1:9", "-d", "nan"), b"--duration: nan must be a finite number"),
+        (("bench", "127.0.0.1:9", "-n", "1", "-s", "10G"), b"--size: 10G is above the maximum 1G"),
+        (("bench", "127.0.0.1:9", "-n", "1", "-s", "1073741825"), b"--size: 1073741825 is above the maximum 1G"),
         (("bench", "127.0.0.1:9", "-d", "inf"), b"--duration: inf must be a finite number"),
         (("bench", "127.0.0.1:9", "-c", "300", "-P", "300"), b"--processes: 300 is above the maximum 256"),
         (("sink", "--workers", "300"), b"--workers: 300 is above the maximum 256"),
