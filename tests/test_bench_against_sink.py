@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import resource
+import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench_helpers import make_certificate, run_bench, running_sink
+import orjson
+from bench_helpers import make_certificate, relay_command, run_bench, running_sink
 
-from conftest import require_corpus
+from conftest import REPO_ROOT, require_corpus
 
 LATENCY_KEYS = ("p50", "p90", "p99", "p999", "max")
 
@@ -147,3 +150,25 @@ def test_failed_connections_exit_status() -> None:
     assert report["errors"] == {"connect_refused": 5}
     status, report = run_bench(target, "-n", "5", "-c", "1", "--allow-errors")
     assert status == 0
+
+
+def test_connect_errors_named_by_errno() -> None:
+    def limit_open_files() -> None:
+        # Fewer descriptors than connections, so some connects fail with EMFILE.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    with running_sink() as sink:
+        completed = subprocess.run(
+            relay_command("bench", sink.target, "--json", "-c", "100", "-n", "100"),
+            cwd=REPO_ROOT,
+            capture_output=True,
+            timeout=60,
+            check=False,
+            preexec_fn=limit_open_files,
+        )
+    report = orjson.loads(completed.stdout)
+
+    assert completed.returncode == 1
+    assert report["errors"]["connect_emfile"] > 0
+    assert report["messages_sent"] + report["messages_failed"] == 100
+    assert [kind for kind in report["errors"] if kind[len("connect_") :].isdigit()] == []

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
+import socket
 import ssl
 import time
 from collections import deque
@@ -263,7 +265,7 @@ async def open_session(settings: ClientSettings, stats: RunStats) -> Session:
         stats.count_error("connect_timeout")
         raise SessionFailed("connect_timeout") from None
     except OSError as exc:
-        kind = f"connect_{exc.errno or 'error'}"
+        kind = _connect_error_kind(exc)
         stats.count_error(kind)
         raise SessionFailed(kind) from None
     connected = time.perf_counter()
@@ -294,6 +296,18 @@ async def open_session(settings: ClientSettings, stats: RunStats) -> Session:
         connection.close()
         raise
     return session
+
+
+def _connect_error_kind(exc: OSError) -> str:
+    """Name a failed connect by its errno symbol, such as ``connect_emfile`` for too many open files."""
+    if isinstance(exc, socket.gaierror):
+        # getaddrinfo's EAI_* codes are not errno values.
+        return "connect_name_not_resolved"
+    # errno.errorcode has no entry for 0, which stands in for a missing errno.
+    name = errno.errorcode.get(exc.errno or 0)
+    if name is None:
+        return "connect_error"
+    return f"connect_{name.lower()}"
 
 
 def _envelope(settings: ClientSettings, number: int) -> tuple[bytes, list[bytes]]:
