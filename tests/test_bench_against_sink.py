@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import resource
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
-from bench_helpers import make_certificate, relay_command, run_bench, running_sink
+import pytest
+from bench_helpers import SinkProcess, make_certificate, relay_command, run_bench, running_sink
 
 from conftest import REPO_ROOT, require_corpus
 
@@ -172,3 +176,50 @@ def test_connect_errors_named_by_errno() -> None:
     assert report["errors"]["connect_emfile"] > 0
     assert report["messages_sent"] + report["messages_failed"] == 100
     assert [kind for kind in report["errors"] if kind[len("connect_") :].isdigit()] == []
+
+
+def _wait_for_sink_connections(sink: SinkProcess, deadline: float) -> None:
+    """Ask the sink for its counters (SIGUSR1) until some client has connected."""
+    assert sink.process.stdout is not None
+    while time.monotonic() < deadline:
+        sink.process.send_signal(signal.SIGUSR1)
+        if orjson.loads(sink.process.stdout.readline())["connections"] > 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("relay bench did not connect to the sink")
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_sigint_reports_partial_run(processes: str) -> None:
+    # Each reply takes 200 ms, so the 30 s run is still going when Ctrl-C comes.
+    with running_sink("--delay", "200") as sink:
+        bench = subprocess.Popen(
+            relay_command("bench", sink.target, "--json", "-d", "30", "-c", "4", "-P", processes),
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            # Ctrl-C reaches the terminal's whole process group; a session of its
+            # own lets the test do the same.  A shell's background job would
+            # inherit SIGINT ignored, so the default is restored.
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        try:
+            _wait_for_sink_connections(sink, time.monotonic() + 15)
+            interrupted_at = time.monotonic()
+            os.killpg(bench.pid, signal.SIGINT)
+            stdout, stderr = bench.communicate(timeout=15)
+        finally:
+            if bench.poll() is None:
+                bench.kill()
+                bench.communicate()
+        stopped_after = time.monotonic() - interrupted_at
+
+    assert bench.returncode == 130, stderr.decode()
+    assert b"Traceback" not in stderr
+    report = orjson.loads(stdout)
+    assert report["interrupted"] is True
+    assert report["connections"] >= 1
+    assert report["errors"].get("worker_process_failed", 0) == 0
+    assert report["elapsed_s"] < 20
+    assert stopped_after < 10

@@ -2,7 +2,9 @@
 
 ``relay bench HOST:PORT`` prints a summary, or one JSON object with
 ``--json``.  It exits 1 when any message failed (0 with ``--allow-errors``),
-2 on a usage error and 0 otherwise.  Without ``--messages``
+2 on a usage error and 0 otherwise.  A first Ctrl-C (SIGINT) stops the run,
+prints what was measured so far, marked interrupted, and exits 130; a
+second one exits 130 at once.  Without ``--messages``
 or ``--duration`` a run sends ``DEFAULT_MESSAGES`` messages, because a run
 is never unbounded.  ``relay sink`` runs until SIGTERM or SIGINT.
 """
@@ -318,6 +320,9 @@ def _bench(args: argparse.Namespace) -> int:
         sys.stdout.write(orjson.dumps(report).decode() + "\n")
     else:
         print(format_report(report))
+    if stats.interrupted:
+        # 128 + SIGINT, as a shell reports a command that Ctrl-C stopped.
+        return 130
     if stats.messages_failed and not args.allow_errors:
         return 1
     return 0

@@ -16,6 +16,13 @@ timeout is over fail as ``not_started`` instead of extending the run.
 With several processes each one drives its share of the connections, the
 messages and the rate on its own uvloop event loop; message numbers ``{n}``
 are interleaved so they stay unique, and the histograms are merged exactly.
+
+The first SIGINT (Ctrl-C) stops the run early: every connection is closed at
+once, the transactions in flight count neither as sent nor as failed, and the
+stats measured so far come back marked ``interrupted``.  With several
+processes the parent turns its SIGINT into ``STOP_SIGNAL`` for each child,
+and children ignore SIGINT, so a Ctrl-C that reaches the whole process group
+stops each child exactly once.  A second SIGINT ends the run without stats.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import multiprocessing.connection
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +46,8 @@ from relay.bench.stats import RunStats
 
 # Seconds between two updates of the progress line.
 PROGRESS_INTERVAL = 0.5
+# Sent by the parent to a child process to stop its share of the run early.
+STOP_SIGNAL = signal.SIGUSR1
 
 
 @dataclass(frozen=True)
@@ -141,45 +152,61 @@ async def _connection_loop(run: _Run) -> None:
     messages = plan.messages
     session: Session | None = None
     used = 0
-    while True:
-        if run.queue is None:
-            job = run.take()
-        else:
-            job = await run.queue.get()
-        if job is None:
-            break
-        number, due = job
-        if run.expires is not None and time.perf_counter() > run.expires:
-            run.fail("not_started")
-            continue
-
-        if session is None:
-            try:
-                session = await open_session(plan.settings, stats)
-            except SessionFailed:
-                run.fail()
+    try:
+        while True:
+            if run.queue is None:
+                job = run.take()
+            else:
+                job = await run.queue.get()
+            if job is None:
+                break
+            number, due = job
+            if run.expires is not None and time.perf_counter() > run.expires:
+                run.fail("not_started")
                 continue
-            used = 0
-        used += 1
-        last = plan.per_connection > 0 and used >= plan.per_connection
-        message = messages[number % len(messages)]
-        if not await send_message(session, message, number, due, last):
-            stats.messages_failed += 1
-        run.on_message(stats)
 
-        if last and session.alive:
-            await session.quit(sent_already=session.pipelining)
-        if last or not session.alive:
+            if session is None:
+                try:
+                    session = await open_session(plan.settings, stats)
+                except SessionFailed:
+                    run.fail()
+                    continue
+                used = 0
+            used += 1
+            last = plan.per_connection > 0 and used >= plan.per_connection
+            message = messages[number % len(messages)]
+            if not await send_message(session, message, number, due, last):
+                stats.messages_failed += 1
+            run.on_message(stats)
+
+            if last and session.alive:
+                await session.quit(sent_already=session.pipelining)
+            if last or not session.alive:
+                session.connection.close()
+                session = None
+    except asyncio.CancelledError:
+        # Stopped by SIGINT: close at once instead of waiting for the reply to QUIT.
+        if session is not None:
             session.connection.close()
-            session = None
+        raise
     if session is not None:
         await session.quit()
 
 
-async def run_plan(plan: LoadPlan, on_message: Callable[[RunStats], None]) -> RunStats:
-    """Send one process's share of the load and return what it measured."""
+async def run_plan(
+    plan: LoadPlan, on_message: Callable[[RunStats], None], stop_signal: int | None = None
+) -> RunStats:
+    """Send one process's share of the load and return what it measured.
+
+    The run stops early, with ``interrupted`` set, when its task is cancelled
+    (asyncio.Runner does that on SIGINT) or when ``stop_signal`` arrives.
+    """
     stats = RunStats()
     run = _Run(plan, stats, on_message)
+    if stop_signal is not None:
+        main_task = asyncio.current_task()
+        assert main_task is not None
+        asyncio.get_running_loop().add_signal_handler(stop_signal, main_task.cancel)
     tasks = [asyncio.create_task(_connection_loop(run)) for _ in range(plan.concurrency)]
     scheduler = None
     if plan.rate is not None:
@@ -188,14 +215,21 @@ async def run_plan(plan: LoadPlan, on_message: Callable[[RunStats], None]) -> Ru
         run.expires = run.started + span + plan.settings.timeout
         scheduler = asyncio.create_task(run.schedule())
         tasks.append(scheduler)
-    await asyncio.gather(*tasks)
+    try:
+        await asyncio.gather(*tasks)
+    except asyncio.CancelledError:
+        # Cancelling gather cancelled every task; wait until each has closed its connection.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        stats.interrupted = True
     stats.elapsed = time.perf_counter() - run.started
     return stats
 
 
-def _run_in_loop(plan: LoadPlan, on_message: Callable[[RunStats], None]) -> RunStats:
+def _run_in_loop(
+    plan: LoadPlan, on_message: Callable[[RunStats], None], stop_signal: int | None = None
+) -> RunStats:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(run_plan(plan, on_message))
+        return runner.run(run_plan(plan, on_message, stop_signal))
 
 
 def _child(plan: LoadPlan, slot: int, progress: Any, pipe: multiprocessing.connection.Connection) -> None:
@@ -203,8 +237,14 @@ def _child(plan: LoadPlan, slot: int, progress: Any, pipe: multiprocessing.conne
         progress[2 * slot] = stats.messages_sent
         progress[2 * slot + 1] = stats.messages_failed
 
+    # Only the parent handles SIGINT: it sends STOP_SIGNAL once, so a Ctrl-C that reaches the
+    # whole process group does not stop a child twice.
+    # Until run_plan handles STOP_SIGNAL it is ignored, because its default
+    # action would kill the child and lose its stats.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(STOP_SIGNAL, signal.SIG_IGN)
     try:
-        stats = _run_in_loop(plan, publish)
+        stats = _run_in_loop(plan, publish, STOP_SIGNAL)
         pipe.send(stats.to_state())
     except KeyboardInterrupt:
         pipe.send(None)
@@ -266,10 +306,21 @@ def run_load(plan: LoadPlan, processes: int, progress: ProgressLine) -> RunStats
         children.append((process, receiver))
 
     merged = RunStats()
+    interrupted = False
     try:
         pending = [receiver for _, receiver in children]
         while pending:
-            ready = multiprocessing.connection.wait(pending, timeout=PROGRESS_INTERVAL)
+            try:
+                ready = multiprocessing.connection.wait(pending, timeout=PROGRESS_INTERVAL)
+            except KeyboardInterrupt:
+                if interrupted:
+                    raise
+                # The first Ctrl-C: stop every child, then collect what each measured.
+                interrupted = True
+                for process, _ in children:
+                    if process.is_alive() and process.pid is not None:
+                        os.kill(process.pid, STOP_SIGNAL)
+                continue
             for item in ready:
                 assert isinstance(item, multiprocessing.connection.Connection)
                 try:
@@ -284,6 +335,7 @@ def run_load(plan: LoadPlan, processes: int, progress: ProgressLine) -> RunStats
             sent = sum(counters[2 * slot] for slot in range(len(plans)))
             failed = sum(counters[2 * slot + 1] for slot in range(len(plans)))
             progress.update(sent, failed)
+        merged.interrupted = merged.interrupted or interrupted
     finally:
         progress.clear()
         for process, _ in children:

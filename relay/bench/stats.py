@@ -147,6 +147,8 @@ class RunStats:
     recipients_rejected: int = 0
     connections: int = 0
     elapsed: float = 0.0
+    # The run was stopped by SIGINT (Ctrl-C) before its planned end.
+    interrupted: bool = False
     # Reply code (as text, "250") to how many replies carried it, every stage.
     reply_codes: dict[str, int] = field(default_factory=dict)
     # Stage ("mail", "end_of_data", ...) to reply code to count.
@@ -177,6 +179,7 @@ class RunStats:
         self.recipients_rejected += other.recipients_rejected
         self.connections += other.connections
         self.elapsed = max(self.elapsed, other.elapsed)
+        self.interrupted = self.interrupted or other.interrupted
         _add_counts(self.reply_codes, other.reply_codes)
         for stage, codes in other.stage_codes.items():
             _add_counts(self.stage_codes.setdefault(stage, {}), codes)
@@ -194,6 +197,7 @@ class RunStats:
             "recipients_rejected": self.recipients_rejected,
             "connections": self.connections,
             "elapsed": self.elapsed,
+            "interrupted": self.interrupted,
             "reply_codes": self.reply_codes,
             "stage_codes": self.stage_codes,
             "errors": self.errors,
@@ -223,6 +227,7 @@ class RunStats:
             "recipients_rejected": self.recipients_rejected,
             "connections": self.connections,
             "elapsed_s": round(self.elapsed, 3),
+            "interrupted": self.interrupted,
             "latency_ms": latencies["end_of_data"],
             "latencies_ms": latencies,
             "reply_codes": dict(sorted(self.reply_codes.items())),
@@ -235,9 +240,14 @@ class RunStats:
 
 def format_report(report: dict[str, Any]) -> str:
     """Render a result document as the human-readable summary."""
-    lines = [
+    totals = (
         f"messages   {report['messages_sent']} sent, {report['messages_failed']} failed "
-        f"in {report['elapsed_s']:.3f} s over {report['connections']} connections",
+        f"in {report['elapsed_s']:.3f} s over {report['connections']} connections"
+    )
+    if report["interrupted"]:
+        totals += ", interrupted by SIGINT"
+    lines = [
+        totals,
         f"rate       {report['messages_per_s']:.1f} messages/s, {report['bytes_per_s'] / 1e6:.3f} MB/s",
         f"recipients {report['recipients_accepted']} accepted, {report['recipients_rejected']} rejected",
         "latency ms       count       p50       p90       p99     p99.9       max",
