@@ -300,6 +300,27 @@ def test_passwd_keeps_file_mode(tmp_path: Path) -> None:
     assert CredentialStore(str(path)).verify("alice", "changed")
 
 
+def test_passwd_through_symbolic_link(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    target = tmp_path / "secrets" / "passwd"
+    set_password(str(target), "alice", "secret")
+    link = tmp_path / "passwd"
+    link.symlink_to(target)
+    command = [sys.executable, "-m", "relay", "passwd", str(link), "bob"]
+
+    result = subprocess.run(
+        command, input="other\n", capture_output=True, text=True, env={"PYTHONPATH": str(REPO_ROOT)}, timeout=60
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink()
+    assert link.resolve() == target
+    store = CredentialStore(str(target))
+    assert store.verify("alice", "secret")
+    assert store.verify("bob", "other")
+    assert sorted(entry.name for entry in target.parent.iterdir()) == ["passwd"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
 def test_passwd_as_root_keeps_owner(tmp_path: Path) -> None:
     path = tmp_path / "passwd"

@@ -173,10 +173,11 @@ def check_user_name(user: str) -> None:
 def set_password(path: str, user: str, password: str) -> bool:
     """Add or replace one user's line in a credentials file; return whether it was new.
 
-    The file is rewritten atomically (temporary file, fsync, rename).  A new
-    file gets mode 0600.  A rewritten file keeps its mode, owner and group, so
-    a server that reads it as another user (root:relay 0640, say) still can.
-    Raises CredentialsError when the owner or group cannot be kept.
+    The file is rewritten atomically (temporary file, fsync, rename), through
+    a symbolic link if ``path`` is one.  A new file gets mode 0600.  A
+    rewritten file keeps its mode, owner and group, so a server that reads it
+    as another user (root:relay 0640, say) still can.  Raises CredentialsError
+    when the owner or group cannot be kept.
     """
     check_user_name(user)
     try:
@@ -199,15 +200,16 @@ def set_password(path: str, user: str, password: str) -> bool:
     if not found:
         lines.append(entry)
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix=".passwd-", dir=directory)
+    # A symbolic link stays in place and its target is rewritten, so every path to the file sees the change.
+    target = os.path.realpath(path)
+    fd, temporary = tempfile.mkstemp(prefix=".passwd-", dir=os.path.dirname(target))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write("\n".join(lines) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         _copy_access(temporary, existing, path)
-        os.replace(temporary, path)
+        os.replace(temporary, target)
     except BaseException:
         os.unlink(temporary)
         raise
