@@ -50,6 +50,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Maximum number of worker processes: far beyond any machine's cores, and a bound on the forks at start.
 MAX_WORKERS = 256
+# The largest policy.max_message_size accepted, 1 TiB, in octets.
+MAX_MESSAGE_SIZE_CEILING = 1 << 40
 # The largest value an "int" or "size" key without a maximum of its own accepts.
 _INTEGER_CEILING = (1 << 62) - 1
 
@@ -182,7 +184,7 @@ class PolicyConfig:
     trusted_networks: tuple[str, ...] = _key(("127.0.0.0/8", "::1/128"), "networks")
     # Postfix: message_size_limit = 10240000; we follow the DESIGN default of 35 MiB.
     # At most 1 TiB: the compiled buffer counts octets in a C ssize_t.
-    max_message_size: int = _key(36700160, "size", min=1, max=1 << 40)
+    max_message_size: int = _key(36700160, "size", min=1, max=MAX_MESSAGE_SIZE_CEILING)
     # Postfix: smtpd_recipient_limit = 1000.
     max_recipients: int = _key(1000, "int", min=1)
     # RFC 5321 section 4.5.3.1.4: 512 octets including CRLF.

@@ -493,6 +493,30 @@ def test_bdat_message_spooled(relay: RelayProcess, client: RawClient) -> None:
     assert strip_received(body) == b"Subject: s\r\n\r\nx\r\n"
 
 
+def test_bdat_over_limit_read_then_timeout(tmp_path: Path) -> None:
+    """A chunk far over the size limit is read and dropped, and a stalled one still times out."""
+    policy = "max_message_size = 1000"
+    server = 'data_timeout = "1s"'
+    with RelayProcess(tmp_path, server=server, policy=policy) as relay, RawClient(relay.port) as client:
+        client.exchange(b"", ["220"])
+        greet(client)
+        client.exchange(b"MAIL FROM:<bdat-big@example.com>\r\nRCPT TO:<rcpt@example.net>\r\n", ["250", "250"])
+        client.send(b"BDAT 300000 LAST\r\n")
+        for _ in range(30):
+            client.send(b"MAIL FROM:<spoof@example.org>\r\n" * 304 + b"RSET\r\n" * 96)
+        client.exchange(b"", ["552 5.3.4"])
+        client.exchange(b"NOOP\r\n", ["250"])
+
+        client.exchange(b"MAIL FROM:<bdat-big@example.com>\r\nRCPT TO:<rcpt@example.net>\r\n", ["250", "250"])
+        client.send(b"BDAT 300000 LAST\r\n" + b"x" * 5000)
+        started = time.monotonic()
+        assert client.reply().startswith("421 4.4.2")
+        assert time.monotonic() - started < 3
+        assert client.closed()
+        assert messages_from(relay, "bdat-big@example.com") == []
+        assert messages_from(relay, "spoof@example.org") == []
+
+
 def test_tls_close_inside_bdat(relay: RelayProcess, client: RawClient) -> None:
     """Exim CVE-2026-45185: TLS ends mid-chunk; nothing spooled, no cleartext read."""
     greet(client)

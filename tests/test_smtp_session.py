@@ -12,12 +12,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from relay.smtp import replies
 from relay.smtp.policy import RelayPolicy, _AliasFile
+from relay.smtp.session import MAX_DISCARDED_CHUNK
 from relay.smtp.transaction import MessageReady, Rejected
 from tests.smtp_transcript import (
     TRUSTED,
@@ -1057,10 +1059,10 @@ def test_trusted_client_greeted_at_once() -> None:
     assert split_replies(session.data_to_send())[0].startswith("220 ")
 
 
-def test_bdat_far_over_limit_closes() -> None:
+def test_bdat_size_past_ceiling_closes() -> None:
     # A chunk size past any int64 must give a reply, never an exception, and
-    # relay will not read gigabytes only to drop them.
-    for size in (b"99999999999999999999999999", b"20971521"):
+    # relay will not read more than 1 TiB only to drop it.
+    for size in (b"99999999999999999999999999", b"%d" % (MAX_DISCARDED_CHUNK + 1)):
         session = make_session(client=UNTRUSTED)
 
         outcome = feed(session, [EHLO, T, b"BDAT " + size + b" LAST\r\n", b"NOOP\r\n"])
@@ -1068,6 +1070,83 @@ def test_bdat_far_over_limit_closes() -> None:
         assert outcome.replies[-1].startswith("552 5.3.4")
         assert outcome.closed
         assert outcome.messages == []
+
+
+def test_bdat_far_over_limit_read_and_dropped() -> None:
+    # A chunk 30 times the limit is read to its end, so the commands inside it never run.
+    config = hostile_config(max_message_size=10)
+    chunk = b"MAIL FROM:<x@example.org>\r\n" * 10 + b"RSET\r\nQUIT\r\n"
+    outcome = run_transcript(
+        lambda: make_session(config, client=UNTRUSTED),
+        [
+            (EHLO, ["250"]),
+            (T, ["250", "250"]),
+            (b"BDAT %d LAST\r\n" % len(chunk) + chunk, ["552 5.3.4 Message size exceeds fixed maximum"]),
+            (b"NOOP\r\n", ["250"]),
+            (b"RCPT TO:<rcpt@example.net>\r\n", ["503 5.5.1"]),
+            (T + b"BDAT 5 LAST\r\nhello", ["250", "250", "250 2.0.0 Ok: queued as Q1"]),
+        ],
+    )
+    assert not outcome.closed
+    assert [message.body for message in outcome.messages] == [b"hello"]
+
+
+def test_bdat_over_limit_not_last_fails_transaction() -> None:
+    # RFC 3030 section 2: chunks already pipelined after the failed one are
+    # read and dropped too; each gets a 503, since the 552 ended the transaction.
+    config = hostile_config(max_message_size=10)
+    outcome = run_transcript(
+        lambda: make_session(config),
+        [
+            (EHLO, ["250"]),
+            (T, ["250", "250"]),
+            (b"BDAT 4\r\nabcd", ["250 2.0.0"]),
+            (b"BDAT 25\r\n" + b"RCPT TO:<x@example.org>\r\n" + b"BDAT 5 LAST\r\nhello",
+             ["552 5.3.4", "503 5.5.1"]),
+            (b"RSET\r\n", ["250"]),
+            (T + b"BDAT 3 LAST\r\nabc", ["250", "250", "250 2.0.0 Ok: queued as Q1"]),
+        ],
+    )
+    assert [message.body for message in outcome.messages] == [b"abc"]
+
+
+@pytest.mark.parametrize("cut", [1, 7, 17, 18, 4096, 65535])
+def test_bdat_over_limit_split_anywhere(cut: int) -> None:
+    # The octets of a dropped chunk are counted exactly however the reads split them.
+    config = hostile_config(max_message_size=10)
+    chunk = b"\r\n.\r\nQUIT\r\n" * 7000
+    data = b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"NOOP\r\n"
+    outcome = feed(make_session(config, client=UNTRUSTED), [EHLO, T, data[:cut], data[cut:]])
+    assert outcome.replies[-2:] == [
+        "552 5.3.4 Message size exceeds fixed maximum message size",
+        "250 2.0.0 OK",
+    ]
+    assert not outcome.closed
+
+
+def test_bdat_dropped_chunk_memory_bounded() -> None:
+    # 256 MiB declared against the 10 MiB limit: each read is dropped as it
+    # arrives, so neither the buffer nor the session holds the chunk.
+    session = make_session(client=UNTRUSTED)
+    feed(session, [EHLO, T])
+    piece = b"x" * 65536
+    pieces = 4096
+    session.receive_data(b"BDAT %d LAST\r\n" % (len(piece) * pieces))
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        for _ in range(pieces - 1):
+            session.receive_data(piece)
+            assert session.buffer.buffered == 0
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()
+    assert session.in_data
+    assert peak < 1024 * 1024
+    session.receive_data(piece)
+    assert split_replies(session.data_to_send())[-1].startswith("552 5.3.4")
+    assert not session.in_data
+    assert not session.closed
 
 
 def test_catalog_wire_bytes_match_fresh_encoding() -> None:

@@ -28,6 +28,12 @@ Policy decisions, with their sources:
   or authenticated; the message is then stored with CRLF line ends, and
   a line after a bare line end that starts with ``..`` loses one dot.  The size limit is checked at MAIL (SIZE,
   RFC 1870) and at end of data; nothing is answered before the final dot.
+- BDAT: a chunk is read to its declared end even when it is rejected, as
+  RFC 3030 section 2 requires, and the buffer drops a rejected chunk as it
+  arrives.  A chunk that takes the message past the size limit gets
+  ``552 5.3.4`` and ends the transaction, so later chunks get ``503``
+  until a new MAIL.  A declared size above 1 TiB gets ``552 5.3.4`` and
+  the connection closes.  The data timeout runs while a chunk is read.
 - Pipelining (RFC 2920 section 3.1): DATA, BDAT-free commands aside, must end
   a group.  An untrusted, unauthenticated client that sends bytes after DATA
   without waiting for ``354`` gets ``554 5.5.0`` and is disconnected; trusted
@@ -51,7 +57,7 @@ from typing import Final
 from relay._buffer import BareLineEnd, BdatChunk, DataEnd, Line, LineTooLong, SMTPBuffer
 from relay._errors import SMTPError
 from relay._parser import Command, parse_command
-from relay.config import Config, ListenerConfig
+from relay.config import MAX_MESSAGE_SIZE_CEILING, Config, ListenerConfig
 from relay.log import log_event
 from relay.smtp import replies
 from relay.smtp.auth import Challenge, Credentials, Failure, SaslExchange
@@ -703,10 +709,10 @@ class Session:
     def _bdat(self, command: Command) -> None:
         size = command.chunk_size
         assert size is not None
-        # A refused chunk must still be read to keep the framing (RFC 3030
-        # section 2), but not one far past the size limit: that could mean
-        # reading terabytes, so such a chunk ends the session instead.
-        if size > 2 * self.settings.max_message_size:
+        # A rejected chunk must still be read to keep the framing (RFC 3030
+        # section 2), however far it passes the size limit.  A size that no
+        # configuration could accept ends the session instead.
+        if size > MAX_DISCARDED_CHUNK:
             self.transaction = None
             self._reject("BDAT", replies.BDAT_TOO_BIG)
             return
@@ -724,6 +730,8 @@ class Session:
             return
         assert transaction is not None
         transaction.bdat_started = True
+        # A chunk that takes the message past the limit is read and dropped
+        # without storing it, and its 552 ends the transaction (_bdat_chunk).
         oversized = transaction.chunk_octets + size > self.settings.max_message_size
         self._bdat_last = command.last
         self._bdat_refusal = replies.MESSAGE_TOO_BIG if oversized else None
@@ -787,6 +795,13 @@ class Session:
 # A CR not followed by LF, or an LF not preceded by CR.
 _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
+
+# Largest BDAT chunk, in octets, that relay reads and drops after rejecting
+# it.  It equals the ceiling on policy.max_message_size, so no configuration
+# could accept a larger chunk.  A larger size, or one of more than 20 digits,
+# gets BDAT_TOO_BIG and the connection closes, because dropping 1 TiB
+# already takes over two hours at 1 Gbit/s.
+MAX_DISCARDED_CHUNK = MAX_MESSAGE_SIZE_CEILING
 
 # Octets MAIL and RCPT lines may have beyond policy.max_line_length.  RFC 5321
 # section 4.5.3.1.4 lets extensions lengthen command lines, and the ones
