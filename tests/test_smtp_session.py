@@ -851,6 +851,41 @@ def test_bdat_size_limit() -> None:
     assert outcome.messages == []
 
 
+@pytest.mark.parametrize(
+    "line",
+    [b"BDAT 12 MORE", b"BDAT -5", b"BDAT", b"BDAT x LAST", b"BDAT 5 LAST extra", b"BDAT 0x0c", b"BDAT 12\x00"],
+)
+def test_bdat_syntax_error_closes(line: bytes) -> None:
+    # Without a valid size the chunk cannot be skipped, so its text must not run as commands.
+    outcome = run_transcript(
+        lambda: make_session(client=UNTRUSTED),
+        [
+            (EHLO, ["250"]),
+            (T, ["250", "250"]),
+            (line + b"\r\nRSET\r\nNOOP\r\n", ["501 5.5.4 Invalid BDAT command, closing connection"]),
+        ],
+    )
+    assert outcome.closed
+
+
+def test_bdat_overlong_line_drops_chunk() -> None:
+    # The size of an overlong BDAT line is still valid, so its chunk is read and
+    # dropped; the chunks pipelined after it do not complete the message.
+    overlong = b"BDAT 27" + b" " * 600 + b"LAST\r\n"
+    outcome = run_transcript(
+        make_session,
+        [
+            (EHLO, ["250"]),
+            (T, ["250", "250"]),
+            (b"BDAT 3\r\nabc", ["250 2.0.0"]),
+            (overlong + b"MAIL FROM:<x@example.org>\r\n" + b"BDAT 3 LAST\r\nghi", ["500 5.5.2", "503 5.5.1"]),
+            (b"NOOP\r\n", ["250"]),
+        ],
+    )
+    assert not outcome.closed
+    assert outcome.messages == []
+
+
 def test_data_after_bdat_refused() -> None:
     run_transcript(
         make_session,

@@ -121,7 +121,9 @@ ALREADY_AUTHENTICATED = _reply("ALREADY_AUTHENTICATED", 503, "5.5.1", "Already a
 AUTH_IN_TRANSACTION = _reply("AUTH_IN_TRANSACTION", 503, "5.5.1", "AUTH not allowed during a mail transaction")
 BDAT_AFTER_DATA_MIXED = _reply("BDAT_AFTER_DATA_MIXED", 503, "5.5.1", "DATA not allowed after BDAT")
 RCPT_AFTER_BDAT = _reply("RCPT_AFTER_BDAT", 503, "5.5.1", "RCPT not allowed after BDAT")
-BAD_BDAT_SYNTAX = _reply("BAD_BDAT_SYNTAX", 501, "5.5.4", "Usage: BDAT size [LAST]")
+BAD_BDAT_SYNTAX = _reply(
+    "BAD_BDAT_SYNTAX", 501, "5.5.4", "Invalid BDAT command, closing connection. Usage: BDAT size [LAST]"
+)
 NON_ASCII_ADDRESS = _reply(
     "NON_ASCII_ADDRESS", 553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter"
 )
@@ -159,7 +161,7 @@ STORAGE_FAILURE = _reply("STORAGE_FAILURE", 452, "4.3.1", "Insufficient system s
 LOCAL_ERROR = _reply("LOCAL_ERROR", 451, "4.3.0", "Local error in processing, try again later")
 
 # The server closes the connection after these replies (besides 221/421/521).
-_CLOSING = frozenset({PIPELINING_VIOLATION, BDAT_TOO_BIG})
+_CLOSING = frozenset({PIPELINING_VIOLATION, BDAT_TOO_BIG, BAD_BDAT_SYNTAX})
 
 
 def queued(queue_id: str) -> Reply:

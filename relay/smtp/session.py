@@ -34,6 +34,9 @@ Policy decisions, with their sources:
   ``552 5.3.4`` and ends the transaction, so later chunks get ``503``
   until a new MAIL.  A declared size above 1 TiB gets ``552 5.3.4`` and
   the connection closes.  The data timeout runs while a chunk is read.
+  A BDAT line without a valid chunk size gets ``501 5.5.4`` and the
+  connection closes, because the end of its chunk is unknown (Postfix 3.7
+  also closes, with ``521 5.5.4``).
 - Pipelining (RFC 2920 section 3.1): DATA, BDAT-free commands aside, must end
   a group.  An untrusted, unauthenticated client that sends bytes after DATA
   without waiting for ``354`` gets ``554 5.5.0`` and is disconnected; trusted
@@ -345,6 +348,12 @@ class Session:
         except SMTPError as error:
             self._count("unknown" if error.code == 500 else "invalid")
             verb = _verb_of(line)
+            if verb.upper() == "BDAT":
+                # Without a valid chunk size the session cannot tell where the
+                # chunk behind this line ends, so nothing after it can be trusted.
+                self.transaction = None
+                self._reject("BDAT", replies.BAD_BDAT_SYNTAX)
+                return
             logged = "(hidden: sent after a refused AUTH)" if hidden else verb
             self._reject(logged, Reply(error.code, error.enhanced, (error.text,)))
             if verb.upper() == "DATA":
@@ -358,6 +367,10 @@ class Session:
         if verb in ("MAIL", "RCPT"):
             limit += PARAMETER_ALLOWANCE
         if len(line) + 2 > limit and verb != "AUTH":
+            if verb == "BDAT":
+                # The chunk size is known, so the chunk is still read and dropped.
+                self._bdat(command, replies.LINE_TOO_LONG)
+                return
             self._reject(verb, replies.LINE_TOO_LONG)
             if verb == "DATA":
                 self._drop_text_after_refused_data()
@@ -706,7 +719,8 @@ class Session:
             body = normalize_data_line_ends(body)
         self._finish_message(transaction, body, "DATA")
 
-    def _bdat(self, command: Command) -> None:
+    def _bdat(self, command: Command, refusal: Reply | None = None) -> None:
+        """Start reading a BDAT chunk, to store it or, with a ``refusal``, to drop it."""
         size = command.chunk_size
         assert size is not None
         # A rejected chunk must still be read to keep the framing (RFC 3030
@@ -716,12 +730,16 @@ class Session:
             self.transaction = None
             self._reject("BDAT", replies.BDAT_TOO_BIG)
             return
+        if refusal is not None:
+            # The chunks pipelined after a failed one must not complete the
+            # message, so the transaction ends here (RFC 3030 section 2).
+            self.transaction = None
         transaction = self.transaction
-        refusal: Reply | None = None
-        if transaction is None:
-            refusal = replies.NEED_MAIL
-        elif not transaction.recipients:
-            refusal = replies.NEED_RCPT
+        if refusal is None:
+            if transaction is None:
+                refusal = replies.NEED_MAIL
+            elif not transaction.recipients:
+                refusal = replies.NEED_RCPT
         if refusal is not None:
             # RFC 3030 section 2: the chunk is read and dropped even when BDAT fails,
             # because its length is the only framing.
