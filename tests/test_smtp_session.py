@@ -1023,6 +1023,60 @@ def test_auth_unavailable_without_credentials() -> None:
     )
 
 
+def test_parameters_after_helo_rejected() -> None:
+    outcome = run_transcript(
+        make_session,
+        [
+            (b"HELO client.example.com\r\n", ["250"]),
+            (b"MAIL FROM:<sender@example.com> SIZE=100\r\n", ["555 5.5.4"]),
+            (b"MAIL FROM:<sender@example.com> BODY=8BITMIME\r\n", ["555 5.5.4"]),
+            (b"MAIL FROM:<sender@example.com> SMTPUTF8\r\n", ["555 5.5.4"]),
+            (b"MAIL FROM:<sender@example.com>\r\n", ["250"]),
+            (b"RCPT TO:<rcpt@example.net> NOTIFY=NEVER\r\n", ["555 5.5.4"]),
+            (b"RCPT TO:<rcpt@example.net> ORCPT=rfc822;rcpt@example.net\r\n", ["555 5.5.4"]),
+            (b"RCPT TO:<rcpt@example.net>\r\n", ["250"]),
+            (b"DATA\r\n", ["354"]),
+            (b"Subject: s\r\n\r\nx\r\n.\r\n", ["250 2.0.0 Ok: queued as Q1"]),
+        ],
+    )
+    assert [message.transaction.size for message in outcome.messages] == [None]
+    assert outcome.messages[0].protocol == "SMTP"
+
+
+def test_parameters_after_ehlo_following_helo() -> None:
+    run_transcript(
+        make_session,
+        [
+            (b"HELO client.example.com\r\n", ["250"]),
+            (EHLO, ["250"]),
+            (b"MAIL FROM:<sender@example.com> SIZE=100\r\n", ["250"]),
+            (b"RCPT TO:<rcpt@example.net> NOTIFY=NEVER\r\n", ["250"]),
+            (b"HELO client.example.com\r\n", ["250"]),
+            (b"MAIL FROM:<sender@example.com> SIZE=100\r\n", ["555 5.5.4"]),
+        ],
+    )
+
+
+def test_bdat_after_helo_rejected() -> None:
+    # The chunk is still read, so its text never runs as commands, and the
+    # chunks pipelined after it are rejected too; DATA still works.
+    outcome = run_transcript(
+        make_session,
+        [
+            (b"HELO client.example.com\r\n", ["250"]),
+            (T, ["250", "250"]),
+            (
+                b"BDAT 6\r\nRSET\r\n" + b"BDAT 5 LAST\r\nhello",
+                ["503 5.5.1 BDAT is not accepted after HELO", "503 5.5.1"],
+            ),
+            (b"NOOP\r\n", ["250"]),
+            (b"DATA\r\n", ["354"]),
+            (b"Subject: s\r\n\r\nx\r\n.\r\n", ["250 2.0.0 Ok: queued as Q1"]),
+        ],
+    )
+    assert [message.body for message in outcome.messages] == [b"Subject: s\r\n\r\nx\r\n"]
+
+
 def test_auth_after_helo_refused() -> None:
     run_transcript(
         lambda: make_session(implicit_tls=True),

@@ -133,6 +133,10 @@ PIPELINING_VIOLATION = _reply(
 )
 BARE_LINE_END = _reply("BARE_LINE_END", 521, "5.5.2", "Bare CR or LF in message data, closing connection")
 BAD_COMMAND_LINE_END = _reply("BAD_COMMAND_LINE_END", 501, "5.5.2", "Bare CR in command line")
+PARAMETERS_NEED_EHLO = _reply(
+    "PARAMETERS_NEED_EHLO", 555, "5.5.4", "MAIL and RCPT parameters are not accepted after HELO, use EHLO"
+)
+BDAT_NEEDS_EHLO = _reply("BDAT_NEEDS_EHLO", 503, "5.5.1", "BDAT is not accepted after HELO, use EHLO")
 BODY_NOT_SUPPORTED = _reply("BODY_NOT_SUPPORTED", 555, "5.5.4", "BODY value not supported")
 
 # Policy.

@@ -45,6 +45,11 @@ Policy decisions, with their sources:
   AUTH and the transaction are forgotten after the handshake (RFC 3207
   section 4.2).
 - A new EHLO/HELO or RSET clears the transaction only; TLS and AUTH stay.
+- A HELO reply offers no extensions, and a client may use only offered ones
+  (RFC 5321 sections 2.2.1 and 4.1.1.3).  So after HELO, MAIL and RCPT
+  parameters get ``555 5.5.4`` and BDAT gets ``503 5.5.1`` after its chunk
+  is read, as AUTH gets ``503``.  Postfix 3.7 accepts both after HELO, but
+  clients such as Python's smtplib send parameters only after EHLO.
 - After ``server.max_errors`` 4xx/5xx replies the session ends with
   ``421 4.7.0`` (Postfix's ``smtpd_hard_error_limit`` is 20).
 """
@@ -604,6 +609,9 @@ class Session:
         if self.transaction is not None:
             self._reject("MAIL", replies.NESTED_MAIL)
             return
+        if command.params and not self.state.esmtp:
+            self._reject("MAIL", replies.PARAMETERS_NEED_EHLO)
+            return
         if self.settings.role == "submission" and self.state.auth_user is None:
             self._reject("MAIL", replies.AUTH_REQUIRED)
             return
@@ -631,6 +639,9 @@ class Session:
         transaction = self.transaction
         if transaction is None:
             self._reject("RCPT", replies.NEED_MAIL)
+            return
+        if command.params and not self.state.esmtp:
+            self._reject("RCPT", replies.PARAMETERS_NEED_EHLO)
             return
         if transaction.bdat_started:
             # The envelope is fixed once part of the message has arrived.
@@ -738,6 +749,8 @@ class Session:
         if refusal is None:
             if transaction is None:
                 refusal = replies.NEED_MAIL
+            elif not self.state.esmtp:
+                refusal = replies.BDAT_NEEDS_EHLO
             elif not transaction.recipients:
                 refusal = replies.NEED_RCPT
         if refusal is not None:
