@@ -1117,6 +1117,24 @@ def test_shutdown_idle_and_in_data() -> None:
     assert busy.closed
 
 
+def test_shutdown_during_rejected_chunk() -> None:
+    # The chunk is read to keep the framing, then the session ends at once.
+    session = make_session()
+    session.start()
+    session.receive_data(EHLO + b"BDAT 10\r\nabc")
+    session.data_to_send()
+    session.shutdown()
+    assert not session.closed
+
+    session.receive_data(b"defghij")
+
+    assert split_replies(session.data_to_send()) == [
+        "503 5.5.1 Need MAIL command first",
+        "421 4.3.2 Service shutting down, try again later",
+    ]
+    assert session.closed
+
+
 def test_held_greeting_drops_early_talker() -> None:
     session = make_session(client=UNTRUSTED)
     session.start(delay_greeting=True)

@@ -777,6 +777,11 @@ class Session:
             self._reject("BDAT", refusal)
             if refusal is replies.MESSAGE_TOO_BIG:
                 self._after_transaction()
+            elif self._shutting_down and not self.closed:
+                # No message is in flight after a rejected chunk, so a shutdown
+                # that waited for the end of the chunk ends the session now.
+                self._send(replies.SERVICE_UNAVAILABLE)
+                self._close("shutdown")
             return
         transaction = self.transaction
         assert transaction is not None
