@@ -870,7 +870,7 @@ def test_bdat_syntax_error_closes(line: bytes) -> None:
 
 def test_bdat_overlong_line_drops_chunk() -> None:
     # The size of an overlong BDAT line is still valid, so its chunk is read and
-    # dropped; the chunks pipelined after it do not complete the message.
+    # dropped.  The chunks pipelined after it do not complete the message.
     overlong = b"BDAT 27" + b" " * 600 + b"LAST\r\n"
     outcome = run_transcript(
         make_session,
@@ -1059,7 +1059,7 @@ def test_parameters_after_ehlo_following_helo() -> None:
 
 def test_bdat_after_helo_rejected() -> None:
     # The chunk is still read, so its text never runs as commands, and the
-    # chunks pipelined after it are rejected too; DATA still works.
+    # chunks pipelined after it are rejected too.  DATA still works.
     outcome = run_transcript(
         make_session,
         [
@@ -1200,7 +1200,7 @@ def test_bdat_far_over_limit_read_and_dropped() -> None:
 
 def test_bdat_over_limit_not_last_fails_transaction() -> None:
     # RFC 3030 section 2: chunks already pipelined after the failed one are
-    # read and dropped too; each gets a 503, since the 552 ended the transaction.
+    # read and dropped too.  Each gets a 503, because the 552 ended the transaction.
     config = hostile_config(max_message_size=10)
     outcome = run_transcript(
         lambda: make_session(config),
@@ -1233,7 +1233,7 @@ def test_bdat_over_limit_split_anywhere(cut: int) -> None:
 
 def test_bdat_dropped_chunk_memory_bounded() -> None:
     # 256 MiB declared against the 10 MiB limit: each read is dropped as it
-    # arrives, so neither the buffer nor the session holds the chunk.
+    # arrives, so neither the buffer nor the session keeps the chunk.
     session = make_session(client=UNTRUSTED)
     feed(session, [EHLO, T])
     piece = b"x" * 65536
