@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if not is_safe_user_name(args.user):
         _error(
             f"invalid user name {args.user!r}: a local user name is one folder under [local] maildir_root,"
-            " made of letters, digits and . _ + = - and not starting with '.', such as alice.")
+            " made of letters, digits and . _ + = - and not starting with '.', such as alice."
+        )
         return 1
     user = args.user.lower()
     root = Path(config.local.maildir_root) / user
@@ -129,7 +130,8 @@ def _report_permission_error(user: str, root: Path, exc: PermissionError) -> Non
         owner_hint = ""
     _error(
         f"cannot read mailbox {user}: permission denied on {path}. "
-        f"Run relay mailbox as the relay's user{owner_hint}, or make {path} readable for this user.")
+        f"Run relay mailbox as the relay's user{owner_hint}, or make {path} readable for this user."
+    )
 
 
 def _print_message(root: Path, number: int) -> int:
@@ -143,7 +145,8 @@ def _print_message(root: Path, number: int) -> int:
     if found is None:
         _error(
             f"message {number} ({path.name}) was deleted from {root} while it was being read. "
-            "Run relay mailbox without N to list the current messages.")
+            "Run relay mailbox without N to list the current messages."
+        )
         return 1
     data, _ = found
     # When the reader closes a pipe mid-write, Linux returns the bytes written so far and the
