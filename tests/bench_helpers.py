@@ -28,11 +28,12 @@ def relay_command(*args: str) -> list[str]:
 
 @dataclass
 class SinkProcess:
-    """A running ``relay sink``; ``counters`` is filled in when it stops."""
+    """A running ``relay sink``; ``counters`` and ``stderr`` are filled in when it stops."""
 
     process: subprocess.Popen[bytes]
     port: int
     counters: dict[str, Any] = field(default_factory=dict)
+    stderr: str = ""
 
     @property
     def target(self) -> str:
@@ -78,6 +79,7 @@ def running_sink(*options: str) -> Iterator[SinkProcess]:
         except subprocess.TimeoutExpired:
             process.kill()
             stdout, stderr = process.communicate()
+        sink.stderr = stderr.decode()
         lines = [line for line in stdout.decode().splitlines() if line.startswith("{")]
         if lines:
             sink.counters = orjson.loads(lines[-1])

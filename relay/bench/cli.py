@@ -23,6 +23,7 @@ from relay.bench.client import ClientSettings
 from relay.bench.faults import FaultPlan
 from relay.bench.loadgen import LoadPlan, ProgressLine, run_load
 from relay.bench.messages import AddressPattern, encode, generate_message, load_folder
+from relay.bench.sink import DEFAULT_TIMEOUT as DEFAULT_SINK_TIMEOUT
 from relay.bench.sink import SinkSettings
 from relay.bench.sink_server import SinkRun, run_sink
 from relay.bench.stats import format_report
@@ -191,6 +192,14 @@ def _register_sink(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         help="delay every reply by this many milliseconds (default: 0)",
     )
     sink.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_SINK_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection with 421 4.4.2 after this many seconds without input,"
+        f" also inside DATA or BDAT (default: {DEFAULT_SINK_TIMEOUT:g})",
+    )
+    sink.add_argument(
         "--seed", type=int, metavar="N", help="seed of the fault draws, for repeatable runs (worker i uses N+i)"
     )
     sink.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain; with --tls-key, offer STARTTLS")
@@ -340,6 +349,8 @@ def _sink(args: argparse.Namespace) -> int:
     # NaN fails every comparison, so it is tested first; inf would never reply.
     if not math.isfinite(args.delay) or not 0 <= args.delay <= MAX_SINK_DELAY_MS:
         return _usage_error(f"--delay: {args.delay:g} is not between 0 and {MAX_SINK_DELAY_MS} milliseconds")
+    if not (0 < args.timeout < math.inf):
+        return _usage_error(f"--timeout: {args.timeout:g} must be a finite number of seconds above 0")
     if not is_hostname(args.hostname):
         return _usage_error(f"--hostname {args.hostname!r}: not a host name; give a name such as sink.example.test")
     try:
@@ -359,7 +370,13 @@ def _sink(args: argparse.Namespace) -> int:
             return 1
 
     setup_logging("text")
-    settings = SinkSettings(hostname=args.hostname, faults=faults, delay=args.delay / 1000, tls_context=tls_context)
+    settings = SinkSettings(
+        hostname=args.hostname,
+        faults=faults,
+        delay=args.delay / 1000,
+        timeout=args.timeout,
+        tls_context=tls_context,
+    )
     run = SinkRun(host=host, port=port, workers=args.workers, settings=settings, json_output=args.json)
     try:
         return run_sink(run)

@@ -14,6 +14,15 @@ replies to MAIL, RCPT and end of data with a 4xx or 5xx reply, or close the
 connection instead of replying.  After an injected greeting failure the sink
 closes the connection.  ``delay`` postpones every reply by that many seconds,
 keeping their order.
+
+A connection that sends nothing for ``timeout`` seconds (default
+``DEFAULT_TIMEOUT``), between commands or in the middle of DATA or a BDAT
+chunk, gets ``421 4.4.2`` and is closed, and the ``timeouts`` counter
+counts it.  The idle clock restarts on every read and stops while a reply
+postponed by ``delay`` is pending, so only the client's silence counts.
+A STARTTLS handshake must finish within one timeout (plus ``delay``); one
+that does not is aborted without a reply, because the client expects TLS
+records by then, and counted as a timeout too.
 """
 
 from __future__ import annotations
@@ -29,10 +38,19 @@ from relay._buffer import BareLineEnd, BdatChunk, DataEnd, Line, LineTooLong, SM
 from relay._errors import SMTPError
 from relay._parser import Command, parse_command
 from relay.bench.faults import REPLIES, STAGES, FaultChooser, FaultPlan
+from relay.smtp import replies
 
 # Counter slots, so that several worker processes can add theirs in one array.
-CONNECTIONS, MESSAGES, BYTES, RECIPIENTS, COMMANDS, REJECTED = range(6)
-COUNTER_NAMES: tuple[str, ...] = ("connections", "messages", "bytes", "recipients", "commands", "rejected")
+CONNECTIONS, MESSAGES, BYTES, RECIPIENTS, COMMANDS, REJECTED, TIMEOUTS = range(7)
+COUNTER_NAMES: tuple[str, ...] = (
+    "connections",
+    "messages",
+    "bytes",
+    "recipients",
+    "commands",
+    "rejected",
+    "timeouts",
+)
 FAULT_NAMES: tuple[str, ...] = tuple(f"{stage}_{kind}" for stage in STAGES for kind in ("4xx", "5xx", "drop"))
 FAULT_BASE = len(COUNTER_NAMES)
 COUNTER_SLOTS = FAULT_BASE + len(FAULT_NAMES)
@@ -41,6 +59,13 @@ _FAULT_INDEX = {name: FAULT_BASE + index for index, name in enumerate(FAULT_NAME
 # AUTH needs longer lines than commands: RFC 4954 section 4 allows 12288
 # octets for a response line.
 AUTH_LINE_LIMIT = 12288
+
+# Seconds a connection may stay silent before the sink closes it.  Postfix's
+# smtp-sink uses the same default for its -t option (Postfix 3.7 manual).
+DEFAULT_TIMEOUT = 100.0
+# Seconds added to a re-armed idle timer, because uvloop (0.23) rounds timer
+# delays to whole milliseconds and so may fire one just before its deadline.
+TIMER_SLACK = 0.01
 
 _OK = b"250 2.0.0 Ok\r\n"
 _MAIL_OK = b"250 2.1.0 Sender ok\r\n"
@@ -66,6 +91,7 @@ _AUTH_EMPTY_CHALLENGE = b"334 \r\n"
 _VRFY = b"252 2.0.0 Cannot verify the user\r\n"
 _EXPN = b"502 5.5.1 EXPN not supported\r\n"
 _HELP = b"214 2.0.0 relay sink accepts and discards every message\r\n"
+_TIMEOUT = replies.TIMEOUT.wire
 
 
 @dataclass(frozen=True)
@@ -75,6 +101,7 @@ class SinkSettings:
     hostname: str
     faults: FaultPlan
     delay: float = 0.0
+    timeout: float = DEFAULT_TIMEOUT
     tls_context: ssl.SSLContext | None = None
 
     def greeting(self) -> bytes:
@@ -124,6 +151,14 @@ class SinkProtocol(asyncio.Protocol):
         self.authenticated = False
         self.secure = False
         self.closing = False
+        self.upgrading = False
+        self.timeout = state.settings.timeout
+        # Event loop time of the last read, or of the last postponed reply
+        # sent; the idle timer compares against it when it fires.
+        self.last_activity = 0.0
+        # Replies postponed by ``delay`` and not yet written.
+        self.pending_writes = 0
+        self.idle_timer: asyncio.TimerHandle | None = None
 
     # Connection events
 
@@ -132,6 +167,8 @@ class SinkProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.state.sessions.add(self)
         self.counters[CONNECTIONS] += 1
+        self.last_activity = self.loop.time()
+        self.idle_timer = self.loop.call_later(self.timeout, self._check_idle)
         fault = self.chooser.choose("connect")
         if fault is not None:
             self._inject("connect", fault, [])
@@ -141,8 +178,13 @@ class SinkProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.sessions.discard(self)
         self.closing = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
 
     def data_received(self, data: bytes) -> None:
+        # This clock read is all that the idle timeout costs per read.
+        self.last_activity = self.loop.time()
         if self.closing:
             return
         buffer = self.buffer
@@ -175,9 +217,16 @@ class SinkProtocol(asyncio.Protocol):
     def _send(self, out: list[bytes], close: bool = False) -> None:
         payload = out[0] if len(out) == 1 else b"".join(out)
         if self.delay > 0:
-            self.loop.call_later(self.delay, self._write, payload, close)
+            self.pending_writes += 1
+            self.loop.call_later(self.delay, self._write_postponed, payload, close)
         else:
             self._write(payload, close)
+
+    def _write_postponed(self, payload: bytes, close: bool) -> None:
+        # The client waited for this reply, so its idle time starts now.
+        self.pending_writes -= 1
+        self.last_activity = self.loop.time()
+        self._write(payload, close)
 
     def _write(self, payload: bytes, close: bool) -> None:
         transport = self.transport
@@ -185,6 +234,37 @@ class SinkProtocol(asyncio.Protocol):
             return
         transport.write(payload)
         if close:
+            transport.close()
+
+    # Idle timeout
+
+    def _check_idle(self) -> None:
+        """Close the connection if it sent nothing for ``timeout`` seconds, else re-arm.
+
+        Reads only store their time, so the timer runs once per timeout
+        period instead of being rescheduled on every read.
+        """
+        self.idle_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        now = self.loop.time()
+        if self.pending_writes or self.upgrading:
+            # The client is not idle while a postponed reply is due.  During
+            # STARTTLS, start_tls enforces its own handshake timeout instead.
+            self.last_activity = now
+        idle = now - self.last_activity
+        if idle < self.timeout:
+            self.idle_timer = self.loop.call_later(self.timeout - idle + TIMER_SLACK, self._check_idle)
+            return
+        self.counters[TIMEOUTS] += 1
+        self.closing = True
+        transport.write(_TIMEOUT)
+        if transport.get_write_buffer_size():
+            # The client does not read its replies, so closing gracefully
+            # would wait for it forever.
+            transport.abort()
+        else:
             transport.close()
 
     def _inject(self, stage: str, fault: str, out: list[bytes]) -> None:
@@ -335,20 +415,31 @@ class SinkProtocol(asyncio.Protocol):
         # RFC 3207 section 4.2: bytes pipelined after STARTTLS are discarded.
         self.buffer.discard()
         self.closing = True
+        self.upgrading = True
         self.loop.create_task(self._upgrade(context))
 
     async def _upgrade(self, context: ssl.SSLContext) -> None:
         transport = self.transport
         assert transport is not None
+        # With --delay the client sees the 220 reply that late, so it starts
+        # the handshake that much later.
+        handshake_timeout = self.timeout + self.delay
         try:
-            upgraded = await self.loop.start_tls(transport, self, context, server_side=True)
+            upgraded = await self.loop.start_tls(
+                transport, self, context, server_side=True, ssl_handshake_timeout=handshake_timeout
+            )
+        except ConnectionAbortedError:
+            # What start_tls raises when the handshake outlasts its timeout.
+            self.counters[TIMEOUTS] += 1
+            upgraded = None
         except (OSError, ssl.SSLError, ConnectionError):
-            transport.abort()
-            return
+            upgraded = None
+        self.upgrading = False
         if upgraded is None:
             transport.abort()
             return
         self.transport = upgraded
+        self.last_activity = self.loop.time()
         self.secure = True
         self.authenticated = False
         self._reset()
