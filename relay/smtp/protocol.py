@@ -27,6 +27,7 @@ from relay.log import log_event
 from relay.smtp import replies
 from relay.smtp.replies import Reply
 from relay.smtp.session import Session
+from relay.smtp.tls import handshake_failure_reason
 from relay.smtp.transaction import CheckCredentials, Close, MessageReady, Rejected, StartTLS
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ class SMTPProtocol(asyncio.Protocol):
         self._lost = False  # connection_lost has run
         self._timer_in_data = False  # whether the timer runs on data_timeout
         self._greeting_timer: asyncio.TimerHandle | None = None
+        self._handshaking = False  # a STARTTLS handshake runs
+        self._loss_deferred = False  # connection_lost came during that handshake
 
     # -- asyncio callbacks ---------------------------------------------------
 
@@ -112,8 +115,12 @@ class SMTPProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # Also called by _start_tls when the handshake fails: the event loop
-        # then reports the loss to its TLS layer only, never to this protocol.
+        if self._handshaking:
+            # The event loop may report the loss before start_tls returns, as
+            # uvloop does on a handshake timeout.  _start_tls calls this method
+            # once start_tls has returned, so disconnect follows tls_failed.
+            self._loss_deferred = True
+            return
         if self._lost:
             return
         self._lost = True
@@ -249,6 +256,9 @@ class SMTPProtocol(asyncio.Protocol):
         if transport is None:
             return  # the client was gone before the upgrade started
         loop = asyncio.get_running_loop()
+        error: OSError | None = None
+        new_transport: asyncio.Transport | None = None
+        self._handshaking = True
         try:
             new_transport = await loop.start_tls(
                 transport,
@@ -257,25 +267,40 @@ class SMTPProtocol(asyncio.Protocol):
                 server_side=True,
                 ssl_handshake_timeout=self.runtime.config.server.tls_handshake_timeout,
             )
-        except (TimeoutError, OSError, ConnectionError) as exc:
+        except OSError as exc:  # ssl.SSLError, ConnectionError and TimeoutError among them
+            error = exc
+        finally:
+            self._handshaking = False
+        # When the connection closes without an error during the handshake,
+        # asyncio's start_tls returns None but uvloop 0.23 returns a transport.
+        # Only a completed handshake gives that transport an ssl_object.
+        if new_transport is None or new_transport.get_extra_info("ssl_object") is None:
             log_event(
                 logger,
                 "tls_failed",
                 logging.WARNING,
                 session=self.session_id,
                 client=self.client_address,
-                error=str(exc) or type(exc).__name__,
+                error=handshake_failure_reason(error),
             )
             transport.abort()
-            self.connection_lost(exc)
-            return
-        if new_transport is None:
-            transport.abort()
-            self.connection_lost(None)
+            self.connection_lost(error)
             return
         self.transport = new_transport
         self._tls = True
-        ssl_object = new_transport.get_extra_info("ssl_object")
+        self._log_tls(new_transport)
+        if self._loss_deferred:
+            # The connection closed between the end of the handshake and now.
+            self.connection_lost(None)
+            return
+        self._pause_reasons.discard("tls")
+        self._resume("wait")
+        self._last_activity = time.monotonic()
+        session.tls_started()
+        self._flush()
+
+    def _log_tls(self, transport: asyncio.Transport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
         log_event(
             logger,
             "tls",
@@ -284,11 +309,6 @@ class SMTPProtocol(asyncio.Protocol):
             version=ssl_object.version() if ssl_object else None,
             cipher=ssl_object.cipher()[0] if ssl_object and ssl_object.cipher() else None,
         )
-        self._pause_reasons.discard("tls")
-        self._resume("wait")
-        self._last_activity = time.monotonic()
-        session.tls_started()
-        self._flush()
 
     def _pause(self, reason: str) -> None:
         if not self._pause_reasons and self.transport is not None:

@@ -5,6 +5,12 @@ the standard library's default cipher choice for that floor.  Client
 certificates are not requested.  The certificate chain and key come from
 ``[tls] cert`` and ``[tls] key``; a missing or unreadable file is reported
 with its path when the server starts, not at the first STARTTLS.
+
+A failed server-side handshake is logged as ``tls_failed`` with the reason
+from ``handshake_failure_reason``: OpenSSL's reason code (for example
+``WRONG_VERSION_NUMBER`` for a plaintext client, ``UNSUPPORTED_PROTOCOL``
+for one that offers only TLS 1.1 or older), or what happened to the
+connection.
 """
 
 from __future__ import annotations
@@ -50,3 +56,24 @@ def _bad_file(config: TLSConfig) -> str | None:
     except OSError:
         return None
     return f"{config.key} is not a valid PEM private key, or not the key of that certificate"
+
+
+def handshake_failure_reason(error: OSError | None) -> str:
+    """Return why a server-side TLS handshake failed, in a few words for the log.
+
+    ``error`` is what ``loop.start_tls`` raised, or None when the call
+    returned although the connection closed before the handshake completed.
+    The asyncio of Python 3.11 and uvloop 0.23 both raise
+    ConnectionAbortedError when ``ssl_handshake_timeout`` runs out, and a
+    ConnectionResetError without an errno when the client closes its side
+    before the handshake completes.
+    """
+    if error is None:
+        return "connection closed during the handshake"
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return error.reason
+    if isinstance(error, ConnectionAbortedError):
+        return "handshake timed out"
+    if isinstance(error, ConnectionResetError) and error.errno is None:
+        return "client closed the connection during the handshake"
+    return str(error) or type(error).__name__
