@@ -1,16 +1,21 @@
-"""Server-side TLS handshakes over real sockets.
+"""Server-side TLS handshakes over real sockets: implicit TLS and STARTTLS.
 
-After STARTTLS a failed handshake is logged with its reason between the
+On an implicit-TLS listener a failed handshake must leave one ``tls_failed``
+line with the client and the reason, and no session: no ``connect`` line,
+no connection slot.  After STARTTLS the failure is logged between the
 session's ``connect`` and ``disconnect`` lines.  Each test connects from a
-loopback address of its own, so that its lines can be told from those of
-other tests.  Every test runs under uvloop and under the standard asyncio
-loop.
+loopback address of its own, so that its lines can be distinguished from
+those of other tests.  Every test runs under uvloop and under the standard
+asyncio loop.
 """
 
 from __future__ import annotations
 
 import re
+import socket
+import ssl
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,32 @@ from tests.server_helpers import EVENT_LOOPS, Listener, RawClient, RelayProcess,
 EHLO = b"EHLO client.example.com\r\n"
 # Only 127.0.0.2 is trusted, so the per-client connection limit applies to the test clients.
 POLICY = 'trusted_networks = ["127.0.0.2/32"]'
+
+
+@pytest.fixture(scope="module", params=EVENT_LOOPS)
+def relay(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    directory = tmp_path_factory.mktemp(f"tls-{request.param}")
+    server = RelayProcess(
+        directory,
+        event_loop=request.param,
+        listeners=[Listener(tls="implicit")],
+        policy=POLICY,
+        certificate=make_certificate(directory),
+    )
+    with server:
+        yield server
+
+
+def client_context(maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if maximum is not None:
+        context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        context.maximum_version = maximum
+        # Security level 0 lets OpenSSL 3 offer the old versions and their ciphers at all.
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return context
 
 
 def read_to_close(raw: RawClient, timeout: float = 5.0) -> bytes:
@@ -54,6 +85,122 @@ def field(line: str, name: str) -> str:
     found = re.search(rf' {name}=("[^"]*"|\S+)', line)
     assert found is not None, f"no {name}= in {line!r}"
     return found.group(1).strip('"')
+
+
+def check_failure(relay: RelayProcess, client: str, reason: str) -> None:
+    lines = client_lines(relay, client, "tls_failed")
+    failures = [line for line in lines if " tls_failed " in line]
+    assert len(failures) == 1, lines
+    failed = failures[0]
+    # The session ID appears on no other line: the connection never became a session.
+    session = field(failed, "session")
+    assert [line for line in relay.log().splitlines() if f"session={session} " in line] == [failed]
+    assert " warning " in failed
+    assert field(failed, "listener") == f"127.0.0.1:{relay.port}"
+    assert field(failed, "error") == reason
+
+
+def tls_client(relay: RelayProcess, source: str) -> RawClient:
+    raw = RawClient(relay.port, source=source)
+    raw.sock = client_context().wrap_socket(raw.sock, server_hostname="localhost")
+    return raw
+
+
+def check_service(relay: RelayProcess, source: str) -> None:
+    """Check that a TLS client from ``source`` still gets a session."""
+    with tls_client(relay, source) as raw:
+        raw.exchange(b"", ["220 mx.example.test"])
+        raw.exchange(EHLO, ["250"])
+        raw.exchange(b"QUIT\r\n", ["221"])
+
+
+def test_plaintext_client_logged(relay: RelayProcess) -> None:
+    with RawClient(relay.port, source="127.0.0.3") as raw:
+        raw.send(EHLO)
+        # A TLS alert record at most, never an SMTP reply in plaintext.
+        assert not read_to_close(raw).startswith(b"2")
+    check_failure(relay, "127.0.0.3", "WRONG_VERSION_NUMBER")
+    check_service(relay, "127.0.0.3")
+
+
+@pytest.mark.skipif(not ssl.HAS_TLSv1_1, reason="this OpenSSL cannot offer TLS 1.1")
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
+def test_tls_1_1_client_logged(relay: RelayProcess) -> None:
+    with RawClient(relay.port, source="127.0.0.4") as raw, pytest.raises(ssl.SSLError):
+        client_context(maximum=ssl.TLSVersion.TLSv1_1).wrap_socket(raw.sock, server_hostname="localhost")
+    check_failure(relay, "127.0.0.4", "UNSUPPORTED_PROTOCOL")
+
+
+def test_close_before_client_hello_logged(relay: RelayProcess) -> None:
+    with socket.create_connection(("127.0.0.1", relay.port), source_address=("127.0.0.5", 0)):
+        pass
+    check_failure(relay, "127.0.0.5", "client closed the connection during the handshake")
+
+
+def test_close_inside_client_hello_logged(relay: RelayProcess) -> None:
+    """The first bytes of a TLS record announce a ClientHello that never arrives."""
+    with RawClient(relay.port, source="127.0.0.6") as raw:
+        raw.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    check_failure(relay, "127.0.0.6", "client closed the connection during the handshake")
+
+
+def test_tls_client_served_and_logged(relay: RelayProcess) -> None:
+    check_service(relay, "127.0.0.7")
+    lines = client_lines(relay, "127.0.0.7", "disconnect")
+    assert event_names(lines) == ["connect", "tls", "disconnect"], lines
+    connect, tls, disconnect = lines
+    assert field(connect, "tls") == "true"
+    assert field(tls, "version") == "TLSv1.3"
+    assert field(disconnect, "commands") == "ehlo=1 quit=1"
+
+
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_silent_client_times_out(tmp_path: Path, event_loop: str) -> None:
+    """A client that sends nothing is dropped after tls_handshake_timeout, without taking a connection slot."""
+    relay = RelayProcess(
+        tmp_path,
+        event_loop=event_loop,
+        listeners=[Listener(tls="implicit")],
+        policy=POLICY,
+        server='tls_handshake_timeout = "1s"\nmax_connections_per_client = 1',
+        certificate=make_certificate(tmp_path),
+    )
+    with relay:
+        with RawClient(relay.port, source="127.0.0.3") as silent:
+            started = time.monotonic()
+            # Only a session counts against the limit, so this client gets one meanwhile.
+            check_service(relay, "127.0.0.3")
+            assert read_to_close(silent) == b""
+            assert 0.8 <= time.monotonic() - started < 5
+        check_failure(relay, "127.0.0.3", "handshake timed out")
+
+
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_failed_handshakes_leave_limit(tmp_path: Path, event_loop: str) -> None:
+    """Failed handshakes neither take nor give back a slot of the per-client connection limit."""
+    relay = RelayProcess(
+        tmp_path,
+        event_loop=event_loop,
+        listeners=[Listener(tls="implicit")],
+        policy=POLICY,
+        server="max_connections_per_client = 1",
+        certificate=make_certificate(tmp_path),
+    )
+    with relay:
+        for _ in range(3):
+            with RawClient(relay.port, source="127.0.0.3") as raw:
+                raw.send(EHLO)
+                read_to_close(raw)
+        with tls_client(relay, "127.0.0.3") as first:
+            first.exchange(b"", ["220 mx.example.test"])
+            with tls_client(relay, "127.0.0.3") as second:
+                second.exchange(b"", ["421 4.7.0"])
+            first.exchange(b"QUIT\r\n", ["221"])
+        lines = client_lines(relay, "127.0.0.3", "disconnect")
+        assert event_names(lines).count("tls_failed") == 3, lines
+
+
+# -- STARTTLS, which shares the reasons -----------------------------------------
 
 
 @pytest.mark.parametrize("event_loop", EVENT_LOOPS)

@@ -84,6 +84,9 @@ class SMTPProtocol(asyncio.Protocol):
             listener=runtime.name,
             tls=self._tls,
         )
+        if self._tls:
+            # An implicit-TLS connection: the handshake has completed.
+            self._log_tls(self.transport)
         if refusal is not None:
             session.refuse(refusal)
         else:

@@ -52,6 +52,7 @@ from relay.reload import check_files, log_reload, reload_config
 from relay.signals import EarlySignals, StopRequests, SupervisorLink, install_loop_handlers
 from relay.smtp import replies
 from relay.smtp.auth import CredentialsError, CredentialStore
+from relay.smtp.implicit import ImplicitTLSListener
 from relay.smtp.policy import RelayPolicy
 from relay.smtp.protocol import SMTPProtocol
 from relay.smtp.received import received_header
@@ -353,7 +354,7 @@ class Worker:
         self._wake_sender: WakeSender | None = None
         self.sessions: set[SMTPProtocol] = set()
         self.runtimes: list[ListenerRuntime] = []
-        self.servers: list[asyncio.base_events.Server] = []
+        self.servers: list[asyncio.AbstractServer | ImplicitTLSListener] = []
         self.spool: Spool | None = None
         self._stop = asyncio.Event()
         self._stop_requests = StopRequests()
@@ -480,19 +481,21 @@ class Worker:
                 sessions=self.sessions,
                 prefix=f"{os.getpid():x}.{number}.",
             )
-            host, port = listener.address
-            server = await loop.create_server(
-                _factory(runtime),
-                host=host,
-                port=port,
-                reuse_port=True,
-                backlog=LISTEN_BACKLOG,
-                ssl=context if listener.tls == "implicit" else None,
-                # Fixed when the listener opens, so a reload does not change it here.
-                ssl_handshake_timeout=config.server.tls_handshake_timeout if listener.tls == "implicit" else None,
-            )
-            for sock in server.sockets:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            server: asyncio.AbstractServer | ImplicitTLSListener
+            if listener.tls == "implicit":
+                # Not create_server(ssl=...), which drops failed handshakes without a word.
+                server = ImplicitTLSListener(runtime, LISTEN_BACKLOG)
+            else:
+                host, port = listener.address
+                server = await loop.create_server(
+                    _factory(runtime),
+                    host=host,
+                    port=port,
+                    reuse_port=True,
+                    backlog=LISTEN_BACKLOG,
+                )
+                for sock in server.sockets:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.runtimes.append(runtime)
             self.servers.append(server)
 

@@ -61,12 +61,12 @@ def _bad_file(config: TLSConfig) -> str | None:
 def handshake_failure_reason(error: OSError | None) -> str:
     """Return why a server-side TLS handshake failed, in a few words for the log.
 
-    ``error`` is what ``loop.start_tls`` raised, or None when the call
-    returned although the connection closed before the handshake completed.
-    The asyncio of Python 3.11 and uvloop 0.23 both raise
-    ConnectionAbortedError when ``ssl_handshake_timeout`` runs out, and a
-    ConnectionResetError without an errno when the client closes its side
-    before the handshake completes.
+    ``error`` is what ``loop.start_tls`` or ``loop.connect_accepted_socket``
+    raised, or None when the call returned although the connection closed
+    before the handshake completed.  The asyncio of Python 3.11 and uvloop
+    0.23 both raise ConnectionAbortedError when ``ssl_handshake_timeout``
+    runs out, and a ConnectionResetError without an errno when the client
+    closes its side before the handshake completes.
     """
     if error is None:
         return "connection closed during the handshake"
