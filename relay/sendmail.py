@@ -284,15 +284,20 @@ def _config_file(options: Options) -> str | None:
 
 
 def _require_spool(directory: str) -> None:
-    """Raise SpoolError unless ``directory`` contains a spool that a relay created."""
+    """Raise SendmailError (EX_TEMPFAIL) unless ``directory`` contains a spool that a relay created.
+
+    The error is not a SpoolError, so the message names the missing spool and
+    the config to give without the advice about write access.
+    """
     try:
         found = database_path(directory).exists()
     except OSError as exc:
-        raise SpoolError(f"cannot read spool {directory}: {exc.strerror}") from exc
+        raise SendmailError(EX_TEMPFAIL, f"cannot read spool {directory}: {exc.strerror}") from exc
     if not found:
-        raise SpoolError(
+        raise SendmailError(
+            EX_TEMPFAIL,
             f"no spool in {directory} (spool.db not found) and no config file;"
-            f" name the relay's config with --config or {CONFIG_ENVIRONMENT}"
+            f" name the relay's config with --config or {CONFIG_ENVIRONMENT}",
         )
 
 

@@ -308,6 +308,25 @@ def test_defaults_never_create_spool(tmp_path: Path) -> None:
         assert not (tmp_path / "relay-spool").exists()
 
 
+@pytest.mark.skipif(Path("/etc/relay/relay.toml").exists(), reason="this host has a system-wide relay config")
+def test_defaults_missing_spool_message(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "RELAY_CONFIG"}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    command = [sys.executable, "-m", "relay", "sendmail", "root"]
+
+    result = subprocess.run(
+        command, input=b"Subject: x\n\nhi\n", capture_output=True, env=env, cwd=tmp_path, check=False, timeout=60
+    )
+    stderr = result.stderr.decode()
+
+    assert result.returncode == EX_TEMPFAIL
+    # One cause and one next step: the spool is missing, so write access is not the fix.
+    assert stderr.count("\n") == 1
+    assert "--config or RELAY_CONFIG" in stderr
+    assert "write access" not in stderr
+    assert "try again later" not in stderr
+
+
 def test_unwritable_spool_is_tempfail() -> None:
     # Under /tmp, which every user can search, so that the child reaches the config.
     base = Path(tempfile.mkdtemp(prefix="relay-sendmail-"))
