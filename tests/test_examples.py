@@ -1,13 +1,19 @@
-"""The example configs in examples/ load without errors once their files exist."""
+"""The example configs in examples/ load without errors once their files exist, and the sink example runs."""
 
 from __future__ import annotations
 
+import os
+import re
+import smtplib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port
 from relay.config import load_config
+from tests.server_helpers import wait_for_port
 
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.toml"))
 
@@ -33,3 +39,35 @@ def test_examples_cover_each_use() -> None:
 
     assert names == {"relay-throughput.toml", "relay-sink.toml", "relay-smarthost.toml"}
     assert (REPO_ROOT / "examples" / "relay.service").is_file()
+
+
+def test_sink_example_logs_totals(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "relay-sink.toml"
+    example = (REPO_ROOT / "examples" / "relay-sink.toml").read_text()
+    config.write_text(example.replace("127.0.0.1:2526", f"127.0.0.1:{port}"))
+    log_path = tmp_path / "sink.log"
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+            stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=tmp_path,
+        )
+    try:
+        wait_for_port("127.0.0.1", port, process=process)
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.sendmail("app@example.test", ["a@example.test", "b@example.test"], b"Subject: x\r\n\r\nhi\r\n")
+        process.terminate()
+        status = process.wait(30)
+    finally:
+        process.kill()
+        process.wait()
+    text = log_path.read_text()
+    totals = re.findall(r"sink_totals .*messages=(\d+) recipients=(\d+)", text)
+
+    assert status == 0, text
+    # Each of the example's two workers logs one line; one of them took the message.
+    assert len(totals) == 2, text
+    assert sum(int(messages) for messages, _ in totals) == 1, text
+    assert sum(int(recipients) for _, recipients in totals) == 2, text
