@@ -71,3 +71,20 @@ def test_sink_example_logs_totals(tmp_path: Path) -> None:
     assert len(totals) == 2, text
     assert sum(int(messages) for messages, _ in totals) == 1, text
     assert sum(int(recipients) for _, recipients in totals) == 2, text
+
+
+def test_service_setup_creates_writable_paths() -> None:
+    unit = (REPO_ROOT / "examples" / "relay.service").read_text()
+    created: set[str] = set()
+    writable: list[str] = []
+    for line in unit.splitlines():
+        command = line.removeprefix("#").strip()
+        if command.startswith("install -d "):
+            created.update(word for word in command.split() if word.startswith("/"))
+        if line.startswith("ReadWritePaths="):
+            writable += line.partition("=")[2].split()
+
+    assert writable
+    # systemd fails the start on a missing path unless it has a "-" prefix.
+    for path in writable:
+        assert path.startswith("-") or path in created, f"the setup steps do not create {path}"
