@@ -127,14 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the relay command line and return its exit status."""
-    # Installed as a `sendmail` symlink, relay behaves as sendmail(1).
-    if argv is None and os.path.basename(sys.argv[0]) == "sendmail":
-        from relay.sendmail import run
-
-        return run(sys.argv[1:])
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
     if argv is None:
         # Run as a program: warnings and errors that commands log (a record moved
         # aside, for example) go to stderr with their fields.  relay serve
@@ -146,6 +138,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for stream in (sys.stdout, sys.stderr):
             if isinstance(stream, io.TextIOWrapper):
                 stream.reconfigure(errors="backslashreplace")
+
+    # Installed as a `sendmail` symlink, relay behaves as sendmail(1), with the
+    # same logging and output setup as `relay sendmail`.
+    if argv is None and os.path.basename(sys.argv[0]) == "sendmail":
+        from relay.sendmail import run
+
+        return run(sys.argv[1:])
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         status: int = args.handler(args)
     except KeyboardInterrupt:

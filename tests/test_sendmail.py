@@ -218,6 +218,23 @@ def test_program_name_sendmail(tmp_path: Path) -> None:
     assert len(stored_messages(tmp_path / "spool")) == 1
 
 
+def test_program_name_sendmail_logs_fields(tmp_path: Path) -> None:
+    # An aliases file with an invalid line: looking up a local user logs aliases_error.
+    (tmp_path / "aliases").write_text("root ops@example.test\n")
+    config = write_config(tmp_path, 'aliases = "aliases"')
+    link = tmp_path / "sendmail"
+    link.write_text(f"#!{sys.executable}\nimport sys\nfrom relay.cli import main\nsys.exit(main())\n")
+    link.chmod(0o755)
+
+    result = sendmail(["--config", str(config), "root"], b"Subject: x\n\nhi\n", argv0=str(link))
+    stderr = result.stderr.decode()
+
+    assert result.returncode == EX_NOUSER, stderr
+    # The line carries its level and fields, as under `relay sendmail`, not the bare event name.
+    assert "error relay." in stderr
+    assert "aliases_error file=" in stderr
+
+
 @pytest.mark.parametrize("hop_count", [["-h", "5"], ["-h17"]])
 def test_hop_count_ignored(tmp_path: Path, hop_count: list[str]) -> None:
     config = write_config(tmp_path)
