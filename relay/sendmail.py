@@ -15,12 +15,15 @@ them:
   SMTP client had given them.
 - ``-bm``: the default mode, read a message and deliver it.
 - ``-h N``: the initial hop count; checked to be a number, then ignored.
+- ``-q``, ``-qRDOMAIN``, ``-qIQUEUEID``: read no message, make deferred mail
+  due now (all of it, one domain's, or one message's) and print nothing, as
+  Postfix's ``sendmail -q`` does for cron jobs.  ``-q30m`` is ignored.
 - recipients as arguments.  A user name without ``@`` gets the domain of
   ``origin_domain``, in recipients and in the sender alike.
 - ``--help``: print the usage and queue nothing.
 
 Other ``-o`` options, and ``-B``, ``-C``, ``-e``, ``-L``, ``-m``, ``-n``,
-``-O``, ``-p``, ``-q``, ``-U``, ``-v`` and ``-X``, are accepted and ignored.
+``-O``, ``-p``, ``-U``, ``-v`` and ``-X``, are accepted and ignored.
 
 The message is written straight into the spool with the same group commit
 as the SMTP server, like Postfix's postdrop writing into the maildrop queue:
@@ -84,8 +87,9 @@ from relay.sendmail_options import (
 from relay.smtp import replies
 from relay.smtp.policy import RelayPolicy
 from relay.smtp.received import header_block, normalize_line_ends, submission_headers
-from relay.spool import Envelope, Recipient, Spool, SpoolError, new_queue_id
-from relay.spool.store import database_path
+from relay.spool import Envelope, MessageNotFound, Recipient, Spool, SpoolError, new_queue_id
+from relay.spool.cli import UsageError, parse_domain, parse_queue_id
+from relay.spool.store import SpoolStore, database_path
 
 logger = logging.getLogger("relay.sendmail")
 
@@ -107,6 +111,9 @@ Read a message from standard input and queue it for delivery, like sendmail(1).
   -V ENVID    envelope ID that DSNs quote, printable ASCII
   -bm         read a message and deliver it (the default mode)
   -h N        initial hop count; accepted and ignored, as Postfix does
+  -q          read no message; make all deferred mail due now (-qRDOMAIN:
+              the mail for one domain, -qIQUEUEID: one message).  -q30m and
+              other intervals are ignored: the command exits at once
   --config F  relay.toml to read (default: $RELAY_CONFIG, else
               /etc/relay/relay.toml if it exists, else built-in defaults)
   --help      print this text and exit without reading a message
@@ -358,6 +365,47 @@ def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
     return EX_OK
 
 
+def flush_queue(options: Options, stderr: TextIO) -> int:
+    """Make deferred mail due now for ``-q``, ``-qRDOMAIN`` or ``-qIQUEUEID``, as ``relay queue flush`` does.
+
+    Prints nothing on success, like Postfix's ``sendmail -q``, because cron
+    mails any output of a job to its owner.
+    """
+    config_file = _config_file(options)
+    try:
+        config = load_config(config_file)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"sendmail: {line}", file=stderr)
+        return EX_CONFIG
+    try:
+        if options.recipients or options.extract_recipients:
+            raise SendmailError(EX_USAGE, "-q reads no message, so it takes no recipient and no -t")
+        try:
+            domain = parse_domain(options.flush_domain, "-qR") if options.flush_domain is not None else None
+            queue_id = parse_queue_id(options.flush_id) if options.flush_id is not None else None
+        except UsageError as exc:
+            raise SendmailError(EX_USAGE, str(exc)) from None
+        _require_spool(config.spool.path)
+        store = SpoolStore(config.spool.path, busy_timeout=config.spool.busy_timeout)
+        try:
+            with store.transaction():
+                store.flush(time.time(), queue_id=queue_id, domain=domain)
+        finally:
+            store.close()
+    except SendmailError as exc:
+        print(f"sendmail: {exc}", file=stderr)
+        return exc.status
+    except MessageNotFound as exc:
+        print(f"sendmail: queue ID {exc.queue_id} not found in the spool {config.spool.path};"
+              " `relay queue list` shows the queue IDs", file=stderr)
+        return EX_NOINPUT
+    except SpoolError as exc:
+        print(f"sendmail: cannot flush the spool {config.spool.path}: {exc}", file=stderr)
+        return EX_TEMPFAIL
+    return EX_OK
+
+
 def run(argv: Sequence[str]) -> int:
     """Run sendmail with its own argument list (used for the `sendmail` program name)."""
     try:
@@ -368,6 +416,11 @@ def run(argv: Sequence[str]) -> int:
     if options.show_help:
         print(USAGE)
         return EX_OK
+    if options.queue_interval is not None:
+        # -qINTERVAL sets a daemon's queue runs, which relay's scheduler makes itself.
+        return EX_OK
+    if options.flush:
+        return flush_queue(options, sys.stderr)
     if sys.stdin is None:
         print("sendmail: standard input is closed; pipe the message into sendmail", file=sys.stderr)
         return EX_NOINPUT

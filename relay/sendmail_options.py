@@ -36,9 +36,10 @@ EX_CONFIG = 78
 
 # Option letters without a value.  -U, -v, -m and -n are accepted and ignored.
 _FLAG_LETTERS = frozenset("tiUvmn")
-# Option letters that take a value.  The values of -B, -C, -e, -L, -O, -p,
-# -q and -X are ignored, and so are -o values other than -oi.
-_VALUE_LETTERS = frozenset("fFrhbeoNRVBCOXLpq")
+# Option letters that take a value.  The values of -B, -C, -e, -L, -O, -p
+# and -X are ignored, and so are -o values other than -oi.  -q takes its value
+# only from the rest of its argument (see ``_apply_queue_option``).
+_VALUE_LETTERS = frozenset("fFrhbeoNRVBCOXLp")
 
 # NOTIFY keywords other than NEVER, which must be the only keyword (RFC 3461 section 4.1).
 NOTIFY_KEYWORDS = ("SUCCESS", "DELAY", "FAILURE")
@@ -68,6 +69,10 @@ class Options:
     notify: tuple[str, ...] = ()  # -N: ("NEVER",) or some of NOTIFY_KEYWORDS; () if not given
     ret: str | None = None  # -R: "FULL" or "HDRS"
     envid: str | None = None  # -V, xtext-encoded as the spool stores ENVID
+    flush: bool = False  # -q, -qR or -qI: make deferred mail due now instead of reading a message
+    flush_domain: str | None = None  # -qRDOMAIN
+    flush_id: str | None = None  # -qIQUEUEID
+    queue_interval: str | None = None  # -qINTERVAL: a daemon's queue run interval, ignored
     recipients: list[str] = field(default_factory=list)
 
 
@@ -96,6 +101,9 @@ def parse_options(argv: Sequence[str]) -> Options:
             if letter in _FLAG_LETTERS:
                 _apply_flag(options, letter)
                 continue
+            if letter == "q":
+                _apply_queue_option(options, arg[position:])
+                break
             if letter not in _VALUE_LETTERS:
                 where = "" if arg == f"-{letter}" else f" in {arg}"
                 raise SendmailError(EX_USAGE, f"unknown option -{letter}{where}; see `relay sendmail --help`")
@@ -153,6 +161,35 @@ def _apply_value(options: Options, letter: str, value: str) -> None:
         options.ret = parse_ret(value)
     elif letter == "V":
         options.envid = parse_envid(value)
+
+
+def _apply_queue_option(options: Options, value: str) -> None:
+    """Apply ``-q`` with the rest of its argument, as Postfix's sendmail reads it.
+
+    ``-q`` alone makes all deferred mail due now, ``-qRDOMAIN`` the mail for
+    one domain and ``-qIQUEUEID`` one message; none of them reads a message.
+    ``-q`` never takes the next argument, so ``-q 30m`` is a flush followed
+    by a recipient, which is an error.  ``-q30m`` is the queue run interval
+    of a daemon mode that relay does not have, so it is ignored and the
+    command exits at once, as Postfix's does.
+    """
+    if value == "":
+        options.flush = True
+    elif value[0].isascii() and value[0].isdigit():
+        options.queue_interval = value
+    elif value[0] in "RI":
+        if len(value) == 1:
+            example = "-qRexample.com" if value[0] == "R" else "-qI0123456789ABCDE"
+            raise SendmailError(EX_USAGE, f"-q{value[0]} needs its value in the same argument, such as {example}")
+        options.flush = True
+        if value[0] == "R":
+            options.flush_domain = value[1:]
+        else:
+            options.flush_id = value[1:]
+    else:
+        raise SendmailError(
+            EX_USAGE, f"-q{value[0]} is not supported; use -q, -qRDOMAIN or -qIQUEUEID to make deferred mail due now"
+        )
 
 
 def _check_hop_count(value: str) -> None:

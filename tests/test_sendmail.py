@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ from relay.sendmail import (
     inject,
     parse_options,
 )
-from relay.spool import SpoolStore, StoredMessage
+from relay.spool import DeliveryResult, Outcome, Spool, SpoolStore, StoredMessage
 
 # User and group ID of "nobody", which a child running as root switches to.
 NOBODY = 65534
@@ -579,3 +581,90 @@ def test_extract_recipients_rejects_invalid_utf8(tmp_path: Path) -> None:
     assert result.returncode == EX_NOUSER
     assert "invalid recipient address" in result.stderr.decode()
     assert not (tmp_path / "spool" / "spool.db").exists() or stored_messages(tmp_path / "spool") == []
+
+
+def _queue_deferred(tmp_path: Path, recipients: list[str]) -> str:
+    """Queue a message through sendmail, then defer each recipient for an hour; return its queue ID."""
+    config = write_config(tmp_path)
+    assert sendmail(["--config", str(config), *recipients], b"Subject: x\n\nhi\n").returncode == 0
+    [(stored, _)] = stored_messages(tmp_path / "spool")
+    spool = Spool.open(tmp_path / "spool")
+    try:
+        results = [
+            DeliveryResult(stored.queue_id, index, Outcome.DEFERRED, "451 4.3.0 later", "mx.example.test",
+                           time.time() + 3600)
+            for index in range(len(recipients))
+        ]
+        asyncio.run(spool.record_results(results))
+    finally:
+        spool.close()
+    return stored.queue_id
+
+
+def _due(tmp_path: Path) -> dict[str, bool]:
+    [(stored, _)] = stored_messages(tmp_path / "spool")
+    return {recipient.address: recipient.next_attempt <= time.time() for recipient in stored.recipients}
+
+
+@pytest.mark.parametrize(
+    ("option", "due"),
+    [
+        (["-q"], {"carol@one.test": True, "dave@two.test": True}),
+        (["-qRtwo.test"], {"carol@one.test": False, "dave@two.test": True}),
+        (["-qI{queue_id}"], {"carol@one.test": True, "dave@two.test": True}),
+    ],
+)
+def test_q_flushes_deferred_mail(
+    tmp_path: Path, option: list[str], due: dict[str, bool]
+) -> None:
+    # As with Postfix's sendmail -q (run from cron): no message is read and nothing is printed.
+    queue_id = _queue_deferred(tmp_path, ["carol@one.test", "dave@two.test"])
+    assert _due(tmp_path) == {"carol@one.test": False, "dave@two.test": False}
+    config = tmp_path / "relay.toml"
+
+    result = sendmail(["--config", str(config), *[arg.format(queue_id=queue_id) for arg in option]], b"")
+
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+    assert _due(tmp_path) == due
+    assert len(stored_messages(tmp_path / "spool")) == 1
+
+
+def test_q_interval_is_ignored(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "-q30m"], b"Subject: x\n\nhi\n")
+
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+    assert not (tmp_path / "spool" / "spool.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-q", "alice"], "takes no recipient and no -t"),
+        (["-q", "-t"], "takes no recipient and no -t"),
+        (["-qR"], "-qR needs its value in the same argument"),
+        (["-qS", "one.test"], "-qS is not supported"),
+        (["-qRone two"], "-qR 'one two' contains a space"),
+        (["-qIbad"], "invalid queue ID 'bad'"),
+    ],
+)
+def test_q_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    _queue_deferred(tmp_path, ["carol@one.test"])
+    config = tmp_path / "relay.toml"
+
+    result = sendmail(["--config", str(config), *args], b"")
+
+    assert result.returncode == EX_USAGE
+    assert message in result.stderr.decode()
+    assert _due(tmp_path) == {"carol@one.test": False}
+
+
+def test_q_unknown_queue_id(tmp_path: Path) -> None:
+    _queue_deferred(tmp_path, ["carol@one.test"])
+    config = tmp_path / "relay.toml"
+
+    result = sendmail(["--config", str(config), "-qI0123456789ABCDE"], b"")
+
+    assert result.returncode == EX_NOINPUT
+    assert "queue ID 0123456789ABCDE not found" in result.stderr.decode()

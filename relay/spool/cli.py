@@ -248,7 +248,7 @@ def _owner_and_mode(info: os.stat_result) -> str:
     return f"owner {owner}, mode {stat.S_IMODE(info.st_mode):04o}"
 
 
-def _check_id(argument: str) -> str:
+def parse_queue_id(argument: str) -> str:
     """Return the queue ID in ``argument`` in the spool's upper case; raise UsageError if it is malformed."""
     # Crockford base32 is case-insensitive.  Only ASCII is upper-cased, because
     # str.upper() turns some other letters into two (such as the ligature "ﬀ" into "FF").
@@ -268,17 +268,17 @@ def _report_corrupt(store: SpoolStore, errors: list[CorruptRecord]) -> None:
         print(f"relay queue: {error}; moved aside to {path}", file=sys.stderr)
 
 
-def _check_domain(argument: str) -> str:
-    """Return a --domain value without surrounding blanks; raise UsageError when it contains one inside."""
+def parse_domain(argument: str, option: str = "--domain") -> str:
+    """Return the domain given with ``option``, stripped; raise UsageError when it is empty or not one domain."""
     domain = argument.strip()
     if not domain:
-        raise UsageError(f"--domain {argument!r} is empty; give one recipient domain such as example.com")
+        raise UsageError(f"{option} {argument!r} is empty; give one recipient domain such as example.com")
     if any(character.isspace() for character in domain):
         raise UsageError(
-            f"--domain {argument!r} contains a space; give one recipient domain such as example.com"
+            f"{option} {argument!r} contains a space; give one recipient domain such as example.com"
         )
     if "@" in domain:
-        raise UsageError(f"--domain {argument!r} contains @; give the domain alone, such as example.com")
+        raise UsageError(f"{option} {argument!r} contains @; give the domain alone, such as example.com")
     return domain
 
 
@@ -292,7 +292,7 @@ def _list(store: SpoolStore, args: argparse.Namespace) -> int:
     elif sender is not None:
         sender = sender.strip("<>")
     state = RecipientState(args.state) if args.state else None
-    domain = _check_domain(args.domain) if args.domain is not None else None
+    domain = parse_domain(args.domain) if args.domain is not None else None
 
     corrupt: list[CorruptRecord] = []
     messages: list[StoredMessage] = []
@@ -382,7 +382,7 @@ def _message_document(message: StoredMessage) -> dict[str, Any]:
 
 
 def _show(store: SpoolStore, args: argparse.Namespace) -> int:
-    queue_id = _check_id(args.queue_id)
+    queue_id = parse_queue_id(args.queue_id)
     try:
         with store.snapshot():
             message = store.load(queue_id)
@@ -464,8 +464,8 @@ def _recipients(count: int) -> str:
 
 def _flush(store: SpoolStore, args: argparse.Namespace) -> int:
     # An empty ID is an error like in the other actions, not a flush of the whole queue.
-    queue_id = _check_id(args.queue_id) if args.queue_id is not None else None
-    domain = _check_domain(args.domain) if args.domain is not None else None
+    queue_id = parse_queue_id(args.queue_id) if args.queue_id is not None else None
+    domain = parse_domain(args.domain) if args.domain is not None else None
     with store.transaction():
         count = store.flush(time.time(), queue_id=queue_id, domain=domain)
     print(f"flushed {_recipients(count)}")
@@ -473,7 +473,7 @@ def _flush(store: SpoolStore, args: argparse.Namespace) -> int:
 
 
 def _hold(store: SpoolStore, args: argparse.Namespace) -> int:
-    queue_id = _check_id(args.queue_id)
+    queue_id = parse_queue_id(args.queue_id)
     with store.transaction():
         count = store.hold(queue_id, time.time())
     if count == 0:
@@ -484,7 +484,7 @@ def _hold(store: SpoolStore, args: argparse.Namespace) -> int:
 
 
 def _release(store: SpoolStore, args: argparse.Namespace) -> int:
-    queue_id = _check_id(args.queue_id)
+    queue_id = parse_queue_id(args.queue_id)
     with store.transaction():
         count = store.release(queue_id, time.time())
     if count == 0:
@@ -495,7 +495,7 @@ def _release(store: SpoolStore, args: argparse.Namespace) -> int:
 
 
 def _delete(store: SpoolStore, args: argparse.Namespace) -> int:
-    queue_id = _check_id(args.queue_id)
+    queue_id = parse_queue_id(args.queue_id)
     if not args.yes and not _confirm_delete(store, queue_id):
         print("not deleted")
         return 1
