@@ -964,6 +964,22 @@ def test_credentials_sent_after_refused_auth_are_not_logged() -> None:
     assert not any(secret.decode() in command for command in logged)
 
 
+@pytest.mark.parametrize("auth_line", [b"auth LOGIN YWxpY2U= extra", b"Auth", b"aUtH PLAIN a b"])
+def test_credentials_hidden_after_lowercase_refused_auth(auth_line: bytes) -> None:
+    # The parser rejects these AUTH lines, written in another letter case, as
+    # malformed.  The password line behind them must still stay out of the log.
+    session = make_session(auth_plaintext=True)
+    session.start()
+    secret = base64.b64encode(b"secret1")
+    session.receive_data(EHLO + auth_line + b"\r\n" + secret + b"\r\n")
+    replies_sent = split_replies(session.data_to_send())
+    logged = [event.command for event in session.events() if isinstance(event, Rejected)]
+
+    assert [reply[:3] for reply in replies_sent] == ["220", "250", "501", "500"]
+    assert logged[1] == "(hidden: sent after a refused AUTH)"
+    assert not any(secret.decode()[:8] in command for command in logged)
+
+
 def test_auth_plain_and_login() -> None:
     run_transcript(
         lambda: make_session(implicit_tls=True),

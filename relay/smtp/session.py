@@ -407,7 +407,9 @@ class Session:
 
     def _reject(self, command: str, reply: Reply) -> None:
         """Send an error reply, log it, and end the session after too many."""
-        if command.startswith("AUTH"):
+        # Verbs are case-insensitive (RFC 5321 section 2.4), and a line the
+        # parser rejected is logged with the verb as the client wrote it.
+        if command[:4].upper() == "AUTH":
             # A client that does not wait for the 334 prompt has sent its
             # credentials (AUTH LOGIN: user name, then password) behind the
             # refused AUTH.  Those lines fail as unknown commands, and their
