@@ -853,7 +853,17 @@ def test_bdat_size_limit() -> None:
 
 @pytest.mark.parametrize(
     "line",
-    [b"BDAT 12 MORE", b"BDAT -5", b"BDAT", b"BDAT x LAST", b"BDAT 5 LAST extra", b"BDAT 0x0c", b"BDAT 12\x00"],
+    [
+        b"BDAT 12 MORE",
+        b"BDAT -5",
+        b"BDAT",
+        b"BDAT x LAST",
+        b"BDAT 5 LAST extra",
+        b"BDAT 0x0c",
+        b"BDAT 12\x00",
+        b"BDAT\t5 LAST",
+        b"bdat\t5",
+    ],
 )
 def test_bdat_syntax_error_closes(line: bytes) -> None:
     # Without a valid size the chunk cannot be skipped, so its text must not run as commands.
