@@ -262,6 +262,10 @@ cdef class SMTPBuffer:
         return self._end - self._start
 
     @property
+    def discarding(self):
+        return self._discarding
+
+    @property
     def data_octets(self):
         if self._mode == MODE_DATA:
             return self._octets

@@ -90,6 +90,10 @@ class SMTPBuffer:
         """Octets received and not yet consumed by an event."""
 
     @property
+    def discarding(self) -> bool:
+        """Whether the rest of a line reported as ``LineTooLong`` is still being dropped."""
+
+    @property
     def data_octets(self) -> int:
         """Octets of the current DATA or BDAT chunk read so far."""
 

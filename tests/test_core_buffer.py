@@ -162,6 +162,19 @@ def test_endless_line_memory_bounded() -> None:
     assert buffer.next_event() == Line(b"QUIT")
 
 
+def test_discarding_until_long_line_ends() -> None:
+    buffer = SMTPBuffer()
+    buffer.feed(b"A" * (DEFAULT_LINE_LIMIT + 100))
+    assert not buffer.discarding
+    assert buffer.next_event() == LineTooLong(DEFAULT_LINE_LIMIT)
+    assert buffer.discarding
+    assert buffer.next_event() is None
+    assert buffer.discarding
+    buffer.feed(b"AAA\r\nNOOP\r\n")
+    assert buffer.next_event() == Line(b"NOOP")
+    assert not buffer.discarding
+
+
 def test_line_limit_raised_for_auth() -> None:
     buffer = SMTPBuffer()
     buffer.line_limit = 12288

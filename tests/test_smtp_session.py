@@ -1435,6 +1435,21 @@ def test_every_refused_data_drops_text(greeting: bytes, data_line: bytes) -> Non
     assert outcome.messages == []
 
 
+@pytest.mark.parametrize("cut", [1540, 2000, 3003])
+def test_text_after_overlong_data_split_reads(cut: int) -> None:
+    # The buffer reports an overlong line once it passes the limit, which may
+    # be a read before the line ends.  The text that arrives with the line's
+    # end was still sent without waiting, so it never runs as commands.
+    data_line = b"DATA" + b" " * 3000 + b"\r\n"
+    text = b"MAIL FROM:<ceo@example.org>\r\nRCPT TO:<rcpt@example.net>\r\nDATA\r\n"
+    pipelined = data_line + text
+    outcome = feed(make_session(client=TRUSTED), [EHLO, T, pipelined[:cut], pipelined[cut:]])
+
+    assert outcome.replies[-2] == "500 5.5.2 Line too long"
+    assert outcome.replies[-1] == "554 5.5.0 Protocol synchronization error, closing connection"
+    assert outcome.closed
+
+
 def test_refused_data_error_limit_one_reply() -> None:
     # The refusal that reaches max_errors already closes with 421; no 554 follows it.
     outcome = feed(

@@ -175,7 +175,8 @@ class Session:
         self._sasl: SaslExchange | None = None
         self._greeting_held = False
         self._shutting_down = False
-        # An overlong line was dropped in a transaction during this input (see _line_too_long).
+        # An overlong line was dropped in a transaction, and the read holding
+        # its end is not yet processed (see _line_too_long).
         self._after_long_line = False
         self._hidden_lines = 0  # lines after a refused AUTH whose text is not logged
         # The reply owed for the BDAT chunk being read (None: accept it), and
@@ -315,7 +316,10 @@ class Session:
         while not self.closed and self._waiting is None:
             event = buffer.next_event()
             if event is None:
-                self._after_long_line = False
+                # Lines that arrive in the same read as the end of a dropped
+                # line were sent with it too, wherever the limit was passed.
+                if not buffer.discarding:
+                    self._after_long_line = False
                 return
             if isinstance(event, Line):
                 if self._after_long_line:
