@@ -22,12 +22,14 @@ Policy decisions, with their sources:
   message's end to be read differently; that is ruled out by the strict
   end of DATA below, and by a refused DATA never running the message text
   behind it as commands (``554 5.5.0``, and the connection closes).
-- DATA: only CRLF ``.`` CRLF ends it.  A bare LF or CR in the data, or in
-  a message sent with BDAT, gets ``521 5.5.2`` and the connection closes at
-  once, unless ``policy.bare_lf`` is ``normalize`` and the client is trusted
-  or authenticated; the message is then stored with CRLF line ends, and
-  a line after a bare line end that starts with ``..`` loses one dot.  The size limit is checked at MAIL (SIZE,
-  RFC 1870) and at end of data; nothing is answered before the final dot.
+- DATA: only CRLF ``.`` CRLF ends it.  A bare LF or CR in the data gets
+  ``521 5.5.2`` and the connection closes at once.  A message sent with BDAT
+  is checked when its LAST chunk has arrived and gets the same reply.  With
+  ``policy.bare_lf`` set to ``normalize``, a trusted or authenticated
+  client's message is stored with CRLF line ends instead, and a DATA line
+  after a bare line end that starts with ``..`` loses one dot.  The size
+  limit is checked at MAIL (SIZE, RFC 1870) and at end of data; nothing is
+  answered before the final dot.
 - BDAT: a chunk is read to its declared end even when it is rejected, as
   RFC 3030 section 2 requires, and the buffer drops a rejected chunk as it
   arrives.  A chunk that takes the message past the size limit gets
@@ -37,10 +39,13 @@ Policy decisions, with their sources:
   A BDAT line without a valid chunk size gets ``501 5.5.4`` and the
   connection closes, because the end of its chunk is unknown (Postfix 3.7
   also closes, with ``521 5.5.4``).
-- Pipelining (RFC 2920 section 3.1): DATA, BDAT-free commands aside, must end
-  a group.  An untrusted, unauthenticated client that sends bytes after DATA
-  without waiting for ``354`` gets ``554 5.5.0`` and is disconnected; trusted
-  or authenticated clients are served in order.
+- Pipelining: DATA must end a pipelined group (RFC 2920 section 3.1).  An
+  untrusted, unauthenticated client that sends bytes after DATA without
+  waiting for ``354`` gets ``554 5.5.0`` and is disconnected; trusted or
+  authenticated clients are served in order.  In a transaction, a line
+  that arrives in the same read as the end of a dropped overlong line gets
+  ``554 5.5.0`` from any client, because the dropped line may have been a
+  DATA padded past the limit.
 - STARTTLS: bytes pipelined after the command are dropped unread, and EHLO,
   AUTH and the transaction are forgotten after the handshake (RFC 3207
   section 4.2).
