@@ -46,13 +46,38 @@ def clean(value: Any) -> Any:
     if isinstance(value, str):
         if len(value) > MAX_VALUE_LENGTH:
             value = value[:MAX_VALUE_LENGTH] + "..."
-        return value.translate(_ESCAPES)
+        value = value.translate(_ESCAPES)
+        if not value.isprintable():
+            value = _escape_unprintable(value)
+        return value
     if isinstance(value, (list, tuple)):
         return [clean(item) for item in value]
     if value is None or isinstance(value, (int, float)):
         return value
     # Any other object (an exception, a path) is logged as its text, which may contain a line break.
     return clean(str(value))
+
+
+def _escape_unprintable(text: str) -> str:
+    """Replace the characters that are not printable with ``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN``.
+
+    Peer text may be UTF-8 (an SMTPUTF8 address), and some of its characters
+    end a line for Unicode-aware readers (NEL U+0085, U+2028, U+2029) or
+    reorder the displayed text (bidirectional overrides such as U+202E).
+    """
+    parts = []
+    for character in text:
+        if character.isprintable():
+            parts.append(character)
+            continue
+        code = ord(character)
+        if code <= 0xFF:
+            parts.append(f"\\x{code:02x}")
+        elif code <= 0xFFFF:
+            parts.append(f"\\u{code:04x}")
+        else:
+            parts.append(f"\\U{code:08x}")
+    return "".join(parts)
 
 
 def _text_value(value: Any) -> str:

@@ -54,6 +54,20 @@ def test_text_log_line_escapes_peer_text() -> None:
     assert line.rstrip().endswith("count=3")
 
 
+def test_log_escapes_unicode_line_breaks() -> None:
+    # An SMTPUTF8 address may carry characters that end a line or reorder
+    # text for Unicode-aware readers; the log shows them as escapes.
+    stream = io.StringIO()
+    setup_logging("text", "info", stream)
+    logger = logging.getLogger("relay.test")
+
+    log_event(logger, "reject", command="RCPT TO:<a\u2028b\x85c\u202ed\U000e0001é@example.net>")
+
+    line = stream.getvalue()
+    assert len(line.splitlines()) == 1
+    assert "a\\u2028b\\x85c\\u202ed\\U000e0001é@example.net" in line
+
+
 def test_json_log_line_is_one_object() -> None:
     stream = io.StringIO()
     setup_logging("json", "info", stream)
