@@ -622,6 +622,39 @@ def test_too_many_errors_closes() -> None:
     assert outcome.closed
 
 
+def test_junk_commands_count_as_errors_past_limit() -> None:
+    config = hostile_config()
+    config = config.replace(server=dataclasses.replace(config.server, max_junk_commands=3))
+    outcome = run_transcript(
+        lambda: make_session(config, max_errors=2),
+        [
+            (EHLO, ["250"]),
+            (b"NOOP\r\n", ["250"]),
+            (b"RSET\r\n", ["250"]),
+            (b"VRFY alice\r\n", ["252"]),
+            (b"NOOP\r\n", ["250", "421 4.7.0"]),
+        ],
+    )
+    assert outcome.closed
+
+
+def test_accepted_message_clears_error_count() -> None:
+    # As in Postfix, errors before a delivered message do not count against later ones.
+    outcome = run_transcript(
+        lambda: make_session(max_errors=2),
+        [
+            (EHLO, ["250"]),
+            (b"EXPN staff\r\n", ["502"]),
+            (T + b"DATA\r\n", ["250", "250", "354"]),
+            (b"Subject: one\r\n\r\nbody\r\n.\r\n", ["250"]),
+            (b"EXPN staff\r\n", ["502"]),
+            (b"NOOP\r\n", ["250"]),
+        ],
+    )
+    assert not outcome.closed
+    assert len(outcome.messages) == 1
+
+
 # -- DATA ---------------------------------------------------------------------
 
 

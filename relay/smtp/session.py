@@ -56,7 +56,11 @@ Policy decisions, with their sources:
   is read, as AUTH gets ``503``.  Postfix 3.7 accepts both after HELO, but
   clients such as Python's smtplib send parameters only after EHLO.
 - After ``server.max_errors`` 4xx/5xx replies the session ends with
-  ``421 4.7.0`` (Postfix's ``smtpd_hard_error_limit`` is 20).
+  ``421 4.7.0`` (Postfix's ``smtpd_hard_error_limit`` is 20).  Past
+  ``server.max_junk_commands`` HELO, EHLO, NOOP, RSET and VRFY commands,
+  each one counts as an error too (Postfix's ``smtpd_junk_command_limit``
+  is 100).
+  A message accepted with ``250`` clears both counts, as in Postfix.
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ class SessionSettings:
     max_auth_line_length: int
     max_received_headers: int
     max_errors: int
+    max_junk_commands: int
     bare_lf: str
 
     @classmethod
@@ -137,6 +142,7 @@ class SessionSettings:
             max_auth_line_length=policy.max_auth_line_length,
             max_received_headers=policy.max_received_headers,
             max_errors=config.server.max_errors,
+            max_junk_commands=config.server.max_junk_commands,
             bare_lf=policy.bare_lf,
         )
 
@@ -184,6 +190,7 @@ class Session:
         # its end is not yet processed (see _line_too_long).
         self._after_long_line = False
         self._hidden_lines = 0  # lines after a refused AUTH whose text is not logged
+        self._junk_commands = 0  # commands counted by _count_junk since the start or the last message
         # The reply owed for the BDAT chunk being read (None: accept it), and
         # whether that chunk carried LAST.
         self._bdat_refusal: Reply | None = None
@@ -263,6 +270,10 @@ class Session:
         self._resume(MessageReady)
         if reply.code == 250:
             self.messages += 1
+            # A client that delivers forgets its earlier errors, as with Postfix, so
+            # a long session of good mail with a few bad recipients is not cut off.
+            self.errors = 0
+            self._junk_commands = 0
         self.transaction = None
         self._send(reply)
         self._after_transaction()
@@ -430,9 +441,24 @@ class Session:
         if reply.closes:
             self._close(reply.text)
             return
+        self._check_error_limit()
+
+    def _check_error_limit(self) -> None:
         if self.errors >= self.settings.max_errors:
             self._send(replies.TOO_MANY_ERRORS)
             self._close("too many errors")
+
+    def _count_junk(self) -> None:
+        """Count a command that sends no mail; past ``max_junk_commands`` each one counts as an error too.
+
+        These are HELO, EHLO, NOOP, RSET and VRFY, which Postfix's smtpd also
+        counts against smtpd_junk_command_limit.  A client that loops on them
+        without sending mail then reaches the error limit.
+        """
+        self._junk_commands += 1
+        if self._junk_commands > self.settings.max_junk_commands:
+            self.errors += 1
+            self._check_error_limit()
 
     def _close(self, reason: str) -> None:
         if not self.closed:
@@ -492,6 +518,7 @@ class Session:
             self._send(replies.ehlo(self.settings.hostname, self.state.helo_name, self._extensions()))
         else:
             self._send(replies.helo(self.settings.hostname, self.state.helo_name))
+        self._count_junk()
 
     def _extensions(self) -> list[str]:
         settings = self.settings
@@ -516,10 +543,12 @@ class Session:
             return
         self.transaction = None
         self._send(replies.RESET_OK)
+        self._count_junk()
 
     def _noop(self, command: Command) -> None:
         # RFC 5321 section 4.1.1.9: an argument is allowed and ignored.
         self._send(replies.OK)
+        self._count_junk()
 
     def _quit(self, command: Command) -> None:
         if command.argument:
@@ -533,6 +562,7 @@ class Session:
             self._reject("VRFY", replies.SYNTAX_ERROR)
             return
         self._send(replies.CANNOT_VERIFY)
+        self._count_junk()
 
     def _expn(self, command: Command) -> None:
         self._reject("EXPN", replies.NOT_IMPLEMENTED)
