@@ -270,8 +270,8 @@ class Session:
         self._resume(MessageReady)
         if reply.code == 250:
             self.messages += 1
-            # A client that delivers forgets its earlier errors, as with Postfix, so
-            # a long session of good mail with a few bad recipients is not cut off.
+            # An accepted message clears the error counts, as in Postfix, so a long
+            # session of good mail with a few rejected recipients is not cut off.
             self.errors = 0
             self._junk_commands = 0
         self.transaction = None
