@@ -58,6 +58,18 @@ def _bad_file(config: TLSConfig) -> str | None:
     return f"{config.key} is not a valid PEM private key, or not the key of that certificate"
 
 
+# OpenSSL's reason codes for the handshake failures an operator sees most,
+# with what they usually mean on a TLS listener.
+_REASON_MEANINGS = {
+    "WRONG_VERSION_NUMBER": "not a TLS handshake, plaintext SMTP perhaps",
+    "HTTP_REQUEST": "an HTTP request, not a TLS handshake",
+    "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions this listener does not accept",
+    "NO_SHARED_CIPHER": "no cipher suite in common with the client",
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust this certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the client rejected this certificate",
+}
+
+
 def handshake_failure_reason(error: OSError | None) -> str:
     """Return why a server-side TLS handshake failed, in a few words for the log.
 
@@ -71,7 +83,8 @@ def handshake_failure_reason(error: OSError | None) -> str:
     if error is None:
         return "connection closed during the handshake"
     if isinstance(error, ssl.SSLError) and error.reason:
-        return error.reason
+        meaning = _REASON_MEANINGS.get(error.reason)
+        return f"{meaning} ({error.reason})" if meaning else error.reason
     if isinstance(error, ConnectionAbortedError):
         return "handshake timed out"
     if isinstance(error, ConnectionResetError) and error.errno is None:
