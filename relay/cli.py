@@ -48,6 +48,10 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
 _CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
+# The start of an error about one config key, such as "delivery.tls_ca_file: ".
+_KEY_PREFIX = re.compile(r"[a-z_]+\.[a-z_]+: ")
+
+
 def escape_controls(text: str, keep: str = "") -> str:
     """Replace control characters in ``text``, except those in ``keep``, with ``\\xNN`` or ``\\uNNNN``."""
 
@@ -100,7 +104,9 @@ def _check_config(args: argparse.Namespace) -> int:
         check_files(config)
     except FileCheckError as exc:
         for error in exc.errors:
-            print(f"{args.file}: {error}", file=sys.stderr)
+            # "FILE:section.key: problem", as load_config writes its own errors.
+            separator = ":" if _KEY_PREFIX.match(error) else ": "
+            print(f"{args.file}{separator}{error}", file=sys.stderr)
         return 1
     names = ", ".join(listener.address_text for listener in config.listeners)
     print(f"{args.file}: ok ({len(config.listeners)} listener(s): {names})")

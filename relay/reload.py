@@ -52,19 +52,20 @@ def check_files(config: Config) -> None:
     ``relay check-config`` and ``relay serve`` run this before they start,
     and every process before it applies a reload.
     """
-    # Every file is checked, and every problem reported at once.
+    # Every file is checked, and every problem reported at once, each after
+    # the key that names the file, as the config's own errors are.
     errors: list[str] = []
     try:
         if any(listener.tls != "none" for listener in config.listeners):
             server_context(config.tls)
     except TLSSetupError as exc:
-        errors.append(str(exc))
+        errors.append(f"tls.cert: {exc}")
     if config.auth.password_file:
         try:
             # Parsed only: a CredentialStore would also compute a scrypt hash.
             read_credentials(config.auth.password_file)
         except CredentialsError as exc:
-            errors.append(str(exc))
+            errors.append(f"auth.password_file: {exc}")
     errors.extend(_delivery_file_errors(config))
     path = config.local.aliases
     if path:
@@ -72,9 +73,9 @@ def check_files(config: Config) -> None:
             with open(path, encoding="utf-8") as handle:
                 parse_aliases(handle.read())
         except (OSError, UnicodeDecodeError) as exc:
-            errors.append(f"{path}: cannot be read: {getattr(exc, 'strerror', None) or exc}")
+            errors.append(f"local.aliases: cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
         except AliasError as exc:
-            errors.extend(f"{path}: {error}" for error in exc.errors)
+            errors.extend(f"local.aliases: {path}: {error}" for error in exc.errors)
     if errors:
         raise FileCheckError(*errors)
 

@@ -507,7 +507,7 @@ def test_check_config_loads_files_like_serve(
     assert status == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith(f"{path}: ")
+    assert captured.err.startswith(f"{path}:")
     assert fragment in captured.err
     assert "Traceback" not in captured.err
 
@@ -523,7 +523,7 @@ def test_check_config_rejects_undeliverable_aliases(tmp_path: Path, capsys: pyte
     captured = capsys.readouterr()
     assert status == 1
     assert captured.out == ""
-    prefix = f"{path}: {aliases}: "
+    prefix = f"{path}:local.aliases: {aliases}: "
     assert captured.err.splitlines() == [
         prefix + "line 1: alias pipe: target '|/bin/touch x' is a command, which relay does not run;"
         ' relay supports only "alias: user[, user@domain]" targets',
@@ -625,8 +625,9 @@ def test_reload_rejects_alias_loop_and_pipe(tmp_path: Path) -> None:
 
     assert result.config is None
     assert len(result.errors) == 2
-    assert result.errors[0].startswith(f"{aliases}: line 2: alias pipe: target '|/bin/true' is a command")
-    assert result.errors[1].startswith(f"{aliases}: line 3: aliases form a loop, loop -> pool -> loop")
+    prefix = f"local.aliases: {aliases}: "
+    assert result.errors[0].startswith(prefix + "line 2: alias pipe: target '|/bin/true' is a command")
+    assert result.errors[1].startswith(prefix + "line 3: aliases form a loop, loop -> pool -> loop")
 
 
 def test_byte_order_mark_ignored(tmp_path: Path) -> None:
@@ -687,8 +688,9 @@ def test_check_config_reports_every_file_problem(tmp_path: Path, capsys: pytest.
 
     stderr = capsys.readouterr().err.splitlines()
     assert stderr == [
-        f"{path}: {tmp_path}/pw: lines 1, 4: expected USER:scrypt$N$r$p$SALT$KEY",
-        f"{path}: {tmp_path}/aliases: line 1: alias p: target '|/bin/true' is a command, which relay does not run;"
+        f"{path}:auth.password_file: {tmp_path}/pw: lines 1, 4: expected USER:scrypt$N$r$p$SALT$KEY",
+        f"{path}:local.aliases: {tmp_path}/aliases: line 1: alias p: target '|/bin/true' is a command,"
+        " which relay does not run;"
         ' relay supports only "alias: user[, user@domain]" targets',
     ]
 
@@ -706,5 +708,5 @@ def test_check_config_reports_both_delivery_files(tmp_path: Path, capsys: pytest
 
     stderr = capsys.readouterr().err.splitlines()
     assert len(stderr) == 2
-    assert "delivery.tls_ca_file" in stderr[0]
-    assert "delivery.relayhost_password_file" in stderr[1]
+    assert stderr[0].startswith(f"{path}:delivery.tls_ca_file: {tmp_path}/ca.pem is not a bundle")
+    assert stderr[1].startswith(f"{path}:delivery.relayhost_password_file: the first line of")

@@ -629,8 +629,9 @@ def test_undeliverable_aliases_stop_serve_before_workers(tmp_path: Path, workers
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 2, result.stderr
-    assert lines[0].startswith(f"relay: {aliases}: line 1: alias pipe: target '|/bin/touch x' is a command")
-    assert lines[1].startswith(f"relay: {aliases}: line 2: aliases form a loop, a1 -> a2 -> a1")
+    prefix = f"relay: local.aliases: {aliases}: "
+    assert lines[0].startswith(prefix + "line 1: alias pipe: target '|/bin/touch x' is a command")
+    assert lines[1].startswith(prefix + "line 2: aliases form a loop, a1 -> a2 -> a1")
     assert not (tmp_path / "spool").exists()
 
 
