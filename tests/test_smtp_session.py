@@ -1468,6 +1468,18 @@ def test_every_refused_data_drops_text(greeting: bytes, data_line: bytes) -> Non
     assert outcome.messages == []
 
 
+@pytest.mark.parametrize("data_line", [b"DATA now\r\n", b"DATA" + b" " * 3000 + b"\r\n"])
+def test_text_after_refused_data_is_logged(data_line: bytes) -> None:
+    # The 554 that ends the session is logged as a rejection, like every other error reply.
+    session = make_session(client=TRUSTED)
+    session.start()
+    session.receive_data(EHLO + T + data_line + b"MAIL FROM:<ceo@example.org>\r\n")
+    rejected = [event for event in session.events() if isinstance(event, Rejected)]
+
+    assert rejected[-1].reply.code == 554
+    assert str(rejected[-1].reply.status) == "5.5.0"
+
+
 @pytest.mark.parametrize("cut", [1540, 2000, 3003])
 def test_text_after_overlong_data_split_reads(cut: int) -> None:
     # The buffer reports an overlong line once it passes the limit, which may

@@ -342,6 +342,7 @@ class Session:
                     # Sent with a dropped overlong line, without waiting for its reply.
                     self._after_long_line = False
                     self._send(replies.PIPELINING_VIOLATION)
+                    self._events.append(Rejected("-", replies.PIPELINING_VIOLATION))
                     self.transaction = None
                     self.buffer.discard()
                     self._close("text_after_refused_data")
@@ -750,6 +751,7 @@ class Session:
         self.transaction = None
         self.buffer.discard()
         self._send(replies.PIPELINING_VIOLATION)
+        self._events.append(Rejected("DATA", replies.PIPELINING_VIOLATION))
         self._close("text_after_refused_data")
 
     def _bare_line_end(self, verb: str = "DATA") -> None:
