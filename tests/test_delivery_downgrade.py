@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.message
 import email.policy
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -292,3 +293,40 @@ def test_any_input_converts_or_raises(prefix: bytes, data: bytes) -> None:
     except DowngradeError:
         return
     assert converted.isascii()
+
+
+# A converter that copies the rest of a long line for each 76-octet piece, or
+# a whole field for each continuation line, does quadratic work.  Such code
+# took over 20 s per case where these tests were written, and linear code
+# takes well under a second.
+LINEAR_TIME_LIMIT = 5.0
+
+
+def test_long_8bit_line_converts_in_linear_time() -> None:
+    # SMTP servers accept body lines of any length, and the client breaks them only after conversion.
+    original = b"Content-Type: text/plain; charset=latin1\r\n\r\n\xe9" + b"a" * 16_000_000 + b"\r\n"
+    started = time.perf_counter()
+    converted = downgrade_to_7bit(original)
+    assert time.perf_counter() - started < LINEAR_TIME_LIMIT
+    body = converted.split(b"\r\n\r\n", 1)[1]
+    assert max(len(line) for line in body.split(b"\r\n")) <= QP_LINE_LIMIT
+
+
+def test_long_quoted_printable_line_escaped_in_linear_time() -> None:
+    original = (
+        b"Content-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n\xe9"
+        + b"a" * 16_000_000 + b"\r\n"
+    )
+    started = time.perf_counter()
+    converted = downgrade_to_7bit(original)
+    assert time.perf_counter() - started < LINEAR_TIME_LIMIT
+    assert converted.isascii()
+
+
+def test_long_folded_field_splits_in_linear_time() -> None:
+    original = b"Subject: x\r\n" + b" y\r\n" * 1_000_000 + b"\r\n\xe9\r\n"
+    started = time.perf_counter()
+    converted = downgrade_to_7bit(original)
+    assert time.perf_counter() - started < LINEAR_TIME_LIMIT
+    assert converted.startswith(b"Subject: x\r\n y\r\n")
+    assert converted.endswith(b"\r\n\r\n=E9\r\n")

@@ -254,21 +254,29 @@ def _split_entity(data: bytes) -> _Entity:
     first_line_end = data.find(b"\n")
     eol = b"\n" if first_line_end > 0 and data[first_line_end - 1] != 0x0D else b"\r\n"
     fields: list[bytes] = []
+    # Each field is sliced out once it ends, so a field with many continuation lines is not copied per line.
+    field_start = -1
     position = 0
+    separator = b""
     while position < len(data):
         newline = data.find(b"\n", position)
         line_end = len(data) if newline < 0 else newline + 1
         line = data[position:line_end]
         if line in (b"\r\n", b"\n"):
-            return _Entity(fields, line, data[line_end:], eol)
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line
+            separator = line
+            break
+        if line[:1] in (b" ", b"\t") and field_start >= 0:
+            pass  # a continuation line of the current field
         elif _FIELD_NAME.match(line):
-            fields.append(line)
+            if field_start >= 0:
+                fields.append(data[field_start:position])
+            field_start = position
         else:
             break
         position = line_end
-    return _Entity(fields, b"", data[position:], eol)
+    if field_start >= 0:
+        fields.append(data[field_start:position])
+    return _Entity(fields, separator, data[position + len(separator) :], eol)
 
 
 def _line_end(data: bytes) -> bytes:
@@ -482,18 +490,25 @@ def _break_qp_line(encoded: bytes, eol: bytes) -> bytes:
     if len(encoded) <= QP_LINE_LIMIT:
         return encoded
     pieces: list[bytes] = []
-    rest = encoded
-    while len(rest) > QP_LINE_LIMIT:
+    # The line still to break is head + encoded[start:], where head is "=2D" in
+    # place of a "-" that a break moved to the start of a line.  Only a window of
+    # one line's length is copied per break, so a long line takes linear time.
+    head = b""
+    start = 0
+    while len(head) + len(encoded) - start > QP_LINE_LIMIT:
+        window = head + encoded[start : start + QP_LINE_LIMIT]
         cut = QP_LINE_LIMIT - 1
-        if rest[cut - 1] == 0x3D:
+        if window[cut - 1] == 0x3D:
             cut -= 1
-        elif rest[cut - 2] == 0x3D:
+        elif window[cut - 2] == 0x3D:
             cut -= 2
-        pieces.append(rest[:cut] + b"=")
-        rest = rest[cut:]
-        if rest.startswith(b"-"):
-            rest = b"=2D" + rest[1:]
-    pieces.append(rest)
+        pieces.append(window[:cut] + b"=")
+        start += cut - len(head)
+        head = b""
+        if encoded[start : start + 1] == b"-":
+            head = b"=2D"
+            start += 1
+    pieces.append(head + encoded[start:])
     return eol.join(pieces)
 
 
