@@ -11,6 +11,7 @@ asyncio loop.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import ssl
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from tests.server_helpers import EVENT_LOOPS, Listener, RawClient, RelayProcess, make_certificate
 
@@ -231,3 +233,26 @@ def test_starttls_failures_logged_in_order(tmp_path: Path, event_loop: str) -> N
             lines = client_lines(relay, source, "disconnect")
             assert event_names(lines) == ["connect", "tls_failed", "disconnect"], lines
             assert field(lines[1], "error") == reason
+
+
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_implicit_listener_closed_before_accepting(event_loop: str) -> None:
+    # A worker that gets a stop signal while it starts closes its listeners
+    # before their accept tasks first run.  A socket left open would keep its SO_REUSEPORT
+    # share of new connections, which nothing accepts.
+    from types import SimpleNamespace
+
+    from relay.smtp.implicit import ImplicitTLSListener
+
+    async def close_at_once() -> list[socket.socket]:
+        loop = asyncio.get_running_loop()
+        runtime = SimpleNamespace(listener=SimpleNamespace(address=("127.0.0.1", 0)), loop=loop, name="smtps")
+        listener = ImplicitTLSListener(runtime, 8)  # type: ignore[arg-type]
+        listener.close()
+        await asyncio.sleep(0.05)
+        return listener.sockets
+
+    runner = asyncio.run if event_loop == "asyncio" else uvloop.run
+    sockets = runner(close_at_once())
+    assert sockets
+    assert [sock.fileno() for sock in sockets] == [-1] * len(sockets)

@@ -26,6 +26,7 @@ and waits ``ACCEPT_RETRY_DELAY`` seconds before it accepts again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from typing import TYPE_CHECKING, Any
@@ -52,11 +53,17 @@ class ImplicitTLSListener:
         self.runtime = runtime
         host, port = runtime.listener.address
         self.sockets = bind_sockets(host, port, backlog)
-        self._accepting = [runtime.loop.create_task(self._accept(sock)) for sock in self.sockets]
+        self._accepting: list[asyncio.Task[None]] = []
+        for sock in self.sockets:
+            task = runtime.loop.create_task(self._accept(sock))
+            # A callback, not a finally clause in _accept: a task cancelled
+            # before its first step never enters the coroutine's body.
+            task.add_done_callback(functools.partial(_close_socket, sock))
+            self._accepting.append(task)
         self._handshakes: set[asyncio.Task[None]] = set()
 
     def close(self) -> None:
-        """Stop accepting; each accept task closes its socket as it ends.
+        """Stop accepting; each listening socket closes as its accept task ends.
 
         Handshakes in progress go on while the worker waits for its sessions,
         and a client that completes one gets ``421 4.3.2``.  Those still
@@ -68,22 +75,19 @@ class ImplicitTLSListener:
 
     async def _accept(self, listening: socket.socket) -> None:
         loop = self.runtime.loop
-        try:
-            while True:
-                try:
-                    connection, address = await loop.sock_accept(listening)
-                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                    continue  # a spurious wake-up, or a client that left before the accept
-                except OSError as exc:
-                    log_event(logger, "accept_failed", logging.ERROR, listener=self.runtime.name, error=str(exc))
-                    await asyncio.sleep(ACCEPT_RETRY_DELAY)
-                    continue
-                task = loop.create_task(self._handshake(connection, address))
-                # The loop keeps only a weak reference to a task.
-                self._handshakes.add(task)
-                task.add_done_callback(self._handshakes.discard)
-        finally:
-            listening.close()
+        while True:
+            try:
+                connection, address = await loop.sock_accept(listening)
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue  # a spurious wake-up, or a client that left before the accept
+            except OSError as exc:
+                log_event(logger, "accept_failed", logging.ERROR, listener=self.runtime.name, error=str(exc))
+                await asyncio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            task = loop.create_task(self._handshake(connection, address))
+            # The loop keeps only a weak reference to a task.
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
 
     async def _handshake(self, connection: socket.socket, address: Any) -> None:
         runtime = self.runtime
@@ -114,6 +118,10 @@ class ImplicitTLSListener:
             listener=runtime.name,
             error=handshake_failure_reason(error),
         )
+
+
+def _close_socket(sock: socket.socket, _task: asyncio.Task[None]) -> None:
+    sock.close()
 
 
 def bind_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
