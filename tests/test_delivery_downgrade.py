@@ -330,3 +330,16 @@ def test_long_folded_field_splits_in_linear_time() -> None:
     assert time.perf_counter() - started < LINEAR_TIME_LIMIT
     assert converted.startswith(b"Subject: x\r\n y\r\n")
     assert converted.endswith(b"\r\n\r\n=E9\r\n")
+
+
+def test_invalid_content_type_replaced_not_repeated() -> None:
+    # RFC 2045 section 5.2 reads an invalid Content-Type as text/plain.  The
+    # label the converter adds must replace it, because RFC 2045 allows one
+    # Content-Type field per entity and readers take the first.
+    original = b"MIME-Version: 1.0\r\nContent-Type: text\r\nSubject: s\r\n\r\n\xe9\r\n"
+    converted = downgrade_to_7bit(original)
+    check_converted(original, converted)
+    assert header_fields(converted) == [
+        b"MIME-Version: 1.0", b"Content-Type: text/plain; charset=unknown-8bit", b"Subject: s",
+        b"Content-Transfer-Encoding: quoted-printable",
+    ]

@@ -41,8 +41,9 @@ What changes, and what does not:
   quoted-printable body.  The charset is ``utf-8`` when the body is valid
   UTF-8, and ``unknown-8bit`` otherwise.  Any other entity without a
   Content-Type field that is encoded gets the same Content-Type, because
-  the default us-ascii would be wrong for it.  This differs from Postfix:
-  the mime_state.c of Postfix 2.6 converts only entities whose
+  the default us-ascii would be wrong for it.  So does an entity whose
+  Content-Type field is invalid, and the new field replaces that one.
+  This differs from Postfix: the mime_state.c of Postfix 2.6 converts only entities whose
   Content-Transfer-Encoding says 8bit or binary, so it sends such a body
   with its 8-bit octets.
 - A body already in base64 or quoted-printable may still hold stray 8-bit
@@ -220,7 +221,8 @@ class _Converter:
         """Encode a leaf body given as 7bit, 8bit or binary, and label it."""
         if not has_content_type and main_type == "text":
             charset = b"utf-8" if _is_utf8(entity.body) else b"unknown-8bit"
-            _append_field(entity, b"Content-Type: text/plain; charset=" + charset)
+            # An invalid Content-Type field, read as text/plain (RFC 2045 section 5.2), is replaced.
+            _set_field(entity, b"Content-Type", b"text/plain; charset=" + charset)
         if main_type in ("text", "message"):
             entity.body = _quoted_printable(entity.body, entity.eol)
             _set_transfer_encoding(entity, b"quoted-printable")
@@ -301,11 +303,16 @@ def _append_field(entity: _Entity, field: bytes) -> None:
 
 def _set_transfer_encoding(entity: _Entity, encoding: bytes) -> None:
     """Rewrite the first Content-Transfer-Encoding field in place and drop any other, or add one."""
-    line = b"Content-Transfer-Encoding: " + encoding + entity.eol
+    _set_field(entity, b"Content-Transfer-Encoding", encoding)
+
+
+def _set_field(entity: _Entity, name: bytes, value: bytes) -> None:
+    """Rewrite the first field called ``name`` in place and drop any other, or add one."""
+    line = name + b": " + value + entity.eol
     kept: list[bytes] = []
     replaced = False
     for field in entity.fields:
-        if _field_name(field) != b"content-transfer-encoding":
+        if _field_name(field) != name.lower():
             kept.append(field)
         elif not replaced:
             kept.append(line)
