@@ -156,6 +156,23 @@ def _graph_errors(aliases: dict[str, tuple[str, ...]], lines: dict[str, int]) ->
     return errors
 
 
+# The aliases of each file as the last check of the config read them (see
+# ``remember_checked``).  relay serve's supervisor checks before it forks, so
+# a worker or delivery process that starts later, after the file changed,
+# still falls back to the version that was checked.
+_checked_tables: dict[str, dict[str, tuple[str, ...]]] = {}
+
+
+def remember_checked(path: str, table: dict[str, tuple[str, ...]]) -> None:
+    """Record ``table`` as the checked version of the aliases file ``path``."""
+    _checked_tables[path] = table
+
+
+def checked_table(path: str) -> dict[str, tuple[str, ...]] | None:
+    """Return the checked version of the aliases file ``path``, or None when no check read it."""
+    return _checked_tables.get(path)
+
+
 class AliasFile:
     """An aliases file, read again whenever it changes.
 
@@ -175,9 +192,13 @@ class AliasFile:
         self._table: dict[str, tuple[str, ...]] = {}
         self._lock = threading.Lock()
         self._checked: dict[str, tuple[str, ...]] = {}
-        # Read now, while the file is the one that the start or the reload
-        # checked: the version every process falls back to.
-        self._checked = self.table()
+        checked = checked_table(path)
+        if checked is not None:
+            self._checked = checked
+            self.table()
+        else:
+            # No check read the file in this process: take it as it is now.
+            self._checked = self.table()
 
     def names(self) -> set[str]:
         """Return the alias names."""

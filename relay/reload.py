@@ -25,7 +25,7 @@ import logging
 import ssl
 from dataclasses import dataclass, field
 
-from relay.aliases import AliasError, parse_aliases
+from relay.aliases import AliasError, parse_aliases, remember_checked
 from relay.config import Config, ConfigError, load_config
 from relay.delivery.router import read_password
 from relay.log import log_event
@@ -71,7 +71,7 @@ def check_files(config: Config) -> None:
     if path:
         try:
             with open(path, encoding="utf-8") as handle:
-                parse_aliases(handle.read())
+                remember_checked(path, parse_aliases(handle.read()))
         except (OSError, UnicodeDecodeError) as exc:
             errors.append(f"local.aliases: cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
         except AliasError as exc:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.aliases import MAX_ALIAS_DEPTH, AliasError, AliasFile, parse_aliases
+import relay.aliases
+from relay.aliases import MAX_ALIAS_DEPTH, AliasError, AliasFile, parse_aliases, remember_checked
 from relay.config import LocalConfig
 from relay.delivery.maildir import LocalDelivery
 
@@ -152,3 +153,18 @@ def test_postmaster_alias_to_nobody_keeps_mailbox(tmp_path: Path) -> None:
     local = LocalDelivery(LocalConfig(maildir_root=str(tmp_path)), {"postmaster": ("root",)})
 
     assert local.expand("postmaster").users == ("postmaster",)
+
+
+def test_later_process_falls_back_to_checked_aliases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # relay serve checks the file before it forks.  A worker that builds its
+    # AliasFile after the file became invalid falls back to that checked version,
+    # like the processes that started earlier, and not to no aliases at all.
+    monkeypatch.setattr(relay.aliases, "_checked_tables", {})
+    path = tmp_path / "aliases"
+    path.write_text("sales: alice\n")
+    remember_checked(str(path), parse_aliases(path.read_text()))
+    path.write_text("sales: alice\nloop: pool\npool: loop\n")
+
+    aliases = AliasFile(str(path), logging.getLogger("relay.test"))
+
+    assert aliases.names() == {"sales"}

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relay.aliases import MAX_ALIAS_DEPTH, AliasFile, parse_aliases
+from relay.aliases import MAX_ALIAS_DEPTH, AliasFile, checked_table, parse_aliases
 from relay.config import LocalConfig
 from relay.units import is_safe_user_name
 
@@ -73,8 +73,11 @@ class LocalDelivery:
         """
         if not config.aliases:
             return cls(config)
-        # Parsed once here to raise for an invalid file, which AliasFile would only log.
-        aliases = parse_aliases(Path(config.aliases).read_text(encoding="utf-8"))
+        # The version the config check read, or parsed here to raise for an invalid
+        # file, which AliasFile would only log.
+        aliases = checked_table(config.aliases)
+        if aliases is None:
+            aliases = parse_aliases(Path(config.aliases).read_text(encoding="utf-8"))
         return cls(config, aliases, AliasFile(config.aliases, logger))
 
     def table(self) -> dict[str, tuple[str, ...]]:
