@@ -172,11 +172,38 @@ def test_silent_client_times_out(tmp_path: Path, event_loop: str) -> None:
     with relay:
         with RawClient(relay.port, source="127.0.0.3") as silent:
             started = time.monotonic()
-            # Only a session counts against the limit, so this client gets one meanwhile.
-            check_service(relay, "127.0.0.3")
+            # Other clients are served meanwhile.
+            check_service(relay, "127.0.0.5")
             assert read_to_close(silent) == b""
             assert 0.8 <= time.monotonic() - started < 5
         check_failure(relay, "127.0.0.3", "handshake timed out")
+        # Once the handshake gave up, the client's slot is free again.
+        check_service(relay, "127.0.0.3")
+
+
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_stalled_handshakes_count_against_limit(tmp_path: Path, event_loop: str) -> None:
+    """Connections whose handshake is still running are limited by the per-client connection limit."""
+    relay = RelayProcess(
+        tmp_path,
+        event_loop=event_loop,
+        listeners=[Listener(tls="implicit")],
+        policy=POLICY,
+        server='tls_handshake_timeout = "3s"\nmax_connections_per_client = 1',
+        certificate=make_certificate(tmp_path),
+    )
+    with relay:
+        with RawClient(relay.port, source="127.0.0.3"):
+            # The silent connection is the one handshake this client may run, so
+            # the next is closed before any handshake, without a reply.
+            with RawClient(relay.port, source="127.0.0.3") as over:
+                assert read_to_close(over, timeout=2) == b""
+            lines = client_lines(relay, "127.0.0.3", "reject")
+            [reject] = [line for line in lines if " reject " in line]
+            assert field(reject, "reply").startswith("421 4.7.0")
+            assert field(reject, "listener") == f"127.0.0.1:{relay.port}"
+            # A trusted client is exempt from the per-client limit, as for sessions.
+            check_service(relay, "127.0.0.2")
 
 
 @pytest.mark.parametrize("event_loop", EVENT_LOOPS)

@@ -10,7 +10,13 @@ error.  A failure is logged as ``tls_failed`` with the client address and
 the reason (see ``relay.smtp.tls.handshake_failure_reason``), and the
 connection is closed.  A completed handshake hands the connection to
 ``SMTPProtocol``, which logs ``connect`` and counts it against the
-connection limits from then on, as for the other listeners.
+connection limits from then on, as for the other listeners.  Connections
+in their handshake are limited by the same numbers, counted apart from the
+sessions: when the handshakes running for all clients, or for this one,
+already reach ``server.max_connections`` or
+``server.max_connections_per_client``, the new connection is closed before
+its handshake, since no reply could be read before it, and logged as
+``reject``.
 
 ``start_tls`` from ``SMTPProtocol.connection_made`` would also report the
 failure, but uvloop (0.23) starts reading as ``connection_made`` returns,
@@ -84,6 +90,14 @@ class ImplicitTLSListener:
                 log_event(logger, "accept_failed", logging.ERROR, listener=self.runtime.name, error=str(exc))
                 await asyncio.sleep(ACCEPT_RETRY_DELAY)
                 continue
+            client = str(address[0])
+            refusal = self.runtime.admit_handshake(client)
+            if refusal is not None:
+                # No reply can be read before the handshake, so the connection just closes.
+                connection.close()
+                log_event(logger, "reject", client=client, listener=self.runtime.name, command="CONNECT",
+                          reply=f"{refusal.code} {refusal.status} {refusal.text}; closed before the TLS handshake")
+                continue
             task = loop.create_task(self._handshake(connection, address))
             # The loop keeps only a weak reference to a task.
             self._handshakes.add(task)
@@ -103,6 +117,9 @@ class ImplicitTLSListener:
             )
         except OSError as exc:  # ssl.SSLError, ConnectionError and TimeoutError among them
             error = exc
+        finally:
+            # A completed handshake was admitted as a session by SMTPProtocol.connection_made.
+            runtime.release_handshake(str(address[0]))
         if transport is not None:
             if transport.get_extra_info("ssl_object") is not None:
                 return  # SMTPProtocol has the connection

@@ -84,6 +84,10 @@ class ConnectionCounts:
 
     total: int = 0
     per_client: dict[str, int] = field(default_factory=dict)
+    # Connections of implicit-TLS listeners whose handshake is still running
+    # (see relay.smtp.implicit): not yet sessions, but open connections too.
+    handshakes: int = 0
+    handshakes_per_client: dict[str, int] = field(default_factory=dict)
 
 
 class ListenerRuntime:
@@ -162,6 +166,36 @@ class ListenerRuntime:
         counts.per_client[client] = counts.per_client.get(client, 0) + 1
         self.sessions.add(protocol)
         return None
+
+    def admit_handshake(self, client: str) -> Reply | None:
+        """Count a connection that starts its TLS handshake, or return the 421 that refuses it.
+
+        Connections in their handshake are limited by the same numbers as
+        sessions, but counted apart from them.  A client over the limits of
+        ``admit`` still completes its handshake and reads the 421 there.
+        Clients that stall their handshakes cannot hold more connections
+        than the limits allow.
+        """
+        if not self.accepting:
+            return replies.SERVICE_UNAVAILABLE
+        counts = self.counts
+        if counts.handshakes >= self.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        in_handshake = counts.handshakes_per_client.get(client, 0)
+        if in_handshake >= self.max_per_client and not self.policy.is_trusted(client):
+            return replies.TOO_MANY_FROM_CLIENT
+        counts.handshakes += 1
+        counts.handshakes_per_client[client] = counts.handshakes_per_client.get(client, 0) + 1
+        return None
+
+    def release_handshake(self, client: str) -> None:
+        counts = self.counts
+        counts.handshakes -= 1
+        remaining = counts.handshakes_per_client.get(client, 1) - 1
+        if remaining:
+            counts.handshakes_per_client[client] = remaining
+        else:
+            counts.handshakes_per_client.pop(client, None)
 
     def release(self, protocol: SMTPProtocol) -> None:
         counts = self.counts
