@@ -79,6 +79,19 @@ def test_non_mime_latin1_body_labelled_unknown() -> None:
     assert converted.endswith(b"\r\n\r\nd=E9j=E0 vu\r\n")
 
 
+def test_non_mime_quoted_printable_not_encoded_twice() -> None:
+    # No MIME-Version, but a transfer encoding that readers honour: the body is
+    # escaped as quoted-printable once, not encoded a second time.
+    original = b"Subject: s\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\na=3D\xe9\r\n"
+    converted = downgrade_to_7bit(original)
+
+    assert converted.isascii()
+    assert converted.endswith(b"\r\n\r\na=3D=E9\r\n")
+    assert b"MIME-Version: 1.0\r\n" in converted
+    parsed = email.message_from_bytes(converted)
+    assert parsed.get_payload(decode=True) == b"a=\xe9\r\n"
+
+
 def test_corpus_multipart_report_parts() -> None:
     # A multipart/report with a text part, a delivery-status part and an enclosed
     # message (MESSAGE/RFC822), given 8-bit text in the first and the last.

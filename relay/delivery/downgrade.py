@@ -35,9 +35,10 @@ What changes, and what does not:
   Postfix also converts the enclosed message.  multipart/* and
   message/rfc822 entities whose content changed have an 8bit or binary
   Content-Transfer-Encoding relabelled 7bit.
-- A message without MIME-Version and Content-Type whose body has 8-bit
-  octets is taken as plain text in an unknown charset (RFC 1428 section 3):
-  it gets ``MIME-Version: 1.0``, ``Content-Type: text/plain`` and a
+- A message without MIME-Version, Content-Type and
+  Content-Transfer-Encoding whose body has 8-bit octets is taken as plain
+  text in an unknown charset (RFC 1428 section 3): it gets
+  ``MIME-Version: 1.0``, ``Content-Type: text/plain`` and a
   quoted-printable body.  The charset is ``utf-8`` when the body is valid
   UTF-8, and ``unknown-8bit`` otherwise.  Any other entity without a
   Content-Type field that is encoded gets the same Content-Type, because
@@ -45,7 +46,9 @@ What changes, and what does not:
   Content-Type field is invalid, and the new field replaces that one.
   This differs from Postfix: the mime_state.c of Postfix 2.6 converts only entities whose
   Content-Transfer-Encoding says 8bit or binary, so it sends such a body
-  with its 8-bit octets.
+  with its 8-bit octets.  A message with a Content-Transfer-Encoding field
+  but no MIME-Version is converted as a MIME entity of that encoding,
+  because readers honour the field.
 - A body already in base64 or quoted-printable may still hold stray 8-bit
   octets.  In base64 they are removed, because decoders skip octets outside
   the alphabet (RFC 2045 section 6.8).  In quoted-printable they become
@@ -141,7 +144,9 @@ class _Converter:
         """Convert a whole message: the top-level one or the content of a message/rfc822 part."""
         entity = _split_entity(data)
         names = entity.field_names()
-        if b"mime-version" in names or b"content-type" in names:
+        # A Content-Transfer-Encoding field alone counts too: readers honour it,
+        # and encoding its body again would show "=3D" for "=".
+        if b"mime-version" in names or b"content-type" in names or b"content-transfer-encoding" in names:
             converted = self._entity(entity, "text/plain", depth, where)
             if b"mime-version" not in names and converted.joined() != data:
                 # The new Content-Transfer-Encoding means something only under MIME-Version.
