@@ -903,4 +903,5 @@ def test_size_limit_applies_to_converted_size() -> None:
     results = run_session(server, lambda session: session.send(message("a@example.net", body=body)))
     assert [r.outcome for r in results] == [Outcome.FAILED]  # type: ignore[attr-defined]
     assert results[0].reply.startswith("552 5.3.4 message size ")  # type: ignore[index]
+    assert results[0].downgraded  # type: ignore[index]
     assert "MAIL" not in server.verbs()

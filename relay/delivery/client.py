@@ -566,7 +566,8 @@ class SMTPSession:
         if refused is None:
             refused = self._check_size(len(body))
         if refused is not None:
-            return [RecipientResult(r.index, Outcome.FAILED, refused) for r in message.recipients]
+            # A message refused for its size as converted is logged with converted=7bit too.
+            return [RecipientResult(r.index, Outcome.FAILED, refused, downgraded) for r in message.recipients]
 
         results: dict[int, RecipientResult] = {}
         sendable: list[OutboundRecipient] = []
