@@ -308,14 +308,21 @@ def _require_spool(directory: str) -> None:
         )
 
 
-def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
-    """Read, check and spool one message; return the sendmail exit code."""
-    config_file = _config_file(options)
+def _load_config(config_file: str | None, stderr: TextIO) -> Config | None:
+    """Load ``config_file`` (None: the defaults); print each error and return None when it is invalid."""
     try:
-        config = load_config(config_file)
+        return load_config(config_file)
     except ConfigError as exc:
         for line in exc.errors:
             print(f"sendmail: {line}", file=stderr)
+        return None
+
+
+def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
+    """Read, check and spool one message; return the sendmail exit code."""
+    config_file = _config_file(options)
+    config = _load_config(config_file, stderr)
+    if config is None:
         return EX_CONFIG
 
     try:
@@ -371,12 +378,8 @@ def flush_queue(options: Options, stderr: TextIO) -> int:
     Prints nothing on success, like Postfix's ``sendmail -q``, because cron
     mails any output of a job to its owner.
     """
-    config_file = _config_file(options)
-    try:
-        config = load_config(config_file)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(f"sendmail: {line}", file=stderr)
+    config = _load_config(_config_file(options), stderr)
+    if config is None:
         return EX_CONFIG
     try:
         if options.recipients or options.extract_recipients:

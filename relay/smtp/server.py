@@ -90,6 +90,15 @@ class ConnectionCounts:
     handshakes_per_client: dict[str, int] = field(default_factory=dict)
 
 
+def _add_for_client(counts: dict[str, int], client: str, change: int) -> None:
+    """Add ``change`` to the count of ``client``, dropping the entry when it reaches zero."""
+    count = counts.get(client, 0) + change
+    if count > 0:
+        counts[client] = count
+    else:
+        counts.pop(client, None)
+
+
 class ListenerRuntime:
     """What the sessions of one listener share inside one worker."""
 
@@ -163,7 +172,7 @@ class ListenerRuntime:
         if counts.per_client.get(client, 0) >= self.max_per_client and not self.policy.is_trusted(client):
             return replies.TOO_MANY_FROM_CLIENT
         counts.total += 1
-        counts.per_client[client] = counts.per_client.get(client, 0) + 1
+        _add_for_client(counts.per_client, client, 1)
         self.sessions.add(protocol)
         return None
 
@@ -185,27 +194,18 @@ class ListenerRuntime:
         if in_handshake >= self.max_per_client and not self.policy.is_trusted(client):
             return replies.TOO_MANY_FROM_CLIENT
         counts.handshakes += 1
-        counts.handshakes_per_client[client] = counts.handshakes_per_client.get(client, 0) + 1
+        _add_for_client(counts.handshakes_per_client, client, 1)
         return None
 
     def release_handshake(self, client: str) -> None:
         counts = self.counts
         counts.handshakes -= 1
-        remaining = counts.handshakes_per_client.get(client, 1) - 1
-        if remaining:
-            counts.handshakes_per_client[client] = remaining
-        else:
-            counts.handshakes_per_client.pop(client, None)
+        _add_for_client(counts.handshakes_per_client, client, -1)
 
     def release(self, protocol: SMTPProtocol) -> None:
         counts = self.counts
-        client = protocol.client_address
         counts.total -= 1
-        remaining = counts.per_client.get(client, 1) - 1
-        if remaining:
-            counts.per_client[client] = remaining
-        else:
-            counts.per_client.pop(client, None)
+        _add_for_client(counts.per_client, protocol.client_address, -1)
         self.sessions.discard(protocol)
 
     # -- messages --------------------------------------------------------------
