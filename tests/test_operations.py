@@ -322,6 +322,18 @@ def test_metrics_move_with_delivered_deferred_bounced(tmp_path: Path) -> None:
         rejecting.wait(10)
 
 
+def run_sendmail(relay: Relay, args: list[str], message: bytes) -> subprocess.CompletedProcess[bytes]:
+    """Run relay sendmail with the relay's config, ``args`` and ``message`` on its standard input."""
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "sendmail", "--config", str(relay.config), *args],
+        input=message,
+        capture_output=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+        check=False,
+        timeout=60,
+    )
+
+
 def test_sendmail_t_delivers_to_all_without_bcc(tmp_path: Path) -> None:
     for user in ("alice", "bob", "dave"):
         (tmp_path / "mail" / user).mkdir(parents=True)
@@ -335,14 +347,7 @@ def test_sendmail_t_delivers_to_all_without_bcc(tmp_path: Path) -> None:
         b"\n"
         b"all good\n"
     )
-    injected = subprocess.run(
-        [sys.executable, "-m", "relay", "sendmail", "--config", str(relay.config), "-t", "-f", "cron@example.test"],
-        input=message,
-        capture_output=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
-        check=False,
-        timeout=60,
-    )
+    injected = run_sendmail(relay, ["-t", "-f", "cron@example.test"], message)
     assert injected.returncode == 0, injected.stderr
 
     relay.start()
@@ -372,14 +377,7 @@ def test_sendmail_bare_name_delivered_locally(tmp_path: Path) -> None:
     (tmp_path / "mail" / "alice").mkdir(parents=True)
     relay = Relay(tmp_path, workers=1)
     relay.write(domains='"example.test", "mx.example.test"')
-    injected = subprocess.run(
-        [sys.executable, "-m", "relay", "sendmail", "--config", str(relay.config), "-f", "cron", "alice"],
-        input=b"Subject: bare name\n\nhello\n",
-        capture_output=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
-        check=False,
-        timeout=60,
-    )
+    injected = run_sendmail(relay, ["-f", "cron", "alice"], b"Subject: bare name\n\nhello\n")
     assert injected.returncode == 0, injected.stderr
 
     relay.start()

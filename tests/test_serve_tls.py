@@ -29,17 +29,22 @@ EHLO = b"EHLO client.example.com\r\n"
 POLICY = 'trusted_networks = ["127.0.0.2/32"]'
 
 
+def tls_relay(directory: Path, event_loop: str, *, tls: str = "implicit", server: str = "") -> RelayProcess:
+    """Return a relay with one TLS listener of kind ``tls``, a new certificate and ``server`` settings."""
+    return RelayProcess(
+        directory,
+        event_loop=event_loop,
+        listeners=[Listener(tls=tls)],
+        policy=POLICY,
+        server=server,
+        certificate=make_certificate(directory),
+    )
+
+
 @pytest.fixture(scope="module", params=EVENT_LOOPS)
 def relay(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
     directory = tmp_path_factory.mktemp(f"tls-{request.param}")
-    server = RelayProcess(
-        directory,
-        event_loop=request.param,
-        listeners=[Listener(tls="implicit")],
-        policy=POLICY,
-        certificate=make_certificate(directory),
-    )
-    with server:
+    with tls_relay(directory, request.param) as server:
         yield server
 
 
@@ -161,14 +166,7 @@ def test_tls_client_served_and_logged(relay: RelayProcess) -> None:
 @pytest.mark.parametrize("event_loop", EVENT_LOOPS)
 def test_silent_client_times_out(tmp_path: Path, event_loop: str) -> None:
     """A client that sends nothing is dropped after tls_handshake_timeout, without taking a connection slot."""
-    relay = RelayProcess(
-        tmp_path,
-        event_loop=event_loop,
-        listeners=[Listener(tls="implicit")],
-        policy=POLICY,
-        server='tls_handshake_timeout = "1s"\nmax_connections_per_client = 1',
-        certificate=make_certificate(tmp_path),
-    )
+    relay = tls_relay(tmp_path, event_loop, server='tls_handshake_timeout = "1s"\nmax_connections_per_client = 1')
     with relay:
         with RawClient(relay.port, source="127.0.0.3") as silent:
             started = time.monotonic()
@@ -184,14 +182,7 @@ def test_silent_client_times_out(tmp_path: Path, event_loop: str) -> None:
 @pytest.mark.parametrize("event_loop", EVENT_LOOPS)
 def test_stalled_handshakes_count_against_limit(tmp_path: Path, event_loop: str) -> None:
     """Connections whose handshake is still running are limited by the per-client connection limit."""
-    relay = RelayProcess(
-        tmp_path,
-        event_loop=event_loop,
-        listeners=[Listener(tls="implicit")],
-        policy=POLICY,
-        server='tls_handshake_timeout = "3s"\nmax_connections_per_client = 1',
-        certificate=make_certificate(tmp_path),
-    )
+    relay = tls_relay(tmp_path, event_loop, server='tls_handshake_timeout = "3s"\nmax_connections_per_client = 1')
     with relay:
         with RawClient(relay.port, source="127.0.0.3"):
             # The silent connection is the one handshake this client may run, so
@@ -209,14 +200,7 @@ def test_stalled_handshakes_count_against_limit(tmp_path: Path, event_loop: str)
 @pytest.mark.parametrize("event_loop", EVENT_LOOPS)
 def test_failed_handshakes_leave_limit(tmp_path: Path, event_loop: str) -> None:
     """Failed handshakes neither take nor give back a slot of the per-client connection limit."""
-    relay = RelayProcess(
-        tmp_path,
-        event_loop=event_loop,
-        listeners=[Listener(tls="implicit")],
-        policy=POLICY,
-        server="max_connections_per_client = 1",
-        certificate=make_certificate(tmp_path),
-    )
+    relay = tls_relay(tmp_path, event_loop, server="max_connections_per_client = 1")
     with relay:
         for _ in range(3):
             with RawClient(relay.port, source="127.0.0.3") as raw:
@@ -237,14 +221,7 @@ def test_failed_handshakes_leave_limit(tmp_path: Path, event_loop: str) -> None:
 @pytest.mark.parametrize("event_loop", EVENT_LOOPS)
 def test_starttls_failures_logged_in_order(tmp_path: Path, event_loop: str) -> None:
     """A failed STARTTLS handshake is logged with its reason between the session's connect and disconnect."""
-    relay = RelayProcess(
-        tmp_path,
-        event_loop=event_loop,
-        listeners=[Listener(tls="starttls")],
-        policy=POLICY,
-        server='tls_handshake_timeout = "1s"',
-        certificate=make_certificate(tmp_path),
-    )
+    relay = tls_relay(tmp_path, event_loop, tls="starttls", server='tls_handshake_timeout = "1s"')
     cases = [
         ("127.0.0.3", EHLO, "not a TLS handshake, plaintext SMTP perhaps (WRONG_VERSION_NUMBER)"),
         ("127.0.0.4", b"", "handshake timed out"),
