@@ -303,7 +303,7 @@ def _connect_error_kind(exc: OSError) -> str:
     if isinstance(exc, socket.gaierror):
         # getaddrinfo's EAI_* codes are not errno values.
         return "connect_name_not_resolved"
-    # errno.errorcode has no entry for 0, which stands in for a missing errno.
+    # errno.errorcode has no entry for 0, which is used here for a missing errno.
     name = errno.errorcode.get(exc.errno or 0)
     if name is None:
         return "connect_error"

@@ -45,7 +45,7 @@ What changes, and what does not:
   the default us-ascii would be wrong for it.  So does an entity whose
   Content-Type field is invalid, and the new field replaces that one.
   This differs from Postfix: the mime_state.c of Postfix 2.6 converts only entities whose
-  Content-Transfer-Encoding says 8bit or binary, so it sends such a body
+  Content-Transfer-Encoding is 8bit or binary, so it sends such a body
   with its 8-bit octets.  A message with a Content-Transfer-Encoding field
   but no MIME-Version is converted as a MIME entity of that encoding,
   because readers honour the field.
@@ -314,15 +314,15 @@ def _set_transfer_encoding(entity: _Entity, encoding: bytes) -> None:
 def _set_field(entity: _Entity, name: bytes, value: bytes) -> None:
     """Rewrite the first field called ``name`` in place and drop any other, or add one."""
     line = name + b": " + value + entity.eol
-    kept: list[bytes] = []
+    fields: list[bytes] = []
     replaced = False
     for field in entity.fields:
         if _field_name(field) != name.lower():
-            kept.append(field)
+            fields.append(field)
         elif not replaced:
-            kept.append(line)
+            fields.append(line)
             replaced = True
-    entity.fields = kept
+    entity.fields = fields
     if not replaced:
         _append_field(entity, line[: -len(entity.eol)])
 

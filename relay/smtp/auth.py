@@ -200,7 +200,7 @@ def set_password(path: str, user: str, password: str) -> bool:
     if not found:
         lines.append(entry)
 
-    # A symbolic link stays in place and its target is rewritten, so every path to the file sees the change.
+    # A symbolic link stays in place and its target is rewritten, so every path to the file reads the change.
     target = os.path.realpath(path)
     fd, temporary = tempfile.mkstemp(prefix=".passwd-", dir=os.path.dirname(target))
     try:

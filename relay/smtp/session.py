@@ -908,8 +908,8 @@ def _printable_helo(name: str) -> str:
 def _verb_of(line: bytes) -> str:
     """Return the first word of a line the parser rejected, for logging and for choosing its reply.
 
-    A tab also ends the word: RFC 5321 allows only a space after the verb,
-    but a client that puts a tab there still means that verb, so a line
+    A tab also ends the word.  RFC 5321 allows only a space after the verb,
+    but a client that puts a tab there still means that verb.  So a line
     like ``BDAT<TAB>5`` is handled as a broken BDAT, not as an unknown command.
     """
     return re.split(rb"[ \t\n]", line[:16], maxsplit=1)[0].decode("ascii", "replace") or "-"
