@@ -5,10 +5,12 @@ JSON object per line with ``--json``), ``show ID``, ``flush [ID | --domain D]``,
 ``hold ID``, ``release ID`` and ``delete ID``.  Each works on ``--spool DIR``
 or on the ``[spool] path`` of ``--config FILE`` (default: ``./relay-spool``).
 
-Reads run in one SQLite read transaction, so ``list`` prints one consistent
-snapshot even while worker processes commit.  Changes wait up to the spool's
-busy timeout for the write lock.  Queue IDs are accepted in upper or lower
-case.  An unknown queue ID, a missing spool or a spool error prints one line
+Each message is read in one SQLite read transaction, so its envelope and
+recipients agree even while worker processes commit.  ``list`` reads and
+prints the queue a page at a time, so its memory does not grow with the
+queue, and a message committed or removed while it runs may be left out.
+Changes wait up to the spool's busy timeout for the write lock.  Queue IDs
+are accepted in upper or lower case.  An unknown queue ID, a missing spool or a spool error prints one line
 on stderr and exits with status 1.  A record that cannot be decoded is moved
 to ``DIR/corrupt/`` and reported on stderr.
 """
@@ -294,39 +296,52 @@ def _list(store: SpoolStore, args: argparse.Namespace) -> int:
     state = RecipientState(args.state) if args.state else None
     domain = parse_domain(args.domain) if args.domain is not None else None
 
-    corrupt: list[CorruptRecord] = []
-    messages: list[StoredMessage] = []
-    with store.snapshot():
-        queue_ids = store.queue_ids(sender=sender, domain=domain, state=state)
-        for item in store.messages(queue_ids):
+    # Each page is read in snapshots of its own and printed after they end, so
+    # memory stays at one page however long the queue is.  No snapshot stays
+    # open while a reader that has stopped reading (``| less``) blocks the
+    # output, because an open snapshot keeps checkpoints from restarting the
+    # WAL, and the WAL would grow for as long as the relay commits.
+    count = 0
+    total = 0
+    for page in store.queue_id_pages(sender=sender, domain=domain, state=state):
+        corrupt: list[CorruptRecord] = []
+        for item in store.messages(page):
             if isinstance(item, CorruptRecord):
                 corrupt.append(item)
+                continue
+            if args.json:
+                sys.stdout.write(orjson.dumps(_message_document(item)).decode() + "\n")
             else:
-                messages.append(item)
-    _report_corrupt(store, corrupt)
+                if count == 0:
+                    _print_heading()
+                _print_entry(item)
+            count += 1
+            total += item.size
+        _report_corrupt(store, corrupt)
 
     if args.json:
-        for message in messages:
-            sys.stdout.write(orjson.dumps(_message_document(message)).decode() + "\n")
         return 0
-    if not messages:
+    if count == 0:
         filtered = sender is not None or domain is not None or state is not None
         print("No message in the queue matches the filters" if filtered else "Mail queue is empty")
         return 0
+    print(f"-- {(total + 1023) // 1024} Kbytes in {count} message{'s' if count != 1 else ''}.")
+    return 0
+
+
+def _print_heading() -> None:
     heading = f"{'-Queue ID-':<{_ID_WIDTH}} {'--Size--':>8} {'-Arrival Time (UTC)-':<{_TIME_WIDTH}}"
     print(f"{heading} -Sender/Recipient-------")
-    total = 0
-    for message in messages:
-        total += message.size
-        print(
-            f"{message.queue_id:<{_ID_WIDTH}} {message.size:>8} {_format_time(message.arrival):<{_TIME_WIDTH}}"
-            f" {_format_path(message.envelope.sender)}"
-        )
-        for recipient in message.recipients:
-            print(_recipient_line(recipient))
-        print()
-    print(f"-- {(total + 1023) // 1024} Kbytes in {len(messages)} message{'s' if len(messages) != 1 else ''}.")
-    return 0
+
+
+def _print_entry(message: StoredMessage) -> None:
+    print(
+        f"{message.queue_id:<{_ID_WIDTH}} {message.size:>8} {_format_time(message.arrival):<{_TIME_WIDTH}}"
+        f" {_format_path(message.envelope.sender)}"
+    )
+    for recipient in message.recipients:
+        print(_recipient_line(recipient))
+    print()
 
 
 def _recipient_line(recipient: StoredRecipient) -> str:

@@ -152,6 +152,9 @@ _BY_QUEUE_ID = "id BETWEEN ? AND ? AND queue_id = ?"
 # Queue IDs that one statement looks up or deletes.  Each adds a term to an OR
 # or an IN list, and SQLite limits an expression's depth to 1000 by default.
 LOOKUP_CHUNK = 100
+# Messages per page of ``queue_id_pages``, so ``relay queue list`` keeps one
+# page in memory however long the queue is.
+LIST_PAGE = 500
 _Item = TypeVar("_Item")
 _INSERT_RECIPIENT = (
     "INSERT INTO recipient"
@@ -1314,6 +1317,55 @@ class SpoolStore:
         match if any recipient matches.  A domain matches in its Unicode form
         and in its ASCII form (IDNA, "xn--" labels) whichever one is given.
         """
+        clauses, parameters = self._filter(sender, domain, state, dsn_pending)
+        query = "SELECT m.queue_id FROM message m"
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        # The key sorts like the queue ID except within one microsecond.
+        query += " ORDER BY m.id, m.queue_id"
+        if limit is not None:
+            query += " LIMIT ?"
+            parameters.append(limit)
+        with self._errors("list messages"):
+            return [queue_id for (queue_id,) in self.connection.execute(query, parameters)]
+
+    def queue_id_pages(
+        self,
+        *,
+        sender: str | None = None,
+        domain: str | None = None,
+        state: RecipientState | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[list[str]]:
+        """Yield the queue IDs that ``queue_ids`` returns, ``page_size`` (default ``LIST_PAGE``) at a time.
+
+        Each page is one statement, read whole before it is yielded, and each
+        page starts after the last key of the one before.  So no read
+        transaction stays open while the caller works on a page, and a
+        message never appears twice, but messages committed or deleted
+        between two pages may be in or out of the result.
+        """
+        size = LIST_PAGE if page_size is None else page_size
+        clauses, parameters = self._filter(sender, domain, state, False)
+        condition = " AND ".join(clauses) or "1"
+        last_key: int | None = None
+        while True:
+            # The first page has no lower bound, because the lowest key is the smallest 64-bit integer.
+            after = "" if last_key is None else "m.id > ? AND "
+            query = f"SELECT m.id, m.queue_id FROM message m WHERE {after}{condition} ORDER BY m.id LIMIT ?"
+            values = [*parameters, size] if last_key is None else [last_key, *parameters, size]
+            with self._errors("list messages"):
+                rows = self.connection.execute(query, values).fetchall()
+            if rows:
+                yield [queue_id for _, queue_id in rows]
+            if len(rows) < size:
+                return
+            last_key = rows[-1][0]
+
+    def _filter(
+        self, sender: str | None, domain: str | None, state: RecipientState | None, dsn_pending: bool
+    ) -> tuple[list[str], list[Any]]:
+        """Return the conditions on ``message m`` of the filters of ``queue_ids``, and their parameters."""
         clauses: list[str] = []
         parameters: list[Any] = []
         if sender is not None:
@@ -1348,30 +1400,25 @@ class SpoolStore:
                 ) + ")"
                 parameters.extend(fresh_parameters)
             clauses.append(f"({condition})")
-        query = "SELECT m.queue_id FROM message m"
-        if clauses:
-            query += " WHERE " + " AND ".join(clauses)
-        # The key sorts like the queue ID except within one microsecond.
-        query += " ORDER BY m.id, m.queue_id"
-        if limit is not None:
-            query += " LIMIT ?"
-            parameters.append(limit)
-        with self._errors("list messages"):
-            return [queue_id for (queue_id,) in self.connection.execute(query, parameters)]
+        return clauses, parameters
 
     def messages(self, queue_ids: Iterable[str]) -> Iterator[StoredMessage | CorruptRecord]:
         """Yield each message in turn, or the CorruptRecord error for one that cannot be decoded.
 
-        Messages deleted since their ID was listed are left out.
+        Messages deleted since their ID was listed are left out.  The
+        messages are read ``LOOKUP_CHUNK`` at a time, each chunk in one
+        snapshot that ends before its first message is yielded.
         """
-        for queue_id in queue_ids:
-            try:
-                message = self.load(queue_id)
-            except CorruptRecord as exc:
-                yield exc
-                continue
-            if message is not None:
-                yield message
+        ids = list(queue_ids)
+        for chunk in _chunks(ids):
+            with self.snapshot():
+                loaded = self._load_claimed(chunk, None)
+            for queue_id in chunk:
+                item = loaded.get(queue_id)
+                if isinstance(item, CorruptRecord):
+                    yield item
+                elif item is not None:
+                    yield item[0]
 
     def counts(self) -> dict[str, int]:
         """Return the number of recipients in each state (states with none are left out)."""
