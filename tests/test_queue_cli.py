@@ -828,3 +828,21 @@ def test_list_corrupt_record_on_later_page(
     assert "-- 1 Kbytes in 4 messages." in out
     assert f"message {broken} is corrupt" in err
     assert (spool_dir / "corrupt" / f"{broken}.json").exists()
+
+
+def test_addresses_escaped_on_terminal(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The SMTP parser accepts both characters in a UTF-8 forward-path.
+    recipients = (Recipient("\u202eevil@x.test", orcpt="rfc822;\u202eevil@x.test"), Recipient("a\x85b@y.test"))
+    queue_id = _commit(spool_dir, Envelope("s\u202e@x.test", recipients, smtputf8=True))
+
+    list_status, listed, _ = _queue(capsys, "list", "--spool", str(spool_dir))
+    show_status, shown, _ = _queue(capsys, "show", queue_id, "--spool", str(spool_dir))
+
+    assert list_status == 0
+    assert show_status == 0
+    for output in (listed, shown):
+        assert "\\u202eevil@x.test" in output
+        assert "a\\x85b@y.test" in output
+        assert "s\\u202e@x.test" in output
+        assert "\u202e" not in output
+        assert "\x85" not in output

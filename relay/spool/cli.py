@@ -346,7 +346,7 @@ def _print_entry(message: StoredMessage) -> None:
 
 def _recipient_line(recipient: StoredRecipient) -> str:
     indent = " " * (_ID_WIDTH + 1 + 8 + 1 + _TIME_WIDTH + 1)
-    line = f"{indent}{recipient.address}  {recipient.state.value}"
+    line = f"{indent}{_format_path(recipient.address)}  {recipient.state.value}"
     if recipient.state in (RecipientState.QUEUED, RecipientState.DEFERRED) and recipient.attempts:
         line += f" (attempt {recipient.attempts}, next {_format_time(recipient.next_attempt)})"
     if recipient.last_reply:
@@ -431,9 +431,13 @@ def _show(store: SpoolStore, args: argparse.Namespace) -> int:
 
     print("\nRecipients:")
     for recipient in message.recipients:
-        print(f"  [{recipient.index}] {recipient.address}  {recipient.state.value}, {recipient.attempts} attempt(s)")
+        print(
+            f"  [{recipient.index}] {_format_path(recipient.address)}  {recipient.state.value},"
+            f" {recipient.attempts} attempt(s)"
+        )
         if recipient.orcpt or recipient.notify:
-            print(f"      ORCPT={recipient.orcpt or '-'} NOTIFY={','.join(recipient.notify) or '-'}")
+            orcpt = _escape_controls(recipient.orcpt or "-")
+            print(f"      ORCPT={orcpt} NOTIFY={','.join(recipient.notify) or '-'}")
         if recipient.state in (RecipientState.QUEUED, RecipientState.DEFERRED):
             print(f"      next attempt {_format_time(recipient.next_attempt)}")
         if recipient.dsn.value != "none":
@@ -559,7 +563,9 @@ def _format_time(timestamp: float | None, precise: bool = False) -> str | None:
 
 
 def _format_path(address: str) -> str:
-    return f"<{address}>" if address == "" else address
+    # The parser lets C1 controls and bidirectional overrides into UTF-8
+    # addresses (RFC 6531), so a remote client could send them to the terminal.
+    return "<>" if address == "" else escape_controls(address)
 
 
 def _one_line(text: str) -> str:
