@@ -835,14 +835,34 @@ def test_addresses_escaped_on_terminal(spool_dir: Path, capsys: pytest.CaptureFi
     recipients = (Recipient("\u202eevil@x.test", orcpt="rfc822;\u202eevil@x.test"), Recipient("a\x85b@y.test"))
     queue_id = _commit(spool_dir, Envelope("s\u202e@x.test", recipients, smtputf8=True))
 
-    list_status, listed, _ = _queue(capsys, "list", "--spool", str(spool_dir))
-    show_status, shown, _ = _queue(capsys, "show", queue_id, "--spool", str(spool_dir))
+    list_status, list_output, _ = _queue(capsys, "list", "--spool", str(spool_dir))
+    show_status, show_output, _ = _queue(capsys, "show", queue_id, "--spool", str(spool_dir))
 
     assert list_status == 0
     assert show_status == 0
-    for output in (listed, shown):
+    for output in (list_output, show_output):
         assert "\\u202eevil@x.test" in output
         assert "a\\x85b@y.test" in output
         assert "s\\u202e@x.test" in output
         assert "\u202e" not in output
         assert "\x85" not in output
+
+
+def test_changes_logged_on_stderr(spool_dir: Path) -> None:
+    queue_id = _commit(spool_dir, make_envelope())
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    stderr = {}
+    for action in ("hold", "release", "flush", "delete"):
+        extra = ["--yes"] if action == "delete" else []
+        result = subprocess.run(
+            [sys.executable, "-m", "relay", "queue", action, queue_id, *extra, "--spool", str(spool_dir)],
+            capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 0, result.stderr
+        stderr[action] = result.stderr
+
+    uid = f"uid={os.getuid()}"
+    assert f"relay.queue: held queue_id={queue_id} recipients=2 {uid}" in stderr["hold"]
+    assert f"relay.queue: released queue_id={queue_id} recipients=2 {uid}" in stderr["release"]
+    assert f"relay.queue: flushed queue_id={queue_id} domain=- recipients=0 {uid}" in stderr["flush"]
+    assert f'relay.spool: removed queue_id={queue_id} reason="deleted by operator" {uid}' in stderr["delete"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import pwd
 import sqlite3
@@ -33,6 +34,7 @@ from typing import Any
 import orjson
 
 from relay.cli import add_config_option, config_from_args, escape_controls, stop_output
+from relay.log import log_event
 from relay.spool import DEFAULT_BUSY_TIMEOUT
 from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
 from relay.spool.ids import is_queue_id
@@ -44,6 +46,8 @@ from relay.units import format_duration
 # arrival time "YYYY-MM-DD HH:MM:SS" is 19.
 _ID_WIDTH = 15
 _TIME_WIDTH = 20
+
+logger = logging.getLogger("relay.queue")
 
 
 class UsageError(Exception):
@@ -81,23 +85,37 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     target = flush.add_mutually_exclusive_group()
     target.add_argument("queue_id", metavar="ID", nargs="?", help="only this message (a queue ID)")
     target.add_argument("--domain", metavar="DOMAIN", help="only recipients at this domain")
-    flush.set_defaults(handler=_run, action=_flush)
+    flush.set_defaults(handler=_run, action=_flush, log_changes=True)
 
     hold = actions.add_parser("hold", parents=[common], help="stop delivery attempts for a message")
     hold.add_argument("queue_id", metavar="ID", help="queue ID, as relay queue list shows it")
-    hold.set_defaults(handler=_run, action=_hold)
+    hold.set_defaults(handler=_run, action=_hold, log_changes=True)
 
     release = actions.add_parser("release", parents=[common], help="resume delivery of a held message now")
     release.add_argument("queue_id", metavar="ID", help="queue ID, as relay queue list shows it")
-    release.set_defaults(handler=_run, action=_release)
+    release.set_defaults(handler=_run, action=_release, log_changes=True)
 
     delete = actions.add_parser("delete", parents=[common], help="delete a message without sending a DSN")
     delete.add_argument("queue_id", metavar="ID", help="queue ID, as relay queue list shows it")
     delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    delete.set_defaults(handler=_run, action=_delete)
+    delete.set_defaults(handler=_run, action=_delete, log_changes=True)
 
 
 def _run(args: argparse.Namespace) -> int:
+    if not getattr(args, "log_changes", False):
+        return _run_action(args)
+    # Each change gets an event line on stderr in relay serve's format, as
+    # Postfix 3.7's postsuper logs each queue ID that it removes or holds.
+    relay_logger = logging.getLogger("relay")
+    level = relay_logger.level
+    relay_logger.setLevel(min(logging.INFO, relay_logger.getEffectiveLevel()))
+    try:
+        return _run_action(args)
+    finally:
+        relay_logger.setLevel(level)
+
+
+def _run_action(args: argparse.Namespace) -> int:
     try:
         with open_store(args) as store:
             try:
@@ -487,6 +505,7 @@ def _flush(store: SpoolStore, args: argparse.Namespace) -> int:
     domain = parse_domain(args.domain) if args.domain is not None else None
     with store.transaction():
         count = store.flush(time.time(), queue_id=queue_id, domain=domain)
+    log_event(logger, "flushed", queue_id=queue_id, domain=domain, recipients=count, uid=os.getuid())
     print(f"flushed {_recipients(count)}")
     return 0
 
@@ -495,6 +514,7 @@ def _hold(store: SpoolStore, args: argparse.Namespace) -> int:
     queue_id = parse_queue_id(args.queue_id)
     with store.transaction():
         count = store.hold(queue_id, time.time())
+    log_event(logger, "held", queue_id=queue_id, recipients=count, uid=os.getuid())
     if count == 0:
         print(f"{queue_id}: held 0 recipients, none is queued or deferred")
     else:
@@ -506,6 +526,7 @@ def _release(store: SpoolStore, args: argparse.Namespace) -> int:
     queue_id = parse_queue_id(args.queue_id)
     with store.transaction():
         count = store.release(queue_id, time.time())
+    log_event(logger, "released", queue_id=queue_id, recipients=count, uid=os.getuid())
     if count == 0:
         print(f"{queue_id}: released 0 recipients, none is held")
     else:
@@ -519,7 +540,7 @@ def _delete(store: SpoolStore, args: argparse.Namespace) -> int:
         print("not deleted")
         return 1
     with store.transaction():
-        store.delete(queue_id)
+        store.delete(queue_id, uid=os.getuid())
     print(f"{queue_id}: deleted")
     return 0
 

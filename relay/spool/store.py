@@ -1045,12 +1045,12 @@ class SpoolStore:
         self.connection.execute("DELETE FROM attempt WHERE queue_id = ?", (queue_id,))
         return cursor.rowcount > 0
 
-    def delete(self, queue_id: str) -> None:
-        """Delete a message and all its recipients without any DSN (``relay queue delete``)."""
+    def delete(self, queue_id: str, uid: int | None = None) -> None:
+        """Delete a message and all its recipients without any DSN (``relay queue delete`` as user ``uid``)."""
         with self._errors("delete message"):
             if not self._delete_rows(queue_id):
                 raise MessageNotFound(queue_id)
-        log_event(logger, "removed", queue_id=queue_id, reason="deleted by operator")
+        log_event(logger, "removed", queue_id=queue_id, reason="deleted by operator", uid=uid)
 
     def _operator_action(
         self, queue_id: str, action: str, now: float, update: str, condition: str, *, skip_due_fresh: bool = False
