@@ -214,6 +214,26 @@ def test_rcpt_5xx_bounces_to_local_sender(tmp_path: Path, nameserver: NameServer
     assert "550 5.1.1 no such user" in recipient_fields["Diagnostic-Code"]
 
 
+def test_bounce_decodes_envid_and_orcpt(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # The spool keeps ENVID and the ORCPT address as xtext, their SMTP form.  The
+    # DSN fields carry them decoded (RFC 3464 sections 2.2.1 and 2.3.1), so a
+    # sender matches the bounce against the ENVID it chose, "+" included.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    handler = RecordingHandler(refuse={"nobody@implicit.test": "550 5.1.1 no such user"})
+    recipient = Recipient(address="nobody@implicit.test", orcpt="rfc822;first+2Blast@implicit.test")
+    envelope = Envelope(sender="alice@local.test", recipients=(recipient,), envid="QQ+2B314159+3D")
+    with run_upstream("127.0.0.4", port, handler):
+        spool.commit_blocking(envelope, BODY)
+        assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")) and not spool_counts(config))
+    (report,) = mailbox_messages(config, "alice")
+    message_fields, recipient_fields = report.get_payload()[1].get_payload()
+    assert message_fields["Original-Envelope-Id"] == "QQ+314159="
+    assert recipient_fields["Original-Recipient"] == "rfc822;first+last@implicit.test"
+    assert recipient_fields["Final-Recipient"] == "rfc822; nobody@implicit.test"
+
+
 def test_refused_helo_bounce_names_remote_mta(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     port = free_port("127.0.0.4")
     config = make_config(tmp_path, nameserver, port)

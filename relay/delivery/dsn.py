@@ -5,7 +5,8 @@ A DSN is a ``multipart/report; report-type=delivery-status`` message
 explanation, the ``message/delivery-status`` fields (per message:
 ``Reporting-MTA``, ``Arrival-Date``, ``Original-Envelope-Id``; per recipient:
 ``Final-Recipient``, ``Original-Recipient``, ``Action``, ``Status``,
-``Remote-MTA``, ``Diagnostic-Code``, ``Last-Attempt-Date``), and the original
+``Remote-MTA``, ``Diagnostic-Code``, ``Last-Attempt-Date``; ENVID and ORCPT
+decoded from the xtext the spool keeps), and the original
 message: its header only (``text/rfc822-headers``) unless the sender asked
 for ``RET=FULL`` (``message/rfc822``); an original with UTF-8 in its header
 goes as ``message/global-headers`` or ``message/global`` (RFC 6533).
@@ -34,6 +35,8 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from relay._errors import SMTPError
+from relay._parser import xtext_decode
 from relay.spool import Envelope, Recipient, RecipientState, StoredMessage, StoredRecipient
 
 _REPLY_RE = re.compile(r"^([245])\d\d(?:[ -]([245]\.\d{1,3}\.\d{1,3}))?\b")
@@ -101,6 +104,32 @@ def _utf8_addr_xtext(text: str) -> str:
     return "".join(
         char if 0x21 <= ord(char) <= 0x7E and char not in "+=\\" else f"\\x{{{ord(char):X}}}" for char in text
     )
+
+
+def _xtext_decoded(value: str) -> str:
+    """Return an ENVID or ORCPT address stored as xtext decoded, or unchanged when it is not valid xtext.
+
+    xtext is only the SMTP form of these values.  The DSN fields carry the
+    decoded text, as Postfix and sendmail write them.
+    """
+    try:
+        return xtext_decode(value)
+    except SMTPError:
+        return value
+
+
+def _original_envelope_id(envid: str) -> str:
+    """Return the ``Original-Envelope-Id`` value: the decoded ENVID, or its xtext when not printable US-ASCII."""
+    decoded = _xtext_decoded(envid)
+    return decoded if decoded.isascii() and decoded.isprintable() else envid
+
+
+def _original_recipient(orcpt: str) -> str:
+    """Return the ``Original-Recipient`` value for an ORCPT stored as ``addr-type;xtext``."""
+    address_type, separator, address = _clean(orcpt).partition(";")
+    if not separator:
+        return _utf8_addr_xtext(address_type)
+    return f"{address_type};{_utf8_addr_xtext(_clean(_xtext_decoded(address)))}"
 
 
 def _clean(text: str) -> str:
@@ -225,7 +254,7 @@ def build_report(
         f"X-Queue-ID: {message.queue_id}",
     ]
     if message.envelope.envid:
-        lines.append(f"Original-Envelope-Id: {message.envelope.envid}")
+        lines.append(f"Original-Envelope-Id: {_original_envelope_id(message.envelope.envid)}")
     lines.append(f"Arrival-Date: {email.utils.formatdate(message.arrival)}")
     for recipient in recipients:
         lines += _recipient_fields(recipient, retry_until)
@@ -259,7 +288,7 @@ def _recipient_fields(recipient: StoredRecipient, retry_until: float | None) -> 
     reply = _printable(recipient.last_reply or "", ascii_only=True)
     fields = ["", f"Final-Recipient: {_address_type(recipient.address)}; {_utf8_addr_xtext(recipient.address)}"]
     if recipient.orcpt:
-        fields.append(f"Original-Recipient: {_utf8_addr_xtext(_clean(recipient.orcpt))}")
+        fields.append(f"Original-Recipient: {_original_recipient(recipient.orcpt)}")
     fields.append(f"Action: {_action(recipient)}")
     fields.append(f"Status: {status_of(reply)}")
     if recipient.last_host:
