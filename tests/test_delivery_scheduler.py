@@ -70,6 +70,11 @@ def make_config(
 ) -> Config:
     (directory / "mail").mkdir(exist_ok=True)
     mailbox.Maildir(str(directory / "mail" / "alice"), create=True)
+    # A key that ``delivery`` sets replaces the test default, as TOML allows a key only once.
+    backoff = "\n".join(
+        line for line in ("minimal_backoff_time = 0.3", "maximal_backoff_time = 1")
+        if line.split(" =")[0] + " =" not in delivery
+    )
     path = directory / "relay.toml"
     path.write_text(
         f"""
@@ -84,8 +89,7 @@ local_domains = ["local.test"]
 [delivery]
 nameservers = ["127.0.0.1:{nameserver.port}"]
 smtp_port = {port}
-minimal_backoff_time = 0.3
-maximal_backoff_time = 1
+{backoff}
 queue_scan_interval = {scan_interval}
 connection_cache_time = 1
 connect_timeout = 2
@@ -620,6 +624,38 @@ def test_soft_failure_moves_on_to_backup_mx(tmp_path: Path, nameserver: NameServ
     text = unfolded(report)
     assert "Final-Recipient: rfc822; hard@mx.test" in text
     assert "Remote-MTA: dns; a.mx.test" in text
+
+
+class _RcptCountingHandler(RecordingHandler):
+    """Counts every RCPT command and defers each one with 451."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rcpt_count = 0
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        with self.lock:
+            self.rcpt_count += 1
+        return "451 4.3.0 try later"
+
+
+def test_equal_preference_mx_is_backup(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # equal.test has a.mx.test and b.mx.test both at preference 10, in a random
+    # order per lookup.  Whichever host defers a message first, the other one
+    # is its backup: every message reaches both hosts once, and no retry runs
+    # within the test because the backoff is a minute.
+    port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port, delivery="minimal_backoff_time = 60\nmaximal_backoff_time = 60")
+    spool = spool_for(config)
+    first, second = _RcptCountingHandler(), _RcptCountingHandler()
+    messages = 8
+    with run_upstream("127.0.0.2", port, first), run_upstream("127.0.0.3", port, second):
+        for _ in range(messages):
+            commit(spool, "alice@local.test", ["soft@equal.test"])
+        run_until(config, spool, lambda: False, timeout=3.0)
+    assert spool_counts(config) == {"deferred": messages}
+    assert first.rcpt_count == messages
+    assert second.rcpt_count == messages
 
 
 def test_backup_mx_failure_keeps_first_results(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:

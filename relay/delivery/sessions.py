@@ -93,19 +93,24 @@ class SessionPool:
         raise SessionError(last.reply, temporary=any(error.temporary for error in errors), peer=last.peer)
 
     async def open_backup(self, route: Route, tried: str) -> SMTPSession | None:
-        """Open a session to the first MX host after ``tried`` that accepts one; None when there is none.
+        """Open a session to the first other MX host, as preferred as ``tried`` or less, that accepts one.
 
-        For recipients that ``tried`` deferred: RFC 5321 section 5.1 has a
-        client try the MX hosts in order, and Postfix retries a soft failure
-        at the next host.  Raises LookupFailure when the hosts cannot be found.
+        Returns None when there is none.  For recipients that ``tried``
+        deferred: RFC 5321 section 5.1 has a client try the MX hosts in
+        order, and Postfix retries a soft failure at the next host.  Each
+        lookup shuffles hosts of equal preference anew, so the hosts of
+        ``tried``'s preference count as later ones wherever this lookup puts
+        them, and one that refused the first connection is tried once more.
+        Raises LookupFailure when the hosts cannot be found.
         """
         if not route.use_mx:
             return None
         hosts = await self._hosts(route)
-        names = [host.name for host in hosts]
-        if tried not in names:
+        preference = next((host.preference for host in hosts if host.name == tried), None)
+        if preference is None:
             return None
-        return await self._open_first(hosts[names.index(tried) + 1 :], route, [])
+        later = [host for host in hosts if host.name != tried and host.preference >= preference]
+        return await self._open_first(later, route, [])
 
     async def _open_first(
         self, hosts: list[MailHost], route: Route, errors: list[SessionError]
