@@ -970,6 +970,26 @@ def test_delay_warning_once_per_recipient(
         assert fields["Will-Retry-Until"]
 
 
+def test_delay_warning_returns_header_with_ret_full(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any
+) -> None:
+    # RET=FULL asks for the whole message in a "failed" DSN (RFC 3461 section
+    # 4.3).  A delay warning returns the header only, as Postfix's does, so a
+    # large message is not sent back while it is still being delivered.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, delivery="delay_warning_time = 0.2")
+    spool = spool_for(config)
+    handler = FlakyHandler(failures=3)
+    with run_upstream("127.0.0.4", port, handler):
+        commit(spool, "alice@local.test", ["bob@implicit.test"], ret="FULL")
+        assert run_until(config, spool, lambda: bool(handler.messages) and not spool_counts(config))
+    (report,) = mailbox_messages(config, "alice")
+    assert report["Subject"] == "Delayed Mail (still being retried)"
+    returned = report.get_payload()[2]
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert b".starts with a dot" not in report.as_bytes()
+
+
 def test_delay_warning_off_by_default(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     port = free_port("127.0.0.4")
     config = make_config(tmp_path, nameserver, port)

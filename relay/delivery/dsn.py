@@ -8,7 +8,7 @@ explanation, the ``message/delivery-status`` fields (per message:
 ``Remote-MTA``, ``Diagnostic-Code``, ``Last-Attempt-Date``; ENVID and ORCPT
 decoded from the xtext the spool keeps), and the original
 message: its header only (``text/rfc822-headers``) unless the sender asked
-for ``RET=FULL`` (``message/rfc822``); an original with UTF-8 in its header
+for ``RET=FULL`` and the DSN reports a failure (``message/rfc822``); an original with UTF-8 in its header
 goes as ``message/global-headers`` or ``message/global`` (RFC 6533).
 
 The envelope sender of a DSN is the null reverse-path (RFC 5321 section
@@ -212,7 +212,9 @@ def build_report(
     else:
         subject = "Successful Mail Delivery Report"
     date = email.utils.formatdate(now)
-    full = message.envelope.ret == "FULL"
+    # RFC 3461 section 4.3: RET=FULL asks for the whole message in a "failed"
+    # DSN.  Delay warnings and success reports return the header only, as Postfix's do.
+    full = message.envelope.ret == "FULL" and bool(failed)
 
     lines = [
         f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)",
