@@ -743,6 +743,28 @@ def test_double_bounce_copied_to_postmaster_once(tmp_path: Path, nameserver: Nam
     assert copies[0]["Subject"] == "hello"
 
 
+def test_double_bounce_at_two_mx_hosts_copied_once(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any
+) -> None:
+    # A null-sender message fails for one recipient at a.mx.test and, after a
+    # deferral there, for the other at the backup b.mx.test.  Both failures come
+    # from one delivery attempt, so postmaster gets one copy, not one per host.
+    port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port, delivery="bounce_copy_to_postmaster = true")
+    spool = spool_for(config)
+    primary = RecordingHandler(refuse={"hard@mx.test": "550 5.1.1 no such user", "soft@mx.test": "451 4.3.0 later"})
+    backup = RecordingHandler(refuse={"soft@mx.test": "550 5.1.1 no such user here either"})
+    with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, backup):
+        commit(spool, "", ["hard@mx.test", "soft@mx.test"])
+        assert run_until(
+            config, spool, lambda: not spool_counts(config) and bool(mailbox_messages(config, "postmaster"))
+        )
+        run_until(config, spool, lambda: False, timeout=1.0)
+    copies = mailbox_messages(config, "postmaster")
+    assert len(copies) == 1
+    assert copies[0]["Subject"] == "hello"
+
+
 def test_mx_that_is_this_relay_bounces(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # Both MX hosts of mx.test greet with the relay's own name: sending would
     # loop, so the mail bounces at once, naming the mail domain.

@@ -585,8 +585,10 @@ class Scheduler:
             await self._record(job, outcomes, session.peer, next_hop_notifies=notifies, downgraded=downgraded)
             return
         final = [item for item in outcomes if item[1] is not Outcome.DEFERRED]
+        # Failures at both hosts belong to one attempt, so a null-sender message gets one postmaster copy.
+        copied = False
         if final:
-            await self._record(job, final, session.peer, next_hop_notifies=notifies, downgraded=downgraded)
+            copied = await self._record(job, final, session.peer, next_hop_notifies=notifies, downgraded=downgraded)
         # Checked right before the acquire, with no await in between: a worker that
         # waited for a second slot while holding one could deadlock with the others.
         if self._connections.locked():
@@ -624,7 +626,7 @@ class Scheduler:
             ]
             await self._record(
                 job, retried, backup.peer, next_hop_notifies="DSN" in backup.capabilities,
-                downgraded=any(result.downgraded for result in results.values()),
+                downgraded=any(result.downgraded for result in results.values()), postmaster_copy=not copied,
             )
 
     def _take_following(self, session: SMTPSession, job: Job, destination: _Destination) -> Job | None:
@@ -718,8 +720,14 @@ class Scheduler:
         next_attempt: float | None = None,
         next_hop_notifies: bool = False,
         downgraded: bool = False,
-    ) -> None:
-        """Store the outcomes and log one line for each.  With ``downgraded``, the lines carry ``converted=7bit``."""
+        postmaster_copy: bool = True,
+    ) -> bool:
+        """Store the outcomes and log one line for each.  With ``downgraded``, the lines carry ``converted=7bit``.
+
+        Returns whether a copy of a failed null-sender message went to
+        postmaster (``bounce_copy_to_postmaster``); ``postmaster_copy=False``
+        leaves it out for a failure that an earlier call already copied.
+        """
         claim = job.claim
         delivery = self.config.delivery
         now = time.time()
@@ -765,20 +773,22 @@ class Scheduler:
             event = {Outcome.DELIVERED: "delivered", Outcome.DEFERRED: "deferred", Outcome.FAILED: "bounced"}[outcome]
             log_event(logger, event, logging.INFO, **fields)
         copy_body: bytes | None = None
-        if claim.envelope.sender == "" and delivery.bounce_copy_to_postmaster:
+        if claim.envelope.sender == "" and delivery.bounce_copy_to_postmaster and postmaster_copy:
             copy_body = await self._postmaster_copy_body(claim, outcomes, results)
         try:
             await self.spool.record_results(results, lease_token=claim.lease_token)
         except SpoolError as exc:
             # The lease runs out and the recipients are claimed again later.
             log_event(logger, "record_failed", logging.ERROR, queue_id=claim.queue_id, error=str(exc))
-            return
+            return False
         if dsn_possible:
             self._dsn_due = True
         # Finished jobs make room for the next claim.
         self._wake.set()
-        if copy_body is not None:
-            await self._copy_to_postmaster(claim, copy_body)
+        if copy_body is None:
+            return False
+        await self._copy_to_postmaster(claim, copy_body)
+        return True
 
     async def _postmaster_copy_body(
         self,
