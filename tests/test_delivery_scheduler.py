@@ -658,6 +658,26 @@ def test_equal_preference_mx_is_backup(tmp_path: Path, nameserver: NameServer, s
     assert second.rcpt_count == messages
 
 
+def test_pipelined_next_job_keeps_backup_mx(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # a.mx.test offers PIPELINING and defers soft@, so the next message's
+    # commands go out with the first message's body.  soft@ still goes on to
+    # b.mx.test at once instead of waiting out the minute of backoff.
+    port = free_port("127.0.0.2")
+    settings = "destination_concurrency_limit = 1\nminimal_backoff_time = 60\nmaximal_backoff_time = 60"
+    config = make_config(tmp_path, nameserver, port, delivery=settings)
+    spool = spool_for(config)
+    primary = RecordingHandler(refuse={"soft@mx.test": "451 4.3.0 try later"}, pipelining=True)
+    with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port) as backup:
+        commit(spool, "alice@local.test", ["first@mx.test", "soft@mx.test"])
+        commit(spool, "alice@local.test", ["second@mx.test"])
+        assert run_until(config, spool, lambda: bool(backup.messages) and not spool_counts(config), timeout=5.0), (
+            spool_counts(config)
+        )
+    assert [m.recipients for m in primary.messages] == [["first@mx.test"], ["second@mx.test"]]
+    assert primary.commands_pipelined_after_data >= 1
+    assert [m.recipients for m in backup.messages] == [["soft@mx.test"]]
+
+
 def test_backup_mx_failure_keeps_first_results(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # a.mx.test accepts fine@ and defers soft@; b.mx.test defers soft@ too, at
     # the end of data.  fine@ is delivered once, and soft@ stays deferred.

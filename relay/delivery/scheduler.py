@@ -553,12 +553,11 @@ class Scheduler:
         outcomes = [(by_index[r.index], r.outcome, r.reply) for r in results]
         notifies = "DSN" in session.capabilities
         downgraded = any(r.downgraded for r in results)
-        if following is not None:
-            # The next job's commands are on the wire and the host waits for its
-            # body, so no backup session runs first: deferrals wait for the retry.
-            await self._record(job, outcomes, session.peer, next_hop_notifies=notifies, downgraded=downgraded)
-        else:
-            await self._record_with_backup_mx(job, message, session, outcomes, notifies, downgraded)
+        # With a next job taken, its commands may be on the wire and the host waits
+        # for its body, so the backup session runs beside it instead of first.
+        await self._record_with_backup_mx(
+            job, message, session, outcomes, notifies, downgraded, beside=following is not None
+        )
         return (following, following_message) if following is not None else None
 
     async def _record_with_backup_mx(
@@ -569,6 +568,8 @@ class Scheduler:
         outcomes: list[tuple[StoredRecipient, Outcome, str]],
         notifies: bool,
         downgraded: bool = False,
+        *,
+        beside: bool = False,
     ) -> None:
         """Record a transaction's outcomes, then send the deferred recipients to the next MX host once.
 
@@ -576,9 +577,11 @@ class Scheduler:
         Postfix moves a soft failure on to the next host (two sessions per
         delivery by default, smtp_mx_session_limit).  The final outcomes are
         recorded first: a 250 is final, and the backup session may take
-        minutes or fail.  Without a free connection slot, a next host, or a
-        usable session there, the deferrals stand.  Each outcome is recorded
-        with the host that gave it.
+        minutes or fail.  With ``beside``, the backup session then runs as a
+        task of its own, so the caller can go on with its session at once.
+        Without a free connection slot, a next host, or a usable session
+        there, the deferrals stand.  Each outcome is recorded with the host
+        that gave it.
         """
         deferred = [item for item in outcomes if item[1] is Outcome.DEFERRED]
         if not deferred or not job.route.use_mx or self._stopping:
@@ -589,17 +592,41 @@ class Scheduler:
         copied = False
         if final:
             copied = await self._record(job, final, session.peer, next_hop_notifies=notifies, downgraded=downgraded)
+        retry = self._retry_at_backup_mx(
+            job, message, session.host, session.peer, deferred, notifies, downgraded, copied
+        )
+        if beside:
+            # stop() waits for this task as for a worker.
+            self._spawn(retry)
+        else:
+            await retry
+
+    async def _retry_at_backup_mx(
+        self,
+        job: Job,
+        message: OutboundMessage,
+        tried: str,
+        peer: str,
+        deferred: list[tuple[StoredRecipient, Outcome, str]],
+        notifies: bool,
+        downgraded: bool,
+        copied: bool,
+    ) -> None:
+        """Send recipients that MX host ``tried`` (``peer``) deferred to the next MX host, and record the outcomes.
+
+        ``copied`` says whether the failures at ``tried`` already made a postmaster copy.
+        """
         # Checked right before the acquire, with no await in between: a worker that
         # waited for a second slot while holding one could deadlock with the others.
-        if self._connections.locked():
-            await self._record(job, deferred, session.peer, next_hop_notifies=notifies, downgraded=downgraded)
+        if self._connections.locked() or self._stopping:
+            await self._record(job, deferred, peer, next_hop_notifies=notifies, downgraded=downgraded)
             return
 
         await self._connections.acquire()
         backup: SMTPSession | None = None
         results: dict[int, RecipientResult] = {}
         try:
-            backup = await self.sessions.open_backup(job.route, session.host)
+            backup = await self.sessions.open_backup(job.route, tried)
             if backup is not None:
                 deferred_indexes = {recipient.index for recipient, _, _ in deferred}
                 retry = dataclasses.replace(
@@ -617,7 +644,7 @@ class Scheduler:
 
         rest = [item for item in deferred if item[0].index not in results]
         if rest:
-            await self._record(job, rest, session.peer, next_hop_notifies=notifies, downgraded=downgraded)
+            await self._record(job, rest, peer, next_hop_notifies=notifies, downgraded=downgraded)
         if results and backup is not None:
             retried = [
                 (recipient, results[recipient.index].outcome, results[recipient.index].reply)
