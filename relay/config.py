@@ -248,6 +248,10 @@ class DeliveryConfig:
     # whole destination waits out its backoff (Postfix:
     # default_destination_concurrency_failed_cohort_limit = 1).
     destination_failure_limit: int = _key(1, "int", min=1)
+    # Postfix: smtp_mx_address_limit = 5.  Addresses tried in one delivery attempt
+    # over all MX hosts of a domain, in MX order, so a domain with many dead MX
+    # hosts cannot hold a worker for a connect timeout each; 0: no limit.
+    mx_address_limit: int = _key(5, "int", min=0)
     # Postfix: delay_warning_time = 0h, so no delay warnings by default.
     delay_warning_time: float = _key(0.0, "duration")
     # Copy a failed message with the null sender to postmaster (Postfix:

@@ -42,6 +42,18 @@ v6.six IN AAAA ::1
 two-mx IN MX 10 gone.test.
 two-mx IN MX 20 b.mx.test.
 text-only IN TXT "no mail here"
+many IN MX 10 m1.many.test.
+many IN MX 20 m2.many.test.
+many IN MX 30 m3.many.test.
+many IN MX 40 m4.many.test.
+many IN MX 50 m5.many.test.
+many IN MX 60 m6.many.test.
+m1.many IN A 127.0.0.21
+m2.many IN A 127.0.0.22
+m3.many IN A 127.0.0.23
+m4.many IN A 127.0.0.24
+m5.many IN A 127.0.0.25
+m6.many IN A 127.0.0.26
 """
 
 

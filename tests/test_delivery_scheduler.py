@@ -678,6 +678,33 @@ def test_pipelined_next_job_keeps_backup_mx(tmp_path: Path, nameserver: NameServ
     assert [m.recipients for m in backup.messages] == [["soft@mx.test"]]
 
 
+@pytest.mark.parametrize(("settings", "delivered"), [("", False), ("mx_address_limit = 0", True)])
+def test_mx_address_limit_bounds_connects(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, settings: str, delivered: bool
+) -> None:
+    # many.test has six MX hosts, one address each, and only the last one
+    # listens.  By default five addresses are tried, as Postfix does, so the
+    # sixth is never reached and the recipient waits for the retry; with no
+    # limit the sixth host gets the message.
+    port = free_port("127.0.0.26")
+    config = make_config(tmp_path, nameserver, port, delivery=settings)
+    spool = spool_for(config)
+    with run_upstream("127.0.0.26", port) as last:
+        queue_id = commit(spool, "alice@local.test", ["bob@many.test"])
+
+        def attempted() -> bool:
+            message = stored_message(config, queue_id)
+            return message is None or message.recipients[0].attempts > 0
+
+        assert run_until(config, spool, attempted, timeout=10.0)
+    assert bool(last.messages) is delivered
+    if not delivered:
+        message = stored_message(config, queue_id)
+        assert message is not None
+        assert message.recipients[0].state is RecipientState.DEFERRED
+        assert "m5.many.test[127.0.0.25]" in (message.recipients[0].last_reply or "")
+
+
 def test_backup_mx_failure_keeps_first_results(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # a.mx.test accepts fine@ and defers soft@; b.mx.test defers soft@ too, at
     # the end of data.  fine@ is delivered once, and soft@ stays deferred.

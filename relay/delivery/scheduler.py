@@ -184,6 +184,7 @@ class Scheduler:
             Timeouts.from_config(delivery),
             ca_file=delivery.tls_ca_file,
             cache_time=delivery.connection_cache_time,
+            address_limit=delivery.mx_address_limit,
             chunking=delivery.chunking,
             line_length_limit=delivery.line_length_limit,
             reply_line_limit=delivery.reply_line_limit,

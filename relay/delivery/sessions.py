@@ -2,10 +2,12 @@
 
 Hosts come from the MX lookup (``relay.delivery.dns``) or the route's fixed
 next hop.  Each host's addresses are tried in turn until one accepts the
-connection, greets with 220 and gets through EHLO, STARTTLS and AUTH.  When
-an opportunistic STARTTLS handshake fails, the same address is tried once
-more without STARTTLS, and the fallback is logged (the ``Outbound STARTTLS
-failure`` rule: plaintext only when TLS is not required).
+connection, greets with 220 and gets through EHLO, STARTTLS and AUTH.  Of an
+MX route, at most ``[delivery] mx_address_limit`` addresses in all are tried
+(5, Postfix's ``smtp_mx_address_limit``).  When an opportunistic STARTTLS
+handshake fails, the same address is tried once more without STARTTLS, and
+the fallback is logged (the ``Outbound STARTTLS failure`` rule: plaintext
+only when TLS is not required).
 
 A session that finished a transaction is parked per destination and reused
 by the next transaction to that destination; it is closed after
@@ -16,6 +18,7 @@ by the next transaction to that destination; it is closed after
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import weakref
@@ -54,6 +57,7 @@ class SessionPool:
         *,
         ca_file: str = "",
         cache_time: float = 2.0,
+        address_limit: int = 5,
         chunking: bool = True,
         line_length_limit: int = DEFAULT_LINE_LENGTH_LIMIT,
         reply_line_limit: int = DEFAULT_REPLY_LINE_LIMIT,
@@ -64,6 +68,7 @@ class SessionPool:
         self._timeouts = timeouts
         self._ca_file = ca_file
         self._cache_time = cache_time
+        self._address_limit = address_limit
         self._chunking = chunking
         self._line_length_limit = line_length_limit
         self._reply_line_limit = reply_line_limit
@@ -164,7 +169,7 @@ class SessionPool:
 
     async def _hosts(self, route: Route) -> list[MailHost]:
         if route.use_mx:
-            return await self._resolver.mail_hosts(route.host)
+            return _limit_addresses(await self._resolver.mail_hosts(route.host), self._address_limit)
         try:
             ipaddress.ip_address(route.host)
         except ValueError:
@@ -198,6 +203,21 @@ class SessionPool:
                 sessions.append(entry.session)
         self._idle.clear()
         await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
+
+
+def _limit_addresses(hosts: list[MailHost], limit: int) -> list[MailHost]:
+    """Return the first ``limit`` addresses of ``hosts`` in order, still grouped by host; 0 keeps them all."""
+    if limit <= 0:
+        return hosts
+    limited: list[MailHost] = []
+    left = limit
+    for host in hosts:
+        if left <= 0:
+            break
+        addresses = host.addresses[:left]
+        limited.append(dataclasses.replace(host, addresses=addresses))
+        left -= len(addresses)
+    return limited
 
 
 __all__ = ["LookupFailure", "SessionPool"]
