@@ -705,6 +705,34 @@ def test_mx_address_limit_bounds_connects(
         assert "m5.many.test[127.0.0.25]" in (message.recipients[0].last_reply or "")
 
 
+def test_parked_session_closed_by_server_not_reused(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any
+) -> None:
+    # The next hop ends an idle connection after 0.3 s with a 421, within the
+    # relay's 1 s connection cache.  The next message opens a new session
+    # instead of failing on the closed one and waiting out a minute of backoff.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, delivery="minimal_backoff_time = 60\nmaximal_backoff_time = 60")
+    spool = spool_for(config)
+    second_committed: list[float] = []
+    with run_upstream("127.0.0.4", port, timeout=0.3) as upstream:
+        commit(spool, "alice@local.test", ["first@implicit.test"])
+
+        def done() -> bool:
+            if not second_committed:
+                if upstream.messages and not spool_counts(config):
+                    time.sleep(0.6)
+                    commit(spool, "alice@local.test", ["second@implicit.test"])
+                    second_committed.append(time.monotonic())
+                return False
+            return len(upstream.messages) == 2 or time.monotonic() - second_committed[0] > 2.0
+
+        run_until(config, spool, done, timeout=10.0)
+    assert [m.recipients for m in upstream.messages] == [["first@implicit.test"], ["second@implicit.test"]]
+    assert upstream.connections == 2
+    assert not spool_counts(config)
+
+
 def test_backup_mx_failure_keeps_first_results(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # a.mx.test accepts fine@ and defers soft@; b.mx.test defers soft@ too, at
     # the end of data.  fine@ is delivered once, and soft@ stays deferred.

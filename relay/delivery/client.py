@@ -553,6 +553,16 @@ class SMTPSession:
         return [results[r.index] for r in message.recipients]
 
     @property
+    def idle_intact(self) -> bool:
+        """Whether a session that waited between transactions can take another one.
+
+        False when it is unusable, or when the server closed the connection
+        or sent a reply while it waited (an idle timeout's 421, say).
+        """
+        connection = self._connection
+        return self.usable and not connection.eof and not connection.parser.buffered
+
+    @property
     def pipelined(self) -> OutboundMessage | None:
         """The message whose MAIL, RCPT and DATA commands went out with the last body, or None."""
         return self._pipelined.message if self._pipelined is not None else None

@@ -88,8 +88,12 @@ class SessionPool:
         while parked:
             entry = parked.pop()
             entry.closer.cancel()
-            if entry.session.usable:
+            if entry.session.idle_intact:
                 return entry.session
+            # A next hop that closed an idle connection would fail the transaction
+            # and defer its recipients for a whole backoff, so a new session opens.
+            log_event(logger, "cached_session_closed", logging.DEBUG, relay=entry.session.peer)
+            entry.session.abort()
         errors: list[SessionError] = []
         session = await self._open_first(await self._hosts(route), route, errors)
         if session is not None:
