@@ -356,3 +356,50 @@ def test_invalid_content_type_replaced_not_repeated() -> None:
         b"MIME-Version: 1.0", b"Content-Type: text/plain; charset=unknown-8bit", b"Subject: s",
         b"Content-Transfer-Encoding: quoted-printable",
     ]
+
+
+def multipart_with_boundary(content_type_parameters: bytes, boundary: bytes) -> bytes:
+    """Return a multipart/mixed message with one 8-bit text part, whose boundary is ``boundary``."""
+    return (
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed;\r\n " + content_type_parameters + b"\r\n\r\n"
+        b"--" + boundary + b"\r\nContent-Type: text/plain; charset=utf-8\r\n\r\ncaf\xc3\xa9\r\n"
+        b"--" + boundary + b"--\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        # RFC 2231 section 3: numbered continuations, quoted or not, in any order.
+        b'boundary*1="-part two"; boundary*0="=_outer"',
+        b'boundary*0="=_outer"; boundary*1=-part; boundary*2=" two"',
+        # Section 4: the whole value percent-encoded after charset and language.
+        b"boundary*=us-ascii'en-us'%3D_outer-part%20two",
+        # Section 4.1: encoded and plain continuations mixed; only *0* has the charset.
+        b"boundary*0*=us-ascii''%3D_out; boundary*1*=er-part%20; boundary*2=\"two\"",
+        # A plain boundary wins over the extended forms, as in Python's email package.
+        b'boundary="=_outer-part two"; boundary*0=another',
+    ],
+)
+def test_rfc2231_boundary_read(parameters: bytes) -> None:
+    original = multipart_with_boundary(parameters, b"=_outer-part two")
+    converted = downgrade_to_7bit(original)
+    check_converted(original, converted)
+    assert b"\r\n\r\ncaf=C3=A9\r\n--=_outer-part two--\r\n" in converted
+
+
+def test_rfc2231_boundary_stops_at_gap() -> None:
+    # RFC 2231 allows no gaps, so the value ends before the missing *1.
+    original = multipart_with_boundary(b"boundary*0=ab; boundary*2=cd", b"abcd")
+    with pytest.raises(DowngradeError, match="never uses its boundary 'ab'"):
+        downgrade_to_7bit(original)
+
+
+def test_many_rfc2231_continuations_in_linear_time() -> None:
+    count = 200_000
+    parameters = b";\r\n ".join(b"boundary*%d=x" % number for number in range(count))
+    original = multipart_with_boundary(parameters, b"x" * count)
+    started = time.perf_counter()
+    converted = downgrade_to_7bit(original)
+    assert time.perf_counter() - started < LINEAR_TIME_LIMIT
+    assert converted.isascii()

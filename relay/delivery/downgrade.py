@@ -62,9 +62,13 @@ section 5.2), in a multipart whose boundary is missing or never occurs, in
 a body with an unknown transfer encoding, or below ``MAX_DEPTH`` nested
 entities.
 
-Limits: a boundary given in RFC 2231 continuations (``boundary*0``) is not
-read, so such a multipart with 8-bit content raises ``DowngradeError``.
-NUL octets and bare CR or LF in a 7-bit entity are left alone.  The
+The boundary may be given in the forms of RFC 2231: split into numbered
+continuations (``boundary*0``, ``boundary*1``, ... in any order, section 3)
+and percent-encoded after a charset and language (``boundary*=``, or
+``boundary*0*=`` and ``boundary*1*=``, section 4).  A plain ``boundary``
+parameter wins over both, as in Python's ``email`` package.
+
+Limits: NUL octets and bare CR or LF in a 7-bit entity are left alone.  The
 conversion runs in memory on the whole message, and only when the message
 has an 8-bit octet.
 """
@@ -74,6 +78,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import urllib.parse
 from dataclasses import dataclass
 
 # Entities nested deeper than this are not converted (Postfix 3.7: mime_nesting_limit = 100).
@@ -183,11 +188,11 @@ class _Converter:
             raise DowngradeError(f"{where} has 8-bit octets under the unknown transfer encoding {encoding!r}")
 
         if main_type == "multipart":
-            boundary = parameters.get("boundary", "")
+            boundary = _parameter_value(parameters, "boundary")
             if not boundary:
                 raise DowngradeError(f"{where} is a {media_type} without a boundary parameter")
             default_part = "message/rfc822" if subtype == "digest" else "text/plain"
-            entity.body = self._multipart(entity.body, boundary.encode("latin-1"), default_part, depth, where)
+            entity.body = self._multipart(entity.body, boundary, default_part, depth, where)
             _relabel_identity(entity)
             return entity
         if media_type == "message/rfc822":
@@ -363,6 +368,46 @@ def _parse_content_type(value: str) -> tuple[str, dict[str, str]] | None:
         else:
             position += 1
     return media_type, parameters
+
+
+def _parameter_value(parameters: dict[str, str], name: str) -> bytes:
+    """Return the value of parameter ``name`` as octets, joining RFC 2231 continuations; b"" when it is absent.
+
+    ``parameters`` maps lower-case names as written (``boundary*1*``) to values.
+    A segment whose name ends in "*" is percent-encoded (RFC 2231 section 4).
+    The first segment may start with ``charset'language'``, which is dropped
+    unapplied, because a boundary line is matched octet for octet.  Segments are
+    joined from ``*0`` up to the first missing number, because RFC 2231
+    allows no gaps.  Each segment is looked up once, so the work stays linear
+    in the length of the field.
+    """
+    if name in parameters:
+        return parameters[name].encode("latin-1")
+    if name + "*" in parameters:
+        return _percent_decode(_strip_charset_language(parameters[name + "*"]))
+    segments: list[bytes] = []
+    number = 0
+    while True:
+        plain = parameters.get(f"{name}*{number}")
+        encoded = parameters.get(f"{name}*{number}*")
+        if encoded is not None:
+            segments.append(_percent_decode(_strip_charset_language(encoded) if number == 0 else encoded))
+        elif plain is not None:
+            segments.append(plain.encode("latin-1"))
+        else:
+            return b"".join(segments)
+        number += 1
+
+
+def _strip_charset_language(value: str) -> str:
+    """Drop the ``charset'language'`` prefix of an RFC 2231 extended value; keep a value without one whole."""
+    parts = value.split("'", 2)
+    return parts[2] if len(parts) == 3 else value
+
+
+def _percent_decode(value: str) -> bytes:
+    # The value was decoded as latin-1; a str argument would be encoded as UTF-8 first.
+    return urllib.parse.unquote_to_bytes(value.encode("latin-1"))
 
 
 def _is_special(token: str) -> bool:
