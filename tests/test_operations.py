@@ -183,6 +183,53 @@ def test_sighup_during_startup_reaches_every_process(tmp_path: Path) -> None:
         server.stop()
 
 
+def pending_signal_mask(pid: int) -> int:
+    """Return the blocked-signal mask of process ``pid`` from /proc (bit N-1 is signal N)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("SigBlk:")[1].split()[0], 16)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_from_first_moment_survives(tmp_path: Path, workers: int) -> None:
+    # systemd may send ExecReload's SIGHUP right after the start.  Each round
+    # signals as soon as relay serve holds SIGHUP back, then every few
+    # milliseconds until it listens; the relay must come up and reload.
+    sighup_bit = 1 << (signal.SIGHUP - 1)
+    for attempt in range(3):
+        directory = tmp_path / f"attempt{attempt}"
+        directory.mkdir()
+        server = Relay(directory, workers=workers)
+        with open(server.log_path, "wb") as log:
+            server.process = subprocess.Popen(
+                [sys.executable, "-m", "relay", "serve", "--config", str(server.config)],
+                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=directory,
+            )
+        try:
+            pid = server.process.pid
+            deadline = time.monotonic() + 15
+            while server.process.poll() is None and not pending_signal_mask(pid) & sighup_bit:
+                assert time.monotonic() < deadline, server.log()
+                time.sleep(0.0005)
+            assert server.process.poll() is None, server.log()
+            # Blocked before the command line's imports: asyncio is not loaded yet.
+            assert "_asyncio" not in Path(f"/proc/{pid}/maps").read_text()
+
+            for _ in range(200):
+                server.process.send_signal(signal.SIGHUP)
+                with socket.socket() as probe:
+                    if probe.connect_ex(("127.0.0.1", server.port)) == 0:
+                        break
+                time.sleep(0.005)
+            wait_for_port("127.0.0.1", server.port, process=server.process)
+            assert server.process.poll() is None, server.log()
+            # One reload per process: the workers, and with several of them the delivery process.
+            server.wait_for_log("reloaded", count=1 if workers == 1 else workers + 1)
+            assert rcpt_code(server.port, "alice@example.test") == 250
+        finally:
+            server.stop()
+        assert server.process.returncode == 0, server.log()
+
+
 def test_children_stop_when_supervisor_killed(relay: Relay) -> None:
     assert relay.process is not None
     children = Path(f"/proc/{relay.process.pid}/task/{relay.process.pid}/children").read_text().split()

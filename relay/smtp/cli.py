@@ -17,6 +17,7 @@ import sys
 
 from relay.cli import add_config_option, config_from_args
 from relay.config import MAX_WORKERS, Config, ListenerConfig
+from relay.entry import SERVE_SIGNALS
 from relay.log import setup_logging
 from relay.smtp.auth import CredentialsError, check_user_name, set_password
 from relay.units import parse_host_port
@@ -98,11 +99,11 @@ def _run(config: Config, event_loop: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from relay.smtp.server import FORWARDED_SIGNALS
-
-    # From here on a stop or reload signal waits for the handlers that the
-    # workers install, instead of ending relay serve while it reads its config.
-    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    # relay.entry blocked these already when run as the relay program; a
+    # caller of main(argv) gets them blocked here.  Either way a stop or reload
+    # signal waits for the handlers that the workers install, instead of
+    # ending relay serve while it reads its config.
+    signal.pthread_sigmask(signal.SIG_BLOCK, SERVE_SIGNALS)
     config = config_from_args(args)
     overrides = set()
     if args.listen:

@@ -47,6 +47,7 @@ from relay.admin import Monitoring
 from relay.config import Config, ListenerConfig
 from relay.delivery import Scheduler
 from relay.delivery.process import DeliveryProcess, WakeChannel, WakeSender
+from relay.entry import SERVE_SIGNALS
 from relay.log import flush_log, log_event
 from relay.reload import check_files, log_reload, reload_config
 from relay.signals import EarlySignals, StopRequests, SupervisorLink, install_loop_handlers
@@ -582,7 +583,7 @@ class Worker:
 
 
 # The signals the supervisor passes on to its children: stop (TERM, INT) and reload (HUP).
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+FORWARDED_SIGNALS = SERVE_SIGNALS
 
 
 def _factory(runtime: ListenerRuntime) -> Callable[[], SMTPProtocol]:
