@@ -59,7 +59,7 @@ def check_files(config: Config) -> None:
         if any(listener.tls != "none" for listener in config.listeners):
             server_context(config.tls)
     except TLSSetupError as exc:
-        errors.append(f"tls.cert: {exc}")
+        errors.append(f"{exc.config_key}: {exc}")
     if config.auth.password_file:
         try:
             # Parsed only: a CredentialStore would also compute a scrypt hash.

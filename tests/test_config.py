@@ -710,3 +710,56 @@ def test_check_config_reports_both_delivery_files(tmp_path: Path, capsys: pytest
     assert len(stderr) == 2
     assert stderr[0].startswith(f"{path}:delivery.tls_ca_file: {tmp_path}/ca.pem is not a bundle")
     assert stderr[1].startswith(f"{path}:delivery.relayhost_password_file: the first line of")
+
+
+def tls_files(directory: Path) -> dict[str, Path]:
+    """Create a certificate and key pair, a second pair, a junk file and an encrypted key; return them by name."""
+    from tests.server_helpers import make_certificate
+
+    (directory / "other").mkdir()
+    cert, key = make_certificate(directory)
+    other_cert, other_key = make_certificate(directory / "other")
+    junk = directory / "junk.pem"
+    junk.write_text("not PEM at all\n")
+    encrypted = directory / "encrypted.pem"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:secret", "-out", str(encrypted)],
+        check=True, capture_output=True,
+    )
+    return {"cert": cert, "key": key, "other_cert": other_cert, "other_key": other_key, "junk": junk,
+            "encrypted": encrypted, "proc_mem": Path("/proc/self/mem")}
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "config_key", "fragment"),
+    [
+        ("junk", "key", "tls.cert", "{junk} contains no valid PEM certificate"),
+        ("key", "key", "tls.cert", "{key} contains no valid PEM certificate"),
+        ("cert", "junk", "tls.key", "{junk} contains no valid PEM private key"),
+        ("cert", "other_cert", "tls.key", "{other_cert} contains no valid PEM private key"),
+        ("cert", "other_key", "tls.key", "{other_key} is not the private key of that certificate"),
+        ("cert", "encrypted", "tls.key", "{encrypted} is encrypted with a passphrase"),
+        ("cert", "proc_mem", "tls.key", "cannot read {proc_mem}: Input/output error"),
+    ],
+)
+def test_check_config_names_faulty_tls_file(
+    tmp_path: Path, cert: str, key: str, config_key: str, fragment: str
+) -> None:
+    files = tls_files(tmp_path)
+    path = write(
+        tmp_path,
+        f'[[listener]]\naddress = "127.0.0.1:2525"\ntls = "starttls"\n'
+        f'[tls]\ncert = "{files[cert]}"\nkey = "{files[key]}"\n',
+    )
+
+    # A session of its own has no terminal, where OpenSSL would ask for a passphrase and wait.
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "check-config", str(path)],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, start_new_session=True, timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"{path}:{config_key}: cannot load TLS certificate "), result.stderr
+    assert fragment.format(**files) in result.stderr
+    assert "pass phrase" not in result.stderr + result.stdout
+    assert len(result.stderr.splitlines()) == 1, result.stderr

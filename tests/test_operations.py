@@ -588,7 +588,8 @@ def test_key_not_matching_certificate_named(tmp_path: Path) -> None:
     with pytest.raises(TLSSetupError) as raised:
         server_context(TLSConfig(cert=str(cert), key=str(other_key)))
 
-    assert f"{other_key} is not a valid PEM private key, or not the key of that certificate" in str(raised.value)
+    assert f"{other_key} is not the private key of that certificate" in str(raised.value)
+    assert raised.value.config_key == "tls.key"
 
 
 def _starttls_works(port: int) -> bool:

@@ -3,8 +3,10 @@
 TLS 1.2 is the minimum (RFC 8314 section 4.1 asks for 1.2 or later), with
 the standard library's default cipher choice for that floor.  Client
 certificates are not requested.  The certificate chain and key come from
-``[tls] cert`` and ``[tls] key``; a missing or unreadable file is reported
-with its path when the server starts, not at the first STARTTLS.
+``[tls] cert`` and ``[tls] key``; a missing, unreadable or invalid file is
+reported with its path and its key when the server starts, not at the first
+STARTTLS.  An encrypted key is rejected, because no one is there to type its
+passphrase.
 
 A failed server-side handshake is logged as ``tls_failed`` with the reason
 from ``handshake_failure_reason``: OpenSSL's reason code (for example
@@ -21,7 +23,26 @@ from relay.config import TLSConfig
 
 
 class TLSSetupError(Exception):
-    """The certificate or key cannot be loaded."""
+    """The certificate or key cannot be loaded.
+
+    ``config_key`` is the setting at fault: ``tls.cert``, or ``tls.key`` for
+    a key that is unreadable, encrypted, no private key, or not the key of
+    the certificate.
+    """
+
+    def __init__(self, message: str, config_key: str) -> None:
+        super().__init__(message)
+        self.config_key = config_key
+
+
+class _PassphraseRequested(Exception):
+    """OpenSSL asked for the passphrase of an encrypted key."""
+
+
+def _refuse_passphrase() -> bytes:
+    # Without a callback OpenSSL prompts on the terminal, which would block
+    # relay serve and relay check-config until someone types a passphrase.
+    raise _PassphraseRequested
 
 
 def server_context(config: TLSConfig) -> ssl.SSLContext | None:
@@ -34,28 +55,63 @@ def server_context(config: TLSConfig) -> ssl.SSLContext | None:
     # handshake makes; SMTP sessions are long enough not to need them.
     context.options |= ssl.OP_NO_TICKET
     try:
-        context.load_cert_chain(config.cert, config.key)
-    except (OSError, ssl.SSLError) as exc:
-        bad_file = _bad_file(config)
-        reason = f"{bad_file} ({exc})" if bad_file else str(exc)
-        raise TLSSetupError(f"cannot load TLS certificate {config.cert} with key {config.key}: {reason}") from None
+        context.load_cert_chain(config.cert, config.key, password=_refuse_passphrase)
+    except _PassphraseRequested:
+        raise _setup_error(
+            config,
+            f"{config.key} is encrypted with a passphrase, which relay cannot ask for;"
+            f" store the key unencrypted (openssl pkey -in {config.key} -out NEW-FILE) and keep it mode 0600",
+            "tls.key",
+        ) from None
+    except ssl.SSLError as exc:  # before OSError, its base class
+        raise _invalid_file_error(config, exc) from None
+    except OSError as exc:
+        raise _unreadable_file_error(config, exc) from None
     return context
 
 
-def _bad_file(config: TLSConfig) -> str | None:
-    """Return which of the two files OpenSSL could not use, or None when the check cannot tell.
+def _setup_error(config: TLSConfig, reason: str, config_key: str) -> TLSSetupError:
+    return TLSSetupError(f"cannot load TLS certificate {config.cert} with key {config.key}: {reason}", config_key)
+
+
+def _unreadable_file_error(config: TLSConfig, error: OSError) -> TLSSetupError:
+    """Return the error for a file that OpenSSL could not read, found by reading each in turn."""
+    for path, config_key in ((config.cert, "tls.cert"), (config.key, "tls.key")):
+        try:
+            with open(path, "rb") as file:
+                file.read(1)
+        except OSError as exc:
+            return _setup_error(config, f"cannot read {path}: {exc.strerror}", config_key)
+    # Both read now (a file replaced while OpenSSL read it, say): blame the
+    # key if the certificate loads alone.
+    return _setup_error(config, str(error), "tls.key" if _certificate_loads(config.cert) else "tls.cert")
+
+
+def _certificate_loads(path: str) -> bool:
+    try:
+        ssl.create_default_context(cafile=path)
+    except OSError:  # ssl.SSLError included
+        return False
+    return True
+
+
+def _invalid_file_error(config: TLSConfig, error: ssl.SSLError) -> TLSSetupError:
+    """Return the error that names which of the two files OpenSSL could not use.
 
     OpenSSL's error for load_cert_chain ("PEM lib") is the same for a bad
     certificate and a bad key.  The certificate is loaded alone, as a CA
     file, to tell them apart.
     """
-    try:
-        ssl.create_default_context(cafile=config.cert)
-    except ssl.SSLError:
-        return f"{config.cert} contains no valid PEM certificate"
-    except OSError:
-        return None
-    return f"{config.key} is not a valid PEM private key, or not the key of that certificate"
+    if error.reason == "KEY_VALUES_MISMATCH":
+        return _setup_error(
+            config,
+            f"{config.key} is not the private key of that certificate;"
+            " give the matching key, or the certificate issued for this key",
+            "tls.key",
+        )
+    if not _certificate_loads(config.cert):
+        return _setup_error(config, f"{config.cert} contains no valid PEM certificate ({error})", "tls.cert")
+    return _setup_error(config, f"{config.key} contains no valid PEM private key ({error})", "tls.key")
 
 
 # OpenSSL's reason codes for the handshake failures an operator sees most,
