@@ -17,7 +17,7 @@ import orjson
 
 from relay.cli import add_config_option, escape_controls, stop_output
 from relay.spool import SpoolError, SpoolStore
-from relay.spool.cli import UsageError, open_store
+from relay.spool.cli import UsageError, format_iso_time, open_store
 from relay.spool.store import fresh_domains
 
 # States in the order an operator reads them; a state with no recipient shows 0.
@@ -131,11 +131,15 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         if args.json:
+            # Times as in relay queue list --json: UTC ISO 8601 text, not Unix seconds.
             document = {
                 "messages": summary.messages,
                 "recipients": {state: summary.recipients.get(state, 0) for state in STATES},
-                "oldest_arrival": summary.oldest_arrival,
-                "destinations": [vars(item) for item in summary.destinations],
+                "oldest_arrival": {state: format_iso_time(oldest) for state, oldest in summary.oldest_arrival.items()},
+                "destinations": [
+                    {**vars(item), "oldest_arrival": format_iso_time(item.oldest_arrival)}
+                    for item in summary.destinations
+                ],
             }
             sys.stdout.write(orjson.dumps(document).decode() + "\n")
             sys.stdout.flush()

@@ -174,6 +174,26 @@ def test_status_command(tmp_path: Path) -> None:
     assert document["destinations"][0]["queued"] + document["destinations"][0]["deferred"] == 3
 
 
+def test_status_json_times_match_queue_list(tmp_path: Path) -> None:
+    # Both commands give times as UTC ISO 8601 text, so one parser reads both.
+    fill_spool(tmp_path / "spool")
+    env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}
+    spool = ["--spool", str(tmp_path / "spool"), "--json"]
+
+    status = subprocess.run([sys.executable, "-m", "relay", "status", *spool], capture_output=True, env=env, check=True)
+    listing = subprocess.run(
+        [sys.executable, "-m", "relay", "queue", "list", *spool], capture_output=True, env=env, check=True
+    )
+
+    document = orjson.loads(status.stdout)
+    arrivals = [orjson.loads(line)["arrival"] for line in listing.stdout.splitlines()]
+    assert len(arrivals) == 2
+    assert all(isinstance(arrival, str) and arrival.endswith("Z") for arrival in arrivals)
+    assert document["oldest_arrival"] == {"queued": min(arrivals)}
+    by_domain = {item["domain"]: item["oldest_arrival"] for item in document["destinations"]}
+    assert by_domain == {"example.net": min(arrivals), "example.org": arrivals[0]}
+
+
 def test_status_top_limits_destinations(tmp_path: Path) -> None:
     fill_spool(tmp_path / "spool")
     command = [sys.executable, "-m", "relay", "status", "--spool", str(tmp_path / "spool"), "--json"]

@@ -574,13 +574,17 @@ def _confirm_delete(store: SpoolStore, queue_id: str) -> bool:
 # -- formatting ----------------------------------------------------------------
 
 
+def format_iso_time(timestamp: float) -> str:
+    """Return a Unix time as UTC ISO 8601 with milliseconds, the form of every time in ``--json`` output."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _format_time(timestamp: float | None, precise: bool = False) -> str | None:
     if timestamp is None:
         return None
-    moment = datetime.fromtimestamp(timestamp, UTC)
     if precise:
-        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return moment.strftime("%Y-%m-%d %H:%M:%S")
+        return format_iso_time(timestamp)
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _format_path(address: str) -> str:
