@@ -23,8 +23,8 @@ from relay.bench.client import ClientSettings
 from relay.bench.faults import FaultPlan
 from relay.bench.loadgen import LoadPlan, ProgressLine, run_load
 from relay.bench.messages import AddressPattern, encode, generate_message, load_folder
+from relay.bench.sink import DEFAULT_MAX_UNSENT_REPLIES, SinkSettings
 from relay.bench.sink import DEFAULT_TIMEOUT as DEFAULT_SINK_TIMEOUT
-from relay.bench.sink import SinkSettings
 from relay.bench.sink_server import SinkRun, run_sink
 from relay.bench.stats import format_report
 from relay.config import MAX_WORKERS
@@ -35,6 +35,8 @@ from relay.units import is_hostname, parse_host_port, parse_size
 DEFAULT_MESSAGES = 1000
 # One hour: any longer delay outlasts every client timeout.
 MAX_SINK_DELAY_MS = 3_600_000
+# 1 GiB: far above any useful bound on one connection's unsent replies.
+MAX_UNSENT_REPLIES = 1 << 30
 # Largest --size.  The run keeps about four copies of the generated message
 # while it encodes it (1.1 GB peak resident memory for --size 256M, measured
 # with /usr/bin/time), so this costs about 4 GB.  It is about 100 times Postfix's
@@ -200,6 +202,13 @@ def _register_sink(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         f" also inside DATA or BDAT (default: {DEFAULT_SINK_TIMEOUT:g})",
     )
     sink.add_argument(
+        "--max-unsent-replies",
+        default=str(DEFAULT_MAX_UNSENT_REPLIES),
+        metavar="SIZE",
+        help="stop reading from a connection while its unsent replies exceed this many octets; K and M suffixes"
+        f" allowed (default: {DEFAULT_MAX_UNSENT_REPLIES})",
+    )
+    sink.add_argument(
         "--seed", type=int, metavar="N", help="seed of the fault draws, for repeatable runs (worker i uses N+i)"
     )
     sink.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain; with --tls-key, offer STARTTLS")
@@ -354,6 +363,14 @@ def _sink(args: argparse.Namespace) -> int:
     if not is_hostname(args.hostname):
         return _usage_error(f"--hostname {args.hostname!r}: not a host name; give a name such as sink.example.test")
     try:
+        max_unsent_replies = parse_size(args.max_unsent_replies)
+    except ValueError as exc:
+        return _usage_error(f"--max-unsent-replies: {exc}")
+    if max_unsent_replies > MAX_UNSENT_REPLIES:
+        return _usage_error(
+            f"--max-unsent-replies: {max_unsent_replies} is above the maximum {MAX_UNSENT_REPLIES} octets"
+        )
+    try:
         faults = FaultPlan.from_specs(args.fault, args.seed)
     except ValueError as exc:
         return _usage_error(f"--fault: {exc}")
@@ -376,6 +393,7 @@ def _sink(args: argparse.Namespace) -> int:
         delay=args.delay / 1000,
         timeout=args.timeout,
         tls_context=tls_context,
+        max_unsent_replies=max_unsent_replies,
     )
     run = SinkRun(host=host, port=port, workers=args.workers, settings=settings, json_output=args.json)
     try:

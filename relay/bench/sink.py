@@ -23,6 +23,14 @@ postponed by ``delay`` is pending, so only the client's silence counts.
 A STARTTLS handshake must finish within one timeout (plus ``delay``); one
 that does not is aborted without a reply, because the client expects TLS
 records by then, and counted as a timeout too.
+
+Replies are paced: a connection stops being read while its unsent replies
+(in the transport's write buffer, or postponed by ``delay``) exceed
+``max_unsent_replies`` octets (default ``DEFAULT_MAX_UNSENT_REPLIES``), and
+the commands already read wait in the input buffer.  So a client that
+pipelines commands but never reads its replies uses a bounded amount of
+the sink's memory, and the idle timeout closes it in the end, because
+nothing is read from it meanwhile.
 """
 
 from __future__ import annotations
@@ -63,6 +71,13 @@ AUTH_LINE_LIMIT = 12288
 # Seconds a connection may stay silent before the sink closes it.  Postfix's
 # smtp-sink uses the same default for its -t option (Postfix 3.7 manual).
 DEFAULT_TIMEOUT = 100.0
+# Octets of unsent replies above which a connection is no longer read: the
+# default high-water mark of the write buffer in asyncio (3.11) and uvloop (0.23).
+DEFAULT_MAX_UNSENT_REPLIES = 64 * 1024
+# Replies produced from buffered input before the unsent total is checked.
+# An EHLO reply, the longest, is 137 octets with the default host name and
+# under 400 with any, so a batch adds at most about 25 KiB beyond the limit.
+REPLY_BATCH = 64
 # Seconds added to a re-armed idle timer, because uvloop (0.23) rounds timer
 # delays to whole milliseconds and so may fire one just before its deadline.
 TIMER_SLACK = 0.01
@@ -103,6 +118,7 @@ class SinkSettings:
     delay: float = 0.0
     timeout: float = DEFAULT_TIMEOUT
     tls_context: ssl.SSLContext | None = None
+    max_unsent_replies: int = DEFAULT_MAX_UNSENT_REPLIES
 
     def greeting(self) -> bytes:
         return f"220 {self.hostname} ESMTP relay sink\r\n".encode()
@@ -156,8 +172,13 @@ class SinkProtocol(asyncio.Protocol):
         # Event loop time of the last read, or of the last postponed reply
         # sent; the idle timer compares against it when it fires.
         self.last_activity = 0.0
-        # Replies postponed by ``delay`` and not yet written.
+        # Replies postponed by ``delay`` and not yet written, and their octets.
         self.pending_writes = 0
+        self.postponed_octets = 0
+        self.max_unsent = state.settings.max_unsent_replies
+        # Why reading is paused: "write" (the write buffer is over its
+        # high-water mark) and "delay" (postponed replies over the limit).
+        self.pause_reasons: set[str] = set()
         self.idle_timer: asyncio.TimerHandle | None = None
 
     # Connection events
@@ -165,6 +186,7 @@ class SinkProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=self.max_unsent)
         self.state.sessions.add(self)
         self.counters[CONNECTIONS] += 1
         self.last_activity = self.loop.time()
@@ -187,10 +209,20 @@ class SinkProtocol(asyncio.Protocol):
         self.last_activity = self.loop.time()
         if self.closing:
             return
+        self.buffer.feed(data)
+        self._process()
+
+    def _process(self) -> None:
+        """Handle the buffered input and send the replies, stopping early while reading is paused."""
         buffer = self.buffer
-        buffer.feed(data)
         out: list[bytes] = []
         while not self.closing:
+            if len(out) >= REPLY_BATCH:
+                self._send(out)
+                out = []
+                if self.pause_reasons:
+                    # The rest stays buffered until the client reads its replies.
+                    return
             event = buffer.next_event()
             if event is None:
                 break
@@ -218,6 +250,9 @@ class SinkProtocol(asyncio.Protocol):
         payload = out[0] if len(out) == 1 else b"".join(out)
         if self.delay > 0:
             self.pending_writes += 1
+            self.postponed_octets += len(payload)
+            if self.postponed_octets > self.max_unsent:
+                self._pause("delay")
             self.loop.call_later(self.delay, self._write_postponed, payload, close)
         else:
             self._write(payload, close)
@@ -225,8 +260,11 @@ class SinkProtocol(asyncio.Protocol):
     def _write_postponed(self, payload: bytes, close: bool) -> None:
         # The client waited for this reply, so its idle time starts now.
         self.pending_writes -= 1
+        self.postponed_octets -= len(payload)
         self.last_activity = self.loop.time()
         self._write(payload, close)
+        if self.postponed_octets <= self.max_unsent:
+            self._resume("delay")
 
     def _write(self, payload: bytes, close: bool) -> None:
         transport = self.transport
@@ -235,6 +273,34 @@ class SinkProtocol(asyncio.Protocol):
         transport.write(payload)
         if close:
             transport.close()
+
+    # Pacing
+
+    def pause_writing(self) -> None:
+        self._pause("write")
+
+    def resume_writing(self) -> None:
+        self._resume("write")
+
+    def _pause(self, reason: str) -> None:
+        if not self.pause_reasons and self.transport is not None and not self.upgrading:
+            self.transport.pause_reading()
+        self.pause_reasons.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason not in self.pause_reasons:
+            return
+        self.pause_reasons.discard(reason)
+        transport = self.transport
+        if self.pause_reasons or transport is None or transport.is_closing() or self.upgrading:
+            return
+        transport.resume_reading()
+        # Called from the transport's write path, so the buffered commands are handled after it returns.
+        self.loop.call_soon(self._process_buffered)
+
+    def _process_buffered(self) -> None:
+        if not self.pause_reasons and not self.closing:
+            self._process()
 
     # Idle timeout
 
@@ -439,6 +505,11 @@ class SinkProtocol(asyncio.Protocol):
             transport.abort()
             return
         self.transport = upgraded
+        upgraded.set_write_buffer_limits(high=self.max_unsent)
+        # The write buffer of the new transport starts empty.
+        self.pause_reasons.discard("write")
+        if self.pause_reasons:
+            upgraded.pause_reading()
         self.last_activity = self.loop.time()
         self.secure = True
         self.authenticated = False
