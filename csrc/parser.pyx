@@ -386,6 +386,10 @@ cdef bint _scan_path(const unsigned char *s, Py_ssize_t i, Py_ssize_t n,
             span.null = True
             span.mailbox_start = span.mailbox_end = i
             span.end = i + 1
+            # Like any other path, <> ends the argument or is followed by a
+            # space, so "<>x" is a bad address and not a bad parameter.
+            if span.end < n and s[span.end] != 32:
+                return False
             return not recipient
         if i < n and s[i] == 64:
             # A-d-l source route: "@" domain *("," "@" domain) ":"; dropped.
