@@ -29,8 +29,9 @@ bulk; everything else takes a per-line path that uses ``memchr``.  Builds
 without SSE2 use the per-line path alone, with the same results.
 
 Memory: the received bytes not yet consumed, plus the message being stored,
-which never exceeds ``max_size``.  Buffers larger than ``_KEEP_CAPACITY`` are
-freed once drained, so an idle connection holds little.
+whose allocation never exceeds ``max_size`` (DATA) or the chunk size
+(BDAT).  Buffers larger than ``_KEEP_CAPACITY`` are freed once drained, so
+an idle connection holds little.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -336,9 +337,16 @@ cdef class SMTPBuffer:
 
     cdef int _body_append(self, const char *data, Py_ssize_t n) except -1:
         cdef Py_ssize_t cap
+        cdef Py_ssize_t limit
         cdef char *grown
         if self._body_len + n > self._body_cap:
             cap = self._body_cap * 2 if self._body_cap else _INITIAL_CAPACITY
+            # Doubling alone would allocate up to twice the limit: a 35 MiB
+            # message would grow the store to 64 MiB.  The store never holds
+            # more than max_size (DATA) or the chunk size (BDAT).
+            limit = self._max_size if self._mode == MODE_DATA else self._chunk_size
+            if cap > limit:
+                cap = limit
             if cap < self._body_len + n:
                 cap = self._body_len + n
             grown = <char *>PyMem_Realloc(self._body, cap)

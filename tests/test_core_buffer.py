@@ -364,6 +364,58 @@ def test_oversized_stream_memory_bounded() -> None:
     assert buffer.next_event() == Line(b"NOOP")
 
 
+def traced_growth(buffer: SMTPBuffer, chunk: bytes, count: int) -> int:
+    """Feed ``chunk`` ``count`` times, expecting no event; return the max growth of traced memory."""
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        peak_growth = 0
+        for _ in range(count):
+            buffer.feed(chunk)
+            assert buffer.next_event() is None
+            peak_growth = max(peak_growth, tracemalloc.get_traced_memory()[0] - baseline)
+    finally:
+        tracemalloc.stop()
+    return peak_growth
+
+
+# 3 MiB: a store that doubles from 4 KiB would reach 4 MiB for it.
+STORE_LIMIT = 3 * 1024 * 1024
+STORE_CHUNK = (b"x" * 1022 + b"\r\n") * 64
+
+
+@pytest.mark.parametrize("mode", ["data", "bdat"])
+def test_store_allocation_within_limit(mode: str) -> None:
+    buffer = SMTPBuffer()
+    if mode == "data":
+        buffer.start_data(STORE_LIMIT)
+    else:
+        buffer.start_bdat(STORE_LIMIT)
+    # Stop one chunk short of the limit, so the message is still stored.
+    count = STORE_LIMIT // len(STORE_CHUNK) - 1
+
+    growth = traced_growth(buffer, STORE_CHUNK, count)
+
+    assert buffer.data_octets == count * len(STORE_CHUNK)
+    # The store itself, plus the receive buffer, which contains one read.
+    assert growth <= STORE_LIMIT + 2 * len(STORE_CHUNK)
+
+
+def test_store_limit_boundary_message() -> None:
+    buffer = SMTPBuffer()
+    buffer.start_data(10)
+    buffer.feed(b"0123456789\r\n.\r\n")
+    end = buffer.next_event()
+    assert isinstance(end, DataEnd)
+    assert end.oversized
+    buffer.start_data(12)
+    buffer.feed(b"0123456789\r\n.\r\n")
+    end = buffer.next_event()
+    assert isinstance(end, DataEnd)
+    assert not end.oversized
+    assert end.body == b"0123456789\r\n"
+
+
 def test_long_body_lines_kept() -> None:
     # maddy GitHub issue 352, aiosmtpd GitHub issue 285: body lines over 1000 octets.
     data = (b"DATA\r\nSubject: long\r\n\r\n" + b"b" * 3000 + b"\r\n.." + b"b" * 3000
