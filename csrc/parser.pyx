@@ -833,6 +833,10 @@ cdef Command _parse_bdat(const unsigned char *s, Py_ssize_t i, Py_ssize_t n, str
     if i == start:
         raise _error(_BDAT_SYNTAX)
     command = _new_command(V_BDAT, argument)
+    # RFC 3030 chunk-size is 1*DIGIT, so leading zeros do not change the
+    # size and must not count towards the 20 digits below.
+    while start < i - 1 and s[start] == 48:
+        start += 1
     # Past 20 digits only "too big" matters, and the session then closes the
     # connection, because the chunk cannot be skipped.  int() would refuse
     # more than 4300 digits with an exception of its own.

@@ -448,3 +448,7 @@ def test_twenty_digit_size_parsed() -> None:
     assert parse_command(b"BDAT " + b"1" * 20 + b" LAST").chunk_size == int("1" * 20)
     # Longer BDAT sizes count as 10**20, which the session rejects as too big.
     assert parse_command(b"BDAT " + b"9" * 4400 + b" LAST").chunk_size == 10**20
+    # Leading zeros do not count towards the 20 digits.
+    assert parse_command(b"BDAT " + b"0" * 4400 + b"12 LAST").chunk_size == 12
+    assert parse_command(b"BDAT " + b"0" * 30).chunk_size == 0
+    assert parse_command(b"BDAT 0" + b"1" * 21).chunk_size == 10**20

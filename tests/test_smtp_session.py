@@ -860,6 +860,21 @@ def test_bdat_transaction() -> None:
     assert outcome.messages[1].body == b""
 
 
+def test_bdat_size_leading_zeros() -> None:
+    # RFC 3030 chunk-size is 1*DIGIT: zeros in front do not make a chunk too big.
+    zeros = b"0" * 30
+    outcome = run_transcript(
+        make_session,
+        [
+            (EHLO, ["250"]),
+            (T, ["250", "250"]),
+            (b"BDAT " + zeros + b"3\r\nabc", ["250 2.0.0 3 octets received"]),
+            (b"BDAT " + zeros + b" LAST\r\n", ["250 2.0.0 Ok: queued as Q1"]),
+        ],
+    )
+    assert outcome.messages[0].body == b"abc"
+
+
 def test_refused_bdat_consumes_chunk() -> None:
     run_transcript(
         make_session,
