@@ -1330,6 +1330,32 @@ def test_bdat_dropped_chunk_memory_bounded() -> None:
     assert not session.closed
 
 
+@pytest.mark.parametrize(("chunk", "octets"), [(b"BDAT 0\r\n", 0), (b"BDAT 2\r\nab", 2)])
+def test_tiny_bdat_chunks_memory_bounded(chunk: bytes, octets: int) -> None:
+    # Each chunk used to be kept as its own object: empty chunks grew memory
+    # without any limit, and 2-octet ones by about 40 octets per chunk.
+    count = 30000
+    session = make_session(client=UNTRUSTED)
+    feed(session, [EHLO + T])
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        for _ in range(10):
+            session.receive_data(chunk * (count // 10))
+            session.data_to_send()
+            assert session.events() == []
+        growth = tracemalloc.get_traced_memory()[0] - baseline
+    finally:
+        tracemalloc.stop()
+    assert not session.closed
+    assert growth < 2 * count * octets + 32 * 1024
+    session.receive_data(b"BDAT 3 LAST\r\nxyz")
+    events = session.events()
+    assert len(events) == 1
+    assert isinstance(events[0], MessageReady)
+    assert events[0].body == b"ab" * (count if octets else 0) + b"xyz"
+
+
 def test_catalog_wire_bytes_match_fresh_encoding() -> None:
     for name, reply in replies.CATALOG.items():
         fresh = replies.Reply(reply.code, reply.status, reply.lines)

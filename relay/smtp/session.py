@@ -828,13 +828,18 @@ class Session:
             return
         transaction = self.transaction
         assert transaction is not None
-        transaction.chunks.append(event.data)
         transaction.chunk_octets += event.octets
         if not self._bdat_last:
+            transaction.bdat_body += event.data
             self._send(replies.Reply(250, "2.0.0", (f"{event.octets} octets received",)))
             return
-        body = b"".join(transaction.chunks)
-        transaction.chunks.clear()
+        if transaction.bdat_body:
+            transaction.bdat_body += event.data
+            body = bytes(transaction.bdat_body)
+            transaction.bdat_body.clear()
+        else:
+            # A message sent as one LAST chunk is used as it is, without a copy.
+            body = event.data
         if _BARE_LINE_END.search(body) is not None:
             # BDAT's length framing rules out smuggling, but the policy on bare
             # line ends is the same as for DATA, which lone CR or LF never passes.

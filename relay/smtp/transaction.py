@@ -38,7 +38,10 @@ class Transaction:
     recipients: list[RecipientInfo] = field(default_factory=list)
     # Lower-cased forward-paths already accepted, so a repeated RCPT is stored once.
     recipient_keys: set[str] = field(default_factory=set)
-    chunks: list[bytes] = field(default_factory=list)
+    # The octets of the BDAT chunks before the LAST one, in one buffer.  A
+    # list of chunks would cost an object per chunk, so one-octet or empty
+    # chunks would grow memory far past the message size limit.
+    bdat_body: bytearray = field(default_factory=bytearray)
     chunk_octets: int = 0
     # Set once BDAT was used: DATA is then refused (RFC 3030 section 3).
     bdat_started: bool = False
