@@ -245,14 +245,26 @@ cdef class SMTPBuffer:
         self._bare_cr = -1
 
     def __init__(self, Py_ssize_t line_limit=DEFAULT_LINE_LIMIT_OCTETS):
-        if line_limit < 3:
-            raise ValueError(f"line_limit must be at least 3 octets, got {line_limit}")
         self.line_limit = line_limit
         self._mode = MODE_COMMAND
 
     def __dealloc__(self):
         PyMem_Free(self._buf)
         PyMem_Free(self._body)
+
+    @property
+    def line_limit(self):
+        """Max command line in octets, line end included."""
+        return self._line_limit
+
+    @line_limit.setter
+    def line_limit(self, Py_ssize_t value):
+        # _next_line passes the limit to memchr as a length, so a value
+        # below 1 would read outside the buffer.  3 fits the shortest
+        # command line with its CRLF.
+        if value < 3:
+            raise ValueError(f"line_limit must be at least 3 octets, got {value}")
+        self._line_limit = value
 
     @property
     def mode(self):
@@ -436,7 +448,7 @@ cdef class SMTPBuffer:
                 self._start = (hit - buf) + 1
                 self._discarding = False
                 continue
-            window = avail if avail < self.line_limit else self.line_limit
+            window = avail if avail < self._line_limit else self._line_limit
             hit = <const char *>memchr(buf + self._start, LF, window)
             if hit != NULL:
                 lf = hit - buf
@@ -449,7 +461,7 @@ cdef class SMTPBuffer:
                 if self._start == self._end:
                     self._compact()
                 return line
-            if avail < self.line_limit:
+            if avail < self._line_limit:
                 return None
             # The limit passed without a line end: report now, not at the LF,
             # so a client streaming a line without end cannot grow memory.
@@ -459,7 +471,7 @@ cdef class SMTPBuffer:
             self._start += window
             if self._start == self._end:
                 self._compact()
-            return LineTooLong(self.line_limit)
+            return LineTooLong(self._line_limit)
 
     cdef object _next_data(self):
         cdef char *buf = self._buf

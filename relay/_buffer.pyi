@@ -80,7 +80,7 @@ class SMTPBuffer:
     """Bytes received from one client, split into command lines, DATA and BDAT."""
 
     line_limit: int
-    """Max command line in octets with its line end; raise it for AUTH responses."""
+    """Max command line in octets with its line end, at least 3 (ValueError otherwise); raise it for AUTH responses."""
 
     def __init__(self, line_limit: int = 512) -> None: ...
     @property

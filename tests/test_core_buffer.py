@@ -557,6 +557,20 @@ def test_line_limit_too_small(limit: int) -> None:
         SMTPBuffer(limit)
 
 
+@pytest.mark.parametrize("limit", [-1, 0, 2])
+def test_line_limit_setter_rejects_small(limit: int) -> None:
+    # The limit is a memchr length: -1 used to read past the buffer and
+    # return heap octets as part of a Line.
+    buffer = SMTPBuffer(16)
+    with pytest.raises(ValueError):
+        buffer.line_limit = limit
+    assert buffer.line_limit == 16
+    buffer.feed(b"NOOP")
+    assert buffer.next_event() is None
+    buffer.feed(b"\r\n")
+    assert buffer.next_event() == Line(b"NOOP")
+
+
 def test_negative_sizes_rejected() -> None:
     buffer = SMTPBuffer()
     with pytest.raises(ValueError):

@@ -42,7 +42,7 @@ cdef class SMTPBuffer:
     cdef Py_ssize_t _start            # first unconsumed octet
     cdef Py_ssize_t _end              # one past the last received octet
 
-    cdef public Py_ssize_t line_limit # max command line, octets with the line end
+    cdef Py_ssize_t _line_limit       # max command line, octets with the line end, at least 3
     cdef BufferMode _mode
     cdef bint _discarding             # command mode: dropping the rest of a too-long line
 
