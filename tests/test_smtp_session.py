@@ -170,6 +170,42 @@ def test_unknown_command_and_line_too_long() -> None:
     )
 
 
+def padded(head: bytes, total: int, end: bytes = b"\r\n") -> bytes:
+    """Return ``head`` padded with "x" to ``total`` octets, counting the line end as CRLF."""
+    return head + b"x" * (total - 2 - len(head)) + end
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        # RFC 5321 section 4.5.3.1.4: 512 octets with CRLF; a bare LF counts as CRLF would.
+        (padded(b"NOOP ", 512), "250 2.0.0"),
+        (padded(b"NOOP ", 513), "500 5.5.2"),
+        (padded(b"NOOP ", 512, b"\n"), "250 2.0.0"),
+        (padded(b"NOOP ", 513, b"\n"), "500 5.5.2"),
+        # MAIL and RCPT get 1024 more octets for their parameters, so this
+        # line is parsed, and its unknown parameter gets the reply.
+        (padded(b"MAIL FROM:<s@example.com> X-PAD=", 1536), "555 5.5.4"),
+        (padded(b"MAIL FROM:<s@example.com> X-PAD=", 1537), "500 5.5.2"),
+    ],
+)
+def test_line_limit_exact_and_one_over(line: bytes, reply: str) -> None:
+    outcome = run_transcript(make_session, [(EHLO, ["250"]), (line, [reply]), (b"NOOP\r\n", ["250"])])
+    assert len(outcome.replies) == 4
+
+
+@pytest.mark.parametrize(("total", "reply"), [(12288, "235 2.7.0"), (12289, "500 5.5.6")])
+def test_auth_response_limit_exact_and_one_over(total: int, reply: str) -> None:
+    # A SASL response line may reach policy.max_auth_line_length, 12288 octets
+    # with CRLF by default.  Spaces at its end are stripped before base64
+    # decoding, so the padding does not change the credentials.
+    response = PLAIN_OK + b" " * (total - 2 - len(PLAIN_OK)) + b"\r\n"
+    run_transcript(
+        lambda: make_session(auth_plaintext=True),
+        [(EHLO, ["250"]), (b"AUTH PLAIN\r\n", ["334"]), (response, [reply]), (b"NOOP\r\n", ["250"])],
+    )
+
+
 def test_long_ehlo_survives() -> None:
     # Hostile input: a 10000-octet EHLO once overflowed a heap buffer in Exim.
     run_transcript(
