@@ -8,6 +8,7 @@ it; with ``CI=true`` it fails them, so a CI run can never pass by skipping.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 from collections.abc import Callable, Iterator
@@ -34,13 +35,43 @@ def spool(tmp_path: Path) -> Iterator[Spool]:
         opened.close()
 
 
+def _port_range() -> range | None:
+    """Return the ports that RELAY_TEST_PORTS (``LOW-HIGH``) allows, or None when it is unset."""
+    text = os.environ.get("RELAY_TEST_PORTS", "")
+    if not text:
+        return None
+    low, _, high = text.partition("-")
+    try:
+        return range(int(low), int(high) + 1)
+    except ValueError:
+        raise pytest.UsageError(f"RELAY_TEST_PORTS={text!r} is invalid; expected LOW-HIGH, e.g. 31000-31999") from None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on host that was free a moment ago."""
+    """Return a TCP port on host that was free a moment ago.
+
+    With RELAY_TEST_PORTS set, the port comes from that range, so tests on a
+    shared machine stay inside the ports they were given.  The TCP and UDP
+    ports are both probed, because nsd listens on both.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
+    allowed = _port_range()
+    if allowed is None:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port: int = probe.getsockname()[1]
+            return port
+    start = random.randrange(len(allowed))
+    for offset in range(len(allowed)):
+        candidate = allowed[(start + offset) % len(allowed)]
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as tcp, socket.socket(family, socket.SOCK_DGRAM) as udp:
+                tcp.bind((host, candidate))
+                udp.bind((host, candidate))
+        except OSError:
+            continue
+        return candidate
+    raise RuntimeError(f"no free port on {host} in RELAY_TEST_PORTS={os.environ['RELAY_TEST_PORTS']}")
 
 
 def find_peer(name: str) -> str | None:

@@ -89,7 +89,7 @@ def test_nameservers_on_different_ports(nameserver: NameServer) -> None:
     # second entry, which is nsd on a port of its own.
     (host, port), *_ = nameserver.nameservers
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as refuser:
-        refuser.bind(("127.0.0.1", 0))
+        refuser.bind(("127.0.0.1", free_port()))
         refuser_port = refuser.getsockname()[1]
         refuser.settimeout(0.2)
         stop = threading.Event()
