@@ -5,6 +5,7 @@ Everything listens on 127.0.0.0/8 or ::1 and every process is stopped by its PID
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -168,6 +169,8 @@ class RecordingHandler:
     dropped: list[Received] = field(default_factory=list)  # messages whose end of data got no reply
     # Ends of data after which the client's next command had already arrived before the reply.
     commands_pipelined_after_data: int = 0
+    rcpt_delay: dict[str, float] = field(default_factory=dict)  # recipient -> seconds before its RCPT reply
+    data_delay: float = 0.0  # seconds before the reply to the end of data
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_EHLO(
@@ -190,6 +193,8 @@ class RecordingHandler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
+        if address in self.rcpt_delay:
+            await asyncio.sleep(self.rcpt_delay[address])
         if address in self.refuse:
             return self.refuse[address]
         envelope.rcpt_tos.append(address)
@@ -197,6 +202,8 @@ class RecordingHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         received = Received(
             sender=str(envelope.mail_from),
             recipients=list(envelope.rcpt_tos),

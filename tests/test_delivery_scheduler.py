@@ -75,6 +75,7 @@ def make_config(
         line for line in ("minimal_backoff_time = 0.3", "maximal_backoff_time = 1")
         if line.split(" =")[0] + " =" not in delivery
     )
+    lease = "" if "lease_time =" in spool else 'lease_time = "30s"'
     path = directory / "relay.toml"
     path.write_text(
         f"""
@@ -82,7 +83,7 @@ def make_config(
 hostname = "relay.test"
 [spool]
 path = "spool"
-lease_time = "30s"
+{lease}
 {spool}
 [policy]
 local_domains = ["local.test"]
@@ -767,6 +768,35 @@ def test_opportunistic_tls_ignores_damaged_ca_file(
         commit(spool, "alice@local.test", ["bob@implicit.test"])
         assert run_until(config, spool, lambda: bool(upstream.messages) and not spool_counts(config))
     assert upstream.messages[0].tls
+
+
+def test_late_backup_mx_never_outlasts_lease(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # Leases last 3 s.  a.mx.test takes 2 s to defer soft@, so the backup
+    # session to b.mx.test starts with 1 s of lease left, and b.mx.test takes
+    # 1.5 s to accept the message.  A second scheduler on the same spool
+    # claims whatever is due.  If the backup session outlasted the lease, that
+    # scheduler would claim soft@ again and b.mx.test would get it twice.
+    port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port, spool='lease_time = "3s"')
+    spool = spool_for(config)
+    primary = RecordingHandler(refuse={"soft@mx.test": "451 4.3.0 try later"}, rcpt_delay={"soft@mx.test": 2.0})
+    backup = RecordingHandler(data_delay=1.5)
+
+    async def two_schedulers() -> None:
+        schedulers = [Scheduler(config, spool), Scheduler(config, spool)]
+        tasks = [asyncio.create_task(scheduler.run()) for scheduler in schedulers]
+        try:
+            await asyncio.sleep(8.0)
+        finally:
+            for scheduler in schedulers:
+                await scheduler.stop()
+            await asyncio.gather(*tasks)
+
+    with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, backup):
+        commit(spool, "alice@local.test", ["soft@mx.test"])
+        asyncio.run(two_schedulers())
+    assert [m.recipients for m in backup.messages] == [["soft@mx.test"]]
+    assert spool_counts(config) == {}
 
 
 def test_first_mx_results_recorded_before_backup(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:

@@ -397,6 +397,31 @@ def test_expired_lease_claimed_again(spool: Spool) -> None:
     assert second[0].lease_token != first[0].lease_token
 
 
+def test_renew_lease_only_while_held(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=2), b"x"))
+    now = time.time()
+    (claim,) = run(spool.claim("scheduler-a", lease_time=1))
+    # Fresh message: one lease for every recipient.
+    until = run(spool.renew_lease(queue_id, [1], claim.lease_token))
+    assert until is not None and until > now + spool.lease_time - 5
+    assert run(spool.claim("scheduler-b", now=now + 2)) == []
+
+    # After a result the recipients have rows of their own, still under the lease.
+    delivered = DeliveryResult(queue_id, 0, Outcome.DELIVERED, "250 2.0.0 ok", "mx.test")
+    run(spool.record_results([delivered], lease_token=claim.lease_token))
+    assert run(spool.renew_lease(queue_id, [1], claim.lease_token)) is not None
+    assert run(spool.renew_lease(queue_id, [0, 1], claim.lease_token)) is None
+    assert run(spool.renew_lease(queue_id, [1], "scheduler-b#00")) is None
+
+
+def test_renew_lease_fails_after_expiry(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+    (claim,) = run(spool.claim("scheduler-a", lease_time=0.05))
+    time.sleep(0.1)
+    assert run(spool.renew_lease(queue_id, [0], claim.lease_token)) is None
+    assert len(run(spool.claim("scheduler-b"))) == 1
+
+
 def test_claim_honours_limit_and_domain(spool: Spool) -> None:
     for _ in range(3):
         run(spool.commit(make_envelope(recipients=2), b"x"))

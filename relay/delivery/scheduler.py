@@ -42,7 +42,10 @@ Leases: the scheduler claims under an owner name that identifies its
 process (``relay.delivery.owner``).  On start it releases the leases of
 owners on this host whose process no longer runs (a scheduler killed with
 SIGKILL), so their recipients do not wait out ``spool.lease_time``; a live
-scheduler's leases are never touched.  On stop it releases its own.
+scheduler's leases are never touched.  On stop it releases its own.  A
+session to a backup MX renews the lease of the recipients it sends first,
+and ends before the renewed lease does (``LEASE_MARGIN``), so no other claim
+can get them while it runs.
 
 Every attempt result is logged as one line: queue ID, recipient, relay,
 delay, DSN status and the reply.
@@ -108,6 +111,10 @@ DSN_BATCH = 100
 # A job that waited longer than this in memory reads its recipients' state again
 # before it is sent, so that a hold or delete since the claim takes effect.
 RECHECK_AFTER = 1.0
+# Share of ``spool.lease_time`` that a backup-MX session leaves unused at the end
+# of its renewed lease, for recording its results: 3 of the default 30 minutes,
+# far more than a record waits for the spool's writer (its busy timeout is 10 s).
+LEASE_MARGIN = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -616,31 +623,49 @@ class Scheduler:
         """Send recipients that MX host ``tried`` (``peer``) deferred to the next MX host, and record the outcomes.
 
         ``copied`` says whether the failures at ``tried`` already made a postmaster copy.
+
+        The first session may have used up most of the claim's lease, and a
+        recipient whose lease runs out can be claimed and delivered again by
+        any scheduler.  So the lease is renewed first, and the backup session
+        is cut off ``LEASE_MARGIN`` of the lease before its new end, which
+        leaves the results time to be recorded under it.  A session cut off
+        after the end of data counts as deferred, like a timeout waiting for
+        the final reply.
         """
+        deferred_indexes = [recipient.index for recipient, _, _ in deferred]
+        lease_until = None if self._stopping else await self._renew_lease(job, deferred_indexes)
         # Checked right before the acquire, with no await in between: a worker that
         # waited for a second slot while holding one could deadlock with the others.
-        if self._connections.locked() or self._stopping:
+        if lease_until is None or self._connections.locked() or self._stopping:
             await self._record(job, deferred, peer, next_hop_notifies=notifies, downgraded=downgraded)
             return
 
         await self._connections.acquire()
+        loop = asyncio.get_running_loop()
+        margin = self.spool.lease_time * LEASE_MARGIN
+        cutoff = asyncio.timeout_at(loop.time() + (lease_until - time.time()) - margin)
         backup: SMTPSession | None = None
         results: dict[int, RecipientResult] = {}
         try:
-            backup = await self.sessions.open_backup(job.route, tried)
-            if backup is not None:
-                deferred_indexes = {recipient.index for recipient, _, _ in deferred}
-                retry = dataclasses.replace(
-                    message, recipients=tuple(r for r in message.recipients if r.index in deferred_indexes)
-                )
-                results = {result.index: result for result in await backup.send(retry)}
+            async with cutoff:
+                backup = await self.sessions.open_backup(job.route, tried)
+                if backup is not None:
+                    retry = dataclasses.replace(
+                        message, recipients=tuple(r for r in message.recipients if r.index in deferred_indexes)
+                    )
+                    results = {result.index: result for result in await backup.send(retry)}
         except Exception as exc:
             # Any failure here leaves the first host's deferrals as they were.
             results = {}
-            log_event(logger, "backup_mx_failed", logging.INFO, queue_id=job.claim.queue_id, error=repr(exc))
+            error = "cut off before the lease runs out" if cutoff.expired() else repr(exc)
+            log_event(logger, "backup_mx_failed", logging.INFO, queue_id=job.claim.queue_id, error=error)
         finally:
             if backup is not None:
-                await backup.close()
+                if cutoff.expired():
+                    # The session may be inside DATA, where a QUIT would be message text.
+                    backup.abort()
+                else:
+                    await backup.close()
             self._connections.release()
 
         rest = [item for item in deferred if item[0].index not in results]
@@ -656,6 +681,18 @@ class Scheduler:
                 job, retried, backup.peer, next_hop_notifies="DSN" in backup.capabilities,
                 downgraded=any(result.downgraded for result in results.values()), postmaster_copy=not copied,
             )
+
+    async def _renew_lease(self, job: Job, indexes: Sequence[int]) -> float | None:
+        """Renew the job's lease on ``indexes``; return its new end, or None when the claim lost them."""
+        claim = job.claim
+        try:
+            until = await self.spool.renew_lease(claim.queue_id, indexes, claim.lease_token)
+        except SpoolError as exc:
+            log_event(logger, "lease_renew_failed", logging.WARNING, queue_id=claim.queue_id, error=str(exc))
+            return None
+        if until is None:
+            log_event(logger, "lease_expired", logging.WARNING, queue_id=claim.queue_id, owner=self.owner)
+        return until
 
     def _take_following(self, session: SMTPSession, job: Job, destination: _Destination) -> Job | None:
         """Take the destination's next job when the session can pipeline its commands after ``job``."""

@@ -348,6 +348,25 @@ class Spool:
         count: int = await self._writer.submit_async(lambda store: store.end_lease(queue_id, indexes, lease_token))
         return count
 
+    async def renew_lease(self, queue_id: str, indexes: Sequence[int], lease_token: str) -> float | None:
+        """Extend a claim's live lease on some recipients by ``lease_time`` from now.
+
+        Returns the new end of the lease, or None when the claim no longer
+        holds every one of them (the lease ran out or was released, or a
+        recipient was held, delivered or bounced); nothing is sent to those
+        recipients then.  A partial renewal leaves the renewed ones leased
+        until the new end, which only delays their next claim.
+        """
+
+        def operation(store: SpoolStore) -> float | None:
+            now = time.time()
+            until = now + self.lease_time
+            return until if store.renew_lease(queue_id, indexes, lease_token, now=now, lease_until=until) else None
+
+        # Like a claim, a renewal lost in a power failure only lets the recipients be claimed again.
+        until: float | None = await self._writer.submit_async(operation, durable=False)
+        return until
+
     async def record_results(
         self, results: Sequence[DeliveryResult], *, lease_token: str | None = None, now: float | None = None
     ) -> int:

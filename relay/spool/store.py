@@ -838,6 +838,32 @@ class SpoolStore:
             ).rowcount
         return int(rows)
 
+    def renew_lease(
+        self, queue_id: str, indexes: Sequence[int], lease_token: str, *, now: float, lease_until: float
+    ) -> bool:
+        """Move ``lease_token``'s lease on some pending recipients to ``lease_until``; return whether all held it.
+
+        A recipient whose lease ran out, went to another token or was ended,
+        or that is no longer queued or deferred, keeps its row as it is.
+        """
+        marks = ",".join("?" * len(indexes))
+        live = "lease_token = ? AND lease_until > ?"
+        with self._errors("renew lease"):
+            fresh = self.connection.execute(
+                f"UPDATE fresh SET lease_until = ? WHERE id IN (SELECT id FROM message WHERE {_BY_QUEUE_ID})"
+                f" AND {live}",
+                (lease_until, *_match(queue_id), lease_token, now),
+            ).rowcount
+            if fresh:
+                # A fresh message has no recipient rows: its one lease covers every recipient.
+                return True
+            rows = self.connection.execute(
+                f"UPDATE recipient SET lease_until = ? WHERE queue_id = ? AND idx IN ({marks}) AND {live}"
+                " AND state IN ('queued', 'deferred')",
+                (lease_until, queue_id, *indexes, lease_token, now),
+            ).rowcount
+        return int(rows) == len(set(indexes))
+
     def record_results(self, results: Sequence[DeliveryResult], lease_token: str | None, now: float) -> int:
         """Store delivery results; return how many changed a recipient's state.
 
