@@ -9,7 +9,9 @@ while it delivers and checks that a restart delivers the rest at once.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import smtplib
 import ssl
 import time
@@ -21,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from relay.spool import SpoolStore
+from relay.config import load_config
+from relay.spool import Envelope, Recipient, Spool, SpoolStore
 from tests.conftest import free_port, require_corpus
 from tests.delivery_peers import (
     NameServer,
@@ -210,3 +213,44 @@ def test_commit_wakes_scheduler(tmp_path: Path, nameserver: NameServer, workers:
         time.sleep(0.5)
         send_all(relay.port, {"user@implicit.test": b"Subject: wake\r\n\r\nbody\r\n"})
         assert wait_until(lambda: len(upstream.messages) == 1, 10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the user plus system CPU time a process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # utime and stime are fields 14 and 15 of stat(5), in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_delivery_process_idle_after_workers_exit(tmp_path: Path, nameserver: NameServer) -> None:
+    # A SIGTERM sent to each receiving worker itself stops them with status 0,
+    # which leaves the supervisor and the delivery process running.  The wake-up
+    # pipe then has no writer left, and the delivery process must fall back to
+    # its queue scan instead of spinning on the pipe's end of file.
+    port = free_port("127.0.0.4")
+    relay = RelayProcess(
+        tmp_path, workers=2, deliver=True, extra=delivery_section(nameserver, port, "queue_scan_interval = 1")
+    )
+    with run_upstream("127.0.0.4", port) as upstream, relay:
+        assert wait_until(lambda: relay.log().count(" started ") == 3, 5), relay.log()
+        workers = [int(pid) for pid in re.findall(r" started worker=\d+ pid=(\d+) listeners=", relay.log())]
+        (delivery_pid,) = [int(pid) for pid in re.findall(r" started worker=\d+ pid=(\d+) role=delivery", relay.log())]
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda: relay.log().count(" stopped ") == 2, 5), relay.log()
+
+        before = cpu_seconds(delivery_pid)
+        time.sleep(2.0)
+        used = cpu_seconds(delivery_pid) - before
+        assert used < 0.5, f"the delivery process used {used:.2f} s of CPU in 2 s with nothing to do"
+
+        # Mail stored without a wake-up, as ``relay sendmail`` stores it, goes out at the next scan.
+        spool = Spool.from_config(load_config(relay.config_path).spool)
+        try:
+            spool.commit_blocking(
+                Envelope(sender="alice@example.com", recipients=(Recipient(address="user@implicit.test"),)),
+                b"Subject: after the workers\r\n\r\nbody\r\n",
+            )
+        finally:
+            spool.close()
+        assert wait_until(lambda: len(upstream.messages) == 1, 5), relay.log()

@@ -12,7 +12,10 @@ A receiving worker writes one byte after its commits (at most one write per
 event-loop iteration), and the delivery process reads the pipe with
 ``loop.add_reader`` and wakes the scheduler, which then claims at once
 instead of at the next ``queue_scan_interval``.  A full pipe already holds
-unread wake-ups, so a write that would block is dropped.
+unread wake-ups, so a write that would block is dropped.  When every
+receiving worker has exited (each stopped by a signal of its own, say), the
+pipe reads end of file: the process stops watching it and finds new mail,
+such as ``relay sendmail``'s, at the next ``queue_scan_interval``.
 
 Signals: SIGTERM or SIGINT stops the scheduler and closes the spool.
 Running transactions get ``STOP_GRACE`` seconds, then the scheduler releases
@@ -158,8 +161,15 @@ class DeliveryProcess:
 
     def _on_wake(self) -> None:
         try:
-            os.read(self.wake_fd, WAKE_READ_SIZE)
+            data = os.read(self.wake_fd, WAKE_READ_SIZE)
         except BlockingIOError:
+            return
+        if not data:
+            # End of file: every receiving worker has exited.  The pipe would stay
+            # readable and the loop would call this again at once, spinning a CPU.
+            asyncio.get_running_loop().remove_reader(self.wake_fd)
+            log_event(logger, "wake_pipe_closed", logging.WARNING, worker=self.index,
+                      action="scanning the queue every queue_scan_interval")
             return
         if self.scheduler is not None:
             self.scheduler.wake()
