@@ -55,6 +55,8 @@ m3.many IN A 127.0.0.23
 m4.many IN A 127.0.0.24
 m5.many IN A 127.0.0.25
 m6.many IN A 127.0.0.26
+*.wild IN A 127.0.0.4
+*.dead IN A 127.0.0.9
 """
 
 

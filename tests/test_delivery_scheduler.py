@@ -770,6 +770,48 @@ def test_opportunistic_tls_ignores_damaged_ca_file(
     assert upstream.messages[0].tls
 
 
+def test_idle_destinations_dropped(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # Every name under wild.test has an A record for 127.0.0.4, where the
+    # upstream listens, and every name under dead.test one for 127.0.0.9, where
+    # nothing does.  The scheduler's table of destinations grows with the
+    # domains delivered to and shrinks back once they are idle.  The dead
+    # destination stays while its backoff runs, then its recipient expires and
+    # bounces to a local mailbox, and its entry goes too.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, delivery='maximal_queue_lifetime = "2s"')
+    spool = spool_for(config)
+    domains = [f"d{number}.wild.test" for number in range(40)]
+    sizes: list[int] = []
+    suspended: list[bool] = []
+
+    async def deliver() -> Scheduler:
+        scheduler = Scheduler(config, spool)
+        task = asyncio.create_task(scheduler.run())
+        try:
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                sizes.append(len(scheduler._destinations))
+                dead = scheduler._destinations.get("host.dead.test")
+                suspended.append(dead is not None and dead.suspended_until > time.time())
+                if not await asyncio.to_thread(spool_counts, config) and not scheduler._destinations:
+                    break
+        finally:
+            await scheduler.stop()
+            await task
+        return scheduler
+
+    with run_upstream("127.0.0.4", port) as upstream:
+        commit(spool, "alice@local.test", ["bob@host.dead.test"])
+        for domain in domains:
+            commit(spool, "alice@local.test", [f"bob@{domain}"])
+        scheduler = asyncio.run(deliver())
+    assert len(upstream.messages) == len(domains)
+    assert len(mailbox_messages(config, "alice")) == 1
+    assert max(sizes) > 1
+    assert any(suspended)
+    assert scheduler._destinations == {}
+
+
 def test_late_backup_mx_never_outlasts_lease(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # Leases last 3 s.  a.mx.test takes 2 s to defer soft@, so the backup
     # session to b.mx.test starts with 1 s of lease left, and b.mx.test takes

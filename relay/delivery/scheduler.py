@@ -24,7 +24,10 @@ two to the number of earlier attempts, capped at ``maximal_backoff_time``
 before any transaction, the destination itself is backed off: its queued
 and newly claimed recipients are deferred to the same time without a
 connection.  A recipient still undelivered ``maximal_queue_lifetime`` (5 d)
-after arrival fails with its last temporary reply.
+after arrival fails with its last temporary reply.  The scheduler keeps a
+destination's queue, backoff and failure count in memory only while they
+matter: with no job, no backoff running and no failure in the last
+``maximal_backoff_time``, the entry is dropped.
 
 After results are recorded, the spool marks recipients that owe a DSN; the
 scheduler builds those DSNs (``relay.delivery.dsn``) and commits them as new
@@ -132,6 +135,18 @@ class _Destination:
     workers: int = 0
     failures: int = 0  # sessions in a row that failed before any transaction
     suspended_until: float = 0.0
+    last_failure: float = 0.0  # time.time() of the last of those failures
+
+    def idle(self, now: float, failure_memory: float) -> bool:
+        """Return whether the entry holds nothing in force, so dropping it changes no decision.
+
+        That is no queued job, no worker, no backoff running, and no failure
+        count from the last ``failure_memory`` seconds, which the next
+        failure's backoff would grow from.
+        """
+        if self.queue or self.workers or self.suspended_until > now:
+            return False
+        return self.failures == 0 or now - self.last_failure >= failure_memory
 
 
 def backoff_delay(attempts: int, minimum: float, maximum: float, jitter: float) -> float:
@@ -168,7 +183,10 @@ class Scheduler:
         # Tasks that hold connection slots taken away by a reload that lowered the limit.
         self._slot_holders: set[asyncio.Task[bool]] = set()
         self._retired_pools: set[asyncio.Task[None]] = set()
+        # Entries come and go with the jobs: an idle one is dropped (``_prune_destination``),
+        # so the table holds only destinations with work or a backoff in force.
         self._destinations: dict[str, _Destination] = {}
+        self._last_prune = 0.0  # time.monotonic() of the last sweep for idle entries
         self._flush_request_path = spool.directory / FLUSH_REQUEST
         # A flush from before this scheduler started has nothing to lift.
         self._flush_request_seen = self._flush_request_stamp()
@@ -261,6 +279,7 @@ class Scheduler:
             if self._dsn_due:
                 self._dsn_due = False
                 await self._queue_dsns()
+            self._prune_destinations()
             claimed_full = await self._claim_once()
             if claimed_full:
                 continue
@@ -348,6 +367,29 @@ class Scheduler:
             claimed += len(claim.recipients)
             self._dispatch(claim)
         return claimed >= room
+
+    def _prune_destinations(self) -> None:
+        """Drop every idle destination entry, at most once per ``queue_scan_interval``.
+
+        Workers drop their destination's entry when they leave it idle.  This
+        sweep drops the entries that stayed for a backoff or a failure count,
+        once that has run out.
+        """
+        now = time.monotonic()
+        if now - self._last_prune < self.config.delivery.queue_scan_interval:
+            return
+        self._last_prune = now
+        wall = time.time()
+        memory = self.config.delivery.maximal_backoff_time
+        for name in [name for name, entry in self._destinations.items() if entry.idle(wall, memory)]:
+            del self._destinations[name]
+
+    def _prune_destination(self, name: str, destination: _Destination) -> None:
+        """Drop ``name``'s entry when it is ``destination`` and idle."""
+        if self._destinations.get(name) is destination and destination.idle(
+            time.time(), self.config.delivery.maximal_backoff_time
+        ):
+            del self._destinations[name]
 
     def _check_flush_request(self) -> None:
         """Lift every destination's backoff when ``relay queue flush`` ran since the last check.
@@ -448,6 +490,7 @@ class Scheduler:
                 await self._defer_after_error(job, exc)
         finally:
             destination.workers -= 1
+            self._prune_destination(name, destination)
             if session is not None:
                 self._connections.release()
                 # A session left with a pipelined job's commands (after an unexpected error) cannot be reused.
@@ -498,6 +541,7 @@ class Scheduler:
             await self._defer_until(job, error.reply, destination.suspended_until, error.peer)
             return
         destination.failures += 1
+        destination.last_failure = time.time()
         if destination.failures < self.config.delivery.destination_failure_limit:
             await self._record(job, [(r, Outcome.DEFERRED, error.reply) for r in job.recipients], error.peer)
             return
