@@ -263,6 +263,8 @@ INVALID: list[tuple[bytes, tuple[int, str]]] = [
     (b"RCPT TO:<rcpt>", (501, "5.1.3")),
     (b"RCPT TO:<;id;@example.net>", (501, "5.1.3")),
     (b"RCPT TO:<postmaster@>", (501, "5.1.3")),
+    (b"RCPT TO:<rcpt@example..net>", (501, "5.1.3")),
+    (b"RCPT TO:<rcpt@" + b"a" * 64 + b".example>", (501, "5.1.3")),
     (b"RCPT TO:<rcpt@[192.0.2.300]>", (501, "5.1.3")),
     (b"RCPT TO:<rcpt@[192.0.2.30].example.com>", (501, "5.1.3")),
     (b"RCPT TO:<rcpt@example.net", (501, "5.1.3")),

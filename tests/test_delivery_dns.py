@@ -62,6 +62,29 @@ def test_nxdomain_fails_permanently(nameserver: NameServer) -> None:
     assert error.reply.startswith("550 5.1.2")
 
 
+@pytest.mark.parametrize(
+    ("domain", "reason"),
+    [
+        ("a..test", "empty label"),
+        (".test", "empty label"),
+        ("a" * 64 + ".test", "longer than 63 octets"),
+        (".".join(["a" * 63] * 4) + ".test", "longer than 253 octets"),
+    ],
+)
+def test_invalid_dns_name_fails_permanently(nameserver: NameServer, domain: str, reason: str) -> None:
+    error = failure(nameserver, domain)
+    assert not error.temporary
+    assert error.reply.startswith("550 5.1.2")
+    assert reason in error.text
+
+
+def test_longest_dns_name_looked_up(nameserver: NameServer) -> None:
+    # 253 octets in text, 255 on the wire: the longest name DNS allows is queried, and nsd says NXDOMAIN.
+    domain = ".".join(["a" * 63] * 3 + ["a" * 56]) + ".test"
+    assert len(domain) == 253
+    assert failure(nameserver, domain).text == f"domain {domain} not found"
+
+
 def test_no_mx_and_no_address_fails(nameserver: NameServer) -> None:
     assert failure(nameserver, "text-only.test").status == "5.4.4"
 

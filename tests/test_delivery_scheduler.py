@@ -446,6 +446,20 @@ def test_nxdomain_bounces(tmp_path: Path, nameserver: NameServer, spool_for: Any
     assert report.get_payload()[1].get_payload()[1]["Status"] == "5.1.2"
 
 
+def test_invalid_domain_bounces_at_once(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # The SMTP server rejects these forward-paths, but an alias or ``relay sendmail``
+    # can still put one in the spool.  A retry could only fail the same way.
+    config = make_config(tmp_path, nameserver, free_port())
+    spool = spool_for(config)
+    recipients = ["rcpt@a..test", "rcpt@" + "a" * 64 + ".test"]
+    commit(spool, "alice@local.test", recipients)
+    assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")) and not spool_counts(config))
+    (report,) = mailbox_messages(config, "alice")
+    statuses = [part["Status"] for part in report.get_payload()[1].get_payload()[1:]]
+    assert statuses == ["5.1.2", "5.1.2"]
+    assert "not a valid DNS name" in unfolded(report)
+
+
 class FlakyHandler(RecordingHandler):
     """Answers RCPT with 450 for the first ``failures`` attempts, then accepts."""
 

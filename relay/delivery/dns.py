@@ -12,7 +12,14 @@ CNAME chains are followed by the resolver.  Answers, NXDOMAIN and no-data
 included, are cached in memory for their TTL (negative answers for the zone's
 SOA minimum, RFC 2308 section 5), capped at ``MAX_CACHE_TTL``.
 
-Failures: a domain that does not exist fails with ``5.1.2``; a domain with
+Failures: a domain that does not exist fails with ``5.1.2``, and so does
+one that is no valid DNS name (an empty label, a label over 63 octets, a
+name over 253, or a UTF-8 name that IDNA cannot encode), without a query.
+RFC 3463 defines X.1.2 as an address whose part right of the "@" is invalid
+for mail, and Postfix's ``dns_lookup()`` reports such a name as not found
+without a query, as for NXDOMAIN.  ``5.1.3``
+(bad address syntax) pairs with a ``501`` reply to the RCPT command, which
+the SMTP server here already sends for these names.  A domain with
 neither MX nor address records, or whose MX hosts all lack addresses, fails
 with ``5.4.4``; SERVFAIL, REFUSED and timeouts are temporary (``4.4.3``) and
 the recipient is retried later.  An MX host whose name does not resolve is
@@ -111,6 +118,7 @@ class MXResolver:
         Hosts with no address are left out.  An empty list is never returned.
         """
         name = domain.rstrip(".").lower()
+        _check_name(name, "domain")
         try:
             mx_records = await self._lookup(name, "MX")
         except _TemporaryError as exc:
@@ -145,6 +153,7 @@ class MXResolver:
 
     async def host_addresses(self, host: str) -> tuple[str, ...]:
         """Return the addresses of a next hop named without MX lookup; raise LookupFailure when none."""
+        _check_name(host.rstrip(".").lower(), "host")
         try:
             addresses = await self._addresses(host)
         except _TemporaryError as exc:
@@ -222,6 +231,29 @@ class MXResolver:
 
     def _store(self, key: tuple[str, str], records: tuple[str, ...] | None, ttl: float, now: float) -> None:
         self._cache[key] = _CacheEntry(now + min(ttl, MAX_CACHE_TTL), records)
+
+
+def _check_name(name: str, kind: str) -> None:
+    """Raise a permanent LookupFailure when ``name`` cannot be a DNS name, so it is never retried.
+
+    dnspython raises the same errors on every query for such a name, and a
+    retry could only fail the same way until the queue lifetime ran out.
+    """
+    try:
+        dns.name.from_text(name)
+    except dns.name.EmptyLabel:
+        reason = "it has an empty label"
+    except dns.name.LabelTooLong:
+        reason = "a label is longer than 63 octets"
+    except dns.name.NameTooLong:
+        reason = "it is longer than 253 octets"
+    except dns.name.IDNAException as exc:
+        reason = f"IDNA cannot encode it ({exc})"
+    except dns.exception.SyntaxError as exc:
+        reason = f"{type(exc).__name__}"
+    else:
+        return
+    raise LookupFailure(550, "5.1.2", f"{kind} {name} is not a valid DNS name: {reason}")
 
 
 class _TemporaryError(Exception):
