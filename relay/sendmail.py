@@ -133,16 +133,32 @@ Exit status: 0 queued, 64 usage, 65 message too large, 66 no input,
 SYSTEM_CONFIG = "/etc/relay/relay.toml"
 
 
-def read_message(stream: BinaryIO, ignore_dots: bool) -> bytes:
-    """Read the message from stream, stopping at a lone "." line unless ignore_dots."""
+def read_message(stream: BinaryIO, ignore_dots: bool, limit: int) -> bytes:
+    """Read the message from stream, stopping at a lone "." line unless ignore_dots.
+
+    At most ``limit + 1`` octets are read, so an endless or huge input costs
+    bounded memory, and a result longer than ``limit`` means the input was
+    too large.
+    """
     if ignore_dots:
-        return stream.read()
+        return stream.read(limit + 1)
     lines = []
-    for line in stream:
-        if line.rstrip(b"\r\n") == b".":
+    total = 0
+    while total <= limit:
+        line = stream.readline(limit + 1 - total)
+        if not line or line.rstrip(b"\r\n") == b".":
             break
         lines.append(line)
+        total += len(line)
     return b"".join(lines)
+
+
+def _too_large(limit: int) -> SendmailError:
+    return SendmailError(
+        EX_DATAERR,
+        f"message exceeds policy.max_message_size ({limit} octets once its lines end in CRLF);"
+        " send a smaller message or raise policy.max_message_size",
+    )
 
 
 def origin_domain(config: Config) -> str:
@@ -208,6 +224,10 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
     message = normalize_line_ends(raw)
     if message and not message.endswith(b"\r\n"):
         message += b"\r\n"
+    # The limit applies to the message as stored and sent, with CRLF line
+    # ends, as the SMTP server counts DATA; LF input grows by one octet a line.
+    if len(message) > config.policy.max_message_size:
+        raise _too_large(config.policy.max_message_size)
 
     recipients = [_check_address(item, "recipient", default_domain) for item in options.recipients]
     fields: list[str] = []
@@ -326,12 +346,10 @@ def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
         return EX_CONFIG
 
     try:
-        raw = read_message(stdin, options.ignore_dots)
-        if len(raw) > config.policy.max_message_size:
-            raise SendmailError(
-                EX_DATAERR,
-                f"message of {len(raw)} octets exceeds policy.max_message_size ({config.policy.max_message_size})",
-            )
+        limit = config.policy.max_message_size
+        raw = read_message(stdin, options.ignore_dots, limit)
+        if len(raw) > limit:
+            raise _too_large(limit)
         if config_file is None:
             # Before the recipients are checked against the default ./mail, which
             # is as much a guess as the default spool.

@@ -274,7 +274,12 @@ def test_help_prints_usage_and_queues_nothing(tmp_path: Path) -> None:
         (["nobody"], b"x\n", EX_NOUSER, "unknown local user 'nobody@example.test'"),
         (["bad address@example.net"], b"x\n", EX_NOUSER, "invalid recipient address"),
         (["-f", "a b@c", "alice"], b"x\n", EX_NOUSER, "invalid sender address"),
-        (["alice"], b"Subject: x\n\n" + b"y" * 5000, EX_DATAERR, "exceeds policy.max_message_size (4096)"),
+        (["alice"], b"Subject: x\n\n" + b"y" * 5000, EX_DATAERR, "exceeds policy.max_message_size (4096 octets"),
+        # 3,000 LF line ends take 3,000 octets more once stored with CRLF.
+        (["alice"], b"Subject: x\n\n" + b"\n" * 3000, EX_DATAERR, "exceeds policy.max_message_size (4096 octets"),
+        (["-i", "alice"], b"Subject: x\n\n" + b"\n" * 3000, EX_DATAERR, "exceeds policy.max_message_size (4096 octets"),
+        # Far over the limit, and in one line: read only up to the limit, then refused.
+        (["alice"], b"Subject: x\n\n" + b"y" * 20_000_000, EX_DATAERR, "exceeds policy.max_message_size"),
         # The SMTP server's rules: a loopback address literal never passes.
         (["x@[127.0.0.1]"], b"x\n", EX_NOUSER, "rejected: 550 5.7.1 Address literal not accepted"),
     ],
