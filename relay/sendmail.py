@@ -38,7 +38,7 @@ sendmail writes there only when that spool exists, and otherwise refuses
 the message with ``EX_TEMPFAIL``: a spool created there would strand the
 message, because no running relay reads it.
 Lines may end in LF (the usual case for local programs); they
-are stored with CRLF.  A ``Received`` header naming the user ID, and
+are stored with CRLF.  Leading mbox ``From `` lines are dropped.  A ``Received`` header naming the user ID, and
 ``Date``, ``Message-ID`` and ``From`` when missing, are added.
 
 Exit codes follow sysexits.h: ``EX_USAGE`` (64) bad option or no
@@ -59,6 +59,7 @@ import email.utils
 import getpass
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -128,6 +129,9 @@ Exit status: 0 queued, 64 usage, 65 message too large, 66 no input,
 75 spool unavailable (try again later, or get write access to it),
 78 invalid config."""
 
+
+# A leading mbox envelope line, as "From sender date" or quoted as ">From ".
+_ENVELOPE_LINE = re.compile(rb">*From (?![ \t]*:)")
 
 # The config file read without --config and $RELAY_CONFIG, when it exists.
 SYSTEM_CONFIG = "/etc/relay/relay.toml"
@@ -200,6 +204,19 @@ def _check_address(address: str, role: str, default_domain: str) -> str:
     return command.path
 
 
+def _strip_envelope_lines(message: bytes) -> bytes:
+    """Drop the mbox ``From `` lines (also ``>From ``) that start the input.
+
+    Such a line (from ``git format-patch`` or a saved mailbox) is no header
+    field, so kept it would end the header block for the next hop and turn
+    the real header fields into body text.  Postfix's sendmail drops them too.
+    """
+    while _ENVELOPE_LINE.match(message):
+        end = message.find(b"\r\n")
+        message = b"" if end < 0 else message[end + 2 :]
+    return message
+
+
 def _remove_bcc(message: bytes) -> bytes:
     """Drop every Bcc field (with its continuation lines) from the header block."""
     headers = header_block(message)
@@ -221,7 +238,7 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
     default_domain = origin_domain(config)
     login = _login_name()
 
-    message = normalize_line_ends(raw)
+    message = _strip_envelope_lines(normalize_line_ends(raw))
     if message and not message.endswith(b"\r\n"):
         message += b"\r\n"
     # The limit applies to the message as stored and sent, with CRLF line

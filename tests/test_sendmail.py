@@ -106,6 +106,33 @@ def test_t_option_takes_to_cc_bcc_and_removes_bcc(tmp_path: Path) -> None:
     assert b"\n" not in body.replace(b"\r\n", b"")
 
 
+@pytest.mark.parametrize(
+    "envelope_lines",
+    [
+        b"From 2b1f0e6c Mon Sep 17 00:00:00 2001\n",
+        b"From root  Sat Dec  5 10:00:00 2026\r\n>From old@example.net Fri Dec  4 09:00:00 2026\r\n",
+    ],
+)
+def test_leading_mbox_from_line_dropped(tmp_path: Path, envelope_lines: bytes) -> None:
+    config = write_config(tmp_path)
+    message = (
+        envelope_lines
+        + b"From: App <app@example.test>\nTo: alice@example.test\nSubject: [PATCH] fix\n\nFrom here on\n"
+    )
+
+    result = sendmail(["--config", str(config), "-t"], message)
+
+    assert result.returncode == 0, result.stderr
+    [(stored, body)] = stored_messages(tmp_path / "spool")
+    assert [r.address for r in stored.recipients] == ["alice@example.test"]
+    assert b"From root" not in body
+    assert b"From 2b1f" not in body
+    assert b">From" not in body
+    assert b"\r\nFrom: App <app@example.test>\r\nTo: alice@example.test\r\n" in body
+    assert body.count(b"From") == 2
+    assert body.endswith(b"\r\n\r\nFrom here on\r\n")
+
+
 def test_f_sets_reverse_path(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
