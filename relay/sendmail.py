@@ -13,6 +13,9 @@ them:
 - ``-N DSN``, ``-R RET``, ``-V ENVID``: the RFC 3461 NOTIFY (for every
   recipient), RET and ENVID parameters, stored with the message as if an
   SMTP client had given them.
+- ``-B TYPE``: the RFC 6152 body type, 7BIT or 8BITMIME.  A message with
+  an octet above 127 is stored as 8BITMIME whatever -B says, so that the
+  next hop gets BODY=8BITMIME with it.
 - ``-bm``: the default mode, read a message and deliver it.
 - ``-h N``: the initial hop count; checked to be a number, then ignored.
 - ``-q``, ``-qRDOMAIN``, ``-qIQUEUEID``: read no message, make deferred mail
@@ -22,7 +25,7 @@ them:
   ``origin_domain``, in recipients and in the sender alike.
 - ``--help``: print the usage and queue nothing.
 
-Other ``-o`` options, and ``-B``, ``-C``, ``-e``, ``-L``, ``-m``, ``-n``,
+Other ``-o`` options, and ``-C``, ``-e``, ``-L``, ``-m``, ``-n``,
 ``-O``, ``-p``, ``-U``, ``-v`` and ``-X``, are accepted and ignored.
 
 The message is written straight into the spool with the same group commit
@@ -95,7 +98,7 @@ from relay.spool.store import SpoolStore, database_path
 logger = logging.getLogger("relay.sendmail")
 
 USAGE = """usage: relay sendmail [--config FILE] [-ti] [-f SENDER] [-F NAME] [-N DSN] [-R RET] [-V ENVID]
-                     [-bm] [-h N] [RECIPIENT ...]
+                     [-B TYPE] [-bm] [-h N] [RECIPIENT ...]
 
 Read a message from standard input and queue it for delivery, like sendmail(1).
 
@@ -110,6 +113,8 @@ Read a message from standard input and queue it for delivery, like sendmail(1).
   -R RET      what a DSN returns of the message: hdrs (the header only) or
               full (relay's own DSNs return the header when -R is not given)
   -V ENVID    envelope ID that DSNs quote, printable ASCII
+  -B TYPE     body type: 7BIT or 8BITMIME (a message with 8-bit octets is
+              always sent as 8BITMIME)
   -bm         read a message and deliver it (the default mode)
   -h N        initial hop count; accepted and ignored, as Postfix does
   -q          read no message; make all deferred mail due now (-qRDOMAIN:
@@ -297,8 +302,13 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
         # A message without headers gets the empty line that starts its body.
         added += b"\r\n" if message and not message.startswith(b"\r\n") else b""
 
+    # RFC 6152: 8-bit octets go only with BODY=8BITMIME, which the delivery
+    # client sends when the stored body type says so.  Cron gives -B8BITMIME,
+    # but PHP and most scripts give no -B at all.
+    body_type = "8BITMIME" if not message.isascii() else options.body_type
     envelope = Envelope(
         sender=sender,
+        body_type=body_type,
         recipients=tuple(Recipient(address=address, notify=options.notify) for address in recipients),
         smtputf8=any(not address.isascii() for address in [sender, *recipients]),
         ret=options.ret,
@@ -482,7 +492,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "sendmail",
         help="sendmail-compatible injection for local programs",
         description="Read a message from standard input and queue it, like sendmail(1). "
-        "Options: -t, -i/-oi, -f SENDER, -F NAME, -N DSN, -R RET, -V ENVID, -bm, -h N, recipients;"
+        "Options: -t, -i/-oi, -f SENDER, -F NAME, -N DSN, -R RET, -V ENVID, -B TYPE, -bm, -h N, recipients;"
         " `relay sendmail --help` describes them.",
         prefix_chars="+",
         add_help=False,

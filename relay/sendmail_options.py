@@ -36,8 +36,8 @@ EX_CONFIG = 78
 
 # Option letters without a value.  -U, -v, -m and -n are accepted and ignored.
 _FLAG_LETTERS = frozenset("tiUvmn")
-# Option letters that take a value.  The values of -B, -C, -e, -L, -O, -p
-# and -X are ignored, and so are -o values other than -oi.  -q takes its value
+# Option letters that take a value.  The values of -C, -e, -L, -O, -p and
+# -X are ignored, and so are -o values other than -oi.  -q takes its value
 # only from the rest of its argument (see ``_apply_queue_option``).
 _VALUE_LETTERS = frozenset("fFrhbeoNRVBCOXLp")
 
@@ -69,6 +69,7 @@ class Options:
     notify: tuple[str, ...] = ()  # -N: ("NEVER",) or some of NOTIFY_KEYWORDS; () if not given
     ret: str | None = None  # -R: "FULL" or "HDRS"
     envid: str | None = None  # -V, xtext-encoded as the spool stores ENVID
+    body_type: str | None = None  # -B: "7BIT" or "8BITMIME"
     flush: bool = False  # -q, -qR or -qI: make deferred mail due now instead of reading a message
     flush_domain: str | None = None  # -qRDOMAIN
     flush_id: str | None = None  # -qIQUEUEID
@@ -161,6 +162,8 @@ def _apply_value(options: Options, letter: str, value: str) -> None:
         options.ret = parse_ret(value)
     elif letter == "V":
         options.envid = parse_envid(value)
+    elif letter == "B":
+        options.body_type = parse_body_type(value)
 
 
 def _apply_queue_option(options: Options, value: str) -> None:
@@ -223,6 +226,14 @@ def parse_ret(value: str) -> str:
     keyword = value.strip().upper()
     if keyword not in ("FULL", "HDRS"):
         raise SendmailError(EX_USAGE, f"invalid -R value {value!r}; expected hdrs or full")
+    return keyword
+
+
+def parse_body_type(value: str) -> str:
+    """Parse ``-B``: ``7BIT`` or ``8BITMIME``, in any case; return the RFC 6152 BODY keyword."""
+    keyword = value.strip().upper()
+    if keyword not in ("7BIT", "8BITMIME"):
+        raise SendmailError(EX_USAGE, f"invalid -B value {value!r}; expected 7BIT or 8BITMIME")
     return keyword
 
 

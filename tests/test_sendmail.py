@@ -513,6 +513,38 @@ def test_grouped_ti_queues_with_dots_kept(tmp_path: Path) -> None:
     assert body.endswith(b"\r\nbefore\r\n.\r\nafter\r\n")
 
 
+@pytest.mark.parametrize(
+    ("args", "message", "body_type"),
+    [
+        # cron's command line, with a UTF-8 body (a command's output in a UTF-8 locale).
+        (["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "-oi", "-t"], "To: alice\n\nVérifié\n".encode(), "8BITMIME"),
+        # PHP mail() gives no -B; the 8-bit octets decide.
+        (["-t", "-i"], "To: alice\nSubject: Grüße\n\nok\n".encode(), "8BITMIME"),
+        (["-B", "7bit", "alice"], "Subject: x\n\n\xe9t\xe9\n".encode("latin-1"), "8BITMIME"),
+        (["-B7BIT", "alice"], b"Subject: x\n\nplain\n", "7BIT"),
+        (["-B8BITMIME", "alice"], b"Subject: x\n\nplain\n", "8BITMIME"),
+        (["alice"], b"Subject: x\n\nplain\n", None),
+    ],
+)
+def test_body_type_stored(tmp_path: Path, args: list[str], message: bytes, body_type: str | None) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), *args], message)
+
+    assert result.returncode == 0, result.stderr
+    [(stored, _)] = stored_messages(tmp_path / "spool")
+    assert stored.envelope.body_type == body_type
+
+
+def test_body_type_rejects_bad_value(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "-B", "BINARYMIME", "alice"], b"Subject: x\n\nplain\n")
+
+    assert result.returncode == EX_USAGE
+    assert "invalid -B value 'BINARYMIME'; expected 7BIT or 8BITMIME" in result.stderr.decode()
+
+
 def test_dsn_options_stored_with_message(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     dsn = ["-N", "Success, delay", "-R", "full", "-V", "batch 7+1"]
