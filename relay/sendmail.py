@@ -14,14 +14,15 @@ them:
   recipient), RET and ENVID parameters, stored with the message as if an
   SMTP client had given them.
 - ``-B TYPE``: the RFC 6152 body type, 7BIT or 8BITMIME.  A message with
-  an octet above 127 is stored as 8BITMIME whatever -B says, so that the
+  an octet above 127 is stored as 8BITMIME whatever -B gives, so that the
   next hop gets BODY=8BITMIME with it.
 - ``-bm``: the default mode, read a message and deliver it.
 - ``-h N``: the initial hop count; checked to be a number, then ignored.
 - ``-q``, ``-qRDOMAIN``, ``-qIQUEUEID``: read no message, make deferred mail
   due now (all of it, one domain's, or one message's) and print nothing, as
   Postfix's ``sendmail -q`` does for cron jobs.  ``-q30m`` is ignored.
-- recipients as arguments.  A user name without ``@`` gets the domain of
+- recipients as arguments, each an address list as in a To field
+  (``"a@example.com, Name <b@example.com>"``).  A user name without ``@`` gets the domain of
   ``origin_domain``, in recipients and in the sender alike.
 - ``--help``: print the usage and queue nothing.
 
@@ -68,13 +69,14 @@ import time
 from collections.abc import Sequence
 from email.parser import HeaderParser
 from email.policy import compat32
-from email.utils import formatdate, getaddresses
+from email.utils import formatdate
 from typing import BinaryIO, TextIO
 
 from relay._errors import SMTPError
 from relay._parser import parse_command
 from relay.config import CONFIG_ENVIRONMENT, Config, ConfigError, load_config
 from relay.log import log_event
+from relay.sendmail_addresses import split_address_list
 from relay.sendmail_options import (
     EX_CONFIG,
     EX_DATAERR,
@@ -247,11 +249,17 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
     if message and not message.endswith(b"\r\n"):
         message += b"\r\n"
     # The limit applies to the message as stored and sent, with CRLF line
-    # ends, as the SMTP server counts DATA; LF input grows by one octet a line.
+    # ends, as the SMTP server counts DATA.  LF input grows by one octet a line.
     if len(message) > config.policy.max_message_size:
         raise _too_large(config.policy.max_message_size)
 
-    recipients = [_check_address(item, "recipient", default_domain) for item in options.recipients]
+    # Each argument is an address list, as Postfix's sendmail reads it: some
+    # programs pass "a@example.com, b@example.com" or "Name <a@example.com>".
+    recipients = [
+        _check_address(address, "recipient", default_domain)
+        for item in options.recipients
+        for address in split_address_list(item)
+    ]
     fields: list[str] = []
     if options.extract_recipients:
         # RFC 6532: header fields may hold UTF-8, which the bytes parser would not decode.
@@ -259,11 +267,10 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
         # rejected below instead of being queued mangled.
         parsed = HeaderParser(policy=compat32).parsestr(header_block(message).decode("utf-8", "replace"))
         fields = [str(value) for name in ("To", "Cc", "Bcc") for value in parsed.get_all(name, [])]
-        for _, address in getaddresses(fields):
+        for address in (address for value in fields for address in split_address_list(value)):
             if "\ufffd" in address:
                 raise SendmailError(EX_NOUSER, f"invalid recipient address {address!r}: the header is not UTF-8")
-            if address:
-                recipients.append(_check_address(address, "recipient", default_domain))
+            recipients.append(_check_address(address, "recipient", default_domain))
         message = _remove_bcc(message)
     recipients = list(dict.fromkeys(recipients))
     if not recipients and fields:

@@ -28,6 +28,7 @@ from relay.sendmail import (
     inject,
     parse_options,
 )
+from relay.sendmail_addresses import split_address_list
 from relay.spool import DeliveryResult, Outcome, Spool, SpoolStore, StoredMessage
 
 # User and group ID of "nobody", which a child running as root switches to.
@@ -131,6 +132,56 @@ def test_leading_mbox_from_line_dropped(tmp_path: Path, envelope_lines: bytes) -
     assert b"\r\nFrom: App <app@example.test>\r\nTo: alice@example.test\r\n" in body
     assert body.count(b"From") == 2
     assert body.endswith(b"\r\n\r\nFrom here on\r\n")
+
+
+def test_t_address_list_syntax(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    message = (
+        b"To: ops@example.net <pager@example.net>, \"Doe, John\" <jd@example.net>\n"
+        b"Cc: Team: a@example.org (Ann, ops), <@hop.example:b@example.org>;, undisclosed-recipients:;\n"
+        b"Bcc: \"odd <x@example.com>\" <y@example.com>,\n\tz@example.com\n"
+        b"\n"
+        b"body\n"
+    )
+
+    result = sendmail(["--config", str(config), "-t"], message)
+
+    assert result.returncode == 0, result.stderr
+    [(stored, _)] = stored_messages(tmp_path / "spool")
+    # The name before <pager@...> looks like an address but is only shown to the reader.
+    assert [r.address for r in stored.recipients] == [
+        "pager@example.net",
+        "jd@example.net",
+        "a@example.org",
+        "b@example.org",
+        "y@example.com",
+        "z@example.com",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "addresses"),
+    [
+        ("a@example.net <b@example.net>", ["b@example.net"]),
+        ('"a b"@example.net, x@[IPv6:2001:db8::1]', ['"a b"@example.net', "x@[IPv6:2001:db8::1]"]),
+        ('Al (the (nested) \\) one) <a@example.net>, "q\\"x" <q@example.net>', ["a@example.net", "q@example.net"]),
+        ("a@example.net,\r\n\tb@example.net, , ;", ["a@example.net", "b@example.net"]),
+        ("undisclosed-recipients:;", []),
+        ("John Doe", ["John Doe"]),
+    ],
+)
+def test_split_address_list(text: str, addresses: list[str]) -> None:
+    assert split_address_list(text) == addresses
+
+
+def test_argument_is_address_list(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "alice, Bob <bob@example.net>", "<carol@example.org>"], b"x\n")
+
+    assert result.returncode == 0, result.stderr
+    [(stored, _)] = stored_messages(tmp_path / "spool")
+    assert [r.address for r in stored.recipients] == ["alice@example.test", "bob@example.net", "carol@example.org"]
 
 
 def test_f_sets_reverse_path(tmp_path: Path) -> None:
@@ -626,11 +677,14 @@ def test_internal_error_gives_ex_software(monkeypatch: pytest.MonkeyPatch, capsy
 def test_extract_recipients_reports_bad_fields(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
-    malformed = sendmail(["--config", str(config), "-t"], b"To: <<<>>>, @@@\nSubject: x\n\nhi\n")
+    malformed = sendmail(["--config", str(config), "-t"], b"To: alice, @@@\nSubject: x\n\nhi\n")
+    empty = sendmail(["--config", str(config), "-t"], b"To: undisclosed-recipients:;\nSubject: x\n\nhi\n")
     non_ascii = sendmail(["--config", str(config), "-t"], "To: jös@example.test\nSubject: x\n\nhi\n".encode())
 
-    assert malformed.returncode == EX_USAGE
-    assert "the To, Cc and Bcc fields hold no valid address" in malformed.stderr.decode()
+    assert malformed.returncode == EX_NOUSER
+    assert "invalid recipient address '@@@'" in malformed.stderr.decode()
+    assert empty.returncode == EX_USAGE
+    assert "the To, Cc and Bcc fields hold no valid address" in empty.stderr.decode()
     # The header's UTF-8 (RFC 6532) shows as such in the error.
     assert non_ascii.returncode == EX_NOUSER
     assert "unknown local user 'jös@example.test'" in non_ascii.stderr.decode()
