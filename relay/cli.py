@@ -145,12 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(stream, io.TextIOWrapper):
                 stream.reconfigure(errors="backslashreplace")
 
-    # Installed as a `sendmail` symlink, relay behaves as sendmail(1), with the
-    # same logging and output setup as `relay sendmail`.
-    if argv is None and os.path.basename(sys.argv[0]) == "sendmail":
+    # Installed as a `sendmail`, `mailq` or `newaliases` symlink, relay behaves
+    # as sendmail(1) in that mode, with the same logging and output setup as
+    # `relay sendmail`.
+    program = os.path.basename(sys.argv[0])
+    if argv is None and program in ("sendmail", "mailq", "newaliases"):
         from relay.sendmail import run
 
-        return run(sys.argv[1:])
+        return run(sys.argv[1:], program)
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -17,6 +17,11 @@ them:
   an octet above 127 is stored as 8BITMIME whatever -B gives, so that the
   next hop gets BODY=8BITMIME with it.
 - ``-bm``: the default mode, read a message and deliver it.
+- ``-bp`` (or the program name ``mailq``): list the queue, as
+  ``relay queue list`` does.
+- ``-bi``, ``-I`` (or the program name ``newaliases``): check the
+  ``local.aliases`` file.  relay has no alias database to build, and a
+  running relay uses a changed file after a reload (SIGHUP).
 - ``-h N``: the initial hop count; checked to be a number, then ignored.
 - ``-q``, ``-qRDOMAIN``, ``-qIQUEUEID``: read no message, make deferred mail
   due now (all of it, one domain's, or one message's) and print nothing, as
@@ -26,8 +31,9 @@ them:
   ``origin_domain``, in recipients and in the sender alike.
 - ``--help``: print the usage and queue nothing.
 
-Other ``-o`` options, and ``-C``, ``-e``, ``-L``, ``-m``, ``-n``,
-``-O``, ``-p``, ``-U``, ``-v`` and ``-X``, are accepted and ignored.
+Other modes, such as ``-bs`` and ``-bv``, are usage errors.  Other ``-o``
+options, and ``-C``, ``-e``, ``-L``, ``-m``, ``-n``,
+``-G``, ``-O``, ``-p``, ``-U``, ``-v`` and ``-X``, are accepted and ignored.
 
 The message is written straight into the spool with the same group commit
 as the SMTP server, like Postfix's postdrop writing into the maildrop queue:
@@ -74,6 +80,7 @@ from typing import BinaryIO, TextIO
 
 from relay._errors import SMTPError
 from relay._parser import parse_command
+from relay.aliases import AliasError, parse_aliases
 from relay.config import CONFIG_ENVIRONMENT, Config, ConfigError, load_config
 from relay.log import log_event
 from relay.sendmail_addresses import split_address_list
@@ -100,7 +107,7 @@ from relay.spool.store import SpoolStore, database_path
 logger = logging.getLogger("relay.sendmail")
 
 USAGE = """usage: relay sendmail [--config FILE] [-ti] [-f SENDER] [-F NAME] [-N DSN] [-R RET] [-V ENVID]
-                     [-B TYPE] [-bm] [-h N] [RECIPIENT ...]
+                     [-B TYPE] [-bm|-bp|-bi] [-h N] [RECIPIENT ...]
 
 Read a message from standard input and queue it for delivery, like sendmail(1).
 
@@ -118,6 +125,9 @@ Read a message from standard input and queue it for delivery, like sendmail(1).
   -B TYPE     body type: 7BIT or 8BITMIME (a message with 8-bit octets is
               always sent as 8BITMIME)
   -bm         read a message and deliver it (the default mode)
+  -bp         list the queue, as mailq (and relay queue list) does
+  -bi, -I     check the local.aliases file, as newaliases; reload a running
+              relay (SIGHUP) to use a changed file
   -h N        initial hop count; accepted and ignored, as Postfix does
   -q          read no message; make all deferred mail due now (-qRDOMAIN:
               the mail for one domain, -qIQUEUEID: one message).  -q30m and
@@ -461,8 +471,12 @@ def flush_queue(options: Options, stderr: TextIO) -> int:
     return EX_OK
 
 
-def run(argv: Sequence[str]) -> int:
-    """Run sendmail with its own argument list (used for the `sendmail` program name)."""
+# The mode that each program name of sendmail(1) selects, as a link to relay.
+PROGRAM_MODES = {"sendmail": "m", "mailq": "p", "newaliases": "i"}
+
+
+def run(argv: Sequence[str], program: str = "sendmail") -> int:
+    """Run sendmail with its own argument list, in the mode that ``program`` (a PROGRAM_MODES name) selects."""
     try:
         options = parse_options(argv)
     except SendmailError as exc:
@@ -471,6 +485,11 @@ def run(argv: Sequence[str]) -> int:
     if options.show_help:
         print(USAGE)
         return EX_OK
+    if options.mode is None:
+        # As with Postfix, a -b option overrides the mode that the program name selects.
+        options.mode = PROGRAM_MODES.get(program, "m")
+    if options.mode != "m":
+        return _other_mode(options)
     if options.queue_interval is not None:
         # -qINTERVAL sets a daemon's queue runs, which relay's scheduler makes itself.
         return EX_OK
@@ -484,6 +503,45 @@ def run(argv: Sequence[str]) -> int:
     except Exception as exc:  # noqa: BLE001 - a sendmail caller needs an exit code, not a traceback
         print(f"sendmail: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EX_SOFTWARE
+
+
+def _other_mode(options: Options) -> int:
+    """Run ``-bp`` (list the queue, as ``relay queue list``) or ``-bi`` (check the aliases file)."""
+    if options.recipients or options.extract_recipients or options.flush:
+        print(f"sendmail: -b{options.mode} reads no message, so it takes no recipient, -t or -q", file=sys.stderr)
+        return EX_USAGE
+    config_file = _config_file(options)
+    if options.mode == "p":
+        from relay.cli import main
+
+        return main(["queue", "list", *(["--config", config_file] if config_file else [])])
+    config = _load_config(config_file, sys.stderr)
+    if config is None:
+        return EX_CONFIG
+    return check_aliases(config.local.aliases, sys.stderr)
+
+
+def check_aliases(path: str, stderr: TextIO) -> int:
+    """Check the aliases file for ``newaliases``; return EX_OK, or EX_CONFIG after printing each error.
+
+    relay reads the file itself and has no alias database to build, so this
+    only reports what ``relay serve`` would reject.  A running relay uses
+    the changed file after a reload (SIGHUP), which the success line says.
+    """
+    if not path:
+        return EX_OK
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parse_aliases(handle.read())
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"sendmail: cannot read local.aliases {path}: {getattr(exc, 'strerror', None) or exc}", file=stderr)
+        return EX_CONFIG
+    except AliasError as exc:
+        for error in exc.errors:
+            print(f"sendmail: local.aliases: {path}: {error}", file=stderr)
+        return EX_CONFIG
+    print(f"sendmail: {path} is valid; reload relay serve (SIGHUP) to use it", file=stderr)
+    return EX_OK
 
 
 def _handle(args: argparse.Namespace) -> int:

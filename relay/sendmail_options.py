@@ -34,8 +34,9 @@ EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
-# Option letters without a value.  -U, -v, -m and -n are accepted and ignored.
-_FLAG_LETTERS = frozenset("tiUvmn")
+# Option letters without a value.  -U, -v, -m, -n and -G are accepted and
+# ignored, and -I is -bi.
+_FLAG_LETTERS = frozenset("tiUvmnGI")
 # Option letters that take a value.  The values of -C, -e, -L, -O, -p and
 # -X are ignored, and so are -o values other than -oi.  -q takes its value
 # only from the rest of its argument (see ``_apply_queue_option``).
@@ -66,6 +67,7 @@ class Options:
     sender: str | None = None  # -f; "" is the null sender
     full_name: str | None = None  # -F
     show_help: bool = False  # --help
+    mode: str | None = None  # -b: "m" deliver a message, "p" list the queue (mailq), "i" check the aliases
     notify: tuple[str, ...] = ()  # -N: ("NEVER",) or some of NOTIFY_KEYWORDS; () if not given
     ret: str | None = None  # -R: "FULL" or "HDRS"
     envid: str | None = None  # -V, xtext-encoded as the spool stores ENVID
@@ -141,6 +143,8 @@ def _apply_flag(options: Options, letter: str) -> None:
         options.extract_recipients = True
     elif letter == "i":
         options.ignore_dots = True
+    elif letter == "I":
+        options.mode = "i"
 
 
 def _apply_value(options: Options, letter: str, value: str) -> None:
@@ -151,8 +155,13 @@ def _apply_value(options: Options, letter: str, value: str) -> None:
     elif letter == "h":
         _check_hop_count(value)
     elif letter == "b":
-        if value != "m":
-            raise SendmailError(EX_USAGE, f"mode -b{value} is not supported; only -bm (deliver a message) is")
+        if value not in ("m", "p", "i"):
+            raise SendmailError(
+                EX_USAGE,
+                f"mode -b{value} is not supported; use -bm (deliver a message), -bp (list the queue, as mailq)"
+                " or -bi (check the aliases file, as newaliases)",
+            )
+        options.mode = value
     elif letter == "o":
         if value == "i":
             options.ignore_dots = True

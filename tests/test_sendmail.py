@@ -315,6 +315,45 @@ def test_program_name_sendmail_logs_fields(tmp_path: Path) -> None:
     assert "aliases_error file=" in stderr
 
 
+def program_link(tmp_path: Path, name: str) -> Path:
+    """Write an executable named ``name`` that runs relay's main, as a symlink to relay would."""
+    link = tmp_path / name
+    link.write_text(f"#!{sys.executable}\nimport sys\nfrom relay.cli import main\nsys.exit(main())\n")
+    link.chmod(0o755)
+    return link
+
+
+@pytest.mark.parametrize(("program", "args"), [("mailq", []), ("sendmail", ["-bp"])])
+def test_mailq_lists_queue(tmp_path: Path, program: str, args: list[str]) -> None:
+    config = write_config(tmp_path)
+    assert sendmail(["--config", str(config), "alice"], b"Subject: x\n\nhi\n").returncode == 0
+    [(stored, _)] = stored_messages(tmp_path / "spool")
+
+    result = sendmail(["--config", str(config), *args], b"", argv0=str(program_link(tmp_path, program)))
+
+    assert result.returncode == 0, result.stderr
+    assert stored.queue_id in result.stdout.decode()
+    assert "alice@example.test" in result.stdout.decode()
+
+
+@pytest.mark.parametrize(("program", "args"), [("newaliases", []), ("sendmail", ["-bi"]), ("sendmail", ["-I"])])
+def test_newaliases_checks_aliases(tmp_path: Path, program: str, args: list[str]) -> None:
+    aliases = tmp_path / "aliases"
+    config = write_config(tmp_path, 'aliases = "aliases"')
+    link = program_link(tmp_path, program)
+
+    aliases.write_text("postmaster: alice\nbuild: |/usr/bin/make\n")
+    invalid = sendmail(["--config", str(config), *args], b"", argv0=str(link))
+    aliases.write_text("postmaster: alice\n")
+    valid = sendmail(["--config", str(config), *args], b"", argv0=str(link))
+
+    assert invalid.returncode == EX_CONFIG
+    assert "line 2: alias build: target '|/usr/bin/make' is a command" in invalid.stderr.decode()
+    assert valid.returncode == 0, valid.stderr
+    assert "is valid; reload relay serve (SIGHUP) to use it" in valid.stderr.decode()
+    assert not (tmp_path / "spool" / "spool.db").exists()
+
+
 @pytest.mark.parametrize("hop_count", [["-h", "5"], ["-h17"]])
 def test_hop_count_ignored(tmp_path: Path, hop_count: list[str]) -> None:
     config = write_config(tmp_path)
@@ -342,7 +381,8 @@ def test_help_prints_usage_and_queues_nothing(tmp_path: Path) -> None:
     ("args", "message", "status", "fragment"),
     [
         (["-x", "alice"], b"x\n", EX_USAGE, "unknown option -x"),
-        (["-bp"], b"", EX_USAGE, "mode -bp is not supported"),
+        (["-bs"], b"", EX_USAGE, "mode -bs is not supported; use -bm (deliver a message), -bp (list the queue"),
+        (["-bp", "alice"], b"", EX_USAGE, "-bp reads no message, so it takes no recipient"),
         ([], b"Subject: x\n\nhi\n", EX_USAGE, "no recipients"),
         (["-f"], b"", EX_USAGE, "needs a value"),
         # -h takes a hop count; alone or with a bad one it is a usage error, not help.
@@ -539,7 +579,7 @@ def test_parse_options_grouped_flags(
     ("args", "fragment"),
     [
         (["-tx", "rcpt"], "unknown option -x in -tx"),
-        (["-tbp"], "mode -bp is not supported"),
+        (["-tbs"], "mode -bs is not supported"),
         (["-tf"], "option -f needs a value"),
         (["--verbose"], "unknown option --verbose"),
     ],
