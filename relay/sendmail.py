@@ -7,6 +7,9 @@ grouped as getopt(3) allows (``-ti``), as ``relay.sendmail_options`` parses
 them:
 
 - ``-t``: add the To, Cc and Bcc addresses of the message, and remove Bcc.
+  A message with any Resent- field is being resent, so its Resent-To,
+  Resent-Cc and Resent-Bcc are read in their place, and Resent-Bcc is
+  removed too.
 - ``-i`` and ``-oi``: a line with a single dot does not end the input.
 - ``-f SENDER``: the reverse-path; ``-f ""`` or ``-f "<>"`` is the null sender.
 - ``-F NAME``: the full name for a From header the message lacks.
@@ -112,6 +115,8 @@ USAGE = """usage: relay sendmail [--config FILE] [-ti] [-f SENDER] [-F NAME] [-N
 Read a message from standard input and queue it for delivery, like sendmail(1).
 
   -t          add the To, Cc and Bcc addresses of the message; remove Bcc
+              (Resent-To, Resent-Cc and Resent-Bcc when the message has
+              Resent- fields)
   -i, -oi     a line with a single dot does not end the message
   -f SENDER   envelope sender (reverse-path); -f "<>" is the null sender
   -F NAME     full name for the From header, when the message has none
@@ -149,6 +154,9 @@ Exit status: 0 queued, 64 usage, 65 message too large, 66 no input,
 
 # A leading mbox envelope line, as "From sender date" or quoted as ">From ".
 _ENVELOPE_LINE = re.compile(rb">*From (?![ \t]*:)")
+
+# A Bcc or Resent-Bcc header field, which -t removes from the stored message.
+_BCC_FIELD = re.compile(rb"(?:resent-)?bcc[ \t]*:", re.IGNORECASE)
 
 # The config file read without --config and $RELAY_CONFIG, when it exists.
 SYSTEM_CONFIG = "/etc/relay/relay.toml"
@@ -235,7 +243,7 @@ def _strip_envelope_lines(message: bytes) -> bytes:
 
 
 def _remove_bcc(message: bytes) -> bytes:
-    """Drop every Bcc field (with its continuation lines) from the header block."""
+    """Drop every Bcc and Resent-Bcc field (with its continuation lines) from the header block."""
     headers = header_block(message)
     kept: list[bytes] = []
     skipping = False
@@ -244,10 +252,22 @@ def _remove_bcc(message: bytes) -> bytes:
             if not skipping:
                 kept.append(line)
             continue
-        skipping = line[:4].lower() == b"bcc:"
+        skipping = _BCC_FIELD.match(line) is not None
         if not skipping:
             kept.append(line)
     return b"".join(kept) + message[len(headers) :]
+
+
+def _recipient_field_names(header_names: list[str]) -> tuple[str, ...]:
+    """Return the fields that -t reads: Resent-To, Resent-Cc and Resent-Bcc when any Resent- field is present.
+
+    A message that carries Resent- fields is being sent on again (RFC 5322
+    section 3.6.6), and its To, Cc and Bcc name the first recipients, who
+    must not get it a second time.  Postfix's cleanup makes the same choice.
+    """
+    if any(name.lower().startswith("resent-") for name in header_names):
+        return ("Resent-To", "Resent-Cc", "Resent-Bcc")
+    return ("To", "Cc", "Bcc")
 
 
 def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, bytes]:
@@ -271,22 +291,30 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
         for address in split_address_list(item)
     ]
     fields: list[str] = []
+    names: tuple[str, ...] = ("To", "Cc", "Bcc")
     if options.extract_recipients:
         # RFC 6532: header fields may hold UTF-8, which the bytes parser would not decode.
         # Octets that are not UTF-8 become U+FFFD, and an address with one is
         # rejected below instead of being queued mangled.
         parsed = HeaderParser(policy=compat32).parsestr(header_block(message).decode("utf-8", "replace"))
-        fields = [str(value) for name in ("To", "Cc", "Bcc") for value in parsed.get_all(name, [])]
+        names = _recipient_field_names(parsed.keys())
+        fields = [str(value) for name in names for value in parsed.get_all(name, [])]
         for address in (address for value in fields for address in split_address_list(value)):
             if "\ufffd" in address:
                 raise SendmailError(EX_NOUSER, f"invalid recipient address {address!r}: the header is not UTF-8")
             recipients.append(_check_address(address, "recipient", default_domain))
         message = _remove_bcc(message)
     recipients = list(dict.fromkeys(recipients))
+    to_field, cc_field, bcc_field = names
     if not recipients and fields:
-        raise SendmailError(EX_USAGE, "no recipients: the To, Cc and Bcc fields hold no valid address")
+        raise SendmailError(
+            EX_USAGE, f"no recipients: the {to_field}, {cc_field} and {bcc_field} fields hold no valid address"
+        )
     if not recipients and options.extract_recipients:
-        raise SendmailError(EX_USAGE, "no recipients: the message has no To, Cc or Bcc address and none was given")
+        raise SendmailError(
+            EX_USAGE,
+            f"no recipients: the message has no {to_field}, {cc_field} or {bcc_field} address and none was given",
+        )
     if not recipients:
         raise SendmailError(EX_USAGE, "no recipients given; name them as arguments or use -t")
 

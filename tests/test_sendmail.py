@@ -184,6 +184,41 @@ def test_argument_is_address_list(tmp_path: Path) -> None:
     assert [r.address for r in stored.recipients] == ["alice@example.test", "bob@example.net", "carol@example.org"]
 
 
+def test_t_resent_fields_replace_to_cc_bcc(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    message = (
+        b"Resent-From: ops@example.test\n"
+        b"Resent-To: Desk <desk@example.net>\n"
+        b"Resent-Bcc: audit@example.org\n"
+        b"From: App <app@example.test>\n"
+        b"To: alice@example.test\n"
+        b"Bcc: bob@example.net\n"
+        b"Subject: resent report\n"
+        b"\n"
+        b"body\n"
+    )
+
+    result = sendmail(["--config", str(config), "-t"], message)
+
+    assert result.returncode == 0, result.stderr
+    [(stored, body)] = stored_messages(tmp_path / "spool")
+    # The first recipients (To, Bcc) already had the message.
+    assert [r.address for r in stored.recipients] == ["desk@example.net", "audit@example.org"]
+    assert b"audit@example.org" not in body
+    assert b"bob@example.net" not in body
+    assert b"Resent-To: Desk <desk@example.net>\r\n" in body
+    assert b"To: alice@example.test\r\n" in body
+
+
+def test_t_resent_without_recipients(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "-t"], b"Resent-From: ops@example.test\nTo: alice\n\nbody\n")
+
+    assert result.returncode == EX_USAGE
+    assert "the message has no Resent-To, Resent-Cc or Resent-Bcc address" in result.stderr.decode()
+
+
 def test_f_sets_reverse_path(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
