@@ -69,9 +69,9 @@ from __future__ import annotations
 import argparse
 import email.header
 import email.utils
-import getpass
 import logging
 import os
+import pwd
 import re
 import sys
 import time
@@ -366,9 +366,15 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
 
 
 def _login_name() -> str:
+    """Return the name of the user ID that runs sendmail, the local part of the default sender.
+
+    The password database decides, not ``$LOGNAME`` or ``$USER`` (which
+    ``getpass.getuser`` reads first), so the default sender and the user ID
+    in the Received header name the same account, as with Postfix.
+    """
     try:
-        return getpass.getuser()
-    except (KeyError, OSError):
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
         return f"uid{os.getuid()}"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -217,6 +218,20 @@ def test_t_resent_without_recipients(tmp_path: Path) -> None:
 
     assert result.returncode == EX_USAGE
     assert "the message has no Resent-To, Resent-Cc or Resent-Bcc address" in result.stderr.decode()
+
+
+def test_default_sender_ignores_login_variables(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "LOGNAME": "postmaster", "USER": "postmaster"}
+    command = [sys.executable, "-m", "relay", "sendmail", "--config", str(config), "alice"]
+
+    result = subprocess.run(command, input=b"x\n", capture_output=True, env=env, check=False, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    [(stored, body)] = stored_messages(tmp_path / "spool")
+    account = pwd.getpwuid(os.getuid()).pw_name
+    assert stored.envelope.sender == f"{account}@example.test"
+    assert f"From: {account}@example.test\r\n".encode() in body
 
 
 def test_f_sets_reverse_path(tmp_path: Path) -> None:
