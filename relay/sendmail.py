@@ -335,7 +335,13 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
     elif options.sender in ("", "<>"):
         sender = ""
     else:
-        sender = _check_address(options.sender, "sender", default_domain)
+        # Read as a mailbox, as Postfix reads -f: "App <app@example.com>" is app@example.com.
+        addresses = split_address_list(options.sender)
+        if len(addresses) != 1:
+            raise SendmailError(
+                EX_NOUSER, f"invalid sender address {options.sender!r}; give one address, such as -f app@example.com"
+            )
+        sender = _check_address(addresses[0], "sender", default_domain)
 
     headers = header_block(message)
     added = submission_headers(headers, config.server.hostname)

@@ -234,6 +234,17 @@ def test_default_sender_ignores_login_variables(tmp_path: Path) -> None:
     assert f"From: {account}@example.test\r\n".encode() in body
 
 
+def test_f_takes_mailbox_with_name(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "-f", "App (cron) <app@example.net>", "alice"], b"x\n")
+
+    assert result.returncode == 0, result.stderr
+    [(stored, body)] = stored_messages(tmp_path / "spool")
+    assert stored.envelope.sender == "app@example.net"
+    assert b"From: app@example.net\r\n" in body
+
+
 def test_f_sets_reverse_path(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
@@ -442,6 +453,7 @@ def test_help_prints_usage_and_queues_nothing(tmp_path: Path) -> None:
         (["nobody"], b"x\n", EX_NOUSER, "unknown local user 'nobody@example.test'"),
         (["bad address@example.net"], b"x\n", EX_NOUSER, "invalid recipient address"),
         (["-f", "a b@c", "alice"], b"x\n", EX_NOUSER, "invalid sender address"),
+        (["-f", "a@example.net, b@example.net", "alice"], b"x\n", EX_NOUSER, "give one address, such as -f"),
         (["alice"], b"Subject: x\n\n" + b"y" * 5000, EX_DATAERR, "exceeds policy.max_message_size (4096 octets"),
         # 3,000 LF line ends take 3,000 octets more once stored with CRLF.
         (["alice"], b"Subject: x\n\n" + b"\n" * 3000, EX_DATAERR, "exceeds policy.max_message_size (4096 octets"),
