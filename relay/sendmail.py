@@ -11,7 +11,8 @@ them:
   Resent-Cc and Resent-Bcc are read in their place, and Resent-Bcc is
   removed too.
 - ``-i`` and ``-oi``: a line with a single dot does not end the input.
-- ``-f SENDER``: the reverse-path; ``-f ""`` or ``-f "<>"`` is the null sender.
+- ``-f SENDER``: the reverse-path, an address or a mailbox such as
+  ``"App <app@example.com>"``; ``-f ""`` or ``-f "<>"`` is the null sender.
 - ``-F NAME``: the full name for a From header the message lacks.
 - ``-N DSN``, ``-R RET``, ``-V ENVID``: the RFC 3461 NOTIFY (for every
   recipient), RET and ENVID parameters, stored with the message as if an
@@ -30,13 +31,14 @@ them:
   due now (all of it, one domain's, or one message's) and print nothing, as
   Postfix's ``sendmail -q`` does for cron jobs.  ``-q30m`` is ignored.
 - recipients as arguments, each an address list as in a To field
-  (``"a@example.com, Name <b@example.com>"``).  A user name without ``@`` gets the domain of
-  ``origin_domain``, in recipients and in the sender alike.
+  (``"a@example.com, Name <b@example.com>"``).  A user name without
+  ``@`` gets the domain of ``origin_domain``, in recipients and in the
+  sender alike.
 - ``--help``: print the usage and queue nothing.
 
 Other modes, such as ``-bs`` and ``-bv``, are usage errors.  Other ``-o``
-options, and ``-C``, ``-e``, ``-L``, ``-m``, ``-n``,
-``-G``, ``-O``, ``-p``, ``-U``, ``-v`` and ``-X``, are accepted and ignored.
+options, and ``-C``, ``-e``, ``-G``, ``-L``, ``-m``, ``-n``, ``-O``, ``-p``,
+``-U``, ``-v`` and ``-X``, are accepted and ignored.
 
 The message is written straight into the spool with the same group commit
 as the SMTP server, like Postfix's postdrop writing into the maildrop queue:
@@ -51,15 +53,17 @@ sendmail writes there only when that spool exists, and otherwise refuses
 the message with ``EX_TEMPFAIL``: a spool created there would strand the
 message, because no running relay reads it.
 Lines may end in LF (the usual case for local programs); they
-are stored with CRLF.  Leading mbox ``From `` lines are dropped.  A ``Received`` header naming the user ID, and
-``Date``, ``Message-ID`` and ``From`` when missing, are added.
+are stored with CRLF.  Leading mbox ``From `` lines are dropped.  A
+``Received`` header naming the user ID, and ``Date``, ``Message-ID`` and
+``From`` when missing, are added.
 
 Exit codes follow sysexits.h: ``EX_USAGE`` (64) bad option or no
 recipients, ``EX_DATAERR`` (65) message over ``policy.max_message_size``,
 ``EX_NOINPUT`` (66) standard input closed, ``EX_NOUSER`` (67) invalid
 address, one the SMTP server would reject, or unknown local user,
 ``EX_TEMPFAIL`` (75) the spool cannot take the message now (or the caller
-cannot write to it), ``EX_CONFIG`` (78) invalid config file.  An
+cannot write to it), ``EX_CONFIG`` (78) invalid config file or, for
+``-bi``, invalid aliases file.  An
 unexpected internal error gives ``EX_SOFTWARE`` (70) with its message,
 never a traceback.
 """
@@ -149,7 +153,7 @@ entry of policy.local_domains, so that mail to a bare name stays local.
 Exit status: 0 queued, 64 usage, 65 message too large, 66 no input,
 67 invalid, rejected or unknown local address, 70 internal error,
 75 spool unavailable (try again later, or get write access to it),
-78 invalid config."""
+78 invalid config (or aliases file, with -bi)."""
 
 
 # A leading mbox envelope line, as "From sender date" or quoted as ">From ".

@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import pwd
+import random
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,15 @@ def test_t_address_list_syntax(tmp_path: Path) -> None:
 )
 def test_split_address_list(text: str, addresses: list[str]) -> None:
     assert split_address_list(text) == addresses
+
+
+def test_split_address_list_never_raises() -> None:
+    generator = random.Random(5322)
+    alphabet = 'a@.<>(),;:"\\[] \t\r\nü'
+    for _ in range(2000):
+        text = "".join(generator.choice(alphabet) for _ in range(generator.randrange(40)))
+        result = split_address_list(text)
+        assert all(isinstance(address, str) and address for address in result), text
 
 
 def test_argument_is_address_list(tmp_path: Path) -> None:
