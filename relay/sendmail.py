@@ -53,7 +53,9 @@ sendmail writes there only when that spool exists, and otherwise refuses
 the message with ``EX_TEMPFAIL``: a spool created there would strand the
 message, because no running relay reads it.
 Lines may end in LF (the usual case for local programs); they
-are stored with CRLF.  Leading mbox ``From `` lines are dropped.  A
+are stored with CRLF.  Leading mbox ``From `` lines are dropped, and an
+empty line goes before the first line that is no header field, so bare
+text becomes the body.  A
 ``Received`` header naming the user ID, and ``Date``, ``Message-ID`` and
 ``From`` when missing, are added.
 
@@ -159,6 +161,10 @@ Exit status: 0 queued, 64 usage, 65 message too large, 66 no input,
 # A leading mbox envelope line, as "From sender date" or quoted as ">From ".
 _ENVELOPE_LINE = re.compile(rb">*From (?![ \t]*:)")
 
+# The start of a header field: a field name (RFC 5322 section 3.6.8), and a
+# colon after optional white space (the obsolete syntax of section 4.5).
+_HEADER_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
+
 # A Bcc or Resent-Bcc header field, which -t removes from the stored message.
 _BCC_FIELD = re.compile(rb"(?:resent-)?bcc[ \t]*:", re.IGNORECASE)
 
@@ -246,6 +252,28 @@ def _strip_envelope_lines(message: bytes) -> bytes:
     return message
 
 
+def _separate_body(message: bytes) -> bytes:
+    """Insert the empty line that ends the header block before the first line that is no header field.
+
+    Scripts often pipe bare text (``echo "disk full" | sendmail root``).
+    Without the empty line that text would be stored after the added Date,
+    Message-ID and From fields as if it were more header fields.  Postfix's
+    cleanup ends the header block at such a line in the same way.
+    ``message`` ends with CRLF unless it is empty.
+    """
+    position = 0
+    while position < len(message):
+        end = message.find(b"\r\n", position)
+        line = message[position:end]
+        if not line:
+            return message
+        continuation = position > 0 and line[:1] in (b" ", b"\t")
+        if not continuation and not _HEADER_FIELD.match(line):
+            return message[:position] + b"\r\n" + message[position:]
+        position = end + 2
+    return message
+
+
 def _remove_bcc(message: bytes) -> bytes:
     """Drop every Bcc and Resent-Bcc field (with its continuation lines) from the header block."""
     headers = header_block(message)
@@ -282,6 +310,7 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
     message = _strip_envelope_lines(normalize_line_ends(raw))
     if message and not message.endswith(b"\r\n"):
         message += b"\r\n"
+    message = _separate_body(message)
     # The limit applies to the message as stored and sent, with CRLF line
     # ends, as the SMTP server counts DATA.  LF input grows by one octet a line.
     if len(message) > config.policy.max_message_size:

@@ -255,6 +255,35 @@ def test_f_takes_mailbox_with_name(tmp_path: Path) -> None:
     assert b"From: app@example.net\r\n" in body
 
 
+@pytest.mark.parametrize(
+    ("message", "header", "body"),
+    [
+        (b"Disk usage on /dev/sda1: 95%\n", b"", b"Disk usage on /dev/sda1: 95%\r\n"),
+        (b"hello\nworld", b"", b"hello\r\nworld\r\n"),
+        (b" indented first line\n", b"", b" indented first line\r\n"),
+        (b"Subject: report\n  folded\nbody without empty line\n", b"Subject: report\r\n  folded\r\n",
+         b"body without empty line\r\n"),
+        (b"Subject: kept\n\nbody\n", b"Subject: kept\r\n", b"body\r\n"),
+    ],
+)
+def test_text_without_header_becomes_body(tmp_path: Path, message: bytes, header: bytes, body: bytes) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "alice"], message)
+
+    assert result.returncode == 0, result.stderr
+    [(_, stored)] = stored_messages(tmp_path / "spool")
+    stored_header, separator, stored_body = stored.partition(b"\r\n\r\n")
+    assert separator
+    assert stored_body == body
+    # Received (two lines), then the added Date, Message-ID and From, then the message's own fields.
+    lines = (stored_header + b"\r\n").splitlines(keepends=True)
+    assert lines[2].startswith(b"Date: ")
+    assert lines[3].startswith(b"Message-ID: ")
+    assert lines[4].startswith(b"From: ")
+    assert b"".join(lines[5:]) == header
+
+
 def test_f_sets_reverse_path(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
