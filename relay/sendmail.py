@@ -6,10 +6,10 @@ unchanged when that name is a symlink to ``relay``, or when they call
 grouped as getopt(3) allows (``-ti``), as ``relay.sendmail_options`` parses
 them:
 
-- ``-t``: add the To, Cc and Bcc addresses of the message, and remove Bcc.
-  A message with any Resent- field is being resent, so its Resent-To,
-  Resent-Cc and Resent-Bcc are read in their place, and Resent-Bcc is
-  removed too.
+- ``-t``: add the To, Cc and Bcc addresses of the message.  A message
+  with any Resent- field is being resent, so its Resent-To, Resent-Cc and
+  Resent-Bcc are read in their place.  Bcc and Resent-Bcc are removed
+  from every message, with or without -t.
 - ``-i`` and ``-oi``: a line with a single dot does not end the input.
 - ``-f SENDER``: the reverse-path, an address or a mailbox such as
   ``"App <app@example.com>"``; ``-f ""`` or ``-f "<>"`` is the null sender.
@@ -120,9 +120,9 @@ USAGE = """usage: relay sendmail [--config FILE] [-ti] [-f SENDER] [-F NAME] [-N
 
 Read a message from standard input and queue it for delivery, like sendmail(1).
 
-  -t          add the To, Cc and Bcc addresses of the message; remove Bcc
-              (Resent-To, Resent-Cc and Resent-Bcc when the message has
-              Resent- fields)
+  -t          add the To, Cc and Bcc addresses of the message (Resent-To,
+              Resent-Cc and Resent-Bcc when it has Resent- fields); Bcc
+              and Resent-Bcc are removed with or without -t
   -i, -oi     a line with a single dot does not end the message
   -f SENDER   envelope sender (reverse-path); -f "<>" is the null sender
   -F NAME     full name for the From header, when the message has none
@@ -336,7 +336,11 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
             if "\ufffd" in address:
                 raise SendmailError(EX_NOUSER, f"invalid recipient address {address!r}: the header is not UTF-8")
             recipients.append(_check_address(address, "recipient", default_domain))
-        message = _remove_bcc(message)
+    # Without -t too: a program that names the recipients itself (mutt with
+    # write_bcc, scripts) may leave Bcc in the message, and every recipient
+    # would read it.  Postfix 3.7 drops Bcc and Resent-Bcc from all mail
+    # (its default message_drop_headers).
+    message = _remove_bcc(message)
     recipients = list(dict.fromkeys(recipients))
     to_field, cc_field, bcc_field = names
     if not recipients and fields:

@@ -284,6 +284,23 @@ def test_text_without_header_becomes_body(tmp_path: Path, message: bytes, header
     assert b"".join(lines[5:]) == header
 
 
+def test_bcc_removed_without_t(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    message = (
+        b"To: alice@example.test\nBcc: secret@example.net,\n  other@example.net\nResent-Bcc: r@example.net\n\nhi\n"
+    )
+
+    result = sendmail(["--config", str(config), "alice", "secret@example.net"], message)
+
+    assert result.returncode == 0, result.stderr
+    [(stored, body)] = stored_messages(tmp_path / "spool")
+    assert [r.address for r in stored.recipients] == ["alice@example.test", "secret@example.net"]
+    assert b"secret@example.net" not in body
+    assert b"other@example.net" not in body
+    assert b"r@example.net" not in body
+    assert b"To: alice@example.test\r\n\r\nhi\r\n" in body
+
+
 def test_f_sets_reverse_path(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
