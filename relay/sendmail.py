@@ -165,6 +165,9 @@ _ENVELOPE_LINE = re.compile(rb">*From (?![ \t]*:)")
 # colon after optional white space (the obsolete syntax of section 4.5).
 _HEADER_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 
+# A From header field, also in the obsolete form with white space before the colon.
+_FROM_FIELD = re.compile(rb"from[ \t]*:", re.IGNORECASE)
+
 # A Bcc or Resent-Bcc header field, which -t removes from the stored message.
 _BCC_FIELD = re.compile(rb"(?:resent-)?bcc[ \t]*:", re.IGNORECASE)
 
@@ -382,7 +385,7 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
 
     headers = header_block(message)
     added = submission_headers(headers, config.server.hostname)
-    if not any(line[:5].lower() == b"from:" for line in headers.splitlines()):
+    if not any(_FROM_FIELD.match(line) for line in headers.splitlines()):
         name = options.full_name
         origin = sender or f"{login}@{default_domain}"
         added += f"From: {_from_field(name, origin)}\r\n".encode()

@@ -301,6 +301,18 @@ def test_bcc_removed_without_t(tmp_path: Path) -> None:
     assert b"To: alice@example.test\r\n\r\nhi\r\n" in body
 
 
+@pytest.mark.parametrize("field", [b"From: App <app@example.test>", b"FROM : App <app@example.test>"])
+def test_from_field_kept_not_added(tmp_path: Path, field: bytes) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "alice"], field + b"\nSubject: x\n\nhi\n")
+
+    assert result.returncode == 0, result.stderr
+    [(_, body)] = stored_messages(tmp_path / "spool")
+    assert body.lower().count(b"\r\nfrom") == 1
+    assert field + b"\r\n" in body
+
+
 def test_f_sets_reverse_path(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
