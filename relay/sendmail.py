@@ -108,7 +108,7 @@ from relay.sendmail_options import (
 )
 from relay.smtp import replies
 from relay.smtp.policy import RelayPolicy
-from relay.smtp.received import header_block, normalize_line_ends, submission_headers
+from relay.smtp.received import has_from_field, header_block, normalize_line_ends, submission_headers
 from relay.spool import Envelope, MessageNotFound, Recipient, Spool, SpoolError, new_queue_id
 from relay.spool.cli import UsageError, parse_domain, parse_queue_id
 from relay.spool.store import SpoolStore, database_path
@@ -164,9 +164,6 @@ _ENVELOPE_LINE = re.compile(rb">*From (?![ \t]*:)")
 # The start of a header field: a field name (RFC 5322 section 3.6.8), and a
 # colon after optional white space (the obsolete syntax of section 4.5).
 _HEADER_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
-
-# A From header field, also in the obsolete form with white space before the colon.
-_FROM_FIELD = re.compile(rb"from[ \t]*:", re.IGNORECASE)
 
 # A Bcc or Resent-Bcc header field, which -t removes from the stored message.
 _BCC_FIELD = re.compile(rb"(?:resent-)?bcc[ \t]*:", re.IGNORECASE)
@@ -385,7 +382,7 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
 
     headers = header_block(message)
     added = submission_headers(headers, config.server.hostname)
-    if not any(_FROM_FIELD.match(line) for line in headers.splitlines()):
+    if not has_from_field(headers):
         name = options.full_name
         origin = sender or f"{login}@{default_domain}"
         added += f"From: {_from_field(name, origin)}\r\n".encode()

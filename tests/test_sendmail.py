@@ -313,6 +313,25 @@ def test_from_field_kept_not_added(tmp_path: Path, field: bytes) -> None:
     assert field + b"\r\n" in body
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"Date : Thu, 1 Jan 2026 00:00:00 +0000\nMessage-ID : <a@example.test>\nFrom : app@example.test\n",
+        b"date\t:Thu, 1 Jan 2026 00:00:00 +0000\nMESSAGE-ID  : <a@example.test>\nfrom :app@example.test\n",
+    ],
+)
+def test_fields_with_space_before_colon_not_added(tmp_path: Path, fields: bytes) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "alice"], fields + b"Subject: x\n\nhi\n")
+
+    assert result.returncode == 0, result.stderr
+    [(_, body)] = stored_messages(tmp_path / "spool")
+    # Only the Received header (two lines) comes before the message's own fields.
+    _, _, rest = body.split(b"\r\n", 2)
+    assert rest == fields.replace(b"\n", b"\r\n") + b"Subject: x\r\n\r\nhi\r\n"
+
+
 def test_f_sets_reverse_path(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 

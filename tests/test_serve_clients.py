@@ -157,6 +157,18 @@ def test_submission_requires_auth_and_adds_headers(relay: RelayProcess) -> None:
     assert rest.endswith(b"Subject: submitted\r\n\r\nx\r\n")
 
 
+def test_submission_keeps_date_with_space_before_colon(relay: RelayProcess) -> None:
+    sender = "obsolete-fields@example.com"
+    port = relay.listeners[2].port
+    message = b"Date : Thu, 1 Jan 2026 00:00:00 +0000\r\nMessage-ID : <a@example.com>\r\nSubject: s\r\n\r\nx\r\n"
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.starttls(context=_context())
+        client.login("user", "pass")
+        client.sendmail(sender, ["x@example.org"], message)
+    [body] = _spooled_from(relay, sender)
+    assert strip_received(body) == message
+
+
 def test_aiosmtplib(relay: RelayProcess) -> None:
     sender = "aiosmtplib@example.com"
 

@@ -643,6 +643,41 @@ def test_submission_adds_date_and_message_id() -> None:
     assert outcome.messages[1].body == b"Date: Thu, 1 Jan 2026 00:00:00 +0000\r\nMessage-ID: <a@b>\r\n\r\nx\r\n"
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Date : Thu, 1 Jan 2026 00:00:00 +0000\r\nMessage-ID : <a@b>\r\n",
+        b"DATE\t: Thu, 1 Jan 2026 00:00:00 +0000\r\nmessage-id  :<a@b>\r\n",
+    ],
+)
+def test_submission_sees_fields_with_space_before_colon(header: bytes) -> None:
+    outcome = feed(
+        make_session(role="submission", auth_plaintext=True),
+        [
+            EHLO,
+            b"AUTH PLAIN " + PLAIN_OK + b"\r\n",
+            b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n",
+            header + b"\r\nx\r\n.\r\n",
+        ],
+    )
+    assert [r[:3] for r in outcome.replies] == ["220", "250", "235", "250", "250", "354", "250"]
+    assert outcome.messages[0].body == header + b"\r\nx\r\n"
+
+
+def test_mail_loop_counts_received_with_space_before_colon() -> None:
+    received = b"Received : from a.example by b.example; Thu, 1 Jan 2026 00:00:00 +0000\r\n"
+    config = hostile_config(max_received_headers=5)
+    outcome = run_transcript(
+        lambda: make_session(config),
+        [
+            (EHLO, ["250"]),
+            (T + b"DATA\r\n", ["250", "250", "354"]),
+            (received * 6 + b"Subject: loop\r\n\r\nx\r\n.\r\n", ["554 5.4.6"]),
+        ],
+    )
+    assert outcome.messages == []
+
+
 def test_sink_accepts_any_recipient() -> None:
     run_transcript(
         lambda: make_session(role="sink", client=UNTRUSTED),

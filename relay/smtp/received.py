@@ -24,9 +24,22 @@ import secrets
 import time
 from email.utils import formatdate
 
-_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
-_DATE = re.compile(rb"^date:", re.IGNORECASE | re.MULTILINE)
-_MESSAGE_ID = re.compile(rb"^message-id:", re.IGNORECASE | re.MULTILINE)
+
+def field_pattern(name: bytes) -> re.Pattern[bytes]:
+    """Return a pattern that finds the header fields called ``name`` in a header block.
+
+    The field name is matched in any letter case, and white space may
+    come before the colon: the obsolete syntax of RFC 5322 section 4.5
+    (obs-fields, such as ``"Date" *WSP ":"``) allows it in messages
+    that are read.  Missing ``Date :`` would add a second Date field.
+    """
+    return re.compile(rb"^" + re.escape(name) + rb"[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+_RECEIVED = field_pattern(b"received")
+_DATE = field_pattern(b"date")
+_MESSAGE_ID = field_pattern(b"message-id")
+_FROM = field_pattern(b"from")
 # A LF without CR before it, or a CR without LF after it.
 _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
@@ -82,6 +95,11 @@ def _date(moment: float) -> str:
 
 
 _last_date = (-1, "")
+
+
+def has_from_field(headers: bytes) -> bool:
+    """Return whether a header block has a From field, also in the obsolete form ``From :``."""
+    return _FROM.search(headers) is not None
 
 
 def submission_headers(headers: bytes, hostname: str, now: float | None = None) -> bytes:
