@@ -21,6 +21,8 @@ them:
   an octet above 127 is stored as 8BITMIME whatever -B gives, so that the
   next hop gets BODY=8BITMIME with it.
 - ``-bm``: the default mode, read a message and deliver it.
+- ``-bs``: speak SMTP on standard input and output, as Postfix's
+  ``sendmail -bs`` does; ``relay.sendmail_smtp`` describes it.
 - ``-bp`` (or the program name ``mailq``): list the queue, as
   ``relay queue list`` does.
 - ``-bi``, ``-I`` (or the program name ``newaliases``): check the
@@ -36,7 +38,7 @@ them:
   sender alike.
 - ``--help``: print the usage and queue nothing.
 
-Other modes, such as ``-bs`` and ``-bv``, are usage errors.  Other ``-o``
+Other modes, such as ``-bv`` and ``-bd``, are usage errors.  Other ``-o``
 options, and ``-C``, ``-e``, ``-G``, ``-L``, ``-m``, ``-n``, ``-O``, ``-p``,
 ``-U``, ``-v`` and ``-X``, are accepted and ignored.
 
@@ -65,7 +67,8 @@ recipients, ``EX_DATAERR`` (65) message over ``policy.max_message_size``,
 address, one the SMTP server would reject, or unknown local user,
 ``EX_TEMPFAIL`` (75) the spool cannot take the message now (or the caller
 cannot write to it), ``EX_CONFIG`` (78) invalid config file or, for
-``-bi``, invalid aliases file.  An
+``-bi``, invalid aliases file.  ``-bs`` also exits with ``EX_PROTOCOL``
+(76), as ``relay.sendmail_smtp`` describes.  An
 unexpected internal error gives ``EX_SOFTWARE`` (70) with its message,
 never a traceback.
 """
@@ -117,6 +120,7 @@ logger = logging.getLogger("relay.sendmail")
 
 USAGE = """usage: relay sendmail [--config FILE] [-ti] [-f SENDER] [-F NAME] [-N DSN] [-R RET] [-V ENVID]
                      [-B TYPE] [-bm|-bp|-bi] [-h N] [RECIPIENT ...]
+       relay sendmail [--config FILE] [-F NAME] -bs
 
 Read a message from standard input and queue it for delivery, like sendmail(1).
 
@@ -136,6 +140,11 @@ Read a message from standard input and queue it for delivery, like sendmail(1).
   -B TYPE     body type: 7BIT or 8BITMIME (a message with 8-bit octets is
               always sent as 8BITMIME)
   -bm         read a message and deliver it (the default mode)
+  -bs         speak SMTP on standard input and output for one local client,
+              with the limits and replies of the SMTP server; each message
+              gets its 250 once it is stored.  Takes no recipients, -t or -q;
+              MAIL and RCPT set the envelope, so -f, -N, -R, -V, -B and -i
+              have no effect
   -bp         list the queue, as mailq (and relay queue list) does
   -bi, -I     check the local.aliases file, as newaliases; reload a running
               relay (SIGHUP) to use a changed file
@@ -155,7 +164,10 @@ entry of policy.local_domains, so that mail to a bare name stays local.
 Exit status: 0 queued, 64 usage, 65 message too large, 66 no input,
 67 invalid, rejected or unknown local address, 70 internal error,
 75 spool unavailable (try again later, or get write access to it),
-78 invalid config (or aliases file, with -bi)."""
+78 invalid config (or aliases file, with -bi).  With -bs: 0 after QUIT or
+when input ends between transactions, 75 when a message could not be
+stored or the session timed out, 76 when input ended inside a
+transaction or the session was closed after errors."""
 
 
 # A leading mbox envelope line, as "From sender date" or quoted as ">From ".
@@ -252,7 +264,7 @@ def _strip_envelope_lines(message: bytes) -> bytes:
     return message
 
 
-def _separate_body(message: bytes) -> bytes:
+def separate_body(message: bytes) -> bytes:
     """Insert the empty line that ends the header block before the first line that is no header field.
 
     Scripts often pipe bare text (``echo "disk full" | sendmail root``).
@@ -310,7 +322,7 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
     message = _strip_envelope_lines(normalize_line_ends(raw))
     if message and not message.endswith(b"\r\n"):
         message += b"\r\n"
-    message = _separate_body(message)
+    message = separate_body(message)
     # The limit applies to the message as stored and sent, with CRLF line
     # ends, as the SMTP server counts DATA.  LF input grows by one octet a line.
     if len(message) > config.policy.max_message_size:
@@ -336,11 +348,6 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
             if "\ufffd" in address:
                 raise SendmailError(EX_NOUSER, f"invalid recipient address {address!r}: the header is not UTF-8")
             recipients.append(_check_address(address, "recipient", default_domain))
-    # Without -t too: a program that names the recipients itself (mutt with
-    # write_bcc, scripts) may leave Bcc in the message, and every recipient
-    # would read it.  Postfix 3.7 drops Bcc and Resent-Bcc from all mail
-    # (its default message_drop_headers).
-    message = _remove_bcc(message)
     recipients = list(dict.fromkeys(recipients))
     to_field, cc_field, bcc_field = names
     if not recipients and fields:
@@ -380,20 +387,8 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
             )
         sender = _check_address(addresses[0], "sender", default_domain)
 
-    headers = header_block(message)
-    added = submission_headers(headers, config.server.hostname)
-    if not has_from_field(headers):
-        name = options.full_name
-        origin = sender or f"{login}@{default_domain}"
-        added += f"From: {_from_field(name, origin)}\r\n".encode()
-    if not headers:
-        # A message without headers gets the empty line that starts its body.
-        added += b"\r\n" if message and not message.startswith(b"\r\n") else b""
-
-    # RFC 6152: 8-bit octets go only with BODY=8BITMIME, which the delivery
-    # client sends when the stored body type says so.  Cron gives -B8BITMIME,
-    # but PHP and most scripts give no -B at all.
-    body_type = "8BITMIME" if not message.isascii() else options.body_type
+    message = complete_local_message(message, sender, config, options.full_name)
+    body_type = local_body_type(message, options.body_type)
     envelope = Envelope(
         sender=sender,
         body_type=body_type,
@@ -405,7 +400,43 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
         helo_name=None,
         protocol="local",
     )
-    return envelope, added + message
+    return envelope, message
+
+
+def complete_local_message(message: bytes, sender: str, config: Config, full_name: str | None) -> bytes:
+    """Return a locally submitted message as relay stores it.
+
+    Bcc and Resent-Bcc are removed, and Date, Message-ID and From are added
+    when the header block lacks them, so both ``relay sendmail`` and
+    ``relay sendmail -bs`` store the same message.  ``message`` has CRLF
+    line ends, and an empty line after its header fields (see
+    ``separate_body``).  ``sender`` is the reverse-path, and ``full_name``
+    is the display name that ``-F`` gives an added From field.
+    """
+    # Without -t too: a program that names the recipients itself (mutt with
+    # write_bcc, scripts) may leave Bcc in the message, and every recipient
+    # would read it.  Postfix 3.7 drops Bcc and Resent-Bcc from all mail
+    # (its default message_drop_headers).
+    message = _remove_bcc(message)
+    headers = header_block(message)
+    added = submission_headers(headers, config.server.hostname)
+    if not has_from_field(headers):
+        origin = sender or f"{_login_name()}@{origin_domain(config)}"
+        added += f"From: {_from_field(full_name, origin)}\r\n".encode()
+    if not headers:
+        # A message without headers gets the empty line that starts its body.
+        added += b"\r\n" if message and not message.startswith(b"\r\n") else b""
+    return added + message
+
+
+def local_body_type(message: bytes, declared: str | None) -> str | None:
+    """Return the body type to store: 8BITMIME for a message with 8-bit octets, else ``declared``.
+
+    RFC 6152: 8-bit octets go only with BODY=8BITMIME, which the delivery
+    client sends when the stored body type says so.  Cron gives -B8BITMIME,
+    but PHP and most scripts give no -B at all.
+    """
+    return "8BITMIME" if not message.isascii() else declared
 
 
 def _login_name() -> str:
@@ -565,6 +596,8 @@ def run(argv: Sequence[str], program: str = "sendmail") -> int:
     if options.mode is None:
         # As with Postfix, a -b option overrides the mode that the program name selects.
         options.mode = PROGRAM_MODES.get(program, "m")
+    if options.mode == "s":
+        return _smtp_mode(options)
     if options.mode != "m":
         return _other_mode(options)
     if options.queue_interval is not None:
@@ -577,6 +610,24 @@ def run(argv: Sequence[str], program: str = "sendmail") -> int:
         return EX_NOINPUT
     try:
         return inject(options, sys.stdin.buffer, sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - a sendmail caller needs an exit code, not a traceback
+        print(f"sendmail: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EX_SOFTWARE
+
+
+def _smtp_mode(options: Options) -> int:
+    """Run ``-bs``: an SMTP session on standard input and output (see ``relay.sendmail_smtp``)."""
+    from relay.sendmail_smtp import serve_stdio
+
+    if sys.stdin is None or sys.stdout is None:
+        print("sendmail: -bs needs standard input and output; connect both to the SMTP client", file=sys.stderr)
+        return EX_NOINPUT
+    sys.stdout.flush()
+    try:
+        return serve_stdio(options, sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr)
+    except SendmailError as exc:
+        print(f"sendmail: {exc}", file=sys.stderr)
+        return exc.status
     except Exception as exc:  # noqa: BLE001 - a sendmail caller needs an exit code, not a traceback
         print(f"sendmail: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EX_SOFTWARE
@@ -634,7 +685,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "sendmail",
         help="sendmail-compatible injection for local programs",
         description="Read a message from standard input and queue it, like sendmail(1). "
-        "Options: -t, -i/-oi, -f SENDER, -F NAME, -N DSN, -R RET, -V ENVID, -B TYPE, -bm, -h N, recipients;"
+        "Options: -t, -i/-oi, -f SENDER, -F NAME, -N DSN, -R RET, -V ENVID, -B TYPE, -bm, -bs, -h N, recipients;"
         " `relay sendmail --help` describes them.",
         prefix_chars="+",
         add_help=False,

@@ -32,6 +32,7 @@ EX_NOINPUT = 66
 EX_NOUSER = 67
 EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
+EX_PROTOCOL = 76
 EX_CONFIG = 78
 
 # Option letters without a value.  -U, -v, -m, -n and -G are accepted and
@@ -67,7 +68,9 @@ class Options:
     sender: str | None = None  # -f; "" is the null sender
     full_name: str | None = None  # -F
     show_help: bool = False  # --help
-    mode: str | None = None  # -b: "m" deliver a message, "p" list the queue (mailq), "i" check the aliases
+    # -b: "m" deliver a message, "s" SMTP on standard input and output, "p" list the queue (mailq),
+    # "i" check the aliases
+    mode: str | None = None
     notify: tuple[str, ...] = ()  # -N: ("NEVER",) or some of NOTIFY_KEYWORDS; () if not given
     ret: str | None = None  # -R: "FULL" or "HDRS"
     envid: str | None = None  # -V, xtext-encoded as the spool stores ENVID
@@ -155,11 +158,11 @@ def _apply_value(options: Options, letter: str, value: str) -> None:
     elif letter == "h":
         _check_hop_count(value)
     elif letter == "b":
-        if value not in ("m", "p", "i"):
+        if value not in ("m", "s", "p", "i"):
             raise SendmailError(
                 EX_USAGE,
-                f"mode -b{value} is not supported; use -bm (deliver a message), -bp (list the queue, as mailq)"
-                " or -bi (check the aliases file, as newaliases)",
+                f"mode -b{value} is not supported; use -bm (deliver a message), -bs (SMTP on standard input"
+                " and output), -bp (list the queue, as mailq) or -bi (check the aliases file, as newaliases)",
             )
         options.mode = value
     elif letter == "o":

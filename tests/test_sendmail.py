@@ -529,7 +529,7 @@ def test_help_prints_usage_and_queues_nothing(tmp_path: Path) -> None:
     ("args", "message", "status", "fragment"),
     [
         (["-x", "alice"], b"x\n", EX_USAGE, "unknown option -x"),
-        (["-bs"], b"", EX_USAGE, "mode -bs is not supported; use -bm (deliver a message), -bp (list the queue"),
+        (["-bv", "alice"], b"", EX_USAGE, "mode -bv is not supported; use -bm (deliver a message), -bs (SMTP on"),
         (["-bp", "alice"], b"", EX_USAGE, "-bp reads no message, so it takes no recipient"),
         ([], b"Subject: x\n\nhi\n", EX_USAGE, "no recipients"),
         (["-f"], b"", EX_USAGE, "needs a value"),
@@ -728,7 +728,7 @@ def test_parse_options_grouped_flags(
     ("args", "fragment"),
     [
         (["-tx", "rcpt"], "unknown option -x in -tx"),
-        (["-tbs"], "mode -bs is not supported"),
+        (["-tbv"], "mode -bv is not supported"),
         (["-tf"], "option -f needs a value"),
         (["--verbose"], "unknown option --verbose"),
     ],

@@ -74,6 +74,34 @@ def received_header(
         f"Received: from {helo_name} (unknown [{address}])",
         f"\tby {hostname} (relay) with {protocol} id {queue_id}",
     ]
+    return _end_received(lines, recipients, now)
+
+
+def local_received_header(
+    *,
+    helo_name: str,
+    hostname: str,
+    uid: int,
+    protocol: str,
+    queue_id: str,
+    recipients: list[str],
+    now: float | None = None,
+) -> bytes:
+    """Return the Received header for a message that a local program sent over ``sendmail -bs``.
+
+    The client is a process of user ID ``uid``, not a network peer, so the
+    header names the user ID, as the header of ``relay sendmail`` does,
+    in place of a client address.
+    """
+    lines = [
+        f"Received: from {helo_name}",
+        f"\tby {hostname} (relay, from userid {uid}) with {protocol} id {queue_id}",
+    ]
+    return _end_received(lines, recipients, now)
+
+
+def _end_received(lines: list[str], recipients: list[str], now: float | None) -> bytes:
+    """Add the ``for`` clause (only for a single recipient) and the date, and encode the header."""
     date = _date(time.time() if now is None else now)
     if len(recipients) == 1:
         lines.append(f"\tfor <{recipients[0]}>; {date}")

@@ -77,6 +77,10 @@ TOO_MANY_FROM_CLIENT = _reply(
 TOO_MANY_ERRORS = _reply("TOO_MANY_ERRORS", 421, "4.7.0", "Too many errors, closing connection")
 TIMEOUT = _reply("TIMEOUT", 421, "4.4.2", "Timeout exceeded, closing connection")
 BYE = _reply("BYE", 221, "2.0.0", "Bye")
+# The greeting of `relay sendmail -bs` when its config or spool cannot be used.
+LOCAL_SUBMISSION_UNAVAILABLE = _reply(
+    "LOCAL_SUBMISSION_UNAVAILABLE", 421, "4.3.0", "Local mail submission unavailable, try again later"
+)
 
 # Generic success.
 OK = _reply("OK", 250, "2.0.0", "OK")
