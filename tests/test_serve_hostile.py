@@ -359,6 +359,8 @@ def test_quoted_and_invalid_local_parts(relay: RelayProcess, client: RawClient) 
     client.exchange(b'RCPT TO:<"info@"@example.net>\r\n', ["550 5.1.1"])
     client.exchange(b'RCPT TO:<"a b"@example.net>\r\n', ["550 5.1.1"])
     client.exchange(b"RCPT TO:<rcpt@example.net>\r\n", ["250"])
+    # The quoted form of an existing mailbox is that mailbox (RFC 5321 section 4.1.2).
+    client.exchange(b'RCPT TO:<"rcpt"@example.net>\r\n', ["250"])
 
 
 def test_null_sender_stored_empty(relay: RelayProcess, client: RawClient) -> None:

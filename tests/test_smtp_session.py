@@ -376,6 +376,56 @@ def test_quoted_local_part_of_local_domain_is_permanent() -> None:
     )
 
 
+def test_quoted_local_part_names_unquoted_mailbox(tmp_path: Path) -> None:
+    # RFC 5321 section 4.1.2: "rcpt" could be a Dot-string, so it is the
+    # mailbox rcpt, whether that is a configured user, a Maildir or an alias.
+    (tmp_path / "mail" / "dora").mkdir(parents=True)
+    aliases = tmp_path / "aliases"
+    aliases.write_text("sales: dora\n")
+    config = hostile_config()
+    config = config.replace(
+        local=dataclasses.replace(config.local, maildir_root=str(tmp_path / "mail"), aliases=str(aliases))
+    )
+    outcome = run_transcript(
+        lambda: make_session(config, client=UNTRUSTED),
+        [
+            (EHLO, ["250"]),
+            (b"MAIL FROM:<sender@example.com>\r\n", ["250"]),
+            (b'RCPT TO:<"rcpt"@example.net>\r\n', ["250 2.1.5"]),
+            (b'RCPT TO:<"d\\ora"@example.net>\r\n', ["250 2.1.5"]),
+            (b'RCPT TO:<"sales"@example.net>\r\n', ["250 2.1.5"]),
+            (b'RCPT TO:<"first.last"@example.net>\r\n', ["550 5.1.1"]),
+            (b'RCPT TO:<"rcpt "@example.net>\r\n', ["550 5.1.1"]),
+            (b"RCPT TO:<rcpt@example.net>\r\n", ["250 2.1.5"]),
+            (b"DATA\r\n", ["354"]),
+            (b"x\r\n.\r\n", ["250"]),
+        ],
+    )
+
+    recipients = [r.address for r in outcome.messages[0].transaction.recipients]
+    # Stored in the unquoted form, and the later unquoted RCPT is a repeat.
+    assert recipients == ["rcpt@example.net", "dora@example.net", "sales@example.net"]
+
+
+def test_quoted_local_part_relay_checks_use_unquoted_form() -> None:
+    # The unquoted form decides relaying too: "a%b" is the routing form a%b.
+    config = hostile_config(relay_domains=("relay.example",))
+    outcome = run_transcript(
+        lambda: make_session(config, client=UNTRUSTED),
+        [
+            (EHLO, ["250"]),
+            (b"MAIL FROM:<sender@example.com>\r\n", ["250"]),
+            (b'RCPT TO:<"a%b"@relay.example>\r\n', ["554 5.7.1"]),
+            (b'RCPT TO:<"ann"@relay.example>\r\n', ["250"]),
+            (b'RCPT TO:<"ann"@elsewhere.example>\r\n', ["554 5.7.1"]),
+            (b"DATA\r\n", ["354"]),
+            (b"x\r\n.\r\n", ["250"]),
+        ],
+    )
+
+    assert [r.address for r in outcome.messages[0].transaction.recipients] == ["ann@relay.example"]
+
+
 def test_non_ascii_addresses() -> None:
     run_transcript(
         make_session,

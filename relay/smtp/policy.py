@@ -15,6 +15,12 @@ Rules, in order (the first that applies decides):
 4. Any other domain: accepted only from ``policy.trusted_networks`` or an
    authenticated client, else ``554 5.7.1 Relay access denied``.
 
+A quoted local part that would also be valid unquoted (``"rcpt"``) names
+the same mailbox as its unquoted form (RFC 5321 section 4.1.2), so the
+session turns it into that form before any check (``dot_string_form``), as
+Postfix turns addresses into its unquoted internal form.  A local part that
+needs its quotes (``"a b"``, ``"info@"``) is kept as sent.
+
 Domains match exactly, case-insensitively; subdomains are not implied.
 User names match case-insensitively for ``local.users`` and aliases; a
 Maildir directory must exist under the exact or the lower-cased local part,
@@ -27,6 +33,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 from collections.abc import Iterable
 
 from relay.aliases import MAX_ALIAS_DEPTH, AliasFile
@@ -53,6 +60,25 @@ def address_literal_ip(domain: str) -> ipaddress.IPv4Address | ipaddress.IPv6Add
     if inner[:5].upper() == "IPV6:":
         return ipaddress.IPv6Address(inner[5:])
     return ipaddress.IPv4Address(inner)
+
+
+# RFC 5321 Dot-string: atoms of atext joined by single dots.  RFC 6531
+# section 3.3 adds every non-ASCII character to atext.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+"
+_DOT_STRING = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
+def dot_string_form(local_part: str) -> str:
+    """Return a quoted local part without its quotes when the result is a valid Dot-string.
+
+    ``"rcpt"`` and ``"r\\cpt"`` become ``rcpt``.  Any other local part,
+    quoted or not, is returned unchanged.
+    """
+    if len(local_part) < 2 or local_part[0] != '"' or local_part[-1] != '"':
+        return local_part
+    content = _QUOTED_PAIR.sub(r"\1", local_part[1:-1])
+    return content if _DOT_STRING.fullmatch(content) else local_part
 
 
 def _is_internal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

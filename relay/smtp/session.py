@@ -78,7 +78,7 @@ from relay.config import MAX_MESSAGE_SIZE_CEILING, Config, ListenerConfig
 from relay.log import log_event
 from relay.smtp import replies
 from relay.smtp.auth import Challenge, Credentials, Failure, SaslExchange
-from relay.smtp.policy import RelayPolicy
+from relay.smtp.policy import RelayPolicy, dot_string_form
 from relay.smtp.received import (
     count_received,
     header_block,
@@ -689,19 +689,22 @@ class Session:
             # The envelope is fixed once part of the message has arrived.
             self._reject("RCPT", replies.RCPT_AFTER_BDAT)
             return
-        path = command.path or ""
-        if not transaction.smtputf8 and not path.isascii():
+        sent_path = command.path or ""
+        if not transaction.smtputf8 and not sent_path.isascii():
             self._reject("RCPT", replies.NON_ASCII_ADDRESS)
             return
         domain = command.domain or ""
-        local_part = command.local_part or ""
+        # "rcpt"@example.net is the mailbox rcpt@example.net (RFC 5321 section
+        # 4.1.2), so checks, the spool and delivery all see the unquoted form.
+        local_part = dot_string_form(command.local_part or "")
+        path = sent_path if local_part == command.local_part else local_part + ("@" + domain if domain else "")
         if domain == "" and local_part.lower() != "postmaster":
             self._reject("RCPT", replies.BAD_RECIPIENT_SYNTAX)
             return
         if self.settings.role != "sink":
             refusal = self.policy.check_recipient(local_part, domain, self.privileged)
             if refusal is not None:
-                self._reject(f"RCPT TO:<{path}>", refusal)
+                self._reject(f"RCPT TO:<{sent_path}>", refusal)
                 return
         # A repeated forward-path (also in another letter case) gets 250 but is
         # stored once, so the recipient gets one copy, as with Postfix.
