@@ -133,6 +133,10 @@ class ServerConfig:
     # Hold the 220 this long for untrusted clients and drop those that talk first
     # (554 5.5.0).  Off by default like Postfix smtpd; postscreen waits 6s.
     greeting_delay: float = _key(0.0, "duration")
+    # Stop reading a client's commands while this many octets of replies to it
+    # are unsent.  64 KiB is the high-water mark of asyncio's and uvloop's
+    # (0.23) TCP transports; their TLS transports default to 512 KiB.
+    max_unsent_replies: int = _key(64 * 1024, "size", min=1, max=1 << 30)
 
 
 @dataclass(frozen=True)

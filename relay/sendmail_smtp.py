@@ -89,6 +89,7 @@ def local_settings(config: Config) -> SessionSettings:
         max_received_headers=policy.max_received_headers,
         max_errors=config.server.max_errors,
         max_junk_commands=config.server.max_junk_commands,
+        max_unsent_replies=config.server.max_unsent_replies,
         # relay sendmail stores LF-ended input with CRLF, and the client is
         # the local user, whom no smuggled message could deceive.
         bare_lf="normalize",
@@ -170,6 +171,11 @@ class StdioSession:
             self._write(session.data_to_send())
             events = session.events()
             if not events:
+                if session.output_full:
+                    # The replies were written, so the commands that the session
+                    # held back at server.max_unsent_replies can run now.
+                    session.resume_input()
+                    continue
                 return
             for event in events:
                 if isinstance(event, Close):

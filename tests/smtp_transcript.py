@@ -94,6 +94,9 @@ def _answer(session: Session, outcome: Outcome) -> None:
         outcome.raw += session.data_to_send()
         events = session.events()
         if not events:
+            if session.output_full:
+                session.resume_input()
+                continue
             return
         for event in events:
             if isinstance(event, MessageReady):

@@ -155,6 +155,18 @@ def test_pipelined_transactions_rset_and_bdat(tmp_path: Path) -> None:
     assert second[1].endswith(b"Subject: one\r\n\r\nfirst\r\n")
 
 
+def test_replies_past_unsent_limit_all_written(tmp_path: Path) -> None:
+    # 2000 HELP replies take about 240 KB, so the session holds commands back
+    # at server.max_unsent_replies (64K) until their replies are written.
+    config = write_config(tmp_path)
+    result = run_bs(config, EHLO + b"HELP\r\n" * 2000 + b"QUIT\r\n")
+
+    codes = reply_codes(result.stdout)
+    assert result.returncode == 0, result.stderr
+    assert codes.count("214 2.0.0") == 2000
+    assert codes[-1] == "221 2.0.0"
+
+
 def test_limits_from_config(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     dialogue = (

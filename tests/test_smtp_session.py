@@ -759,6 +759,27 @@ def test_junk_commands_count_as_errors_past_limit() -> None:
     assert outcome.closed
 
 
+def test_queued_replies_hold_back_commands() -> None:
+    # A read of 100 HELP commands would queue about 12000 octets of replies.
+    config = hostile_config()
+    config = config.replace(server=dataclasses.replace(config.server, max_unsent_replies=1000))
+    session = make_session(config)
+    session.start()
+    session.data_to_send()
+    session.receive_data(EHLO + b"HELP\r\n" * 100)
+
+    batches = [session.data_to_send()]
+    while session.output_full and len(batches) < 1000:
+        session.resume_input()
+        batches.append(session.data_to_send())
+
+    assert len(batches) > 10
+    # The reply that reaches the limit is the last one queued, and none is longer than 200 octets.
+    assert max(len(batch) for batch in batches) < 1000 + 200
+    assert not session.output_full
+    assert len(split_replies(b"".join(batches))) == 101
+
+
 def test_accepted_message_clears_error_count() -> None:
     # As in Postfix, errors before a delivered message do not count against later ones.
     outcome = run_transcript(
@@ -1464,6 +1485,9 @@ def test_tiny_bdat_chunks_memory_bounded(chunk: bytes, octets: int) -> None:
         for _ in range(10):
             session.receive_data(chunk * (count // 10))
             session.data_to_send()
+            while session.output_full:
+                session.resume_input()
+                session.data_to_send()
             assert session.events() == []
         growth = tracemalloc.get_traced_memory()[0] - baseline
     finally:

@@ -5,9 +5,12 @@ feeds the session, and everything the session queued in response goes out in
 one ``write`` (so replies to a pipelined group share one packet).  Events
 that need waiting (storing a message, checking a password, the TLS
 handshake) run as tasks, with reading paused until they finish so a client
-cannot pile up input meanwhile.  Reading also pauses while the transport's
-write buffer is above its high-water mark, so a client that never reads its
-replies cannot grow memory.
+cannot pile up input meanwhile.  Reading also pauses while more than
+``server.max_unsent_replies`` octets of replies are unsent (the transport's
+high-water mark, set on the plain transport, on the implicit-TLS one and on
+the one STARTTLS returns), so a client that never reads its replies cannot
+grow memory.  Reading resumes once the unsent replies drop to a quarter of
+the limit, the transport's low-water mark.
 
 Timeouts: ``server.command_timeout`` between commands and
 ``server.data_timeout`` between reads inside DATA or BDAT (defaults from
@@ -58,12 +61,15 @@ class SMTPProtocol(asyncio.Protocol):
         self._greeting_timer: asyncio.TimerHandle | None = None
         self._handshaking = False  # a STARTTLS handshake runs
         self._loss_deferred = False  # connection_lost came during that handshake
+        # server.max_unsent_replies when the connection opened, kept across a reload.
+        self._max_unsent_replies = runtime.config.server.max_unsent_replies
 
     # -- asyncio callbacks ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self._limit_unsent_replies(self.transport)
         peer = self.transport.get_extra_info("peername")
         self.client_address = str(peer[0]) if peer else "-"
         self._tls = self.transport.get_extra_info("sslcontext") is not None
@@ -155,6 +161,9 @@ class SMTPProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._resume("write")
+        if self.session is not None and self.session.output_full:
+            self.session.resume_input()
+            self._flush()
 
     # -- shutdown hooks used by the server -----------------------------------
 
@@ -193,6 +202,9 @@ class SMTPProtocol(asyncio.Protocol):
             if out:
                 transport.write(out)
             if not events:
+                if session.output_full and self._can_take_replies(transport):
+                    session.resume_input()
+                    continue
                 if self._timer is not None and session.in_data != self._timer_in_data:
                     # Entering or leaving DATA: the other timeout applies from now on.
                     self._timer.cancel()
@@ -290,6 +302,7 @@ class SMTPProtocol(asyncio.Protocol):
             self.connection_lost(error)
             return
         self.transport = new_transport
+        self._limit_unsent_replies(new_transport)
         self._tls = True
         self._log_tls(new_transport)
         if self._loss_deferred:
@@ -301,6 +314,16 @@ class SMTPProtocol(asyncio.Protocol):
         self._last_activity = time.monotonic()
         session.tls_started()
         self._flush()
+
+    def _can_take_replies(self, transport: asyncio.Transport) -> bool:
+        # Over the limit the transport calls pause_writing, and resume_writing
+        # runs the held-back commands once it has drained.
+        return "write" not in self._pause_reasons and transport.get_write_buffer_size() <= self._max_unsent_replies
+
+    def _limit_unsent_replies(self, transport: asyncio.Transport) -> None:
+        # The TLS transport that STARTTLS returns has limits of its own (512 KiB
+        # in asyncio and uvloop 0.23), so each new transport gets the limit.
+        transport.set_write_buffer_limits(high=self._max_unsent_replies)
 
     def _log_tls(self, transport: asyncio.Transport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")

@@ -49,6 +49,10 @@ Policy decisions, with their sources:
 - STARTTLS: bytes pipelined after the command are dropped unread, and EHLO,
   AUTH and the transaction are forgotten after the handshake (RFC 3207
   section 4.2).
+- Replies: once ``server.max_unsent_replies`` octets of replies are queued,
+  the session runs no further buffered command until its owner has taken
+  them and calls ``resume_input`` (see ``output_full``).  So one read of
+  short commands with long replies cannot queue many times its size.
 - A new EHLO/HELO or RSET clears the transaction only; TLS and AUTH stay.
 - A HELO reply offers no extensions, and a client may use only offered ones
   (RFC 5321 sections 2.2.1 and 4.1.1.3).  So after HELO, MAIL and RCPT
@@ -122,6 +126,7 @@ class SessionSettings:
     max_received_headers: int
     max_errors: int
     max_junk_commands: int
+    max_unsent_replies: int
     bare_lf: str
 
     @classmethod
@@ -143,6 +148,7 @@ class SessionSettings:
             max_received_headers=policy.max_received_headers,
             max_errors=config.server.max_errors,
             max_junk_commands=config.server.max_junk_commands,
+            max_unsent_replies=config.server.max_unsent_replies,
             bare_lf=policy.bare_lf,
         )
 
@@ -181,6 +187,9 @@ class Session:
         self.messages = 0
         self.closed = False
         self._out: list[bytes] = []
+        self._out_octets = 0  # octets in _out
+        # _process stopped because _out reached max_unsent_replies (see resume_input).
+        self._output_full = False
         self._events: list[Event] = []
         self._waiting: type[Event] | None = None
         self._sasl: SaslExchange | None = None
@@ -242,6 +251,7 @@ class Session:
             return b""
         data = b"".join(self._out)
         self._out.clear()
+        self._out_octets = 0
         return data
 
     def events(self) -> list[Event]:
@@ -249,6 +259,16 @@ class Session:
         events = self._events
         self._events = []
         return events
+
+    @property
+    def output_full(self) -> bool:
+        """Whether buffered commands wait because the queued replies reached ``max_unsent_replies``."""
+        return self._output_full and not self.closed
+
+    def resume_input(self) -> None:
+        """Run the buffered commands held back by ``output_full``, once the owner took the replies."""
+        if self.output_full:
+            self._process()
 
     @property
     def waiting(self) -> bool:
@@ -328,8 +348,14 @@ class Session:
     # -- input loop ----------------------------------------------------------
 
     def _process(self) -> None:
+        self._output_full = False
         buffer = self.buffer
         while not self.closed and self._waiting is None:
+            if self._out_octets >= self.settings.max_unsent_replies:
+                # One read of short commands with long replies (HELP) could
+                # otherwise queue twenty times its size in replies.
+                self._output_full = True
+                return
             event = buffer.next_event()
             if event is None:
                 # Lines that arrive in the same read as the end of a dropped
@@ -424,7 +450,9 @@ class Session:
     # -- output helpers ------------------------------------------------------
 
     def _send(self, reply: Reply) -> None:
-        self._out.append(reply.encode())
+        encoded = reply.encode()
+        self._out.append(encoded)
+        self._out_octets += len(encoded)
 
     def _reject(self, command: str, reply: Reply) -> None:
         """Send an error reply, log it, and end the session after too many."""
