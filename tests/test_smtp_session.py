@@ -858,6 +858,31 @@ def test_bare_lf_normalized_for_trusted() -> None:
     )
 
 
+def test_bare_lf_normalized_size_limit() -> None:
+    # Normalizing adds one octet for each bare line end, and the limit holds
+    # for the message with those octets.  Each message below is within the
+    # limit as sent: 92 octets become 152, 100 become 160, and 70 become 100.
+    config = hostile_config(bare_lf="normalize", max_message_size=100)
+    data_over = b"x" * 30 + b"\n" * 60 + b"\r\n"
+    bdat_over = b"x" * 40 + b"\n" * 60
+    at_limit = b"Subject: a\r\n\r\n" + b"x" * 24 + b"\n" * 30 + b"\r\n"
+    assert (len(data_over), len(bdat_over), len(at_limit)) == (92, 100, 70)
+    outcome = run_transcript(
+        lambda: make_session(config),
+        [
+            (EHLO, ["250"]),
+            (T + b"DATA\r\n", ["250", "250", "354"]),
+            (data_over + b".\r\n", ["552 5.3.4"]),
+            (T + b"BDAT 100 LAST\r\n" + bdat_over, ["250", "250", "552 5.3.4"]),
+            (T + b"DATA\r\n", ["250", "250", "354"]),
+            (at_limit + b".\r\n", ["250"]),
+            (b"NOOP\r\n", ["250"]),
+        ],
+    )
+
+    assert [len(message.body) for message in outcome.messages] == [100]
+
+
 def test_bare_lf_lines_unstuffed_for_trusted() -> None:
     # A client that ends lines with bare LF stuffs the lines after them too.
     # A single leading dot there stays, because a client that does not stuff may have sent it.

@@ -28,8 +28,9 @@ Policy decisions, with their sources:
   ``policy.bare_lf`` set to ``normalize``, a trusted or authenticated
   client's message is stored with CRLF line ends instead, and a DATA line
   after a bare line end that starts with ``..`` loses one dot.  The size
-  limit is checked at MAIL (SIZE, RFC 1870) and at end of data; nothing is
-  answered before the final dot.
+  limit is checked at MAIL (SIZE, RFC 1870) and at end of data, where a
+  bare line end that normalization turns into CRLF counts as two octets;
+  nothing is answered before the final dot.
 - BDAT: a chunk is read to its declared end even when it is rejected, as
   RFC 3030 section 2 requires, and the buffer drops a rejected chunk as it
   arrives.  A chunk that takes the message past the size limit gets
@@ -802,6 +803,8 @@ class Session:
         body = event.body
         if event.bare_lf >= 0 or event.bare_cr >= 0:
             body = normalize_data_line_ends(body)
+            if self._oversized_after_normalizing(body, "DATA"):
+                return
         self._finish_message(transaction, body, "DATA")
 
     def _bdat(self, command: Command, refusal: Reply | None = None) -> None:
@@ -878,7 +881,22 @@ class Session:
             if self.transaction is None:
                 return
             body = normalize_line_ends(body)
+            if self._oversized_after_normalizing(body, "BDAT"):
+                return
         self._finish_message(transaction, body, "BDAT")
+
+    def _oversized_after_normalizing(self, body: bytes, verb: str) -> bool:
+        """Reject a message that bare_lf = "normalize" took past the size limit; return whether it did.
+
+        Each bare LF or CR becomes two octets, so the stored message can be up
+        to twice the size the buffer counted.
+        """
+        if len(body) <= self.settings.max_message_size:
+            return False
+        self.transaction = None
+        self._reject(verb, replies.MESSAGE_TOO_BIG)
+        self._after_transaction()
+        return True
 
     def _finish_message(self, transaction: Transaction, body: bytes, verb: str) -> None:
         headers = header_block(body)
