@@ -52,6 +52,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_WORKERS = 256
 # The largest policy.max_message_size accepted, 1 TiB, in octets.
 MAX_MESSAGE_SIZE_CEILING = 1 << 40
+# Octets in a host name written as dotted text: RFC 1035 section 2.3.4 allows
+# 255 octets in wire form, which is 253 as text.
+MAX_HOSTNAME_OCTETS = 253
 # The largest value an "int" or "size" key without a maximum of its own accepts.
 _INTEGER_CEILING = (1 << 62) - 1
 
@@ -550,6 +553,11 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
         return value
     elif kind == "hostname":
         _expect(value, (str,), "a host name")
+        if len(value.encode()) > MAX_HOSTNAME_OCTETS:
+            raise ValueError(
+                f"host name of {len(value.encode())} octets is too long; a DNS name has at most"
+                f" {MAX_HOSTNAME_OCTETS} octets"
+            )
         if not is_hostname(value):
             raise ValueError(f"invalid host name {value!r}; expected a DNS name such as \"mx.example.test\"")
         return value

@@ -484,6 +484,23 @@ def test_check_config_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ]
 
 
+def test_check_config_rejects_long_hostname(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels = ["a" * 63, "b" * 63, "c" * 63]
+    longest = ".".join([*labels, "d" * 56, "test"])
+    assert len(longest) == 253
+    path = write(tmp_path, f'[server]\nhostname = "{longest}"\n')
+    assert main(["check-config", str(path)]) == 0
+    capsys.readouterr()
+
+    path.write_text(f'[server]\nhostname = "x{longest}"\n')
+    status = main(["check-config", str(path)])
+
+    assert status == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}:server.hostname: host name of 254 octets is too long; a DNS name has at most 253 octets"
+    ]
+
+
 @pytest.mark.parametrize(
     ("section", "fragment"),
     [

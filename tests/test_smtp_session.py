@@ -218,6 +218,21 @@ def test_long_ehlo_survives() -> None:
     )
 
 
+def test_greeting_lines_fit_512_octets() -> None:
+    # A 253-octet server name and a 255-octet client name would make a
+    # 522-octet line; RFC 5321 section 4.5.3.1.5 allows 512 with the CRLF.
+    hostname = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 56, "test"])
+    config = hostile_config()
+    config = config.replace(server=dataclasses.replace(config.server, hostname=hostname))
+    client_name = "e" * 63 + "." + "f" * 63 + "." + "g" * 63 + "." + "h" * 63
+    for verb in (b"EHLO", b"HELO"):
+        outcome = feed(make_session(config), [verb + b" " + client_name.encode() + b"\r\n"])
+        line = outcome.raw.split(b"\r\n")[1] + b"\r\n"
+
+        assert len(line) == 512, verb
+        assert line.startswith(b"250" + (b"-" if verb == b"EHLO" else b" ") + hostname.encode() + b" greets eee")
+
+
 def test_ehlo_requires_domain() -> None:
     run_transcript(
         make_session,

@@ -182,13 +182,28 @@ def greeting(hostname: str) -> Reply:
     return Reply(220, "", (f"{hostname} ESMTP relay",))
 
 
+# Octets in a reply line with its code and CRLF (RFC 5321 section 4.5.3.1.5).
+MAX_REPLY_LINE = 512
+
+
+def _greets(hostname: str, client_name: str) -> str:
+    """Return ``HOST greets NAME``, the name cut so that the line fits in MAX_REPLY_LINE octets.
+
+    A hostname of 253 octets, the most the config accepts, leaves room for
+    245 octets of the client's name.
+    """
+    text = f"{hostname} greets "
+    room = MAX_REPLY_LINE - len("250-") - len(text.encode()) - len("\r\n")
+    return text + client_name.encode()[: max(room, 0)].decode("utf-8", "ignore")
+
+
 def helo(hostname: str, client_name: str) -> Reply:
-    return Reply(250, "", (f"{hostname} greets {client_name}",))
+    return Reply(250, "", (_greets(hostname, client_name),))
 
 
 def ehlo(hostname: str, client_name: str, keywords: list[str]) -> Reply:
     """Return the multi-line EHLO reply: the greeting line, then one keyword a line."""
-    return Reply(250, "", (f"{hostname} greets {client_name}", *keywords))
+    return Reply(250, "", (_greets(hostname, client_name), *keywords))
 
 
 def challenge(text: str) -> Reply:
