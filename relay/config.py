@@ -131,7 +131,8 @@ class ServerConfig:
     # Postfix: smtpd_hard_error_limit = 20 errors before the session is dropped.
     max_errors: int = _key(20, "int", min=1)
     # Postfix: smtpd_junk_command_limit = 100 HELO, EHLO, NOOP, RSET and VRFY
-    # commands, after which each one counts as an error too.
+    # commands (and here empty BDAT chunks without LAST), after which each one
+    # counts as an error too.
     max_junk_commands: int = _key(100, "int", min=1)
     # Hold the 220 this long for untrusted clients and drop those that talk first
     # (554 5.5.0).  Off by default like Postfix smtpd; postscreen waits 6s.

@@ -795,6 +795,41 @@ def test_queued_replies_hold_back_commands() -> None:
     assert len(split_replies(b"".join(batches))) == 101
 
 
+def test_empty_bdat_chunks_count_as_junk() -> None:
+    # An empty chunk without LAST moves the message no further, so a client
+    # looping on it reaches the error limit as with NOOP.
+    config = hostile_config()
+    config = config.replace(server=dataclasses.replace(config.server, max_junk_commands=3))
+    outcome = run_transcript(
+        lambda: make_session(config, max_errors=2),
+        [
+            (EHLO, ["250"]),
+            (T, ["250", "250"]),
+            (b"BDAT 0\r\n", ["250 2.0.0 0 octets"]),
+            (b"BDAT 0\r\n", ["250 2.0.0 0 octets"]),
+            (b"BDAT 0\r\n", ["250 2.0.0 0 octets"]),
+            (b"BDAT 0\r\n", ["250 2.0.0 0 octets", "421 4.7.0"]),
+        ],
+    )
+    assert outcome.closed
+
+
+def test_bdat_chunks_with_data_not_junk() -> None:
+    config = hostile_config()
+    config = config.replace(server=dataclasses.replace(config.server, max_junk_commands=3))
+    outcome = run_transcript(
+        lambda: make_session(config, max_errors=2),
+        [
+            (EHLO, ["250"]),
+            (T, ["250", "250"]),
+            *[(b"BDAT 1\r\nx", ["250 2.0.0 1 octets"]) for _ in range(10)],
+            (b"BDAT 0 LAST\r\n", ["250"]),
+        ],
+    )
+    assert not outcome.closed
+    assert outcome.messages[0].body == b"x" * 10
+
+
 def test_accepted_message_clears_error_count() -> None:
     # As in Postfix, errors before a delivered message do not count against later ones.
     outcome = run_transcript(
@@ -1517,7 +1552,10 @@ def test_tiny_bdat_chunks_memory_bounded(chunk: bytes, octets: int) -> None:
     # Each chunk used to be kept as its own object: empty chunks grew memory
     # without any limit, and 2-octet ones by about 40 octets per chunk.
     count = 30000
-    session = make_session(client=UNTRUSTED)
+    # Empty chunks count as junk commands, which would end the session long before.
+    config = hostile_config()
+    config = config.replace(server=dataclasses.replace(config.server, max_junk_commands=10 * count))
+    session = make_session(config, client=UNTRUSTED)
     feed(session, [EHLO + T])
     tracemalloc.start()
     try:

@@ -62,9 +62,9 @@ Policy decisions, with their sources:
   clients such as Python's smtplib send parameters only after EHLO.
 - After ``server.max_errors`` 4xx/5xx replies the session ends with
   ``421 4.7.0`` (Postfix's ``smtpd_hard_error_limit`` is 20).  Past
-  ``server.max_junk_commands`` HELO, EHLO, NOOP, RSET and VRFY commands,
-  each one counts as an error too (Postfix's ``smtpd_junk_command_limit``
-  is 100).
+  ``server.max_junk_commands`` HELO, EHLO, NOOP, RSET and VRFY commands
+  and ``BDAT 0`` chunks without LAST, each one counts as an error too
+  (Postfix's ``smtpd_junk_command_limit`` is 100).
   A message accepted with ``250`` clears both counts, as in Postfix.
 """
 
@@ -482,8 +482,9 @@ class Session:
         """Count a command that sends no mail; past ``max_junk_commands`` each one counts as an error too.
 
         These are HELO, EHLO, NOOP, RSET and VRFY, which Postfix's smtpd also
-        counts against smtpd_junk_command_limit.  A client that loops on them
-        without sending mail then reaches the error limit.
+        counts against smtpd_junk_command_limit, and an empty BDAT chunk
+        without LAST.  A client that loops on them without sending mail then
+        reaches the error limit.
         """
         self._junk_commands += 1
         if self._junk_commands > self.settings.max_junk_commands:
@@ -866,6 +867,9 @@ class Session:
         if not self._bdat_last:
             transaction.bdat_body += event.data
             self._send(replies.Reply(250, "2.0.0", (f"{event.octets} octets received",)))
+            if event.octets == 0:
+                # An empty chunk moves the message no further, like NOOP.
+                self._count_junk()
             return
         if transaction.bdat_body:
             transaction.bdat_body += event.data
