@@ -855,6 +855,37 @@ def test_late_backup_mx_never_outlasts_lease(tmp_path: Path, nameserver: NameSer
     assert spool_counts(config) == {}
 
 
+def test_backup_mx_rcpt_5xx_kept_when_session_fails(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any
+) -> None:
+    # a.mx.test defers both recipients.  b.mx.test rejects gone@ for good at
+    # RCPT, accepts soft@, and drops the connection at the end of data.  The
+    # 550 from b.mx.test is final (RFC 5321 section 3.3): gone@ bounces at this
+    # attempt, and only soft@ keeps the first host's deferral.
+    port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port, delivery="minimal_backoff_time = 60\nmaximal_backoff_time = 60")
+    spool = spool_for(config)
+    primary = RecordingHandler(refuse={"gone@mx.test": "451 4.3.0 try later", "soft@mx.test": "451 4.3.0 try later"})
+    backup = RecordingHandler(refuse={"gone@mx.test": "550 5.1.1 no such user"}, drop_after={"soft@mx.test"})
+    with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, backup):
+        queue_id = commit(spool, "alice@local.test", ["gone@mx.test", "soft@mx.test"])
+        assert run_until(
+            config, spool, lambda: bool(backup.dropped) and bool(mailbox_messages(config, "alice")), timeout=8.0
+        )
+    message = stored_message(config, queue_id)
+    assert message is not None
+    states = {r.address: r for r in message.recipients}
+    assert states["gone@mx.test"].state is RecipientState.BOUNCED
+    assert states["gone@mx.test"].last_reply == "550 5.1.1 no such user"
+    assert states["gone@mx.test"].attempts == 1
+    assert states["soft@mx.test"].state is RecipientState.DEFERRED
+    assert states["soft@mx.test"].last_reply == "451 4.3.0 try later"
+    (report,) = mailbox_messages(config, "alice")
+    text = unfolded(report)
+    assert "Final-Recipient: rfc822; gone@mx.test" in text
+    assert "Remote-MTA: dns; b.mx.test" in text
+
+
 def test_first_mx_results_recorded_before_backup(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # b.mx.test accepts the connection and never greets.  While the backup
     # session waits, fine@, which a.mx.test accepted, is already recorded:

@@ -699,8 +699,10 @@ class Scheduler:
                     )
                     results = {result.index: result for result in await backup.send(retry)}
         except Exception as exc:
-            # Any failure here leaves the first host's deferrals as they were.
-            results = {}
+            # A reply that decided a recipient before the session failed (a 5xx
+            # to RCPT, say) stands.  The other recipients keep the first host's
+            # deferral.
+            results = dict(exc.decided) if isinstance(exc, SessionError) else {}
             error = "cut off before the lease runs out" if cutoff.expired() else repr(exc)
             log_event(logger, "backup_mx_failed", logging.INFO, queue_id=job.claim.queue_id, error=error)
         finally:
