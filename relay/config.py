@@ -175,8 +175,11 @@ class SpoolConfig:
     # 24.8 days, as none at all.
     busy_timeout: float = _key(10.0, "duration", positive=True, max=86400.0)
     # A claimed recipient is leased to its scheduler this long: the sum of the RFC 5321
-    # section 4.5.3.2 client timeouts (5+5+5+2+3+10 minutes), so one slow but legal
-    # delivery ends before another scheduler may claim the recipient again.
+    # section 4.5.3.2 client timeouts (5+5+5+2+3+10 minutes).  A transaction that
+    # takes longer, with many recipients or a slow next hop, renews the lease while
+    # it runs (relay.delivery.scheduler).  The lease bounds how long a claimed job
+    # may wait in memory before it is sent, and how long the recipients of a
+    # scheduler that died without releasing them wait.
     lease_time: float = _key(1800.0, "duration", min=1.0)
     # A claim made with Spool.claim(bodies=True) carries each body up to this size,
     # read in the claim's transaction, so small messages need no second read.

@@ -855,6 +855,148 @@ def test_late_backup_mx_never_outlasts_lease(tmp_path: Path, nameserver: NameSer
     assert spool_counts(config) == {}
 
 
+def run_second_scheduler_later(
+    config: Config, spool: Spool, started: Callable[[], bool], done: Callable[[], bool], timeout: float = 20.0
+) -> None:
+    """Run one scheduler until ``started()`` holds, then a second on the same spool, until ``done()`` or ``timeout``.
+
+    Both then stop, and ``stop`` lets their transactions in flight finish,
+    so a second delivery that one of them began is seen.
+    """
+
+    async def main() -> None:
+        schedulers = [Scheduler(config, spool), Scheduler(config, spool)]
+        tasks = [asyncio.create_task(schedulers[0].run())]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while loop.time() < deadline and not await asyncio.to_thread(started):
+                await asyncio.sleep(0.05)
+            tasks.append(asyncio.create_task(schedulers[1].run()))
+            while loop.time() < deadline and not await asyncio.to_thread(done):
+                await asyncio.sleep(0.05)
+        finally:
+            for scheduler in schedulers:
+                await scheduler.stop()
+            await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+
+
+def test_slow_transaction_never_outlasts_lease(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # Leases last 3 s and the next hop takes 3.5 s to reply to the end of data.
+    # A second scheduler starts once the first has connected and claims
+    # whatever is due.  If the lease ran out during the transaction, that
+    # scheduler would claim bob@ again and the next hop would get him twice.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, spool='lease_time = "3s"')
+    spool = spool_for(config)
+    upstream = RecordingHandler(data_delay=3.5)
+    with run_upstream("127.0.0.4", port, upstream):
+        commit(spool, "alice@local.test", ["bob@implicit.test"])
+        run_second_scheduler_later(
+            config, spool, lambda: upstream.connections > 0, lambda: not spool_counts(config), timeout=15.0
+        )
+    assert [m.recipients for m in upstream.messages] == [["bob@implicit.test"]]
+    assert upstream.connections == 1
+    assert spool_counts(config) == {}
+
+
+def test_slow_greeting_never_outlasts_lease(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # Leases last 3 s.  The next hop accepts the connection and never greets,
+    # so the session waits the 5 s greeting timeout.  A second scheduler on the
+    # same spool starts half a second in.  If the lease ran out while the
+    # session opened, either scheduler would claim bob@ again and connect a
+    # second time: the second one at once, the first one after its session
+    # failed, since one failure does not back the destination off here.
+    port = free_port("127.0.0.4")
+    settings = "minimal_backoff_time = 60\nmaximal_backoff_time = 60\ndestination_failure_limit = 3"
+    config = make_config(tmp_path, nameserver, port, delivery=settings, spool='lease_time = "3s"')
+    spool = spool_for(config)
+    silent = socket.create_server(("127.0.0.4", port), backlog=8)
+    try:
+        queue_id = commit(spool, "alice@local.test", ["bob@implicit.test"])
+        started = time.monotonic()
+        run_second_scheduler_later(
+            config, spool, lambda: time.monotonic() - started > 0.5, lambda: time.monotonic() - started > 6.5
+        )
+        # Nothing accepted the connections, so each one still waits in the backlog.
+        silent.setblocking(False)
+        connections = 0
+        for _ in range(8):
+            try:
+                connection, _ = silent.accept()
+            except BlockingIOError:
+                break
+            connection.close()
+            connections += 1
+    finally:
+        silent.close()
+    assert connections == 1
+    message = stored_message(config, queue_id)
+    assert message is not None
+    print('DEBUG', message.recipients[0])
+    assert message.recipients[0].state is RecipientState.DEFERRED
+    assert "timed out" in (message.recipients[0].last_reply or "")
+
+
+def test_pipelined_next_job_keeps_lease(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # Leases last 3 s.  The next hop offers PIPELINING and takes 3.5 s to reply
+    # to each end of data, so the second message's commands go out with the
+    # first body and then wait 3.5 s for it.  Its lease must not run out in
+    # that wait, or the second scheduler would deliver it once more.
+    port = free_port("127.0.0.4")
+    config = make_config(
+        tmp_path, nameserver, port, delivery="destination_concurrency_limit = 1", spool='lease_time = "3s"'
+    )
+    spool = spool_for(config)
+    upstream = RecordingHandler(data_delay=3.5, pipelining=True)
+    with run_upstream("127.0.0.4", port, upstream):
+        commit(spool, "alice@local.test", ["first@implicit.test"])
+        commit(spool, "alice@local.test", ["second@implicit.test"])
+        run_second_scheduler_later(
+            config, spool, lambda: upstream.connections > 0, lambda: not spool_counts(config), timeout=20.0
+        )
+    assert [m.recipients for m in upstream.messages] == [["first@implicit.test"], ["second@implicit.test"]]
+    assert upstream.commands_pipelined_after_data >= 1
+    assert upstream.connections == 1
+    assert spool_counts(config) == {}
+
+
+def test_hold_cuts_off_running_transaction(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # Leases last 3 s, so the lease of a running transaction is renewed every
+    # second.  The message is held while the next hop takes 5 s to reply to
+    # the end of data.  The renewal finds the recipient held, and the
+    # scheduler closes the connection before that reply, without a QUIT that
+    # the server could take for message text, so the message is not delivered.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, spool='lease_time = "3s"')
+    spool = spool_for(config)
+    upstream = RecordingHandler(data_delay=5.0)
+    held_at: list[float] = []
+    with run_upstream("127.0.0.4", port, upstream):
+        queue_id = commit(spool, "alice@local.test", ["bob@implicit.test"])
+
+        def hold_then_wait() -> bool:
+            if not held_at and upstream.connections > 0:
+                store = SpoolStore(config.spool.path)
+                try:
+                    with store.transaction():
+                        assert store.hold(queue_id, time.time()) == 1
+                finally:
+                    store.close()
+                held_at.append(time.monotonic())
+            return bool(held_at) and upstream.active == 0
+
+        assert run_until(config, spool, hold_then_wait, timeout=4.0)
+        closed_after = time.monotonic() - held_at[0]
+    assert upstream.messages == []
+    assert closed_after < 2.5
+    message = stored_message(config, queue_id)
+    assert message is not None
+    assert [r.state for r in message.recipients] == [RecipientState.HELD]
+
+
 def test_backup_mx_rcpt_5xx_kept_when_session_fails(
     tmp_path: Path, nameserver: NameServer, spool_for: Any
 ) -> None:

@@ -45,10 +45,19 @@ Leases: the scheduler claims under an owner name that identifies its
 process (``relay.delivery.owner``).  On start it releases the leases of
 owners on this host whose process no longer runs (a scheduler killed with
 SIGKILL), so their recipients do not wait out ``spool.lease_time``; a live
-scheduler's leases are never touched.  On stop it releases its own.  A
-session to a backup MX renews the lease of the recipients it sends first,
-and ends before the renewed lease does (``LEASE_MARGIN``), so no other claim
-can get them while it runs.
+scheduler's leases are never touched.  On stop it releases its own.  No
+transaction outlives its lease, so no other claim can get its recipients
+while it runs:
+
+- A job whose lease ran out while it waited in memory is not sent.
+- While a worker opens a session and sends a job, ``_LeaseKeeper`` renews
+  the lease of the job and of the next job pipelined after it
+  (``RENEW_AFTER``, every 10 of the 30 minutes), and cuts the session off
+  without QUIT when a renewal finds a lease lost, or when renewals fail
+  until ``LEASE_MARGIN`` of it is left.  A transaction that ends within the
+  first third of the lease costs no spool write for this.
+- A session to a backup MX renews the lease of the recipients it sends
+  first, and ends before the renewed lease does (``LEASE_MARGIN``).
 
 Every attempt result is logged as one line: queue ID, recipient, relay,
 delay, DSN status and the reply.
@@ -58,12 +67,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
 import random
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,15 +128,130 @@ RECHECK_AFTER = 1.0
 # of its renewed lease, for recording its results: 3 of the default 30 minutes,
 # far more than a record waits for the spool's writer (its busy timeout is 10 s).
 LEASE_MARGIN = 0.1
+# Share of ``spool.lease_time`` after which the lease of a job being sent is
+# renewed, and then renewed again: every 10 of the default 30 minutes.  A
+# renewal that fails with a spool error is tried again a third later, unless
+# the session was cut off at ``LEASE_MARGIN`` before that.
+RENEW_AFTER = 1 / 3
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False, slots=True)
 class Job:
     """Recipients of one message that go out in one transaction over one route."""
 
     claim: Claim
     route: Route
     recipients: tuple[StoredRecipient, ...]
+    # time.time() when the lease on ``recipients`` ends: the claim's, moved on by each renewal.
+    lease_until: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lease_until = self.claim.lease_until
+
+
+class LeaseCutOff(Exception):
+    """A session was cut off because the lease of a job it was sending is lost or about to end."""
+
+
+class _LeaseKeeper:
+    """Renew the leases of the jobs one worker is sending, and cut its session off when one is lost.
+
+    A timer fires ``RENEW_AFTER`` of ``spool.lease_time`` after the earliest
+    of the leases was set, and then renews every job's lease, so a
+    transaction that ends sooner costs no spool write.  Work awaited in
+    ``cutoff()`` raises LeaseCutOff when a renewal finds a lease lost (it ran
+    out, another claim took it, or an operator held or deleted the message),
+    or when renewals keep failing until ``LEASE_MARGIN`` of the lease is left.
+    """
+
+    def __init__(self, scheduler: Scheduler, job: Job) -> None:
+        self._scheduler = scheduler
+        self._loop = asyncio.get_running_loop()
+        self._lease_time = scheduler.spool.lease_time
+        self._jobs = [job]
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        # Loop time at which work in ``cutoff()`` is cancelled; None while the leases are renewed in time.
+        self._cut_at: float | None = None
+        self._scope: asyncio.Timeout | None = None
+        self._closed = False
+        self._schedule(job.lease_until - self._lease_time * (1 - RENEW_AFTER))
+
+    def add(self, job: Job) -> None:
+        """Keep the lease of ``job`` too: the next job, whose commands go out over the same session."""
+        self._jobs.append(job)
+        self._schedule(job.lease_until - self._lease_time * (1 - RENEW_AFTER))
+
+    def close(self) -> None:
+        """Stop renewing; a renewal already running still finishes."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    @contextlib.asynccontextmanager
+    async def cutoff(self) -> AsyncIterator[None]:
+        """Run the block, cancelled with LeaseCutOff when a lease is lost or about to end."""
+        try:
+            async with asyncio.timeout_at(self._cut_at) as scope:
+                self._scope = scope
+                try:
+                    yield
+                finally:
+                    self._scope = None
+        except TimeoutError:
+            if scope.expired():
+                raise LeaseCutOff from None
+            raise
+
+    def _schedule(self, when: float) -> None:
+        """Renew at ``when`` (time.time()), unless a renewal is due earlier."""
+        at = self._loop.time() + (when - time.time())
+        if self._closed or (self._timer is not None and self._timer_when <= at):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(at, self._renew_due)
+        self._timer_when = at
+
+    def _cut_off_at(self, when: float | None) -> None:
+        self._cut_at = when
+        if self._scope is not None:
+            self._scope.reschedule(when)
+
+    def _renew_due(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        # Should the renewal hang or fail, the session still ends before the leases do.
+        end = min(job.lease_until for job in self._jobs)
+        self._cut_off_at(self._loop.time() + (end - time.time()) - self._lease_time * LEASE_MARGIN)
+        self._scheduler._spawn(self._renew())
+
+    async def _renew(self) -> None:
+        renewed = True
+        for job in list(self._jobs):
+            claim = job.claim
+            indexes = [recipient.index for recipient in job.recipients]
+            try:
+                until = await self._scheduler.spool.renew_lease(claim.queue_id, indexes, claim.lease_token)
+            except SpoolError as exc:
+                log_event(logger, "lease_renew_failed", logging.WARNING, queue_id=claim.queue_id, error=str(exc))
+                renewed = False
+                continue
+            if self._closed:
+                # The transaction ended meanwhile, and recording its results ended the lease.
+                return
+            if until is None:
+                log_event(logger, "lease_lost", logging.WARNING, queue_id=claim.queue_id, owner=self._scheduler.owner)
+                self._cut_off_at(self._loop.time())
+                return
+            job.lease_until = until
+        if self._closed:
+            return
+        if renewed:
+            self._cut_off_at(None)
+        self._schedule(time.time() + self._lease_time * RENEW_AFTER)
 
 
 @dataclass
@@ -470,17 +595,21 @@ class Scheduler:
                     if job.route.kind == LOCAL:
                         await self._deliver_local(job)
                         continue
-                    if session is None or not session.usable:
-                        if session is not None:
-                            # A broken session gives its connection slot back before a new one opens.
-                            session.abort()
-                            self._connections.release()
-                            session = None
-                        session = await self._open_session(name, destination, job)
-                        if session is None:
-                            continue
-                        route = job.route
-                    carried = await self._send(session, job, message, destination)
+                    keeper = _LeaseKeeper(self, job)
+                    try:
+                        if session is None or not session.usable:
+                            if session is not None:
+                                # A broken session gives its connection slot back before a new one opens.
+                                session.abort()
+                                self._connections.release()
+                                session = None
+                            session = await self._open_session(name, destination, job, keeper)
+                            if session is None:
+                                continue
+                            route = job.route
+                        carried = await self._send(session, job, message, destination, keeper)
+                    finally:
+                        keeper.close()
                     job = None
                 finally:
                     self._jobs_in_memory -= 1
@@ -510,7 +639,9 @@ class Scheduler:
         except Exception:
             logger.exception("could not defer %s after a delivery worker failed", job.claim.queue_id)
 
-    async def _open_session(self, name: str, destination: _Destination, job: Job) -> SMTPSession | None:
+    async def _open_session(
+        self, name: str, destination: _Destination, job: Job, keeper: _LeaseKeeper
+    ) -> SMTPSession | None:
         now = time.time()
         if destination.suspended_until > now:
             reply = f"451 4.4.1 delivery to {name} is backed off after failed connections"
@@ -518,7 +649,13 @@ class Scheduler:
             return None
         await self._connections.acquire()
         try:
-            session = await self.sessions.acquire(job.route)
+            # Up to mx_address_limit connects, each with its greeting, EHLO, STARTTLS and AUTH timeouts.
+            async with keeper.cutoff():
+                session = await self.sessions.acquire(job.route)
+        except LeaseCutOff:
+            self._connections.release()
+            self._log_cut_off(job, "")
+            return None
         except LookupFailure as exc:
             self._connections.release()
             outcome = Outcome.DEFERRED if exc.temporary else Outcome.FAILED
@@ -563,7 +700,12 @@ class Scheduler:
                 self._jobs_in_memory -= 1
 
     async def _send(
-        self, session: SMTPSession, job: Job, message: OutboundMessage | None, destination: _Destination
+        self,
+        session: SMTPSession,
+        job: Job,
+        message: OutboundMessage | None,
+        destination: _Destination,
+        keeper: _LeaseKeeper,
     ) -> tuple[Job, OutboundMessage | None] | None:
         """Deliver a job over ``session`` and record its results.
 
@@ -571,6 +713,11 @@ class Scheduler:
         one: its MAIL, RCPT and DATA commands may already be on the wire, so
         the worker must send it next over the same session.  When the session
         fails, that job goes back to the front of the queue instead.
+
+        ``keeper`` renews the leases of both jobs while the transaction runs.
+        When it cuts the session off, nothing is recorded: a lost lease
+        belongs to another claim or to an operator's hold now, and a lease
+        still held runs out and lets the recipients be claimed again.
         """
         if message is None:
             message = await self._load_message(job)
@@ -583,10 +730,25 @@ class Scheduler:
             if following_message is None:
                 self._jobs_in_memory -= 1
                 following = None
+            else:
+                keeper.add(following)
 
         by_index = {r.index: r for r in job.recipients}
         try:
-            results = await session.send(message, following_message)
+            try:
+                async with keeper.cutoff():
+                    results = await session.send(message, following_message)
+            finally:
+                # Recording the results ends the lease, and a renewal after that would
+                # take the recipients for lost.  The next job gets a keeper of its own.
+                keeper.close()
+        except LeaseCutOff:
+            # The session may be inside DATA, where a QUIT would be message text.
+            session.abort()
+            if following is not None:
+                destination.queue.appendleft(following)
+            self._log_cut_off(job, session.peer)
+            return None
         except SessionError as exc:
             # Replies that decided a recipient before the failure stand; the rest wait.
             outcomes = []
@@ -738,7 +900,15 @@ class Scheduler:
             return None
         if until is None:
             log_event(logger, "lease_expired", logging.WARNING, queue_id=claim.queue_id, owner=self.owner)
+        elif set(indexes) == {recipient.index for recipient in job.recipients}:
+            job.lease_until = until
         return until
+
+    def _log_cut_off(self, job: Job, peer: str) -> None:
+        log_event(
+            logger, "delivery_cut_off", logging.WARNING, queue_id=job.claim.queue_id,
+            relay=peer or job.route.destination, reason="lease lost or about to end",
+        )
 
     def _take_following(self, session: SMTPSession, job: Job, destination: _Destination) -> Job | None:
         """Take the destination's next job when the session can pipeline its commands after ``job``."""
@@ -782,7 +952,7 @@ class Scheduler:
         """Return whether a job may still be delivered: its lease holds, and no hold or delete came after the claim."""
         claim = job.claim
         now = time.time()
-        if claim.lease_until <= now:
+        if job.lease_until <= now:
             log_event(logger, "lease_expired", logging.WARNING, queue_id=claim.queue_id, owner=self.owner)
             return False
         if now - (claim.lease_until - self.spool.lease_time) > RECHECK_AFTER:

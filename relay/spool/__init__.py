@@ -102,8 +102,9 @@ DEFAULT_BATCH_MESSAGES = 512
 DEFAULT_BATCH_BYTES = 64 * 1024 * 1024
 DEFAULT_BUSY_TIMEOUT = 10.0
 # The sum of the RFC 5321 section 4.5.3.2 client timeouts in minutes: 5 greeting,
-# 5 MAIL, 5 RCPT, 2 DATA, 3 data block, 10 end of data.  So one slow but legal
-# delivery finishes before its lease runs out.
+# 5 MAIL, 5 RCPT, 2 DATA, 3 data block, 10 end of data.  A transaction with many
+# RCPT commands or data blocks can take longer, so the scheduler renews the lease
+# while one runs (renew_lease).
 DEFAULT_LEASE_TIME = 30 * 60.0
 DEFAULT_CLAIM_BODY_MAX_BYTES = 64 * 1024
 
