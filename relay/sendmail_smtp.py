@@ -41,13 +41,14 @@ message is not queued) or the session was closed for a protocol error;
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import select
 from typing import TextIO
 
 from relay._parser import xtext_encode
-from relay.config import Config
+from relay.config import Config, ListenerConfig
 from relay.log import log_event
 from relay.sendmail import (
     _config_file,
@@ -74,26 +75,12 @@ READ_SIZE = 65536
 
 def local_settings(config: Config) -> SessionSettings:
     """Return the session settings for ``-bs``: the config's limits, no STARTTLS, no AUTH."""
-    policy = config.policy
-    return SessionSettings(
-        hostname=config.server.hostname,
-        role="mx",
-        starttls=False,
-        implicit_tls=False,
-        auth_available=False,
-        auth_plaintext=False,
-        max_message_size=policy.max_message_size,
-        max_recipients=policy.max_recipients,
-        max_line_length=policy.max_line_length,
-        max_auth_line_length=policy.max_auth_line_length,
-        max_received_headers=policy.max_received_headers,
-        max_errors=config.server.max_errors,
-        max_junk_commands=config.server.max_junk_commands,
-        max_unsent_replies=config.server.max_unsent_replies,
-        # relay sendmail stores LF-ended input with CRLF, and the client is
-        # the local user, whom no smuggled message could deceive.
-        bare_lf="normalize",
-    )
+    # The limits are those of an MX listener without TLS or AUTH.
+    listener = ListenerConfig(role="mx", tls="none")
+    settings = SessionSettings.from_config(config, listener, tls_ready=False, auth_ready=False)
+    # relay sendmail stores LF-ended input with CRLF, and the client is
+    # the local user, whom no smuggled message could deceive.
+    return dataclasses.replace(settings, bare_lf="normalize")
 
 
 class StdioSession:
