@@ -49,6 +49,7 @@ from relay.delivery import Scheduler
 from relay.delivery.process import DeliveryProcess, WakeChannel, WakeSender
 from relay.entry import SERVE_SIGNALS
 from relay.log import flush_log, log_event
+from relay.notify import Notifier, ReadinessPipe
 from relay.reload import check_files, log_reload, reload_config
 from relay.signals import EarlySignals, StopRequests, SupervisorLink, install_loop_handlers
 from relay.smtp import replies
@@ -378,12 +379,17 @@ class Worker:
         wake: WakeChannel | None = None,
         early_signals: EarlySignals | None = None,
         supervisor: SupervisorLink | None = None,
+        on_ready: Callable[[], None] | None = None,
+        on_stopping: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.workers = workers
         self.index = index
         self._early_signals = early_signals
         self._supervisor = supervisor
+        # Readiness reports: to systemd when this worker is the main process, else to the supervisor.
+        self._on_ready = on_ready
+        self._on_stopping = on_stopping
         # Set when the scheduler runs in a delivery process: commits wake it through this pipe.
         self.wake = wake
         self._wake_sender: WakeSender | None = None
@@ -412,6 +418,12 @@ class Worker:
             log_event(logger, "listen_failed", logging.ERROR, error=str(exc))
             await self._close_spool()
             return 1
+        # The SMTP listeners are bound, and since run_worker installed
+        # EarlySignals a SIGHUP or SIGTERM is recorded, not fatal.  Reporting
+        # here, before install_loop_handlers acts on a recorded stop, keeps
+        # READY=1 ahead of STOPPING=1.  The admin listener starts a moment later.
+        if self._on_ready is not None:
+            self._on_ready()
         install_loop_handlers(
             loop,
             on_stop=self._on_signal,
@@ -536,6 +548,8 @@ class Worker:
 
     def _on_signal(self, signum: int) -> None:
         if self._stop_requests.receive(signum, logger, sessions=len(self.sessions)):
+            if self._on_stopping is not None:
+                self._on_stopping()
             self._stop.set()
 
     def _on_supervisor_gone(self) -> None:
@@ -601,12 +615,23 @@ def run_worker(
     index: int,
     wake: WakeChannel | None = None,
     supervisor: SupervisorLink | None = None,
+    on_ready: Callable[[], None] | None = None,
+    on_stopping: Callable[[], None] | None = None,
 ) -> int:
     """Run one worker's event loop until it has shut down; return its exit status."""
     early = EarlySignals().install()
     _unblock_signals()
     install_event_loop(event_loop)
-    worker = Worker(config, workers=workers, index=index, wake=wake, early_signals=early, supervisor=supervisor)
+    worker = Worker(
+        config,
+        workers=workers,
+        index=index,
+        wake=wake,
+        early_signals=early,
+        supervisor=supervisor,
+        on_ready=on_ready,
+        on_stopping=on_stopping,
+    )
     return asyncio.run(worker.run())
 
 
@@ -718,14 +743,31 @@ def serve(config: Config, *, event_loop: str = "uvloop") -> int:
 
     Raises FileCheckError or ListenerError before any worker starts.
     """
+    # Taken before any fork, so that only this process, the one systemd started, can report.
+    notifier = Notifier.from_environment()
     check_startup(config)
     workers = config.server.workers
     # Set before the workers fork, so each of them inherits it.
     metrics.destination_label.limit = config.admin.max_destination_labels
     metrics.clear_snapshots(metrics.snapshot_directory(config.spool.path))
+    status = _status_text(config)
     if workers == 1:
-        return run_worker(config, event_loop=event_loop, workers=1, index=0)
-    return _supervise(config, event_loop, workers)
+        return run_worker(
+            config,
+            event_loop=event_loop,
+            workers=1,
+            index=0,
+            on_ready=lambda: notifier.ready(status),
+            on_stopping=notifier.stopping,
+        )
+    return _supervise(config, event_loop, workers, notifier)
+
+
+def _status_text(config: Config) -> str:
+    """Return the STATUS= text of READY=1: each listener with its role, and the worker count."""
+    listeners = ", ".join(f"{listener.address_text} ({listener.role})" for listener in config.listeners)
+    workers = config.server.workers
+    return f"listening on {listeners} with {workers} worker{'s' if workers != 1 else ''}"
 
 
 def _unblock_signals() -> None:
@@ -742,14 +784,21 @@ def _log_child_failure(index: int, error: BaseException) -> None:
               exception=traceback.format_exc()[-400:])
 
 
-def _supervise(config: Config, event_loop: str, workers: int) -> int:
-    """Fork the workers (and the delivery process, numbered after them), pass signals on, wait for all."""
+def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier) -> int:
+    """Fork the workers (and the delivery process, numbered after them), pass signals on, wait for all.
+
+    The supervisor sends READY=1 once every worker has bound its listeners.
+    From the first line of ``relay.entry`` on, a SIGHUP to the supervisor is
+    blocked or forwarded, and each child blocks it until its EarlySignals
+    are installed, so the listeners are what READY=1 waits for.
+    """
     # Until the handlers are in place, a SIGHUP would end the supervisor or a
     # new child with the default action.  A blocked signal waits instead.  Each
     # child unblocks it after installing EarlySignals, the supervisor after forking.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     wake = WakeChannel() if _separate_delivery(config) else None
     supervisor = SupervisorLink()
+    readiness = ReadinessPipe() if notifier.enabled else None
     children: dict[int, int] = {}
     for index in range(workers):
         pid = os.fork()
@@ -759,8 +808,18 @@ def _supervise(config: Config, event_loop: str, workers: int) -> int:
                 supervisor.close_write_end()
                 if wake is not None:
                     wake.close_read_end()
+                on_ready = None
+                if readiness is not None:
+                    readiness.close_read_end()
+                    on_ready = readiness.report_ready
                 status = run_worker(
-                    config, event_loop=event_loop, workers=workers, index=index, wake=wake, supervisor=supervisor
+                    config,
+                    event_loop=event_loop,
+                    workers=workers,
+                    index=index,
+                    wake=wake,
+                    supervisor=supervisor,
+                    on_ready=on_ready,
                 )
             except BaseException as exc:
                 _log_child_failure(index, exc)
@@ -775,6 +834,9 @@ def _supervise(config: Config, event_loop: str, workers: int) -> int:
             try:
                 supervisor.close_write_end()
                 wake.close_write_end()
+                if readiness is not None:
+                    readiness.close_read_end()
+                    readiness.close_write_end()
                 status = run_delivery(config, event_loop=event_loop, index=workers, wake=wake, supervisor=supervisor)
             except BaseException as exc:
                 _log_child_failure(workers, exc)
@@ -789,11 +851,28 @@ def _supervise(config: Config, event_loop: str, workers: int) -> int:
     supervisor.close_read_end()
 
     signals_seen = 0
+    stopping = False
+
+    def report_ready() -> None:
+        # Runs in the readiness thread, without a lock, because a lock shared
+        # with the signal handler could deadlock the main thread.
+        # NOTE: a stop that begins between this check and the send can put
+        # READY=1 after STOPPING=1.
+        if not stopping:
+            notifier.ready(_status_text(config))
+
+    if readiness is not None:
+        # Only the workers hold the write end from here on.
+        readiness.close_write_end()
+        readiness.watch(workers, report_ready)
 
     def forward(signum: int, frame: object) -> None:
-        nonlocal signals_seen
+        nonlocal signals_seen, stopping
         if signum != signal.SIGHUP:
             signals_seen += 1
+            if not stopping:
+                stopping = True
+                notifier.stopping()
         for pid in children:
             try:
                 os.kill(pid, signum)

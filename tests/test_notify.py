@@ -1,0 +1,220 @@
+"""systemd readiness: `relay serve` reports READY=1 and STOPPING=1 on NOTIFY_SOCKET, as a Type=notify unit expects."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import smtplib
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, free_port
+from relay.notify import Notifier
+from tests.server_helpers import wait_for_port
+
+CONFIG = """
+[server]
+hostname = "mx.example.test"
+workers = {workers}
+
+[[listener]]
+address = "127.0.0.1:{port}"
+
+[spool]
+path = "spool"
+
+[policy]
+local_domains = ["example.test"]
+
+[local]
+maildir_root = "mail"
+users = ["alice"]
+
+[admin]
+address = ""
+"""
+
+# Bounds every wait for a report or a log line; startup takes well under a second.
+TIMEOUT = 15.0
+
+
+class ServeRun:
+    """One `relay serve` subprocess started with NOTIFY_SOCKET set to ``notify_socket``."""
+
+    def __init__(self, directory: Path, workers: int, notify_socket: str) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.config = directory / "relay.toml"
+        self.config.write_text(CONFIG.format(workers=workers, port=self.port))
+        self.log_path = directory / "relay.log"
+        environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT), NOTIFY_SOCKET=notify_socket)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "relay", "serve", "--config", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=directory,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, count: int) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while self.log().count(text) < count:
+            assert time.monotonic() < deadline, f"{text!r} not logged {count} time(s); log:\n{self.log()}"
+            assert self.process.poll() is None, self.log()
+            time.sleep(0.02)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+
+class NotifyListener:
+    """The service manager's side: a unix datagram socket that records each report and its sender's PID."""
+
+    def __init__(self, address: str | bytes) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        # systemd checks the sender's PID the same way, from SCM_CREDENTIALS.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+
+    def receive(self, timeout: float = TIMEOUT) -> tuple[dict[str, str], int]:
+        """Return the next report as a dict of its fields, and the PID that sent it."""
+        self.sock.settimeout(timeout)
+        data, ancillary, _flags, _address = self.sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("iII")))
+        sender = -1
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                sender = struct.unpack("iII", value[: struct.calcsize("iII")])[0]
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+        return fields, sender
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_listener(tmp_path: Path) -> Iterator[tuple[NotifyListener, str]]:
+    path = tmp_path / "notify"
+    listener = NotifyListener(str(path))
+    try:
+        yield listener, str(path)
+    finally:
+        listener.close()
+
+
+def read_greeting(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        return client.recv(512)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_reports_ready_reload_stopping(
+    tmp_path: Path, notify_listener: tuple[NotifyListener, str], workers: int
+) -> None:
+    listener, path = notify_listener
+    run = ServeRun(tmp_path, workers, path)
+    try:
+        fields, sender = listener.receive()
+
+        assert fields.get("READY") == "1", fields
+        assert f"127.0.0.1:{run.port} (mx)" in fields.get("STATUS", ""), fields
+        # NotifyAccess=main: only the process systemd started may report.
+        assert sender == run.process.pid
+        assert read_greeting(run.port).startswith(b"220 ")
+
+        # systemd runs ExecReload (kill -HUP) as soon as READY=1 arrives.
+        run.process.send_signal(signal.SIGHUP)
+        # Each worker reloads, and with several workers the delivery process too.
+        run.wait_for_log("reloaded", count=1 if workers == 1 else workers + 1)
+        assert run.process.poll() is None, run.log()
+        assert read_greeting(run.port).startswith(b"220 ")
+
+        run.process.send_signal(signal.SIGTERM)
+        fields, sender = listener.receive()
+
+        assert fields.get("STOPPING") == "1", fields
+        assert sender == run.process.pid
+    finally:
+        status = run.stop()
+    assert status == 0, run.log()
+    assert "notify_failed" not in run.log()
+    assert "Traceback" not in run.log(), run.log()
+
+
+def test_serve_runs_when_notify_socket_missing(tmp_path: Path) -> None:
+    run = ServeRun(tmp_path, 1, str(tmp_path / "missing"))
+    try:
+        wait_for_port("127.0.0.1", run.port, timeout=TIMEOUT, process=run.process)
+        with smtplib.SMTP("127.0.0.1", run.port, timeout=10) as client:
+            client.ehlo("client.example.com")
+            client.mail("sender@example.org")
+            code, _ = client.rcpt("alice@example.test")
+        assert code == 250
+    finally:
+        status = run.stop()
+    log = run.log()
+
+    assert status == 0, log
+    # READY=1 and STOPPING=1 both failed; only the first failure is logged.
+    assert log.count("notify_failed") == 1, log
+    assert str(tmp_path / "missing") in log
+
+
+def test_notifier_abstract_socket() -> None:
+    name = f"relay-test-notify-{os.getpid()}-{time.monotonic_ns()}"
+    listener = NotifyListener(b"\0" + name.encode())
+    try:
+        notifier = Notifier("@" + name)
+
+        assert notifier.send("READY=1\nSTATUS=up")
+        fields, sender = listener.receive(timeout=5)
+    finally:
+        listener.close()
+
+    assert fields == {"READY": "1", "STATUS": "up"}
+    assert sender == os.getpid()
+
+
+def test_notifier_relative_path_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    notifier = Notifier("run/notify")
+
+    with caplog.at_level(logging.WARNING, logger="relay.notify"):
+        assert not notifier.send("READY=1")
+        assert not notifier.send("STOPPING=1")
+    warnings = [record for record in caplog.records if getattr(record, "event", None) == "notify_failed"]
+
+    assert len(warnings) == 1
+    assert warnings[0].fields["socket"] == "run/notify"  # type: ignore[attr-defined]
+    assert "absolute path" in warnings[0].fields["error"]  # type: ignore[attr-defined]
+
+
+def test_notifier_without_socket_sends_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    notifier = Notifier.from_environment()
+
+    assert not notifier.enabled
+    assert not notifier.send("READY=1")
+
+
+def test_notifier_takes_socket_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    notifier = Notifier.from_environment()
+
+    assert notifier.address == "/run/systemd/notify"
+    # Removed, so that child processes cannot report in the main process's place.
+    assert "NOTIFY_SOCKET" not in os.environ
