@@ -88,3 +88,14 @@ def test_service_setup_creates_writable_paths() -> None:
     # systemd fails the start on a missing path unless it has a "-" prefix.
     for path in writable:
         assert path.startswith("-") or path in created, f"the setup steps do not create {path}"
+
+
+def test_service_waits_for_readiness() -> None:
+    unit = (REPO_ROOT / "examples" / "relay.service").read_text()
+    settings = [line for line in unit.splitlines() if not line.startswith("#")]
+
+    # Type=notify makes systemd wait for READY=1 before it runs ExecReload's SIGHUP.
+    assert "Type=notify" in settings
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in settings
+    # relay serve reports from its first process only, which NotifyAccess=main (the default) accepts.
+    assert not any(line.startswith("NotifyAccess=") for line in settings)
