@@ -116,7 +116,11 @@ def test_postponed_replies_pause_reading() -> None:
 
 @pytest.mark.parametrize(
     ("value", "fragment"),
-    [("-1", "invalid size '-1'"), ("2G", "2147483648 is above the maximum 1073741824 octets")],
+    [
+        ("-1", "invalid size '-1'"),
+        ("0", "0 is below the minimum 1 octet"),
+        ("2G", "2147483648 is above the maximum 1073741824 octets (1G)"),
+    ],
 )
 def test_bad_max_unsent_replies_is_usage_error(value: str, fragment: str) -> None:
     result = subprocess.run(
@@ -124,4 +128,14 @@ def test_bad_max_unsent_replies_is_usage_error(value: str, fragment: str) -> Non
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=False,
     )
     assert result.returncode == 2
+    assert result.stderr.startswith("relay sink: ")
     assert f"--max-unsent-replies: {fragment}" in result.stderr
+
+
+def test_max_unsent_replies_help_names_limits() -> None:
+    result = subprocess.run(
+        relay_command("sink", "--help"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=False
+    )
+    # argparse wraps help text at the terminal width, so compare with the line breaks removed.
+    text = " ".join(result.stdout.split())
+    assert "suffix K, M or G allowed, from 1 to 1G" in text

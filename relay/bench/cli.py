@@ -205,8 +205,8 @@ def _register_sink(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         "--max-unsent-replies",
         default=str(DEFAULT_MAX_UNSENT_REPLIES),
         metavar="SIZE",
-        help="stop reading from a connection while its unsent replies exceed this many octets; K and M suffixes"
-        f" allowed (default: {DEFAULT_MAX_UNSENT_REPLIES})",
+        help="stop reading from a connection while its unsent replies exceed this many octets; suffix K, M or G"
+        f" allowed, from 1 to 1G (default: {DEFAULT_MAX_UNSENT_REPLIES})",
     )
     sink.add_argument(
         "--seed", type=int, metavar="N", help="seed of the fault draws, for repeatable runs (worker i uses N+i)"
@@ -217,8 +217,8 @@ def _register_sink(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     sink.set_defaults(handler=_sink)
 
 
-def _usage_error(message: str) -> int:
-    print(f"relay: {message}", file=sys.stderr)
+def _usage_error(message: str, command: str = "bench") -> int:
+    print(f"relay {command}: {message}", file=sys.stderr)
     return 2
 
 
@@ -350,32 +350,37 @@ def _sink(args: argparse.Namespace) -> int:
     try:
         host, port = parse_host_port(args.listen)
     except ValueError as exc:
-        return _usage_error(f"--listen: {exc}")
+        return _usage_error(f"--listen: {exc}", "sink")
     if args.workers < 1:
-        return _usage_error(f"--workers: {args.workers} is below the minimum 1")
+        return _usage_error(f"--workers: {args.workers} is below the minimum 1", "sink")
     if args.workers > MAX_WORKERS:
-        return _usage_error(f"--workers: {args.workers} is above the maximum {MAX_WORKERS}")
+        return _usage_error(f"--workers: {args.workers} is above the maximum {MAX_WORKERS}", "sink")
     # NaN fails every comparison, so it is tested first; inf would never reply.
     if not math.isfinite(args.delay) or not 0 <= args.delay <= MAX_SINK_DELAY_MS:
-        return _usage_error(f"--delay: {args.delay:g} is not between 0 and {MAX_SINK_DELAY_MS} milliseconds")
+        return _usage_error(f"--delay: {args.delay:g} is not between 0 and {MAX_SINK_DELAY_MS} milliseconds", "sink")
     if not (0 < args.timeout < math.inf):
-        return _usage_error(f"--timeout: {args.timeout:g} must be a finite number of seconds above 0")
+        return _usage_error(f"--timeout: {args.timeout:g} must be a finite number of seconds above 0", "sink")
     if not is_hostname(args.hostname):
-        return _usage_error(f"--hostname {args.hostname!r}: not a host name; give a name such as sink.example.test")
+        return _usage_error(
+            f"--hostname {args.hostname!r}: not a host name; give a name such as sink.example.test", "sink"
+        )
     try:
         max_unsent_replies = parse_size(args.max_unsent_replies)
     except ValueError as exc:
-        return _usage_error(f"--max-unsent-replies: {exc}")
+        return _usage_error(f"--max-unsent-replies: {exc}", "sink")
+    if max_unsent_replies < 1:
+        return _usage_error(f"--max-unsent-replies: {max_unsent_replies} is below the minimum 1 octet", "sink")
     if max_unsent_replies > MAX_UNSENT_REPLIES:
         return _usage_error(
-            f"--max-unsent-replies: {max_unsent_replies} is above the maximum {MAX_UNSENT_REPLIES} octets"
+            f"--max-unsent-replies: {max_unsent_replies} is above the maximum {MAX_UNSENT_REPLIES} octets (1G)",
+            "sink",
         )
     try:
         faults = FaultPlan.from_specs(args.fault, args.seed)
     except ValueError as exc:
-        return _usage_error(f"--fault: {exc}")
+        return _usage_error(f"--fault: {exc}", "sink")
     if (args.tls_cert is None) != (args.tls_key is None):
-        return _usage_error("--tls-cert and --tls-key go together; give both or neither")
+        return _usage_error("--tls-cert and --tls-key go together; give both or neither", "sink")
     tls_context = None
     if args.tls_cert is not None:
         tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -383,7 +388,10 @@ def _sink(args: argparse.Namespace) -> int:
         try:
             tls_context.load_cert_chain(args.tls_cert, args.tls_key)
         except (OSError, ssl.SSLError) as exc:
-            print(f"relay: cannot load --tls-cert {args.tls_cert} / --tls-key {args.tls_key}: {exc}", file=sys.stderr)
+            print(
+                f"relay sink: cannot load --tls-cert {args.tls_cert} / --tls-key {args.tls_key}: {exc}",
+                file=sys.stderr,
+            )
             return 1
 
     setup_logging("text")
@@ -399,5 +407,5 @@ def _sink(args: argparse.Namespace) -> int:
     try:
         return run_sink(run)
     except OSError as exc:
-        print(f"relay: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"relay sink: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1
