@@ -211,6 +211,43 @@ def test_list_json_document(spool_dir: Path, capsys: pytest.CaptureFixture[str])
     assert recipient["orcpt"] == "rfc822;pm@one.example.test"
     assert recipient["notify"] == ["NEVER"]
     assert recipient["state"] == "queued"
+    assert recipient["last_host"] is None
+
+
+def test_list_json_empty_queue_prints_nothing(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = _queue(capsys, "list", "--json", "--spool", str(spool_dir))
+    assert status == 0
+    assert out == ""
+
+
+def test_list_json_local_failure_host_null(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queue_id = _commit(spool_dir, make_envelope(recipients=1))
+    spool = Spool.open(spool_dir)
+    try:
+        result = DeliveryResult(queue_id, 0, Outcome.DEFERRED, "451 4.3.0 no route", "", time.time() + 3600)
+        run(spool.record_results([result]))
+    finally:
+        spool.close()
+    status, out, _ = _queue(capsys, "list", "--json", "--spool", str(spool_dir))
+    assert status == 0
+    [document] = _json_lines(out)
+    [recipient] = document["recipients"]
+    assert recipient["last_reply"] == "451 4.3.0 no route"
+    assert recipient["last_host"] is None
+
+
+def test_list_closed_pipe_exits_1(spool_dir: Path) -> None:
+    for _ in range(3):
+        _commit(spool_dir, make_envelope(recipients=50))
+    list_command = [sys.executable, "-m", "relay", "queue", "list", "--spool", str(spool_dir)]
+    # A reader that closes at once, as `head -1` does after its first line.
+    with subprocess.Popen(list_command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()
+        error = process.stderr.read()
+        status = process.wait(timeout=60)
+    assert status == 1
+    assert error == b""
 
 
 def test_list_filters(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -403,7 +403,8 @@ def _message_document(message: StoredMessage) -> dict[str, Any]:
                 "next_attempt": _format_time(recipient.next_attempt, precise=True),
                 "last_attempt": _format_time(recipient.last_attempt, precise=True),
                 "last_reply": recipient.last_reply,
-                "last_host": recipient.last_host,
+                # The spool stores "" as the host of a local delivery or a local failure.
+                "last_host": recipient.last_host or None,
                 "dsn": recipient.dsn.value,
             }
             for recipient in message.recipients
