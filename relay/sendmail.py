@@ -115,6 +115,7 @@ from relay.smtp.received import has_from_field, header_block, normalize_line_end
 from relay.spool import Envelope, MessageNotFound, Recipient, Spool, SpoolError, new_queue_id
 from relay.spool.cli import UsageError, parse_domain, parse_queue_id
 from relay.spool.store import SpoolStore, database_path
+from relay.units import is_safe_user_name
 
 logger = logging.getLogger("relay.sendmail")
 
@@ -314,6 +315,16 @@ def _recipient_field_names(header_names: list[str]) -> tuple[str, ...]:
     return ("To", "Cc", "Bcc")
 
 
+def _unknown_user_message(address: str, local_part: str, config: Config) -> str:
+    """Return the error for a local recipient without a mailbox, naming the folder or alias that would fix it."""
+    alias = f'an alias such as "{local_part.lower()}: alice" in the local.aliases file'
+    if config.local.maildir_root and is_safe_user_name(local_part.lower()):
+        folder = os.path.join(config.local.maildir_root, local_part.lower())
+        return f"unknown local user {address!r}; create its Maildir folder {folder} (mkdir -p {folder}) or add {alias}"
+    return f"unknown local user {address!r}; add {alias}"
+
+
+
 def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, bytes]:
     """Build the envelope and the stored message from the options and the input."""
     default_domain = origin_domain(config)
@@ -368,7 +379,7 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
         local_part, _, domain = address.rpartition("@")
         rejection = policy.check_recipient(local_part, domain, privileged=True)
         if rejection is replies.NO_SUCH_USER:
-            raise SendmailError(EX_NOUSER, f"unknown local user {address!r}; create its Maildir or add an alias")
+            raise SendmailError(EX_NOUSER, _unknown_user_message(address, local_part, config))
         if rejection is not None:
             raise SendmailError(
                 EX_NOUSER, f"recipient {address!r} rejected: {rejection.code} {rejection.status} {rejection.text}"

@@ -561,6 +561,18 @@ def test_exit_codes(tmp_path: Path, args: list[str], message: bytes, status: int
     assert not (tmp_path / "spool" / "spool.db").exists() or stored_messages(tmp_path / "spool") == []
 
 
+def test_unknown_local_user_names_fix(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "Root"], b"disk full\n")
+
+    assert result.returncode == EX_NOUSER
+    error = result.stderr.decode()
+    assert "unknown local user 'Root@example.test'" in error
+    assert f"create its Maildir folder {tmp_path / 'mail' / 'root'}" in error
+    assert 'add an alias such as "root: alice" in the local.aliases file' in error
+
+
 def test_exit_code_config(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[policy]\nmax_recipients = \"many\"\n")
