@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import ssl
 from dataclasses import dataclass, field
 
@@ -124,6 +125,14 @@ def reload_config(running: Config) -> ReloadResult:
     try:
         loaded = load_config(running.source)
     except ConfigError as exc:
+        # load_config's "pass an existing config file" is advice for a start;
+        # a running relay has a config, so the fix is to put the file back.
+        if not os.path.exists(running.source):
+            return ReloadResult(
+                None,
+                [f"{running.source}: file not found; the running config stays in force, so restore the file"
+                 " and reload again"],
+            )
         return ReloadResult(None, exc.errors)
     try:
         check_files(loaded.replace(listeners=running.listeners))

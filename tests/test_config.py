@@ -631,6 +631,26 @@ def test_reload_quiet_about_command_line_values(tmp_path: Path) -> None:
     assert result.config.overrides == running.overrides
 
 
+def test_reload_after_file_deleted(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nworkers = 2\n")
+    running = load_config(path)
+    path.unlink()
+
+    result = reload_config(running)
+
+    assert result.config is None
+    assert result.errors == [
+        f"{path}: file not found; the running config stays in force, so restore the file and reload again"
+    ]
+
+
+def test_reload_without_file_explained() -> None:
+    result = reload_config(load_config(None))
+
+    assert result.config is None
+    assert result.errors == ["no config file was given at start; there is nothing to re-read"]
+
+
 def test_reload_rejects_alias_loop_and_pipe(tmp_path: Path) -> None:
     aliases = tmp_path / "aliases"
     aliases.write_text("sales: alice\n")
