@@ -32,6 +32,7 @@ from typing import Any
 from relay.units import (
     format_duration,
     format_host_port,
+    hostname_problem,
     is_hostname,
     is_safe_user_name,
     parse_duration,
@@ -562,8 +563,11 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
                 f"host name of {len(value.encode())} octets is too long; a DNS name has at most"
                 f" {MAX_HOSTNAME_OCTETS} octets"
             )
-        if not is_hostname(value):
-            raise ValueError(f"invalid host name {value!r}; expected a DNS name such as \"mx.example.test\"")
+        problem = hostname_problem(value)
+        if problem is not None:
+            raise ValueError(
+                f"invalid host name {value!r}: {problem}; expected a DNS name such as \"mx.example.test\""
+            )
         return value
     elif kind == "hostport":
         _expect(value, (str,), "a string such as \"127.0.0.1:2525\"")

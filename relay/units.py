@@ -72,6 +72,33 @@ def is_hostname(name: str) -> bool:
     return _HOSTNAME_RE.match(name) is not None
 
 
+# RFC 1035 section 2.3.4: a label is at most 63 octets.
+_MAX_LABEL_OCTETS = 63
+# RFC 1123 section 2.1 host name characters: ASCII letters, digits and hyphens.
+_LABEL_CHARACTER = re.compile(r"[A-Za-z0-9-]")
+
+
+def hostname_problem(name: str) -> str | None:
+    """Return which DNS host name rule ``name`` breaks, or None when ``is_hostname`` accepts it."""
+    if is_hostname(name):
+        return None
+    if not name:
+        return "the name is empty"
+    for label in name.removesuffix(".").split("."):
+        if not label:
+            return "it has an empty label (a leading dot or two dots in a row)"
+        octets = len(label.encode())
+        if octets > _MAX_LABEL_OCTETS:
+            return f"label {label[:16]!r}... is {octets} octets, over the maximum of {_MAX_LABEL_OCTETS}"
+        bad = next((character for character in label if not _LABEL_CHARACTER.fullmatch(character)), None)
+        if bad is not None:
+            return f"label {label!r} contains {bad!r}; use only ASCII letters, digits and hyphens"
+        if label.startswith("-") or label.endswith("-"):
+            return f"label {label!r} starts or ends with a hyphen"
+    # The regular expression also caps the whole name at 253 characters.
+    return f"the name is {len(name)} characters, over the maximum of 253"
+
+
 def parse_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into a host and a port number.
 

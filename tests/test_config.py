@@ -502,6 +502,28 @@ def test_check_config_rejects_long_hostname(tmp_path: Path, capsys: pytest.Captu
 
 
 @pytest.mark.parametrize(
+    ("hostname", "problem"),
+    [
+        (f"{'a' * 64}.example.test", f"label {'a' * 16!r}... is 64 octets, over the maximum of 63"),
+        ("mx..example.test", "it has an empty label (a leading dot or two dots in a row)"),
+        (".example.test", "it has an empty label (a leading dot or two dots in a row)"),
+        ("mx_1.example.test", "label 'mx_1' contains '_'; use only ASCII letters, digits and hyphens"),
+        ("-mx.example.test", "label '-mx' starts or ends with a hyphen"),
+    ],
+)
+def test_hostname_error_names_rule(tmp_path: Path, hostname: str, problem: str) -> None:
+    path = write(tmp_path, f'[server]\nhostname = "{hostname}"\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert caught.value.errors == [
+        f'{path}:server.hostname: invalid host name {hostname!r}: {problem}; expected a DNS name such as'
+        ' "mx.example.test"'
+    ]
+
+
+@pytest.mark.parametrize(
     ("section", "fragment"),
     [
         ('[delivery]\ntls_ca_file = "{dir}/pw"\n', "delivery.tls_ca_file"),
