@@ -69,7 +69,9 @@ def format_duration(seconds: float) -> str:
 
 def is_hostname(name: str) -> bool:
     """Return whether ``name`` is a syntactically valid DNS host name."""
-    return _HOSTNAME_RE.match(name) is not None
+    # fullmatch: the pattern's "$" also matches before a final newline, so
+    # match() accepted "mx.example.test\n".
+    return _HOSTNAME_RE.fullmatch(name) is not None
 
 
 # RFC 1035 section 2.3.4: a label is at most 63 octets.

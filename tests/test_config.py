@@ -509,10 +509,13 @@ def test_check_config_rejects_long_hostname(tmp_path: Path, capsys: pytest.Captu
         (".example.test", "it has an empty label (a leading dot or two dots in a row)"),
         ("mx_1.example.test", "label 'mx_1' contains '_'; use only ASCII letters, digits and hyphens"),
         ("-mx.example.test", "label '-mx' starts or ends with a hyphen"),
+        ("mx.example.test\n", "label 'test\\n' contains '\\n'; use only ASCII letters, digits and hyphens"),
     ],
 )
 def test_hostname_error_names_rule(tmp_path: Path, hostname: str, problem: str) -> None:
-    path = write(tmp_path, f'[server]\nhostname = "{hostname}"\n')
+    # TOML writes a newline in a string as the escape \n.
+    escaped = hostname.replace("\n", "\\n")
+    path = write(tmp_path, f'[server]\nhostname = "{escaped}"\n')
 
     with pytest.raises(ConfigError) as caught:
         load_config(path)
