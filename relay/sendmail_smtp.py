@@ -66,6 +66,7 @@ from relay.smtp.replies import Reply
 from relay.smtp.session import Session, SessionSettings
 from relay.smtp.transaction import Close, MessageReady
 from relay.spool import Envelope, Recipient, Spool, SpoolError, new_queue_id
+from relay.units import format_duration
 
 logger = logging.getLogger("relay.sendmail")
 
@@ -101,6 +102,9 @@ class StdioSession:
         self.close_reason: str | None = None
         self.spool_failures = 0
         self.output_lost = False
+        # Whether the client sent any input, and the config key of the timeout that ended the session.
+        self.received_input = False
+        self.expired_timeout: str | None = None
 
     def run(self) -> int:
         """Serve commands until QUIT, end of input or a closing reply; return the exit status."""
@@ -112,12 +116,15 @@ class StdioSession:
             timeout = server.data_timeout if session.in_data else server.command_timeout
             readable, _, _ = select.select([self.input_fd], [], [], timeout)
             if not readable:
+                key = "server.data_timeout" if session.in_data else "server.command_timeout"
+                self.expired_timeout = f"{key} ({format_duration(timeout)})"
                 session.timeout()
                 self._flush()
                 break
             data = os.read(self.input_fd, READ_SIZE)
             if not data:
                 return self._end_of_input()
+            self.received_input = True
             session.receive_data(data)
             self._flush()
         return self._status()
@@ -134,8 +141,9 @@ class StdioSession:
                   file=self.stderr)
             return EX_TEMPFAIL
         if reason == "timeout":
-            print("sendmail: the SMTP client sent nothing within the timeout (server.command_timeout or"
-                  " server.data_timeout)", file=self.stderr)
+            sent = "no more input" if self.received_input else "nothing"
+            print(f"sendmail: timed out: the SMTP client sent {sent} within {self.expired_timeout}",
+                  file=self.stderr)
             return EX_TEMPFAIL
         print(f"sendmail: the SMTP session was closed: {reason}", file=self.stderr)
         return EX_PROTOCOL
@@ -269,7 +277,8 @@ def serve_stdio(options: Options, input_fd: int, output_fd: int, stderr: TextIO)
         _refuse(output_fd)
         return exc.status
     except SpoolError as exc:
-        print(f"sendmail: cannot open the spool {config.spool.path} ({exc}); try again later", file=stderr)
+        # The SpoolError text names the spool and the cause already.
+        print(f"sendmail: {exc}; try again later", file=stderr)
         _refuse(output_fd)
         return EX_TEMPFAIL
     try:

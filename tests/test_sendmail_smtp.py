@@ -309,7 +309,11 @@ def test_spool_unusable_greets_421(tmp_path: Path) -> None:
 
     assert result.returncode == EX_TEMPFAIL
     assert reply_codes(result.stdout) == ["421 4.3.0"]
-    assert "try again later" in result.stderr.decode()
+    error = result.stderr.decode()
+    assert error == (
+        f"sendmail: cannot open spool {tmp_path / 'spool'}: it is not a directory;"
+        " give a directory in --spool or [spool] path; try again later\n"
+    )
 
 
 def _limit_file_size() -> None:
@@ -361,7 +365,29 @@ def test_command_timeout_closes(tmp_path: Path) -> None:
         output = process.stdout.read()
         assert status == EX_TEMPFAIL
         assert reply_codes(output) == ["220", "250", "421 4.4.2"]
-        assert "server.command_timeout" in process.stderr.read().decode()
+        error = process.stderr.read().decode()
+        assert "timed out: the SMTP client sent no more input within server.command_timeout (1s)" in error
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_silent_client_timeout_says_nothing_sent(tmp_path: Path) -> None:
+    config = write_config(tmp_path, extra='command_timeout = "1s"')
+    process = subprocess.Popen(
+        command(config), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment()
+    )
+    try:
+        # Standard input stays open and sends nothing at all.
+        status = process.wait(timeout=30)
+        assert process.stderr is not None
+        assert status == EX_TEMPFAIL
+        error = process.stderr.read().decode()
+        assert "timed out: the SMTP client sent nothing within server.command_timeout (1s)" in error
     finally:
         if process.poll() is None:
             process.kill()
