@@ -593,16 +593,36 @@ def flush_queue(options: Options, stderr: TextIO) -> int:
 # The mode that each program name of sendmail(1) selects, as a link to relay.
 PROGRAM_MODES = {"sendmail": "m", "mailq": "p", "newaliases": "i"}
 
+# --help of the mailq and newaliases links; sendmail prints USAGE.
+PROGRAM_USAGES = {
+    "mailq": """usage: mailq [--config FILE]
+
+List the queue, as relay queue list and sendmail -bp do: each message with
+its queue ID, size, arrival time, sender, and each recipient with its state
+and last reply.  Exit status: 0, or 1 when the spool cannot be read.""",
+    "newaliases": """usage: newaliases [--config FILE]
+
+Check the local.aliases file, as sendmail -bi does, and print each error.
+relay reads the file itself, so there is no database to build; reload a
+running relay (SIGHUP) to use a changed file.  Exit status: 0 when the
+file is valid or none is configured, 78 when it has errors.""",
+}
+
 
 def run(argv: Sequence[str], program: str = "sendmail") -> int:
-    """Run sendmail with its own argument list, in the mode that ``program`` (a PROGRAM_MODES name) selects."""
+    """Run sendmail with its own argument list, in the mode that ``program`` (a PROGRAM_MODES name) selects.
+
+    Errors of the ``-bp`` and ``-bi`` modes and of the options start with
+    ``program``, the name the user typed, so mailq and newaliases name
+    themselves.
+    """
     try:
         options = parse_options(argv)
     except SendmailError as exc:
-        print(f"sendmail: {exc}", file=sys.stderr)
+        print(f"{program}: {exc}", file=sys.stderr)
         return exc.status
     if options.show_help:
-        print(USAGE)
+        print(PROGRAM_USAGES.get(program, USAGE))
         return EX_OK
     if options.mode is None:
         # As with Postfix, a -b option overrides the mode that the program name selects.
@@ -610,7 +630,7 @@ def run(argv: Sequence[str], program: str = "sendmail") -> int:
     if options.mode == "s":
         return _smtp_mode(options)
     if options.mode != "m":
-        return _other_mode(options)
+        return _other_mode(options, program)
     if options.queue_interval is not None:
         # -qINTERVAL sets a daemon's queue runs, which relay's scheduler makes itself.
         return EX_OK
@@ -644,23 +664,29 @@ def _smtp_mode(options: Options) -> int:
         return EX_SOFTWARE
 
 
-def _other_mode(options: Options) -> int:
+def _other_mode(options: Options, program: str) -> int:
     """Run ``-bp`` (list the queue, as ``relay queue list``) or ``-bi`` (check the aliases file)."""
     if options.recipients or options.extract_recipients or options.flush:
-        print(f"sendmail: -b{options.mode} reads no message, so it takes no recipient, -t or -q", file=sys.stderr)
+        print(f"{program}: -b{options.mode} reads no message, so it takes no recipient, -t or -q", file=sys.stderr)
         return EX_USAGE
     config_file = _config_file(options)
     if options.mode == "p":
-        from relay.cli import main
+        from relay.cli import build_parser
 
-        return main(["queue", "list", *(["--config", config_file] if config_file else [])])
+        args = build_parser().parse_args(["queue", "list", *(["--config", config_file] if config_file else [])])
+        args.error_prefix = program
+        try:
+            status: int = args.handler(args)
+        except KeyboardInterrupt:
+            return 130
+        return status
     config = _load_config(config_file, sys.stderr)
     if config is None:
         return EX_CONFIG
-    return check_aliases(config.local.aliases, sys.stderr)
+    return check_aliases(config.local.aliases, sys.stderr, program)
 
 
-def check_aliases(path: str, stderr: TextIO) -> int:
+def check_aliases(path: str, stderr: TextIO, program: str = "sendmail") -> int:
     """Check the aliases file for ``newaliases``; return EX_OK, or EX_CONFIG after printing each error.
 
     relay reads the file itself and has no alias database to build, so this
@@ -668,18 +694,20 @@ def check_aliases(path: str, stderr: TextIO) -> int:
     the changed file after a reload (SIGHUP), which the success line says.
     """
     if not path:
+        print(f"{program}: no aliases file is configured (local.aliases is not set); there is nothing to check",
+              file=stderr)
         return EX_OK
     try:
         with open(path, encoding="utf-8") as handle:
             parse_aliases(handle.read())
     except (OSError, UnicodeDecodeError) as exc:
-        print(f"sendmail: cannot read local.aliases {path}: {getattr(exc, 'strerror', None) or exc}", file=stderr)
+        print(f"{program}: cannot read local.aliases {path}: {getattr(exc, 'strerror', None) or exc}", file=stderr)
         return EX_CONFIG
     except AliasError as exc:
         for error in exc.errors:
-            print(f"sendmail: local.aliases: {path}: {error}", file=stderr)
+            print(f"{program}: local.aliases: {path}: {error}", file=stderr)
         return EX_CONFIG
-    print(f"sendmail: {path} is valid; reload relay serve (SIGHUP) to use it", file=stderr)
+    print(f"{program}: {path} is valid; reload relay serve (SIGHUP) to use it", file=stderr)
     return EX_OK
 
 

@@ -502,6 +502,40 @@ def test_newaliases_checks_aliases(tmp_path: Path, program: str, args: list[str]
     assert not (tmp_path / "spool" / "spool.db").exists()
 
 
+def test_newaliases_without_aliases_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config)], b"", argv0=str(program_link(tmp_path, "newaliases")))
+
+    assert result.returncode == 0
+    assert result.stderr.decode() == (
+        "newaliases: no aliases file is configured (local.aliases is not set); there is nothing to check\n"
+    )
+
+
+@pytest.mark.parametrize(("program", "usage"), [("mailq", "usage: mailq"), ("newaliases", "usage: newaliases")])
+def test_program_link_help(tmp_path: Path, program: str, usage: str) -> None:
+    result = sendmail(["--help"], b"", argv0=str(program_link(tmp_path, program)))
+
+    assert result.returncode == 0
+    assert result.stdout.decode().startswith(usage)
+    assert "sendmail [--config" not in result.stdout.decode()
+
+
+def test_mailq_errors_name_mailq(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[spool]\npath = "{tmp_path / "absent" / "spool"}"\n')
+    link = program_link(tmp_path, "mailq")
+
+    missing_spool = sendmail(["--config", str(config)], b"", argv0=str(link))
+    bad_option = sendmail(["-x"], b"", argv0=str(link))
+
+    assert missing_spool.returncode == 1
+    assert missing_spool.stderr.decode().startswith("mailq: ")
+    assert bad_option.returncode == EX_USAGE
+    assert bad_option.stderr.decode().startswith("mailq: unknown option -x")
+
+
 @pytest.mark.parametrize("hop_count", [["-h", "5"], ["-h17"]])
 def test_hop_count_ignored(tmp_path: Path, hop_count: list[str]) -> None:
     config = write_config(tmp_path)

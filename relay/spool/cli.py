@@ -116,19 +116,21 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_action(args: argparse.Namespace) -> int:
+    # mailq and sendmail -bp set their own program name as the prefix.
+    prefix = getattr(args, "error_prefix", "relay queue")
     try:
         with open_store(args) as store:
             try:
                 status: int = args.action(store, args)
             except MessageNotFound as exc:
                 # Delivered, deleted, or mistyped: the list shows what is there.
-                print(f"relay queue: queue ID {exc.queue_id} not found in the spool {store.directory};"
+                print(f"{prefix}: queue ID {exc.queue_id} not found in the spool {store.directory};"
                       " `relay queue list` with the same --spool or --config shows the queue IDs",
                       file=sys.stderr)
                 return 1
             return status
     except (UsageError, SpoolError) as exc:
-        print(f"relay queue: {exc}", file=sys.stderr)
+        print(f"{prefix}: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return stop_output()
@@ -281,11 +283,11 @@ def parse_queue_id(argument: str) -> str:
     return queue_id
 
 
-def _report_corrupt(store: SpoolStore, errors: list[CorruptRecord]) -> None:
+def _report_corrupt(store: SpoolStore, errors: list[CorruptRecord], prefix: str = "relay queue") -> None:
     for error in errors:
         with store.transaction():
             path = store.move_aside(error.queue_id, error.reason)
-        print(f"relay queue: {error}; moved aside to {path}", file=sys.stderr)
+        print(f"{prefix}: {error}; moved aside to {path}", file=sys.stderr)
 
 
 def parse_domain(argument: str, option: str = "--domain") -> str:
@@ -335,7 +337,7 @@ def _list(store: SpoolStore, args: argparse.Namespace) -> int:
                 _print_entry(item)
             count += 1
             total += item.size
-        _report_corrupt(store, corrupt)
+        _report_corrupt(store, corrupt, getattr(args, "error_prefix", "relay queue"))
 
     if args.json:
         return 0
