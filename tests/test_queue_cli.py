@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -279,6 +280,11 @@ def test_show_envelope_history_headers(spool_dir: Path, capsys: pytest.CaptureFi
     assert "ENVID:         ENV1" in out
     assert "[1] user1@two.example.test  deferred, 1 attempt(s)" in out
     assert "deferred host=mx.two.example.test reply=451 4.7.1 greylisted" in out
+    # Arrival, the next attempt and the history lines all print UTC ISO 8601 with milliseconds.
+    iso_time = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    assert re.search(rf"^Arrival: +{iso_time}$", out, re.MULTILINE)
+    assert re.search(rf"^ +next attempt {iso_time}$", out, re.MULTILINE)
+    assert re.search(rf"^ +{iso_time} deferred host=", out, re.MULTILINE)
     assert out.endswith("Headers:\nSubject: hello\nX-Test: 1\n")
 
 

@@ -460,7 +460,7 @@ def _show(store: SpoolStore, args: argparse.Namespace) -> int:
             orcpt = _escape_controls(recipient.orcpt or "-")
             print(f"      ORCPT={orcpt} NOTIFY={','.join(recipient.notify) or '-'}")
         if recipient.state in (RecipientState.QUEUED, RecipientState.DEFERRED):
-            print(f"      next attempt {_format_time(recipient.next_attempt)}")
+            print(f"      next attempt {_format_time(recipient.next_attempt, precise=True)}")
         if recipient.dsn.value != "none":
             print(f"      DSN {recipient.dsn.value}")
         for attempt in history:
@@ -487,7 +487,8 @@ def _escape_controls(text: str) -> str:
 
 
 def _history_line(attempt: Attempt) -> str:
-    line = f"{_format_time(attempt.time)} {attempt.outcome}"
+    # ISO 8601, as the Arrival line above the history prints it.
+    line = f"{_format_time(attempt.time, precise=True)} {attempt.outcome}"
     if attempt.host:
         line += f" host={attempt.host}"
     if attempt.reply:
