@@ -120,8 +120,9 @@ from relay.units import is_safe_user_name
 logger = logging.getLogger("relay.sendmail")
 
 USAGE = """usage: relay sendmail [--config FILE] [-ti] [-f SENDER] [-F NAME] [-N DSN] [-R RET] [-V ENVID]
-                     [-B TYPE] [-bm|-bp|-bi] [-h N] [RECIPIENT ...]
+                     [-B TYPE] [-bm|-bp|-bi|-I] [-h N] [RECIPIENT ...]
        relay sendmail [--config FILE] [-F NAME] -bs
+       relay sendmail [--config FILE] -q|-qRDOMAIN|-qIQUEUEID
 
 Read a message from standard input and queue it for delivery, like sendmail(1).
 
@@ -724,7 +725,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "sendmail",
         help="sendmail-compatible injection for local programs",
         description="Read a message from standard input and queue it, like sendmail(1). "
-        "Options: -t, -i/-oi, -f SENDER, -F NAME, -N DSN, -R RET, -V ENVID, -B TYPE, -bm, -bs, -h N, recipients;"
+        "Options: -t, -i/-oi, -f SENDER, -F NAME, -N DSN, -R RET, -V ENVID, -B TYPE, -bm, -bs, -bp, -bi/-I, -q,"
+        " -h N, recipients;"
         " `relay sendmail --help` describes them.",
         prefix_chars="+",
         add_help=False,

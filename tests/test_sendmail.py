@@ -556,6 +556,9 @@ def test_help_prints_usage_and_queues_nothing(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert result.stdout.startswith(b"usage: relay sendmail ")
     assert b"-h N" in result.stdout
+    synopsis = result.stdout.split(b"\n\n")[0]
+    assert b"[-bm|-bp|-bi|-I]" in synopsis
+    assert b"-q|-qRDOMAIN|-qIQUEUEID" in synopsis
     assert not (tmp_path / "spool" / "spool.db").exists()
 
 
