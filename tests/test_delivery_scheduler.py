@@ -38,7 +38,7 @@ from relay.delivery import Scheduler
 from relay.delivery.downgrade import downgrade_to_7bit
 from relay.delivery.dsn import _remote_mta, build_report
 from relay.delivery.owner import process_start
-from relay.delivery.scheduler import RECHECK_AFTER, Job
+from relay.delivery.scheduler import RECHECK_AFTER, Job, _LeaseKeeper
 from relay.spool import (
     DsnState,
     Envelope,
@@ -935,7 +935,6 @@ def test_slow_greeting_never_outlasts_lease(tmp_path: Path, nameserver: NameServ
     assert connections == 1
     message = stored_message(config, queue_id)
     assert message is not None
-    print('DEBUG', message.recipients[0])
     assert message.recipients[0].state is RecipientState.DEFERRED
     assert "timed out" in (message.recipients[0].last_reply or "")
 
@@ -1689,3 +1688,30 @@ def test_dsn_with_full_8bit_original_converts() -> None:
     assert converted.isascii()
     assert decoded_leaves(converted) == decoded_leaves(report.body)
     assert b"Content-Type: message/rfc822\r\n" in converted
+
+
+
+def test_lease_keeper_renews_nearly_ended_lease(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # A job that waited in memory until less than LEASE_MARGIN of its lease
+    # was left is still valid.  Its first renewal succeeds, so the
+    # transaction runs on and is not cut off before the renewal could save it.
+    config = make_config(tmp_path, nameserver, free_port(), spool='lease_time = "2s"')
+    spool = spool_for(config)
+    commit(spool, "carol@example.org", ["alice@local.test"])
+
+    async def main() -> float:
+        scheduler = Scheduler(config, spool)
+        # 0.15 s left of the claim, less than the 0.2 s margin of a 2 s lease.
+        (claim,) = await spool.claim("test", limit=10, lease_time=0.15)
+        job = Job(claim, scheduler.router.route("local.test"), tuple(claim.recipients))
+        keeper = _LeaseKeeper(scheduler, job)
+        try:
+            async with keeper.cutoff():
+                await asyncio.sleep(0.3)
+        finally:
+            keeper.close()
+        await scheduler.stop()
+        return job.lease_until - time.time()
+
+    left = asyncio.run(main())
+    assert left > 1.0

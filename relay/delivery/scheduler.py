@@ -223,9 +223,13 @@ class _LeaseKeeper:
         self._timer = None
         if self._closed:
             return
-        # Should the renewal hang or fail, the session still ends before the leases do.
-        end = min(job.lease_until for job in self._jobs)
-        self._cut_off_at(self._loop.time() + (end - time.time()) - self._lease_time * LEASE_MARGIN)
+        # Should the renewal hang or fail, the session still ends LEASE_MARGIN
+        # before the leases do.  A job that waited in memory until less than
+        # that was left is cut off at the end of its lease instead, because
+        # this renewal is its first chance to be renewed.
+        left = min(job.lease_until for job in self._jobs) - time.time()
+        margin = self._lease_time * LEASE_MARGIN
+        self._cut_off_at(self._loop.time() + (left - margin if left > margin else left))
         self._scheduler._spawn(self._renew())
 
     async def _renew(self) -> None:
