@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from relay import __version__
 from relay.config import CONFIG_ENVIRONMENT, Config, ConfigError, load_config
+from relay.entry import SENDMAIL_NAMES
 from relay.log import setup_logging
 
 # Modules that add subcommands, in the order `relay --help` lists them.
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # as sendmail(1) in that mode, with the same logging and output setup as
     # `relay sendmail`.
     program = os.path.basename(sys.argv[0])
-    if argv is None and program in ("sendmail", "mailq", "newaliases"):
+    if argv is None and program in SENDMAIL_NAMES:
         from relay.sendmail import run
 
         return run(sys.argv[1:], program)

@@ -20,13 +20,16 @@ import sys
 
 # The stop and reload signals of relay serve.  The supervisor forwards the same ones to its workers.
 SERVE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Program names under which relay runs as sendmail(1) in one of its modes.
+SENDMAIL_NAMES = ("sendmail", "mailq", "newaliases")
 
 
 def main() -> int:
     """Run the relay command line, with the signals of ``relay serve`` blocked from the start."""
-    # Only relay serve: another command, or sendmail given a recipient called
-    # "serve", keeps the default actions so that Ctrl-C and a hangup end it.
-    if sys.argv[1:2] == ["serve"] and os.path.basename(sys.argv[0]) != "sendmail":
+    # Only relay serve: another command, or sendmail (also run as mailq or
+    # newaliases) given an argument "serve", keeps the default actions so
+    # that Ctrl-C and a hangup end it.
+    if sys.argv[1:2] == ["serve"] and os.path.basename(sys.argv[0]) not in SENDMAIL_NAMES:
         signal.pthread_sigmask(signal.SIG_BLOCK, SERVE_SIGNALS)
 
     from relay.cli import main as run_command_line
