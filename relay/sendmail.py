@@ -85,8 +85,6 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from email.parser import HeaderParser
-from email.policy import compat32
 from email.utils import formatdate
 from typing import BinaryIO, TextIO
 
@@ -304,6 +302,26 @@ def _remove_bcc(message: bytes) -> bytes:
     return b"".join(kept) + message[len(headers) :]
 
 
+def _header_fields(headers: str) -> list[tuple[str, str]]:
+    """Return the name and unfolded value of each field in a header block that ``separate_body`` has delimited.
+
+    A name may be followed by white space before its colon (``To : a@example.com``),
+    as ``_HEADER_FIELD`` allows.  The standard library's parser ends the header
+    block at such a field, so -t would miss it and every field after it.
+    """
+    # Each field as its name and the parts of its value, joined at the end so
+    # that a field with many continuation lines costs linear time.
+    fields: list[tuple[str, list[str]]] = []
+    for line in headers.split("\r\n"):
+        if line[:1] in (" ", "\t") and fields:
+            fields[-1][1].append(line)
+            continue
+        name, colon, value = line.partition(":")
+        if colon:
+            fields.append((name.rstrip(" \t"), [value]))
+    return [(name, "".join(parts)) for name, parts in fields]
+
+
 def _recipient_field_names(header_names: list[str]) -> tuple[str, ...]:
     """Return the fields that -t reads: Resent-To, Resent-Cc and Resent-Bcc when any Resent- field is present.
 
@@ -350,12 +368,12 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
     fields: list[str] = []
     names: tuple[str, ...] = ("To", "Cc", "Bcc")
     if options.extract_recipients:
-        # RFC 6532: header fields may hold UTF-8, which the bytes parser would not decode.
-        # Octets that are not UTF-8 become U+FFFD, and an address with one is
-        # rejected below instead of being queued mangled.
-        parsed = HeaderParser(policy=compat32).parsestr(header_block(message).decode("utf-8", "replace"))
-        names = _recipient_field_names(parsed.keys())
-        fields = [str(value) for name in names for value in parsed.get_all(name, [])]
+        # RFC 6532: header fields may hold UTF-8.  Octets that are not UTF-8
+        # become U+FFFD, and an address with one is rejected below instead of
+        # being queued mangled.
+        header_fields = _header_fields(header_block(message).decode("utf-8", "replace"))
+        names = _recipient_field_names([name for name, _ in header_fields])
+        fields = [value for wanted in names for name, value in header_fields if name.lower() == wanted.lower()]
         for address in (address for value in fields for address in split_address_list(value)):
             if "\ufffd" in address:
                 raise SendmailError(EX_NOUSER, f"invalid recipient address {address!r}: the header is not UTF-8")

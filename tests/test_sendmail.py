@@ -221,6 +221,44 @@ def test_t_resent_fields_replace_to_cc_bcc(tmp_path: Path) -> None:
     assert b"To: alice@example.test\r\n" in body
 
 
+def test_t_reads_fields_with_space_before_colon(tmp_path: Path) -> None:
+    # RFC 5322 section 4.5 allows white space before the colon in a field
+    # that is read, and Postfix's cleanup takes such a To or Cc for -t.
+    config = write_config(tmp_path)
+    message = (
+        b"X-Mailer : cron\n"
+        b"To : alice@example.test\n"
+        b"Cc: bob@example.net,\n carol@example.org\n"
+        b"Bcc\t: dave@example.com\n"
+        b"Subject: report\n"
+        b"\n"
+        b"body\n"
+    )
+
+    result = sendmail(["--config", str(config), "-t"], message)
+
+    assert result.returncode == 0, result.stderr
+    [(stored, body)] = stored_messages(tmp_path / "spool")
+    assert [r.address for r in stored.recipients] == [
+        "alice@example.test",
+        "bob@example.net",
+        "carol@example.org",
+        "dave@example.com",
+    ]
+    assert b"dave@example.com" not in body
+
+
+def test_t_resent_field_with_space_before_colon(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    message = b"Subject : resent\nResent-To : desk@example.net\nTo: alice@example.test\n\nbody\n"
+
+    result = sendmail(["--config", str(config), "-t"], message)
+
+    assert result.returncode == 0, result.stderr
+    [(stored, _)] = stored_messages(tmp_path / "spool")
+    assert [r.address for r in stored.recipients] == ["desk@example.net"]
+
+
 def test_t_resent_without_recipients(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
