@@ -154,7 +154,7 @@ def _apply_value(options: Options, letter: str, value: str) -> None:
     if letter in ("f", "r"):
         options.sender = value
     elif letter == "F":
-        options.full_name = value
+        options.full_name = parse_full_name(value)
     elif letter == "h":
         _check_hop_count(value)
     elif letter == "b":
@@ -215,6 +215,20 @@ def _check_hop_count(value: str) -> None:
     """
     if not (value.isascii() and value.isdigit()):
         raise SendmailError(EX_USAGE, f"invalid hop count {value!r} for -h; expected a number such as -h 10")
+
+
+def parse_full_name(value: str) -> str:
+    """Check ``-F``: the name goes into a From field as UTF-8, so an argument that is not UTF-8 is rejected.
+
+    Python decodes such an argument with surrogate escapes, which cannot be encoded.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SendmailError(
+            EX_USAGE, f"invalid -F value {value!r}: not UTF-8; give the full name in UTF-8"
+        ) from None
+    return value
 
 
 def parse_notify(value: str) -> tuple[str, ...]:

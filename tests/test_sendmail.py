@@ -452,6 +452,19 @@ def test_full_name_quoted_or_encoded(tmp_path: Path, name: str, field: bytes) ->
     assert b"\n" not in body.replace(b"\r\n", b"")
 
 
+def test_full_name_not_utf8_is_usage_error(tmp_path: Path) -> None:
+    # A Latin-1 name from a script's locale: os.fsencode sends the raw octet 0xE9.
+    config = write_config(tmp_path)
+    name = b"Ren\xe9".decode("utf-8", "surrogateescape")
+
+    result = sendmail(["--config", str(config), "-F", name, "alice@example.test"], b"Subject: x\n\nhi\n")
+
+    assert result.returncode == EX_USAGE, result.stderr
+    assert "invalid -F value" in result.stderr.decode()
+    assert "internal error" not in result.stderr.decode()
+    assert not (tmp_path / "spool" / "spool.db").exists() or stored_messages(tmp_path / "spool") == []
+
+
 def test_lone_dot_ends_input_without_i(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
