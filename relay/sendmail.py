@@ -187,7 +187,7 @@ SYSTEM_CONFIG = "/etc/relay/relay.toml"
 def read_message(stream: BinaryIO, ignore_dots: bool, limit: int) -> bytes:
     """Read the message from stream, stopping at a lone "." line unless ignore_dots.
 
-    At most ``limit + 1`` octets are read, so an endless or huge input costs
+    At most ``limit + 3`` octets are read, so an endless or huge input costs
     bounded memory, and a result longer than ``limit`` means the input was
     too large.
     """
@@ -196,7 +196,9 @@ def read_message(stream: BinaryIO, ignore_dots: bool, limit: int) -> bytes:
     lines = []
     total = 0
     while total <= limit:
-        line = stream.readline(limit + 1 - total)
+        # Two octets past the budget, so that a line cut at the limit is never
+        # taken for a lone dot: ".\r\n" fits whole, ".signature" stays longer than ".".
+        line = stream.readline(limit + 3 - total)
         if not line or line.rstrip(b"\r\n") == b".":
             break
         lines.append(line)

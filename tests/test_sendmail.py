@@ -475,6 +475,34 @@ def test_lone_dot_ends_input_without_i(tmp_path: Path) -> None:
     assert body.endswith(b"\r\nbefore\r\n")
 
 
+def message_of_size(size: int) -> bytes:
+    """Return a message of exactly ``size`` octets, with CRLF line ends, so none grows when stored."""
+    head = b"Subject: x\r\n\r\n"
+    return head + b"y" * (size - len(head) - 2) + b"\r\n"
+
+
+@pytest.mark.parametrize("terminator", [b".\n", b".\r\n"])
+def test_lone_dot_right_after_limit_ends_input(tmp_path: Path, terminator: bytes) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "alice"], message_of_size(4096) + terminator + b"after\n")
+
+    assert result.returncode == 0, result.stderr
+    [(_, body)] = stored_messages(tmp_path / "spool")
+    assert body.endswith(b"yy\r\n")
+
+
+def test_dot_line_past_limit_not_end_of_input(tmp_path: Path) -> None:
+    # The octet after the limit is a "." that starts a longer line, not a lone dot.
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "alice"], message_of_size(4096) + b".signature\r\nmore\r\n")
+
+    assert result.returncode == EX_DATAERR, result.stderr
+    assert "exceeds policy.max_message_size" in result.stderr.decode()
+    assert not (tmp_path / "spool" / "spool.db").exists() or stored_messages(tmp_path / "spool") == []
+
+
 def test_lone_dot_kept_with_oi(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
