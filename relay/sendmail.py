@@ -512,13 +512,13 @@ def _require_spool(directory: str) -> None:
         )
 
 
-def _load_config(config_file: str | None, stderr: TextIO) -> Config | None:
-    """Load ``config_file`` (None: the defaults); print each error and return None when it is invalid."""
+def _load_config(config_file: str | None, stderr: TextIO, program: str = "sendmail") -> Config | None:
+    """Load ``config_file`` (None: the defaults); print each error after ``program:`` and return None if invalid."""
     try:
         return load_config(config_file)
     except ConfigError as exc:
         for line in exc.errors:
-            print(f"sendmail: {line}", file=stderr)
+            print(f"{program}: {line}", file=stderr)
         return None
 
 
@@ -701,7 +701,7 @@ def _other_mode(options: Options, program: str) -> int:
         except KeyboardInterrupt:
             return 130
         return status
-    config = _load_config(config_file, sys.stderr)
+    config = _load_config(config_file, sys.stderr, program)
     if config is None:
         return EX_CONFIG
     return check_aliases(config.local.aliases, sys.stderr, program)

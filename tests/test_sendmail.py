@@ -592,6 +592,16 @@ def test_newaliases_without_aliases_file(tmp_path: Path) -> None:
     )
 
 
+def test_newaliases_config_errors_name_newaliases(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text("[server]\nbogus = 1\n")
+
+    result = sendmail(["--config", str(config)], b"", argv0=str(program_link(tmp_path, "newaliases")))
+
+    assert result.returncode == EX_CONFIG
+    assert result.stderr.decode().startswith(f"newaliases: {config}:server.bogus: unknown key")
+
+
 @pytest.mark.parametrize(("program", "usage"), [("mailq", "usage: mailq"), ("newaliases", "usage: newaliases")])
 def test_program_link_help(tmp_path: Path, program: str, usage: str) -> None:
     result = sendmail(["--help"], b"", argv0=str(program_link(tmp_path, program)))
