@@ -260,10 +260,14 @@ def _strip_envelope_lines(message: bytes) -> bytes:
     field, so kept it would end the header block for the next hop and turn
     the real header fields into body text.  Postfix's sendmail drops them too.
     """
-    while _ENVELOPE_LINE.match(message):
-        end = message.find(b"\r\n")
-        message = b"" if end < 0 else message[end + 2 :]
-    return message
+    # Find where the envelope lines end, then copy the rest once.
+    start = 0
+    while _ENVELOPE_LINE.match(message, start):
+        end = message.find(b"\r\n", start)
+        if end < 0:
+            return b""
+        start = end + 2
+    return message[start:]
 
 
 def separate_body(message: bytes) -> bytes:
