@@ -698,6 +698,10 @@ def _other_mode(options: Options, program: str) -> int:
     if options.mode == "p":
         from relay.cli import build_parser
 
+        # Checked here so that each config error starts with the program name,
+        # which relay queue list would not print.  The exit status stays 1.
+        if _load_config(config_file, sys.stderr, program) is None:
+            return 1
         args = build_parser().parse_args(["queue", "list", *(["--config", config_file] if config_file else [])])
         args.error_prefix = program
         try:

@@ -631,11 +631,17 @@ def test_mailq_errors_name_mailq(tmp_path: Path) -> None:
 
     missing_spool = sendmail(["--config", str(config)], b"", argv0=str(link))
     bad_option = sendmail(["-x"], b"", argv0=str(link))
+    invalid = tmp_path / "invalid.toml"
+    invalid.write_text("[server]\nbogus = 1\n")
+    bad_config = sendmail(["--config", str(invalid)], b"", argv0=str(link))
 
     assert missing_spool.returncode == 1
     assert missing_spool.stderr.decode().startswith("mailq: ")
     assert bad_option.returncode == EX_USAGE
     assert bad_option.stderr.decode().startswith("mailq: unknown option -x")
+    assert bad_config.returncode == 1
+    assert bad_config.stderr.decode().startswith(f"mailq: {invalid}:server.bogus: unknown key")
+    assert bad_config.stderr.decode().count("\n") == 1
 
 
 @pytest.mark.parametrize("hop_count", [["-h", "5"], ["-h17"]])
