@@ -666,6 +666,11 @@ def run(argv: Sequence[str], program: str = "sendmail") -> int:
         return EX_NOINPUT
     try:
         return inject(options, sys.stdin.buffer, sys.stderr)
+    except KeyboardInterrupt:
+        # Ctrl-C while a user types a message.  A commit already under way
+        # may still finish, so the message says nothing about the queue.
+        print("sendmail: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - a sendmail caller needs an exit code, not a traceback
         print(f"sendmail: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EX_SOFTWARE

@@ -8,6 +8,7 @@ import os
 import pwd
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -1132,3 +1133,40 @@ def test_q_unknown_queue_id(tmp_path: Path) -> None:
 
     assert result.returncode == EX_NOINPUT
     assert "queue ID 0123456789ABCDE not found" in result.stderr.decode()
+
+
+def test_interrupt_while_reading_exits_quietly(tmp_path: Path) -> None:
+    # Ctrl-C while a user types a message ends sendmail with status 130 and
+    # one line, not a traceback, and nothing is queued.
+    config = write_config(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "relay", "sendmail", "--config", str(config), "alice"]
+    process = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        assert process.stdin is not None
+        process.stdin.write(b"Subject: half typed\n")
+        process.stdin.flush()
+        # Wait until it blocks in read(2) on standard input (syscall 0 on
+        # x86-64, 63 on arm64), so the signal lands in the message reading.
+        deadline = time.monotonic() + 20
+        syscall = Path(f"/proc/{process.pid}/syscall")
+        while time.monotonic() < deadline:
+            fields = syscall.read_text().split()
+            if fields and fields[0] in ("0", "63") and fields[1] == "0x0":
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("sendmail never waited for standard input")
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 130
+    assert b"Traceback" not in stderr
+    assert stderr.decode().strip() == "sendmail: interrupted"
+    assert not (tmp_path / "spool").exists() or stored_messages(tmp_path / "spool") == []
