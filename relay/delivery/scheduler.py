@@ -67,14 +67,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 from relay.config import Config
@@ -153,6 +153,36 @@ class LeaseCutOff(Exception):
     """A session was cut off because the lease of a job it was sending is lost or about to end."""
 
 
+class _CutOffScope:
+    """The ``async with`` block of ``_LeaseKeeper.cutoff``: an asyncio timeout that the keeper moves.
+
+    A class rather than a generator-based context manager, because every job
+    enters two of these, and the generator's overhead doubles their cost.
+    """
+
+    __slots__ = ("_keeper", "_timeout")
+
+    def __init__(self, keeper: _LeaseKeeper) -> None:
+        self._keeper = keeper
+        self._timeout = asyncio.timeout_at(keeper._cut_at)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+        self._keeper._scope = self._timeout
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._keeper._scope = None
+        try:
+            await self._timeout.__aexit__(exc_type, exc, traceback)
+        except TimeoutError:
+            # The timeout turns the cancellation into TimeoutError; only its own expiry is a cut-off.
+            if self._timeout.expired():
+                raise LeaseCutOff from None
+            raise
+
+
 class _LeaseKeeper:
     """Renew the leases of the jobs one worker is sending, and cut its session off when one is lost.
 
@@ -189,20 +219,9 @@ class _LeaseKeeper:
             self._timer.cancel()
             self._timer = None
 
-    @contextlib.asynccontextmanager
-    async def cutoff(self) -> AsyncIterator[None]:
-        """Run the block, cancelled with LeaseCutOff when a lease is lost or about to end."""
-        try:
-            async with asyncio.timeout_at(self._cut_at) as scope:
-                self._scope = scope
-                try:
-                    yield
-                finally:
-                    self._scope = None
-        except TimeoutError:
-            if scope.expired():
-                raise LeaseCutOff from None
-            raise
+    def cutoff(self) -> _CutOffScope:
+        """Return a block that is cancelled with LeaseCutOff when a lease is lost or about to end."""
+        return _CutOffScope(self)
 
     def _schedule(self, when: float) -> None:
         """Renew at ``when`` (time.time()), unless a renewal is due earlier."""
