@@ -47,7 +47,6 @@ import os
 import select
 from typing import TextIO
 
-from relay._parser import xtext_encode
 from relay.config import Config, ListenerConfig
 from relay.log import log_event
 from relay.sendmail import (
@@ -60,12 +59,13 @@ from relay.sendmail import (
 )
 from relay.sendmail_options import EX_CONFIG, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_USAGE, Options, SendmailError
 from relay.smtp import replies
+from relay.smtp.envelope import spool_envelope
 from relay.smtp.policy import RelayPolicy
 from relay.smtp.received import local_received_header
 from relay.smtp.replies import Reply
 from relay.smtp.session import Session, SessionSettings
 from relay.smtp.transaction import Close, MessageReady
-from relay.spool import Envelope, Recipient, Spool, SpoolError, new_queue_id
+from relay.spool import Spool, SpoolError, new_queue_id
 from relay.units import format_duration
 
 logger = logging.getLogger("relay.sendmail")
@@ -210,7 +210,10 @@ class StdioSession:
             queue_id=queue_id,
             recipients=recipients,
         )
-        envelope = _envelope(event, local_body_type(message, transaction.body_type))
+        # Local mail has no client address, and 8-bit octets decide the body type as for relay sendmail.
+        envelope = dataclasses.replace(
+            spool_envelope(event, None), body_type=local_body_type(message, transaction.body_type)
+        )
 
         try:
             stored_id = spool.commit_blocking(envelope, trace + message, queue_id=queue_id)
@@ -230,31 +233,6 @@ class StdioSession:
             protocol=event.protocol,
         )
         return replies.queued(stored_id)
-
-
-def _envelope(event: MessageReady, body_type: str | None) -> Envelope:
-    """Return the spool envelope of a finished transaction, with no client address as for local mail."""
-    transaction = event.transaction
-    recipients = tuple(
-        Recipient(
-            address=info.address,
-            orcpt=f"{info.orcpt[0]};{xtext_encode(info.orcpt[1])}" if info.orcpt else None,
-            notify=info.notify,
-        )
-        for info in transaction.recipients
-    )
-    return Envelope(
-        sender=transaction.sender,
-        recipients=recipients,
-        size=transaction.size,
-        body_type=body_type,
-        smtputf8=transaction.smtputf8,
-        ret=transaction.ret,
-        envid=xtext_encode(transaction.envid) if transaction.envid is not None else None,
-        client_address=None,
-        helo_name=event.helo_name,
-        protocol=event.protocol,
-    )
 
 
 def serve_stdio(options: Options, input_fd: int, output_fd: int, stderr: TextIO) -> int:

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay import metrics
-from relay._parser import xtext_encode
 from relay.admin import Monitoring
 from relay.config import Config, ListenerConfig
 from relay.delivery import Scheduler
@@ -54,6 +53,7 @@ from relay.reload import check_files, log_reload, reload_config
 from relay.signals import EarlySignals, StopRequests, SupervisorLink, install_loop_handlers
 from relay.smtp import replies
 from relay.smtp.auth import CredentialsError, CredentialStore
+from relay.smtp.envelope import spool_envelope
 from relay.smtp.implicit import ImplicitTLSListener
 from relay.smtp.policy import RelayPolicy
 from relay.smtp.protocol import SMTPProtocol
@@ -62,7 +62,7 @@ from relay.smtp.replies import Reply
 from relay.smtp.session import Session, SessionSettings
 from relay.smtp.tls import server_context
 from relay.smtp.transaction import CheckCredentials, MessageReady
-from relay.spool import Envelope, Recipient, Spool, SpoolError, new_queue_id
+from relay.spool import Spool, SpoolError, new_queue_id
 
 logger = logging.getLogger("relay.smtp")
 
@@ -243,7 +243,7 @@ class ListenerRuntime:
             queue_id=queue_id,
             recipients=[r.address for r in transaction.recipients],
         )
-        envelope = _envelope(event, client)
+        envelope = spool_envelope(event, client)
         # With other clients connected, their messages may join this commit's transaction.
         may_wait = self.counts.total > 1
         try:
@@ -321,29 +321,6 @@ class ListenerRuntime:
         if self.auth_failures.get(client, 0) + 1 > auth.failures_before_delay:
             await asyncio.sleep(auth.failure_delay)
         return None, replies.AUTH_FAILED
-
-
-def _envelope(event: MessageReady, client: str) -> Envelope:
-    """Convert a finished transaction into the spool's envelope."""
-    transaction = event.transaction
-    recipients = []
-    for info in transaction.recipients:
-        orcpt = f"{info.orcpt[0]};{xtext_encode(info.orcpt[1])}" if info.orcpt else None
-        recipients.append(Recipient(address=info.address, orcpt=orcpt, notify=info.notify))
-    envid = xtext_encode(transaction.envid) if transaction.envid is not None else None
-    return Envelope(
-        sender=transaction.sender,
-        recipients=tuple(recipients),
-        size=transaction.size,
-        body_type=transaction.body_type,
-        smtputf8=transaction.smtputf8,
-        ret=transaction.ret,
-        envid=envid,
-        client_address=client,
-        helo_name=event.helo_name,
-        auth_user=event.auth_user,
-        protocol=event.protocol,
-    )
 
 
 def install_event_loop(kind: str) -> None:
