@@ -157,7 +157,7 @@ class _CutOffScope:
     """The ``async with`` block of ``_LeaseKeeper.cutoff``: an asyncio timeout that the keeper moves.
 
     A class rather than a generator-based context manager, because every job
-    enters two of these, and the generator's overhead doubles their cost.
+    enters one or two of these, and a generator nearly doubles their cost.
     """
 
     __slots__ = ("_keeper", "_timeout")

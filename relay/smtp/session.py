@@ -727,7 +727,9 @@ class Session:
         # "rcpt"@example.net is the mailbox rcpt@example.net (RFC 5321 section
         # 4.1.2), so checks, the spool and delivery all see the unquoted form.
         local_part = dot_string_form(command.local_part or "")
-        path = sent_path if local_part == command.local_part else local_part + ("@" + domain if domain else "")
+        path = sent_path
+        if local_part != command.local_part:
+            path = f"{local_part}@{domain}" if domain else local_part
         if domain == "" and local_part.lower() != "postmaster":
             self._reject("RCPT", replies.BAD_RECIPIENT_SYNTAX)
             return
