@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.delivery.maildir import LocalDelivery, UnknownUser
 from relay.smtp import replies
 from relay.smtp.policy import RelayPolicy, _AliasFile
 from relay.smtp.session import MAX_DISCARDED_CHUNK
@@ -1787,3 +1788,23 @@ def test_wide_alias_accepted_like_delivery(tmp_path: Path) -> None:
     )
 
     assert RelayPolicy(config).check_recipient("staff", "local.test", False) is None
+
+
+def test_mailbox_case_agrees_with_delivery(tmp_path: Path) -> None:
+    # Delivery folds the local part to lower case, so a folder named Bob is
+    # no mailbox there; RCPT accepting it meant a 5.1.1 bounce after a 250.
+    (tmp_path / "mail" / "Bob").mkdir(parents=True)
+    (tmp_path / "mail" / "carol").mkdir()
+    config = hostile_config(local_domains=("local.test",))
+    config = config.replace(local=dataclasses.replace(config.local, maildir_root=str(tmp_path / "mail")))
+    policy = RelayPolicy(config)
+    delivery = LocalDelivery.from_config(config.local)
+
+    for local_part in ("Bob", "bob", "BOB"):
+        assert policy.check_recipient(local_part, "local.test", False) == replies.NO_SUCH_USER
+        with pytest.raises(UnknownUser):
+            delivery.expand(local_part)
+    for local_part in ("carol", "Carol", "CAROL"):
+        assert policy.check_recipient(local_part, "local.test", False) is None
+        assert delivery.expand(local_part).users == ("carol",)
+

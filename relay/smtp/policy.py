@@ -22,10 +22,11 @@ Postfix turns addresses into its unquoted internal form.  A local part that
 needs its quotes (``"a b"``, ``"info@"``) is kept as sent.
 
 Domains match exactly, case-insensitively; subdomains are not implied.
-User names match case-insensitively for ``local.users`` and aliases; a
-Maildir directory must exist under the exact or the lower-cased local part,
-and local parts that could name a path outside the root (``/``, a leading
-``.``) never match a directory.
+User names match case-insensitively: local delivery folds the local part
+to lower case, as Postfix's local(8) does, so a Maildir directory must exist
+under the lower-cased local part.  A directory with upper-case letters in its
+name never matches.  Local parts that could name a path outside the root
+(``/``, a leading ``.``) never match a directory.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import ipaddress
 import logging
 import os
 import re
-from collections.abc import Iterable
 
 from relay.aliases import MAX_ALIAS_DEPTH, AliasFile
 from relay.config import Config
@@ -142,10 +142,8 @@ class RelayPolicy:
     def _has_mailbox(self, local_part: str) -> bool:
         if not self.maildir_root or not is_safe_user_name(local_part):
             return False
-        for name in _unique((local_part, local_part.lower())):
-            if os.path.isdir(os.path.join(self.maildir_root, name)):
-                return True
-        return False
+        # Only the lower-cased name, because that is the folder delivery writes to.
+        return os.path.isdir(os.path.join(self.maildir_root, local_part.lower()))
 
     def _alias_leads_somewhere(
         self, table: dict[str, tuple[str, ...]], name: str, seen: set[str], depth: int
@@ -199,10 +197,3 @@ class RelayPolicy:
             return None
         return replies.RELAY_DENIED
 
-
-def _unique(items: Iterable[str]) -> list[str]:
-    seen: list[str] = []
-    for item in items:
-        if item not in seen:
-            seen.append(item)
-    return seen
