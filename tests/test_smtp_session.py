@@ -1808,3 +1808,26 @@ def test_mailbox_case_agrees_with_delivery(tmp_path: Path) -> None:
         assert policy.check_recipient(local_part, "local.test", False) is None
         assert delivery.expand(local_part).users == ("carol",)
 
+
+@pytest.mark.parametrize("client", [TRUSTED, UNTRUSTED])
+def test_local_transport_domain_checks_user(tmp_path: Path, client: str) -> None:
+    # A domain routed to "local" is delivered to the Maildirs, which bounce an
+    # unknown user, so RCPT rejects that user as it does for a local domain.
+    (tmp_path / "mail" / "carol").mkdir(parents=True)
+    config = hostile_config(relay_domains=("hosted.test",))
+    config = config.replace(
+        local=dataclasses.replace(config.local, maildir_root=str(tmp_path / "mail")),
+        delivery=dataclasses.replace(config.delivery, transport={"hosted.test": "local"}),
+    )
+    run_transcript(
+        lambda: make_session(config, client=client),
+        [
+            (EHLO, ["250"]),
+            (b"MAIL FROM:<sender@example.com>\r\n", ["250"]),
+            (b"RCPT TO:<nobody@hosted.test>\r\n", ["550 5.1.1"]),
+            (b"RCPT TO:<Carol@hosted.test>\r\n", ["250 2.1.5"]),
+            (b"RCPT TO:<postmaster@hosted.test>\r\n", ["250 2.1.5"]),
+            (b"RCPT TO:<carol%elsewhere.test@hosted.test>\r\n",
+             ["550 5.1.1"] if client == TRUSTED else ["554 5.7.1"]),
+        ],
+    )

@@ -15,6 +15,11 @@ Rules, in order (the first that applies decides):
 4. Any other domain: accepted only from ``policy.trusted_networks`` or an
    authenticated client, else ``554 5.7.1 Relay access denied``.
 
+A relay domain or other domain that ``[delivery.transport]`` routes to
+``"local"`` goes to the same Maildirs as a local domain, so once rule 3 or
+4 accepts it, its local part must also name a user as in rule 2.  Otherwise
+delivery would bounce the message with ``5.1.1`` after RCPT accepted it.
+
 A quoted local part that would also be valid unquoted (``"rcpt"``) names
 the same mailbox as its unquoted form (RFC 5321 section 4.1.2), so the
 session turns it into that form before any check (``dot_string_form``), as
@@ -100,6 +105,9 @@ class RelayPolicy:
         self.allow_address_literals = policy.allow_address_literals
         self.maildir_root = config.local.maildir_root
         self.users = frozenset(u.lower() for u in config.local.users)
+        self.local_transport_domains = frozenset(
+            domain for domain, route in config.delivery.transport.items() if route == "local"
+        )
         self._aliases = _AliasFile(config.local.aliases)
         # Client address -> is_trusted result; parsing the address costs more than
         # the rest of a connection's setup.  Cleared when it reaches the bound.
@@ -186,14 +194,15 @@ class RelayPolicy:
         name = domain.lower().rstrip(".")
         if name in self.local_domains:
             return None if self.user_exists(local_part) else replies.NO_SUCH_USER
-        if privileged:
-            return None
-        if name in self.relay_domains:
+        if not privileged:
+            if name not in self.relay_domains:
+                return replies.RELAY_DENIED
             # Sender-specified routing (user%host@relay-domain, host!user@...):
             # a next hop that honours it would relay for anyone, so only
             # privileged clients may use it, as Postfix's allow_untrusted_routing.
             if any(mark in local_part for mark in "%!@"):
                 return replies.RELAY_DENIED
-            return None
-        return replies.RELAY_DENIED
+        if name in self.local_transport_domains and not self.user_exists(local_part):
+            return replies.NO_SUCH_USER
+        return None
 
