@@ -89,7 +89,7 @@ def _target_problem(target: str) -> str | None:
     if "@" not in target and not is_safe_user_name(target):
         return (
             f"target {target!r} is not a valid user name (letters, digits and . _ + = -,"
-            " without a leading dot or ..)"
+            " without a leading dot or .., at most 255 characters)"
         )
     return None
 

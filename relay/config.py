@@ -610,7 +610,7 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
             if not is_safe_user_name(name):
                 raise ValueError(
                     f"invalid user name {name!r}; expected letters, digits and . _ + = -,"
-                    " without a leading dot, \"..\" or \"/\""
+                    " without a leading dot, \"..\" or \"/\", at most 255 characters"
                 )
         return tuple(value)
     elif kind == "domains":

@@ -165,6 +165,9 @@ def format_host_port(host: str, port: int) -> str:
 # A local part that may name a folder under maildir_root: no "/" and no leading
 # dot, so it can neither leave the root ("..") nor name a hidden folder.
 _SAFE_USER_NAME = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9._+=-]*$")
+# The longest file name that Linux file systems such as ext4 and XFS accept
+# (NAME_MAX).  A longer name makes every lookup fail with ENAMETOOLONG.
+MAX_USER_NAME_LENGTH = 255
 
 
 def is_safe_user_name(name: str) -> bool:
@@ -173,4 +176,4 @@ def is_safe_user_name(name: str) -> bool:
     Two dots in a row are rejected too: a dot-atom local part cannot contain
     them (RFC 5322 section 3.2.3).
     """
-    return _SAFE_USER_NAME.fullmatch(name) is not None and ".." not in name
+    return len(name) <= MAX_USER_NAME_LENGTH and _SAFE_USER_NAME.fullmatch(name) is not None and ".." not in name

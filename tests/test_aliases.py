@@ -44,6 +44,8 @@ def test_users_and_addresses_accepted() -> None:
         ("list: :INCLUDE:/etc/mail/list", "alias list: target ':INCLUDE:/etc/mail/list' is an include file"),
         ("dots: ..", "alias dots: target '..' is not a valid user name"),
         ("mailbox: \\alice", "alias mailbox: target '\\\\alice' is not a valid user name"),
+        # Longer than any file name: each delivery would fail with ENAMETOOLONG and defer.
+        ("long: " + "a" * 256, f"alias long: target '{'a' * 256}' is not a valid user name"),
     ],
 )
 def test_undeliverable_target_rejected(line: str, error: str) -> None:

@@ -535,3 +535,14 @@ def test_maildir_keeps_binarymime_crlf(tmp_path: Path) -> None:
     path = LocalDelivery.from_config(config).deliver("alice", "j@x.test", "alice@localhost", body, binary=True)
 
     assert path.read_bytes() == b"Return-Path: <j@x.test>\r\nDelivered-To: alice@localhost\r\n" + body
+
+
+def test_mailbox_rejects_too_long_user_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Longer than any file name (NAME_MAX), so a lookup would fail with ENAMETOOLONG.
+    config = write_config(tmp_path)
+    user = "a" * 256
+
+    assert mailbox(config, user) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"relay mailbox: invalid user name {user!r}:")

@@ -25,11 +25,12 @@ Maildir has no messages, or does not exist yet, prints "mailbox USER is
 empty" on stderr and exits with status 0.  An alias without a Maildir of its
 own and a name the config does not know print "not found" and exit 1.  A user
 name that local delivery would not use as a folder name (only letters,
-digits and ``. _ + = -``, no leading dot and no ``..``) is rejected, so that
-the lookup stays inside ``maildir_root``.  A message that a mail client
-moves between ``new/`` and ``cur/`` while the command runs is read under its
-new name, and a message deleted meanwhile is left out.  When the reader of
-the output goes away (``| head``), the command stops quietly with status 1.
+digits and ``. _ + = -``, no leading dot, no ``..`` and at most 255
+characters) is rejected, so that the lookup stays inside ``maildir_root``.
+A message that a mail client moves between ``new/`` and ``cur/`` while the
+command runs is read under its new name, and a message deleted meanwhile is
+left out.  When the reader of the output goes away (``| head``), the command
+stops quietly with status 1.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if not is_safe_user_name(args.user):
         _error(
             f"invalid user name {args.user!r}: a local user name is one folder under [local] maildir_root,"
-            " made of letters, digits and . _ + = - and not starting with '.', such as alice."
+            " of at most 255 letters, digits and . _ + = - and not starting with '.', such as alice."
         )
         return 1
     user = args.user.lower()
