@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, require_peer
 from relay.cli import main
 from relay.config import LocalConfig, load_config
 from relay.delivery import mailbox_cli
@@ -546,3 +547,48 @@ def test_mailbox_rejects_too_long_user_name(tmp_path: Path, capsys: pytest.Captu
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith(f"relay mailbox: invalid user name {user!r}:")
+
+
+# Delivers one message to a user whose Maildir does not exist yet.
+_DELIVER_NEW_USER = """
+import sys
+from relay.config import LocalConfig
+from relay.delivery.maildir import LocalDelivery
+local = LocalDelivery(LocalConfig(maildir_root=sys.argv[1], users=("dave",)))
+local.deliver("dave", "sender@example.test", "dave@localhost", b"Subject: x\\r\\n\\r\\nbody\\r\\n")
+"""
+
+
+def test_maildir_creation_is_durable(tmp_path: Path) -> None:
+    # A delivered message must survive power loss, so the parent of each folder
+    # that delivery creates must be fsynced before the message reaches new/.
+    # strace records the system calls of a real delivery.
+    strace = require_peer("strace")
+    root = tmp_path / "mail"
+    trace = tmp_path / "trace"
+    subprocess.run(
+        [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=mkdir,mkdirat,openat,fsync,close,rename",
+         sys.executable, "-c", _DELIVER_NEW_USER, str(root)],
+        check=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), timeout=60,
+    )
+
+    created: list[str] = []
+    fsynced: set[str] = set()
+    open_paths: dict[str, str] = {}
+    for line in trace.read_text().splitlines():
+        call = re.search(r'(\w+)\((?:AT_FDCWD, )?"?([^",)]*)"?.*\)\s+=\s+(-?\d+)', line)
+        if call is None:
+            continue
+        name, argument, result = call.groups()
+        if name.startswith("mkdir") and result == "0":
+            created.append(os.path.normpath(argument))
+        elif name == "openat" and result != "-1":
+            open_paths[result] = os.path.normpath(argument)
+        elif name == "fsync" and argument in open_paths:
+            fsynced.add(open_paths[argument])
+        elif name == "rename":
+            break  # the message is in new/ from here on
+
+    assert created == [str(root), str(root / "dave"), *(str(root / "dave" / f) for f in ("tmp", "new", "cur"))]
+    for folder in created:
+        assert os.path.dirname(folder) in fsynced, f"{os.path.dirname(folder)} not fsynced after mkdir {folder}"

@@ -12,7 +12,10 @@ CRLF of the SMTP form becomes LF.  A BINARYMIME body (RFC 3030) is written
 unchanged, headers included, because a CRLF inside it may be data.
 The file is written under ``tmp/``, flushed to disk with fsync, renamed into
 ``new/``, and the ``new/`` directory is fsynced, so a delivered message
-survives a crash.  The standard library's ``mailbox.Maildir.add`` does the
+survives a crash.  A folder that delivery creates (the user's Maildir and
+its ``tmp/``, ``new/`` and ``cur/``, mode 0700) is made durable the same
+way, by an fsync of the folder that holds it, because a new file is only
+as durable as the chain of folders leading to it.  The standard library's ``mailbox.Maildir.add`` does the
 same rename but no fsync, so it is not used for writing.
 
 Aliases come from ``[local] aliases``, parsed and checked by
@@ -151,7 +154,7 @@ class LocalDelivery:
         # A user exists once maildir_root/USER exists, possibly still empty, and
         # mailbox.Maildir creates the folders only for a missing root, so make them here.
         for folder in ("tmp", "new", "cur"):
-            (root / folder).mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_durable_folders(root / folder)
         line_end = "\r\n" if binary else "\n"
         header = f"Return-Path: <{sender}>{line_end}Delivered-To: {recipient}{line_end}".encode()
         if not binary:
@@ -181,6 +184,19 @@ def _unique_name() -> str:
     micros = int((now - seconds) * 1_000_000)
     host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
     return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}.{host}"
+
+
+def _make_durable_folders(path: Path) -> None:
+    """Create ``path`` and its missing parents with mode 0700, and fsync the folder holding each one."""
+    missing: list[Path] = []
+    while not path.is_dir() and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        # Another delivery may create it at the same moment.  The fsync still runs,
+        # because that delivery's fsync may not have happened yet.
+        folder.mkdir(mode=0o700, exist_ok=True)
+        _fsync_directory(folder.parent)
 
 
 def _fsync_directory(path: Path) -> None:
