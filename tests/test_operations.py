@@ -638,6 +638,69 @@ def test_bad_certificate_reload_keeps_tls_working(tmp_path: Path) -> None:
         process.wait(30)
 
 
+def _served_certificate(port: int) -> bytes:
+    """Return the DER certificate that a default TLS client gets after STARTTLS."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.example.com")
+        client.starttls(context=context)
+        assert isinstance(client.sock, ssl.SSLSocket)
+        served = client.sock.getpeercert(binary_form=True)
+    assert served is not None
+    return served
+
+
+def _der(path: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+
+def test_reload_serves_new_key_type(tmp_path: Path) -> None:
+    # Rotation from an ECDSA to an RSA certificate under the same file names.
+    # OpenSSL keeps one certificate per key type in a context, and OpenSSL 3
+    # clients prefer ECDSA, so a reload into the running context would go on
+    # serving them the old certificate.
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-days", "2", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    old_certificate = _der(cert)
+    (tmp_path / "rsa").mkdir()
+    rsa_cert, rsa_key = make_certificate(tmp_path / "rsa")
+    port = free_port()
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[server]\nworkers = 1\n[[listener]]\naddress = "127.0.0.1:{port}"\ntls = "starttls"\n'
+        f'[tls]\ncert = "{cert}"\nkey = "{key}"\n[spool]\npath = "spool"\n[admin]\naddress = ""\n'
+    )
+    log_path = tmp_path / "relay.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--config", str(config), "--no-delivery"],
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=tmp_path,
+        )
+    try:
+        wait_for_port("127.0.0.1", port, process=process)
+        assert _served_certificate(port) == old_certificate
+
+        key.write_bytes(rsa_key.read_bytes())
+        cert.write_bytes(rsa_cert.read_bytes())
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while "reloaded" not in log_path.read_text():
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+
+        assert _served_certificate(port) == _der(rsa_cert)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    assert "Traceback" not in log_path.read_text()
+
+
 def test_bad_aliases_rejected_at_check_and_reload(relay: Relay) -> None:
     # A bad line in the aliases file fails check-config, and a reload with it is
     # rejected by every process alike, with no half-applied config.

@@ -60,7 +60,7 @@ from relay.smtp.protocol import SMTPProtocol
 from relay.smtp.received import received_header
 from relay.smtp.replies import Reply
 from relay.smtp.session import Session, SessionSettings
-from relay.smtp.tls import server_context
+from relay.smtp.tls import TLSSetupError, server_context
 from relay.smtp.transaction import CheckCredentials, MessageReady
 from relay.spool import Spool, SpoolError, new_queue_id
 
@@ -468,16 +468,18 @@ class Worker:
             return
         context = self.runtimes[0].ssl_context if self.runtimes else None
         if context is not None and config.tls.cert:
-            # Certificate rotation, also of files replaced under the same names:
-            # new handshakes use the new chain, on the same context, so implicit-TLS
-            # listeners pick it up without a restart.  reload_config has loaded the
-            # chain into a context of its own first, so a bad one never gets here.
+            # Certificate rotation, also of files replaced under the same names,
+            # builds a new context.  OpenSSL keeps one certificate per key type in
+            # a context, so loading an RSA chain into a running ECDSA one would go
+            # on serving the old ECDSA certificate.  Each STARTTLS and implicit-TLS
+            # handshake reads runtime.ssl_context as it starts.
             try:
-                context.load_cert_chain(config.tls.cert, config.tls.key)
-            except (OSError, ssl.SSLError) as exc:
+                context = server_context(config.tls)
+            except TLSSetupError as exc:
                 log_event(logger, "reload_failed", logging.ERROR, worker=self.index, error=f"TLS: {exc}")
                 return
         for runtime in self.runtimes:
+            runtime.ssl_context = context
             runtime.apply(config, policy, credentials, self.workers)
         if self.scheduler is not None:
             self.scheduler.apply_config(config)
