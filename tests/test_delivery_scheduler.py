@@ -577,6 +577,44 @@ def test_smart_host_tls_required_defers_without_starttls(
     assert spool_counts(config) == {"deferred": 1}
 
 
+def test_transport_to_smart_host_keeps_tls_apart(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any
+) -> None:
+    # The transport table sends legacy.test to the smart host's own address and
+    # port, with opportunistic TLS.  Mail for the smart host itself needs a
+    # verified certificate, so it must not reuse legacy.test's parked session.
+    # This certificate is not trusted, so that mail is deferred.
+    cert, key = make_certificate(tmp_path)
+    port = free_port("127.0.0.6")
+    config = make_config(
+        tmp_path, nameserver, 25,
+        delivery=f'relayhost = "[127.0.0.6]:{port}"\nminimal_backoff_time = "1h"\nmaximal_backoff_time = "2h"',
+        extra=f'[delivery.transport]\n"legacy.test" = "smtp:[127.0.0.6]:{port}"',
+    )
+    spool = spool_for(config)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    smart_host_ids: list[str] = []
+
+    def smart_host_mail_settled() -> bool:
+        # The smart host's message goes in once legacy.test's session is parked for reuse.
+        if not smart_host_ids:
+            if upstream.messages:
+                smart_host_ids.append(commit(spool, "alice@local.test", ["user@example.org"]))
+            return False
+        return spool_counts(config) == {"deferred": 1} or len(upstream.messages) > 1
+
+    with run_upstream("127.0.0.6", port, tls_context=server_tls, require_starttls=True) as upstream:
+        legacy_id = commit(spool, "alice@local.test", ["user@legacy.test"])
+        assert run_until(config, spool, smart_host_mail_settled)
+
+    assert [m.recipients for m in upstream.messages] == [["user@legacy.test"]]
+    assert stored_message(config, legacy_id) is None
+    waiting = stored_message(config, smart_host_ids[0])
+    assert waiting is not None
+    assert "CERTIFICATE_VERIFY_FAILED" in waiting.recipients[0].last_reply
+
+
 @pytest.mark.parametrize(
     ("options", "state"),
     [

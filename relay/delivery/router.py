@@ -12,8 +12,13 @@ unless it is loopback, link-local, multicast or unspecified, which fails
 with ``5.7.1`` so that mail cannot be steered at this host's neighbours.
 
 A ``Route`` also names its destination: the key under which the scheduler
-queues, limits concurrency and backs off.  MX routes share one destination
-per domain, fixed next hops one per ``host:port``.
+queues, limits concurrency and backs off, and under which finished sessions
+are kept for reuse.  MX routes share one destination per domain, fixed next
+hops one per ``host:port``.  A transport entry or address literal that names
+the smart host's own ``host:port`` gets a destination of its own (with
+`` tls=MODE`` appended) when the smart host's TLS or AUTH settings differ,
+so that its sessions never carry mail that ``relayhost_tls`` or
+``relayhost_username`` governs, and the reverse.
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ class Router:
             host, port, use_mx = parse_next_hop(entry[len("smtp:") :])
             return Route(
                 kind=SMTP,
-                destination=_fixed_destination(host, port, use_mx),
+                destination=self._next_hop_destination(host, port, use_mx),
                 host=host,
                 port=port,
                 use_mx=use_mx,
@@ -110,12 +115,23 @@ class Router:
         host = str(address)
         return Route(
             kind=SMTP,
-            destination=_fixed_destination(host, self._smtp_port, False),
+            destination=self._next_hop_destination(host, self._smtp_port, False),
             host=host,
             port=self._smtp_port,
             use_mx=False,
             tls=self._mx_tls,
         )
+
+
+    def _next_hop_destination(self, host: str, port: int, use_mx: bool) -> str:
+        """Return the destination of a transport or literal route, apart from the smart host's when they differ."""
+        destination = _fixed_destination(host, port, use_mx)
+        relayhost = self._relayhost
+        if relayhost is None or destination != relayhost.destination:
+            return destination
+        if (relayhost.tls, relayhost.username) == (self._mx_tls, ""):
+            return destination  # both open sessions the same way, so they may share them
+        return f"{destination} tls={self._mx_tls}"
 
 
 def _fixed_destination(host: str, port: int, use_mx: bool) -> str:
