@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from relay.delivery.dns import MXResolver
 from relay.delivery.router import Route
 from relay.delivery.sessions import SessionPool
 from relay.spool import Outcome
-from tests.delivery_peers import run_smtp_sink
+from tests.delivery_peers import make_certificate, run_smtp_sink, run_upstream
 from tests.server_helpers import RelayProcess, strip_received
 
 EHLO_PLAIN = b"250-mx.example.net\r\n250 8BITMIME\r\n"
@@ -330,6 +331,84 @@ def test_broken_opportunistic_tls_retried_in_plaintext() -> None:
     results = asyncio.run(main())
     assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
     assert "STARTTLS" not in server.verbs()
+
+
+EHLO_STARTTLS = b"250-mx.example.net\r\n250 STARTTLS\r\n"
+
+
+@pytest.mark.parametrize("tls", ["required", "opportunistic"])
+def test_reply_pipelined_after_starttls_220(tls: str) -> None:
+    # A reply sent in plaintext behind the 220 could come from anyone on the
+    # path (CVE-2011-0411's kind of injection).  Read after the handshake, it
+    # would be taken as the reply to a command sent over TLS.
+    server = ScriptedServer({"EHLO": EHLO_STARTTLS, "STARTTLS": b"220 2.0.0 go ahead\r\n250 2.1.0 injected\r\n"})
+    options = dataclasses.replace(OPTIONS, tls=tls)
+
+    with pytest.raises(SessionError) as raised:
+        run_session(server, lambda session: session.send(message("a@example.net")), options)
+
+    assert raised.value.reply.startswith("451 4.7.0 ")
+    assert raised.value.reply.endswith(" sent data after its STARTTLS reply")
+    assert raised.value.tls_failed
+    assert "MAIL" not in server.verbs()
+
+
+def test_required_tls_without_starttls_defers() -> None:
+    server = ScriptedServer({"EHLO": b"250-mx.example.net\r\n250 AUTH PLAIN\r\n"})
+    options = dataclasses.replace(OPTIONS, tls="required", username="relay", password="secret")
+
+    with pytest.raises(SessionError) as raised:
+        run_session(server, lambda session: session.send(message("a@example.net")), options)
+
+    assert raised.value.reply.startswith("451 4.7.4 TLS is required but ")
+    assert raised.value.reply.endswith(" does not offer STARTTLS")
+    assert raised.value.temporary
+    assert server.verbs() == ["EHLO", "QUIT"]
+
+
+@pytest.mark.parametrize(
+    ("tls", "trusted", "address", "delivered"),
+    [
+        ("required", False, "127.0.0.1", False),
+        ("required", True, "127.0.0.3", False),
+        ("required", True, "127.0.0.1", True),
+        ("opportunistic", False, "127.0.0.3", True),
+    ],
+)
+def test_next_hop_certificate_by_tls_mode(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tls: str, trusted: bool, address: str, delivered: bool
+) -> None:
+    # The next hop's self-signed certificate names 127.0.0.1 but not 127.0.0.3.
+    # Under "required" it must be trusted (tls_ca_file) and name the next hop,
+    # and a failed check defers without a retry in plaintext.  "opportunistic"
+    # encrypts without checking.
+    cert, key = make_certificate(tmp_path)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    port = free_port(address)
+    route = Route(kind="smtp", destination="d", host=address, port=port, use_mx=False, tls=tls)
+
+    async def main() -> object:
+        resolver = MXResolver((("127.0.0.1", 9),))
+        pool = SessionPool(resolver, "relay.example.test", OPTIONS.timeouts, ca_file=str(cert) if trusted else "")
+        session = await pool.acquire(route)
+        result = await session.send(message("a@example.net"))
+        await session.close()
+        return result
+
+    with run_upstream(address, port, tls_context=server_tls, require_starttls=True) as upstream:
+        if delivered:
+            results = asyncio.run(main())
+            assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+        else:
+            with pytest.raises(SessionError) as raised:
+                asyncio.run(main())
+            assert raised.value.reply.startswith("451 4.7.5 TLS handshake with ")
+            assert "CERTIFICATE_VERIFY_FAILED" in raised.value.reply
+
+    assert [m.tls for m in upstream.messages] == ([True] if delivered else [])
+    # A failed certificate check under "required" is not retried without STARTTLS.
+    assert "tls_fallback" not in caplog.text
 
 
 class CountingWrites:
