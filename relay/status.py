@@ -1,7 +1,8 @@
 """``relay status``: a summary of the spool by recipient state and destination.
 
-Reads the spool with its own connection inside one read transaction, so it
-gives a consistent snapshot while the relay runs.  The same summary feeds
+Reads the spool with its own read-only connection inside one read
+transaction, so it gives a consistent snapshot while the relay runs, needs
+only read access to the spool, and never changes it.  The same summary feeds
 the queue gauges of ``/metrics``.  Works on ``--spool DIR`` or the ``[spool]
 path`` of ``--config FILE``; a missing spool is reported with exit status 1.
 """
@@ -169,4 +170,5 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--top", type=_destination_count, default=10, metavar="N", help="destinations to list (default: 10)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.set_defaults(handler=_run)
+    # Read-only: an operator or a monitoring script needs only read access to the spool.
+    parser.set_defaults(handler=_run, read_only=True)

@@ -409,8 +409,11 @@ def test_corrupt_record_reported(spool_dir: Path, capsys: pytest.CaptureFixture[
     assert status == 0
     assert [document["queue_id"] for document in _json_lines(out)] == [sound]
     assert f"message {broken} is corrupt" in err
-    assert "moved aside to" in err
-    assert (spool_dir / "corrupt" / f"{broken}.json").exists()
+    assert "left in the spool" in err
+    assert not (spool_dir / "corrupt").exists()
+    # Still in the spool, for relay serve or relay queue delete to remove.
+    with SpoolStore(spool_dir) as store:
+        assert broken in store.queue_ids()
 
 
 def test_flush_empty_domain_rejected(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -496,20 +499,23 @@ def test_config_from_environment(tmp_path: Path) -> None:
     assert queue_id in result.stdout
 
 
-def test_corrupt_record_logged_with_fields(spool_dir: Path) -> None:
+def test_corrupt_record_deleted_with_yes(spool_dir: Path) -> None:
     broken = _commit(spool_dir, make_envelope())
     with sqlite3.connect(database_path(spool_dir)) as connection:
         connection.execute("UPDATE message SET envelope = x'00' WHERE queue_id = ?", (broken,))
-    command = [sys.executable, "-m", "relay", "queue", "list", "--spool", str(spool_dir)]
+    command = [sys.executable, "-m", "relay", "queue", "delete", broken, "--yes", "--spool", str(spool_dir)]
 
     result = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=60
     )
 
-    assert result.returncode == 0
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{broken}: deleted\n"
     # The log line carries its fields, not only the event name.
-    (line,) = [line for line in result.stderr.splitlines() if "corrupt_moved_aside" in line]
+    (line,) = [line for line in result.stderr.splitlines() if "removed" in line]
     assert f"queue_id={broken}" in line
+    with SpoolStore(spool_dir) as store:
+        assert store.queue_ids() == []
 
 
 def test_delete_unknown_id_without_terminal(
@@ -591,19 +597,16 @@ def test_unreadable_spool_exits_1(shared_spool_dir: Path, action: list[str]) -> 
     assert err.endswith(", mode 0000); run as the user that owns it\n")
 
 
-def test_read_only_spool_explains_cause(shared_spool_dir: Path) -> None:
+def test_read_only_spool_listed(shared_spool_dir: Path) -> None:
     queue_id = _commit(shared_spool_dir, make_envelope())
     database_path(shared_spool_dir).chmod(0o444)
     shared_spool_dir.chmod(0o555)
 
     status, out, err = _queue_without_owner_rights("list", "--spool", str(shared_spool_dir))
 
-    assert "Traceback" not in err
-    assert status == 1
-    assert out == ""
-    assert err.startswith(f"relay queue: spool {shared_spool_dir}: open failed: ")
-    assert f"needs write access to {shared_spool_dir} (owner " in err
-    assert err.endswith("; run it as the user that owns the spool\n")
+    assert err == ""
+    assert status == 0
+    assert queue_id in out
     shared_spool_dir.chmod(0o700)
     with SpoolStore(shared_spool_dir) as store:
         assert store.queue_ids() == [queue_id]
@@ -870,7 +873,7 @@ def test_list_corrupt_record_on_later_page(
     assert listed == [queue_id for queue_id in queue_ids if queue_id != broken]
     assert "-- 1 Kbytes in 4 messages." in out
     assert f"message {broken} is corrupt" in err
-    assert (spool_dir / "corrupt" / f"{broken}.json").exists()
+    assert not (spool_dir / "corrupt").exists()
 
 
 def test_addresses_escaped_on_terminal(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

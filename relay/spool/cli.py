@@ -5,14 +5,22 @@ JSON object per line with ``--json``), ``show ID``, ``flush [ID | --domain D]``,
 ``hold ID``, ``release ID`` and ``delete ID``.  Each works on ``--spool DIR``
 or on the ``[spool] path`` of ``--config FILE`` (default: ``./relay-spool``).
 
+``list`` and ``show`` open the spool read-only: they need read access to the
+spool directory and its ``spool.db`` files, not write access, and they never
+change the spool (no schema migration, no record moved aside, no
+checkpoint).  A spool at an older schema version is reported with exit
+status 1 until ``relay serve`` migrates it.  The other subcommands need
+write access, and without it exit with status 1 and a line naming the path.
+
 Each message is read in one SQLite read transaction, so its envelope and
 recipients agree even while worker processes commit.  ``list`` reads and
 prints the queue a page at a time, so its memory does not grow with the
 queue, and a message committed or removed while it runs may be left out.
 Changes wait up to the spool's busy timeout for the write lock.  Queue IDs
 are accepted in upper or lower case.  An unknown queue ID, a missing spool or a spool error prints one line
-on stderr and exits with status 1.  A record that cannot be decoded is moved
-to ``DIR/corrupt/`` and reported on stderr.
+on stderr and exits with status 1.  A record that cannot be decoded is
+reported on stderr and left in place; ``relay serve`` moves it to
+``DIR/corrupt/`` when it next claims the message.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from relay.log import log_event
 from relay.spool import DEFAULT_BUSY_TIMEOUT
 from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
 from relay.spool.ids import is_queue_id
-from relay.spool.store import SpoolStore, database_path
+from relay.spool.store import SpoolStore, database_path, read_only_uri
 from relay.spool.types import Attempt, RecipientState, StoredMessage, StoredRecipient
 from relay.units import format_duration
 
@@ -72,12 +80,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         choices=[state.value for state in RecipientState],
         help="only messages with a recipient in this state",
     )
-    listing.set_defaults(handler=_run, action=_list)
+    listing.set_defaults(handler=_run, action=_list, read_only=True)
 
     show = actions.add_parser("show", parents=[common], help="show one message's envelope, history and headers")
     show.add_argument("queue_id", metavar="ID", help="queue ID, as relay queue list shows it")
     show.add_argument("--body", action="store_true", help="print the whole message after the envelope")
-    show.set_defaults(handler=_run, action=_show)
+    show.set_defaults(handler=_run, action=_show, read_only=True)
 
     flush = actions.add_parser(
         "flush", parents=[common], help="make queued and deferred recipients not yet due, due now"
@@ -138,12 +146,14 @@ def _run_action(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def open_store(args: argparse.Namespace) -> Iterator[SpoolStore]:
-    """Open the spool of ``--spool`` or the config's ``[spool] path``.
+    """Open the spool of ``--spool`` or the config's ``[spool] path``, read-only when ``args.read_only`` is set.
 
-    Raises UsageError when the spool is missing or cannot be read.  A
+    Raises UsageError when the spool is missing or cannot be read, or, for a
+    command that changes it, when this user lacks write access.  A
     SpoolError from opening or from the block is raised again with the likely
     cause and what to do, for a held lock or missing write access.
     """
+    read_only = getattr(args, "read_only", False)
     if args.spool is not None:
         if not args.spool:
             raise UsageError("--spool is empty; give the spool directory, or leave out --spool to use [spool] path")
@@ -155,14 +165,18 @@ def open_store(args: argparse.Namespace) -> Iterator[SpoolStore]:
         directory = Path(config.spool.path)
         busy_timeout = config.spool.busy_timeout
     _check_spool_directory(directory)
+    if read_only:
+        _check_read_access(directory)
+    else:
+        _check_write_access(directory, args.queue_command)
     try:
-        store = SpoolStore(directory, busy_timeout=busy_timeout)
+        store = SpoolStore(directory, busy_timeout=busy_timeout, read_only=read_only)
     except SpoolError as exc:
-        raise _with_hint(exc, directory, busy_timeout) from exc.__cause__
+        raise _with_hint(exc, directory, busy_timeout, read_only) from exc.__cause__
     try:
         yield store
     except SpoolError as exc:
-        raise _with_hint(exc, directory, busy_timeout) from exc.__cause__
+        raise _with_hint(exc, directory, busy_timeout, read_only) from exc.__cause__
     finally:
         store.close()
 
@@ -185,7 +199,7 @@ def _check_spool_directory(directory: Path) -> None:
     if not stat.S_ISDIR(info.st_mode):
         raise UsageError(f"spool {directory} is not a directory; give the spool directory in --spool or [spool] path")
     try:
-        database.stat()
+        database_info = database.stat()
     except FileNotFoundError:
         raise UsageError(
             f"no spool in {directory} ({database.name} not found); check --spool or [spool] path"
@@ -195,7 +209,53 @@ def _check_spool_directory(directory: Path) -> None:
             f"cannot read spool {directory}: {exc.strerror} ({_owner_and_mode(info)});"
             " run as the user that owns it"
         ) from None
+    if stat.S_ISDIR(database_info.st_mode):
+        raise UsageError(f"{database} is a directory, not a database; check --spool or [spool] path")
     _check_relay_database(database)
+
+
+def _spool_files(directory: Path) -> list[Path]:
+    """Return ``spool.db`` and those of its ``-wal`` and ``-shm`` files that exist."""
+    database = database_path(directory)
+    companions = [database.with_name(database.name + suffix) for suffix in ("-wal", "-shm")]
+    # os.path.exists, unlike Path.exists in Python 3.11, returns False when the directory cannot be searched.
+    return [database, *(path for path in companions if os.path.exists(path))]
+
+
+def _check_read_access(directory: Path) -> None:
+    """Raise UsageError naming the first spool file this user cannot read, and how to grant access.
+
+    SQLite needs to read ``-wal`` and ``-shm`` as well as ``spool.db``, and
+    creates them with ``spool.db``'s permission bits, so read access given
+    to ``spool.db`` carries over to the next ones.
+    """
+    for path in _spool_files(directory):
+        if os.access(path, os.R_OK):
+            continue
+        try:
+            owner = f" ({_owner_and_mode(path.stat())})"
+        except OSError:
+            owner = ""
+        raise UsageError(
+            f"cannot read spool {directory}: no read access to {path}{owner}; grant it (chmod g+r {path},"
+            " with this user in the file's group), or run as the user that owns the spool"
+        )
+
+
+def _check_write_access(directory: Path, command: str) -> None:
+    """Raise UsageError naming the spool directory or file that this user cannot write."""
+    for path in (directory, *_spool_files(directory)):
+        # access(2) also reports a read-only file system, which the permission bits do not show.
+        if os.access(path, os.W_OK):
+            continue
+        try:
+            owner = f" ({_owner_and_mode(path.stat())})"
+        except OSError:
+            owner = ""
+        raise UsageError(
+            f"{command} changes the spool, and this user has no write access to {path}{owner};"
+            " run it as the user that owns the spool"
+        )
 
 
 def _check_relay_database(database: Path) -> None:
@@ -205,7 +265,7 @@ def _check_relay_database(database: Path) -> None:
     of ``relay queue`` should change a file that is not a spool.
     """
     try:
-        connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
+        connection = sqlite3.connect(read_only_uri(database.parent), uri=True)
     except sqlite3.Error:
         return  # SpoolStore reports the same error with its hints
     try:
@@ -219,13 +279,13 @@ def _check_relay_database(database: Path) -> None:
         raise UsageError(f"{database} is {problem}; check --spool or [spool] path")
 
 
-def _with_hint(error: SpoolError, directory: Path, busy_timeout: float) -> SpoolError:
+def _with_hint(error: SpoolError, directory: Path, busy_timeout: float, read_only: bool) -> SpoolError:
     """Return ``error`` with the likely cause and the next step added, when its SQLite error has a known fix."""
-    hint = _spool_error_hint(error, directory, busy_timeout)
+    hint = _spool_error_hint(error, directory, busy_timeout, read_only)
     return error if hint is None else SpoolError(f"{error}; {hint}")
 
 
-def _spool_error_hint(error: SpoolError, directory: Path, busy_timeout: float) -> str | None:
+def _spool_error_hint(error: SpoolError, directory: Path, busy_timeout: float, read_only: bool) -> str | None:
     """Return the likely cause of ``error`` and the next step, or None when its SQLite error has no known fix."""
     cause = error.__cause__
     if not isinstance(cause, sqlite3.Error):
@@ -241,25 +301,10 @@ def _spool_error_hint(error: SpoolError, directory: Path, busy_timeout: float) -
             f"another process kept the spool's write lock for the {format_duration(busy_timeout)}"
             " this command waited ([spool] busy_timeout); retry, or look for a stopped relay process that holds it"
         )
-    if code == sqlite3.SQLITE_READONLY or (code == sqlite3.SQLITE_CANTOPEN and _read_only(directory)):
-        try:
-            owner = f" ({_owner_and_mode(directory.stat())})"
-        except OSError:
-            owner = ""
-        return (
-            f"this command needs write access to {directory}{owner} and its {database_path(directory).name}"
-            " files even to list or show, because it opens the spool for writing; run it as the user that owns"
-            " the spool"
-        )
+    if code == sqlite3.SQLITE_READONLY and not read_only:
+        # The checks before opening found write access, so something else denies it (a read-only mount).
+        return f"check that {directory} and its {database_path(directory).name} files are writable"
     return None
-
-
-def _read_only(directory: Path) -> bool:
-    """Return whether this user lacks write access to the spool directory or an existing database file."""
-    database = database_path(directory)
-    paths = [directory, database, *(database.with_name(database.name + suffix) for suffix in ("-wal", "-shm"))]
-    # os.path.exists, unlike Path.exists in Python 3.11, returns False when the directory cannot be searched.
-    return any(os.path.exists(path) and not os.access(path, os.W_OK) for path in paths)
 
 
 def _owner_and_mode(info: os.stat_result) -> str:
@@ -283,11 +328,15 @@ def parse_queue_id(argument: str) -> str:
     return queue_id
 
 
-def _report_corrupt(store: SpoolStore, errors: list[CorruptRecord], prefix: str = "relay queue") -> None:
+def _report_corrupt(errors: list[CorruptRecord], prefix: str = "relay queue") -> None:
+    # list and show do not write to the spool.  The scheduler moves such a
+    # message aside when it claims it, and `relay queue delete` removes it.
     for error in errors:
-        with store.transaction():
-            path = store.move_aside(error.queue_id, error.reason)
-        print(f"{prefix}: {error}; moved aside to {path}", file=sys.stderr)
+        print(
+            f"{prefix}: {error}; left in the spool, where relay serve moves it aside to corrupt/ when it next"
+            f" tries to deliver it, or `relay queue delete {error.queue_id}` removes it",
+            file=sys.stderr,
+        )
 
 
 def parse_domain(argument: str, option: str = "--domain") -> str:
@@ -337,7 +386,7 @@ def _list(store: SpoolStore, args: argparse.Namespace) -> int:
                 _print_entry(item)
             count += 1
             total += item.size
-        _report_corrupt(store, corrupt, getattr(args, "error_prefix", "relay queue"))
+        _report_corrupt(corrupt, getattr(args, "error_prefix", "relay queue"))
 
     if args.json:
         return 0
@@ -427,7 +476,7 @@ def _show(store: SpoolStore, args: argparse.Namespace) -> int:
             history = store.history(queue_id)
             body = store.load_body(queue_id)
     except CorruptRecord as exc:
-        _report_corrupt(store, [exc])
+        _report_corrupt([exc])
         return 1
 
     envelope = message.envelope

@@ -229,6 +229,24 @@ def database_path(directory: str | os.PathLike[str]) -> Path:
     return Path(directory) / DATABASE_NAME
 
 
+def read_only_uri(directory: str | os.PathLike[str]) -> str:
+    """Return the SQLite URI that opens the spool database in ``directory`` for reading only.
+
+    The URI adds ``immutable=1`` when neither ``-wal`` nor ``-shm`` exists (see
+    ``SpoolStore``), so that opening creates neither.
+    """
+    database = database_path(directory)
+    uri = database.resolve().as_uri() + "?mode=ro"
+    companions = [database.with_name(database.name + suffix) for suffix in ("-wal", "-shm")]
+    if not any(os.path.exists(path) for path in companions):
+        # NOTE: a relay that starts during the read writes to a new WAL, which
+        # this connection does not see, and a checkpoint it runs before the
+        # read ends changes spool.db under it.  SQLite then reports the
+        # database as malformed, and the command exits with that error.
+        uri += "&immutable=1"
+    return uri
+
+
 def fresh_domains(domain_list: str) -> list[str]:
     """Return the recipient domains, one per recipient, of a ``fresh`` row's ``domains`` column."""
     return domain_list[1:-1].split(" ")
@@ -298,9 +316,18 @@ class SpoolStore:
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str], *, busy_timeout: float = 10.0, autocheckpoint: bool = True
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 10.0,
+        autocheckpoint: bool = True,
+        read_only: bool = False,
     ) -> None:
         self.directory = Path(directory)
+        self.read_only = read_only
+        if read_only:
+            self._open_read_only(busy_timeout)
+            return
         try:
             # Path.exists raises PermissionError for a directory this user cannot search.
             created = not database_path(self.directory).exists()
@@ -325,6 +352,36 @@ class SpoolStore:
             self._configure(busy_timeout, autocheckpoint)
             if created:
                 _fsync_directory(self.directory)
+        except BaseException:
+            self.connection.close()
+            raise
+
+    def _open_read_only(self, busy_timeout: float) -> None:
+        """Open an existing spool for reading only: no migration, no checkpoint, no file created or changed.
+
+        While a relay has the spool open, its ``-wal`` and ``-shm`` files
+        exist, and SQLite (3.22 and later) reads through them with read
+        access alone.  When neither exists, the last connection closed after
+        copying the whole WAL into ``spool.db``, so the database file alone
+        holds every commit, and ``immutable=1`` reads it without creating
+        them, which a user without write access to the directory could not do.
+        Raises SpoolError when the spool's schema version is not the current one.
+        """
+        try:
+            self.connection = sqlite3.connect(
+                read_only_uri(self.directory), uri=True, timeout=busy_timeout, isolation_level=None
+            )
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot open spool {self.directory}: {exc}") from exc
+        try:
+            with self._errors("open"):
+                version = self._schema_version()
+            if version != SCHEMA_VERSION:
+                raise SpoolError(
+                    f"spool {self.directory} has schema version {version}, and this relay reads version"
+                    f" {SCHEMA_VERSION} without changing the spool; start `relay serve` on it once, as the"
+                    " user that owns it, to migrate it"
+                )
         except BaseException:
             self.connection.close()
             raise
