@@ -518,6 +518,27 @@ def test_corrupt_record_deleted_with_yes(spool_dir: Path) -> None:
         assert store.queue_ids() == []
 
 
+def test_delete_corrupt_without_terminal_needs_yes(spool_dir: Path) -> None:
+    broken = _commit(spool_dir, make_envelope())
+    with sqlite3.connect(database_path(spool_dir)) as connection:
+        connection.execute("UPDATE message SET envelope = x'00' WHERE queue_id = ?", (broken,))
+    command = [sys.executable, "-m", "relay", "queue", "delete", broken, "--spool", str(spool_dir)]
+
+    result = subprocess.run(
+        command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr == (
+        f"relay queue: cannot ask whether to delete {broken}: standard input is not a terminal;"
+        " pass --yes to delete without confirmation\n"
+    )
+    with SpoolStore(spool_dir) as store:
+        assert store.queue_ids() == [broken]
+
+
 def test_delete_unknown_id_without_terminal(
     spool_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

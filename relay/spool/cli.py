@@ -601,9 +601,19 @@ def _delete(store: SpoolStore, args: argparse.Namespace) -> int:
 def _confirm_delete(store: SpoolStore, queue_id: str) -> bool:
     """Ask on the terminal whether to delete ``queue_id``; return True only for an explicit yes."""
     # An unknown ID is reported as such, with or without a terminal.
-    message = store.load(queue_id)
-    if message is None:
-        raise MessageNotFound(queue_id)
+    try:
+        message = store.load(queue_id)
+    except CorruptRecord as exc:
+        # A message that cannot be decoded can still be deleted, so the question names its damage.
+        question = f"Delete {queue_id}, which cannot be decoded ({exc.reason}), sending no DSN?"
+    else:
+        if message is None:
+            raise MessageNotFound(queue_id)
+        pending = sum(r.state.value in ("queued", "deferred", "held") for r in message.recipients)
+        question = (
+            f"Delete {queue_id} from {_format_path(message.envelope.sender)} with {pending} undelivered"
+            f" {'recipient' if pending == 1 else 'recipients'}, sending no DSN?"
+        )
     if not sys.stdin.isatty():
         # Piped input does not come from the operator, and a deletion sends no DSN
         # and cannot be undone, so without a terminal only --yes deletes.
@@ -611,12 +621,8 @@ def _confirm_delete(store: SpoolStore, queue_id: str) -> bool:
             f"cannot ask whether to delete {queue_id}: standard input is not a terminal;"
             " pass --yes to delete without confirmation"
         )
-    pending = sum(r.state.value in ("queued", "deferred", "held") for r in message.recipients)
     try:
-        answer = input(
-            f"Delete {queue_id} from {_format_path(message.envelope.sender)} with {pending} undelivered"
-            f" {'recipient' if pending == 1 else 'recipients'}, sending no DSN? [y/N] "
-        )
+        answer = input(f"{question} [y/N] ")
     except (EOFError, KeyboardInterrupt):
         # Ctrl-D or Ctrl-C at the prompt means no.  The newline ends the prompt's line.
         print()
