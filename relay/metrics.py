@@ -6,7 +6,8 @@ several worker processes.  That package offers the sum only through its
 multiprocess mode, which keeps one mmap file per metric and process.  Here
 each process keeps its own ``Registry`` and saves a JSON snapshot of it
 to ``SPOOL/metrics/worker-N.json`` every ``SNAPSHOT_INTERVAL`` seconds and
-at exit.  The admin listener adds those snapshots to its own live values.
+at exit (to a temporary folder instead when only sink listeners run, see
+``snapshot_override``).  The admin listener adds those snapshots to its own live values.
 
 Most counters move in ``observe_event``, which sees every ``log_event``
 call whatever the log level, so the server, the spool and the scheduler
@@ -249,8 +250,16 @@ def save_snapshot(registry: Registry, directory: Path, name: str) -> None:
     os.replace(temporary, directory / f"{name}.json")
 
 
+# The folder of the processes' snapshots when it is not inside the spool:
+# ``relay serve`` sets it before its processes fork, so each one inherits it.
+# None means SPOOL/metrics.
+snapshot_override: Path | None = None
+
+
 def snapshot_directory(spool_path: str) -> Path:
-    """Return the folder of the processes' snapshots inside the spool directory ``spool_path``."""
+    """Return the folder of the processes' snapshots: ``snapshot_override``, else inside the spool directory."""
+    if snapshot_override is not None:
+        return snapshot_override
     return Path(spool_path) / "metrics"
 
 

@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -395,3 +396,61 @@ def test_admin_client_reset_is_quiet(tmp_path: Path) -> None:
         return errors
 
     assert uvloop.run(main()) == []
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text: str = response.read().decode()
+    return text
+
+
+def test_sink_only_admin_creates_no_spool(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    temporary = tmp_path / "tmp"
+    workdir.mkdir()
+    temporary.mkdir()
+    smtp_port, admin_port = free_port(), free_port()
+    config = workdir / "relay-sink.toml"
+    # No [spool] section: the default path, ./relay-spool, would be in the working directory.
+    config.write_text(
+        "[server]\nhostname = \"sink.example.test\"\nworkers = 2\n"
+        f"[[listener]]\naddress = \"127.0.0.1:{smtp_port}\"\nrole = \"sink\"\n"
+        f"[admin]\naddress = \"127.0.0.1:{admin_port}\"\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TMPDIR": str(temporary)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+        cwd=workdir, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        connections: dict[tuple[tuple[str, str], ...], float] = {}
+        deadline = time.monotonic() + 20
+        sent = False
+        while time.monotonic() < deadline:
+            try:
+                if not sent:
+                    for _ in range(4):
+                        with socket.create_connection(("127.0.0.1", smtp_port), timeout=5) as client:
+                            client.recv(512)
+                            client.sendall(b"QUIT\r\n")
+                            client.recv(512)
+                    sent = True
+                connections = families(_scrape(f"http://127.0.0.1:{admin_port}/metrics")).get(
+                    "relay_connections_total", {}
+                )
+            except OSError:
+                pass
+            # The other worker's connections arrive through its snapshot, every few seconds.
+            if sum(connections.values()) == 4:
+                break
+            time.sleep(0.25)
+        assert sum(connections.values()) == 4
+        assert os.listdir(temporary) != []
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 0, stderr.decode(errors="replace")
+    assert sorted(os.listdir(workdir)) == ["relay-sink.toml"]
+    # The snapshots' temporary folder is removed on exit.
+    assert os.listdir(temporary) == []

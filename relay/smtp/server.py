@@ -32,13 +32,16 @@ import itertools
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import ssl
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from relay import metrics
@@ -382,8 +385,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_loop_exception)
         config = self.config
-        needs_spool = any(listener.role != "sink" for listener in config.listeners)
-        if needs_spool:
+        if uses_spool(config):
             try:
                 self.spool = Spool.from_config(config.spool)
             except SpoolError as exc:
@@ -717,6 +719,11 @@ def _bind_error(listener: ListenerConfig, exc: OSError) -> ListenerError:
     return ListenerError(f"{where}: cannot bind: {exc.strerror}")
 
 
+def uses_spool(config: Config) -> bool:
+    """Return whether ``config`` has a listener that stores mail, so that it needs ``[spool] path``."""
+    return any(listener.role != "sink" for listener in config.listeners)
+
+
 def serve(config: Config, *, event_loop: str = "uvloop") -> int:
     """Run ``config.server.workers`` workers until a signal stops them; return the exit status.
 
@@ -728,18 +735,29 @@ def serve(config: Config, *, event_loop: str = "uvloop") -> int:
     workers = config.server.workers
     # Set before the workers fork, so each of them inherits it.
     metrics.destination_label.limit = config.admin.max_destination_labels
+    private_snapshots: Path | None = None
+    if config.admin.address and not uses_spool(config):
+        # With only sink listeners no file belongs in [spool] path, so the
+        # metrics snapshots go to a private temporary folder, removed on exit.
+        private_snapshots = Path(tempfile.mkdtemp(prefix="relay-metrics-"))
+        metrics.snapshot_override = private_snapshots
     metrics.clear_snapshots(metrics.snapshot_directory(config.spool.path))
     status = _status_text(config)
-    if workers == 1:
-        return run_worker(
-            config,
-            event_loop=event_loop,
-            workers=1,
-            index=0,
-            on_ready=lambda: notifier.ready(status),
-            on_stopping=notifier.stopping,
-        )
-    return _supervise(config, event_loop, workers, notifier)
+    try:
+        if workers == 1:
+            return run_worker(
+                config,
+                event_loop=event_loop,
+                workers=1,
+                index=0,
+                on_ready=lambda: notifier.ready(status),
+                on_stopping=notifier.stopping,
+            )
+        return _supervise(config, event_loop, workers, notifier)
+    finally:
+        # Forked children leave through os._exit, so only the process that created the folder removes it.
+        if private_snapshots is not None:
+            shutil.rmtree(private_snapshots, ignore_errors=True)
 
 
 def _status_text(config: Config) -> str:
