@@ -129,6 +129,9 @@ class ServerConfig:
     # Wait for a client's TLS handshake after STARTTLS, or on an implicit-TLS
     # listener.  Postfix's smtpd_starttls_timeout is 300s; a handshake needs far less.
     tls_handshake_timeout: float = _key(60.0, "duration", positive=True)
+    # Wait for replies still unsent when relay closes a connection, then abort it.
+    # Postfix's smtpd_timeout (300s) also bounds the sending of one reply.
+    close_timeout: float = _key(300.0, "duration", positive=True)
     # Postfix: smtpd_hard_error_limit = 20 errors before the session is dropped.
     max_errors: int = _key(20, "int", min=1)
     # Postfix: smtpd_junk_command_limit = 100 HELO, EHLO, NOOP, RSET and VRFY

@@ -15,7 +15,11 @@ the limit, the transport's low-water mark.
 Timeouts: ``server.command_timeout`` between commands and
 ``server.data_timeout`` between reads inside DATA or BDAT (defaults from
 RFC 5321 section 4.5.3.2), ``421 4.4.2`` when one runs out.  The clock does
-not run while the session waits for the spool or the password check.
+not run while the session waits for the spool or the password check.  When
+the session closes, the transport first sends the replies still unsent, so
+a client that does not read them could hold the connection open for as
+long as it stays connected.  ``server.close_timeout`` bounds that wait:
+the transport is then aborted and ``close_timeout`` logged.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class SMTPProtocol(asyncio.Protocol):
         self._lost = False  # connection_lost has run
         self._timer_in_data = False  # whether the timer runs on data_timeout
         self._greeting_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
         self._handshaking = False  # a STARTTLS handshake runs
         self._loss_deferred = False  # connection_lost came during that handshake
         # server.max_unsent_replies when the connection opened, kept across a reload.
@@ -137,6 +142,8 @@ class SMTPProtocol(asyncio.Protocol):
             self._timer.cancel()
         if self._greeting_timer is not None:
             self._greeting_timer.cancel()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         session = self.session
         if self._counted:
             self._counted = False
@@ -214,7 +221,7 @@ class SMTPProtocol(asyncio.Protocol):
                 if isinstance(event, Rejected):
                     self._log_reject(event)
                 elif isinstance(event, Close):
-                    transport.close()
+                    self._close(transport)
                     return
                 elif isinstance(event, MessageReady):
                     if not self.runtime.store_inline(session, event, self.client_address, self.session_id):
@@ -225,6 +232,31 @@ class SMTPProtocol(asyncio.Protocol):
                     # Read nothing more as plaintext: the next bytes are the ClientHello.
                     self._pause("tls")
                     self._start_task(self._start_tls())
+
+    def _close(self, transport: asyncio.Transport) -> None:
+        # close() waits until the unsent replies are written, which for a
+        # client that reads nothing is never.  The timer runs on every close
+        # because a TLS transport's buffer size leaves out what its TCP
+        # transport holds.
+        transport.close()
+        if self._close_timer is None:
+            timeout = self.runtime.config.server.close_timeout
+            self._close_timer = self.runtime.loop.call_later(timeout, self._abort_unsent, transport, timeout)
+
+    def _abort_unsent(self, transport: asyncio.Transport, timeout: float) -> None:
+        self._close_timer = None
+        if self._lost:
+            return
+        log_event(
+            logger,
+            "close_timeout",
+            logging.WARNING,
+            session=self.session_id,
+            client=self.client_address,
+            unsent=transport.get_write_buffer_size(),
+            seconds=timeout,
+        )
+        transport.abort()
 
     def _start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
         self._pause("wait")
