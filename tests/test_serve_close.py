@@ -168,6 +168,29 @@ def test_close_with_unsent_replies_aborts(event_loop: str, tmp_path: Path) -> No
 
 
 
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_shutdown_skips_grace_for_closed(event_loop: str, tmp_path: Path) -> None:
+    """SIGTERM does not wait shutdown_grace for a closed session whose client reads nothing.
+
+    The session carries no message, yet the grace waited for its close and
+    the worker stopped without its disconnect line.
+    """
+    server = 'command_timeout = "1s"\nclose_timeout = "2m"\nshutdown_grace = "20s"\nmax_unsent_replies = "4M"'
+    relay = RelayProcess(tmp_path, event_loop=event_loop, server=server).start()
+    try:
+        sock = connect_small_buffer(relay.port)
+        with sock:
+            flood_without_reading(sock, HELP)
+            assert wait_until(lambda: "relay.smtp: timeout session=" in relay.log(), 5.0), relay.log()
+
+            started = time.monotonic()
+            assert relay.stop(30.0) == 0
+            assert time.monotonic() - started < 5.0
+        log = relay.log()
+        assert "disconnect session=" in log.split("relay.smtp: timeout session=")[-1], log
+    finally:
+        relay.kill()
+
 # -- half-close ------------------------------------------------------------------
 
 ENVELOPE = b"MAIL FROM:<half@example.com>\r\nRCPT TO:<rcpt@example.net>\r\n"

@@ -181,14 +181,27 @@ class SMTPProtocol(asyncio.Protocol):
             self._flush()
 
     def abort(self) -> None:
-        """End the session now unless a message is being stored."""
+        """End the session now unless a message is being stored.
+
+        A session that has already ended, but whose replies are still
+        unsent, loses its connection at once instead of after close_timeout.
+        """
         session = self.session
-        if session is None or self.transport is None:
+        transport = self.transport
+        if session is None or transport is None:
+            return
+        if session.closed:
+            transport.abort()
             return
         if session.waiting and self._task is not None and not self._task.done():
             return
         session.abort()
         self._flush()
+
+    @property
+    def closing(self) -> bool:
+        """Whether the session has ended and the connection stays open only to send the last replies."""
+        return self.session is not None and self.session.closed
 
     @property
     def busy(self) -> bool:

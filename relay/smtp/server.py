@@ -19,8 +19,10 @@ counting messages, recipients and octets; it opens no spool.
 Signals: the first SIGTERM or SIGINT stops accepting, sends ``421 4.3.2`` to
 idle sessions, lets messages already in DATA or BDAT finish for up to
 ``server.shutdown_grace`` seconds, then ends the rest with ``421 4.3.2``,
-waits for commits in flight and closes the spool.  A second signal exits at
-once; committed messages are safe because the spool is durable at each 250.
+waits for commits in flight and closes the spool.  A connection whose session
+has ended but whose client has not read the last replies does not hold up
+the stop: it is aborted.  A second signal exits at once; committed messages
+are safe because the spool is durable at each 250.
 Unhandled event-loop exceptions are logged as ``loop_exception`` errors.
 """
 
@@ -547,7 +549,9 @@ class Worker:
         for protocol in list(self.sessions):
             protocol.shutdown()
         deadline = time.monotonic() + self.config.server.shutdown_grace
-        while self.sessions and time.monotonic() < deadline:
+        # A session that has ended carries no message, so the grace does not
+        # wait for a client that does not read its last replies.
+        while any(not protocol.closing for protocol in self.sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for protocol in list(self.sessions):
             protocol.abort()
