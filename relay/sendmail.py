@@ -63,8 +63,11 @@ text becomes the body.  A
 
 Exit codes follow sysexits.h: ``EX_USAGE`` (64) bad option or no
 recipients, ``EX_DATAERR`` (65) message over ``policy.max_message_size``,
-``EX_NOINPUT`` (66) standard input closed, ``EX_NOUSER`` (67) invalid
-address, one the SMTP server would reject, or unknown local user,
+``EX_NOINPUT`` (66) standard input closed, ``EX_NOUSER`` (67) no valid
+recipient, or an invalid sender.  A recipient that is invalid, that the
+SMTP server would reject or that is an unknown local user does not stop
+the message for the others.  It is stored as failed, and a DSN queued
+with the message reports it (see ``relay.sendmail_addresses``).
 ``EX_TEMPFAIL`` (75) the spool cannot take the message now (or the caller
 cannot write to it), ``EX_CONFIG`` (78) invalid config file or, for
 ``-bi``, invalid aliases file.  ``-bs`` also exits with ``EX_PROTOCOL``
@@ -84,16 +87,14 @@ import pwd
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from email.utils import formatdate
 from typing import BinaryIO, TextIO
 
-from relay._errors import SMTPError
-from relay._parser import parse_command
 from relay.aliases import AliasError, parse_aliases
 from relay.config import CONFIG_ENVIRONMENT, Config, ConfigError, load_config
 from relay.log import log_event
-from relay.sendmail_addresses import split_address_list
+from relay.sendmail_addresses import RejectedRecipient, check_address, check_recipients, split_address_list
 from relay.sendmail_options import (
     EX_CONFIG,
     EX_DATAERR,
@@ -107,13 +108,19 @@ from relay.sendmail_options import (
     SendmailError,
     parse_options,
 )
-from relay.smtp import replies
-from relay.smtp.policy import RelayPolicy
 from relay.smtp.received import has_from_field, header_block, normalize_line_ends, submission_headers
-from relay.spool import Envelope, MessageNotFound, Recipient, Spool, SpoolError, new_queue_id
+from relay.spool import (
+    DsnState,
+    Envelope,
+    MessageNotFound,
+    Recipient,
+    Spool,
+    SpoolError,
+    StoredMessage,
+    new_queue_id,
+)
 from relay.spool.cli import UsageError, parse_domain, parse_queue_id
 from relay.spool.store import SpoolStore, database_path
-from relay.units import is_safe_user_name
 
 logger = logging.getLogger("relay.sendmail")
 
@@ -161,8 +168,10 @@ group (-tf SENDER).  Other -o options are accepted and ignored.
 A user name without @ (in recipients, -f and the default sender USER) gets
 @server.hostname when policy.local_domains lists that name, else @ the first
 entry of policy.local_domains, so that mail to a bare name stays local.
+An invalid or unknown recipient does not stop the message for the others:
+it is named on standard error and bounces (a DSN goes to the sender).
 Exit status: 0 queued, 64 usage, 65 message too large, 66 no input,
-67 invalid, rejected or unknown local address, 70 internal error,
+67 no valid recipient (or an invalid sender), 70 internal error,
 75 spool unavailable (try again later, or get write access to it),
 78 invalid config (or aliases file, with -bi).  With -bs: 0 after QUIT or
 when input ends between transactions, 75 when a message could not be
@@ -229,28 +238,6 @@ def origin_domain(config: Config) -> str:
     if not local_domains or hostname.lower().rstrip(".") in local_domains:
         return hostname
     return local_domains[0]
-
-
-def _check_address(address: str, role: str, default_domain: str) -> str:
-    """Validate one address with the SMTP command parser; return it without brackets.
-
-    A bare user name gets ``@default_domain`` first, as Postfix's
-    append_at_myorigin does for local programs.
-    """
-    stripped = address.strip()
-    if stripped.startswith("<") and stripped.endswith(">"):
-        stripped = stripped[1:-1]
-    if "@" not in stripped:
-        stripped = f"{stripped}@{default_domain}"
-    try:
-        # The MAIL grammar with SMTPUTF8 is the forward-path grammar too, and
-        # admits UTF-8 addresses (RFC 6531).
-        command = parse_command(f"MAIL FROM:<{stripped}> SMTPUTF8".encode())
-    except (SMTPError, UnicodeEncodeError):
-        raise SendmailError(EX_NOUSER, f"invalid {role} address {address!r}") from None
-    if not command.path:
-        raise SendmailError(EX_NOUSER, f"invalid {role} address {address!r}")
-    return command.path
 
 
 def _strip_envelope_lines(message: bytes) -> bytes:
@@ -340,18 +327,13 @@ def _recipient_field_names(header_names: list[str]) -> tuple[str, ...]:
     return ("To", "Cc", "Bcc")
 
 
-def _unknown_user_message(address: str, local_part: str, config: Config) -> str:
-    """Return the error for a local recipient without a mailbox, naming the folder or alias that would fix it."""
-    alias = f'an alias such as "{local_part.lower()}: alice" in the local.aliases file'
-    if config.local.maildir_root and is_safe_user_name(local_part.lower()):
-        folder = os.path.join(config.local.maildir_root, local_part.lower())
-        return f"unknown local user {address!r}; create its Maildir folder {folder} (mkdir -p {folder}) or add {alias}"
-    return f"unknown local user {address!r}; add {alias}"
+def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, bytes, list[RejectedRecipient]]:
+    """Build the envelope and the stored message from the options and the input.
 
-
-
-def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, bytes]:
-    """Build the envelope and the stored message from the options and the input."""
+    Also return the rejected recipients, which are the last ones of the
+    envelope: the caller stores them as failed so that the sender gets a DSN.
+    Raises SendmailError when no recipient is valid.
+    """
     default_domain = origin_domain(config)
     login = _login_name()
 
@@ -366,25 +348,27 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
 
     # Each argument is an address list, as Postfix's sendmail reads it: some
     # programs pass "a@example.com, b@example.com" or "Name <a@example.com>".
-    recipients = [
-        _check_address(address, "recipient", default_domain)
-        for item in options.recipients
-        for address in split_address_list(item)
+    candidates = [
+        (address, "on the command line") for item in options.recipients for address in split_address_list(item)
     ]
     fields: list[str] = []
     names: tuple[str, ...] = ("To", "Cc", "Bcc")
     if options.extract_recipients:
         # RFC 6532: header fields may hold UTF-8.  Octets that are not UTF-8
-        # become U+FFFD, and an address with one is rejected below instead of
-        # being queued mangled.
+        # become U+FFFD, and check_recipients rejects an address with one
+        # instead of queuing it mangled.
         header_fields = _header_fields(header_block(message).decode("utf-8", "replace"))
         names = _recipient_field_names([name for name, _ in header_fields])
-        fields = [value for wanted in names for name, value in header_fields if name.lower() == wanted.lower()]
-        for address in (address for value in fields for address in split_address_list(value)):
-            if "\ufffd" in address:
-                raise SendmailError(EX_NOUSER, f"invalid recipient address {address!r}: the header is not UTF-8")
-            recipients.append(_check_address(address, "recipient", default_domain))
-    recipients = list(dict.fromkeys(recipients))
+        for wanted in names:
+            for name, value in header_fields:
+                if name.lower() == wanted.lower():
+                    fields.append(value)
+                    candidates += [(address, f"in the {wanted} field") for address in split_address_list(value)]
+    # The checks of an SMTP client on a trusted network, which a local user is.
+    recipients, rejected = check_recipients(candidates, config, default_domain)
+    if not recipients and rejected:
+        # Nothing is queued, so the caller learns of each address here.
+        raise SendmailError(EX_NOUSER, "\n".join(rejection.error for rejection in rejected))
     to_field, cc_field, bcc_field = names
     if not recipients and fields:
         raise SendmailError(
@@ -398,18 +382,6 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
     if not recipients:
         raise SendmailError(EX_USAGE, "no recipients given; name them as arguments or use -t")
 
-    # The checks of an SMTP client on a trusted network, which a local user is.
-    policy = RelayPolicy(config)
-    for address in recipients:
-        local_part, _, domain = address.rpartition("@")
-        rejection = policy.check_recipient(local_part, domain, privileged=True)
-        if rejection is replies.NO_SUCH_USER:
-            raise SendmailError(EX_NOUSER, _unknown_user_message(address, local_part, config))
-        if rejection is not None:
-            raise SendmailError(
-                EX_NOUSER, f"recipient {address!r} rejected: {rejection.code} {rejection.status} {rejection.text}"
-            )
-
     if options.sender is None:
         sender = f"{login}@{default_domain}"
     elif options.sender in ("", "<>"):
@@ -421,14 +393,18 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
             raise SendmailError(
                 EX_NOUSER, f"invalid sender address {options.sender!r}; give one address, such as -f app@example.com"
             )
-        sender = _check_address(addresses[0], "sender", default_domain)
+        sender = check_address(addresses[0], "sender", default_domain)
 
     message = complete_local_message(message, sender, config, options.full_name)
     body_type = local_body_type(message, options.body_type)
     envelope = Envelope(
         sender=sender,
         body_type=body_type,
-        recipients=tuple(Recipient(address=address, notify=options.notify) for address in recipients),
+        recipients=tuple(
+            Recipient(address=address, notify=options.notify)
+            for address in [*recipients, *(rejection.address for rejection in rejected)]
+        ),
+        # Only addresses that the message goes to: a rejected one is never sent.
         smtputf8=any(not address.isascii() for address in [sender, *recipients]),
         ret=options.ret,
         envid=options.envid,
@@ -436,7 +412,7 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
         helo_name=None,
         protocol="local",
     )
-    return envelope, message
+    return envelope, message, rejected
 
 
 def complete_local_message(message: bytes, sender: str, config: Config, full_name: str | None) -> bytes:
@@ -542,19 +518,29 @@ def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
             # Before the recipients are checked against the default ./mail, which
             # is as much a guess as the default spool.
             _require_spool(config.spool.path)
-        envelope, body = prepare(options, raw, config)
+        envelope, body, rejected = prepare(options, raw, config)
         queue_id = new_queue_id()
         trace = (
             f"Received: by {config.server.hostname} (relay, from userid {os.getuid()})\r\n"
             f"\tid {queue_id}; {formatdate(time.time(), localtime=True)}\r\n"
         ).encode()
+        # The rejected recipients come last in the envelope.
+        first_rejected = len(envelope.recipients) - len(rejected)
+        failed = {first_rejected + offset: rejection.reply for offset, rejection in enumerate(rejected)}
         spool = Spool.from_config(config.spool)
         try:
-            stored_id = spool.commit_blocking(envelope, trace + body, queue_id=queue_id)
+            if failed:
+                report = _failure_report(trace + body, config)
+                stored_id = spool.commit_with_failures_blocking(
+                    envelope, trace + body, failed, queue_id=queue_id, report=report
+                )
+            else:
+                stored_id = spool.commit_blocking(envelope, trace + body, queue_id=queue_id)
         finally:
             spool.close()
     except SendmailError as exc:
-        print(f"sendmail: {exc}", file=stderr)
+        for line in str(exc).splitlines():
+            print(f"sendmail: {line}", file=stderr)
         return exc.status
     except SpoolError as exc:
         if not os.access(config.spool.path, os.W_OK):
@@ -571,11 +557,50 @@ def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
         "received",
         queue_id=stored_id,
         sender=envelope.sender,
-        recipients=len(envelope.recipients),
+        recipients=len(envelope.recipients) - len(rejected),
+        rejected=len(rejected),
         size=len(body) + len(trace),
         uid=os.getuid(),
     )
+    if rejected:
+        _report_rejected(rejected, stored_id, envelope, stderr)
     return EX_OK
+
+
+def _failure_report(
+    body: bytes, config: Config
+) -> Callable[[StoredMessage], tuple[Envelope, bytes, tuple[int, ...]] | None]:
+    """Return the builder of the DSN for the rejected recipients that owe one, as the scheduler builds it."""
+    from relay.delivery.dsn import build_report
+
+    def report(message: StoredMessage) -> tuple[Envelope, bytes, tuple[int, ...]] | None:
+        owed = [recipient for recipient in message.recipients if recipient.dsn is DsnState.PENDING]
+        if not owed:
+            return None
+        retry_until = message.arrival + config.delivery.maximal_queue_lifetime
+        built = build_report(message, body, owed, config.server.hostname, time.time(), retry_until=retry_until)
+        return built.envelope, built.body, built.indexes
+
+    return report
+
+
+def _report_rejected(rejected: list[RejectedRecipient], queue_id: str, envelope: Envelope, stderr: TextIO) -> None:
+    """Print each rejected recipient of a queued message, and whether a DSN will report it to the sender.
+
+    The exit status stays EX_OK, because the message was queued for the
+    other recipients, as with Postfix's sendmail.
+    """
+    for rejection in rejected:
+        print(f"sendmail: {rejection.error}", file=stderr)
+    notify = envelope.recipients[-1].notify
+    count = "the rejected recipient" if len(rejected) == 1 else f"the {len(rejected)} rejected recipients"
+    if not envelope.sender:
+        outcome = f"no DSN reports {count}, because the sender is null"
+    elif notify and "FAILURE" not in notify:
+        outcome = f"no DSN reports {count}, because -N does not include failure"
+    else:
+        outcome = f"a DSN to {envelope.sender} reports {count}"
+    print(f"sendmail: queued as {queue_id} for the valid recipients; {outcome}", file=stderr)
 
 
 def flush_queue(options: Options, stderr: TextIO) -> int:

@@ -17,9 +17,40 @@ A source route in angle brackets (``<@relay.example:user@example.com>``) is
 dropped, as RFC 5321 section 4.1.2 lets a receiver do.  The parser is
 lenient: it never raises, and text that is not an address comes back as it
 is, for the caller's address check to reject with the value in its error.
+
+``check_recipients`` sorts the addresses into those to deliver to and
+those rejected, each rejected one with the SMTP reply that the server would
+give it: ``501 5.1.3`` for invalid syntax, ``550 5.1.1`` for an unknown
+local user, ``550 5.7.1`` for a denied address literal.  A rejected
+recipient does not stop the message for the others.  ``relay sendmail``
+queues the message for the valid recipients and stores the rejected ones
+as already failed, so that the sender gets a DSN as for any bounce.
+Postfix 3.7's sendmail also queues such a message, and its queue manager
+bounces an address like ``user@`` with 5.1.3 "bad address syntax".
 """
 
 from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from relay._errors import SMTPError
+from relay._parser import parse_command
+from relay.config import Config
+from relay.sendmail_options import EX_NOUSER, SendmailError
+from relay.smtp import replies
+from relay.smtp.policy import RelayPolicy
+from relay.units import is_safe_user_name
+
+# Control characters (C0, DEL and C1), replaced by "?" in a rejected address
+# before it is stored, because the DSN that names the address is text.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Maximum length of a rejected address as stored and reported, in characters:
+# the 256-octet limit of a path (RFC 5321 section 4.5.3.1.3).  Longer text
+# is cut and ends in "...".
+MAX_REPORTED_ADDRESS = 256
 
 
 class _Mailbox:
@@ -106,3 +137,95 @@ def split_address_list(text: str) -> list[str]:
             mailbox.outside.append(character)
     finish()
     return addresses
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRecipient:
+    """A recipient that cannot get the message, with the reply that reports it."""
+
+    address: str  # as stored and named in the DSN: control characters as "?", at most MAX_REPORTED_ADDRESS
+    reply: str  # the SMTP reply that the DSN quotes, such as "501 5.1.3 Invalid recipient address syntax"
+    error: str  # the explanation for standard error, naming the value and the fix
+
+
+def check_address(address: str, role: str, default_domain: str) -> str:
+    """Validate one address with the SMTP command parser; return it without brackets.
+
+    A bare user name gets ``@default_domain`` first, as Postfix's
+    append_at_myorigin does for local programs.  Raises SendmailError
+    (``EX_NOUSER``) naming the address.
+    """
+    stripped = address.strip()
+    if stripped.startswith("<") and stripped.endswith(">"):
+        stripped = stripped[1:-1]
+    if "@" not in stripped:
+        stripped = f"{stripped}@{default_domain}"
+    try:
+        # The MAIL grammar with SMTPUTF8 is the forward-path grammar too, and
+        # admits UTF-8 addresses (RFC 6531).
+        command = parse_command(f"MAIL FROM:<{stripped}> SMTPUTF8".encode())
+    except (SMTPError, UnicodeEncodeError):
+        raise SendmailError(EX_NOUSER, f"invalid {role} address {address!r}") from None
+    if not command.path:
+        raise SendmailError(EX_NOUSER, f"invalid {role} address {address!r}")
+    return command.path
+
+
+def check_recipients(
+    addresses: Iterable[tuple[str, str]], config: Config, default_domain: str
+) -> tuple[list[str], list[RejectedRecipient]]:
+    """Return the valid recipients and the rejected ones, each list in input order and without repeats.
+
+    ``addresses`` holds each address with where it came from ("on the
+    command line", "in the To field"), which the error names.  An address is rejected
+    when it is invalid, or when the SMTP server would reject it from a
+    trusted client (``RelayPolicy.check_recipient`` with ``privileged``).
+    """
+    valid: dict[str, None] = {}
+    rejected: dict[str, RejectedRecipient] = {}
+    syntax = replies.BAD_RECIPIENT_SYNTAX
+    for address, source in addresses:
+        if "\ufffd" in address:
+            # U+FFFD stands for octets of the header that are not UTF-8 (RFC 6532).
+            error = f"invalid recipient address {address!r} {source}: the header is not UTF-8"
+        else:
+            try:
+                valid[check_address(address, "recipient", default_domain)] = None
+                continue
+            except SendmailError as exc:
+                error = f"{exc} {source}"
+        reported = _reported_address(address)
+        if reported not in rejected:
+            rejected[reported] = RejectedRecipient(reported, f"{syntax.code} {syntax.status} {syntax.text}", error)
+
+    policy = RelayPolicy(config)
+    for address in list(valid):
+        local_part, _, domain = address.rpartition("@")
+        rejection = policy.check_recipient(local_part, domain, privileged=True)
+        if rejection is None:
+            continue
+        del valid[address]
+        if rejection is replies.NO_SUCH_USER:
+            error = unknown_user_message(address, local_part, config)
+        else:
+            error = f"recipient {address!r} rejected: {rejection.code} {rejection.status} {rejection.text}"
+        reply = f"{rejection.code} {rejection.status} {rejection.text}"
+        rejected.setdefault(address, RejectedRecipient(address, reply, error))
+    return list(valid), list(rejected.values())
+
+
+def _reported_address(address: str) -> str:
+    """Return a rejected address as it is stored and named in the DSN."""
+    text = _CONTROL.sub("?", address.strip())
+    if len(text) > MAX_REPORTED_ADDRESS:
+        text = text[: MAX_REPORTED_ADDRESS - 3] + "..."
+    return text or "<>"
+
+
+def unknown_user_message(address: str, local_part: str, config: Config) -> str:
+    """Return the error for a local recipient without a mailbox, naming the folder or alias that would fix it."""
+    alias = f'an alias such as "{local_part.lower()}: alice" in the local.aliases file'
+    if config.local.maildir_root and is_safe_user_name(local_part.lower()):
+        folder = os.path.join(config.local.maildir_root, local_part.lower())
+        return f"unknown local user {address!r}; create its Maildir folder {folder} (mkdir -p {folder}) or add {alias}"
+    return f"unknown local user {address!r}; add {alias}"

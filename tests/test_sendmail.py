@@ -1024,12 +1024,12 @@ def test_internal_error_gives_ex_software(monkeypatch: pytest.MonkeyPatch, capsy
 def test_extract_recipients_reports_bad_fields(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
-    malformed = sendmail(["--config", str(config), "-t"], b"To: alice, @@@\nSubject: x\n\nhi\n")
+    malformed = sendmail(["--config", str(config), "-t"], b"To: @@@\nSubject: x\n\nhi\n")
     empty = sendmail(["--config", str(config), "-t"], b"To: undisclosed-recipients:;\nSubject: x\n\nhi\n")
     non_ascii = sendmail(["--config", str(config), "-t"], "To: jös@example.test\nSubject: x\n\nhi\n".encode())
 
     assert malformed.returncode == EX_NOUSER
-    assert "invalid recipient address '@@@'" in malformed.stderr.decode()
+    assert "invalid recipient address '@@@' in the To field" in malformed.stderr.decode()
     assert empty.returncode == EX_USAGE
     assert "the To, Cc and Bcc fields hold no valid address" in empty.stderr.decode()
     # The header's UTF-8 (RFC 6532) shows as such in the error.

@@ -46,7 +46,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -269,6 +269,55 @@ class Spool:
         """Store a message like ``commit``, blocking the calling thread until it is durable."""
         pending = self._pending(envelope, body, queue_id, dsn_for)
         return self._writer.commit_blocking(pending).result()
+
+    def commit_with_failures_blocking(
+        self,
+        envelope: Envelope,
+        body: bytes,
+        failed: Mapping[int, str],
+        *,
+        queue_id: str | None = None,
+        report: Callable[[StoredMessage], tuple[Envelope, bytes, tuple[int, ...]] | None] | None = None,
+    ) -> str:
+        """Store a message like ``commit_blocking``, with the recipients at the ``failed`` indexes bounced.
+
+        Each failed recipient gets the reply it maps to, such as ``501 5.1.3
+        Invalid recipient address syntax``, in the same transaction as the
+        message, so no scheduler ever claims it.  Those that owe a DSN (by
+        their NOTIFY, never for the null sender) get ``dsn = pending``.
+        ``report`` then builds that DSN from the stored message, as the DSN's
+        envelope, body and the indexes it reports on (or None for no DSN).
+        It is queued in the same transaction too, because a running scheduler
+        looks for owed DSNs only at its start and after its own failures.
+        ``relay sendmail`` uses this for recipients it cannot accept when
+        others of the same message are valid.  Raises like ``commit``, and
+        ValueError when an index is out of range or every recipient is
+        failed, because such a message would be deleted at once.
+        """
+        count = len(envelope.recipients)
+        if any(not 0 <= index < count for index in failed):
+            raise ValueError(f"failed recipient index out of range for {count} recipients")
+        if len(failed) >= count:
+            raise ValueError("a message needs at least one recipient that has not failed")
+        pending = self._pending(envelope, body, queue_id, None)
+
+        def operation(store: SpoolStore) -> str:
+            stored_id = store.insert_message(pending)
+            results = [
+                DeliveryResult(stored_id, index, Outcome.FAILED, reply) for index, reply in sorted(failed.items())
+            ]
+            store.record_results(results, None, pending.arrival)
+            if report is None:
+                return stored_id
+            stored = store.load(stored_id)
+            dsn = report(stored) if stored is not None else None
+            if dsn is not None:
+                dsn_envelope, dsn_body, indexes = dsn
+                store.insert_message(self._pending(dsn_envelope, dsn_body, None, DsnRequest(stored_id, indexes)))
+            return stored_id
+
+        stored_id: str = self._writer.submit_blocking(operation).result()
+        return stored_id
 
     @staticmethod
     def _pending(
