@@ -55,7 +55,8 @@ sendmail writes there only when that spool exists, and otherwise refuses
 the message with ``EX_TEMPFAIL``: a spool created there would strand the
 message, because no running relay reads it.
 Lines may end in LF (the usual case for local programs); they
-are stored with CRLF.  Leading mbox ``From `` lines are dropped, and an
+are stored with CRLF, and CRs right before a CRLF are dropped.  Leading
+mbox ``From `` lines are dropped, and an
 empty line goes before the first line that is no header field, so bare
 text becomes the body.  A
 ``Received`` header naming the user ID, and ``Date``, ``Message-ID`` and
@@ -185,6 +186,12 @@ _ENVELOPE_LINE = re.compile(rb">*From (?![ \t]*:)")
 # The start of a header field: a field name (RFC 5322 section 3.6.8), and a
 # colon after optional white space (the obsolete syntax of section 4.5).
 _HEADER_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
+
+# A line end of two or more CRs and an LF, as from a program that writes
+# CRLF through a stream that turns each LF into CRLF.  Each bare CR would
+# otherwise end a line of its own, and the empty line after the first would
+# end the header block.  Postfix 3.7's sendmail removes one CR before each LF.
+_CR_BEFORE_CRLF = re.compile(rb"\r+\r\n")
 
 # A Bcc or Resent-Bcc header field, which -t removes from the stored message.
 _BCC_FIELD = re.compile(rb"(?:resent-)?bcc[ \t]*:", re.IGNORECASE)
@@ -337,7 +344,7 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
     default_domain = origin_domain(config)
     login = _login_name()
 
-    message = _strip_envelope_lines(normalize_line_ends(raw))
+    message = _strip_envelope_lines(normalize_line_ends(_CR_BEFORE_CRLF.sub(b"\r\n", raw)))
     if message and not message.endswith(b"\r\n"):
         message += b"\r\n"
     message = separate_body(message)

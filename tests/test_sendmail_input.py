@@ -1,4 +1,4 @@
-"""`relay sendmail` with the input that applications send: bad recipients.
+"""`relay sendmail` with the input that applications send: bad recipients, odd line ends.
 
 Each test runs the real command as a subprocess and reads the real spool.
 The comparisons with Postfix name what Postfix 3.7.11's sendmail did with
@@ -16,6 +16,12 @@ from test_sendmail import sendmail, stored_messages, write_config
 
 from relay.sendmail import EX_NOUSER
 from relay.spool import DsnState, Envelope, Recipient, RecipientState, Spool, StoredMessage
+
+
+def _only_message(spool: Path) -> tuple[StoredMessage, bytes]:
+    messages = stored_messages(spool)
+    assert len(messages) == 1, messages
+    return messages[0]
 
 
 def _original_and_dsns(spool: Path) -> tuple[StoredMessage, bytes, list[tuple[StoredMessage, bytes]]]:
@@ -171,3 +177,18 @@ def test_commit_with_failures_rejects_bad_indexes(spool: Spool) -> None:
         spool.commit_with_failures_blocking(envelope, b"hi\r\n", {0: "501 5.1.3 x", 1: "501 5.1.3 x"})
     with pytest.raises(ValueError, match="out of range"):
         spool.commit_with_failures_blocking(envelope, b"hi\r\n", {2: "501 5.1.3 x"})
+
+
+@pytest.mark.parametrize("line_end", [b"\r\r\n", b"\r\r\r\n"])
+def test_cr_cr_lf_keeps_header_intact(tmp_path: Path, line_end: bytes) -> None:
+    # Postfix's sendmail removes one CR before each LF, so the header stays a header.
+    config = write_config(tmp_path)
+    message = b"To: alice@example.test\nSubject: crcr\nX-Tag: 1\n\nline 1\nline 2\n".replace(b"\n", line_end)
+
+    result = sendmail(["--config", str(config), "-t"], message)
+
+    assert result.returncode == 0, result.stderr
+    _, body = _only_message(tmp_path / "spool")
+    assert b"\r\nTo: alice@example.test\r\nSubject: crcr\r\nX-Tag: 1\r\n\r\nline 1\r\nline 2\r\n" in body
+    assert body.endswith(b"\r\nX-Tag: 1\r\n\r\nline 1\r\nline 2\r\n")
+    assert b"\r\r" not in body
