@@ -1,4 +1,4 @@
-"""`relay sendmail` with the input that applications send: bad recipients, odd line ends.
+"""`relay sendmail` with the input that applications send: bad recipients, odd line ends, empty and long input.
 
 Each test runs the real command as a subprocess and reads the real spool.
 The comparisons with Postfix name what Postfix 3.7.11's sendmail did with
@@ -14,7 +14,7 @@ import pytest
 from server_helpers import RelayProcess
 from test_sendmail import sendmail, stored_messages, write_config
 
-from relay.sendmail import EX_NOUSER
+from relay.sendmail import EX_NOUSER, EX_USAGE
 from relay.spool import DsnState, Envelope, Recipient, RecipientState, Spool, StoredMessage
 
 
@@ -192,3 +192,50 @@ def test_cr_cr_lf_keeps_header_intact(tmp_path: Path, line_end: bytes) -> None:
     assert b"\r\nTo: alice@example.test\r\nSubject: crcr\r\nX-Tag: 1\r\n\r\nline 1\r\nline 2\r\n" in body
     assert body.endswith(b"\r\nX-Tag: 1\r\n\r\nline 1\r\nline 2\r\n")
     assert b"\r\r" not in body
+
+
+def test_cr_only_line_ends_become_crlf(tmp_path: Path) -> None:
+    # Old Mac text: each CR is a line end, so the header and the empty line before the body stay.
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "-t"], b"To: alice@example.test\rSubject: cr\r\rline 1\r\rline 3\r")
+
+    assert result.returncode == 0, result.stderr
+    _, body = _only_message(tmp_path / "spool")
+    assert body.endswith(b"\r\nSubject: cr\r\n\r\nline 1\r\n\r\nline 3\r\n")
+
+
+def test_empty_message_gets_header_fields(tmp_path: Path) -> None:
+    # Postfix queues an empty message with its added Date, Message-ID and From.
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "alice"], b"")
+
+    assert result.returncode == 0, result.stderr
+    _, body = _only_message(tmp_path / "spool")
+    assert b"\r\nDate: " in body
+    assert b"\r\nMessage-ID: <" in body
+    assert b"\r\nFrom: " in body
+
+
+def test_empty_message_with_t_has_no_recipients(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "-t"], b"")
+
+    assert result.returncode == EX_USAGE
+    assert "no recipients" in result.stderr.decode()
+
+
+def test_long_header_line_and_nul_kept(tmp_path: Path) -> None:
+    # relay stores the octets as given; the delivery client breaks lines over 998 octets, as Postfix's smtp does.
+    config = write_config(tmp_path)
+    long_value = b"a" * 1500
+    message = b"Subject: long\nX-Long: " + long_value + b"\nTo: alice@example.test\n\nab\0cd\n"
+
+    result = sendmail(["--config", str(config), "-t"], message)
+
+    assert result.returncode == 0, result.stderr
+    stored, body = _only_message(tmp_path / "spool")
+    assert [recipient.address for recipient in stored.recipients] == ["alice@example.test"]
+    assert b"\r\nX-Long: " + long_value + b"\r\nTo: alice@example.test\r\n\r\nab\0cd\r\n" in body
