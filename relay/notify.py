@@ -1,29 +1,43 @@
 """Readiness reports to systemd (the sd_notify protocol) and from workers to their supervisor.
 
-Under a ``Type=notify`` unit, systemd passes the path of a unix datagram
-socket in ``NOTIFY_SOCKET`` and waits for ``READY=1`` on it before it counts
-the service as started and before it runs ``ExecReload``.  Each report is
-one datagram of newline-separated ``KEY=VALUE`` lines, as sd_notify(3)
-describes.  A path that starts with ``@`` names a socket in the abstract
-namespace, where the ``@`` stands for a leading NUL byte.  With the default
+Under a ``Type=notify`` or ``Type=notify-reload`` unit, systemd passes the
+path of a unix datagram socket in ``NOTIFY_SOCKET`` and waits for
+``READY=1`` on it before it counts the service as started and before it
+runs ``ExecReload``.  Each report is one datagram of newline-separated
+``KEY=VALUE`` lines, as sd_notify(3) describes.  A path that starts with
+``@`` names a socket in the abstract namespace, where the ``@`` stands for
+a leading NUL byte.  With the default
 ``NotifyAccess=main``, systemd accepts reports only from the process it
 started, so ``Notifier.from_environment`` removes ``NOTIFY_SOCKET`` from
 the environment and the workers never see it.
 
+The reports, in order: ``READY=1`` once every worker's SMTP listeners and
+the admin listener (when configured) accept connections.  On each SIGHUP,
+``RELOADING=1`` with ``MONOTONIC_USEC=`` (the CLOCK_MONOTONIC time of the
+request, in microseconds), then ``READY=1`` once every process has applied
+or rejected the file.  Under ``Type=notify-reload`` (systemd 253 and
+later), systemd matches that time against the moment it sent the signal,
+so ``systemctl reload`` returns only after the new config is in use.
+``STOPPING=1`` when a stop begins; nothing else is sent after it.
+
 Reporting is best effort: without ``NOTIFY_SOCKET`` nothing is sent, and a
 failed send logs one ``notify_failed`` warning and never stops the server.
-With several workers, each one reports through a ``ReadinessPipe`` once its
-listeners are bound, and the supervisor sends ``READY=1`` after the last.
+With one worker, the worker reports itself (``DirectReports``).  With
+several, each child writes records to a pipe, and one thread of the
+supervisor turns them into the reports above (``SupervisorReports``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
+import struct
 import threading
-from collections.abc import Callable
+import time
+from dataclasses import dataclass, field
 
 from relay.entry import SERVE_SIGNALS
 from relay.log import log_event
@@ -50,8 +64,12 @@ class Notifier:
         return self.address is not None
 
     def ready(self, status: str) -> None:
-        """Report that the service accepts connections and handles its signals."""
+        """Report that the service accepts connections, handles its signals, and has finished any reload."""
         self.send(f"READY=1\nSTATUS={status}")
+
+    def reloading(self, requested_ns: int) -> None:
+        """Report that a reload requested at ``requested_ns`` (``time.monotonic_ns``) has begun."""
+        self.send(f"RELOADING=1\nMONOTONIC_USEC={requested_ns // 1000}\nSTATUS=reloading the config file")
 
     def stopping(self) -> None:
         """Report that a graceful stop has begun."""
@@ -88,52 +106,159 @@ def _socket_address(address: str) -> str | bytes:
     raise ValueError(f"unsupported {NOTIFY_SOCKET} {address!r}: expected an absolute path or @ and an abstract name")
 
 
-class ReadinessPipe:
-    """A pipe on which each worker writes one byte once its listeners are bound.
+class Reports:
+    """The reports of one worker or of the delivery process; this base class sends nothing.
 
-    The supervisor reads it from a thread, because its main thread waits
-    for children to exit.  Each child closes the read end after fork, and a
-    worker closes its write end once it has written its byte.  The read end
-    reaches end of file when every process holding the write end has closed
-    it or exited, so a worker that fails before it is ready never leaves the
-    thread waiting after the rest have stopped.
+    ``reload_started`` returns the CLOCK_MONOTONIC time, in nanoseconds, at
+    which the process began to re-read the file, and ``reload_finished``
+    takes it back, so that a reload is matched to the requests made before it.
     """
 
-    def __init__(self) -> None:
-        self.read_fd, self.write_fd = os.pipe()
+    def ready(self) -> None:
+        """Report that this process's listeners, and the admin listener if it runs here, accept connections."""
 
-    def close_read_end(self) -> None:
-        os.close(self.read_fd)
+    def reload_started(self) -> int:
+        return time.monotonic_ns()
 
-    def close_write_end(self) -> None:
-        os.close(self.write_fd)
+    def reload_finished(self, started_ns: int, applied: bool) -> None:
+        """Report that the reload begun at ``started_ns`` was applied, or rejected with the old config kept."""
 
-    def report_ready(self) -> None:
-        """Tell the supervisor that this worker is ready; a worker calls this once."""
+    def stopping(self) -> None:
+        """Report that a graceful stop has begun."""
+
+
+def status_after_reload(status: str, applied: bool) -> str:
+    """Return the STATUS= text of the READY=1 that ends a reload."""
+    if applied:
+        return status
+    return f"{status}; the last reload was rejected and the previous config stays in force (see reload_failed)"
+
+
+class DirectReports(Reports):
+    """The reports of a relay that runs as one process: sent straight to systemd."""
+
+    def __init__(self, notifier: Notifier, status: str) -> None:
+        self.notifier = notifier
+        self.status = status
+        self._ready_sent = False
+        self._stopping = False
+
+    def ready(self) -> None:
+        if not self._stopping:
+            self._ready_sent = True
+            self.notifier.ready(self.status)
+
+    def reload_started(self) -> int:
+        started = time.monotonic_ns()
+        # A reload recorded during startup runs after READY=1, so it gets its own pair of reports.
+        if self._ready_sent and not self._stopping:
+            self.notifier.reloading(started)
+        return started
+
+    def reload_finished(self, started_ns: int, applied: bool) -> None:
+        if self._ready_sent and not self._stopping:
+            self.notifier.ready(status_after_reload(self.status, applied))
+
+    def stopping(self) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self.notifier.stopping()
+
+
+# A child's record on the report pipe: its kind, the child's index, and for
+# a reload the CLOCK_MONOTONIC nanoseconds at which the child began it.
+# Thirteen octets, far below PIPE_BUF, so concurrent writes never interleave.
+_RECORD = struct.Struct("<ciq")
+_READY = b"r"
+_APPLIED = b"a"
+_REJECTED = b"x"
+# Records from the supervisor's signal handler to its reporting thread.
+_RELOAD_REQUEST = b"h"
+_STOP_REQUEST = b"s"
+
+
+class ChildReports(Reports):
+    """The reports of one child of the supervisor, written to the report pipe."""
+
+    def __init__(self, write_fd: int, index: int) -> None:
+        self.write_fd = write_fd
+        self.index = index
+
+    def ready(self) -> None:
+        self._write(_READY, 0)
+
+    def reload_finished(self, started_ns: int, applied: bool) -> None:
+        self._write(_APPLIED if applied else _REJECTED, started_ns)
+
+    def _write(self, kind: bytes, value: int) -> None:
         try:
-            os.write(self.write_fd, b"r")
-        finally:
-            self.close_write_end()
+            os.write(self.write_fd, _RECORD.pack(kind, self.index, value))
+        except OSError as exc:
+            # The supervisor is gone (EPIPE); SupervisorLink stops this process.
+            log_event(logger, "report_failed", logging.WARNING, worker=self.index, error=str(exc))
 
-    def watch(self, workers: int, on_all_ready: Callable[[], None]) -> threading.Thread:
-        """Call ``on_all_ready`` from a thread once ``workers`` workers have reported ready.
 
-        Takes over the read end, which the thread closes when it ends.
-        """
+@dataclass
+class _ReportState:
+    """The state of the supervisor's reporting thread; only that thread reads or changes it."""
 
-        def wait() -> None:
-            ready = 0
-            try:
-                while ready < workers:
-                    data = os.read(self.read_fd, workers - ready)
-                    if not data:
-                        return
-                    ready += len(data)
-                on_all_ready()
-            finally:
-                os.close(self.read_fd)
+    ready_workers: int = 0
+    ready_sent: bool = False
+    stopping: bool = False
+    # The time of the latest SIGHUP, and whether its RELOADING=1 still waits for its READY=1.
+    requested_ns: int = 0
+    reload_reported: bool = False
+    # Per child: the start of its latest finished reload, and whether that reload was applied.
+    finished: dict[int, tuple[int, bool]] = field(default_factory=dict)
 
-        thread = threading.Thread(target=wait, name="readiness", daemon=True)
+
+class SupervisorReports:
+    """The supervisor's side of the reports: one pipe from every child, and one from its signal handler.
+
+    One thread reads both and is the only sender of reports, so they reach
+    systemd in the order they were decided.  ``READY=1`` ends a reload once
+    every child has finished a reload that began at or after the latest
+    SIGHUP.  The kernel merges a signal that arrives while the same one is
+    still pending, so a child may reload once for several SIGHUPs.  That
+    reload began after the last of them, so it counts for all.
+    """
+
+    def __init__(self, notifier: Notifier, status: str, workers: int, children: int) -> None:
+        self.notifier = notifier
+        self.status = status
+        self.workers = workers
+        self.children = children
+        self.read_fd, self.write_fd = os.pipe()
+        self._control_read, self._control_write = os.pipe()
+        # Written from a signal handler, which must never block.
+        os.set_blocking(self._control_write, False)
+        self._state = _ReportState()
+
+    def child(self, index: int) -> ChildReports:
+        """Return the reports of child ``index``; call it in the child, right after fork."""
+        os.close(self.read_fd)
+        os.close(self._control_read)
+        os.close(self._control_write)
+        return ChildReports(self.write_fd, index)
+
+    def request_reload(self) -> None:
+        """Record a SIGHUP; call it from the signal handler before passing the signal on."""
+        self._control(_RELOAD_REQUEST, time.monotonic_ns())
+
+    def request_stop(self) -> None:
+        self._control(_STOP_REQUEST, 0)
+
+    def _control(self, kind: bytes, value: int) -> None:
+        try:
+            os.write(self._control_write, _RECORD.pack(kind, -1, value))
+        except BlockingIOError:
+            # NOTE: only a flood of thousands of unread signals fills the pipe; that request goes unreported.
+            pass
+
+    def start(self) -> threading.Thread:
+        """Start the reporting thread; call it after the last fork, once only the children hold the write end."""
+        os.close(self.write_fd)
+        thread = threading.Thread(target=self._run, name="reports", daemon=True)
         # A thread starts with its creator's signal mask.  Blocked in this
         # thread, a SIGTERM always reaches the main thread, where it
         # interrupts the supervisor's wait for its children.
@@ -143,3 +268,62 @@ class ReadinessPipe:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         return thread
+
+    def _run(self) -> None:
+        buffers = {self._control_read: b"", self.read_fd: b""}
+        try:
+            while True:
+                readable, _, _ = select.select(list(buffers), [], [])
+                # The signal handler writes its request before it signals the children,
+                # so a request is always handled before the children's reports of that reload.
+                for fd in sorted(readable, key=lambda fd: fd != self._control_read):
+                    data = os.read(fd, 4096)
+                    if not data and fd == self.read_fd:
+                        # Every child has exited.
+                        return
+                    buffers[fd] += data
+                    whole = len(buffers[fd]) - len(buffers[fd]) % _RECORD.size
+                    for offset in range(0, whole, _RECORD.size):
+                        self._handle(*_RECORD.unpack_from(buffers[fd], offset))
+                    buffers[fd] = buffers[fd][whole:]
+                self._report()
+        finally:
+            os.close(self.read_fd)
+            os.close(self._control_read)
+
+    def _handle(self, kind: bytes, index: int, value: int) -> None:
+        state = self._state
+        if kind == _STOP_REQUEST and not state.stopping:
+            state.stopping = True
+            self.notifier.stopping()
+        elif kind == _RELOAD_REQUEST:
+            state.requested_ns = value
+            # Before READY=1, systemd waits for the start and sends no reload; the
+            # first READY=1 then waits for this reload too.
+            if state.ready_sent and not state.stopping:
+                state.reload_reported = True
+                self.notifier.reloading(value)
+        elif kind == _READY:
+            state.ready_workers += 1
+        elif kind in (_APPLIED, _REJECTED):
+            previous = state.finished.get(index)
+            if previous is None or value >= previous[0]:
+                state.finished[index] = (value, kind == _APPLIED)
+
+    def _report(self) -> None:
+        state = self._state
+        if state.stopping:
+            return
+        finished = [state.finished.get(index) for index in range(self.children)]
+        reloaded = state.requested_ns == 0 or all(
+            entry is not None and entry[0] >= state.requested_ns for entry in finished
+        )
+        if not reloaded:
+            return
+        applied = all(entry is None or entry[1] for entry in finished)
+        if not state.ready_sent and state.ready_workers >= self.workers:
+            state.ready_sent = True
+            self.notifier.ready(status_after_reload(self.status, applied))
+        elif state.reload_reported:
+            state.reload_reported = False
+            self.notifier.ready(status_after_reload(self.status, applied))

@@ -99,3 +99,13 @@ def test_service_waits_for_readiness() -> None:
     assert "ExecReload=/bin/kill -HUP $MAINPID" in settings
     # relay serve reports from its first process only, which NotifyAccess=main (the default) accepts.
     assert not any(line.startswith("NotifyAccess=") for line in settings)
+
+
+def test_notify_reload_drop_in_replaces_kill() -> None:
+    drop_in = REPO_ROOT / "examples" / "relay.service.d" / "notify-reload.conf"
+    settings = [line for line in drop_in.read_text().splitlines() if line and not line.startswith("#")]
+
+    assert settings[0] == "[Service]"
+    assert "Type=notify-reload" in settings
+    # An empty ExecReload= drops the unit's kill -HUP; systemd then sends the one SIGHUP itself.
+    assert "ExecReload=" in settings

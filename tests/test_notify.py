@@ -1,4 +1,8 @@
-"""systemd readiness: `relay serve` reports READY=1 and STOPPING=1 on NOTIFY_SOCKET, as a Type=notify unit expects."""
+"""systemd readiness: `relay serve` reports READY=1, RELOADING=1 and STOPPING=1 on NOTIFY_SOCKET.
+
+The sequences are those that ``Type=notify`` and ``Type=notify-reload``
+units expect (sd_notify(3), systemd.service(5)).
+"""
 
 from __future__ import annotations
 
@@ -33,13 +37,14 @@ path = "spool"
 
 [policy]
 local_domains = ["example.test"]
+max_recipients = {max_recipients}
 
 [local]
 maildir_root = "mail"
-users = ["alice"]
+users = ["alice", "bob"]
 
 [admin]
-address = ""
+address = "{admin}"
 """
 
 # Bounds every wait for a report or a log line; startup takes well under a second.
@@ -49,11 +54,13 @@ TIMEOUT = 15.0
 class ServeRun:
     """One `relay serve` subprocess started with NOTIFY_SOCKET set to ``notify_socket``."""
 
-    def __init__(self, directory: Path, workers: int, notify_socket: str) -> None:
+    def __init__(self, directory: Path, workers: int, notify_socket: str, *, admin: bool = False) -> None:
         self.directory = directory
+        self.workers = workers
         self.port = free_port()
+        self.admin_port = free_port() if admin else 0
         self.config = directory / "relay.toml"
-        self.config.write_text(CONFIG.format(workers=workers, port=self.port))
+        self.write_config(max_recipients=1000)
         self.log_path = directory / "relay.log"
         environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT), NOTIFY_SOCKET=notify_socket)
         with open(self.log_path, "wb") as log:
@@ -61,6 +68,16 @@ class ServeRun:
                 [sys.executable, "-m", "relay", "serve", "--config", str(self.config)],
                 stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=directory,
             )
+
+    def write_config(self, max_recipients: int) -> None:
+        admin = f"127.0.0.1:{self.admin_port}" if self.admin_port else ""
+        text = CONFIG.format(workers=self.workers, port=self.port, max_recipients=max_recipients, admin=admin)
+        self.config.write_text(text)
+
+    @property
+    def processes(self) -> int:
+        """Return how many processes re-read the config: the workers, and with several the delivery process."""
+        return 1 if self.workers == 1 else self.workers + 1
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -122,27 +139,68 @@ def read_greeting(port: int) -> bytes:
         return client.recv(512)
 
 
+def second_recipient_codes(port: int, connections: int = 8) -> list[int]:
+    """Return the reply code to a second RCPT on each of several connections, spread over the workers."""
+    codes = []
+    for _ in range(connections):
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo("client.example.com")
+            client.mail("sender@example.org")
+            client.rcpt("alice@example.test")
+            code, _ = client.rcpt("bob@example.test")
+            codes.append(code)
+    return codes
+
+
+def admin_status(port: int) -> bytes:
+    """Send one GET /healthz without any retry; return the status line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+        return client.recv(4096).split(b"\r\n", 1)[0]
+
+
+def monotonic_usec() -> int:
+    # CLOCK_MONOTONIC is one clock for every process on the machine, so it compares with the relay's.
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serve_reports_ready_reload_stopping(
     tmp_path: Path, notify_listener: tuple[NotifyListener, str], workers: int
 ) -> None:
     listener, path = notify_listener
-    run = ServeRun(tmp_path, workers, path)
+    run = ServeRun(tmp_path, workers, path, admin=True)
     try:
         fields, sender = listener.receive()
 
         assert fields.get("READY") == "1", fields
+        # No retry: READY=1 waits for the admin listener as well as the SMTP listeners.
+        assert admin_status(run.admin_port) == b"HTTP/1.1 200 OK"
         assert f"127.0.0.1:{run.port} (mx)" in fields.get("STATUS", ""), fields
         # NotifyAccess=main: only the process systemd started may report.
         assert sender == run.process.pid
         assert read_greeting(run.port).startswith(b"220 ")
+        assert second_recipient_codes(run.port, connections=1) == [250]
 
-        # systemd runs ExecReload (kill -HUP) as soon as READY=1 arrives.
+        run.write_config(max_recipients=1)
+        requested = monotonic_usec()
+        # Type=notify-reload sends SIGHUP, as does ExecReload=kill -HUP $MAINPID.
         run.process.send_signal(signal.SIGHUP)
-        # Each worker reloads, and with several workers the delivery process too.
-        run.wait_for_log("reloaded", count=1 if workers == 1 else workers + 1)
-        assert run.process.poll() is None, run.log()
-        assert read_greeting(run.port).startswith(b"220 ")
+        reloading, sender = listener.receive()
+
+        assert reloading.get("RELOADING") == "1", reloading
+        assert int(reloading["MONOTONIC_USEC"]) >= requested, reloading
+        assert sender == run.process.pid
+
+        fields, sender = listener.receive()
+
+        assert fields.get("READY") == "1", fields
+        assert "rejected" not in fields.get("STATUS", ""), fields
+        assert sender == run.process.pid
+        # Every worker applies the new limit by the time READY=1 arrives.
+        assert second_recipient_codes(run.port) == [452] * 8
+        # Each worker reloaded, and with several workers the delivery process too.
+        run.wait_for_log(" reloaded ", count=run.processes)
 
         run.process.send_signal(signal.SIGTERM)
         fields, sender = listener.receive()
@@ -152,7 +210,74 @@ def test_serve_reports_ready_reload_stopping(
     finally:
         status = run.stop()
     assert status == 0, run.log()
+    # Nothing follows STOPPING=1.
+    with pytest.raises(TimeoutError):
+        listener.receive(timeout=0.2)
     assert "notify_failed" not in run.log()
+    assert "Traceback" not in run.log(), run.log()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_reports_rejected_reload(
+    tmp_path: Path, notify_listener: tuple[NotifyListener, str], workers: int
+) -> None:
+    listener, path = notify_listener
+    run = ServeRun(tmp_path, workers, path)
+    try:
+        fields, _ = listener.receive()
+        assert fields.get("READY") == "1", fields
+
+        run.config.write_text(run.config.read_text().replace("max_recipients = 1000", "max_recipients = many"))
+        run.process.send_signal(signal.SIGHUP)
+        reloading, _ = listener.receive()
+        fields, _ = listener.receive()
+
+        assert reloading.get("RELOADING") == "1", reloading
+        # A rejected file still ends the reload, so that systemctl reload returns.
+        assert fields.get("READY") == "1", fields
+        assert "rejected" in fields.get("STATUS", ""), fields
+        run.wait_for_log(" reload_failed ", count=1)
+        # The running config stays in force.
+        assert second_recipient_codes(run.port, connections=2) == [250, 250]
+    finally:
+        status = run.stop()
+    assert status == 0, run.log()
+    assert "Traceback" not in run.log(), run.log()
+
+
+def test_serve_reports_hangups_in_a_row(tmp_path: Path, notify_listener: tuple[NotifyListener, str]) -> None:
+    listener, path = notify_listener
+    run = ServeRun(tmp_path, 2, path)
+    reports: list[dict[str, str]] = []
+    try:
+        fields, _ = listener.receive()
+        assert fields.get("READY") == "1", fields
+
+        run.write_config(max_recipients=1)
+        requested = monotonic_usec()
+        for _ in range(3):
+            run.process.send_signal(signal.SIGHUP)
+        # Reports until none has come for a second; the whole exchange takes well under that.
+        while True:
+            try:
+                fields, _ = listener.receive(timeout=1.0)
+            except TimeoutError:
+                break
+            reports.append(fields)
+            assert len(reports) < 20, reports
+
+        assert reports, "no report after three SIGHUPs"
+        assert reports[0].get("RELOADING") == "1", reports
+        assert reports[-1].get("READY") == "1", reports
+        # A SIGHUP during a reload may add a RELOADING=1, but READY=1 comes only after one.
+        kinds = ["RELOADING" if "RELOADING" in fields else "READY" for fields in reports]
+        assert ["READY", "READY"] not in [kinds[i : i + 2] for i in range(len(kinds) - 1)], reports
+        assert set(kinds) == {"RELOADING", "READY"}, reports
+        assert all(int(fields["MONOTONIC_USEC"]) >= requested for fields in reports if "RELOADING" in fields)
+        assert second_recipient_codes(run.port) == [452] * 8
+    finally:
+        status = run.stop()
+    assert status == 0, run.log()
     assert "Traceback" not in run.log(), run.log()
 
 

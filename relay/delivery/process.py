@@ -34,6 +34,7 @@ from relay.admin import Monitoring
 from relay.config import Config
 from relay.delivery.scheduler import Scheduler
 from relay.log import log_event
+from relay.notify import Reports
 from relay.reload import ReloadResult, log_reload, reload_config
 from relay.signals import EarlySignals, StopRequests, SupervisorLink, install_loop_handlers
 from relay.spool import Spool, SpoolError
@@ -114,12 +115,15 @@ class DeliveryProcess:
         wake_fd: int,
         early_signals: EarlySignals | None = None,
         supervisor: SupervisorLink | None = None,
+        reports: Reports | None = None,
     ) -> None:
         self.config = config
         self.index = index
         self.wake_fd = wake_fd
         self._early_signals = early_signals
         self._supervisor = supervisor
+        # Each reload is reported to the supervisor, which tells systemd once every process is done.
+        self._reports = reports or Reports()
         self.scheduler: Scheduler | None = None
         self._stop = asyncio.Event()
         self._stop_requests = StopRequests()
@@ -183,6 +187,15 @@ class DeliveryProcess:
         self._stop.set()
 
     def _on_reload(self) -> None:
+        started = self._reports.reload_started()
+        applied = False
+        try:
+            applied = self._reload()
+        finally:
+            self._reports.reload_finished(started, applied)
+
+    def _reload(self) -> bool:
+        """Re-read the config file and hand it to the scheduler; return whether it was applied."""
         result = reload_config(self.config)
         if result.config is not None and self.scheduler is not None:
             try:
@@ -191,5 +204,7 @@ class DeliveryProcess:
                 # Logged as reload_failed, not reloaded: the scheduler keeps its settings.
                 result = ReloadResult(None, [f"the scheduler cannot use it: {type(exc).__name__}: {exc}"])
         log_reload(result, self.config.source, self.index)
-        if result.config is not None:
-            self.config = result.config
+        if result.config is None:
+            return False
+        self.config = result.config
+        return True

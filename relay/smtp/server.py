@@ -53,7 +53,7 @@ from relay.delivery import Scheduler
 from relay.delivery.process import DeliveryProcess, WakeChannel, WakeSender
 from relay.entry import SERVE_SIGNALS
 from relay.log import flush_log, log_event
-from relay.notify import Notifier, ReadinessPipe
+from relay.notify import DirectReports, Notifier, Reports, SupervisorReports
 from relay.reload import check_files, log_reload, reload_config
 from relay.signals import EarlySignals, StopRequests, SupervisorLink, install_loop_handlers
 from relay.smtp import replies
@@ -361,17 +361,15 @@ class Worker:
         wake: WakeChannel | None = None,
         early_signals: EarlySignals | None = None,
         supervisor: SupervisorLink | None = None,
-        on_ready: Callable[[], None] | None = None,
-        on_stopping: Callable[[], None] | None = None,
+        reports: Reports | None = None,
     ) -> None:
         self.config = config
         self.workers = workers
         self.index = index
         self._early_signals = early_signals
         self._supervisor = supervisor
-        # Readiness reports: to systemd when this worker is the main process, else to the supervisor.
-        self._on_ready = on_ready
-        self._on_stopping = on_stopping
+        # Readiness and reload reports: to systemd when this worker is the main process, else to the supervisor.
+        self._reports = reports or Reports()
         # Set when the scheduler runs in a delivery process: commits wake it through this pipe.
         self.wake = wake
         self._wake_sender: WakeSender | None = None
@@ -399,12 +397,14 @@ class Worker:
             log_event(logger, "listen_failed", logging.ERROR, error=str(exc))
             await self._close_spool()
             return 1
-        # The SMTP listeners are bound, and since run_worker installed
+        # Started before READY=1, so that a monitoring check sent as soon as
+        # systemd counts the relay as up finds the admin listener.
+        monitoring = await self._start_admin()
+        # The listeners accept connections, and since run_worker installed
         # EarlySignals a SIGHUP or SIGTERM is recorded, not fatal.  Reporting
-        # here, before install_loop_handlers acts on a recorded stop, keeps
-        # READY=1 ahead of STOPPING=1.  The admin listener starts a moment later.
-        if self._on_ready is not None:
-            self._on_ready()
+        # here, before install_loop_handlers acts on a recorded stop or
+        # reload, keeps READY=1 ahead of STOPPING=1 and RELOADING=1.
+        self._reports.ready()
         install_loop_handlers(
             loop,
             on_stop=self._on_signal,
@@ -436,7 +436,6 @@ class Worker:
         if scheduler is not None:
             for runtime in self.runtimes:
                 runtime.on_stored = scheduler.wake
-        monitoring = await self._start_admin()
         await self._stop.wait()
         if scheduler is not None and delivering is not None:
             await scheduler.stop()
@@ -459,17 +458,27 @@ class Worker:
         return monitoring
 
     def _on_reload(self) -> None:
+        started = self._reports.reload_started()
+        applied = False
+        try:
+            applied = self._reload()
+        finally:
+            # Also after an unexpected error, so that systemd's reload job ends.
+            self._reports.reload_finished(started, applied)
+
+    def _reload(self) -> bool:
+        """Re-read the config file and apply it; return whether it was applied."""
         result = reload_config(self.config)
         log_reload(result, self.config.source, self.index)
         if result.config is None:
-            return
+            return False
         config = result.config
         policy = RelayPolicy(config)
         try:
             credentials = CredentialStore(config.auth.password_file) if config.auth.password_file else None
         except CredentialsError as exc:
             log_event(logger, "reload_failed", logging.ERROR, worker=self.index, error=str(exc))
-            return
+            return False
         context = self.runtimes[0].ssl_context if self.runtimes else None
         if context is not None and config.tls.cert:
             # Certificate rotation, also of files replaced under the same names,
@@ -481,13 +490,14 @@ class Worker:
                 context = server_context(config.tls)
             except TLSSetupError as exc:
                 log_event(logger, "reload_failed", logging.ERROR, worker=self.index, error=f"TLS: {exc}")
-                return
+                return False
         for runtime in self.runtimes:
             runtime.ssl_context = context
             runtime.apply(config, policy, credentials, self.workers)
         if self.scheduler is not None:
             self.scheduler.apply_config(config)
         self.config = config
+        return True
 
     async def _listen(self) -> None:
         config = self.config
@@ -531,8 +541,7 @@ class Worker:
 
     def _on_signal(self, signum: int) -> None:
         if self._stop_requests.receive(signum, logger, sessions=len(self.sessions)):
-            if self._on_stopping is not None:
-                self._on_stopping()
+            self._reports.stopping()
             self._stop.set()
 
     def _on_supervisor_gone(self) -> None:
@@ -600,8 +609,7 @@ def run_worker(
     index: int,
     wake: WakeChannel | None = None,
     supervisor: SupervisorLink | None = None,
-    on_ready: Callable[[], None] | None = None,
-    on_stopping: Callable[[], None] | None = None,
+    reports: Reports | None = None,
 ) -> int:
     """Run one worker's event loop until it has shut down; return its exit status."""
     early = EarlySignals().install()
@@ -614,14 +622,19 @@ def run_worker(
         wake=wake,
         early_signals=early,
         supervisor=supervisor,
-        on_ready=on_ready,
-        on_stopping=on_stopping,
+        reports=reports,
     )
     return asyncio.run(worker.run())
 
 
 def run_delivery(
-    config: Config, *, event_loop: str, index: int, wake: WakeChannel, supervisor: SupervisorLink | None = None
+    config: Config,
+    *,
+    event_loop: str,
+    index: int,
+    wake: WakeChannel,
+    supervisor: SupervisorLink | None = None,
+    reports: Reports | None = None,
 ) -> int:
     """Run the delivery process's event loop until it has shut down; return its exit status."""
     early = EarlySignals().install()
@@ -630,7 +643,9 @@ def run_delivery(
 
     async def main() -> int:
         asyncio.get_running_loop().set_exception_handler(_loop_exception)
-        process = DeliveryProcess(config, index=index, wake_fd=wake.read_fd, early_signals=early, supervisor=supervisor)
+        process = DeliveryProcess(
+            config, index=index, wake_fd=wake.read_fd, early_signals=early, supervisor=supervisor, reports=reports
+        )
         return await process.run()
 
     return asyncio.run(main())
@@ -749,14 +764,8 @@ def serve(config: Config, *, event_loop: str = "uvloop") -> int:
     status = _status_text(config)
     try:
         if workers == 1:
-            return run_worker(
-                config,
-                event_loop=event_loop,
-                workers=1,
-                index=0,
-                on_ready=lambda: notifier.ready(status),
-                on_stopping=notifier.stopping,
-            )
+            reports = DirectReports(notifier, status) if notifier.enabled else None
+            return run_worker(config, event_loop=event_loop, workers=1, index=0, reports=reports)
         return _supervise(config, event_loop, workers, notifier)
     finally:
         # Forked children leave through os._exit, so only the process that created the folder removes it.
@@ -788,7 +797,8 @@ def _log_child_failure(index: int, error: BaseException) -> None:
 def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier) -> int:
     """Fork the workers (and the delivery process, numbered after them), pass signals on, wait for all.
 
-    The supervisor sends READY=1 once every worker has bound its listeners.
+    With NOTIFY_SOCKET set, the supervisor alone reports to systemd, from
+    what its children write to the report pipe (``SupervisorReports``).
     From the first line of ``relay.entry`` on, a SIGHUP to the supervisor is
     blocked or forwarded, and each child blocks it until its EarlySignals
     are installed, so the listeners are what READY=1 waits for.
@@ -799,7 +809,11 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     wake = WakeChannel() if _separate_delivery(config) else None
     supervisor = SupervisorLink()
-    readiness = ReadinessPipe() if notifier.enabled else None
+    # Workers and the delivery process all re-read the config, so all of them report reloads.
+    children_count = workers + (1 if wake is not None else 0)
+    reports = (
+        SupervisorReports(notifier, _status_text(config), workers, children_count) if notifier.enabled else None
+    )
     children: dict[int, int] = {}
     for index in range(workers):
         pid = os.fork()
@@ -809,10 +823,6 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
                 supervisor.close_write_end()
                 if wake is not None:
                     wake.close_read_end()
-                on_ready = None
-                if readiness is not None:
-                    readiness.close_read_end()
-                    on_ready = readiness.report_ready
                 status = run_worker(
                     config,
                     event_loop=event_loop,
@@ -820,7 +830,7 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
                     index=index,
                     wake=wake,
                     supervisor=supervisor,
-                    on_ready=on_ready,
+                    reports=reports.child(index) if reports is not None else None,
                 )
             except BaseException as exc:
                 _log_child_failure(index, exc)
@@ -835,10 +845,14 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
             try:
                 supervisor.close_write_end()
                 wake.close_write_end()
-                if readiness is not None:
-                    readiness.close_read_end()
-                    readiness.close_write_end()
-                status = run_delivery(config, event_loop=event_loop, index=workers, wake=wake, supervisor=supervisor)
+                status = run_delivery(
+                    config,
+                    event_loop=event_loop,
+                    index=workers,
+                    wake=wake,
+                    supervisor=supervisor,
+                    reports=reports.child(workers) if reports is not None else None,
+                )
             except BaseException as exc:
                 _log_child_failure(workers, exc)
             finally:
@@ -850,30 +864,26 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
         wake.close_write_end()
     # The write end stays open until the supervisor exits.
     supervisor.close_read_end()
+    if reports is not None:
+        # Only the children hold the report pipe's write end from here on.
+        reports.start()
 
     signals_seen = 0
     stopping = False
 
-    def report_ready() -> None:
-        # Runs in the readiness thread, without a lock, because a lock shared
-        # with the signal handler could deadlock the main thread.
-        # NOTE: a stop that begins between this check and the send can put
-        # READY=1 after STOPPING=1.
-        if not stopping:
-            notifier.ready(_status_text(config))
-
-    if readiness is not None:
-        # Only the workers hold the write end from here on.
-        readiness.close_write_end()
-        readiness.watch(workers, report_ready)
-
     def forward(signum: int, frame: object) -> None:
         nonlocal signals_seen, stopping
-        if signum != signal.SIGHUP:
+        if signum == signal.SIGHUP:
+            # Recorded before the children get the signal, so that a reload
+            # they begin afterwards counts as its answer.
+            if reports is not None:
+                reports.request_reload()
+        else:
             signals_seen += 1
             if not stopping:
                 stopping = True
-                notifier.stopping()
+                if reports is not None:
+                    reports.request_stop()
         for pid in children:
             try:
                 os.kill(pid, signum)
