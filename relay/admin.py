@@ -5,7 +5,8 @@ off) from one process.  ``GET /metrics`` returns the text exposition format
 0.0.4 with this process's metrics, the snapshots the other worker processes
 saved (see ``relay.metrics``) and the queue gauges read from the spool at
 scrape time.  ``GET /healthz`` returns ``200 ok`` while the relay accepts
-mail and ``503`` once it stops accepting.  Only ``GET`` and ``HEAD`` are
+mail and ``503`` once it stops accepting; after a rejected config reload
+the 200 body has a second line reporting it.  Only ``GET`` and ``HEAD`` are
 served.  A request head over ``MAX_REQUEST_HEAD`` octets gets 431, an
 HTTP/1.1 request without one Host field 400 (RFC 9112 section 3.2), and a
 head slower than ``REQUEST_TIMEOUT`` seconds is dropped.  Empty lines before
@@ -41,6 +42,10 @@ MAX_EMPTY_LINES = 4
 # After a 431, what is read and dropped before the socket closes.
 DISCARD_LIMIT = 1024 * 1024
 DISCARD_TIME = 2.0
+
+
+# The /healthz body after a rejected reload.
+RELOAD_REJECTED = "ok\nthe last config reload was rejected; the previous config stays in force (see reload_failed)\n"
 
 
 def update_queue_gauges(spool_directory: Path) -> None:
@@ -145,7 +150,9 @@ class AdminServer:
             await self._respond(writer, 200, "text/plain; version=0.0.4; charset=utf-8", body, head_only)
         elif target == "/healthz":
             if self.accepting():
-                await self._respond(writer, 200, "text/plain", "ok\n", head_only)
+                # Still 200: the relay accepts mail with the config it had before.
+                body = "ok\n" if metrics.config_reload_applied.value(default=1.0) else RELOAD_REJECTED
+                await self._respond(writer, 200, "text/plain", body, head_only)
             else:
                 await self._respond(writer, 503, "text/plain", "not accepting mail\n", head_only)
         else:

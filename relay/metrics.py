@@ -103,6 +103,12 @@ class Gauge(_Metric):
     def dec(self, amount: float = 1.0, **labels: str) -> None:
         self.inc(-amount, **labels)
 
+    def value(self, default: float = 0.0, **labels: str) -> float:
+        """Return this process's value for ``labels``, or ``default`` when it was never set."""
+        key = self._key(labels)
+        with self._lock:
+            return self.values.get(key, default)
+
 
 class Histogram(_Metric):
     """Observations counted into cumulative buckets, with their count and sum."""
@@ -363,6 +369,11 @@ spool_batch_size = REGISTRY.histogram(
 )
 spool_commit_latency = REGISTRY.histogram(
     "relay_spool_commit_seconds", "Time to commit and fsync one spool transaction.", LATENCY_BUCKETS
+)
+# Set by worker 0 alone, which runs the admin listener, so the sum over processes is its value.
+config_reload_applied = REGISTRY.gauge(
+    "relay_config_last_reload_successful",
+    "1 while the last config reload was applied (or none was made), 0 after a rejected one.",
 )
 tls_handshakes = REGISTRY.counter(
     "relay_tls_handshakes_total", "TLS handshakes by side (server, client) and result.", ["side", "result"]

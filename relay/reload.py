@@ -109,6 +109,12 @@ def _delivery_file_errors(config: Config) -> list[str]:
     return errors
 
 
+# The process that logs what every process finds in the same file: its
+# errors and the settings kept until a restart.  The others log them at
+# debug level, so that one bad file costs one error line, not one per process.
+FILE_REPORTER = 0
+
+
 @dataclass
 class ReloadResult:
     """A reload's outcome: the config to apply (None when rejected) and what was kept."""
@@ -116,6 +122,8 @@ class ReloadResult:
     config: Config | None
     errors: list[str] = field(default_factory=list)
     needs_restart: list[str] = field(default_factory=list)
+    # False for an error of this process alone (its scheduler rejected the config), which every process logs.
+    file_errors: bool = True
 
 
 def reload_config(running: Config) -> ReloadResult:
@@ -168,16 +176,22 @@ def reload_config(running: Config) -> ReloadResult:
 
 
 def log_reload(result: ReloadResult, source: str | None, worker: int) -> None:
-    """Log the outcome: one line per error, or one line for the applied reload."""
+    """Log the outcome: one line per error, or one line for the applied reload.
+
+    Errors in the file and the settings kept are logged at their own level
+    only by ``FILE_REPORTER``, worker 0.
+    """
+    reporter = worker == FILE_REPORTER
     if result.config is None:
+        level = logging.ERROR if reporter or not result.file_errors else logging.DEBUG
         for error in result.errors:
-            log_event(logger, "reload_failed", logging.ERROR, worker=worker, file=source, error=error)
+            log_event(logger, "reload_failed", level, worker=worker, file=source, error=error)
         return
     if result.needs_restart:
         log_event(
             logger,
             "reload_needs_restart",
-            logging.WARNING,
+            logging.WARNING if reporter else logging.DEBUG,
             worker=worker,
             file=source,
             kept=result.needs_restart,

@@ -245,6 +245,53 @@ def test_serve_reports_rejected_reload(
     assert "Traceback" not in run.log(), run.log()
 
 
+def admin_get(port: int, target: str) -> bytes:
+    """Return the body of one GET to the admin listener."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(f"GET {target} HTTP/1.1\r\nHost: relay.test\r\n\r\n".encode())
+        response = b""
+        while chunk := client.recv(65536):
+            response += chunk
+    return response.partition(b"\r\n\r\n")[2]
+
+
+def test_rejected_reload_logged_once_and_shown(tmp_path: Path, notify_listener: tuple[NotifyListener, str]) -> None:
+    listener, path = notify_listener
+    run = ServeRun(tmp_path, 2, path, admin=True)
+    try:
+        fields, _ = listener.receive()
+        assert fields.get("READY") == "1", fields
+        assert admin_get(run.admin_port, "/healthz") == b"ok\n"
+        assert b"\nrelay_config_last_reload_successful 1\n" in admin_get(run.admin_port, "/metrics")
+
+        good = run.config.read_text()
+        run.config.write_text(good.replace("max_recipients = 1000", "max_recipients = many"))
+        run.process.send_signal(signal.SIGHUP)
+        assert listener.receive()[0].get("RELOADING") == "1"
+        assert listener.receive()[0].get("READY") == "1"
+
+        health = admin_get(run.admin_port, "/healthz")
+        assert health.startswith(b"ok\n"), health
+        assert b"reload was rejected" in health
+        assert b"\nrelay_config_last_reload_successful 0\n" in admin_get(run.admin_port, "/metrics")
+
+        run.config.write_text(good)
+        run.process.send_signal(signal.SIGHUP)
+        assert listener.receive()[0].get("RELOADING") == "1"
+        assert listener.receive()[0].get("READY") == "1"
+
+        assert admin_get(run.admin_port, "/healthz") == b"ok\n"
+        assert b"\nrelay_config_last_reload_successful 1\n" in admin_get(run.admin_port, "/metrics")
+    finally:
+        status = run.stop()
+    log = run.log()
+
+    assert status == 0, log
+    # Two workers and the delivery process read the same bad file: one error line, not three.
+    assert log.count(" reload_failed ") == 1, log
+    assert "error relay.reload: reload_failed worker=0" in log, log
+
+
 def test_serve_reports_hangups_in_a_row(tmp_path: Path, notify_listener: tuple[NotifyListener, str]) -> None:
     listener, path = notify_listener
     run = ServeRun(tmp_path, 2, path)

@@ -51,6 +51,11 @@ minimal_backoff_time = "1h"
 
 [admin]
 address = "127.0.0.1:{admin_port}"
+
+# Worker 0 alone logs a rejected file at error level, the other processes at
+# debug level; the tests count every process's line to know that all have reloaded.
+[log]
+level = "debug"
 """
 
 

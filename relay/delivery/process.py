@@ -202,7 +202,8 @@ class DeliveryProcess:
                 self.scheduler.apply_config(result.config)
             except Exception as exc:
                 # Logged as reload_failed, not reloaded: the scheduler keeps its settings.
-                result = ReloadResult(None, [f"the scheduler cannot use it: {type(exc).__name__}: {exc}"])
+                error = f"the scheduler cannot use it: {type(exc).__name__}: {exc}"
+                result = ReloadResult(None, [error], file_errors=False)
         log_reload(result, self.config.source, self.index)
         if result.config is None:
             return False

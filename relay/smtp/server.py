@@ -397,6 +397,9 @@ class Worker:
             log_event(logger, "listen_failed", logging.ERROR, error=str(exc))
             await self._close_spool()
             return 1
+        if self.index == 0:
+            # No reload yet: the config of the start is in force.
+            metrics.config_reload_applied.set(1.0)
         # Started before READY=1, so that a monitoring check sent as soon as
         # systemd counts the relay as up finds the admin listener.
         monitoring = await self._start_admin()
@@ -465,6 +468,8 @@ class Worker:
         finally:
             # Also after an unexpected error, so that systemd's reload job ends.
             self._reports.reload_finished(started, applied)
+            if self.index == 0:
+                metrics.config_reload_applied.set(1.0 if applied else 0.0)
 
     def _reload(self) -> bool:
         """Re-read the config file and apply it; return whether it was applied."""
