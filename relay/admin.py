@@ -9,8 +9,10 @@ mail and ``503`` once it stops accepting; after a rejected config reload
 the 200 body has a second line reporting it.  Only ``GET`` and ``HEAD`` are
 served.  A request head over ``MAX_REQUEST_HEAD`` octets gets 431, an
 HTTP/1.1 request without one Host field 400 (RFC 9112 section 3.2), and a
-head slower than ``REQUEST_TIMEOUT`` seconds is dropped.  Empty lines before
-the request line are skipped (RFC 9112 section 2.2).
+head slower than ``REQUEST_TIMEOUT`` seconds is dropped.  At most
+``[admin] max_connections`` connections are served at once; another one
+gets 503 and is closed.  Empty lines before the request line are skipped
+(RFC 9112 section 2.2).
 
 The listener binds the address it is given; keep it on loopback or a
 management network, because the metrics name destinations and clients.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +42,8 @@ MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT = 10.0
 # Reads that may return only empty lines before the request line (each read ends at two line ends).
 MAX_EMPTY_LINES = 4
+# Refused connections are logged at most once in this many seconds, with their count.
+BUSY_LOG_INTERVAL = 60.0
 # After a 431, what is read and dropped before the socket closes.
 DISCARD_LIMIT = 1024 * 1024
 DISCARD_TIME = 2.0
@@ -74,12 +79,17 @@ class AdminServer:
         snapshot_directory: Path,
         own_snapshot: str,
         accepting: Callable[[], bool],
+        max_connections: int = 16,
     ) -> None:
         self.spool_directory = spool_directory
         self.snapshot_directory = snapshot_directory
         self.own_snapshot = own_snapshot
         self.accepting = accepting
+        self.max_connections = max_connections
         self._server: asyncio.AbstractServer | None = None
+        self._open = 0
+        self._refused = 0
+        self._refused_logged_at = -math.inf
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_REQUEST_HEAD)
@@ -102,6 +112,32 @@ class AdminServer:
         return metrics.REGISTRY.render(others)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self.max_connections:
+            self._note_refused(writer)
+            # It fits the new socket's empty send buffer, so the write does not wait for the client to read.
+            await self._respond(writer, 503, "text/plain", "too many admin connections; try again later\n", False)
+            return
+        self._open += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._open -= 1
+
+    def _note_refused(self, writer: asyncio.StreamWriter) -> None:
+        """Count a refused connection; log the count at most once in BUSY_LOG_INTERVAL seconds."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= BUSY_LOG_INTERVAL:
+            peer = writer.get_extra_info("peername")
+            client = peer[0] if isinstance(peer, tuple) else str(peer)
+            log_event(
+                logger, "admin_busy", logging.WARNING,
+                limit=self.max_connections, refused=self._refused, client=client,
+            )
+            self._refused = 0
+            self._refused_logged_at = now
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(self._read_head(reader), REQUEST_TIMEOUT)
         except asyncio.LimitOverrunError:
@@ -261,7 +297,9 @@ class Monitoring:
         self.snapshot_directory = metrics.snapshot_directory(config.spool.path)
         self.admin: AdminServer | None = None
         if index == 0:
-            self.admin = AdminServer(Path(config.spool.path), self.snapshot_directory, self.name, accepting)
+            self.admin = AdminServer(
+                Path(config.spool.path), self.snapshot_directory, self.name, accepting, config.admin.max_connections
+            )
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

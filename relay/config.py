@@ -335,6 +335,9 @@ class AdminConfig:
     address: str = _key("127.0.0.1:9025", "optional_hostport")
     # Distinct values of the metrics' destination label; later ones count as "other".
     max_destination_labels: int = _key(100, "int", min=1)
+    # Admin connections open at once; more are answered 503 and closed, so that
+    # idle clients cannot take the file descriptors that worker 0's SMTP listeners need.
+    max_connections: int = _key(16, "int", min=1)
 
 
 @dataclass(frozen=True)

@@ -454,3 +454,38 @@ def test_sink_only_admin_creates_no_spool(tmp_path: Path) -> None:
     assert sorted(os.listdir(workdir)) == ["relay-sink.toml"]
     # The snapshots' temporary folder is removed on exit.
     assert os.listdir(temporary) == []
+
+
+async def _hold_and_overflow(port: int, server: AdminServer) -> tuple[str, str]:
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(server.max_connections)]
+    try:
+        # The server shares this loop: a pause lets it start serving the idle ones first.
+        await asyncio.sleep(0.2)
+        refused = await asyncio.wait_for(_raw_request(port, b"GET /healthz HTTP/1.1\r\nHost: relay.test\r\n\r\n"), 2)
+    finally:
+        for _, writer in idle:
+            writer.close()
+    await asyncio.sleep(0.2)
+    served = await asyncio.wait_for(_raw_request(port, b"GET /healthz HTTP/1.1\r\nHost: relay.test\r\n\r\n"), 2)
+    return refused, served
+
+
+def test_admin_caps_open_connections(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> tuple[str, str]:
+        server = AdminServer(tmp_path / "spool", tmp_path / "snapshots", "worker-0", lambda: True, max_connections=3)
+        port = free_port()
+        await server.start("127.0.0.1", port)
+        try:
+            return await _hold_and_overflow(port, server)
+        finally:
+            await server.close()
+
+    with caplog.at_level(logging.WARNING, logger="relay.admin"):
+        refused, served = asyncio.run(scenario())
+
+    # Idle clients at the limit cannot hold the listener, and each extra one costs a socket only briefly.
+    assert refused.startswith("HTTP/1.1 503 "), refused
+    assert "too many admin connections" in refused
+    assert served.startswith("HTTP/1.1 200 "), served
+    busy = [record for record in caplog.records if getattr(record, "event", None) == "admin_busy"]
+    assert len(busy) == 1
