@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import email
 import mailbox
@@ -13,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -1092,6 +1094,69 @@ def test_first_mx_results_recorded_before_backup(tmp_path: Path, nameserver: Nam
         silent.close()
     assert states
     assert set(states) == {RecipientState.DELIVERED}
+
+class _StallingHandler(RecordingHandler):
+    """Counts the RCPT commands for each recipient and signals when a message's data has arrived."""
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.rcpt_counts: collections.Counter[str] = collections.Counter()
+        self.data_arrived = threading.Event()
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        with self.lock:
+            self.rcpt_counts[address] += 1
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.data_arrived.set()
+        return await super().handle_DATA(server, session, envelope)
+
+
+def hold_message(config: Config, queue_id: str) -> None:
+    store = SpoolStore(config.spool.path)
+    try:
+        with store.transaction():
+            assert store.hold(queue_id, time.time()) >= 1
+    finally:
+        store.close()
+
+
+def test_hold_cuts_off_session_keeps_550(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # Leases last 3 s.  The only host of implicit.test rejects gone@ with 550
+    # at RCPT, accepts bob@, and takes 5 s to reply to the end of data.  The
+    # message is held once the data arrived there, and the renewal cuts the
+    # session off.  gone@ bounces with that 550; bob@, whose RCPT got only a
+    # 250, is neither delivered nor bounced and stays held.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, spool='lease_time = "3s"')
+    spool = spool_for(config)
+    upstream = _StallingHandler(refuse={"gone@implicit.test": "550 5.1.1 no such user"}, data_delay=5.0)
+    held_at: list[float] = []
+    with run_upstream("127.0.0.4", port, upstream):
+        queue_id = commit(spool, "alice@local.test", ["gone@implicit.test", "bob@implicit.test"])
+
+        def hold_then_wait() -> bool:
+            if not held_at and upstream.data_arrived.is_set():
+                hold_message(config, queue_id)
+                held_at.append(time.monotonic())
+            return bool(held_at) and upstream.active == 0 and bool(mailbox_messages(config, "alice"))
+
+        assert run_until(config, spool, hold_then_wait, timeout=6.0)
+    assert upstream.messages == []
+    message = stored_message(config, queue_id)
+    assert message is not None
+    states = {r.address: r for r in message.recipients}
+    assert states["gone@implicit.test"].state is RecipientState.BOUNCED
+    assert states["gone@implicit.test"].last_reply == "550 5.1.1 no such user"
+    assert states["bob@implicit.test"].state is RecipientState.HELD
+    (report,) = mailbox_messages(config, "alice")
+    text = unfolded(report)
+    assert "Final-Recipient: rfc822; gone@implicit.test" in text
+    assert "Final-Recipient: rfc822; bob@implicit.test" not in text
+
 
 
 def test_double_bounce_copied_to_postmaster_once(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:

@@ -323,6 +323,9 @@ class SMTPSession:
         self._rcpt_seen: list[Reply] = []
         # The next message, whose MAIL, RCPT and DATA went out after the last body.
         self._pipelined: _Transaction | None = None
+        # Results that replies decided, by recipient index, in the last transaction
+        # that ``send`` left by an exception or a cancellation (see _decided_before_failure).
+        self.decided: dict[int, RecipientResult] = {}
         # The deadline of the current wait, and the one timer that enforces it.
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -505,8 +508,10 @@ class SMTPSession:
         Raises SessionError when the session fails.  No recipient of
         ``message`` is then delivered, the session is unusable, and
         ``following`` was not delivered either, so it can go over another
-        session.  Raises ValueError when another message's commands were
-        pipelined.
+        session.  The results that replies decided before a failure or a
+        cancellation are then in ``decided`` (and in the error's
+        ``decided``).  Raises ValueError when another message's commands
+        were pipelined.
         """
         if not self.usable:
             raise SessionError("451 4.4.2 session already closed")
@@ -533,6 +538,7 @@ class SMTPSession:
         # The replies of this transaction's MAIL and RCPT commands, as they arrive.
         self._mail_seen = None
         self._rcpt_seen = []
+        self.decided = {}
         try:
             if self.uses_chunking:
                 await self._send_with_bdat(
@@ -546,7 +552,12 @@ class SMTPSession:
                     await self._reset()
         except SessionError as exc:
             self.abort()
-            exc.decided = self._decided_before_failure(transaction)
+            exc.decided = self.decided = self._decided_before_failure(transaction)
+            raise
+        except asyncio.CancelledError:
+            # The caller cut the transaction off (its lease was lost, say).  The
+            # replies read before that still decided their recipients.
+            self.decided = self._decided_before_failure(transaction)
             raise
         if transaction.downgraded:
             return [replace(results[r.index], downgraded=True) for r in message.recipients]
@@ -732,6 +743,9 @@ class SMTPSession:
 
         RFC 5321 section 3.3: a 5xx to RCPT is final for that recipient, and a
         4xx carries its own reason, whatever happens to the session afterwards.
+        A 250 to RCPT decides nothing, because only the reply to the end of
+        data delivers, and ``transaction.results`` already contains what that
+        reply decided.
         """
         decided = dict(transaction.results)
         mail_reply = self._mail_seen

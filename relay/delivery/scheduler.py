@@ -58,6 +58,10 @@ while it runs:
   first third of the lease costs no spool write for this.
 - A session to a backup MX renews the lease of the recipients it sends
   first, and ends before the renewed lease does (``LEASE_MARGIN``).
+- A session cut off or failed in the middle of a transaction keeps the
+  results that replies decided before: a 5xx to RCPT fails its recipient
+  and a 4xx defers it.  A 250 to RCPT decides nothing, because only the
+  reply to the end of data delivers.
 
 Every attempt result is logged as one line: queue ID, recipient, relay,
 delay, DSN status and the reply.
@@ -738,9 +742,10 @@ class Scheduler:
         fails, that job goes back to the front of the queue instead.
 
         ``keeper`` renews the leases of both jobs while the transaction runs.
-        When it cuts the session off, nothing is recorded: a lost lease
-        belongs to another claim or to an operator's hold now, and a lease
-        still held runs out and lets the recipients be claimed again.
+        When it cuts the session off, only the results that replies decided
+        before that are recorded (``_record_decided``).  The other recipients
+        belong to another claim or to an operator's hold now, or their lease,
+        still held, runs out and lets them be claimed again.
         """
         if message is None:
             message = await self._load_message(job)
@@ -771,6 +776,7 @@ class Scheduler:
             if following is not None:
                 destination.queue.appendleft(following)
             self._log_cut_off(job, session.peer)
+            await self._record_decided(job, session)
             return None
         except SessionError as exc:
             # Replies that decided a recipient before the failure stand; the rest wait.
@@ -884,10 +890,10 @@ class Scheduler:
                     )
                     results = {result.index: result for result in await backup.send(retry)}
         except Exception as exc:
-            # A reply that decided a recipient before the session failed (a 5xx
-            # to RCPT, say) stands.  The other recipients keep the first host's
-            # deferral.
-            results = dict(exc.decided) if isinstance(exc, SessionError) else {}
+            # A reply that decided a recipient before the session failed or was
+            # cut off (a 5xx to RCPT, say) stands.  The other recipients keep
+            # the first host's deferral.
+            results = dict(backup.decided) if backup is not None else {}
             error = "cut off before the lease runs out" if cutoff.expired() else repr(exc)
             log_event(logger, "backup_mx_failed", logging.INFO, queue_id=job.claim.queue_id, error=error)
         finally:
@@ -926,6 +932,25 @@ class Scheduler:
         elif set(indexes) == {recipient.index for recipient in job.recipients}:
             job.lease_until = until
         return until
+
+    async def _record_decided(self, job: Job, session: SMTPSession) -> None:
+        """Record the results that replies decided before ``session`` was cut off in the middle of ``job``.
+
+        A 5xx to RCPT failed its recipient and a 4xx deferred it, whatever
+        came after.  Under a lease lost to another claim the spool keeps a
+        failure but adds a deferral only to the attempt history.
+        """
+        decided = session.decided
+        outcomes = [
+            (recipient, decided[recipient.index].outcome, decided[recipient.index].reply)
+            for recipient in job.recipients
+            if recipient.index in decided
+        ]
+        if outcomes:
+            await self._record(
+                job, outcomes, session.peer, next_hop_notifies="DSN" in session.capabilities,
+                downgraded=any(decided[recipient.index].downgraded for recipient, _, _ in outcomes),
+            )
 
     def _log_cut_off(self, job: Job, peer: str) -> None:
         log_event(
