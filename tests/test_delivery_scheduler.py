@@ -1095,6 +1095,7 @@ def test_first_mx_results_recorded_before_backup(tmp_path: Path, nameserver: Nam
     assert states
     assert set(states) == {RecipientState.DELIVERED}
 
+
 class _StallingHandler(RecordingHandler):
     """Counts the RCPT commands for each recipient and signals when a message's data has arrived."""
 
@@ -1122,6 +1123,93 @@ def hold_message(config: Config, queue_id: str) -> None:
             assert store.hold(queue_id, time.time()) >= 1
     finally:
         store.close()
+
+
+def test_slow_backup_mx_delivers_once(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # Leases last 3 s.  a.mx.test defers soft@ and b.mx.test takes 4.5 s, more
+    # than a whole lease, to reply to the end of data.  A second scheduler on
+    # the same spool starts once b.mx.test has a connection.  The backup
+    # session's lease is renewed while it runs, so it is neither cut off nor
+    # claimed again, and b.mx.test gets soft@ once.
+    port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port, spool='lease_time = "3s"')
+    spool = spool_for(config)
+    primary = RecordingHandler(refuse={"soft@mx.test": "451 4.3.0 try later"})
+    backup = RecordingHandler(data_delay=4.5)
+    with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, backup):
+        commit(spool, "alice@local.test", ["soft@mx.test"])
+        run_second_scheduler_later(
+            config, spool, lambda: backup.connections > 0, lambda: not spool_counts(config), timeout=20.0
+        )
+    assert [m.recipients for m in backup.messages] == [["soft@mx.test"]]
+    assert backup.connections == 1
+    assert spool_counts(config) == {}
+
+
+def test_backup_mx_550_then_stall_bounces_once(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # Leases last 3 s.  a.mx.test defers both recipients.  b.mx.test rejects
+    # gone@ with 550 at RCPT, accepts soft@, and then stalls 4.5 s before it
+    # accepts the data, with a second scheduler on the same spool.  gone@
+    # bounces once with the reply of b.mx.test, and neither recipient is sent again.
+    port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port, spool='lease_time = "3s"')
+    spool = spool_for(config)
+    primary = RecordingHandler(refuse={"gone@mx.test": "451 4.3.0 try later", "soft@mx.test": "451 4.3.0 try later"})
+    backup = _StallingHandler(refuse={"gone@mx.test": "550 5.1.1 no such user"}, data_delay=4.5)
+    with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, backup):
+        commit(spool, "alice@local.test", ["gone@mx.test", "soft@mx.test"])
+        run_second_scheduler_later(
+            config, spool, lambda: backup.connections > 0,
+            lambda: not spool_counts(config) and bool(mailbox_messages(config, "alice")), timeout=20.0,
+        )
+    assert backup.rcpt_counts["gone@mx.test"] == 1
+    assert backup.rcpt_counts["soft@mx.test"] == 1
+    assert [m.recipients for m in backup.messages] == [["soft@mx.test"]]
+    assert spool_counts(config) == {}
+    (report,) = mailbox_messages(config, "alice")
+    text = unfolded(report)
+    assert "Final-Recipient: rfc822; gone@mx.test" in text
+    assert "Final-Recipient: rfc822; soft@mx.test" not in text
+    assert "Remote-MTA: dns; b.mx.test" in text
+    assert "550 5.1.1 no such user" in text
+
+
+def test_hold_cuts_off_backup_mx_keeps_550(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # Leases last 3 s.  a.mx.test defers both recipients.  b.mx.test rejects
+    # gone@ with 550 at RCPT, accepts soft@, and takes 5 s to reply to the end
+    # of data.  The message is held once the data arrived there.  The backup
+    # session's lease keeper finds the lease lost and cuts the session off.
+    # The 550 decided gone@ before that, so gone@ bounces; soft@, whose RCPT
+    # got only a 250, is neither delivered nor bounced and stays held.
+    port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port, spool='lease_time = "3s"')
+    spool = spool_for(config)
+    primary = RecordingHandler(refuse={"gone@mx.test": "451 4.3.0 try later", "soft@mx.test": "451 4.3.0 try later"})
+    backup = _StallingHandler(refuse={"gone@mx.test": "550 5.1.1 no such user"}, data_delay=5.0)
+    held_at: list[float] = []
+    with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, backup):
+        queue_id = commit(spool, "alice@local.test", ["gone@mx.test", "soft@mx.test"])
+
+        def hold_then_wait() -> bool:
+            if not held_at and backup.data_arrived.is_set():
+                hold_message(config, queue_id)
+                held_at.append(time.monotonic())
+            return bool(held_at) and backup.active == 0 and bool(mailbox_messages(config, "alice"))
+
+        assert run_until(config, spool, hold_then_wait, timeout=6.0)
+        closed_after = time.monotonic() - held_at[0]
+    assert backup.messages == []
+    assert closed_after < 2.5
+    message = stored_message(config, queue_id)
+    assert message is not None
+    states = {r.address: r for r in message.recipients}
+    assert states["gone@mx.test"].state is RecipientState.BOUNCED
+    assert states["gone@mx.test"].last_reply == "550 5.1.1 no such user"
+    assert states["soft@mx.test"].state is RecipientState.HELD
+    (report,) = mailbox_messages(config, "alice")
+    text = unfolded(report)
+    assert "Final-Recipient: rfc822; gone@mx.test" in text
+    assert "Remote-MTA: dns; b.mx.test" in text
 
 
 def test_hold_cuts_off_session_keeps_550(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
@@ -1157,6 +1245,40 @@ def test_hold_cuts_off_session_keeps_550(tmp_path: Path, nameserver: NameServer,
     assert "Final-Recipient: rfc822; gone@implicit.test" in text
     assert "Final-Recipient: rfc822; bob@implicit.test" not in text
 
+
+def test_fast_backup_mx_renews_no_lease(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # Leases last 30 s.  a.mx.test delivers fine@ and defers soft@, and
+    # b.mx.test takes 0.5 s to reply to the end of data, well within the first
+    # third of the lease.  While b.mx.test waits, soft@ still has the lease of
+    # the claim: it ends less than 30 s after fine@'s result was recorded, so
+    # the backup session wrote no lease renewal to the spool.
+    port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    primary = RecordingHandler(refuse={"soft@mx.test": "451 4.3.0 try later"})
+    backup = _StallingHandler(data_delay=0.5)
+    seen: list[tuple[float, float]] = []
+    with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, backup):
+        queue_id = commit(spool, "alice@local.test", ["fine@mx.test", "soft@mx.test"])
+
+        def observe() -> bool:
+            if backup.data_arrived.is_set() and not seen:
+                with sqlite3.connect(Path(config.spool.path) / "spool.db") as connection:
+                    (lease_until,) = connection.execute(
+                        "SELECT lease_until FROM recipient WHERE queue_id = ? AND idx = 1", (queue_id,)
+                    ).fetchone()
+                    (recorded,) = connection.execute(
+                        "SELECT time FROM attempt WHERE queue_id = ? AND idx = 0", (queue_id,)
+                    ).fetchone()
+                seen.append((lease_until, recorded))
+            return bool(backup.messages) and not spool_counts(config)
+
+        assert run_until(config, spool, observe, timeout=10.0)
+    assert [m.recipients for m in backup.messages] == [["soft@mx.test"]]
+    assert len(seen) == 1
+    lease_until, recorded = seen[0]
+    assert lease_until is not None
+    assert lease_until < recorded + config.spool.lease_time
 
 
 def test_double_bounce_copied_to_postmaster_once(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:

@@ -54,10 +54,10 @@ while it runs:
   the lease of the job and of the next job pipelined after it
   (``RENEW_AFTER``, every 10 of the 30 minutes), and cuts the session off
   without QUIT when a renewal finds a lease lost, or when renewals fail
-  until ``LEASE_MARGIN`` of it is left.  A transaction that ends within the
-  first third of the lease costs no spool write for this.
-- A session to a backup MX renews the lease of the recipients it sends
-  first, and ends before the renewed lease does (``LEASE_MARGIN``).
+  until ``LEASE_MARGIN`` of it is left.  A session to a backup MX runs
+  under a keeper of its own in the same way, for the recipients it sends.
+  A transaction that ends within the first third of the lease costs no
+  spool write for this.
 - A session cut off or failed in the middle of a transaction keeps the
   results that replies decided before: a 5xx to RCPT fails its recipient
   and a 4xx defers it.  A 250 to RCPT decides nothing, because only the
@@ -128,9 +128,10 @@ DSN_BATCH = 100
 # A job that waited longer than this in memory reads its recipients' state again
 # before it is sent, so that a hold or delete since the claim takes effect.
 RECHECK_AFTER = 1.0
-# Share of ``spool.lease_time`` that a backup-MX session leaves unused at the end
-# of its renewed lease, for recording its results: 3 of the default 30 minutes,
-# far more than a record waits for the spool's writer (its busy timeout is 10 s).
+# Share of ``spool.lease_time`` left when a session is cut off because its lease
+# renewals keep failing, so that its results are recorded under the lease.  It
+# is 3 of the default 30 minutes, far more than a record waits for the spool's
+# writer (its busy timeout is 10 s).
 LEASE_MARGIN = 0.1
 # Share of ``spool.lease_time`` after which the lease of a job being sent is
 # renewed, and then renewed again: every 10 of the default 30 minutes.  A
@@ -859,51 +860,55 @@ class Scheduler:
 
         ``copied`` says whether the failures at ``tried`` already made a postmaster copy.
 
-        The first session may have used up most of the claim's lease, and a
-        recipient whose lease runs out can be claimed and delivered again by
-        any scheduler.  So the lease is renewed first, and the backup session
-        is cut off ``LEASE_MARGIN`` of the lease before its new end, which
-        leaves the results time to be recorded under it.  A session cut off
+        The backup session runs under a ``_LeaseKeeper`` of its own, like a
+        first session, for the recipients it sends.  When it is cut off or
+        fails, the replies that decided a recipient there stand, and the
+        other recipients keep the first host's deferral.  A session cut off
         after the end of data counts as deferred, like a timeout waiting for
         the final reply.
         """
-        deferred_indexes = [recipient.index for recipient, _, _ in deferred]
-        lease_until = None if self._stopping else await self._renew_lease(job, deferred_indexes)
+        retried_job = Job(job.claim, job.route, tuple(recipient for recipient, _, _ in deferred))
+        # The first session's keeper moved ``job.lease_until`` on, so the claim's own end may be long past.
+        retried_job.lease_until = job.lease_until
         # Checked right before the acquire, with no await in between: a worker that
         # waited for a second slot while holding one could deadlock with the others.
-        if lease_until is None or self._connections.locked() or self._stopping:
+        if self._stopping or retried_job.lease_until <= time.time() or self._connections.locked():
             await self._record(job, deferred, peer, next_hop_notifies=notifies, downgraded=downgraded)
             return
 
         await self._connections.acquire()
-        loop = asyncio.get_running_loop()
-        margin = self.spool.lease_time * LEASE_MARGIN
-        cutoff = asyncio.timeout_at(loop.time() + (lease_until - time.time()) - margin)
+        keeper = _LeaseKeeper(self, retried_job)
         backup: SMTPSession | None = None
         results: dict[int, RecipientResult] = {}
+        sent = False
         try:
-            async with cutoff:
+            async with keeper.cutoff():
                 backup = await self.sessions.open_backup(job.route, tried)
                 if backup is not None:
+                    indexes = {recipient.index for recipient in retried_job.recipients}
                     retry = dataclasses.replace(
-                        message, recipients=tuple(r for r in message.recipients if r.index in deferred_indexes)
+                        message, recipients=tuple(r for r in message.recipients if r.index in indexes)
                     )
                     results = {result.index: result for result in await backup.send(retry)}
-        except Exception as exc:
-            # A reply that decided a recipient before the session failed or was
-            # cut off (a 5xx to RCPT, say) stands.  The other recipients keep
-            # the first host's deferral.
+                    sent = True
+        except LeaseCutOff:
             results = dict(backup.decided) if backup is not None else {}
-            error = "cut off before the lease runs out" if cutoff.expired() else repr(exc)
-            log_event(logger, "backup_mx_failed", logging.INFO, queue_id=job.claim.queue_id, error=error)
+            self._log_cut_off(job, backup.peer if backup is not None else "")
+        except Exception as exc:
+            results = dict(exc.decided) if isinstance(exc, SessionError) else {}
+            log_event(logger, "backup_mx_failed", logging.INFO, queue_id=job.claim.queue_id, error=repr(exc))
         finally:
-            if backup is not None:
-                if cutoff.expired():
-                    # The session may be inside DATA, where a QUIT would be message text.
-                    backup.abort()
-                else:
+            try:
+                if backup is not None and sent:
+                    # The keeper still renews during QUIT, which may take rset_timeout.
                     await backup.close()
-            self._connections.release()
+                elif backup is not None:
+                    # Cut off or failed: the session may be inside DATA, where a QUIT would be message text.
+                    backup.abort()
+            finally:
+                # Recording the results ends the lease, and a renewal after that would take it for lost.
+                keeper.close()
+                self._connections.release()
 
         rest = [item for item in deferred if item[0].index not in results]
         if rest:
@@ -918,20 +923,6 @@ class Scheduler:
                 job, retried, backup.peer, next_hop_notifies="DSN" in backup.capabilities,
                 downgraded=any(result.downgraded for result in results.values()), postmaster_copy=not copied,
             )
-
-    async def _renew_lease(self, job: Job, indexes: Sequence[int]) -> float | None:
-        """Renew the job's lease on ``indexes``; return its new end, or None when the claim lost them."""
-        claim = job.claim
-        try:
-            until = await self.spool.renew_lease(claim.queue_id, indexes, claim.lease_token)
-        except SpoolError as exc:
-            log_event(logger, "lease_renew_failed", logging.WARNING, queue_id=claim.queue_id, error=str(exc))
-            return None
-        if until is None:
-            log_event(logger, "lease_expired", logging.WARNING, queue_id=claim.queue_id, owner=self.owner)
-        elif set(indexes) == {recipient.index for recipient in job.recipients}:
-            job.lease_until = until
-        return until
 
     async def _record_decided(self, job: Job, session: SMTPSession) -> None:
         """Record the results that replies decided before ``session`` was cut off in the middle of ``job``.
