@@ -592,3 +592,15 @@ def test_maildir_creation_is_durable(tmp_path: Path) -> None:
     assert created == [str(root), str(root / "dave"), *(str(root / "dave" / f) for f in ("tmp", "new", "cur"))]
     for folder in created:
         assert os.path.dirname(folder) in fsynced, f"{os.path.dirname(folder)} not fsynced after mkdir {folder}"
+
+
+def test_mailbox_maildir_root_not_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Looking up alice under a maildir_root that is a file fails with ENOTDIR, also for root.
+    config = write_config(tmp_path)
+    (tmp_path / "mail").write_text("not a folder\n")
+
+    assert mailbox(config, "carol") == 1
+
+    error = capsys.readouterr().err
+    assert f"cannot read maildir_root {tmp_path / 'mail'} for user carol: Not a directory" in error
+    assert "Traceback" not in error

@@ -7,6 +7,8 @@ import collections
 import dataclasses
 import email
 import mailbox
+import os
+import pwd
 import shutil
 import socket
 import sqlite3
@@ -655,6 +657,127 @@ def test_local_alias_to_local_and_remote(tmp_path: Path, nameserver: NameServer,
     assert local_copy["Return-Path"] == "<carol@example.org>"
     assert local_copy["Delivered-To"] == "team@local.test"
     assert upstream.messages[0].recipients == ["bob@implicit.test"]
+
+
+def test_maildir_root_not_a_folder_defers(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # maildir_root is a file, so looking up alice gives ENOTDIR, also for root.
+    # That is an error of this host: the alias is deferred, not bounced as if
+    # it led to no user.
+    (tmp_path / "aliases").write_text("team: alice, bob\n")
+    config = make_config(tmp_path, nameserver, free_port("127.0.0.4"), extra='aliases = "aliases"')
+    shutil.rmtree(tmp_path / "mail")
+    (tmp_path / "mail").write_text("not a folder\n")
+    spool = spool_for(config)
+    queue_id = commit(spool, "carol@local.test", ["team@local.test"])
+
+    def attempted() -> bool:
+        stored = stored_message(config, queue_id)
+        return stored is None or stored.recipients[0].attempts > 0
+
+    with caplog.at_level("INFO", logger="relay"):
+        assert run_until(config, spool, attempted)
+
+    stored = stored_message(config, queue_id)
+    assert stored is not None
+    (recipient,) = stored.recipients
+    assert recipient.state is RecipientState.DEFERRED
+    assert recipient.last_reply == (
+        f"451 4.3.0 local delivery failed: cannot read maildir_root {tmp_path / 'mail'} for user alice:"
+        " Not a directory"
+    )
+    deferred = [record for record in caplog.records if getattr(record, "event", "") == "deferred"]
+    assert len(deferred) == 1
+    assert [record for record in caplog.records if record.exc_info] == []
+
+
+# Runs one scheduler in a child process until the message given by its queue
+# ID has had a delivery attempt, logging to stderr as relay serve does.
+DELIVER_ONCE = """
+import asyncio, sys, time
+from relay.config import load_config
+from relay.delivery import Scheduler
+from relay.log import setup_logging
+from relay.spool import Spool, SpoolStore
+
+config = load_config(sys.argv[1])
+queue_id = sys.argv[2]
+setup_logging()
+
+
+def attempted():
+    store = SpoolStore(config.spool.path)
+    try:
+        stored = store.load(queue_id)
+    finally:
+        store.close()
+    return stored is None or stored.recipients[0].attempts > 0
+
+
+async def main():
+    spool = Spool.from_config(config.spool)
+    scheduler = Scheduler(config, spool)
+    task = asyncio.create_task(scheduler.run())
+    deadline = time.monotonic() + 10
+    while not attempted() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await scheduler.stop()
+    await task
+    spool.close()
+
+
+asyncio.run(main())
+"""
+
+
+def test_maildir_root_permission_denied_defers(nameserver: NameServer) -> None:
+    # Root ignores the mode bits, so as root the delivery runs as nobody.
+    command = [sys.executable, "-c", DELIVER_ONCE]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv is needed to deliver as nobody when the tests run as root")
+        command = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", *command]
+    # Not under tmp_path, whose parent folder is private to the user running the tests.
+    directory = Path(tempfile.mkdtemp(prefix="relay-maildir-"))
+    try:
+        (directory / "aliases").write_text("team: alice, bob\n")
+        config = make_config(directory, nameserver, 25, extra='aliases = "aliases"')
+        spool = Spool.from_config(config.spool)
+        try:
+            queue_id = commit(spool, "carol@local.test", ["team@local.test"])
+        finally:
+            spool.close()
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            for path in [directory, *directory.rglob("*")]:
+                os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        (directory / "mail").chmod(0)
+
+        child = subprocess.run(
+            [*command, str(directory / "relay.toml"), queue_id],
+            capture_output=True, text=True, timeout=30, cwd=directory,
+        )
+
+        assert child.returncode == 0, child.stderr
+        stored = stored_message(config, queue_id)
+        assert stored is not None
+        (recipient,) = stored.recipients
+        assert recipient.state is RecipientState.DEFERRED
+        assert recipient.last_reply == (
+            f"451 4.3.0 local delivery failed: cannot read maildir_root {directory / 'mail'} for user alice:"
+            " Permission denied"
+        )
+        assert "Traceback" not in child.stderr
+        assert "internal error" not in child.stderr
+        deferred = [line for line in child.stderr.splitlines() if " deferred " in line]
+        assert len(deferred) == 1
+        assert f"queue_id={queue_id}" in deferred[0]
+        assert "dsn=4.3.0" in deferred[0]
+    finally:
+        (directory / "mail").chmod(0o700)
+        shutil.rmtree(directory)
 
 
 def test_soft_failure_moves_on_to_backup_mx(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:

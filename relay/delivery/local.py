@@ -5,7 +5,8 @@ Each recipient's local part is expanded through the aliases
 remote targets (``alias: user@elsewhere``) are committed to the spool as one
 new message with the same sender, body, RET and ENVID, which the scheduler
 then routes like any other.  An address with no mailbox and no alias fails with
-``5.1.1``; a write error defers the recipient with ``4.3.0``.
+``5.1.1``; a write error, or a ``maildir_root`` that cannot be read, defers
+the recipient with ``4.3.0``.
 
 Forwarding loops: a forwarded copy starts with ``Delivered-To:`` naming the
 recipient it was expanded for, and a recipient that the message's header
@@ -53,11 +54,9 @@ async def deliver_local(
             continue
         local_part = recipient.address.rpartition("@")[0] or recipient.address
         try:
+            # Inside the OSError handler: a maildir_root that cannot be read is a
+            # local error like a failed write, so the recipient is deferred.
             expansion = local.expand(local_part)
-        except UnknownUser:
-            outcomes.append((recipient, Outcome.FAILED, f"550 5.1.1 <{recipient.address}>: no such user here"))
-            continue
-        try:
             for user in expansion.users:
                 await asyncio.to_thread(
                     local.deliver, user, sender, recipient.address, body, binary=binary
@@ -76,6 +75,9 @@ async def deliver_local(
                 forward_id = await spool.commit(forwarded, trace + body)
                 log_event(logger, "forwarded", queue_id=claim.queue_id, to=recipient.address,
                           new_queue_id=forward_id, recipients=list(expansion.remote))
+        except UnknownUser:
+            outcomes.append((recipient, Outcome.FAILED, f"550 5.1.1 <{recipient.address}>: no such user here"))
+            continue
         except (OSError, SpoolError) as exc:
             outcomes.append((recipient, Outcome.DEFERRED, f"451 4.3.0 local delivery failed: {exc}"))
             continue

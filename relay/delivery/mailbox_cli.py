@@ -190,8 +190,11 @@ def _missing_maildir_problem(local: LocalConfig, user: str, root: Path) -> str |
             f"mailbox {root} not found: {user} is an alias for {', '.join(targets)}, "
             "so its mail is delivered to those addresses"
         )
-    if delivery.user_exists(user):
-        return None
+    try:
+        if delivery.user_exists(user):
+            return None
+    except OSError as exc:
+        return f"{exc}; check [local] maildir_root and its permissions"
     return f"mailbox {root} not found; check the user name and [local] maildir_root"
 
 

@@ -3,7 +3,9 @@
 Each local user has a Maildir at ``[local] maildir_root/USER``.  A user
 exists when that directory exists, when the name is in ``[local] users``, or
 when the name is ``postmaster`` (RFC 5321 section 4.5.1 requires it).  User
-names are compared in lower case.
+names are compared in lower case.  A lookup that fails for a reason other
+than a missing folder (``maildir_root`` is a file, or cannot be searched)
+defers the delivery with ``4.3.0`` and the cause, because the user may exist.
 
 Delivery prepends ``Return-Path: <sender>`` (RFC 5322 section 3.6.7) and
 ``Delivered-To: recipient`` and then writes the message with LF line ends,
@@ -31,6 +33,7 @@ import itertools
 import logging
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +49,10 @@ _counter = itertools.count()
 
 class UnknownUser(LookupError):
     """No mailbox and no alias exists for a local address."""
+
+
+class MaildirLookupError(OSError):
+    """A user's folder under ``maildir_root`` cannot be looked up, so whether the user exists is unknown."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +95,11 @@ class LocalDelivery:
         return self.source.table() if self.source is not None else self.aliases
 
     def user_exists(self, user: str) -> bool:
-        """Return whether ``user`` has a mailbox (existing, configured, or postmaster)."""
+        """Return whether ``user`` has a mailbox (existing, configured, or postmaster).
+
+        Raises MaildirLookupError when the folder cannot be looked up for a reason
+        other than its absence, such as a maildir_root that cannot be searched.
+        """
         name = user.lower()
         # A transport entry "local" sends any local part of its domain here, and
         # a name from the config or the aliases must not leave maildir_root either.
@@ -96,10 +107,23 @@ class LocalDelivery:
             return False
         if name == "postmaster" or name in (u.lower() for u in self.config.users):
             return True
-        return (Path(self.config.maildir_root) / name).is_dir()
+        root = self.config.maildir_root
+        try:
+            return stat.S_ISDIR(os.stat(os.path.join(root, name)).st_mode)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            # Path.is_dir returns False for ENOTDIR (a maildir_root that is a file),
+            # which made every user unknown and bounced their mail.  This and EACCES
+            # are errors of this host that the operator can fix, so delivery defers.
+            cause = exc.strerror or str(exc)
+            raise MaildirLookupError(f"cannot read maildir_root {root} for user {name}: {cause}") from exc
 
     def expand(self, local_part: str) -> Expansion:
-        """Resolve a local part through the aliases; raise UnknownUser when it leads nowhere."""
+        """Resolve a local part through the aliases; raise UnknownUser when it leads nowhere.
+
+        Raises MaildirLookupError (an OSError) when a user's folder cannot be looked up.
+        """
         users: list[str] = []
         remote: list[str] = []
         name = local_part.lower()
