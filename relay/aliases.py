@@ -17,7 +17,10 @@ lead back to itself through other aliases (``a: b`` with ``b: a``).  An
 alias that names itself (``carol: carol, copy@elsewhere``) means its own
 mailbox, as in Postfix.  A chain of
 aliases must be at most ``MAX_ALIAS_DEPTH`` levels deep, the depth to which
-delivery expands them.
+delivery expands them.  And one alias must expand to at most
+``[local] alias_expansion_limit`` distinct users and addresses (default
+``DEFAULT_EXPANSION_LIMIT``), counted as delivery expands it, with every
+local user counted whether or not its Maildir exists yet.
 
 ``relay check-config``, the start of ``relay serve`` and every reload call
 ``parse_aliases``, so a file with any of these errors is reported before it
@@ -37,6 +40,11 @@ from relay.units import is_safe_user_name
 # user is 10 levels below a0.  Deep enough for any hand-written alias file.
 MAX_ALIAS_DEPTH = 10
 
+# Users and addresses that one alias may expand to, as Postfix's
+# virtual_alias_expansion_limit (1000 in Postfix 3.7's defaults).  It bounds
+# the Maildir writes and the forwarded copy's recipients of one delivery.
+DEFAULT_EXPANSION_LIMIT = 1000
+
 _EXPECTED = 'relay supports only "alias: user[, user@domain]" targets'
 
 
@@ -48,8 +56,11 @@ class AliasError(ValueError):
         self.errors = errors
 
 
-def parse_aliases(text: str) -> dict[str, tuple[str, ...]]:
-    """Parse an aliases file into ``alias -> targets``; raise AliasError listing every bad line and loop."""
+def parse_aliases(text: str, expansion_limit: int = DEFAULT_EXPANSION_LIMIT) -> dict[str, tuple[str, ...]]:
+    """Parse an aliases file into ``alias -> targets``; raise AliasError listing every bad line and loop.
+
+    An alias that expands to more than ``expansion_limit`` users and addresses is an error too.
+    """
     aliases: dict[str, tuple[str, ...]] = {}
     lines: dict[str, int] = {}
     errors: list[tuple[int, str]] = []
@@ -72,6 +83,16 @@ def parse_aliases(text: str) -> dict[str, tuple[str, ...]]:
 
     # A local target may be an alias defined further down, so the graph is checked after the last line.
     errors.extend(_graph_errors(aliases, lines))
+    bounds = _expansion_bounds(aliases)
+    for alias, number in lines.items():
+        if bounds[alias] <= expansion_limit:
+            continue
+        size = expansion_size(aliases, alias)
+        if size > expansion_limit:
+            errors.append(
+                (number, f"alias {alias} expands to {size} users and addresses, more than the {expansion_limit}"
+                 " that local.alias_expansion_limit allows; split the alias or raise the limit")
+            )
     if errors:
         raise AliasError([f"line {number}: {message}" for number, message in sorted(errors)])
     return aliases
@@ -156,6 +177,72 @@ def _graph_errors(aliases: dict[str, tuple[str, ...]], lines: dict[str, int]) ->
     return errors
 
 
+def _expansion_bounds(aliases: dict[str, tuple[str, ...]]) -> dict[str, int]:
+    """Return for each alias an upper bound of ``expansion_size``: its targets' bounds added up.
+
+    Each alias is visited once, so a file where many aliases name one large
+    alias is checked in linear time; only an alias whose bound passes the
+    limit needs the exact walk.  A target that closes a loop adds nothing,
+    which can make the bound too low, but a file with a loop is rejected anyway.
+    """
+    bounds: dict[str, int] = {}
+    for start in aliases:
+        if start in bounds:
+            continue
+        # Post-order without recursion: an alias is summed once all its alias targets are.
+        stack = [(start, False)]
+        on_path: set[str] = set()
+        while stack:
+            name, children_done = stack.pop()
+            if name in bounds:
+                continue
+            alias_targets = [
+                target.lower() for target in aliases[name]
+                if "@" not in target and target.lower() != name and target.lower() in aliases
+            ]
+            if not children_done:
+                on_path.add(name)
+                stack.append((name, True))
+                stack.extend((child, False) for child in alias_targets if child not in bounds and child not in on_path)
+                continue
+            on_path.discard(name)
+            leaves = len(aliases[name]) - len(alias_targets)
+            bounds[name] = leaves + sum(bounds.get(child, 0) for child in alias_targets)
+    return bounds
+
+
+def expansion_size(aliases: dict[str, tuple[str, ...]], alias: str) -> int:
+    """Return how many distinct users and addresses delivery may expand ``alias`` to.
+
+    The walk is delivery's (``LocalDelivery.expand``): each alias once, at most
+    MAX_ALIAS_DEPTH levels down.  Every local user counts, because delivery
+    skips one only while its Maildir is missing.
+    """
+    users: set[str] = set()
+    remote: set[str] = set()
+    seen: set[str] = set()
+    # Depth-first without recursion, as in _graph_errors.
+    stack = [(alias, 0)]
+    while stack:
+        name, depth = stack.pop()
+        if name in seen or depth > MAX_ALIAS_DEPTH:
+            continue
+        seen.add(name)
+        targets = aliases.get(name)
+        if targets is None:
+            users.add(name)
+            continue
+        for target in targets:
+            lowered = target.lower()
+            if "@" in target:
+                remote.add(target)
+            elif lowered == name:
+                users.add(name)
+            else:
+                stack.append((lowered, depth + 1))
+    return len(users) + len(remote)
+
+
 # The aliases of each file as the last check of the config read them (see
 # ``remember_checked``).  relay serve's supervisor checks before it forks, so
 # a worker or delivery process that starts later, after the file changed,
@@ -185,9 +272,10 @@ class AliasFile:
     bounce.
     """
 
-    def __init__(self, path: str, logger: logging.Logger) -> None:
+    def __init__(self, path: str, logger: logging.Logger, expansion_limit: int = DEFAULT_EXPANSION_LIMIT) -> None:
         self.path = path
         self._logger = logger
+        self._expansion_limit = expansion_limit
         self._stamp: tuple[int, int] | None = None
         self._table: dict[str, tuple[str, ...]] = {}
         self._lock = threading.Lock()
@@ -225,7 +313,7 @@ class AliasFile:
                 self._stamp = stamp
                 try:
                     with open(self.path, encoding="utf-8", errors="replace") as handle:
-                        self._table = parse_aliases(handle.read())
+                        self._table = parse_aliases(handle.read(), self._expansion_limit)
                 except OSError as exc:
                     self._table = self._checked
                     log_event(self._logger, "aliases_error", logging.ERROR, file=self.path,

@@ -321,6 +321,8 @@ class LocalConfig:
     maildir_root: str = _key("mail", "path", required=True)
     users: tuple[str, ...] = _key((), "users")
     aliases: str = _key("", "path", must_exist=True)
+    # Postfix: virtual_alias_expansion_limit = 1000; see relay.aliases.DEFAULT_EXPANSION_LIMIT.
+    alias_expansion_limit: int = _key(1000, "int", min=1)
 
 
 @dataclass(frozen=True)

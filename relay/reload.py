@@ -72,7 +72,7 @@ def check_files(config: Config) -> None:
     if path:
         try:
             with open(path, encoding="utf-8") as handle:
-                remember_checked(path, parse_aliases(handle.read()))
+                remember_checked(path, parse_aliases(handle.read(), config.local.alias_expansion_limit))
         except (OSError, UnicodeDecodeError) as exc:
             errors.append(f"local.aliases: cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
         except AliasError as exc:

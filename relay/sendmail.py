@@ -92,7 +92,7 @@ from collections.abc import Callable, Sequence
 from email.utils import formatdate
 from typing import BinaryIO, TextIO
 
-from relay.aliases import AliasError, parse_aliases
+from relay.aliases import DEFAULT_EXPANSION_LIMIT, AliasError, parse_aliases
 from relay.config import CONFIG_ENVIRONMENT, Config, ConfigError, load_config
 from relay.log import log_event
 from relay.sendmail_addresses import RejectedRecipient, check_address, check_recipients, split_address_list
@@ -749,10 +749,12 @@ def _other_mode(options: Options, program: str) -> int:
     config = _load_config(config_file, sys.stderr, program)
     if config is None:
         return EX_CONFIG
-    return check_aliases(config.local.aliases, sys.stderr, program)
+    return check_aliases(config.local.aliases, sys.stderr, program, config.local.alias_expansion_limit)
 
 
-def check_aliases(path: str, stderr: TextIO, program: str = "sendmail") -> int:
+def check_aliases(
+    path: str, stderr: TextIO, program: str = "sendmail", expansion_limit: int = DEFAULT_EXPANSION_LIMIT
+) -> int:
     """Check the aliases file for ``newaliases``; return EX_OK, or EX_CONFIG after printing each error.
 
     relay reads the file itself and has no alias database to build, so this
@@ -765,7 +767,7 @@ def check_aliases(path: str, stderr: TextIO, program: str = "sendmail") -> int:
         return EX_OK
     try:
         with open(path, encoding="utf-8") as handle:
-            parse_aliases(handle.read())
+            parse_aliases(handle.read(), expansion_limit)
     except (OSError, UnicodeDecodeError) as exc:
         print(f"{program}: cannot read local.aliases {path}: {getattr(exc, 'strerror', None) or exc}", file=stderr)
         return EX_CONFIG

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 import relay.aliases
-from relay.aliases import MAX_ALIAS_DEPTH, AliasError, AliasFile, parse_aliases, remember_checked
+from relay.aliases import (
+    DEFAULT_EXPANSION_LIMIT,
+    MAX_ALIAS_DEPTH,
+    AliasError,
+    AliasFile,
+    parse_aliases,
+    remember_checked,
+)
 from relay.config import LocalConfig
 from relay.delivery.maildir import LocalDelivery
 
@@ -170,3 +177,48 @@ def test_later_process_falls_back_to_checked_aliases(tmp_path: Path, monkeypatch
     aliases = AliasFile(str(path), logging.getLogger("relay.test"))
 
     assert aliases.names() == {"sales"}
+
+
+def test_expansion_limit_default_is_postfix() -> None:
+    # Postfix 3.7: virtual_alias_expansion_limit = 1000.
+    assert DEFAULT_EXPANSION_LIMIT == 1000
+    users = ", ".join(f"user{number}" for number in range(DEFAULT_EXPANSION_LIMIT))
+    assert len(parse_aliases(f"staff: {users}\n")) == 1
+
+    errors = errors_of(f"staff: {users}, extra@example.test\nall: staff\n")
+
+    assert errors == [
+        "line 1: alias staff expands to 1001 users and addresses, more than the 1000 that"
+        " local.alias_expansion_limit allows; split the alias or raise the limit",
+        "line 2: alias all expands to 1001 users and addresses, more than the 1000 that"
+        " local.alias_expansion_limit allows; split the alias or raise the limit",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "sizes"),
+    [
+        # A user reached through two aliases counts once, as delivery writes one copy.
+        ("all: a, b\na: u1, u2\nb: u2, U1\n", {"all": 2, "a": 2, "b": 2}),
+        # An address counts as written, and the alias's own mailbox counts.
+        ("carol: carol, copy@elsewhere.test, Copy@elsewhere.test\n", {"carol": 3}),
+        ("top: mid, x@example.test\nmid: u1, u2, u3\n", {"top": 4, "mid": 3}),
+    ],
+)
+def test_expansion_limit_counts_distinct_targets(text: str, sizes: dict[str, int]) -> None:
+    assert parse_aliases(text, expansion_limit=max(sizes.values())).keys() == sizes.keys()
+    for alias, size in sizes.items():
+        with pytest.raises(AliasError) as caught:
+            parse_aliases(text, expansion_limit=size - 1)
+        assert any(f"alias {alias} expands to {size} users and addresses" in error for error in caught.value.errors)
+
+
+def test_expansion_over_limit_falls_back_to_checked_aliases(tmp_path: Path) -> None:
+    # RCPT and delivery re-read a changed file with the configured limit.
+    path = tmp_path / "aliases"
+    path.write_text("team: alice, bob\n")
+    aliases = AliasFile(str(path), logging.getLogger("relay.test"), expansion_limit=2)
+
+    path.write_text("team: alice, bob\nbig: alice, bob, carol\n")
+
+    assert aliases.names() == {"team"}

@@ -692,6 +692,37 @@ def test_reload_rejects_alias_loop_and_pipe(tmp_path: Path) -> None:
     assert result.errors[1].startswith(prefix + "line 3: aliases form a loop, loop -> pool -> loop")
 
 
+def test_check_config_and_reload_report_alias_over_expansion_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    aliases = tmp_path / "aliases"
+    aliases.write_text("team: alice, bob\n")
+    path = write(tmp_path, f'[local]\naliases = "{aliases}"\nalias_expansion_limit = 3\n')
+    running = load_config(path)
+    aliases.write_text("team: alice, bob\nstaff: team, carol, dave@example.test\n")
+    error = (
+        f"local.aliases: {aliases}: line 2: alias staff expands to 4 users and addresses, more than the 3 that"
+        " local.alias_expansion_limit allows; split the alias or raise the limit"
+    )
+
+    status = main(["check-config", str(path)])
+
+    assert status == 1
+    assert capsys.readouterr().err.splitlines() == [f"{path}:{error}"]
+    result = reload_config(running)
+    assert result.config is None
+    assert result.errors == [error]
+
+
+def test_alias_expansion_limit_must_be_positive(tmp_path: Path) -> None:
+    path = write(tmp_path, "[local]\nalias_expansion_limit = 0\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert "local.alias_expansion_limit" in str(caught.value)
+
+
 def test_byte_order_mark_ignored(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_bytes(b"\xef\xbb\xbf[server]\nhostname = \"mx.example.test\"\n")

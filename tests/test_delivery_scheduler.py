@@ -36,7 +36,9 @@ from delivery_peers import (
 )
 from mime_helpers import decoded_leaves
 
+import relay.aliases
 from conftest import free_port, require_corpus
+from relay.aliases import parse_aliases, remember_checked
 from relay.config import Config, load_config
 from relay.delivery import Scheduler
 from relay.delivery.downgrade import downgrade_to_7bit
@@ -690,6 +692,40 @@ def test_maildir_root_not_a_folder_defers(
     deferred = [record for record in caplog.records if getattr(record, "event", "") == "deferred"]
     assert len(deferred) == 1
     assert [record for record in caplog.records if record.exc_info] == []
+
+
+def test_alias_over_expansion_limit_deferred_at_delivery(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The check of the config rejects such an alias.  Here the aliases were
+    # checked with a larger limit than the config gives delivery, so only
+    # delivery's own check stops the expansion: nothing is written or forwarded.
+    monkeypatch.setattr(relay.aliases, "_checked_tables", {})
+    aliases = tmp_path / "aliases"
+    aliases.write_text("team: alice, bob, carol@example.org\n")
+    remember_checked(str(aliases), parse_aliases(aliases.read_text(), expansion_limit=3))
+    extra = 'aliases = "aliases"\nalias_expansion_limit = 2\nusers = ["bob"]'
+    config = make_config(tmp_path, nameserver, free_port("127.0.0.4"), extra=extra)
+    spool = spool_for(config)
+    queue_id = commit(spool, "carol@local.test", ["team@local.test"])
+
+    def attempted() -> bool:
+        stored = stored_message(config, queue_id)
+        return stored is None or stored.recipients[0].attempts > 0
+
+    assert run_until(config, spool, attempted)
+
+    stored = stored_message(config, queue_id)
+    assert stored is not None
+    (recipient,) = stored.recipients
+    assert recipient.state is RecipientState.DEFERRED
+    assert recipient.last_reply == (
+        "451 4.3.5 <team@local.test>: alias team expands to 3 users and addresses, more than the 2 that"
+        " local.alias_expansion_limit allows"
+    )
+    assert mailbox_messages(config, "alice") == []
+    assert not (tmp_path / "mail" / "bob").exists()
+    assert spool_counts(config) == {"deferred": 1}
 
 
 # Runs one scheduler in a child process until the message given by its queue

@@ -6,7 +6,12 @@ remote targets (``alias: user@elsewhere``) are committed to the spool as one
 new message with the same sender, body, RET and ENVID, which the scheduler
 then routes like any other.  An address with no mailbox and no alias fails with
 ``5.1.1``; a write error, or a ``maildir_root`` that cannot be read, defers
-the recipient with ``4.3.0``.
+the recipient with ``4.3.0``.  An alias that expands to more than
+``[local] alias_expansion_limit`` users and addresses is deferred with
+``4.3.5`` (system incorrectly configured, RFC 3463): the check of the
+aliases file rejects such an alias, so only a table that bypassed that
+check gets here, and the operator can fix it without the mail bouncing.
+Postfix 3.7 also defers a virtual alias expansion over its limit (with 4.6.0).
 
 Forwarding loops: a forwarded copy starts with ``Delivered-To:`` naming the
 recipient it was expanded for, and a recipient that the message's header
@@ -25,7 +30,7 @@ from collections.abc import Sequence
 
 from relay._parser import xtext_encode
 from relay.delivery.dsn import EXPANDED
-from relay.delivery.maildir import LocalDelivery, UnknownUser
+from relay.delivery.maildir import ExpansionLimitError, LocalDelivery, UnknownUser
 from relay.log import log_event
 from relay.smtp.received import header_block
 from relay.spool import Claim, Envelope, MessageNotFound, Outcome, Recipient, Spool, SpoolError, StoredRecipient
@@ -77,6 +82,9 @@ async def deliver_local(
                           new_queue_id=forward_id, recipients=list(expansion.remote))
         except UnknownUser:
             outcomes.append((recipient, Outcome.FAILED, f"550 5.1.1 <{recipient.address}>: no such user here"))
+            continue
+        except ExpansionLimitError as exc:
+            outcomes.append((recipient, Outcome.DEFERRED, f"451 4.3.5 <{recipient.address}>: {exc}"))
             continue
         except (OSError, SpoolError) as exc:
             outcomes.append((recipient, Outcome.DEFERRED, f"451 4.3.0 local delivery failed: {exc}"))

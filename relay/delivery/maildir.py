@@ -25,6 +25,8 @@ Aliases come from ``[local] aliases``, parsed and checked by
 one with ``@`` is any address, routed again.  Expansion stops at a name it
 has seen and after ``MAX_ALIAS_DEPTH`` levels.  A file that ``parse_aliases``
 accepted has no loop and no deeper chain, so neither stop drops a target.
+An expansion to more than ``[local] alias_expansion_limit`` users and
+addresses raises ExpansionLimitError, which such a file cannot have either.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ _counter = itertools.count()
 
 class UnknownUser(LookupError):
     """No mailbox and no alias exists for a local address."""
+
+
+class ExpansionLimitError(Exception):
+    """An alias expands to more users and addresses than ``[local] alias_expansion_limit`` allows."""
 
 
 class MaildirLookupError(OSError):
@@ -87,8 +93,8 @@ class LocalDelivery:
         # file, which AliasFile would only log.
         aliases = checked_table(config.aliases)
         if aliases is None:
-            aliases = parse_aliases(Path(config.aliases).read_text(encoding="utf-8"))
-        return cls(config, aliases, AliasFile(config.aliases, logger))
+            aliases = parse_aliases(Path(config.aliases).read_text(encoding="utf-8"), config.alias_expansion_limit)
+        return cls(config, aliases, AliasFile(config.aliases, logger, config.alias_expansion_limit))
 
     def table(self) -> dict[str, tuple[str, ...]]:
         """Return the aliases in force now."""
@@ -113,16 +119,17 @@ class LocalDelivery:
         except FileNotFoundError:
             return False
         except OSError as exc:
-            # Path.is_dir returns False for ENOTDIR (a maildir_root that is a file),
-            # which made every user unknown and bounced their mail.  This and EACCES
-            # are errors of this host that the operator can fix, so delivery defers.
+            # Path.is_dir returns False for ENOTDIR (a maildir_root that is a file), so
+            # every user would look unknown and their mail would bounce.  This and
+            # EACCES are errors of this host that the operator can fix, so delivery defers.
             cause = exc.strerror or str(exc)
             raise MaildirLookupError(f"cannot read maildir_root {root} for user {name}: {cause}") from exc
 
     def expand(self, local_part: str) -> Expansion:
         """Resolve a local part through the aliases; raise UnknownUser when it leads nowhere.
 
-        Raises MaildirLookupError (an OSError) when a user's folder cannot be looked up.
+        Raises MaildirLookupError (an OSError) when a user's folder cannot be looked up,
+        and ExpansionLimitError when the expansion passes ``alias_expansion_limit``.
         """
         users: list[str] = []
         remote: list[str] = []
@@ -135,7 +142,16 @@ class LocalDelivery:
             users.append(name)
         if not users and not remote:
             raise UnknownUser(local_part)
-        return Expansion(tuple(dict.fromkeys(users)), tuple(dict.fromkeys(remote)))
+        expansion = Expansion(tuple(dict.fromkeys(users)), tuple(dict.fromkeys(remote)))
+        # parse_aliases rejects a file with such an alias, so only a table that
+        # no check with this limit saw gets here.
+        size = len(expansion.users) + len(expansion.remote)
+        if size > self.config.alias_expansion_limit:
+            raise ExpansionLimitError(
+                f"alias {name} expands to {size} users and addresses, more than the"
+                f" {self.config.alias_expansion_limit} that local.alias_expansion_limit allows"
+            )
+        return expansion
 
     def _expand(
         self,

@@ -41,7 +41,7 @@ import logging
 import os
 import re
 
-from relay.aliases import MAX_ALIAS_DEPTH, AliasFile
+from relay.aliases import DEFAULT_EXPANSION_LIMIT, MAX_ALIAS_DEPTH, AliasFile
 from relay.config import Config
 from relay.smtp import replies
 from relay.smtp.replies import Reply
@@ -53,8 +53,8 @@ logger = logging.getLogger("relay.smtp")
 class _AliasFile(AliasFile):
     """The aliases file as RCPT reads it: re-read when it changes, errors logged by ``relay.smtp``."""
 
-    def __init__(self, path: str) -> None:
-        super().__init__(path, logger)
+    def __init__(self, path: str, expansion_limit: int = DEFAULT_EXPANSION_LIMIT) -> None:
+        super().__init__(path, logger, expansion_limit)
 
 
 def address_literal_ip(domain: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -108,7 +108,7 @@ class RelayPolicy:
         self.local_transport_domains = frozenset(
             domain for domain, route in config.delivery.transport.items() if route == "local"
         )
-        self._aliases = _AliasFile(config.local.aliases)
+        self._aliases = _AliasFile(config.local.aliases, config.local.alias_expansion_limit)
         # Client address -> is_trusted result; parsing the address costs more than
         # the rest of a connection's setup.  Cleared when it reaches the bound.
         self._trusted: dict[str, bool] = {}
