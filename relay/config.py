@@ -47,6 +47,8 @@ MX_TLS_MODES = ("opportunistic", "none")
 BARE_LF_POLICIES = ("reject", "normalize")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Protocol names as OpenSSL and Postfix's *_tls_protocols spell them, oldest first.
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 
 
 # Maximum number of worker processes: far beyond any machine's cores, and a bound on the forks at start.
@@ -164,6 +166,11 @@ class ListenerConfig:
 class TLSConfig:
     cert: str = _key("", "path", must_exist=True)
     key: str = _key("", "path", must_exist=True)
+    # Oldest TLS version the STARTTLS and implicit-TLS listeners accept.  Submission
+    # listeners, where passwords cross, share it, so the default stays TLS 1.2.
+    # Old devices that speak only TLS 1.0 or 1.1 need it lowered (see
+    # relay.smtp.tls.set_minimum_version).
+    min_version: str = _key("TLSv1.2", "choice", choices=TLS_VERSIONS)
 
 
 @dataclass(frozen=True)
@@ -248,6 +255,14 @@ class DeliveryConfig:
     # CA bundle for verifying the smart host under relayhost_tls = "required";
     # empty: the system store (Postfix: smtp_tls_CAfile).
     tls_ca_file: str = _key("", "path", must_exist=True)
+    # Oldest TLS version offered to next hops with opportunistic TLS (MX and
+    # transport hosts, relayhost_tls = "opportunistic").  RFC 7435: weak TLS beats
+    # the plaintext that a failed handshake falls back to; Postfix 3.7 defaults
+    # smtp_tls_protocols to ">=TLSv1".
+    tls_min_version: str = _key("TLSv1", "choice", choices=TLS_VERSIONS)
+    # Oldest TLS version for relayhost_tls = "required", where a failed handshake
+    # defers the mail instead of falling back, and the AUTH password follows.
+    tls_mandatory_min_version: str = _key("TLSv1.2", "choice", choices=TLS_VERSIONS)
     # Postfix: default_destination_concurrency_limit = 20.
     destination_concurrency_limit: int = _key(20, "int", min=1)
     # Postfix: default_process_limit = 100 smtp client processes.

@@ -86,6 +86,7 @@ class RelayProcess:
         spool: str = "",
         workers: int = 1,
         certificate: tuple[Path, Path] | None = None,
+        tls: str = "",
         password_file: Path | None = None,
         deliver: bool = False,
     ) -> None:
@@ -116,7 +117,7 @@ class RelayProcess:
             'address = ""',
         ]
         if certificate:
-            lines += ["[tls]", f'cert = "{certificate[0]}"', f'key = "{certificate[1]}"']
+            lines += ["[tls]", f'cert = "{certificate[0]}"', f'key = "{certificate[1]}"', tls]
         if password_file:
             lines += ["[auth]", f'password_file = "{password_file}"', 'failure_delay = "0.2s"']
         for listener in self.listeners:

@@ -122,6 +122,12 @@ format = "json"
         ("[[listener]]\naddress = \"999.1.1.1:x\"\n", "listener[0].address", "invalid port"),
         ("[[listener]]\naddress = \"::1:25\"\n", "listener[0].address", "brackets"),
         ("[[listener]]\nrole = \"relay\"\n", "listener[0].role", "expected one of: mx, submission, sink"),
+        ("[tls]\nmin_version = \"TLSv1.0\"\n", "tls.min_version",
+         "invalid value 'TLSv1.0'; expected one of: TLSv1, TLSv1.1, TLSv1.2, TLSv1.3"),
+        ("[delivery]\ntls_min_version = \"1.2\"\n", "delivery.tls_min_version",
+         "invalid value '1.2'; expected one of: TLSv1, TLSv1.1, TLSv1.2, TLSv1.3"),
+        ("[delivery]\ntls_mandatory_min_version = \"SSLv3\"\n", "delivery.tls_mandatory_min_version",
+         "invalid value 'SSLv3'; expected one of: TLSv1, TLSv1.1, TLSv1.2, TLSv1.3"),
         ("[delivery]\nmaximal_queue_lifetime = \"5 days\"\n", "delivery.maximal_queue_lifetime", "invalid duration"),
         ("[policy]\nmax_message_size = \"10X\"\n", "policy.max_message_size", "invalid size"),
         ("[policy]\ntrusted_networks = [\"10.0.0.0/33\"]\n", "policy.trusted_networks", "invalid network"),
@@ -856,3 +862,12 @@ def test_check_config_names_faulty_tls_file(
     assert fragment.format(**files) in result.stderr
     assert "pass phrase" not in result.stderr + result.stdout
     assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_tls_floor_defaults() -> None:
+    config = load_config()
+
+    assert config.tls.min_version == "TLSv1.2"
+    # Opportunistic TLS accepts TLS 1.0 rather than fall back to plaintext, as Postfix 3.7 does.
+    assert config.delivery.tls_min_version == "TLSv1"
+    assert config.delivery.tls_mandatory_min_version == "TLSv1.2"

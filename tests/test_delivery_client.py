@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ssl
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -984,3 +985,57 @@ def test_size_limit_applies_to_converted_size() -> None:
     assert results[0].reply.startswith("552 5.3.4 message size ")  # type: ignore[index]
     assert results[0].downgraded  # type: ignore[index]
     assert "MAIL" not in server.verbs()
+
+
+def legacy_server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """Return a server context that speaks only TLS 1.0, as an old MX host or smart host does."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1
+    # OpenSSL 3 negotiates TLS 1.0 only at security level 0, with SHA-1 suites.
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.mark.parametrize(
+    ("tls", "floors", "outcome"),
+    [
+        # The defaults: opportunistic TLS accepts TLS 1.0 rather than falling back to plaintext.
+        ("opportunistic", {}, "tls"),
+        ("opportunistic", {"tls_min_version": "TLSv1.2"}, "plaintext"),
+        # A verified smart host must speak TLS 1.2 unless the operator lowers the mandatory floor.
+        ("required", {}, "deferred"),
+        ("required", {"tls_mandatory_min_version": "TLSv1"}, "tls"),
+    ],
+)
+def test_tls_floor_with_tls_1_0_next_hop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tls: str, floors: dict[str, str], outcome: str
+) -> None:
+    cert, key = make_certificate(tmp_path)
+    port = free_port()
+    route = Route(kind="smtp", destination="d", host="127.0.0.1", port=port, use_mx=False, tls=tls)
+
+    async def main() -> object:
+        resolver = MXResolver((("127.0.0.1", 9),))
+        pool = SessionPool(resolver, "relay.example.test", OPTIONS.timeouts, ca_file=str(cert), **floors)
+        session = await pool.acquire(route)
+        result = await session.send(message("a@example.net"))
+        await session.close()
+        return result
+
+    with run_upstream("127.0.0.1", port, tls_context=legacy_server_context(cert, key)) as upstream:
+        if outcome == "deferred":
+            with pytest.raises(SessionError) as raised:
+                asyncio.run(main())
+            assert raised.value.reply.startswith("451 4.7.5 TLS handshake with ")
+            assert raised.value.temporary
+        else:
+            results = asyncio.run(main())
+            assert [r.outcome for r in results] == [Outcome.DELIVERED]  # type: ignore[attr-defined]
+
+    expected_tls = {"tls": [True], "plaintext": [False], "deferred": []}[outcome]
+    assert [m.tls for m in upstream.messages] == expected_tls
+    assert ("tls_fallback" in caplog.text) == (outcome == "plaintext")

@@ -15,6 +15,7 @@ import asyncio
 import re
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,8 +30,10 @@ EHLO = b"EHLO client.example.com\r\n"
 POLICY = 'trusted_networks = ["127.0.0.2/32"]'
 
 
-def tls_relay(directory: Path, event_loop: str, *, tls: str = "implicit", server: str = "") -> RelayProcess:
-    """Return a relay with one TLS listener of kind ``tls``, a new certificate and ``server`` settings."""
+def tls_relay(
+    directory: Path, event_loop: str, *, tls: str = "implicit", server: str = "", tls_settings: str = ""
+) -> RelayProcess:
+    """Return a relay with one TLS listener of kind ``tls``, a new certificate, ``server`` and ``[tls]`` settings."""
     return RelayProcess(
         directory,
         event_loop=event_loop,
@@ -38,6 +41,7 @@ def tls_relay(directory: Path, event_loop: str, *, tls: str = "implicit", server
         policy=POLICY,
         server=server,
         certificate=make_certificate(directory),
+        tls=tls_settings,
     )
 
 
@@ -260,3 +264,63 @@ def test_implicit_listener_closed_before_accepting(event_loop: str) -> None:
     sockets = runner(close_at_once())
     assert sockets
     assert [sock.fileno() for sock in sockets] == [-1] * len(sockets)
+
+
+# -- [tls] min_version ---------------------------------------------------------
+
+
+def openssl_client(relay: RelayProcess, version_option: str, *, starttls: bool) -> str:
+    """Connect with ``openssl s_client`` offering one old TLS version; return its output.
+
+    ``-cipher DEFAULT:@SECLEVEL=0`` makes this OpenSSL 3 behave like the old
+    OpenSSL of a printer or scanner, which offers TLS 1.0 with SHA-1 suites.
+    """
+    command = [
+        "openssl", "s_client", version_option, "-cipher", "DEFAULT:@SECLEVEL=0",
+        "-connect", f"127.0.0.1:{relay.port}", "-servername", "localhost",
+    ]
+    if starttls:
+        command += ["-starttls", "smtp"]
+    done = subprocess.run(command, input=b"QUIT\r\n", capture_output=True, timeout=30)
+    return done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
+
+
+def tls_versions_logged(relay: RelayProcess, count: int, timeout: float = 5.0) -> list[str]:
+    """Wait until ``count`` ``tls`` lines are logged; return their versions."""
+    deadline = time.monotonic() + timeout
+    while True:
+        versions = [field(line, "version") for line in relay.log().splitlines() if " tls " in line]
+        if len(versions) >= count or time.monotonic() > deadline:
+            return versions
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+@pytest.mark.parametrize("listener_tls", ["starttls", "implicit"])
+def test_lowered_floor_serves_tls_1_0_client(tmp_path: Path, event_loop: str, listener_tls: str) -> None:
+    relay = tls_relay(tmp_path, event_loop, tls=listener_tls, tls_settings='min_version = "TLSv1"')
+    with relay:
+        for option, version in (("-tls1", "TLSv1"), ("-tls1_1", "TLSv1.1")):
+            output = openssl_client(relay, option, starttls=listener_tls == "starttls")
+            assert f"Protocol  : {version}\n" in output, output
+            assert "Cipher is (NONE)" not in output, output
+        versions = tls_versions_logged(relay, 2)
+        assert versions == ["TLSv1", "TLSv1.1"], relay.log()
+        # A modern client still gets the newest version.
+        output = openssl_client(relay, "-tls1_3", starttls=listener_tls == "starttls")
+        # s_client prints no session block for TLS 1.3 without a session ticket.
+        assert "New, TLSv1.3, Cipher is " in output, output
+
+
+@pytest.mark.parametrize("listener_tls", ["starttls", "implicit"])
+def test_default_floor_rejects_tls_1_0_client(tmp_path: Path, listener_tls: str) -> None:
+    with tls_relay(tmp_path, "uvloop", tls=listener_tls) as relay:
+        output = openssl_client(relay, "-tls1", starttls=listener_tls == "starttls")
+        # s_client prints a session block with the version offered even when the handshake failed.
+        assert "New, (NONE), Cipher is (NONE)" in output, output
+        # The implicit-TLS listener also logs the start-up probe, which closed before its handshake.
+        deadline = time.monotonic() + 5
+        while "(UNSUPPORTED_PROTOCOL)" not in relay.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        failures = [line for line in relay.log().splitlines() if " tls_failed " in line]
+        assert any(field(line, "error").endswith("(UNSUPPORTED_PROTOCOL)") for line in failures), relay.log()

@@ -56,6 +56,7 @@ from relay._stuffing import dot_stuff, fold_long_lines
 from relay.config import DeliveryConfig
 from relay.delivery.downgrade import DowngradeError, body_is_8bit, downgrade_to_7bit
 from relay.log import log_event
+from relay.smtp.tls import set_minimum_version
 from relay.spool import Outcome
 
 logger = logging.getLogger("relay.delivery")
@@ -183,11 +184,12 @@ def _greeting_name(reply: Reply) -> str:
     return words[0] if words else ""
 
 
-def tls_context(mode: str, ca_file: str = "") -> ssl.SSLContext:
+def tls_context(mode: str, ca_file: str = "", min_version: str = "TLSv1.2") -> ssl.SSLContext:
     """Return the client TLS context for ``required`` (verified) or ``opportunistic`` (unverified) mode.
 
     Only ``required`` reads ``ca_file``: an unverified context has no use for
-    it, so a damaged CA file cannot stop opportunistic TLS.
+    it, so a damaged CA file cannot stop opportunistic TLS.  ``min_version``
+    is the oldest TLS version offered, a name from config.TLS_VERSIONS.
     """
     context = ssl.create_default_context(cafile=(ca_file or None) if mode == "required" else None)
     if mode != "required":
@@ -195,6 +197,7 @@ def tls_context(mode: str, ca_file: str = "") -> ssl.SSLContext:
         # host's certificate is rarely valid for the name we looked up.
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    set_minimum_version(context, min_version)
     return context
 
 
@@ -205,6 +208,9 @@ class SessionOptions:
     helo_name: str
     tls: str = "opportunistic"  # required | opportunistic | none
     ca_file: str = ""
+    # Oldest TLS version offered (a name from config.TLS_VERSIONS), chosen by the
+    # pool from delivery.tls_min_version or tls_mandatory_min_version.
+    tls_min_version: str = "TLSv1.2"
     username: str = ""
     password: str = ""
     timeouts: Timeouts = Timeouts()
@@ -347,7 +353,7 @@ class SMTPSession:
         """
         implicit = port == IMPLICIT_TLS_PORT and options.tls != "none"
         try:
-            context = tls_context(options.tls, options.ca_file) if implicit else None
+            context = tls_context(options.tls, options.ca_file, options.tls_min_version) if implicit else None
         except (OSError, ssl.SSLError) as exc:
             raise SessionError(f"451 4.7.5 cannot use the CA file {options.ca_file}: {exc}") from None
         loop = asyncio.get_running_loop()
@@ -452,7 +458,7 @@ class SMTPSession:
             # would let a man in the middle inject replies (CVE-2011-0411's kind).
             raise SessionError(f"451 4.7.0 {self.peer} sent data after its STARTTLS reply", tls_failed=True)
         try:
-            context = tls_context(options.tls, options.ca_file)
+            context = tls_context(options.tls, options.ca_file, options.tls_min_version)
         except (OSError, ssl.SSLError) as exc:
             # A CA bundle damaged after the start-up check: this session cannot
             # verify the host, so it fails like a TLS error instead of crashing the worker.

@@ -361,6 +361,8 @@ class Scheduler:
             config.server.hostname,
             Timeouts.from_config(delivery),
             ca_file=delivery.tls_ca_file,
+            tls_min_version=delivery.tls_min_version,
+            tls_mandatory_min_version=delivery.tls_mandatory_min_version,
             cache_time=delivery.connection_cache_time,
             address_limit=delivery.mx_address_limit,
             chunking=delivery.chunking,

@@ -56,6 +56,8 @@ class SessionPool:
         timeouts: Timeouts,
         *,
         ca_file: str = "",
+        tls_min_version: str = "TLSv1",
+        tls_mandatory_min_version: str = "TLSv1.2",
         cache_time: float = 2.0,
         address_limit: int = 5,
         chunking: bool = True,
@@ -67,6 +69,8 @@ class SessionPool:
         self._helo_name = helo_name
         self._timeouts = timeouts
         self._ca_file = ca_file
+        self._tls_min_version = tls_min_version
+        self._tls_mandatory_min_version = tls_mandatory_min_version
         self._cache_time = cache_time
         self._address_limit = address_limit
         self._chunking = chunking
@@ -159,6 +163,7 @@ class SessionPool:
             helo_name=self._helo_name,
             tls=route.tls,
             ca_file=self._ca_file,
+            tls_min_version=self._tls_mandatory_min_version if route.tls == "required" else self._tls_min_version,
             username=route.username,
             password=route.password,
             timeouts=self._timeouts,

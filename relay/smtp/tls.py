@@ -1,8 +1,10 @@
 """The server-side TLS context shared by STARTTLS and implicit-TLS listeners.
 
-TLS 1.2 is the minimum (RFC 8314 section 4.1 asks for 1.2 or later), with
-the standard library's default cipher choice for that floor.  Client
-certificates are not requested.  The certificate chain and key come from
+The oldest TLS version accepted is ``[tls] min_version``, TLS 1.2 by default
+(RFC 8314 section 4.1 asks for 1.2 or later), with the standard library's
+default cipher choice for that floor.  A lower floor also lowers OpenSSL's
+security level (see ``set_minimum_version``).  Client certificates are not
+requested.  The certificate chain and key come from
 ``[tls] cert`` and ``[tls] key``; a missing, unreadable or invalid file is
 reported with its path and its key when the server starts, not at the first
 STARTTLS.  An encrypted key is rejected, because no one is there to type its
@@ -18,8 +20,18 @@ connection.
 from __future__ import annotations
 
 import ssl
+import warnings
 
 from relay.config import TLSConfig
+
+# Config names to ssl.TLSVersion member names.  The members are looked up
+# when used, because reading TLSv1 and TLSv1_1 raises a DeprecationWarning.
+_TLS_VERSIONS = {"TLSv1": "TLSv1", "TLSv1.1": "TLSv1_1", "TLSv1.2": "TLSv1_2", "TLSv1.3": "TLSv1_3"}
+# OpenSSL's own default list at security level 0.  OpenSSL 3.0 refuses TLS 1.0
+# and 1.1 at level 1 and above, because their handshake signs with MD5+SHA-1,
+# and Python's default list has no SHA-1 suites, which are all that TLS 1.0 and
+# 1.1 can use.  The list still excludes NULL, anonymous, RC4 and DES suites.
+_LEGACY_CIPHERS = "DEFAULT:@SECLEVEL=0"
 
 
 class TLSSetupError(Exception):
@@ -50,7 +62,7 @@ def server_context(config: TLSConfig) -> ssl.SSLContext | None:
     if not (config.cert and config.key):
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    set_minimum_version(context, config.min_version)
     # Session tickets would let a resumed session skip the checks a full
     # handshake makes; SMTP sessions are long enough not to need them.
     context.options |= ssl.OP_NO_TICKET
@@ -68,6 +80,24 @@ def server_context(config: TLSConfig) -> ssl.SSLContext | None:
     except OSError as exc:
         raise _unreadable_file_error(config, exc) from None
     return context
+
+
+def set_minimum_version(context: ssl.SSLContext, name: str) -> None:
+    """Set the oldest TLS version ``context`` negotiates; ``name`` is one of config.TLS_VERSIONS.
+
+    Below TLS 1.2 the cipher list becomes OpenSSL's DEFAULT at security level
+    0, because without it OpenSSL 3.0 fails every TLS 1.0 and 1.1 handshake
+    (checked with OpenSSL 3.0.19).  Level 0 also lets TLS 1.2 peers use
+    SHA-1 CBC suites and short keys.  The TLS 1.3 suites stay as they are,
+    and a peer that offers TLS 1.2 or 1.3 still negotiates it.
+    """
+    with warnings.catch_warnings():
+        # Python 3.10 and later warn on TLS 1.0 and 1.1, which here are the operator's explicit choice.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        version = ssl.TLSVersion[_TLS_VERSIONS[name]]
+        context.minimum_version = version
+    if version < ssl.TLSVersion.TLSv1_2:
+        context.set_ciphers(_LEGACY_CIPHERS)
 
 
 def _setup_error(config: TLSConfig, reason: str, config_key: str) -> TLSSetupError:
