@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from relay import __version__
-from relay.config import CONFIG_ENVIRONMENT, Config, ConfigError, load_config
+from relay.config import CONFIG_ENVIRONMENT, Config, ConfigError, config_warnings, load_config
 from relay.entry import SENDMAIL_NAMES
 from relay.log import setup_logging
 
@@ -109,6 +109,9 @@ def _check_config(args: argparse.Namespace) -> int:
             separator = ":" if _KEY_PREFIX.match(error) else ": "
             print(f"{args.file}{separator}{error}", file=sys.stderr)
         return 1
+    # A warning leaves the exit status 0, because the config works, only unsafely.
+    for key, problem in config_warnings(config):
+        print(f"{args.file}:{key}: warning: {problem}", file=sys.stderr)
     names = ", ".join(listener.address_text for listener in config.listeners)
     print(f"{args.file}: ok ({len(config.listeners)} listener(s): {names})")
     return 0

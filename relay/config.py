@@ -807,6 +807,22 @@ def _build(raw: dict[str, Any], ctx: _Context, source: str | None) -> Config:
     return config
 
 
+def config_warnings(config: Config) -> list[tuple[str, str]]:
+    """Return the settings that are valid but unsafe, as (``section.key``, problem) pairs."""
+    warnings = []
+    delivery = config.delivery
+    if delivery.relayhost_username and delivery.relayhost_tls == "opportunistic":
+        # Opportunistic TLS verifies no certificate, so anyone on the path can
+        # pose as the smart host and read the PLAIN or LOGIN password.
+        warnings.append((
+            "delivery.relayhost_tls",
+            '"opportunistic" with relayhost_username sends the password over TLS without a verified'
+            ' certificate, so a man in the middle can collect it; set relayhost_tls = "required"'
+            " (and tls_ca_file for a private CA)",
+        ))
+    return warnings
+
+
 def describe_defaults() -> dict[str, dict[str, Any]]:
     """Return every section's keys with their default values, for docs and tests."""
     result: dict[str, dict[str, Any]] = {}

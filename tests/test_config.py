@@ -871,3 +871,28 @@ def test_tls_floor_defaults() -> None:
     # Opportunistic TLS accepts TLS 1.0 rather than fall back to plaintext, as Postfix 3.7 does.
     assert config.delivery.tls_min_version == "TLSv1"
     assert config.delivery.tls_mandatory_min_version == "TLSv1.2"
+
+
+@pytest.mark.parametrize(("relayhost_tls", "warned"), [("opportunistic", True), ("required", False), ("none", False)])
+def test_check_config_warns_unverified_auth(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], relayhost_tls: str, warned: bool
+) -> None:
+    (tmp_path / "pw").write_text("secret\n")
+    path = write(
+        tmp_path,
+        '[delivery]\nrelayhost = "[smtp.provider.test]:587"\nrelayhost_username = "relay"\n'
+        f'relayhost_password_file = "{tmp_path}/pw"\nrelayhost_tls = "{relayhost_tls}"\n',
+    )
+
+    status = main(["check-config", str(path)])
+
+    captured = capsys.readouterr()
+    # A warning does not fail the check: the config works, but the password is exposed.
+    assert status == 0
+    assert "ok" in captured.out
+    expected = [
+        f'{path}:delivery.relayhost_tls: warning: "opportunistic" with relayhost_username sends the password'
+        " over TLS without a verified certificate, so a man in the middle can collect it;"
+        ' set relayhost_tls = "required" (and tls_ca_file for a private CA)'
+    ]
+    assert captured.err.splitlines() == (expected if warned else [])
