@@ -609,6 +609,24 @@ def test_auth_failures_delayed(relay: RelayProcess) -> None:
     assert "auth_failed" in relay.log()
 
 
+def test_auth_failed_user_cut_and_escaped(relay: RelayProcess) -> None:
+    # A user name with a line break and 300 more characters, such as a pasted password.
+    user = "mallory\n2026-01-01T00:00:00.000Z info relay.smtp: forged " + "b" * 300
+    bad = b"AUTH PLAIN " + base64.b64encode(b"\0" + user.encode() + b"\0wrong") + b"\r\n"
+    with _tls_session(relay) as raw:
+        raw.exchange(bad, ["535 5.7.8"])
+        raw.exchange(b"QUIT\r\n", ["221"])
+    deadline = time.monotonic() + 5
+    while "user=\"mallory" not in relay.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [line for line in relay.log().splitlines() if " auth_failed " in line and "mallory" in line]
+    assert len(lines) == 1, relay.log()
+    logged = lines[0].split(" user=", 1)[1]
+    # The first 100 characters, as Postfix 3.7 logs sasl_username, with the line break escaped.
+    assert logged == '"' + user[:100].replace("\n", "\\n") + '..."'
+    assert not any(line.startswith("2026-01-01T00:00:00.000Z") for line in relay.log().splitlines())
+
+
 # -- spool-facing parameters ----------------------------------------------------
 
 

@@ -74,6 +74,11 @@ logger = logging.getLogger("relay.smtp")
 # Postfix: the default listen backlog of its master for smtpd is 100; a busy
 # MX sees bursts larger than that, so this follows the kernel's usual cap.
 LISTEN_BACKLOG = 4096
+# Characters of the attempted user name that an auth_failed line keeps, as
+# Postfix 3.7's smtpd logs at most 100 of sasl_username for a failed login.
+# The name is kept because it shows which accounts are being guessed, though
+# a password typed into the user-name field is logged with it.
+MAX_LOGGED_USER_LENGTH = 100
 
 
 @dataclass
@@ -320,12 +325,17 @@ class ListenerRuntime:
             session=session_id,
             client=client,
             mechanism=event.mechanism,
-            user=event.user,
+            user=_shortened(event.user, MAX_LOGGED_USER_LENGTH),
         )
         auth = self.config.auth
         if self.auth_failures.get(client, 0) + 1 > auth.failures_before_delay:
             await asyncio.sleep(auth.failure_delay)
         return None, replies.AUTH_FAILED
+
+
+def _shortened(text: str, limit: int) -> str:
+    """Return ``text`` cut to ``limit`` characters, with "..." appended when cut; log_event escapes it."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def install_event_loop(kind: str) -> None:
