@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -184,20 +185,49 @@ def _greeting_name(reply: Reply) -> str:
     return words[0] if words else ""
 
 
+# Client TLS contexts by mode, CA file, TLS floor and the CA file's change
+# stamp.  Building one costs about 15 ms of CPU (the system CA store is read),
+# far more than the handshake it serves, and one context serves any number of
+# connections.  The stamp makes a CA file replaced under the same name take
+# effect at the next session.
+_contexts: dict[tuple[str, str, str, tuple[int, int] | None], ssl.SSLContext] = {}
+# Contexts kept at most; past it the cache starts again, since only CA file changes add keys.
+_MAX_CONTEXTS = 16
+
+
 def tls_context(mode: str, ca_file: str = "", min_version: str = "TLSv1.2") -> ssl.SSLContext:
     """Return the client TLS context for ``required`` (verified) or ``opportunistic`` (unverified) mode.
 
     Only ``required`` reads ``ca_file``: an unverified context has no use for
     it, so a damaged CA file cannot stop opportunistic TLS.  ``min_version``
     is the oldest TLS version offered, a name from config.TLS_VERSIONS.
+    Contexts are built once and shared.  Raises OSError or ssl.SSLError
+    when ``ca_file`` cannot be read or loaded.
     """
-    context = ssl.create_default_context(cafile=(ca_file or None) if mode == "required" else None)
-    if mode != "required":
+    verified = mode == "required"
+    stamp = None
+    if verified and ca_file:
+        info = os.stat(ca_file)
+        stamp = (info.st_mtime_ns, info.st_size)
+    key = (mode, ca_file if verified else "", min_version, stamp)
+    context = _contexts.get(key)
+    if context is not None:
+        return context
+
+    if verified:
+        context = ssl.create_default_context(cafile=ca_file or None)
+    else:
         # Opportunistic TLS guards against passive eavesdropping only; an MX
-        # host's certificate is rarely valid for the name we looked up.
+        # host's certificate is rarely valid for the name we looked up, so
+        # no CA store is loaded.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     set_minimum_version(context, min_version)
+
+    if len(_contexts) >= _MAX_CONTEXTS:
+        _contexts.clear()
+    _contexts[key] = context
     return context
 
 
