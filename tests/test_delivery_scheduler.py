@@ -1405,6 +1405,88 @@ def test_hold_cuts_off_session_keeps_550(tmp_path: Path, nameserver: NameServer,
     assert "Final-Recipient: rfc822; bob@implicit.test" not in text
 
 
+class _RejectMailThenStallHandler(RecordingHandler):
+    """Offers PIPELINING, rejects MAIL with ``mail_reply``, then waits ``stall`` seconds before each RCPT reply.
+
+    aiosmtpd answers an RCPT after a rejected MAIL with 503 at once, so this
+    handler keeps the reverse-path to let each RCPT reach ``handle_RCPT``,
+    where it stalls like a server that is slow to answer the rest of a group.
+    """
+
+    def __init__(self, mail_reply: str, stall: float) -> None:
+        super().__init__(pipelining=True)
+        self.mail_reply = mail_reply
+        self.stall = stall
+        self.mail_arrived = threading.Event()
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        envelope.mail_from = address
+        self.mail_arrived.set()
+        return self.mail_reply
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        await asyncio.sleep(self.stall)
+        return "503 5.5.1 no valid sender"
+
+
+def test_hold_cuts_off_after_mail_550_bounces(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # Leases last 3 s.  The only host of implicit.test rejects MAIL with 550
+    # and then takes 5 s to answer each pipelined RCPT.  The message is held
+    # once MAIL arrived, and the renewal cuts the session off while the
+    # client waits for the first RCPT reply.  The 550 to MAIL decided both
+    # recipients, so both bounce with it instead of staying held.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, spool='lease_time = "3s"')
+    spool = spool_for(config)
+    upstream = _RejectMailThenStallHandler("550 5.7.1 sender rejected", stall=5.0)
+    held_at: list[float] = []
+    with run_upstream("127.0.0.4", port, upstream):
+        queue_id = commit(spool, "alice@local.test", ["one@implicit.test", "two@implicit.test"])
+
+        def hold_then_wait() -> bool:
+            if not held_at and upstream.mail_arrived.is_set():
+                hold_message(config, queue_id)
+                held_at.append(time.monotonic())
+            return bool(held_at) and upstream.active == 0 and bool(mailbox_messages(config, "alice"))
+
+        assert run_until(config, spool, hold_then_wait, timeout=6.0)
+    assert upstream.messages == []
+    # Every recipient bounced and the DSN went out, so the message left the spool.
+    assert stored_message(config, queue_id) is None
+    (report,) = mailbox_messages(config, "alice")
+    text = unfolded(report)
+    assert "Final-Recipient: rfc822; one@implicit.test" in text
+    assert "Final-Recipient: rfc822; two@implicit.test" in text
+    assert "550 5.7.1 sender rejected" in text
+
+
+def test_mail_4xx_then_rcpt_timeout_defers_with_4xx(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any
+) -> None:
+    # The host defers MAIL with 451 and then answers no pipelined RCPT within
+    # rcpt_timeout.  The session fails, and the recipient is deferred with the
+    # reply to MAIL, which gives the reason, not with the timeout.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port, delivery="rcpt_timeout = 0.3")
+    spool = spool_for(config)
+    upstream = _RejectMailThenStallHandler("451 4.7.1 greylisted, try later", stall=2.0)
+    with run_upstream("127.0.0.4", port, upstream):
+        queue_id = commit(spool, "alice@local.test", ["one@implicit.test"])
+
+        def deferred() -> bool:
+            message = stored_message(config, queue_id)
+            return message is not None and message.recipients[0].state is RecipientState.DEFERRED
+
+        assert run_until(config, spool, deferred, timeout=6.0)
+    message = stored_message(config, queue_id)
+    assert message is not None
+    assert message.recipients[0].last_reply == "451 4.7.1 greylisted, try later"
+
+
 def test_fast_backup_mx_renews_no_lease(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # Leases last 30 s.  a.mx.test delivers fine@ and defers soft@, and
     # b.mx.test takes 0.5 s to reply to the end of data, well within the first

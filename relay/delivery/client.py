@@ -779,13 +779,18 @@ class SMTPSession:
 
         RFC 5321 section 3.3: a 5xx to RCPT is final for that recipient, and a
         4xx carries its own reason, whatever happens to the session afterwards.
-        A 250 to RCPT decides nothing, because only the reply to the end of
-        data delivers, and ``transaction.results`` already contains what that
-        reply decided.
+        A rejected MAIL decides every recipient of the transaction in the same
+        way, also when the session fails while the replies to the pipelined
+        RCPT commands are read.  A 250 to RCPT decides nothing, because only
+        the reply to the end of data delivers, and ``transaction.results``
+        already contains what that reply decided.
         """
         decided = dict(transaction.results)
         mail_reply = self._mail_seen
-        if mail_reply is None or mail_reply.code != 250:
+        if mail_reply is None:
+            return decided
+        if mail_reply.code != 250:
+            _reject_all(mail_reply, [r for r in transaction.sendable if r.index not in decided], decided)
             return decided
         for recipient, reply in zip(transaction.sendable, self._rcpt_seen, strict=False):
             if reply.code not in (250, 251) and recipient.index not in decided:
@@ -901,9 +906,7 @@ class SMTPSession:
     ) -> list[OutboundRecipient]:
         """Record the outcome of every recipient that MAIL or RCPT rejected, and return those RCPT accepted."""
         if mail_reply.code != 250:
-            outcome = Outcome.DEFERRED if mail_reply.code < 500 else Outcome.FAILED
-            for recipient in recipients:
-                results[recipient.index] = RecipientResult(recipient.index, outcome, reply_text(mail_reply))
+            _reject_all(mail_reply, recipients, results)
             return []
         accepted: list[OutboundRecipient] = []
         for recipient, reply in zip(recipients, rcpt_replies, strict=True):
@@ -1052,6 +1055,15 @@ class SMTPSession:
             return
         self._timer = self._loop.call_at(self._deadline, self._on_timer)
         self._timer_when = self._deadline
+
+
+def _reject_all(
+    mail_reply: Reply, recipients: Sequence[OutboundRecipient], results: dict[int, RecipientResult]
+) -> None:
+    """Record the reply that rejected MAIL for ``recipients``: a 5xx fails them and any other reply defers them."""
+    outcome = Outcome.DEFERRED if mail_reply.code < 500 else Outcome.FAILED
+    for recipient in recipients:
+        results[recipient.index] = RecipientResult(recipient.index, outcome, reply_text(mail_reply))
 
 
 def _raise_on_421(reply: Reply) -> None:
