@@ -322,6 +322,72 @@ def test_more_dsns_than_one_batch_all_queued(
         ), spool_counts(config)
 
 
+# Run by a second Python process: commit a message to SPOOL with its first
+# recipient bounced and the DSN for it owed but not queued.
+_RECORD_FAILURE_ELSEWHERE = """
+import sys
+from relay.spool import Envelope, Recipient, Spool
+spool = Spool.open(sys.argv[1])
+try:
+    envelope = Envelope(
+        sender="alice@local.test",
+        recipients=(Recipient("gone@local.test"), Recipient("alice@local.test")),
+    )
+    body = b"Subject: from another process\\r\\n\\r\\nbody\\r\\n"
+    print(spool.commit_with_failures_blocking(envelope, body, {0: "550 5.1.1 no such user"}))
+finally:
+    spool.close()
+"""
+
+
+def test_dsn_owed_by_other_process_sent_within_scan(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any
+) -> None:
+    # A failure that another process records, with its DSN owed, reaches no
+    # running scheduler through its own results.  The scheduler looks for owed
+    # DSNs once per queue_scan_interval (1 s here), so the DSN goes out within
+    # that interval and the time it takes to deliver locally.
+    config = make_config(tmp_path, nameserver, 25, scan_interval=1.0)
+    spool = spool_for(config)
+    commit(spool, "bob@local.test", ["alice@local.test"])
+
+    async def main() -> float | None:
+        scheduler = Scheduler(config, spool)
+        task = asyncio.create_task(scheduler.run())
+        loop = asyncio.get_running_loop()
+        try:
+            # The first message delivered: the look for owed DSNs at start is over.
+            deadline = loop.time() + 10.0
+            while loop.time() < deadline and not await asyncio.to_thread(mailbox_messages, config, "alice"):
+                await asyncio.sleep(0.05)
+            child = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-c", _RECORD_FAILURE_ELSEWHERE, config.spool.path],
+                capture_output=True, text=True, timeout=30,
+            )
+            assert child.returncode == 0, child.stderr
+            recorded = loop.time()
+            deadline = recorded + 5.0
+            while loop.time() < deadline:
+                messages = await asyncio.to_thread(mailbox_messages, config, "alice")
+                if any(m.get_content_type() == "multipart/report" for m in messages):
+                    return loop.time() - recorded
+                await asyncio.sleep(0.05)
+            return None
+        finally:
+            await scheduler.stop()
+            await task
+
+    waited = asyncio.run(main())
+    assert waited is not None, "no DSN within 5 s of the failure"
+    assert waited < config.delivery.queue_scan_interval + 1.0
+    reports = [m for m in mailbox_messages(config, "alice") if m.get_content_type() == "multipart/report"]
+    assert len(reports) == 1
+    text = unfolded(reports[0])
+    assert "Final-Recipient: rfc822; gone@local.test" in text
+    assert "550 5.1.1 no such user" in text
+    assert spool_counts(config) == {}
+
+
 class _SlowDataHandler(RecordingHandler):
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         await asyncio.sleep(1.2)

@@ -31,7 +31,9 @@ matter: with no job, no backoff running and no failure in the last
 
 After results are recorded, the spool marks recipients that owe a DSN; the
 scheduler builds those DSNs (``relay.delivery.dsn``) and commits them as new
-messages.  A failed message from the null sender gets no DSN; with
+messages.  It looks for owed DSNs after its own failures and at least once
+per ``queue_scan_interval``, so a DSN owed for a failure that another
+process recorded is queued within that interval.  A failed message from the null sender gets no DSN; with
 ``bounce_copy_to_postmaster`` it is copied to postmaster instead.  A
 recipient delivered to a next hop that offers DSN gets no success DSN from
 here, because the NOTIFY parameter went on with it and that hop reports
@@ -348,6 +350,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._last_claim = 0.0  # time.monotonic() when the last claim started
         self._dsn_due = True
+        self._last_dsn_scan = 0.0  # time.monotonic() of the last look for owed DSNs
         self._stopping = False
         self._running = False
         self._run_ended = asyncio.Event()
@@ -431,8 +434,13 @@ class Scheduler:
     async def _loop(self) -> None:
         interval = self.config.delivery.queue_scan_interval
         while not self._stopping:
-            if self._dsn_due:
+            now = time.monotonic()
+            # Other processes record failures too (relay sendmail, or a scheduler
+            # that died before queuing the DSN) without notifying this one, so
+            # owed DSNs are also looked for once per interval.
+            if self._dsn_due or now - self._last_dsn_scan >= interval:
                 self._dsn_due = False
+                self._last_dsn_scan = now
                 await self._queue_dsns()
             self._prune_destinations()
             claimed_full = await self._claim_once()

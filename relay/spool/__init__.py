@@ -287,8 +287,9 @@ class Spool:
         their NOTIFY, never for the null sender) get ``dsn = pending``.
         ``report`` then builds that DSN from the stored message, as the DSN's
         envelope, body and the indexes it reports on (or None for no DSN).
-        It is queued in the same transaction too, because a running scheduler
-        looks for owed DSNs only at its start and after its own failures.
+        It is queued in the same transaction too, so it goes out at once
+        instead of at the scheduler's next look for owed DSNs (each
+        ``delivery.queue_scan_interval``).
         ``relay sendmail`` uses this for recipients it cannot accept when
         others of the same message are valid.  Raises like ``commit``, and
         ValueError when an index is out of range or every recipient is
@@ -464,12 +465,18 @@ class Spool:
     async def pending_dsns(self, limit: int = 100) -> list[StoredMessage]:
         """Return messages with recipients that owe a DSN not yet queued (``dsn = pending``).
 
-        After a crash between recording a failure and committing its DSN this
-        is how the scheduler finds the DSNs still to send.  Messages that
-        cannot be decoded are moved aside and left out.
+        After a crash between recording a failure and committing its DSN, or
+        after a failure that another process recorded, this is how the
+        scheduler finds the DSNs still to send.  Messages that cannot be
+        decoded are moved aside and left out.
         """
 
         def operation(store: SpoolStore) -> list[StoredMessage | CorruptRecord]:
+            # The scheduler calls this every queue_scan_interval.  The listing visits
+            # every message row, so its cost grows with the spool, but the check reads
+            # only the partial index recipient_dsn, which is empty when nothing is owed.
+            if not store.dsn_owed():
+                return []
             return list(store.messages(store.queue_ids(dsn_pending=True, limit=limit)))
 
         messages: list[StoredMessage] = []

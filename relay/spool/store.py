@@ -1384,6 +1384,12 @@ class SpoolStore:
             ).fetchall()
         return [Attempt(index=i, time=t, outcome=o, reply=r, host=h) for i, t, o, r, h in rows]
 
+    def dsn_owed(self) -> bool:
+        """Return whether any recipient owes a DSN not yet queued (``dsn = 'pending'``), from the index alone."""
+        with self._errors("look for owed DSNs"):
+            row = self.connection.execute("SELECT 1 FROM recipient WHERE dsn = 'pending' LIMIT 1").fetchone()
+        return row is not None
+
     def queue_ids(
         self,
         *,
