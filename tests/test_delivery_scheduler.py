@@ -760,6 +760,62 @@ def test_maildir_root_not_a_folder_defers(
     assert [record for record in caplog.records if record.exc_info] == []
 
 
+def test_delivery_error_keeps_destination_running(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A maildir_root with a NUL character passes the config check, and the
+    # lookup of a user under it raises ValueError, which local delivery does
+    # not expect.  With one worker for the destination, every job must still
+    # be tried and deferred with the error, each logged once with its queue
+    # ID, and the jobs are delivered once a reload fixes maildir_root.
+    delivery = "destination_concurrency_limit = 1\nminimal_backoff_time = 60\nmaximal_backoff_time = 60"
+    good = make_config(tmp_path, nameserver, 25, delivery=delivery)
+    path = tmp_path / "relay.toml"
+    path.write_text(path.read_text().replace('maildir_root = "mail"', 'maildir_root = "mail\\u0000x"'))
+    broken = load_config(path)
+    assert "\0" in broken.local.maildir_root
+    spool = spool_for(broken)
+    queue_ids = {commit(spool, "bob@local.test", ["alice@local.test"]) for _ in range(3)}
+
+    def all_deferred() -> bool:
+        messages = [stored_message(broken, queue_id) for queue_id in queue_ids]
+        return all(m is not None and m.recipients[0].state is RecipientState.DEFERRED for m in messages)
+
+    async def main() -> tuple[bool, bool]:
+        scheduler = Scheduler(broken, spool)
+        task = asyncio.create_task(scheduler.run())
+        loop = asyncio.get_running_loop()
+        try:
+            deadline = loop.time() + 5.0
+            while loop.time() < deadline and not await asyncio.to_thread(all_deferred):
+                await asyncio.sleep(0.05)
+            deferred = await asyncio.to_thread(all_deferred)
+            scheduler.apply_config(good)
+            await spool.flush()
+            scheduler.wake()
+            deadline = loop.time() + 5.0
+            while loop.time() < deadline and len(await asyncio.to_thread(mailbox_messages, good, "alice")) < 3:
+                await asyncio.sleep(0.05)
+            return deferred, not await asyncio.to_thread(spool_counts, good)
+        finally:
+            await scheduler.stop()
+            await task
+
+    with caplog.at_level("INFO", logger="relay"):
+        deferred, emptied = asyncio.run(main())
+    assert deferred, spool_counts(good)
+    assert emptied, spool_counts(good)
+    assert len(mailbox_messages(good, "alice")) == 3
+    errors = [record for record in caplog.records if getattr(record, "event", "") == "delivery_error"]
+    assert sorted(record.fields["queue_id"] for record in errors) == sorted(queue_ids)  # type: ignore[attr-defined]
+    assert all("ValueError: embedded null byte" in record.fields["error"] for record in errors)  # type: ignore[attr-defined]
+    deferrals = [record for record in caplog.records if getattr(record, "event", "") == "deferred"]
+    assert len(deferrals) == 3
+    assert all("451 4.3.0 internal error during delivery: ValueError" in r.fields["reply"] for r in deferrals)  # type: ignore[attr-defined]
+    # The error is logged once, as delivery_error, and not again as a bare traceback.
+    assert [record for record in caplog.records if record.exc_info] == []
+
+
 def test_alias_over_expansion_limit_deferred_at_delivery(
     tmp_path: Path, nameserver: NameServer, spool_for: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

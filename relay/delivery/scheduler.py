@@ -78,6 +78,7 @@ import logging
 import os
 import random
 import time
+import traceback
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -621,7 +622,6 @@ class Scheduler:
         route: Route | None = None
         # A job taken with the previous one, and its message when already loaded.
         carried: tuple[Job, OutboundMessage | None] | None = None
-        job: Job | None = None
         try:
             while carried is not None or (destination.queue and not self._stopping):
                 if carried is not None:
@@ -648,23 +648,36 @@ class Scheduler:
                         carried = await self._send(session, job, message, destination, keeper)
                     finally:
                         keeper.close()
-                    job = None
+                except Exception as exc:
+                    # A bug met by one job must not stop the destination, whose other
+                    # jobs would wait for a new worker or for their leases to run out.
+                    # The session may be in any state, so the next job gets a new one.
+                    self._log_delivery_error(name, job, exc)
+                    if session is not None:
+                        session.abort()
+                        self._connections.release()
+                        session = None
+                    await self._defer_after_error(job, exc)
                 finally:
                     self._jobs_in_memory -= 1
-        except Exception as exc:
-            logger.exception("delivery worker for %s failed", name)
-            if job is not None:
-                await self._defer_after_error(job, exc)
         finally:
             destination.workers -= 1
             self._prune_destination(name, destination)
             if session is not None:
                 self._connections.release()
-                # A session left with a pipelined job's commands (after an unexpected error) cannot be reused.
+                # A session left with a pipelined job's commands (after a cancellation) cannot be reused.
                 if route is not None and session.usable and session.pipelined is None and not self._stopping:
                     self.sessions.release(route, session)
                 else:
                     await session.close()
+
+    def _log_delivery_error(self, name: str, job: Job, error: Exception) -> None:
+        """Log an unexpected error of one job once, with its queue ID; call it inside the ``except`` block."""
+        # The end of the traceback, which names the error and where it was raised, fits the log's value limit.
+        log_event(
+            logger, "delivery_error", logging.ERROR, queue_id=job.claim.queue_id, relay=name,
+            error=f"{type(error).__name__}: {error}", exception=traceback.format_exc()[-400:],
+        )
 
     async def _defer_after_error(self, job: Job, error: Exception) -> None:
         """Defer the recipients of the job a worker failed on, so the queue shows why and retries them.
@@ -703,6 +716,10 @@ class Scheduler:
             self._connections.release()
             await self._session_failed(name, destination, job, exc)
             return None
+        except BaseException:
+            # An unexpected error or a cancellation: the slot belongs to no session.
+            self._connections.release()
+            raise
         destination.failures = 0
         return session
 
@@ -771,7 +788,26 @@ class Scheduler:
                 following = None
             else:
                 keeper.add(following)
+        try:
+            return await self._transact(session, job, message, following, following_message, destination, keeper)
+        except Exception:
+            # The worker drops the session after an unexpected error, so the next
+            # job, whose body was never sent, waits in the queue for another one.
+            if following is not None and following not in destination.queue:
+                destination.queue.appendleft(following)
+            raise
 
+    async def _transact(
+        self,
+        session: SMTPSession,
+        job: Job,
+        message: OutboundMessage,
+        following: Job | None,
+        following_message: OutboundMessage | None,
+        destination: _Destination,
+        keeper: _LeaseKeeper,
+    ) -> tuple[Job, OutboundMessage | None] | None:
+        """Send ``job`` (and the commands of ``following``) over ``session`` and record the results, for ``_send``."""
         by_index = {r.index: r for r in job.recipients}
         try:
             try:
