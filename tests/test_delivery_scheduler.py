@@ -1609,6 +1609,52 @@ def test_mail_4xx_then_rcpt_timeout_defers_with_4xx(
     assert message.recipients[0].last_reply == "451 4.7.1 greylisted, try later"
 
 
+def test_stop_keeps_550_of_cancelled_transaction(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The only host of implicit.test rejects gone@ with 550 at RCPT, accepts
+    # bob@, and takes 5 s to reply to the end of data.  The scheduler stops
+    # once the data arrived there and cancels the transaction after the grace
+    # time.  The 550 decided gone@ before that, so gone@ is stored as bounced
+    # with its DSN owed; bob@ got only a 250 to RCPT and is due again.
+    monkeypatch.setattr("relay.delivery.scheduler.STOP_GRACE", 0.5)
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    upstream = _StallingHandler(refuse={"gone@implicit.test": "550 5.1.1 no such user"}, data_delay=5.0)
+    with run_upstream("127.0.0.4", port, upstream):
+        queue_id = commit(spool, "alice@local.test", ["gone@implicit.test", "bob@implicit.test"])
+
+        async def main() -> float:
+            scheduler = Scheduler(config, spool)
+            task = asyncio.create_task(scheduler.run())
+            try:
+                arrived = await asyncio.to_thread(upstream.data_arrived.wait, 10.0)
+                assert arrived, "the data never reached the upstream"
+            finally:
+                started = time.monotonic()
+                await scheduler.stop()
+                await task
+            return time.monotonic() - started
+
+        stop_took = asyncio.run(main())
+    assert stop_took < 3.0
+    assert upstream.messages == []
+    message = stored_message(config, queue_id)
+    assert message is not None
+    states = {r.address: r for r in message.recipients}
+    assert states["gone@implicit.test"].state is RecipientState.BOUNCED
+    assert states["gone@implicit.test"].last_reply == "550 5.1.1 no such user"
+    assert states["gone@implicit.test"].dsn is DsnState.PENDING
+    assert states["bob@implicit.test"].state is RecipientState.QUEUED
+    with sqlite3.connect(Path(config.spool.path) / "spool.db") as connection:
+        (lease_until,) = connection.execute(
+            "SELECT lease_until FROM recipient WHERE queue_id = ? AND idx = 1", (queue_id,)
+        ).fetchone()
+    # Released by stop, so the next scheduler sends bob@ at once.
+    assert lease_until is None or lease_until <= time.time()
+
+
 def test_fast_backup_mx_renews_no_lease(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # Leases last 30 s.  a.mx.test delivers fine@ and defers soft@, and
     # b.mx.test takes 0.5 s to reply to the end of data, well within the first

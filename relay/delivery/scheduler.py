@@ -126,6 +126,10 @@ logger = logging.getLogger("relay.delivery")
 JOBS_PER_CONNECTION = 4
 # How long ``stop`` lets running transactions finish before cancelling them.
 STOP_GRACE = 10.0
+# How long a transaction cancelled by ``stop`` may take to store the results that
+# replies decided before.  One record waits for one writer batch, normally a few
+# milliseconds, and this bound keeps a stuck spool from holding up the shutdown.
+STOP_RECORD_TIME = 5.0
 # Messages owing a DSN that one pass of the loop reads and queues DSNs for.
 DSN_BATCH = 100
 # A job that waited longer than this in memory reads its recipients' state again
@@ -470,9 +474,11 @@ class Scheduler:
     async def stop(self) -> None:
         """Stop claiming, let running transactions finish (up to ``STOP_GRACE`` s), close sessions.
 
-        Then release this scheduler's leases, so the recipients still queued
-        in memory (and those of transactions cut off by the grace time) are
-        due again at once for the next scheduler.
+        A transaction still running then is cancelled, and the results that
+        replies decided before are stored (for up to ``STOP_RECORD_TIME`` s).
+        Then this scheduler's leases are released, so the recipients still
+        queued in memory, and the undecided ones of cancelled transactions,
+        are due again at once for the next scheduler.
         """
         self._stopping = True
         self._wake.set()
@@ -839,6 +845,14 @@ class Scheduler:
                 destination.queue.appendleft(following)
             await self._record_with_backup_mx(job, message, session, outcomes, False)
             return None
+        except asyncio.CancelledError:
+            # stop() cancelled the transaction after STOP_GRACE.  Replies read before
+            # that still decided their recipients (a 5xx to RCPT, say), which would
+            # otherwise be tried again after the restart.
+            session.abort()
+            if self._stopping:
+                await self._record_decided_at_stop(job, session)
+            raise
         # The client passes NOTIFY on exactly when the next hop offers DSN.
         outcomes = [(by_index[r.index], r.outcome, r.reply) for r in results]
         notifies = "DSN" in session.capabilities
@@ -987,6 +1001,17 @@ class Scheduler:
             await self._record(
                 job, outcomes, session.peer, next_hop_notifies="DSN" in session.capabilities,
                 downgraded=any(decided[recipient.index].downgraded for recipient, _, _ in outcomes),
+            )
+
+    async def _record_decided_at_stop(self, job: Job, session: SMTPSession) -> None:
+        """Run ``_record_decided`` for a transaction that ``stop`` cancelled, for at most STOP_RECORD_TIME seconds."""
+        try:
+            async with asyncio.timeout(STOP_RECORD_TIME):
+                await self._record_decided(job, session)
+        except TimeoutError:
+            log_event(
+                logger, "record_failed", logging.ERROR, queue_id=job.claim.queue_id,
+                error=f"storing the results of a transaction cut off by the shutdown took over {STOP_RECORD_TIME:g} s",
             )
 
     def _log_cut_off(self, job: Job, peer: str) -> None:
