@@ -1655,6 +1655,50 @@ def test_stop_keeps_550_of_cancelled_transaction(
     assert lease_until is None or lease_until <= time.time()
 
 
+def test_stop_keeps_550_of_cancelled_backup_mx(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a.mx.test defers both recipients.  b.mx.test rejects gone@ with 550 at
+    # RCPT, accepts soft@, and takes 5 s to reply to the end of data.  The
+    # scheduler stops once the data arrived there and cancels the backup
+    # session after the grace time.  gone@ is stored as bounced by b.mx.test,
+    # and soft@ keeps the deferral of a.mx.test.
+    monkeypatch.setattr("relay.delivery.scheduler.STOP_GRACE", 0.5)
+    port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    primary = RecordingHandler(refuse={"gone@mx.test": "451 4.3.0 try later", "soft@mx.test": "451 4.3.0 try later"})
+    backup = _StallingHandler(refuse={"gone@mx.test": "550 5.1.1 no such user"}, data_delay=5.0)
+    with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, backup):
+        queue_id = commit(spool, "alice@local.test", ["gone@mx.test", "soft@mx.test"])
+
+        async def main() -> float:
+            scheduler = Scheduler(config, spool)
+            task = asyncio.create_task(scheduler.run())
+            try:
+                arrived = await asyncio.to_thread(backup.data_arrived.wait, 10.0)
+                assert arrived, "the data never reached b.mx.test"
+            finally:
+                started = time.monotonic()
+                await scheduler.stop()
+                await task
+            return time.monotonic() - started
+
+        stop_took = asyncio.run(main())
+    assert stop_took < 3.0
+    assert backup.messages == []
+    message = stored_message(config, queue_id)
+    assert message is not None
+    states = {r.address: r for r in message.recipients}
+    assert states["gone@mx.test"].state is RecipientState.BOUNCED
+    assert states["gone@mx.test"].last_reply == "550 5.1.1 no such user"
+    assert states["gone@mx.test"].last_host is not None
+    assert states["gone@mx.test"].last_host.startswith("b.mx.test[")
+    assert states["gone@mx.test"].dsn is DsnState.PENDING
+    assert states["soft@mx.test"].state is RecipientState.DEFERRED
+    assert states["soft@mx.test"].last_reply == "451 4.3.0 try later"
+
+
 def test_fast_backup_mx_renews_no_lease(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # Leases last 30 s.  a.mx.test delivers fine@ and defers soft@, and
     # b.mx.test takes 0.5 s to reply to the end of data, well within the first

@@ -851,7 +851,7 @@ class Scheduler:
             # otherwise be tried again after the restart.
             session.abort()
             if self._stopping:
-                await self._record_decided_at_stop(job, session)
+                await self._record_at_stop(job, self._record_decided(job, session))
             raise
         # The client passes NOTIFY on exactly when the next hop offers DSN.
         outcomes = [(by_index[r.index], r.outcome, r.reply) for r in results]
@@ -941,6 +941,7 @@ class Scheduler:
         backup: SMTPSession | None = None
         results: dict[int, RecipientResult] = {}
         sent = False
+        cancelled: asyncio.CancelledError | None = None
         try:
             async with keeper.cutoff():
                 backup = await self.sessions.open_backup(job.route, tried)
@@ -954,6 +955,13 @@ class Scheduler:
         except LeaseCutOff:
             results = dict(backup.decided) if backup is not None else {}
             self._log_cut_off(job, backup.peer if backup is not None else "")
+        except asyncio.CancelledError as exc:
+            if not self._stopping:
+                raise
+            # stop() cancelled the session after STOP_GRACE, and the replies read
+            # before still decided their recipients.  The cancellation goes on below.
+            cancelled = exc
+            results = dict(backup.decided) if backup is not None else {}
         except Exception as exc:
             results = dict(exc.decided) if isinstance(exc, SessionError) else {}
             log_event(logger, "backup_mx_failed", logging.INFO, queue_id=job.claim.queue_id, error=repr(exc))
@@ -970,6 +978,24 @@ class Scheduler:
                 keeper.close()
                 self._connections.release()
 
+        recording = self._record_backup_results(job, deferred, results, backup, peer, notifies, downgraded, copied)
+        if cancelled is not None:
+            await self._record_at_stop(job, recording)
+            raise cancelled
+        await recording
+
+    async def _record_backup_results(
+        self,
+        job: Job,
+        deferred: list[tuple[StoredRecipient, Outcome, str]],
+        results: dict[int, RecipientResult],
+        backup: SMTPSession | None,
+        peer: str,
+        notifies: bool,
+        downgraded: bool,
+        copied: bool,
+    ) -> None:
+        """Record the ``results`` of the backup session, and the first host's deferral of the other recipients."""
         rest = [item for item in deferred if item[0].index not in results]
         if rest:
             await self._record(job, rest, peer, next_hop_notifies=notifies, downgraded=downgraded)
@@ -1003,11 +1029,11 @@ class Scheduler:
                 downgraded=any(decided[recipient.index].downgraded for recipient, _, _ in outcomes),
             )
 
-    async def _record_decided_at_stop(self, job: Job, session: SMTPSession) -> None:
-        """Run ``_record_decided`` for a transaction that ``stop`` cancelled, for at most STOP_RECORD_TIME seconds."""
+    async def _record_at_stop(self, job: Job, recording: Coroutine[Any, Any, None]) -> None:
+        """Await ``recording`` of a transaction that ``stop`` cancelled, for at most STOP_RECORD_TIME seconds."""
         try:
             async with asyncio.timeout(STOP_RECORD_TIME):
-                await self._record_decided(job, session)
+                await recording
         except TimeoutError:
             log_event(
                 logger, "record_failed", logging.ERROR, queue_id=job.claim.queue_id,
