@@ -565,6 +565,24 @@ def test_failure_keeps_message_until_dsn_queued(spool: Spool, caplog: pytest.Log
     assert events == [("dsn_queued", dsn_id, "sender@example.test"), ("removed", None, None)]
 
 
+def test_second_dsn_for_same_failure_dropped(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    # Two schedulers on one spool may both read a failure as owing a DSN
+    # before either has queued it.  The sender gets one report.
+    queue_id = run(spool.commit(make_envelope(recipients=2), b"x"))
+    run(spool.record_results([DeliveryResult(queue_id, 0, Outcome.FAILED, "550 5.1.1 unknown user", "mx")]))
+    dsn_envelope = Envelope("", (Recipient("sender@example.test"),))
+
+    first = run(spool.commit(dsn_envelope, b"DSN 1", dsn_for=DsnRequest(queue_id, (0,))))
+    with caplog.at_level(logging.INFO, logger="relay.spool"):
+        second = run(spool.commit(dsn_envelope, b"DSN 2", dsn_for=DsnRequest(queue_id, (0,))))
+
+    assert run(spool.load_body(first)) == b"DSN 1"
+    assert run(spool.load(second)) is None
+    assert "dsn_dropped" in [record.getMessage() for record in caplog.records]
+    # The original stays for its other recipient.
+    assert _state(spool, queue_id) == [RecipientState.BOUNCED, RecipientState.QUEUED]
+
+
 def test_failure_to_null_sender_needs_no_dsn(spool: Spool) -> None:
     queue_id = run(spool.commit(make_envelope(sender="", recipients=1), b"x"))
     run(spool.record_results([DeliveryResult(queue_id, 0, Outcome.FAILED, "550", "mx")]))

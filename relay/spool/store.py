@@ -663,11 +663,19 @@ class SpoolStore:
 
     def _mark_dsn_queued(self, request: DsnRequest, dsn_id: str, dsn: Envelope) -> None:
         marks = ",".join("?" * len(request.indexes))
-        self.connection.execute(
+        cursor = self.connection.execute(
             f"UPDATE recipient SET dsn = 'queued' WHERE queue_id = ? AND idx IN ({marks})"
             " AND dsn = 'pending'",
             (request.queue_id, *request.indexes),
         )
+        if cursor.rowcount == 0:
+            # Another scheduler on this spool queued a DSN for these recipients
+            # after this one read them as owed, or the message was deleted since:
+            # the sender must not get the report twice, so this copy goes.
+            self._delete_rows(dsn_id)
+            log_event(logger, "dsn_dropped", queue_id=request.queue_id, dsn_id=dsn_id,
+                      reason="no recipient of it owes a DSN any more")
+            return
         # Logged here, before delete_if_done may log the original's ``removed``.
         log_event(logger, "dsn_queued", queue_id=request.queue_id, dsn_id=dsn_id,
                   to=dsn.recipients[0].address, recipients=len(request.indexes))
