@@ -61,6 +61,26 @@ class MaildirLookupError(OSError):
     """A user's folder under ``maildir_root`` cannot be looked up, so whether the user exists is unknown."""
 
 
+def maildir_exists(root: str, user: str) -> bool:
+    """Return whether ``root/user`` is a folder; ``user`` is a lower-cased name that is_safe_user_name accepts.
+
+    Delivery and the RCPT check both call this, so they agree on who exists.
+    Raises MaildirLookupError when the folder cannot be looked up for a reason
+    other than its absence, such as a maildir_root that cannot be searched.
+    """
+    try:
+        return stat.S_ISDIR(os.stat(os.path.join(root, user)).st_mode)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        # Path.is_dir returns False for ENOTDIR (a maildir_root that is a file), so
+        # every user would look unknown and their mail would bounce.  This, EACCES
+        # and ELOOP are errors of this host that the operator can fix, so the
+        # callers defer instead.
+        cause = exc.strerror or str(exc)
+        raise MaildirLookupError(f"cannot read maildir_root {root} for user {user}: {cause}") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class Expansion:
     """Where a local address ends up: local mailboxes and remote addresses."""
@@ -113,17 +133,7 @@ class LocalDelivery:
             return False
         if name == "postmaster" or name in (u.lower() for u in self.config.users):
             return True
-        root = self.config.maildir_root
-        try:
-            return stat.S_ISDIR(os.stat(os.path.join(root, name)).st_mode)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            # Path.is_dir returns False for ENOTDIR (a maildir_root that is a file), so
-            # every user would look unknown and their mail would bounce.  This and
-            # EACCES are errors of this host that the operator can fix, so delivery defers.
-            cause = exc.strerror or str(exc)
-            raise MaildirLookupError(f"cannot read maildir_root {root} for user {name}: {cause}") from exc
+        return maildir_exists(self.config.maildir_root, name)
 
     def expand(self, local_part: str) -> Expansion:
         """Resolve a local part through the aliases; raise UnknownUser when it leads nowhere.
