@@ -68,7 +68,9 @@ recipients, ``EX_DATAERR`` (65) message over ``policy.max_message_size``,
 recipient, or an invalid sender.  A recipient that is invalid, that the
 SMTP server would reject or that is an unknown local user does not stop
 the message for the others.  It is stored as failed, and a DSN queued
-with the message reports it (see ``relay.sendmail_addresses``).
+with the message reports it (see ``relay.sendmail_addresses``).  A local
+recipient whose Maildir folder cannot be looked up now, which the server
+would defer with ``451 4.3.0``, is queued, and delivery decides.
 ``EX_TEMPFAIL`` (75) the spool cannot take the message now (or the caller
 cannot write to it), ``EX_CONFIG`` (78) invalid config file or, for
 ``-bi``, invalid aliases file.  ``-bs`` also exits with ``EX_PROTOCOL``

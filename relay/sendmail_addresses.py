@@ -27,6 +27,15 @@ queues the message for the valid recipients and stores the rejected ones
 as already failed, so that the sender gets a DSN as for any bounce.
 Postfix 3.7's sendmail also queues such a message, and its queue manager
 bounces an address like ``user@`` with 5.1.3 "bad address syntax".
+
+A local recipient whose Maildir folder cannot be looked up (the server
+would answer ``451 4.3.0``) is queued like a valid one, and nothing is
+printed, here and in ``-bs`` mode, because whether the user exists is
+unknown, not false.  The caller often lacks the right to search
+``maildir_root``, which belongs to the relay's user.  Local delivery runs
+as that user: it delivers the message, or defers it with the cause in its
+log until the folder can be read.  Postfix's sendmail does not look up
+local users at all, and its local(8) delivery agent decides.
 """
 
 from __future__ import annotations
@@ -198,7 +207,7 @@ def check_recipients(
         if reported not in rejected:
             rejected[reported] = RejectedRecipient(reported, f"{syntax.code} {syntax.status} {syntax.text}", error)
 
-    policy = RelayPolicy(config)
+    policy = RelayPolicy(config, accept_on_lookup_error=True)
     for address in list(valid):
         local_part, _, domain = address.rpartition("@")
         rejection = policy.check_recipient(local_part, domain, privileged=True)

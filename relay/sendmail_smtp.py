@@ -9,7 +9,9 @@ the SMTP server gives.  The policy is that of ``relay sendmail``:
 
 - The client is the local user, trusted like a client on
   ``policy.trusted_networks``, so it may send to any domain and pipeline
-  past DATA.  Unknown local users get ``550 5.1.1`` at RCPT.
+  past DATA.  Unknown local users get ``550 5.1.1`` at RCPT.  A local user
+  whose Maildir folder the caller cannot look up gets 250, and delivery,
+  which runs as the relay's user, decides.
 - MAIL sets the reverse-path and RCPT the forward-paths, with their
   ESMTP parameters (SIZE, BODY, SMTPUTF8, RET, ENVID, NOTIFY, ORCPT), so
   ``-f``, ``-N``, ``-R``, ``-V``, ``-B`` and ``-i`` have no effect.
@@ -96,9 +98,10 @@ class StdioSession:
         self.spool = spool
         self.input_fd = input_fd
         self.output_fd = output_fd
-        self.session = Session(
-            local_settings(config), RelayPolicy(config), "local", session_id=f"uid{os.getuid()}", trusted=True
-        )
+        # As relay sendmail without -bs, a recipient whose Maildir folder cannot be
+        # looked up gets 250, and delivery decides (see relay.sendmail_addresses).
+        policy = RelayPolicy(config, accept_on_lookup_error=True)
+        self.session = Session(local_settings(config), policy, "local", session_id=f"uid{os.getuid()}", trusted=True)
         self.close_reason: str | None = None
         self.spool_failures = 0
         self.output_lost = False

@@ -11,6 +11,14 @@ Rules, in order (the first that applies decides):
    (a directory under ``local.maildir_root``, an entry of ``local.users`` or
    an alias in the ``local.aliases`` file); ``postmaster`` always exists
    (RFC 5321 section 4.5.1).  Otherwise ``550 5.1.1``.  Anyone may send here.
+   When the folder lookup fails for a reason other than a missing folder
+   (``maildir_root`` is a file, cannot be searched, or is a symlink loop),
+   the user may exist, so the reply is ``451 4.3.0`` (LOCAL_ERROR) and the
+   client tries again later.  The reply does not name the path.  The cause
+   goes to the log as a ``recipient_lookup_error`` warning, at most once in
+   LOOKUP_ERROR_LOG_INTERVAL seconds per process, with the count of
+   failures since the previous one.  Postfix's smtpd (``smtpd_check.c``)
+   likewise defers, not rejects, a recipient whose table lookup fails.
 3. A domain in ``policy.relay_domains``: accepted from anyone.
 4. Any other domain: accepted only from ``policy.trusted_networks`` or an
    authenticated client, else ``554 5.7.1 Relay access denied``.
@@ -38,11 +46,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import re
+import time
 
 from relay.aliases import DEFAULT_EXPANSION_LIMIT, MAX_ALIAS_DEPTH, AliasFile
 from relay.config import Config
+from relay.delivery.maildir import MaildirLookupError, maildir_exists
+from relay.log import log_event
 from relay.smtp import replies
 from relay.smtp.replies import Reply
 from relay.units import is_safe_user_name
@@ -92,12 +102,23 @@ def _is_internal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 # Addresses whose trust decision is remembered; 10,000 short strings take about 1 MB.
 TRUSTED_CACHE_SIZE = 10_000
+# A maildir_root that cannot be read fails every RCPT that looks up a folder,
+# so its warning is logged at most once in this many seconds, with the count
+# of failures.  Each failed RCPT still gets its own reject line from the session.
+LOOKUP_ERROR_LOG_INTERVAL = 60.0
 
 
 class RelayPolicy:
     """Decide whether one client may send to one recipient."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, accept_on_lookup_error: bool = False) -> None:
+        """Read the policy from ``config``.
+
+        ``accept_on_lookup_error`` accepts, without a log line, a local
+        recipient whose Maildir folder cannot be looked up, in place of
+        LOCAL_ERROR.  ``relay sendmail`` sets it: its caller may not search
+        maildir_root, and delivery, which runs as the relay's user, decides.
+        """
         policy = config.policy
         self.local_domains = frozenset(d.lower() for d in policy.local_domains)
         self.relay_domains = frozenset(d.lower() for d in policy.relay_domains)
@@ -112,6 +133,9 @@ class RelayPolicy:
         # Client address -> is_trusted result; parsing the address costs more than
         # the rest of a connection's setup.  Cleared when it reaches the bound.
         self._trusted: dict[str, bool] = {}
+        self.accept_on_lookup_error = accept_on_lookup_error
+        self._lookup_failures = 0  # failures since the last recipient_lookup_error line
+        self._lookup_logged_at: float | None = None  # time.monotonic() of that line
 
     def is_trusted(self, address: str) -> bool:
         """Return whether a client IP address is in a trusted network."""
@@ -135,7 +159,11 @@ class RelayPolicy:
         return domain.lower().rstrip(".") in self.local_domains
 
     def user_exists(self, local_part: str) -> bool:
-        """Return whether a local part names a local user, postmaster, or an alias that delivery can expand."""
+        """Return whether a local part names a local user, postmaster, or an alias that delivery can expand.
+
+        Raises MaildirLookupError when a folder under maildir_root cannot be
+        looked up and nothing else shows that the name leads somewhere.
+        """
         lowered = local_part.lower()
         if lowered == "postmaster" or lowered in self.users:
             return True
@@ -151,7 +179,7 @@ class RelayPolicy:
         if not self.maildir_root or not is_safe_user_name(local_part):
             return False
         # Only the lower-cased name, because that is the folder delivery writes to.
-        return os.path.isdir(os.path.join(self.maildir_root, local_part.lower()))
+        return maildir_exists(self.maildir_root, local_part.lower())
 
     def _alias_leads_somewhere(
         self, table: dict[str, tuple[str, ...]], name: str, seen: set[str], depth: int
@@ -159,20 +187,49 @@ class RelayPolicy:
         """Return whether expanding alias ``name`` reaches an address or a user with a mailbox.
 
         The same walk as delivery's expansion: at most MAX_ALIAS_DEPTH levels deep.
+        A target whose folder cannot be looked up does not stop the walk,
+        because a later target may decide.  Its MaildirLookupError is raised
+        only when no target leads anywhere.
         """
         if name in seen or depth > MAX_ALIAS_DEPTH:
             return False
         seen.add(name)
+        failure: MaildirLookupError | None = None
         for target in table[name]:
             if "@" in target:
                 return True
             lowered = target.lower()
-            if lowered != name and lowered in table:
-                if self._alias_leads_somewhere(table, lowered, seen, depth + 1):
+            try:
+                if lowered != name and lowered in table:
+                    if self._alias_leads_somewhere(table, lowered, seen, depth + 1):
+                        return True
+                elif lowered == "postmaster" or lowered in self.users or self._has_mailbox(target):
                     return True
-            elif lowered == "postmaster" or lowered in self.users or self._has_mailbox(target):
-                return True
+            except MaildirLookupError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
         return False
+
+    def _local_user_reply(self, local_part: str) -> Reply | None:
+        """Return NO_SUCH_USER for an unknown local user, LOCAL_ERROR when the lookup fails, else None."""
+        try:
+            return None if self.user_exists(local_part) else replies.NO_SUCH_USER
+        except MaildirLookupError as exc:
+            if self.accept_on_lookup_error:
+                return None
+            self._note_lookup_error(exc)
+            return replies.LOCAL_ERROR
+
+    def _note_lookup_error(self, error: MaildirLookupError) -> None:
+        """Count a failed lookup; log it at most once in LOOKUP_ERROR_LOG_INTERVAL seconds."""
+        self._lookup_failures += 1
+        now = time.monotonic()
+        if self._lookup_logged_at is not None and now - self._lookup_logged_at < LOOKUP_ERROR_LOG_INTERVAL:
+            return
+        log_event(logger, "recipient_lookup_error", logging.WARNING, error=str(error), failures=self._lookup_failures)
+        self._lookup_failures = 0
+        self._lookup_logged_at = now
 
     def check_recipient(self, local_part: str, domain: str, privileged: bool) -> Reply | None:
         """Return the rejection for a recipient, or None to accept it.
@@ -193,7 +250,7 @@ class RelayPolicy:
 
         name = domain.lower().rstrip(".")
         if name in self.local_domains:
-            return None if self.user_exists(local_part) else replies.NO_SUCH_USER
+            return self._local_user_reply(local_part)
         if not privileged:
             if name not in self.relay_domains:
                 return replies.RELAY_DENIED
@@ -202,7 +259,7 @@ class RelayPolicy:
             # privileged clients may use it, as Postfix's allow_untrusted_routing.
             if any(mark in local_part for mark in "%!@"):
                 return replies.RELAY_DENIED
-        if name in self.local_transport_domains and not self.user_exists(local_part):
-            return replies.NO_SUCH_USER
+        if name in self.local_transport_domains:
+            return self._local_user_reply(local_part)
         return None
 
