@@ -1170,3 +1170,17 @@ def test_interrupt_while_reading_exits_quietly(tmp_path: Path) -> None:
     assert b"Traceback" not in stderr
     assert stderr.decode().strip() == "sendmail: interrupted"
     assert not (tmp_path / "spool").exists() or stored_messages(tmp_path / "spool") == []
+
+
+def test_import_skips_scheduler_and_dns() -> None:
+    # sendmail runs once per message an application hands over, so its start
+    # must not load the scheduler, the SMTP client or dnspython.
+    code = (
+        "import sys, relay.sendmail\n"
+        "print(sorted(m for m in ('relay.delivery.scheduler', 'dns') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+    )
+    assert result.stdout.strip() == "[]"
