@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
+import tomllib
+from typing import Any
 
 from conftest import REPO_ROOT
-from relay.config import describe_defaults
+from relay import config as config_module
+from relay.config import ListenerConfig, describe_defaults
+from relay.units import parse_duration, parse_host_port, parse_size
 
 REFERENCE = REPO_ROOT / "docs" / "configuration.md"
 
@@ -42,6 +47,125 @@ def test_no_stale_keys_documented() -> None:
         assert section in defaults, f"{REFERENCE.name} documents unknown section [{section}]"
         stale = keys - set(defaults[section])
         assert not stale, f"{REFERENCE.name} documents unknown [{section}] keys: {sorted(stale)}"
+
+
+def documented_rows() -> dict[tuple[str, str], tuple[str, str]]:
+    """Return {(section, key): (default cell, meaning cell)} from the reference's key tables."""
+    rows: dict[tuple[str, str], tuple[str, str]] = {}
+    section: str | None = None
+    for line in REFERENCE.read_text().splitlines():
+        heading = re.match(r"^## \[\[?([a-z]+)\]?\]$", line)
+        if heading:
+            section = heading.group(1)
+            continue
+        row = re.match(r"^\| `([a-z_]+)` \| (.*?) \| (.*)$", line)
+        if row and section is not None:
+            rows[(section, row.group(1))] = (row.group(2), row.group(3))
+    return rows
+
+
+def config_fields() -> dict[tuple[str, str], dataclasses.Field[Any]]:
+    """Return {(section, key): dataclass field} for every config key."""
+    sections: dict[str, type] = {**config_module._SECTIONS, "listener": ListenerConfig}
+    return {
+        (section, item.name): item
+        for section, cls in sections.items()
+        for item in dataclasses.fields(cls)
+        if item.metadata
+    }
+
+
+def normalize(kind: str, value: Any, metadata: Any) -> Any:
+    """Convert a documented TOML value to the type that a config field of ``kind`` stores."""
+    if kind == "duration":
+        return parse_duration(value)
+    if kind == "size":
+        return parse_size(value)
+    if kind == "hostport":
+        return parse_host_port(value)
+    if kind == "hostports":
+        return tuple(parse_host_port(item, metadata.get("default_port")) for item in value)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def test_documented_defaults_match_code() -> None:
+    defaults = describe_defaults()
+    rows = documented_rows()
+
+    for (section, key), spec in config_fields().items():
+        default_cell = rows[(section, key)][0]
+        code_default = defaults[section][key]
+        literal = re.match(r"^`([^`]*)`", default_cell)
+        if literal is None:
+            # Prose such as "none" or "number of CPUs": an unset file or a computed default.
+            computed = spec.default is dataclasses.MISSING
+            assert computed or code_default == "", (
+                f"[{section}] {key}: documented default {default_cell!r}, code default {code_default!r}"
+            )
+            continue
+        documented = normalize(spec.metadata["kind"], tomllib.loads(f"v = {literal.group(1)}")["v"], spec.metadata)
+        if spec.metadata["kind"] == "transport":
+            code_default = dict(code_default)
+        assert documented == code_default, (
+            f"[{section}] {key}: documented default {literal.group(1)}, code default {code_default!r}"
+        )
+
+
+def documented_values(kind: str, text: str) -> set[Any]:
+    """Return every value in backquotes in ``text`` that reads as a value of ``kind``."""
+    values: set[Any] = set()
+    for token in re.findall(r"`([^`]+)`", text):
+        token = token.strip('"')
+        try:
+            values.add(int(token) if kind == "int" else normalize(kind, token, {}))
+        except ValueError:
+            continue
+    return values
+
+
+# Minimum of the integer and size keys whose row names none, as the reference's
+# "Value forms" list states.
+GENERAL_MINIMUM = 1
+
+
+def test_documented_limits_match_code() -> None:
+    rows = documented_rows()
+    value_forms = REFERENCE.read_text().split("\n## ", 1)[0]
+
+    assert f"`{config_module._INTEGER_CEILING}`" in value_forms, "the integer ceiling is not documented"
+    for (section, key), spec in config_fields().items():
+        kind = spec.metadata["kind"]
+        if kind not in ("int", "size", "duration"):
+            continue
+        values = documented_values(kind, " ".join(rows[(section, key)]))
+        low, high = spec.metadata.get("min"), spec.metadata.get("max")
+        if kind != "duration":
+            assert low is not None, f"[{section}] {key} accepts negative values"
+            if low != GENERAL_MINIMUM:
+                assert low in values, f"[{section}] {key}: minimum {low} is not documented"
+        elif low is not None:
+            assert low in values, f"[{section}] {key}: minimum {low}s is not documented"
+        if high is not None:
+            assert high in values, f"[{section}] {key}: maximum {high} is not documented"
+
+
+def test_documented_zero_durations_match_code() -> None:
+    rows = documented_rows()
+    value_forms = REFERENCE.read_text().split("\n## ", 1)[0]
+    sentence = re.search(r"only the keys marked\s+\"\(off\)\"\s+and\s+(.*?)\s+accept 0\.", value_forms, re.DOTALL)
+    assert sentence is not None, "the list of durations that accept 0 is missing"
+    documented = set(re.findall(r"`([a-z_]+)`", sentence.group(1)))
+    documented |= {key for (_, key), (default, _) in rows.items() if "(off)" in default}
+
+    accept_zero = {
+        key
+        for (_, key), spec in config_fields().items()
+        if spec.metadata["kind"] == "duration" and not spec.metadata.get("positive") and not spec.metadata.get("min")
+    }
+
+    assert documented == accept_zero
 
 
 OPERATIONS = REPO_ROOT / "docs" / "operations.md"
