@@ -14,6 +14,7 @@ import importlib
 import io
 import os
 import re
+import select
 import sys
 from collections.abc import Sequence
 
@@ -75,6 +76,18 @@ def stop_output() -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     return 1
+
+
+def stdout_reader_gone() -> bool:
+    """Return whether standard output is a pipe or socket whose reading end has been closed."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False
+    poller = select.poll()
+    poller.register(descriptor, select.POLLOUT)
+    # Linux reports POLLERR on the writing end of a pipe without readers.
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -153,17 +166,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     # as sendmail(1) in that mode, with the same logging and output setup as
     # `relay sendmail`.
     program = os.path.basename(sys.argv[0])
-    if argv is None and program in SENDMAIL_NAMES:
-        from relay.sendmail import run
-
-        return run(sys.argv[1:], program)
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        if argv is None and program in SENDMAIL_NAMES:
+            from relay.sendmail import run
+
+            return run(sys.argv[1:], program)
+
+        parser = build_parser()
+        args = parser.parse_args(argv)
         status: int = args.handler(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of standard output went away (`relay status | head -1`).
+        # A broken pipe elsewhere, such as a socket, is a fault to show.
+        if not stdout_reader_gone():
+            raise
+        return stop_output()
     return status
 
 

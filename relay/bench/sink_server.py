@@ -38,6 +38,7 @@ from relay.bench.sink import (
     SinkSettings,
     SinkState,
 )
+from relay.cli import stop_output
 from relay.log import log_event
 from relay.units import format_host_port
 
@@ -82,8 +83,13 @@ def format_counters(values: list[int], json_output: bool) -> str:
 
 
 def _print(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of standard output went away; the sink keeps running
+        # and stops printing its counters.
+        stop_output()
 
 
 def _listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
