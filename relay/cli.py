@@ -130,9 +130,28 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose subcommands reject the arguments they do not know.
+
+    argparse hands a subcommand's unknown arguments up to the top-level parser,
+    which then reports them as ``relay: error:`` with the top-level usage.
+    Subcommand parsers are created with the class of their parent, so each
+    one rejects its own, naming the subcommand and showing its usage.
+    """
+
+    # typeshed declares overloads for custom namespace types, which this does not repeat.
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every available subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="relay",
         description="relay: a mail transfer agent with a compiled SMTP core.",
     )

@@ -1,4 +1,4 @@
-"""The relay command line as an operator meets it: a closed standard output."""
+"""The relay command line as an operator meets it: usage errors and a closed standard output."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 from bench_helpers import STARTUP_TIMEOUT, relay_command, wait_for_listening
 
 from conftest import REPO_ROOT, free_port
@@ -33,7 +34,7 @@ def run_with_closed_stdout(*args: str, stdin: str = "", cwd: Path = REPO_ROOT) -
 
 def test_check_config_closed_stdout(tmp_path: Path) -> None:
     config = tmp_path / "relay.toml"
-    config.write_text("[server]\nhostname = \"mx.example.test\"\n")
+    config.write_text('[server]\nhostname = "mx.example.test"\n')
 
     completed = run_with_closed_stdout("check-config", str(config))
 
@@ -89,3 +90,36 @@ def test_sink_and_bench_closed_stdout() -> None:
     assert "Traceback" not in sink_stderr.decode()
     assert "cannot listen" not in sink_stderr.decode()
     assert sink.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "prefix"),
+    [
+        (("serve", "--bogus"), "relay serve: error: unrecognized arguments: --bogus"),
+        (("queue", "list", "--bogus"), "relay queue list: error: unrecognized arguments: --bogus"),
+        (("status", "extra"), "relay status: error: unrecognized arguments: extra"),
+        (("check-config", "a.toml", "b.toml"), "relay check-config: error: unrecognized arguments: b.toml"),
+        (("bench", "127.0.0.1:9", "--frob"), "relay bench: error: unrecognized arguments: --frob"),
+        (("serve", "--listen", "nowhere"), "relay serve: --listen: invalid address 'nowhere': missing port"),
+        (("serve", "--workers", "0"), "relay serve: --workers: 0 is below the minimum 1"),
+        (("serve", "--spool", ""), "relay serve: --spool is empty"),
+    ],
+)
+def test_usage_error_names_subcommand(tmp_path: Path, args: tuple[str, ...], prefix: str) -> None:
+    # Nothing listens on port 9, and tmp_path keeps a spool that serve might create out of the tree.
+    completed = subprocess.run(
+        relay_command(*args),
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert completed.returncode == 2
+    last_line = completed.stderr.splitlines()[-1]
+    assert last_line.startswith(prefix), completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -66,7 +66,7 @@ def _listen_address(value: str) -> tuple[str, int]:
     try:
         return parse_host_port(value)
     except ValueError as exc:
-        print(f"relay: --listen: {exc}", file=sys.stderr)
+        print(f"relay serve: --listen: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -74,10 +74,10 @@ def _apply_workers(config: Config, workers: int | None) -> Config:
     if workers is None:
         return config
     if workers < 1:
-        print(f"relay: --workers: {workers} is below the minimum 1", file=sys.stderr)
+        print(f"relay serve: --workers: {workers} is below the minimum 1", file=sys.stderr)
         raise SystemExit(2)
     if workers > MAX_WORKERS:
-        print(f"relay: --workers: {workers} is above the maximum {MAX_WORKERS}", file=sys.stderr)
+        print(f"relay serve: --workers: {workers} is above the maximum {MAX_WORKERS}", file=sys.stderr)
         raise SystemExit(2)
     return config.replace(server=dataclasses.replace(config.server, workers=workers))
 
@@ -111,7 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
         overrides.add("listener")
     if args.spool is not None:
         if not args.spool:
-            print("relay: --spool is empty; give the spool directory, or leave it out to use [spool] path",
+            print("relay serve: --spool is empty; give the spool directory, or leave it out to use [spool] path",
                   file=sys.stderr)
             return 2
         config = config.replace(spool=dataclasses.replace(config.spool, path=args.spool))
