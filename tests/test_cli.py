@@ -123,3 +123,23 @@ def test_usage_error_names_subcommand(tmp_path: Path, args: tuple[str, ...], pre
     assert last_line.startswith(prefix), completed.stderr
     assert "Traceback" not in completed.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_script_keeps_working_directory(tmp_path: Path) -> None:
+    if not (REPO_ROOT / ".venv" / "bin" / "relay").exists():
+        pytest.skip("scripts/serve would first build .venv; run scripts/test or scripts/serve once")
+    # An invalid value makes relay serve exit after reading the file, before it listens.
+    (tmp_path / "relay.toml").write_text("[server]\nmax_errors = 0\n")
+
+    completed = subprocess.run(
+        [str(REPO_ROOT / "scripts" / "serve"), "--config", "relay.toml"],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert completed.stderr == "relay.toml:server.max_errors: value 0 is below the minimum 1\n"
+    assert completed.returncode == 1
