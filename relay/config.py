@@ -20,8 +20,10 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import reprlib
 import socket
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -761,7 +763,24 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{filename}: invalid TOML: {exc}"]) from None
+    except ValueError:
+        # tomllib (Python 3.11) lets int()'s limit of 4300 digits escape as a plain ValueError.
+        raise ConfigError([_describe_long_integer(filename, text)]) from None
     return _build(raw, ctx, filename)
+
+
+def _describe_long_integer(filename: str, text: str) -> str:
+    """Return the error line for a TOML integer too long for Python to read, naming its line."""
+    limit = sys.get_int_max_str_digits()
+    digits = re.search(f"[0-9A-Fa-f_]{{{limit + 1},}}", text)
+    where = ""
+    if digits is not None:
+        line = text.count("\n", 0, digits.start()) + 1
+        where = f" at line {line}"
+    return (
+        f"{filename}: invalid TOML: integer{where} has more than {limit} digits;"
+        f" no key accepts more than {len(str(_INTEGER_CEILING))} digits"
+    )
 
 
 def _describe_utf8_error(filename: str, data: bytes, exc: UnicodeDecodeError) -> str:

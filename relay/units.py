@@ -10,8 +10,13 @@ the expected form, so callers can prefix the file and key.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 
+# Digits that a size string may have, leading zeros aside: 30 digits is far above
+# every size limit, and int() rejects strings of more than 4300 digits with a
+# message about a Python setting.
+MAX_SIZE_DIGITS = 30
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 _DURATION_UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -34,7 +39,13 @@ def parse_size(value: int | str) -> int:
     match = _SIZE_RE.match(value)
     if match is None:
         raise ValueError(f"invalid size {value!r}; expected octets with an optional K, M or G suffix, such as \"10M\"")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+    digits = match.group(1).lstrip("0") or "0"
+    if len(digits) > MAX_SIZE_DIGITS:
+        raise ValueError(
+            f"size of {len(digits)} digits is too large; expected at most {MAX_SIZE_DIGITS} digits,"
+            " with a K, M or G suffix for large sizes"
+        )
+    return int(digits) * _SIZE_UNITS[match.group(2).upper()]
 
 
 def parse_duration(value: int | float | str) -> float:
@@ -53,7 +64,13 @@ def parse_duration(value: int | float | str) -> float:
             f"invalid duration {value!r}; expected a number with an optional unit ms, s, m, h, d or w,"
             " such as \"30s\" or \"5d\""
         )
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    # float() turns a number beyond 1.8e308 into inf, which a duration must not be.
+    if not math.isfinite(seconds):
+        raise ValueError(
+            f"duration of {len(match.group(1))} characters is too large; expected finite seconds, such as \"5d\""
+        )
+    return seconds
 
 
 def format_duration(seconds: float) -> str:

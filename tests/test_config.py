@@ -602,6 +602,34 @@ def test_huge_integers_rejected(tmp_path: Path, text: str, key: str, maximum: st
     assert any(line.startswith(f"{path}:{key}: ") and f"above the maximum {maximum}" in line for line in errors)
 
 
+def test_integer_beyond_python_digit_limit(tmp_path: Path) -> None:
+    # Python reads at most 4300 digits into an int by default; tomllib raised a bare ValueError.
+    path = write(tmp_path, "[server]\nmax_errors = 5\n[policy]\nmax_message_size = " + "9" * 5000 + "\n")
+
+    errors = errors_of(path)
+
+    assert errors == [
+        f"{path}: invalid TOML: integer at line 4 has more than 4300 digits; no key accepts more than 19 digits"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ('[policy]\nmax_message_size = "' + "9" * 5000 + '"\n', "policy.max_message_size", "size of 5000 digits"),
+        ('[server]\ncommand_timeout = "' + "9" * 400 + 's"\n', "server.command_timeout", "duration of 400 characters"),
+        ('[server]\nshutdown_grace = "' + "9" * 305 + 'w"\n', "server.shutdown_grace", "duration of 305 characters"),
+    ],
+)
+def test_overlong_number_strings_rejected(tmp_path: Path, text: str, key: str, problem: str) -> None:
+    path = write(tmp_path, text)
+
+    errors = errors_of(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{path}:{key}: {problem} is too large; expected ")
+
+
 def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status = main(["check-config", str(tmp_path / "nope.toml")])
 
