@@ -20,6 +20,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import pwd
 import re
 import reprlib
 import socket
@@ -749,6 +750,11 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
             data = handle.read()
     except FileNotFoundError:
         raise ConfigError([f"{filename}: file not found; pass an existing config file"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{filename}: is a directory; pass the path of the config file"]) from None
+    except PermissionError:
+        user = _effective_user()
+        raise ConfigError([f"{filename}: cannot be read: permission denied; let user {user} read it"]) from None
     except OSError as exc:
         raise ConfigError([f"{filename}: cannot be read: {exc.strerror}"]) from None
     # Decoded here rather than by tomllib.load, which lets UnicodeDecodeError escape.
@@ -762,11 +768,42 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{filename}: invalid TOML: {exc}"]) from None
+        raise ConfigError([_describe_toml_error(filename, text, exc)]) from None
     except ValueError:
         # tomllib (Python 3.11) lets int()'s limit of 4300 digits escape as a plain ValueError.
         raise ConfigError([_describe_long_integer(filename, text)]) from None
     return _build(raw, ctx, filename)
+
+
+def _effective_user() -> str:
+    """Return the name of the user this process runs as, or its uid when it has no name."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+# The position that tomllib (Python 3.11) puts at the end of its messages.
+_TOML_POSITION = re.compile(r"\(at line (\d+), column \d+\)$")
+# How to fix the tomllib errors whose message does not say it, by message start.
+_TOML_FIXES = {
+    "Cannot overwrite a value": "a key may appear only once in a table, so remove one of them",
+    "Cannot declare": "a [section] may appear only once, so merge the two",
+}
+
+
+def _describe_toml_error(filename: str, text: str, exc: tomllib.TOMLDecodeError) -> str:
+    """Return the error line for a TOML syntax error, quoting the line it names."""
+    message = str(exc)
+    result = f"{filename}: invalid TOML: {message}"
+    position = _TOML_POSITION.search(message)
+    lines = text.splitlines()
+    if position is not None and 0 < int(position.group(1)) <= len(lines):
+        result += f": {_value_repr.repr(lines[int(position.group(1)) - 1].strip())}"
+    fix = next((fix for start, fix in _TOML_FIXES.items() if message.startswith(start)), None)
+    if fix is not None:
+        result += f"; {fix}"
+    return result
 
 
 def _describe_long_integer(filename: str, text: str) -> str:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import pwd
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO_ROOT
 from relay import config as config_module
 from relay.cli import main
 from relay.config import Config, ConfigError, ListenerConfig, describe_defaults, load_config
@@ -628,6 +632,55 @@ def test_overlong_number_strings_rejected(tmp_path: Path, text: str, key: str, p
 
     assert len(errors) == 1
     assert errors[0].startswith(f"{path}:{key}: {problem} is too large; expected ")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "[server]\nmax_errors = 5\nmax_errors = 6\n",
+            "Cannot overwrite a value (at line 3, column 15): 'max_errors = 6';"
+            " a key may appear only once in a table, so remove one of them",
+        ),
+        (
+            "[server]\nmax_errors = 5\n[server]\n",
+            "Cannot declare ('server',) twice (at line 3, column 8): '[server]';"
+            " a [section] may appear only once, so merge the two",
+        ),
+        ("[server\n", "Expected ']' at the end of a table declaration (at line 1, column 8): '[server'"),
+    ],
+)
+def test_toml_error_quotes_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+
+    errors = errors_of(path)
+
+    assert errors == [f"{path}: invalid TOML: {expected}"]
+
+
+def test_config_directory_rejected(tmp_path: Path) -> None:
+    errors = errors_of(tmp_path)
+
+    assert errors == [f"{tmp_path}: is a directory; pass the path of the config file"]
+
+
+def test_unreadable_config_names_user(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nmax_errors = 5\n")
+    path.chmod(0)
+    command = [sys.executable, "-m", "relay", "check-config", str(path)]
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    if os.geteuid() == 0:
+        # root reads every file, so the check runs as nobody (uid 65534), whom tmp_path's mode 0700 keeps out.
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is missing, so the check cannot run as another user")
+        command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        user = pwd.getpwuid(65534).pw_name
+
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
+
+    assert completed.stderr == f"{path}: cannot be read: permission denied; let user {user} read it\n"
+    assert completed.returncode == 1
 
 
 def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
