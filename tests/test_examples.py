@@ -109,3 +109,16 @@ def test_notify_reload_drop_in_replaces_kill() -> None:
     assert "Type=notify-reload" in settings
     # An empty ExecReload= drops the unit's kill -HUP; systemd then sends the one SIGHUP itself.
     assert "ExecReload=" in settings
+
+
+@pytest.mark.parametrize("name", ["relay-throughput.toml", "relay-smarthost.toml"])
+def test_service_example_paths_writable(name: str) -> None:
+    # Under the unit the working directory is /, so default relative paths would land in read-only /.
+    unit = (REPO_ROOT / "examples" / "relay.service").read_text()
+    writable = [line.partition("=")[2].split() for line in unit.splitlines() if line.startswith("ReadWritePaths=")]
+    text = (REPO_ROOT / "examples" / name).read_text()
+
+    for section, key in (("spool", "path"), ("local", "maildir_root")):
+        value = re.search(rf"^\[{section}\][^\[]*?^{key} = \"([^\"]+)\"", text, re.MULTILINE | re.DOTALL)
+        assert value is not None, f"{name} does not set [{section}] {key}"
+        assert value.group(1) in writable[0], f"{name}: [{section}] {key} is not in ReadWritePaths"
