@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import difflib
 import ipaddress
 import math
 import os
@@ -26,7 +27,7 @@ import reprlib
 import socket
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -661,6 +662,12 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
     return converted
 
 
+def _suggestion(name: str, known: Iterable[str]) -> str:
+    """Return " (did you mean NAME?)" for the known name closest to a misspelled one, or ""."""
+    matches = difflib.get_close_matches(name.lower(), list(known), n=1)
+    return f" (did you mean {matches[0]}?)" if matches else ""
+
+
 def _parse_section(cls: type, raw: Any, name: str, ctx: _Context) -> Any:
     """Build one section dataclass from its TOML table, recording errors in ctx."""
     if not isinstance(raw, dict):
@@ -679,7 +686,8 @@ def _parse_section(cls: type, raw: Any, name: str, ctx: _Context) -> Any:
     for key, value in raw.items():
         spec = fields.get(key)
         if spec is None:
-            ctx.error(f"{name}.{key}", f"unknown key; expected one of: {', '.join(sorted(fields))}")
+            known = ", ".join(sorted(fields))
+            ctx.error(f"{name}.{key}", f"unknown key{_suggestion(key, fields)}; expected one of: {known}")
             continue
         try:
             values[key] = _convert(spec.metadata["kind"], value, spec.metadata, ctx)
@@ -837,7 +845,7 @@ def _build(raw: dict[str, Any], ctx: _Context, source: str | None) -> Config:
         cls = _SECTIONS.get(key)
         if cls is None:
             known = ", ".join(sorted([*_SECTIONS, "listener"]))
-            ctx.error(key, f"unknown section; expected one of: {known}")
+            ctx.error(key, f"unknown section{_suggestion(key, [*_SECTIONS, 'listener'])}; expected one of: {known}")
             continue
         sections[key] = _parse_section(cls, value, key, ctx)
 

@@ -118,8 +118,10 @@ format = "json"
 @pytest.mark.parametrize(
     ("text", "prefix", "fragment"),
     [
-        ("[server]\nhostnme = \"a\"\n", "server.hostnme", "unknown key"),
-        ("[bogus]\nx = 1\n", "bogus", "unknown section"),
+        ("[server]\nhostnme = \"a\"\n", "server.hostnme", "unknown key (did you mean hostname?); expected one of: "),
+        ("[bogus]\nx = 1\n", "bogus", "unknown section; expected one of: admin, auth,"),
+        ("[sever]\nx = 1\n", "sever", "unknown section (did you mean server?); expected one of: admin, auth,"),
+        ("[Delivery]\nx = 1\n", "Delivery", "unknown section (did you mean delivery?)"),
         ("[policy]\nmax_recipients = \"many\"\n", "policy.max_recipients", "expected an integer"),
         ("[policy]\nallow_address_literals = 1\n", "policy.allow_address_literals", "true or false"),
         ("[[listener]]\naddress = \"127.0.0.1\"\n", "listener[0].address", "missing port"),
