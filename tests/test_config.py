@@ -979,3 +979,34 @@ def test_check_config_warns_unverified_auth(
         ' set relayhost_tls = "required" (and tls_ca_file for a private CA)'
     ]
     assert captured.err.splitlines() == (expected if warned else [])
+
+
+def test_relative_paths_follow_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every path key, found from the field metadata, so that a new one cannot resolve elsewhere.
+    sections: dict[str, list[str]] = {}
+    for name, cls in config_module._SECTIONS.items():
+        for item in dataclasses.fields(cls):
+            if item.metadata.get("kind") == "path":
+                sections.setdefault(name, []).append(item.name)
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    text = ""
+    for section, keys in sections.items():
+        text += f"[{section}]\n"
+        if section == "delivery":
+            # relayhost_password_file is only valid with a relayhost and a user name.
+            text += 'relayhost = "[127.0.0.1]:2526"\nrelayhost_username = "u"\n'
+        for key in keys:
+            (folder / f"{section}-{key}").write_text("x\n")
+            text += f'{key} = "{section}-{key}"\n'
+    write(folder, text)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    config = load_config(Path("..") / "conf" / "relay.toml")
+
+    assert sum(len(keys) for keys in sections.values()) >= 8
+    for section, keys in sections.items():
+        for key in keys:
+            assert getattr(getattr(config, section), key) == str(folder / f"{section}-{key}"), (section, key)
