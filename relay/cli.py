@@ -19,7 +19,14 @@ import sys
 from collections.abc import Sequence
 
 from relay import __version__
-from relay.config import CONFIG_ENVIRONMENT, Config, ConfigError, config_warnings, load_config
+from relay.config import (
+    CONFIG_ENVIRONMENT,
+    Config,
+    ConfigError,
+    config_warnings,
+    load_config,
+    spool_directory_problem,
+)
 from relay.entry import SENDMAIL_NAMES
 from relay.log import setup_logging
 
@@ -114,13 +121,22 @@ def _check_config(args: argparse.Namespace) -> int:
     # The files that relay serve loads before it starts any worker.
     from relay.reload import FileCheckError, check_files
 
+    errors: list[str] = []
     try:
         check_files(config)
     except FileCheckError as exc:
-        for error in exc.errors:
-            # "FILE:section.key: problem", as load_config writes its own errors.
-            separator = ":" if _KEY_PREFIX.match(error) else ": "
-            print(f"{args.file}{separator}{error}", file=sys.stderr)
+        errors.extend(exc.errors)
+    # relay serve finds this only once its workers open the spool, and each
+    # then logs spool_error.  relay sendmail exits 75 for it, so it is no
+    # error of load_config.
+    spool_problem = spool_directory_problem(config.spool.path)
+    if spool_problem is not None:
+        errors.append(f"spool.path: {spool_problem}")
+    for error in errors:
+        # "FILE:section.key: problem", as load_config writes its own errors.
+        separator = ":" if _KEY_PREFIX.match(error) else ": "
+        print(f"{args.file}{separator}{error}", file=sys.stderr)
+    if errors:
         return 1
     # A warning leaves the exit status 0, because the config works, only unsafely.
     for key, problem in config_warnings(config):

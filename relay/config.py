@@ -668,6 +668,23 @@ def _suggestion(name: str, known: Iterable[str]) -> str:
     return f" (did you mean {matches[0]}?)" if matches else ""
 
 
+def spool_directory_problem(path: str) -> str | None:
+    """Return why the spool directory ``path`` cannot be opened or created, or None.
+
+    A missing directory is fine, because relay serve creates it with its
+    parents; a file at the path or at one of its parents is not.
+    """
+    for candidate in (Path(path), *Path(path).parents):
+        if not os.path.exists(candidate):
+            continue
+        if candidate.is_dir():
+            return None
+        if str(candidate) == path:
+            return f"{path} is not a directory; give a directory"
+        return f"{candidate} is not a directory, so {path} cannot be created; give a directory"
+    return None
+
+
 def _parse_section(cls: type, raw: Any, name: str, ctx: _Context) -> Any:
     """Build one section dataclass from its TOML table, recording errors in ctx."""
     if not isinstance(raw, dict):

@@ -1010,3 +1010,31 @@ def test_relative_paths_follow_config_file(tmp_path: Path, monkeypatch: pytest.M
     for section, keys in sections.items():
         for key in keys:
             assert getattr(getattr(config, section), key) == str(folder / f"{section}-{key}"), (section, key)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("relay.toml", "{folder}/relay.toml is not a directory; give a directory"),
+        ("relay.toml/spool", "{folder}/relay.toml is not a directory, so {folder}/relay.toml/spool cannot be created"),
+    ],
+)
+def test_check_config_rejects_file_as_spool(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, problem: str
+) -> None:
+    # relay serve would start its workers, and each would log spool_error without naming the key.
+    path = write(tmp_path, f'[spool]\npath = "{value}"\n')
+
+    status = main(["check-config", str(path)])
+
+    assert status == 1
+    assert capsys.readouterr().err.startswith(f"{path}:spool.path: {problem.format(folder=tmp_path)}")
+
+
+def test_check_config_accepts_missing_spool(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, '[spool]\npath = "new/spool"\n')
+
+    status = main(["check-config", str(path)])
+
+    assert status == 0
+    assert capsys.readouterr().err == ""
