@@ -56,6 +56,8 @@ m4.many IN A 127.0.0.24
 m5.many IN A 127.0.0.25
 m6.many IN A 127.0.0.26
 *.wild IN A 127.0.0.4
+xn--strae-oqa IN A 127.0.0.31
+strasse IN A 127.0.0.32
 *.dead IN A 127.0.0.9
 """
 

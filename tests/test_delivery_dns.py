@@ -85,6 +85,14 @@ def test_longest_dns_name_looked_up(nameserver: NameServer) -> None:
     assert failure(nameserver, domain).text == f"domain {domain} not found"
 
 
+@pytest.mark.parametrize("domain", ["straße.test", "STRAẞE.test.", "xn--strae-oqa.test"])
+def test_u_label_domain_looked_up_by_idna2008(nameserver: NameServer, domain: str) -> None:
+    # IDNA2003 would map "ß" to "ss" and look up strasse.test, another domain with another address.
+    (host,) = resolve(nameserver, domain)
+    assert host.addresses == ("127.0.0.31",)
+    assert host.name == "xn--strae-oqa.test"
+
+
 def test_no_mx_and_no_address_fails(nameserver: NameServer) -> None:
     assert failure(nameserver, "text-only.test").status == "5.4.4"
 

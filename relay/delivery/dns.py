@@ -117,8 +117,7 @@ class MXResolver:
 
         Hosts with no address are left out.  An empty list is never returned.
         """
-        name = domain.rstrip(".").lower()
-        _check_name(name, "domain")
+        name = _ascii_name(domain, "domain")
         try:
             mx_records = await self._lookup(name, "MX")
         except _TemporaryError as exc:
@@ -153,7 +152,7 @@ class MXResolver:
 
     async def host_addresses(self, host: str) -> tuple[str, ...]:
         """Return the addresses of a next hop named without MX lookup; raise LookupFailure when none."""
-        _check_name(host.rstrip(".").lower(), "host")
+        host = _ascii_name(host, "host")
         try:
             addresses = await self._addresses(host)
         except _TemporaryError as exc:
@@ -233,14 +232,22 @@ class MXResolver:
         self._cache[key] = _CacheEntry(now + min(ttl, MAX_CACHE_TTL), records)
 
 
-def _check_name(name: str, kind: str) -> None:
-    """Raise a permanent LookupFailure when ``name`` cannot be a DNS name, so it is never retried.
+def _ascii_name(text: str, kind: str) -> str:
+    """Return ``text`` as a lower-case DNS name in ASCII (A-labels), without the trailing dot.
 
-    dnspython raises the same errors on every query for such a name, and a
-    retry could only fail the same way until the queue lifetime ran out.
+    U-labels are converted by IDNA2008 with the UTS #46 mapping and without
+    its transitional processing (RFC 5891, as Postfix does through ICU), so
+    ``straße`` becomes ``xn--strae-oqa`` and not the unrelated ``strasse``
+    that dnspython's IDNA2003 default would look up.
+
+    Raises a permanent LookupFailure when ``text`` cannot be a DNS name, so it
+    is never retried: dnspython raises the same error on every query for such
+    a name, and a retry could only fail the same way until the queue lifetime
+    ran out.
     """
+    name = text.rstrip(".").lower()
     try:
-        dns.name.from_text(name)
+        return dns.name.from_text(name, idna_codec=dns.name.IDNA_2008_Practical).to_text(omit_final_dot=True)
     except dns.name.EmptyLabel:
         reason = "it has an empty label"
     except dns.name.LabelTooLong:
@@ -251,8 +258,6 @@ def _check_name(name: str, kind: str) -> None:
         reason = f"IDNA cannot encode it ({exc})"
     except dns.exception.SyntaxError as exc:
         reason = f"{type(exc).__name__}"
-    else:
-        return
     raise LookupFailure(550, "5.1.2", f"{kind} {name} is not a valid DNS name: {reason}")
 
 
