@@ -509,6 +509,19 @@ def test_null_mx_bounces_without_connection(tmp_path: Path, nameserver: NameServ
     assert report.get_payload()[1].get_payload()[1]["Status"] == "5.1.10"
 
 
+def test_mapped_loopback_literal_bounces(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # A dual-stack socket reaches 127.0.0.1 through ::ffff:127.0.0.1, so the literal is loopback too.
+    port = free_port("127.0.0.1")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    with run_upstream("127.0.0.1", port) as upstream:
+        commit(spool, "alice@local.test", ["rcpt@[IPv6:::ffff:127.0.0.1]"])
+        assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")) and not spool_counts(config))
+    assert upstream.connections == 0
+    (report,) = mailbox_messages(config, "alice")
+    assert report.get_payload()[1].get_payload()[1]["Status"] == "5.7.1"
+
+
 def test_nxdomain_bounces(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     config = make_config(tmp_path, nameserver, free_port())
     spool = spool_for(config)

@@ -105,7 +105,7 @@ class Router:
         if text.lower().startswith("ipv6:"):
             text = text[len("ipv6:") :]
         try:
-            address = ipaddress.ip_address(text)
+            address = parse_address(text)
         except ValueError:
             return Route(kind=ERROR, destination=ERROR, error=f"550 5.1.2 invalid address literal {domain}")
         if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified:
@@ -132,6 +132,19 @@ class Router:
         if (relayhost.tls, relayhost.username) == (self._mx_tls, ""):
             return destination  # both open sessions the same way, so they may share them
         return f"{destination} tls={self._mx_tls}"
+
+
+def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Parse an IP address, returning an IPv4-mapped IPv6 address (``::ffff:127.0.0.1``) as its IPv4 address.
+
+    A dual-stack socket connects to a mapped address over IPv4, so the checks
+    for loopback and link-local addresses must see the IPv4 address, which
+    Python 3.11's ``ipaddress`` does not do for the mapped form.
+    """
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def _fixed_destination(host: str, port: int, use_mx: bool) -> str:
