@@ -286,6 +286,12 @@ class DeliveryConfig:
     # over all MX hosts of a domain, in MX order, so a domain with many dead MX
     # hosts cannot hold a worker for a connect timeout each; 0: no limit.
     mx_address_limit: int = _key(5, "int", min=0)
+    # An MX host (or implicit MX) that resolves to a loopback or unspecified
+    # address is this host, so by default it is dropped with every less
+    # preferred host (RFC 5321 section 5.1), as Postfix does for its own
+    # addresses.  true uses such hosts: for test setups whose MX peers all
+    # listen on 127.0.0.0/8 or ::1.
+    allow_loopback_mx: bool = _key(False, "bool")
     # Postfix: delay_warning_time = 0h, so no delay warnings by default.
     delay_warning_time: float = _key(0.0, "duration")
     # Copy a failed message with the null sender to postmaster (Postfix:

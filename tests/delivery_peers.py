@@ -56,6 +56,20 @@ m4.many IN A 127.0.0.24
 m5.many IN A 127.0.0.25
 m6.many IN A 127.0.0.26
 *.wild IN A 127.0.0.4
+loop IN MX 10 lo.loop.test.
+lo.loop IN A 127.0.0.1
+zero IN MX 10 z.zero.test.
+z.zero IN A 0.0.0.0
+mapped IN MX 10 m.mapped.test.
+m.mapped IN AAAA ::ffff:127.0.0.1
+backup IN MX 10 p.backup.test.
+backup IN MX 20 self.backup.test.
+backup IN MX 20 peer.backup.test.
+backup IN MX 30 last.backup.test.
+p.backup IN A 192.0.2.10
+self.backup IN A 127.0.0.1
+peer.backup IN A 192.0.2.20
+last.backup IN A 192.0.2.30
 xn--strae-oqa IN A 127.0.0.31
 strasse IN A 127.0.0.32
 *.dead IN A 127.0.0.9

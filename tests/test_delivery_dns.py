@@ -15,6 +15,7 @@ from delivery_peers import NameServer, run_nsd
 
 from conftest import free_port
 from relay.delivery.dns import LookupFailure, MailHost, MXResolver
+from relay.delivery.sessions import _drop_local_addresses
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +175,20 @@ def test_answers_cached_for_ttl(tmp_path: Path) -> None:
             assert caught.value.temporary
 
         asyncio.run(lookups())
+
+
+def test_hosts_from_self_on_dropped(nameserver: NameServer) -> None:
+    # self.backup.test resolves to 127.0.0.1, so it and the hosts of preference 20 and 30 go.
+    # Nothing connects to the documentation addresses (192.0.2.0/24) of the others.
+    for _ in range(10):
+        hosts = _drop_local_addresses(resolve(nameserver, "backup.test"), "backup.test")
+        assert hosts == [MailHost("p.backup.test", 10, ("192.0.2.10",))]
+
+
+def test_link_local_only_mx_fails() -> None:
+    # Checked without a connection, so that a regression cannot send a packet off loopback.
+    hosts = [MailHost("ll.linklocal.test", 10, ("169.254.0.25", "fe80::25", "ff02::1"))]
+    with pytest.raises(LookupFailure) as caught:
+        _drop_local_addresses(hosts, "linklocal.test")
+    assert not caught.value.temporary
+    assert caught.value.status == "5.4.4"

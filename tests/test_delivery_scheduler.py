@@ -77,8 +77,9 @@ def make_config(
     (directory / "mail").mkdir(exist_ok=True)
     mailbox.Maildir(str(directory / "mail" / "alice"), create=True)
     # A key that ``delivery`` sets replaces the test default, as TOML allows a key only once.
+    # The MX peers here all listen on loopback.
     backoff = "\n".join(
-        line for line in ("minimal_backoff_time = 0.3", "maximal_backoff_time = 1")
+        line for line in ("minimal_backoff_time = 0.3", "maximal_backoff_time = 1", "allow_loopback_mx = true")
         if line.split(" =")[0] + " =" not in delivery
     )
     lease = "" if "lease_time =" in spool else 'lease_time = "30s"'
@@ -507,6 +508,22 @@ def test_null_mx_bounces_without_connection(tmp_path: Path, nameserver: NameServ
     assert upstream.connections == 0
     (report,) = mailbox_messages(config, "alice")
     assert report.get_payload()[1].get_payload()[1]["Status"] == "5.1.10"
+
+
+@pytest.mark.parametrize("domain", ["loop.test", "zero.test", "mapped.test", "six.test"])
+def test_loopback_mx_bounces_as_loop(tmp_path: Path, nameserver: NameServer, spool_for: Any, domain: str) -> None:
+    # Each domain's MX host resolves to an address of this host (127.0.0.1, 0.0.0.0, ::ffff:127.0.0.1 or ::1).
+    port = free_port("127.0.0.1")
+    config = make_config(tmp_path, nameserver, port, delivery="allow_loopback_mx = false")
+    spool = spool_for(config)
+    with run_upstream("127.0.0.1", port) as upstream:
+        commit(spool, "alice@local.test", [f"rcpt@{domain}"])
+        assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")) and not spool_counts(config))
+    assert upstream.connections == 0
+    (report,) = mailbox_messages(config, "alice")
+    fields = report.get_payload()[1].get_payload()[1]
+    assert fields["Status"] == "5.4.6"
+    assert f"mail for {domain} loops back to myself" in unfolded(report)
 
 
 def test_mapped_loopback_literal_bounces(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:

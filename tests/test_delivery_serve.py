@@ -104,6 +104,7 @@ def delivery_section(nameserver: NameServer, port: int, settings: str = "") -> s
 nameservers = ["127.0.0.1:{nameserver.port}"]
 smtp_port = {port}
 connect_timeout = 2
+allow_loopback_mx = true
 {settings}
 """
 

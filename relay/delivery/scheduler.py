@@ -373,6 +373,7 @@ class Scheduler:
             tls_mandatory_min_version=delivery.tls_mandatory_min_version,
             cache_time=delivery.connection_cache_time,
             address_limit=delivery.mx_address_limit,
+            allow_loopback_mx=delivery.allow_loopback_mx,
             chunking=delivery.chunking,
             line_length_limit=delivery.line_length_limit,
             reply_line_limit=delivery.reply_line_limit,

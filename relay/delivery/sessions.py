@@ -4,7 +4,20 @@ Hosts come from the MX lookup (``relay.delivery.dns``) or the route's fixed
 next hop.  Each host's addresses are tried in turn until one accepts the
 connection, greets with 220 and gets through EHLO, STARTTLS and AUTH.  Of an
 MX route, at most ``[delivery] mx_address_limit`` addresses in all are tried
-(5, Postfix's ``smtp_mx_address_limit``).  When an opportunistic STARTTLS
+(5, Postfix's ``smtp_mx_address_limit``).
+
+An MX host that resolves to a loopback or unspecified address is this host
+(``0.0.0.0`` and ``::`` connect to it as well).  RFC 5321 section 5.1 has a
+client drop its own entry and every less preferred one, so that host and
+those of the same or a larger preference are left out, as Postfix 3.7 does
+for its own addresses.  When that leaves no host, the recipients fail with
+``5.4.6`` ("loops back to myself").  Link-local and multicast addresses of
+MX hosts are left out as well, as for address literals in
+``relay.delivery.router``, so that DNS cannot steer mail at this host or its
+neighbours either.  ``[delivery] allow_loopback_mx`` turns this off for test
+setups whose MX peers listen on loopback.
+
+When an opportunistic STARTTLS
 handshake fails, the same address is tried once more without STARTTLS, and
 the fallback is logged (the ``Outbound STARTTLS failure`` rule: plaintext
 only when TLS is not required).
@@ -34,7 +47,7 @@ from relay.delivery.client import (
     Timeouts,
 )
 from relay.delivery.dns import LookupFailure, MailHost, MXResolver
-from relay.delivery.router import Route
+from relay.delivery.router import Route, parse_address
 from relay.log import log_event
 
 logger = logging.getLogger("relay.delivery")
@@ -64,6 +77,7 @@ class SessionPool:
         line_length_limit: int = DEFAULT_LINE_LENGTH_LIMIT,
         reply_line_limit: int = DEFAULT_REPLY_LINE_LIMIT,
         mime_downgrade: bool = True,
+        allow_loopback_mx: bool = False,
     ) -> None:
         self._resolver = resolver
         self._helo_name = helo_name
@@ -77,6 +91,7 @@ class SessionPool:
         self._line_length_limit = line_length_limit
         self._reply_line_limit = reply_line_limit
         self._mime_downgrade = mime_downgrade
+        self._allow_loopback_mx = allow_loopback_mx
         self._idle: dict[str, list[_Parked]] = {}
         self._closing: set[asyncio.Task[None]] = set()  # holds QUIT tasks until they finish
         self.opened = 0  # sessions opened so far, for tests and metrics
@@ -178,7 +193,10 @@ class SessionPool:
 
     async def _hosts(self, route: Route) -> list[MailHost]:
         if route.use_mx:
-            return _limit_addresses(await self._resolver.mail_hosts(route.host), self._address_limit)
+            hosts = await self._resolver.mail_hosts(route.host)
+            if not self._allow_loopback_mx:
+                hosts = _drop_local_addresses(hosts, route.host)
+            return _limit_addresses(hosts, self._address_limit)
         try:
             ipaddress.ip_address(route.host)
         except ValueError:
@@ -212,6 +230,34 @@ class SessionPool:
                 sessions.append(entry.session)
         self._idle.clear()
         await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
+
+
+def _drop_local_addresses(hosts: list[MailHost], domain: str) -> list[MailHost]:
+    """Return the MX ``hosts`` of ``domain`` without this host, lesser hosts, and link-local or multicast addresses.
+
+    Raises LookupFailure (``5.4.6``) when this host is the first one, and
+    (``5.4.4``) when no host has an address left.
+    """
+    kept: list[MailHost] = []
+    for host in hosts:
+        addresses = [(text, parse_address(text)) for text in host.addresses]
+        local = next((text for text, address in addresses if address.is_loopback or address.is_unspecified), None)
+        if local is not None:
+            # Hosts of this host's preference come before it only by the shuffle.
+            kept = [other for other in kept if other.preference < host.preference]
+            if kept:
+                break
+            # NOTE: a better MX host whose address lookup failed is not in ``hosts``,
+            # so this host can look best when it is a backup MX; Postfix defers then.
+            raise LookupFailure(
+                554, "5.4.6", f"mail for {domain} loops back to myself: MX host {host.name} has address {local}"
+            )
+        usable = tuple(text for text, address in addresses if not (address.is_link_local or address.is_multicast))
+        if usable:
+            kept.append(dataclasses.replace(host, addresses=usable))
+    if not kept:
+        raise LookupFailure(550, "5.4.4", f"no MX host of {domain} has a usable address")
+    return kept
 
 
 def _limit_addresses(hosts: list[MailHost], limit: int) -> list[MailHost]:
