@@ -70,6 +70,15 @@ p.backup IN A 192.0.2.10
 self.backup IN A 127.0.0.1
 peer.backup IN A 192.0.2.20
 last.backup IN A 192.0.2.30
+dual IN MX 10 v6.dual.test.
+dual IN MX 20 v4.dual.test.
+v6.dual IN AAAA 2001:db8::1
+v6.dual IN AAAA 2001:db8::2
+v6.dual IN AAAA 2001:db8::3
+v6.dual IN AAAA 2001:db8::4
+v6.dual IN AAAA 2001:db8::5
+v6.dual IN AAAA 2001:db8::6
+v4.dual IN A 192.0.2.40
 xn--strae-oqa IN A 127.0.0.31
 strasse IN A 127.0.0.32
 *.dead IN A 127.0.0.9

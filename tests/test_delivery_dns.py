@@ -15,7 +15,7 @@ from delivery_peers import NameServer, run_nsd
 
 from conftest import free_port
 from relay.delivery.dns import LookupFailure, MailHost, MXResolver
-from relay.delivery.sessions import _drop_local_addresses
+from relay.delivery.sessions import _drop_local_addresses, _limit_addresses
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +192,17 @@ def test_link_local_only_mx_fails() -> None:
         _drop_local_addresses(hosts, "linklocal.test")
     assert not caught.value.temporary
     assert caught.value.status == "5.4.4"
+
+
+def test_address_limit_keeps_both_ip_versions(nameserver: NameServer) -> None:
+    # Six IPv6 addresses come first; the limit of 5 still leaves room for the IPv4 host.
+    # Documentation addresses only: nothing connects to them.
+    hosts = _limit_addresses(resolve(nameserver, "dual.test"), 5)
+    assert [host.name for host in hosts] == ["v6.dual.test", "v4.dual.test"]
+    assert len(hosts[0].addresses) == 4
+    assert hosts[1].addresses == ("192.0.2.40",)
+
+
+def test_address_limit_keeps_mx_order(nameserver: NameServer) -> None:
+    hosts = _limit_addresses(resolve(nameserver, "many.test"), 5)
+    assert [host.name for host in hosts] == [f"m{n}.many.test" for n in range(1, 6)]

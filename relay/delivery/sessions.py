@@ -233,7 +233,7 @@ class SessionPool:
 
 
 def _drop_local_addresses(hosts: list[MailHost], domain: str) -> list[MailHost]:
-    """Return the MX ``hosts`` of ``domain`` without this host, lesser hosts, and link-local or multicast addresses.
+    """Return the MX ``hosts`` without this host, the hosts after it, and link-local or multicast addresses.
 
     Raises LookupFailure (``5.4.6``) when this host is the first one, and
     (``5.4.4``) when no host has an address left.
@@ -261,18 +261,26 @@ def _drop_local_addresses(hosts: list[MailHost], domain: str) -> list[MailHost]:
 
 
 def _limit_addresses(hosts: list[MailHost], limit: int) -> list[MailHost]:
-    """Return the first ``limit`` addresses of ``hosts`` in order, still grouped by host; 0 keeps them all."""
+    """Return the first ``limit`` addresses of ``hosts`` in order, still grouped by host; 0 keeps them all.
+
+    When those are all of one IP version and a later address is of the
+    other, that address takes the last place (Postfix:
+    ``smtp_balance_inet_protocols = yes``).  So a relay without a working
+    IPv6 route still reaches an MX host over IPv4, and the reverse.
+    """
     if limit <= 0:
         return hosts
-    limited: list[MailHost] = []
-    left = limit
-    for host in hosts:
-        if left <= 0:
-            break
-        addresses = host.addresses[:left]
-        limited.append(dataclasses.replace(host, addresses=addresses))
-        left -= len(addresses)
-    return limited
+    listed = [(index, address) for index, host in enumerate(hosts) for address in host.addresses]
+    chosen = listed[:limit]
+    versions = {parse_address(address).version for _, address in chosen}
+    if limit >= 2 and len(versions) == 1:
+        other = next((item for item in listed[limit:] if parse_address(item[1]).version not in versions), None)
+        if other is not None:
+            chosen[-1] = other
+    grouped: dict[int, list[str]] = {}
+    for index, address in chosen:
+        grouped.setdefault(index, []).append(address)
+    return [dataclasses.replace(hosts[index], addresses=tuple(addresses)) for index, addresses in grouped.items()]
 
 
 __all__ = ["LookupFailure", "SessionPool"]
