@@ -8,10 +8,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import dns.flags
 import dns.message
+import dns.query
 import dns.rcode
 import pytest
-from delivery_peers import NameServer, run_nsd
+from delivery_peers import ZONE, NameServer, run_nsd
 
 from conftest import free_port
 from relay.delivery.dns import LookupFailure, MailHost, MXResolver
@@ -206,3 +208,17 @@ def test_address_limit_keeps_both_ip_versions(nameserver: NameServer) -> None:
 def test_address_limit_keeps_mx_order(nameserver: NameServer) -> None:
     hosts = _limit_addresses(resolve(nameserver, "many.test"), 5)
     assert [host.name for host in hosts] == [f"m{n}.many.test" for n in range(1, 6)]
+
+
+def test_truncated_answer_retried_over_tcp(tmp_path: Path) -> None:
+    # 40 MX records whose long first labels differ, so that name compression cannot shorten
+    # them, pass the 1232-octet EDNS payload, and nsd sets TC over UDP.
+    label = "a-long-label-that-pads-each-mx-record"
+    records = "".join(f"big IN MX {n} h{n}-{label}.test.\nh{n}-{label} IN A 127.0.1.{n + 1}\n" for n in range(40))
+    with run_nsd(tmp_path, ZONE + records) as server:
+        query = dns.message.make_query("big.test", "MX", use_edns=0, payload=1232)
+        response = dns.query.udp(query, "127.0.0.1", port=server.port, timeout=2, raise_on_truncation=False)
+        assert response.flags & dns.flags.TC
+        hosts = resolve(server, "big.test")
+    assert [host.preference for host in hosts] == list(range(40))
+    assert hosts[-1] == MailHost(f"h39-{label}.test", 39, ("127.0.1.40",))
