@@ -16,7 +16,7 @@ import pytest
 from delivery_peers import ZONE, NameServer, run_nsd
 
 from conftest import free_port
-from relay.delivery.dns import LookupFailure, MailHost, MXResolver
+from relay.delivery.dns import CACHE_SWEEP_MIN_ENTRIES, LookupFailure, MailHost, MXResolver
 from relay.delivery.sessions import _drop_local_addresses, _limit_addresses
 
 
@@ -222,3 +222,20 @@ def test_truncated_answer_retried_over_tcp(tmp_path: Path) -> None:
         hosts = resolve(server, "big.test")
     assert [host.preference for host in hosts] == list(range(40))
     assert hosts[-1] == MailHost(f"h39-{label}.test", 39, ("127.0.1.40",))
+
+
+def test_expired_answers_leave_cache(nameserver: NameServer) -> None:
+    # Each NXDOMAIN is cached for the SOA minimum of 60 s and the clock moves 1 s a lookup,
+    # so at most about 60 answers are current at any time.
+    clock = [1000.0]
+    resolver = MXResolver(nameserver.nameservers, timeout=2.0, clock=lambda: clock[0])
+    lookups = CACHE_SWEEP_MIN_ENTRIES + 200
+
+    async def look_up_gone_domains() -> None:
+        for n in range(lookups):
+            with pytest.raises(LookupFailure):
+                await resolver.mail_hosts(f"gone{n}.test")
+            clock[0] += 1.0
+
+    asyncio.run(look_up_gone_domains())
+    assert len(resolver._cache) <= CACHE_SWEEP_MIN_ENTRIES

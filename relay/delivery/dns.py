@@ -10,7 +10,9 @@ Queries go through ``dns.asyncresolver`` with ``Resolver(configure=False)``
 pointed at ``[delivery] nameservers`` when set, else the system resolver.
 CNAME chains are followed by the resolver.  Answers, NXDOMAIN and no-data
 included, are cached in memory for their TTL (negative answers for the zone's
-SOA minimum, RFC 2308 section 5), capped at ``MAX_CACHE_TTL``.
+SOA minimum, RFC 2308 section 5), capped at ``MAX_CACHE_TTL``.  Expired
+answers are dropped as the cache grows, so it holds about the names looked up
+within the last ``MAX_CACHE_TTL``.
 
 Failures: a domain that does not exist fails with ``5.1.2``, and so does
 one that is no valid DNS name (an empty label, a label over 63 octets, a
@@ -47,6 +49,10 @@ MAX_CACHE_TTL = 3600.0
 # Used for negative answers that carry no SOA record (RFC 2308 section 5 allows
 # caching them only briefly).
 NEGATIVE_TTL_WITHOUT_SOA = 60.0
+# Expired answers are dropped whenever the cache has doubled since the last
+# sweep, and not before it holds this many, so the cache keeps about the names
+# looked up within MAX_CACHE_TTL instead of every name since the start.
+CACHE_SWEEP_MIN_ENTRIES = 1024
 
 
 class LookupFailure(Exception):
@@ -111,6 +117,7 @@ class MXResolver:
         self._clock = clock
         self._shuffle = shuffle
         self._cache: dict[tuple[str, str], _CacheEntry] = {}
+        self._sweep_at = CACHE_SWEEP_MIN_ENTRIES
 
     async def mail_hosts(self, domain: str) -> list[MailHost]:
         """Return the hosts to try for ``domain`` in order; raise LookupFailure when none.
@@ -230,6 +237,9 @@ class MXResolver:
 
     def _store(self, key: tuple[str, str], records: tuple[str, ...] | None, ttl: float, now: float) -> None:
         self._cache[key] = _CacheEntry(now + min(ttl, MAX_CACHE_TTL), records)
+        if len(self._cache) >= self._sweep_at:
+            self._cache = {key: entry for key, entry in self._cache.items() if entry.expires > now}
+            self._sweep_at = max(CACHE_SWEEP_MIN_ENTRIES, 2 * len(self._cache))
 
 
 def _ascii_name(text: str, kind: str) -> str:
