@@ -251,7 +251,7 @@ def _ascii_name(text: str, kind: str) -> str:
     that dnspython's IDNA2003 default would look up.
 
     Raises a permanent LookupFailure when ``text`` cannot be a DNS name, so it
-    is never retried: dnspython raises the same error on every query for such
+    is never retried.  dnspython raises the same error on every query for such
     a name, and a retry could only fail the same way until the queue lifetime
     ran out.
     """
