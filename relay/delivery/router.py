@@ -8,8 +8,12 @@ Maildir; a domain in ``[delivery.transport]`` goes where its entry says
 every other domain goes to that smart host; otherwise the domain's MX hosts
 on ``[delivery] smtp_port``.  An address literal (``user@[192.0.2.30]``,
 RFC 5321 section 4.1.3) goes straight to that address with no MX lookup,
-unless it is loopback, link-local, multicast or unspecified, which fails
-with ``5.7.1`` so that mail cannot be steered at this host's neighbours.
+unless ``is_internal_address`` holds for it (loopback, link-local,
+multicast, unspecified or reserved, also in IPv4-mapped IPv6 form such as
+``[IPv6:::ffff:127.0.0.1]``).  Such a literal fails with ``5.7.1``, so that
+mail cannot be steered at this host or its neighbours.  RCPT rejects these
+literals already, but a bounce goes to the reverse-path, which RCPT never
+checked.
 
 A ``Route`` also names its destination: the key under which the scheduler
 queues, limits concurrency and backs off, and under which finished sessions
@@ -108,7 +112,7 @@ class Router:
             address = parse_address(text)
         except ValueError:
             return Route(kind=ERROR, destination=ERROR, error=f"550 5.1.2 invalid address literal {domain}")
-        if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified:
+        if is_internal_address(address):
             return Route(
                 kind=ERROR, destination=ERROR, error=f"550 5.7.1 delivery to address literal {domain} is not allowed"
             )
@@ -145,6 +149,24 @@ def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def is_internal_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Return whether mail must never go to ``address``: loopback, link-local, multicast, unspecified or reserved.
+
+    An IPv4-mapped IPv6 address (``::ffff:127.0.0.1``) is judged by its IPv4
+    address, because a connection to it reaches that IPv4 address, while
+    Python 3.11's ``is_loopback`` and ``is_link_local`` are false for it.
+    """
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return (
+        address.is_loopback
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_unspecified
+        or address.is_reserved
+    )
 
 
 def _fixed_destination(host: str, port: int, use_mx: bool) -> str:

@@ -5,7 +5,9 @@ Rules, in order (the first that applies decides):
 1. An address literal domain (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``) is
    rejected ``550 5.7.1`` unless ``policy.allow_address_literals`` is on, and
    always when it points at a loopback, link-local, unspecified, multicast or
-   reserved address, so a client cannot steer the relay at internal hosts.
+   reserved address (``is_internal_address``, which also judges an
+   IPv4-mapped IPv6 address by its IPv4 address), so a client cannot steer
+   the relay at internal hosts.
    An allowed literal is then treated like any remote domain (rule 4).
 2. A domain in ``policy.local_domains``: the local part must name a user
    (a directory under ``local.maildir_root``, an entry of ``local.users`` or
@@ -52,6 +54,7 @@ import time
 from relay.aliases import DEFAULT_EXPANSION_LIMIT, MAX_ALIAS_DEPTH, AliasFile
 from relay.config import Config
 from relay.delivery.maildir import MaildirLookupError, maildir_exists
+from relay.delivery.router import is_internal_address
 from relay.log import log_event
 from relay.smtp import replies
 from relay.smtp.replies import Reply
@@ -94,10 +97,6 @@ def dot_string_form(local_part: str) -> str:
         return local_part
     content = _QUOTED_PAIR.sub(r"\1", local_part[1:-1])
     return content if _DOT_STRING.fullmatch(content) else local_part
-
-
-def _is_internal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast or ip.is_reserved
 
 
 # Addresses whose trust decision is remembered; 10,000 short strings take about 1 MB.
@@ -244,7 +243,7 @@ class RelayPolicy:
         except ValueError:
             return replies.BAD_RECIPIENT_SYNTAX
         if literal is not None:
-            if not self.allow_address_literals or _is_internal(literal):
+            if not self.allow_address_literals or is_internal_address(literal):
                 return replies.ADDRESS_LITERAL_DENIED
             return None if privileged else replies.RELAY_DENIED
 
