@@ -50,11 +50,13 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# C0 control characters, DEL, the C1 control characters and the Unicode
-# bidirectional formatting characters.  Text from remote senders would reach the
-# operator's terminal with them as escape sequences, or reordered for display
+# C0 control characters, DEL, the C1 control characters, the Unicode line and
+# paragraph separators and the Unicode bidirectional formatting characters.
+# Text from remote senders would reach the operator's terminal with them as
+# escape sequences, split into two lines for readers that break lines at
+# U+2028 and U+2029 (Python's str.splitlines does), or reordered for display
 # (a right-to-left override shows "invoice\u202efdp.exe" as "invoiceexe.pdf").
-_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 # The start of an error about one config key, such as "delivery.tls_ca_file: ".

@@ -898,8 +898,12 @@ def test_list_corrupt_record_on_later_page(
 
 
 def test_addresses_escaped_on_terminal(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # The SMTP parser accepts both characters in a UTF-8 forward-path.
-    recipients = (Recipient("\u202eevil@x.test", orcpt="rfc822;\u202eevil@x.test"), Recipient("a\x85b@y.test"))
+    # The SMTP parser accepts all these characters in a UTF-8 forward-path.
+    recipients = (
+        Recipient("\u202eevil@x.test", orcpt="rfc822;\u202eevil@x.test"),
+        Recipient("a\x85b@y.test"),
+        Recipient("c\u2028d\u2029e@y.test"),
+    )
     queue_id = _commit(spool_dir, Envelope("s\u202e@x.test", recipients, smtputf8=True))
 
     list_status, list_output, _ = _queue(capsys, "list", "--spool", str(spool_dir))
@@ -913,6 +917,9 @@ def test_addresses_escaped_on_terminal(spool_dir: Path, capsys: pytest.CaptureFi
         assert "s\\u202e@x.test" in output
         assert "\u202e" not in output
         assert "\x85" not in output
+        assert "c\\u2028d\\u2029e@y.test" in output
+        assert "\u2028" not in output
+        assert "\u2029" not in output
 
 
 def test_changes_logged_on_stderr(spool_dir: Path) -> None:
