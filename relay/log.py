@@ -3,9 +3,9 @@
 Every module logs through ``log_event(logger, "event", key=value, ...)``.  The
 text form is ``TIME LEVEL logger: event key=value ...`` like Postfix's
 ``queue-id: key=value`` lines; the json form is one orjson object per line
-with the same fields.  Values from peers are truncated to
-``MAX_VALUE_LENGTH`` characters and control characters are escaped, so a
-hostile client cannot forge or flood log lines.  Callers never pass secrets
+with the same fields.  Control characters in values from peers are
+escaped, and the escaped text is cut to ``MAX_VALUE_LENGTH`` characters,
+so a hostile client cannot forge or flood log lines.  Callers never pass secrets
 (passwords, AUTH responses).
 """
 
@@ -44,12 +44,18 @@ def clean(value: Any) -> Any:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "backslashreplace")
     if isinstance(value, str):
-        if len(value) > MAX_VALUE_LENGTH:
-            value = value[:MAX_VALUE_LENGTH] + "..."
-        value = value.translate(_ESCAPES)
-        if not value.isprintable():
-            value = _escape_unprintable(value)
-        return value
+        shortened = len(value) > MAX_VALUE_LENGTH
+        if shortened:
+            value = value[:MAX_VALUE_LENGTH]
+        escaped = value.translate(_ESCAPES)
+        if not escaped.isprintable():
+            escaped = _escape_unprintable(escaped)
+        if len(escaped) > MAX_VALUE_LENGTH:
+            # An escape is up to ten characters long, so a hostile value of control
+            # characters would otherwise give a line several times the size it cost.
+            escaped = _escaped_prefix(value)
+            shortened = True
+        return escaped + "..." if shortened else escaped
     if isinstance(value, (list, tuple)):
         return [clean(item) for item in value]
     if value is None or isinstance(value, (int, float)):
@@ -78,6 +84,33 @@ def _escape_unprintable(text: str) -> str:
         else:
             parts.append(f"\\U{code:08x}")
     return "".join(parts)
+
+
+def _escaped_prefix(text: str) -> str:
+    """Return the escaped form of the longest start of text that fits in MAX_VALUE_LENGTH, without cutting an escape."""
+    parts = []
+    length = 0
+    for character in text:
+        piece = character.translate(_ESCAPES)
+        if not piece.isprintable():
+            piece = _escape_unprintable(piece)
+        length += len(piece)
+        if length > MAX_VALUE_LENGTH:
+            break
+        parts.append(piece)
+    return "".join(parts)
+
+
+def _escaped_end(text: str) -> str:
+    """Return the end of text, after ``...`` when cut, short enough that ``clean`` keeps all of it."""
+    room = MAX_VALUE_LENGTH - len("...")
+    start = len(text)
+    while start > 0:
+        room -= len(clean(text[start - 1]))
+        if room < 0:
+            return "..." + text[start:]
+        start -= 1
+    return text
 
 
 def _text_value(value: Any) -> str:
@@ -140,11 +173,8 @@ class _EventFormatter(logging.Formatter):
         if event == "message":
             fields = {"text": record.getMessage(), **fields}
         if record.exc_info:
-            text = self.formatException(record.exc_info)
-            if len(text) > MAX_VALUE_LENGTH:
-                # The innermost frames and the error itself come last: keep the end.
-                text = "..." + text[3 - MAX_VALUE_LENGTH :]
-            fields = {**fields, "exception": text}
+            # The innermost frames and the error itself come last: keep the end.
+            fields = {**fields, "exception": _escaped_end(self.formatException(record.exc_info))}
         return _render(self.json_form, record.created, record.levelname.lower(), record.name, event, fields)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 
 from conftest import REPO_ROOT
-from relay.log import WRITE_DELAY, collect_lines, flush_log, log_event, setup_logging
+from relay.log import MAX_VALUE_LENGTH, WRITE_DELAY, collect_lines, flush_log, log_event, setup_logging
 
 
 def test_import_without_extension_says_how_to_build(tmp_path: Path) -> None:
@@ -146,6 +146,53 @@ def test_log_truncates_long_values() -> None:
     document = orjson.loads(stream.getvalue())
     assert len(document["helo"]) < 600
     assert document["helo"].endswith("...")
+
+
+def test_log_bounds_escaped_values() -> None:
+    # Each escape is longer than the character it stands for, so the limit
+    # applies to the escaped text, and an escape is never cut in two.
+    stream = io.StringIO()
+    setup_logging("json", "info", stream)
+    logger = logging.getLogger("relay.test")
+    values = {
+        "controls": "\x01" * 600,
+        "line_separators": "\u2028" * 600,
+        "tags": "\U000e0001" * 600,
+        "backslashes": "\\" * 300,
+        "last_escape": "a" * 510 + "\x01",
+    }
+
+    for name, value in values.items():
+        log_event(logger, "checked", **{name: value})
+
+    documents = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    logged = {name: document[name] for document, name in zip(documents, values, strict=True)}
+    for name, text in logged.items():
+        assert len(text) <= MAX_VALUE_LENGTH + len("..."), name
+        assert text.endswith("..."), name
+    assert logged["controls"] == "\\x01" * 128 + "..."
+    assert logged["line_separators"] == "\\u2028" * 85 + "..."
+    assert logged["tags"] == "\\U000e0001" * 51 + "..."
+    assert logged["backslashes"] == "\\" * 512 + "..."
+    assert logged["last_escape"] == "a" * 510 + "..."
+
+
+def test_log_keeps_end_of_traceback() -> None:
+    # The error and the innermost frames come last in a traceback, and its
+    # line breaks make the escaped text longer than the original.
+    stream = io.StringIO()
+    setup_logging("json", "info", stream)
+    logger = logging.getLogger("relay.test")
+
+    try:
+        raise ValueError("\n".join(["line"] * 200) + "\nthe last words")
+    except ValueError:
+        logger.exception("failed")
+
+    text = orjson.loads(stream.getvalue())["exception"]
+    assert len(text) <= MAX_VALUE_LENGTH + len("...")
+    assert text.startswith("...")
+    assert text.endswith("line\\nthe last words")
 
 
 def test_sdist_carries_cython_sources(tmp_path: Path) -> None:
