@@ -1189,7 +1189,10 @@ class Scheduler:
                 # The next hop lacks 8BITMIME and got the message converted to 7 bit.
                 fields["converted"] = "7bit"
             event = {Outcome.DELIVERED: "delivered", Outcome.DEFERRED: "deferred", Outcome.FAILED: "bounced"}[outcome]
-            log_event(logger, event, logging.INFO, **fields)
+            # A next hop defers mail routinely, but a local deferral means a fault on
+            # this host (a failed Maildir write or fsync, an unreadable maildir_root).
+            level = logging.WARNING if outcome is Outcome.DEFERRED and job.route.kind == LOCAL else logging.INFO
+            log_event(logger, event, level, **fields)
         copy_body: bytes | None = None
         if claim.envelope.sender == "" and delivery.bounce_copy_to_postmaster and postmaster_copy:
             copy_body = await self._postmaster_copy_body(claim, outcomes, results)
