@@ -1,4 +1,10 @@
-"""What ``relay serve`` logs about the messages it delivers, read back from its JSON log."""
+"""An operator can follow each message through ``relay serve``'s log by its queue ID.
+
+A real ``relay serve`` with a local Maildir and an aiosmtpd next hop on
+loopback receives mail over SMTP and from ``relay sendmail``, and the
+JSON log lines of each queue ID are read back: receipt, each delivery
+attempt, the DSN, a forward by alias to a new queue ID, and removal.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from delivery_peers import RecordingHandler, run_upstream
 
 from conftest import REPO_ROOT, free_port
 from tests.server_helpers import wait_for_port
@@ -98,6 +105,101 @@ def serve(directory: Path, next_hop_port: int) -> Iterator[Serve]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def history(events: list[dict[str, Any]], queue_id: str) -> list[dict[str, Any]]:
+    """Return the lines about queue_id, in log order."""
+    return [line for line in events if line.get("queue_id") == queue_id]
+
+
+def names(lines: list[dict[str, Any]]) -> list[str]:
+    return [line["event"] for line in lines]
+
+
+def test_message_life_traced_by_queue_id(tmp_path: Path) -> None:
+    for user in ("alice", "bob"):
+        (tmp_path / "mail" / user).mkdir(parents=True)
+    (tmp_path / "aliases").write_text("fwd: carol@remote.test, bob\n")
+    handler = RecordingHandler(
+        refuse={
+            "later@remote.test": "451 4.3.0 try again later",
+            "nobody@remote.test": "550 5.1.1 no such user here",
+        }
+    )
+    next_hop_port = free_port()
+
+    with run_upstream("127.0.0.1", next_hop_port, handler), serve(tmp_path, next_hop_port) as server:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+            client.sendmail(
+                "alice@example.test",
+                ["later@remote.test", "nobody@remote.test", "bob@example.test"],
+                b"Subject: three recipients\r\n\r\nbody\r\n",
+            )
+            client.sendmail("alice@example.test", ["fwd@example.test"], b"Subject: alias\r\n\r\nbody\r\n")
+        submitted = subprocess.run(
+            [sys.executable, "-m", "relay", "sendmail", "--config", str(server.config),
+             "-f", "alice@example.test", "bob@example.test"],
+            input=b"Subject: from a program\n\nbody\n",
+            capture_output=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+            check=False,
+            timeout=60,
+        )
+        assert submitted.returncode == 0, submitted.stderr
+
+        first = server.wait_for("queued", recipients=3)["queue_id"]
+        server.wait_for("deferred", queue_id=first, to="later@remote.test")
+        del handler.refuse["later@remote.test"]
+        server.wait_for("removed", queue_id=first)
+        alias = server.wait_for("queued", recipients=1)["queue_id"]
+        forwarded = server.wait_for("forwarded", queue_id=alias)["new_queue_id"]
+        server.wait_for("removed", queue_id=forwarded)
+        picked_up = server.wait_for("picked_up", sender="alice@example.test")
+        local = picked_up["queue_id"]
+        server.wait_for("removed", queue_id=local)
+        dsn = server.wait_for("dsn_queued", queue_id=first)["dsn_id"]
+        server.wait_for("removed", queue_id=dsn)
+
+    events = server.events()
+
+    # The message to three recipients: one deferred then delivered, one bounced, one local.
+    lines = history(events, first)
+    assert names(lines)[0] == "queued"
+    assert names(lines)[-1] == "removed"
+    results = ("delivered", "deferred", "bounced")
+    attempts = [(line["event"], line.get("to")) for line in lines if line["event"] in results]
+    assert sorted(attempts) == sorted([
+        ("deferred", "later@remote.test"),
+        ("delivered", "later@remote.test"),
+        ("bounced", "nobody@remote.test"),
+        ("delivered", "bob@example.test"),
+    ])
+    assert attempts.index(("deferred", "later@remote.test")) < attempts.index(("delivered", "later@remote.test"))
+    deferred = next(line for line in lines if line["event"] == "deferred")
+    assert deferred["level"] == "info"
+    assert deferred["dsn"] == "4.3.0"
+    bounced = next(line for line in lines if line["event"] == "bounced")
+    assert bounced["dsn"] == "5.1.1"
+    assert bounced["reply"] == "550 5.1.1 no such user here"
+    assert "dsn_queued" in names(lines)
+
+    # The DSN about the bounce has its own queue ID, linked by dsn_queued.
+    assert names(history(events, dsn)) == ["delivered", "removed"]
+    assert history(events, dsn)[0]["to"] == "alice@example.test"
+
+    # The alias: the forwarded copy has a new queue ID, linked to the old one.
+    assert names(history(events, alias)) == ["queued", "forwarded", "delivered", "removed"]
+    assert history(events, forwarded)[0]["to"] == "carol@remote.test"
+    assert names(history(events, forwarded)) == ["delivered", "removed"]
+
+    # relay sendmail's message starts with the scheduler's picked_up line.
+    lines = history(events, local)
+    assert names(lines) == ["picked_up", "delivered", "removed"]
+    assert lines[0]["recipients"] == 1
+    assert lines[0]["protocol"] == "local"
+    assert lines[1]["to"] == "bob@example.test"
+    # Only relay sendmail's message is picked up: DSNs and forwards are linked otherwise.
+    assert [line["queue_id"] for line in events if line["event"] == "picked_up"] == [local]
 
 
 def test_local_deferral_is_warning(tmp_path: Path) -> None:

@@ -318,6 +318,26 @@ def backoff_delay(attempts: int, minimum: float, maximum: float, jitter: float) 
     return delay * (1.0 + 0.25 * jitter)
 
 
+def is_first_claim_of_local_submission(claim: Claim) -> bool:
+    """Return whether claim is the first one of a message that ``relay sendmail`` stored, before any attempt.
+
+    That command's own ``received`` line reaches no log, so the scheduler
+    logs ``picked_up`` for it, as Postfix's pickup logs mail from its
+    sendmail.  relay sendmail stores no client address and the protocol
+    ``local`` (with ``-bs``, the SMTP protocol), and the copies that the
+    scheduler makes itself (DSNs, forwards, postmaster copies) store no
+    protocol.
+    """
+    # NOTE: a claim whose lease runs out before its first attempt is claimed
+    # again, and then logged again.
+    envelope = claim.envelope
+    return (
+        envelope.client_address is None
+        and envelope.protocol is not None
+        and all(recipient.attempts == 0 for recipient in claim.recipients)
+    )
+
+
 class Scheduler:
     """Deliver what the spool holds, within the configured limits, until stopped."""
 
@@ -536,6 +556,11 @@ class Scheduler:
         claimed = 0
         for claim in claims:
             claimed += len(claim.recipients)
+            if is_first_claim_of_local_submission(claim):
+                log_event(
+                    logger, "picked_up", queue_id=claim.queue_id, sender=claim.envelope.sender,
+                    recipients=len(claim.recipients), size=claim.size, protocol=claim.envelope.protocol,
+                )
             self._dispatch(claim)
         return claimed >= room
 
