@@ -44,6 +44,9 @@ REQUEST_TIMEOUT = 10.0
 MAX_EMPTY_LINES = 4
 # Refused connections are logged at most once in this many seconds, with their count.
 BUSY_LOG_INTERVAL = 60.0
+# A snapshot that cannot be saved fails again every SNAPSHOT_INTERVAL, so the
+# failure is logged at most once in this many seconds, with its count.
+SNAPSHOT_FAILURE_LOG_INTERVAL = 60.0
 # After a 431, what is read and dropped before the socket closes.
 DISCARD_LIMIT = 1024 * 1024
 DISCARD_TIME = 2.0
@@ -301,6 +304,8 @@ class Monitoring:
                 Path(config.spool.path), self.snapshot_directory, self.name, accepting, config.admin.max_connections
             )
         self._task: asyncio.Task[None] | None = None
+        self._snapshot_failures = 0
+        self._snapshot_failure_logged_at = -math.inf
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._save_periodically())
@@ -329,7 +334,15 @@ class Monitoring:
         try:
             metrics.save_snapshot(metrics.REGISTRY, self.snapshot_directory, self.name)
         except OSError as exc:
-            log_event(logger, "metrics_snapshot_failed", logging.WARNING, error=str(exc))
+            self._snapshot_failures += 1
+            now = time.monotonic()
+            if now - self._snapshot_failure_logged_at < SNAPSHOT_FAILURE_LOG_INTERVAL:
+                return
+            log_event(
+                logger, "metrics_snapshot_failed", logging.WARNING, error=str(exc), failures=self._snapshot_failures
+            )
+            self._snapshot_failures = 0
+            self._snapshot_failure_logged_at = now
 
     async def _save_periodically(self) -> None:
         while True:

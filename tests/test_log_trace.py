@@ -23,6 +23,7 @@ import orjson
 from delivery_peers import RecordingHandler, run_upstream
 
 from conftest import REPO_ROOT, free_port
+from relay.metrics import SNAPSHOT_INTERVAL
 from tests.server_helpers import wait_for_port
 
 CONFIG = """
@@ -55,17 +56,19 @@ maximal_backoff_time = "1s"
 format = "json"
 
 [admin]
-address = ""
+address = "{admin}"
 """
 
 
 class Serve:
     """One ``relay serve`` process whose JSON log goes to a file."""
 
-    def __init__(self, directory: Path, next_hop_port: int) -> None:
+    def __init__(self, directory: Path, next_hop_port: int, admin: str) -> None:
         self.port = free_port()
         self.config = directory / "relay.toml"
-        self.config.write_text(CONFIG.format(port=self.port, directory=directory, next_hop_port=next_hop_port))
+        self.config.write_text(
+            CONFIG.format(port=self.port, directory=directory, next_hop_port=next_hop_port, admin=admin)
+        )
         self.log_path = directory / "relay.log"
 
     def events(self) -> list[dict[str, Any]]:
@@ -85,8 +88,8 @@ class Serve:
 
 
 @contextmanager
-def serve(directory: Path, next_hop_port: int) -> Iterator[Serve]:
-    server = Serve(directory, next_hop_port)
+def serve(directory: Path, next_hop_port: int, admin: str = "") -> Iterator[Serve]:
+    server = Serve(directory, next_hop_port, admin)
     with open(server.log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve", "--config", str(server.config)],
@@ -217,3 +220,22 @@ def test_local_deferral_is_warning(tmp_path: Path) -> None:
     assert deferred["level"] == "warning"
     assert deferred["relay"] == "local"
     assert deferred["reply"].startswith("451 4.3.0 local delivery failed: ")
+
+
+def test_snapshot_failure_logged_once_a_minute(tmp_path: Path) -> None:
+    # The snapshot is saved every 2 s; a folder that cannot take it must not
+    # add an identical warning to the log each time.
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "metrics").write_text("a file where the snapshot folder belongs\n")
+    (tmp_path / "aliases").write_text("")
+
+    with serve(tmp_path, free_port(), admin=f"127.0.0.1:{free_port()}") as server:
+        first = server.wait_for("metrics_snapshot_failed")
+        # Three more snapshot intervals.
+        time.sleep(3 * SNAPSHOT_INTERVAL + 0.5)
+        failures = [line for line in server.events() if line["event"] == "metrics_snapshot_failed"]
+
+    assert failures == [first]
+    assert first["level"] == "warning"
+    assert first["failures"] == 1
+    assert "metrics" in first["error"]
