@@ -29,7 +29,7 @@ from tests.server_helpers import wait_for_port
 CONFIG = """
 [server]
 hostname = "mx.example.test"
-workers = 1
+workers = {workers}
 
 [[listener]]
 address = "127.0.0.1:{port}"
@@ -63,11 +63,13 @@ address = "{admin}"
 class Serve:
     """One ``relay serve`` process whose JSON log goes to a file."""
 
-    def __init__(self, directory: Path, next_hop_port: int, admin: str) -> None:
+    def __init__(self, directory: Path, next_hop_port: int, admin: str, workers: int) -> None:
         self.port = free_port()
         self.config = directory / "relay.toml"
         self.config.write_text(
-            CONFIG.format(port=self.port, directory=directory, next_hop_port=next_hop_port, admin=admin)
+            CONFIG.format(
+                port=self.port, directory=directory, next_hop_port=next_hop_port, admin=admin, workers=workers
+            )
         )
         self.log_path = directory / "relay.log"
 
@@ -88,8 +90,8 @@ class Serve:
 
 
 @contextmanager
-def serve(directory: Path, next_hop_port: int, admin: str = "") -> Iterator[Serve]:
-    server = Serve(directory, next_hop_port, admin)
+def serve(directory: Path, next_hop_port: int, admin: str = "", workers: int = 1) -> Iterator[Serve]:
+    server = Serve(directory, next_hop_port, admin, workers)
     with open(server.log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve", "--config", str(server.config)],
@@ -239,3 +241,18 @@ def test_snapshot_failure_logged_once_a_minute(tmp_path: Path) -> None:
     assert first["level"] == "warning"
     assert first["failures"] == 1
     assert "metrics" in first["error"]
+
+
+def test_stopping_lines_name_their_process(tmp_path: Path) -> None:
+    # With several workers and the delivery process on one standard error,
+    # each process's stopping line must say which process it is.
+    (tmp_path / "aliases").write_text("")
+
+    with serve(tmp_path, free_port(), workers=2) as server:
+        for worker in range(3):
+            server.wait_for("started", worker=worker)
+
+    stopping = [line for line in server.events() if line["event"] == "stopping"]
+    assert sorted(line.get("worker") for line in stopping) == [0, 1, 2]
+    for line in stopping:
+        assert line["signal"] == "SIGTERM"

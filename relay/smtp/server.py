@@ -555,7 +555,7 @@ class Worker:
             self.servers.append(server)
 
     def _on_signal(self, signum: int) -> None:
-        if self._stop_requests.receive(signum, logger, sessions=len(self.sessions)):
+        if self._stop_requests.receive(signum, logger, worker=self.index, sessions=len(self.sessions)):
             self._reports.stopping()
             self._stop.set()
 
