@@ -1,9 +1,10 @@
 """An operator can follow each message through ``relay serve``'s log by its queue ID.
 
 A real ``relay serve`` with a local Maildir and an aiosmtpd next hop on
-loopback receives mail over SMTP and from ``relay sendmail``, and the
-JSON log lines of each queue ID are read back: receipt, each delivery
-attempt, the DSN, a forward by alias to a new queue ID, and removal.
+loopback receives mail over SMTP and from ``relay sendmail``.  The first
+test reads back its JSON log lines for each queue ID: receipt, each
+delivery attempt, the DSN, a forward by alias to a new queue ID, and
+removal.  The others check the level, rate and fields of single events.
 """
 
 from __future__ import annotations
