@@ -57,11 +57,30 @@ def clean(value: Any) -> Any:
             shortened = True
         return escaped + "..." if shortened else escaped
     if isinstance(value, (list, tuple)):
-        return [clean(item) for item in value]
+        return _clean_items(value)
     if value is None or isinstance(value, (int, float)):
         return value
     # Any other object (an exception, a path) is logged as its text, which may contain a line break.
     return clean(str(value))
+
+
+def _clean_items(items: list[Any] | tuple[Any, ...]) -> list[Any]:
+    """Clean each item; once the items pass MAX_VALUE_LENGTH characters in all, end the list with ``...``.
+
+    A list such as the remote addresses of an alias can have a thousand
+    items, and systemd 252's journald splits a line longer than 48 KiB
+    (its default LineMax) into several records.
+    """
+    cleaned: list[Any] = []
+    length = 0
+    for item in items:
+        text = clean(item)
+        length += len(str(text)) + 1  # with the comma that joins it in the text form
+        if cleaned and length > MAX_VALUE_LENGTH + 1:
+            cleaned.append("...")
+            break
+        cleaned.append(text)
+    return cleaned
 
 
 def _escape_unprintable(text: str) -> str:

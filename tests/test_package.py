@@ -177,6 +177,27 @@ def test_log_bounds_escaped_values() -> None:
     assert logged["last_escape"] == "a" * 510 + "..."
 
 
+def test_log_bounds_long_lists() -> None:
+    stream = io.StringIO()
+    setup_logging("json", "info", stream)
+    logger = logging.getLogger("relay.test")
+    addresses = [f"user{number}@remote.test" for number in range(1000)]
+
+    log_event(logger, "forwarded", recipients=addresses)
+    log_event(logger, "forwarded", recipients=addresses[:3])
+    setup_logging("text", "info", stream)
+    log_event(logger, "forwarded", recipients=addresses)
+
+    long_list, short_list, text_line = stream.getvalue().splitlines()
+    logged = orjson.loads(long_list)["recipients"]
+    assert logged[-1] == "..."
+    assert logged[:-1] == addresses[: len(logged) - 1]
+    assert len(",".join(logged)) <= MAX_VALUE_LENGTH + len(",...")
+    assert orjson.loads(short_list)["recipients"] == addresses[:3]
+    assert text_line.endswith(",...")
+    assert len(text_line) < 2 * MAX_VALUE_LENGTH
+
+
 def test_log_keeps_end_of_traceback() -> None:
     # The error and the innermost frames come last in a traceback, and its
     # line breaks make the escaped text longer than the original.
