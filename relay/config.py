@@ -273,8 +273,8 @@ class DeliveryConfig:
     connection_limit: int = _key(100, "int", min=1)
     # Postfix: smtp_destination_recipient_limit = 50.
     recipients_per_transaction: int = _key(50, "int", min=1, max=1000)
-    # Postfix: minimal_backoff_time = 300s.  Each retry doubles the wait up to the
-    # maximum, with up to a quarter added at random so retries spread out.
+    # Postfix: minimal_backoff_time = 300s.  Each retry doubles the wait, with up
+    # to a quarter added at random so retries spread out, up to the maximum.
     minimal_backoff_time: float = _key(300.0, "duration", positive=True)
     # Postfix uses 4000s; about 4 hours keeps a dead host from being polled often.
     maximal_backoff_time: float = _key(4 * 3600.0, "duration", positive=True)

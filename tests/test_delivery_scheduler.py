@@ -603,6 +603,33 @@ def test_queue_lifetime_expiry_bounces(tmp_path: Path, nameserver: NameServer, s
     assert fields["Status"] == "4.2.1"
 
 
+def test_retry_delay_never_passes_maximum(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # Doubling from 0.2 s reaches the 0.3 s maximum at the second retry.  The
+    # random share added to spread retries out must not take a delay past it.
+    port = free_port("127.0.0.4")
+    settings = "minimal_backoff_time = 0.2\nmaximal_backoff_time = 0.3"
+    config = make_config(tmp_path, nameserver, port, delivery=settings)
+    spool = spool_for(config)
+    delays: dict[float, float] = {}  # last_attempt -> next_attempt - last_attempt
+
+    def five_deferrals() -> bool:
+        stored = stored_message(config, queue_id)
+        if stored is not None:
+            (recipient,) = stored.recipients
+            if recipient.last_attempt is not None:
+                delays[recipient.last_attempt] = recipient.next_attempt - recipient.last_attempt
+        return len(delays) >= 5
+
+    with run_upstream("127.0.0.4", port, FlakyHandler(failures=1000)):
+        queue_id = commit(spool, "alice@local.test", ["bob@implicit.test"])
+        assert run_until(config, spool, five_deferrals)
+    # The spool stamps last_attempt a moment after the scheduler computed next_attempt.
+    ordered = [delays[moment] for moment in sorted(delays)]
+    assert 0.19 <= ordered[0] <= 0.25
+    assert max(ordered) <= 0.3
+    assert ordered[-1] == pytest.approx(0.3, abs=0.01)
+
+
 def test_destination_concurrency_limit(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     port = free_port("127.0.0.4")
     config = make_config(tmp_path, nameserver, port, delivery="destination_concurrency_limit = 2")

@@ -18,11 +18,11 @@ within ``claim_min_interval`` (10 ms) of the last claim waits for the rest of
 that interval, so that mail arriving together shares one claim.
 
 Retries: a deferred recipient waits ``minimal_backoff_time`` (300 s) times
-two to the number of earlier attempts, capped at ``maximal_backoff_time``
-(4 h), plus up to a quarter more at random so retries spread out.  When
-``destination_failure_limit`` (1) sessions in a row to a destination fail
-before any transaction, the destination itself is backed off: its queued
-and newly claimed recipients are deferred to the same time without a
+two to the number of earlier attempts, plus up to a quarter more at random
+so retries spread out, and never more than ``maximal_backoff_time`` (4 h).
+When ``destination_failure_limit`` (1) sessions in a row to a destination
+fail before any transaction, the destination itself is backed off: its
+queued and newly claimed recipients are deferred to the same time without a
 connection.  A recipient still undelivered ``maximal_queue_lifetime`` (5 d)
 after arrival fails with its last temporary reply.  The scheduler keeps a
 destination's queue, backoff and failure count in memory only while they
@@ -145,6 +145,9 @@ LEASE_MARGIN = 0.1
 # renewal that fails with a spool error is tried again a third later, unless
 # the session was cut off at ``LEASE_MARGIN`` before that.
 RENEW_AFTER = 1 / 3
+# Share of a backoff added at random, so that recipients deferred together are
+# not retried together; the sum stays within maximal_backoff_time.
+BACKOFF_JITTER = 0.25
 
 
 @dataclass(eq=False, slots=True)
@@ -312,10 +315,12 @@ class _Destination:
 def backoff_delay(attempts: int, minimum: float, maximum: float, jitter: float) -> float:
     """Return the wait before the next attempt after ``attempts`` earlier ones.
 
-    ``jitter`` in [0, 1) adds up to a quarter of the delay.
+    ``jitter`` in [0, 1) adds up to a quarter of the delay, but the result
+    never passes ``maximum``, which is a hard cap like Postfix's
+    maximal_backoff_time.
     """
-    delay: float = min(maximum, minimum * float(2 ** min(attempts, 32)))
-    return delay * (1.0 + 0.25 * jitter)
+    delay = minimum * float(2 ** min(attempts, 32))
+    return min(maximum, delay * (1.0 + BACKOFF_JITTER * jitter))
 
 
 def is_first_claim_of_local_submission(claim: Claim) -> bool:
