@@ -630,6 +630,112 @@ def test_retry_delay_never_passes_maximum(tmp_path: Path, nameserver: NameServer
     assert ordered[-1] == pytest.approx(0.3, abs=0.01)
 
 
+@contextmanager
+def clock_set_back(seconds: float) -> Iterator[None]:
+    """Run time.time() ``seconds`` behind the system clock, as after the clock is stepped back."""
+    real = time.time
+    time.time = lambda: real() - seconds
+    try:
+        yield
+    finally:
+        time.time = real
+
+
+def test_clock_set_back_keeps_mail_due(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # A recipient deferred for 0.3 s, and a message received but not yet
+    # tried, both carry times from before the clock went back three hours.
+    # Neither may wait those three hours out.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    handler = FlakyHandler(failures=1)
+    with run_upstream("127.0.0.4", port, handler):
+        commit(spool, "alice@local.test", ["bob@implicit.test"])
+        assert run_until(config, spool, lambda: spool_counts(config).get("deferred") == 1)
+        commit(spool, "alice@local.test", ["carol@implicit.test"])
+        with clock_set_back(3 * 3600):
+            assert run_until(config, spool, lambda: not spool_counts(config), timeout=10)
+    assert sorted(message.recipients[0] for message in handler.messages) == [
+        "bob@implicit.test", "carol@implicit.test",
+    ]
+
+
+def test_clock_set_back_ends_destination_backoff(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing listens at first, so the destination is backed off for about
+    # 0.3 s.  The clock then goes back three hours while the scheduler runs:
+    # the backoff still ends after 0.3 s, without a deferral after each claim.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    commit(spool, "alice@local.test", ["bob@implicit.test"])
+
+    async def main() -> int:
+        scheduler = Scheduler(config, spool)
+        task = asyncio.create_task(scheduler.run())
+        loop = asyncio.get_running_loop()
+        try:
+            deadline = loop.time() + 10
+            while spool_counts(config).get("deferred") != 1 and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            assert spool_counts(config).get("deferred") == 1
+            with clock_set_back(3 * 3600), run_upstream("127.0.0.4", port) as upstream:
+                deadline = loop.time() + 10
+                while not upstream.messages and loop.time() < deadline:
+                    await asyncio.sleep(0.05)
+                return len(upstream.messages)
+        finally:
+            await scheduler.stop()
+            await task
+
+    with caplog.at_level("INFO", logger="relay"):
+        delivered = asyncio.run(main())
+    assert delivered == 1
+    events = [getattr(record, "event", "") for record in caplog.records]
+    assert events.count("destination_backoff") == 1
+    # The failed connection, and at most a few claims while the backoff ran.
+    assert events.count("deferred") <= 5
+
+
+def test_clock_set_back_while_running_moves_retry(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A step of five minutes is shorter than the ten-minute maximal backoff,
+    # so only the running scheduler can tell that the retry half a second
+    # ahead now sits five minutes ahead.
+    port = free_port("127.0.0.4")
+    settings = "minimal_backoff_time = 0.5\nmaximal_backoff_time = 600"
+    config = make_config(tmp_path, nameserver, port, delivery=settings)
+    spool = spool_for(config)
+    handler = FlakyHandler(failures=1)
+
+    async def main() -> int:
+        scheduler = Scheduler(config, spool)
+        task = asyncio.create_task(scheduler.run())
+        loop = asyncio.get_running_loop()
+        try:
+            deadline = loop.time() + 10
+            while spool_counts(config).get("deferred") != 1 and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            assert spool_counts(config).get("deferred") == 1
+            with clock_set_back(300):
+                deadline = loop.time() + 10
+                while not handler.messages and loop.time() < deadline:
+                    await asyncio.sleep(0.05)
+                return len(handler.messages)
+        finally:
+            await scheduler.stop()
+            await task
+
+    with run_upstream("127.0.0.4", port, handler), caplog.at_level("INFO", logger="relay"):
+        commit(spool, "alice@local.test", ["bob@implicit.test"])
+        delivered = asyncio.run(main())
+    assert delivered == 1
+    (step,) = [record for record in caplog.records if getattr(record, "event", "") == "clock_set_back"]
+    assert step.fields["recipients"] == 1  # type: ignore[attr-defined]
+
+
 def test_destination_concurrency_limit(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     port = free_port("127.0.0.4")
     config = make_config(tmp_path, nameserver, port, delivery="destination_concurrency_limit = 2")
@@ -1184,7 +1290,7 @@ def test_idle_destinations_dropped(tmp_path: Path, nameserver: NameServer, spool
                 await asyncio.sleep(0.05)
                 sizes.append(len(scheduler._destinations))
                 dead = scheduler._destinations.get("host.dead.test")
-                suspended.append(dead is not None and dead.suspended_until > time.time())
+                suspended.append(dead is not None and dead.suspended_until > time.monotonic())
                 if not await asyncio.to_thread(spool_counts, config) and not scheduler._destinations:
                     break
         finally:

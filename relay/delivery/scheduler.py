@@ -65,6 +65,14 @@ while it runs:
   and a 4xx defers it.  A 250 to RCPT decides nothing, because only the
   reply to the end of data delivers.
 
+Clock steps: the spool stores due times in wall-clock time, and the
+scheduler keeps destination backoffs in monotonic time.  When the wall clock
+is set back while the scheduler runs, it moves every due time back by the
+same step.  A claim also takes a recipient due more than
+``maximal_backoff_time`` ahead, and a message that arrived after now,
+because no deferral waits that long: that covers a step taken while the
+relay was stopped.
+
 Every attempt result is logged as one line: queue ID, recipient, relay,
 delay, DSN status and the reply.
 """
@@ -148,6 +156,10 @@ RENEW_AFTER = 1 / 3
 # Share of a backoff added at random, so that recipients deferred together are
 # not retried together; the sum stays within maximal_backoff_time.
 BACKOFF_JITTER = 0.25
+# Seconds that the wall clock may fall behind the monotonic clock between two
+# passes of the loop before the scheduler takes it for a step back (by an
+# operator, or NTP at start).  Slewing moves it at most 0.5 ms a second.
+CLOCK_STEP = 1.0
 
 
 @dataclass(eq=False, slots=True)
@@ -297,8 +309,9 @@ class _Destination:
     queue: collections.deque[Job] = field(default_factory=collections.deque)
     workers: int = 0
     failures: int = 0  # sessions in a row that failed before any transaction
+    # time.monotonic(), so that setting the wall clock back does not lengthen a backoff.
     suspended_until: float = 0.0
-    last_failure: float = 0.0  # time.time() of the last of those failures
+    last_failure: float = 0.0  # time.monotonic() of the last of those failures
 
     def idle(self, now: float, failure_memory: float) -> bool:
         """Return whether the entry holds nothing in force, so dropping it changes no decision.
@@ -341,6 +354,11 @@ def is_first_claim_of_local_submission(claim: Claim) -> bool:
         and envelope.protocol is not None
         and all(recipient.attempts == 0 for recipient in claim.recipients)
     )
+
+
+def _wall_time(moment: float) -> float:
+    """Return the time.time() value for a time.monotonic() ``moment``."""
+    return time.time() + (moment - time.monotonic())
 
 
 class Scheduler:
@@ -386,6 +404,7 @@ class Scheduler:
         self._run_ended = asyncio.Event()
         self._workers: set[asyncio.Task[None]] = set()
         self._random = random.Random()
+        self._clock_offset = time.time() - time.monotonic()
 
     def _session_pool(self, config: Config, resolver: MXResolver) -> SessionPool:
         delivery = config.delivery
@@ -465,6 +484,7 @@ class Scheduler:
     async def _loop(self) -> None:
         interval = self.config.delivery.queue_scan_interval
         while not self._stopping:
+            await self._follow_clock_step()
             now = time.monotonic()
             # Other processes record failures too (relay sendmail, or a scheduler
             # that died before queuing the DSN) without notifying this one, so
@@ -484,6 +504,26 @@ class Scheduler:
             except TimeoutError:
                 continue
             await self._space_claims()
+
+    async def _follow_clock_step(self) -> None:
+        """Move the spool's due times back by as much as the wall clock was set back since the last pass.
+
+        The spool stores next attempts in wall-clock time, so without this a
+        recipient deferred for five minutes before the clock went back an
+        hour would wait an hour and five minutes.
+        """
+        offset = time.time() - time.monotonic()
+        step = self._clock_offset - offset
+        self._clock_offset = offset
+        if step <= CLOCK_STEP:
+            return
+        try:
+            moved = await self.spool.move_due_earlier(step)
+        except SpoolError as exc:
+            # The claim's max_wait still bounds the wait at maximal_backoff_time.
+            log_event(logger, "clock_step_failed", logging.ERROR, seconds=round(step, 3), error=str(exc))
+            return
+        log_event(logger, "clock_set_back", logging.WARNING, seconds=round(step, 3), recipients=moved)
 
     async def _space_claims(self) -> None:
         """After a wake-up, wait until ``claim_min_interval`` has passed since the last claim.
@@ -554,7 +594,11 @@ class Scheduler:
         try:
             # Small bodies come with the claim, which saves a read per message.  At
             # most max_jobs claims of claim_body_max_bytes each are held at once.
-            claims = await self.spool.claim(self.owner, limit=room, bodies=True)
+            # Every wait that _record sets is within maximal_backoff_time, so a
+            # recipient due later than that was deferred before the clock was set back.
+            claims = await self.spool.claim(
+                self.owner, limit=room, bodies=True, max_wait=self.config.delivery.maximal_backoff_time
+            )
         except SpoolError as exc:
             log_event(logger, "claim_failed", logging.ERROR, error=str(exc))
             return False
@@ -580,15 +624,14 @@ class Scheduler:
         if now - self._last_prune < self.config.delivery.queue_scan_interval:
             return
         self._last_prune = now
-        wall = time.time()
         memory = self.config.delivery.maximal_backoff_time
-        for name in [name for name, entry in self._destinations.items() if entry.idle(wall, memory)]:
+        for name in [name for name, entry in self._destinations.items() if entry.idle(now, memory)]:
             del self._destinations[name]
 
     def _prune_destination(self, name: str, destination: _Destination) -> None:
         """Drop ``name``'s entry when it is ``destination`` and idle."""
         if self._destinations.get(name) is destination and destination.idle(
-            time.time(), self.config.delivery.maximal_backoff_time
+            time.monotonic(), self.config.delivery.maximal_backoff_time
         ):
             del self._destinations[name]
 
@@ -730,10 +773,9 @@ class Scheduler:
     async def _open_session(
         self, name: str, destination: _Destination, job: Job, keeper: _LeaseKeeper
     ) -> SMTPSession | None:
-        now = time.time()
-        if destination.suspended_until > now:
+        if destination.suspended_until > time.monotonic():
             reply = f"451 4.4.1 delivery to {name} is backed off after failed connections"
-            await self._defer_until(job, reply, destination.suspended_until)
+            await self._defer_until(job, reply, _wall_time(destination.suspended_until))
             return None
         await self._connections.acquire()
         try:
@@ -764,13 +806,13 @@ class Scheduler:
         if not error.temporary:
             await self._record(job, [(r, Outcome.FAILED, error.reply) for r in job.recipients], error.peer)
             return
-        if destination.suspended_until > time.time():
+        if destination.suspended_until > time.monotonic():
             # A session opened before another one's failure suspended the destination:
             # the same outage, so it neither counts again nor lengthens the backoff.
-            await self._defer_until(job, error.reply, destination.suspended_until, error.peer)
+            await self._defer_until(job, error.reply, _wall_time(destination.suspended_until), error.peer)
             return
         destination.failures += 1
-        destination.last_failure = time.time()
+        destination.last_failure = time.monotonic()
         if destination.failures < self.config.delivery.destination_failure_limit:
             await self._record(job, [(r, Outcome.DEFERRED, error.reply) for r in job.recipients], error.peer)
             return
@@ -779,15 +821,16 @@ class Scheduler:
         delay = backoff_delay(
             destination.failures - 1, delivery.minimal_backoff_time, delivery.maximal_backoff_time, jitter
         )
-        destination.suspended_until = time.time() + delay
+        destination.suspended_until = time.monotonic() + delay
+        retry_at = _wall_time(destination.suspended_until)
         log_event(logger, "destination_backoff", logging.WARNING, destination=name,
                   failures=destination.failures, seconds=round(delay, 1), reply=error.reply)
-        await self._defer_until(job, error.reply, destination.suspended_until, error.peer)
+        await self._defer_until(job, error.reply, retry_at, error.peer)
         # The queued jobs would meet the same dead hosts; defer them together.
         while destination.queue:
             queued = destination.queue.popleft()
             try:
-                await self._defer_until(queued, error.reply, destination.suspended_until, error.peer)
+                await self._defer_until(queued, error.reply, retry_at, error.peer)
             finally:
                 self._jobs_in_memory -= 1
 

@@ -348,11 +348,15 @@ class Spool:
         domain: str | None = None,
         now: float | None = None,
         bodies: bool = False,
+        max_wait: float | None = None,
     ) -> list[Claim]:
         """Lease up to ``limit`` due recipients and return them grouped by message.
 
         A recipient is due when queued or deferred with ``next_attempt <= now``
-        and not under a live lease.  The lease lasts ``lease_time`` seconds
+        and not under a live lease.  ``max_wait`` is the longest wait the
+        caller ever sets: with it, a recipient due further ahead than that, or
+        a message that arrived after ``now``, was stored before the clock was
+        set back and is due too.  The lease lasts ``lease_time`` seconds
         (default: the spool's); until then no other claim, in this or another
         process, returns the recipient.  ``owner`` names the claimer in logs
         and starts the lease token (``OWNER#HEX``), so ``release_leases`` can
@@ -371,7 +375,8 @@ class Spool:
         def operation(store: SpoolStore) -> list[Claim]:
             moment = time.time() if now is None else now
             return store.claim(
-                owner, token, now=moment, lease_time=seconds, limit=limit, domain=domain, body_max_bytes=body_max_bytes
+                owner, token, now=moment, lease_time=seconds, limit=limit, domain=domain,
+                body_max_bytes=body_max_bytes, max_wait=max_wait,
             )
 
         # A lease lost in a power failure only lets the recipients be claimed again,
@@ -527,6 +532,15 @@ class Spool:
         count: int = await self._writer.submit_async(
             lambda store: store.flush(time.time(), queue_id=queue_id, domain=domain)
         )
+        return count
+
+    async def move_due_earlier(self, seconds: float) -> int:
+        """Make every pending recipient due ``seconds`` sooner, but not before now; return how many changed.
+
+        For a clock set back by ``seconds``, so that each recipient waits as
+        long as its deferral meant and not that much longer.
+        """
+        count: int = await self._writer.submit_async(lambda store: store.move_due_earlier(seconds, time.time()))
         return count
 
     async def delete(self, queue_id: str) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -691,26 +692,29 @@ class SpoolStore:
         limit: int,
         domain: str | None,
         body_max_bytes: int | None = None,
+        max_wait: float | None = None,
     ) -> list[Claim]:
         """Lease up to ``limit`` due recipients to ``token`` and return them by message.
 
         Due means queued or deferred, ``next_attempt <= now`` and no live lease.
+        With ``max_wait``, the longest wait the caller ever sets, a recipient
+        whose ``next_attempt`` is further ahead than that, and a fresh message
+        that arrived after ``now``, are due too: their times were stored before
+        the clock was set back, and would otherwise wait out the step as well.
         With ``body_max_bytes`` each claim carries its message's body when the
         body is at most that many octets.  Messages whose records cannot be
         decoded, or whose body read for the claim fails its CRC-32, are moved
         aside, not returned.
         """
         until = now + lease_time
-        query = (
+        select = (
             "SELECT queue_id, idx, next_attempt FROM recipient WHERE state IN ('queued', 'deferred')"
-            " AND next_attempt <= ? AND (lease_until IS NULL OR lease_until <= ?)"
+            " AND (lease_until IS NULL OR lease_until <= ?)"
         )
-        parameters: list[Any] = [now, now]
+        parameters: list[Any] = [now]
         if domain is not None:
-            query += " AND domain = ?"
+            select += " AND domain = ?"
             parameters.append(domain.lower())
-        query += " ORDER BY next_attempt LIMIT ?"
-        parameters.append(limit)
         with self._errors("claim recipients"):
             if domain is not None:
                 # Only some recipients of a fresh message may be at the domain, and
@@ -719,13 +723,24 @@ class SpoolStore:
                 self._materialize_fresh(
                     f"{at_domain} AND {_FRESH_UNLEASED}", [*domain_parameters, now], limit=limit
                 )
-            due = self.connection.execute(query, parameters).fetchall()
+            due = self.connection.execute(
+                f"{select} AND next_attempt <= ? ORDER BY next_attempt LIMIT ?", [*parameters, now, limit]
+            ).fetchall()
+            if max_wait is not None:
+                # A separate range on the next_attempt index, which is empty unless the
+                # clock was set back.  These rows count as due now for the ordering.
+                late = self.connection.execute(
+                    f"{select} AND next_attempt > ? LIMIT ?", [*parameters, now + max_wait, limit]
+                ).fetchall()
+                due += [(queue_id, index, now) for queue_id, index, _ in late]
             fresh = []
             if domain is None:
+                # A fresh message is due at arrival, which is only after ``now`` when the clock was set back.
+                arrived_by = now if max_wait is None else math.inf
                 fresh = self.connection.execute(
                     "SELECT m.queue_id, f.id, m.arrival, f.recipients FROM fresh f JOIN message m ON m.id = f.id"
                     f" WHERE {_FRESH_UNLEASED} AND m.arrival <= ? ORDER BY f.id LIMIT ?",
-                    (now, now, limit),
+                    (now, arrived_by, limit),
                 ).fetchall()
             rows, fresh_keys = self._choose_due(due, fresh, limit)
             self.connection.executemany(
@@ -1223,6 +1238,15 @@ class SpoolStore:
                 fresh_parameters.extend(domain_parameters)
             self._materialize_fresh(fresh_condition, fresh_parameters)
             return self.connection.execute(query, parameters).rowcount
+
+    def move_due_earlier(self, seconds: float, now: float) -> int:
+        """Move the ``next_attempt`` of every pending recipient ``seconds`` earlier, but not before ``now``."""
+        with self._errors("move due times"):
+            return self.connection.execute(
+                "UPDATE recipient SET next_attempt = MAX(?, next_attempt - ?)"
+                " WHERE state IN ('queued', 'deferred') AND next_attempt > ?",
+                (now, seconds, now),
+            ).rowcount
 
     def _announce_flush(self, now: float) -> None:
         # Written before the recipients become due, so a scheduler that claims
