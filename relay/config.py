@@ -252,6 +252,9 @@ class DeliveryConfig:
     smtp_port: int = _key(25, "int", min=1, max=65535)
     # Postfix: maximal_queue_lifetime = 5d.
     maximal_queue_lifetime: float = _key(5 * 86400.0, "duration")
+    # The queue lifetime of a message with the null reverse-path (a DSN, for one),
+    # whose failure no sender hears about.  Postfix: bounce_queue_lifetime = 5d.
+    bounce_queue_lifetime: float = _key(5 * 86400.0, "duration")
     transport: Mapping[str, str] = _key(MappingProxyType({}), "transport")
     # TLS for MX and transport-table hosts: opportunistic tries STARTTLS without
     # verifying and falls back to plaintext; Postfix's smtp_tls_security_level "may".

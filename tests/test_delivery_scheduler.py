@@ -603,6 +603,28 @@ def test_queue_lifetime_expiry_bounces(tmp_path: Path, nameserver: NameServer, s
     assert fields["Status"] == "4.2.1"
 
 
+def test_bounce_queue_lifetime_for_null_sender(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A DSN that keeps getting 4xx gives up after bounce_queue_lifetime,
+    # while ordinary mail to the same host keeps its longer lifetime.
+    port = free_port("127.0.0.4")
+    settings = "maximal_queue_lifetime = 60\nbounce_queue_lifetime = 1"
+    config = make_config(tmp_path, nameserver, port, delivery=settings)
+    spool = spool_for(config)
+    with run_upstream("127.0.0.4", port, FlakyHandler(failures=1000)), caplog.at_level("INFO", logger="relay"):
+        commit(spool, "", ["dsn@implicit.test"])
+        kept = commit(spool, "alice@local.test", ["bob@implicit.test"])
+        assert run_until(config, spool, lambda: spool_counts(config) == {"deferred": 1}, timeout=10)
+    stored = stored_message(config, kept)
+    assert stored is not None
+    assert stored.recipients[0].state is RecipientState.DEFERRED
+    bounced = [record for record in caplog.records if getattr(record, "event", "") == "bounced"]
+    assert [record.fields["to"] for record in bounced] == ["dsn@implicit.test"]  # type: ignore[attr-defined]
+    assert bounced[0].fields["reply"].endswith("(message expired after 1 s in the queue)")  # type: ignore[attr-defined]
+    assert mailbox_messages(config, "alice") == []
+
+
 def test_retry_delay_never_passes_maximum(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # Doubling from 0.2 s reaches the 0.3 s maximum at the second retry.  The
     # random share added to spread retries out must not take a delay past it.

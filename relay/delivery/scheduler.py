@@ -24,7 +24,8 @@ When ``destination_failure_limit`` (1) sessions in a row to a destination
 fail before any transaction, the destination itself is backed off: its
 queued and newly claimed recipients are deferred to the same time without a
 connection.  A recipient still undelivered ``maximal_queue_lifetime`` (5 d)
-after arrival fails with its last temporary reply.  The scheduler keeps a
+after arrival fails with its last temporary reply, or after
+``bounce_queue_lifetime`` (5 d) for a message with the null reverse-path.  The scheduler keeps a
 destination's queue, backoff and failure count in memory only while they
 matter: with no job, no backoff running and no failure in the last
 ``maximal_backoff_time``, the entry is dropped.
@@ -1223,7 +1224,8 @@ class Scheduler:
         delivery = self.config.delivery
         now = time.time()
         waited = now - claim.arrival
-        expired = waited >= delivery.maximal_queue_lifetime
+        lifetime = delivery.bounce_queue_lifetime if claim.envelope.sender == "" else delivery.maximal_queue_lifetime
+        expired = waited >= lifetime
         warn = 0 < delivery.delay_warning_time <= waited
         results: list[DeliveryResult] = []
         dsn_possible = False
@@ -1232,7 +1234,7 @@ class Scheduler:
             if outcome is Outcome.DEFERRED:
                 if expired:
                     outcome = Outcome.FAILED
-                    reply = f"{reply} (message expired after {delivery.maximal_queue_lifetime:.0f} s in the queue)"
+                    reply = f"{reply} (message expired after {lifetime:.0f} s in the queue)"
                 else:
                     jitter = self._random.random()
                     delay = backoff_delay(
