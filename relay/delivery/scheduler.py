@@ -25,10 +25,10 @@ fail before any transaction, the destination itself is backed off: its
 queued and newly claimed recipients are deferred to the same time without a
 connection.  A recipient still undelivered ``maximal_queue_lifetime`` (5 d)
 after arrival fails with its last temporary reply, or after
-``bounce_queue_lifetime`` (5 d) for a message with the null reverse-path.  The scheduler keeps a
-destination's queue, backoff and failure count in memory only while they
-matter: with no job, no backoff running and no failure in the last
-``maximal_backoff_time``, the entry is dropped.
+``bounce_queue_lifetime`` (5 d) for a message with the null reverse-path.
+The scheduler keeps a destination's queue, backoff and failure count in
+memory only while they matter: with no job, no backoff running and no
+failure in the last ``maximal_backoff_time``, the entry is dropped.
 
 After results are recorded, the spool marks recipients that owe a DSN; the
 scheduler builds those DSNs (``relay.delivery.dsn``) and commits them as new
@@ -70,9 +70,9 @@ Clock steps: the spool stores due times in wall-clock time, and the
 scheduler keeps destination backoffs in monotonic time.  When the wall clock
 is set back while the scheduler runs, it moves every due time back by the
 same step.  A claim also takes a recipient due more than
-``maximal_backoff_time`` ahead, and a message that arrived after now,
-because no deferral waits that long: that covers a step taken while the
-relay was stopped.
+``maximal_backoff_time`` ahead, because no deferral waits that long, and a
+message that no claim has taken yet, even when it arrived after now.  That
+covers a step taken while the relay was stopped.
 
 Every attempt result is logged as one line: queue ID, recipient, relay,
 delay, DSN status and the reply.

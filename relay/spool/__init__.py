@@ -355,8 +355,8 @@ class Spool:
         A recipient is due when queued or deferred with ``next_attempt <= now``
         and not under a live lease.  ``max_wait`` is the longest wait the
         caller ever sets: with it, a recipient due further ahead than that, or
-        a message that arrived after ``now``, was stored before the clock was
-        set back and is due too.  The lease lasts ``lease_time`` seconds
+        a message that no claim has taken yet and arrived after ``now``, was
+        stored before the clock was set back and is due too.  The lease lasts ``lease_time`` seconds
         (default: the spool's); until then no other claim, in this or another
         process, returns the recipient.  ``owner`` names the claimer in logs
         and starts the lease token (``OWNER#HEX``), so ``release_leases`` can
