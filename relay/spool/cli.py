@@ -232,10 +232,7 @@ def _check_read_access(directory: Path) -> None:
     for path in _spool_files(directory):
         if os.access(path, os.R_OK):
             continue
-        try:
-            owner = f" ({_owner_and_mode(path.stat())})"
-        except OSError:
-            owner = ""
+        owner = _owner_note(path)
         raise UsageError(
             f"cannot read spool {directory}: no read access to {path}{owner}; grant it (chmod g+r {path},"
             " with this user in the file's group), or run as the user that owns the spool"
@@ -248,14 +245,19 @@ def _check_write_access(directory: Path, command: str) -> None:
         # access(2) also reports a read-only file system, which the permission bits do not show.
         if os.access(path, os.W_OK):
             continue
-        try:
-            owner = f" ({_owner_and_mode(path.stat())})"
-        except OSError:
-            owner = ""
+        owner = _owner_note(path)
         raise UsageError(
             f"{command} changes the spool, and this user has no write access to {path}{owner};"
             " run it as the user that owns the spool"
         )
+
+
+def _owner_note(path: Path) -> str:
+    """Return `` (owner NAME, mode NNNN)`` for ``path``, or "" when it cannot be read."""
+    try:
+        return f" ({_owner_and_mode(path.stat())})"
+    except OSError:
+        return ""
 
 
 def _check_relay_database(database: Path) -> None:
