@@ -121,6 +121,21 @@ def test_serve_corpus_through_mx(tmp_path: Path, nameserver: NameServer) -> None
     assert upstream.connections < MESSAGES
 
 
+def test_stop_leaves_only_spool_db(tmp_path: Path, nameserver: NameServer) -> None:
+    # With two workers the delivery process also reads through connections of
+    # its own reader threads.  Every process closes each of its connections at
+    # a stop, so the last one to close checkpoints the WAL, and SQLite removes
+    # -wal and -shm: spool.db alone then holds every commit, as a backup expects.
+    messages = {f"user{index}@mx.test": b"Subject: stop\r\n\r\nbody\r\n" for index in range(20)}
+    port = free_port("127.0.0.3")
+    relay = RelayProcess(tmp_path, workers=2, deliver=True, extra=delivery_section(nameserver, port))
+    with run_upstream("127.0.0.3", port) as upstream, relay:
+        send_all(relay.port, messages)
+        check_delivered(relay, upstream, messages)
+
+    assert sorted(path.name for path in relay.spool.glob("spool.db*")) == ["spool.db"]
+
+
 def test_serve_corpus_through_smart_host(tmp_path: Path, nameserver: NameServer) -> None:
     bodies = corpus_bodies()
     messages = {f"user{index}@example.org": bodies[index % len(bodies)] for index in range(MESSAGES)}

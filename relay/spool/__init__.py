@@ -142,6 +142,8 @@ class Spool:
         # Two threads are enough because reads are short indexed lookups.
         self._readers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="relay-spool-reader")
         self._reader_local = threading.local()
+        # Every reader thread's connection, so that ``close`` can close them.
+        self._reader_stores: list[SpoolStore] = []
         # Results waiting for the writer job that records them all (see ``record_results``).
         self._results_lock = threading.Lock()
         self._results_open: _ResultsJob | None = None
@@ -189,9 +191,18 @@ class Spool:
         )
 
     def close(self) -> None:
-        """Commit what is queued, then stop the writer.  Blocks; see ``aclose``."""
-        self._writer.close()
+        """Finish the reads, close their connections, commit what is queued, then stop the writer.
+
+        Blocks; see ``aclose``.  The writer's connection closes last, so that
+        when it is the last one to the database it checkpoints the WAL and
+        SQLite removes ``-wal`` and ``-shm``, leaving ``spool.db`` alone to
+        hold every commit once the relay has stopped.
+        """
         self._readers.shutdown(wait=True)
+        for store in self._reader_stores:
+            store.close()
+        self._reader_stores.clear()
+        self._writer.close()
 
     async def aclose(self) -> None:
         """Commit what is queued, then stop the writer, without blocking the loop."""
@@ -555,8 +566,11 @@ class Spool:
         def run() -> _T:
             store: SpoolStore | None = getattr(self._reader_local, "store", None)
             if store is None:
-                store = SpoolStore(self.directory, busy_timeout=self._busy_timeout)
+                # Used by this thread only, but closed by ``close`` from another
+                # one once the reader threads have ended.
+                store = SpoolStore(self.directory, busy_timeout=self._busy_timeout, check_same_thread=False)
                 self._reader_local.store = store
+                self._reader_stores.append(store)
             return operation(store)
 
         return await asyncio.get_running_loop().run_in_executor(self._readers, run)

@@ -313,7 +313,9 @@ class SpoolStore:
 
     Methods that change data do not commit: callers wrap them in
     ``transaction()`` (``relay queue``) or in the writer's batch transaction.
-    Any ``sqlite3.Error`` is raised as ``SpoolError``.
+    Any ``sqlite3.Error`` is raised as ``SpoolError``.  ``check_same_thread``
+    goes to ``sqlite3.connect``: False lets another thread close a
+    connection that its own thread has stopped using.
     """
 
     def __init__(
@@ -323,6 +325,7 @@ class SpoolStore:
         busy_timeout: float = 10.0,
         autocheckpoint: bool = True,
         read_only: bool = False,
+        check_same_thread: bool = True,
     ) -> None:
         self.directory = Path(directory)
         self.read_only = read_only
@@ -339,7 +342,7 @@ class SpoolStore:
                 database_path(self.directory),
                 timeout=busy_timeout,
                 isolation_level=None,
-                check_same_thread=True,
+                check_same_thread=check_same_thread,
             )
         except FileExistsError as exc:
             # mkdir found something other than a directory at the path.
