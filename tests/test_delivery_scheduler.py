@@ -2257,6 +2257,29 @@ def test_start_releases_only_dead_owners_leases(tmp_path: Path, nameserver: Name
         zombie.wait()
 
 
+def test_corrupt_next_job_keeps_first_sent(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # The second message's body fails its CRC-32 when it is read to pipeline
+    # its commands after the first one.  The first message still goes out,
+    # and is not deferred for the other one's error.
+    port = free_port("127.0.0.7")
+    relayhost = f'relayhost = "[127.0.0.7]:{port}"\nrelayhost_tls = "none"\ndestination_concurrency_limit = 1'
+    config = make_config(tmp_path, nameserver, port, delivery=relayhost, spool="claim_body_max_bytes = 0")
+    # A long backoff, so a deferral by mistake outlasts the test.
+    config = dataclasses.replace(
+        config, delivery=dataclasses.replace(config.delivery, minimal_backoff_time=600, maximal_backoff_time=600)
+    )
+    spool = spool_for(config)
+    handler = RecordingHandler(pipelining=True)
+    with run_upstream("127.0.0.7", port, handler):
+        commit(spool, "alice@local.test", ["first@example.org"])
+        broken = commit(spool, "alice@local.test", ["second@example.org"])
+        with sqlite3.connect(Path(config.spool.path) / "spool.db") as connection:
+            connection.execute("UPDATE message SET body = ? WHERE queue_id = ?", (b"damaged!", broken))
+        assert run_until(config, spool, lambda: not spool_counts(config), timeout=5.0), spool_counts(config)
+    assert [m.recipients for m in handler.messages] == [["first@example.org"]]
+    assert (Path(config.spool.path) / "corrupt" / f"{broken}.body").read_bytes() == b"damaged!"
+
+
 def test_pipelined_transactions_keep_results_exact(
     tmp_path: Path, nameserver: NameServer, spool_for: Any
 ) -> None:

@@ -863,9 +863,8 @@ class Scheduler:
         following = self._take_following(session, job, destination)
         following_message: OutboundMessage | None = None
         if following is not None:
-            following_message = await self._load_message(following)
+            following_message = await self._load_following(following, destination)
             if following_message is None:
-                self._jobs_in_memory -= 1
                 following = None
             else:
                 keeper.add(following)
@@ -877,6 +876,18 @@ class Scheduler:
             if following is not None and following not in destination.queue:
                 destination.queue.appendleft(following)
             raise
+
+    async def _load_following(self, following: Job, destination: _Destination) -> OutboundMessage | None:
+        """Return the message of the job taken to go after the current one, or None when it is not sent now."""
+        try:
+            message = await self._load_message(following)
+        except SpoolError:
+            # Its own turn in the queue meets the error again and defers it; the current job goes out meanwhile.
+            destination.queue.appendleft(following)
+            return None
+        if message is None:
+            self._jobs_in_memory -= 1
+        return message
 
     async def _transact(
         self,
@@ -1133,7 +1144,8 @@ class Scheduler:
     async def _load_message(self, job: Job) -> OutboundMessage | None:
         """Return the message a job sends, or None when the job must not be sent any more.
 
-        That is when the message left the spool, when its lease ran out while
+        That is when the message left the spool (or was moved aside as
+        corrupt), when its lease ran out while
         the job waited (another claim may own the recipients now), or when an
         operator held or deleted it after the claim.
         """
@@ -1144,7 +1156,8 @@ class Scheduler:
         if body is None:
             try:
                 body = await self.spool.load_body(claim.queue_id)
-            except MessageNotFound:
+            except (MessageNotFound, CorruptRecord):
+                # load_body moved a corrupt message aside and logged it.
                 return None
         return OutboundMessage(
             queue_id=claim.queue_id,
