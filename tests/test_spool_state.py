@@ -583,6 +583,25 @@ def test_second_dsn_for_same_failure_dropped(spool: Spool, caplog: pytest.LogCap
     assert _state(spool, queue_id) == [RecipientState.BOUNCED, RecipientState.QUEUED]
 
 
+def test_dsn_overlapping_queued_one_dropped(spool: Spool) -> None:
+    # One scheduler read recipient 0 as owing a DSN; another read 0 and 1
+    # after 1 failed too, and the first queued its report meanwhile.  The
+    # second report would tell the sender about 0 again, so it goes, and 1
+    # stays owed for the next look.
+    queue_id = run(spool.commit(make_envelope(recipients=3), b"x"))
+    run(spool.record_results([DeliveryResult(queue_id, 0, Outcome.FAILED, "550 5.1.1 unknown user", "mx")]))
+    run(spool.record_results([DeliveryResult(queue_id, 1, Outcome.FAILED, "550 5.1.1 unknown user", "mx")]))
+    dsn_envelope = Envelope("", (Recipient("sender@example.test"),))
+
+    run(spool.commit(dsn_envelope, b"DSN for 0", dsn_for=DsnRequest(queue_id, (0,))))
+    both = run(spool.commit(dsn_envelope, b"DSN for 0 and 1", dsn_for=DsnRequest(queue_id, (0, 1))))
+
+    assert run(spool.load(both)) is None
+    message = run(spool.load(queue_id))
+    assert message is not None
+    assert [r.dsn for r in message.recipients] == [DsnState.QUEUED, DsnState.PENDING, DsnState.NONE]
+
+
 def test_failure_to_null_sender_needs_no_dsn(spool: Spool) -> None:
     queue_id = run(spool.commit(make_envelope(sender="", recipients=1), b"x"))
     run(spool.record_results([DeliveryResult(queue_id, 0, Outcome.FAILED, "550", "mx")]))

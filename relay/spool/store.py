@@ -667,19 +667,19 @@ class SpoolStore:
 
     def _mark_dsn_queued(self, request: DsnRequest, dsn_id: str, dsn: Envelope) -> None:
         marks = ",".join("?" * len(request.indexes))
-        cursor = self.connection.execute(
-            f"UPDATE recipient SET dsn = 'queued' WHERE queue_id = ? AND idx IN ({marks})"
-            " AND dsn = 'pending'",
-            (request.queue_id, *request.indexes),
-        )
-        if cursor.rowcount == 0:
-            # Another scheduler on this spool queued a DSN for these recipients
-            # after this one read them as owed, or the message was deleted since:
-            # the sender must not get the report twice, so this copy goes.
+        condition = f"queue_id = ? AND idx IN ({marks}) AND dsn = 'pending'"
+        parameters = (request.queue_id, *request.indexes)
+        (owed,) = self.connection.execute(f"SELECT COUNT(*) FROM recipient WHERE {condition}", parameters).fetchone()
+        if owed < len(set(request.indexes)):
+            # Another scheduler on this spool queued a DSN for some of these
+            # recipients after this one read them as owed, or the message was
+            # deleted since.  The sender must not get a report twice, so this
+            # copy goes, and recipients still owed get one at the next look.
             self._delete_rows(dsn_id)
             log_event(logger, "dsn_dropped", queue_id=request.queue_id, dsn_id=dsn_id,
-                      reason="no recipient of it owes a DSN any more")
+                      reason="a recipient of it owes no DSN any more")
             return
+        self.connection.execute(f"UPDATE recipient SET dsn = 'queued' WHERE {condition}", parameters)
         # Logged here, before delete_if_done may log the original's ``removed``.
         log_event(logger, "dsn_queued", queue_id=request.queue_id, dsn_id=dsn_id,
                   to=dsn.recipients[0].address, recipients=len(request.indexes))
