@@ -46,8 +46,10 @@ from relay.delivery.dsn import _remote_mta, build_report
 from relay.delivery.owner import process_start
 from relay.delivery.scheduler import RECHECK_AFTER, Job, _LeaseKeeper
 from relay.spool import (
+    DeliveryResult,
     DsnState,
     Envelope,
+    Outcome,
     Recipient,
     RecipientState,
     Spool,
@@ -387,6 +389,27 @@ def test_dsn_owed_by_other_process_sent_within_scan(
     assert "Final-Recipient: rfc822; gone@local.test" in text
     assert "550 5.1.1 no such user" in text
     assert spool_counts(config) == {}
+
+
+def test_corrupt_message_owing_dsn_keeps_scheduler(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any
+) -> None:
+    # The body of a message that owes a DSN fails its CRC-32 when the DSN is
+    # built.  The message is moved aside, and the scheduler goes on to
+    # deliver the rest of the queue.
+    config = make_config(tmp_path, nameserver, 25)
+    spool = spool_for(config)
+    broken = commit(spool, "bob@local.test", ["gone@local.test"])
+    store = SpoolStore(config.spool.path)
+    try:
+        failure = DeliveryResult(broken, 0, Outcome.FAILED, "550 5.1.1 no such user", "")
+        store.record_results([failure], None, time.time())
+        store.connection.execute("UPDATE message SET body = ? WHERE queue_id = ?", (b"damaged!", broken))
+    finally:
+        store.close()
+    commit(spool, "bob@local.test", ["alice@local.test"])
+    assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")), timeout=5.0)
+    assert (Path(config.spool.path) / "corrupt" / f"{broken}.body").read_bytes() == b"damaged!"
 
 
 class _SlowDataHandler(RecordingHandler):

@@ -1359,7 +1359,8 @@ class Scheduler:
                 await self.spool.commit(
                     report.envelope, report.body, dsn_for=DsnRequest(message.queue_id, report.indexes)
                 )
-            except (SpoolError, MessageNotFound) as exc:
+            except (SpoolError, MessageNotFound, CorruptRecord) as exc:
+                # load_body moved a corrupt message aside, and its DSN goes with it.
                 log_event(logger, "dsn_failed", logging.ERROR, queue_id=message.queue_id, error=str(exc))
                 continue
             self._wake.set()
