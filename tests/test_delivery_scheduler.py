@@ -1907,6 +1907,51 @@ def test_stop_keeps_550_of_cancelled_backup_mx(
     assert states["soft@mx.test"].last_reply == "451 4.3.0 try later"
 
 
+class _SlowQuitHandler(RecordingHandler):
+    """Replies to QUIT only after ``quit_delay`` seconds, and signals when QUIT arrived."""
+
+    def __init__(self, quit_delay: float, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.quit_delay = quit_delay
+        self.quit_arrived = threading.Event()
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        self.quit_arrived.set()
+        await asyncio.sleep(self.quit_delay)
+        return "221 Bye"
+
+
+def test_stop_during_backup_mx_quit_keeps_delivery(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a.mx.test defers soft@, b.mx.test accepts it and then takes 5 s to reply
+    # to QUIT.  The scheduler stops while it waits, and cancels the session
+    # after the grace time.  soft@ was delivered, so it must be stored as
+    # delivered and never be sent again by the next scheduler.
+    monkeypatch.setattr("relay.delivery.scheduler.STOP_GRACE", 0.5)
+    port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    primary = RecordingHandler(refuse={"soft@mx.test": "451 4.3.0 try later"})
+    backup = _SlowQuitHandler(5.0)
+    with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, backup):
+        commit(spool, "alice@local.test", ["soft@mx.test"])
+
+        async def main() -> None:
+            scheduler = Scheduler(config, spool)
+            task = asyncio.create_task(scheduler.run())
+            try:
+                arrived = await asyncio.to_thread(backup.quit_arrived.wait, 10.0)
+                assert arrived, "QUIT never reached b.mx.test"
+            finally:
+                await scheduler.stop()
+                await task
+
+        asyncio.run(main())
+    assert [m.recipients for m in backup.messages] == [["soft@mx.test"]]
+    assert spool_counts(config) == {}
+
+
 def test_fast_backup_mx_renews_no_lease(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # Leases last 30 s.  a.mx.test delivers fine@ and defers soft@, and
     # b.mx.test takes 0.5 s to reply to the end of data, well within the first

@@ -1011,7 +1011,7 @@ class Scheduler:
         fails, the replies that decided a recipient there stand, and the
         other recipients keep the first host's deferral.  A session cut off
         after the end of data counts as deferred, like a timeout waiting for
-        the final reply.
+        the final reply.  QUIT goes out only after the results are stored.
         """
         retried_job = Job(job.claim, job.route, tuple(recipient for recipient, _, _ in deferred))
         # The first session's keeper moved ``job.lease_until`` on, so the claim's own end may be long past.
@@ -1023,6 +1023,33 @@ class Scheduler:
             return
 
         await self._connections.acquire()
+        backup: SMTPSession | None = None
+        try:
+            backup, results, cancelled = await self._send_to_backup_mx(job, message, tried, retried_job)
+            recording = self._record_backup_results(
+                job, deferred, results, backup, peer, notifies, downgraded, copied
+            )
+            if cancelled is not None:
+                await self._record_at_stop(job, recording)
+                raise cancelled
+            await recording
+        finally:
+            try:
+                if backup is not None:
+                    # QUIT only after the results are stored, so a stop that cancels it loses none.
+                    await backup.close()
+            finally:
+                self._connections.release()
+
+    async def _send_to_backup_mx(
+        self, job: Job, message: OutboundMessage, tried: str, retried_job: Job
+    ) -> tuple[SMTPSession | None, dict[int, RecipientResult], asyncio.CancelledError | None]:
+        """Send the recipients of ``retried_job`` to the MX host after ``tried``, for ``_retry_at_backup_mx``.
+
+        Returns the session, the results that replies decided there, and the
+        cancellation by ``stop`` to raise again once they are recorded.  A
+        session cut off or failed is aborted, and the caller closes the others.
+        """
         keeper = _LeaseKeeper(self, retried_job)
         backup: SMTPSession | None = None
         results: dict[int, RecipientResult] = {}
@@ -1045,30 +1072,19 @@ class Scheduler:
             if not self._stopping:
                 raise
             # stop() cancelled the session after STOP_GRACE, and the replies read
-            # before still decided their recipients.  The cancellation goes on below.
+            # before still decided their recipients.  The caller raises it again.
             cancelled = exc
             results = dict(backup.decided) if backup is not None else {}
         except Exception as exc:
             results = dict(exc.decided) if isinstance(exc, SessionError) else {}
             log_event(logger, "backup_mx_failed", logging.INFO, queue_id=job.claim.queue_id, error=repr(exc))
         finally:
-            try:
-                if backup is not None and sent:
-                    # The keeper still renews during QUIT, which may take rset_timeout.
-                    await backup.close()
-                elif backup is not None:
-                    # Cut off or failed: the session may be inside DATA, where a QUIT would be message text.
-                    backup.abort()
-            finally:
-                # Recording the results ends the lease, and a renewal after that would take it for lost.
-                keeper.close()
-                self._connections.release()
-
-        recording = self._record_backup_results(job, deferred, results, backup, peer, notifies, downgraded, copied)
-        if cancelled is not None:
-            await self._record_at_stop(job, recording)
-            raise cancelled
-        await recording
+            # Recording the results ends the lease, and a renewal after that would take it for lost.
+            keeper.close()
+            if backup is not None and not sent:
+                # Cut off or failed: the session may be inside DATA, where a QUIT would be message text.
+                backup.abort()
+        return backup, results, cancelled
 
     async def _record_backup_results(
         self,
