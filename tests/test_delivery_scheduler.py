@@ -1614,6 +1614,45 @@ def hold_message(config: Config, queue_id: str) -> None:
         store.close()
 
 
+def hold_then_settle(
+    config: Config, queue_id: str, event: threading.Event, upstream: RecordingHandler
+) -> tuple[Callable[[], bool], list[float]]:
+    """Return a ``run_until`` check that holds ``queue_id`` once ``event`` is set, and the list of when it did.
+
+    The check returns True once the upstream has no session left and a DSN reached alice's mailbox.
+    """
+    held_at: list[float] = []
+
+    def hold_then_wait() -> bool:
+        if not held_at and event.is_set():
+            hold_message(config, queue_id)
+            held_at.append(time.monotonic())
+        return bool(held_at) and upstream.active == 0 and bool(mailbox_messages(config, "alice"))
+
+    return hold_then_wait, held_at
+
+
+def stop_once(config: Config, spool: Spool, event: threading.Event, missing: str) -> float:
+    """Run a scheduler until ``event`` is set, stop it, and return how long the stop took.
+
+    Fails with ``missing`` when the event is not set within 10 s.
+    """
+
+    async def main() -> float:
+        scheduler = Scheduler(config, spool)
+        task = asyncio.create_task(scheduler.run())
+        try:
+            arrived = await asyncio.to_thread(event.wait, 10.0)
+            assert arrived, missing
+        finally:
+            started = time.monotonic()
+            await scheduler.stop()
+            await task
+        return time.monotonic() - started
+
+    return asyncio.run(main())
+
+
 def test_slow_backup_mx_delivers_once(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # Leases last 3 s.  a.mx.test defers soft@ and b.mx.test takes 4.5 s, more
     # than a whole lease, to reply to the end of data.  A second scheduler on
@@ -1675,16 +1714,9 @@ def test_hold_cuts_off_backup_mx_keeps_550(tmp_path: Path, nameserver: NameServe
     spool = spool_for(config)
     primary = RecordingHandler(refuse={"gone@mx.test": "451 4.3.0 try later", "soft@mx.test": "451 4.3.0 try later"})
     backup = _StallingHandler(refuse={"gone@mx.test": "550 5.1.1 no such user"}, data_delay=5.0)
-    held_at: list[float] = []
     with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, backup):
         queue_id = commit(spool, "alice@local.test", ["gone@mx.test", "soft@mx.test"])
-
-        def hold_then_wait() -> bool:
-            if not held_at and backup.data_arrived.is_set():
-                hold_message(config, queue_id)
-                held_at.append(time.monotonic())
-            return bool(held_at) and backup.active == 0 and bool(mailbox_messages(config, "alice"))
-
+        hold_then_wait, held_at = hold_then_settle(config, queue_id, backup.data_arrived, backup)
         assert run_until(config, spool, hold_then_wait, timeout=6.0)
         closed_after = time.monotonic() - held_at[0]
     assert backup.messages == []
@@ -1711,16 +1743,9 @@ def test_hold_cuts_off_session_keeps_550(tmp_path: Path, nameserver: NameServer,
     config = make_config(tmp_path, nameserver, port, spool='lease_time = "3s"')
     spool = spool_for(config)
     upstream = _StallingHandler(refuse={"gone@implicit.test": "550 5.1.1 no such user"}, data_delay=5.0)
-    held_at: list[float] = []
     with run_upstream("127.0.0.4", port, upstream):
         queue_id = commit(spool, "alice@local.test", ["gone@implicit.test", "bob@implicit.test"])
-
-        def hold_then_wait() -> bool:
-            if not held_at and upstream.data_arrived.is_set():
-                hold_message(config, queue_id)
-                held_at.append(time.monotonic())
-            return bool(held_at) and upstream.active == 0 and bool(mailbox_messages(config, "alice"))
-
+        hold_then_wait, held_at = hold_then_settle(config, queue_id, upstream.data_arrived, upstream)
         assert run_until(config, spool, hold_then_wait, timeout=6.0)
     assert upstream.messages == []
     message = stored_message(config, queue_id)
@@ -1773,16 +1798,9 @@ def test_hold_cuts_off_after_mail_550_bounces(tmp_path: Path, nameserver: NameSe
     config = make_config(tmp_path, nameserver, port, spool='lease_time = "3s"')
     spool = spool_for(config)
     upstream = _RejectMailThenStallHandler("550 5.7.1 sender rejected", stall=5.0)
-    held_at: list[float] = []
     with run_upstream("127.0.0.4", port, upstream):
         queue_id = commit(spool, "alice@local.test", ["one@implicit.test", "two@implicit.test"])
-
-        def hold_then_wait() -> bool:
-            if not held_at and upstream.mail_arrived.is_set():
-                hold_message(config, queue_id)
-                held_at.append(time.monotonic())
-            return bool(held_at) and upstream.active == 0 and bool(mailbox_messages(config, "alice"))
-
+        hold_then_wait, held_at = hold_then_settle(config, queue_id, upstream.mail_arrived, upstream)
         assert run_until(config, spool, hold_then_wait, timeout=6.0)
     assert upstream.messages == []
     # Every recipient bounced and the DSN went out, so the message left the spool.
@@ -1832,20 +1850,7 @@ def test_stop_keeps_550_of_cancelled_transaction(
     upstream = _StallingHandler(refuse={"gone@implicit.test": "550 5.1.1 no such user"}, data_delay=5.0)
     with run_upstream("127.0.0.4", port, upstream):
         queue_id = commit(spool, "alice@local.test", ["gone@implicit.test", "bob@implicit.test"])
-
-        async def main() -> float:
-            scheduler = Scheduler(config, spool)
-            task = asyncio.create_task(scheduler.run())
-            try:
-                arrived = await asyncio.to_thread(upstream.data_arrived.wait, 10.0)
-                assert arrived, "the data never reached the upstream"
-            finally:
-                started = time.monotonic()
-                await scheduler.stop()
-                await task
-            return time.monotonic() - started
-
-        stop_took = asyncio.run(main())
+        stop_took = stop_once(config, spool, upstream.data_arrived, "the data never reached the upstream")
     assert stop_took < 3.0
     assert upstream.messages == []
     message = stored_message(config, queue_id)
@@ -1879,20 +1884,7 @@ def test_stop_keeps_550_of_cancelled_backup_mx(
     backup = _StallingHandler(refuse={"gone@mx.test": "550 5.1.1 no such user"}, data_delay=5.0)
     with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, backup):
         queue_id = commit(spool, "alice@local.test", ["gone@mx.test", "soft@mx.test"])
-
-        async def main() -> float:
-            scheduler = Scheduler(config, spool)
-            task = asyncio.create_task(scheduler.run())
-            try:
-                arrived = await asyncio.to_thread(backup.data_arrived.wait, 10.0)
-                assert arrived, "the data never reached b.mx.test"
-            finally:
-                started = time.monotonic()
-                await scheduler.stop()
-                await task
-            return time.monotonic() - started
-
-        stop_took = asyncio.run(main())
+        stop_took = stop_once(config, spool, backup.data_arrived, "the data never reached b.mx.test")
     assert stop_took < 3.0
     assert backup.messages == []
     message = stored_message(config, queue_id)
@@ -1936,18 +1928,7 @@ def test_stop_during_backup_mx_quit_keeps_delivery(
     backup = _SlowQuitHandler(5.0)
     with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, backup):
         commit(spool, "alice@local.test", ["soft@mx.test"])
-
-        async def main() -> None:
-            scheduler = Scheduler(config, spool)
-            task = asyncio.create_task(scheduler.run())
-            try:
-                arrived = await asyncio.to_thread(backup.quit_arrived.wait, 10.0)
-                assert arrived, "QUIT never reached b.mx.test"
-            finally:
-                await scheduler.stop()
-                await task
-
-        asyncio.run(main())
+        stop_once(config, spool, backup.quit_arrived, "QUIT never reached b.mx.test")
     assert [m.recipients for m in backup.messages] == [["soft@mx.test"]]
     assert spool_counts(config) == {}
 
