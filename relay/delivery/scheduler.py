@@ -717,11 +717,9 @@ class Scheduler:
                     keeper = _LeaseKeeper(self, job)
                     try:
                         if session is None or not session.usable:
-                            if session is not None:
-                                # A broken session gives its connection slot back before a new one opens.
-                                session.abort()
-                                self._connections.release()
-                                session = None
+                            # A broken session gives its connection slot back before a new one opens.
+                            self._drop_session(session)
+                            session = None
                             session = await self._open_session(name, destination, job, keeper)
                             if session is None:
                                 continue
@@ -734,10 +732,8 @@ class Scheduler:
                     # jobs would wait for a new worker or for their leases to run out.
                     # The session may be in any state, so the next job gets a new one.
                     self._log_delivery_error(name, job, exc)
-                    if session is not None:
-                        session.abort()
-                        self._connections.release()
-                        session = None
+                    self._drop_session(session)
+                    session = None
                     await self._defer_after_error(job, exc)
                 finally:
                     self._jobs_in_memory -= 1
@@ -751,6 +747,12 @@ class Scheduler:
                     self.sessions.release(route, session)
                 else:
                     await session.close()
+
+    def _drop_session(self, session: SMTPSession | None) -> None:
+        """Close ``session``, when there is one, without QUIT, and give its connection slot back."""
+        if session is not None:
+            session.abort()
+            self._connections.release()
 
     def _log_delivery_error(self, name: str, job: Job, error: Exception) -> None:
         """Log an unexpected error of one job once, with its queue ID; call it inside the ``except`` block."""
