@@ -1617,7 +1617,7 @@ def hold_message(config: Config, queue_id: str) -> None:
 def hold_then_settle(
     config: Config, queue_id: str, event: threading.Event, upstream: RecordingHandler
 ) -> tuple[Callable[[], bool], list[float]]:
-    """Return a ``run_until`` check that holds ``queue_id`` once ``event`` is set, and the list of when it did.
+    """Return a ``run_until`` check that puts ``queue_id`` on hold once ``event`` is set, and when it did.
 
     The check returns True once the upstream has no session left and a DSN reached alice's mailbox.
     """

@@ -884,7 +884,8 @@ class Scheduler:
         try:
             message = await self._load_message(following)
         except SpoolError:
-            # Its own turn in the queue meets the error again and defers it; the current job goes out meanwhile.
+            # Back at the front of the queue, its own turn meets the error again and defers it.
+            # The current job goes out meanwhile.
             destination.queue.appendleft(following)
             return None
         if message is None:
