@@ -103,6 +103,10 @@ def test_sink_and_bench_closed_stdout() -> None:
         (("serve", "--listen", "nowhere"), "relay serve: --listen: invalid address 'nowhere': missing port"),
         (("serve", "--workers", "0"), "relay serve: --workers: 0 is below the minimum 1"),
         (("serve", "--spool", ""), "relay serve: --spool is empty"),
+        (("mailbox", "alice", "x"), "relay mailbox: error: argument N: expected a message number of at least 1"),
+        (("mailbox", "alice", "1.5"), "relay mailbox: error: argument N: expected a message number of at least 1"),
+        (("mailbox", "alice", "0"), "relay mailbox: error: argument N: expected a message number of at least 1"),
+        (("mailbox", "alice", "-1"), "relay mailbox: error: argument N: expected a message number of at least 1"),
     ],
 )
 def test_usage_error_names_subcommand(tmp_path: Path, args: tuple[str, ...], prefix: str) -> None:

@@ -80,9 +80,23 @@ def register(subparsers: Any) -> None:
     """Add the ``mailbox`` subcommand."""
     parser = subparsers.add_parser("mailbox", help="list a local mailbox, or print one message of it")
     parser.add_argument("user", metavar="USER", help="local user whose Maildir to read")
-    parser.add_argument("number", metavar="N", type=int, nargs="?", help="print message N (1 is the oldest)")
+    parser.add_argument(
+        "number", metavar="N", type=_message_number, nargs="?", help="print message N (1 is the oldest)"
+    )
     add_config_option(parser)
     parser.set_defaults(handler=run)
+
+
+def _message_number(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a message number of at least 1, as relay mailbox USER lists them, got {value!r}"
+        )
+    return number
 
 
 def run(args: argparse.Namespace) -> int:
