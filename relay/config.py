@@ -831,7 +831,9 @@ def _describe_toml_error(filename: str, text: str, exc: tomllib.TOMLDecodeError)
     message = str(exc)
     result = f"{filename}: invalid TOML: {message}"
     position = _TOML_POSITION.search(message)
-    lines = text.splitlines()
+    # tomllib counts only LF as a line end, while str.splitlines also splits at
+    # characters that TOML allows in comments and strings, such as U+2028.
+    lines = text.split("\n")
     if position is not None and 0 < int(position.group(1)) <= len(lines):
         result += f": {_value_repr.repr(lines[int(position.group(1)) - 1].strip())}"
     fix = next((fix for start, fix in _TOML_FIXES.items() if message.startswith(start)), None)

@@ -650,6 +650,11 @@ def test_overlong_number_strings_rejected(tmp_path: Path, text: str, key: str, p
             " a [section] may appear only once, so merge the two",
         ),
         ("[server\n", "Expected ']' at the end of a table declaration (at line 1, column 8): '[server'"),
+        # U+2028 and U+2029 in a comment end no TOML line, so line 3 is the third LF-separated line.
+        (
+            "# a\u2028b\u2029c\n[server]\nhostname = \n",
+            "Invalid value (at line 3, column 12): 'hostname ='",
+        ),
     ],
 )
 def test_toml_error_quotes_line(tmp_path: Path, text: str, expected: str) -> None:
