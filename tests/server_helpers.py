@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,16 @@ def wait_for_port(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"relay did not listen on {host}:{port} within {timeout} s") from None
             time.sleep(0.05)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``condition`` every 50 ms for up to ``timeout`` seconds; return whether it became true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
 
 
 @dataclass

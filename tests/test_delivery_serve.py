@@ -16,7 +16,7 @@ import smtplib
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from tests.delivery_peers import (
     run_nsd,
     run_upstream,
 )
-from tests.server_helpers import RelayProcess, strip_received
+from tests.server_helpers import RelayProcess, strip_received, wait_until
 
 MESSAGES = 1000
 CLIENTS = 4
@@ -68,15 +68,6 @@ def send_all(port: int, messages: dict[str, bytes]) -> None:
 
     with ThreadPoolExecutor(CLIENTS) as pool:
         list(pool.map(send_share, [addresses[start::CLIENTS] for start in range(CLIENTS)]))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 def spool_empty(relay: RelayProcess) -> bool:

@@ -12,13 +12,13 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from relay.spool.writer import WRITER_LOCK
-from tests.server_helpers import EVENT_LOOPS, Listener, RawClient, RelayProcess, make_certificate
+from tests.server_helpers import EVENT_LOOPS, Listener, RawClient, RelayProcess, make_certificate, wait_until
 
 HELP = b"HELP\r\n"
 EHLO = b"EHLO client.example.com\r\n"
@@ -40,16 +40,6 @@ def tcp_state(sock: socket.socket) -> int:
     """Return the kernel's TCP state of ``sock`` (the first octet of TCP_INFO)."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
     return int(struct.unpack("B", info[:1])[0])
-
-
-def wait_until(condition: Callable[[], bool], seconds: float) -> bool:
-    """Poll ``condition`` every 50 ms for up to ``seconds``; return whether it became true."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def read_reply(sock: socket.socket) -> str:

@@ -11,7 +11,7 @@ what these peers received.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.delivery_peers import RecordingHandler, run_upstream
-from tests.server_helpers import RawClient, RelayProcess
+from tests.server_helpers import RawClient, RelayProcess, wait_until
 
 STRANGER = "127.0.0.9"
 
@@ -57,15 +57,6 @@ def site(tmp_path: Path) -> Iterator[Site]:
         stack.enter_context(run_upstream("127.0.0.1", internal_port, internal))
         stack.enter_context(relay)
         yield Site(relay, smart_host, internal)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 def send(port: int, sender: str, recipient: str, expected: str) -> None:
