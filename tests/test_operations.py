@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import REPO_ROOT, free_port, require_peer
 from relay.config import TLSConfig
 from relay.smtp.tls import TLSSetupError, server_context
-from tests.server_helpers import make_certificate, wait_for_port
+from tests.server_helpers import RawClient, RelayProcess, make_certificate, wait_for_port, wait_until
 
 # Loopback is not trusted here, so relaying to other domains is denied and
 # policy changes show in RCPT replies.
@@ -790,3 +790,31 @@ def test_restart_forgets_old_snapshots(tmp_path: Path) -> None:
         assert not (old / "worker-7.json").exists()
     finally:
         server.stop()
+
+
+def test_reload_keeps_open_session_timeouts(tmp_path: Path) -> None:
+    """A session open at a reload keeps the command_timeout that it started with."""
+    relay = RelayProcess(tmp_path, server='command_timeout = "3s"').start()
+    try:
+        client = RawClient(relay.port)
+        assert client.reply().startswith("220 ")
+        relay.config_path.write_text(
+            relay.config_path.read_text().replace('command_timeout = "3s"', 'command_timeout = "1h"')
+        )
+        relay.signal(signal.SIGHUP)
+        assert wait_until(lambda: " reloaded " in relay.log()), relay.log()
+        # Idle from here on: the 3 s of the start end the session, not the 1 h of the reload.
+        client.exchange(b"NOOP\r\n", ["250"])
+        idle_since = time.monotonic()
+        client.sock.settimeout(10.0)
+
+        assert client.reply().startswith("421 4.4.2"), relay.log()
+        assert time.monotonic() - idle_since < 6.0
+        client.close()
+        # A session that starts after the reload gets the new timeout.
+        with RawClient(relay.port) as fresh:
+            assert fresh.reply().startswith("220 ")
+            assert not fresh.closed(timeout=4.0)
+        assert relay.stop() == 0
+    finally:
+        relay.kill()

@@ -19,7 +19,8 @@ not run while the session waits for the spool or the password check.  When
 the session closes, the transport first sends the replies still unsent, so
 a client that does not read them could hold the connection open for as
 long as it stays connected.  ``server.close_timeout`` bounds that wait:
-the transport is then aborted and ``close_timeout`` logged.
+the transport is then aborted and ``close_timeout`` logged.  A connection
+keeps the values in force when it opened, through any reload.
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ class SMTPProtocol(asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._handshaking = False  # a STARTTLS handshake runs
         self._loss_deferred = False  # connection_lost came during that handshake
-        # server.max_unsent_replies when the connection opened, kept across a reload.
-        self._max_unsent_replies = runtime.config.server.max_unsent_replies
+        # The [server] settings when the connection opened: a reload applies
+        # its timeouts and limits to connections accepted after it.
+        self._server_config = runtime.config.server
+        self._max_unsent_replies = self._server_config.max_unsent_replies
 
     # -- asyncio callbacks ---------------------------------------------------
 
@@ -101,7 +104,7 @@ class SMTPProtocol(asyncio.Protocol):
         if refusal is not None:
             session.refuse(refusal)
         else:
-            delay = runtime.config.server.greeting_delay
+            delay = self._server_config.greeting_delay
             session.start(delay_greeting=delay > 0)
             if delay > 0 and not session.privileged:
                 self._greeting_timer = runtime.loop.call_later(delay, self._greet)
@@ -253,7 +256,7 @@ class SMTPProtocol(asyncio.Protocol):
         # transport holds.
         transport.close()
         if self._close_timer is None:
-            timeout = self.runtime.config.server.close_timeout
+            timeout = self._server_config.close_timeout
             self._close_timer = self.runtime.loop.call_later(timeout, self._abort_unsent, transport, timeout)
 
     def _abort_unsent(self, transport: asyncio.Transport, timeout: float) -> None:
@@ -325,7 +328,7 @@ class SMTPProtocol(asyncio.Protocol):
                 self,
                 context,
                 server_side=True,
-                ssl_handshake_timeout=self.runtime.config.server.tls_handshake_timeout,
+                ssl_handshake_timeout=self._server_config.tls_handshake_timeout,
             )
         except OSError as exc:  # ssl.SSLError, ConnectionError and TimeoutError among them
             error = exc
@@ -394,7 +397,7 @@ class SMTPProtocol(asyncio.Protocol):
     def _schedule_timer(self) -> None:
         session = self.session
         assert session is not None
-        server = self.runtime.config.server
+        server = self._server_config
         self._timer_in_data = session.in_data
         timeout = server.data_timeout if session.in_data else server.command_timeout
         delay = max(0.0, self._last_activity + timeout - time.monotonic())
@@ -407,7 +410,7 @@ class SMTPProtocol(asyncio.Protocol):
         session = self.session
         if session is None or self.transport is None or session.closed:
             return
-        server = self.runtime.config.server
+        server = self._server_config
         timeout = server.data_timeout if session.in_data else server.command_timeout
         waiting = session.waiting or self._greeting_timer is not None
         if waiting or time.monotonic() - self._last_activity < timeout:
