@@ -37,6 +37,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay.entry import SERVE_SIGNALS
@@ -125,6 +126,19 @@ class Reports:
 
     def stopping(self) -> None:
         """Report that a graceful stop has begun."""
+
+    def run_reload(self, reload: Callable[[], bool]) -> bool:
+        """Run ``reload`` between the reports of its start and its end; return whether it applied the file.
+
+        An exception from ``reload`` still ends the reload, as rejected, so that systemd's reload job ends.
+        """
+        started = self.reload_started()
+        applied = False
+        try:
+            applied = reload()
+        finally:
+            self.reload_finished(started, applied)
+        return applied
 
 
 def status_after_reload(status: str, applied: bool) -> str:

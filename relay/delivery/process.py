@@ -187,12 +187,7 @@ class DeliveryProcess:
         self._stop.set()
 
     def _on_reload(self) -> None:
-        started = self._reports.reload_started()
-        applied = False
-        try:
-            applied = self._reload()
-        finally:
-            self._reports.reload_finished(started, applied)
+        self._reports.run_reload(self._reload)
 
     def _reload(self) -> bool:
         """Re-read the config file and hand it to the scheduler; return whether it was applied."""

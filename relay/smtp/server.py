@@ -471,13 +471,11 @@ class Worker:
         return monitoring
 
     def _on_reload(self) -> None:
-        started = self._reports.reload_started()
         applied = False
         try:
-            applied = self._reload()
+            applied = self._reports.run_reload(self._reload)
         finally:
-            # Also after an unexpected error, so that systemd's reload job ends.
-            self._reports.reload_finished(started, applied)
+            # Also after an unexpected error, which leaves the old config in force.
             if self.index == 0:
                 metrics.config_reload_applied.set(1.0 if applied else 0.0)
 
