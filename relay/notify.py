@@ -291,19 +291,25 @@ class SupervisorReports:
                 # The signal handler writes its request before it signals the children,
                 # so a request is always handled before the children's reports of that reload.
                 for fd in sorted(readable, key=lambda fd: fd != self._control_read):
-                    data = os.read(fd, 4096)
-                    if not data and fd == self.read_fd:
+                    if not self._read_records(fd, buffers):
                         # Every child has exited.
                         return
-                    buffers[fd] += data
-                    whole = len(buffers[fd]) - len(buffers[fd]) % _RECORD.size
-                    for offset in range(0, whole, _RECORD.size):
-                        self._handle(*_RECORD.unpack_from(buffers[fd], offset))
-                    buffers[fd] = buffers[fd][whole:]
                 self._report()
         finally:
             os.close(self.read_fd)
             os.close(self._control_read)
+
+    def _read_records(self, fd: int, buffers: dict[int, bytes]) -> bool:
+        """Read ``fd`` once and handle its whole records; return False at the end of the children's pipe."""
+        data = os.read(fd, 4096)
+        if not data and fd == self.read_fd:
+            return False
+        buffers[fd] += data
+        whole = len(buffers[fd]) - len(buffers[fd]) % _RECORD.size
+        for offset in range(0, whole, _RECORD.size):
+            self._handle(*_RECORD.unpack_from(buffers[fd], offset))
+        buffers[fd] = buffers[fd][whole:]
+        return True
 
     def _handle(self, kind: bytes, index: int, value: int) -> None:
         state = self._state
