@@ -433,6 +433,19 @@ class Worker:
             pid=os.getpid(),
             listeners=[f"{r.name}/{r.listener.role}/{r.listener.tls}" for r in self.runtimes],
         )
+        delivering = self._start_delivery(loop)
+        await self._stop.wait()
+        if self.scheduler is not None and delivering is not None:
+            await self.scheduler.stop()
+            await delivering
+        await self._shutdown()
+        if monitoring is not None:
+            await monitoring.stop()
+        return 0
+
+    def _start_delivery(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[None] | None:
+        """Wire the listeners to the scheduler; start it when it runs here, and return its task."""
+        config = self.config
         # One scheduler per relay: in the delivery process when there is one
         # (several workers), else in worker 0.
         if self.wake is not None:
@@ -449,14 +462,7 @@ class Worker:
         if scheduler is not None:
             for runtime in self.runtimes:
                 runtime.on_stored = scheduler.wake
-        await self._stop.wait()
-        if scheduler is not None and delivering is not None:
-            await scheduler.stop()
-            await delivering
-        await self._shutdown()
-        if monitoring is not None:
-            await monitoring.stop()
-        return 0
+        return delivering
 
     async def _start_admin(self) -> Monitoring | None:
         """Start metrics snapshots in every worker and the admin listener in worker 0."""
