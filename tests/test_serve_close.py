@@ -292,3 +292,34 @@ def test_stalled_starttls_frees_slot(event_loop: str, tmp_path: Path) -> None:
         client.close()
         assert wait_until(lambda: "tls_failed" in relay.log(), 5.0), relay.log()
         assert_slot_free(relay)
+
+
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_shutdown_aborts_stalled_starttls(event_loop: str, tmp_path: Path) -> None:
+    """SIGTERM does not wait tls_handshake_timeout for a client that stalls its STARTTLS handshake.
+
+    The handshake carries no message, yet the stop waited for it as for a
+    commit in flight, past shutdown_grace.
+    """
+    relay = RelayProcess(
+        tmp_path,
+        event_loop=event_loop,
+        listeners=[Listener(tls="starttls")],
+        server='shutdown_grace = "1s"\ntls_handshake_timeout = "2m"',
+        certificate=make_certificate(tmp_path),
+    ).start()
+    try:
+        client = connect(relay)
+        client.exchange(EHLO, ["250"])
+        client.exchange(b"STARTTLS\r\n", ["220"])
+        client.send(b"\x16\x03\x01\x00")
+
+        started = time.monotonic()
+        assert relay.stop(30.0) == 0
+        assert time.monotonic() - started < 10.0
+        assert client.closed(5.0)
+        client.close()
+        log = relay.log()
+        assert "disconnect session=" in log.split("stopping signal=SIGTERM")[-1], log
+    finally:
+        relay.kill()

@@ -188,12 +188,14 @@ class SMTPProtocol(asyncio.Protocol):
 
         A session that has already ended, but whose replies are still
         unsent, loses its connection at once instead of after close_timeout.
+        So does one in a STARTTLS handshake, which carries no message and
+        cannot take a plaintext 421: _start_tls then logs ``tls_failed``.
         """
         session = self.session
         transport = self.transport
         if session is None or transport is None:
             return
-        if session.closed:
+        if session.closed or self._handshaking:
             transport.abort()
             return
         if session.waiting and self._task is not None and not self._task.done():
@@ -208,7 +210,7 @@ class SMTPProtocol(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        """Whether the session is storing a message (the server waits for these)."""
+        """Whether a spool commit, a password check or a TLS handshake runs (the server waits for these)."""
         return self._task is not None and not self._task.done()
 
     # -- internals -----------------------------------------------------------

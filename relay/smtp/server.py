@@ -21,8 +21,9 @@ idle sessions, lets messages already in DATA or BDAT finish for up to
 ``server.shutdown_grace`` seconds, then ends the rest with ``421 4.3.2``,
 waits for commits in flight and closes the spool.  A connection whose session
 has ended but whose client has not read the last replies does not hold up
-the stop: it is aborted.  A second signal exits at once; committed messages
-are safe because the spool is durable at each 250.
+the stop: it is aborted, as is one whose STARTTLS handshake still runs.  A
+second signal exits at once; committed messages are safe because the spool
+is durable at each 250.
 Unhandled event-loop exceptions are logged as ``loop_exception`` errors.
 """
 
