@@ -872,8 +872,7 @@ def _build(raw: dict[str, Any], ctx: _Context, source: str | None) -> Config:
             continue
         cls = _SECTIONS.get(key)
         if cls is None:
-            known = ", ".join(sorted([*_SECTIONS, "listener"]))
-            ctx.error(key, f"unknown section{_suggestion(key, [*_SECTIONS, 'listener'])}; expected one of: {known}")
+            ctx.error(key, _unknown_top_level(key, value))
             continue
         sections[key] = _parse_section(cls, value, key, ctx)
 
@@ -897,6 +896,24 @@ def _build(raw: dict[str, Any], ctx: _Context, source: str | None) -> Config:
     if ctx.errors:
         raise ConfigError(ctx.errors)
     return config
+
+
+def _unknown_top_level(name: str, value: Any) -> str:
+    """Return the error for a top-level name that is no section: a misspelled section, or a key above the first one."""
+    known = ", ".join(sorted([*_SECTIONS, "listener"]))
+    if isinstance(value, dict):
+        return f"unknown section{_suggestion(name, [*_SECTIONS, 'listener'])}; expected one of: {known}"
+    # In TOML a key belongs to the table whose header it follows, so a key
+    # that parses as top-level stands above every [section] header.
+    sections = {**_SECTIONS, "listener": ListenerConfig}
+    owners = [
+        f"[[{section}]]" if section == "listener" else f"[{section}]"
+        for section, cls in sorted(sections.items())
+        if name in {spec.name for spec in dataclasses.fields(cls)}
+    ]
+    if owners:
+        return f"key before any [section] header; move it into {' or '.join(owners)}"
+    return f"unknown key before any [section] header; expected a section: {known}"
 
 
 def config_warnings(config: Config) -> list[tuple[str, str]]:

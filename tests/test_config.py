@@ -122,6 +122,10 @@ format = "json"
         ("[bogus]\nx = 1\n", "bogus", "unknown section; expected one of: admin, auth,"),
         ("[sever]\nx = 1\n", "sever", "unknown section (did you mean server?); expected one of: admin, auth,"),
         ("[Delivery]\nx = 1\n", "Delivery", "unknown section (did you mean delivery?)"),
+        # A key above the first [section] header is no section, misspelled or not.
+        ("workers = 2\n[server]\n", "workers", "key before any [section] header; move it into [server]"),
+        ("address = \"127.0.0.1:2525\"\n", "address", "move it into [admin] or [[listener]]"),
+        ("workerz = 2\n", "workerz", "unknown key before any [section] header; expected a section: admin, auth,"),
         ("[policy]\nmax_recipients = \"many\"\n", "policy.max_recipients", "expected an integer"),
         ("[policy]\nallow_address_literals = 1\n", "policy.allow_address_literals", "true or false"),
         ("[[listener]]\naddress = \"127.0.0.1\"\n", "listener[0].address", "missing port"),
