@@ -95,6 +95,7 @@ from email.utils import formatdate
 from typing import BinaryIO, TextIO
 
 from relay.aliases import DEFAULT_EXPANSION_LIMIT, AliasError, parse_aliases
+from relay.cli import escape_controls
 from relay.config import CONFIG_ENVIRONMENT, Config, ConfigError, load_config
 from relay.log import log_event
 from relay.sendmail_addresses import RejectedRecipient, check_address, check_recipients, split_address_list
@@ -608,7 +609,8 @@ def _report_rejected(rejected: list[RejectedRecipient], queue_id: str, envelope:
     elif notify and "FAILURE" not in notify:
         outcome = f"no DSN reports {count}, because -N does not include failure"
     else:
-        outcome = f"a DSN to {envelope.sender} reports {count}"
+        # The -f address may contain bidirectional formatting or line separator characters.
+        outcome = f"a DSN to {escape_controls(envelope.sender)} reports {count}"
     print(f"sendmail: queued as {queue_id} for the valid recipients; {outcome}", file=stderr)
 
 

@@ -239,3 +239,16 @@ def test_long_header_line_and_nul_kept(tmp_path: Path) -> None:
     stored, body = _only_message(tmp_path / "spool")
     assert [recipient.address for recipient in stored.recipients] == ["alice@example.test"]
     assert b"\r\nX-Long: " + long_value + b"\r\nTo: alice@example.test\r\n\r\nab\0cd\r\n" in body
+
+
+def test_rejected_report_escapes_sender(tmp_path: Path) -> None:
+    # Printed as it is, the right-to-left override in this -f address would make
+    # a terminal show the rest of the line reversed, ending in "exe.png".
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "-f", "app\u202egnp.exe@remote.test", "alice", "user@"], b"hi\n")
+
+    assert result.returncode == 0, result.stderr
+    error = result.stderr.decode()
+    assert "a DSN to app\\u202egnp.exe@remote.test reports the rejected recipient" in error
+    assert "\u202e" not in error
