@@ -2479,14 +2479,17 @@ def _bounced(reply: str) -> StoredMessage:
 def test_dsn_text_from_next_hop_made_safe() -> None:
     # A next hop's reply is untrusted text: the delivery-status part must stay
     # US-ASCII (RFC 3464 section 2.1), no line may pass 998 octets, and control
-    # characters must not reach a reader's terminal.
-    reply = "550 5.1.1 Empf\u00e4nger \u2603 \x1b[31mred " + "long " * 900
+    # characters must not reach a reader's terminal, nor may a right-to-left
+    # override reorder the plain-text part for display.
+    reply = "550 5.1.1 Empf\u00e4nger \u2603 \x1b[31mred \u202egnp.exe " + "long " * 900
     message = _bounced(reply)
 
     report = build_report(message, b"Subject: s\r\n\r\nx\r\n", message.recipients, "mx.local.test", 1_700_000_100.0)
 
     assert max(len(line) for line in report.body.split(b"\r\n")) <= 998
     assert b"\x1b" not in report.body
+    assert "\u202e".encode() not in report.body
+    assert b"?[31mred ?gnp.exe" in report.body.split(b"Content-Type: message/delivery-status")[0]
     status_part = report.body.split(b"Content-Type: message/delivery-status")[1].split(b"\r\n--")[0]
     assert status_part.isascii()
     assert b"Diagnostic-Code: smtp; 550 5.1.1 Empf?nger ? ?[31m" in status_part

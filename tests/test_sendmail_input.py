@@ -252,3 +252,31 @@ def test_rejected_report_escapes_sender(tmp_path: Path) -> None:
     error = result.stderr.decode()
     assert "a DSN to app\\u202egnp.exe@remote.test reports the rejected recipient" in error
     assert "\u202e" not in error
+
+
+def _text_part(report: bytes) -> bytes:
+    """Return the plain-text part of a DSN, between the text/plain header and the delivery-status part."""
+    return report.split(b"Content-Type: text/plain")[1].split(b"Content-Type: message/delivery-status")[0]
+
+
+def test_dsn_text_escapes_recipient_formatting(tmp_path: Path) -> None:
+    # The plain-text part shows each bad address with its line separator and
+    # bidirectional override escaped.  The delivery-status part keeps the
+    # address in the utf-8 address type, as utf-8-addr-xtext (RFC 6533 section 3).
+    config = write_config(tmp_path)
+    bad = ["us\u2028er@", "a\u202egnp.exe@"]
+
+    result = sendmail(["--config", str(config), "-f", "app@remote.test", "alice", *bad], b"hi\n")
+
+    assert result.returncode == 0, result.stderr
+    _, _, dsns = _original_and_dsns(tmp_path / "spool")
+    [(_, report)] = dsns
+    text = _text_part(report).decode()
+    assert "<us\\u2028er@>: failed: 501 5.1.3" in text
+    assert "<a\\u202egnp.exe@>: failed: 501 5.1.3" in text
+    assert "\u2028" not in text
+    assert "\u202e" not in text
+    status = report.split(b"Content-Type: message/delivery-status")[1].split(b"\r\n--")[0]
+    assert status.isascii()
+    assert b"Final-Recipient: utf-8; us\\x{2028}er@\r\n" in status
+    assert b"Final-Recipient: utf-8; a\\x{202E}gnp.exe@\r\n" in status

@@ -24,6 +24,11 @@ a remote host took it (the spool owes such a DSN only when that host did
 not offer DSN, RFC 3461 section 5.2.2) and as ``delivered`` after local
 delivery.  A still-deferred recipient is a delay warning: ``Action:
 delayed`` with ``Will-Retry-Until``.
+
+The plain-text part escapes control characters, line and paragraph
+separators and bidirectional formatting characters in addresses, so a reader
+sees each address as it is.  The delivery-status part writes a UTF-8 address
+as utf-8-addr-xtext (RFC 6533 section 3), which keeps it US-ASCII.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from dataclasses import dataclass
 
 from relay._errors import SMTPError
 from relay._parser import xtext_decode
+from relay.cli import escape_controls
 from relay.spool import Envelope, Recipient, RecipientState, StoredMessage, StoredRecipient
 
 _REPLY_RE = re.compile(r"^([245])\d\d(?:[ -]([245]\.\d{1,3}\.\d{1,3}))?\b")
@@ -136,8 +142,10 @@ def _clean(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")
 
 
-# Control characters, which a next hop's reply may contain and a terminal would act on.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Control characters, which a next hop's reply may contain and a terminal would
+# act on, and the characters that break a line or reorder text for display
+# (the set that relay.cli.escape_controls escapes).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 # Maximum length of a DSN line before it is folded; RFC 5322 section 2.1.1 recommends 78.
 _FOLD_WIDTH = 78
 # Longer words are cut into pieces of this many characters, well below 998 octets.
@@ -246,7 +254,7 @@ def build_report(
     lines.append("")
     for recipient in recipients:
         reply = _printable(recipient.last_reply or "", ascii_only=False)
-        lines.append(_folded(f"<{recipient.address}>: {_action(recipient)}: {reply}"))
+        lines.append(_folded(f"<{escape_controls(recipient.address)}>: {_action(recipient)}: {reply}"))
     lines += [
         "",
         f"--{boundary}",
