@@ -624,6 +624,12 @@ def test_queue_lifetime_expiry_bounces(tmp_path: Path, nameserver: NameServer, s
     fields = report.get_payload()[1].get_payload()[1]
     assert fields["Action"] == "failed"
     assert fields["Status"] == "4.2.1"
+    # RFC 3464 section 2.3.6: Diagnostic-Code is the next hop's reply alone.
+    assert " ".join(fields["Diagnostic-Code"].split()) == "smtp; 450 4.2.1 try again later"
+    text = report.get_payload()[0].get_payload(decode=True).decode()
+    line = " ".join(text.split("<bob@implicit.test>: failed: ", 1)[1].split("\n\n", 1)[0].split())
+    assert line.startswith("450 4.2.1 try again later (the message expired after "), text
+    assert line.endswith(" in the queue)"), text
 
 
 def test_bounce_queue_lifetime_for_null_sender(
@@ -644,7 +650,8 @@ def test_bounce_queue_lifetime_for_null_sender(
     assert stored.recipients[0].state is RecipientState.DEFERRED
     bounced = [record for record in caplog.records if getattr(record, "event", "") == "bounced"]
     assert [record.fields["to"] for record in bounced] == ["dsn@implicit.test"]  # type: ignore[attr-defined]
-    assert bounced[0].fields["reply"].endswith("(message expired after 1 s in the queue)")  # type: ignore[attr-defined]
+    assert bounced[0].fields["reply"] == "450 4.2.1 try again later"  # type: ignore[attr-defined]
+    assert bounced[0].fields["reason"] == "message expired after 1 s in the queue"  # type: ignore[attr-defined]
     assert mailbox_messages(config, "alice") == []
 
 

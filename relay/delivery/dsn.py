@@ -19,7 +19,10 @@ spool when results are recorded; this module only formats.
 The ``Status`` comes from the enhanced code in the recorded reply; without
 one, the reply code's class gives ``X.0.0``.  An expired recipient keeps the
 status of its last temporary failure with ``Action: failed``, as RFC 3464
-section 2.3.3 allows.  A delivered recipient is reported as ``relayed`` when
+section 2.3.3 allows, and its ``Diagnostic-Code`` is that last reply alone
+(RFC 3464 section 2.3.6 reserves the field for the remote MTA's text).  The
+plain-text part states that the message expired and how long it was queued.
+A delivered recipient is reported as ``relayed`` when
 a remote host took it (the spool owes such a DSN only when that host did
 not offer DSN, RFC 3461 section 5.2.2) and as ``delivered`` after local
 delivery.  A still-deferred recipient is a delay warning: ``Action:
@@ -181,6 +184,35 @@ def _folded(line: str) -> str:
     return "\r\n ".join(out)
 
 
+def _expired(recipient: StoredRecipient) -> bool:
+    """Return whether ``recipient`` failed because the message's queue lifetime ran out.
+
+    Only expiry turns a temporary failure into a bounce, so a bounced
+    recipient whose last reply is a 4xx is an expired one.
+    """
+    return recipient.state is RecipientState.BOUNCED and status_of(recipient.last_reply or "").startswith("4")
+
+
+def _queued_for(seconds: float) -> str:
+    """Format a time in the queue in the largest unit that counts at least 2 of it, such as "5 days" or "90 seconds"."""
+    for unit, length in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= 2 * length:
+            count = int(seconds // length)
+            return f"{count} {unit}s"
+    count = round(seconds)
+    return "1 second" if count == 1 else f"{count} seconds"
+
+
+def _summary_line(message: StoredMessage, recipient: StoredRecipient, now: float) -> str:
+    """Return the plain-text line that reports ``recipient``: its address, action and last reply."""
+    reply = _printable(recipient.last_reply or "", ascii_only=False)
+    line = f"<{escape_controls(recipient.address)}>: {_action(recipient)}: {reply}"
+    if _expired(recipient):
+        waited = (recipient.last_attempt or now) - message.arrival
+        line += f" (the message expired after {_queued_for(waited)} in the queue)"
+    return _folded(line)
+
+
 def _remote_mta(peer: str) -> str:
     """Return the ``Remote-MTA`` value for a next hop stored as ``name[address]:port``.
 
@@ -253,8 +285,7 @@ def build_report(
         lines.append("Your message was delivered to the recipients below, as you asked.")
     lines.append("")
     for recipient in recipients:
-        reply = _printable(recipient.last_reply or "", ascii_only=False)
-        lines.append(_folded(f"<{escape_controls(recipient.address)}>: {_action(recipient)}: {reply}"))
+        lines.append(_summary_line(message, recipient, now))
     lines += [
         "",
         f"--{boundary}",

@@ -1263,10 +1263,14 @@ class Scheduler:
         dsn_possible = False
         for recipient, outcome, reply in outcomes:
             when = None
+            reason = ""
             if outcome is Outcome.DEFERRED:
                 if expired:
+                    # The reply stays the next hop's own text, because the DSN's
+                    # Diagnostic-Code carries it. The DSN's plain text and the
+                    # log line state that the message expired.
                     outcome = Outcome.FAILED
-                    reply = f"{reply} (message expired after {lifetime:.0f} s in the queue)"
+                    reason = f"message expired after {lifetime:.0f} s in the queue"
                 else:
                     jitter = self._random.random()
                     delay = backoff_delay(
@@ -1292,6 +1296,8 @@ class Scheduler:
                 "dsn": status_of(reply) if reply else "2.0.0",
                 "reply": reply,
             }
+            if reason:
+                fields["reason"] = reason
             if downgraded:
                 # The next hop lacks 8BITMIME and got the message converted to 7 bit.
                 fields["converted"] = "7bit"
