@@ -7,6 +7,7 @@ the same input in a private instance.
 
 from __future__ import annotations
 
+import email
 import time
 from pathlib import Path
 
@@ -280,3 +281,23 @@ def test_dsn_text_escapes_recipient_formatting(tmp_path: Path) -> None:
     assert status.isascii()
     assert b"Final-Recipient: utf-8; us\\x{2028}er@\r\n" in status
     assert b"Final-Recipient: utf-8; a\\x{202E}gnp.exe@\r\n" in status
+
+
+def test_dsn_dates_use_local_offset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "-0000" means that the local time zone is unknown (RFC 5322 section 3.3).
+    # The POSIX zone "XYZ-2" is two hours east of UTC, so the offset is +0200.
+    config = write_config(tmp_path)
+    monkeypatch.setenv("TZ", "XYZ-2")
+
+    result = sendmail(["--config", str(config), "-f", "app@remote.test", "alice", "user@"], b"hi\n")
+
+    assert result.returncode == 0, result.stderr
+    _, _, dsns = _original_and_dsns(tmp_path / "spool")
+    [(_, report)] = dsns
+    dsn = email.message_from_bytes(report)
+    assert dsn["Date"].endswith(" +0200"), dsn["Date"]
+    status = report.split(b"Content-Type: message/delivery-status")[1].split(b"\r\n--")[0].decode()
+    arrival = [line for line in status.splitlines() if line.startswith("Arrival-Date: ")]
+    assert len(arrival) == 1, status
+    assert arrival[0].endswith(" +0200"), arrival
+    assert "-0000" not in report.decode("utf-8", "replace")

@@ -28,6 +28,9 @@ not offer DSN, RFC 3461 section 5.2.2) and as ``delivered`` after local
 delivery.  A still-deferred recipient is a delay warning: ``Action:
 delayed`` with ``Will-Retry-Until``.
 
+Dates carry the local UTC offset, as Postfix's mail_date() writes them,
+because ``-0000`` means an unknown local time zone (RFC 5322 section 3.3).
+
 The plain-text part escapes control characters, line and paragraph
 separators and bidirectional formatting characters in addresses, so a reader
 sees each address as it is.  The delivery-status part writes a UTF-8 address
@@ -213,6 +216,10 @@ def _summary_line(message: StoredMessage, recipient: StoredRecipient, now: float
     return _folded(line)
 
 
+def _date(timestamp: float) -> str:
+    return email.utils.formatdate(timestamp, localtime=True)
+
+
 def _remote_mta(peer: str) -> str:
     """Return the ``Remote-MTA`` value for a next hop stored as ``name[address]:port``.
 
@@ -251,7 +258,7 @@ def build_report(
         subject = "Delayed Mail (still being retried)"
     else:
         subject = "Successful Mail Delivery Report"
-    date = email.utils.formatdate(now)
+    date = _date(now)
     # RFC 3461 section 4.3: RET=FULL asks for the whole message in a "failed"
     # DSN.  Delay warnings and success reports return the header only, as Postfix's do.
     full = message.envelope.ret == "FULL" and bool(failed)
@@ -280,7 +287,7 @@ def build_report(
     elif delayed:
         lines.append("Your message has not been delivered yet to the recipients below.")
         if retry_until is not None:
-            lines.append(f"The mail system will keep trying until {email.utils.formatdate(retry_until)}.")
+            lines.append(f"The mail system will keep trying until {_date(retry_until)}.")
     else:
         lines.append("Your message was delivered to the recipients below, as you asked.")
     lines.append("")
@@ -296,7 +303,7 @@ def build_report(
     ]
     if message.envelope.envid:
         lines.append(f"Original-Envelope-Id: {_original_envelope_id(message.envelope.envid)}")
-    lines.append(f"Arrival-Date: {email.utils.formatdate(message.arrival)}")
+    lines.append(f"Arrival-Date: {_date(message.arrival)}")
     for recipient in recipients:
         lines += _recipient_fields(recipient, retry_until)
     # RFC 6533 section 3: an original whose header contains UTF-8 (an SMTPUTF8
@@ -338,7 +345,7 @@ def _recipient_fields(recipient: StoredRecipient, retry_until: float | None) -> 
     elif reply:
         fields.append(_folded(f"Diagnostic-Code: X-relay; {reply}"))
     if recipient.last_attempt is not None:
-        fields.append(f"Last-Attempt-Date: {email.utils.formatdate(recipient.last_attempt)}")
+        fields.append(f"Last-Attempt-Date: {_date(recipient.last_attempt)}")
     if retry_until is not None and _action(recipient) == "delayed":
-        fields.append(f"Will-Retry-Until: {email.utils.formatdate(retry_until)}")
+        fields.append(f"Will-Retry-Until: {_date(retry_until)}")
     return fields
