@@ -2017,6 +2017,70 @@ def test_double_bounce_at_two_mx_hosts_copied_once(
     assert copies[0]["Subject"] == "hello"
 
 
+class _BodyDamagingHandler(RecordingHandler):
+    """Damages a stored message body through direct SQL when a chosen recipient's RCPT arrives, then replies as set."""
+
+    def __init__(self, config: Config, address: str, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.config = config
+        self.address = address
+        self.queue_id = ""
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        if address == self.address and self.queue_id:
+            store = SpoolStore(self.config.spool.path)
+            try:
+                store.connection.execute("UPDATE message SET body = ? WHERE queue_id = ?", (b"damaged!", self.queue_id))
+            finally:
+                store.close()
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+
+def test_backup_mx_task_error_logged_and_deferred(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a.mx.test offers PIPELINING and defers soft@, so the next message's
+    # commands go out with the first message's body, and the backup session
+    # for soft@ runs as a task of its own.  b.mx.test rejects soft@ for good,
+    # and the body, read for the postmaster copy of the failed null-sender
+    # message, fails its CRC-32.  The error is logged once with the queue ID
+    # and soft@ is deferred with it, as a worker does.
+    port = free_port("127.0.0.2")
+    settings = (
+        "destination_concurrency_limit = 1\nminimal_backoff_time = 60\nmaximal_backoff_time = 60\n"
+        "bounce_copy_to_postmaster = true"
+    )
+    config = make_config(tmp_path, nameserver, port, delivery=settings, spool="claim_body_max_bytes = 0")
+    spool = spool_for(config)
+    primary = RecordingHandler(refuse={"soft@mx.test": "451 4.3.0 try later"}, pipelining=True)
+    backup = _BodyDamagingHandler(config, "soft@mx.test", refuse={"soft@mx.test": "550 5.1.1 no such user"})
+    corrupt = Path(config.spool.path) / "corrupt"
+    with caplog.at_level("INFO", logger="relay"):
+        with run_upstream("127.0.0.2", port, primary), run_upstream("127.0.0.3", port, backup):
+            queue_id = commit(spool, "", ["first@mx.test", "soft@mx.test"])
+            backup.queue_id = queue_id
+            commit(spool, "alice@local.test", ["second@mx.test"])
+            run_until(
+                config, spool, lambda: (corrupt / f"{queue_id}.body").exists() and not spool_counts(config),
+                timeout=5.0,
+            )
+            # The deferral after the error is recorded right after the move aside.
+            run_until(config, spool, lambda: False, timeout=0.5)
+    assert [m.recipients for m in primary.messages] == [["first@mx.test"], ["second@mx.test"]]
+    assert primary.commands_pipelined_after_data >= 1
+    assert (corrupt / f"{queue_id}.body").read_bytes() == b"damaged!"
+    events = [(getattr(r, "event", ""), getattr(r, "fields", {})) for r in caplog.records]
+    errors = [fields for event, fields in events if event == "delivery_error"]
+    assert [fields["queue_id"] for fields in errors] == [queue_id]
+    assert errors[0]["error"].startswith("CorruptRecord: ")
+    deferrals = [fields for event, fields in events if event == "deferred" and fields["to"] == "soft@mx.test"]
+    assert len(deferrals) == 1
+    assert deferrals[0]["reply"].startswith("451 4.3.0 internal error during delivery: CorruptRecord: ")
+    assert [record for record in caplog.records if record.exc_info] == []
+
+
 def test_mx_that_is_this_relay_bounces(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # Both MX hosts of mx.test greet with the relay's own name: sending would
     # loop, so the mail bounces at once, naming the mail domain.

@@ -990,9 +990,29 @@ class Scheduler:
         )
         if beside:
             # stop() waits for this task as for a worker.
-            self._spawn(retry)
+            self._spawn(self._retry_beside(job, deferred, retry))
         else:
             await retry
+
+    async def _retry_beside(
+        self,
+        job: Job,
+        deferred: list[tuple[StoredRecipient, Outcome, str]],
+        retry: Coroutine[Any, Any, None],
+    ) -> None:
+        """Await a backup-MX ``retry`` that runs as a task of its own, handling an unexpected error as a worker does.
+
+        Without this, the error would reach only asyncio's exception handler,
+        with no queue ID, and the recipients would wait for their lease to run out.
+        """
+        try:
+            await retry
+        except Exception as exc:
+            self._log_delivery_error(job.route.destination, job, exc)
+            # Recipients that the retry recorded as final before the error stay
+            # final, because the spool ignores results for them.
+            retried = tuple(recipient for recipient, _, _ in deferred)
+            await self._defer_after_error(Job(job.claim, job.route, retried), exc)
 
     async def _retry_at_backup_mx(
         self,
