@@ -2017,6 +2017,40 @@ def test_double_bounce_at_two_mx_hosts_copied_once(
     assert copies[0]["Subject"] == "hello"
 
 
+@pytest.mark.parametrize("recipient", ["rcpt@null.test", "rcpt@a..test"], ids=["null-mx", "invalid-domain"])
+def test_double_bounce_with_corrupt_body_logs_copy_failure(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, caplog: pytest.LogCaptureFixture, recipient: str
+) -> None:
+    # A null-sender message fails without a connection (null MX, or a domain
+    # that is not a valid DNS name), and its body fails its CRC-32 when it is
+    # read for the postmaster copy.  The message is moved aside, the failure is
+    # logged as bounced, and the missing copy as postmaster_copy_failed, not
+    # as an error of the delivery itself.
+    config = make_config(
+        tmp_path, nameserver, free_port(), delivery="bounce_copy_to_postmaster = true",
+        spool="claim_body_max_bytes = 0",
+    )
+    spool = spool_for(config)
+    queue_id = commit(spool, "", [recipient])
+    store = SpoolStore(config.spool.path)
+    try:
+        store.connection.execute("UPDATE message SET body = ? WHERE queue_id = ?", (b"damaged!", queue_id))
+    finally:
+        store.close()
+    aside = Path(config.spool.path) / "corrupt" / f"{queue_id}.body"
+    with caplog.at_level("INFO", logger="relay"):
+        assert run_until(config, spool, lambda: aside.exists() and not spool_counts(config), timeout=5.0)
+        run_until(config, spool, lambda: False, timeout=0.3)
+    events = [(getattr(r, "event", ""), getattr(r, "fields", {})) for r in caplog.records]
+    assert [fields["queue_id"] for event, fields in events if event == "bounced"] == [queue_id]
+    failures = [fields for event, fields in events if event == "postmaster_copy_failed"]
+    assert [fields["queue_id"] for fields in failures] == [queue_id]
+    assert "is corrupt" in failures[0]["error"]
+    assert [fields for event, fields in events if event == "delivery_error"] == []
+    assert [record for record in caplog.records if record.exc_info] == []
+    assert mailbox_messages(config, "postmaster") == []
+
+
 class _BodyDamagingHandler(RecordingHandler):
     """Damages a stored message body through direct SQL when a chosen recipient's RCPT arrives, then replies as set."""
 
@@ -2038,15 +2072,15 @@ class _BodyDamagingHandler(RecordingHandler):
         return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
 
 
-def test_backup_mx_task_error_logged_and_deferred(
+def test_backup_mx_task_corrupt_body_logged_once(
     tmp_path: Path, nameserver: NameServer, spool_for: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     # a.mx.test offers PIPELINING and defers soft@, so the next message's
     # commands go out with the first message's body, and the backup session
     # for soft@ runs as a task of its own.  b.mx.test rejects soft@ for good,
     # and the body, read for the postmaster copy of the failed null-sender
-    # message, fails its CRC-32.  The error is logged once with the queue ID
-    # and soft@ is deferred with it, as a worker does.
+    # message, fails its CRC-32.  The message is moved aside and the missing
+    # copy is logged once with the queue ID, inside that task too.
     port = free_port("127.0.0.2")
     settings = (
         "destination_concurrency_limit = 1\nminimal_backoff_time = 60\nmaximal_backoff_time = 60\n"
@@ -2066,18 +2100,16 @@ def test_backup_mx_task_error_logged_and_deferred(
                 config, spool, lambda: (corrupt / f"{queue_id}.body").exists() and not spool_counts(config),
                 timeout=5.0,
             )
-            # The deferral after the error is recorded right after the move aside.
+            # Any error of the task would be logged right after the move aside.
             run_until(config, spool, lambda: False, timeout=0.5)
     assert [m.recipients for m in primary.messages] == [["first@mx.test"], ["second@mx.test"]]
     assert primary.commands_pipelined_after_data >= 1
     assert (corrupt / f"{queue_id}.body").read_bytes() == b"damaged!"
     events = [(getattr(r, "event", ""), getattr(r, "fields", {})) for r in caplog.records]
-    errors = [fields for event, fields in events if event == "delivery_error"]
-    assert [fields["queue_id"] for fields in errors] == [queue_id]
-    assert errors[0]["error"].startswith("CorruptRecord: ")
-    deferrals = [fields for event, fields in events if event == "deferred" and fields["to"] == "soft@mx.test"]
-    assert len(deferrals) == 1
-    assert deferrals[0]["reply"].startswith("451 4.3.0 internal error during delivery: CorruptRecord: ")
+    assert [fields["queue_id"] for event, fields in events if event == "postmaster_copy_failed"] == [queue_id]
+    bounced = [fields for event, fields in events if event == "bounced"]
+    assert [(fields["to"], fields["reply"]) for fields in bounced] == [("soft@mx.test", "550 5.1.1 no such user")]
+    assert [fields for event, fields in events if event in ("delivery_error", "deferred")] == []
     assert [record for record in caplog.records if record.exc_info] == []
 
 

@@ -1008,6 +1008,7 @@ class Scheduler:
         try:
             await retry
         except Exception as exc:
+            # NOTE: no test reaches this branch, because no known input makes the retry raise.
             self._log_delivery_error(job.route.destination, job, exc)
             # Recipients that the retry recorded as final before the error stay
             # final, because the spool ignores results for them.
@@ -1366,7 +1367,8 @@ class Scheduler:
             return claim.body
         try:
             return await self.spool.load_body(claim.queue_id)
-        except (SpoolError, MessageNotFound) as exc:
+        except (SpoolError, MessageNotFound, CorruptRecord) as exc:
+            # load_body moved a corrupt message aside, and the copy goes with it.
             log_event(logger, "postmaster_copy_failed", logging.ERROR, queue_id=claim.queue_id, error=str(exc))
             return None
 
