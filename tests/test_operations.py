@@ -9,10 +9,12 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import REPO_ROOT, free_port, require_peer
 from relay.config import TLSConfig
 from relay.smtp.tls import TLSSetupError, server_context
+from tests.delivery_peers import RecordingHandler, run_upstream
 from tests.server_helpers import RawClient, RelayProcess, make_certificate, wait_for_port, wait_until
 
 # Loopback is not trusted here, so relaying to other domains is denied and
@@ -492,6 +495,50 @@ def test_second_sigterm_exits_at_once(relay: Relay) -> None:
     assert relay.process.wait(30) != 0
     assert "exit_now" in relay.log()
     open_session.close()
+
+
+class _SlowDataHandler(RecordingHandler):
+    """Holds the reply to each end of data for ``data_delay`` seconds and sets ``data_started`` when it begins."""
+
+    def __init__(self, data_delay: float) -> None:
+        super().__init__(data_delay=data_delay)
+        self.data_started = threading.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.data_started.set()
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_after_sigterm_ignored(tmp_path: Path, workers: int) -> None:
+    # A delivery waiting for the upstream's reply to its end of data keeps the
+    # scheduler's stop running: in worker 0 with one worker, else in the
+    # delivery process.  A SIGHUP during that stop re-reads nothing, so no
+    # process logs reloaded after stopping, and the delivery still completes.
+    upstream_port = free_port()
+    relay = Relay(tmp_path, workers=workers, transport=f'"slow.test" = "smtp:[127.0.0.1]:{upstream_port}"')
+    # Loopback must be trusted here so that it may relay to slow.test.
+    untrusted = 'trusted_networks = ["192.0.2.0/24"]'
+    relay.config.write_text(relay.config.read_text().replace(untrusted, 'trusted_networks = ["127.0.0.0/8"]'))
+    handler = _SlowDataHandler(data_delay=3.0)
+    with run_upstream("127.0.0.1", upstream_port, handler):
+        relay.start()
+        assert relay.process is not None
+        try:
+            send(relay.port, "someone@slow.test")
+            assert handler.data_started.wait(15), relay.log()
+            relay.process.send_signal(signal.SIGTERM)
+            # Every process that runs a scheduler or listeners logs its own stopping line.
+            relay.wait_for_log("stopping", count=1 if workers == 1 else workers + 1)
+            relay.process.send_signal(signal.SIGHUP)
+            assert relay.process.wait(30) == 0, relay.log()
+        finally:
+            relay.stop()
+    log = relay.log()
+    assert "reloaded" not in log
+    assert "reload_ignored" in log
+    assert "loop_exception" not in log
+    assert [m.recipients for m in handler.messages] == [["someone@slow.test"]]
 
 
 def serve_until_exit(config: Path, workers: str, cwd: Path) -> subprocess.CompletedProcess[str]:

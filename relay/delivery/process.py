@@ -19,7 +19,8 @@ such as ``relay sendmail``'s, at the next ``queue_scan_interval``.
 
 Signals: SIGTERM or SIGINT stops the scheduler and closes the spool.
 Running transactions get ``STOP_GRACE`` seconds, then the scheduler releases
-its leases.  A second SIGTERM or SIGINT exits at once.  SIGHUP re-reads the config like the workers.
+its leases.  A second SIGTERM or SIGINT exits at once.  SIGHUP re-reads the config like the workers,
+except once a stop has begun.
 The process saves a metrics snapshot like every worker, under the name
 ``worker-N`` where N is ``server.workers``.
 """
@@ -187,6 +188,10 @@ class DeliveryProcess:
         self._stop.set()
 
     def _on_reload(self) -> None:
+        if self._stop.is_set():
+            # The scheduler is stopping or stopped, so a reloaded config would never be used.
+            log_event(logger, "reload_ignored", logging.DEBUG, worker=self.index, reason="stopping")
+            return
         self._reports.run_reload(self._reload)
 
     def _reload(self) -> bool:

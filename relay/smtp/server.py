@@ -478,6 +478,10 @@ class Worker:
         return monitoring
 
     def _on_reload(self) -> None:
+        if self._stop.is_set():
+            # A config applied now would reach only listeners that no longer accept and a stopped scheduler.
+            log_event(logger, "reload_ignored", logging.DEBUG, worker=self.index, reason="stopping")
+            return
         applied = False
         try:
             applied = self._reports.run_reload(self._reload)
