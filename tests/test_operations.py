@@ -292,6 +292,36 @@ def test_sighup_with_unreadable_credentials_keeps_old(relay: Relay) -> None:
     assert rcpt_code(relay.port, "alice@example.test") == 250
 
 
+def test_sighup_rejected_by_scheduler_keeps_listeners(tmp_path: Path) -> None:
+    # With one worker the scheduler runs in it.  A relayhost password file
+    # that is not UTF-8 passes the reload's file checks, which read it only
+    # with relayhost_username, but the scheduler's router cannot read it.
+    # The listeners must then keep the old domains too, and the reload is
+    # logged once, as reload_failed.
+    relay = Relay(tmp_path, workers=1)
+    relay.start()
+    try:
+        password_file = tmp_path / "relayhost-password"
+        password_file.write_bytes(b"\xff\xfe not UTF-8\n")
+        relay.write(domains='"example.test", "other.test"')
+        backoff = 'minimal_backoff_time = "1h"'
+        relayhost = f'relayhost = "[127.0.0.1]:{free_port()}"\nrelayhost_password_file = "{password_file}"'
+        relay.config.write_text(relay.config.read_text().replace(backoff, f"{backoff}\n{relayhost}"))
+        assert relay.process is not None
+        relay.process.send_signal(signal.SIGHUP)
+        relay.wait_for_log("reload_failed")
+        assert rcpt_code(relay.port, "bob@other.test") == 554
+        assert rcpt_code(relay.port, "alice@example.test") == 250
+    finally:
+        relay.stop()
+    log = relay.log()
+    failures = [line for line in log.splitlines() if " reload_failed " in line]
+    assert len(failures) == 1, log
+    assert "the scheduler cannot use it: UnicodeDecodeError" in failures[0]
+    assert "reloaded" not in log
+    assert "loop_exception" not in log
+
+
 def test_sighup_reports_settings_needing_restart(relay: Relay) -> None:
     relay.workers = 3
     relay.write(domains='"example.test"')

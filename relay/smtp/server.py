@@ -55,7 +55,7 @@ from relay.delivery.process import DeliveryProcess, WakeChannel, WakeSender
 from relay.entry import SERVE_SIGNALS
 from relay.log import flush_log, log_event
 from relay.notify import DirectReports, Notifier, Reports, SupervisorReports
-from relay.reload import check_files, log_reload, reload_config
+from relay.reload import ReloadResult, check_files, log_reload, reload_config
 from relay.signals import EarlySignals, StopRequests, SupervisorLink, install_loop_handlers
 from relay.smtp import replies
 from relay.smtp.auth import CredentialsError, CredentialStore
@@ -491,18 +491,31 @@ class Worker:
                 metrics.config_reload_applied.set(1.0 if applied else 0.0)
 
     def _reload(self) -> bool:
-        """Re-read the config file and apply it; return whether it was applied."""
+        """Re-read the config file and apply it; return whether it was applied.
+
+        A config that the listeners or the scheduler cannot use is rejected
+        as a whole, with one ``reload_failed`` line, and the old config stays
+        in force in both.
+        """
         result = reload_config(self.config)
+        if result.config is not None:
+            error = self._apply_config(result.config)
+            if error is not None:
+                # The file passed its checks, so each process logs its own error at error level.
+                result = ReloadResult(None, [error], file_errors=False)
         log_reload(result, self.config.source, self.index)
         if result.config is None:
             return False
-        config = result.config
+        self.config = result.config
+        return True
+
+    def _apply_config(self, config: Config) -> str | None:
+        """Hand a reloaded config to the scheduler, then to the listeners; return why it was rejected, or None."""
         policy = RelayPolicy(config)
         try:
             credentials = CredentialStore(config.auth.password_file) if config.auth.password_file else None
         except CredentialsError as exc:
-            log_event(logger, "reload_failed", logging.ERROR, worker=self.index, error=str(exc))
-            return False
+            return str(exc)
         context = self.runtimes[0].ssl_context if self.runtimes else None
         if context is not None and config.tls.cert:
             # Certificate rotation, also of files replaced under the same names,
@@ -513,15 +526,18 @@ class Worker:
             try:
                 context = server_context(config.tls)
             except TLSSetupError as exc:
-                log_event(logger, "reload_failed", logging.ERROR, worker=self.index, error=f"TLS: {exc}")
-                return False
+                return f"TLS: {exc}"
+        if self.scheduler is not None:
+            # apply_config builds everything before it changes anything, so
+            # after a failure the scheduler, like the listeners, keeps the old config.
+            try:
+                self.scheduler.apply_config(config)
+            except Exception as exc:
+                return f"the scheduler cannot use it: {type(exc).__name__}: {exc}"
         for runtime in self.runtimes:
             runtime.ssl_context = context
             runtime.apply(config, policy, credentials, self.workers)
-        if self.scheduler is not None:
-            self.scheduler.apply_config(config)
-        self.config = config
-        return True
+        return None
 
     async def _listen(self) -> None:
         config = self.config
