@@ -11,6 +11,7 @@ relay resumes and replies to every command.
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server_helpers import EVENT_LOOPS, Listener, RelayProcess, make_certificate
+from tests.server_helpers import EVENT_LOOPS, Listener, RelayProcess, make_certificate, wait_until
 
 HELP = b"HELP\r\n"
 MIB = 1024 * 1024
@@ -108,14 +109,14 @@ def connect(relay: RelayProcess, mode: str, cafile: Path) -> socket.socket:
     return sock
 
 
-def flood(sock: socket.socket) -> tuple[int, bytes, bool]:
-    """Send HELP commands without reading, until sending stalls or a bound is reached.
+def flood(sock: socket.socket, command: bytes = HELP) -> tuple[int, bytes, bool]:
+    """Send ``command`` over and over without reading, until sending stalls or a bound is reached.
 
     Returns the octets sent, the octets of the last send that did not
     complete, and whether sending stalled.  A TLS socket must retry that send
     with the same octets (OpenSSL's SSL_write), so the caller sends them next.
     """
-    chunk = HELP * 4096
+    chunk = command * (24576 // len(command))
     sent = 0
     stalled_since: float | None = None
     unsent = b""
@@ -208,3 +209,49 @@ def test_large_limit_holds_more_replies(
         # A reply may be held about three times over: queued in the session,
         # joined for one write, and encrypted in the TLS transport's buffer.
         assert grown < 4 * 24 * MIB, f"resident memory grew by {grown} octets"
+
+
+# The replies a flood can leave unsent past the limit: the one reply that
+# crosses it (HELP's 214 is the longest here, 123 octets) and the 421 sent
+# on the command timeout (48 octets).
+REPLY_SLACK = 512
+
+
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+@pytest.mark.parametrize("command", [HELP, b"XYZZY\r\n"])
+def test_unsent_replies_end_one_reply_past_limit(
+    command: bytes, event_loop: str, tmp_path: Path, relay_factory: list[RelayProcess]
+) -> None:
+    """A plain-TCP client that never reads leaves at most the limit plus one reply unsent.
+
+    The relay counted only the replies of the current read against the
+    limit, and not those already in the transport's buffer, so about twice
+    the limit could be left unsent.  The close_timeout line reports the
+    octets in the transport's buffer when the connection is aborted.
+    """
+    limit = MIB
+    server = (
+        f'max_unsent_replies = "{limit}"\ncommand_timeout = "1s"\nclose_timeout = "1s"\n'
+        # Neither error limit may end the flood of unknown commands first.
+        "max_errors = 100000000\nmax_junk_commands = 100000000"
+    )
+    relay = RelayProcess(tmp_path, event_loop=event_loop, server=server).start()
+    relay_factory.append(relay)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
+        sock.settimeout(10.0)
+        sock.connect(("127.0.0.1", relay.listeners[0].port))
+        pending = bytearray()
+        assert read_reply(sock, pending).startswith("220")
+        sock.sendall(b"EHLO client.example.com\r\n")
+        assert read_reply(sock, pending).startswith("250")
+
+        sent, _unsent, stalled = flood(sock, command)
+        assert stalled, f"the relay kept reading: {sent} octets sent"
+        assert wait_until(lambda: "close_timeout session=" in relay.log(), 10.0), relay.log()
+
+    match = re.search(r"close_timeout session=\S+ client=\S+ unsent=(\d+)", relay.log())
+    assert match, relay.log()
+    unsent = int(match.group(1))
+    assert unsent > limit // 2, f"only {unsent} octets unsent"
+    assert unsent <= limit + REPLY_SLACK, f"{unsent} octets unsent with max_unsent_replies = {limit}"

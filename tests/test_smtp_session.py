@@ -796,6 +796,27 @@ def test_queued_replies_hold_back_commands() -> None:
     assert len(split_replies(b"".join(batches))) == 101
 
 
+def test_unsent_replies_count_toward_limit() -> None:
+    # The owner reports 900 of the 1000 octets allowed as unsent, so one HELP reply
+    # (123 octets) passes the limit and the other commands wait.
+    config = hostile_config()
+    config = config.replace(server=dataclasses.replace(config.server, max_unsent_replies=1000))
+    session = make_session(config)
+    session.start()
+    session.receive_data(EHLO)
+    session.data_to_send()
+
+    session.count_unsent(900)
+    session.receive_data(b"HELP\r\n" * 5)
+
+    assert session.output_full
+    assert len(split_replies(session.data_to_send())) == 1
+    session.count_unsent(0)
+    session.resume_input()
+    assert not session.output_full
+    assert len(split_replies(session.data_to_send())) == 4
+
+
 def test_empty_bdat_chunks_count_as_junk() -> None:
     # An empty chunk without LAST moves the message no further, so a client
     # looping on it reaches the error limit as with NOOP.

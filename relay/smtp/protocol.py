@@ -10,7 +10,10 @@ cannot pile up input meanwhile.  Reading also pauses while more than
 high-water mark, set on the plain transport, on the implicit-TLS one and on
 the one STARTTLS returns), so a client that never reads its replies cannot
 grow memory.  Reading resumes once the unsent replies drop to a quarter of
-the limit, the transport's low-water mark.
+the limit, the transport's low-water mark.  After each write the session
+learns how many octets the transport has not sent, so buffered commands
+stop too: at most the limit plus one reply is unsent, and the reply sent
+on closing.
 
 Timeouts: ``server.command_timeout`` between commands and
 ``server.data_timeout`` between reads inside DATA or BDAT (defaults from
@@ -171,8 +174,11 @@ class SMTPProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._resume("write")
-        if self.session is not None and self.session.output_full:
-            self.session.resume_input()
+        session = self.session
+        transport = self.transport
+        if session is not None and transport is not None and session.output_full:
+            session.count_unsent(transport.get_write_buffer_size())
+            session.resume_input()
             self._flush()
 
     # -- shutdown hooks used by the server -----------------------------------
@@ -226,8 +232,10 @@ class SMTPProtocol(asyncio.Protocol):
             events = session.events()
             if out:
                 transport.write(out)
+            unsent = transport.get_write_buffer_size()
+            session.count_unsent(unsent)
             if not events:
-                if session.output_full and self._can_take_replies(transport):
+                if session.output_full and self._can_take_replies(unsent):
                     session.resume_input()
                     continue
                 if self._timer is not None and session.in_data != self._timer_in_data:
@@ -365,10 +373,10 @@ class SMTPProtocol(asyncio.Protocol):
         session.tls_started()
         self._flush()
 
-    def _can_take_replies(self, transport: asyncio.Transport) -> bool:
+    def _can_take_replies(self, unsent: int) -> bool:
         # Over the limit the transport calls pause_writing, and resume_writing
         # runs the held-back commands once it has drained.
-        return "write" not in self._pause_reasons and transport.get_write_buffer_size() <= self._max_unsent_replies
+        return "write" not in self._pause_reasons and unsent <= self._max_unsent_replies
 
     def _limit_unsent_replies(self, transport: asyncio.Transport) -> None:
         # The TLS transport that STARTTLS returns has limits of its own (512 KiB

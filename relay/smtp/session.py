@@ -50,10 +50,13 @@ Policy decisions, with their sources:
 - STARTTLS: bytes pipelined after the command are dropped unread, and EHLO,
   AUTH and the transaction are forgotten after the handshake (RFC 3207
   section 4.2).
-- Replies: once ``server.max_unsent_replies`` octets of replies are queued,
-  the session runs no further buffered command until its owner has taken
-  them and calls ``resume_input`` (see ``output_full``).  So one read of
-  short commands with long replies cannot queue many times its size.
+- Replies: once more than ``server.max_unsent_replies`` octets of replies
+  are unsent, the session runs no further buffered command until its owner
+  has sent some and calls ``resume_input`` (see ``output_full``).  Unsent
+  are the replies queued here plus those the owner took but has not sent,
+  which it reports through ``count_unsent``.  So one read of short commands
+  with long replies cannot queue many times its size, and the replies held
+  end at most one reply past the limit.
 - A new EHLO/HELO or RSET clears the transaction only; TLS and AUTH stay.
 - A HELO reply offers no extensions, and a client may use only offered ones
   (RFC 5321 sections 2.2.1 and 4.1.1.3).  So after HELO, MAIL and RCPT
@@ -188,8 +191,9 @@ class Session:
         self.messages = 0
         self.closed = False
         self._out: list[bytes] = []
-        self._out_octets = 0  # octets in _out
-        # _process stopped because _out reached max_unsent_replies (see resume_input).
+        # Octets in _out, plus those the owner reported unsent through count_unsent.
+        self._out_octets = 0
+        # _process stopped because _out_octets passed max_unsent_replies (see resume_input).
         self._output_full = False
         self._events: list[Event] = []
         self._waiting: type[Event] | None = None
@@ -254,6 +258,14 @@ class Session:
         self._out.clear()
         self._out_octets = 0
         return data
+
+    def count_unsent(self, octets: int) -> None:
+        """Count ``octets`` of replies taken by ``data_to_send`` but not yet sent toward ``max_unsent_replies``.
+
+        The owner reports this after each write, so the octets held by its
+        transport and the ones queued here share one limit.
+        """
+        self._out_octets = octets + sum(len(data) for data in self._out)
 
     def events(self) -> list[Event]:
         """Return and clear the events queued since the last call."""
@@ -352,9 +364,12 @@ class Session:
         self._output_full = False
         buffer = self.buffer
         while not self.closed and self._waiting is None:
-            if self._out_octets >= self.settings.max_unsent_replies:
+            if self._out_octets > self.settings.max_unsent_replies:
                 # One read of short commands with long replies (HELP) could
-                # otherwise queue twenty times its size in replies.
+                # otherwise queue twenty times its size in replies.  The test
+                # is ">" as in the transports' high-water mark, so output_full
+                # after a write means the transport paused writing, or it
+                # sent some and the owner's resume_input runs a command.
                 self._output_full = True
                 return
             event = buffer.next_event()
