@@ -14,6 +14,9 @@ the limit, the transport's low-water mark.  After each write the session
 learns how many octets the transport has not sent, so buffered commands
 stop too: at most the limit plus one reply is unsent, and the reply sent
 on closing.
+NOTE: a TLS transport's buffer size leaves out the encrypted replies
+buffered in the TCP transport beneath it, so the limit does not count them.
+With asyncio (Python 3.11) that measured up to about twice the limit more.
 
 Timeouts: ``server.command_timeout`` between commands and
 ``server.data_timeout`` between reads inside DATA or BDAT (defaults from
