@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from relay import metrics
 from relay.config import Config
-from relay.log import log_event
+from relay.log import RepeatCounter, log_event
 from relay.spool import SpoolError, SpoolStore
 from relay.spool.store import database_path
 from relay.status import STATES, summarize
@@ -91,8 +90,7 @@ class AdminServer:
         self.max_connections = max_connections
         self._server: asyncio.AbstractServer | None = None
         self._open = 0
-        self._refused = 0
-        self._refused_logged_at = -math.inf
+        self._refused = RepeatCounter(BUSY_LOG_INTERVAL)
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_REQUEST_HEAD)
@@ -128,17 +126,11 @@ class AdminServer:
 
     def _note_refused(self, writer: asyncio.StreamWriter) -> None:
         """Count a refused connection; log the count at most once in BUSY_LOG_INTERVAL seconds."""
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refused_logged_at >= BUSY_LOG_INTERVAL:
+        refused = self._refused.note()
+        if refused is not None:
             peer = writer.get_extra_info("peername")
             client = peer[0] if isinstance(peer, tuple) else str(peer)
-            log_event(
-                logger, "admin_busy", logging.WARNING,
-                limit=self.max_connections, refused=self._refused, client=client,
-            )
-            self._refused = 0
-            self._refused_logged_at = now
+            log_event(logger, "admin_busy", logging.WARNING, limit=self.max_connections, refused=refused, client=client)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -304,8 +296,7 @@ class Monitoring:
                 Path(config.spool.path), self.snapshot_directory, self.name, accepting, config.admin.max_connections
             )
         self._task: asyncio.Task[None] | None = None
-        self._snapshot_failures = 0
-        self._snapshot_failure_logged_at = -math.inf
+        self._snapshot_failures = RepeatCounter(SNAPSHOT_FAILURE_LOG_INTERVAL)
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._save_periodically())
@@ -334,15 +325,9 @@ class Monitoring:
         try:
             metrics.save_snapshot(metrics.REGISTRY, self.snapshot_directory, self.name)
         except OSError as exc:
-            self._snapshot_failures += 1
-            now = time.monotonic()
-            if now - self._snapshot_failure_logged_at < SNAPSHOT_FAILURE_LOG_INTERVAL:
-                return
-            log_event(
-                logger, "metrics_snapshot_failed", logging.WARNING, error=str(exc), failures=self._snapshot_failures
-            )
-            self._snapshot_failures = 0
-            self._snapshot_failure_logged_at = now
+            failures = self._snapshot_failures.note()
+            if failures is not None:
+                log_event(logger, "metrics_snapshot_failed", logging.WARNING, error=str(exc), failures=failures)
 
     async def _save_periodically(self) -> None:
         while True:

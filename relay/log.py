@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sys
 import threading
 import time
@@ -362,6 +363,29 @@ _observers: list[Callable[[str, dict[str, Any]], None]] = []
 def add_observer(observer: Callable[[str, dict[str, Any]], None]) -> None:
     """Call observer(event, fields) for every later ``log_event``, logged or not."""
     _observers.append(observer)
+
+
+class RepeatCounter:
+    """A count of one repeated event, whose log line is due at most once per ``interval`` seconds.
+
+    For events that a broken file or a flood of clients can repeat many
+    times a second: the caller logs only when ``note`` returns a count.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._count = 0
+        self._logged_at = -math.inf  # time.monotonic() of the last line
+
+    def note(self) -> int | None:
+        """Count one occurrence; return the count since the last line when a line is due, else None."""
+        self._count += 1
+        now = time.monotonic()
+        if now - self._logged_at < self.interval:
+            return None
+        count, self._count = self._count, 0
+        self._logged_at = now
+        return count
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:

@@ -49,13 +49,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-import time
 
 from relay.aliases import DEFAULT_EXPANSION_LIMIT, MAX_ALIAS_DEPTH, AliasFile
 from relay.config import Config
 from relay.delivery.maildir import MaildirLookupError, maildir_exists
 from relay.delivery.router import is_internal_address
-from relay.log import log_event
+from relay.log import RepeatCounter, log_event
 from relay.smtp import replies
 from relay.smtp.replies import Reply
 from relay.units import is_safe_user_name
@@ -133,8 +132,7 @@ class RelayPolicy:
         # the rest of a connection's setup.  Cleared when it reaches the bound.
         self._trusted: dict[str, bool] = {}
         self.accept_on_lookup_error = accept_on_lookup_error
-        self._lookup_failures = 0  # failures since the last recipient_lookup_error line
-        self._lookup_logged_at: float | None = None  # time.monotonic() of that line
+        self._lookup_failures = RepeatCounter(LOOKUP_ERROR_LOG_INTERVAL)
 
     def is_trusted(self, address: str) -> bool:
         """Return whether a client IP address is in a trusted network."""
@@ -222,13 +220,9 @@ class RelayPolicy:
 
     def _note_lookup_error(self, error: MaildirLookupError) -> None:
         """Count a failed lookup; log it at most once in LOOKUP_ERROR_LOG_INTERVAL seconds."""
-        self._lookup_failures += 1
-        now = time.monotonic()
-        if self._lookup_logged_at is not None and now - self._lookup_logged_at < LOOKUP_ERROR_LOG_INTERVAL:
-            return
-        log_event(logger, "recipient_lookup_error", logging.WARNING, error=str(error), failures=self._lookup_failures)
-        self._lookup_failures = 0
-        self._lookup_logged_at = now
+        failures = self._lookup_failures.note()
+        if failures is not None:
+            log_event(logger, "recipient_lookup_error", logging.WARNING, error=str(error), failures=failures)
 
     def check_recipient(self, local_part: str, domain: str, privileged: bool) -> Reply | None:
         """Return the rejection for a recipient, or None to accept it.
