@@ -145,7 +145,11 @@ def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     for loopback and link-local addresses must see the IPv4 address, which
     Python 3.11's ``ipaddress`` does not do for the mapped form.
     """
-    address = ipaddress.ip_address(text)
+    return _unmapped(ipaddress.ip_address(text))
+
+
+def _unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Return the IPv4 address inside an IPv4-mapped IPv6 address, or ``address`` itself."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
@@ -158,8 +162,7 @@ def is_internal_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) 
     address, because a connection to it reaches that IPv4 address, while
     Python 3.11's ``is_loopback`` and ``is_link_local`` are false for it.
     """
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = _unmapped(address)
     return (
         address.is_loopback
         or address.is_link_local
