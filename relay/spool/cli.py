@@ -46,7 +46,7 @@ from relay.log import log_event
 from relay.spool import DEFAULT_BUSY_TIMEOUT
 from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
 from relay.spool.ids import is_queue_id
-from relay.spool.store import SpoolStore, database_path, read_only_uri
+from relay.spool.store import SpoolStore, database_path, read_only_uri, wal_paths
 from relay.spool.types import Attempt, RecipientState, StoredMessage, StoredRecipient
 from relay.units import format_duration
 
@@ -216,10 +216,8 @@ def _check_spool_directory(directory: Path) -> None:
 
 def _spool_files(directory: Path) -> list[Path]:
     """Return ``spool.db`` and those of its ``-wal`` and ``-shm`` files that exist."""
-    database = database_path(directory)
-    companions = [database.with_name(database.name + suffix) for suffix in ("-wal", "-shm")]
     # os.path.exists, unlike Path.exists in Python 3.11, returns False when the directory cannot be searched.
-    return [database, *(path for path in companions if os.path.exists(path))]
+    return [database_path(directory), *(path for path in wal_paths(directory) if os.path.exists(path))]
 
 
 def _check_read_access(directory: Path) -> None:

@@ -230,6 +230,12 @@ def database_path(directory: str | os.PathLike[str]) -> Path:
     return Path(directory) / DATABASE_NAME
 
 
+def wal_paths(directory: str | os.PathLike[str]) -> list[Path]:
+    """Return the paths of the spool database's ``-wal`` and ``-shm`` files, which exist while it is open."""
+    database = database_path(directory)
+    return [database.with_name(database.name + suffix) for suffix in ("-wal", "-shm")]
+
+
 def read_only_uri(directory: str | os.PathLike[str]) -> str:
     """Return the SQLite URI that opens the spool database in ``directory`` for reading only.
 
@@ -238,8 +244,7 @@ def read_only_uri(directory: str | os.PathLike[str]) -> str:
     """
     database = database_path(directory)
     uri = database.resolve().as_uri() + "?mode=ro"
-    companions = [database.with_name(database.name + suffix) for suffix in ("-wal", "-shm")]
-    if not any(os.path.exists(path) for path in companions):
+    if not any(os.path.exists(path) for path in wal_paths(directory)):
         # NOTE: a relay that starts during the read writes to a new WAL, which
         # this connection does not see, and a checkpoint it runs before the
         # read ends changes spool.db under it.  SQLite then reports the
