@@ -681,7 +681,7 @@ def spool_directory_problem(path: str) -> str | None:
     """Return why the spool directory ``path`` cannot be opened or created, or None.
 
     A missing directory is fine, because relay serve creates it with its
-    parents; a file at the path or at one of its parents is not.
+    parents.  A file at the path or at one of its parents is a problem.
     """
     for candidate in (Path(path), *Path(path).parents):
         if not os.path.exists(candidate):
@@ -904,7 +904,7 @@ def _unknown_top_level(name: str, value: Any) -> str:
     if isinstance(value, dict):
         return f"unknown section{_suggestion(name, [*_SECTIONS, 'listener'])}; expected one of: {known}"
     # In TOML a key belongs to the table whose header it follows, so a key
-    # that parses as top-level stands above every [section] header.
+    # that parses as top-level is written above every [section] header.
     sections = {**_SECTIONS, "listener": ListenerConfig}
     owners = [
         f"[[{section}]]" if section == "listener" else f"[{section}]"

@@ -705,10 +705,11 @@ class SpoolStore:
         """Lease up to ``limit`` due recipients to ``token`` and return them by message.
 
         Due means queued or deferred, ``next_attempt <= now`` and no live lease.
-        With ``max_wait``, the longest wait the caller ever sets, a recipient
-        whose ``next_attempt`` is further ahead than that, and a fresh message
-        that arrived after ``now``, are due too: their times were stored before
-        the clock was set back, and would otherwise wait out the step as well.
+        ``max_wait`` is the longest wait the caller ever sets.  With it, a
+        recipient whose ``next_attempt`` is further ahead than that is due too,
+        and so is a fresh message that arrived after ``now``.  Their times were
+        stored before the clock was set back, and would otherwise wait out the
+        step as well.
         With ``body_max_bytes`` each claim carries its message's body when the
         body is at most that many octets.  Messages whose records cannot be
         decoded, or whose body read for the claim fails its CRC-32, are moved
