@@ -378,7 +378,7 @@ def test_version_2_spool_gains_the_fresh_table(tmp_path: Path) -> None:
     spool = Spool.open(directory)
     try:
         with SpoolStore(directory) as store:
-            assert store.connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+            assert store.connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         (claim,) = run(spool.claim("a"))
         assert [r.index for r in claim.recipients] == [0, 1]
         results = [DeliveryResult(queue_id, i, Outcome.DELIVERED, "250", "mx") for i in (0, 1)]
@@ -388,3 +388,58 @@ def test_version_2_spool_gains_the_fresh_table(tmp_path: Path) -> None:
         assert _states(spool, fresh) == [RecipientState.QUEUED]
     finally:
         spool.close()
+
+
+def test_deferral_stores_delivered_targets(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=2), b"x"))
+    (claim,) = run(spool.claim("a"))
+    later = time.time() + 60
+    results = [
+        DeliveryResult(queue_id, 0, Outcome.DEFERRED, "451 4.3.0 failed", "", later, delivered_targets=("alice",)),
+        DeliveryResult(queue_id, 1, Outcome.DEFERRED, "451 4.3.0 failed", "", later),
+    ]
+    run(spool.record_results(results, lease_token=claim.lease_token))
+    message = run(spool.load(queue_id))
+    assert message is not None
+    assert [r.delivered_targets for r in message.recipients] == [("alice",), ()]
+
+    # A later deferral without targets keeps the stored ones.
+    (claim,) = run(spool.claim("a", now=later + 1))
+    retry = [DeliveryResult(queue_id, 0, Outcome.DEFERRED, "451 4.3.0 failed", "", later + 60)]
+    run(spool.record_results(retry, lease_token=claim.lease_token))
+    message = run(spool.load(queue_id))
+    assert message is not None
+    assert message.recipients[0].delivered_targets == ("alice",)
+
+
+def test_delivered_targets_need_live_lease(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+    (claim,) = run(spool.claim("a"))
+    assert not run(spool.record_delivered_targets(queue_id, 0, ["alice"], "other#1"))
+    assert run(spool.record_delivered_targets(queue_id, 0, ["alice", "bob"], claim.lease_token))
+    message = run(spool.load(queue_id))
+    assert message is not None
+    (recipient,) = message.recipients
+    assert recipient.delivered_targets == ("alice", "bob")
+    assert recipient.state is RecipientState.QUEUED
+    assert recipient.attempts == 0
+
+
+def test_version_3_spool_gains_delivered_targets(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    spool = Spool.open(directory)
+    try:
+        queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+        run(spool.hold(queue_id))
+    finally:
+        spool.close()
+    with sqlite3.connect(database_path(directory)) as connection:
+        connection.execute("ALTER TABLE recipient DROP COLUMN delivered_targets")
+        connection.execute("PRAGMA user_version = 3")
+
+    with SpoolStore(directory) as store:
+        assert store.connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        message = store.load(queue_id)
+    assert message is not None
+    assert message.recipients[0].state is RecipientState.HELD
+    assert message.recipients[0].delivered_targets == ()

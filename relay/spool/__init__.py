@@ -434,6 +434,20 @@ class Spool:
         until: float | None = await self._writer.submit_async(operation, durable=False)
         return until
 
+    async def record_delivered_targets(
+        self, queue_id: str, index: int, targets: Sequence[str], lease_token: str
+    ) -> bool:
+        """Store durably which local delivery targets of one leased recipient have the message; return whether stored.
+
+        The state, attempt count and due time stay as they are, and the
+        lease too.  ``SpoolStore.record_delivered_targets`` says when nothing
+        is stored.
+        """
+        stored: bool = await self._writer.submit_async(
+            lambda store: store.record_delivered_targets(queue_id, index, targets, lease_token, time.time())
+        )
+        return stored
+
     async def record_results(
         self, results: Sequence[DeliveryResult], *, lease_token: str | None = None, now: float | None = None
     ) -> int:

@@ -31,7 +31,9 @@ rows cost about half of a commit's pages.  Appends to the rowid table
 
 Schema version 1 kept the body in a table of its own, and both tables were
 keyed by the queue ID text.  Opening such a spool migrates it.  Version 2
-had no ``fresh`` table, and opening such a spool adds it.
+had no ``fresh`` table, and opening such a spool adds it.  Versions before 4
+had no ``delivered_targets`` column in ``recipient``, and opening such a
+spool adds it, empty (NULL) for every recipient.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ CORRUPT_DIRECTORY = "corrupt"
 # due, so a running scheduler also lifts the backoff of whole destinations,
 # which it keeps in memory (see relay.delivery.scheduler).
 FLUSH_REQUEST = "flush-request"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # ``crc32`` and ``body`` are NULL only for a message migrated from version 1
 # without its body row; reading that body raises CorruptRecord.
@@ -110,6 +112,10 @@ CREATE TABLE IF NOT EXISTS fresh (
     lease_until REAL
 )"""
 
+# ``recipient.delivered_targets`` is a JSON list of the local delivery targets
+# (Maildir users and forwarded addresses) of an alias recipient that already
+# got the message, stored with a deferral so that the retry skips them.  NULL
+# when there are none.
 _SCHEMA = _MESSAGE_TABLE.format(name="message") + """;
 CREATE TABLE IF NOT EXISTS recipient (
     queue_id TEXT NOT NULL,
@@ -127,6 +133,7 @@ CREATE TABLE IF NOT EXISTS recipient (
     dsn TEXT NOT NULL DEFAULT 'none',
     lease_token TEXT,
     lease_until REAL,
+    delivered_targets TEXT,
     PRIMARY KEY (queue_id, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS recipient_due ON recipient (next_attempt)
@@ -184,7 +191,8 @@ def _insert_many(statement: str, rows: int) -> str:
 
 
 _RECIPIENT_COLUMNS = (
-    "idx, address, orcpt, notify, state, attempts, next_attempt, last_attempt, last_reply, last_host, dsn"
+    "idx, address, orcpt, notify, state, attempts, next_attempt, last_attempt, last_reply, last_host, dsn,"
+    " delivered_targets"
 )
 
 
@@ -433,7 +441,16 @@ class SpoolStore:
                 if version in (1, 2):
                     # Version 2 wrote recipient rows for every message; its messages keep them.
                     self.connection.execute(_FRESH_TABLE)
+                if version in (1, 2, 3):
+                    self._add_delivered_targets()
                 self.connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _add_delivered_targets(self) -> None:
+        """Add version 4's ``recipient.delivered_targets`` column, unless the table has it already."""
+        columns = {row[1] for row in self.connection.execute("PRAGMA table_info(recipient)")}
+        if "delivered_targets" not in columns:
+            # A nullable column without a default rewrites no row: SQLite reads NULL for old rows.
+            self.connection.execute("ALTER TABLE recipient ADD COLUMN delivered_targets TEXT")
 
     def _schema_version(self) -> int:
         version: int = self.connection.execute("PRAGMA user_version").fetchone()[0]
@@ -953,6 +970,25 @@ class SpoolStore:
             ).rowcount
         return int(rows) == len(set(indexes))
 
+    def record_delivered_targets(
+        self, queue_id: str, index: int, targets: Sequence[str], lease_token: str, now: float
+    ) -> bool:
+        """Store which local delivery targets of one pending recipient have the message; return whether stored.
+
+        Unlike a result, this counts no attempt and leaves the state and due
+        time alone.  It is for a delivery cut off by a shutdown, which is no
+        failure of the recipient.  Only the live lease ``lease_token`` may
+        store them, so a claim that lost the recipient changes nothing.
+        """
+        with self._errors("record delivered targets"):
+            self._materialize(queue_id)
+            rows = self.connection.execute(
+                "UPDATE recipient SET delivered_targets = ? WHERE queue_id = ? AND idx = ?"
+                " AND state IN ('queued', 'deferred') AND lease_token = ? AND lease_until > ?",
+                (_encode_targets(targets), queue_id, index, lease_token, now),
+            ).rowcount
+        return rows == 1
+
     def record_results(self, results: Sequence[DeliveryResult], lease_token: str | None, now: float) -> int:
         """Store delivery results; return how many changed a recipient's state.
 
@@ -1000,6 +1036,7 @@ class SpoolStore:
             self.connection.executemany(
                 "UPDATE recipient SET state = ?, attempts = attempts + 1, next_attempt = ?,"
                 " last_attempt = ?, last_reply = ?, last_host = ?, dsn = ?,"
+                " delivered_targets = coalesce(?, delivered_targets),"
                 " lease_token = CASE WHEN ? THEN lease_token END,"
                 " lease_until = CASE WHEN ? THEN lease_until END"
                 " WHERE queue_id = ? AND idx = ?",
@@ -1112,10 +1149,13 @@ class SpoolStore:
             if result.delay_warning and dsn is DsnState.NONE and row.sender != "" and _wants_delay_dsn(notify):
                 dsn = DsnState.PENDING
         next_attempt = result.next_attempt if result.next_attempt is not None else now
+        targets = None
+        if result.outcome is Outcome.DEFERRED and result.delivered_targets:
+            targets = _encode_targets(result.delivered_targets)
         # A lost lease belongs to the scheduler now holding it, so it stays.
         updates.append(
             (
-                new_state.value, next_attempt, now, result.reply, result.host, dsn.value,
+                new_state.value, next_attempt, now, result.reply, result.host, dsn.value, targets,
                 lease_lost, lease_lost, result.queue_id, result.index,
             )
         )
@@ -1707,7 +1747,7 @@ def _decode_message(
 
 
 def _decode_recipient(values: Sequence[Any]) -> StoredRecipient:
-    index, address, orcpt, notify, state, attempts, next_attempt, last_attempt, reply, host, dsn = values
+    index, address, orcpt, notify, state, attempts, next_attempt, last_attempt, reply, host, dsn, targets = values
     if not isinstance(address, str):
         raise TypeError(f"recipient {index} address is not text")
     return StoredRecipient(
@@ -1722,4 +1762,19 @@ def _decode_recipient(values: Sequence[Any]) -> StoredRecipient:
         last_reply=reply,
         last_host=host,
         dsn=DsnState(dsn),
+        delivered_targets=_decode_targets(index, targets),
     )
+
+
+def _encode_targets(targets: Sequence[str]) -> str:
+    return orjson.dumps(list(dict.fromkeys(targets))).decode()
+
+
+def _decode_targets(index: Any, value: Any) -> tuple[str, ...]:
+    """Return a recipient's ``delivered_targets`` column as a tuple; raise TypeError when it is not a list of text."""
+    if value is None:
+        return ()
+    targets = orjson.loads(value)
+    if not isinstance(targets, list) or not all(isinstance(target, str) for target in targets):
+        raise TypeError(f"recipient {index} delivered_targets is not a list of text")
+    return tuple(targets)

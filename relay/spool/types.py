@@ -88,6 +88,9 @@ class StoredRecipient:
     last_reply: str | None  # last SMTP reply or local error text
     last_host: str | None  # host that gave last_reply
     dsn: DsnState
+    # Local delivery targets of an alias (Maildir users, forwarded addresses)
+    # that already got the message at an earlier attempt; the retry skips them.
+    delivered_targets: tuple[str, ...] = ()
 
     @property
     def domain(self) -> str:
@@ -143,6 +146,10 @@ class DeliveryResult:
     # DEFERRED after waiting past the delay warning time: the recipient owes an
     # "Action: delayed" DSN when its NOTIFY allows and none was queued before.
     delay_warning: bool = False
+    # With DEFERRED: every local delivery target of the recipient that has the
+    # message so far, earlier attempts included.  Stored in place of the
+    # recipient's list; () leaves the stored list as it is.
+    delivered_targets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
