@@ -13,6 +13,16 @@ aliases file rejects such an alias, so only a table that bypassed that
 check gets here, and the operator can fix it without the mail bouncing.
 Postfix 3.7 also defers a virtual alias expansion over its limit (with 4.6.0).
 
+Each local user and the forwarded copy are the delivery targets of a
+recipient.  When one target fails and the recipient is deferred, the targets
+that already got the message are stored with the deferral
+(``StoredRecipient.delivered_targets``), and the retry skips them and
+reports them in its reply, so one alias delivers one copy to each target.
+A process that dies between a Maildir write and the spool record that
+follows delivers that target again at the retry: at least once, like any
+other delivery.  ``LocalProgress`` keeps what a delivery has done so far,
+so that a delivery cancelled by a shutdown can store it (see the scheduler).
+
 Forwarding loops: a forwarded copy starts with ``Delivered-To:`` naming the
 recipient it was expanded for, and a recipient that the message's header
 already names in ``Delivered-To:`` fails with ``5.4.6`` instead of being
@@ -26,11 +36,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from relay._parser import xtext_encode
 from relay.delivery.dsn import EXPANDED
-from relay.delivery.maildir import ExpansionLimitError, LocalDelivery, UnknownUser
+from relay.delivery.maildir import Expansion, ExpansionLimitError, LocalDelivery, UnknownUser
 from relay.log import log_event
 from relay.smtp.received import header_block
 from relay.spool import Claim, Envelope, MessageNotFound, Outcome, Recipient, Spool, SpoolError, StoredRecipient
@@ -38,10 +50,83 @@ from relay.spool import Claim, Envelope, MessageNotFound, Outcome, Recipient, Sp
 logger = logging.getLogger("relay.delivery")
 
 
+@dataclass(eq=False)
+class LocalProgress:
+    """The outcomes and delivered targets of one ``deliver_local`` call so far, read when a shutdown cancels it.
+
+    The write or forward in flight runs as a task of its own, shielded from
+    the cancellation, so it either completes or fails as a whole.
+    ``finish_step`` waits for it and adds its targets.
+    """
+
+    outcomes: list[tuple[StoredRecipient, Outcome, str]] = field(default_factory=list)
+    # Every target of each recipient that has the message, by recipient index,
+    # earlier attempts included.  Only recipients that have one are listed.
+    delivered: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    # The recipient being delivered, with all the targets its alias expands to.
+    current: StoredRecipient | None = None
+    expansion: Expansion | None = None
+    _step: asyncio.Future[Any] | None = None
+    _step_targets: tuple[str, ...] = ()
+    _step_done: Callable[[Any], None] | None = None
+
+    def targets_of(self, recipient: StoredRecipient) -> tuple[str, ...]:
+        """Return the targets of ``recipient`` that have the message."""
+        return self.delivered.get(recipient.index, recipient.delivered_targets)
+
+    async def run_step(
+        self, work: Awaitable[Any], targets: tuple[str, ...], done: Callable[[Any], None] | None = None
+    ) -> None:
+        """Run ``work``, which delivers to ``targets``, and add them once it succeeds; call ``done`` with its result."""
+        self._step = asyncio.ensure_future(work)
+        self._step_targets = targets
+        self._step_done = done
+        try:
+            await asyncio.shield(self._step)
+        except asyncio.CancelledError:
+            # The shield lets the step go on, and finish_step collects it.
+            raise
+        except BaseException:
+            self._step = None
+            raise
+        self._end_step()
+
+    async def finish_step(self) -> None:
+        """Wait for the step in flight, if any, and add its targets when it succeeded."""
+        if self._step is None:
+            return
+        try:
+            await self._step
+        except Exception:
+            # Any failure means the target did not get the message, and the retry delivers it.
+            self._step = None
+            return
+        self._end_step()
+
+    def _end_step(self) -> None:
+        assert self._step is not None and self.current is not None
+        result = self._step.result()
+        self._step = None
+        recipient = self.current
+        self.delivered[recipient.index] = (*self.targets_of(recipient), *self._step_targets)
+        if self._step_done is not None:
+            self._step_done(result)
+
+
 async def deliver_local(
-    local: LocalDelivery, spool: Spool, claim: Claim, recipients: Sequence[StoredRecipient]
+    local: LocalDelivery,
+    spool: Spool,
+    claim: Claim,
+    recipients: Sequence[StoredRecipient],
+    progress: LocalProgress | None = None,
 ) -> list[tuple[StoredRecipient, Outcome, str]]:
-    """Deliver ``recipients`` of ``claim`` locally and return each one's outcome and reply."""
+    """Deliver ``recipients`` of ``claim`` locally and return each one's outcome and reply.
+
+    ``progress`` collects the outcomes as they come and the targets that
+    got the message; a deferred recipient's targets are to be stored with it.
+    """
+    if progress is None:
+        progress = LocalProgress()
     body = claim.body
     if body is None:
         try:
@@ -51,8 +136,9 @@ async def deliver_local(
     sender = claim.envelope.sender
     binary = claim.envelope.body_type == "BINARYMIME"
     delivered_to = _delivered_to(body)
-    outcomes: list[tuple[StoredRecipient, Outcome, str]] = []
+    outcomes = progress.outcomes
     for recipient in recipients:
+        progress.current, progress.expansion = recipient, None
         if recipient.address.lower() in delivered_to:
             reply = f"554 5.4.6 <{recipient.address}>: mail forwarding loop for {recipient.address}"
             outcomes.append((recipient, Outcome.FAILED, reply))
@@ -62,38 +148,72 @@ async def deliver_local(
             # Inside the OSError handler: a maildir_root that cannot be read is a
             # local error like a failed write, so the recipient is deferred.
             expansion = local.expand(local_part)
+            progress.expansion = expansion
             for user in expansion.users:
-                await asyncio.to_thread(
-                    local.deliver, user, sender, recipient.address, body, binary=binary
-                )
-            if expansion.remote:
-                notify, orcpt = _forwarded_dsn(recipient)
-                forwarded = Envelope(
-                    sender=sender,
-                    recipients=tuple(Recipient(address, orcpt, notify) for address in expansion.remote),
-                    body_type=claim.envelope.body_type,
-                    smtputf8=claim.envelope.smtputf8,
-                    ret=claim.envelope.ret,
-                    envid=claim.envelope.envid,
-                )
-                trace = f"Delivered-To: {recipient.address}\r\n".encode()
-                forward_id = await spool.commit(forwarded, trace + body)
-                log_event(logger, "forwarded", queue_id=claim.queue_id, to=recipient.address,
-                          new_queue_id=forward_id, recipients=list(expansion.remote))
+                if user in progress.targets_of(recipient):
+                    continue
+                write = asyncio.to_thread(local.deliver, user, sender, recipient.address, body, binary=binary)
+                await progress.run_step(write, (user,))
+            remote = tuple(address for address in expansion.remote if address not in progress.targets_of(recipient))
+            if remote:
+                await _forward(spool, claim, recipient, remote, body, progress)
         except UnknownUser:
-            outcomes.append((recipient, Outcome.FAILED, f"550 5.1.1 <{recipient.address}>: no such user here"))
+            reply = f"550 5.1.1 <{recipient.address}>: no such user here"
+            outcomes.append((recipient, Outcome.FAILED, reply + _already_delivered(progress, recipient)))
             continue
         except ExpansionLimitError as exc:
-            outcomes.append((recipient, Outcome.DEFERRED, f"451 4.3.5 <{recipient.address}>: {exc}"))
+            reply = f"451 4.3.5 <{recipient.address}>: {exc}"
+            outcomes.append((recipient, Outcome.DEFERRED, reply + _already_delivered(progress, recipient)))
             continue
         except (OSError, SpoolError) as exc:
-            outcomes.append((recipient, Outcome.DEFERRED, f"451 4.3.0 local delivery failed: {exc}"))
+            reply = f"451 4.3.0 local delivery failed: {exc}"
+            outcomes.append((recipient, Outcome.DEFERRED, reply + _already_delivered(progress, recipient)))
             continue
-        targets = ", ".join([*expansion.users, *expansion.remote])
-        # Forwarded on: RFC 3464's "expanded", which the success DSN reports (see EXPANDED).
-        verb = EXPANDED if expansion.remote else "delivered to"
-        outcomes.append((recipient, Outcome.DELIVERED, f"250 2.0.0 {verb} {targets}"))
+        outcomes.append((recipient, Outcome.DELIVERED, delivered_reply(expansion)))
+    progress.current, progress.expansion = None, None
     return outcomes
+
+
+def delivered_reply(expansion: Expansion) -> str:
+    """Return the reply that reports a recipient delivered to every target of ``expansion``."""
+    targets = ", ".join([*expansion.users, *expansion.remote])
+    # Forwarded on: RFC 3464's "expanded", which the success DSN reports (see EXPANDED).
+    verb = EXPANDED if expansion.remote else "delivered to"
+    return f"250 2.0.0 {verb} {targets}"
+
+
+async def _forward(
+    spool: Spool,
+    claim: Claim,
+    recipient: StoredRecipient,
+    remote: tuple[str, ...],
+    body: bytes,
+    progress: LocalProgress,
+) -> None:
+    """Commit one copy of the message for the ``remote`` targets of ``recipient`` to the spool."""
+    sender = claim.envelope.sender
+    notify, orcpt = _forwarded_dsn(recipient)
+    forwarded = Envelope(
+        sender=sender,
+        recipients=tuple(Recipient(address, orcpt, notify) for address in remote),
+        body_type=claim.envelope.body_type,
+        smtputf8=claim.envelope.smtputf8,
+        ret=claim.envelope.ret,
+        envid=claim.envelope.envid,
+    )
+    trace = f"Delivered-To: {recipient.address}\r\n".encode()
+
+    def log_forwarded(forward_id: str) -> None:
+        log_event(logger, "forwarded", queue_id=claim.queue_id, to=recipient.address,
+                  new_queue_id=forward_id, recipients=list(remote))
+
+    await progress.run_step(spool.commit(forwarded, trace + body), remote, log_forwarded)
+
+
+def _already_delivered(progress: LocalProgress, recipient: StoredRecipient) -> str:
+    """Return the reply's note naming the targets of ``recipient`` that have the message, or "" for none."""
+    targets = progress.targets_of(recipient)
+    return f"; already delivered to {', '.join(targets)}" if targets else ""
 
 
 _DELIVERED_TO = re.compile(rb"^Delivered-To:[ \t]*<?([^<>\s]+)>?[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)

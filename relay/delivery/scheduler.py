@@ -88,7 +88,7 @@ import os
 import random
 import time
 import traceback
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -104,7 +104,7 @@ from relay.delivery.client import (
 )
 from relay.delivery.dns import LookupFailure, MXResolver
 from relay.delivery.dsn import build_report, status_of
-from relay.delivery.local import deliver_local
+from relay.delivery.local import LocalProgress, deliver_local
 from relay.delivery.maildir import LocalDelivery
 from relay.delivery.owner import owner_is_dead, scheduler_owner
 from relay.delivery.router import ERROR, LOCAL, Route, Router
@@ -1249,8 +1249,9 @@ class Scheduler:
     async def _deliver_local(self, job: Job) -> None:
         if not await self._may_deliver(job):
             return
-        outcomes = await deliver_local(self.local, self.spool, job.claim, job.recipients)
-        await self._record(job, outcomes, "")
+        progress = LocalProgress()
+        outcomes = await deliver_local(self.local, self.spool, job.claim, job.recipients, progress)
+        await self._record(job, outcomes, "", delivered_targets=progress.delivered)
 
     # -- results ---------------------------------------------------------------
 
@@ -1266,8 +1267,12 @@ class Scheduler:
         next_hop_notifies: bool = False,
         downgraded: bool = False,
         postmaster_copy: bool = True,
+        delivered_targets: Mapping[int, tuple[str, ...]] | None = None,
     ) -> bool:
         """Store the outcomes and log one line for each.  With ``downgraded``, the lines carry ``converted=7bit``.
+
+        ``delivered_targets`` are the local delivery targets that each
+        recipient index has got the message at, stored with a deferral.
 
         Returns whether a copy of a failed null-sender message went to
         postmaster (``bounce_copy_to_postmaster``); ``postmaster_copy=False``
@@ -1303,6 +1308,7 @@ class Scheduler:
                     claim.queue_id, recipient.index, outcome, reply, host, when,
                     next_hop_notifies=next_hop_notifies,
                     delay_warning=warn and outcome is Outcome.DEFERRED and recipient.dsn is DsnState.NONE,
+                    delivered_targets=(delivered_targets or {}).get(recipient.index, ()),
                 )
             )
             # A superset of the spool's DSN rule: it only decides when to look for owed DSNs.

@@ -1,0 +1,160 @@
+"""Local delivery gives each target of a recipient one copy, also when a deferral of another target retries it.
+
+The scheduler runs in this process on a real spool and writes real Maildir
+folders.  No DNS server is needed, because every recipient is in a local
+domain, so the resolver points at a loopback port where nothing listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mailbox
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+from relay.config import Config, load_config
+from relay.delivery import Scheduler
+from relay.spool import Envelope, Recipient, RecipientState, Spool, SpoolStore, StoredMessage
+
+BODY = b"From: dora@local.test\r\nTo: team@local.test\r\nSubject: once\r\n\r\nline\r\n"
+
+
+def make_config(directory: Path, aliases: str) -> Config:
+    (directory / "mail").mkdir()
+    (directory / "aliases").write_text(aliases)
+    path = directory / "relay.toml"
+    path.write_text(
+        f"""
+[server]
+hostname = "relay.test"
+[spool]
+path = "spool"
+lease_time = "30s"
+[policy]
+local_domains = ["local.test"]
+[delivery]
+nameservers = ["127.0.0.1:{free_port("127.0.0.1")}"]
+minimal_backoff_time = 0.3
+maximal_backoff_time = 1
+queue_scan_interval = 0.05
+[local]
+maildir_root = "mail"
+users = ["alice", "bob", "carol"]
+aliases = "aliases"
+"""
+    )
+    return load_config(path)
+
+
+@pytest.fixture
+def spool_for() -> Iterator[Callable[[Config], Spool]]:
+    opened: list[Spool] = []
+
+    def open_spool(config: Config) -> Spool:
+        spool = Spool.from_config(config.spool)
+        opened.append(spool)
+        return spool
+
+    yield open_spool
+    for spool in opened:
+        spool.close()
+
+
+def commit(spool: Spool, recipients: list[str]) -> str:
+    envelope = Envelope(sender="dora@local.test", recipients=tuple(Recipient(address) for address in recipients))
+    return spool.commit_blocking(envelope, BODY)
+
+
+def stored_message(config: Config, queue_id: str) -> StoredMessage | None:
+    with SpoolStore(config.spool.path) as store:
+        return store.load(queue_id)
+
+
+def attempted(config: Config, queue_id: str) -> bool:
+    stored = stored_message(config, queue_id)
+    return stored is None or stored.recipients[0].attempts > 0
+
+
+def copies(config: Config, user: str) -> int:
+    folder = Path(config.local.maildir_root) / user
+    return len(mailbox.Maildir(str(folder), create=False).keys()) if folder.is_dir() else 0
+
+
+def run_until(config: Config, spool: Spool, done: Callable[[], bool], timeout: float = 20.0) -> bool:
+    """Run a scheduler until ``done()`` returns True or ``timeout`` passes; return ``done()``."""
+
+    async def main() -> bool:
+        scheduler = Scheduler(config, spool)
+        task = asyncio.create_task(scheduler.run())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while loop.time() < deadline:
+                if await asyncio.to_thread(done):
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+        finally:
+            await scheduler.stop()
+            await task
+
+    return asyncio.run(main())
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if getattr(record, "event", "") == name]
+
+
+def test_alias_retry_skips_delivered_targets(
+    tmp_path: Path, spool_for: Callable[[Config], Spool], caplog: pytest.LogCaptureFixture
+) -> None:
+    # carol's "new" folder is a file, so her write fails after alice and bob
+    # got the message.  The deferral stores alice and bob, and the retry,
+    # once carol's folder is repaired, writes to carol alone.
+    config = make_config(tmp_path, "team: alice, bob, carol\n")
+    (tmp_path / "mail" / "carol").mkdir()
+    (tmp_path / "mail" / "carol" / "new").write_text("not a folder\n")
+    spool = spool_for(config)
+    queue_id = commit(spool, ["team@local.test"])
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        assert run_until(config, spool, lambda: attempted(config, queue_id))
+    stored = stored_message(config, queue_id)
+    assert stored is not None
+    (recipient,) = stored.recipients
+    assert recipient.state is RecipientState.DEFERRED
+    assert recipient.delivered_targets == ("alice", "bob")
+    assert recipient.last_reply is not None
+    assert recipient.last_reply.startswith("451 4.3.0 local delivery failed: ")
+    assert recipient.last_reply.endswith("; already delivered to alice, bob")
+    assert (copies(config, "alice"), copies(config, "bob")) == (1, 1)
+
+    (tmp_path / "mail" / "carol" / "new").unlink()
+    with caplog.at_level(logging.INFO, logger="relay"):
+        assert run_until(config, spool, lambda: stored_message(config, queue_id) is None)
+    assert (copies(config, "alice"), copies(config, "bob"), copies(config, "carol")) == (1, 1, 1)
+    (delivered,) = events(caplog, "delivered")
+    assert delivered.__dict__["fields"]["to"] == "team@local.test"
+    assert delivered.__dict__["fields"]["reply"] == "250 2.0.0 delivered to alice, bob, carol"
+    assert len(events(caplog, "deferred")) == 1
+
+
+def test_alias_skips_targets_after_alias_change(tmp_path: Path, spool_for: Callable[[Config], Spool]) -> None:
+    # Targets are kept by name: after the alias gains dave, the retry
+    # writes to carol and dave and still not again to alice.
+    config = make_config(tmp_path, "team: alice, carol\n")
+    (tmp_path / "mail" / "carol").mkdir()
+    (tmp_path / "mail" / "carol" / "new").write_text("not a folder\n")
+    (tmp_path / "mail" / "dave").mkdir()
+    spool = spool_for(config)
+    queue_id = commit(spool, ["team@local.test"])
+
+    assert run_until(config, spool, lambda: attempted(config, queue_id))
+    (tmp_path / "mail" / "carol" / "new").unlink()
+    (tmp_path / "aliases").write_text("team: alice, carol, dave\n")
+    assert run_until(config, spool, lambda: stored_message(config, queue_id) is None)
+    assert (copies(config, "alice"), copies(config, "carol"), copies(config, "dave")) == (1, 1, 1)
