@@ -1,4 +1,4 @@
-"""Local delivery gives each target of a recipient one copy, also when a deferral of another target retries it.
+"""Local delivery gives each target of a recipient one copy: across a deferral, and across a stop of the scheduler.
 
 The scheduler runs in this process on a real spool and writes real Maildir
 folders.  No DNS server is needed, because every recipient is in a local
@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import mailbox
+import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +21,9 @@ import pytest
 from conftest import free_port
 from relay.config import Config, load_config
 from relay.delivery import Scheduler
+from relay.delivery.maildir import LocalDelivery
 from relay.spool import Envelope, Recipient, RecipientState, Spool, SpoolStore, StoredMessage
+from relay.spool.store import database_path
 
 BODY = b"From: dora@local.test\r\nTo: team@local.test\r\nSubject: once\r\n\r\nline\r\n"
 
@@ -158,3 +163,99 @@ def test_alias_skips_targets_after_alias_change(tmp_path: Path, spool_for: Calla
     (tmp_path / "aliases").write_text("team: alice, carol, dave\n")
     assert run_until(config, spool, lambda: stored_message(config, queue_id) is None)
     assert (copies(config, "alice"), copies(config, "carol"), copies(config, "dave")) == (1, 1, 1)
+
+
+class _GatedDelivery(LocalDelivery):
+    """A LocalDelivery whose Maildir write for ``user`` waits until ``gate`` is set, then writes for real."""
+
+    user = ""
+    entered: threading.Event
+    gate: threading.Event
+
+    def deliver(self, user: str, sender: str, recipient: str, body: bytes, *, binary: bool = False) -> Path:
+        if user == self.user:
+            self.entered.set()
+            assert self.gate.wait(10.0), "the test never opened the gate"
+        return super().deliver(user, sender, recipient, body, binary=binary)
+
+
+def stop_during_write(config: Config, spool: Spool, user: str, monkeypatch: pytest.MonkeyPatch) -> float:
+    """Run a scheduler until it writes to ``user``, stop it while that write waits past the grace time.
+
+    Returns how long the stop took.  The write goes ahead one second after
+    the stop began, when the stop has cancelled the delivery.
+    """
+    monkeypatch.setattr("relay.delivery.scheduler.STOP_GRACE", 0.2)
+
+    async def main() -> float:
+        scheduler = Scheduler(config, spool)
+        gated = _GatedDelivery(scheduler.local.config, scheduler.local.aliases, scheduler.local.source)
+        gated.user, gated.entered, gated.gate = user, threading.Event(), threading.Event()
+        scheduler.local = gated
+        task = asyncio.create_task(scheduler.run())
+        try:
+            assert await asyncio.to_thread(gated.entered.wait, 10.0), f"no write to {user} began"
+        finally:
+            started = time.monotonic()
+            stopping = asyncio.create_task(scheduler.stop())
+            await asyncio.sleep(1.0)
+            assert not stopping.done()
+            gated.gate.set()
+            await stopping
+            await task
+        return time.monotonic() - started
+
+    return asyncio.run(main())
+
+
+def test_stop_records_write_in_flight(
+    tmp_path: Path, spool_for: Callable[[Config], Spool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stop cancels the delivery to alice while her write is in flight.
+    # The write completes, and the stop records alice as delivered, so the
+    # next scheduler has nothing to send.
+    config = make_config(tmp_path, "")
+    spool = spool_for(config)
+    queue_id = commit(spool, ["alice@local.test"])
+    took = stop_during_write(config, spool, "alice", monkeypatch)
+    assert took < 3.0
+    assert stored_message(config, queue_id) is None
+    assert copies(config, "alice") == 1
+
+    later = commit(spool, ["bob@local.test"])
+    assert run_until(config, spool, lambda: stored_message(config, later) is None)
+    assert copies(config, "alice") == 1
+
+
+def test_stop_mid_alias_stores_targets(
+    tmp_path: Path,
+    spool_for: Callable[[Config], Spool],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The stop cancels the delivery to team while bob's write is in flight,
+    # after alice's.  The recipient keeps its state and due time, and its
+    # lease is released; alice and bob are stored as delivered.  The next
+    # scheduler writes to carol alone.
+    config = make_config(tmp_path, "team: alice, bob, carol\n")
+    spool = spool_for(config)
+    queue_id = commit(spool, ["team@local.test", "bob@local.test"])
+    with caplog.at_level(logging.INFO, logger="relay"):
+        stop_during_write(config, spool, "bob", monkeypatch)
+    stored = stored_message(config, queue_id)
+    assert stored is not None
+    team = stored.recipients[0]
+    assert team.state is RecipientState.QUEUED
+    assert team.attempts == 0
+    assert team.delivered_targets == ("alice", "bob")
+    assert stored.recipients[1].state is RecipientState.QUEUED
+    assert (copies(config, "alice"), copies(config, "bob"), copies(config, "carol")) == (1, 1, 0)
+    (cut_off,) = events(caplog, "local_delivery_cut_off")
+    assert cut_off.__dict__["fields"]["delivered"] == ["alice", "bob"]
+    with sqlite3.connect(database_path(config.spool.path)) as connection:
+        leases = connection.execute("SELECT lease_until FROM recipient WHERE queue_id = ?", (queue_id,)).fetchall()
+    assert all(until is None or until <= time.time() for (until,) in leases)
+
+    assert run_until(config, spool, lambda: stored_message(config, queue_id) is None)
+    # bob@ is a recipient of its own too, so bob has two copies: one per recipient.
+    assert (copies(config, "alice"), copies(config, "bob"), copies(config, "carol")) == (1, 2, 1)

@@ -104,7 +104,7 @@ from relay.delivery.client import (
 )
 from relay.delivery.dns import LookupFailure, MXResolver
 from relay.delivery.dsn import build_report, status_of
-from relay.delivery.local import LocalProgress, deliver_local
+from relay.delivery.local import LocalProgress, deliver_local, delivered_reply
 from relay.delivery.maildir import LocalDelivery
 from relay.delivery.owner import owner_is_dead, scheduler_owner
 from relay.delivery.router import ERROR, LOCAL, Route, Router
@@ -543,6 +543,9 @@ class Scheduler:
 
         A transaction still running then is cancelled, and the results that
         replies decided before are stored (for up to ``STOP_RECORD_TIME`` s).
+        A cancelled local delivery first waits for its Maildir write or
+        forwarded copy in flight, within the same bound, and stores which
+        targets have the message.
         Then this scheduler's leases are released, so the recipients still
         queued in memory, and the undecided ones of cancelled transactions,
         are due again at once for the next scheduler.
@@ -1250,8 +1253,54 @@ class Scheduler:
         if not await self._may_deliver(job):
             return
         progress = LocalProgress()
-        outcomes = await deliver_local(self.local, self.spool, job.claim, job.recipients, progress)
+        # NOTE: an unexpected error (a bug) in deliver_local goes to the worker,
+        # which defers every recipient of the job without the targets in
+        # ``progress``, so their retry writes to those targets again.
+        try:
+            outcomes = await deliver_local(self.local, self.spool, job.claim, job.recipients, progress)
+        except asyncio.CancelledError:
+            # stop() cancelled the job after STOP_GRACE.  A Maildir write in flight
+            # still completes in its thread, and a copy that is not recorded would
+            # be delivered again after the restart.
+            if self._stopping:
+                await self._record_at_stop(job, self._record_local_cut_off(job, progress))
+            raise
         await self._record(job, outcomes, "", delivered_targets=progress.delivered)
+
+    async def _record_local_cut_off(self, job: Job, progress: LocalProgress) -> None:
+        """Record what a local delivery cancelled by ``stop`` did, once its write or forward in flight has ended.
+
+        Finished recipients get their outcomes.  The recipient in progress is
+        delivered when its last target was.  Otherwise it keeps its state and
+        due time, and only the targets that got the message are stored.  The
+        recipients not started are due again once ``stop`` releases the lease.
+        """
+        await progress.finish_step()
+        outcomes = list(progress.outcomes)
+        recipient, expansion = progress.current, progress.expansion
+        partial = None
+        if recipient is not None and all(item[0] is not recipient for item in outcomes):
+            delivered = progress.targets_of(recipient)
+            if expansion is not None and set(delivered) >= {*expansion.users, *expansion.remote}:
+                outcomes.append((recipient, Outcome.DELIVERED, delivered_reply(expansion)))
+            elif delivered != recipient.delivered_targets:
+                partial = (recipient, delivered)
+        if outcomes:
+            await self._record(job, outcomes, "", delivered_targets=progress.delivered)
+        if partial is None:
+            return
+        recipient, delivered = partial
+        try:
+            stored = await self.spool.record_delivered_targets(
+                job.claim.queue_id, recipient.index, delivered, job.claim.lease_token
+            )
+        except SpoolError as exc:
+            log_event(logger, "record_failed", logging.ERROR, queue_id=job.claim.queue_id, error=str(exc))
+            return
+        log_event(
+            logger, "local_delivery_cut_off", logging.WARNING, queue_id=job.claim.queue_id, to=recipient.address,
+            delivered=list(delivered), stored=stored,
+        )
 
     # -- results ---------------------------------------------------------------
 
