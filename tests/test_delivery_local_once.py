@@ -259,3 +259,33 @@ def test_stop_mid_alias_stores_targets(
     assert run_until(config, spool, lambda: stored_message(config, queue_id) is None)
     # bob@ is a recipient of its own too, so bob has two copies: one per recipient.
     assert (copies(config, "alice"), copies(config, "bob"), copies(config, "carol")) == (1, 2, 1)
+
+
+def test_stop_with_failed_write_keeps_target(
+    tmp_path: Path,
+    spool_for: Callable[[Config], Spool],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # bob's write is in flight when the stop cancels the delivery, and then
+    # fails, because his "new" folder is a file.  Only alice is stored as
+    # delivered, so the next scheduler still writes to bob and carol.
+    config = make_config(tmp_path, "team: alice, bob, carol\n")
+    (tmp_path / "mail" / "bob").mkdir()
+    (tmp_path / "mail" / "bob" / "new").write_text("not a folder\n")
+    spool = spool_for(config)
+    queue_id = commit(spool, ["team@local.test"])
+    with caplog.at_level(logging.INFO, logger="relay"):
+        stop_during_write(config, spool, "bob", monkeypatch)
+    stored = stored_message(config, queue_id)
+    assert stored is not None
+    (team,) = stored.recipients
+    assert team.state is RecipientState.QUEUED
+    assert team.delivered_targets == ("alice",)
+    (cut_off,) = events(caplog, "local_delivery_cut_off")
+    assert cut_off.__dict__["fields"]["delivered"] == ["alice"]
+    assert cut_off.__dict__["fields"]["stored"] is True
+
+    (tmp_path / "mail" / "bob" / "new").unlink()
+    assert run_until(config, spool, lambda: stored_message(config, queue_id) is None)
+    assert (copies(config, "alice"), copies(config, "bob"), copies(config, "carol")) == (1, 1, 1)
