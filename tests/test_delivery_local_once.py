@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import mailbox
+import os
 import sqlite3
 import threading
 import time
@@ -28,7 +29,7 @@ from relay.spool.store import database_path
 BODY = b"From: dora@local.test\r\nTo: team@local.test\r\nSubject: once\r\n\r\nline\r\n"
 
 
-def make_config(directory: Path, aliases: str) -> Config:
+def make_config(directory: Path, aliases: str, delivery: str = "") -> Config:
     (directory / "mail").mkdir()
     (directory / "aliases").write_text(aliases)
     path = directory / "relay.toml"
@@ -46,6 +47,7 @@ nameservers = ["127.0.0.1:{free_port("127.0.0.1")}"]
 minimal_backoff_time = 0.3
 maximal_backoff_time = 1
 queue_scan_interval = 0.05
+{delivery}
 [local]
 maildir_root = "mail"
 users = ["alice", "bob", "carol"]
@@ -85,8 +87,9 @@ def attempted(config: Config, queue_id: str) -> bool:
 
 
 def copies(config: Config, user: str) -> int:
+    """Return how many messages ``user``'s Maildir has, also while delivery is still creating its folders."""
     folder = Path(config.local.maildir_root) / user
-    return len(mailbox.Maildir(str(folder), create=False).keys()) if folder.is_dir() else 0
+    return sum(len(os.listdir(folder / part)) for part in ("new", "cur") if (folder / part).is_dir())
 
 
 def run_until(config: Config, spool: Spool, done: Callable[[], bool], timeout: float = 20.0) -> bool:
@@ -289,3 +292,24 @@ def test_stop_with_failed_write_keeps_target(
     (tmp_path / "mail" / "bob" / "new").unlink()
     assert run_until(config, spool, lambda: stored_message(config, queue_id) is None)
     assert (copies(config, "alice"), copies(config, "bob"), copies(config, "carol")) == (1, 1, 1)
+
+
+def test_expired_alias_dsn_names_delivered_targets(tmp_path: Path, spool_for: Callable[[Config], Spool]) -> None:
+    # carol's folder stays broken until the message expires.  The DSN to
+    # dora reports team as failed, and its Diagnostic-Code names alice, who
+    # got her one copy at the first attempt.
+    config = make_config(tmp_path, "team: alice, carol\n", delivery="maximal_queue_lifetime = 1")
+    (tmp_path / "mail" / "dora").mkdir()
+    (tmp_path / "mail" / "carol").mkdir()
+    (tmp_path / "mail" / "carol" / "new").write_text("not a folder\n")
+    spool = spool_for(config)
+    queue_id = commit(spool, ["team@local.test"])
+    assert run_until(config, spool, lambda: stored_message(config, queue_id) is None and copies(config, "dora") == 1)
+    assert copies(config, "alice") == 1
+    (report,) = mailbox.Maildir(str(tmp_path / "mail" / "dora"), create=False)
+    fields = report.get_payload()[1].get_payload()[1]
+    assert fields["Action"] == "failed"
+    assert fields["Final-Recipient"] == "rfc822; team@local.test"
+    diagnostic = " ".join(fields["Diagnostic-Code"].split())
+    assert diagnostic.startswith("X-relay; 451 4.3.0 local delivery failed: ")
+    assert diagnostic.endswith("; already delivered to alice")
