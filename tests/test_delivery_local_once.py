@@ -11,6 +11,7 @@ import asyncio
 import logging
 import mailbox
 import os
+import smtplib
 import sqlite3
 import threading
 import time
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from server_helpers import RelayProcess, wait_until
 
 from conftest import free_port
 from relay.config import Config, load_config
@@ -88,7 +90,11 @@ def attempted(config: Config, queue_id: str) -> bool:
 
 def copies(config: Config, user: str) -> int:
     """Return how many messages ``user``'s Maildir has, also while delivery is still creating its folders."""
-    folder = Path(config.local.maildir_root) / user
+    return copies_in(Path(config.local.maildir_root).parent, user)
+
+
+def copies_in(directory: Path, user: str) -> int:
+    folder = directory / "mail" / user
     return sum(len(os.listdir(folder / part)) for part in ("new", "cur") if (folder / part).is_dir())
 
 
@@ -313,3 +319,45 @@ def test_expired_alias_dsn_names_delivered_targets(tmp_path: Path, spool_for: Ca
     diagnostic = " ".join(fields["Diagnostic-Code"].split())
     assert diagnostic.startswith("X-relay; 451 4.3.0 local delivery failed: ")
     assert diagnostic.endswith("; already delivered to alice")
+
+
+def relay_with_team(directory: Path) -> RelayProcess:
+    """Return a ``relay serve`` with two workers and a delivery process, where team@example.net is alice and carol."""
+    (directory / "aliases").write_text("team: alice, carol\n")
+    delivery = f"""
+[delivery]
+nameservers = ["127.0.0.1:{free_port("127.0.0.1")}"]
+minimal_backoff_time = 0.3
+maximal_backoff_time = 1
+queue_scan_interval = 0.05
+"""
+    relay = RelayProcess(directory, workers=2, deliver=True, extra=delivery)
+    config = relay.config_path.read_text()
+    aliases = f'aliases = "{directory / "aliases"}"'
+    relay.config_path.write_text(config.replace('users = ["rcpt"]', f'users = ["rcpt", "alice", "carol"]\n{aliases}'))
+    return relay
+
+
+def test_serve_restart_skips_delivered_targets(tmp_path: Path) -> None:
+    # relay serve defers team@ because carol's "new" folder is a file, and
+    # is stopped with SIGTERM.  The next relay serve, with carol's folder
+    # repaired, writes to carol only.
+    (tmp_path / "mail" / "carol").mkdir(parents=True)
+    (tmp_path / "mail" / "carol" / "new").write_text("not a folder\n")
+    relay = relay_with_team(tmp_path)
+    with relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.sendmail("dora@example.org", ["team@example.net"], BODY)
+        assert wait_until(lambda: " deferred queue_id=" in relay.log()), relay.log()
+    ((message, _),) = relay.spooled()
+    (team,) = message.recipients
+    assert team.delivered_targets == ("alice",)
+    assert team.last_reply is not None
+    assert team.last_reply.endswith("; already delivered to alice")
+
+    (tmp_path / "mail" / "carol" / "new").unlink()
+    restarted = relay_with_team(tmp_path)
+    with restarted:
+        assert wait_until(lambda: not restarted.spooled()), restarted.log()
+    assert (copies_in(tmp_path, "alice"), copies_in(tmp_path, "carol")) == (1, 1)
+    assert "delivered to alice, carol" in restarted.log()
