@@ -270,6 +270,28 @@ def test_list_filters(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert listed("--state", "held") == []
 
 
+def test_list_domain_matches_by_idna2008(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # IDNA2008, as delivery uses: straße.test is xn--strae-oqa.test, and strasse.test
+    # (which IDNA2003 maps "ß" to) is another domain.  One message of each
+    # form is deferred, so the filter reads both recipient rows and fresh rows.
+    u_label = _commit(spool_dir, Envelope("", (Recipient("a@straße.test"),), smtputf8=True))
+    a_label = _commit(spool_dir, Envelope("", (Recipient("b@xn--strae-oqa.test"),)))
+    other = _commit(spool_dir, Envelope("", (Recipient("c@strasse.test"),)))
+    both = (Recipient("d@STRASSE.test"), Recipient("e@straße.test"))
+    deferred = _commit(spool_dir, Envelope("", both, smtputf8=True))
+    _defer(spool_dir, deferred, 0, "451 later")
+
+    def listed(domain: str) -> list[str]:
+        status, out, _ = _queue(capsys, "list", "--json", "--domain", domain, "--spool", str(spool_dir))
+        assert status == 0
+        return [document["queue_id"] for document in _json_lines(out)]
+
+    assert listed("straße.test") == [u_label, a_label, deferred]
+    assert listed("STRAẞE.test") == [u_label, a_label, deferred]
+    assert listed("xn--strae-oqa.test") == [u_label, a_label, deferred]
+    assert listed("strasse.test") == [other, deferred]
+
+
 def test_show_envelope_history_headers(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     queue_id = _commit(spool_dir, make_envelope(recipients=2, auth_user="alice", envid="ENV1"))
     _defer(spool_dir, queue_id, 1, "451 4.7.1 greylisted")

@@ -51,6 +51,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import idna
 import orjson
 
 from relay._spoolrows import add_message_rows
@@ -271,15 +272,24 @@ def _casefold(value: str | None) -> str | None:
 
 
 def _domain_forms(domain: str) -> list[str]:
-    """Return ``domain`` lower-cased, plus its other IDNA form when it has one."""
+    """Return ``domain`` lower-cased, plus its A-label and U-label forms when they differ.
+
+    The forms come from IDNA2008 with the UTS #46 mapping and without its
+    transitional processing, as delivery looks domains up, so ``straße.test``
+    matches ``xn--strae-oqa.test`` and never ``strasse.test``, which Python's
+    IDNA2003 codec would map it to.
+    """
     name = domain.lower().rstrip(".")
     forms = [name]
     try:
-        other = name.encode("idna").decode("ascii") if not name.isascii() else name.encode("ascii").decode("idna")
+        ascii_name = idna.encode(name, uts46=True, transitional=False).decode("ascii")
+        unicode_name = idna.decode(ascii_name)
     except UnicodeError:
+        # idna.IDNAError is a UnicodeError: a name IDNA2008 rejects is matched as written.
         return forms
-    if other != name:
-        forms.append(other.lower())
+    for form in (ascii_name.lower(), unicode_name.lower()):
+        if form not in forms:
+            forms.append(form)
     return forms
 
 
