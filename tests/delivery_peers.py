@@ -82,6 +82,12 @@ v4.dual IN A 192.0.2.40
 xn--strae-oqa IN A 127.0.0.31
 strasse IN A 127.0.0.32
 *.dead IN A 127.0.0.9
+numeric IN MX 10 127.0.0.7.
+numeric-self IN MX 10 127.0.0.1.
+numeric-ll IN MX 10 169.254.0.25.
+numeric-ll IN MX 20 fe80::25.
+looks-numeric IN MX 10 127.0.0.7.test.
+127.0.0.7 IN A 127.0.0.8
 """
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
+import dns.rdatatype
 import pytest
 from delivery_peers import ZONE, NameServer, run_nsd
 
@@ -239,3 +241,111 @@ def test_expired_answers_leave_cache(nameserver: NameServer) -> None:
 
     asyncio.run(look_up_gone_domains())
     assert len(resolver._cache) <= CACHE_SWEEP_MIN_ENTRIES
+
+
+def test_numeric_mx_used_as_address(nameserver: NameServer, caplog: pytest.LogCaptureFixture) -> None:
+    # "MX 10 127.0.0.7." names an address where a host name belongs; Postfix 3.x warns and connects to it.
+    resolver = MXResolver(nameserver.nameservers, timeout=2.0)
+
+    async def look_up_twice() -> list[MailHost]:
+        first = await resolver.mail_hosts("numeric.test")
+        assert await resolver.mail_hosts("numeric.test") == first
+        return first
+
+    with caplog.at_level("WARNING", logger="relay"):
+        hosts = asyncio.run(look_up_twice())
+    assert hosts == [MailHost("127.0.0.7", 10, ("127.0.0.7",))]
+    warnings = [
+        getattr(record, "fields", {}) for record in caplog.records if getattr(record, "event", "") == "mx_numeric_host"
+    ]
+    # The second lookup falls within the log interval, so one line covers both.
+    assert len(warnings) == 1
+    assert warnings[0]["domain"] == "numeric.test"
+    assert warnings[0]["host"] == "127.0.0.7"
+
+
+def test_name_with_numeric_labels_looked_up(nameserver: NameServer) -> None:
+    # 127.0.0.7.test is a host name that starts with digits, not an address: its A record counts.
+    assert resolve(nameserver, "looks-numeric.test") == [MailHost("127.0.0.7.test", 10, ("127.0.0.8",))]
+
+
+def test_numeric_link_local_mx_fails(nameserver: NameServer) -> None:
+    # Checked without a connection: an address written into the MX record passes the same checks.
+    hosts = resolve(nameserver, "numeric-ll.test")
+    assert [host.addresses for host in hosts] == [("169.254.0.25",), ("fe80::25",)]
+    with pytest.raises(LookupFailure) as caught:
+        _drop_local_addresses(hosts, "numeric-ll.test")
+    assert caught.value.reply.startswith("550 5.4.4")
+
+
+class _DelayingProxy:
+    """A UDP DNS proxy on loopback that holds each A and AAAA query before passing it on to nsd.
+
+    It records the most queries it held at once.  A query for ``mN.many.test``
+    waits longer the smaller N is, so the first MX hosts answer last.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", free_port()))
+        self.socket.settimeout(0.1)
+        self.port = self.socket.getsockname()[1]
+        self.lock = threading.Lock()
+        self.held = 0
+        self.max_held = 0
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def serve(self) -> None:
+        deadline = time.monotonic() + 30
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                wire, client = self.socket.recvfrom(4096)
+            except TimeoutError:
+                continue
+            thread = threading.Thread(target=self.answer, args=(wire, client))
+            thread.start()
+            self.threads.append(thread)
+
+    def answer(self, wire: bytes, client: tuple[str, int]) -> None:
+        query = dns.message.from_wire(wire)
+        question = query.question[0]
+        name = question.name.to_text()
+        delay = 0.0
+        if dns.rdatatype.to_text(question.rdtype) in ("A", "AAAA"):
+            digits = name.split(".")[0].lstrip("m")
+            delay = 0.05 * (8 - int(digits)) if digits.isdigit() else 0.1
+        with self.lock:
+            self.held += 1
+            self.max_held = max(self.max_held, self.held)
+        try:
+            time.sleep(delay)
+            response = dns.query.udp(query, "127.0.0.1", port=self.upstream_port, timeout=2)
+        finally:
+            with self.lock:
+                self.held -= 1
+        self.socket.sendto(response.to_wire(), client)
+
+    def __enter__(self) -> _DelayingProxy:
+        self.server = threading.Thread(target=self.serve)
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.server.join()
+        for thread in self.threads:
+            thread.join()
+        self.socket.close()
+
+
+@pytest.mark.parametrize("concurrency", [1, 3, 5])
+def test_mx_addresses_looked_up_concurrently(nameserver: NameServer, concurrency: int) -> None:
+    # many.test has six MX hosts, and each host's AAAA and A queries follow one another.
+    with _DelayingProxy(nameserver.port) as proxy:
+        resolver = MXResolver((("127.0.0.1", proxy.port),), timeout=5.0, lookup_concurrency=concurrency)
+        hosts = asyncio.run(resolver.mail_hosts("many.test"))
+    assert proxy.max_held == concurrency
+    assert [host.name for host in hosts] == [f"m{n}.many.test" for n in range(1, 7)]
+    assert [host.addresses for host in hosts] == [(f"127.0.0.{20 + n}",) for n in range(1, 7)]

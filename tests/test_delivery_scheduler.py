@@ -533,9 +533,10 @@ def test_null_mx_bounces_without_connection(tmp_path: Path, nameserver: NameServ
     assert report.get_payload()[1].get_payload()[1]["Status"] == "5.1.10"
 
 
-@pytest.mark.parametrize("domain", ["loop.test", "zero.test", "mapped.test", "six.test"])
+@pytest.mark.parametrize("domain", ["loop.test", "zero.test", "mapped.test", "six.test", "numeric-self.test"])
 def test_loopback_mx_bounces_as_loop(tmp_path: Path, nameserver: NameServer, spool_for: Any, domain: str) -> None:
-    # Each domain's MX host resolves to an address of this host (127.0.0.1, 0.0.0.0, ::ffff:127.0.0.1 or ::1).
+    # Each domain's MX host resolves to an address of this host (127.0.0.1, 0.0.0.0, ::ffff:127.0.0.1 or ::1),
+    # or is that address written into the MX record (numeric-self.test).
     port = free_port("127.0.0.1")
     config = make_config(tmp_path, nameserver, port, delivery="allow_loopback_mx = false")
     spool = spool_for(config)
@@ -547,6 +548,18 @@ def test_loopback_mx_bounces_as_loop(tmp_path: Path, nameserver: NameServer, spo
     fields = report.get_payload()[1].get_payload()[1]
     assert fields["Status"] == "5.4.6"
     assert f"mail for {domain} loops back to myself" in unfolded(report)
+
+
+def test_numeric_mx_delivered_to_address(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # numeric.test has "MX 10 127.0.0.7.": the address is used as written, as Postfix 3.x does.
+    port = free_port("127.0.0.7")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    with run_upstream("127.0.0.7", port) as upstream:
+        commit(spool, "alice@local.test", ["rcpt@numeric.test"])
+        assert run_until(config, spool, lambda: bool(upstream.messages) and not spool_counts(config))
+    assert [m.recipients for m in upstream.messages] == [["rcpt@numeric.test"]]
+    assert mailbox_messages(config, "alice") == []
 
 
 def test_mapped_loopback_literal_bounces(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:

@@ -25,11 +25,24 @@ the SMTP server here already sends for these names.  A domain with
 neither MX nor address records, or whose MX hosts all lack addresses, fails
 with ``5.4.4``; SERVFAIL, REFUSED and timeouts are temporary (``4.4.3``) and
 the recipient is retried later.  An MX host whose name does not resolve is
-skipped and the next one tried.
+skipped and the next one tried.  The addresses of the MX hosts are looked
+up concurrently, at most ``lookup_concurrency`` hosts at a time, and the
+hosts keep the order of their MX preferences.
+
+An MX record whose exchange is an IP address (``MX 10 192.0.2.1``) breaks
+the record format, because the exchange is the domain name of a host (RFC
+1035 section 3.3.9).  Postfix 3.x logs "numeric domain name in resource
+data of MX record" and then uses the address as the host's only address,
+without a lookup.  This module does the same and logs ``mx_numeric_host``.
+Such an address passes the same loopback and link-local checks as looked-up
+ones, and a connection to it fails or defers like any other.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -43,6 +56,10 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from relay.log import RepeatCounter, log_event
+
+logger = logging.getLogger("relay.delivery")
+
 # One hour: long enough to spare the resolver, short enough that a fixed zone
 # takes effect soon even when its TTLs are days long.
 MAX_CACHE_TTL = 3600.0
@@ -53,6 +70,15 @@ NEGATIVE_TTL_WITHOUT_SOA = 60.0
 # sweep, and not before it holds this many, so the cache keeps about the names
 # looked up within MAX_CACHE_TTL instead of every name since the start.
 CACHE_SWEEP_MIN_ENTRIES = 1024
+# MX hosts whose addresses are looked up at once: Postfix's smtp_mx_address_limit
+# (5), the default of [delivery] mx_address_limit, which the scheduler passes.
+DEFAULT_LOOKUP_CONCURRENCY = 5
+# A numeric MX host is logged about once per interval for each domain and
+# host, so that each delivery attempt does not repeat the warning.
+NUMERIC_MX_LOG_INTERVAL = MAX_CACHE_TTL
+# Distinct (domain, host) pairs whose warnings are counted; the counts are
+# dropped when more appear, so that a flood of such domains cannot grow memory.
+NUMERIC_MX_COUNTERS_MAX = 1024
 
 
 class LookupFailure(Exception):
@@ -88,6 +114,15 @@ class MailHost:
     addresses: tuple[str, ...]  # IPv6 first, then IPv4 (RFC 6724 default order)
 
 
+@dataclass(frozen=True, slots=True)
+class MailHostList:
+    """The hosts to try for a domain, with the preference of its most preferred MX record."""
+
+    hosts: list[MailHost]  # as ``MXResolver.mail_hosts`` returns them
+    # The lowest MX preference, also when that host has no address; 0 for an implicit MX.
+    best_preference: int
+
+
 @dataclass(slots=True)
 class _CacheEntry:
     expires: float
@@ -104,6 +139,7 @@ class MXResolver:
         timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         shuffle: Callable[[list[MailHost]], None] = random.shuffle,
+        lookup_concurrency: int = DEFAULT_LOOKUP_CONCURRENCY,
     ) -> None:
         if nameservers:
             resolver = dns.asyncresolver.Resolver(configure=False)
@@ -118,12 +154,18 @@ class MXResolver:
         self._shuffle = shuffle
         self._cache: dict[tuple[str, str], _CacheEntry] = {}
         self._sweep_at = CACHE_SWEEP_MIN_ENTRIES
+        self._lookup_concurrency = max(1, lookup_concurrency)
+        self._numeric_mx_counters: dict[tuple[str, str], RepeatCounter] = {}
 
     async def mail_hosts(self, domain: str) -> list[MailHost]:
         """Return the hosts to try for ``domain`` in order; raise LookupFailure when none.
 
         Hosts with no address are left out.  An empty list is never returned.
         """
+        return (await self.find_mail_hosts(domain)).hosts
+
+    async def find_mail_hosts(self, domain: str) -> MailHostList:
+        """Look up the hosts to try for ``domain``, as ``mail_hosts`` does, and the best MX preference."""
         name = _ascii_name(domain, "domain")
         try:
             mx_records = await self._lookup(name, "MX")
@@ -139,18 +181,16 @@ class MXResolver:
             if not hosts:
                 raise LookupFailure(556, "5.1.10", f"domain {name} does not accept mail (null MX)")
 
+        results = await self._host_addresses(name, hosts, from_mx=bool(mx_records))
         resolved: list[MailHost] = []
         temporary_error = ""
-        for host in hosts:
-            try:
-                addresses = await self._addresses(host.name)
-            except _TemporaryError as exc:
-                temporary_error = f"address lookup for {host.name} failed: {exc}"
-                continue
-            if addresses:
-                resolved.append(MailHost(host.name, host.preference, addresses))
+        for host, result in zip(hosts, results, strict=True):
+            if isinstance(result, _TemporaryError):
+                temporary_error = f"address lookup for {host.name} failed: {result}"
+            elif result:
+                resolved.append(MailHost(host.name, host.preference, result))
         if resolved:
-            return resolved
+            return MailHostList(resolved, hosts[0].preference)
         if temporary_error:
             raise LookupFailure(451, "4.4.3", temporary_error)
         if not mx_records:
@@ -167,6 +207,44 @@ class MXResolver:
         if not addresses:
             raise LookupFailure(550, "5.4.4", f"host {host} has no address records")
         return addresses
+
+    async def _host_addresses(
+        self, domain: str, hosts: list[MailHost], *, from_mx: bool
+    ) -> list[tuple[str, ...] | _TemporaryError]:
+        """Look up the addresses of ``hosts`` concurrently and return each host's addresses or error, in order.
+
+        ``from_mx`` is False for the implicit MX, the domain itself, whose
+        name is looked up even when it looks like an address.
+        """
+        limit = asyncio.Semaphore(self._lookup_concurrency)
+
+        async def look_up(host: MailHost) -> tuple[str, ...] | _TemporaryError:
+            numeric = _numeric_host(host.name) if from_mx else None
+            if numeric is not None:
+                self._log_numeric_mx(domain, host)
+                return (numeric,)
+            async with limit:
+                try:
+                    return await self._addresses(host.name)
+                except _TemporaryError as exc:
+                    return exc
+
+        # A TaskGroup cancels the other lookups when one raises anything else.
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(look_up(host)) for host in hosts]
+        return [task.result() for task in tasks]
+
+    def _log_numeric_mx(self, domain: str, host: MailHost) -> None:
+        key = (domain, host.name)
+        counter = self._numeric_mx_counters.get(key)
+        if counter is None:
+            if len(self._numeric_mx_counters) >= NUMERIC_MX_COUNTERS_MAX:
+                self._numeric_mx_counters.clear()
+            counter = self._numeric_mx_counters[key] = RepeatCounter(NUMERIC_MX_LOG_INTERVAL)
+        count = counter.note()
+        if count is not None:
+            log_event(logger, "mx_numeric_host", logging.WARNING, domain=domain, host=host.name,
+                      preference=host.preference, count=count, action="using it as the host's address")
 
     async def _addresses(self, host: str) -> tuple[str, ...]:
         # A temporary failure of one family counts only when the other found nothing.
@@ -269,6 +347,14 @@ def _ascii_name(text: str, kind: str) -> str:
     except dns.exception.SyntaxError as exc:
         reason = f"{type(exc).__name__}"
     raise LookupFailure(550, "5.1.2", f"{kind} {name} is not a valid DNS name: {reason}")
+
+
+def _numeric_host(name: str) -> str | None:
+    """Return the address that an MX exchange such as ``192.0.2.1`` is written as, or None for a host name."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return None
 
 
 class _TemporaryError(Exception):

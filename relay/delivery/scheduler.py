@@ -93,7 +93,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from relay.config import Config
+from relay.config import Config, DeliveryConfig
 from relay.delivery.client import (
     OutboundMessage,
     OutboundRecipient,
@@ -102,7 +102,7 @@ from relay.delivery.client import (
     SMTPSession,
     Timeouts,
 )
-from relay.delivery.dns import LookupFailure, MXResolver
+from relay.delivery.dns import DEFAULT_LOOKUP_CONCURRENCY, LookupFailure, MXResolver
 from relay.delivery.dsn import build_report, status_of
 from relay.delivery.local import LocalProgress, deliver_local, delivered_reply
 from relay.delivery.maildir import LocalDelivery
@@ -357,6 +357,12 @@ def is_first_claim_of_local_submission(claim: Claim) -> bool:
     )
 
 
+def _make_resolver(delivery: DeliveryConfig) -> MXResolver:
+    # mx_address_limit = 0 lifts the address limit, but the lookups stay bounded.
+    concurrency = delivery.mx_address_limit or DEFAULT_LOOKUP_CONCURRENCY
+    return MXResolver(delivery.nameservers, timeout=delivery.dns_timeout, lookup_concurrency=concurrency)
+
+
 def _wall_time(moment: float) -> float:
     """Return the time.time() value for a time.monotonic() ``moment``."""
     return time.time() + (moment - time.monotonic())
@@ -381,7 +387,7 @@ class Scheduler:
         self.local = LocalDelivery.from_config(config.local)
         # A resolver passed in (by tests) is kept across reloads.
         self._own_resolver = resolver is None
-        self.resolver = resolver or MXResolver(delivery.nameservers, timeout=delivery.dns_timeout)
+        self.resolver = resolver or _make_resolver(delivery)
         self.sessions = self._session_pool(config, self.resolver)
         self._connections = asyncio.Semaphore(delivery.connection_limit)
         # Tasks that hold connection slots taken away by a reload that lowered the limit.
@@ -441,8 +447,9 @@ class Scheduler:
         router = Router(config)
         local = LocalDelivery.from_config(config.local)
         resolver = self.resolver
-        if self._own_resolver and (delivery.nameservers, delivery.dns_timeout) != (old.nameservers, old.dns_timeout):
-            resolver = MXResolver(delivery.nameservers, timeout=delivery.dns_timeout)
+        resolver_settings = (delivery.nameservers, delivery.dns_timeout, delivery.mx_address_limit)
+        if self._own_resolver and resolver_settings != (old.nameservers, old.dns_timeout, old.mx_address_limit):
+            resolver = _make_resolver(delivery)
         sessions = self._session_pool(config, resolver)
 
         self.config = config
