@@ -88,6 +88,10 @@ numeric-ll IN MX 10 169.254.0.25.
 numeric-ll IN MX 20 fe80::25.
 looks-numeric IN MX 10 127.0.0.7.test.
 127.0.0.7 IN A 127.0.0.8
+primary-down IN MX 10 x.broken.test.
+primary-down IN MX 20 lo.loop.test.
+primary-gone IN MX 10 gone.test.
+primary-gone IN MX 20 lo.loop.test.
 """
 
 

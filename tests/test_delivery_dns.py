@@ -185,7 +185,7 @@ def test_hosts_from_self_on_dropped(nameserver: NameServer) -> None:
     # self.backup.test resolves to 127.0.0.1, so it and the hosts of preference 20 and 30 go.
     # Nothing connects to the documentation addresses (192.0.2.0/24) of the others.
     for _ in range(10):
-        hosts = _drop_local_addresses(resolve(nameserver, "backup.test"), "backup.test")
+        hosts = _drop_local_addresses(resolve(nameserver, "backup.test"), "backup.test", 10)
         assert hosts == [MailHost("p.backup.test", 10, ("192.0.2.10",))]
 
 
@@ -193,7 +193,7 @@ def test_link_local_only_mx_fails() -> None:
     # Checked without a connection, so that a regression cannot send a packet off loopback.
     hosts = [MailHost("ll.linklocal.test", 10, ("169.254.0.25", "fe80::25", "ff02::1"))]
     with pytest.raises(LookupFailure) as caught:
-        _drop_local_addresses(hosts, "linklocal.test")
+        _drop_local_addresses(hosts, "linklocal.test", 10)
     assert not caught.value.temporary
     assert caught.value.status == "5.4.4"
 
@@ -274,8 +274,31 @@ def test_numeric_link_local_mx_fails(nameserver: NameServer) -> None:
     hosts = resolve(nameserver, "numeric-ll.test")
     assert [host.addresses for host in hosts] == [("169.254.0.25",), ("fe80::25",)]
     with pytest.raises(LookupFailure) as caught:
-        _drop_local_addresses(hosts, "numeric-ll.test")
+        _drop_local_addresses(hosts, "numeric-ll.test", 10)
     assert caught.value.reply.startswith("550 5.4.4")
+
+
+@pytest.mark.parametrize("domain", ["primary-down.test", "primary-gone.test"])
+def test_backup_mx_self_defers(nameserver: NameServer, domain: str) -> None:
+    # The best MX host's lookup fails (SERVFAIL) or finds no such name, and the
+    # backup is this host: the primary may be back later, so this is no loop yet.
+    resolver = MXResolver(nameserver.nameservers, timeout=2.0)
+    found = asyncio.run(resolver.find_mail_hosts(domain))
+    assert found.hosts == [MailHost("lo.loop.test", 20, ("127.0.0.1",))]
+    assert found.best_preference == 10
+    with pytest.raises(LookupFailure) as caught:
+        _drop_local_addresses(found.hosts, domain, found.best_preference)
+    assert caught.value.temporary
+    assert caught.value.status == "4.4.4"
+    assert f"cannot find the primary MX host of {domain}" in caught.value.text
+
+
+def test_best_mx_self_still_loops(nameserver: NameServer) -> None:
+    resolver = MXResolver(nameserver.nameservers, timeout=2.0)
+    found = asyncio.run(resolver.find_mail_hosts("loop.test"))
+    with pytest.raises(LookupFailure) as caught:
+        _drop_local_addresses(found.hosts, "loop.test", found.best_preference)
+    assert caught.value.reply.startswith("554 5.4.6 mail for loop.test loops back to myself")
 
 
 class _DelayingProxy:

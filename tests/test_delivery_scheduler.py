@@ -550,6 +550,28 @@ def test_loopback_mx_bounces_as_loop(tmp_path: Path, nameserver: NameServer, spo
     assert f"mail for {domain} loops back to myself" in unfolded(report)
 
 
+@pytest.mark.parametrize("domain", ["primary-down.test", "primary-gone.test"])
+def test_loopback_backup_mx_defers(tmp_path: Path, nameserver: NameServer, spool_for: Any, domain: str) -> None:
+    # The best MX host's lookup fails (SERVFAIL) or finds no such name, and the
+    # backup MX host is this host: Postfix defers ("unable to find primary relay").
+    port = free_port("127.0.0.1")
+    config = make_config(tmp_path, nameserver, port, delivery="allow_loopback_mx = false")
+    spool = spool_for(config)
+    with run_upstream("127.0.0.1", port) as upstream:
+        queue_id = commit(spool, "alice@local.test", [f"rcpt@{domain}"])
+
+        def deferred() -> bool:
+            message = stored_message(config, queue_id)
+            return message is not None and message.recipients[0].state is RecipientState.DEFERRED
+
+        assert run_until(config, spool, deferred)
+    assert upstream.connections == 0
+    assert mailbox_messages(config, "alice") == []
+    message = stored_message(config, queue_id)
+    assert message is not None
+    assert message.recipients[0].last_reply.startswith(f"451 4.4.4 cannot find the primary MX host of {domain}")
+
+
 def test_numeric_mx_delivered_to_address(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # numeric.test has "MX 10 127.0.0.7.": the address is used as written, as Postfix 3.x does.
     port = free_port("127.0.0.7")

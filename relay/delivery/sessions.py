@@ -11,7 +11,11 @@ An MX host that resolves to a loopback or unspecified address is this host
 client drop its own entry and every less preferred one, so that host and
 those of the same or a larger preference are left out, as Postfix 3.7 does
 for its own addresses.  When that leaves no host, the recipients fail with
-``5.4.6`` ("loops back to myself").  Link-local and multicast addresses of
+``5.4.6`` ("loops back to myself") if this host is the best MX, and are
+deferred with ``4.4.4`` if a more preferred MX record exists whose host has
+no address (not found, or its lookup failed): this host is then a backup
+MX, and the primary may be back later.  Postfix 3.x does the same ("unable
+to find primary relay").  Link-local and multicast addresses of
 MX hosts are left out as well, as for address literals in
 ``relay.delivery.router``, so that DNS cannot steer mail at this host or its
 neighbours either.  ``[delivery] allow_loopback_mx`` turns this off for test
@@ -193,9 +197,10 @@ class SessionPool:
 
     async def _hosts(self, route: Route) -> list[MailHost]:
         if route.use_mx:
-            hosts = await self._resolver.mail_hosts(route.host)
+            found = await self._resolver.find_mail_hosts(route.host)
+            hosts = found.hosts
             if not self._allow_loopback_mx:
-                hosts = _drop_local_addresses(hosts, route.host)
+                hosts = _drop_local_addresses(hosts, route.host, found.best_preference)
             return _limit_addresses(hosts, self._address_limit)
         try:
             ipaddress.ip_address(route.host)
@@ -232,11 +237,14 @@ class SessionPool:
         await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
 
 
-def _drop_local_addresses(hosts: list[MailHost], domain: str) -> list[MailHost]:
+def _drop_local_addresses(hosts: list[MailHost], domain: str, best_preference: int) -> list[MailHost]:
     """Return the MX ``hosts`` without this host, the hosts after it, and link-local or multicast addresses.
 
-    Raises LookupFailure (``5.4.6``) when this host is the first one, and
-    (``5.4.4``) when no host has an address left.
+    ``best_preference`` is the lowest preference among the domain's MX
+    records, those whose hosts have no address included.  Raises
+    LookupFailure when this host is the first one: ``5.4.6`` when it is the
+    best MX, ``4.4.4`` when a more preferred MX host had no address.  Raises
+    ``5.4.4`` when no host has an address left.
     """
     kept: list[MailHost] = []
     for host in hosts:
@@ -247,8 +255,13 @@ def _drop_local_addresses(hosts: list[MailHost], domain: str) -> list[MailHost]:
             kept = [other for other in kept if other.preference < host.preference]
             if kept:
                 break
-            # NOTE: a better MX host whose address lookup failed is not in ``hosts``,
-            # so this host can look best when it is a backup MX; Postfix defers then.
+            if host.preference > best_preference:
+                # A better MX host exists but had no address, or only link-local ones:
+                # this host is a backup MX, and that host may be reachable later.
+                raise LookupFailure(
+                    451, "4.4.4", f"cannot find the primary MX host of {domain}: MX host {host.name} has address"
+                    f" {local} of this relay, and no more preferred MX host has a usable address",
+                )
             raise LookupFailure(
                 554, "5.4.6", f"mail for {domain} loops back to myself: MX host {host.name} has address {local}"
             )
