@@ -2167,6 +2167,51 @@ def test_mx_that_is_this_relay_bounces(tmp_path: Path, nameserver: NameServer, s
     assert "this relay's own name: mail for mx.test loops back to myself" in text
 
 
+def test_backup_mx_that_is_this_relay_defers(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # a.mx.test (127.0.0.2) refuses connections, and b.mx.test greets with the
+    # relay's own name.  A backup MX that loops defers (Postfix 3.x: 4.4.6),
+    # because the best MX host may take the mail later.
+    port = free_port("127.0.0.3")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    with run_upstream("127.0.0.3", port, server_hostname="relay.test") as backup:
+        queue_id = commit(spool, "alice@local.test", ["bob@mx.test"])
+
+        def deferred() -> bool:
+            message = stored_message(config, queue_id)
+            return message is not None and message.recipients[0].state is RecipientState.DEFERRED
+
+        assert run_until(config, spool, deferred)
+    assert backup.messages == []
+    assert mailbox_messages(config, "alice") == []
+    message = stored_message(config, queue_id)
+    assert message is not None
+    reply = message.recipients[0].last_reply
+    assert reply.startswith("451 4.4.6 b.mx.test[127.0.0.3]")
+    assert reply.endswith("mail for mx.test loops back to myself at its backup MX host")
+
+
+def test_best_mx_loop_skips_backup_mx(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # m1.many.test, the best MX host, greets with the relay's own name.  The
+    # hosts after it are less preferred than this relay (RFC 5321 section 5.1),
+    # so m2.many.test is never tried even though it would accept the mail.
+    port = free_port("127.0.0.21")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    with (
+        run_upstream("127.0.0.21", port, server_hostname="relay.test") as best,
+        run_upstream("127.0.0.22", port) as backup,
+    ):
+        commit(spool, "alice@local.test", ["bob@many.test"])
+        assert run_until(config, spool, lambda: not spool_counts(config) and bool(mailbox_messages(config, "alice")))
+    assert best.messages == []
+    assert backup.connections == 0
+    (report,) = mailbox_messages(config, "alice")
+    text = unfolded(report)
+    assert "Status: 5.4.6" in text
+    assert "mail for many.test loops back to myself at its best MX host" in text
+
+
 def test_alias_added_without_reload_delivered(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # RCPT re-reads a changed aliases file, so delivery must know the new alias too, not bounce it.
     aliases = tmp_path / "aliases"

@@ -147,11 +147,16 @@ class RecipientResult:
 class SessionError(Exception):
     """The session failed as a whole; ``reply`` is the SMTP reply (received or local) that says why."""
 
-    def __init__(self, reply: str, *, temporary: bool = True, tls_failed: bool = False, peer: str = "") -> None:
+    def __init__(
+        self, reply: str, *, temporary: bool = True, tls_failed: bool = False, peer: str = "", loop: bool = False
+    ) -> None:
         super().__init__(reply)
         self.reply = reply
         self.temporary = temporary
         self.tls_failed = tls_failed
+        # True when the MX host greeted with this relay's own name.  The pool
+        # then tries no MX host after it, because those are no more preferred.
+        self.loop = loop
         # The next hop (``name[address]:port``) whose session failed while it was
         # opened; empty when no connection was made.  Recorded like a reply's host.
         self.peer = peer
@@ -253,6 +258,10 @@ class SessionOptions:
     # The mail domain of an MX route: the session fails when the server greets
     # with helo_name (the MX is this relay).  "" for fixed next hops, which are not checked.
     mx_domain: str = ""
+    # True for an MX host less preferred than the best one with an address.  A
+    # loop there defers with 4.4.6, because a better MX host may take the mail
+    # later.  At the best MX host it fails with 5.4.6, as in Postfix 3.x.
+    backup_mx: bool = False
     # Convert 8-bit mail to 7 bit for a next hop without 8BITMIME; False fails it with 5.6.3.
     mime_downgrade: bool = True
 
@@ -437,10 +446,13 @@ class SMTPSession:
             # The MX is this relay itself: sending would only queue the mail here
             # again, until the Received limit stops it (Postfix: "loops back to myself").
             await self._quit_quietly()
+            status = "451 4.4.6" if options.backup_mx else "554 5.4.6"
+            where = "backup MX host" if options.backup_mx else "best MX host"
             raise SessionError(
-                f"554 5.4.6 {self.peer} greets as {self.server_name}, this relay's own name:"
-                f" mail for {options.mx_domain} loops back to myself",
-                temporary=False,
+                f"{status} {self.peer} greets as {self.server_name}, this relay's own name:"
+                f" mail for {options.mx_domain} loops back to myself at its {where}",
+                temporary=options.backup_mx,
+                loop=True,
             )
         if starttls and options.tls != "none" and not self.tls_active:
             if "STARTTLS" in self.capabilities:

@@ -21,6 +21,11 @@ MX hosts are left out as well, as for address literals in
 neighbours either.  ``[delivery] allow_loopback_mx`` turns this off for test
 setups whose MX peers listen on loopback.
 
+An MX host that greets with this relay's own name is this relay as well,
+for example behind NAT.  At the best MX host with an address the recipients
+fail with ``5.4.6``; at a backup MX host they are deferred with ``4.4.6``,
+as Postfix 3.x does.  Either way the less preferred hosts are not tried.
+
 When an opportunistic STARTTLS
 handshake fails, the same address is tried once more without STARTTLS, and
 the fallback is logged (the ``Outbound STARTTLS failure`` rule: plaintext
@@ -50,7 +55,7 @@ from relay.delivery.client import (
     SMTPSession,
     Timeouts,
 )
-from relay.delivery.dns import LookupFailure, MailHost, MXResolver
+from relay.delivery.dns import LookupFailure, MailHost, MailHostList, MXResolver
 from relay.delivery.router import Route, parse_address
 from relay.log import log_event
 
@@ -121,8 +126,11 @@ class SessionPool:
         session = await self._open_first(await self._hosts(route), route, errors)
         if session is not None:
             return session
-        last = errors[-1]
-        raise SessionError(last.reply, temporary=any(error.temporary for error in errors), peer=last.peer)
+        # A deferral carries a temporary reply (RFC 3463 section 3.1), so a host
+        # that failed for good, such as a best MX that loops, yields to one that did not.
+        temporary = [error for error in errors if error.temporary]
+        last = temporary[-1] if temporary else errors[-1]
+        raise SessionError(last.reply, temporary=bool(temporary), peer=last.peer)
 
     async def open_backup(self, route: Route, tried: str) -> SMTPSession | None:
         """Open a session to the first other MX host, as preferred as ``tried`` or less, that accepts one.
@@ -137,26 +145,35 @@ class SessionPool:
         """
         if not route.use_mx:
             return None
-        hosts = await self._hosts(route)
-        preference = next((host.preference for host in hosts if host.name == tried), None)
+        found = await self._hosts(route)
+        preference = next((host.preference for host in found.hosts if host.name == tried), None)
         if preference is None:
             return None
-        later = [host for host in hosts if host.name != tried and host.preference >= preference]
-        return await self._open_first(later, route, [])
+        later = [host for host in found.hosts if host.name != tried and host.preference >= preference]
+        return await self._open_first(MailHostList(later, found.best_preference), route, [])
 
     async def _open_first(
-        self, hosts: list[MailHost], route: Route, errors: list[SessionError]
+        self, found: MailHostList, route: Route, errors: list[SessionError]
     ) -> SMTPSession | None:
-        """Open a session to the first address of ``hosts`` that accepts one; append each failure to ``errors``."""
+        """Open a session to the first address of ``found.hosts`` that accepts one and add each failure to ``errors``.
+
+        A host less preferred than ``found.best_preference`` is a backup MX
+        for the loop check.  No host after one that greets with this relay's
+        name is tried, because the hosts after it are as preferred or less.
+        """
         options = self._options(route)
-        for host in hosts:
+        backup_options = dataclasses.replace(options, backup_mx=True)
+        for host in found.hosts:
+            host_options = backup_options if host.preference > found.best_preference else options
             for address in host.addresses:
                 try:
-                    session = await self._open(host.name, address, route, options)
+                    session = await self._open(host.name, address, route, host_options)
                 except SessionError as exc:
                     log_event(logger, "connect_failed", logging.INFO, relay=f"{host.name}[{address}]:{route.port}",
                               reply=exc.reply)
                     errors.append(exc)
+                    if exc.loop:
+                        return None
                     continue
                 self.opened += 1
                 # The gauge follows the session object's life: a closed or aborted
@@ -195,19 +212,22 @@ class SessionPool:
             mx_domain=route.host if route.use_mx else "",
         )
 
-    async def _hosts(self, route: Route) -> list[MailHost]:
+    async def _hosts(self, route: Route) -> MailHostList:
+        """Return the hosts of ``route`` to try, with the preference of the best one for the loop check."""
         if route.use_mx:
             found = await self._resolver.find_mail_hosts(route.host)
             hosts = found.hosts
             if not self._allow_loopback_mx:
                 hosts = _drop_local_addresses(hosts, route.host, found.best_preference)
-            return _limit_addresses(hosts, self._address_limit)
+            hosts = _limit_addresses(hosts, self._address_limit)
+            # Postfix 3.x takes the best MX for the loop check from the hosts that have addresses.
+            return MailHostList(hosts, hosts[0].preference)
         try:
             ipaddress.ip_address(route.host)
         except ValueError:
             addresses = await self._resolver.host_addresses(route.host)
-            return [MailHost(route.host, 0, addresses)]
-        return [MailHost(route.host, 0, (route.host,))]
+            return MailHostList([MailHost(route.host, 0, addresses)], 0)
+        return MailHostList([MailHost(route.host, 0, (route.host,))], 0)
 
     def release(self, route: Route, session: SMTPSession) -> None:
         """Park a session after its transaction so the next message to the destination reuses it."""
