@@ -15,7 +15,8 @@ given on the command line (``Config.overrides``) is kept without that
 message.  An invalid file is rejected as a whole: every error is logged and
 the running config stays in force.  So is a config whose TLS
 certificate, credentials file, aliases file, delivery CA bundle or smart
-host password cannot be loaded (``check_files``), in every process alike.
+host password cannot be loaded (``check_files``), or whose routing or local
+delivery the scheduler cannot build, in every process alike.
 """
 
 from __future__ import annotations
@@ -172,7 +173,30 @@ def reload_config(running: Config) -> ReloadResult:
         delivery=dataclasses.replace(loaded.delivery, enabled=running.delivery.enabled),
         overrides=running.overrides,
     )
+    if merged.delivery.enabled:
+        error = _scheduler_error(merged)
+        if error is not None:
+            return ReloadResult(None, [error])
     return ReloadResult(merged, [], needs_restart)
+
+
+def _scheduler_error(config: Config) -> str | None:
+    """Return why the scheduler would reject ``config``, or None.
+
+    Checked in every process, not only in the one that runs the scheduler,
+    so that the listeners reject what the scheduler rejects.  Only a file
+    changed between two processes' reads can still split them.
+    """
+    # Imported here: the scheduler loads dnspython and the SMTP client, which
+    # the other users of this module (check-config, sendmail) do not need.
+    from relay.delivery.scheduler import Scheduler
+
+    try:
+        Scheduler.check_config(config)
+    except Exception as exc:
+        # Any failure of the build means the scheduler would keep its old config.
+        return f"the scheduler cannot use it: {type(exc).__name__}: {exc}"
+    return None
 
 
 def log_reload(result: ReloadResult, source: str | None, worker: int) -> None:

@@ -431,6 +431,18 @@ class Scheduler:
             mime_downgrade=delivery.mime_downgrade,
         )
 
+    @staticmethod
+    def check_config(config: Config) -> None:
+        """Build the routing and local delivery of ``config`` without using them, raising what ``apply_config`` would.
+
+        Every process of ``relay serve`` runs this on a reload, so a config
+        that the scheduler cannot use is rejected by the listeners too.
+        """
+        Router(config)
+        LocalDelivery.from_config(config.local)
+        # Without nameservers it reads the system's resolver configuration, which may be missing.
+        MXResolver(config.delivery.nameservers, timeout=config.delivery.dns_timeout)
+
     def apply_config(self, config: Config) -> None:
         """Route and deliver with a reloaded config from the next claim on.
 
