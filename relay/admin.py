@@ -5,9 +5,11 @@ off) from one process.  ``GET /metrics`` returns the text exposition format
 0.0.4 with this process's metrics, the snapshots the other worker processes
 saved (see ``relay.metrics``) and the queue gauges read from the spool at
 scrape time.  ``GET /healthz`` returns ``200 ok`` while the relay accepts
-mail and ``503`` once it stops accepting; after a rejected config reload
-the 200 body has a second line reporting it.  Only ``GET`` and ``HEAD`` are
-served.  A request head over ``MAX_REQUEST_HEAD`` octets gets 431, an
+mail and ``503`` once it stops accepting.  After a rejected config reload,
+or while the processes run different configs, the 200 body has more lines
+saying so.  With several processes they name the processes concerned,
+from the status that the supervisor saves (``relay.reload_status``).
+Only ``GET`` and ``HEAD`` are served.  A request head over ``MAX_REQUEST_HEAD`` octets gets 431, an
 HTTP/1.1 request without one Host field 400 (RFC 9112 section 3.2), and a
 head slower than ``REQUEST_TIMEOUT`` seconds is dropped.  At most
 ``[admin] max_connections`` connections are served at once; another one
@@ -29,6 +31,7 @@ from pathlib import Path
 from relay import metrics
 from relay.config import Config
 from relay.log import RepeatCounter, log_event
+from relay.reload_status import load_status
 from relay.spool import SpoolError, SpoolStore
 from relay.spool.store import database_path
 from relay.status import STATES, summarize
@@ -51,8 +54,8 @@ DISCARD_LIMIT = 1024 * 1024
 DISCARD_TIME = 2.0
 
 
-# The /healthz body after a rejected reload.
-RELOAD_REJECTED = "ok\nthe last config reload was rejected; the previous config stays in force (see reload_failed)\n"
+# The second /healthz line after a rejected reload of the only worker.
+RELOAD_REJECTED_LINE = "the last config reload was rejected; the previous config stays in force (see reload_failed)"
 
 
 def update_queue_gauges(spool_directory: Path) -> None:
@@ -82,12 +85,17 @@ class AdminServer:
         own_snapshot: str,
         accepting: Callable[[], bool],
         max_connections: int = 16,
+        *,
+        several_processes: bool = False,
     ) -> None:
         self.spool_directory = spool_directory
         self.snapshot_directory = snapshot_directory
         self.own_snapshot = own_snapshot
         self.accepting = accepting
         self.max_connections = max_connections
+        # With several processes the reload outcome is every process's, read
+        # from the supervisor's status file, not this process's own.
+        self.several_processes = several_processes
         self._server: asyncio.AbstractServer | None = None
         self._open = 0
         self._refused = RepeatCounter(BUSY_LOG_INTERVAL)
@@ -101,8 +109,21 @@ class AdminServer:
             self._server.close()
             await self._server.wait_closed()
 
+    async def reload_lines(self) -> list[str]:
+        """Return the /healthz lines about the last reload, and set ``relay_config_last_reload_successful``."""
+        if not self.several_processes:
+            if metrics.config_reload_applied.value(default=1.0):
+                return []
+            return [RELOAD_REJECTED_LINE]
+        status = await asyncio.get_running_loop().run_in_executor(None, load_status, self.snapshot_directory)
+        # No status yet: no reload has finished, so the config of the start is in force everywhere.
+        successful = status is None or status.successful
+        metrics.config_reload_applied.set(1.0 if successful else 0.0)
+        return [] if status is None else status.healthz_lines()
+
     async def render_metrics(self) -> str:
         loop = asyncio.get_running_loop()
+        await self.reload_lines()
         try:
             await loop.run_in_executor(None, update_queue_gauges, self.spool_directory)
         except SpoolError as exc:
@@ -181,8 +202,8 @@ class AdminServer:
             await self._respond(writer, 200, "text/plain; version=0.0.4; charset=utf-8", body, head_only)
         elif target == "/healthz":
             if self.accepting():
-                # Still 200: the relay accepts mail with the config it had before.
-                body = "ok\n" if metrics.config_reload_applied.value(default=1.0) else RELOAD_REJECTED
+                # Still 200: the relay accepts mail, with the config it had before or with two configs.
+                body = "".join(f"{line}\n" for line in ["ok", *await self.reload_lines()])
                 await self._respond(writer, 200, "text/plain", body, head_only)
             else:
                 await self._respond(writer, 503, "text/plain", "not accepting mail\n", head_only)
@@ -286,14 +307,19 @@ class AdminServer:
 class Monitoring:
     """Metrics upkeep of one worker: its snapshot file, and in worker 0 the admin listener."""
 
-    def __init__(self, config: Config, index: int, accepting: Callable[[], bool]) -> None:
+    def __init__(self, config: Config, index: int, accepting: Callable[[], bool], workers: int = 1) -> None:
         self.config = config
         self.name = f"worker-{index}"
         self.snapshot_directory = metrics.snapshot_directory(config.spool.path)
         self.admin: AdminServer | None = None
         if index == 0:
             self.admin = AdminServer(
-                Path(config.spool.path), self.snapshot_directory, self.name, accepting, config.admin.max_connections
+                Path(config.spool.path),
+                self.snapshot_directory,
+                self.name,
+                accepting,
+                config.admin.max_connections,
+                several_processes=workers > 1,
             )
         self._task: asyncio.Task[None] | None = None
         self._snapshot_failures = RepeatCounter(SNAPSHOT_FAILURE_LOG_INTERVAL)

@@ -370,10 +370,12 @@ spool_batch_size = REGISTRY.histogram(
 spool_commit_latency = REGISTRY.histogram(
     "relay_spool_commit_seconds", "Time to commit and fsync one spool transaction.", LATENCY_BUCKETS
 )
-# Set by worker 0 alone, which runs the admin listener, so the sum over processes is its value.
+# Set in worker 0 alone, so the sum over processes is its value: by its own
+# reload with one worker, and with several by its admin listener from the
+# outcome of every process (relay.reload_status).
 config_reload_applied = REGISTRY.gauge(
     "relay_config_last_reload_successful",
-    "1 while the last config reload was applied (or none was made), 0 after a rejected one.",
+    "1 while every process applied the last config reload (or none was made) and all run one config, else 0.",
 )
 tls_handshakes = REGISTRY.counter(
     "relay_tls_handshakes_total", "TLS handshakes by side (server, client) and result.", ["side", "result"]

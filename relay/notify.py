@@ -25,6 +25,8 @@ failed send logs one ``notify_failed`` warning and never stops the server.
 With one worker, the worker reports itself (``DirectReports``).  With
 several, each child writes records to a pipe, and one thread of the
 supervisor turns them into the reports above (``SupervisorReports``).
+That thread also passes each child's reload outcome on to
+``relay.reload_status``, with or without systemd.
 """
 
 from __future__ import annotations
@@ -121,23 +123,27 @@ class Reports:
     def reload_started(self) -> int:
         return time.monotonic_ns()
 
-    def reload_finished(self, started_ns: int, applied: bool) -> None:
-        """Report that the reload begun at ``started_ns`` was applied, or rejected with the old config kept."""
+    def reload_finished(self, started_ns: int, applied: bool, fingerprint: int = 0) -> None:
+        """Report that the reload begun at ``started_ns`` was applied, or rejected with the old config kept.
+
+        ``fingerprint`` identifies the config that the process runs afterwards.
+        """
 
     def stopping(self) -> None:
         """Report that a graceful stop has begun."""
 
-    def run_reload(self, reload: Callable[[], bool]) -> bool:
+    def run_reload(self, reload: Callable[[], bool], fingerprint: Callable[[], int] | None = None) -> bool:
         """Run ``reload`` between the reports of its start and its end; return whether it applied the file.
 
         An exception from ``reload`` still ends the reload, as rejected, so that systemd's reload job ends.
+        ``fingerprint`` returns that of the config in force once ``reload`` has returned.
         """
         started = self.reload_started()
         applied = False
         try:
             applied = reload()
         finally:
-            self.reload_finished(started, applied)
+            self.reload_finished(started, applied, fingerprint() if fingerprint is not None else 0)
         return applied
 
 
@@ -169,7 +175,7 @@ class DirectReports(Reports):
             self.notifier.reloading(started)
         return started
 
-    def reload_finished(self, started_ns: int, applied: bool) -> None:
+    def reload_finished(self, started_ns: int, applied: bool, fingerprint: int = 0) -> None:
         if self._ready_sent and not self._stopping:
             self.notifier.ready(status_after_reload(self.status, applied))
 
@@ -180,9 +186,10 @@ class DirectReports(Reports):
 
 
 # A child's record on the report pipe: its kind, the child's index, and for
-# a reload the CLOCK_MONOTONIC nanoseconds at which the child began it.
-# Thirteen octets, far below PIPE_BUF, so concurrent writes never interleave.
-_RECORD = struct.Struct("<ciq")
+# a reload the CLOCK_MONOTONIC nanoseconds at which the child began it and
+# the fingerprint of the config it runs afterwards.
+# 21 octets, far below PIPE_BUF, so concurrent writes never interleave.
+_RECORD = struct.Struct("<ciqQ")
 _READY = b"r"
 _APPLIED = b"a"
 _REJECTED = b"x"
@@ -201,12 +208,12 @@ class ChildReports(Reports):
     def ready(self) -> None:
         self._write(_READY, 0)
 
-    def reload_finished(self, started_ns: int, applied: bool) -> None:
-        self._write(_APPLIED if applied else _REJECTED, started_ns)
+    def reload_finished(self, started_ns: int, applied: bool, fingerprint: int = 0) -> None:
+        self._write(_APPLIED if applied else _REJECTED, started_ns, fingerprint)
 
-    def _write(self, kind: bytes, value: int) -> None:
+    def _write(self, kind: bytes, value: int, fingerprint: int = 0) -> None:
         try:
-            os.write(self.write_fd, _RECORD.pack(kind, self.index, value))
+            os.write(self.write_fd, _RECORD.pack(kind, self.index, value, fingerprint))
         except OSError as exc:
             # The supervisor is gone (EPIPE); SupervisorLink stops this process.
             log_event(logger, "report_failed", logging.WARNING, worker=self.index, error=str(exc))
@@ -222,8 +229,13 @@ class _ReportState:
     # The time of the latest SIGHUP, and whether its RELOADING=1 still waits for its READY=1.
     requested_ns: int = 0
     reload_reported: bool = False
-    # Per child: the start of its latest finished reload, and whether that reload was applied.
-    finished: dict[int, tuple[int, bool]] = field(default_factory=dict)
+    # Whether the latest SIGHUP still waits for a child's answer, with or without systemd.
+    reload_pending: bool = False
+    # Per child: the start of its latest finished reload, whether that reload
+    # was applied, and the fingerprint of the config it runs since.
+    finished: dict[int, tuple[int, bool, int]] = field(default_factory=dict)
+    # The children whose results ``on_reload`` has not been given yet.
+    changed: set[int] = field(default_factory=set)
 
 
 class SupervisorReports:
@@ -235,13 +247,25 @@ class SupervisorReports:
     SIGHUP.  The kernel merges a signal that arrives while the same one is
     still pending, so a child may reload once for several SIGHUPs.  That
     reload began after the last of them, so it counts for all.
+
+    ``on_reload``, when given, is called from that thread with the changed
+    children's results (index: applied, fingerprint), and with True once
+    every child has finished a reload for the latest SIGHUP.
     """
 
-    def __init__(self, notifier: Notifier, status: str, workers: int, children: int) -> None:
+    def __init__(
+        self,
+        notifier: Notifier,
+        status: str,
+        workers: int,
+        children: int,
+        on_reload: Callable[[dict[int, tuple[bool, int]], bool], None] | None = None,
+    ) -> None:
         self.notifier = notifier
         self.status = status
         self.workers = workers
         self.children = children
+        self.on_reload = on_reload
         self.read_fd, self.write_fd = os.pipe()
         self._control_read, self._control_write = os.pipe()
         # Written from a signal handler, which must never block.
@@ -264,7 +288,7 @@ class SupervisorReports:
 
     def _control(self, kind: bytes, value: int) -> None:
         try:
-            os.write(self._control_write, _RECORD.pack(kind, -1, value))
+            os.write(self._control_write, _RECORD.pack(kind, -1, value, 0))
         except BlockingIOError:
             # NOTE: only a flood of thousands of unread signals fills the pipe; that request goes unreported.
             pass
@@ -311,13 +335,14 @@ class SupervisorReports:
         buffers[fd] = buffers[fd][whole:]
         return True
 
-    def _handle(self, kind: bytes, index: int, value: int) -> None:
+    def _handle(self, kind: bytes, index: int, value: int, fingerprint: int) -> None:
         state = self._state
         if kind == _STOP_REQUEST and not state.stopping:
             state.stopping = True
             self.notifier.stopping()
         elif kind == _RELOAD_REQUEST:
             state.requested_ns = value
+            state.reload_pending = True
             # Before READY=1, systemd waits for the start and sends no reload; the
             # first READY=1 then waits for this reload too.
             if state.ready_sent and not state.stopping:
@@ -328,7 +353,8 @@ class SupervisorReports:
         elif kind in (_APPLIED, _REJECTED):
             previous = state.finished.get(index)
             if previous is None or value >= previous[0]:
-                state.finished[index] = (value, kind == _APPLIED)
+                state.finished[index] = (value, kind == _APPLIED, fingerprint)
+                state.changed.add(index)
 
     def _report(self) -> None:
         state = self._state
@@ -338,6 +364,13 @@ class SupervisorReports:
         reloaded = state.requested_ns == 0 or all(
             entry is not None and entry[0] >= state.requested_ns for entry in finished
         )
+        round_finished = reloaded and state.reload_pending
+        if state.changed or round_finished:
+            state.reload_pending = state.reload_pending and not round_finished
+            results = {index: state.finished[index][1:] for index in sorted(state.changed)}
+            state.changed.clear()
+            if self.on_reload is not None:
+                self.on_reload(results, round_finished)
         if not reloaded:
             return
         applied = all(entry is None or entry[1] for entry in finished)

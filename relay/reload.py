@@ -184,8 +184,8 @@ def _scheduler_error(config: Config) -> str | None:
     """Return why the scheduler would reject ``config``, or None.
 
     Checked in every process, not only in the one that runs the scheduler,
-    so that the listeners reject what the scheduler rejects.  Only a file
-    changed between two processes' reads can still split them.
+    so that the listeners reject what the scheduler rejects.  A file that
+    changes between two processes' reads can still split them.
     """
     # Imported here: the scheduler loads dnspython and the SMTP client, which
     # the other users of this module (check-config, sendmail) do not need.
@@ -199,11 +199,13 @@ def _scheduler_error(config: Config) -> str | None:
     return None
 
 
-def log_reload(result: ReloadResult, source: str | None, worker: int) -> None:
+def log_reload(result: ReloadResult, source: str | None, worker: int, summarized: bool = False) -> None:
     """Log the outcome: one line per error, or one line for the applied reload.
 
     Errors in the file and the settings kept are logged at their own level
-    only by ``FILE_REPORTER``, worker 0.
+    only by ``FILE_REPORTER``, worker 0.  With ``summarized`` (several
+    processes, whose supervisor logs ``reload_summary``), ``reloaded`` is a
+    debug line.
     """
     reporter = worker == FILE_REPORTER
     if result.config is None:
@@ -220,4 +222,4 @@ def log_reload(result: ReloadResult, source: str | None, worker: int) -> None:
             file=source,
             kept=result.needs_restart,
         )
-    log_event(logger, "reloaded", worker=worker, file=source)
+    log_event(logger, "reloaded", logging.DEBUG if summarized else logging.INFO, worker=worker, file=source)

@@ -37,6 +37,7 @@ from relay.delivery.scheduler import Scheduler
 from relay.log import log_event
 from relay.notify import Reports
 from relay.reload import ReloadResult, log_reload, reload_config
+from relay.reload_status import config_fingerprint
 from relay.signals import EarlySignals, StopRequests, SupervisorLink, install_loop_handlers
 from relay.spool import Spool, SpoolError
 
@@ -192,7 +193,7 @@ class DeliveryProcess:
             # The scheduler is stopping or stopped, so a reloaded config would never be used.
             log_event(logger, "reload_ignored", logging.DEBUG, worker=self.index, reason="stopping")
             return
-        self._reports.run_reload(self._reload)
+        self._reports.run_reload(self._reload, lambda: config_fingerprint(self.config))
 
     def _reload(self) -> bool:
         """Re-read the config file and hand it to the scheduler; return whether it was applied."""
@@ -202,9 +203,14 @@ class DeliveryProcess:
                 self.scheduler.apply_config(result.config)
             except Exception as exc:
                 # Logged as reload_failed, not reloaded: the scheduler keeps its settings.
+                # Every process checked the same build (reload_config), so this
+                # fails only when a file it reads changed since the workers read it.
+                # TODO: the workers may then run the new config and this process
+                # the old one; reload_summary and /healthz show it, but a
+                # two-phase reload (all check, then all apply) would prevent it.
                 error = f"the scheduler cannot use it: {type(exc).__name__}: {exc}"
                 result = ReloadResult(None, [error], file_errors=False)
-        log_reload(result, self.config.source, self.index)
+        log_reload(result, self.config.source, self.index, summarized=True)
         if result.config is None:
             return False
         self.config = result.config

@@ -56,6 +56,7 @@ from relay.entry import SERVE_SIGNALS
 from relay.log import flush_log, log_event
 from relay.notify import DirectReports, Notifier, Reports, SupervisorReports
 from relay.reload import ReloadResult, check_files, log_reload, reload_config
+from relay.reload_status import ReloadTracker, config_fingerprint
 from relay.signals import EarlySignals, StopRequests, SupervisorLink, install_loop_handlers
 from relay.smtp import replies
 from relay.smtp.auth import CredentialsError, CredentialStore
@@ -473,6 +474,7 @@ class Worker:
             self.config,
             self.index,
             accepting=lambda: not self._stop.is_set() and any(r.accepting for r in self.runtimes),
+            workers=self.workers,
         )
         await monitoring.start()
         return monitoring
@@ -484,10 +486,11 @@ class Worker:
             return
         applied = False
         try:
-            applied = self._reports.run_reload(self._reload)
+            applied = self._reports.run_reload(self._reload, lambda: config_fingerprint(self.config))
         finally:
-            # Also after an unexpected error, which leaves the old config in force.
-            if self.index == 0:
+            # Also after an unexpected error, which leaves the old config in force.  With
+            # several processes the admin listener sets it from every process's outcome.
+            if self.workers == 1:
                 metrics.config_reload_applied.set(1.0 if applied else 0.0)
 
     def _reload(self) -> bool:
@@ -503,7 +506,7 @@ class Worker:
             if error is not None:
                 # The file passed its checks, so each process logs its own error at error level.
                 result = ReloadResult(None, [error], file_errors=False)
-        log_reload(result, self.config.source, self.index)
+        log_reload(result, self.config.source, self.index, summarized=self._supervisor is not None)
         if result.config is None:
             return False
         self.config = result.config
@@ -837,8 +840,10 @@ def _log_child_failure(index: int, error: BaseException) -> None:
 def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier) -> int:
     """Fork the workers (and the delivery process, numbered after them), pass signals on, wait for all.
 
-    With NOTIFY_SOCKET set, the supervisor alone reports to systemd, from
-    what its children write to the report pipe (``SupervisorReports``).
+    The children write their readiness and reload outcomes to the report
+    pipe (``SupervisorReports``).  From it the supervisor alone reports to
+    systemd, with NOTIFY_SOCKET set, and keeps the reload status of every
+    process (``ReloadTracker``).
     From the first line of ``relay.entry`` on, a SIGHUP to the supervisor is
     blocked or forwarded, and each child blocks it until its EarlySignals
     are installed, so the listeners are what READY=1 waits for.
@@ -851,9 +856,10 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
     supervisor = SupervisorLink()
     # Workers and the delivery process all re-read the config, so all of them report reloads.
     children_count = workers + (1 if wake is not None else 0)
-    reports = (
-        SupervisorReports(notifier, _status_text(config), workers, children_count) if notifier.enabled else None
-    )
+    # Also without systemd, because only the supervisor receives every process's reload outcome.
+    status_directory = metrics.snapshot_directory(config.spool.path) if config.admin.address else None
+    tracker = ReloadTracker(workers, children_count, config, status_directory)
+    reports = SupervisorReports(notifier, _status_text(config), workers, children_count, tracker.update)
     children: dict[int, int] = {}
     for index in range(workers):
         pid = os.fork()
@@ -870,7 +876,7 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
                     index=index,
                     wake=wake,
                     supervisor=supervisor,
-                    reports=reports.child(index) if reports is not None else None,
+                    reports=reports.child(index),
                 )
             except BaseException as exc:
                 _log_child_failure(index, exc)
@@ -891,7 +897,7 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
                     index=workers,
                     wake=wake,
                     supervisor=supervisor,
-                    reports=reports.child(workers) if reports is not None else None,
+                    reports=reports.child(workers),
                 )
             except BaseException as exc:
                 _log_child_failure(workers, exc)
@@ -904,9 +910,8 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
         wake.close_write_end()
     # The write end stays open until the supervisor exits.
     supervisor.close_read_end()
-    if reports is not None:
-        # Only the children hold the report pipe's write end from here on.
-        reports.start()
+    # Only the children hold the report pipe's write end from here on.
+    reports.start()
 
     signals_seen = 0
     stopping = False
@@ -916,14 +921,12 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
         if signum == signal.SIGHUP:
             # Recorded before the children get the signal, so that a reload
             # they begin afterwards counts as its answer.
-            if reports is not None:
-                reports.request_reload()
+            reports.request_reload()
         else:
             signals_seen += 1
             if not stopping:
                 stopping = True
-                if reports is not None:
-                    reports.request_stop()
+                reports.request_stop()
         for pid in children:
             try:
                 os.kill(pid, signum)
