@@ -10,8 +10,11 @@ removal.  The others check the level, rate and fields of single events.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import smtplib
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -21,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from delivery_peers import RecordingHandler, run_upstream
 
 from conftest import REPO_ROOT, free_port
 from relay.metrics import SNAPSHOT_INTERVAL
-from tests.server_helpers import wait_for_port
+from relay.smtp.implicit import ACCEPT_RETRY_DELAY
+from tests.server_helpers import Listener, RelayProcess, make_certificate, wait_for_port, wait_until
 
 CONFIG = """
 [server]
@@ -257,3 +262,58 @@ def test_stopping_lines_name_their_process(tmp_path: Path) -> None:
     assert sorted(line.get("worker") for line in stopping) == [0, 1, 2]
     for line in stopping:
         assert line["signal"] == "SIGTERM"
+
+
+@pytest.mark.parametrize(
+    ("tls", "event_loop"),
+    [("implicit", "uvloop"), ("none", "asyncio")],
+    ids=["implicit-tls-listener", "plain-listener-asyncio"],
+)
+def test_accept_failure_logged_once_a_minute(tmp_path: Path, tls: str, event_loop: str) -> None:
+    # Out of file descriptors, a listener retries its accept every second and
+    # fails each time, but only the first failure of the minute may be logged.
+    # Under uvloop a plain listener logs nothing, because libuv closes such clients.
+    relay = RelayProcess(
+        tmp_path,
+        event_loop=event_loop,
+        listeners=[Listener(tls=tls)],
+        certificate=make_certificate(tmp_path) if tls == "implicit" else None,
+    )
+    clients: list[socket.socket] = []
+    with relay:
+        assert relay.process is not None
+        pid = relay.process.pid
+        open_files = len(os.listdir(f"/proc/{pid}/fd"))
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_files + 2, hard))
+        try:
+            for _ in range(12):
+                clients.append(socket.create_connection(("127.0.0.1", relay.port), timeout=5))
+            assert wait_until(lambda: "accept_failed" in relay.log()), relay.log()
+            # Three more retries, each a second apart.
+            time.sleep(3.5)
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+            for client in clients:
+                client.close()
+        # asyncio schedules a retry for each failed accept, and one that runs
+        # after the listener closed raises: let them all run before the stop.
+        time.sleep(ACCEPT_RETRY_DELAY + 0.5)
+
+        # The listener accepts again once descriptors are free.
+        if tls == "implicit":
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            with smtplib.SMTP_SSL("127.0.0.1", relay.port, timeout=10, context=context) as client:
+                assert client.noop()[0] == 250
+        else:
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+                assert client.noop()[0] == 250
+
+    failures = [line for line in relay.log().splitlines() if " accept_failed " in line]
+    assert len(failures) == 1, relay.log()
+    assert f"listener=127.0.0.1:{relay.port}" in failures[0]
+    assert "Too many open files" in failures[0]
+    assert failures[0].endswith(" failures=1")
+    assert " error relay.smtp: " in failures[0]

@@ -25,8 +25,11 @@ the SMTP session before ``start_tls`` takes over the transport.
 
 The handshake gives up after ``server.tls_handshake_timeout`` seconds, read
 when each connection is accepted.  When accepting fails for lack of
-resources (file descriptors, memory), the listener logs ``accept_failed``
-and waits ``ACCEPT_RETRY_DELAY`` seconds before it accepts again.
+resources (file descriptors, memory), the listener waits
+``ACCEPT_RETRY_DELAY`` seconds before it accepts again, and logs
+``accept_failed`` for the first failure and then at most once in
+``ACCEPT_FAILURE_LOG_INTERVAL`` seconds, with the number of failures since
+the last line.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
-from relay.log import log_event
+from relay.log import RepeatCounter, log_event
 from relay.smtp.protocol import SMTPProtocol
 from relay.smtp.tls import handshake_failure_reason
 
@@ -49,6 +52,16 @@ logger = logging.getLogger("relay.smtp")
 # Seconds between attempts to accept while the process is out of file
 # descriptors or memory; asyncio's own accept loop waits one second too.
 ACCEPT_RETRY_DELAY = 1.0
+# The cause of a failed accept (no file descriptors left) usually lasts, and
+# each retry fails again, so a line per failure would flood the log.
+ACCEPT_FAILURE_LOG_INTERVAL = 60.0
+
+
+def log_accept_failure(failures: RepeatCounter, listener: str, error: OSError) -> None:
+    """Count one failed accept on ``listener``; log ``accept_failed`` when ``failures`` has a line due."""
+    count = failures.note()
+    if count is not None:
+        log_event(logger, "accept_failed", logging.ERROR, listener=listener, error=str(error), failures=count)
 
 
 class ImplicitTLSListener:
@@ -60,6 +73,7 @@ class ImplicitTLSListener:
         host, port = runtime.listener.address
         self.sockets = bind_sockets(host, port, backlog)
         self._accepting: list[asyncio.Task[None]] = []
+        self._accept_failures = RepeatCounter(ACCEPT_FAILURE_LOG_INTERVAL)
         for sock in self.sockets:
             task = runtime.loop.create_task(self._accept(sock))
             # A callback, not a finally clause in _accept: a task cancelled
@@ -87,7 +101,7 @@ class ImplicitTLSListener:
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 continue  # a spurious wake-up, or a client that left before the accept
             except OSError as exc:
-                log_event(logger, "accept_failed", logging.ERROR, listener=self.runtime.name, error=str(exc))
+                log_accept_failure(self._accept_failures, self.runtime.name, exc)
                 await asyncio.sleep(ACCEPT_RETRY_DELAY)
                 continue
             client = str(address[0])

@@ -24,7 +24,10 @@ has ended but whose client has not read the last replies does not hold up
 the stop: it is aborted, as is one whose STARTTLS handshake still runs.  A
 second signal exits at once; committed messages are safe because the spool
 is durable at each 250.
-Unhandled event-loop exceptions are logged as ``loop_exception`` errors.
+Unhandled event-loop exceptions are logged as ``loop_exception`` errors,
+except a plain listener's failed accept for lack of resources under the
+``asyncio`` loop, which is logged as ``accept_failed`` and rate-limited as
+``relay.smtp.implicit`` describes.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from relay.config import Config, ListenerConfig
 from relay.delivery import Scheduler
 from relay.delivery.process import DeliveryProcess, WakeChannel, WakeSender
 from relay.entry import SERVE_SIGNALS
-from relay.log import flush_log, log_event
+from relay.log import RepeatCounter, flush_log, log_event
 from relay.notify import DirectReports, Notifier, Reports, SupervisorReports
 from relay.reload import ReloadResult, check_files, log_reload, reload_config
 from relay.reload_status import ReloadTracker, config_fingerprint
@@ -61,7 +64,7 @@ from relay.signals import EarlySignals, StopRequests, SupervisorLink, install_lo
 from relay.smtp import replies
 from relay.smtp.auth import CredentialsError, CredentialStore
 from relay.smtp.envelope import spool_envelope
-from relay.smtp.implicit import ImplicitTLSListener
+from relay.smtp.implicit import ACCEPT_FAILURE_LOG_INTERVAL, ImplicitTLSListener, log_accept_failure
 from relay.smtp.policy import RelayPolicy
 from relay.smtp.protocol import SMTPProtocol
 from relay.smtp.received import received_header
@@ -70,6 +73,7 @@ from relay.smtp.session import Session, SessionSettings
 from relay.smtp.tls import TLSSetupError, server_context
 from relay.smtp.transaction import CheckCredentials, MessageReady
 from relay.spool import Spool, SpoolError, new_queue_id
+from relay.units import format_host_port
 
 logger = logging.getLogger("relay.smtp")
 
@@ -350,8 +354,28 @@ def install_event_loop(kind: str) -> None:
         asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
 
 
+# The errors for which asyncio's accept loop (Python 3.11, selector_events)
+# calls the exception handler with the listening ``socket`` and tries again a
+# second later.
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Failed accepts of the plain listeners in this process, by listening address.
+# NOTE: uvloop (0.23) calls no handler for them: libuv accepts and
+# closes the waiting connections itself while out of file descriptors, so
+# under uvloop a plain listener's clients are dropped without a log line.
+# And asyncio schedules one retry per failed accept, so a worker that stops
+# within a second of a failure logs a ``loop_exception`` for each retry that
+# finds the listening socket closed.
+_accept_failures: dict[str, RepeatCounter] = {}
+
+
 def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     exception = context.get("exception")
+    listening = context.get("socket")
+    if isinstance(exception, OSError) and exception.errno in _ACCEPT_RESOURCE_ERRORS and listening is not None:
+        address = _socket_address(listening)
+        failures = _accept_failures.setdefault(address, RepeatCounter(ACCEPT_FAILURE_LOG_INTERVAL))
+        log_accept_failure(failures, address, exception)
+        return
     log_event(
         logger,
         "loop_exception",
@@ -359,6 +383,15 @@ def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
         message=context.get("message", ""),
         error=repr(exception) if exception is not None else None,
     )
+
+
+def _socket_address(sock: Any) -> str:
+    """Return a listening socket's address as the listener's name, ``HOST:PORT``."""
+    try:
+        host, port = sock.getsockname()[:2]
+    except (OSError, ValueError, TypeError):
+        return "unknown"
+    return format_host_port(str(host), int(port))
 
 
 class Worker:
