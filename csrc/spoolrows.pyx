@@ -183,17 +183,21 @@ def add_message_rows(batch, list message_values, list fresh_values):
             address = recipient.address
             recipients_document.append([address, recipient.orcpt, ",".join(recipient.notify)])
             domains.append(_domain(address))
-        document = _dumps(
-            {
-                "size": envelope.size,
-                "body_type": envelope.body_type,
-                "smtputf8": envelope.smtputf8,
-                "ret": envelope.ret,
-                "envid": envelope.envid,
-                "protocol": envelope.protocol,
-                "recipients": recipients_document,
-            }
-        )
+        fields = {
+            "size": envelope.size,
+            "body_type": envelope.body_type,
+            "smtputf8": envelope.smtputf8,
+            "ret": envelope.ret,
+            "envid": envelope.envid,
+            "protocol": envelope.protocol,
+            "recipients": recipients_document,
+        }
+        # Stored only when set, so the documents of SMTP mail keep their size.
+        if envelope.local_submission:
+            fields["local_submission"] = True
+        if envelope.original_queue_id is not None:
+            fields["original_queue_id"] = envelope.original_queue_id
+        document = _dumps(fields)
 
         body = pending.body
         message_values += (

@@ -46,7 +46,8 @@ The message is written straight into the spool with the same group commit
 as the SMTP server, like Postfix's postdrop writing into the maildrop queue:
 it works while no listener runs, needs no credentials, and the running
 relay's scheduler delivers it.  The caller needs write access to the spool
-directory.  The config is ``--config FILE``, else the file that the
+directory.  The message, and a DSN queued with it, are marked as local
+submissions, so the scheduler logs ``picked_up`` for them.  The config is ``--config FILE``, else the file that the
 ``RELAY_CONFIG`` environment variable names, else ``/etc/relay/relay.toml``
 when it exists, else the built-in defaults: a program that runs
 ``/usr/sbin/sendmail`` passes no relay options.  With the built-in
@@ -82,6 +83,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import email.header
 import email.utils
 import logging
@@ -421,6 +423,7 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
         client_address=None,
         helo_name=None,
         protocol="local",
+        local_submission=True,
     )
     return envelope, message, rejected
 
@@ -589,7 +592,10 @@ def _failure_report(
             return None
         retry_until = message.arrival + config.delivery.maximal_queue_lifetime
         built = build_report(message, body, owed, config.server.hostname, time.time(), retry_until=retry_until)
-        return built.envelope, built.body, built.indexes
+        # Its dsn_queued line reaches only the command's standard error, so the
+        # scheduler's picked_up line is what links it to the message in the log.
+        envelope = dataclasses.replace(built.envelope, local_submission=True)
+        return envelope, built.body, built.indexes
 
     return report
 

@@ -215,7 +215,9 @@ class StdioSession:
         )
         # Local mail has no client address, and 8-bit octets decide the body type as for relay sendmail.
         envelope = dataclasses.replace(
-            spool_envelope(event, None), body_type=local_body_type(message, transaction.body_type)
+            spool_envelope(event, None),
+            body_type=local_body_type(message, transaction.body_type),
+            local_submission=True,
         )
 
         try:

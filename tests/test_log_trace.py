@@ -317,3 +317,53 @@ def test_accept_failure_logged_once_a_minute(tmp_path: Path, tls: str, event_loo
     assert "Too many open files" in failures[0]
     assert failures[0].endswith(" failures=1")
     assert " error relay.smtp: " in failures[0]
+
+
+def test_sendmail_dsn_linked_by_picked_up(tmp_path: Path) -> None:
+    # relay sendmail queues a DSN for the recipient it rejects, and the
+    # relay's log must link that DSN to the message it reports on.
+    for user in ("alice", "bob"):
+        (tmp_path / "mail" / user).mkdir(parents=True)
+    (tmp_path / "aliases").write_text("")
+    handler = RecordingHandler(refuse={"later@remote.test": "451 4.3.0 try again later"})
+    next_hop_port = free_port()
+
+    with run_upstream("127.0.0.1", next_hop_port, handler), serve(tmp_path, next_hop_port) as server:
+        submitted = subprocess.run(
+            [sys.executable, "-m", "relay", "sendmail", "--config", str(server.config),
+             "-f", "alice@example.test", "bob@example.test", "later@remote.test", "ghost@example.test"],
+            input=b"Subject: from a program\n\nbody\n",
+            capture_output=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+            check=False,
+            timeout=60,
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        original = server.wait_for("picked_up", sender="alice@example.test")["queue_id"]
+        dsn = server.wait_for("picked_up", original_queue_id=original)["queue_id"]
+        server.wait_for("deferred", queue_id=original, to="later@remote.test")
+        del handler.refuse["later@remote.test"]
+        server.wait_for("removed", queue_id=original)
+        server.wait_for("removed", queue_id=dsn)
+
+    events = server.events()
+    # The command names the message it queued, but not the DSN.
+    assert f"queued as {original} for the valid recipients".encode() in submitted.stderr
+    assert dsn.encode() not in submitted.stderr
+
+    # The retry of later@remote.test is a second claim of the message, but
+    # the message is picked up once, and so is its DSN.
+    lines = history(events, original)
+    assert names(lines).count("picked_up") == 1
+    assert names(lines)[0] == "picked_up"
+    assert lines[0]["recipients"] == 2
+    assert "original_queue_id" not in lines[0]
+    delivered = sorted(line["to"] for line in lines if line["event"] == "delivered")
+    assert delivered == ["bob@example.test", "later@remote.test"]
+
+    dsn_lines = history(events, dsn)
+    assert names(dsn_lines) == ["picked_up", "delivered", "removed"]
+    assert dsn_lines[0]["sender"] == ""
+    assert dsn_lines[0]["recipients"] == 1
+    assert dsn_lines[0]["original_queue_id"] == original
+    assert dsn_lines[1]["to"] == "alice@example.test"

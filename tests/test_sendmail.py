@@ -32,7 +32,7 @@ from relay.sendmail import (
     parse_options,
 )
 from relay.sendmail_addresses import split_address_list
-from relay.spool import DeliveryResult, Outcome, Spool, SpoolStore, StoredMessage
+from relay.spool import DeliveryResult, Envelope, Outcome, Recipient, Spool, SpoolStore, StoredMessage
 
 # User and group ID of "nobody", which a child running as root switches to.
 NOBODY = 65534
@@ -1191,3 +1191,72 @@ def test_import_skips_scheduler_and_dns() -> None:
         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_local_submission_picked_up_once(tmp_path: Path) -> None:
+    # Three recipients claimed one at a time, then again by a scheduler that
+    # took over the spool: only the first claim is the message's pickup.
+    config = write_config(tmp_path)
+    args = ["--config", str(config), "-f", "alice", "a@remote.test", "b@remote.test", "c@remote.test"]
+    assert sendmail(args, b"Subject: x\n\nhi\n").returncode == 0
+    [(stored, _)] = stored_messages(tmp_path / "spool")
+    assert stored.envelope.local_submission
+    assert not stored.picked_up
+
+    async def claims() -> list[list[tuple[str, bool]]]:
+        spool = Spool.open(tmp_path / "spool")
+        try:
+            rounds = []
+            for owner in ("first", "first", "first", "second"):
+                if owner == "second":
+                    assert await spool.release_leases("first") == 3
+                claimed = await spool.claim(owner, limit=1 if owner == "first" else 10)
+                rounds.append([(claim.queue_id, claim.picked_up) for claim in claimed])
+            return rounds
+        finally:
+            spool.close()
+
+    first, second, third, after_restart = asyncio.run(claims())
+
+    assert first == [(stored.queue_id, True)]
+    assert second == [(stored.queue_id, False)]
+    assert third == [(stored.queue_id, False)]
+    assert after_restart == [(stored.queue_id, False)]
+    [(marked, _)] = stored_messages(tmp_path / "spool")
+    assert marked.picked_up
+    assert marked.envelope.local_submission
+
+
+def test_smtp_mail_never_picked_up(tmp_path: Path) -> None:
+    # Mail with no client address and a protocol, as relay sendmail stored it
+    # before the local_submission mark, is not a pickup either.
+    envelopes = [
+        Envelope(sender="a@example.test", recipients=(Recipient("b@remote.test"),), client_address="192.0.2.1",
+                 protocol="ESMTP"),
+        Envelope(sender="a@example.test", recipients=(Recipient("b@remote.test"),), protocol="local"),
+    ]
+
+    async def claims() -> list[bool]:
+        spool = Spool.open(tmp_path / "spool")
+        try:
+            for envelope in envelopes:
+                await spool.commit(envelope, b"Subject: x\r\n\r\nhi\r\n")
+            return [claim.picked_up for claim in await spool.claim("scheduler")]
+        finally:
+            spool.close()
+
+    assert asyncio.run(claims()) == [False, False]
+
+
+def test_rejected_recipient_dsn_names_original(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    args = ["--config", str(config), "-f", "alice", "a@remote.test", "ghost"]
+
+    result = sendmail(args, b"Subject: x\n\nhi\n")
+
+    assert result.returncode == 0, result.stderr
+    original, dsn = [message for message, _ in stored_messages(tmp_path / "spool")]
+    assert dsn.envelope.sender == ""
+    assert dsn.envelope.original_queue_id == original.queue_id
+    assert dsn.envelope.local_submission
+    assert original.envelope.original_queue_id is None

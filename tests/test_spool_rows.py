@@ -31,17 +31,20 @@ def reference_value(queue_id: str) -> int:
 def reference_rows(pending: PendingCommit) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     envelope = pending.envelope
     key = reference_value(pending.queue_id) >> DROPPED_BITS if pending.key is None else pending.key
-    document = orjson.dumps(
-        {
-            "size": envelope.size,
-            "body_type": envelope.body_type,
-            "smtputf8": envelope.smtputf8,
-            "ret": envelope.ret,
-            "envid": envelope.envid,
-            "protocol": envelope.protocol,
-            "recipients": [[r.address, r.orcpt, ",".join(r.notify)] for r in envelope.recipients],
-        }
-    )
+    fields: dict[str, Any] = {
+        "size": envelope.size,
+        "body_type": envelope.body_type,
+        "smtputf8": envelope.smtputf8,
+        "ret": envelope.ret,
+        "envid": envelope.envid,
+        "protocol": envelope.protocol,
+        "recipients": [[r.address, r.orcpt, ",".join(r.notify)] for r in envelope.recipients],
+    }
+    if envelope.local_submission:
+        fields["local_submission"] = True
+    if envelope.original_queue_id is not None:
+        fields["original_queue_id"] = envelope.original_queue_id
+    document = orjson.dumps(fields)
     domains = [r.address.rpartition("@")[2].lower() if "@" in r.address else "" for r in envelope.recipients]
     message = (
         key, pending.queue_id, pending.arrival, envelope.sender, len(pending.body), envelope.client_address,
@@ -73,6 +76,14 @@ ENVELOPES = [
         recipients=(Recipient("ÜSER@BÜCHER.EXAMPLE"), Recipient("x@ΔΟΚΙΜΉ.example")),
         smtputf8=True,
         protocol="UTF8SMTP",
+    ),
+    # A DSN that relay sendmail queued: both optional fields set.
+    Envelope(
+        sender="",
+        recipients=(Recipient("app@example.test"),),
+        protocol="local",
+        local_submission=True,
+        original_queue_id="0ABCDEFGHJK0000",
     ),
 ]
 
@@ -155,7 +166,7 @@ def test_queue_id_every_character() -> None:
     assert message_key(highest) == (1 << 63) - 1
 
 
-@pytest.mark.parametrize("envelope", ENVELOPES, ids=["null-sender", "all-fields", "utf8"])
+@pytest.mark.parametrize("envelope", ENVELOPES, ids=["null-sender", "all-fields", "utf8", "local-dsn"])
 def test_rows_match_python_layout(envelope: Envelope) -> None:
     body = b"Subject: rows\r\n\r\n" + bytes(range(256)) * 4
     batch = [Spool._pending(envelope, body, None, None) for _ in range(3)]

@@ -337,24 +337,25 @@ def backoff_delay(attempts: int, minimum: float, maximum: float, jitter: float) 
     return min(maximum, delay * (1.0 + BACKOFF_JITTER * jitter))
 
 
-def is_first_claim_of_local_submission(claim: Claim) -> bool:
-    """Return whether claim is the first one of a message that ``relay sendmail`` stored, before any attempt.
+def log_picked_up(claim: Claim) -> None:
+    """Log ``picked_up`` for the first claim of a message that ``relay sendmail`` stored.
 
-    That command's own ``received`` line reaches no log, so the scheduler
-    logs ``picked_up`` for it, as Postfix's pickup logs mail from its
-    sendmail.  relay sendmail stores no client address and the protocol
-    ``local`` (with ``-bs``, the SMTP protocol), and the copies that the
-    scheduler makes itself (DSNs, forwards, postmaster copies) store no
-    protocol.
+    That command's own ``received`` line reaches no log, so this is the
+    message's first line in the relay's log, as Postfix's pickup logs mail
+    from its sendmail.  A DSN that relay sendmail queued for the recipients
+    it rejected names the original message as ``original_queue_id``.
     """
-    # NOTE: a claim whose lease runs out before its first attempt is claimed
-    # again, and then logged again.
     envelope = claim.envelope
-    return (
-        envelope.client_address is None
-        and envelope.protocol is not None
-        and all(recipient.attempts == 0 for recipient in claim.recipients)
-    )
+    fields: dict[str, Any] = {
+        "queue_id": claim.queue_id,
+        "sender": envelope.sender,
+        "recipients": len(claim.recipients),
+        "size": claim.size,
+        "protocol": envelope.protocol,
+    }
+    if envelope.original_queue_id is not None:
+        fields["original_queue_id"] = envelope.original_queue_id
+    log_event(logger, "picked_up", **fields)
 
 
 def _make_resolver(delivery: DeliveryConfig) -> MXResolver:
@@ -628,11 +629,8 @@ class Scheduler:
         claimed = 0
         for claim in claims:
             claimed += len(claim.recipients)
-            if is_first_claim_of_local_submission(claim):
-                log_event(
-                    logger, "picked_up", queue_id=claim.queue_id, sender=claim.envelope.sender,
-                    recipients=len(claim.recipients), size=claim.size, protocol=claim.envelope.protocol,
-                )
+            if claim.picked_up:
+                log_picked_up(claim)
             self._dispatch(claim)
         return claimed >= room
 

@@ -47,7 +47,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -337,6 +337,9 @@ class Spool:
     ) -> PendingCommit:
         if not envelope.recipients:
             raise ValueError("a message needs at least one recipient")
+        if dsn_for is not None and envelope.original_queue_id is None:
+            # Stored with the DSN, so the log can link it to the message it reports on.
+            envelope = replace(envelope, original_queue_id=dsn_for.queue_id)
         arrival = time.time()
         if queue_id is None:
             queue_id, key = new_queue_id_and_key(arrival)
@@ -376,6 +379,8 @@ class Spool:
         With ``bodies`` each claim carries its message's body in ``Claim.body``
         when the body is at most ``claim_body_max_bytes`` octets, read in the
         same writer operation, so the caller needs no ``load_body`` for it.
+        ``Claim.picked_up`` is set on the first claim of a message that ``relay
+        sendmail`` stored, once per message.
         """
         if "#" in owner:
             raise ValueError(f"lease owner {owner!r} contains '#'")

@@ -740,7 +740,8 @@ class SpoolStore:
         With ``body_max_bytes`` each claim carries its message's body when the
         body is at most that many octets.  Messages whose records cannot be
         decoded, or whose body read for the claim fails its CRC-32, are moved
-        aside, not returned.
+        aside, not returned.  The first claim of a local submission marks it
+        as picked up and sets ``Claim.picked_up``.
         """
         until = now + lease_time
         select = (
@@ -792,6 +793,7 @@ class SpoolStore:
             claimed.setdefault(queue_id, set()).add(index)
         claims = []
         messages = self._load_claimed(list(claimed), body_max_bytes)
+        picked_up = self._mark_picked_up(messages)
         for queue_id, indexes in claimed.items():
             loaded = messages.get(queue_id)
             if loaded is None:
@@ -811,11 +813,40 @@ class SpoolStore:
                     lease_token=token,
                     lease_until=until,
                     body=body,
+                    picked_up=queue_id in picked_up,
                 )
             )
         if claims:
             log_event(logger, "claimed", logging.DEBUG, owner=owner, messages=len(claims), recipients=len(rows))
         return claims
+
+    def _mark_picked_up(
+        self, messages: dict[str, tuple[StoredMessage, bytes | None] | CorruptRecord]
+    ) -> set[str]:
+        """Mark each local submission among ``messages`` that no claim returned before; return their queue IDs.
+
+        The mark goes into the envelope document in the claim's transaction,
+        so the ``picked_up`` line is due once per message, however many
+        claims its recipients take and across restarts.  Only ``relay
+        sendmail``'s messages are read and written again here.
+        """
+        first = [
+            queue_id
+            for queue_id, loaded in messages.items()
+            if not isinstance(loaded, CorruptRecord) and loaded[0].envelope.local_submission and not loaded[0].picked_up
+        ]
+        if not first:
+            return set()
+        marked = set()
+        with self._errors("mark picked up"):
+            for queue_id, row in self._message_rows("queue_id, envelope, id", first).items():
+                # _load_claimed decoded this document already, so it is an object.
+                document = orjson.loads(row[1])
+                document["picked_up"] = True
+                marked_document = orjson.dumps(document)
+                self.connection.execute("UPDATE message SET envelope = ? WHERE id = ?", (marked_document, row[2]))
+                marked.add(queue_id)
+        return marked
 
     def _choose_due(
         self, due: Sequence[Sequence[Any]], fresh: Sequence[Sequence[Any]], limit: int
@@ -1748,9 +1779,17 @@ def _decode_message(
             helo_name=row[5],
             auth_user=row[6],
             protocol=document.get("protocol"),
+            # Absent from the documents of SMTP mail and of spools written before these keys.
+            local_submission=bool(document.get("local_submission", False)),
+            original_queue_id=document.get("original_queue_id"),
         )
         return StoredMessage(
-            queue_id=queue_id, arrival=float(row[1]), size=int(row[3]), envelope=envelope, recipients=recipients
+            queue_id=queue_id,
+            arrival=float(row[1]),
+            size=int(row[3]),
+            envelope=envelope,
+            recipients=recipients,
+            picked_up=bool(document.get("picked_up", False)),
         )
     except (orjson.JSONDecodeError, TypeError, ValueError, IndexError) as exc:
         raise CorruptRecord(queue_id, str(exc)) from exc

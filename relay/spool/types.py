@@ -71,6 +71,10 @@ class Envelope:
     helo_name: str | None = None  # name given in HELO/EHLO
     auth_user: str | None = None  # RFC 4954 authenticated identity, None if not authenticated
     protocol: str | None = None  # "SMTP", "ESMTP", "ESMTPS", "ESMTPSA", ... as for Received
+    # Stored by ``relay sendmail``, so the scheduler logs ``picked_up`` at its first claim.
+    local_submission: bool = False
+    # For a DSN: the queue ID of the message it reports on; None for other messages.
+    original_queue_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +111,8 @@ class StoredMessage:
     size: int  # length of the stored body in octets
     envelope: Envelope
     recipients: tuple[StoredRecipient, ...]
+    # A claim has returned this local submission, and its ``picked_up`` line was due then.
+    picked_up: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +134,9 @@ class Claim:
     # The message body, checked against its CRC-32, when the claim asked for bodies
     # and the body is at most the spool's claim_body_max_bytes; None otherwise.
     body: bytes | None = None
+    # The first claim of a local submission (``Envelope.local_submission``) since it
+    # was stored: the scheduler logs ``picked_up`` for it.
+    picked_up: bool = False
 
 
 @dataclass(frozen=True, slots=True)
