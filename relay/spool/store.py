@@ -19,6 +19,9 @@ attempt or operator action.  A message row's key is the integer
 ``relay.spool.ids.message_key`` derives from its queue ID, so a commit
 inserts into one B-tree for the message and needs no index on the queue ID.
 
+The document of a message that ``relay sendmail`` stored also records,
+as ``picked_up``, that a claim has returned it (see ``claim``).
+
 Per-recipient state lives in ``recipient`` rows, but a commit writes none.
 It adds one small ``fresh`` row, which means "every recipient queued, due
 at arrival".  The first delivery attempt that leaves the message in the
