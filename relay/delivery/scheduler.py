@@ -713,6 +713,10 @@ class Scheduler:
     async def _fail_job(self, job: Job) -> None:
         try:
             await self._record(job, [(r, Outcome.FAILED, job.route.error) for r in job.recipients], "")
+        except Exception as exc:
+            # NOTE: no test reaches this branch, because _record handles every
+            # spool error itself and no known input makes it raise anything else.
+            await self._handle_job_error(job.route.destination, job, exc)
         finally:
             self._jobs_in_memory -= 1
 
@@ -751,10 +755,9 @@ class Scheduler:
                     # A bug met by one job must not stop the destination, whose other
                     # jobs would wait for a new worker or for their leases to run out.
                     # The session may be in any state, so the next job gets a new one.
-                    self._log_delivery_error(name, job, exc)
                     self._drop_session(session)
                     session = None
-                    await self._defer_after_error(job, exc)
+                    await self._handle_job_error(name, job, exc)
                 finally:
                     self._jobs_in_memory -= 1
         finally:
@@ -774,16 +777,26 @@ class Scheduler:
             session.abort()
             self._connections.release()
 
+    async def _handle_job_error(self, name: str, job: Job, error: Exception) -> None:
+        """Log an unexpected error of one job and defer its recipients.
+
+        Every task that works on a job ends this way after an error it did
+        not expect, so the scheduler goes on and the queue shows the cause.
+        """
+        self._log_delivery_error(name, job, error)
+        await self._defer_after_error(job, error)
+
     def _log_delivery_error(self, name: str, job: Job, error: Exception) -> None:
-        """Log an unexpected error of one job once, with its queue ID; call it inside the ``except`` block."""
+        """Log an unexpected error of one job once, with its queue ID."""
         # The end of the traceback, which names the error and where it was raised, fits the log's value limit.
+        exception = "".join(traceback.format_exception(error))[-400:]
         log_event(
             logger, "delivery_error", logging.ERROR, queue_id=job.claim.queue_id, relay=name,
-            error=f"{type(error).__name__}: {error}", exception=traceback.format_exc()[-400:],
+            error=f"{type(error).__name__}: {error}", exception=exception,
         )
 
     async def _defer_after_error(self, job: Job, error: Exception) -> None:
-        """Defer the recipients of the job a worker failed on, so the queue shows why and retries them.
+        """Defer the recipients of a job that failed with an unexpected error, so the queue shows why and retries them.
 
         Without this they would wait, with no reply recorded, until their lease ran out.
         """
@@ -1029,11 +1042,10 @@ class Scheduler:
             await retry
         except Exception as exc:
             # NOTE: no test reaches this branch, because no known input makes the retry raise.
-            self._log_delivery_error(job.route.destination, job, exc)
             # Recipients that the retry recorded as final before the error stay
             # final, because the spool ignores results for them.
             retried = tuple(recipient for recipient, _, _ in deferred)
-            await self._defer_after_error(Job(job.claim, job.route, retried), exc)
+            await self._handle_job_error(job.route.destination, Job(job.claim, job.route, retried), exc)
 
     async def _retry_at_backup_mx(
         self,
