@@ -2836,3 +2836,54 @@ def test_lease_keeper_renews_nearly_ended_lease(tmp_path: Path, nameserver: Name
 
     left = asyncio.run(main())
     assert left > 1.0
+
+
+def test_spool_failures_logged_once_per_interval(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # With the recipient table renamed away by another connection, every
+    # claim and every look for owed DSNs fails, at each pass of the loop
+    # (every 0.05 s here).  Each event is logged at once, then at most once
+    # per interval (0.5 s here) with the count of failures since its last
+    # line, and delivery resumes once the table is back.
+    monkeypatch.setattr("relay.delivery.scheduler.SPOOL_FAILURE_LOG_INTERVAL", 0.5)
+    config = make_config(tmp_path, nameserver, 25)
+    spool = spool_for(config)
+
+    def rename(old: str, new: str) -> None:
+        connection = sqlite3.connect(Path(config.spool.path) / "spool.db")
+        try:
+            connection.execute(f"ALTER TABLE {old} RENAME TO {new}")
+            connection.commit()
+        finally:
+            connection.close()
+
+    async def main() -> bool:
+        scheduler = Scheduler(config, spool)
+        task = asyncio.create_task(scheduler.run())
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.sleep(1.2)
+            await asyncio.to_thread(rename, "recipient_away", "recipient")
+            commit(spool, "bob@local.test", ["alice@local.test"])
+            scheduler.wake()
+            deadline = loop.time() + 5.0
+            while loop.time() < deadline and not await asyncio.to_thread(mailbox_messages, config, "alice"):
+                await asyncio.sleep(0.05)
+            return bool(await asyncio.to_thread(mailbox_messages, config, "alice"))
+        finally:
+            await scheduler.stop()
+            await task
+
+    rename("recipient", "recipient_away")
+    with caplog.at_level("INFO", logger="relay"):
+        delivered = asyncio.run(main())
+    assert delivered
+    for event in ("claim_failed", "dsn_scan_failed"):
+        lines = [record.fields for record in caplog.records if getattr(record, "event", "") == event]  # type: ignore[attr-defined]
+        # About 24 failures in 1.2 s, logged at 0 s, about 0.5 s and about 1 s.
+        assert 2 <= len(lines) <= 3, (event, lines)
+        assert lines[0]["failures"] == 1, (event, lines)
+        assert lines[1]["failures"] > 1, (event, lines)
+        assert "no such table: recipient" in lines[0]["error"], (event, lines)

@@ -109,7 +109,7 @@ from relay.delivery.maildir import LocalDelivery
 from relay.delivery.owner import owner_is_dead, scheduler_owner
 from relay.delivery.router import ERROR, LOCAL, Route, Router
 from relay.delivery.sessions import SessionPool
-from relay.log import log_event
+from relay.log import RepeatCounter, log_event
 from relay.spool import (
     Claim,
     CorruptRecord,
@@ -161,6 +161,11 @@ BACKOFF_JITTER = 0.25
 # passes of the loop before the scheduler takes it for a step back (by an
 # operator, or NTP at start).  Slewing moves it at most 0.5 ms a second.
 CLOCK_STEP = 1.0
+# Seconds between two log lines of a failing claim, and likewise of a failing
+# look for owed DSNs.  Both fail again at every pass of the loop while their
+# cause (a damaged or unreadable spool) lasts, so a line carries the count of
+# failures since the one before.
+SPOOL_FAILURE_LOG_INTERVAL = 60.0
 
 
 @dataclass(eq=False, slots=True)
@@ -407,6 +412,8 @@ class Scheduler:
         self._last_claim = 0.0  # time.monotonic() when the last claim started
         self._dsn_due = True
         self._last_dsn_scan = 0.0  # time.monotonic() of the last look for owed DSNs
+        self._claim_failures = RepeatCounter(SPOOL_FAILURE_LOG_INTERVAL)
+        self._dsn_scan_failures = RepeatCounter(SPOOL_FAILURE_LOG_INTERVAL)
         self._stopping = False
         self._running = False
         self._run_ended = asyncio.Event()
@@ -624,7 +631,9 @@ class Scheduler:
                 self.owner, limit=room, bodies=True, max_wait=self.config.delivery.maximal_backoff_time
             )
         except SpoolError as exc:
-            log_event(logger, "claim_failed", logging.ERROR, error=str(exc))
+            failures = self._claim_failures.note()
+            if failures is not None:
+                log_event(logger, "claim_failed", logging.ERROR, error=str(exc), failures=failures)
             return False
         claimed = 0
         for claim in claims:
@@ -1470,7 +1479,9 @@ class Scheduler:
         try:
             messages = await self.spool.pending_dsns(DSN_BATCH)
         except SpoolError as exc:
-            log_event(logger, "dsn_scan_failed", logging.ERROR, error=str(exc))
+            failures = self._dsn_scan_failures.note()
+            if failures is not None:
+                log_event(logger, "dsn_scan_failed", logging.ERROR, error=str(exc), failures=failures)
             return
         if len(messages) == DSN_BATCH:
             # More may owe a DSN: look again on the next pass of the loop, not only
