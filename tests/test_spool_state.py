@@ -32,7 +32,7 @@ from relay.spool import (
 )
 from relay.spool.checkpoint import CHECKPOINT_BYTES
 from relay.spool.ids import queue_id_time
-from relay.spool.store import SCHEMA_VERSION, PendingCommit, database_path
+from relay.spool.store import _OWED_DSN_QUERY, SCHEMA_VERSION, PendingCommit, database_path
 from relay.spool.writer import WRITER_LOCK
 
 
@@ -563,6 +563,47 @@ def test_failure_keeps_message_until_dsn_queued(spool: Spool, caplog: pytest.Log
         if field.get("queue_id") == queue_id
     ]
     assert events == [("dsn_queued", dsn_id, "sender@example.test"), ("removed", None, None)]
+
+
+def _dsn_scan_steps(spool: Spool) -> tuple[list[str], int]:
+    """Return the queue IDs of the owed-DSN scan and the SQLite VM instructions it ran."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    with SpoolStore(spool.directory) as store:
+        store.connection.set_progress_handler(count, 1)
+        queue_ids = store.dsn_queue_ids(100)
+    return queue_ids, steps
+
+
+def test_dsn_scan_cost_ignores_other_messages(spool: Spool) -> None:
+    # The scan runs every queue_scan_interval while any DSN is owed, so its
+    # cost must follow the messages owing one, not the whole spool.
+    owing = run(spool.commit(make_envelope(recipients=1), b"x"))
+    run(spool.record_results([DeliveryResult(owing, 0, Outcome.FAILED, "550 5.1.1 unknown user", "mx")]))
+    found, steps_alone = _dsn_scan_steps(spool)
+    assert found == [owing]
+
+    # 300 messages with recipient rows (deferred) and 300 without (fresh), none owing a DSN.
+    deferred = [run(spool.commit(make_envelope(recipients=2), b"x")) for _ in range(300)]
+    later = time.time() + 3600
+    results = [DeliveryResult(q, i, Outcome.DEFERRED, "451 later", "mx", later) for q in deferred for i in (0, 1)]
+    run(spool.record_results(results))
+    for _ in range(300):
+        run(spool.commit(make_envelope(recipients=1), b"x"))
+    found, steps_with_others = _dsn_scan_steps(spool)
+    assert found == [owing]
+    assert steps_with_others == steps_alone
+
+    with SpoolStore(spool.directory) as store:
+        plan = store.connection.execute(f"EXPLAIN QUERY PLAN {_OWED_DSN_QUERY}", (100,)).fetchall()
+    details = " | ".join(row[-1] for row in plan)
+    assert "USING INDEX recipient_dsn" in details, details
+    assert "message" not in details, details
 
 
 def test_second_dsn_for_same_failure_dropped(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:

@@ -507,12 +507,9 @@ class Spool:
         """
 
         def operation(store: SpoolStore) -> list[StoredMessage | CorruptRecord]:
-            # The scheduler calls this every queue_scan_interval.  The listing visits
-            # every message row, so its cost grows with the spool, but the check reads
-            # only the partial index recipient_dsn, which is empty when nothing is owed.
-            if not store.dsn_owed():
-                return []
-            return list(store.messages(store.queue_ids(dsn_pending=True, limit=limit)))
+            # The scheduler calls this every queue_scan_interval, so it reads only
+            # the messages that owe a DSN, never the whole spool.
+            return list(store.messages(store.dsn_queue_ids(limit)))
 
         messages: list[StoredMessage] = []
         for item in await self._read(operation):

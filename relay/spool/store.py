@@ -174,6 +174,9 @@ _INSERT_RECIPIENT = (
     " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)"
 )
 
+# Queue IDs of messages owing a DSN, with a limit as the parameter.  Queue
+# IDs sort by arrival, so the oldest come first.
+_OWED_DSN_QUERY = "SELECT DISTINCT queue_id FROM recipient WHERE dsn = 'pending' ORDER BY queue_id LIMIT ?"
 _INSERT_FRESH = "INSERT INTO fresh (id, recipients, domains) VALUES (?, ?, ?)"
 # A fresh message that no live lease holds, with ``now`` as the parameter.
 _FRESH_UNLEASED = "(f.lease_until IS NULL OR f.lease_until <= ?)"
@@ -1509,11 +1512,15 @@ class SpoolStore:
             ).fetchall()
         return [Attempt(index=i, time=t, outcome=o, reply=r, host=h) for i, t, o, r, h in rows]
 
-    def dsn_owed(self) -> bool:
-        """Return whether any recipient owes a DSN not yet queued (``dsn = 'pending'``), from the index alone."""
+    def dsn_queue_ids(self, limit: int) -> list[str]:
+        """Return up to ``limit`` queue IDs, oldest first, of messages owing a DSN (``dsn = 'pending'``).
+
+        The query reads only the partial index ``recipient_dsn``, so its cost
+        follows the number of recipients owing a DSN, not the size of the spool.
+        """
         with self._errors("look for owed DSNs"):
-            row = self.connection.execute("SELECT 1 FROM recipient WHERE dsn = 'pending' LIMIT 1").fetchone()
-        return row is not None
+            rows = self.connection.execute(_OWED_DSN_QUERY, (limit,)).fetchall()
+        return [queue_id for (queue_id,) in rows]
 
     def queue_ids(
         self,
