@@ -2887,3 +2887,62 @@ def test_spool_failures_logged_once_per_interval(
         assert lines[0]["failures"] == 1, (event, lines)
         assert lines[1]["failures"] > 1, (event, lines)
         assert "no such table: recipient" in lines[0]["error"], (event, lines)
+
+
+def test_failing_dsn_backs_off(tmp_path: Path, nameserver: NameServer, spool_for: Any,
+                               caplog: pytest.LogCaptureFixture) -> None:
+    # A trigger makes every commit of a DSN (null sender) fail with a spool
+    # error for 2 s.  The scheduler looks for owed DSNs every 0.05 s, but the
+    # failing DSN waits 0.3 s, then 0.6 s, then the 1 s maximum (plus up to a
+    # quarter), so it is tried about four times, not forty.  Once the trigger
+    # is gone, the DSN goes out at its next try.
+    config = make_config(tmp_path, nameserver, 25)
+    spool = spool_for(config)
+    database = Path(config.spool.path) / "spool.db"
+
+    def execute(statement: str) -> None:
+        connection = sqlite3.connect(database)
+        try:
+            connection.execute(statement)
+            connection.commit()
+        finally:
+            connection.close()
+
+    execute(
+        "CREATE TRIGGER no_dsn BEFORE INSERT ON message WHEN NEW.sender = ''"
+        " BEGIN SELECT RAISE(ABORT, 'DSN commits fail in this test'); END"
+    )
+    queue_id = commit(spool, "alice@local.test", ["nobody@local.test"])
+
+    async def main() -> StoredMessage | None:
+        scheduler = Scheduler(config, spool)
+        task = asyncio.create_task(scheduler.run())
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.sleep(2.0)
+            stored = await asyncio.to_thread(stored_message, config, queue_id)
+            await asyncio.to_thread(execute, "DROP TRIGGER no_dsn")
+            deadline = loop.time() + 5.0
+            while loop.time() < deadline and not await asyncio.to_thread(mailbox_messages, config, "alice"):
+                await asyncio.sleep(0.05)
+            return stored
+        finally:
+            await scheduler.stop()
+            await task
+
+    with caplog.at_level("INFO", logger="relay"):
+        stored = asyncio.run(main())
+    failures = [record.fields for record in caplog.records if getattr(record, "event", "") == "dsn_failed"]  # type: ignore[attr-defined]
+    assert 2 <= len(failures) <= 5, failures
+    assert [fields["attempts"] for fields in failures] == list(range(1, len(failures) + 1))
+    assert failures[0]["retry_in"] >= 0.3
+    assert failures[-1]["retry_in"] <= 1.0
+    assert all("DSN commits fail in this test" in fields["error"] for fields in failures)
+    assert stored is not None
+    recipient = stored.recipients[0]
+    assert recipient.dsn is DsnState.PENDING
+    assert recipient.dsn_attempts in (len(failures), len(failures) - 1)
+    assert recipient.dsn_due > time.time() - 2.0
+    (report,) = mailbox_messages(config, "alice")
+    assert "Final-Recipient: rfc822; nobody@local.test" in unfolded(report)
+    assert spool_counts(config) == {}

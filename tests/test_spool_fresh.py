@@ -373,6 +373,8 @@ def test_version_2_spool_gains_the_fresh_table(tmp_path: Path) -> None:
         spool.close()
     with sqlite3.connect(database_path(directory)) as connection:
         connection.execute("DROP TABLE fresh")
+        for column in ("expired", "dsn_attempts", "dsn_due"):
+            connection.execute(f"ALTER TABLE recipient DROP COLUMN {column}")
         connection.execute("PRAGMA user_version = 2")
 
     spool = Spool.open(directory)

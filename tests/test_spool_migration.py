@@ -1,7 +1,8 @@
-"""Tests of schema version 2: message keys, key clashes and the migration of a version 1 spool."""
+"""Tests of the spool schema: message keys, key clashes, and the migrations of version 1 and 3 spools."""
 
 from __future__ import annotations
 
+import email
 import sqlite3
 import time
 import zlib
@@ -11,7 +12,20 @@ import orjson
 import pytest
 from spool_helpers import make_envelope, run
 
-from relay.spool import CorruptRecord, DsnState, RecipientState, Spool, SpoolStore, new_queue_id
+from relay.delivery.dsn import build_report
+from relay.spool import (
+    CorruptRecord,
+    DeliveryResult,
+    DsnState,
+    Envelope,
+    Outcome,
+    Recipient,
+    RecipientState,
+    Spool,
+    SpoolStore,
+    StoredMessage,
+    new_queue_id,
+)
 from relay.spool.ids import (
     ALPHABET,
     KEY_SLOTS,
@@ -222,3 +236,81 @@ def test_invalid_chosen_queue_id_rejected(tmp_path: Path) -> None:
         assert run(spool.commit(make_envelope(), b"y")) is not None
     finally:
         spool.close()
+
+
+def _table_columns(connection: sqlite3.Connection, table: str) -> list[tuple[str, str, int, object]]:
+    """Return each column of ``table`` as (name, type, not null, default), in order."""
+    return [(name, kind, notnull, default) for _, name, kind, notnull, default, _ in
+            connection.execute(f"PRAGMA table_info({table})")]
+
+
+def _report_text(message: StoredMessage) -> str:
+    """Return the plain-text part of the DSN that reports every recipient of ``message``."""
+    report = build_report(message, b"Subject: s\r\n\r\nx\r\n", message.recipients, "mx.local.test", time.time())
+    parsed = email.message_from_bytes(report.body)
+    text = parsed.get_payload()[0].get_payload(decode=True)
+    return " ".join(text.decode().split())
+
+
+def _bounce_with_4xx(spool: Spool, expired: bool) -> str:
+    """Commit a message to bob@ and record its bounce with a 4xx reply; return the queue ID."""
+    envelope = Envelope(sender="alice@local.test", recipients=(Recipient(address="bob@remote.test"),))
+    queue_id = spool.commit_blocking(envelope, b"Subject: s\r\n\r\nx\r\n")
+    with SpoolStore(spool.directory) as store:
+        result = DeliveryResult(queue_id, 0, Outcome.FAILED, "450 4.2.1 mailbox busy", "mx", expired=expired)
+        store.record_results([result], None, time.time())
+    return queue_id
+
+
+def test_version_3_spool_keeps_inferred_expiry(tmp_path: Path) -> None:
+    # A version 3 spool stored no expiry fact: its bounces with a 4xx reply
+    # are still reported as expired, as a version 3 relay reported them.
+    path = tmp_path / "spool"
+    spool = Spool.open(path)
+    try:
+        old = _bounce_with_4xx(spool, expired=True)
+    finally:
+        spool.close()
+    with sqlite3.connect(database_path(path)) as connection:
+        for column in ("expired", "dsn_attempts", "dsn_due"):
+            connection.execute(f"ALTER TABLE recipient DROP COLUMN {column}")
+        connection.execute("PRAGMA user_version = 3")
+    connection.close()
+
+    spool = Spool.open(path)
+    try:
+        stored = run(spool.load(old))
+        new = _bounce_with_4xx(spool, expired=False)
+        stored_new = run(spool.load(new))
+    finally:
+        spool.close()
+
+    assert stored is not None
+    assert stored.recipients[0].expired is None
+    assert stored.recipients[0].dsn is DsnState.PENDING
+    assert stored.recipients[0].dsn_attempts == 0
+    assert "(the message expired after" in _report_text(stored)
+    assert stored_new is not None
+    assert stored_new.recipients[0].expired is False
+    assert "expired" not in _report_text(stored_new)
+    fresh_path = tmp_path / "fresh"
+    Spool.open(fresh_path).close()
+    with sqlite3.connect(database_path(path)) as migrated, sqlite3.connect(database_path(fresh_path)) as fresh:
+        assert _table_columns(migrated, "recipient") == _table_columns(fresh, "recipient")
+        assert migrated.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    migrated.close()
+    fresh.close()
+
+
+@pytest.mark.parametrize("expired", [True, False])
+def test_expiry_fact_decides_dsn_note(tmp_path: Path, expired: bool) -> None:
+    # Only a recipient bounced for its queue lifetime gets the expiry note,
+    # whatever the class of its last reply.
+    spool = Spool.open(tmp_path / "spool")
+    try:
+        stored = run(spool.load(_bounce_with_4xx(spool, expired)))
+    finally:
+        spool.close()
+    assert stored is not None
+    assert stored.recipients[0].expired is expired
+    assert ("(the message expired after" in _report_text(stored)) is expired

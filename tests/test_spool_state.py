@@ -576,7 +576,7 @@ def _dsn_scan_steps(spool: Spool) -> tuple[list[str], int]:
 
     with SpoolStore(spool.directory) as store:
         store.connection.set_progress_handler(count, 1)
-        queue_ids = store.dsn_queue_ids(100)
+        queue_ids = store.dsn_queue_ids(time.time(), 100)
     return queue_ids, steps
 
 
@@ -600,10 +600,56 @@ def test_dsn_scan_cost_ignores_other_messages(spool: Spool) -> None:
     assert steps_with_others == steps_alone
 
     with SpoolStore(spool.directory) as store:
-        plan = store.connection.execute(f"EXPLAIN QUERY PLAN {_OWED_DSN_QUERY}", (100,)).fetchall()
+        plan = store.connection.execute(f"EXPLAIN QUERY PLAN {_OWED_DSN_QUERY}", (time.time(), 100)).fetchall()
     details = " | ".join(row[-1] for row in plan)
     assert "USING INDEX recipient_dsn" in details, details
     assert "message" not in details, details
+
+
+def test_deferred_dsn_left_out_until_due(spool: Spool) -> None:
+    queue_id = run(spool.commit(make_envelope(recipients=2), b"x"))
+    failures = [DeliveryResult(queue_id, i, Outcome.FAILED, "550 5.1.1 unknown user", "mx") for i in (0, 1)]
+    run(spool.record_results(failures))
+
+    assert run(spool.defer_dsn(queue_id, [0, 1], time.time() + 0.5)) == 2
+    assert run(spool.pending_dsns()) == []
+    message = run(spool.load(queue_id))
+    assert message is not None
+    assert [r.dsn_attempts for r in message.recipients] == [1, 1]
+    assert all(r.dsn is DsnState.PENDING for r in message.recipients)
+
+    time.sleep(0.6)
+    assert [m.queue_id for m in run(spool.pending_dsns())] == [queue_id]
+    # A second failed attempt adds to the count, except for a recipient whose DSN was queued meanwhile.
+    run(spool.commit(Envelope("", (Recipient("sender@example.test"),)), b"DSN", dsn_for=DsnRequest(queue_id, (0,))))
+    assert run(spool.defer_dsn(queue_id, [0, 1], time.time() + 60)) == 1
+    message = run(spool.load(queue_id))
+    assert message is not None
+    assert [r.dsn for r in message.recipients] == [DsnState.QUEUED, DsnState.PENDING]
+    assert [r.dsn_attempts for r in message.recipients] == [1, 2]
+
+
+def test_dsn_owed_anew_starts_without_backoff(spool: Spool) -> None:
+    # The delay warning's DSN failed once and then went out.  The failure
+    # that follows owes a new DSN, which must not inherit that backoff.
+    queue_id = run(spool.commit(make_envelope(recipients=1), b"x"))
+    later = time.time() + 3600
+    run(spool.record_results([DeliveryResult(queue_id, 0, Outcome.DEFERRED, "451 later", "mx", later,
+                                             delay_warning=True)]))
+    run(spool.defer_dsn(queue_id, [0], time.time() - 1))
+    run(spool.commit(Envelope("", (Recipient("sender@example.test"),)), b"DSN", dsn_for=DsnRequest(queue_id, (0,))))
+    warned = run(spool.load(queue_id))
+    assert warned is not None
+    assert warned.recipients[0].dsn is DsnState.QUEUED
+    assert warned.recipients[0].dsn_attempts == 1
+
+    run(spool.record_results([DeliveryResult(queue_id, 0, Outcome.FAILED, "550 5.1.1 unknown user", "mx")]))
+    failed = run(spool.load(queue_id))
+    assert failed is not None
+    assert failed.recipients[0].dsn is DsnState.PENDING
+    assert failed.recipients[0].dsn_attempts == 0
+    assert failed.recipients[0].dsn_due == 0.0
+    assert [m.queue_id for m in run(spool.pending_dsns())] == [queue_id]
 
 
 def test_second_dsn_for_same_failure_dropped(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:

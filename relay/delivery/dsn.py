@@ -190,10 +190,15 @@ def _folded(line: str) -> str:
 def _expired(recipient: StoredRecipient) -> bool:
     """Return whether ``recipient`` failed because the message's queue lifetime ran out.
 
-    Only expiry turns a temporary failure into a bounce, so a bounced
-    recipient whose last reply is a 4xx is an expired one.
+    The spool stores that fact with each result since schema version 4.
+    For an older result the reply decides, because before then only expiry
+    turned a temporary failure into a bounce.
     """
-    return recipient.state is RecipientState.BOUNCED and status_of(recipient.last_reply or "").startswith("4")
+    if recipient.state is not RecipientState.BOUNCED:
+        return False
+    if recipient.expired is not None:
+        return recipient.expired
+    return status_of(recipient.last_reply or "").startswith("4")
 
 
 def _queued_for(seconds: float) -> str:

@@ -34,7 +34,11 @@ After results are recorded, the spool marks recipients that owe a DSN; the
 scheduler builds those DSNs (``relay.delivery.dsn``) and commits them as new
 messages.  It looks for owed DSNs after its own failures and at least once
 per ``queue_scan_interval``, so a DSN owed for a failure that another
-process recorded is queued within that interval.  A failed message from the null sender gets no DSN; with
+process recorded is queued within that interval.  A DSN that cannot be
+queued because of a spool error waits like a deferred recipient, from
+``minimal_backoff_time`` doubled at each failure up to
+``maximal_backoff_time``, and the spool keeps that wait, so a look for owed
+DSNs skips it meanwhile.  A failed message from the null sender gets no DSN; with
 ``bounce_copy_to_postmaster`` it is copied to postmaster instead.  A
 recipient delivered to a next hop that offers DSN gets no success DSN from
 here, because the NOTIFY parameter went on with it and that hop reports
@@ -123,6 +127,7 @@ from relay.spool import (
     RecipientState,
     Spool,
     SpoolError,
+    StoredMessage,
     StoredRecipient,
     domain_of,
 )
@@ -1377,12 +1382,14 @@ class Scheduler:
         for recipient, outcome, reply in outcomes:
             when = None
             reason = ""
+            expired_now = False
             if outcome is Outcome.DEFERRED:
                 if expired:
                     # The reply stays the next hop's own text, because the DSN's
                     # Diagnostic-Code carries it. The DSN's plain text and the
                     # log line state that the message expired.
                     outcome = Outcome.FAILED
+                    expired_now = True
                     reason = f"message expired after {lifetime:.0f} s in the queue"
                 else:
                     jitter = self._random.random()
@@ -1396,6 +1403,7 @@ class Scheduler:
                     next_hop_notifies=next_hop_notifies,
                     delay_warning=warn and outcome is Outcome.DEFERRED and recipient.dsn is DsnState.NONE,
                     delivered_targets=(delivered_targets or {}).get(recipient.index, ()),
+                    expired=expired_now,
                 )
             )
             # A superset of the spool's DSN rule: it only decides when to look for owed DSNs.
@@ -1487,8 +1495,10 @@ class Scheduler:
             # More may owe a DSN: look again on the next pass of the loop, not only
             # at the next failure or restart, or they would wait indefinitely.
             self._dsn_due = True
+        now = time.time()
         for message in messages:
-            owed = [r for r in message.recipients if r.dsn is DsnState.PENDING]
+            # A recipient whose DSN failed before waits for its dsn_due, even when another one is due now.
+            owed = [r for r in message.recipients if r.dsn is DsnState.PENDING and r.dsn_due <= now]
             if not owed:
                 continue
             try:
@@ -1501,10 +1511,34 @@ class Scheduler:
                 await self.spool.commit(
                     report.envelope, report.body, dsn_for=DsnRequest(message.queue_id, report.indexes)
                 )
-            except (SpoolError, MessageNotFound, CorruptRecord) as exc:
+            except (MessageNotFound, CorruptRecord) as exc:
                 # load_body moved a corrupt message aside, and its DSN goes with it.
                 log_event(logger, "dsn_failed", logging.ERROR, queue_id=message.queue_id, error=str(exc))
                 continue
+            except SpoolError as exc:
+                await self._defer_dsn(message, owed, exc)
+                continue
             self._wake.set()
+
+    async def _defer_dsn(self, message: StoredMessage, owed: Sequence[StoredRecipient], error: SpoolError) -> None:
+        """Put off a DSN that could not be queued, for a backoff that grows with its failed attempts.
+
+        Without this, a DSN that keeps failing would be built again at every
+        look for owed DSNs, once per ``queue_scan_interval``.
+        """
+        delivery = self.config.delivery
+        attempts = max(recipient.dsn_attempts for recipient in owed)
+        delay = backoff_delay(
+            attempts, delivery.minimal_backoff_time, delivery.maximal_backoff_time, self._random.random()
+        )
+        log_event(
+            logger, "dsn_failed", logging.ERROR, queue_id=message.queue_id, error=str(error),
+            attempts=attempts + 1, retry_in=round(delay, 1),
+        )
+        try:
+            await self.spool.defer_dsn(message.queue_id, [recipient.index for recipient in owed], time.time() + delay)
+        except SpoolError as exc:
+            # The DSN is then tried again at the next look for owed DSNs.
+            log_event(logger, "dsn_defer_failed", logging.ERROR, queue_id=message.queue_id, error=str(exc))
 
 

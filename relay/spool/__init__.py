@@ -498,18 +498,20 @@ class Spool:
         return store.record_result_groups(job.groups)
 
     async def pending_dsns(self, limit: int = 100) -> list[StoredMessage]:
-        """Return messages with recipients that owe a DSN not yet queued (``dsn = pending``).
+        """Return messages with recipients that owe a DSN not yet queued (``dsn = pending``), due now.
 
         After a crash between recording a failure and committing its DSN, or
         after a failure that another process recorded, this is how the
-        scheduler finds the DSNs still to send.  Messages that cannot be
-        decoded are moved aside and left out.
+        scheduler finds the DSNs still to send.  A message whose owed DSNs
+        ``defer_dsn`` put off is left out until the earliest ``dsn_due``.
+        Messages that cannot be decoded are moved aside and left out.
         """
+        now = time.time()
 
         def operation(store: SpoolStore) -> list[StoredMessage | CorruptRecord]:
             # The scheduler calls this every queue_scan_interval, so it reads only
             # the messages that owe a DSN, never the whole spool.
-            return list(store.messages(store.dsn_queue_ids(limit)))
+            return list(store.messages(store.dsn_queue_ids(now, limit)))
 
         messages: list[StoredMessage] = []
         for item in await self._read(operation):
@@ -518,6 +520,14 @@ class Spool:
             else:
                 messages.append(item)
         return messages
+
+    async def defer_dsn(self, queue_id: str, indexes: Sequence[int], until: float) -> int:
+        """Count a failed attempt to queue the DSN owed for ``indexes`` and put it off until ``until``.
+
+        Returns how many recipients still owed it.  Raises SpoolError.
+        """
+        count: int = await self._writer.submit_async(lambda store: store.defer_dsn(queue_id, indexes, until))
+        return count
 
     async def load(self, queue_id: str) -> StoredMessage | None:
         """Return a message's envelope and recipients, or None if it is not in the spool.

@@ -35,8 +35,10 @@ rows cost about half of a commit's pages.  Appends to the rowid table
 Schema version 1 kept the body in a table of its own, and both tables were
 keyed by the queue ID text.  Opening such a spool migrates it.  Version 2
 had no ``fresh`` table, and opening such a spool adds it.  Versions before 4
-had no ``delivered_targets`` column in ``recipient``, and opening such a
-spool adds it, empty (NULL) for every recipient.
+had no ``delivered_targets``, ``expired``, ``dsn_attempts`` and ``dsn_due``
+columns in ``recipient``, and opening such a spool adds them: ``expired``
+stays NULL in the rows recorded before, and ``delivered_targets`` is NULL
+for every recipient.
 """
 
 from __future__ import annotations
@@ -116,10 +118,22 @@ CREATE TABLE IF NOT EXISTS fresh (
     lease_until REAL
 )"""
 
-# ``recipient.delivered_targets`` is a JSON list of the local delivery targets
+# Columns that schema version 4 added to ``recipient``, as ``_SCHEMA`` has
+# them.  ``delivered_targets`` is a JSON list of the local delivery targets
 # (Maildir users and forwarded addresses) of an alias recipient that already
-# got the message, stored with a deferral so that the retry skips them.  NULL
-# when there are none.
+# got the message, stored with a deferral so that the retry skips them, and
+# NULL when there are none.  ``expired`` is 1 for a recipient bounced because
+# its queue lifetime ran out, 0 for any other recorded result, and NULL in
+# rows recorded before version 4.  A DSN that failed to be queued is tried
+# again from ``dsn_due`` (time.time()), after a backoff that grows with
+# ``dsn_attempts``.
+_VERSION_4_COLUMNS = (
+    "delivered_targets TEXT",
+    "expired INTEGER",
+    "dsn_attempts INTEGER NOT NULL DEFAULT 0",
+    "dsn_due REAL NOT NULL DEFAULT 0",
+)
+
 _SCHEMA = _MESSAGE_TABLE.format(name="message") + """;
 CREATE TABLE IF NOT EXISTS recipient (
     queue_id TEXT NOT NULL,
@@ -138,6 +152,9 @@ CREATE TABLE IF NOT EXISTS recipient (
     lease_token TEXT,
     lease_until REAL,
     delivered_targets TEXT,
+    expired INTEGER,
+    dsn_attempts INTEGER NOT NULL DEFAULT 0,
+    dsn_due REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (queue_id, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS recipient_due ON recipient (next_attempt)
@@ -174,9 +191,11 @@ _INSERT_RECIPIENT = (
     " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)"
 )
 
-# Queue IDs of messages owing a DSN, with a limit as the parameter.  Queue
-# IDs sort by arrival, so the oldest come first.
-_OWED_DSN_QUERY = "SELECT DISTINCT queue_id FROM recipient WHERE dsn = 'pending' ORDER BY queue_id LIMIT ?"
+# Queue IDs of messages owing a DSN that is due, with ``now`` and a limit as
+# parameters.  Queue IDs sort by arrival, so the oldest come first.
+_OWED_DSN_QUERY = (
+    "SELECT DISTINCT queue_id FROM recipient WHERE dsn = 'pending' AND dsn_due <= ? ORDER BY queue_id LIMIT ?"
+)
 _INSERT_FRESH = "INSERT INTO fresh (id, recipients, domains) VALUES (?, ?, ?)"
 # A fresh message that no live lease holds, with ``now`` as the parameter.
 _FRESH_UNLEASED = "(f.lease_until IS NULL OR f.lease_until <= ?)"
@@ -199,7 +218,7 @@ def _insert_many(statement: str, rows: int) -> str:
 
 _RECIPIENT_COLUMNS = (
     "idx, address, orcpt, notify, state, attempts, next_attempt, last_attempt, last_reply, last_host, dsn,"
-    " delivered_targets"
+    " delivered_targets, expired, dsn_attempts, dsn_due"
 )
 
 
@@ -458,15 +477,16 @@ class SpoolStore:
                     # Version 2 wrote recipient rows for every message; its messages keep them.
                     self.connection.execute(_FRESH_TABLE)
                 if version in (1, 2, 3):
-                    self._add_delivered_targets()
+                    self._add_version_4_columns()
                 self.connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def _add_delivered_targets(self) -> None:
-        """Add version 4's ``recipient.delivered_targets`` column, unless the table has it already."""
+    def _add_version_4_columns(self) -> None:
+        """Add the ``recipient`` columns of version 4 that the table does not have yet."""
         columns = {row[1] for row in self.connection.execute("PRAGMA table_info(recipient)")}
-        if "delivered_targets" not in columns:
-            # A nullable column without a default rewrites no row: SQLite reads NULL for old rows.
-            self.connection.execute("ALTER TABLE recipient ADD COLUMN delivered_targets TEXT")
+        for column in _VERSION_4_COLUMNS:
+            # Adding a column rewrites no row: old rows read NULL or the default.
+            if column.split()[0] not in columns:
+                self.connection.execute(f"ALTER TABLE recipient ADD COLUMN {column}")
 
     def _schema_version(self) -> int:
         version: int = self.connection.execute("PRAGMA user_version").fetchone()[0]
@@ -1082,8 +1102,11 @@ class SpoolStore:
             )
             self.connection.executemany(
                 "UPDATE recipient SET state = ?, attempts = attempts + 1, next_attempt = ?,"
-                " last_attempt = ?, last_reply = ?, last_host = ?, dsn = ?,"
+                " last_attempt = ?, last_reply = ?, last_host = ?, expired = ?,"
                 " delivered_targets = coalesce(?, delivered_targets),"
+                # A DSN still owed keeps its backoff, and one owed anew starts without.
+                " dsn_attempts = CASE WHEN dsn = 'pending' THEN dsn_attempts ELSE 0 END,"
+                " dsn_due = CASE WHEN dsn = 'pending' THEN dsn_due ELSE 0 END, dsn = ?,"
                 " lease_token = CASE WHEN ? THEN lease_token END,"
                 " lease_until = CASE WHEN ? THEN lease_until END"
                 " WHERE queue_id = ? AND idx = ?",
@@ -1202,7 +1225,8 @@ class SpoolStore:
         # A lost lease belongs to the scheduler now holding it, so it stays.
         updates.append(
             (
-                new_state.value, next_attempt, now, result.reply, result.host, dsn.value, targets,
+                new_state.value, next_attempt, now, result.reply, result.host,
+                result.expired and result.outcome is Outcome.FAILED, targets, dsn.value,
                 lease_lost, lease_lost, result.queue_id, result.index,
             )
         )
@@ -1512,15 +1536,31 @@ class SpoolStore:
             ).fetchall()
         return [Attempt(index=i, time=t, outcome=o, reply=r, host=h) for i, t, o, r, h in rows]
 
-    def dsn_queue_ids(self, limit: int) -> list[str]:
-        """Return up to ``limit`` queue IDs, oldest first, of messages owing a DSN (``dsn = 'pending'``).
+    def dsn_queue_ids(self, now: float, limit: int) -> list[str]:
+        """Return up to ``limit`` queue IDs, oldest first, of messages owing a DSN due by ``now``.
 
-        The query reads only the partial index ``recipient_dsn``, so its cost
-        follows the number of recipients owing a DSN, not the size of the spool.
+        A DSN is owed for ``dsn = 'pending'`` and due once ``dsn_due`` has
+        passed.  The query reads only the partial index ``recipient_dsn``
+        and the rows it lists, so its cost follows the number of recipients
+        owing a DSN, not the size of the spool.
         """
         with self._errors("look for owed DSNs"):
-            rows = self.connection.execute(_OWED_DSN_QUERY, (limit,)).fetchall()
+            rows = self.connection.execute(_OWED_DSN_QUERY, (now, limit)).fetchall()
         return [queue_id for (queue_id,) in rows]
+
+    def defer_dsn(self, queue_id: str, indexes: Sequence[int], until: float) -> int:
+        """Count a failed attempt to queue the DSN owed for ``indexes`` and make it due at ``until``.
+
+        Returns how many recipients changed; those that no longer owe a DSN stay as they are.
+        """
+        marks = ",".join("?" * len(indexes))
+        with self._errors("defer a DSN"):
+            cursor = self.connection.execute(
+                "UPDATE recipient SET dsn_attempts = dsn_attempts + 1, dsn_due = ?"
+                f" WHERE queue_id = ? AND idx IN ({marks}) AND dsn = 'pending'",
+                (until, queue_id, *indexes),
+            )
+        return cursor.rowcount
 
     def queue_ids(
         self,
@@ -1806,7 +1846,8 @@ def _decode_message(
 
 
 def _decode_recipient(values: Sequence[Any]) -> StoredRecipient:
-    index, address, orcpt, notify, state, attempts, next_attempt, last_attempt, reply, host, dsn, targets = values
+    index, address, orcpt, notify, state, attempts, next_attempt, last_attempt, reply, host, dsn = values[:11]
+    targets, expired, dsn_attempts, dsn_due = values[11:]
     if not isinstance(address, str):
         raise TypeError(f"recipient {index} address is not text")
     return StoredRecipient(
@@ -1822,6 +1863,9 @@ def _decode_recipient(values: Sequence[Any]) -> StoredRecipient:
         last_host=host,
         dsn=DsnState(dsn),
         delivered_targets=_decode_targets(index, targets),
+        expired=None if expired is None else bool(expired),
+        dsn_attempts=int(dsn_attempts),
+        dsn_due=float(dsn_due),
     )
 
 

@@ -95,6 +95,11 @@ class StoredRecipient:
     # Local delivery targets of an alias (Maildir users, forwarded addresses)
     # that already got the message at an earlier attempt; the retry skips them.
     delivered_targets: tuple[str, ...] = ()
+    # Whether a bounced recipient failed because its queue lifetime ran out;
+    # None for a result recorded before spool schema version 4.
+    expired: bool | None = None
+    dsn_attempts: int = 0  # failed attempts to queue the DSN owed
+    dsn_due: float = 0.0  # time.time() from which the owed DSN is tried again
 
     @property
     def domain(self) -> str:
@@ -159,6 +164,9 @@ class DeliveryResult:
     # message so far, earlier attempts included.  Stored in place of the
     # recipient's list; () leaves the stored list as it is.
     delivered_targets: tuple[str, ...] = ()
+    # FAILED because the queue lifetime ran out (the reply is then the last
+    # temporary one), so the DSN states that the message expired.
+    expired: bool = False
 
 
 @dataclass(frozen=True, slots=True)
