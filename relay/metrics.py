@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -267,6 +270,60 @@ def snapshot_directory(spool_path: str) -> Path:
     if snapshot_override is not None:
         return snapshot_override
     return Path(spool_path) / "metrics"
+
+
+# Start of the name of the private snapshot folder; the PID of the process
+# that created it and a random part follow, as in relay-metrics-4242-k3j9x2.
+PRIVATE_FOLDER_PREFIX = "relay-metrics-"
+
+
+def create_private_folder() -> Path:
+    """Create the private snapshot folder of a sink-only ``relay serve`` in the temporary folder."""
+    return Path(tempfile.mkdtemp(prefix=f"{PRIVATE_FOLDER_PREFIX}{os.getpid()}-"))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # The PID belongs to another user's process.
+        return True
+    return True
+
+
+def remove_stale_private_folders(parent: Path | None = None) -> list[tuple[Path, int]]:
+    """Remove the private snapshot folders whose process is gone; return each (folder, PID).
+
+    A process killed with SIGKILL cannot remove its folder.  A folder is
+    stale when it belongs to this user, no process has the PID in its name,
+    and it has not changed for ``STALE_AFTER`` seconds.  The age check keeps
+    the folder of a live process in another PID namespace that shares the
+    temporary folder, because a live process saves a snapshot into it every
+    ``SNAPSHOT_INTERVAL`` seconds.  Folders named without a PID, as older
+    versions made them, are left alone.
+    """
+    directory = parent if parent is not None else Path(tempfile.gettempdir())
+    removed = []
+    now = time.time()
+    for path in directory.glob(f"{PRIVATE_FOLDER_PREFIX}*-*"):
+        pid_text = path.name[len(PRIVATE_FOLDER_PREFIX) :].partition("-")[0]
+        if not (pid_text.isascii() and pid_text.isdigit()):
+            continue
+        pid = int(pid_text)
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or now - info.st_mtime <= STALE_AFTER:
+            continue
+        if pid == os.getpid() or _process_exists(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append((path, pid))
+    return removed
 
 
 def clear_snapshots(directory: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -454,6 +455,70 @@ def test_sink_only_admin_creates_no_spool(tmp_path: Path) -> None:
     assert sorted(os.listdir(workdir)) == ["relay-sink.toml"]
     # The snapshots' temporary folder is removed on exit.
     assert os.listdir(temporary) == []
+
+
+def _start_sink_only_serve(workdir: Path, temporary: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a sink-only ``relay serve`` with an admin listener; return it once /healthz responds."""
+    smtp_port, admin_port = free_port(), free_port()
+    config = workdir / "relay-sink.toml"
+    config.write_text(
+        f"[[listener]]\naddress = \"127.0.0.1:{smtp_port}\"\nrole = \"sink\"\n"
+        f"[admin]\naddress = \"127.0.0.1:{admin_port}\"\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TMPDIR": str(temporary)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+        cwd=workdir, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            _scrape(f"http://127.0.0.1:{admin_port}/healthz")
+            return process, admin_port
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    _, stderr = process.communicate(timeout=30)
+    raise AssertionError(f"relay serve did not respond to /healthz: {stderr.decode(errors='replace')[-2000:]}")
+
+
+def _age(folder: Path, seconds: float) -> None:
+    past = time.time() - seconds
+    os.utime(folder, (past, past))
+
+
+def test_sink_only_removes_stale_metrics_folder(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    temporary = tmp_path / "tmp"
+    workdir.mkdir()
+    temporary.mkdir()
+
+    # A process killed with SIGKILL leaves its folder behind.
+    killed, _ = _start_sink_only_serve(workdir, temporary)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.communicate(timeout=30)
+    (stale,) = list(temporary.iterdir())
+    assert stale.name.startswith(f"relay-metrics-{killed.pid}-")
+    _age(stale, 3 * metrics.STALE_AFTER)
+    # Not removed: the folder of a running process, and one changed too recently.
+    running = temporary / f"relay-metrics-{os.getpid()}-running"
+    running.mkdir()
+    _age(running, 3 * metrics.STALE_AFTER)
+    recent = temporary / f"relay-metrics-{killed.pid}-recent"
+    recent.mkdir()
+
+    process, _ = _start_sink_only_serve(workdir, temporary)
+    process.terminate()
+    _, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 0, stderr.decode(errors="replace")
+    assert not stale.exists()
+    assert running.is_dir()
+    assert recent.is_dir()
+    assert sorted(path.name for path in temporary.iterdir()) == sorted([running.name, recent.name])
+    assert b"metrics_folder_removed" in stderr
+    assert str(killed.pid).encode() in stderr
 
 
 async def _hold_and_overflow(port: int, server: AdminServer) -> tuple[str, str]:

@@ -42,7 +42,6 @@ import shutil
 import signal
 import socket
 import ssl
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -834,7 +833,11 @@ def serve(config: Config, *, event_loop: str = "uvloop") -> int:
     if config.admin.address and not uses_spool(config):
         # With only sink listeners no file belongs in [spool] path, so the
         # metrics snapshots go to a private temporary folder, removed on exit.
-        private_snapshots = Path(tempfile.mkdtemp(prefix="relay-metrics-"))
+        # An earlier run killed with SIGKILL could not remove its folder, so
+        # that folder goes now.
+        for folder, pid in metrics.remove_stale_private_folders():
+            log_event(logger, "metrics_folder_removed", folder=str(folder), pid=pid)
+        private_snapshots = metrics.create_private_folder()
         metrics.snapshot_override = private_snapshots
     metrics.clear_snapshots(metrics.snapshot_directory(config.spool.path))
     status = _status_text(config)
