@@ -109,6 +109,35 @@ def test_open_loop_latency_includes_waiting() -> None:
     assert latencies["transaction"]["max"] > 250
 
 
+def test_open_loop_overload_ends_in_time() -> None:
+    # A billion messages due within one second: far more than two connections
+    # can send, so nearly all of them are still waiting when the schedule
+    # plus one timeout is over.
+    started = time.monotonic()
+    with running_sink() as sink:
+        status, report = run_bench(
+            sink.target, "--rate", "1e9", "-d", "1", "-c", "2", "-m", "0", "--timeout", "1", timeout=30
+        )
+    took = time.monotonic() - started
+
+    assert status == 1
+    assert report["messages_sent"] > 0
+    assert report["messages_sent"] + report["messages_failed"] == 1_000_000_000
+    assert report["errors"] == {"not_started": report["messages_failed"]}
+    assert sink.counters["messages"] == report["messages_sent"]
+    assert report["elapsed_s"] < 5
+    assert took < 20
+
+
+def test_concurrency_above_count_opens_few() -> None:
+    with running_sink() as sink:
+        status, report = run_bench(sink.target, "-n", "3", "-c", "60000", timeout=30)
+    assert status == 0
+    assert report["messages_sent"] == 3
+    assert report["connections"] == 3
+    assert sink.counters["connections"] == 3
+
+
 def test_starttls_and_auth_on_sink(tmp_path: Path) -> None:
     cert, key = make_certificate(tmp_path)
     password_file = tmp_path / "password"

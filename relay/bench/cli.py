@@ -42,6 +42,10 @@ MAX_UNSENT_REPLIES = 1 << 30
 # with /usr/bin/time), so this costs about 4 GB.  It is about 100 times Postfix's
 # default message_size_limit (10240000 in Postfix 3.7).
 MAX_GENERATED_SIZE = 1024 * 1024 * 1024
+# Largest --concurrency.  Every connection goes from one source address to
+# the same address and port, so each needs its own 16-bit source port.  The
+# kernel's ephemeral range (net.ipv4.ip_local_port_range) usually allows fewer.
+MAX_CONCURRENCY = 65535
 # Seconds to wait for each reply; RFC 5321 section 4.5.3.2 allows servers
 # minutes, but a benchmark that waits that long has already failed.
 DEFAULT_TIMEOUT = 30.0
@@ -62,7 +66,12 @@ def _register_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     bench.add_argument("target", metavar="HOST:PORT", help="SMTP server to load, e.g. 127.0.0.1:2525")
     load = bench.add_argument_group("load")
     load.add_argument(
-        "-c", "--concurrency", type=int, default=10, metavar="N", help="concurrent connections (default: 10)"
+        "-c",
+        "--concurrency",
+        type=int,
+        default=10,
+        metavar="N",
+        help=f"concurrent connections, at most {MAX_CONCURRENCY} (default: 10)",
     )
     load.add_argument(
         "-n",
@@ -242,6 +251,10 @@ def _bench(args: argparse.Namespace) -> int:
         return _usage_error(f"--per-connection: {args.per_connection} is negative; use 0 for unlimited")
     if args.messages is not None and args.messages < 1:
         return _usage_error(f"--messages: {args.messages} is below the minimum 1")
+    if args.concurrency > MAX_CONCURRENCY:
+        return _usage_error(
+            f"--concurrency: {args.concurrency} is above the maximum {MAX_CONCURRENCY}, the number of TCP source ports"
+        )
     if args.processes > MAX_WORKERS:
         return _usage_error(f"--processes: {args.processes} is above the maximum {MAX_WORKERS}")
     # The range checks also reject NaN, which fails every comparison, and inf, which never ends.
@@ -249,6 +262,11 @@ def _bench(args: argparse.Namespace) -> int:
         return _usage_error(f"--duration: {args.duration:g} must be a finite number of seconds above 0")
     if args.rate is not None and not (0 < args.rate < math.inf):
         return _usage_error(f"--rate: {args.rate:g} must be a finite number of messages per second above 0")
+    if args.rate is not None and args.duration is not None and not math.isfinite(args.rate * args.duration):
+        return _usage_error(
+            f"--rate {args.rate:g} for --duration {args.duration:g}: the number of messages is not finite;"
+            " lower one of them"
+        )
     if not (0 < args.timeout < math.inf):
         return _usage_error(f"--timeout: {args.timeout:g} must be a finite number of seconds above 0")
     if args.processes > args.concurrency:

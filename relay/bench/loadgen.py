@@ -28,6 +28,7 @@ stops each child exactly once.  A second SIGINT ends the run without stats.
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -106,8 +107,14 @@ class _Run:
         self.started = time.perf_counter()
         self.deadline = None if plan.duration is None else self.started + plan.duration
         self.issued = 0
-        self.queue: asyncio.Queue[tuple[int, float] | None] | None = None
+        # Open loop only: messages due in the whole run, and the time after
+        # which a message not yet started fails as not_started.
+        self.planned: int | None = None
         self.expires: float | None = None
+        if plan.rate is not None:
+            self.planned = planned_messages(plan)
+            span = plan.duration if plan.duration is not None else (plan.count or 0) / plan.rate
+            self.expires = self.started + span + plan.settings.timeout
 
     def take(self) -> tuple[int, float] | None:
         """Return the next closed-loop job (message number, start time) or None when done."""
@@ -121,29 +128,49 @@ class _Run:
         self.issued += 1
         return number, now
 
-    async def schedule(self) -> None:
-        """Put open-loop jobs on the queue at their due times, then one None per connection."""
-        plan = self.plan
-        assert self.queue is not None and plan.rate is not None
-        interval = 1.0 / plan.rate
-        index = 0
-        while plan.count is None or index < plan.count:
-            due = self.started + index * interval
-            if self.deadline is not None and due >= self.deadline:
-                break
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            self.queue.put_nowait((plan.first_number + index * plan.number_step, due))
-            index += 1
-        for _ in range(plan.concurrency):
-            self.queue.put_nowait(None)
+    async def take_due(self) -> tuple[int, float] | None:
+        """Wait until the next open-loop job is due; return it, or None when the schedule is over.
 
-    def fail(self, kind: str | None = None) -> None:
+        Each job's due time follows from its index, so jobs waiting for a
+        free connection take no memory, however high the rate.
+        """
+        plan = self.plan
+        assert self.planned is not None
+        assert self.expires is not None
+        assert plan.rate is not None
+        if self.issued >= self.planned:
+            return None
+        index = self.issued
+        self.issued += 1
+        due = self.started + index / plan.rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        elif time.perf_counter() > self.expires:
+            # This job and every later one fail at once, which keeps the end
+            # of an overloaded run from looping over each of them.
+            self.issued = self.planned
+            self.fail("not_started", self.planned - index)
+            return None
+        return plan.first_number + index * plan.number_step, due
+
+    def fail(self, kind: str | None = None, messages: int = 1) -> None:
         if kind is not None:
-            self.stats.count_error(kind)
-        self.stats.messages_failed += 1
+            self.stats.count_error(kind, messages)
+        self.stats.messages_failed += messages
         self.on_message(self.stats)
+
+
+def planned_messages(plan: LoadPlan) -> int:
+    """Return how many messages an open-loop plan makes due: those due before the duration ends, up to the count."""
+    assert plan.rate is not None
+    planned = plan.count
+    if plan.duration is not None:
+        # Message i is due i / rate seconds after the start, and none is due at the end of the duration or later.
+        by_duration = math.ceil(plan.duration * plan.rate)
+        planned = by_duration if planned is None else min(planned, by_duration)
+    assert planned is not None
+    return planned
 
 
 async def _connection_loop(run: _Run) -> None:
@@ -154,16 +181,10 @@ async def _connection_loop(run: _Run) -> None:
     used = 0
     try:
         while True:
-            if run.queue is None:
-                job = run.take()
-            else:
-                job = await run.queue.get()
+            job = run.take() if run.planned is None else await run.take_due()
             if job is None:
                 break
             number, due = job
-            if run.expires is not None and time.perf_counter() > run.expires:
-                run.fail("not_started")
-                continue
 
             if session is None:
                 try:
@@ -207,14 +228,9 @@ async def run_plan(
         main_task = asyncio.current_task()
         assert main_task is not None
         asyncio.get_running_loop().add_signal_handler(stop_signal, main_task.cancel)
-    tasks = [asyncio.create_task(_connection_loop(run)) for _ in range(plan.concurrency)]
-    scheduler = None
-    if plan.rate is not None:
-        run.queue = asyncio.Queue()
-        span = plan.duration if plan.duration is not None else (plan.count or 0) / plan.rate
-        run.expires = run.started + span + plan.settings.timeout
-        scheduler = asyncio.create_task(run.schedule())
-        tasks.append(scheduler)
+    # More connections than messages would only open connections that send nothing.
+    connections = plan.concurrency if plan.count is None else min(plan.concurrency, plan.count)
+    tasks = [asyncio.create_task(_connection_loop(run)) for _ in range(connections)]
     try:
         await asyncio.gather(*tasks)
     except asyncio.CancelledError:

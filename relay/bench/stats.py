@@ -166,9 +166,9 @@ class RunStats:
             codes = self.stage_codes[stage] = {}
         codes[text] = codes.get(text, 0) + 1
 
-    def count_error(self, kind: str) -> None:
-        """Count one error of the given kind."""
-        self.errors[kind] = self.errors.get(kind, 0) + 1
+    def count_error(self, kind: str, number: int = 1) -> None:
+        """Count ``number`` errors of the given kind."""
+        self.errors[kind] = self.errors.get(kind, 0) + number
 
     def merge(self, other: RunStats) -> None:
         """Add other's counters and samples; the elapsed time is the longer one."""
