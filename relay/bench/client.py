@@ -34,11 +34,16 @@ from relay.bench.stats import RunStats
 
 
 class SessionFailed(Exception):
-    """The connection cannot be used any more; ``kind`` is the error counted."""
+    """The connection cannot be used any more; ``kind`` is the error counted.
 
-    def __init__(self, kind: str) -> None:
+    ``counted`` is True when the replies that explain the failure, such as
+    a 421 before the server closed, are already counted as errors.
+    """
+
+    def __init__(self, kind: str, counted: bool = False) -> None:
         super().__init__(kind)
         self.kind = kind
+        self.counted = counted
 
 
 @dataclass(frozen=True)
@@ -340,7 +345,8 @@ async def send_message(session: Session, message: EncodedMessage, number: int, s
             return False
         eod_started, reply = accepted
     except SessionFailed as failure:
-        stats.count_error(failure.kind)
+        if not failure.counted:
+            stats.count_error(failure.kind)
         session.alive = False
         connection.close()
         return False
@@ -376,7 +382,11 @@ async def _pipelined_envelope(
     else:
         pieces.append(b"DATA")
         connection.write(b"\r\n".join(pieces) + b"\r\n")
-    replies = await connection.read(len(pieces), settings.timeout)
+    try:
+        replies = await connection.read(len(pieces), settings.timeout)
+    except SessionFailed as failure:
+        _count_partial_replies(session, list(connection.replies), len(rcpts), failure)
+        raise
 
     mail_reply = session.record_reply("mail", replies[0])
     for reply in replies[1:-1]:
@@ -444,6 +454,39 @@ async def _stepwise_envelope(
     eod_started = time.perf_counter()
     (reply,) = await connection.read(1, settings.timeout)
     return eod_started, session.record_reply("end_of_data", reply)
+
+
+def _count_partial_replies(session: Session, replies: list[Reply], rcpt_count: int, failure: SessionFailed) -> None:
+    """Count the replies to a pipelined batch that arrived before the connection failed.
+
+    A server may reply 421 to any command of the batch and close (RFC 5321
+    section 3.8).  That reply then counts as the error of its stage, and
+    the lost connection that follows it is not counted again.
+    """
+    # The same stage and error names as a complete batch.  The reply to
+    # BDAT LAST is the end-of-data reply, and the reply to DATA is 354 or a
+    # rejection of the command.
+    if session.settings.bdat:
+        last_stage, last_error = "end_of_data", "data"
+    else:
+        last_stage, last_error = "data", "data_command"
+    mail_accepted = True
+    for position, reply in enumerate(replies):
+        if position == 0:
+            session.record_reply("mail", reply)
+            mail_accepted = reply.code == 250
+            if not mail_accepted:
+                session.stats.count_error(f"mail_{_classify(reply.code)}")
+        elif position <= rcpt_count:
+            session.record_reply("rcpt", reply)
+            _count_rcpts(session, [reply], mail_accepted)
+        else:
+            session.record_reply(last_stage, reply)
+            # After a rejected MAIL, a rejected DATA is only a sequence error.
+            if reply.code >= 400 and mail_accepted:
+                session.stats.count_error(f"{last_error}_{_classify(reply.code)}")
+    if replies and replies[-1].code == 421 and failure.kind == "connection_lost":
+        failure.counted = True
 
 
 def _count_rcpts(session: Session, replies: list[Reply], mail_accepted: bool) -> int:
