@@ -39,6 +39,41 @@ def test_counts_match_sink() -> None:
     assert report["bytes_per_s"] > 0
 
 
+def test_recipients_sent_match_sink() -> None:
+    # Rejected recipients and rejected messages: only the recipients of the
+    # messages the sink accepted count on both sides.
+    with running_sink("--seed", "7", "--fault", "rcpt:4xx=0.2", "--fault", "data:5xx=0.2") as sink:
+        status, report = run_bench(sink.target, "-n", "200", "-c", "4", "-r", "3", "-m", "5")
+    assert status == 1
+    assert report["messages_sent"] == sink.counters["messages"]
+    assert report["recipients_sent"] == sink.counters["recipients"]
+    assert report["recipients_accepted"] > report["recipients_sent"]
+
+
+def test_json_report_names_settings() -> None:
+    with running_sink() as sink:
+        status, report = run_bench(sink.target, "-n", "5", "-c", "2", "-r", "2", "-s", "2K", "--bdat")
+    assert status == 0
+    assert report["settings"] == {
+        "target": sink.target,
+        "concurrency": 2,
+        "processes": 1,
+        "messages": 5,
+        "duration_s": None,
+        "per_connection": 1,
+        "rate": None,
+        "timeout_s": 30.0,
+        "message_octets": 2048,
+        "message_dir": None,
+        "message_files": 1,
+        "recipients": 2,
+        "pipelining": True,
+        "bdat": True,
+        "starttls": False,
+        "auth": False,
+    }
+
+
 def test_percentiles_monotonic_for_every_phase() -> None:
     with running_sink() as sink:
         status, report = run_bench(sink.target, "-n", "400", "-c", "4", "-m", "10")

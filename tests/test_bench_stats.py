@@ -66,16 +66,17 @@ def test_merge_equals_single_histogram() -> None:
 
 
 def test_run_stats_merge_adds_counters() -> None:
-    one = RunStats(messages_sent=3, messages_failed=1, bytes_sent=300, elapsed=1.0)
+    one = RunStats(messages_sent=3, messages_failed=1, bytes_sent=300, recipients_sent=3, elapsed=1.0)
     one.count_reply("mail", 250)
     one.count_error("rcpt_4xx")
-    two = RunStats(messages_sent=2, bytes_sent=200, elapsed=2.0)
+    two = RunStats(messages_sent=2, bytes_sent=200, recipients_sent=4, elapsed=2.0)
     two.count_reply("mail", 451)
     two.count_error("rcpt_4xx")
     one.merge(RunStats.from_state(two.to_state()))
     report = one.report()
     assert report["messages_sent"] == 5
     assert report["messages_failed"] == 1
+    assert report["recipients_sent"] == 7
     assert report["elapsed_s"] == 2.0
     assert report["messages_per_s"] == 2.5
     assert report["reply_codes"] == {"250": 1, "451": 1}

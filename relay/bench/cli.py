@@ -16,6 +16,7 @@ import math
 import ssl
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -29,7 +30,7 @@ from relay.bench.sink_server import SinkRun, run_sink
 from relay.bench.stats import format_report
 from relay.config import MAX_WORKERS
 from relay.log import setup_logging
-from relay.units import is_hostname, parse_host_port, parse_size
+from relay.units import format_host_port, is_hostname, parse_host_port, parse_size
 
 # Messages a run sends when neither --messages nor --duration is given.
 DEFAULT_MESSAGES = 1000
@@ -352,6 +353,7 @@ def _bench(args: argparse.Namespace) -> int:
     progress = ProgressLine(sys.stderr, enabled=sys.stderr.isatty())
     stats = run_load(plan, args.processes, progress)
     report = stats.report()
+    report["settings"] = _settings_report(args, host, port, count, plan)
     if args.json:
         sys.stdout.write(orjson.dumps(report).decode() + "\n")
     else:
@@ -362,6 +364,31 @@ def _bench(args: argparse.Namespace) -> int:
     if stats.messages_failed and not args.allow_errors:
         return 1
     return 0
+
+
+def _settings_report(
+    args: argparse.Namespace, host: str, port: int, count: int | None, plan: LoadPlan
+) -> dict[str, Any]:
+    """Return the settings of a run for its JSON report, so that a stored report shows what was measured."""
+    generated = args.message_dir is None
+    return {
+        "target": format_host_port(host, port),
+        "concurrency": args.concurrency,
+        "processes": args.processes,
+        "messages": count,
+        "duration_s": args.duration,
+        "per_connection": args.per_connection,
+        "rate": args.rate,
+        "timeout_s": args.timeout,
+        "message_octets": plan.messages[0].octets if generated else None,
+        "message_dir": None if generated else args.message_dir,
+        "message_files": len(plan.messages),
+        "recipients": args.recipients,
+        "pipelining": not args.no_pipelining,
+        "bdat": args.bdat,
+        "starttls": args.starttls,
+        "auth": args.auth_user is not None,
+    }
 
 
 def _sink(args: argparse.Namespace) -> int:

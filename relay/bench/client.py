@@ -338,12 +338,12 @@ async def send_message(session: Session, message: EncodedMessage, number: int, s
     mail, rcpts = _envelope(settings, number)
     try:
         if session.pipelining:
-            accepted = await _pipelined_envelope(session, mail, rcpts, message, last)
+            outcome = await _pipelined_envelope(session, mail, rcpts, message, last)
         else:
-            accepted = await _stepwise_envelope(session, mail, rcpts, message, last)
-        if accepted is None:
+            outcome = await _stepwise_envelope(session, mail, rcpts, message, last)
+        if outcome is None:
             return False
-        eod_started, reply = accepted
+        eod_started, reply, accepted = outcome
     except SessionFailed as failure:
         if not failure.counted:
             stats.count_error(failure.kind)
@@ -356,6 +356,7 @@ async def send_message(session: Session, message: EncodedMessage, number: int, s
     if reply.code == 250:
         stats.latency["transaction"].record(_micros(started, finished))
         stats.messages_sent += 1
+        stats.recipients_sent += accepted
         stats.bytes_sent += message.octets
         return True
     stats.count_error(f"data_{_classify(reply.code)}")
@@ -369,7 +370,7 @@ async def send_message(session: Session, message: EncodedMessage, number: int, s
 
 async def _pipelined_envelope(
     session: Session, mail: bytes, rcpts: list[bytes], message: EncodedMessage, last: bool
-) -> tuple[float, Reply] | None:
+) -> tuple[float, Reply, int] | None:
     settings = session.settings
     connection = session.connection
     quit_line = b"QUIT\r\n" if last else b""
@@ -400,7 +401,7 @@ async def _pipelined_envelope(
 
     if settings.bdat:
         if mail_reply.code == 250 and accepted:
-            return eod_started, final
+            return eod_started, final, accepted
         await _abandon(session, last, quit_sent=True)
         return None
     if final.code != 354:
@@ -418,12 +419,12 @@ async def _pipelined_envelope(
     connection.write(message.data + quit_line)
     eod_started = time.perf_counter()
     (reply,) = await connection.read(1, settings.timeout)
-    return eod_started, session.record_reply("end_of_data", reply)
+    return eod_started, session.record_reply("end_of_data", reply), accepted
 
 
 async def _stepwise_envelope(
     session: Session, mail: bytes, rcpts: list[bytes], message: EncodedMessage, last: bool
-) -> tuple[float, Reply] | None:
+) -> tuple[float, Reply, int] | None:
     settings = session.settings
     connection = session.connection
     reply = await session.command("mail", mail)
@@ -444,7 +445,7 @@ async def _stepwise_envelope(
         connection.write(b"BDAT %d LAST\r\n" % message.octets + message.chunk)
         eod_started = time.perf_counter()
         (reply,) = await connection.read(1, settings.timeout)
-        return eod_started, session.record_reply("end_of_data", reply)
+        return eod_started, session.record_reply("end_of_data", reply), accepted
     reply = await session.command("data", b"DATA")
     if reply.code != 354:
         session.stats.count_error(f"data_command_{_classify(reply.code)}")
@@ -453,7 +454,7 @@ async def _stepwise_envelope(
     connection.write(message.data)
     eod_started = time.perf_counter()
     (reply,) = await connection.read(1, settings.timeout)
-    return eod_started, session.record_reply("end_of_data", reply)
+    return eod_started, session.record_reply("end_of_data", reply), accepted
 
 
 def _count_partial_replies(session: Session, replies: list[Reply], rcpt_count: int, failure: SessionFailed) -> None:

@@ -143,8 +143,12 @@ class RunStats:
     messages_failed: int = 0
     # Octets of accepted messages as the client read them, before dot-stuffing.
     bytes_sent: int = 0
+    # RCPT replies 250 or 251, also in transactions that failed later.
     recipients_accepted: int = 0
     recipients_rejected: int = 0
+    # Accepted recipients of the messages sent, which is what a sink counts
+    # as the recipients of the messages it accepted.
+    recipients_sent: int = 0
     connections: int = 0
     elapsed: float = 0.0
     # The run was stopped by SIGINT (Ctrl-C) before its planned end.
@@ -177,6 +181,7 @@ class RunStats:
         self.bytes_sent += other.bytes_sent
         self.recipients_accepted += other.recipients_accepted
         self.recipients_rejected += other.recipients_rejected
+        self.recipients_sent += other.recipients_sent
         self.connections += other.connections
         self.elapsed = max(self.elapsed, other.elapsed)
         self.interrupted = self.interrupted or other.interrupted
@@ -195,6 +200,7 @@ class RunStats:
             "bytes_sent": self.bytes_sent,
             "recipients_accepted": self.recipients_accepted,
             "recipients_rejected": self.recipients_rejected,
+            "recipients_sent": self.recipients_sent,
             "connections": self.connections,
             "elapsed": self.elapsed,
             "interrupted": self.interrupted,
@@ -225,6 +231,7 @@ class RunStats:
             "bytes_per_s": round(bytes_per_second, 1),
             "recipients_accepted": self.recipients_accepted,
             "recipients_rejected": self.recipients_rejected,
+            "recipients_sent": self.recipients_sent,
             "connections": self.connections,
             "elapsed_s": round(self.elapsed, 3),
             "interrupted": self.interrupted,
@@ -249,7 +256,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         totals,
         f"rate       {report['messages_per_s']:.1f} messages/s, {report['bytes_per_s'] / 1e6:.3f} MB/s",
-        f"recipients {report['recipients_accepted']} accepted, {report['recipients_rejected']} rejected",
+        f"recipients {report['recipients_accepted']} accepted, {report['recipients_rejected']} rejected, "
+        f"{report['recipients_sent']} in messages sent",
         "latency ms       count       p50       p90       p99     p99.9       max",
     ]
     for kind, summary in report["latencies_ms"].items():
