@@ -74,6 +74,15 @@ def test_json_report_names_settings() -> None:
     }
 
 
+@pytest.mark.parametrize("size", [225, 307])
+def test_odd_sizes_arrive_exact(size: int) -> None:
+    with running_sink() as sink:
+        status, report = run_bench(sink.target, "-n", "2", "-c", "1", "-s", str(size))
+    assert status == 0
+    assert report["bytes_sent"] == 2 * size
+    assert sink.counters["bytes"] == 2 * size
+
+
 def test_percentiles_monotonic_for_every_phase() -> None:
     with running_sink() as sink:
         status, report = run_bench(sink.target, "-n", "400", "-c", "4", "-m", "10")

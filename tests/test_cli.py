@@ -101,6 +101,7 @@ def test_sink_and_bench_closed_stdout() -> None:
         (("check-config", "a.toml", "b.toml"), "relay check-config: error: unrecognized arguments: b.toml"),
         (("bench", "127.0.0.1:9", "--frob"), "relay bench: error: unrecognized arguments: --frob"),
         (("bench", "127.0.0.1:9", "-c", "65536"), "relay bench: --concurrency: 65536 is above the maximum 65535"),
+        (("bench", "127.0.0.1:9", "-s", "100"), "relay bench: --size 100: 100 octets is below the minimum 224"),
         (
             ("bench", "127.0.0.1:9", "--rate", "1e200", "-d", "1e200"),
             "relay bench: --rate 1e+200 for --duration 1e+200: the number of messages is not finite",

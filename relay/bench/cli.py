@@ -120,7 +120,8 @@ def _register_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         "--size",
         default="1K",
         metavar="OCTETS",
-        help="size of the generated message, suffix K, M or G allowed, at most 1G (default: 1K)",
+        help="size of the generated message, from the size of its headers (224 with the default addresses) to 1G;"
+        " suffix K, M or G allowed (default: 1K)",
     )
     mail.add_argument(
         "--message-dir", metavar="DIR", help="send the files of this folder in turn instead of a generated message"
@@ -315,7 +316,10 @@ def _bench(args: argparse.Namespace) -> int:
                 f"--size: {args.size} is above the maximum 1G; for larger messages use --message-dir with files"
                 " of that size"
             )
-        raw_messages = [generate_message(size, sender.format(0), recipient.format(0))]
+        try:
+            raw_messages = [generate_message(size, sender.format(0), recipient.format(0))]
+        except ValueError as exc:
+            return _usage_error(f"--size {args.size}: {exc}")
 
     try:
         tls_context = _tls_context(args) if args.starttls else None

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from relay._stuffing import dot_stuff, normalize_line_ends
 
+_SUBJECT = "relay bench message"
 _FILLER_LINE = b"The quick brown fox jumps over the lazy dog; relay bench filler text 0123456789.\r\n"
 
 
@@ -42,26 +43,45 @@ def encode(message: bytes) -> EncodedMessage:
     return EncodedMessage(octets=len(chunk), data=dot_stuff(chunk), chunk=chunk)
 
 
-def generate_message(size: int, sender: str, recipient: str) -> bytes:
-    """Return a plain-text message of exactly ``size`` octets (at least its headers)."""
-    headers = (
+def _headers(sender: str, recipient: str, subject: str) -> bytes:
+    return (
         f"From: <{sender}>\r\n"
         f"To: <{recipient}>\r\n"
-        "Subject: relay bench message\r\n"
+        f"Subject: {subject}\r\n"
         "Date: Thu, 01 Jan 2026 00:00:00 +0000\r\n"
         "Message-ID: <bench@relay.invalid>\r\n"
         "MIME-Version: 1.0\r\n"
         "Content-Type: text/plain; charset=us-ascii\r\n"
         "\r\n"
     ).encode("ascii")
+
+
+def generate_message(size: int, sender: str, recipient: str) -> bytes:
+    """Return a plain-text message of exactly ``size`` octets.
+
+    Raises ValueError when ``size`` is below the size of the headers alone.
+    """
+    headers = _headers(sender, recipient, _SUBJECT)
     body_size = size - len(headers)
-    if body_size <= 0:
-        return headers
+    if body_size < 0:
+        raise ValueError(
+            f"{size} octets is below the minimum {len(headers)}, the size of the generated headers;"
+            f" give at least {len(headers)}"
+        )
+    if body_size == 1:
+        # A one-octet body cannot end in CRLF, and encode() would add one,
+        # so the extra octet goes into the Subject instead.
+        return _headers(sender, recipient, _SUBJECT + ".")
     repeats = body_size // len(_FILLER_LINE) + 1
     body = (_FILLER_LINE * repeats)[:body_size]
     if body_size >= 2:
         # End on a line end so the size is exact after CRLF normalisation.
-        body = body[:-2] + b"\r\n"
+        # A cut just after a filler line's CR would leave a bare CR, which
+        # normalisation turns into CRLF, so that CR becomes a dot.
+        text = body[:-2]
+        if text.endswith(b"\r"):
+            text = text[:-1] + b"."
+        body = text + b"\r\n"
     return headers + body
 
 
