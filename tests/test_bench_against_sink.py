@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -227,6 +228,37 @@ def test_failed_connections_exit_status() -> None:
     assert report["errors"] == {"connect_refused": 5}
     status, report = run_bench(target, "-n", "5", "-c", "1", "--allow-errors")
     assert status == 0
+
+
+def test_target_host_name_resolved() -> None:
+    with running_sink() as sink:
+        status, report = run_bench(f"localhost:{sink.port}", "-n", "4", "-c", "2")
+    assert status == 0
+    assert report["messages_sent"] == 4
+    assert report["settings"]["target"] == f"localhost:{sink.port}"
+    assert sink.counters["messages"] == 4
+
+
+def test_unresolvable_target_is_usage_error() -> None:
+    # In a network namespace of its own the process has no route, so the
+    # lookup fails at once and no query leaves the machine.
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-n", "true"], capture_output=True, check=False).returncode:
+        pytest.skip("needs unshare -n (util-linux, and root or user namespaces)")
+    completed = subprocess.run(
+        [unshare, "-n", *relay_command("bench", "no-such-host.invalid:2525", "-n", "1000", "-c", "2")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.startswith(
+        "relay bench: bench target no-such-host.invalid:2525: cannot resolve no-such-host.invalid"
+    ), completed.stderr
+    assert "give an IP address or a name that resolves" in completed.stderr
+    assert "Traceback" not in completed.stderr
 
 
 def test_connect_errors_named_by_errno() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -326,9 +327,22 @@ def _bench(args: argparse.Namespace) -> int:
     except (OSError, ssl.SSLError) as exc:
         return _usage_error(f"--tls-ca {args.tls_ca}: cannot load ({exc})")
 
+    # Resolved once here, so that name lookups neither add to the connect
+    # latency nor repeat for every connection.
+    # NOTE: only the first address is used, even when the name has several.
+    try:
+        resolved = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return _usage_error(
+            f"bench target {args.target}: cannot resolve {host} ({exc.strerror}); give an IP address"
+            " or a name that resolves"
+        )
+    address = str(resolved[0][4][0])
+
     settings = ClientSettings(
         host=host,
         port=port,
+        address=address,
         helo=args.helo,
         sender=sender,
         recipient=recipient,

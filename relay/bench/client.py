@@ -51,7 +51,10 @@ class ClientSettings:
     """Settings shared by every connection of a run, from the command line."""
 
     host: str
+    """The target as given, also the server name that TLS verifies."""
     port: int
+    address: str
+    """The IP address that ``host`` resolved to once before the run."""
     helo: str
     sender: AddressPattern
     recipient: AddressPattern
@@ -261,7 +264,7 @@ async def open_session(settings: ClientSettings, stats: RunStats) -> Session:
     started = time.perf_counter()
     try:
         _, connection = await asyncio.wait_for(
-            loop.create_connection(lambda: Connection(loop), settings.host, settings.port), settings.timeout
+            loop.create_connection(lambda: Connection(loop), settings.address, settings.port), settings.timeout
         )
     except ConnectionRefusedError:
         stats.count_error("connect_refused")
