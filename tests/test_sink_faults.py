@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
+import socket
 import subprocess
+import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -148,3 +152,62 @@ def test_bad_option_values_are_usage_errors(args: tuple[str, ...], fragment: byt
     assert completed.returncode == 2
     assert fragment in completed.stderr, completed.stderr
     assert b"Traceback" not in completed.stderr
+
+
+def _child_pids(parent: int) -> list[int]:
+    """Return the PIDs of the running processes whose parent is ``parent``, read from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name in brackets may contain spaces, so the fields are counted after it.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == parent and fields[0] != "Z":
+            children.append(int(entry.name))
+    return children
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"
+
+
+def test_workers_stop_when_parent_killed() -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        relay_command("sink", "--listen", f"127.0.0.1:{port}", "--workers", "2"),
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    workers: list[int] = []
+    try:
+        wait_for_listening(process)
+        workers = _child_pids(process.pid)
+        assert len(workers) == 2
+        process.kill()
+        process.wait(timeout=10)
+
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [pid for pid in workers if _running(pid)] == []
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        for pid in workers:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if process.poll() is None:
+            process.kill()
+        assert process.stderr is not None
+        stderr = process.stderr.read().decode()
+        process.stderr.close()
+    assert stderr.count("supervisor_gone") == 2

@@ -6,6 +6,10 @@ and the kernel spreads connections between them.  Every worker copies its
 counters into a shared array every ``FLUSH_INTERVAL`` seconds and once more
 when it stops, and the parent adds them up.
 
+A worker stops by itself when the parent exits, even when the parent is
+killed with SIGKILL, because it watches a pipe whose write end only the
+parent keeps open.
+
 SIGUSR1 prints the counters so far (up to ``FLUSH_INTERVAL`` old with
 several workers); SIGTERM or SIGINT stops the sink, closes open sessions and
 prints the final counters.  Counters are printed to standard output as one
@@ -39,7 +43,8 @@ from relay.bench.sink import (
     SinkState,
 )
 from relay.cli import stop_output
-from relay.log import log_event
+from relay.log import flush_log, log_event
+from relay.signals import SupervisorLink
 from relay.units import format_host_port
 
 logger = logging.getLogger("relay.sink")
@@ -111,11 +116,21 @@ async def _serve(
     on_report: Callable[[], None] | None,
     flush: Callable[[], None] | None,
     on_ready: Callable[[], None],
+    parent: SupervisorLink | None = None,
+    worker: int = 0,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    if parent is not None:
+
+        def on_parent_gone() -> None:
+            log_event(logger, "supervisor_gone", logging.ERROR, worker=worker, sessions=len(state.sessions))
+            stop.set()
+
+        # Without this a worker would go on listening after its parent was killed with SIGKILL.
+        parent.watch(loop, on_parent_gone)
     if on_report is not None:
         loop.add_signal_handler(signal.SIGUSR1, on_report)
     else:
@@ -162,29 +177,36 @@ def _log_listening(run: SinkRun) -> None:
     log_event(logger, "listening", address=format_host_port(run.host, run.port), workers=run.workers)
 
 
-def _worker(run: SinkRun, index: int, shared: Any, sock: socket.socket, ready: Any) -> None:
+def _worker(run: SinkRun, index: int, shared: Any, sock: socket.socket, ready: Any, parent: SupervisorLink) -> None:
+    parent.close_write_end()
     state = SinkState(run.settings, worker=index)
     base = index * COUNTER_SLOTS
 
     def flush() -> None:
         shared[base : base + COUNTER_SLOTS] = state.counters
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(run, state, sock, None, flush, ready.release))
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_serve(run, state, sock, None, flush, ready.release, parent, index))
+    finally:
+        # multiprocessing ends the worker with os._exit, which skips the log's own flush at exit.
+        flush_log()
 
 
 def _run_workers(run: SinkRun) -> int:
     shared = RawArray("q", COUNTER_SLOTS * run.workers)
     context = multiprocessing.get_context("fork")
     ready = context.Semaphore(0)
+    parent = SupervisorLink()
     processes = []
     for index in range(run.workers):
         # Each worker binds its own socket, so the kernel balances between them.
         sock = _listening_socket(run.host, run.port, reuse_port=True)
-        process = context.Process(target=_worker, args=(run, index, shared, sock, ready), daemon=True)
+        process = context.Process(target=_worker, args=(run, index, shared, sock, ready, parent), daemon=True)
         process.start()
         sock.close()
         processes.append(process)
+    parent.close_read_end()
 
     def totals() -> list[int]:
         values = [0] * COUNTER_SLOTS
