@@ -261,6 +261,17 @@ def test_unresolvable_target_is_usage_error() -> None:
     assert "Traceback" not in completed.stderr
 
 
+def test_stalled_greeting_timeout_named() -> None:
+    # A one-hour delay holds back every reply, the greeting first.
+    with running_sink("--delay", "3600000") as sink:
+        status, report = run_bench(sink.target, "-n", "4", "-c", "2", "--timeout", "1")
+    assert status == 1
+    assert report["messages_failed"] == 4
+    assert report["errors"] == {"greeting_timeout": 4}
+    assert report["elapsed_s"] < 4
+    assert sink.counters["connections"] == 4
+
+
 def test_connect_errors_named_by_errno() -> None:
     def limit_open_files() -> None:
         # Fewer descriptors than connections, so some connects fail with EMFILE.

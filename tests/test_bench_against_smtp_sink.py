@@ -1,4 +1,4 @@
-"""relay bench against Postfix's smtp-sink: a server that closes in the middle of a pipelined batch."""
+"""relay bench against Postfix's smtp-sink: a server that closes or stalls in the middle of a transaction."""
 
 from __future__ import annotations
 
@@ -44,3 +44,18 @@ def test_close_without_reply_keeps_earlier_replies() -> None:
     assert report["replies_by_stage"]["rcpt"] == {"250": 8}
     assert report["recipients_accepted"] == 8
     assert report["errors"] == {"connection_lost": 4}
+
+
+def test_stalled_reply_timeout_names_stage() -> None:
+    port = free_port()
+    # -W data:5: wait 5 seconds before the reply to DATA.  smtp-sink sends
+    # the replies to a pipelined batch together, so none would arrive, and
+    # here each command waits for its reply instead.
+    with run_smtp_sink("127.0.0.1", port, "-W", "data:5"):
+        status, report = run_bench(f"127.0.0.1:{port}", "-n", "2", "-c", "2", "--timeout", "1", "--no-pipelining")
+
+    assert status == 1
+    assert report["messages_failed"] == 2
+    assert report["replies_by_stage"]["rcpt"] == {"250": 2}
+    assert report["errors"] == {"data_timeout": 2}
+    assert report["elapsed_s"] < 4

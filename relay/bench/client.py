@@ -9,7 +9,7 @@ when asked, STARTTLS (RFC 3207) and AUTH PLAIN or LOGIN (RFC 4954).
 RCPT and DATA go out in one write, and a BDAT chunk follows in that write.
 
 Failures never raise out of this module: each one is counted in the
-``RunStats`` by kind (``connect_refused``, ``timeout``, ``mail_4xx``, ...)
+``RunStats`` by kind (``connect_refused``, ``greeting_timeout``, ``mail_4xx``, ...)
 and the caller learns whether the connection can carry another message.
 A 421 reply or a lost connection ends the connection; other rejections are
 followed by RSET.
@@ -121,8 +121,11 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    async def read(self, count: int, timeout: float) -> list[Reply]:
-        """Return the next ``count`` replies; raise SessionFailed on timeout or loss."""
+    async def read(self, count: int, timeout: float, stage: str) -> list[Reply]:
+        """Return the next ``count`` replies; raise SessionFailed on timeout or loss.
+
+        A timeout is counted as ``STAGE_timeout``, so the report shows where the server stalled.
+        """
         while len(self.replies) < count:
             if self.failure is not None:
                 raise SessionFailed(self.failure)
@@ -136,7 +139,7 @@ class Connection(asyncio.Protocol):
                 timer.cancel()
                 self.waiter = None
             if waiter.result() is None and len(self.replies) < count and self.failure is None:
-                raise SessionFailed("timeout")
+                raise SessionFailed(f"{stage}_timeout")
         replies = self.replies
         return [replies.popleft() for _ in range(count)]
 
@@ -179,7 +182,7 @@ class Session:
     async def command(self, stage: str, line: bytes) -> Reply:
         """Send one command line (CRLF added) and return its counted reply."""
         self.connection.write(line + b"\r\n")
-        (reply,) = await self.connection.read(1, self.settings.timeout)
+        (reply,) = await self.connection.read(1, self.settings.timeout, stage)
         return self.record_reply(stage, reply)
 
     async def ehlo(self) -> dict[str, list[str]]:
@@ -245,7 +248,7 @@ class Session:
             if not sent_already:
                 connection.write(b"QUIT\r\n")
             try:
-                (reply,) = await connection.read(1, self.settings.timeout)
+                (reply,) = await connection.read(1, self.settings.timeout, "quit")
                 self.record_reply("quit", reply)
             except SessionFailed:
                 # A server may close right after QUIT without 221; not a failure of any message.
@@ -282,7 +285,7 @@ async def open_session(settings: ClientSettings, stats: RunStats) -> Session:
 
     session = Session(connection, settings, stats)
     try:
-        (greeting,) = await connection.read(1, settings.timeout)
+        (greeting,) = await connection.read(1, settings.timeout, "greeting")
         stats.latency["greeting"].record(_micros(connected, time.perf_counter()))
         session.record_reply("greeting", greeting)
         if greeting.code != 220:
@@ -387,7 +390,7 @@ async def _pipelined_envelope(
         pieces.append(b"DATA")
         connection.write(b"\r\n".join(pieces) + b"\r\n")
     try:
-        replies = await connection.read(len(pieces), settings.timeout)
+        replies = await connection.read(len(pieces), settings.timeout, "mail")
     except SessionFailed as failure:
         _count_partial_replies(session, list(connection.replies), len(rcpts), failure)
         raise
@@ -415,13 +418,13 @@ async def _pipelined_envelope(
     if mail_reply.code != 250 or accepted == 0:
         # RFC 2920: after a 354 with no valid recipient the client sends only the dot.
         connection.write(b".\r\n")
-        (reply,) = await connection.read(1, settings.timeout)
+        (reply,) = await connection.read(1, settings.timeout, "end_of_data")
         session.record_reply("end_of_data", reply)
         await _abandon(session, last, quit_sent=False)
         return None
     connection.write(message.data + quit_line)
     eod_started = time.perf_counter()
-    (reply,) = await connection.read(1, settings.timeout)
+    (reply,) = await connection.read(1, settings.timeout, "end_of_data")
     return eod_started, session.record_reply("end_of_data", reply), accepted
 
 
@@ -447,7 +450,7 @@ async def _stepwise_envelope(
     if settings.bdat:
         connection.write(b"BDAT %d LAST\r\n" % message.octets + message.chunk)
         eod_started = time.perf_counter()
-        (reply,) = await connection.read(1, settings.timeout)
+        (reply,) = await connection.read(1, settings.timeout, "end_of_data")
         return eod_started, session.record_reply("end_of_data", reply), accepted
     reply = await session.command("data", b"DATA")
     if reply.code != 354:
@@ -456,7 +459,7 @@ async def _stepwise_envelope(
         return None
     connection.write(message.data)
     eod_started = time.perf_counter()
-    (reply,) = await connection.read(1, settings.timeout)
+    (reply,) = await connection.read(1, settings.timeout, "end_of_data")
     return eod_started, session.record_reply("end_of_data", reply), accepted
 
 
@@ -491,6 +494,15 @@ def _count_partial_replies(session: Session, replies: list[Reply], rcpt_count: i
                 session.stats.count_error(f"{last_error}_{_classify(reply.code)}")
     if replies and replies[-1].code == 421 and failure.kind == "connection_lost":
         failure.counted = True
+    if failure.kind.endswith("_timeout"):
+        # Name the stage of the first reply that did not come.
+        if not replies:
+            stage = "mail"
+        elif len(replies) <= rcpt_count:
+            stage = "rcpt"
+        else:
+            stage = last_stage
+        failure.kind = f"{stage}_timeout"
 
 
 def _count_rcpts(session: Session, replies: list[Reply], mail_accepted: bool) -> int:
