@@ -101,6 +101,32 @@ def run_bench(target: str, *options: str, timeout: float = 60.0) -> tuple[int, d
     return completed.returncode, report
 
 
+def child_pids(parent: int) -> list[int]:
+    """Return the PIDs of the running processes whose parent is ``parent``, read from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name in brackets may contain spaces, so the fields are counted after it.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == parent and fields[0] != "Z":
+            children.append(int(entry.name))
+    return children
+
+
+def process_running(pid: int) -> bool:
+    """Return whether ``pid`` exists and is not a zombie, which an exited process stays until it is reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"
+
+
 def make_certificate(directory: Path) -> tuple[Path, Path]:
     """Create a self-signed certificate for 127.0.0.1 with openssl; return (cert, key)."""
     cert = directory / "cert.pem"

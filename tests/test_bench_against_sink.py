@@ -13,7 +13,15 @@ from typing import Any
 
 import orjson
 import pytest
-from bench_helpers import SinkProcess, make_certificate, relay_command, run_bench, running_sink
+from bench_helpers import (
+    SinkProcess,
+    child_pids,
+    make_certificate,
+    process_running,
+    relay_command,
+    run_bench,
+    running_sink,
+)
 
 from conftest import REPO_ROOT, require_corpus
 
@@ -339,3 +347,35 @@ def test_sigint_reports_partial_run(processes: str) -> None:
     assert report["errors"].get("worker_process_failed", 0) == 0
     assert report["elapsed_s"] < 20
     assert stopped_after < 10
+
+
+def test_children_stop_when_bench_killed() -> None:
+    with running_sink() as sink:
+        bench = subprocess.Popen(
+            relay_command("bench", sink.target, "--json", "-d", "30", "-c", "4", "-P", "2"),
+            cwd=REPO_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        children: list[int] = []
+        try:
+            _wait_for_sink_connections(sink, time.monotonic() + 15)
+            children = child_pids(bench.pid)
+            assert len(children) == 2
+            bench.kill()
+            bench.wait(timeout=10)
+
+            deadline = time.monotonic() + 10
+            while any(process_running(pid) for pid in children) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert [pid for pid in children if process_running(pid)] == []
+        finally:
+            for pid in children:
+                if process_running(pid):
+                    os.kill(pid, signal.SIGKILL)
+            if bench.poll() is None:
+                bench.kill()
+            assert bench.stderr is not None
+            stderr = bench.stderr.read().decode()
+            bench.stderr.close()
+    assert "Traceback" not in stderr

@@ -8,11 +8,10 @@ import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import orjson
 import pytest
-from bench_helpers import relay_command, run_bench, running_sink, wait_for_listening
+from bench_helpers import child_pids, process_running, relay_command, run_bench, running_sink, wait_for_listening
 
 from conftest import REPO_ROOT, free_port
 
@@ -154,31 +153,6 @@ def test_bad_option_values_are_usage_errors(args: tuple[str, ...], fragment: byt
     assert b"Traceback" not in completed.stderr
 
 
-def _child_pids(parent: int) -> list[int]:
-    """Return the PIDs of the running processes whose parent is ``parent``, read from /proc."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name in brackets may contain spaces, so the fields are counted after it.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == parent and fields[0] != "Z":
-            children.append(int(entry.name))
-    return children
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return state[state.rindex(")") + 2] != "Z"
-
-
 def test_workers_stop_when_parent_killed() -> None:
     port = free_port()
     process = subprocess.Popen(
@@ -190,20 +164,20 @@ def test_workers_stop_when_parent_killed() -> None:
     workers: list[int] = []
     try:
         wait_for_listening(process)
-        workers = _child_pids(process.pid)
+        workers = child_pids(process.pid)
         assert len(workers) == 2
         process.kill()
         process.wait(timeout=10)
 
         deadline = time.monotonic() + 10
-        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        while any(process_running(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert [pid for pid in workers if _running(pid)] == []
+        assert [pid for pid in workers if process_running(pid)] == []
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
     finally:
         for pid in workers:
-            if _running(pid):
+            if process_running(pid):
                 os.kill(pid, signal.SIGKILL)
         if process.poll() is None:
             process.kill()

@@ -23,6 +23,7 @@ stats measured so far come back marked ``interrupted``.  With several
 processes the parent turns its SIGINT into ``STOP_SIGNAL`` for each child,
 and children ignore SIGINT, so a Ctrl-C that reaches the whole process group
 stops each child exactly once.  A second SIGINT ends the run without stats.
+A child also stops when the parent exits, even by SIGKILL.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import uvloop
 from relay.bench.client import ClientSettings, Session, SessionFailed, open_session, send_message
 from relay.bench.messages import EncodedMessage
 from relay.bench.stats import RunStats
+from relay.signals import SupervisorLink
 
 # Seconds between two updates of the progress line.
 PROGRESS_INTERVAL = 0.5
@@ -215,19 +217,29 @@ async def _connection_loop(run: _Run) -> None:
 
 
 async def run_plan(
-    plan: LoadPlan, on_message: Callable[[RunStats], None], stop_signal: int | None = None
+    plan: LoadPlan,
+    on_message: Callable[[RunStats], None],
+    stop_signal: int | None = None,
+    parent: SupervisorLink | None = None,
 ) -> RunStats:
     """Send one process's share of the load and return what it measured.
 
     The run stops early, with ``interrupted`` set, when its task is cancelled
-    (asyncio.Runner does that on SIGINT) or when ``stop_signal`` arrives.
+    (asyncio.Runner does that on SIGINT), when ``stop_signal`` arrives, or
+    when the ``parent`` process has exited.
     """
     stats = RunStats()
     run = _Run(plan, stats, on_message)
+    main_task = asyncio.current_task()
+    assert main_task is not None
     if stop_signal is not None:
-        main_task = asyncio.current_task()
-        assert main_task is not None
         asyncio.get_running_loop().add_signal_handler(stop_signal, main_task.cancel)
+    if parent is not None:
+
+        def on_parent_gone() -> None:
+            main_task.cancel()
+
+        parent.watch(asyncio.get_running_loop(), on_parent_gone)
     # More connections than messages would only open connections that send nothing.
     connections = plan.concurrency if plan.count is None else min(plan.concurrency, plan.count)
     tasks = [asyncio.create_task(_connection_loop(run)) for _ in range(connections)]
@@ -242,13 +254,20 @@ async def run_plan(
 
 
 def _run_in_loop(
-    plan: LoadPlan, on_message: Callable[[RunStats], None], stop_signal: int | None = None
+    plan: LoadPlan,
+    on_message: Callable[[RunStats], None],
+    stop_signal: int | None = None,
+    parent: SupervisorLink | None = None,
 ) -> RunStats:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(run_plan(plan, on_message, stop_signal))
+        return runner.run(run_plan(plan, on_message, stop_signal, parent))
 
 
-def _child(plan: LoadPlan, slot: int, progress: Any, pipe: multiprocessing.connection.Connection) -> None:
+def _child(
+    plan: LoadPlan, slot: int, progress: Any, pipe: multiprocessing.connection.Connection, parent: SupervisorLink
+) -> None:
+    parent.close_write_end()
+
     def publish(stats: RunStats) -> None:
         progress[2 * slot] = stats.messages_sent
         progress[2 * slot + 1] = stats.messages_failed
@@ -260,10 +279,15 @@ def _child(plan: LoadPlan, slot: int, progress: Any, pipe: multiprocessing.conne
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(STOP_SIGNAL, signal.SIG_IGN)
     try:
-        stats = _run_in_loop(plan, publish, STOP_SIGNAL)
+        # A parent killed with SIGKILL would otherwise leave the children
+        # loading the server until their share of the run is done.
+        stats = _run_in_loop(plan, publish, STOP_SIGNAL, parent)
         pipe.send(stats.to_state())
     except KeyboardInterrupt:
         pipe.send(None)
+    except BrokenPipeError:
+        # The parent is gone, so the stats have no reader.
+        pass
     finally:
         pipe.close()
 
@@ -313,13 +337,15 @@ def run_load(plan: LoadPlan, processes: int, progress: ProgressLine) -> RunStats
     # Fork keeps the encoded messages and the TLS context without pickling them.
     context = multiprocessing.get_context("fork")
     counters = RawArray("q", 2 * len(plans))
+    parent = SupervisorLink()
     children = []
     for slot, share in enumerate(plans):
         receiver, sender = context.Pipe(duplex=False)
-        process = context.Process(target=_child, args=(share, slot, counters, sender), daemon=True)
+        process = context.Process(target=_child, args=(share, slot, counters, sender, parent), daemon=True)
         process.start()
         sender.close()
         children.append((process, receiver))
+    parent.close_read_end()
 
     merged = RunStats()
     interrupted = False
