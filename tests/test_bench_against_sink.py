@@ -379,3 +379,27 @@ def test_children_stop_when_bench_killed() -> None:
             stderr = bench.stderr.read().decode()
             bench.stderr.close()
     assert "Traceback" not in stderr
+
+
+def test_text_report_shows_target_and_mean() -> None:
+    with running_sink() as sink:
+        completed = subprocess.run(
+            relay_command("bench", sink.target, "-n", "20", "-c", "2", "-r", "2"),
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert lines[0] == f"target     {sink.target} with 2 connections in 1 process"
+    assert lines[1].startswith("messages   20 sent, 0 failed in ")
+    assert lines[3] == "recipients 40 accepted, 0 rejected, 40 in messages sent"
+    assert lines[4].split() == ["latency", "ms", "count", "mean", "p50", "p90", "p99", "p99.9", "max"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[5:9]}
+    assert list(rows) == ["connect", "greeting", "end_of_data", "transaction"]
+    for kind, values in rows.items():
+        assert len(values) == 7, kind
+    assert rows["end_of_data"][0] == "20"
+    assert lines[-1] == "errors     none"

@@ -253,17 +253,24 @@ def format_report(report: dict[str, Any]) -> str:
     )
     if report["interrupted"]:
         totals += ", interrupted by SIGINT"
-    lines = [
+    lines = []
+    settings = report.get("settings")
+    if settings is not None:
+        lines.append(
+            f"target     {settings['target']} with {settings['concurrency']} connections"
+            f" in {settings['processes']} process{'es' if settings['processes'] != 1 else ''}"
+        )
+    lines += [
         totals,
         f"rate       {report['messages_per_s']:.1f} messages/s, {report['bytes_per_s'] / 1e6:.3f} MB/s",
         f"recipients {report['recipients_accepted']} accepted, {report['recipients_rejected']} rejected, "
         f"{report['recipients_sent']} in messages sent",
-        "latency ms       count       p50       p90       p99     p99.9       max",
+        "latency ms       count      mean       p50       p90       p99     p99.9       max",
     ]
     for kind, summary in report["latencies_ms"].items():
         lines.append(
-            f"  {kind:<12} {int(summary['count']):>9} {summary['p50']:>9.3f} {summary['p90']:>9.3f} "
-            f"{summary['p99']:>9.3f} {summary['p999']:>9.3f} {summary['max']:>9.3f}"
+            f"  {kind:<12} {int(summary['count']):>9} {summary['mean']:>9.3f} {summary['p50']:>9.3f} "
+            f"{summary['p90']:>9.3f} {summary['p99']:>9.3f} {summary['p999']:>9.3f} {summary['max']:>9.3f}"
         )
     codes = " ".join(f"{code}={number}" for code, number in report["reply_codes"].items())
     lines.append(f"replies    {codes or '-'}")
