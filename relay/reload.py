@@ -95,15 +95,22 @@ def _delivery_file_errors(config: Config) -> list[str]:
             errors.append(f"delivery.tls_ca_file: {path} is not a bundle of PEM CA certificates ({exc})")
         except OSError as exc:
             errors.append(f"delivery.tls_ca_file: cannot read {path}: {exc.strerror}")
-    if delivery.relayhost_username and delivery.relayhost_password_file:
+    if delivery.relayhost_password_file:
+        # Read even without relayhost_username, because the scheduler's router
+        # reads the file whenever a relayhost is set, and a file it cannot
+        # decode would stop the scheduler at start or fail its reload.
         path = delivery.relayhost_password_file
         try:
             password = read_password(path)
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
-            errors.append(f"delivery.relayhost_password_file: cannot read {path}: {reason}")
+        except OSError as exc:
+            errors.append(f"delivery.relayhost_password_file: cannot read {path}: {exc.strerror or exc}")
+        except UnicodeDecodeError as exc:
+            errors.append(
+                f"delivery.relayhost_password_file: {path} is not valid UTF-8: byte 0x{exc.object[exc.start]:02x}"
+                f" at offset {exc.start}; save the password as UTF-8 text"
+            )
         else:
-            if not password:
+            if delivery.relayhost_username and not password:
                 errors.append(
                     f"delivery.relayhost_password_file: the first line of {path} is empty; put the password there"
                 )

@@ -1047,3 +1047,25 @@ def test_check_config_accepts_missing_spool(tmp_path: Path, capsys: pytest.Captu
 
     assert status == 0
     assert capsys.readouterr().err == ""
+
+
+def test_check_config_rejects_non_utf8_relayhost_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Without relayhost_username the password is never sent, but the scheduler's
+    # router still reads the file whenever a relayhost is set.
+    (tmp_path / "pw").write_bytes(b"\xff\xfe secret\n")
+    path = write(
+        tmp_path, f'[delivery]\nrelayhost = "[127.0.0.1]:2526"\nrelayhost_password_file = "{tmp_path}/pw"\n'
+    )
+
+    status = main(["check-config", str(path)])
+
+    captured = capsys.readouterr()
+    assert status == 1
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        f"{path}:delivery.relayhost_password_file: {tmp_path}/pw is not valid UTF-8: byte 0xff at offset 0;"
+        " save the password as UTF-8 text"
+    ]
+

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import signal
 import smtplib
 import socket
 import ssl
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import urllib.request
@@ -292,12 +296,93 @@ def test_sighup_with_unreadable_credentials_keeps_old(relay: Relay) -> None:
     assert rcpt_code(relay.port, "alice@example.test") == 250
 
 
+def open_fifo_writer(path: Path, timeout: float = 15.0) -> int:
+    """Open the write end of the FIFO ``path`` once a reader has opened it; return the descriptor."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            # Without a reader, a non-blocking open for writing fails with ENXIO.
+            return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+        assert time.monotonic() < deadline, f"no process opened {path} for reading"
+        time.sleep(0.01)
+
+
+def fifo_reader_count(pid: int, path: Path) -> int:
+    """Return how many descriptors of process ``pid`` are open on ``path``."""
+    count = 0
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(entry) == str(path):
+                count += 1
+        except FileNotFoundError:
+            pass  # closed while listed
+    return count
+
+
+def feed_fifo(path: Path, data: bytes, pid: int, timeout: float = 15.0) -> None:
+    """Hand ``data`` to the next read of the FIFO ``path`` by ``pid``, and wait until that reader closed it.
+
+    The wait keeps the next feed from reaching this reader: a reader still
+    blocked in read() after the writer closed would take a new writer's
+    data too.  A reader blocked in open() has no descriptor yet, so the
+    next one is not counted.
+    """
+    descriptor = open_fifo_writer(path, timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        os.write(descriptor, data)
+        # FIONREAD counts the octets still in the pipe: 0 once the reader has taken them all.
+        while struct.unpack("i", fcntl.ioctl(descriptor, termios.FIONREAD, b"\0" * 4))[0]:
+            assert time.monotonic() < deadline, f"{path} was not read"
+            time.sleep(0.01)
+    finally:
+        os.close(descriptor)
+    while fifo_reader_count(pid, path):
+        assert time.monotonic() < deadline, f"{path} was not closed after end of file"
+        time.sleep(0.01)
+
+
+def test_sighup_rejected_by_scheduler_keeps_listeners(tmp_path: Path) -> None:
+    # With one worker the scheduler runs in it.  The reload reads the relayhost
+    # password file three times: in its file check, in the check of the
+    # scheduler's config, then in the router the scheduler applies.  A file
+    # replaced before the last read passes both checks and fails the scheduler.
+    # A FIFO makes that order certain, because each read gets its own content.
+    # The listeners must then keep the old domains too, and the reload is
+    # logged once, as reload_failed.
+    relay = Relay(tmp_path, workers=1)
+    relay.start()
+    try:
+        password_file = tmp_path / "relayhost-password"
+        os.mkfifo(password_file)
+        relay.write(domains='"example.test", "other.test"')
+        backoff = 'minimal_backoff_time = "1h"'
+        relayhost = f'relayhost = "[127.0.0.1]:{free_port()}"\nrelayhost_password_file = "{password_file}"'
+        relay.config.write_text(relay.config.read_text().replace(backoff, f"{backoff}\n{relayhost}"))
+        # A SIGHUP that reaches a process while it installs its handlers may
+        # be handled twice, so the test waits until the process is up.
+        relay.wait_for_log(" started worker=")
+        assert relay.process is not None
+        relay.process.send_signal(signal.SIGHUP)
+        feed_fifo(password_file, b"secret\n", relay.process.pid)
+        feed_fifo(password_file, b"secret\n", relay.process.pid)
+        feed_fifo(password_file, b"\xff\xfe not UTF-8\n", relay.process.pid)
+        relay.wait_for_log("reload_failed")
+        assert rcpt_code(relay.port, "bob@other.test") == 554
+        assert rcpt_code(relay.port, "alice@example.test") == 250
+    finally:
+        relay.stop()
+    assert "the scheduler cannot use it: UnicodeDecodeError" in relay.log()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
-def test_sighup_rejected_by_scheduler_keeps_listeners(tmp_path: Path, workers: int) -> None:
-    # A relayhost password file that is not UTF-8 passes the reload's file
-    # checks, which read it only with relayhost_username, but the scheduler's
-    # router cannot read it.  With one worker the scheduler runs in it, with
-    # two in the delivery process.  The listeners must keep the old domains
+def test_sighup_rejected_file_keeps_every_listener(tmp_path: Path, workers: int) -> None:
+    # A relayhost password file that is not UTF-8 is rejected by the reload's
+    # file check in every process.  With one worker the scheduler runs in it,
+    # with two in the delivery process.  The listeners must keep the old domains
     # in both cases, and the reload is logged at error level once, as reload_failed.
     relay = Relay(tmp_path, workers=workers)
     relay.start()
@@ -325,7 +410,7 @@ def test_sighup_rejected_by_scheduler_keeps_listeners(tmp_path: Path, workers: i
     log = relay.log()
     failures = [line for line in log.splitlines() if " reload_failed " in line]
     assert len(failures) == processes, log
-    assert all("the scheduler cannot use it: UnicodeDecodeError" in line for line in failures), log
+    assert all("relayhost_password_file" in line and "is not valid UTF-8" in line for line in failures), log
     assert len([line for line in failures if " error " in line]) == 1, log
     assert "reloaded" not in log
     assert "loop_exception" not in log
@@ -832,6 +917,28 @@ def test_undeliverable_aliases_stop_serve_before_workers(tmp_path: Path, workers
     prefix = f"relay: local.aliases: {aliases}: "
     assert lines[0].startswith(prefix + "line 1: alias pipe: target '|/bin/touch x' is a command")
     assert lines[1].startswith(prefix + "line 2: aliases form a loop, a1 -> a2 -> a1")
+    assert not (tmp_path / "spool").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_non_utf8_relayhost_password_stops_serve(tmp_path: Path, workers: int) -> None:
+    # No relayhost_username, so the password is never sent, but the router reads the file.
+    password_file = tmp_path / "relayhost-password"
+    password_file.write_bytes(b"\xff\xfe not UTF-8\n")
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[[listener]]\naddress = "127.0.0.1:{free_port()}"\n[spool]\npath = "spool"\n'
+        f'[delivery]\nrelayhost = "[127.0.0.1]:{free_port()}"\nrelayhost_password_file = "{password_file}"\n'
+        '[admin]\naddress = ""\n'
+    )
+
+    result = serve_until_exit(config, str(workers), tmp_path)
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"relay: delivery.relayhost_password_file: {password_file} is not valid UTF-8: byte 0xff at offset 0;"
+        " save the password as UTF-8 text"
+    ]
     assert not (tmp_path / "spool").exists()
 
 

@@ -68,6 +68,8 @@ class Router:
             host, port, use_mx = parse_next_hop(delivery.relayhost)
             password = ""
             if delivery.relayhost_password_file:
+                # NOTE: check_files has read this file already.  A file replaced
+                # between the two reads fails here alone, in the scheduler's process.
                 password = read_password(delivery.relayhost_password_file)
             self._relayhost = Route(
                 kind=SMTP,
