@@ -627,6 +627,11 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
         return tuple(result)
     elif kind == "path":
         _expect(value, (str,), "a file or directory path")
+        # The operating system ends a path at its first NUL, so Python's os
+        # functions reject such a path: os.path.exists() returns False and
+        # open() raises ValueError, far from the key that named it.
+        if "\0" in value:
+            raise ValueError(f"path {_value_repr.repr(value)} contains a NUL character; remove it")
         if not value.strip() and options.get("required"):
             raise ValueError("empty path; give a directory")
         path = ctx.resolve(value)

@@ -1069,3 +1069,36 @@ def test_check_config_rejects_non_utf8_relayhost_password(
         " save the password as UTF-8 text"
     ]
 
+
+def path_keys() -> list[str]:
+    """Return every ``section.key`` whose value is a path, from the field metadata."""
+    keys = []
+    for name, cls in [*config_module._SECTIONS.items(), ("listener", ListenerConfig)]:
+        keys.extend(f"{name}.{item.name}" for item in dataclasses.fields(cls) if item.metadata.get("kind") == "path")
+    return keys
+
+
+@pytest.mark.parametrize("key", path_keys())
+def test_nul_in_path_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str) -> None:
+    section, name = key.split(".")
+    # A file named like the part before the NUL exists, so only the NUL can be the error.
+    (tmp_path / "file").write_text("x\n")
+    text = f'[{section}]\n{name} = "file\\u0000.bak"\n'
+    if section == "tls":
+        # [tls] needs both files; the other one is valid.
+        text += f'{"key" if name == "cert" else "cert"} = "file"\n'
+    path = write(tmp_path, text)
+
+    status = main(["check-config", str(path)])
+
+    captured = capsys.readouterr()
+    assert status == 1
+    assert captured.err.splitlines() == [f"{path}:{key}: path 'file\\x00.bak' contains a NUL character; remove it"]
+
+
+def test_path_keys_cover_every_file_setting() -> None:
+    # The NUL check sits in the "path" kind, so each key naming a file or folder must use it.
+    assert set(path_keys()) == {
+        "tls.cert", "tls.key", "spool.path", "auth.password_file", "delivery.relayhost_password_file",
+        "delivery.tls_ca_file", "local.maildir_root", "local.aliases",
+    }

@@ -1013,17 +1013,16 @@ def test_maildir_root_not_a_folder_defers(
 def test_delivery_error_keeps_destination_running(
     tmp_path: Path, nameserver: NameServer, spool_for: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A maildir_root with a NUL character passes the config check, and the
-    # lookup of a user under it raises ValueError, which local delivery does
-    # not expect.  With one worker for the destination, every job must still
-    # be tried and deferred with the error, each logged once with its queue
-    # ID, and the jobs are delivered once a reload fixes maildir_root.
+    # The lookup of a user under a maildir_root with a NUL character raises
+    # ValueError, which local delivery does not expect.  The config check
+    # rejects such a path, so the config is built past it to reach the
+    # scheduler's guard against unexpected errors.  With one worker for the
+    # destination, every job must still be tried and deferred with the error,
+    # each logged once with its queue ID, and the jobs are delivered once a
+    # reload fixes maildir_root.
     delivery = "destination_concurrency_limit = 1\nminimal_backoff_time = 60\nmaximal_backoff_time = 60"
     good = make_config(tmp_path, nameserver, 25, delivery=delivery)
-    path = tmp_path / "relay.toml"
-    path.write_text(path.read_text().replace('maildir_root = "mail"', 'maildir_root = "mail\\u0000x"'))
-    broken = load_config(path)
-    assert "\0" in broken.local.maildir_root
+    broken = good.replace(local=dataclasses.replace(good.local, maildir_root=good.local.maildir_root + "\0x"))
     spool = spool_for(broken)
     queue_ids = {commit(spool, "bob@local.test", ["alice@local.test"]) for _ in range(3)}
 
