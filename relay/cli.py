@@ -24,8 +24,8 @@ from relay.config import (
     Config,
     ConfigError,
     config_warnings,
+    directory_problem,
     load_config,
-    spool_directory_problem,
 )
 from relay.entry import SENDMAIL_NAMES
 from relay.log import setup_logging
@@ -131,7 +131,7 @@ def _check_config(args: argparse.Namespace) -> int:
     # relay serve finds this only once its workers open the spool, and each
     # then logs spool_error.  relay sendmail exits 75 for it, so it is no
     # error of load_config.
-    spool_problem = spool_directory_problem(config.spool.path)
+    spool_problem = directory_problem(config.spool.path)
     if spool_problem is not None:
         errors.append(f"spool.path: {spool_problem}")
     for error in errors:

@@ -682,11 +682,12 @@ def _suggestion(name: str, known: Iterable[str]) -> str:
     return f" (did you mean {matches[0]}?)" if matches else ""
 
 
-def spool_directory_problem(path: str) -> str | None:
-    """Return why the spool directory ``path`` cannot be opened or created, or None.
+def directory_problem(path: str) -> str | None:
+    """Return why the spool or Maildir root directory ``path`` cannot be opened or created, or None.
 
-    A missing directory is fine, because relay serve creates it with its
-    parents.  A file at the path or at one of its parents is a problem.
+    A missing directory is fine, because relay serve creates the spool, and
+    local delivery each Maildir, with their parents.  A file at the path or
+    at one of its parents is a problem.
     """
     for candidate in (Path(path), *Path(path).parents):
         if not os.path.exists(candidate):

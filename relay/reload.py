@@ -15,8 +15,9 @@ given on the command line (``Config.overrides``) is kept without that
 message.  An invalid file is rejected as a whole: every error is logged and
 the running config stays in force.  So is a config whose TLS
 certificate, credentials file, aliases file, delivery CA bundle or smart
-host password cannot be loaded (``check_files``), or whose routing or local
-delivery the scheduler cannot build, in every process alike.
+host password cannot be loaded, or whose ``maildir_root`` is a file
+(``check_files``), or whose routing or local delivery the scheduler cannot
+build, in every process alike.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from relay.aliases import AliasError, parse_aliases, remember_checked
-from relay.config import Config, ConfigError, load_config
+from relay.config import Config, ConfigError, directory_problem, load_config
 from relay.delivery.router import read_password
 from relay.log import log_event
 from relay.smtp.auth import CredentialsError, read_credentials
@@ -38,7 +39,9 @@ logger = logging.getLogger("relay.reload")
 
 
 class FileCheckError(Exception):
-    """A file that the config names cannot be loaded: a TLS certificate, credentials, aliases or a password.
+    """A file that the config names cannot be loaded, or its ``maildir_root`` cannot be a directory.
+
+    The files are the TLS certificate and key, credentials, aliases, CA bundle and smart host password.
 
     ``errors`` has one line for each problem found.
     """
@@ -69,6 +72,10 @@ def check_files(config: Config) -> None:
         except CredentialsError as exc:
             errors.append(f"auth.password_file: {exc}")
     errors.extend(_delivery_file_errors(config))
+    # RCPT would reply 451 for every local user of such a root, and delivery would defer them all.
+    maildir_problem = directory_problem(config.local.maildir_root)
+    if maildir_problem is not None:
+        errors.append(f"local.maildir_root: {maildir_problem}")
     path = config.local.aliases
     if path:
         try:

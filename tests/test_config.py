@@ -1102,3 +1102,32 @@ def test_path_keys_cover_every_file_setting() -> None:
         "tls.cert", "tls.key", "spool.path", "auth.password_file", "delivery.relayhost_password_file",
         "delivery.tls_ca_file", "local.maildir_root", "local.aliases",
     }
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("relay.toml", "{folder}/relay.toml is not a directory; give a directory"),
+        ("relay.toml/mail", "{folder}/relay.toml is not a directory, so {folder}/relay.toml/mail cannot be created"),
+    ],
+)
+def test_check_config_rejects_file_as_maildir_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, problem: str
+) -> None:
+    path = write(tmp_path, f'[local]\nmaildir_root = "{value}"\n')
+
+    status = main(["check-config", str(path)])
+
+    assert status == 1
+    assert capsys.readouterr().err.startswith(f"{path}:local.maildir_root: {problem.format(folder=tmp_path)}")
+
+
+def test_reload_rejects_file_as_maildir_root(tmp_path: Path) -> None:
+    path = write(tmp_path, '[local]\nmaildir_root = "mail"\n')
+    running = load_config(path)
+    (tmp_path / "mail").write_text("not a folder\n")
+
+    result = reload_config(running)
+
+    assert result.config is None
+    assert result.errors == [f"local.maildir_root: {tmp_path / 'mail'} is not a directory; give a directory"]

@@ -942,6 +942,26 @@ def test_non_utf8_relayhost_password_stops_serve(tmp_path: Path, workers: int) -
     assert not (tmp_path / "spool").exists()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_maildir_root_file_stops_serve(tmp_path: Path, workers: int) -> None:
+    # RCPT would reply 451 for every local user, and delivery would defer them all.
+    (tmp_path / "mail").write_text("not a folder\n")
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[[listener]]\naddress = "127.0.0.1:{free_port()}"\n[spool]\npath = "spool"\n'
+        '[local]\nmaildir_root = "mail/users"\n[admin]\naddress = ""\n'
+    )
+
+    result = serve_until_exit(config, str(workers), tmp_path)
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"relay: local.maildir_root: {tmp_path / 'mail'} is not a directory, so {tmp_path / 'mail/users'}"
+        " cannot be created; give a directory"
+    ]
+    assert not (tmp_path / "spool").exists()
+
+
 def test_undeliverable_aliases_rejected_live_and_at_reload(tmp_path: Path) -> None:
     aliases = tmp_path / "aliases"
     aliases.write_text("sales: alice\n")

@@ -47,16 +47,17 @@ def break_maildir_root(path: Path, kind: str) -> None:
 
 @pytest.mark.parametrize("kind", sorted(BROKEN_ROOTS))
 def test_rcpt_defers_when_maildir_root_broken(tmp_path: Path, kind: str) -> None:
-    break_maildir_root(tmp_path / "mail", kind)
-
-    with RelayProcess(tmp_path) as relay, smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
-        client.ehlo("client.example")
-        client.mail("sender@client.example")
-        alice = client.rcpt("alice@example.net")
-        bob = client.rcpt("bob@example.net")
-        # Configured users and postmaster need no lookup, so they are still accepted.
-        configured = client.rcpt("rcpt@example.net")
-        postmaster = client.rcpt("postmaster@example.net")
+    with RelayProcess(tmp_path) as relay:
+        # Broken once relay runs, because relay serve rejects a maildir_root that is a file at start.
+        break_maildir_root(tmp_path / "mail", kind)
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.ehlo("client.example")
+            client.mail("sender@client.example")
+            alice = client.rcpt("alice@example.net")
+            bob = client.rcpt("bob@example.net")
+            # Configured users and postmaster need no lookup, so they are still accepted.
+            configured = client.rcpt("rcpt@example.net")
+            postmaster = client.rcpt("postmaster@example.net")
 
     assert alice == (451, b"4.3.0 Local error in processing, try again later")
     assert bob == alice
