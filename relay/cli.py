@@ -128,8 +128,8 @@ def _check_config(args: argparse.Namespace) -> int:
         check_files(config)
     except FileCheckError as exc:
         errors.extend(exc.errors)
-    # relay serve finds this only once its workers open the spool, and each
-    # then logs spool_error.  relay sendmail exits 75 for it, so it is no
+    # Checked without creating the spool, which relay serve opens before
+    # its workers start.  relay sendmail exits 75 for it, so it is no
     # error of load_config.
     spool_problem = directory_problem(config.spool.path)
     if spool_problem is not None:

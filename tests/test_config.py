@@ -1031,7 +1031,7 @@ def test_relative_paths_follow_config_file(tmp_path: Path, monkeypatch: pytest.M
 def test_check_config_rejects_file_as_spool(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, problem: str
 ) -> None:
-    # relay serve would start its workers, and each would log spool_error without naming the key.
+    # Found without creating the spool, which relay serve opens before its workers start.
     path = write(tmp_path, f'[spool]\npath = "{value}"\n')
 
     status = main(["check-config", str(path)])

@@ -943,6 +943,41 @@ def test_non_utf8_relayhost_password_stops_serve(tmp_path: Path, workers: int) -
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+def test_unusable_spool_is_one_error(tmp_path: Path, workers: int) -> None:
+    # Each worker would otherwise log its own spool_error and exit.
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "spool.db").write_text("not a database\n")
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[[listener]]\naddress = "127.0.0.1:{free_port()}"\n[spool]\npath = "spool"\n[admin]\naddress = ""\n'
+    )
+
+    result = serve_until_exit(config, str(workers), tmp_path)
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"relay: spool.path: spool {tmp_path / 'spool'}: open failed: file is not a database"
+    ]
+
+
+def test_uncreatable_spool_names_fix(tmp_path: Path) -> None:
+    # Linux lets no one create a directory in /proc, root included.
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[[listener]]\naddress = "127.0.0.1:{free_port()}"\n'
+        '[spool]\npath = "/proc/relay-spool"\n[admin]\naddress = ""\n'
+    )
+
+    result = serve_until_exit(config, "2", tmp_path)
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "relay: spool.path: cannot open spool /proc/relay-spool: No such file or directory;"
+        " give a directory that this user can create and write, in --spool or [spool] path"
+    ]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 def test_maildir_root_file_stops_serve(tmp_path: Path, workers: int) -> None:
     # RCPT would reply 451 for every local user, and delivery would defer them all.
     (tmp_path / "mail").write_text("not a folder\n")

@@ -84,12 +84,12 @@ def _apply_workers(config: Config, workers: int | None) -> Config:
 
 def _run(config: Config, event_loop: str) -> int:
     from relay.reload import FileCheckError
-    from relay.smtp.server import ListenerError, serve
+    from relay.smtp.server import StartupError, serve
 
     setup_logging(config.log.format, config.log.level)
     try:
         return serve(config, event_loop=event_loop)
-    except ListenerError as exc:
+    except StartupError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
     except FileCheckError as exc:

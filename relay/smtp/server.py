@@ -72,6 +72,7 @@ from relay.smtp.session import Session, SessionSettings
 from relay.smtp.tls import TLSSetupError, server_context
 from relay.smtp.transaction import CheckCredentials, MessageReady
 from relay.spool import Spool, SpoolError, new_queue_id
+from relay.spool.store import SpoolStore
 from relay.units import format_host_port
 
 logger = logging.getLogger("relay.smtp")
@@ -732,7 +733,11 @@ def _separate_delivery(config: Config) -> bool:
     return config.server.workers > 1 and spooling and config.delivery.enabled
 
 
-class ListenerError(Exception):
+class StartupError(Exception):
+    """A setting that would stop every worker at start; the message names it and what to do."""
+
+
+class ListenerError(StartupError):
     """A listener's address cannot be used; the message names it and what to do."""
 
 
@@ -750,6 +755,8 @@ def check_startup(config: Config) -> None:
     fails while another process listens there, which the workers' own
     SO_REUSEPORT binds would join silently, splitting connections between
     two relays with different configs and spools.
+    The spool is opened once last, creating it when missing, so that a spool
+    that cannot be opened is one error here instead of one per worker.
     """
     check_files(config)
     bound: dict[tuple[int, Any], ListenerConfig] = {}
@@ -763,6 +770,12 @@ def check_startup(config: Config) -> None:
                     f"listeners {other.address_text} and {listener.address_text} are the same address;"
                     " remove one of them"
                 )
+    if uses_spool(config):
+        # After the listener checks, so that a relay refused for its address creates no spool.
+        try:
+            SpoolStore(config.spool.path, busy_timeout=config.spool.busy_timeout).close()
+        except SpoolError as exc:
+            raise StartupError(f"spool.path: {exc}") from None
 
 
 def _check_address_free(listener: ListenerConfig) -> list[tuple[int, Any]]:
@@ -821,7 +834,7 @@ def uses_spool(config: Config) -> bool:
 def serve(config: Config, *, event_loop: str = "uvloop") -> int:
     """Run ``config.server.workers`` workers until a signal stops them; return the exit status.
 
-    Raises FileCheckError or ListenerError before any worker starts.
+    Raises FileCheckError or StartupError before any worker starts.
     """
     # Taken before any fork, so that only this process, the one systemd started, can report.
     notifier = Notifier.from_environment()

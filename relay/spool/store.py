@@ -398,7 +398,12 @@ class SpoolStore:
                 f"cannot open spool {self.directory}: it is not a directory;"
                 " give a directory in --spool or [spool] path"
             ) from exc
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
+            raise SpoolError(
+                f"cannot open spool {self.directory}: {exc.strerror or exc};"
+                " give a directory that this user can create and write, in --spool or [spool] path"
+            ) from exc
+        except sqlite3.Error as exc:
             raise SpoolError(f"cannot open spool {self.directory}: {exc}") from exc
         try:
             self._configure(busy_timeout, autocheckpoint)
