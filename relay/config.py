@@ -793,7 +793,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     except IsADirectoryError:
         raise ConfigError([f"{filename}: is a directory; pass the path of the config file"]) from None
     except PermissionError:
-        user = _effective_user()
+        user = effective_user()
         raise ConfigError([f"{filename}: cannot be read: permission denied; let user {user} read it"]) from None
     except OSError as exc:
         raise ConfigError([f"{filename}: cannot be read: {exc.strerror}"]) from None
@@ -815,12 +815,19 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     return _build(raw, ctx, filename)
 
 
-def _effective_user() -> str:
+def effective_user() -> str:
     """Return the name of the user this process runs as, or its uid when it has no name."""
     try:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
         return str(os.geteuid())
+
+
+def read_error(path: str, exc: OSError) -> str:
+    """Return "cannot read PATH: REASON" for a file named in the config, with the fix for permission denied."""
+    if isinstance(exc, PermissionError):
+        return f"cannot read {path}: permission denied; let user {effective_user()} read it"
+    return f"cannot read {path}: {exc.strerror or exc}"
 
 
 # The position that tomllib (Python 3.11) puts at the end of its messages.

@@ -29,7 +29,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from relay.aliases import AliasError, parse_aliases, remember_checked
-from relay.config import Config, ConfigError, directory_problem, load_config
+from relay.config import Config, ConfigError, directory_problem, load_config, read_error
 from relay.delivery.router import read_password
 from relay.log import log_event
 from relay.smtp.auth import CredentialsError, read_credentials
@@ -81,8 +81,10 @@ def check_files(config: Config) -> None:
         try:
             with open(path, encoding="utf-8") as handle:
                 remember_checked(path, parse_aliases(handle.read(), config.local.alias_expansion_limit))
-        except (OSError, UnicodeDecodeError) as exc:
-            errors.append(f"local.aliases: cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
+        except OSError as exc:
+            errors.append(f"local.aliases: {read_error(path, exc)}")
+        except UnicodeDecodeError as exc:
+            errors.append(f"local.aliases: cannot read {path}: {exc}")
         except AliasError as exc:
             errors.extend(f"local.aliases: {path}: {error}" for error in exc.errors)
     if errors:
@@ -101,7 +103,7 @@ def _delivery_file_errors(config: Config) -> list[str]:
         except ssl.SSLError as exc:
             errors.append(f"delivery.tls_ca_file: {path} is not a bundle of PEM CA certificates ({exc})")
         except OSError as exc:
-            errors.append(f"delivery.tls_ca_file: cannot read {path}: {exc.strerror}")
+            errors.append(f"delivery.tls_ca_file: {read_error(path, exc)}")
     if delivery.relayhost_password_file:
         # Read even without relayhost_username, because the scheduler's router
         # reads the file whenever a relayhost is set, and a file it cannot
@@ -110,7 +112,7 @@ def _delivery_file_errors(config: Config) -> list[str]:
         try:
             password = read_password(path)
         except OSError as exc:
-            errors.append(f"delivery.relayhost_password_file: cannot read {path}: {exc.strerror or exc}")
+            errors.append(f"delivery.relayhost_password_file: {read_error(path, exc)}")
         except UnicodeDecodeError as exc:
             errors.append(
                 f"delivery.relayhost_password_file: {path} is not valid UTF-8: byte 0x{exc.object[exc.start]:02x}"

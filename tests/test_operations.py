@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import pwd
+import shutil
 import signal
 import smtplib
 import socket
@@ -12,6 +14,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -995,6 +998,69 @@ def test_maildir_root_file_stops_serve(tmp_path: Path, workers: int) -> None:
         " cannot be created; give a directory"
     ]
     assert not (tmp_path / "spool").exists()
+
+
+def serve_as_unprivileged_user(config: Path, cwd: Path) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run ``relay serve`` as a user whom mode 0 keeps out of a file; return the result and the user's name."""
+    command = [sys.executable, "-m", "relay", "serve", "--config", str(config), "--workers", "2"]
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    if os.geteuid() == 0:
+        # root reads and writes every file, so relay runs as nobody (uid 65534).
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is missing, so relay cannot run as another user")
+        command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        user = pwd.getpwuid(65534).pw_name
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=cwd,
+        check=False, timeout=60,
+    )
+    return result, user
+
+
+@pytest.mark.parametrize(
+    ("settings", "locked", "expected"),
+    [
+        (
+            'tls = "starttls"\n[tls]\ncert = "cert.pem"\nkey = "key.pem"\n[spool]\npath = "spool"\n',
+            "key.pem",
+            "relay: tls.key: cannot load TLS certificate {dir}/cert.pem with key {dir}/key.pem:"
+            " cannot read {dir}/key.pem: permission denied; let user {user} read it",
+        ),
+        (
+            '[spool]\npath = "spool"\n[delivery]\nrelayhost = "[127.0.0.1]:2526"\nrelayhost_password_file = "pw"\n',
+            "pw",
+            "relay: delivery.relayhost_password_file: cannot read {dir}/pw: permission denied; let user {user} read it",
+        ),
+        (
+            '[spool]\npath = "locked"\n',
+            "locked",
+            "relay: spool.path: cannot open spool {dir}/locked: permission denied; let user {user} write it,"
+            " or give another directory in --spool or [spool] path",
+        ),
+    ],
+)
+def test_permission_denied_names_user(settings: str, locked: str, expected: str) -> None:
+    # pytest's tmp_path sits in a folder of mode 0700, which the other user cannot enter.
+    folder = Path(tempfile.mkdtemp(prefix="relay-permissions-"))
+    try:
+        make_certificate(folder)
+        (folder / "pw").write_text("secret\n")
+        (folder / "locked").mkdir()
+        # The user may enter the folder and read the config, but not read the locked file or write the locked folder.
+        folder.chmod(0o755)
+        config = folder / "relay.toml"
+        config.write_text(f'[[listener]]\naddress = "127.0.0.1:{free_port()}"\n{settings}[admin]\naddress = ""\n')
+        config.chmod(0o644)
+        (folder / "cert.pem").chmod(0o644)
+        (folder / locked).chmod(0o555 if locked == "locked" else 0)
+
+        result, user = serve_as_unprivileged_user(config, folder)
+
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [expected.format(dir=folder, user=user)]
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_undeliverable_aliases_rejected_live_and_at_reload(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ssl
 import warnings
 
-from relay.config import TLSConfig
+from relay.config import TLSConfig, read_error
 
 # Config names to ssl.TLSVersion member names.  The members are looked up
 # when used, because reading TLSv1 and TLSv1_1 raises a DeprecationWarning.
@@ -111,7 +111,7 @@ def _unreadable_file_error(config: TLSConfig, error: OSError) -> TLSSetupError:
             with open(path, "rb") as file:
                 file.read(1)
         except OSError as exc:
-            return _setup_error(config, f"cannot read {path}: {exc.strerror}", config_key)
+            return _setup_error(config, read_error(path, exc), config_key)
     # Both read now (a file replaced while OpenSSL read it, say): blame the
     # key if the certificate loads alone.
     return _setup_error(config, str(error), "tls.key" if _certificate_loads(config.cert) else "tls.cert")

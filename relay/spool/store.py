@@ -44,6 +44,7 @@ for every recipient.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import math
@@ -60,6 +61,7 @@ import idna
 import orjson
 
 from relay._spoolrows import add_message_rows
+from relay.config import effective_user
 from relay.log import log_event
 from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
 from relay.spool.ids import KEY_SLOTS, MALFORMED_KEYS, is_queue_id, message_key, message_key_range, new_queue_id
@@ -384,6 +386,10 @@ class SpoolStore:
             # Path.exists raises PermissionError for a directory this user cannot search.
             created = not database_path(self.directory).exists()
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Checked here because SQLite reports a folder it cannot write only as
+            # "unable to open database file".
+            if not os.access(self.directory, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self.directory))
             # isolation_level=None: the module's implicit transactions are off and
             # every BEGIN/COMMIT below is explicit.
             self.connection = sqlite3.connect(
@@ -397,6 +403,11 @@ class SpoolStore:
             raise SpoolError(
                 f"cannot open spool {self.directory}: it is not a directory;"
                 " give a directory in --spool or [spool] path"
+            ) from exc
+        except PermissionError as exc:
+            raise SpoolError(
+                f"cannot open spool {self.directory}: permission denied; let user {effective_user()} write it,"
+                " or give another directory in --spool or [spool] path"
             ) from exc
         except OSError as exc:
             raise SpoolError(
