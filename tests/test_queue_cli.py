@@ -21,10 +21,16 @@ from typing import Any
 import orjson
 import pytest
 from spool_helpers import make_body, make_envelope, run
+from test_delivery_local_once import attempted
+from test_delivery_local_once import commit as commit_to
+from test_delivery_local_once import make_config as make_alias_config
+from test_delivery_local_once import run_until as run_scheduler_until
+from test_sendmail import sendmail, write_config
 
 from conftest import REPO_ROOT
 from relay.cli import build_parser, main
 from relay.spool import DeliveryResult, Envelope, Outcome, Recipient, Spool, SpoolStore, new_queue_id
+from relay.spool.cli import format_iso_time
 from relay.spool.store import FLUSH_REQUEST, database_path
 
 # User and group ID of "nobody", which a child running as root switches to.
@@ -962,3 +968,214 @@ def test_changes_logged_on_stderr(spool_dir: Path) -> None:
     assert f"relay.queue: released queue_id={queue_id} recipients=2 {uid}" in stderr["release"]
     assert f"relay.queue: flushed queue_id={queue_id} domain=- recipients=0 {uid}" in stderr["flush"]
     assert f'relay.spool: removed queue_id={queue_id} reason="deleted by operator" {uid}' in stderr["delete"]
+
+
+def _record_bounces(directory: Path, queue_id: str) -> None:
+    """Bounce recipient 1 as expired and recipient 2 with a 5xx, and put off recipient 1's DSN once."""
+    spool = Spool.open(directory)
+    try:
+        results = [
+            DeliveryResult(queue_id, 1, Outcome.FAILED, "451 4.4.1 no answer", "mx.two.example.test", expired=True),
+            DeliveryResult(queue_id, 2, Outcome.FAILED, "550 5.1.1 no such user", "mx.one.example.test"),
+        ]
+        run(spool.record_results(results))
+        assert run(spool.defer_dsn(queue_id, [1], time.time() + 600)) == 1
+    finally:
+        spool.close()
+
+
+def test_list_json_ordinary_message_fields(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _commit(spool_dir, make_envelope(recipients=1))
+    status, out, _ = _queue(capsys, "list", "--json", "--spool", str(spool_dir))
+    assert status == 0
+    [document] = _json_lines(out)
+    assert document["local_submission"] is False
+    assert document["picked_up"] is False
+    assert document["original_queue_id"] is None
+    [recipient] = document["recipients"]
+    assert recipient["delivered_targets"] == []
+    assert recipient["expired"] is None
+    assert recipient["dsn_attempts"] == 0
+    assert recipient["dsn_due"] is None
+
+
+def test_list_ordinary_message_stays_compact(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queue_id = _commit(spool_dir, make_envelope(recipients=2))
+    _defer(spool_dir, queue_id, 1, "451 4.7.1 greylisted")
+    status, out, _ = _queue(capsys, "list", "--spool", str(spool_dir))
+    assert status == 0
+    # Heading, the sender line, two recipients, one reply, a blank line and the total.
+    assert len(out.splitlines()) == 7
+    assert "DSN" not in out
+    assert "expired" not in out
+    assert "already delivered" not in out
+
+
+def test_list_shows_expiry_and_dsn_put_off(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queue_id = _commit(spool_dir, make_envelope(recipients=3))
+    _record_bounces(spool_dir, queue_id)
+    status, out, _ = _queue(capsys, "list", "--spool", str(spool_dir))
+    assert status == 0
+    assert "user0@one.example.test  queued\n" in out
+    assert re.search(
+        r"user1@two\.example\.test  bounced \(expired\)"
+        r" \(DSN not queued after 1 attempt, next try \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\)$",
+        out,
+        re.MULTILINE,
+    )
+    assert re.search(r"user2@one\.example\.test  bounced$", out, re.MULTILINE)
+
+
+def test_list_json_expiry_and_dsn_put_off(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queue_id = _commit(spool_dir, make_envelope(recipients=3))
+    before = time.time()
+    _record_bounces(spool_dir, queue_id)
+    status, out, _ = _queue(capsys, "list", "--json", "--spool", str(spool_dir))
+    assert status == 0
+    [document] = _json_lines(out)
+    queued, expired, rejected = document["recipients"]
+    assert queued["expired"] is None
+    assert expired["expired"] is True
+    assert rejected["expired"] is False
+    assert expired["dsn"] == "pending"
+    assert expired["dsn_attempts"] == 1
+    assert expired["dsn_due"] > format_iso_time(before + 599)
+    assert rejected["dsn"] == "pending"
+    assert rejected["dsn_attempts"] == 0
+    assert rejected["dsn_due"] is None
+
+
+def test_show_expiry_and_dsn_put_off(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queue_id = _commit(spool_dir, make_envelope(recipients=3))
+    _record_bounces(spool_dir, queue_id)
+    status, out, _ = _queue(capsys, "show", queue_id, "--spool", str(spool_dir))
+    assert status == 0
+    assert "[1] user1@two.example.test  bounced (expired), 1 attempt(s)" in out
+    assert "[2] user2@one.example.test  bounced, 1 attempt(s)" in out
+    iso_time = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    assert re.search(rf"^ +DSN pending, not queued after 1 attempt, next try {iso_time}$", out, re.MULTILINE)
+    # Recipient 2's DSN never failed to be queued.
+    assert re.search(r"^ +DSN pending$", out, re.MULTILINE)
+    assert "Submitted:" not in out
+    assert "DSN for:" not in out
+
+
+def test_dsn_names_original_message(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    original = _commit(spool_dir, make_envelope(recipients=1))
+    dsn = Envelope("", (Recipient("sender@example.test"),), original_queue_id=original)
+    dsn_id = _commit(spool_dir, dsn, b"Subject: Undelivered Mail\r\n\r\nreport\r\n")
+
+    status, out, _ = _queue(capsys, "list", "--spool", str(spool_dir))
+    assert status == 0
+    assert re.search(rf"^{dsn_id} .* <>  \(DSN for {original}\)$", out, re.MULTILINE)
+    assert re.search(rf"^{original} .* sender@example\.test$", out, re.MULTILINE)
+
+    status, out, _ = _queue(capsys, "show", dsn_id, "--spool", str(spool_dir))
+    assert status == 0
+    assert f"\nDSN for:       {original}\n" in out
+
+    status, out, _ = _queue(capsys, "list", "--json", "--spool", str(spool_dir))
+    assert status == 0
+    documents = {document["queue_id"]: document for document in _json_lines(out)}
+    assert documents[dsn_id]["original_queue_id"] == original
+    assert documents[original]["original_queue_id"] is None
+
+
+def test_show_json_document_and_history(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queue_id = _commit(spool_dir, make_envelope(recipients=2, envid="ENV1"))
+    _defer(spool_dir, queue_id, 1, "451 4.7.1 greylisted")
+    status, out, _ = _queue(capsys, "show", queue_id, "--json", "--spool", str(spool_dir))
+    assert status == 0
+    [document] = _json_lines(out)
+    status, listed, _ = _queue(capsys, "list", "--json", "--spool", str(spool_dir))
+    assert status == 0
+    [listed_document] = _json_lines(listed)
+    history = document.pop("history")
+    assert document == listed_document
+    [attempt] = history
+    assert attempt["index"] == 1
+    assert attempt["outcome"] == "deferred"
+    assert attempt["reply"] == "451 4.7.1 greylisted"
+    assert attempt["host"] == "mx.two.example.test"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", attempt["time"])
+
+
+def test_show_json_and_body_exclusive(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queue_id = _commit(spool_dir, make_envelope())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["queue", "show", queue_id, "--json", "--body", "--spool", str(spool_dir)])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_sendmail_submission_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    spool_path = tmp_path / "spool"
+    result = sendmail(["--config", str(config), "alice@example.test"], b"Subject: cron\n\nreport\n")
+    assert result.returncode == 0, result.stderr
+
+    status, out, _ = _queue(capsys, "list", "--json", "--spool", str(spool_path))
+    assert status == 0
+    [document] = _json_lines(out)
+    queue_id = document["queue_id"]
+    assert document["local_submission"] is True
+    assert document["picked_up"] is False
+    assert document["client_address"] is None
+
+    status, out, _ = _queue(capsys, "show", queue_id, "--spool", str(spool_path))
+    assert status == 0
+    assert "\nSubmitted:     by relay sendmail, not yet picked up by the scheduler\n" in out
+
+    # A claim is how the scheduler picks up a message and logs picked_up.
+    spool = Spool.open(spool_path)
+    try:
+        [claim] = run(spool.claim("queue-cli-test"))
+        assert claim.picked_up
+    finally:
+        spool.close()
+
+    status, out, _ = _queue(capsys, "list", "--json", "--spool", str(spool_path))
+    assert status == 0
+    [document] = _json_lines(out)
+    assert document["picked_up"] is True
+    status, out, _ = _queue(capsys, "show", queue_id, "--spool", str(spool_path))
+    assert status == 0
+    assert "\nSubmitted:     by relay sendmail, picked up by the scheduler\n" in out
+    # list keeps ordinary text for a local submission.
+    status, out, _ = _queue(capsys, "list", "--spool", str(spool_path))
+    assert status == 0
+    assert "sendmail" not in out
+
+
+def test_alias_deferral_shows_targets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # carol's "new" folder is a file, so her write fails after alice and bob
+    # got the message, and the scheduler defers team@ with the two stored.
+    config = make_alias_config(tmp_path, "team: alice, bob, carol\n")
+    (tmp_path / "mail" / "carol").mkdir()
+    (tmp_path / "mail" / "carol" / "new").write_text("not a folder\n")
+    spool = Spool.from_config(config.spool)
+    try:
+        queue_id = commit_to(spool, ["team@local.test"])
+        assert run_scheduler_until(config, spool, lambda: attempted(config, queue_id))
+    finally:
+        spool.close()
+    spool_path = str(config.spool.path)
+
+    status, out, _ = _queue(capsys, "list", "--spool", spool_path)
+    assert status == 0
+    assert "team@local.test  deferred (attempt 1, next " in out
+    # The deferral's reply names the targets, so list prints them once.
+    assert out.count("already delivered to") == 1
+    assert "; already delivered to alice, bob)" in out
+
+    status, out, _ = _queue(capsys, "show", queue_id, "--spool", spool_path)
+    assert status == 0
+    assert "\n      already delivered to alias targets alice, bob\n" in out
+
+    status, out, _ = _queue(capsys, "list", "--json", "--spool", spool_path)
+    assert status == 0
+    [document] = _json_lines(out)
+    [recipient] = document["recipients"]
+    assert recipient["state"] == "deferred"
+    assert recipient["delivered_targets"] == ["alice", "bob"]
+    assert recipient["expired"] is False

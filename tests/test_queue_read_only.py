@@ -36,6 +36,7 @@ READ_COMMANDS = [
     ["queue", "list", "--json"],
     ["queue", "show", "ID"],
     ["queue", "show", "ID", "--body"],
+    ["queue", "show", "ID", "--json"],
     ["status"],
     ["status", "--json"],
 ]

@@ -12,6 +12,11 @@ checkpoint).  A spool at an older schema version is reported with exit
 status 1 until ``relay serve`` migrates it.  The other subcommands need
 write access, and without it exit with status 1 and a line naming the path.
 
+The text of ``list`` stays compact: beyond the state and last reply it
+names only what explains a message still queued (the original message of
+a DSN, an expiry, alias targets that have the message, a DSN put off).
+``show`` and the ``--json`` of both print every stored fact.
+
 Each message is read in one SQLite read transaction, so its envelope and
 recipients agree even while worker processes commit.  ``list`` reads and
 prints the queue a page at a time, so its memory does not grow with the
@@ -47,7 +52,7 @@ from relay.spool import DEFAULT_BUSY_TIMEOUT
 from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
 from relay.spool.ids import is_queue_id
 from relay.spool.store import SpoolStore, database_path, read_only_uri, wal_paths
-from relay.spool.types import Attempt, RecipientState, StoredMessage, StoredRecipient
+from relay.spool.types import Attempt, DsnState, RecipientState, StoredMessage, StoredRecipient
 from relay.units import format_duration
 
 # Column widths: queue IDs are 15 characters (see relay.spool.ids) and an
@@ -84,7 +89,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     show = actions.add_parser("show", parents=[common], help="show one message's envelope, history and headers")
     show.add_argument("queue_id", metavar="ID", help="queue ID, as relay queue list shows it")
-    show.add_argument("--body", action="store_true", help="print the whole message after the envelope")
+    show_output = show.add_mutually_exclusive_group()
+    show_output.add_argument("--body", action="store_true", help="print the whole message after the envelope")
+    show_output.add_argument(
+        "--json", action="store_true", help="print the envelope and history as one JSON object, as list --json does"
+    )
     show.set_defaults(handler=_run, action=_show, read_only=True)
 
     flush = actions.add_parser(
@@ -404,10 +413,13 @@ def _print_heading() -> None:
 
 
 def _print_entry(message: StoredMessage) -> None:
-    print(
+    line = (
         f"{message.queue_id:<{_ID_WIDTH}} {message.size:>8} {_format_time(message.arrival):<{_TIME_WIDTH}}"
         f" {_format_path(message.envelope.sender)}"
     )
+    if message.envelope.original_queue_id is not None:
+        line += f"  (DSN for {_escape_controls(message.envelope.original_queue_id)})"
+    print(line)
     for recipient in message.recipients:
         print(_recipient_line(recipient))
     print()
@@ -415,15 +427,48 @@ def _print_entry(message: StoredMessage) -> None:
 
 def _recipient_line(recipient: StoredRecipient) -> str:
     indent = " " * (_ID_WIDTH + 1 + 8 + 1 + _TIME_WIDTH + 1)
-    line = f"{indent}{_format_path(recipient.address)}  {recipient.state.value}"
+    line = f"{indent}{_format_path(recipient.address)}  {_state_text(recipient)}"
     if recipient.state in (RecipientState.QUEUED, RecipientState.DEFERRED) and recipient.attempts:
         line += f" (attempt {recipient.attempts}, next {_format_time(recipient.next_attempt)})"
+    if _dsn_put_off(recipient):
+        line += f" (DSN {_dsn_retry_text(recipient, precise=False)})"
     if recipient.last_reply:
         line += f"\n{indent}  ({_one_line(recipient.last_reply)}"
         # Local errors about a host (a refused connection) name it already.
         named = recipient.last_host is None or recipient.last_host in recipient.last_reply
         line += ")" if named else f" from {recipient.last_host})"
+    # Local delivery ends the reply of a deferral with the same list, so the
+    # line is left out while the reply names them already.
+    if recipient.delivered_targets and not (recipient.last_reply or "").endswith(
+        f"; already delivered to {', '.join(recipient.delivered_targets)}"
+    ):
+        line += f"\n{indent}  ({_targets_text(recipient)})"
     return line
+
+
+def _state_text(recipient: StoredRecipient) -> str:
+    """Return the recipient's state, with "(expired)" for a bounce because its queue lifetime ran out."""
+    return f"{recipient.state.value} (expired)" if recipient.expired else recipient.state.value
+
+
+def _dsn_put_off(recipient: StoredRecipient) -> bool:
+    """Return whether the recipient owes a DSN that failed to be queued before."""
+    # dsn_attempts keeps its count after the DSN is queued at last.
+    return recipient.dsn is DsnState.PENDING and recipient.dsn_attempts > 0
+
+
+def _dsn_retry_text(recipient: StoredRecipient, precise: bool) -> str:
+    """Describe the failed attempts to queue the recipient's owed DSN and when it is tried again."""
+    attempts = "attempt" if recipient.dsn_attempts == 1 else "attempts"
+    return (
+        f"not queued after {recipient.dsn_attempts} {attempts},"
+        f" next try {_format_time(recipient.dsn_due, precise=precise)}"
+    )
+
+
+def _targets_text(recipient: StoredRecipient) -> str:
+    targets = ", ".join(_format_path(target) for target in recipient.delivered_targets)
+    return f"already delivered to alias targets {targets}"
 
 
 def _message_document(message: StoredMessage) -> dict[str, Any]:
@@ -437,6 +482,9 @@ def _message_document(message: StoredMessage) -> dict[str, Any]:
         "helo_name": envelope.helo_name,
         "auth_user": envelope.auth_user,
         "protocol": envelope.protocol,
+        "local_submission": envelope.local_submission,
+        "picked_up": message.picked_up,
+        "original_queue_id": envelope.original_queue_id,
         "esmtp": {
             "size": envelope.size,
             "body": envelope.body_type,
@@ -457,6 +505,11 @@ def _message_document(message: StoredMessage) -> dict[str, Any]:
                 # The spool stores "" as the host of a local delivery or a local failure.
                 "last_host": recipient.last_host or None,
                 "dsn": recipient.dsn.value,
+                "dsn_attempts": recipient.dsn_attempts,
+                # 0 in the spool: no failed attempt to queue the DSN puts it off.
+                "dsn_due": _format_time(recipient.dsn_due, precise=True) if recipient.dsn_due else None,
+                "delivered_targets": list(recipient.delivered_targets),
+                "expired": recipient.expired,
             }
             for recipient in message.recipients
         ],
@@ -479,6 +532,12 @@ def _show(store: SpoolStore, args: argparse.Namespace) -> int:
         _report_corrupt([exc])
         return 1
 
+    if args.json:
+        document = _message_document(message)
+        document["history"] = [_attempt_document(attempt) for attempt in history]
+        sys.stdout.write(orjson.dumps(document).decode() + "\n")
+        return 0
+
     envelope = message.envelope
     fields: list[tuple[str, Any]] = [
         ("Queue ID", message.queue_id),
@@ -486,6 +545,8 @@ def _show(store: SpoolStore, args: argparse.Namespace) -> int:
         ("Size", f"{message.size} octets"),
         ("Sender", _format_path(envelope.sender)),
         ("Client", envelope.client_address or "local"),
+        ("Submitted", _submission_text(message)),
+        ("DSN for", envelope.original_queue_id),
         ("HELO", envelope.helo_name),
         ("Protocol", envelope.protocol),
         ("Authenticated", envelope.auth_user),
@@ -502,7 +563,7 @@ def _show(store: SpoolStore, args: argparse.Namespace) -> int:
     print("\nRecipients:")
     for recipient in message.recipients:
         print(
-            f"  [{recipient.index}] {_format_path(recipient.address)}  {recipient.state.value},"
+            f"  [{recipient.index}] {_format_path(recipient.address)}  {_state_text(recipient)},"
             f" {recipient.attempts} attempt(s)"
         )
         if recipient.orcpt or recipient.notify:
@@ -510,8 +571,11 @@ def _show(store: SpoolStore, args: argparse.Namespace) -> int:
             print(f"      ORCPT={orcpt} NOTIFY={','.join(recipient.notify) or '-'}")
         if recipient.state in (RecipientState.QUEUED, RecipientState.DEFERRED):
             print(f"      next attempt {_format_time(recipient.next_attempt, precise=True)}")
-        if recipient.dsn.value != "none":
-            print(f"      DSN {recipient.dsn.value}")
+        if recipient.delivered_targets:
+            print(f"      {_targets_text(recipient)}")
+        if recipient.dsn is not DsnState.NONE:
+            retry = f", {_dsn_retry_text(recipient, precise=True)}" if _dsn_put_off(recipient) else ""
+            print(f"      DSN {recipient.dsn.value}{retry}")
         for attempt in history:
             if attempt.index == recipient.index:
                 print(f"      {_history_line(attempt)}")
@@ -530,9 +594,28 @@ def _show(store: SpoolStore, args: argparse.Namespace) -> int:
     return 0
 
 
+def _submission_text(message: StoredMessage) -> str | None:
+    """Describe a message that ``relay sendmail`` stored, or return None for one received over SMTP."""
+    if not message.envelope.local_submission:
+        return None
+    if message.picked_up:
+        return "by relay sendmail, picked up by the scheduler"
+    return "by relay sendmail, not yet picked up by the scheduler"
+
+
 def _escape_controls(text: str) -> str:
     # Header lines keep their TAB and the LF between them.
     return escape_controls(text, keep="\t\n")
+
+
+def _attempt_document(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "index": attempt.index,
+        "time": _format_time(attempt.time, precise=True),
+        "outcome": attempt.outcome,
+        "reply": attempt.reply or None,
+        "host": attempt.host or None,
+    }
 
 
 def _history_line(attempt: Attempt) -> str:
