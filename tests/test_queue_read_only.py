@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 from spool_helpers import make_envelope, run
 
@@ -205,10 +206,79 @@ def test_older_schema_not_migrated(spool_dir: Path, command: list[str]) -> None:
     assert result.returncode == 1
     assert result.stdout == ""
     assert "Traceback" not in result.stderr
-    assert f"spool {spool_dir} has schema version 2, and this relay reads version {SCHEMA_VERSION}" in result.stderr
+    assert (
+        f"spool {spool_dir} has schema version 2, and this relay reads versions 3 to {SCHEMA_VERSION}"
+        " without changing the spool" in result.stderr
+    )
     assert "start `relay serve` on it once, as the user that owns it, to migrate it" in result.stderr
     assert _files(spool_dir) == before
     assert _schema_version(spool_dir) == 2
+
+
+def _make_version_3(directory: Path) -> None:
+    """Give the stopped spool in ``directory`` the layout of schema version 3, without version 4's columns."""
+    with sqlite3.connect(database_path(directory)) as connection:
+        for column in ("delivered_targets", "expired", "dsn_attempts", "dsn_due"):
+            connection.execute(f"ALTER TABLE recipient DROP COLUMN {column}")
+        connection.execute("PRAGMA user_version = 3")
+    connection.close()
+
+
+def _fill_version_3(directory: Path) -> str:
+    """Fill a spool as ``_fill`` does, bounce recipient 0 of the first message, and convert it to version 3."""
+    spool = Spool.open(directory)
+    try:
+        queue_id = _fill(spool)
+        result = DeliveryResult(queue_id, 0, Outcome.FAILED, "550 5.1.1 no such user", "mx.one.example.test")
+        run(spool.record_results([result]))
+    finally:
+        spool.close()
+    _make_version_3(directory)
+    return queue_id
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=" ".join)
+def test_version_3_read_unchanged(spool_dir: Path, command: list[str]) -> None:
+    queue_id = _fill_version_3(spool_dir)
+    _make_read_only(spool_dir)
+    before = _files(spool_dir)
+
+    result = _relay(*_arguments(command, queue_id), directory=spool_dir)
+
+    assert result.stderr == ""
+    assert result.returncode == 0
+    assert queue_id in result.stdout or "one.example.test" in result.stdout
+    assert _files(spool_dir) == before
+    assert _schema_version(spool_dir) == 3
+
+
+def test_version_3_listed_with_defaults(spool_dir: Path) -> None:
+    queue_id = _fill_version_3(spool_dir)
+    _make_read_only(spool_dir)
+
+    json_listing = _relay("queue", "list", "--json", directory=spool_dir)
+    text_listing = _relay("queue", "list", directory=spool_dir)
+    show_output = _relay("queue", "show", queue_id, directory=spool_dir)
+
+    assert json_listing.returncode == 0, json_listing.stderr
+    documents = {document["queue_id"]: document for document in map(orjson.loads, json_listing.stdout.splitlines())}
+    bounced, deferred = documents[queue_id]["recipients"]
+    assert bounced["state"] == "bounced"
+    assert bounced["dsn"] == "pending"
+    assert deferred["state"] == "deferred"
+    assert deferred["last_reply"] == "451 4.3.0 try later"
+    # Version 3 stored none of these, so each reads as the conversion would fill it.
+    for recipient in (bounced, deferred):
+        assert recipient["expired"] is None
+        assert recipient["delivered_targets"] == []
+        assert recipient["dsn_attempts"] == 0
+        assert recipient["dsn_due"] is None
+    assert text_listing.returncode == 0, text_listing.stderr
+    assert "user0@one.example.test  bounced\n" in text_listing.stdout
+    assert "(451 4.3.0 try later from mx.two.example.test)" in text_listing.stdout
+    assert show_output.returncode == 0, show_output.stderr
+    assert "[0] user0@one.example.test  bounced, 1 attempt(s)" in show_output.stdout
+    assert "      DSN pending\n" in show_output.stdout
 
 
 @pytest.mark.parametrize("name", ["spool.db-shm", "spool.db-wal", "spool.db"])

@@ -8,9 +8,10 @@ or on the ``[spool] path`` of ``--config FILE`` (default: ``./relay-spool``).
 ``list`` and ``show`` open the spool read-only: they need read access to the
 spool directory and its ``spool.db`` files, not write access, and they never
 change the spool (no schema migration, no record moved aside, no
-checkpoint).  A spool at an older schema version is reported with exit
-status 1 until ``relay serve`` migrates it.  The other subcommands need
-write access, and without it exit with status 1 and a line naming the path.
+checkpoint).  They read a spool of schema version 3 as it is, and report
+an older one with exit status 1 until ``relay serve`` migrates it.  The
+other subcommands need write access, and without it exit with status 1 and
+a line naming the path.
 
 The text of ``list`` stays compact: beyond the state and last reply it
 names only what explains a message still queued (the original message of

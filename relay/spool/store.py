@@ -38,7 +38,8 @@ had no ``fresh`` table, and opening such a spool adds it.  Versions before 4
 had no ``delivered_targets``, ``expired``, ``dsn_attempts`` and ``dsn_due``
 columns in ``recipient``, and opening such a spool adds them: ``expired``
 stays NULL in the rows recorded before, and ``delivered_targets`` is NULL
-for every recipient.
+for every recipient.  A read-only store reads a version 3 spool without
+converting it, and reads those values for the columns it lacks.
 """
 
 from __future__ import annotations
@@ -222,6 +223,16 @@ _RECIPIENT_COLUMNS = (
     "idx, address, orcpt, notify, state, attempts, next_attempt, last_attempt, last_reply, last_host, dsn,"
     " delivered_targets, expired, dsn_attempts, dsn_due"
 )
+# Values that a read-only store selects in place of the version 4 columns
+# that a version 3 spool lacks, the same values that converting it stores.
+_VERSION_4_DEFAULTS = {
+    "delivered_targets": "NULL",
+    "expired": "NULL",
+    "dsn_attempts": "0",
+    "dsn_due": "0",
+}
+# The oldest schema version that a read-only store reads without converting it.
+OLDEST_READABLE_VERSION = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +390,7 @@ class SpoolStore:
     ) -> None:
         self.directory = Path(directory)
         self.read_only = read_only
+        self._recipient_columns = _RECIPIENT_COLUMNS
         if read_only:
             self._open_read_only(busy_timeout)
             return
@@ -433,7 +445,11 @@ class SpoolStore:
         copying the whole WAL into ``spool.db``, so the database file alone
         holds every commit, and ``immutable=1`` reads it without creating
         them, which a user without write access to the directory could not do.
-        Raises SpoolError when the spool's schema version is not the current one.
+
+        A version 3 spool differs only in the ``recipient`` columns that
+        version 4 added, so it is read as it is, with each missing column
+        read as the conversion would fill it.  Raises SpoolError for an
+        older schema version.
         """
         try:
             self.connection = sqlite3.connect(
@@ -444,12 +460,14 @@ class SpoolStore:
         try:
             with self._errors("open"):
                 version = self._schema_version()
-            if version != SCHEMA_VERSION:
-                raise SpoolError(
-                    f"spool {self.directory} has schema version {version}, and this relay reads version"
-                    f" {SCHEMA_VERSION} without changing the spool; start `relay serve` on it once, as the"
-                    " user that owns it, to migrate it"
-                )
+                if version < OLDEST_READABLE_VERSION:
+                    raise SpoolError(
+                        f"spool {self.directory} has schema version {version}, and this relay reads versions"
+                        f" {OLDEST_READABLE_VERSION} to {SCHEMA_VERSION} without changing the spool;"
+                        " start `relay serve` on it once, as the user that owns it, to migrate it"
+                    )
+                if version < SCHEMA_VERSION:
+                    self._recipient_columns = self._readable_recipient_columns()
         except BaseException:
             self.connection.close()
             raise
@@ -503,6 +521,15 @@ class SpoolStore:
             # Adding a column rewrites no row: old rows read NULL or the default.
             if column.split()[0] not in columns:
                 self.connection.execute(f"ALTER TABLE recipient ADD COLUMN {column}")
+
+    def _readable_recipient_columns(self) -> str:
+        """Return ``_RECIPIENT_COLUMNS`` with a default in place of each version 4 column the table lacks."""
+        present = {row[1] for row in self.connection.execute("PRAGMA table_info(recipient)")}
+        columns = [name.strip() for name in _RECIPIENT_COLUMNS.split(",")]
+        return ", ".join(
+            name if name in present or name not in _VERSION_4_DEFAULTS else _VERSION_4_DEFAULTS[name]
+            for name in columns
+        )
 
     def _schema_version(self) -> int:
         version: int = self.connection.execute("PRAGMA user_version").fetchone()[0]
@@ -1463,7 +1490,7 @@ class SpoolStore:
             ).fetchone()
             if row is None:
                 return None
-            recipient_rows = self._recipient_rows_of(_RECIPIENT_COLUMNS, [queue_id]).get(queue_id, [])
+            recipient_rows = self._recipient_rows_of(self._recipient_columns, [queue_id]).get(queue_id, [])
             fresh = self._fresh_rows([row[8]]) if not recipient_rows else {}
         return _decode_message(row, recipient_rows, fresh[row[8]][0] if fresh else None)
 
@@ -1485,7 +1512,7 @@ class SpoolStore:
                 queue_ids,
                 (limit,),
             )
-            recipient_rows = self._recipient_rows_of(_RECIPIENT_COLUMNS, list(rows))
+            recipient_rows = self._recipient_rows_of(self._recipient_columns, list(rows))
             fresh = self._fresh_rows([row[10] for queue_id, row in rows.items() if queue_id not in recipient_rows])
         loaded: dict[str, tuple[StoredMessage, bytes | None] | CorruptRecord] = {}
         for queue_id, row in rows.items():
