@@ -1179,3 +1179,20 @@ def test_alias_deferral_shows_targets(tmp_path: Path, capsys: pytest.CaptureFixt
     assert recipient["state"] == "deferred"
     assert recipient["delivered_targets"] == ["alice", "bob"]
     assert recipient["expired"] is False
+
+
+def test_list_targets_without_reply(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A stop of the scheduler during an alias delivery stores the targets
+    # written so far without a result, so no reply names them.
+    queue_id = _commit(spool_dir, Envelope("dora@local.test", (Recipient("team@local.test"),)))
+    spool = Spool.open(spool_dir)
+    try:
+        [claim] = run(spool.claim("queue-cli-test"))
+        assert run(spool.record_delivered_targets(queue_id, 0, ["alice", "bob"], claim.lease_token))
+    finally:
+        spool.close()
+
+    status, out, _ = _queue(capsys, "list", "--spool", str(spool_dir))
+    assert status == 0
+    assert re.search(r"^ +team@local\.test  queued$", out, re.MULTILINE)
+    assert re.search(r"^ +\(already delivered to alias targets alice, bob\)$", out, re.MULTILINE)
