@@ -216,7 +216,7 @@ def expansion_size(aliases: dict[str, tuple[str, ...]], alias: str) -> int:
 
     The walk is delivery's (``LocalDelivery.expand``): each alias once, at most
     MAX_ALIAS_DEPTH levels down.  Every local user counts, because delivery
-    skips one only while its Maildir is missing.
+    forwards a user whose Maildir is missing as an address, which bounces.
     """
     users: set[str] = set()
     remote: set[str] = set()

@@ -17,7 +17,7 @@ from relay.aliases import (
     remember_checked,
 )
 from relay.config import LocalConfig
-from relay.delivery.maildir import LocalDelivery
+from relay.delivery.maildir import LocalDelivery, UnknownUser
 
 EXPECTED = 'relay supports only "alias: user[, user@domain]" targets'
 
@@ -161,7 +161,49 @@ def test_postmaster_alias_to_nobody_keeps_mailbox(tmp_path: Path) -> None:
     # RFC 5321 section 4.5.1: postmaster stays deliverable even when its alias leads nowhere.
     local = LocalDelivery(LocalConfig(maildir_root=str(tmp_path)), {"postmaster": ("root",)})
 
-    assert local.expand("postmaster").users == ("postmaster",)
+    expansion = local.expand("postmaster", "example.test")
+
+    assert expansion.users == ("postmaster",)
+    # root's copy still bounces, so that the missing mailbox shows.
+    assert expansion.unknown == ("root@example.test",)
+
+
+def test_unknown_member_becomes_address(tmp_path: Path) -> None:
+    # ghost is listed directly and nobody through the alias helpers; neither
+    # has a mailbox, so both become addresses in the recipient's domain.
+    (tmp_path / "alice").mkdir()
+    aliases = {"team": ("alice", "ghost", "helpers"), "helpers": ("nobody",)}
+    local = LocalDelivery(LocalConfig(maildir_root=str(tmp_path)), aliases)
+
+    expansion = local.expand("Team", "Example.test")
+
+    assert expansion.users == ("alice",)
+    assert expansion.remote == ("ghost@Example.test", "nobody@Example.test")
+    assert expansion.unknown == ("ghost@Example.test", "nobody@Example.test")
+
+
+def test_unknown_member_listed_as_address_once(tmp_path: Path) -> None:
+    local = LocalDelivery(LocalConfig(maildir_root=str(tmp_path)), {"team": ("ghost", "ghost@example.test")})
+
+    expansion = local.expand("team", "example.test")
+
+    assert expansion.remote == ("ghost@example.test",)
+    assert expansion.unknown == ()
+
+
+def test_alias_of_unknown_members_only_unknown(tmp_path: Path) -> None:
+    # No member leads anywhere, so the alias itself fails as an unknown user.
+    local = LocalDelivery(LocalConfig(maildir_root=str(tmp_path)), {"team": ("ghost", "nobody")})
+
+    with pytest.raises(UnknownUser):
+        local.expand("team", "example.test")
+
+
+def test_unknown_address_is_not_a_member(tmp_path: Path) -> None:
+    local = LocalDelivery(LocalConfig(maildir_root=str(tmp_path)), {})
+
+    with pytest.raises(UnknownUser):
+        local.expand("ghost", "example.test")
 
 
 def test_later_process_falls_back_to_checked_aliases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

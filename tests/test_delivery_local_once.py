@@ -361,3 +361,84 @@ def test_serve_restart_skips_delivered_targets(tmp_path: Path) -> None:
         assert wait_until(lambda: not restarted.spooled()), restarted.log()
     assert (copies_in(tmp_path, "alice"), copies_in(tmp_path, "carol")) == (1, 1)
     assert "delivered to alice, carol" in restarted.log()
+
+
+def test_unknown_alias_member_bounces(
+    tmp_path: Path, spool_for: Callable[[Config], Spool], caplog: pytest.LogCaptureFixture
+) -> None:
+    # ghost has no Maildir and is not in [local] users.  alice gets her one
+    # copy, and ghost's copy bounces to dora with team as Original-Recipient.
+    config = make_config(tmp_path, "team: alice, ghost\n")
+    (tmp_path / "mail" / "dora").mkdir()
+    spool = spool_for(config)
+    queue_id = commit(spool, ["team@local.test"])
+
+    def settled() -> bool:
+        return stored_message(config, queue_id) is None and copies(config, "dora") == 1
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        assert run_until(config, spool, settled)
+    assert copies(config, "alice") == 1
+    assert not (tmp_path / "mail" / "ghost").exists()
+
+    (member,) = events(caplog, "alias_member_unknown")
+    fields = member.__dict__["fields"]
+    assert fields["queue_id"] == queue_id
+    assert fields["to"] == "team@local.test"
+    assert fields["members"] == ["ghost@local.test"]
+    delivered = [
+        record for record in events(caplog, "delivered") if record.__dict__["fields"]["to"] == "team@local.test"
+    ]
+    assert len(delivered) == 1
+    assert delivered[0].__dict__["fields"]["reply"] == "250 2.0.0 expanded to alice, ghost@local.test"
+    (bounced,) = events(caplog, "bounced")
+    assert bounced.__dict__["fields"]["queue_id"] == fields["new_queue_id"]
+    assert bounced.__dict__["fields"]["reply"] == "550 5.1.1 <ghost@local.test>: no such user here"
+
+    (report,) = mailbox.Maildir(str(tmp_path / "mail" / "dora"), create=False)
+    status = report.get_payload()[1].get_payload()[1]
+    assert status["Action"] == "failed"
+    assert status["Status"] == "5.1.1"
+    assert status["Final-Recipient"] == "rfc822; ghost@local.test"
+    assert status["Original-Recipient"] == "rfc822;team@local.test"
+    assert " ".join(status["Diagnostic-Code"].split()) == "X-relay; 550 5.1.1 <ghost@local.test>: no such user here"
+
+
+def test_unknown_alias_member_no_second_bounce(tmp_path: Path, spool_for: Callable[[Config], Spool]) -> None:
+    # The members of a nested alias bounce in one DSN to dora, and the bounced
+    # copy leaves nothing in the queue that could loop.
+    config = make_config(tmp_path, "team: alice, helpers\nhelpers: ghost, nobody\n")
+    (tmp_path / "mail" / "dora").mkdir()
+    spool = spool_for(config)
+    queue_id = commit(spool, ["team@local.test"])
+
+    def settled() -> bool:
+        with SpoolStore(config.spool.path) as store:
+            return not store.queue_ids() and copies(config, "dora") == 1
+
+    assert run_until(config, spool, settled)
+    assert stored_message(config, queue_id) is None
+    assert (copies(config, "alice"), copies(config, "dora")) == (1, 1)
+    (report,) = mailbox.Maildir(str(tmp_path / "mail" / "dora"), create=False)
+    statuses = report.get_payload()[1].get_payload()[1:]
+    final = [status["Final-Recipient"] for status in statuses]
+    assert final == ["rfc822; ghost@local.test", "rfc822; nobody@local.test"]
+    assert {status["Original-Recipient"] for status in statuses} == {"rfc822;team@local.test"}
+
+
+def test_serve_bounces_unknown_alias_member(tmp_path: Path) -> None:
+    # relay serve delivers alice's copy and bounces ghost's to rcpt, the sender.
+    relay = relay_with_team(tmp_path)
+    (tmp_path / "aliases").write_text("team: alice, ghost\n")
+    with relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.sendmail("rcpt@example.net", ["team@example.net"], BODY)
+        assert wait_until(lambda: copies_in(tmp_path, "rcpt") == 1 and not relay.spooled()), relay.log()
+    assert copies_in(tmp_path, "alice") == 1
+    (line,) = [line for line in relay.log().splitlines() if " alias_member_unknown " in line]
+    assert "to=team@example.net" in line
+    assert "ghost@example.net" in line
+    (report,) = mailbox.Maildir(str(tmp_path / "mail" / "rcpt"), create=False)
+    status = report.get_payload()[1].get_payload()[1]
+    assert status["Final-Recipient"] == "rfc822; ghost@example.net"
+    assert status["Original-Recipient"] == "rfc822;team@example.net"

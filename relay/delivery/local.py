@@ -5,8 +5,9 @@ Each recipient's local part is expanded through the aliases
 remote targets (``alias: user@elsewhere``) are committed to the spool as one
 new message with the same sender, body, RET and ENVID, which the scheduler
 then routes like any other.  An address with no mailbox and no alias fails with
-``5.1.1``; a write error, or a ``maildir_root`` that cannot be read, defers
-the recipient with ``4.3.0``.  An alias that expands to more than
+``5.1.1``, and so does an alias none of whose members exists.  A write
+error, or a ``maildir_root`` that cannot be read, defers the recipient
+with ``4.3.0``.  An alias that expands to more than
 ``[local] alias_expansion_limit`` users and addresses is deferred with
 ``4.3.5`` (system incorrectly configured, RFC 3463): the check of the
 aliases file rejects such an alias, so only a table that bypassed that
@@ -22,6 +23,15 @@ A process that dies between a Maildir write and the spool record that
 follows delivers that target again at the retry: at least once, like any
 other delivery.  ``LocalProgress`` keeps what a delivery has done so far,
 so that a delivery cancelled by a shutdown can store it (see the scheduler).
+
+An alias member that is neither an alias nor a user (``team: alice, ghost``
+without ``maildir_root/ghost``) is not skipped.  It becomes the address
+``ghost@`` the recipient's domain in the forwarded copy and is logged as
+``alias_member_unknown``.  The copy's delivery fails it with ``550 5.1.1``,
+and the DSN to the sender names the alias as Original-Recipient, the ORCPT
+that the forwarded copy carries, while the other members get the message
+once.  Postfix's local(8) bounces such a member the same way: ``unknown
+user`` with ``5.1.1``, reporting the alias as the original recipient.
 
 Forwarding loops: a forwarded copy starts with ``Delivered-To:`` naming the
 recipient it was expanded for, and a recipient that the message's header
@@ -143,11 +153,13 @@ async def deliver_local(
             reply = f"554 5.4.6 <{recipient.address}>: mail forwarding loop for {recipient.address}"
             outcomes.append((recipient, Outcome.FAILED, reply))
             continue
-        local_part = recipient.address.rpartition("@")[0] or recipient.address
+        local_part, at, domain = recipient.address.rpartition("@")
+        if not at:
+            local_part = recipient.address
         try:
             # Inside the OSError handler: a maildir_root that cannot be read is a
             # local error like a failed write, so the recipient is deferred.
-            expansion = local.expand(local_part)
+            expansion = local.expand(local_part, domain)
             progress.expansion = expansion
             for user in expansion.users:
                 if user in progress.targets_of(recipient):
@@ -156,7 +168,7 @@ async def deliver_local(
                 await progress.run_step(write, (user,))
             remote = tuple(address for address in expansion.remote if address not in progress.targets_of(recipient))
             if remote:
-                await _forward(spool, claim, recipient, remote, body, progress)
+                await _forward(spool, claim, recipient, remote, expansion.unknown, body, progress)
         except UnknownUser:
             reply = f"550 5.1.1 <{recipient.address}>: no such user here"
             outcomes.append((recipient, Outcome.FAILED, reply + _already_delivered(progress, recipient)))
@@ -187,10 +199,14 @@ async def _forward(
     claim: Claim,
     recipient: StoredRecipient,
     remote: tuple[str, ...],
+    unknown: tuple[str, ...],
     body: bytes,
     progress: LocalProgress,
 ) -> None:
-    """Commit one copy of the message for the ``remote`` targets of ``recipient`` to the spool."""
+    """Commit one copy of the message for the ``remote`` targets of ``recipient`` to the spool.
+
+    ``unknown`` are the alias members with no mailbox among them (``Expansion.unknown``).
+    """
     sender = claim.envelope.sender
     notify, orcpt = _forwarded_dsn(recipient)
     forwarded = Envelope(
@@ -206,6 +222,11 @@ async def _forward(
     def log_forwarded(forward_id: str) -> None:
         log_event(logger, "forwarded", queue_id=claim.queue_id, to=recipient.address,
                   new_queue_id=forward_id, recipients=list(remote))
+        members = [address for address in remote if address in unknown]
+        if members:
+            # Logged once the copy that bounces them is in the spool, so the line names that copy.
+            log_event(logger, "alias_member_unknown", logging.WARNING, queue_id=claim.queue_id,
+                      to=recipient.address, new_queue_id=forward_id, members=members)
 
     await progress.run_step(spool.commit(forwarded, trace + body), remote, log_forwarded)
 

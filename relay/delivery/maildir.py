@@ -25,6 +25,9 @@ Aliases come from ``[local] aliases``, parsed and checked by
 one with ``@`` is any address, routed again.  Expansion stops at a name it
 has seen and after ``MAX_ALIAS_DEPTH`` levels.  A file that ``parse_aliases``
 accepted has no loop and no deeper chain, so neither stop drops a target.
+A member that is neither an alias nor a user becomes an address in the
+recipient's domain (``Expansion.unknown``), so that delivery forwards it
+and its failure bounces, instead of skipping it.
 An expansion to more than ``[local] alias_expansion_limit`` users and
 addresses raises ExpansionLimitError, which such a file cannot have either.
 """
@@ -83,10 +86,14 @@ def maildir_exists(root: str, user: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Expansion:
-    """Where a local address ends up: local mailboxes and remote addresses."""
+    """The destinations of a local address: local mailboxes and remote addresses."""
 
     users: tuple[str, ...] = ()
     remote: tuple[str, ...] = ()
+    # The addresses in ``remote`` made from alias members that are neither an
+    # alias nor a user: ghost@ the recipient's domain for "team: alice, ghost"
+    # while maildir_root/ghost is missing.
+    unknown: tuple[str, ...] = ()
 
 
 
@@ -135,16 +142,23 @@ class LocalDelivery:
             return True
         return maildir_exists(self.config.maildir_root, name)
 
-    def expand(self, local_part: str) -> Expansion:
+    def expand(self, local_part: str, domain: str = "") -> Expansion:
         """Resolve a local part through the aliases; raise UnknownUser when it leads nowhere.
+
+        An alias member that is not a user becomes the address ``member@domain``
+        (the bare member without ``domain``), listed in ``remote`` and in
+        ``unknown``, so that its delivery fails and bounces.  When no member
+        is a user or an address, the alias leads nowhere and UnknownUser is
+        raised instead.
 
         Raises MaildirLookupError (an OSError) when a user's folder cannot be looked up,
         and ExpansionLimitError when the expansion passes ``alias_expansion_limit``.
         """
         users: list[str] = []
         remote: list[str] = []
+        unknown: list[str] = []
         name = local_part.lower()
-        self._expand(self.table(), name, users, remote, set(), 0)
+        self._expand(self.table(), name, users, remote, unknown, set(), 0)
         configured = name == "postmaster" or name in (u.lower() for u in self.config.users)
         if not users and not remote and configured and self.user_exists(name):
             # postmaster must always be deliverable (RFC 5321 section 4.5.1), and
@@ -152,7 +166,12 @@ class LocalDelivery:
             users.append(name)
         if not users and not remote:
             raise UnknownUser(local_part)
-        expansion = Expansion(tuple(dict.fromkeys(users)), tuple(dict.fromkeys(remote)))
+        addresses = [f"{member}@{domain}" if domain else member for member in dict.fromkeys(unknown)]
+        # An address that the alias also lists as a target is forwarded once, as that target.
+        addresses = [address for address in addresses if address not in remote]
+        expansion = Expansion(
+            tuple(dict.fromkeys(users)), tuple(dict.fromkeys([*remote, *addresses])), tuple(addresses)
+        )
         # parse_aliases rejects a file with such an alias, so only a table that
         # no check with this limit saw gets here.
         size = len(expansion.users) + len(expansion.remote)
@@ -169,6 +188,7 @@ class LocalDelivery:
         name: str,
         users: list[str],
         remote: list[str],
+        unknown: list[str],
         seen: set[str],
         depth: int,
     ) -> None:
@@ -179,6 +199,9 @@ class LocalDelivery:
         if targets is None:
             if self.user_exists(name):
                 users.append(name)
+            elif depth > 0:
+                # A member of an alias, not the address being expanded.
+                unknown.append(name)
             return
         for target in targets:
             if "@" in target:
@@ -190,7 +213,7 @@ class LocalDelivery:
                 if is_safe_user_name(name):
                     users.append(name)
             else:
-                self._expand(aliases, target.lower(), users, remote, seen, depth + 1)
+                self._expand(aliases, target.lower(), users, remote, unknown, seen, depth + 1)
 
     def deliver(self, user: str, sender: str, recipient: str, body: bytes, *, binary: bool = False) -> Path:
         """Write one message into ``user``'s Maildir ``new/`` durably; return the file's path.
