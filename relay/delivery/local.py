@@ -171,15 +171,15 @@ async def deliver_local(
                 await _forward(spool, claim, recipient, remote, expansion.unknown, body, progress)
         except UnknownUser:
             reply = f"550 5.1.1 <{recipient.address}>: no such user here"
-            outcomes.append((recipient, Outcome.FAILED, reply + _already_delivered(progress, recipient)))
+            outcomes.append((recipient, Outcome.FAILED, reply + already_delivered(progress, recipient)))
             continue
         except ExpansionLimitError as exc:
             reply = f"451 4.3.5 <{recipient.address}>: {exc}"
-            outcomes.append((recipient, Outcome.DEFERRED, reply + _already_delivered(progress, recipient)))
+            outcomes.append((recipient, Outcome.DEFERRED, reply + already_delivered(progress, recipient)))
             continue
         except (OSError, SpoolError) as exc:
             reply = f"451 4.3.0 local delivery failed: {exc}"
-            outcomes.append((recipient, Outcome.DEFERRED, reply + _already_delivered(progress, recipient)))
+            outcomes.append((recipient, Outcome.DEFERRED, reply + already_delivered(progress, recipient)))
             continue
         outcomes.append((recipient, Outcome.DELIVERED, delivered_reply(expansion)))
     progress.current, progress.expansion = None, None
@@ -231,7 +231,7 @@ async def _forward(
     await progress.run_step(spool.commit(forwarded, trace + body), remote, log_forwarded)
 
 
-def _already_delivered(progress: LocalProgress, recipient: StoredRecipient) -> str:
+def already_delivered(progress: LocalProgress, recipient: StoredRecipient) -> str:
     """Return the reply's note naming the targets of ``recipient`` that have the message, or "" for none."""
     targets = progress.targets_of(recipient)
     return f"; already delivered to {', '.join(targets)}" if targets else ""

@@ -108,7 +108,7 @@ from relay.delivery.client import (
 )
 from relay.delivery.dns import DEFAULT_LOOKUP_CONCURRENCY, LookupFailure, MXResolver
 from relay.delivery.dsn import build_report, status_of
-from relay.delivery.local import LocalProgress, deliver_local, delivered_reply
+from relay.delivery.local import LocalProgress, already_delivered, deliver_local, delivered_reply
 from relay.delivery.maildir import LocalDelivery
 from relay.delivery.owner import owner_is_dead, scheduler_owner
 from relay.delivery.router import ERROR, LOCAL, Route, Router
@@ -791,14 +791,17 @@ class Scheduler:
             session.abort()
             self._connections.release()
 
-    async def _handle_job_error(self, name: str, job: Job, error: Exception) -> None:
+    async def _handle_job_error(
+        self, name: str, job: Job, error: Exception, progress: LocalProgress | None = None
+    ) -> None:
         """Log an unexpected error of one job and defer its recipients.
 
         Every task that works on a job ends this way after an error it did
         not expect, so the scheduler goes on and the queue shows the cause.
+        ``progress`` is what a local delivery did before the error.
         """
         self._log_delivery_error(name, job, error)
-        await self._defer_after_error(job, error)
+        await self._defer_after_error(job, error, progress)
 
     def _log_delivery_error(self, name: str, job: Job, error: Exception) -> None:
         """Log an unexpected error of one job once, with its queue ID."""
@@ -809,14 +812,25 @@ class Scheduler:
             error=f"{type(error).__name__}: {error}", exception=exception,
         )
 
-    async def _defer_after_error(self, job: Job, error: Exception) -> None:
+    async def _defer_after_error(self, job: Job, error: Exception, progress: LocalProgress | None = None) -> None:
         """Defer the recipients of a job that failed with an unexpected error, so the queue shows why and retries them.
 
         Without this they would wait, with no reply recorded, until their lease ran out.
+        With the ``progress`` of a local delivery, the recipients it finished
+        keep their outcomes, and the others are stored with the targets that
+        already have the message, so that the retry skips those targets.
         """
         reply = f"451 4.3.0 internal error during delivery: {type(error).__name__}: {error}"
+        outcomes = list(progress.outcomes) if progress is not None else []
+        finished = {recipient.index for recipient, _, _ in outcomes}
+        for recipient in job.recipients:
+            if recipient.index in finished:
+                continue
+            note = already_delivered(progress, recipient) if progress is not None else ""
+            outcomes.append((recipient, Outcome.DEFERRED, reply + note))
+        delivered_targets = progress.delivered if progress is not None else None
         try:
-            await self._record(job, [(r, Outcome.DEFERRED, reply) for r in job.recipients], "")
+            await self._record(job, outcomes, "", delivered_targets=delivered_targets)
         except Exception:
             logger.exception("could not defer %s after a delivery worker failed", job.claim.queue_id)
 
@@ -1296,9 +1310,6 @@ class Scheduler:
         if not await self._may_deliver(job):
             return
         progress = LocalProgress()
-        # NOTE: an unexpected error (a bug) in deliver_local goes to the worker,
-        # which defers every recipient of the job without the targets in
-        # ``progress``, so their retry writes to those targets again.
         try:
             outcomes = await deliver_local(self.local, self.spool, job.claim, job.recipients, progress)
         except asyncio.CancelledError:
@@ -1308,6 +1319,14 @@ class Scheduler:
             if self._stopping:
                 await self._record_at_stop(job, self._record_local_cut_off(job, progress))
             raise
+        except Exception as exc:
+            # An unexpected error (a bug), handled here and not by the worker,
+            # because only here are the targets in ``progress`` known.  Without
+            # them the retry would write to those targets again.
+            # NOTE: no test reaches this branch, because no known input makes
+            # deliver_local raise anything but the errors it handles itself.
+            await self._handle_job_error(job.route.destination, job, exc, progress)
+            return
         await self._record(job, outcomes, "", delivered_targets=progress.delivered)
 
     async def _record_local_cut_off(self, job: Job, progress: LocalProgress) -> None:
