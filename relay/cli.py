@@ -143,9 +143,28 @@ def _check_config(args: argparse.Namespace) -> int:
     # A warning leaves the exit status 0, because the config works, only unsafely.
     for key, problem in config_warnings(config):
         print(f"{args.file}:{key}: warning: {problem}", file=sys.stderr)
+    for problem in _alias_member_warnings(config):
+        print(f"{args.file}:local.aliases: warning: {problem}", file=sys.stderr)
     names = ", ".join(listener.address_text for listener in config.listeners)
     print(f"{args.file}: ok ({len(config.listeners)} listener(s): {names})")
     return 0
+
+
+def _alias_member_warnings(config: Config) -> list[str]:
+    """Return a warning for each alias member whose mail would bounce, because it has no mailbox."""
+    if not config.local.aliases:
+        return []
+    from relay.aliases import checked_table
+    from relay.delivery.maildir import unknown_alias_members
+
+    # check_files stored the table it parsed, so the file is not read again.
+    table = checked_table(config.local.aliases) or {}
+    return [
+        f"alias {alias}: member {member} has no folder in local.maildir_root and is not in local.users,"
+        f" so its copy of mail to {alias} bounces with 5.1.1; create {member}'s Maildir folder, add"
+        f" {member} to local.users, or remove {member} from the alias"
+        for alias, member in unknown_alias_members(config.local, table)
+    ]
 
 
 class CommandParser(argparse.ArgumentParser):

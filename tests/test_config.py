@@ -990,6 +990,28 @@ def test_check_config_warns_unverified_auth(
     assert captured.err.splitlines() == (expected if warned else [])
 
 
+def test_check_config_warns_unknown_alias_member(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # alice has a folder, carol is configured, postmaster always exists and
+    # help and own are aliases, so only ghost is warned about.
+    (tmp_path / "mail" / "alice").mkdir(parents=True)
+    (tmp_path / "aliases").write_text(
+        "team: alice, ghost, bob@remote.test\nhelp: team, carol, postmaster\nown: own\n"
+    )
+    path = write(tmp_path, '[local]\nmaildir_root = "mail"\nusers = ["carol"]\naliases = "aliases"\n')
+
+    status = main(["check-config", str(path)])
+
+    captured = capsys.readouterr()
+    # The config works: mail for team reaches alice and bob, and ghost's copy bounces.
+    assert status == 0
+    assert "ok" in captured.out
+    assert captured.err.splitlines() == [
+        f"{path}:local.aliases: warning: alias team: member ghost has no folder in local.maildir_root and is not"
+        " in local.users, so its copy of mail to team bounces with 5.1.1; create ghost's Maildir folder, add"
+        " ghost to local.users, or remove ghost from the alias"
+    ]
+
+
 def test_relative_paths_follow_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every path key, found from the field metadata, so that a new one cannot resolve elsewhere.
     sections: dict[str, list[str]] = {}

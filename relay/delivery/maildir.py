@@ -250,6 +250,27 @@ class LocalDelivery:
         return final
 
 
+def unknown_alias_members(config: LocalConfig, aliases: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:
+    """Return ``(alias, member)`` for each local member that is neither an alias nor a user now, in file order.
+
+    Delivery bounces these members (see ``LocalDelivery.expand``).  A member
+    whose folder cannot be looked up is left out, because it may exist.
+    """
+    local = LocalDelivery(config, aliases)
+    found: list[tuple[str, str]] = []
+    for alias, targets in aliases.items():
+        for target in targets:
+            member = target.lower()
+            if "@" in target or member == alias or member in aliases:
+                continue
+            try:
+                if not local.user_exists(member):
+                    found.append((alias, member))
+            except MaildirLookupError:
+                continue
+    return found
+
+
 def _unique_name() -> str:
     # The classic Maildir form: seconds, then microseconds, process and counter, then host.
     now = time.time()
