@@ -83,6 +83,23 @@ from relay.spool.types import (
 
 logger = logging.getLogger("relay.spool")
 
+
+def _bind_unchanged(value: bytes | None) -> bytes | None:
+    return value
+
+
+# CPython's sqlite3 module (need_adapt in Modules/_sqlite/cursor.c, 3.11)
+# binds int, float, str and bytearray parameters directly, but sends bytes and
+# None through its adapter lookup.  Without a registered adapter, that lookup
+# raises and clears an AttributeError for ``PrepareProtocol.__adapt__``, which
+# costs more than binding the value.  A commit binds three such values per
+# message (the envelope document, the body and a missing AUTH user).  These
+# adapters return the value itself, so SQLite stores exactly what it stored
+# without them.  The registry is global to the process, so an adapter that
+# other code registers for bytes or None replaces this one, or is replaced by it.
+sqlite3.register_adapter(bytes, _bind_unchanged)
+sqlite3.register_adapter(type(None), _bind_unchanged)
+
 DATABASE_NAME = "spool.db"
 CORRUPT_DIRECTORY = "corrupt"
 # File in the spool directory that a flush rewrites before it makes recipients
