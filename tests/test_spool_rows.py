@@ -18,7 +18,7 @@ import pytest
 from relay._spoolrows import add_message_rows, is_queue_id, message_key, new_queue_id_and_key
 from relay.spool import Envelope, Recipient, Spool
 from relay.spool.ids import ALPHABET, DROPPED_BITS, QUEUE_ID_LENGTH, queue_id_time
-from relay.spool.store import PendingCommit, fresh_domains
+from relay.spool.store import PendingCommit, SpoolStore, fresh_domains
 
 
 def reference_value(queue_id: str) -> int:
@@ -202,3 +202,21 @@ def test_rows_bad_message_raises_first() -> None:
         assert len(message_values) == 11
         assert len(fresh_values) == 3
 
+
+
+@pytest.mark.parametrize("size", [1024, 64 * 1024, 64 * 1024 + 1], ids=["1k", "copy-limit", "above-limit"])
+def test_rows_stored_as_blobs(spool: Spool, size: int) -> None:
+    body = (b"Subject: blob\r\n\r\n" + bytes(range(256)) * (size // 256 + 1))[:size]
+    queue_id = spool.commit_blocking(ENVELOPES[0], body)
+
+    with SpoolStore(spool.directory) as store:
+        row = store.connection.execute(
+            "SELECT typeof(envelope), typeof(body), typeof(auth_user), body, crc32 FROM message WHERE queue_id = ?",
+            (queue_id,),
+        ).fetchone()
+        assert row[0] == "blob"
+        assert row[1] == "blob"
+        assert row[2] == "null"
+        assert row[3] == body
+        assert row[4] == zlib.crc32(body)
+        assert store.load_body(queue_id) == body
