@@ -6,6 +6,9 @@ once on a second.  A terminal's Ctrl-C and systemd's default
 and the supervisor forwards it to its children as well, so one request can
 reach a worker two or three times within milliseconds.  Copies that arrive
 within ``DUPLICATE_WINDOW`` seconds of the first count as that first request.
+A worker and the delivery process keep these signals blocked while they
+start (``hold_signals``), so that each one sent meanwhile is handled once,
+by the event loop, when they are up.
 The supervisor's children also stop gracefully when the supervisor exits
 without them, even by SIGKILL: a pipe reaches end of file (``SupervisorLink``).
 """
@@ -18,9 +21,9 @@ import signal
 import time
 from asyncio import AbstractEventLoop
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
+from relay.entry import SERVE_SIGNALS
 from relay.log import flush_log, log_event
 
 # Far longer than the few milliseconds between copies of one signal, and
@@ -62,30 +65,18 @@ class StopRequests:
         return True
 
 
-class EarlySignals:
-    """Remember stop and reload signals that arrive before the event loop handles signals.
+def hold_signals() -> None:
+    """Block SIGTERM, SIGINT and SIGHUP in this thread until ``install_loop_handlers`` releases them.
 
     A worker needs a moment to open the spool and its sockets.  In that
-    window a SIGTERM would end it with the default action and a non-zero
-    status, and a SIGHUP would end it too.  ``install`` records them
-    instead.  Once its own handlers are in place, the worker stops for
-    ``stop_signum`` and reloads its config for ``reload_requested``.
+    window the default action of each signal would end it.  A blocked
+    signal stays pending instead, and the kernel delivers it once, when
+    ``install_loop_handlers`` unblocks it with the loop's handlers in place.
+    Copies of one signal that arrive while it is blocked merge into one.
+    The supervisor and ``relay.entry`` have usually blocked these signals
+    already, and blocking them again changes nothing.
     """
-
-    def __init__(self) -> None:
-        self.stop_signum: int | None = None
-        self.reload_requested = False
-
-    def _record(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGHUP:
-            self.reload_requested = True
-        elif self.stop_signum is None:
-            self.stop_signum = signum
-
-    def install(self) -> EarlySignals:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._record)
-        return self
+    signal.pthread_sigmask(signal.SIG_BLOCK, SERVE_SIGNALS)
 
 
 class SupervisorLink:
@@ -132,10 +123,9 @@ def install_loop_handlers(
     on_stop: Callable[[int], None],
     on_reload: Callable[[], None],
     on_supervisor_gone: Callable[[], None],
-    early: EarlySignals | None,
     supervisor: SupervisorLink | None,
 ) -> None:
-    """Hand stop and reload signals to ``loop``, then act on those that came during startup.
+    """Hand stop and reload signals to ``loop``, then release those held since ``hold_signals``.
 
     A worker and the delivery process both call this once their own setup
     is done.  With a ``supervisor``, its exit also reaches ``on_supervisor_gone``.
@@ -143,10 +133,15 @@ def install_loop_handlers(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop, signum)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
-    if early is not None and early.stop_signum is not None:
-        on_stop(early.stop_signum)
-    elif early is not None and early.reload_requested:
-        # The config file may have changed after the supervisor read it.
-        on_reload()
+    # Unblocked only now, so that a signal sent during setup reaches the
+    # loop's handler once, through the wakeup fd.  uvloop 0.23 sets that fd
+    # as soon as the loop runs, so a Python handler that recorded signals
+    # during setup would see some that the loop also dispatches later.
+    # The stop signals go first because the loop calls the handlers in the
+    # order the signals arrive.  A reload held together with a stop then
+    # finds the stop begun and is ignored, instead of re-reading the config
+    # of a process about to exit.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SERVE_SIGNALS)
     if supervisor is not None:
         supervisor.watch(loop, on_supervisor_gone)

@@ -38,7 +38,7 @@ from relay.log import log_event
 from relay.notify import Reports
 from relay.reload import ReloadResult, log_reload, reload_config
 from relay.reload_status import config_fingerprint
-from relay.signals import EarlySignals, StopRequests, SupervisorLink, install_loop_handlers
+from relay.signals import StopRequests, SupervisorLink, install_loop_handlers
 from relay.spool import Spool, SpoolError
 
 logger = logging.getLogger("relay.delivery")
@@ -115,14 +115,12 @@ class DeliveryProcess:
         *,
         index: int,
         wake_fd: int,
-        early_signals: EarlySignals | None = None,
         supervisor: SupervisorLink | None = None,
         reports: Reports | None = None,
     ) -> None:
         self.config = config
         self.index = index
         self.wake_fd = wake_fd
-        self._early_signals = early_signals
         self._supervisor = supervisor
         # Each reload is reported to the supervisor, which tells systemd once every process is done.
         self._reports = reports or Reports()
@@ -145,7 +143,6 @@ class DeliveryProcess:
             on_stop=self._on_signal,
             on_reload=self._on_reload,
             on_supervisor_gone=self._on_supervisor_gone,
-            early=self._early_signals,
             supervisor=self._supervisor,
         )
         log_event(logger, "started", worker=self.index, pid=os.getpid(), role="delivery")

@@ -59,7 +59,7 @@ from relay.log import RepeatCounter, flush_log, log_event
 from relay.notify import DirectReports, Notifier, Reports, SupervisorReports
 from relay.reload import ReloadResult, check_files, log_reload, reload_config
 from relay.reload_status import ReloadTracker, config_fingerprint
-from relay.signals import EarlySignals, StopRequests, SupervisorLink, install_loop_handlers
+from relay.signals import StopRequests, SupervisorLink, hold_signals, install_loop_handlers
 from relay.smtp import replies
 from relay.smtp.auth import CredentialsError, CredentialStore
 from relay.smtp.envelope import spool_envelope
@@ -404,14 +404,12 @@ class Worker:
         workers: int,
         index: int,
         wake: WakeChannel | None = None,
-        early_signals: EarlySignals | None = None,
         supervisor: SupervisorLink | None = None,
         reports: Reports | None = None,
     ) -> None:
         self.config = config
         self.workers = workers
         self.index = index
-        self._early_signals = early_signals
         self._supervisor = supervisor
         # Readiness and reload reports: to systemd when this worker is the main process, else to the supervisor.
         self._reports = reports or Reports()
@@ -448,17 +446,16 @@ class Worker:
         # Started before READY=1, so that a monitoring check sent as soon as
         # systemd counts the relay as up finds the admin listener.
         monitoring = await self._start_admin()
-        # The listeners accept connections, and since run_worker installed
-        # EarlySignals a SIGHUP or SIGTERM is recorded, not fatal.  Reporting
-        # here, before install_loop_handlers acts on a recorded stop or
-        # reload, keeps READY=1 ahead of STOPPING=1 and RELOADING=1.
+        # The listeners accept connections, and since run_worker called
+        # hold_signals a SIGHUP or SIGTERM waits, blocked, instead of ending
+        # the worker.  Reporting here, before install_loop_handlers releases
+        # a held stop or reload, keeps READY=1 ahead of STOPPING=1 and RELOADING=1.
         self._reports.ready()
         install_loop_handlers(
             loop,
             on_stop=self._on_signal,
             on_reload=self._on_reload,
             on_supervisor_gone=self._on_supervisor_gone,
-            early=self._early_signals,
             supervisor=self._supervisor,
         )
         log_event(
@@ -688,15 +685,13 @@ def run_worker(
     reports: Reports | None = None,
 ) -> int:
     """Run one worker's event loop until it has shut down; return its exit status."""
-    early = EarlySignals().install()
-    _unblock_signals()
+    hold_signals()
     install_event_loop(event_loop)
     worker = Worker(
         config,
         workers=workers,
         index=index,
         wake=wake,
-        early_signals=early,
         supervisor=supervisor,
         reports=reports,
     )
@@ -713,15 +708,12 @@ def run_delivery(
     reports: Reports | None = None,
 ) -> int:
     """Run the delivery process's event loop until it has shut down; return its exit status."""
-    early = EarlySignals().install()
-    _unblock_signals()
+    hold_signals()
     install_event_loop(event_loop)
 
     async def main() -> int:
         asyncio.get_running_loop().set_exception_handler(_loop_exception)
-        process = DeliveryProcess(
-            config, index=index, wake_fd=wake.read_fd, early_signals=early, supervisor=supervisor, reports=reports
-        )
+        process = DeliveryProcess(config, index=index, wake_fd=wake.read_fd, supervisor=supervisor, reports=reports)
         return await process.run()
 
     return asyncio.run(main())
@@ -873,7 +865,7 @@ def _status_text(config: Config) -> str:
 
 
 def _unblock_signals() -> None:
-    """Deliver the stop and reload signals that ``_supervise`` blocked while it forked."""
+    """Deliver to the supervisor the stop and reload signals that ``_supervise`` blocked while it forked."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
 
 
@@ -894,12 +886,12 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
     systemd, with NOTIFY_SOCKET set, and keeps the reload status of every
     process (``ReloadTracker``).
     From the first line of ``relay.entry`` on, a SIGHUP to the supervisor is
-    blocked or forwarded, and each child blocks it until its EarlySignals
-    are installed, so the listeners are what READY=1 waits for.
+    blocked or forwarded, and each child blocks it until its event loop
+    handles it, so the listeners are what READY=1 waits for.
     """
     # Until the handlers are in place, a SIGHUP would end the supervisor or a
     # new child with the default action.  A blocked signal waits instead.  Each
-    # child unblocks it after installing EarlySignals, the supervisor after forking.
+    # child unblocks it once its event loop handles it, the supervisor after forking.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     wake = WakeChannel() if _separate_delivery(config) else None
     supervisor = SupervisorLink()
