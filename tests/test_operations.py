@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import pwd
+import re
 import shutil
 import signal
 import smtplib
@@ -20,6 +21,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +247,154 @@ def test_sighup_from_first_moment_survives(tmp_path: Path, workers: int) -> None
         assert server.process.returncode == 0, server.log()
 
 
+# The moments of a start at which the start-up signal tests send a signal.
+# Each comes after the one before it.  relay serve has blocked its signals,
+# the supervisor has forked, and the process that runs the scheduler is
+# opening the spool with its event loop running.  The last two are delays.
+STARTUP_MOMENTS = ("blocked", "forked", "opening_spool", "after_0.3s", "after_1s")
+PROCESS_LINE = re.compile(r": (reloaded|reload_failed|started|stopping|stopped) (?:[^\n]* )?worker=(\d+)")
+
+
+def start_blocking_signals(server: Relay) -> subprocess.Popen[bytes]:
+    """Start relay serve in a session of its own; return once it has blocked SIGHUP."""
+    with open(server.log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--config", str(server.config)],
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+            cwd=server.directory, start_new_session=True,
+        )
+    server.process = process
+    # Before that, the interpreter's startup ends on the default action of SIGHUP.
+    sighup_bit = 1 << (signal.SIGHUP - 1)
+    deadline = time.monotonic() + 15
+    while process.poll() is None and not pending_signal_mask(process.pid) & sighup_bit:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.0005)
+    assert process.poll() is None, server.log()
+    return process
+
+
+def wait_for_moment(process: subprocess.Popen[bytes], workers: int, moment: str) -> None:
+    """Wait until the start of ``process`` reaches ``moment``, one of ``STARTUP_MOMENTS``, or has passed it."""
+    if moment.startswith("after_"):
+        time.sleep(float(moment.removeprefix("after_").removesuffix("s")))
+        return
+    if moment == "blocked":
+        return
+    children_file = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    deadline = time.monotonic() + 15
+    while process.poll() is None and time.monotonic() < deadline:
+        children = children_file.read_text().split()
+        if moment == "forked" and (children or workers == 1):
+            return
+        if moment == "opening_spool":
+            # The delivery process is forked last.  With one worker the first
+            # process runs the scheduler.  Its spool writer is the first thread
+            # it starts beside the loop's.
+            scheduler_pid = None
+            if workers == 1:
+                scheduler_pid = str(process.pid)
+            elif len(children) > workers:
+                scheduler_pid = children[-1]
+            if scheduler_pid is not None:
+                try:
+                    if len(list(Path(f"/proc/{scheduler_pid}/task").iterdir())) > 1:
+                        return
+                except FileNotFoundError:
+                    return
+        time.sleep(0.0002)
+
+
+def lines_per_process(log: str, event: str) -> dict[int, int]:
+    """Return how many ``event`` lines each process (by worker number) logged."""
+    counts: dict[int, int] = {}
+    for found_event, worker in PROCESS_LINE.findall(log):
+        if found_event == event:
+            counts[int(worker)] = counts.get(int(worker), 0) + 1
+    return counts
+
+
+def session_processes(session: int) -> list[int]:
+    """Return the processes of ``session`` that have not exited, read from /proc."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def no_session_processes(session: int) -> bool:
+    """Return whether every process of ``session`` has exited."""
+    return not session_processes(session)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_startup_sighup_reloads_once(tmp_path: Path, workers: int) -> None:
+    # One SIGHUP per start, at a different moment of it each round.  Every
+    # process re-reads the config exactly once, so none loses or doubles it.
+    processes = 1 if workers == 1 else workers + 1
+    expected = {worker: 1 for worker in range(processes)}
+    during_startup = 0
+    for moment in STARTUP_MOMENTS:
+        directory = tmp_path / moment
+        directory.mkdir()
+        server = Relay(directory, workers=workers)
+        process = start_blocking_signals(server)
+        try:
+            wait_for_moment(process, workers, moment)
+            if len(lines_per_process(server.log(), "started")) < processes:
+                during_startup += 1
+            process.send_signal(signal.SIGHUP)
+
+            wait_for_port("127.0.0.1", server.port, process=process)
+            server.wait_for_log("reloaded", count=processes)
+            # Long enough for a second reload, which would follow within milliseconds.
+            time.sleep(0.5)
+            log = server.log()
+            assert lines_per_process(log, "reloaded") == expected, f"SIGHUP at {moment}:\n{log}"
+            assert lines_per_process(log, "reload_failed") == {}, log
+            assert lines_per_process(log, "started") == expected, log
+        finally:
+            server.stop()
+        assert process.returncode == 0, server.log()
+    # Unless start-up is far faster than here, some rounds hit it.
+    assert during_startup > 0
+
+
+@pytest.mark.parametrize(("workers", "signum"), [(1, signal.SIGTERM), (2, signal.SIGTERM), (2, signal.SIGINT)])
+def test_startup_stop_signal_stops_once(tmp_path: Path, workers: int, signum: int) -> None:
+    # A stop sent while relay serve starts ends every process once and
+    # cleanly, with status 0, one stopping line each and no process left.
+    processes = 1 if workers == 1 else workers + 1
+    expected = {worker: 1 for worker in range(processes)}
+    for moment in STARTUP_MOMENTS:
+        directory = tmp_path / moment
+        directory.mkdir()
+        server = Relay(directory, workers=workers)
+        process = start_blocking_signals(server)
+        try:
+            wait_for_moment(process, workers, moment)
+            process.send_signal(signum)
+            returncode = process.wait(30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        log = server.log()
+        assert returncode == 0, f"{signal.Signals(signum).name} at {moment}:\n{log}"
+        assert "Traceback" not in log, log
+        assert "exit_now" not in log, log
+        assert "worker_exit" not in log, log
+        # Every process forks and reaches its loop before it acts on the held signal.
+        assert lines_per_process(log, "stopping") == expected, log
+        assert lines_per_process(log, "stopped") == expected, log
+        assert wait_until(partial(no_session_processes, process.pid)), session_processes(process.pid)
+
+
 def test_children_stop_when_supervisor_killed(relay: Relay) -> None:
     assert relay.process is not None
     children = Path(f"/proc/{relay.process.pid}/task/{relay.process.pid}/children").read_text().split()
@@ -365,9 +515,6 @@ def test_sighup_rejected_by_scheduler_keeps_listeners(tmp_path: Path) -> None:
         backoff = 'minimal_backoff_time = "1h"'
         relayhost = f'relayhost = "[127.0.0.1]:{free_port()}"\nrelayhost_password_file = "{password_file}"'
         relay.config.write_text(relay.config.read_text().replace(backoff, f"{backoff}\n{relayhost}"))
-        # A SIGHUP that reaches a process while it installs its handlers may
-        # be handled twice, so the test waits until the process is up.
-        relay.wait_for_log(" started worker=")
         assert relay.process is not None
         relay.process.send_signal(signal.SIGHUP)
         feed_fifo(password_file, b"secret\n", relay.process.pid)
@@ -397,9 +544,8 @@ def test_sighup_rejected_file_keeps_every_listener(tmp_path: Path, workers: int)
         relayhost = f'relayhost = "[127.0.0.1]:{free_port()}"\nrelayhost_password_file = "{password_file}"'
         relay.config.write_text(relay.config.read_text().replace(backoff, f"{backoff}\n{relayhost}"))
         processes = 1 if workers == 1 else workers + 1
-        # A SIGHUP that reaches a process while it installs its handlers may
-        # be handled twice, so the test waits until every process is up.
-        relay.wait_for_log(" started worker=", count=processes)
+        # Sent without waiting for the delivery process to be up, which then
+        # handles it once its loop runs.
         assert relay.process is not None
         relay.process.send_signal(signal.SIGHUP)
         relay.wait_for_log("reload_failed", count=processes)
