@@ -255,11 +255,11 @@ STARTUP_MOMENTS = ("blocked", "forked", "opening_spool", "after_0.3s", "after_1s
 PROCESS_LINE = re.compile(r": (reloaded|reload_failed|started|stopping|stopped) (?:[^\n]* )?worker=(\d+)")
 
 
-def start_blocking_signals(server: Relay) -> subprocess.Popen[bytes]:
+def start_blocking_signals(server: Relay, event_loop: str = "uvloop") -> subprocess.Popen[bytes]:
     """Start relay serve in a session of its own; return once it has blocked SIGHUP."""
     with open(server.log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "--config", str(server.config)],
+            [sys.executable, "-m", "relay", "serve", "--config", str(server.config), "--event-loop", event_loop],
             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
             cwd=server.directory, start_new_session=True,
         )
@@ -365,8 +365,11 @@ def test_startup_sighup_reloads_once(tmp_path: Path, workers: int) -> None:
     assert during_startup > 0
 
 
-@pytest.mark.parametrize(("workers", "signum"), [(1, signal.SIGTERM), (2, signal.SIGTERM), (2, signal.SIGINT)])
-def test_startup_stop_signal_stops_once(tmp_path: Path, workers: int, signum: int) -> None:
+@pytest.mark.parametrize(
+    ("workers", "signum", "event_loop"),
+    [(1, signal.SIGTERM, "uvloop"), (2, signal.SIGTERM, "uvloop"), (2, signal.SIGINT, "asyncio")],
+)
+def test_startup_stop_signal_stops_once(tmp_path: Path, workers: int, signum: int, event_loop: str) -> None:
     # A stop sent while relay serve starts ends every process once and
     # cleanly, with status 0, one stopping line each and no process left.
     processes = 1 if workers == 1 else workers + 1
@@ -375,7 +378,7 @@ def test_startup_stop_signal_stops_once(tmp_path: Path, workers: int, signum: in
         directory = tmp_path / moment
         directory.mkdir()
         server = Relay(directory, workers=workers)
-        process = start_blocking_signals(server)
+        process = start_blocking_signals(server, event_loop)
         try:
             wait_for_moment(process, workers, moment)
             process.send_signal(signum)

@@ -695,7 +695,10 @@ def run_worker(
         supervisor=supervisor,
         reports=reports,
     )
-    return asyncio.run(worker.run())
+    try:
+        return asyncio.run(worker.run())
+    finally:
+        _hold_late_signals()
 
 
 def run_delivery(
@@ -716,7 +719,22 @@ def run_delivery(
         process = DeliveryProcess(config, index=index, wake_fd=wake.read_fd, supervisor=supervisor, reports=reports)
         return await process.run()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    finally:
+        _hold_late_signals()
+
+
+def _hold_late_signals() -> None:
+    """Block stop and reload signals that arrive after the event loop has closed.
+
+    Closing an asyncio loop (Python 3.11) restores the default actions, so a
+    late copy of a stop signal, such as the supervisor's forward of a group
+    kill, would end the process with that signal or raise KeyboardInterrupt.
+    Blocked, it is discarded when the process exits.  uvloop 0.23 leaves its
+    own handlers in place, so there this changes nothing.
+    """
+    hold_signals()
 
 
 def _separate_delivery(config: Config) -> bool:
