@@ -196,6 +196,8 @@ class RecordingHandler:
 
     messages: list[Received] = field(default_factory=list)
     refuse: dict[str, str] = field(default_factory=dict)  # recipient -> reply
+    # Like ``refuse``, but only for the recipient's first RCPT: a retry is accepted however soon it comes.
+    reject_once: dict[str, str] = field(default_factory=dict)
     connections: int = 0
     active: int = 0
     max_active: int = 0
@@ -234,6 +236,10 @@ class RecordingHandler:
             await asyncio.sleep(self.rcpt_delay[address])
         if address in self.refuse:
             return self.refuse[address]
+        with self.lock:
+            once = self.reject_once.pop(address, None)
+        if once is not None:
+            return once
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"

@@ -131,11 +131,12 @@ def test_message_life_traced_by_queue_id(tmp_path: Path) -> None:
     for user in ("alice", "bob"):
         (tmp_path / "mail" / user).mkdir(parents=True)
     (tmp_path / "aliases").write_text("fwd: carol@remote.test, bob\n")
+    # The next hop itself accepts later@remote.test at the retry, because a
+    # test lifting the refusal after the deferred line may be slower than the
+    # 1 s backoff, and then the log would show more deferrals than one.
     handler = RecordingHandler(
-        refuse={
-            "later@remote.test": "451 4.3.0 try again later",
-            "nobody@remote.test": "550 5.1.1 no such user here",
-        }
+        refuse={"nobody@remote.test": "550 5.1.1 no such user here"},
+        reject_once={"later@remote.test": "451 4.3.0 try again later"},
     )
     next_hop_port = free_port()
 
@@ -159,8 +160,6 @@ def test_message_life_traced_by_queue_id(tmp_path: Path) -> None:
         assert submitted.returncode == 0, submitted.stderr
 
         first = server.wait_for("queued", recipients=3)["queue_id"]
-        server.wait_for("deferred", queue_id=first, to="later@remote.test")
-        del handler.refuse["later@remote.test"]
         server.wait_for("removed", queue_id=first)
         alias = server.wait_for("queued", recipients=1)["queue_id"]
         forwarded = server.wait_for("forwarded", queue_id=alias)["new_queue_id"]
