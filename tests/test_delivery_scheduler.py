@@ -1606,22 +1606,37 @@ def test_first_mx_results_recorded_before_backup(tmp_path: Path, nameserver: Nam
     spool = spool_for(config)
     primary = RecordingHandler(refuse={"soft@mx.test": "451 4.3.0 try later"})
     silent = socket.create_server(("127.0.0.3", port))
+    silent.setblocking(False)
+    backup_connections: list[socket.socket] = []
+    connected_at: list[float] = []
     states: list[RecipientState] = []
     try:
         with run_upstream("127.0.0.2", port, primary):
             queue_id = commit(spool, "alice@local.test", ["fine@mx.test", "soft@mx.test"])
-            started = time.monotonic()
 
             def observe() -> bool:
-                if primary.messages:
-                    message = stored_message(config, queue_id)
-                    if message is not None:
-                        states.append(message.recipients[0].state)
-                return time.monotonic() - started > 3.0
+                # The spool is read only once the backup session has connected.
+                # The upstream stores fine@'s message before the scheduler reads
+                # the 250, so an earlier read may find fine@ still queued.
+                try:
+                    backup_connections.append(silent.accept()[0])
+                    connected_at.append(time.monotonic())
+                except BlockingIOError:
+                    pass
+                if not connected_at:
+                    return False
+                message = stored_message(config, queue_id)
+                if message is not None:
+                    states.append(message.recipients[0].state)
+                # Keep reading for a second of the wait for the greeting, which lasts greeting_timeout (5 s).
+                return time.monotonic() - connected_at[0] > 1.0
 
-            run_until(config, spool, observe, timeout=6.0)
+            assert run_until(config, spool, observe, timeout=20.0), "the scheduler never connected to b.mx.test"
     finally:
+        for connection in backup_connections:
+            connection.close()
         silent.close()
+    assert primary.messages
     assert states
     assert set(states) == {RecipientState.DELIVERED}
 
