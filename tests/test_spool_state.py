@@ -464,17 +464,27 @@ def test_concurrent_results_share_one_job(spool: Spool) -> None:
     jobs_before = spool.committed_jobs
 
     async def record_both() -> list[int]:
-        # Both calls are queued before the writer runs, so they share one writer job.
         delivered = DeliveryResult(done_id, 0, Outcome.DELIVERED, "250 ok", "mx")
         deferred = DeliveryResult(partial_id, 1, Outcome.DEFERRED, "451 later", "mx", time.time() + 600)
-        return list(
-            await asyncio.gather(
-                spool.record_results([delivered], lease_token=claims[done_id].lease_token),
-                spool.record_results([deferred], lease_token=claims[partial_id].lease_token),
-            )
+        both = asyncio.gather(
+            spool.record_results([delivered], lease_token=claims[done_id].lease_token),
+            spool.record_results([deferred], lease_token=claims[partial_id].lease_token),
         )
+        # One turn of the loop runs both calls up to their wait for the writer,
+        # because the tasks that gather made are ready before this one resumes.
+        await asyncio.sleep(0)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        return list(await both)
 
-    assert run(record_both()) == [1, 1]
+    # Another open file description of writer.lock keeps the writer thread
+    # waiting with the first call's job, so the second call is made before
+    # the writer starts that job however the threads are scheduled.
+    holder = os.open(spool.directory / WRITER_LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        assert run(record_both()) == [1, 1]
+    finally:
+        os.close(holder)
     assert spool.committed_jobs == jobs_before + 1
     assert run(spool.load(done_id)) is None
     assert _state(spool, partial_id) == [RecipientState.QUEUED, RecipientState.DEFERRED]
