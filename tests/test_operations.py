@@ -633,6 +633,9 @@ def test_metrics_move_with_delivered_deferred_bounced(tmp_path: Path) -> None:
         wait_for_metric(relay.admin_port, "relay_recipients_delivered_total", (), 2)
         wait_for_metric(relay.admin_port, "relay_recipients_deferred_total", (), 1)
         wait_for_metric(relay.admin_port, "relay_recipients_bounced_total", (), 1)
+        # The scheduler logs, and so counts, a deferral before its spool write
+        # commits, and this gauge is read from the spool at each scrape.
+        wait_for_metric(relay.admin_port, "relay_queue_recipients", (("state", "deferred"),), 1)
         samples = scrape(relay.admin_port)
         assert samples["relay_messages_received_total"][()] >= 3
         assert samples["relay_connections_total"][(("listener", f"127.0.0.1:{relay.port}"),)] >= 3
