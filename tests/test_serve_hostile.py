@@ -752,6 +752,47 @@ def test_command_timeout_starts_at_greeting(tmp_path: Path) -> None:
         assert 0.8 <= time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_command_timeout_skips_handling_time(event_loop: str, tmp_path: Path) -> None:
+    """Handling a long read of pipelined commands does not count as the client's idle time.
+
+    Each unknown command gets a reply and a reject log line, so handling one
+    read of up to 256 KiB of them can take longer than this command_timeout
+    (about 1.5 s on a loaded 2-core host).  The client sends all commands and QUIT at once, so its
+    next command is always waiting and a 421 4.4.2 would be the relay's own
+    delay.  A large max_unsent_replies keeps the relay reading while the
+    client reads nothing until it has sent everything.
+    """
+    commands = 60000
+    server = (
+        'command_timeout = "0.3s"\nmax_unsent_replies = "64M"\n'
+        "max_errors = 100000000\nmax_junk_commands = 100000000"
+    )
+    with RelayProcess(tmp_path, event_loop=event_loop, server=server) as relay, RawClient(relay.port) as client:
+        client.sock.settimeout(60.0)
+        client.exchange(b"", ["220 mx.example.test"])
+        client.exchange(EHLO, ["250"])
+        client.send(b"XYZZY\r\n" * commands + b"QUIT\r\n")
+
+        # The relay closes after the 221, so read to the end: at most one
+        # recv per reply line, within the socket's timeout each.
+        received = bytearray(client.pending)
+        for _ in range(commands + 1):
+            try:
+                chunk = client.sock.recv(1 << 20)
+            except ConnectionResetError:
+                pytest.fail(f"reset after {len(received)} octets of replies; log ends: {relay.log()[-300:]}")
+            if not chunk:
+                break
+            received += chunk
+        answers = bytes(received).split(b"\r\n")
+        others = [line for line in answers if not line.startswith(b"500 5.5.1")]
+        assert answers.count(b"500 5.5.1 Unknown command") == commands, others[:3]
+        assert others[0].startswith(b"221"), others
+        assert others == [others[0], b""], others[:3]
+        assert "timeout session=" not in relay.log()
+
+
 def test_connection_limits_and_timeouts(tmp_path: Path) -> None:
     """Per-client and total connection limits answer 421 4.7.0; an idle client gets 421 4.4.2."""
     server = 'max_connections_per_client = 2\nmax_connections = 5\ncommand_timeout = "1s"'

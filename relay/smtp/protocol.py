@@ -20,8 +20,9 @@ With asyncio (Python 3.11) that measured up to about twice the limit more.
 
 Timeouts: ``server.command_timeout`` between commands and
 ``server.data_timeout`` between reads inside DATA or BDAT (defaults from
-RFC 5321 section 4.5.3.2), ``421 4.4.2`` when one runs out.  The clock does
-not run while the session waits for the spool or the password check.  When
+RFC 5321 section 4.5.3.2), ``421 4.4.2`` when one runs out.  The clock
+starts when the relay has handled a read, not when the read arrived, and
+does not run while the session waits for the spool or the password check.  When
 the session closes, the transport first sends the replies still unsent, so
 a client that does not read them could hold the connection open for as
 long as it stays connected.  ``server.close_timeout`` bounds that wait:
@@ -129,9 +130,12 @@ class SMTPProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         session = self.session
         assert session is not None
-        self._last_activity = time.monotonic()
         session.receive_data(data)
         self._flush()
+        # The idle clock starts once the read is handled, because running a
+        # read of pipelined commands can take longer than a short
+        # command_timeout, and that time is the relay's, not the client's.
+        self._last_activity = time.monotonic()
 
     def eof_received(self) -> bool:
         # The client half-closed: nothing more can arrive, so end the session.
