@@ -109,12 +109,14 @@ def connect(relay: RelayProcess, mode: str, cafile: Path) -> socket.socket:
     return sock
 
 
-def flood(sock: socket.socket, command: bytes = HELP) -> tuple[int, bytes, bool]:
+def flood(sock: socket.socket, command: bytes = HELP, minimum: int = 0) -> tuple[int, bytes, bool]:
     """Send ``command`` over and over without reading, until sending stalls or a bound is reached.
 
     Returns the octets sent, the octets of the last send that did not
     complete, and whether sending stalled.  A TLS socket must retry that send
     with the same octets (OpenSSL's SSL_write), so the caller sends them next.
+    A stall before ``minimum`` octets are sent does not end the flood,
+    because a slow relay may still be handling an earlier read.
     """
     chunk = command * (24576 // len(command))
     sent = 0
@@ -137,13 +139,18 @@ def flood(sock: socket.socket, command: bytes = HELP) -> tuple[int, bytes, bool]
             now = time.monotonic()
             if stalled_since is None:
                 stalled_since = now
-            elif now - stalled_since >= STALL_SECONDS:
+            elif now - stalled_since >= STALL_SECONDS and sent >= minimum:
                 return sent, unsent, True
             time.sleep(0.01)
         return sent, unsent, False
     finally:
         sock.setblocking(True)
         sock.settimeout(30.0)
+
+
+def max_send_buffer() -> int:
+    """Return the octets a TCP socket's send buffer can grow to, from /proc (tcp_wmem's maximum)."""
+    return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
 
 
 def drain(sock: socket.socket, pending: bytearray, commands: int) -> int:
@@ -228,6 +235,11 @@ def test_unsent_replies_end_one_reply_past_limit(
     limit, and not those already in the transport's buffer, so about twice
     the limit could be left unsent.  The close_timeout line reports the
     octets in the transport's buffer when the connection is aborted.
+
+    The relay's kernel takes replies first, up to the socket's maximum send
+    buffer (4 MiB by default on Linux), and only the rest stays in the
+    transport's buffer.  So the flood sends commands whose replies exceed
+    that maximum plus twice the limit before it stops at a stall.
     """
     limit = MIB
     server = (
@@ -245,10 +257,19 @@ def test_unsent_replies_end_one_reply_past_limit(
         assert read_reply(sock, pending).startswith("220")
         sock.sendall(b"EHLO client.example.com\r\n")
         assert read_reply(sock, pending).startswith("250")
+        sock.sendall(command)
+        reply = read_reply(sock, pending)
+        assert reply.startswith(("214", "500")), reply
+        # read_reply joins the lines of a reply with "|" in place of CRLF.
+        reply_octets = len(reply.encode()) + reply.count("|") + 2
+        assert not pending
 
-        sent, _unsent, stalled = flood(sock, command)
+        replies_needed = max_send_buffer() + 2 * limit
+        minimum = replies_needed // reply_octets * len(command)
+        sent, _unsent, stalled = flood(sock, command, minimum)
+        assert sent >= minimum, f"only {sent} of {minimum} octets of commands sent in {FLOOD_SECONDS} s"
         assert stalled, f"the relay kept reading: {sent} octets sent"
-        assert wait_until(lambda: "close_timeout session=" in relay.log(), 10.0), relay.log()
+        assert wait_until(lambda: "close_timeout session=" in relay.log(), 20.0), relay.log()
 
     match = re.search(r"close_timeout session=\S+ client=\S+ unsent=(\d+)", relay.log())
     assert match, relay.log()
