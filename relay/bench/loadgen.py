@@ -10,8 +10,10 @@ client sending less (coordinated omission).
 
 Every run is bounded: by a message count, by a duration, or by both, and a
 reply that takes longer than ``timeout`` fails its message.  In an open-loop
-run, messages still waiting for a connection when the schedule plus one
-timeout is over fail as ``not_started`` instead of extending the run.
+run, messages still waiting for a connection fail as ``not_started``
+instead of extending the run: at the end of the duration when one is
+given, since no message starts after it, otherwise when the schedule plus
+one timeout is over.
 
 With several processes each one drives its share of the connections, the
 messages and the rate on its own uvloop event loop; message numbers ``{n}``
@@ -115,8 +117,12 @@ class _Run:
         self.expires: float | None = None
         if plan.rate is not None:
             self.planned = planned_messages(plan)
-            span = plan.duration if plan.duration is not None else (plan.count or 0) / plan.rate
-            self.expires = self.started + span + plan.settings.timeout
+            if plan.duration is not None:
+                # --duration is when the last message may start, so an overloaded
+                # run ends then instead of catching up for another timeout.
+                self.expires = self.started + plan.duration
+            else:
+                self.expires = self.started + (plan.count or 0) / plan.rate + plan.settings.timeout
 
     def take(self) -> tuple[int, float] | None:
         """Return the next closed-loop job (message number, start time) or None when done."""
