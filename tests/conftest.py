@@ -35,9 +35,35 @@ def spool(tmp_path: Path) -> Iterator[Spool]:
         opened.close()
 
 
+# Ports below Linux's default ephemeral range (32768-60999) that the pytest-xdist
+# processes share out when RELAY_TEST_PORTS is unset.
+XDIST_PORTS = range(20000, 32000)
+
+
+def _xdist_port_range() -> str:
+    """Return this pytest-xdist process's share of XDIST_PORTS as ``LOW-HIGH``, or "" outside xdist.
+
+    Each process then probes only its own ports, so a port that one of them
+    found free cannot be taken by the other's relay before it is bound, nor
+    by the kernel as the source port of an outgoing connection.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return ""
+    index = int(worker[2:])
+    count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), index + 1)
+    width = len(XDIST_PORTS) // count
+    low = XDIST_PORTS.start + index * width
+    return f"{low}-{low + width - 1}"
+
+
 def _port_range() -> range | None:
-    """Return the ports that RELAY_TEST_PORTS (``LOW-HIGH``) allows, or None when it is unset."""
-    text = os.environ.get("RELAY_TEST_PORTS", "")
+    """Return the ports that RELAY_TEST_PORTS (``LOW-HIGH``) allows, or None when it is unset.
+
+    Under pytest-xdist without RELAY_TEST_PORTS, each process gets its own
+    share of XDIST_PORTS.
+    """
+    text = os.environ.get("RELAY_TEST_PORTS", "") or _xdist_port_range()
     if not text:
         return None
     low, _, high = text.partition("-")
@@ -71,7 +97,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         except OSError:
             continue
         return candidate
-    raise RuntimeError(f"no free port on {host} in RELAY_TEST_PORTS={os.environ['RELAY_TEST_PORTS']}")
+    raise RuntimeError(f"no free port on {host} in {allowed.start}-{allowed.stop - 1}")
 
 
 def find_peer(name: str) -> str | None:
