@@ -229,7 +229,7 @@ class _ReportState:
     # The time of the latest SIGHUP, and whether its RELOADING=1 still waits for its READY=1.
     requested_ns: int = 0
     reload_reported: bool = False
-    # Whether the latest SIGHUP still waits for a child's answer, with or without systemd.
+    # Whether the latest SIGHUP still waits for a child's reload report, with or without systemd.
     reload_pending: bool = False
     # Per child: the start of its latest finished reload, whether that reload
     # was applied, and the fingerprint of the config it runs since.

@@ -302,10 +302,11 @@ def test_best_mx_self_still_loops(nameserver: NameServer) -> None:
 
 
 class _DelayingProxy:
-    """A UDP DNS proxy on loopback that holds each A and AAAA query before passing it on to nsd.
+    """A UDP DNS proxy on loopback that delays each A and AAAA query before passing it on to nsd.
 
-    It records the most queries it held at once.  A query for ``mN.many.test``
-    waits longer the smaller N is, so the first MX hosts answer last.
+    It records the maximum number of queries delayed at once.  A query for
+    ``mN.many.test`` waits longer the smaller N is, so the first MX hosts
+    answer last.
     """
 
     def __init__(self, upstream_port: int) -> None:

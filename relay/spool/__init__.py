@@ -444,9 +444,9 @@ class Spool:
     ) -> bool:
         """Store durably which local delivery targets of one leased recipient have the message; return whether stored.
 
-        The state, attempt count and due time stay as they are, and the
-        lease too.  ``SpoolStore.record_delivered_targets`` says when nothing
-        is stored.
+        The state, attempt count, due time and lease stay as they are.
+        Nothing is stored, and False returned, once ``lease_token`` no longer
+        holds a live lease on a pending recipient.
         """
         stored: bool = await self._writer.submit_async(
             lambda store: store.record_delivered_targets(queue_id, index, targets, lease_token, time.time())
