@@ -240,14 +240,17 @@ _RECIPIENT_COLUMNS = (
     "idx, address, orcpt, notify, state, attempts, next_attempt, last_attempt, last_reply, last_host, dsn,"
     " delivered_targets, expired, dsn_attempts, dsn_due"
 )
+
+
+def _column_default(definition: str) -> str:
+    """Return the SQL value that ``ALTER TABLE ... ADD COLUMN definition`` gives existing rows."""
+    words = definition.split()
+    return words[words.index("DEFAULT") + 1] if "DEFAULT" in words else "NULL"
+
+
 # Values that a read-only store selects in place of the version 4 columns
 # that a version 3 spool lacks, the same values that converting it stores.
-_VERSION_4_DEFAULTS = {
-    "delivered_targets": "NULL",
-    "expired": "NULL",
-    "dsn_attempts": "0",
-    "dsn_due": "0",
-}
+_VERSION_4_DEFAULTS = {definition.split()[0]: _column_default(definition) for definition in _VERSION_4_COLUMNS}
 # The oldest schema version that a read-only store reads without converting it.
 OLDEST_READABLE_VERSION = 3
 
@@ -533,15 +536,18 @@ class SpoolStore:
 
     def _add_version_4_columns(self) -> None:
         """Add the ``recipient`` columns of version 4 that the table does not have yet."""
-        columns = {row[1] for row in self.connection.execute("PRAGMA table_info(recipient)")}
+        columns = self._recipient_table_columns()
         for column in _VERSION_4_COLUMNS:
             # Adding a column rewrites no row: old rows read NULL or the default.
             if column.split()[0] not in columns:
                 self.connection.execute(f"ALTER TABLE recipient ADD COLUMN {column}")
 
+    def _recipient_table_columns(self) -> set[str]:
+        return {row[1] for row in self.connection.execute("PRAGMA table_info(recipient)")}
+
     def _readable_recipient_columns(self) -> str:
         """Return ``_RECIPIENT_COLUMNS`` with a default in place of each version 4 column the table lacks."""
-        present = {row[1] for row in self.connection.execute("PRAGMA table_info(recipient)")}
+        present = self._recipient_table_columns()
         columns = [name.strip() for name in _RECIPIENT_COLUMNS.split(",")]
         return ", ".join(
             name if name in present or name not in _VERSION_4_DEFAULTS else _VERSION_4_DEFAULTS[name]
