@@ -597,6 +597,32 @@ def test_mapped_loopback_literal_bounces(tmp_path: Path, nameserver: NameServer,
     assert report.get_payload()[1].get_payload()[1]["Status"] == "5.7.1"
 
 
+def test_literal_goes_to_relayhost(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # 192.0.2.1 (TEST-NET-1) is never reached: with a smart host every remote recipient goes there.
+    port = free_port("127.0.0.7")
+    relayhost = f'relayhost = "[127.0.0.7]:{port}"\nrelayhost_tls = "none"'
+    config = make_config(tmp_path, nameserver, port, delivery=relayhost)
+    spool = spool_for(config)
+    with run_upstream("127.0.0.7", port) as upstream:
+        commit(spool, "alice@local.test", ["rcpt@[192.0.2.1]", "rcpt@[IPv6:2001:db8::1]"])
+        assert run_until(config, spool, lambda: bool(upstream.messages) and not spool_counts(config))
+    assert [sorted(m.recipients) for m in upstream.messages] == [["rcpt@[192.0.2.1]", "rcpt@[IPv6:2001:db8::1]"]]
+    assert mailbox_messages(config, "alice") == []
+
+
+def test_loopback_literal_bounces_with_relayhost(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    port = free_port("127.0.0.7")
+    relayhost = f'relayhost = "[127.0.0.7]:{port}"\nrelayhost_tls = "none"'
+    config = make_config(tmp_path, nameserver, port, delivery=relayhost)
+    spool = spool_for(config)
+    with run_upstream("127.0.0.7", port) as upstream:
+        commit(spool, "alice@local.test", ["rcpt@[127.0.0.1]"])
+        assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")) and not spool_counts(config))
+    assert upstream.connections == 0
+    (report,) = mailbox_messages(config, "alice")
+    assert report.get_payload()[1].get_payload()[1]["Status"] == "5.7.1"
+
+
 def test_nxdomain_bounces(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     config = make_config(tmp_path, nameserver, free_port())
     spool = spool_for(config)

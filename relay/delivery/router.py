@@ -7,19 +7,20 @@ Maildir; a domain in ``[delivery.transport]`` goes where its entry says
 (``"local"`` or ``"smtp:[host]:port"``); when ``[delivery] relayhost`` is set
 every other domain goes to that smart host; otherwise the domain's MX hosts
 on ``[delivery] smtp_port``.  An address literal (``user@[192.0.2.30]``,
-RFC 5321 section 4.1.3) goes straight to that address with no MX lookup,
-unless ``is_internal_address`` holds for it (loopback, link-local,
-multicast, unspecified or reserved, also in IPv4-mapped IPv6 form such as
-``[IPv6:::ffff:127.0.0.1]``).  Such a literal fails with ``5.7.1``, so that
-mail cannot be steered at this host or its neighbours.  RCPT rejects these
-literals already, but a bounce goes to the reverse-path, which RCPT never
-checked.
+RFC 5321 section 4.1.3) goes to the smart host when ``relayhost`` is set,
+like any other remote domain, and otherwise straight to that address with
+no MX lookup.  A literal for which ``is_internal_address`` holds (loopback,
+link-local, multicast, unspecified or reserved, also in IPv4-mapped IPv6
+form such as ``[IPv6:::ffff:127.0.0.1]``) fails with ``5.7.1`` either way,
+so that mail cannot be steered at this host or its neighbours.  RCPT
+rejects these literals already, but a bounce goes to the reverse-path,
+which RCPT never checked.
 
 A ``Route`` also names its destination: the key under which the scheduler
 queues, limits concurrency and backs off, and under which finished sessions
 are kept for reuse.  MX routes share one destination per domain, fixed next
-hops one per ``host:port``.  A transport entry or address literal that names
-the smart host's own ``host:port`` gets a destination of its own (with
+hops one per ``host:port``.  A transport entry that names the smart
+host's own ``host:port`` gets a destination of its own (with
 `` tls=MODE`` appended) when the smart host's TLS or AUTH settings differ,
 so that its sessions never carry mail that ``relayhost_tls`` or
 ``relayhost_username`` governs, and the reverse.
@@ -118,6 +119,9 @@ class Router:
             return Route(
                 kind=ERROR, destination=ERROR, error=f"550 5.7.1 delivery to address literal {domain} is not allowed"
             )
+        if self._relayhost is not None:
+            # A host that must send through a smart host often cannot reach port 25 itself.
+            return self._relayhost
         host = str(address)
         return Route(
             kind=SMTP,
