@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from delivery_peers import (
     NameServer,
@@ -1314,6 +1315,43 @@ def test_mx_address_limit_bounds_connects(
         assert message is not None
         assert message.recipients[0].state is RecipientState.DEFERRED
         assert "m5.many.test[127.0.0.25]" in (message.recipients[0].last_reply or "")
+
+
+def test_refused_connect_records_host(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # Neither MX host of mx.test listens.  The deferral keeps the last host
+    # tried, in the name[address]:port form of a host that replied, and the
+    # queue commands show it.
+    port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port, delivery="minimal_backoff_time = 60\nmaximal_backoff_time = 60")
+    spool = spool_for(config)
+    queue_id = commit(spool, "alice@local.test", ["bob@mx.test"])
+
+    def attempted() -> bool:
+        message = stored_message(config, queue_id)
+        return message is not None and message.recipients[0].attempts > 0
+
+    assert run_until(config, spool, attempted, timeout=10.0)
+    host = f"b.mx.test[127.0.0.3]:{port}"
+    reply = f"451 4.4.1 connect to {host}: Connection refused"
+    message = stored_message(config, queue_id)
+    assert message is not None
+    assert message.recipients[0].state is RecipientState.DEFERRED
+    assert message.recipients[0].last_host == host
+    assert message.recipients[0].last_reply == reply
+
+    queue = [sys.executable, "-m", "relay", "queue"]
+    json_output = subprocess.run([*queue, "list", "--json", "--spool", config.spool.path],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+    [recipient] = orjson.loads(json_output)["recipients"]
+    assert recipient["last_host"] == host
+    assert recipient["last_reply"] == reply
+    list_output = subprocess.run([*queue, "list", "--spool", config.spool.path],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+    # The reply names the host already, so no "from HOST" follows it.
+    assert f"({reply})" in list_output
+    show_output = subprocess.run([*queue, "show", queue_id, "--spool", config.spool.path],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+    assert f"host={host} reply={reply}" in show_output
 
 
 def test_parked_session_closed_by_server_not_reused(

@@ -158,7 +158,8 @@ class SessionError(Exception):
         # then tries no MX host after it, because those are no more preferred.
         self.loop = loop
         # The next hop (``name[address]:port``) whose session failed while it was
-        # opened; empty when no connection was made.  Recorded like a reply's host.
+        # opened, also when the connection itself failed.  It is empty when no
+        # host was tried, and it is recorded like the host of a reply.
         self.peer = peer
         # Recipients whose outcome a reply decided before the session failed, by
         # index (a 5xx to RCPT is final, RFC 5321 section 3.3); set by ``send``.
@@ -182,6 +183,18 @@ def _as_temporary(reply: Reply) -> str:
         return reply_text(reply)
     enhanced = f" 4{reply.enhanced[1:]}" if reply.enhanced else ""
     return f"{reply.code - 100}{enhanced} {reply.text}".rstrip()
+
+
+def _connect_error_text(error: OSError) -> str:
+    """Return the system's text for a failed connect, such as "Connection refused".
+
+    The standard asyncio loop puts "Connect call failed ('ADDR', PORT)" in
+    ``strerror``, and uvloop puts the system's text there, so the text comes
+    from the error number when there is one.
+    """
+    if error.errno:
+        return os.strerror(error.errno)
+    return error.strerror or str(error) or type(error).__name__
 
 
 def _greeting_name(reply: Reply) -> str:
@@ -397,6 +410,10 @@ class SMTPSession:
             raise SessionError(f"451 4.7.5 cannot use the CA file {options.ca_file}: {exc}") from None
         loop = asyncio.get_running_loop()
         reply_line_limit = options.reply_line_limit
+        # No reply comes from a host that failed to connect, but the host that
+        # was tried is still recorded with the deferral.  The reply text has
+        # Postfix's form: "connect to HOST[ADDR]:PORT: Connection refused".
+        peer = f"{host}[{address}]:{port}"
         try:
             async with asyncio.timeout(options.timeouts.connect):
                 _, connection = await loop.create_connection(
@@ -407,12 +424,11 @@ class SMTPSession:
                     server_hostname=host if context else None,
                 )
         except TimeoutError:
-            raise SessionError(f"451 4.4.1 connect to {host}[{address}]:{port} timed out") from None
+            raise SessionError(f"451 4.4.1 connect to {peer}: Connection timed out", peer=peer) from None
         except ssl.SSLError as exc:
-            raise SessionError(f"451 4.7.5 TLS handshake with {host}[{address}]:{port} failed: {exc.reason}") from None
+            raise SessionError(f"451 4.7.5 TLS handshake with {peer} failed: {exc.reason}", peer=peer) from None
         except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise SessionError(f"451 4.4.1 connect to {host}[{address}]:{port} failed: {reason}") from None
+            raise SessionError(f"451 4.4.1 connect to {peer}: {_connect_error_text(exc)}", peer=peer) from None
 
         session = cls(connection, host, address, port)
         session._timeouts = options.timeouts
