@@ -79,6 +79,11 @@ v6.dual IN AAAA 2001:db8::4
 v6.dual IN AAAA 2001:db8::5
 v6.dual IN AAAA 2001:db8::6
 v4.dual IN A 192.0.2.40
+dual-stack IN MX 10 ds.dual-stack.test.
+ds.dual-stack IN AAAA 2001:db8::10
+ds.dual-stack IN AAAA 2001:db8::11
+ds.dual-stack IN A 192.0.2.50
+ds.dual-stack IN A 192.0.2.51
 xn--strae-oqa IN A 127.0.0.31
 strasse IN A 127.0.0.32
 *.dead IN A 127.0.0.9

@@ -306,11 +306,12 @@ class _DelayingProxy:
 
     It records the maximum number of queries delayed at once.  A query for
     ``mN.many.test`` waits longer the smaller N is, so the first MX hosts
-    answer last.
+    answer last.  An AAAA query waits ``aaaa_extra_delay`` seconds more.
     """
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, aaaa_extra_delay: float = 0.0) -> None:
         self.upstream_port = upstream_port
+        self.aaaa_extra_delay = aaaa_extra_delay
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.socket.bind(("127.0.0.1", free_port()))
         self.socket.settimeout(0.1)
@@ -337,9 +338,12 @@ class _DelayingProxy:
         question = query.question[0]
         name = question.name.to_text()
         delay = 0.0
-        if dns.rdatatype.to_text(question.rdtype) in ("A", "AAAA"):
+        rdtype = dns.rdatatype.to_text(question.rdtype)
+        if rdtype in ("A", "AAAA"):
             digits = name.split(".")[0].lstrip("m")
             delay = 0.05 * (8 - int(digits)) if digits.isdigit() else 0.1
+        if rdtype == "AAAA":
+            delay += self.aaaa_extra_delay
         with self.lock:
             self.held += 1
             self.max_held = max(self.max_held, self.held)
@@ -366,10 +370,31 @@ class _DelayingProxy:
 
 @pytest.mark.parametrize("concurrency", [1, 3, 5])
 def test_mx_addresses_looked_up_concurrently(nameserver: NameServer, concurrency: int) -> None:
-    # many.test has six MX hosts, and each host's AAAA and A queries follow one another.
+    # many.test has six MX hosts, and each host's AAAA and A queries are in flight together.
     with _DelayingProxy(nameserver.port) as proxy:
         resolver = MXResolver((("127.0.0.1", proxy.port),), timeout=5.0, lookup_concurrency=concurrency)
         hosts = asyncio.run(resolver.mail_hosts("many.test"))
-    assert proxy.max_held == concurrency
+    assert proxy.max_held == 2 * concurrency
     assert [host.name for host in hosts] == [f"m{n}.many.test" for n in range(1, 7)]
     assert [host.addresses for host in hosts] == [(f"127.0.0.{20 + n}",) for n in range(1, 7)]
+
+
+def test_host_aaaa_and_a_overlap(nameserver: NameServer) -> None:
+    # ds.dual-stack.test has two AAAA and two A records.  The proxy delays the
+    # AAAA query longer, so the A answer arrives first, and the IPv6
+    # addresses must still come first.  Both queries wait in the proxy
+    # together only when the second is sent before the first is answered.
+    with _DelayingProxy(nameserver.port, aaaa_extra_delay=0.2) as proxy:
+        resolver = MXResolver((("127.0.0.1", proxy.port),), timeout=5.0)
+        hosts = asyncio.run(resolver.mail_hosts("dual-stack.test"))
+    assert proxy.max_held == 2
+    assert hosts == [
+        MailHost("ds.dual-stack.test", 10, ("2001:db8::10", "2001:db8::11", "192.0.2.50", "192.0.2.51"))
+    ]
+
+
+def test_host_aaaa_and_a_both_answered(nameserver: NameServer) -> None:
+    # Straight from nsd, without the proxy: both families are found, IPv6 first.
+    assert resolve(nameserver, "dual-stack.test") == [
+        MailHost("ds.dual-stack.test", 10, ("2001:db8::10", "2001:db8::11", "192.0.2.50", "192.0.2.51"))
+    ]

@@ -27,7 +27,9 @@ with ``5.4.4``; SERVFAIL, REFUSED and timeouts are temporary (``4.4.3``) and
 the recipient is retried later.  An MX host whose name does not resolve is
 skipped and the next one tried.  The addresses of the MX hosts are looked
 up concurrently, at most ``lookup_concurrency`` hosts at a time, and the
-hosts keep the order of their MX preferences.
+hosts keep the order of their MX preferences.  A host's AAAA and A queries
+run concurrently as well, so up to twice that many queries are in flight.
+Its IPv6 addresses still come first, each family in the order of its answer.
 
 An MX record whose exchange is an IP address (``MX 10 192.0.2.1``) breaks
 the record format, because the exchange is the domain name of a host (RFC
@@ -247,17 +249,30 @@ class MXResolver:
                       preference=host.preference, count=count, action="using it as the host's address")
 
     async def _addresses(self, host: str) -> tuple[str, ...]:
-        # A temporary failure of one family counts only when the other found nothing.
+        """Look up the AAAA and A records of ``host`` concurrently and return the IPv6 addresses first.
+
+        A temporary failure of one family counts only when the other found
+        nothing.  When both fail, the A query's error is raised.
+        """
         name = host.rstrip(".").lower()
+
+        async def look_up(rdtype: str) -> tuple[str, ...] | None | _TemporaryError:
+            try:
+                return await self._lookup(name, rdtype)
+            except _TemporaryError as exc:
+                return exc
+
+        # A TaskGroup cancels the other query when one raises anything else.
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(look_up(rdtype)) for rdtype in ("AAAA", "A")]
+
         found: list[str] = []
         failure: _TemporaryError | None = None
-        for rdtype in ("AAAA", "A"):
-            try:
-                records = await self._lookup(name, rdtype)
-            except _TemporaryError as exc:
-                failure = exc
-                continue
-            if records:
+        for task in tasks:
+            records = task.result()
+            if isinstance(records, _TemporaryError):
+                failure = records
+            elif records:
                 found.extend(records)
         if not found and failure is not None:
             raise failure
