@@ -214,6 +214,8 @@ def add_message_rows(batch, list message_values, list fresh_values):
             fields["local_submission"] = True
         if envelope.original_queue_id is not None:
             fields["original_queue_id"] = envelope.original_queue_id
+        if envelope.forwarded_from is not None:
+            fields["forwarded_from"] = envelope.forwarded_from
         document = _dumps(fields)
 
         body = pending.body

@@ -426,6 +426,27 @@ def test_unknown_alias_member_no_second_bounce(tmp_path: Path, spool_for: Callab
     assert {status["Original-Recipient"] for status in statuses} == {"rfc822;team@local.test"}
 
 
+def test_copy_of_copy_dsn_shows_first_id(tmp_path: Path, spool_for: Callable[[Config], Spool]) -> None:
+    # team forwards a copy to fwd@, an alias too, whose copy then bounces
+    # ghost.  The DSN shows the queue ID of the message dora submitted.
+    config = make_config(tmp_path, "team: alice, fwd@local.test\nfwd: bob, ghost\n")
+    (tmp_path / "mail" / "dora").mkdir()
+    spool = spool_for(config)
+    queue_id = commit(spool, ["team@local.test"])
+
+    def settled() -> bool:
+        with SpoolStore(config.spool.path) as store:
+            return not store.queue_ids() and copies(config, "dora") == 1
+
+    assert run_until(config, spool, settled)
+    assert (copies(config, "alice"), copies(config, "bob")) == (1, 1)
+    (report,) = mailbox.Maildir(str(tmp_path / "mail" / "dora"), create=False)
+    fields = report.get_payload()[1].get_payload()[0]
+    assert fields["X-Queue-ID"] == queue_id
+    status = report.get_payload()[1].get_payload()[1]
+    assert status["Final-Recipient"] == "rfc822; ghost@local.test"
+
+
 def test_serve_bounces_unknown_alias_member(tmp_path: Path) -> None:
     # relay serve delivers alice's copy and bounces ghost's to rcpt, the sender.
     relay = relay_with_team(tmp_path)
@@ -442,3 +463,28 @@ def test_serve_bounces_unknown_alias_member(tmp_path: Path) -> None:
     status = report.get_payload()[1].get_payload()[1]
     assert status["Final-Recipient"] == "rfc822; ghost@example.net"
     assert status["Original-Recipient"] == "rfc822;team@example.net"
+
+
+def test_serve_dsn_shows_submitted_queue_id(tmp_path: Path) -> None:
+    # ghost's copy has a queue ID of its own, which the sender never saw.
+    # The DSN shows the ID from the 250 reply to the end of data instead.
+    relay = relay_with_team(tmp_path)
+    (tmp_path / "aliases").write_text("team: alice, ghost\n")
+    with relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.ehlo()
+            client.mail("rcpt@example.net")
+            client.rcpt("team@example.net")
+            code, text = client.data(BODY)
+        assert wait_until(lambda: copies_in(tmp_path, "rcpt") == 1 and not relay.spooled()), relay.log()
+    assert code == 250
+    submitted_id = text.decode().rpartition(" ")[2]
+    (line,) = [line for line in relay.log().splitlines() if " alias_member_unknown " in line]
+    copy_id = line.split(" new_queue_id=")[1].split()[0]
+    assert copy_id != submitted_id
+
+    (report,) = mailbox.Maildir(str(tmp_path / "mail" / "rcpt"), create=False)
+    status = report.get_payload()[1].get_payload()[0]
+    assert status["X-Queue-ID"] == submitted_id
+    assert report["Message-ID"].startswith(f"<{submitted_id}.")
+    assert copy_id not in report.as_string()

@@ -15,6 +15,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -1079,6 +1080,21 @@ def test_dsn_names_original_message(spool_dir: Path, capsys: pytest.CaptureFixtu
     documents = {document["queue_id"]: document for document in _json_lines(out)}
     assert documents[dsn_id]["original_queue_id"] == original
     assert documents[original]["original_queue_id"] is None
+
+
+def test_alias_copy_names_submitted_message(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    original = _commit(spool_dir, make_envelope())
+    copy_id = _commit(spool_dir, replace(make_envelope(), forwarded_from=original))
+
+    status, out, _ = _queue(capsys, "show", copy_id, "--spool", str(spool_dir))
+    assert status == 0
+    assert f"\nAlias copy of: {original}\n" in out
+
+    status, out, _ = _queue(capsys, "list", "--json", "--spool", str(spool_dir))
+    assert status == 0
+    documents = {document["queue_id"]: document for document in _json_lines(out)}
+    assert documents[copy_id]["forwarded_from"] == original
+    assert documents[original]["forwarded_from"] is None
 
 
 def test_show_json_document_and_history(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -44,6 +44,8 @@ def reference_rows(pending: PendingCommit) -> tuple[tuple[Any, ...], tuple[Any, 
         fields["local_submission"] = True
     if envelope.original_queue_id is not None:
         fields["original_queue_id"] = envelope.original_queue_id
+    if envelope.forwarded_from is not None:
+        fields["forwarded_from"] = envelope.forwarded_from
     document = orjson.dumps(fields)
     domains = [r.address.rpartition("@")[2].lower() if "@" in r.address else "" for r in envelope.recipients]
     message = (
@@ -77,13 +79,19 @@ ENVELOPES = [
         smtputf8=True,
         protocol="UTF8SMTP",
     ),
-    # A DSN that relay sendmail queued: both optional fields set.
+    # A DSN that relay sendmail queued: local_submission and original_queue_id set.
     Envelope(
         sender="",
         recipients=(Recipient("app@example.test"),),
         protocol="local",
         local_submission=True,
         original_queue_id="0ABCDEFGHJK0000",
+    ),
+    # A copy that an alias forwarded.
+    Envelope(
+        sender="sender@example.test",
+        recipients=(Recipient("member@example.test", orcpt="rfc822;team@local.test"),),
+        forwarded_from="0ABCDEFGHJK0001",
     ),
 ]
 
@@ -166,7 +174,7 @@ def test_queue_id_every_character() -> None:
     assert message_key(highest) == (1 << 63) - 1
 
 
-@pytest.mark.parametrize("envelope", ENVELOPES, ids=["null-sender", "all-fields", "utf8", "local-dsn"])
+@pytest.mark.parametrize("envelope", ENVELOPES, ids=["null-sender", "all-fields", "utf8", "local-dsn", "alias-copy"])
 def test_rows_match_python_layout(envelope: Envelope) -> None:
     body = b"Subject: rows\r\n\r\n" + bytes(range(256)) * 4
     batch = [Spool._pending(envelope, body, None, None) for _ in range(3)]

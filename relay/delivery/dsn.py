@@ -254,7 +254,9 @@ def build_report(
     ``retry_until`` is when delayed recipients will fail (arrival plus the
     maximal queue lifetime), given as ``Will-Retry-Until``.
     """
-    boundary = f"{message.queue_id}.{secrets.token_hex(8)}/{hostname}"
+    # The sender got the queue ID of its own message in the 250 reply, never that of a copy an alias forwarded.
+    queue_id = message.envelope.forwarded_from or message.queue_id
+    boundary = f"{queue_id}.{secrets.token_hex(8)}/{hostname}"
     failed = [r for r in recipients if r.state is RecipientState.BOUNCED]
     delayed = [r for r in recipients if _action(r) == "delayed"]
     if failed:
@@ -273,7 +275,7 @@ def build_report(
         f"To: <{message.envelope.sender}>",
         f"Subject: {subject}",
         f"Date: {date}",
-        f"Message-ID: <{message.queue_id}.{secrets.token_hex(4)}@{hostname}>",
+        f"Message-ID: <{queue_id}.{secrets.token_hex(4)}@{hostname}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
@@ -304,7 +306,7 @@ def build_report(
         "Content-Type: message/delivery-status",
         "",
         f"Reporting-MTA: dns; {hostname}",
-        f"X-Queue-ID: {message.queue_id}",
+        f"X-Queue-ID: {queue_id}",
     ]
     if message.envelope.envid:
         lines.append(f"Original-Envelope-Id: {_original_envelope_id(message.envelope.envid)}")

@@ -32,6 +32,8 @@ and the DSN to the sender names the alias as Original-Recipient, the ORCPT
 that the forwarded copy carries, while the other members get the message
 once.  Postfix's local(8) bounces such a member the same way: ``unknown
 user`` with ``5.1.1``, reporting the alias as the original recipient.
+The copy stores the queue ID that the sender got in the ``250`` reply
+(``Envelope.forwarded_from``), and the DSN shows that ID, not the copy's.
 
 Forwarding loops: a forwarded copy starts with ``Delivered-To:`` naming the
 recipient it was expanded for, and a recipient that the message's header
@@ -216,6 +218,8 @@ async def _forward(
         smtputf8=claim.envelope.smtputf8,
         ret=claim.envelope.ret,
         envid=claim.envelope.envid,
+        # A copy of a copy (an alias member that is another local alias) keeps the first ID.
+        forwarded_from=claim.envelope.forwarded_from or claim.queue_id,
     )
     trace = f"Delivered-To: {recipient.address}\r\n".encode()
 

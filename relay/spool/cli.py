@@ -486,6 +486,7 @@ def _message_document(message: StoredMessage) -> dict[str, Any]:
         "local_submission": envelope.local_submission,
         "picked_up": message.picked_up,
         "original_queue_id": envelope.original_queue_id,
+        "forwarded_from": envelope.forwarded_from,
         "esmtp": {
             "size": envelope.size,
             "body": envelope.body_type,
@@ -548,6 +549,7 @@ def _show(store: SpoolStore, args: argparse.Namespace) -> int:
         ("Client", envelope.client_address or "local"),
         ("Submitted", _submission_text(message)),
         ("DSN for", envelope.original_queue_id),
+        ("Alias copy of", envelope.forwarded_from),
         ("HELO", envelope.helo_name),
         ("Protocol", envelope.protocol),
         ("Authenticated", envelope.auth_user),

@@ -20,7 +20,10 @@ attempt or operator action.  A message row's key is the integer
 inserts into one B-tree for the message and needs no index on the queue ID.
 
 The document of a message that ``relay sendmail`` stored also records,
-as ``picked_up``, that a claim has returned it (see ``claim``).
+as ``picked_up``, that a claim has returned it (see ``claim``).  The
+document of a copy that a local alias forwarded records ``forwarded_from``,
+the queue ID of the message the sender submitted.  Both keys are written
+only when set, and a document without them reads as before.
 
 Per-recipient state lives in ``recipient`` rows, but a commit writes none.
 It adds one small ``fresh`` row, which means "every recipient queued, due
@@ -1898,6 +1901,7 @@ def _decode_message(
             # Absent from the documents of SMTP mail and of spools written before these keys.
             local_submission=bool(document.get("local_submission", False)),
             original_queue_id=document.get("original_queue_id"),
+            forwarded_from=document.get("forwarded_from"),
         )
         return StoredMessage(
             queue_id=queue_id,

@@ -75,6 +75,9 @@ class Envelope:
     local_submission: bool = False
     # For a DSN: the queue ID of the message it reports on; None for other messages.
     original_queue_id: str | None = None
+    # For a copy that an alias forwarded: the queue ID that the sender got in the
+    # 250 reply, which a DSN about the copy shows.  None for other messages.
+    forwarded_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
