@@ -1317,10 +1317,9 @@ def test_mx_address_limit_bounds_connects(
         assert "m5.many.test[127.0.0.25]" in (message.recipients[0].last_reply or "")
 
 
-def test_refused_connect_records_host(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
-    # Neither MX host of mx.test listens.  The deferral keeps the last host
-    # tried, in the name[address]:port form of a host that replied, and the
-    # queue commands show it.
+def test_refused_connect_names_host(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # Neither MX host of mx.test listens.  The deferral's reply names the last
+    # host tried in Postfix's form; no host replied, so last_host stays null.
     port = free_port("127.0.0.2")
     config = make_config(tmp_path, nameserver, port, delivery="minimal_backoff_time = 60\nmaximal_backoff_time = 60")
     spool = spool_for(config)
@@ -1331,27 +1330,34 @@ def test_refused_connect_records_host(tmp_path: Path, nameserver: NameServer, sp
         return message is not None and message.recipients[0].attempts > 0
 
     assert run_until(config, spool, attempted, timeout=10.0)
-    host = f"b.mx.test[127.0.0.3]:{port}"
-    reply = f"451 4.4.1 connect to {host}: Connection refused"
+    reply = f"451 4.4.1 connect to b.mx.test[127.0.0.3]:{port}: Connection refused"
     message = stored_message(config, queue_id)
     assert message is not None
     assert message.recipients[0].state is RecipientState.DEFERRED
-    assert message.recipients[0].last_host == host
     assert message.recipients[0].last_reply == reply
+    assert not message.recipients[0].last_host
 
     queue = [sys.executable, "-m", "relay", "queue"]
     json_output = subprocess.run([*queue, "list", "--json", "--spool", config.spool.path],
                                  capture_output=True, text=True, timeout=30, check=True).stdout
     [recipient] = orjson.loads(json_output)["recipients"]
-    assert recipient["last_host"] == host
     assert recipient["last_reply"] == reply
-    list_output = subprocess.run([*queue, "list", "--spool", config.spool.path],
-                                 capture_output=True, text=True, timeout=30, check=True).stdout
-    # The reply names the host already, so no "from HOST" follows it.
-    assert f"({reply})" in list_output
-    show_output = subprocess.run([*queue, "show", queue_id, "--spool", config.spool.path],
-                                 capture_output=True, text=True, timeout=30, check=True).stdout
-    assert f"host={host} reply={reply}" in show_output
+    assert recipient["last_host"] is None
+
+
+def test_refused_connect_dsn_has_no_remote_mta(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # The relay wrote the diagnostic itself, so the DSN gives it as X-relay
+    # and names no Remote-MTA (RFC 3464 section 2.3.5 and 2.3.6).
+    port = free_port("127.0.0.2")
+    config = make_config(tmp_path, nameserver, port, delivery="delay_warning_time = 0.2")
+    spool = spool_for(config)
+    commit_notify(spool, "alice@local.test", "bob@mx.test", ("DELAY",))
+    assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")), timeout=10.0)
+    (report,) = mailbox_messages(config, "alice")
+    fields = report.get_payload()[1].get_payload()[1]
+    assert fields["Action"] == "delayed"
+    assert fields["Diagnostic-Code"].startswith("X-relay; 451 4.4.1 connect to ")
+    assert fields["Remote-MTA"] is None
 
 
 def test_parked_session_closed_by_server_not_reused(

@@ -158,8 +158,7 @@ class SessionError(Exception):
         # then tries no MX host after it, because those are no more preferred.
         self.loop = loop
         # The next hop (``name[address]:port``) whose session failed while it was
-        # opened, also when the connection itself failed.  It is empty when no
-        # host was tried, and it is recorded like the host of a reply.
+        # opened; empty when no connection was made.  Recorded like a reply's host.
         self.peer = peer
         # Recipients whose outcome a reply decided before the session failed, by
         # index (a 5xx to RCPT is final, RFC 5321 section 3.3); set by ``send``.
@@ -410,9 +409,10 @@ class SMTPSession:
             raise SessionError(f"451 4.7.5 cannot use the CA file {options.ca_file}: {exc}") from None
         loop = asyncio.get_running_loop()
         reply_line_limit = options.reply_line_limit
-        # No reply comes from a host that failed to connect, but the host that
-        # was tried is still recorded with the deferral.  The reply text has
-        # Postfix's form: "connect to HOST[ADDR]:PORT: Connection refused".
+        # No reply comes from a host that failed to connect, so no peer is set:
+        # a DSN then gives this text as relay's own diagnostic, without a
+        # Remote-MTA.  The text names the host in Postfix's form instead:
+        # "connect to HOST[ADDR]:PORT: Connection refused".
         peer = f"{host}[{address}]:{port}"
         try:
             async with asyncio.timeout(options.timeouts.connect):
@@ -424,11 +424,11 @@ class SMTPSession:
                     server_hostname=host if context else None,
                 )
         except TimeoutError:
-            raise SessionError(f"451 4.4.1 connect to {peer}: Connection timed out", peer=peer) from None
+            raise SessionError(f"451 4.4.1 connect to {peer}: Connection timed out") from None
         except ssl.SSLError as exc:
-            raise SessionError(f"451 4.7.5 TLS handshake with {peer} failed: {exc.reason}", peer=peer) from None
+            raise SessionError(f"451 4.7.5 TLS handshake with {peer} failed: {exc.reason}") from None
         except OSError as exc:
-            raise SessionError(f"451 4.4.1 connect to {peer}: {_connect_error_text(exc)}", peer=peer) from None
+            raise SessionError(f"451 4.4.1 connect to {peer}: {_connect_error_text(exc)}") from None
 
         session = cls(connection, host, address, port)
         session._timeouts = options.timeouts
