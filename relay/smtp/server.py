@@ -2,6 +2,9 @@
 
 Each ``[[listener]]`` becomes one listening socket per worker process, bound
 with SO_REUSEPORT so the kernel spreads connections over the workers.
+Before the workers start, the supervisor locks each listener's address
+(``relay.listener_lock``), so that a second relay started on one of them
+exits with an error instead of taking a share of the connections.
 ``server.workers`` processes run (default: one per CPU); with one worker the
 server runs in the calling process.  The delivery scheduler runs in worker 0
 when there is one worker, and otherwise in a delivery process of its own
@@ -55,6 +58,7 @@ from relay.config import Config, ListenerConfig
 from relay.delivery import Scheduler
 from relay.delivery.process import DeliveryProcess, WakeChannel, WakeSender
 from relay.entry import SERVE_SIGNALS
+from relay.listener_lock import ListenerLocks
 from relay.log import RepeatCounter, flush_log, log_event
 from relay.notify import DirectReports, Notifier, Reports, SupervisorReports
 from relay.reload import ReloadResult, check_files, log_reload, reload_config
@@ -755,41 +759,50 @@ class ListenerInUse(ListenerError):
     """A listener's address is already bound by another process."""
 
 
-def check_startup(config: Config) -> None:
+def check_startup(config: Config) -> ListenerLocks:
     """Check before any worker starts what would stop every worker; raise with the reason.
 
+    Returns the locks of the listeners' addresses, which the caller holds
+    until the last worker has stopped (``relay.listener_lock``).
     The TLS certificate, the credentials file and the aliases file are
     loaded once, so that a bad one is reported in the same words for one
     worker as for several.
-    Each listener's address is bound once without SO_REUSEPORT: that bind
-    fails while another process listens there, which the workers' own
-    SO_REUSEPORT binds would join silently, splitting connections between
-    two relays with different configs and spools.
+    Each listener's address is locked, so that a second relay started on it,
+    even at the same moment, stops here instead of joining the workers'
+    SO_REUSEPORT sockets and splitting connections between two relays with
+    different configs and spools.  Each address is then bound once without
+    SO_REUSEPORT, which fails while any other process listens there.
     The spool is opened once last, creating it when missing, so that a spool
     that cannot be opened is one error here instead of one per worker.
     """
     check_files(config)
-    bound: dict[tuple[int, Any], ListenerConfig] = {}
-    for listener in config.listeners:
-        for family, address in _check_address_free(listener):
-            # Two names of one address (localhost and 127.0.0.1, say) pass the
-            # config's check of the text, and SO_REUSEPORT would share the socket.
-            other = bound.setdefault((family, address), listener)
-            if other is not listener:
-                raise ListenerError(
-                    f"listeners {other.address_text} and {listener.address_text} are the same address;"
-                    " remove one of them"
-                )
-    if uses_spool(config):
-        # After the listener checks, so that a relay refused for its address creates no spool.
-        try:
-            SpoolStore(config.spool.path, busy_timeout=config.spool.busy_timeout).close()
-        except SpoolError as exc:
-            raise StartupError(f"spool.path: {exc}") from None
+    locks = ListenerLocks()
+    try:
+        bound: dict[tuple[int, Any], ListenerConfig] = {}
+        for listener in config.listeners:
+            for family, address in _check_address_free(listener, locks):
+                # Two names of one address (localhost and 127.0.0.1, say) pass the
+                # config's check of the text, and SO_REUSEPORT would share the socket.
+                other = bound.setdefault((family, address), listener)
+                if other is not listener:
+                    raise ListenerError(
+                        f"listeners {other.address_text} and {listener.address_text} are the same address;"
+                        " remove one of them"
+                    )
+        if uses_spool(config):
+            # After the listener checks, so that a relay refused for its address creates no spool.
+            try:
+                SpoolStore(config.spool.path, busy_timeout=config.spool.busy_timeout).close()
+            except SpoolError as exc:
+                raise StartupError(f"spool.path: {exc}") from None
+    except BaseException:
+        locks.release()
+        raise
+    return locks
 
 
-def _check_address_free(listener: ListenerConfig) -> list[tuple[int, Any]]:
-    """Bind each address of ``listener`` once; return them; raise ListenerError naming what is wrong."""
+def _check_address_free(listener: ListenerConfig, locks: ListenerLocks) -> list[tuple[int, Any]]:
+    """Lock and bind each address of ``listener`` once; return them; raise ListenerError naming what is wrong."""
     host, port = listener.address
     if port == 0:
         return []
@@ -807,6 +820,10 @@ def _check_address_free(listener: ListenerConfig) -> list[tuple[int, Any]]:
         except OSError:
             continue  # a family this machine lacks (IPv6 turned off): the workers skip it too
         with probe:
+            try:
+                locks.acquire(family, address)
+            except OSError as exc:
+                raise _bind_error(listener, exc) from None
             # SO_REUSEADDR ignores connections of an earlier run in TIME_WAIT.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -848,7 +865,9 @@ def serve(config: Config, *, event_loop: str = "uvloop") -> int:
     """
     # Taken before any fork, so that only this process, the one systemd started, can report.
     notifier = Notifier.from_environment()
-    check_startup(config)
+    # Held by this process and inherited by every child, so the addresses
+    # stay locked until the last process that could listen on them has exited.
+    locks = check_startup(config)
     workers = config.server.workers
     # Set before the workers fork, so each of them inherits it.
     metrics.destination_label.limit = config.admin.max_destination_labels
@@ -870,6 +889,7 @@ def serve(config: Config, *, event_loop: str = "uvloop") -> int:
             return run_worker(config, event_loop=event_loop, workers=1, index=0, reports=reports)
         return _supervise(config, event_loop, workers, notifier)
     finally:
+        locks.release()
         # Forked children leave through os._exit, so only the process that created the folder removes it.
         if private_snapshots is not None:
             shutil.rmtree(private_snapshots, ignore_errors=True)
