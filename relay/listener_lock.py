@@ -1,14 +1,15 @@
 """Per-address locks that keep a second relay instance off a listening address.
 
-The workers of one ``relay serve`` bind their listening sockets with
-SO_REUSEPORT so that the kernel spreads connections over them.
+The workers of one ``relay serve`` or ``relay sink`` bind their listening
+sockets with SO_REUSEPORT so that the kernel spreads connections over them.
 Linux lets any other process of the same user join such a port, so a second
 instance started on the same address would silently take a share of the
 connections.  Before its workers bind, each instance therefore binds one
 Linux abstract Unix socket named after each listening address and keeps it
 open while it runs.  The kernel allows one socket per abstract name, so of
 two instances starting at once exactly one gets the name, and the other gets
-EADDRINUSE.
+EADDRINUSE.  ``relay serve`` and ``relay sink`` use the same names, so they
+exclude each other too.
 
 Abstract names belong to the network namespace, as ports do, and are not
 files.  The kernel frees a name when the last descriptor of its socket

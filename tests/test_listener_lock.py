@@ -1,4 +1,4 @@
-"""A second ``relay serve`` on an address that one already listens on.
+"""A second ``relay serve`` or ``relay sink`` on an address that one already listens on.
 
 Every case runs real instances on loopback ports.  The second instance
 exits with status 1 and the in-use error naming the address, and the first
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from bench_helpers import child_pids, process_running
+from bench_helpers import child_pids, process_running, relay_command, wait_for_listening
 
 from conftest import REPO_ROOT, free_port
 from tests.server_helpers import make_certificate, wait_for_port, wait_until
@@ -257,6 +257,86 @@ def test_serve_starts_after_first_killed(tmp_path: Path, workers: int) -> None:
         kill_with_children(first)
 
     with running_serve(config, [address], workers=workers) as second:
+        send_message(address)
+        stopped = stop(second)
+    assert stopped.status == 0, stopped.stderr
+
+
+@contextlib.contextmanager
+def running_sink(address: Address, workers: int) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(
+        relay_command("sink", "--listen", address.text, "--workers", str(workers)),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_listening(process)
+        yield process
+    finally:
+        kill_with_children(process)
+
+
+def run_sink_until_exit(address: Address, workers: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        relay_command("sink", "--listen", address.text, "--workers", str(workers)),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=TIMEOUT,
+    )
+
+
+@pytest.mark.parametrize(
+    "host", [pytest.param("127.0.0.1", id="ipv4"), pytest.param("::1", id="ipv6", marks=needs_ipv6)]
+)
+@pytest.mark.parametrize("second_workers", [1, 2])
+def test_second_sink_refused(host: str, second_workers: int) -> None:
+    address = Address(host, free_port(host))
+
+    with running_sink(address, workers=2) as first:
+        result = run_sink_until_exit(address, second_workers)
+
+        assert result.returncode == 1
+        assert f"relay sink: listener {address.text} {IN_USE}" in result.stderr
+        assert "Traceback" not in result.stderr
+        send_message(address)
+        stopped = stop(first)
+
+    assert stopped.status == 0, stopped.stderr
+    assert "messages=1 " in stopped.stdout
+    with running_sink(address, workers=second_workers) as second:
+        send_message(address)
+        stopped = stop(second)
+    assert stopped.status == 0, stopped.stderr
+
+
+def test_serve_refused_on_sink_address(tmp_path: Path) -> None:
+    address = Address("127.0.0.1", free_port())
+    config = write_config(tmp_path / "relay", [address])
+
+    with running_sink(address, workers=2) as sink:
+        result = run_serve_until_exit(config, 2)
+
+        assert result.returncode == 1
+        assert f"relay: listener {address.text} {IN_USE}" in result.stderr
+        stopped = stop(sink)
+    assert stopped.status == 0, stopped.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sink_starts_after_first_killed(workers: int) -> None:
+    address = Address("127.0.0.1", free_port())
+
+    with running_sink(address, workers=workers) as first:
+        children = child_pids(first.pid)
+        first.kill()
+        first.communicate()
+        # The workers watch a pipe from the sink process and stop once it is gone.
+        assert wait_until(lambda: not any(process_running(pid) for pid in children), timeout=TIMEOUT)
+
+    with running_sink(address, workers=workers) as second:
         send_message(address)
         stopped = stop(second)
     assert stopped.status == 0, stopped.stderr

@@ -12,6 +12,7 @@ is never unbounded.  ``relay sink`` runs until SIGTERM or SIGINT.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import socket
 import ssl
@@ -470,5 +471,13 @@ def _sink(args: argparse.Namespace) -> int:
     try:
         return run_sink(run)
     except OSError as exc:
-        print(f"relay sink: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+        if exc.errno == errno.EADDRINUSE:
+            # The words of relay serve's error, because the cause and the fix are the same.
+            print(
+                f"relay sink: listener {format_host_port(host, port)} is already in use by another process;"
+                " stop that process or choose another address",
+                file=sys.stderr,
+            )
+        else:
+            print(f"relay sink: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -2,7 +2,10 @@
 
 With one worker the sink runs in the calling process.  With several, each
 worker process binds its own socket to the same address with SO_REUSEPORT,
-and the kernel spreads connections between them.  Every worker copies its
+and the kernel spreads connections between them.  Before any socket is
+bound, the sink locks its address as ``relay serve`` does
+(``relay.listener_lock``), so that a second sink or relay on that address
+fails with EADDRINUSE instead of sharing its connections.  Every worker copies its
 counters into a shared array every ``FLUSH_INTERVAL`` seconds and once more
 when it stops, and the parent adds them up.
 
@@ -43,6 +46,7 @@ from relay.bench.sink import (
     SinkState,
 )
 from relay.cli import stop_output
+from relay.listener_lock import ListenerLocks
 from relay.log import flush_log, log_event
 from relay.signals import SupervisorLink
 from relay.units import format_host_port
@@ -97,9 +101,22 @@ def _print(line: str) -> None:
         stop_output()
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _lock_address(locks: ListenerLocks, host: str, port: int) -> None:
+    """Lock the address that ``_listening_socket`` binds; raise OSError (EADDRINUSE when it is taken)."""
+    if port == 0:
+        return  # the kernel picks a port that no one else listens on
+    family = _family(host)
+    # bind() takes the first address that the name resolves to, so the lock does too.
+    addresses = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    locks.acquire(family, addresses[0][4])
+
+
 def _listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -250,7 +267,15 @@ def _run_workers(run: SinkRun) -> int:
 
 
 def run_sink(run: SinkRun) -> int:
-    """Run the sink until SIGTERM or SIGINT; return the exit status."""
-    if run.workers <= 1:
-        return _run_single(run)
-    return _run_workers(run)
+    """Run the sink until SIGTERM or SIGINT; return the exit status.
+
+    Raises OSError when the address cannot be locked or bound, with errno
+    EADDRINUSE when another process listens on it or holds its lock.
+    """
+    # The workers inherit the lock.  So after a parent killed with SIGKILL,
+    # the address stays locked until its last worker has stopped too.
+    with ListenerLocks() as locks:
+        _lock_address(locks, run.host, run.port)
+        if run.workers <= 1:
+            return _run_single(run)
+        return _run_workers(run)
