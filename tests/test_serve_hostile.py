@@ -138,6 +138,19 @@ def test_refused_data_text_not_run(relay: RelayProcess, client: RawClient) -> No
     assert messages_from(relay, "ceo@example.org") == []
 
 
+def test_data_control_character_drops_text(relay: RelayProcess, client: RawClient) -> None:
+    """A DATA line that fails as an unknown command (CR CR LF from a text-mode stream) also drops the text behind it."""
+    greet(client)
+    client.exchange(
+        b"MAIL FROM:<form@example.com>\r\nRCPT TO:<nobody@example.net>\r\nDATA\r\r\n"
+        b"Subject: contact form\r\n\r\nRSET\r\nMAIL FROM:<cfo@example.org>\r\nRCPT TO:<rcpt@example.net>\r\n"
+        b"DATA\r\nwire the money\r\n.\r\n",
+        ["250 2.1.0", "5", "500 5.5.1", "554 5.5.0"],
+    )
+    assert client.closed()
+    assert messages_from(relay, "cfo@example.org") == []
+
+
 # -- STARTTLS injection -------------------------------------------------------
 
 

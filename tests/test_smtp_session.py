@@ -1150,6 +1150,8 @@ def test_bdat_size_limit() -> None:
         b"BDAT 12\x00",
         b"BDAT\t5 LAST",
         b"bdat\t5",
+        b"BDAT\r 5 LAST",
+        b"BDAT\x00 5",
     ],
 )
 def test_bdat_syntax_error_closes(line: bytes) -> None:
@@ -1742,6 +1744,11 @@ def test_alias_accepted_only_where_delivery_leads(tmp_path: Path) -> None:
         (b"EHLO client.example.com\r\n", b"DATA now\r\n"),  # refused: an argument
         (b"EHLO client.example.com\r\n", b"DATA" + b" " * 600 + b"\r\n"),  # refused: too long
         (b"EHLO client.example.com\r\n", b"DATA" + b" " * 3000 + b"\r\n"),  # dropped by the buffer
+        # Unknown commands: a control character after the verb, as in a line
+        # written through a text-mode stream that turned CRLF into CR CR LF.
+        (b"EHLO client.example.com\r\n", b"DATA\r\r\n"),
+        (b"EHLO client.example.com\r\n", b"DATA\x00\r\n"),
+        (b"EHLO client.example.com\r\n", b"data\x0b\r\n"),
     ],
 )
 def test_every_refused_data_drops_text(greeting: bytes, data_line: bytes) -> None:

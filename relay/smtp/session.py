@@ -983,11 +983,17 @@ def _printable_helo(name: str) -> str:
 def _verb_of(line: bytes) -> str:
     """Return the first word of a line the parser rejected, for logging and for choosing its reply.
 
-    A tab also ends the word.  RFC 5321 allows only a space after the verb,
-    but a client that puts a tab there still means that verb.  So a line
-    like ``BDAT<TAB>5`` is handled as a broken BDAT, not as an unknown command.
+    A tab or any other control character also ends the word.  RFC 5321
+    allows only a space after the verb, but a client that puts a tab there
+    still means that verb, and so does one whose text-mode stream turned
+    CRLF into CR CR LF.  So ``BDAT<TAB>5`` is handled as a broken BDAT,
+    and the text behind ``DATA<CR>`` is dropped as after any refused DATA.
     """
-    return re.split(rb"[ \t\n]", line[:16], maxsplit=1)[0].decode("ascii", "replace") or "-"
+    return _VERB_END.split(line[:16], maxsplit=1)[0].decode("ascii", "replace") or "-"
+
+
+# Space, the C0 controls and DEL end the first word of a rejected line.
+_VERB_END = re.compile(rb"[\x00-\x20\x7f]")
 
 
 VERBS: Final[dict[str, VerbRule]] = {
