@@ -250,6 +250,14 @@ def test_long_ehlo(relay: RelayProcess, client: RawClient) -> None:
     client.exchange(EHLO, ["250"])
 
 
+def test_overlong_invalid_commands(relay: RelayProcess, client: RawClient) -> None:
+    """A command line over 512 octets gets 500 5.5.2 even when its syntax is also invalid."""
+    greet(client)
+    client.exchange(b"RSET " + b"a" * 600 + b"\r\n", ["500 5.5.2"])
+    client.exchange(b"XYZZY " + b"a" * 600 + b"\r\n", ["500 5.5.2"])
+    client.exchange(b"NOOP\r\n", ["250"])
+
+
 def test_long_body_lines_relayed_unchanged(relay: RelayProcess, client: RawClient) -> None:
     """maddy #352, aiosmtpd #285: body lines over 1000 octets are kept."""
     sender = "long-lines@example.com"

@@ -195,6 +195,37 @@ def test_line_limit_exact_and_one_over(line: bytes, reply: str) -> None:
     assert len(outcome.replies) == 4
 
 
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        # Each line also has a syntax error.  Over the limit, the reply
+        # reports the length and not the syntax error.
+        pytest.param(padded(b"RSET ", 512), "501 5.5.4", id="rset-at-limit"),
+        pytest.param(padded(b"RSET ", 513), "500 5.5.2", id="rset"),
+        pytest.param(padded(b"QUIT ", 513), "500 5.5.2", id="quit"),
+        pytest.param(padded(b"STARTTLS ", 513), "500 5.5.2", id="starttls"),
+        pytest.param(padded(b"XYZZY ", 513), "500 5.5.2", id="unknown-verb"),
+        pytest.param(padded(b"VRFY \x01", 513), "500 5.5.2", id="control-character"),
+        pytest.param(padded(b"MAIL FROM:<s@example.com> SIZE=x", 1536), "501 5.5.4", id="mail-at-limit"),
+        pytest.param(padded(b"MAIL FROM:<s@example.com> SIZE=x", 1537), "500 5.5.2", id="mail"),
+    ],
+)
+def test_line_limit_before_syntax_errors(line: bytes, reply: str) -> None:
+    outcome = run_transcript(make_session, [(EHLO, ["250"]), (line, [reply]), (b"NOOP\r\n", ["250"])])
+    assert len(outcome.replies) == 4
+
+
+def test_overlong_refused_data_drops_text() -> None:
+    # A DATA line over the limit that the parser also rejects still drops the text behind it.
+    text = b"MAIL FROM:<ceo@example.org>\r\nRCPT TO:<rcpt@example.net>\r\nDATA\r\nforged\r\n.\r\n"
+    outcome = feed(make_session(client=TRUSTED), [EHLO + T + padded(b"DATA now ", 600) + text])
+
+    assert outcome.replies[-2] == "500 5.5.2 Line too long"
+    assert outcome.replies[-1] == "554 5.5.0 Protocol synchronization error, closing connection"
+    assert outcome.closed
+    assert outcome.messages == []
+
+
 @pytest.mark.parametrize(("total", "reply"), [(12288, "235 2.7.0"), (12289, "500 5.5.6")])
 def test_auth_response_limit_exact_and_one_over(total: int, reply: str) -> None:
     # A SASL response line may reach policy.max_auth_line_length, 12288 octets

@@ -423,18 +423,18 @@ class Session:
                 self._reject("BDAT", replies.BAD_BDAT_SYNTAX)
                 return
             logged = "(hidden: sent after a refused AUTH)" if hidden else verb
-            self._reject(logged, Reply(error.code, error.enhanced, (error.text,)))
+            # RFC 5321 section 4.5.3.1.10: a line over the limit gets "500 Line
+            # too long", whatever else is wrong with it.
+            if self._over_line_limit(line, verb.upper()):
+                self._reject(logged, replies.LINE_TOO_LONG)
+            else:
+                self._reject(logged, Reply(error.code, error.enhanced, (error.text,)))
             if verb.upper() == "DATA":
                 self._drop_text_after_refused_data()
             return
         verb = command.verb
         self._count(verb.lower())
-        # The buffer admits AUTH-length lines once AUTH is offered, and MAIL and RCPT
-        # get room for their parameters; other commands keep the RFC 5321 limit.
-        limit = self.settings.max_line_length
-        if verb in ("MAIL", "RCPT"):
-            limit += PARAMETER_ALLOWANCE
-        if len(line) + 2 > limit and verb != "AUTH":
+        if self._over_line_limit(line, verb):
             if verb == "BDAT":
                 # The chunk size is known, so the chunk is still read and dropped.
                 self._bdat(command, replies.LINE_TOO_LONG)
@@ -450,6 +450,17 @@ class Session:
                 self._drop_text_after_refused_data()
             return
         rule.handler(self, command)
+
+    def _over_line_limit(self, line: bytes, verb: str) -> bool:
+        """Return whether ``line`` with its CRLF is longer than the limit for ``verb`` (upper case)."""
+        # The buffer admits AUTH-length lines once AUTH is offered, and MAIL and RCPT
+        # get room for their parameters; other commands keep the RFC 5321 limit.
+        if verb == "AUTH":
+            return False
+        limit = self.settings.max_line_length
+        if verb in ("MAIL", "RCPT"):
+            limit += PARAMETER_ALLOWANCE
+        return len(line) + 2 > limit
 
     def _line_too_long(self) -> None:
         if self._sasl is not None:
