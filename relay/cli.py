@@ -26,6 +26,7 @@ from relay.config import (
     config_warnings,
     directory_problem,
     load_config,
+    locate_error,
 )
 from relay.entry import SENDMAIL_NAMES
 from relay.log import setup_logging
@@ -57,10 +58,6 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
 # U+2028 and U+2029 (Python's str.splitlines does), or reordered for display
 # (a right-to-left override shows "invoice\u202efdp.exe" as "invoiceexe.pdf").
 _CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
-
-
-# The start of an error about one config key, such as "delivery.tls_ca_file: ".
-_KEY_PREFIX = re.compile(r"[a-z_]+\.[a-z_]+: ")
 
 
 def escape_controls(text: str, keep: str = "") -> str:
@@ -135,9 +132,8 @@ def _check_config(args: argparse.Namespace) -> int:
     if spool_problem is not None:
         errors.append(f"spool.path: {spool_problem}")
     for error in errors:
-        # "FILE:section.key: problem", as load_config writes its own errors.
-        separator = ":" if _KEY_PREFIX.match(error) else ": "
-        print(f"{args.file}{separator}{error}", file=sys.stderr)
+        # "FILE:section.key: problem", as load_config and relay serve write theirs.
+        print(locate_error(config, error), file=sys.stderr)
     if errors:
         return 1
     # A warning leaves the exit status 0, because the config works, only unsafely.

@@ -700,6 +700,39 @@ def directory_problem(path: str) -> str | None:
     return None
 
 
+# The start of an error about one config key, such as "delivery.tls_ca_file: " or "listener[1].address: ".
+_KEY_PREFIX = re.compile(r"([a-z_]+(?:\[\d+\])?\.[a-z_]+): ")
+
+# The options of relay serve that replace a config value, by the key of that value.
+OVERRIDE_OPTIONS: Mapping[str, str] = MappingProxyType({
+    "listener": "--listen",
+    "spool.path": "--spool",
+    "server.workers": "--workers",
+    "delivery.enabled": "--no-delivery",
+})
+
+
+def locate_error(config: Config, error: str, command: str = "relay serve") -> str:
+    """Prefix ``error`` about a config value ("section.key: problem") with where the value came from.
+
+    A value from the config file gives "FILE:section.key: problem", the form
+    of load_config and ``relay check-config``, and a built-in default names
+    the file ``<defaults>`` as load_config does.  A value that a
+    command-line option replaced gives "relay serve: --spool: problem".  An
+    error without a key is about the file as a whole: "FILE: problem".
+    """
+    source = config.source or "<defaults>"
+    match = _KEY_PREFIX.match(error)
+    if match is None:
+        return f"{source}: {error}"
+    key = match.group(1)
+    # "listener[1].address" comes from --listen, which replaces every listener.
+    setting = key.partition("[")[0]
+    if setting in config.overrides and setting in OVERRIDE_OPTIONS:
+        return f"{command}: {OVERRIDE_OPTIONS[setting]}: {error[match.end():]}"
+    return f"{source}:{error}"
+
+
 def _parse_section(cls: type, raw: Any, name: str, ctx: _Context) -> Any:
     """Build one section dataclass from its TOML table, recording errors in ctx."""
     if not isinstance(raw, dict):

@@ -29,7 +29,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from relay.aliases import AliasError, parse_aliases, remember_checked
-from relay.config import Config, ConfigError, directory_problem, load_config, read_error
+from relay.config import Config, ConfigError, directory_problem, load_config, locate_error, read_error
 from relay.delivery.router import read_password
 from relay.log import log_event
 from relay.smtp.auth import CredentialsError, read_credentials
@@ -162,7 +162,8 @@ def reload_config(running: Config) -> ReloadResult:
     try:
         check_files(loaded.replace(listeners=running.listeners))
     except FileCheckError as exc:
-        return ReloadResult(None, exc.errors)
+        # "FILE:section.key: problem", the form of load_config's errors above.
+        return ReloadResult(None, [locate_error(loaded, error) for error in exc.errors])
 
     changed = []
     if loaded.listeners != running.listeners:

@@ -785,7 +785,7 @@ def test_reload_rejects_alias_loop_and_pipe(tmp_path: Path) -> None:
 
     assert result.config is None
     assert len(result.errors) == 2
-    prefix = f"local.aliases: {aliases}: "
+    prefix = f"{path}:local.aliases: {aliases}: "
     assert result.errors[0].startswith(prefix + "line 2: alias pipe: target '|/bin/true' is a command")
     assert result.errors[1].startswith(prefix + "line 3: aliases form a loop, loop -> pool -> loop")
 
@@ -809,7 +809,7 @@ def test_check_config_and_reload_report_alias_over_expansion_limit(
     assert capsys.readouterr().err.splitlines() == [f"{path}:{error}"]
     result = reload_config(running)
     assert result.config is None
-    assert result.errors == [error]
+    assert result.errors == [f"{path}:{error}"]
 
 
 def test_alias_expansion_limit_must_be_positive(tmp_path: Path) -> None:
@@ -1152,4 +1152,5 @@ def test_reload_rejects_file_as_maildir_root(tmp_path: Path) -> None:
     result = reload_config(running)
 
     assert result.config is None
-    assert result.errors == [f"local.maildir_root: {tmp_path / 'mail'} is not a directory; give a directory"]
+    # The same "FILE:section.key: problem" form as relay check-config and relay serve.
+    assert result.errors == [f"{path}:local.maildir_root: {tmp_path / 'mail'} is not a directory; give a directory"]

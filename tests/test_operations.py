@@ -865,7 +865,11 @@ def test_second_relay_on_same_port_refused(relay: Relay, tmp_path: Path) -> None
     result = serve_until_exit(config, "2", other)
 
     assert result.returncode == 1
-    assert f"listener 127.0.0.1:{relay.port} is already in use by another process" in result.stderr
+    # Another process causes this, not a config value, so no file is named.
+    assert result.stderr.splitlines() == [
+        f"relay serve: listener 127.0.0.1:{relay.port} is already in use by another process;"
+        " stop that process or choose another address"
+    ]
     assert not (other / "spool").exists()
 
 
@@ -879,7 +883,8 @@ def test_foreign_listener_address_reported_before_workers(tmp_path: Path) -> Non
     result = serve_until_exit(tmp_path / "relay.toml", "2", tmp_path)
 
     assert result.returncode == 1
-    assert f"relay: listener 192.0.2.1:{port}: the address is not one of this machine's;" in result.stderr
+    config = tmp_path / "relay.toml"
+    assert f"{config}:listener[0].address: 192.0.2.1:{port}: the address is not one of this machine's;" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "spool").exists()
 
@@ -900,7 +905,10 @@ def test_one_address_under_two_names_rejected(tmp_path: Path) -> None:
     result = serve_until_exit(tmp_path / "relay.toml", "1", tmp_path)
 
     assert result.returncode == 1
-    assert f"relay: listeners [::1]:{port} and [0::1]:{port} are the same address; remove one of them" in result.stderr
+    assert result.stderr.splitlines() == [
+        f"{tmp_path / 'relay.toml'}:listener[1].address: [0::1]:{port} is the same address as listener[0]"
+        f" ([::1]:{port}); remove one of them"
+    ]
     assert not (tmp_path / "spool").exists()
 
 
@@ -1081,7 +1089,7 @@ def test_undeliverable_aliases_stop_serve_before_workers(tmp_path: Path, workers
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 2, result.stderr
-    prefix = f"relay: local.aliases: {aliases}: "
+    prefix = f"{config}:local.aliases: {aliases}: "
     assert lines[0].startswith(prefix + "line 1: alias pipe: target '|/bin/touch x' is a command")
     assert lines[1].startswith(prefix + "line 2: aliases form a loop, a1 -> a2 -> a1")
     assert not (tmp_path / "spool").exists()
@@ -1103,7 +1111,7 @@ def test_non_utf8_relayhost_password_stops_serve(tmp_path: Path, workers: int) -
 
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        f"relay: delivery.relayhost_password_file: {password_file} is not valid UTF-8: byte 0xff at offset 0;"
+        f"{config}:delivery.relayhost_password_file: {password_file} is not valid UTF-8: byte 0xff at offset 0;"
         " save the password as UTF-8 text"
     ]
     assert not (tmp_path / "spool").exists()
@@ -1123,7 +1131,7 @@ def test_unusable_spool_is_one_error(tmp_path: Path, workers: int) -> None:
 
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        f"relay: spool.path: spool {tmp_path / 'spool'}: open failed: file is not a database"
+        f"{config}:spool.path: spool {tmp_path / 'spool'}: open failed: file is not a database"
     ]
 
 
@@ -1139,9 +1147,30 @@ def test_uncreatable_spool_names_fix(tmp_path: Path) -> None:
 
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        "relay: spool.path: cannot open spool /proc/relay-spool: No such file or directory;"
+        f"{config}:spool.path: cannot open spool /proc/relay-spool: No such file or directory;"
         " give a directory that this user can create and write, in --spool or [spool] path"
     ]
+
+
+def test_spool_option_error_names_option(tmp_path: Path) -> None:
+    # The spool comes from --spool, not from the file, so the error names the option.
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[[listener]]\naddress = "127.0.0.1:{free_port()}"\n[spool]\npath = "spool"\n[admin]\naddress = ""\n'
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "--config", str(config), "--spool", "/proc/relay-spool"],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=tmp_path,
+        check=False, timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "relay serve: --spool: cannot open spool /proc/relay-spool: No such file or directory;"
+        " give a directory that this user can create and write, in --spool or [spool] path"
+    ]
+    assert not (tmp_path / "spool").exists()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -1158,7 +1187,7 @@ def test_maildir_root_file_stops_serve(tmp_path: Path, workers: int) -> None:
 
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        f"relay: local.maildir_root: {tmp_path / 'mail'} is not a directory, so {tmp_path / 'mail/users'}"
+        f"{config}:local.maildir_root: {tmp_path / 'mail'} is not a directory, so {tmp_path / 'mail/users'}"
         " cannot be created; give a directory"
     ]
     assert not (tmp_path / "spool").exists()
@@ -1188,18 +1217,19 @@ def serve_as_unprivileged_user(config: Path, cwd: Path) -> tuple[subprocess.Comp
         (
             'tls = "starttls"\n[tls]\ncert = "cert.pem"\nkey = "key.pem"\n[spool]\npath = "spool"\n',
             "key.pem",
-            "relay: tls.key: cannot load TLS certificate {dir}/cert.pem with key {dir}/key.pem:"
+            "{dir}/relay.toml:tls.key: cannot load TLS certificate {dir}/cert.pem with key {dir}/key.pem:"
             " cannot read {dir}/key.pem: permission denied; let user {user} read it",
         ),
         (
             '[spool]\npath = "spool"\n[delivery]\nrelayhost = "[127.0.0.1]:2526"\nrelayhost_password_file = "pw"\n',
             "pw",
-            "relay: delivery.relayhost_password_file: cannot read {dir}/pw: permission denied; let user {user} read it",
+            "{dir}/relay.toml:delivery.relayhost_password_file: cannot read {dir}/pw: permission denied;"
+            " let user {user} read it",
         ),
         (
             '[spool]\npath = "locked"\n',
             "locked",
-            "relay: spool.path: cannot open spool {dir}/locked: permission denied; let user {user} write it,"
+            "{dir}/relay.toml:spool.path: cannot open spool {dir}/locked: permission denied; let user {user} write it,"
             " or give another directory in --spool or [spool] path",
         ),
     ],

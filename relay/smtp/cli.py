@@ -16,7 +16,7 @@ import signal
 import sys
 
 from relay.cli import add_config_option, config_from_args
-from relay.config import MAX_WORKERS, Config, ListenerConfig
+from relay.config import MAX_WORKERS, Config, ListenerConfig, locate_error
 from relay.entry import SERVE_SIGNALS
 from relay.log import setup_logging
 from relay.smtp.auth import CredentialsError, check_user_name, set_password
@@ -90,11 +90,15 @@ def _run(config: Config, event_loop: str) -> int:
     try:
         return serve(config, event_loop=event_loop)
     except StartupError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
+        # An error about a config value names where the value came from, as relay check-config does.
+        if exc.key is None:
+            print(f"relay serve: {exc}", file=sys.stderr)
+        else:
+            print(locate_error(config, f"{exc.key}: {exc}"), file=sys.stderr)
         return 1
     except FileCheckError as exc:
         for error in exc.errors:
-            print(f"relay: {error}", file=sys.stderr)
+            print(locate_error(config, error), file=sys.stderr)
         return 1
 
 

@@ -748,7 +748,16 @@ def _separate_delivery(config: Config) -> bool:
 
 
 class StartupError(Exception):
-    """A setting that would stop every worker at start; the message names it and what to do."""
+    """A setting that would stop every worker at start; the message describes the problem and the fix.
+
+    ``key`` is the config key whose value is at fault ("spool.path",
+    "listener[1].address"), or None when the cause lies outside the config,
+    such as another process listening on the address.
+    """
+
+    def __init__(self, problem: str, key: str | None = None) -> None:
+        super().__init__(problem)
+        self.key = key
 
 
 class ListenerError(StartupError):
@@ -778,31 +787,35 @@ def check_startup(config: Config) -> ListenerLocks:
     check_files(config)
     locks = ListenerLocks()
     try:
-        bound: dict[tuple[int, Any], ListenerConfig] = {}
-        for listener in config.listeners:
-            for family, address in _check_address_free(listener, locks):
+        bound: dict[tuple[int, Any], int] = {}
+        for index, listener in enumerate(config.listeners):
+            for family, address in _check_address_free(listener, index, locks):
                 # Two names of one address (localhost and 127.0.0.1, say) pass the
                 # config's check of the text, and SO_REUSEPORT would share the socket.
-                other = bound.setdefault((family, address), listener)
-                if other is not listener:
+                other = bound.setdefault((family, address), index)
+                if other != index:
                     raise ListenerError(
-                        f"listeners {other.address_text} and {listener.address_text} are the same address;"
-                        " remove one of them"
+                        f"{listener.address_text} is the same address as listener[{other}]"
+                        f" ({config.listeners[other].address_text}); remove one of them",
+                        f"listener[{index}].address",
                     )
         if uses_spool(config):
             # After the listener checks, so that a relay refused for its address creates no spool.
             try:
                 SpoolStore(config.spool.path, busy_timeout=config.spool.busy_timeout).close()
             except SpoolError as exc:
-                raise StartupError(f"spool.path: {exc}") from None
+                raise StartupError(str(exc), "spool.path") from None
     except BaseException:
         locks.release()
         raise
     return locks
 
 
-def _check_address_free(listener: ListenerConfig, locks: ListenerLocks) -> list[tuple[int, Any]]:
-    """Lock and bind each address of ``listener`` once; return them; raise ListenerError naming what is wrong."""
+def _check_address_free(listener: ListenerConfig, index: int, locks: ListenerLocks) -> list[tuple[int, Any]]:
+    """Lock and bind each address of ``listener``, the config's listener[index], once; return them.
+
+    Raises ListenerError naming what is wrong.
+    """
     host, port = listener.address
     if port == 0:
         return []
@@ -810,8 +823,9 @@ def _check_address_free(listener: ListenerConfig, locks: ListenerLocks) -> list[
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ListenerError(
-            f"listener {listener.address_text}: cannot resolve {host} ({exc.strerror});"
-            " give an IP address of this machine, or a name that resolves to one"
+            f"{listener.address_text}: cannot resolve {host} ({exc.strerror});"
+            " give an IP address of this machine, or a name that resolves to one",
+            f"listener[{index}].address",
         ) from None
     checked: list[tuple[int, Any]] = []
     for family, kind, proto, _name, address in addresses:
@@ -823,7 +837,7 @@ def _check_address_free(listener: ListenerConfig, locks: ListenerLocks) -> list[
             try:
                 locks.acquire(family, address)
             except OSError as exc:
-                raise _bind_error(listener, exc) from None
+                raise _bind_error(listener, index, exc) from None
             # SO_REUSEADDR ignores connections of an earlier run in TIME_WAIT.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -832,25 +846,30 @@ def _check_address_free(listener: ListenerConfig, locks: ListenerLocks) -> list[
             try:
                 probe.bind(address)
             except OSError as exc:
-                raise _bind_error(listener, exc) from None
+                raise _bind_error(listener, index, exc) from None
         checked.append((family, address))
     return checked
 
 
-def _bind_error(listener: ListenerConfig, exc: OSError) -> ListenerError:
+def _bind_error(listener: ListenerConfig, index: int, exc: OSError) -> ListenerError:
     """Return the error that names why a listener's address cannot be bound and what to do."""
-    where = f"listener {listener.address_text}"
+    address = listener.address_text
+    key = f"listener[{index}].address"
     if exc.errno == errno.EADDRINUSE:
+        # Another process causes this, not the config value, so the error names no key.
         return ListenerInUse(
-            f"{where} is already in use by another process; stop that process or choose another address"
+            f"listener {address} is already in use by another process; stop that process or choose another address"
         )
     if exc.errno == errno.EADDRNOTAVAIL:
-        return ListenerError(f"{where}: the address is not one of this machine's; use one of them, or 0.0.0.0 for all")
+        return ListenerError(
+            f"{address}: the address is not one of this machine's; use one of them, or 0.0.0.0 for all", key
+        )
     if exc.errno == errno.EACCES:
         return ListenerError(
-            f"{where}: permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE, or choose a port above"
+            f"{address}: permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE, or choose a port above",
+            key,
         )
-    return ListenerError(f"{where}: cannot bind: {exc.strerror}")
+    return ListenerError(f"{address}: cannot bind: {exc.strerror}", key)
 
 
 def uses_spool(config: Config) -> bool:
