@@ -24,9 +24,9 @@ from relay.config import (
     Config,
     ConfigError,
     config_warnings,
-    directory_problem,
     load_config,
     locate_error,
+    spool_directory_problem,
 )
 from relay.entry import SENDMAIL_NAMES
 from relay.log import setup_logging
@@ -128,7 +128,7 @@ def _check_config(args: argparse.Namespace) -> int:
     # Checked without creating the spool, which relay serve opens before
     # its workers start.  relay sendmail exits 75 for it, so it is no
     # error of load_config.
-    spool_problem = directory_problem(config.spool.path)
+    spool_problem = spool_directory_problem(config.spool.path)
     if spool_problem is not None:
         errors.append(f"spool.path: {spool_problem}")
     for error in errors:

@@ -700,6 +700,63 @@ def directory_problem(path: str) -> str | None:
     return None
 
 
+# Kernel filesystems in which no process can create a directory, root included.
+# NOTE: only these are known, so a spool under another such filesystem passes
+# check-config and fails only when relay serve opens it.
+_NO_MKDIR_FILESYSTEMS = frozenset({"proc", "sysfs", "devpts"})
+
+
+def spool_directory_problem(path: str) -> str | None:
+    """Return why ``relay serve`` could not create or write the spool directory ``path``, or None.
+
+    Checks the nearest existing directory without creating anything: that
+    it is a directory, that this user may write it, and that its filesystem
+    allows new directories.  The check uses this process's user, so run it
+    as the user that runs ``relay serve``.
+    """
+    problem = directory_problem(path)
+    if problem is not None:
+        return problem
+    target = Path(path)
+    existing = next((candidate for candidate in (target, *target.parents) if os.path.exists(candidate)), None)
+    if existing is None:
+        return None
+    user = effective_user()
+    if not os.access(existing, os.W_OK | os.X_OK):
+        if existing == target:
+            return f"permission denied on {path}; let user {user} write it, or give another directory"
+        return (
+            f"permission denied on {existing}, so {path} cannot be created;"
+            f" let user {user} write {existing}, or give another directory"
+        )
+    filesystem = _filesystem_type(existing)
+    if existing != target and filesystem in _NO_MKDIR_FILESYSTEMS:
+        return (
+            f"{existing} is on a {filesystem} filesystem, which allows no new directories, so {path}"
+            " cannot be created; give a directory on a disk filesystem"
+        )
+    return None
+
+
+def _filesystem_type(path: Path) -> str | None:
+    """Return the type of the filesystem that contains ``path``, read from /proc/self/mountinfo, or None."""
+    try:
+        device = os.stat(path).st_dev
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    device_number = f"{os.major(device)}:{os.minor(device)}"
+    for line in lines:
+        fields = line.split()
+        # The third field is the device as major:minor, and the type follows the "-" field.
+        if len(fields) > 2 and fields[2] == device_number and "-" in fields[3:]:
+            separator = fields.index("-", 3)
+            if separator + 1 < len(fields):
+                return fields[separator + 1]
+    return None
+
+
 # The start of an error about one config key, such as "delivery.tls_ca_file: " or "listener[1].address: ".
 _KEY_PREFIX = re.compile(r"([a-z_]+(?:\[\d+\])?\.[a-z_]+): ")
 

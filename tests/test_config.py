@@ -8,6 +8,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -1069,6 +1070,67 @@ def test_check_config_accepts_missing_spool(tmp_path: Path, capsys: pytest.Captu
 
     assert status == 0
     assert capsys.readouterr().err == ""
+    assert not (tmp_path / "new").exists()
+
+
+def test_check_config_rejects_spool_under_proc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Linux lets no one create a directory in /proc, root included, so relay serve would reject it.
+    path = write(tmp_path, '[spool]\npath = "/proc/nonexistent/x"\n')
+
+    status = main(["check-config", str(path)])
+
+    assert status == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}:spool.path: /proc is on a proc filesystem, which allows no new directories,"
+        " so /proc/nonexistent/x cannot be created; give a directory on a disk filesystem"
+    ]
+
+
+def check_config_as_unprivileged_user(config: Path) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run ``relay check-config`` as a user that file modes apply to; return the result and the user's name."""
+    command = [sys.executable, "-m", "relay", "check-config", str(config)]
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    if os.geteuid() == 0:
+        # root may write any directory, so the check runs as nobody (uid 65534).
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is missing, so relay cannot run as another user")
+        command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        user = pwd.getpwuid(65534).pw_name
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+        cwd=config.parent, check=False, timeout=60,
+    )
+    return result, user
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("locked", "permission denied on {folder}/locked; let user {user} write it, or give another directory"),
+        (
+            "locked/spool",
+            "permission denied on {folder}/locked, so {folder}/locked/spool cannot be created;"
+            " let user {user} write {folder}/locked, or give another directory",
+        ),
+    ],
+)
+def test_check_config_rejects_unwritable_spool(value: str, problem: str) -> None:
+    # pytest's tmp_path sits in a folder of mode 0700, which the other user cannot enter.
+    folder = Path(tempfile.mkdtemp(prefix="relay-check-spool-"))
+    try:
+        folder.chmod(0o755)
+        (folder / "locked").mkdir(mode=0o555)
+        config = write(folder, f'[spool]\npath = "{value}"\n')
+        config.chmod(0o644)
+
+        result, user = check_config_as_unprivileged_user(config)
+
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [f"{config}:spool.path: {problem.format(folder=folder, user=user)}"]
+        assert list((folder / "locked").iterdir()) == []
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_check_config_rejects_non_utf8_relayhost_password(
