@@ -410,6 +410,55 @@ def test_startup_stop_signal_stops_once(tmp_path: Path, workers: int, signum: in
         assert wait_until(partial(no_session_processes, process.pid)), session_processes(process.pid)
 
 
+SUPERVISOR_STOPPED = re.compile(
+    r" supervisor_stopped pid=(\d+) (signal=\S+|reason=\"[^\"]*\") seconds=([\d.]+) processes=3 status=(\d+)\n"
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_supervisor_logs_its_stop(tmp_path: Path, signum: int) -> None:
+    server = Relay(tmp_path, workers=2)
+    server.start()
+    try:
+        assert server.process is not None
+        server.wait_for_log(" started ", count=3)
+
+        server.process.send_signal(signum)
+        status = server.process.wait(30)
+    finally:
+        server.stop()
+
+    log = server.log()
+    assert status == 0, log
+    stops = SUPERVISOR_STOPPED.findall(log)
+    assert len(stops) == 1, log
+    pid, cause, seconds, status = stops[0]
+    assert int(pid) == server.process.pid
+    assert cause == f"signal={signal.Signals(signum).name}"
+    assert float(seconds) < 30
+    assert status == "0"
+    # Logged once the workers and the delivery process have stopped.
+    assert log.rindex(" stopped ") < log.index(" supervisor_stopped ")
+
+
+def test_supervisor_logs_stop_after_worker_killed(relay: Relay) -> None:
+    assert relay.process is not None
+    relay.wait_for_log(" started ", count=3)
+    children = Path(f"/proc/{relay.process.pid}/task/{relay.process.pid}/children").read_text().split()
+
+    os.kill(int(children[0]), signal.SIGKILL)
+    status = relay.process.wait(30)
+
+    log = relay.log()
+    assert status == 1, log
+    stops = SUPERVISOR_STOPPED.findall(log)
+    assert len(stops) == 1, log
+    _pid, cause, _seconds, exit_status = stops[0]
+    assert re.fullmatch(r'reason="worker \d exited with status -9"', cause), cause
+    assert exit_status == "1"
+    assert " error relay.smtp: supervisor_stopped " in log
+
+
 def test_children_stop_when_supervisor_killed(relay: Relay) -> None:
     assert relay.process is not None
     children = Path(f"/proc/{relay.process.pid}/task/{relay.process.pid}/children").read_text().split()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import smtplib
 import socket
 import subprocess
 import time
@@ -104,6 +105,35 @@ def test_text_counters_at_exit() -> None:
     stdout, stderr = process.communicate(timeout=15)
     assert process.returncode == 0, stderr
     assert stdout.decode().startswith("sink connections=0 messages=0 bytes=0")
+    assert " sink_stopped signal=SIGTERM connections=0 messages=0 bytes=0 " in stderr.decode()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_logged_with_counters(signum: int) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        relay_command("sink", "--listen", f"127.0.0.1:{port}", "--workers", "2", "--fault", "rcpt:4xx=1"),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_listening(process)
+        with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
+            with pytest.raises(smtplib.SMTPRecipientsRefused):
+                client.sendmail("a@example.test", ["b@example.test"], b"Subject: x\r\n\r\nbody\r\n")
+        # Each worker copies its counters once more as it stops, so the last line has this session.
+        process.send_signal(signum)
+        _stdout, stderr = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    lines = [line for line in stderr.decode().splitlines() if " sink_stopped " in line]
+    assert len(lines) == 1, stderr
+    assert f" sink_stopped signal={signal.Signals(signum).name} connections=1 messages=0 " in lines[0]
+    assert lines[0].endswith(" rcpt_4xx=1")
 
 
 def test_invalid_fault_is_usage_error() -> None:

@@ -14,9 +14,10 @@ killed with SIGKILL, because it watches a pipe whose write end only the
 parent keeps open.
 
 SIGUSR1 prints the counters so far (up to ``FLUSH_INTERVAL`` old with
-several workers); SIGTERM or SIGINT stops the sink, closes open sessions and
-prints the final counters.  Counters are printed to standard output as one
-``key=value`` line, or as one JSON object with ``--json``.
+several workers); SIGTERM or SIGINT stops the sink, closes open sessions,
+prints the final counters and logs them in a ``sink_stopped`` line.
+Counters are printed to standard output as one ``key=value`` line, or as
+one JSON object with ``--json``.
 """
 
 from __future__ import annotations
@@ -135,11 +136,18 @@ async def _serve(
     on_ready: Callable[[], None],
     parent: SupervisorLink | None = None,
     worker: int = 0,
-) -> None:
+) -> str | None:
+    """Serve until SIGTERM, SIGINT or the parent's exit; return the name of the stop signal, if one came."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    stop_signals: list[str] = []
+
+    def on_stop(signum: int) -> None:
+        stop_signals.append(signal.Signals(signum).name)
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, signal.SIGTERM)
+    loop.add_signal_handler(signal.SIGINT, on_stop, signal.SIGINT)
     if parent is not None:
 
         def on_parent_gone() -> None:
@@ -169,6 +177,7 @@ async def _serve(
         flusher.cancel()
     if flush is not None:
         flush()
+    return stop_signals[0] if stop_signals else None
 
 
 async def _flush_periodically(flush: Callable[[], None]) -> None:
@@ -185,13 +194,23 @@ def _run_single(run: SinkRun) -> int:
         _print(format_counters(state.counters, run.json_output))
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(run, state, sock, report, None, lambda: _log_listening(run)))
+        stop_signal = runner.run(_serve(run, state, sock, report, None, lambda: _log_listening(run)))
     report()
+    # Without a parent to watch, only SIGTERM or SIGINT ends _serve here.
+    _log_stopped(state.counters, signal=stop_signal or "none")
     return 0
 
 
 def _log_listening(run: SinkRun) -> None:
     log_event(logger, "listening", address=format_host_port(run.host, run.port), workers=run.workers)
+
+
+def _log_stopped(values: list[int], **cause: str) -> None:
+    """Log ``sink_stopped`` with its cause and the final counters; a fault counter appears once it is above 0."""
+    report = counters_report(values)
+    faults = report.pop("faults")
+    report.update((name, count) for name, count in faults.items() if count)
+    log_event(logger, "sink_stopped", logging.INFO, **cause, **report)
 
 
 def _worker(run: SinkRun, index: int, shared: Any, sock: socket.socket, ready: Any, parent: SupervisorLink) -> None:
@@ -259,7 +278,12 @@ def _run_workers(run: SinkRun) -> int:
     for process in processes:
         process.join(timeout=10)
     failed = [process.exitcode for process in processes if process.exitcode not in (0, None)]
-    _print(format_counters(totals(), run.json_output))
+    values = totals()
+    _print(format_counters(values, run.json_output))
+    if stopping:
+        _log_stopped(values, signal=signal.Signals(stopping[0]).name)
+    else:
+        _log_stopped(values, reason="every worker exited")
     if failed:
         log_event(logger, "worker_failed", logging.ERROR, exit_codes=failed)
         return 1

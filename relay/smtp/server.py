@@ -1013,6 +1013,15 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
 
     signals_seen = 0
     stopping = False
+    # The cause of the stop (the first stop signal or the first child that exited) and its time.
+    stop_cause: dict[str, str] = {}
+    stop_began: float | None = None
+
+    def begin_stop(**cause: str) -> None:
+        nonlocal stop_began
+        if stop_began is None:
+            stop_began = time.monotonic()
+            stop_cause.update(cause)
 
     def forward(signum: int, frame: object) -> None:
         nonlocal signals_seen, stopping
@@ -1022,6 +1031,7 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
             reports.request_reload()
         else:
             signals_seen += 1
+            begin_stop(signal=signal.Signals(signum).name)
             if not stopping:
                 stopping = True
                 reports.request_stop()
@@ -1042,6 +1052,7 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
                 break
             index = children.pop(pid, -1)
             code = os.waitstatus_to_exitcode(raw)
+            begin_stop(reason=f"worker {index} exited with status {code}")
             if code != 0:
                 status = 1
                 log_event(logger, "worker_exit", logging.ERROR, worker=index, pid=pid, status=code)
@@ -1053,4 +1064,15 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    seconds = time.monotonic() - stop_began if stop_began is not None else 0.0
+    log_event(
+        logger,
+        "supervisor_stopped",
+        logging.INFO if status == 0 else logging.ERROR,
+        pid=os.getpid(),
+        **(stop_cause or {"reason": "no worker process left"}),
+        seconds=round(seconds, 3),
+        processes=children_count,
+        status=status,
+    )
     return status
