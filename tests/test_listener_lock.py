@@ -195,7 +195,7 @@ def test_second_serve_refused(tmp_path: Path, certificate: tuple[Path, Path], ho
         result = run_serve_until_exit(second_config, 2)
 
         assert result.returncode == 1
-        assert f"relay: listener {address.text} {IN_USE}" in result.stderr
+        assert f"relay serve: listener {address.text} {IN_USE}" in result.stderr
         assert "Traceback" not in result.stderr
         assert not (tmp_path / "second" / "spool").exists()
         send_message(address)
@@ -231,7 +231,7 @@ def test_simultaneous_serve_starts_one_wins(
         assert len(running) == 1
         loser = stop(exited[0])
         assert loser.status == 1
-        assert f"relay: listener {address.text} {IN_USE}" in loser.stderr
+        assert f"relay serve: listener {address.text} {IN_USE}" in loser.stderr
         wait_listening(running[0], [address])
         send_message(address)
         stopped = stop(running[0])
@@ -320,7 +320,7 @@ def test_serve_refused_on_sink_address(tmp_path: Path) -> None:
         result = run_serve_until_exit(config, 2)
 
         assert result.returncode == 1
-        assert f"relay: listener {address.text} {IN_USE}" in result.stderr
+        assert f"relay serve: listener {address.text} {IN_USE}" in result.stderr
         stopped = stop(sink)
     assert stopped.status == 0, stopped.stderr
 
