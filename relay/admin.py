@@ -9,9 +9,12 @@ mail and ``503`` once it stops accepting.  After a rejected config reload,
 or while the processes run different configs, the 200 body has more lines
 saying so.  With several processes they name the processes concerned,
 from the status that the supervisor saves (``relay.reload_status``).
-Only ``GET`` and ``HEAD`` are served.  A request head over ``MAX_REQUEST_HEAD`` octets gets 431, an
-HTTP/1.1 request without one Host field 400 (RFC 9112 section 3.2), and a
-head slower than ``REQUEST_TIMEOUT`` seconds is dropped.  At most
+Only ``GET`` and ``HEAD`` are served, and the request-target may be in origin
+form (``/metrics``) or absolute form (``http://host/metrics``).  A request head
+over ``MAX_REQUEST_HEAD`` octets gets 414 when its request line alone is that
+long, else 431.  An HTTP/1.1 request without one Host field gets 400 (RFC
+9112 section 3.2), and a head slower than ``REQUEST_TIMEOUT`` seconds is
+dropped.  At most
 ``[admin] max_connections`` connections are served at once; another one
 gets 503 and is closed.  Empty lines before the request line are skipped
 (RFC 9112 section 2.2).
@@ -27,6 +30,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from relay import metrics
 from relay.config import Config
@@ -69,6 +73,17 @@ def update_queue_gauges(spool_directory: Path) -> None:
         metrics.queue_recipients.set(summary.recipients.get(state, 0), state=state)
         oldest = summary.oldest_arrival.get(state)
         metrics.queue_oldest_age.set(now - oldest if oldest is not None else 0.0, state=state)
+
+
+def _request_path(target: str) -> str:
+    """Return the path of a request-target without its query.
+
+    RFC 9112 section 3.2.2: a server accepts the absolute form
+    (``http://host/path``) as well as the usual origin form (``/path``).
+    """
+    if target[:8].lower().startswith(("http://", "https://")):
+        target = urlsplit(target).path
+    return target.split("?", 1)[0]
 
 
 class _OnlyEmptyLines(Exception):
@@ -157,7 +172,13 @@ class AdminServer:
         try:
             head = await asyncio.wait_for(self._read_head(reader), REQUEST_TIMEOUT)
         except asyncio.LimitOverrunError:
-            await self._reject(reader, writer, 431, "request header too large\n")
+            # The head is still in the reader's buffer, unread.  RFC 9112 section 3
+            # requires 414 when the request-target is what does not fit.
+            buffered = (await reader.read(MAX_REQUEST_HEAD)).lstrip(b"\r\n")
+            if b"\r\n" not in buffered:
+                await self._reject(reader, writer, 414, f"request line longer than {MAX_REQUEST_HEAD} octets\n")
+            else:
+                await self._reject(reader, writer, 431, "request header too large\n")
             return
         except _OnlyEmptyLines:
             await self._reject(reader, writer, 400, "bad request: no request line\n")
@@ -183,7 +204,7 @@ class AdminServer:
         if hosts > 1 or (hosts == 0 and parts[2] == "HTTP/1.1"):
             await self._reject(reader, writer, 400, "bad request: send one Host header field\n")
             return
-        method, target = parts[0], parts[1].split("?", 1)[0]
+        method, target = parts[0], _request_path(parts[1])
         if method not in ("GET", "HEAD"):
             # RFC 9110 section 15.5.6: a 405 lists the allowed methods.
             allow = "Allow: GET, HEAD\r\n"
@@ -274,6 +295,7 @@ class AdminServer:
             400: "Bad Request",
             404: "Not Found",
             405: "Method Not Allowed",
+            414: "URI Too Long",
             431: "Request Header Fields Too Large",
             500: "Internal Server Error",
             503: "Service Unavailable",

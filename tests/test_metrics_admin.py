@@ -356,6 +356,13 @@ def test_admin_request_head_rules(tmp_path: Path) -> None:
             + b"b" * 300_000,
             # Far past the 8 KiB head limit: the whole request is sent before the reply is read.
             "huge header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 300_000 + b"\r\n\r\n",
+            # RFC 9112 section 3: a request-target too long to parse gets 414, not 431.
+            "long target": b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            "long target, empty lines first": b"\r\n\r\nGET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",
+            # RFC 9112 section 3.2.2: a server accepts the absolute form, as sent to a proxy.
+            "absolute form": b"GET http://127.0.0.1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            "absolute form, upper-case scheme": b"GET HTTP://relay.test/metrics?x=1 HTTP/1.0\r\n\r\n",
+            "absolute form, no path": b"GET http://relay.test HTTP/1.0\r\n\r\n",
         }
         try:
             return {name: await _raw_request(port, request) for name, request in requests.items()}
@@ -374,6 +381,13 @@ def test_admin_request_head_rules(tmp_path: Path) -> None:
     assert responses["only empty lines"].startswith("HTTP/1.1 400 ")
     assert responses["post with body"].startswith("HTTP/1.1 405 ")
     assert responses["huge header"].startswith("HTTP/1.1 431 ")
+    assert responses["long target"].startswith("HTTP/1.1 414 ")
+    assert responses["long target, empty lines first"].startswith("HTTP/1.1 414 ")
+    assert responses["absolute form"].startswith("HTTP/1.1 200 ")
+    assert responses["absolute form"].endswith("\r\n\r\nok\n")
+    assert responses["absolute form, upper-case scheme"].startswith("HTTP/1.1 200 ")
+    assert "# TYPE relay_messages_received_total counter" in responses["absolute form, upper-case scheme"]
+    assert responses["absolute form, no path"].startswith("HTTP/1.1 404 ")
 
 
 def test_admin_client_reset_is_quiet(tmp_path: Path) -> None:
