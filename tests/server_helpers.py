@@ -100,6 +100,7 @@ class RelayProcess:
         tls: str = "",
         password_file: Path | None = None,
         deliver: bool = False,
+        admin_address: str = "",
     ) -> None:
         self.directory = directory
         self.event_loop = event_loop
@@ -125,7 +126,7 @@ class RelayProcess:
             f'maildir_root = "{directory / "mail"}"',
             'users = ["rcpt"]',
             "[admin]",
-            'address = ""',
+            f'address = "{admin_address}"',
         ]
         if certificate:
             lines += ["[tls]", f'cert = "{certificate[0]}"', f'key = "{certificate[1]}"', tls]
