@@ -262,6 +262,29 @@ def test_per_recipient_outcomes() -> None:
     assert server.verbs().count("DATA") == 1
 
 
+@pytest.mark.parametrize("ehlo", [EHLO_PLAIN, EHLO_CHUNKING], ids=["data", "bdat"])
+def test_other_2xx_replies_mean_success(ehlo: bytes) -> None:
+    # RFC 5321 section 4.2.1: a client acts on the first digit of a code it
+    # does not expect.  Deferring on a 251 to the end of data would make
+    # every retry send the next hop one more copy.
+    server = ScriptedServer({
+        "EHLO": ehlo,
+        "MAIL": b"251 2.1.0 ok\r\n",
+        "RCPT": [b"252 2.1.5 cannot verify, will try\r\n", b"251 2.1.5 will forward\r\n"],
+        ".": b"251 2.0.0 queued\r\n",
+        "BDAT": b"251 2.0.0 queued\r\n",
+    })
+    outgoing = message("a@example.net", "b@example.net")
+
+    results = run_session(server, lambda session: session.send(outgoing))
+
+    outcomes = [r.outcome for r in results]  # type: ignore[attr-defined]
+    assert outcomes == [Outcome.DELIVERED, Outcome.DELIVERED]
+    assert [r.reply for r in results] == ["251 2.0.0 queued"] * 2  # type: ignore[attr-defined]
+    assert "RSET" not in server.verbs()
+    assert server.data.count(b"Subject: t") == 1
+
+
 def test_refusing_greeting_gets_only_quit() -> None:
     # Temporary all the same, as with Postfix's smtp_skip_5xx_greeting: the next MX is tried.
     server = ScriptedServer({}, greeting=b"554 5.7.1 not allowed\r\n")

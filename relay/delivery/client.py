@@ -37,7 +37,9 @@ Session-level problems (connection refused or dropped, a non-220 greeting,
 in flight.  Per-recipient results come back from ``SMTPSession.send``:
 a ``4xx`` to RCPT defers that recipient, ``5xx`` fails it, and the reply to
 DATA, to the end of data or to ``BDAT LAST`` decides every recipient RCPT
-accepted.
+accepted.  Any ``2xx`` to MAIL, RCPT, the end of data or ``BDAT LAST`` is a
+success, as RFC 5321 section 4.2.1 has a client read an unexpected code by
+its first digit.
 """
 
 from __future__ import annotations
@@ -788,7 +790,7 @@ class SMTPSession:
         _raise_on_421(mail_reply)
         self._mail_seen = mail_reply
         rcpt_replies: list[Reply] = []
-        if mail_reply.code == 250:
+        if _completed(mail_reply):
             for command in rcpt_commands:
                 reply = await self._command(command, self._timeouts.rcpt)
                 _raise_on_421(reply)
@@ -817,11 +819,11 @@ class SMTPSession:
         mail_reply = self._mail_seen
         if mail_reply is None:
             return decided
-        if mail_reply.code != 250:
+        if not _completed(mail_reply):
             _reject_all(mail_reply, [r for r in transaction.sendable if r.index not in decided], decided)
             return decided
         for recipient, reply in zip(transaction.sendable, self._rcpt_seen, strict=False):
-            if reply.code not in (250, 251) and recipient.index not in decided:
+            if not _completed(reply) and recipient.index not in decided:
                 outcome = Outcome.DEFERRED if reply.code < 500 else Outcome.FAILED
                 decided[recipient.index] = RecipientResult(recipient.index, outcome, reply_text(reply))
         return decided
@@ -920,7 +922,7 @@ class SMTPSession:
             await self._reset()
             return
         self._decide(accepted, bdat_reply, results)
-        if bdat_reply.code != 250:
+        if not _completed(bdat_reply):
             # The transaction failed with the chunk, and RSET clears whatever
             # state the server kept before the next MAIL.
             await self._reset()
@@ -933,12 +935,12 @@ class SMTPSession:
         results: dict[int, RecipientResult],
     ) -> list[OutboundRecipient]:
         """Record the outcome of every recipient that MAIL or RCPT rejected, and return those RCPT accepted."""
-        if mail_reply.code != 250:
+        if not _completed(mail_reply):
             _reject_all(mail_reply, recipients, results)
             return []
         accepted: list[OutboundRecipient] = []
         for recipient, reply in zip(recipients, rcpt_replies, strict=True):
-            if reply.code in (250, 251):
+            if _completed(reply):
                 accepted.append(recipient)
                 continue
             outcome = Outcome.DEFERRED if reply.code < 500 else Outcome.FAILED
@@ -959,7 +961,7 @@ class SMTPSession:
     def _decide(
         self, accepted: list[OutboundRecipient], reply: Reply, results: dict[int, RecipientResult]
     ) -> None:
-        if reply.code == 250:
+        if _completed(reply):
             outcome = Outcome.DELIVERED
         elif reply.code < 500:
             outcome = Outcome.DEFERRED
@@ -970,7 +972,7 @@ class SMTPSession:
 
     async def _reset(self) -> None:
         reply = await self._command("RSET", self._timeouts.rset)
-        if reply.code != 250:
+        if not _completed(reply):
             self.abort()
 
     async def close(self) -> None:
@@ -1092,6 +1094,16 @@ def _reject_all(
     outcome = Outcome.DEFERRED if mail_reply.code < 500 else Outcome.FAILED
     for recipient in recipients:
         results[recipient.index] = RecipientResult(recipient.index, outcome, reply_text(mail_reply))
+
+
+def _completed(reply: Reply) -> bool:
+    """Return whether ``reply`` is a 2xx, which RFC 5321 section 4.2.1 reads as success by its first digit.
+
+    A client acts on the first digit of a code it does not expect, so a 251
+    or 252 to RCPT accepts the recipient and a 251 to the end of data
+    delivers.  Taking such a reply as a failure would send the message again.
+    """
+    return 200 <= reply.code < 300
 
 
 def _raise_on_421(reply: Reply) -> None:
