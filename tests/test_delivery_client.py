@@ -978,9 +978,11 @@ def test_8bit_message_converted_without_8bitmime(body_type: str | None) -> None:
     assert server.lines[1] == f"MAIL FROM:<sender@example.com> SIZE={len(EIGHT_BIT_AS_7BIT)}\r\n".encode()
 
 
-def test_8bit_message_unchanged_with_8bitmime() -> None:
+@pytest.mark.parametrize("body_type", ["8BITMIME", "7BIT", None])
+def test_8bit_message_unchanged_with_8bitmime(body_type: str | None) -> None:
+    # BODY=8BITMIME goes with any 8-bit body, whatever parameter it came with.
     server = ScriptedServer({})
-    outgoing = message("a@example.net", body=EIGHT_BIT_BODY, body_type="8BITMIME")
+    outgoing = message("a@example.net", body=EIGHT_BIT_BODY, body_type=body_type)
     results = run_session(server, lambda session: session.send(outgoing))
     assert [r.downgraded for r in results] == [False]  # type: ignore[attr-defined]
     assert server.lines[1] == b"MAIL FROM:<sender@example.com> BODY=8BITMIME\r\n"

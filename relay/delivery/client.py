@@ -667,7 +667,7 @@ class SMTPSession:
         if not sendable:
             return [results[r.index] for r in message.recipients]
 
-        mail_command = self._mail_command(message, len(body))
+        mail_command = self._mail_command(message, body)
         rcpt_commands = [self._rcpt_command(recipient) for recipient in sendable]
         return _Transaction(message, body, mail_command, rcpt_commands, sendable, results, downgraded)
 
@@ -731,11 +731,14 @@ class SMTPSession:
             return f"552 5.3.4 message size {size} exceeds the limit {limit} of {self.peer}"
         return None
 
-    def _mail_command(self, message: OutboundMessage, size: int) -> str:
+    def _mail_command(self, message: OutboundMessage, body: bytes) -> str:
+        """Build the MAIL command for ``message`` with ``body`` as sent."""
         parts = [f"MAIL FROM:<{message.sender}>"]
         if "SIZE" in self.capabilities:
-            parts.append(f"SIZE={size}")
-        if message.body_type == "8BITMIME" and "8BITMIME" in self.capabilities:
+            parts.append(f"SIZE={len(body)}")
+        if "8BITMIME" in self.capabilities and (message.body_type == "8BITMIME" or body_is_8bit(body)):
+            # RFC 6152 section 3: without BODY=8BITMIME the next hop may take the
+            # body as 7 bit, and 8-bit mail often arrives without the parameter.
             parts.append("BODY=8BITMIME")
         elif message.body_type == "BINARYMIME":
             # _check_message passes such a message only when the next hop offers CHUNKING and BINARYMIME.
