@@ -229,6 +229,30 @@ def test_rcpt_5xx_bounces_to_local_sender(tmp_path: Path, nameserver: NameServer
     assert "550 5.1.1 no such user" in recipient_fields["Diagnostic-Code"]
 
 
+def test_size_limit_bounce_names_no_remote_mta(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any
+) -> None:
+    # The next hop offers SIZE 200 (RFC 1870), so the message never reaches
+    # MAIL.  The 552 is relay's own reply, so the DSN gives it as an X-relay
+    # diagnostic and names no Remote-MTA (RFC 3464 sections 2.3.5 and 2.3.6).
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    body = b"Subject: big\r\n\r\n" + b"x" * 300 + b"\r\n"
+    with run_upstream("127.0.0.4", port, data_size_limit=200) as upstream:
+        commit(spool, "alice@local.test", ["bob@implicit.test"], body=body)
+        assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")) and not spool_counts(config))
+    assert upstream.messages == []
+    (report,) = mailbox_messages(config, "alice")
+    fields = report.get_payload()[1].get_payload()[1]
+    assert fields["Action"] == "failed"
+    assert fields["Status"] == "5.3.4"
+    assert fields["Remote-MTA"] is None
+    diagnostic = " ".join(fields["Diagnostic-Code"].split())  # unfolded
+    assert diagnostic.startswith("X-relay; 552 5.3.4 message size ")
+    assert " exceeds the limit 200 of implicit.test[127.0.0.4]:" in diagnostic
+
+
 def test_bounce_decodes_envid_and_orcpt(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
     # The spool keeps ENVID and the ORCPT address as xtext, their SMTP form.  The
     # DSN fields carry them decoded (RFC 3464 sections 2.2.1 and 2.3.1), so a

@@ -144,6 +144,9 @@ class RecipientResult:
     reply: str
     # True when the transaction sent the message converted to 7 bit (see relay.delivery.downgrade).
     downgraded: bool = False
+    # True when ``reply`` is relay's own, written before the recipient was sent (a
+    # SIZE limit, a missing extension, an unsafe address), and not the next hop's.
+    local: bool = False
 
 
 class SessionError(Exception):
@@ -654,14 +657,16 @@ class SMTPSession:
             refused = self._check_size(len(body))
         if refused is not None:
             # A message refused for its size as converted is logged with converted=7bit too.
-            return [RecipientResult(r.index, Outcome.FAILED, refused, downgraded) for r in message.recipients]
+            return [
+                RecipientResult(r.index, Outcome.FAILED, refused, downgraded, local=True) for r in message.recipients
+            ]
 
         results: dict[int, RecipientResult] = {}
         sendable: list[OutboundRecipient] = []
         for recipient in message.recipients:
             if _unsafe(recipient.address):
                 reply = "553 5.1.3 recipient address contains CR, LF or NUL"
-                results[recipient.index] = RecipientResult(recipient.index, Outcome.FAILED, reply)
+                results[recipient.index] = RecipientResult(recipient.index, Outcome.FAILED, reply, local=True)
             else:
                 sendable.append(recipient)
         if not sendable:

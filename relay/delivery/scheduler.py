@@ -92,7 +92,7 @@ import os
 import random
 import time
 import traceback
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -993,7 +993,9 @@ class Scheduler:
             if following is not None:
                 # Its body was never sent, so it waits in the queue for the next session like any other job.
                 destination.queue.appendleft(following)
-            await self._record_with_backup_mx(job, message, session, outcomes, False)
+            await self._record_with_backup_mx(
+                job, message, session, outcomes, False, local=_local_indexes(exc.decided.values())
+            )
             return None
         except asyncio.CancelledError:
             # stop() cancelled the transaction after STOP_GRACE.  Replies read before
@@ -1010,7 +1012,8 @@ class Scheduler:
         # With a next job taken, its commands may be on the wire and the host waits
         # for its body, so the backup session runs beside it instead of first.
         await self._record_with_backup_mx(
-            job, message, session, outcomes, notifies, downgraded, beside=following is not None
+            job, message, session, outcomes, notifies, downgraded, beside=following is not None,
+            local=_local_indexes(results),
         )
         return (following, following_message) if following is not None else None
 
@@ -1024,6 +1027,7 @@ class Scheduler:
         downgraded: bool = False,
         *,
         beside: bool = False,
+        local: frozenset[int] = frozenset(),
     ) -> None:
         """Record a transaction's outcomes, then send the deferred recipients to the next MX host once.
 
@@ -1039,13 +1043,17 @@ class Scheduler:
         """
         deferred = [item for item in outcomes if item[1] is Outcome.DEFERRED]
         if not deferred or not job.route.use_mx or self._stopping:
-            await self._record(job, outcomes, session.peer, next_hop_notifies=notifies, downgraded=downgraded)
+            await self._record(
+                job, outcomes, session.peer, next_hop_notifies=notifies, downgraded=downgraded, local=local
+            )
             return
         final = [item for item in outcomes if item[1] is not Outcome.DEFERRED]
         # Failures at both hosts belong to one attempt, so a null-sender message gets one postmaster copy.
         copied = False
         if final:
-            copied = await self._record(job, final, session.peer, next_hop_notifies=notifies, downgraded=downgraded)
+            copied = await self._record(
+                job, final, session.peer, next_hop_notifies=notifies, downgraded=downgraded, local=local
+            )
         retry = self._retry_at_backup_mx(
             job, message, session.host, session.peer, deferred, notifies, downgraded, copied
         )
@@ -1194,6 +1202,7 @@ class Scheduler:
             await self._record(
                 job, retried, backup.peer, next_hop_notifies="DSN" in backup.capabilities,
                 downgraded=any(result.downgraded for result in results.values()), postmaster_copy=not copied,
+                local=_local_indexes(results.values()),
             )
 
     async def _record_decided(self, job: Job, session: SMTPSession) -> None:
@@ -1213,6 +1222,7 @@ class Scheduler:
             await self._record(
                 job, outcomes, session.peer, next_hop_notifies="DSN" in session.capabilities,
                 downgraded=any(decided[recipient.index].downgraded for recipient, _, _ in outcomes),
+                local=_local_indexes(decided.values()),
             )
 
     async def _record_at_stop(self, job: Job, recording: Coroutine[Any, Any, None]) -> None:
@@ -1379,8 +1389,14 @@ class Scheduler:
         downgraded: bool = False,
         postmaster_copy: bool = True,
         delivered_targets: Mapping[int, tuple[str, ...]] | None = None,
+        local: frozenset[int] = frozenset(),
     ) -> bool:
         """Store the outcomes and log one line for each.  With ``downgraded``, the lines carry ``converted=7bit``.
+
+        ``local`` holds the recipient indexes whose reply relay wrote itself
+        before sending them to ``host``.  They are stored without a host, so
+        their DSN names no Remote-MTA and gives the reply as relay's own
+        diagnostic (RFC 3464 sections 2.3.5 and 2.3.6).
 
         ``delivered_targets`` are the local delivery targets that each
         recipient index has got the message at, stored with a deferral.
@@ -1418,7 +1434,7 @@ class Scheduler:
                     when = max(now + delay, next_attempt or 0.0)
             results.append(
                 DeliveryResult(
-                    claim.queue_id, recipient.index, outcome, reply, host, when,
+                    claim.queue_id, recipient.index, outcome, reply, "" if recipient.index in local else host, when,
                     next_hop_notifies=next_hop_notifies,
                     delay_warning=warn and outcome is Outcome.DEFERRED and recipient.dsn is DsnState.NONE,
                     delivered_targets=(delivered_targets or {}).get(recipient.index, ()),
@@ -1561,3 +1577,6 @@ class Scheduler:
             log_event(logger, "dsn_defer_failed", logging.ERROR, queue_id=message.queue_id, error=str(exc))
 
 
+def _local_indexes(results: Iterable[RecipientResult]) -> frozenset[int]:
+    """Return the recipient indexes of ``results`` whose reply relay wrote itself (``RecipientResult.local``)."""
+    return frozenset(result.index for result in results if result.local)
