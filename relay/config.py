@@ -130,7 +130,8 @@ class ServerConfig:
     # RFC 5321 section 4.5.3.2.7: a server waits at least 5 minutes for the next command.
     command_timeout: float = _key(300.0, "duration", positive=True)
     # RFC 5321 section 4.5.3.2.6 (data termination) is 10 minutes on the client side;
-    # this is the server's wait between two reads inside DATA.
+    # this is the server's wait between two reads inside DATA.  relay sendmail
+    # drops the rest of a message that is too large for at most this long.
     data_timeout: float = _key(600.0, "duration", positive=True)
     # Wait for a client's TLS handshake after STARTTLS, or on an implicit-TLS
     # listener.  Postfix's smtpd_starttls_timeout is 300s; a handshake needs far less.

@@ -64,7 +64,8 @@ text becomes the body.  A
 ``From`` when missing, are added.
 
 Exit codes follow sysexits.h: ``EX_USAGE`` (64) bad option or no
-recipients, ``EX_DATAERR`` (65) message over ``policy.max_message_size``,
+recipients, ``EX_DATAERR`` (65) message over ``policy.max_message_size``
+(the rest of the input is read and dropped first, see ``discard_input``),
 ``EX_NOINPUT`` (66) standard input closed, ``EX_NOUSER`` (67) no valid
 recipient, or an invalid sender.  A recipient that is invalid, that the
 SMTP server would reject or that is an unknown local user does not stop
@@ -225,6 +226,33 @@ def read_message(stream: BinaryIO, ignore_dots: bool, limit: int) -> bytes:
         lines.append(line)
         total += len(line)
     return b"".join(lines)
+
+
+# Octets read at a time while discarding input.
+DISCARD_READ_SIZE = 65536
+
+
+def discard_input(stream: BinaryIO, ignore_dots: bool, at_line_start: bool, seconds: float) -> None:
+    """Read and drop the rest of a message that is too large, up to its end or for at most ``seconds``.
+
+    A writer such as a Perl or shell script dies of SIGPIPE when sendmail
+    exits before it has written everything, and then never gets the exit
+    status.  Postfix's sendmail (2.11 source) reads its input to the end and
+    leaves the size check to its cleanup daemon.  Without ``ignore_dots`` a
+    lone dot line still ends the input.  ``at_line_start`` tells whether the
+    octets read so far ended a line.  The time limit stops an endless
+    writer.  A writer that stalls blocks this read, as it blocks the first.
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ignore_dots:
+            if not stream.read(DISCARD_READ_SIZE):
+                return
+            continue
+        line = stream.readline(DISCARD_READ_SIZE)
+        if not line or (at_line_start and line.rstrip(b"\r\n") == b"."):
+            return
+        at_line_start = line.endswith(b"\n")
 
 
 def _too_large(limit: int) -> SendmailError:
@@ -526,6 +554,7 @@ def inject(options: Options, stdin: BinaryIO, stderr: TextIO) -> int:
         limit = config.policy.max_message_size
         raw = read_message(stdin, options.ignore_dots, limit)
         if len(raw) > limit:
+            discard_input(stdin, options.ignore_dots, raw.endswith(b"\n"), config.server.data_timeout)
             raise _too_large(limit)
         if config_file is None:
             # Before the recipients are checked against the default ./mail, which

@@ -517,6 +517,60 @@ def test_dot_line_past_limit_not_end_of_input(tmp_path: Path) -> None:
     assert not (tmp_path / "spool" / "spool.db").exists() or stored_messages(tmp_path / "spool") == []
 
 
+# A writer that dies of SIGPIPE when its reader exits early, as a Perl or
+# shell script does by default, and exits with the status of sendmail otherwise.
+PIPE_WRITER = """
+import signal, subprocess, sys
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+child = subprocess.Popen(sys.argv[2:], stdin=subprocess.PIPE)
+child.stdin.write(b"Subject: x\\n\\n" + b"y\\n" * int(sys.argv[1]))
+child.stdin.close()
+sys.exit(child.wait())
+"""
+
+
+@pytest.mark.parametrize("options", [[], ["-i"]])
+def test_too_large_input_read_to_end(tmp_path: Path, options: list[str]) -> None:
+    # 400,000 octets fill the pipe many times over after sendmail has read 4,096.
+    config = write_config(tmp_path)
+    command = [sys.executable, "-m", "relay", "sendmail", "--config", str(config), *options, "alice"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+    result = subprocess.run(
+        [sys.executable, "-c", PIPE_WRITER, "200000", *command],
+        capture_output=True, env=env, check=False, timeout=60,
+    )
+
+    assert result.returncode == EX_DATAERR, result.stderr
+    assert "exceeds policy.max_message_size" in result.stderr.decode()
+    assert not (tmp_path / "spool" / "spool.db").exists() or stored_messages(tmp_path / "spool") == []
+
+
+def test_discard_input_stops_at_lone_dot() -> None:
+    stream = io.BytesIO(b"y" * 100 + b"\n.\nafter\n")
+
+    sendmail_module.discard_input(stream, ignore_dots=False, at_line_start=False, seconds=60)
+
+    assert stream.read() == b"after\n"
+
+
+def test_discard_input_dot_inside_line() -> None:
+    # The read starts inside a line, so its "." is no lone dot.
+    stream = io.BytesIO(b".\nmore\n.\r\nafter\n")
+
+    sendmail_module.discard_input(stream, ignore_dots=False, at_line_start=False, seconds=60)
+
+    assert stream.read() == b"after\n"
+
+
+def test_discard_input_with_i_reads_to_end() -> None:
+    stream = io.BytesIO(b"x\n.\n" + b"y" * 200_000)
+
+    sendmail_module.discard_input(stream, ignore_dots=True, at_line_start=True, seconds=60)
+
+    assert stream.read() == b""
+
+
 def test_lone_dot_kept_with_oi(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
