@@ -38,9 +38,10 @@ them:
   sender alike.
 - ``--help``: print the usage and queue nothing.
 
-Other modes, such as ``-bv`` and ``-bd``, are usage errors.  Other ``-o``
-options, and ``-C``, ``-e``, ``-G``, ``-L``, ``-m``, ``-n``, ``-O``, ``-p``,
-``-U``, ``-v`` and ``-X``, are accepted and ignored.
+``-bh`` and ``-bH`` (sendmail's host status) do nothing and exit 0, as with
+Postfix.  Other modes, such as ``-bv`` and ``-bd``, are usage errors.  Other
+``-o`` options, and ``-A``, ``-C``, ``-e``, ``-G``, ``-L``, ``-m``, ``-n``,
+``-O``, ``-p``, ``-U``, ``-v`` and ``-X``, are accepted and ignored.
 
 The message is written straight into the spool with the same group commit
 as the SMTP server, like Postfix's postdrop writing into the maildrop queue:
@@ -171,7 +172,8 @@ Read a message from standard input and queue it for delivery, like sendmail(1).
   --help      print this text and exit without reading a message
 
 Flags can be grouped (-ti is -t -i), and an option with a value can end a
-group (-tf SENDER).  Other -o options are accepted and ignored.
+group (-tf SENDER).  Other -o options, -Am, -Ac, -bh and -bH are accepted
+and ignored.
 A user name without @ (in recipients, -f and the default sender USER) gets
 @server.hostname when policy.local_domains lists that name, else @ the first
 entry of policy.local_domains, so that mail to a bare name stays local.
@@ -766,10 +768,13 @@ def _smtp_mode(options: Options) -> int:
 
 
 def _other_mode(options: Options, program: str) -> int:
-    """Run ``-bp`` (list the queue, as ``relay queue list``) or ``-bi`` (check the aliases file)."""
+    """Run ``-bp`` (list the queue, as ``relay queue list``), ``-bi`` (check the aliases file), ``-bh`` or ``-bH``."""
     if options.recipients or options.extract_recipients or options.flush:
         print(f"{program}: -b{options.mode} reads no message, so it takes no recipient, -t or -q", file=sys.stderr)
         return EX_USAGE
+    if options.mode in ("h", "H"):
+        # -bh and -bH show and clear sendmail's host status.  Postfix's sendmail ignores them and exits 0.
+        return EX_OK
     config_file = _config_file(options)
     if options.mode == "p":
         from relay.cli import build_parser

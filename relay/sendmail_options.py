@@ -38,10 +38,10 @@ EX_CONFIG = 78
 # Option letters without a value.  -U, -v, -m, -n and -G are accepted and
 # ignored, and -I is -bi.
 _FLAG_LETTERS = frozenset("tiUvmnGI")
-# Option letters that take a value.  The values of -C, -e, -L, -O, -p and
-# -X are ignored, and so are -o values other than -oi.  -q takes its value
+# Option letters that take a value.  The values of -A, -C, -e, -L, -O, -p
+# and -X are ignored, and so are -o values other than -oi.  -q takes its value
 # only from the rest of its argument (see ``_apply_queue_option``).
-_VALUE_LETTERS = frozenset("fFrhbeoNRVBCOXLp")
+_VALUE_LETTERS = frozenset("fFrhbeoNRVBCOXLpA")
 
 # NOTIFY keywords other than NEVER, which must be the only keyword (RFC 3461 section 4.1).
 NOTIFY_KEYWORDS = ("SUCCESS", "DELAY", "FAILURE")
@@ -69,7 +69,7 @@ class Options:
     full_name: str | None = None  # -F
     show_help: bool = False  # --help
     # -b: "m" deliver a message, "s" SMTP on standard input and output, "p" list the queue (mailq),
-    # "i" check the aliases
+    # "i" check the aliases, "h" or "H" do nothing (sendmail's host status, -bh and -bH)
     mode: str | None = None
     notify: tuple[str, ...] = ()  # -N: ("NEVER",) or some of NOTIFY_KEYWORDS; () if not given
     ret: str | None = None  # -R: "FULL" or "HDRS"
@@ -158,6 +158,10 @@ def _apply_value(options: Options, letter: str, value: str) -> None:
     elif letter == "h":
         _check_hop_count(value)
     elif letter == "b":
+        if value in ("h", "H"):
+            # Sendmail's host status database, which Postfix and relay do not keep.
+            options.mode = value
+            return
         if value not in ("m", "s", "p", "i"):
             raise SendmailError(
                 EX_USAGE,

@@ -936,6 +936,42 @@ def test_parse_options_grouped_flags(
     assert options.recipients == recipients
 
 
+@pytest.mark.parametrize("options", [["-Am"], ["-Ac"], ["-A", "m"], ["-tAm"]])
+def test_sendmail_a_option_ignored(tmp_path: Path, options: list[str]) -> None:
+    # Sendmail's -Am and -Ac pick its config file, and Postfix's sendmail ignores them.
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), *options, "alice"], b"To: alice\nSubject: x\n\nhi\n")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""
+    [(message, _)] = stored_messages(tmp_path / "spool")
+    assert [recipient.address for recipient in message.recipients] == ["alice@example.test"]
+
+
+@pytest.mark.parametrize("mode", ["-bh", "-bH"])
+def test_sendmail_host_status_modes_ignored(tmp_path: Path, mode: str) -> None:
+    # Sendmail's host status database: Postfix has none, and its sendmail exits at once.
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), mode], b"Subject: x\n\nhi\n")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b""
+    assert result.stderr == b""
+    assert not (tmp_path / "spool" / "spool.db").exists()
+
+
+def test_sendmail_host_status_no_recipient(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    result = sendmail(["--config", str(config), "-bh", "alice"], b"Subject: x\n\nhi\n")
+
+    assert result.returncode == EX_USAGE
+    assert "-bh reads no message, so it takes no recipient" in result.stderr.decode()
+    assert not (tmp_path / "spool" / "spool.db").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
