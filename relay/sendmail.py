@@ -62,7 +62,9 @@ mbox ``From `` lines are dropped, and an
 empty line goes before the first line that is no header field, so bare
 text becomes the body.  A
 ``Received`` header naming the user ID, and ``Date``, ``Message-ID`` and
-``From`` when missing, are added.
+``From`` when missing, are added.  A bare user name in an address field
+(cron's ``From: root (Cron Daemon)``) gets the ``origin_domain``, as
+Postfix completes the header addresses of local mail.
 
 Exit codes follow sysexits.h: ``EX_USAGE`` (64) bad option or no
 recipients, ``EX_DATAERR`` (65) message over ``policy.max_message_size``
@@ -102,7 +104,13 @@ from relay.aliases import DEFAULT_EXPANSION_LIMIT, AliasError, parse_aliases
 from relay.cli import escape_controls
 from relay.config import CONFIG_ENVIRONMENT, Config, ConfigError, load_config
 from relay.log import log_event
-from relay.sendmail_addresses import RejectedRecipient, check_address, check_recipients, split_address_list
+from relay.sendmail_addresses import (
+    RejectedRecipient,
+    check_address,
+    check_recipients,
+    qualify_address_list,
+    split_address_list,
+)
 from relay.sendmail_options import (
     EX_CONFIG,
     EX_DATAERR,
@@ -203,6 +211,12 @@ _CR_BEFORE_CRLF = re.compile(rb"\r+\r\n")
 
 # A Bcc or Resent-Bcc header field, which -t removes from the stored message.
 _BCC_FIELD = re.compile(rb"(?:resent-)?bcc[ \t]*:", re.IGNORECASE)
+
+# The header fields whose bare user names get a domain (RFC 5322 sections
+# 3.6.2, 3.6.3 and 3.6.6).  Bcc and Resent-Bcc are removed before this runs.
+_ADDRESS_FIELDS = frozenset(
+    ("from", "sender", "reply-to", "to", "cc", "resent-from", "resent-sender", "resent-to", "resent-cc")
+)
 
 # The config file read without --config and $RELAY_CONFIG, when it exists.
 SYSTEM_CONFIG = "/etc/relay/relay.toml"
@@ -337,6 +351,31 @@ def _remove_bcc(message: bytes) -> bytes:
     return b"".join(kept) + message[len(headers) :]
 
 
+def _qualify_header_addresses(message: bytes, domain: str) -> bytes:
+    """Append ``@domain`` to each bare user name in the address fields of the header block.
+
+    Octets that are not UTF-8 pass through unchanged as surrogate escapes,
+    and an address that contains one is left as it is.
+    """
+    headers = header_block(message)
+    lines = headers.decode("utf-8", "surrogateescape").split("\r\n")
+    # Each field as its lines, so that its folding is kept.
+    fields: list[list[str]] = []
+    for line in lines:
+        if line[:1] in (" ", "\t") and fields:
+            fields[-1].append(line)
+        else:
+            fields.append([line])
+    rewritten: list[str] = []
+    for field in fields:
+        text = "\r\n".join(field)
+        name, colon, value = text.partition(":")
+        if colon and name.rstrip(" \t").lower() in _ADDRESS_FIELDS:
+            text = name + colon + qualify_address_list(value, domain)
+        rewritten.append(text)
+    return "\r\n".join(rewritten).encode("utf-8", "surrogateescape") + message[len(headers) :]
+
+
 def _header_fields(headers: str) -> list[tuple[str, str]]:
     """Return the name and unfolded value of each field in a header block that ``separate_body`` has delimited.
 
@@ -461,8 +500,9 @@ def prepare(options: Options, raw: bytes, config: Config) -> tuple[Envelope, byt
 def complete_local_message(message: bytes, sender: str, config: Config, full_name: str | None) -> bytes:
     """Return a locally submitted message as relay stores it.
 
-    Bcc and Resent-Bcc are removed, and Date, Message-ID and From are added
-    when the header block lacks them, so both ``relay sendmail`` and
+    Bcc and Resent-Bcc are removed, a bare user name in an address field
+    gets the domain of ``origin_domain``, and Date, Message-ID and From are
+    added when the header block lacks them, so both ``relay sendmail`` and
     ``relay sendmail -bs`` store the same message.  ``message`` has CRLF
     line ends, and an empty line after its header fields (see
     ``separate_body``).  ``sender`` is the reverse-path, and ``full_name``
@@ -472,7 +512,7 @@ def complete_local_message(message: bytes, sender: str, config: Config, full_nam
     # write_bcc, scripts) may leave Bcc in the message, and every recipient
     # would read it.  Postfix 3.7 drops Bcc and Resent-Bcc from all mail
     # (its default message_drop_headers).
-    message = _remove_bcc(message)
+    message = _qualify_header_addresses(_remove_bcc(message), origin_domain(config))
     headers = header_block(message)
     added = submission_headers(headers, config.server.hostname)
     if not has_from_field(headers):

@@ -148,6 +148,92 @@ def split_address_list(text: str) -> list[str]:
     return addresses
 
 
+def qualify_address_list(text: str, domain: str) -> str:
+    """Return the address-list ``text`` with ``@domain`` after each address that is a bare local part.
+
+    Local programs write header fields such as ``To: root`` or ``From: root
+    (Cron Daemon)`` (vixie cron), which only the local host can read.
+    Postfix's cleanup(8) turns header addresses into the user@domain form,
+    appending ``myorigin`` to a bare name, and so does this.  Everything
+    else keeps its text:
+    display names, comments, groups, folding, and any element that is not
+    a valid local part, such as ``John Doe``.  The scan follows
+    ``split_address_list``.
+    """
+    # The offset after each bare local part, where "@domain" goes.
+    ends: list[int] = []
+    outside: list[str] = []
+    inside: list[str] | None = None
+    outside_end = inside_end = 0
+    in_quote = in_angle = in_literal = escaped = False
+    comment_depth = 0
+
+    def finish() -> None:
+        nonlocal outside, inside
+        address = "".join(outside if inside is None else inside).strip()
+        end = outside_end if inside is None else inside_end
+        if address and "@" not in address and _is_local_part(address, domain):
+            ends.append(end)
+        outside, inside = [], None
+
+    for offset, character in enumerate(text):
+        significant = False
+        if escaped:
+            escaped = False
+            significant = not comment_depth
+        elif character == "\\" and (in_quote or comment_depth):
+            escaped = True
+            significant = in_quote
+        elif comment_depth:
+            comment_depth += {"(": 1, ")": -1}.get(character, 0)
+        elif in_quote or in_literal:
+            in_quote = in_quote and character != '"'
+            in_literal = in_literal and character != "]"
+            significant = True
+        elif character in '"[':
+            in_quote = character == '"'
+            in_literal = character == "["
+            significant = True
+        elif character == "(":
+            comment_depth = 1
+        elif in_angle:
+            in_angle = character != ">"
+            significant = in_angle
+        elif character == "<":
+            in_angle = True
+            inside = []
+        elif character == ":":
+            # A group's display name ends here, and its members follow.
+            outside, inside = [], None
+        elif character in ",;":
+            finish()
+        else:
+            significant = True
+        if not significant:
+            continue
+        target = inside if in_angle and inside is not None else outside
+        target.append(character)
+        if not character.isspace():
+            if target is inside:
+                inside_end = offset + 1
+            else:
+                outside_end = offset + 1
+    finish()
+
+    for end in reversed(ends):
+        text = f"{text[:end]}@{domain}{text[end:]}"
+    return text
+
+
+def _is_local_part(text: str, domain: str) -> bool:
+    """Return whether ``text`` followed by ``@domain`` is a valid address."""
+    try:
+        check_address(text, "header", domain)
+    except SendmailError:
+        return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class RejectedRecipient:
     """A recipient that cannot get the message, with the reply that reports it."""

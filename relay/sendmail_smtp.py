@@ -27,7 +27,8 @@ the SMTP server gives.  The policy is that of ``relay sendmail``:
   CHUNKING and DSN, but neither STARTTLS nor AUTH.
 
 Each message is stored as ``relay sendmail`` stores it.  Bcc is removed,
-Date, Message-ID and From are added when missing, and a Received header
+a bare user name in an address field gets a domain, Date, Message-ID and
+From are added when missing, and a Received header
 names the EHLO name and the user ID.  A message with 8-bit octets is
 stored with the body type 8BITMIME.  It goes into the spool with a blocking commit, and the
 ``250`` after the end of data is written only once that commit is durable.

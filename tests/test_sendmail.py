@@ -31,7 +31,7 @@ from relay.sendmail import (
     inject,
     parse_options,
 )
-from relay.sendmail_addresses import split_address_list
+from relay.sendmail_addresses import qualify_address_list, split_address_list
 from relay.spool import DeliveryResult, Envelope, Outcome, Recipient, Spool, SpoolStore, StoredMessage
 
 # User and group ID of "nobody", which a child running as root switches to.
@@ -188,6 +188,76 @@ def test_t_address_list_syntax(tmp_path: Path) -> None:
 )
 def test_split_address_list(text: str, addresses: list[str]) -> None:
     assert split_address_list(text) == addresses
+
+
+@pytest.mark.parametrize(
+    ("text", "qualified"),
+    [
+        ("root", "root@example.test"),
+        ("root (Cron Daemon)", "root@example.test (Cron Daemon)"),
+        ("Cron Daemon <root>", "Cron Daemon <root@example.test>"),
+        (" alice,\r\n\tbob@example.net, carol ", " alice@example.test,\r\n\tbob@example.net, carol@example.test "),
+        ('"john doe"', '"john doe"@example.test'),
+        ('"Doe, John" <jd>', '"Doe, John" <jd@example.test>'),
+        ("team: a, b@example.net;", "team: a@example.test, b@example.net;"),
+        ("undisclosed-recipients:;", "undisclosed-recipients:;"),
+        ("<>", "<>"),
+        ("user@", "user@"),
+        ("<@hop.example:b@example.org>", "<@hop.example:b@example.org>"),
+        # Not a local part, so the text stays as it is.
+        ("John Doe", "John Doe"),
+        ("Müller", "Müller@example.test"),
+    ],
+)
+def test_qualify_address_list(text: str, qualified: str) -> None:
+    assert qualify_address_list(text, "example.test") == qualified
+
+
+def test_qualify_address_list_never_raises() -> None:
+    generator = random.Random(5321)
+    alphabet = 'a@.<>(),;:"\\[] \t\r\nü'
+    for _ in range(2000):
+        text = "".join(generator.choice(alphabet) for _ in range(generator.randrange(40)))
+        qualified = qualify_address_list(text, "example.test")
+        assert qualified.replace("@example.test", "") == text.replace("@example.test", ""), text
+
+
+def test_cron_message_header_addresses_qualified(tmp_path: Path) -> None:
+    # The fields cron writes, with bare user names that only the local host can read.
+    config = write_config(tmp_path)
+    (tmp_path / "mail" / "root").mkdir()
+    message = (
+        b"From: root (Cron Daemon)\nTo: root\nCc: Ops <alice>, bob@example.net\n"
+        b"Reply-To: alice\nSubject: Cron <root@host> date\nX-Note: root\n\nroot\n"
+    )
+
+    result = sendmail(["--config", str(config), "-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"], message)
+
+    assert result.returncode == 0, result.stderr
+    [(_, body)] = stored_messages(tmp_path / "spool")
+    assert b"\r\nFrom: root@example.test (Cron Daemon)\r\n" in body
+    assert b"\r\nTo: root@example.test\r\n" in body
+    assert b"\r\nCc: Ops <alice@example.test>, bob@example.net\r\n" in body
+    assert b"\r\nReply-To: alice@example.test\r\n" in body
+    # Other fields and the body keep their text.
+    assert b"\r\nSubject: Cron <root@host> date\r\n" in body
+    assert b"\r\nX-Note: root\r\n" in body
+    assert body.endswith(b"\r\n\r\nroot\r\n")
+
+
+def test_header_addresses_qualified_in_bs_mode(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    session = (
+        b"EHLO client.example.test\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+        b"From: alice\r\nTo: Alice <alice>\r\nSubject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n"
+    )
+
+    result = sendmail(["--config", str(config), "-bs"], session)
+
+    assert result.returncode == 0, result.stderr
+    [(_, body)] = stored_messages(tmp_path / "spool")
+    assert b"\r\nFrom: alice@example.test\r\n" in body
+    assert b"\r\nTo: Alice <alice@example.test>\r\n" in body
 
 
 def test_split_address_list_never_raises() -> None:
