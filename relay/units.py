@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import sys
 
 # Digits that a size string may have, leading zeros aside: 30 digits is far above
 # every size limit, and int() rejects strings of more than 4300 digits with a
@@ -55,6 +56,11 @@ def parse_duration(value: int | float | str) -> float:
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError(f"duration {value} is negative; expected 0 or more seconds")
+        # float() raises OverflowError for an integer beyond the largest float.
+        if isinstance(value, int) and value > sys.float_info.max:
+            raise ValueError(
+                f"duration of {len(str(value))} digits is too large; expected finite seconds, such as \"5d\""
+            )
         return float(value)
     match = _DURATION_RE.match(value)
     if match is None:

@@ -307,6 +307,17 @@ def test_duration_rejects_non_finite_float(tmp_path: Path, value: str) -> None:
     assert "finite" in errors[0]
 
 
+def test_duration_integer_beyond_float_range(tmp_path: Path) -> None:
+    # float() raised OverflowError for such an integer, and check-config printed a traceback.
+    path = write(tmp_path, "[server]\nshutdown_grace = 1" + "0" * 309 + "\n")
+
+    errors = errors_of(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{path}:server.shutdown_grace: ")
+    assert "too large" in errors[0]
+
+
 def test_invalid_listener_addresses_not_duplicates(tmp_path: Path) -> None:
     path = write(tmp_path, "[[listener]]\naddress = \"127.0.0.1\"\n[[listener]]\naddress = \"[::1]:99999\"\n")
 
