@@ -64,6 +64,10 @@ MAX_MESSAGE_SIZE_CEILING = 1 << 40
 MAX_HOSTNAME_OCTETS = 253
 # The largest value an "int" or "size" key without a maximum of its own accepts.
 _INTEGER_CEILING = (1 << 62) - 1
+# The longest duration a key without a maximum of its own accepts: 1000 weeks,
+# about 19 years.  select() and threading waits reject timeouts above about
+# 292 years (2**63 nanoseconds), and relay sendmail -bs passes its timeouts to select().
+_DURATION_CEILING = 1000 * 7 * 86400.0
 
 
 class ConfigError(Exception):
@@ -667,8 +671,9 @@ def _convert(kind: str, value: Any, options: Mapping[str, Any], ctx: _Context) -
         raise AssertionError(f"unknown config kind {kind}")
 
     # Integers without a maximum of their own still must fit the C integers of the
-    # compiled core and the system calls they reach.
-    low, high = options.get("min"), options.get("max", _INTEGER_CEILING if kind in ("int", "size") else None)
+    # compiled core and the system calls they reach, and durations the timeouts of those calls.
+    ceiling = _DURATION_CEILING if kind == "duration" else _INTEGER_CEILING
+    low, high = options.get("min"), options.get("max", ceiling)
     format_limit = format_duration if kind == "duration" else str
     if low is not None and converted < low:
         raise ValueError(f"value {value!r} is below the minimum {format_limit(low)}")

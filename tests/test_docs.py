@@ -11,7 +11,7 @@ from typing import Any
 from conftest import REPO_ROOT
 from relay import config as config_module
 from relay.config import ListenerConfig, describe_defaults
-from relay.units import parse_duration, parse_host_port, parse_size
+from relay.units import format_duration, parse_duration, parse_host_port, parse_size
 
 REFERENCE = REPO_ROOT / "docs" / "configuration.md"
 
@@ -135,6 +135,8 @@ def test_documented_limits_match_code() -> None:
     value_forms = REFERENCE.read_text().split("\n## ", 1)[0]
 
     assert f"`{config_module._INTEGER_CEILING}`" in value_forms, "the integer ceiling is not documented"
+    duration_ceiling = format_duration(config_module._DURATION_CEILING)
+    assert f'`"{duration_ceiling}"`' in value_forms, "the duration ceiling is not documented"
     for (section, key), spec in config_fields().items():
         kind = spec.metadata["kind"]
         if kind not in ("int", "size", "duration"):

@@ -427,3 +427,24 @@ def test_invalid_config_greets_421(tmp_path: Path) -> None:
     assert result.returncode == EX_CONFIG
     assert reply_codes(result.stdout) == ["421 4.3.0"]
     assert f"{config}:policy.max_recipients:" in result.stderr.decode()
+
+
+def test_longest_timeouts_accepted(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 'command_timeout = "1000w"\ndata_timeout = "1000w"')
+
+    result = run_bs(config, EHLO + b"QUIT\r\n")
+
+    assert result.returncode == 0, result.stderr
+    assert reply_codes(result.stdout) == ["220", "250", "221 2.0.0"]
+
+
+def test_timeout_above_maximum_rejected(tmp_path: Path) -> None:
+    # select() takes at most about 292 years (int64 nanoseconds), so a longer
+    # command_timeout stopped the session with an internal error after the greeting.
+    config = write_config(tmp_path, "command_timeout = 10000000000")
+
+    result = run_bs(config, EHLO + b"QUIT\r\n")
+
+    assert result.returncode == EX_CONFIG
+    assert f"{config}:server.command_timeout: value 10000000000 is above the maximum 1000w" in result.stderr.decode()
+    assert b"220" not in result.stdout
