@@ -9,8 +9,8 @@ connection is dropped.
 
 Settings bound to sockets, processes or files opened at start keep their
 running values, and a differing value in the file is logged as needing a
-restart: the listeners, ``spool.path``, ``server.workers``,
-``delivery.enabled`` and the ``[admin]`` and ``[log]`` sections.  A value
+restart: the listeners, ``server.workers``, ``delivery.enabled`` and the
+``[spool]``, ``[admin]`` and ``[log]`` sections.  A value
 given on the command line (``Config.overrides``) is kept without that
 message.  An invalid file is rejected as a whole: every error is logged and
 the running config stays in force.  So is a config whose TLS
@@ -168,11 +168,10 @@ def reload_config(running: Config) -> ReloadResult:
     changed = []
     if loaded.listeners != running.listeners:
         changed.append("listener")
-    if loaded.spool.path != running.spool.path:
-        changed.append("spool.path")
     if loaded.server.workers != running.server.workers:
         changed.append("server.workers")
-    for section in ("admin", "log"):
+    # Every [spool] key, not only the path, is read once when the spool is opened at start.
+    for section in ("spool", "admin", "log"):
         for setting in dataclasses.fields(getattr(loaded, section)):
             if getattr(getattr(loaded, section), setting.name) != getattr(getattr(running, section), setting.name):
                 changed.append(f"{section}.{setting.name}")
@@ -183,7 +182,7 @@ def reload_config(running: Config) -> ReloadResult:
 
     merged = loaded.replace(
         listeners=running.listeners,
-        spool=dataclasses.replace(loaded.spool, path=running.spool.path),
+        spool=running.spool,
         server=dataclasses.replace(loaded.server, workers=running.server.workers),
         admin=running.admin,
         log=running.log,

@@ -734,6 +734,19 @@ def test_reload_keeps_admin_settings(tmp_path: Path) -> None:
     assert result.needs_restart == ["admin.max_destination_labels"]
 
 
+def test_reload_keeps_spool_settings(tmp_path: Path) -> None:
+    # The spool is opened once at start with these, so a changed value cannot take effect before a restart.
+    path = write(tmp_path, "[spool]\nbusy_timeout = \"10s\"\nlease_time = \"30m\"\n")
+    running = load_config(path)
+    path.write_text("[spool]\nbusy_timeout = \"20s\"\nlease_time = \"1h\"\ncommit_delay = 0\n")
+
+    result = reload_config(running)
+
+    assert result.config is not None
+    assert result.config.spool == running.spool
+    assert result.needs_restart == ["spool.busy_timeout", "spool.lease_time", "spool.commit_delay"]
+
+
 def test_reload_reports_log_changes(tmp_path: Path) -> None:
     path = write(tmp_path, "[log]\nlevel = \"info\"\n")
     running = load_config(path)
