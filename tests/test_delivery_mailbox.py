@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO_ROOT, require_peer
 from relay.cli import main
 from relay.config import LocalConfig, load_config
-from relay.delivery import mailbox_cli
+from relay.delivery import mailbox_cli, maildir
 from relay.delivery.maildir import LocalDelivery, UnknownUser
 
 MESSAGE = b"From: =?utf-8?q?J=C3=B6rg?= <j@x.test>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n\r\nhi\r\n"
@@ -538,6 +538,25 @@ def test_maildir_keeps_binarymime_crlf(tmp_path: Path) -> None:
     assert path.read_bytes() == b"Return-Path: <j@x.test>\r\nDelivered-To: alice@localhost\r\n" + body
 
 
+def test_maildir_name_clash_keeps_existing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file in new/ with the name that delivery picks first, as another
+    # process with the same process ID could have written.
+    config = LocalConfig(maildir_root=str(tmp_path / "mail"), users=("alice",))
+    names = iter(["1700000000.M1P1Q0.host", "1700000000.M1P1Q1.host"])
+    monkeypatch.setattr(maildir, "_unique_name", lambda: next(names))
+    for folder in ("tmp", "new", "cur"):
+        (tmp_path / "mail" / "alice" / folder).mkdir(parents=True)
+    existing = tmp_path / "mail" / "alice" / "new" / "1700000000.M1P1Q0.host"
+    existing.write_bytes(b"Subject: first\n\nkept\n")
+
+    path = LocalDelivery.from_config(config).deliver("alice", "j@x.test", "alice@localhost", MESSAGE)
+
+    assert existing.read_bytes() == b"Subject: first\n\nkept\n"
+    assert path == existing.with_name("1700000000.M1P1Q1.host")
+    assert path.read_bytes().startswith(b"Return-Path: <j@x.test>\nDelivered-To: alice@localhost\n")
+    assert list((tmp_path / "mail" / "alice" / "tmp").iterdir()) == []
+
+
 def test_mailbox_rejects_too_long_user_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Longer than any file name (NAME_MAX), so a lookup would fail with ENAMETOOLONG.
     config = write_config(tmp_path)
@@ -567,7 +586,7 @@ def test_maildir_creation_is_durable(tmp_path: Path) -> None:
     root = tmp_path / "mail"
     trace = tmp_path / "trace"
     subprocess.run(
-        [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=mkdir,mkdirat,openat,fsync,close,rename",
+        [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=mkdir,mkdirat,openat,fsync,close,link,linkat",
          sys.executable, "-c", _DELIVER_NEW_USER, str(root)],
         check=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), timeout=60,
     )
@@ -586,12 +605,44 @@ def test_maildir_creation_is_durable(tmp_path: Path) -> None:
             open_paths[result] = os.path.normpath(argument)
         elif name == "fsync" and argument in open_paths:
             fsynced.add(open_paths[argument])
-        elif name == "rename":
+        elif name.startswith("link"):
             break  # the message is in new/ from here on
 
     assert created == [str(root), str(root / "dave"), *(str(root / "dave" / f) for f in ("tmp", "new", "cur"))]
     for folder in created:
         assert os.path.dirname(folder) in fsynced, f"{os.path.dirname(folder)} not fsynced after mkdir {folder}"
+
+
+# Delivers one small message, then one larger than RLIMIT_FSIZE allows: the
+# write fails with EFBIG (Python ignores SIGXFSZ), as it would on a full disk.
+_DELIVER_OVER_FILE_LIMIT = """
+import errno, resource, sys
+from relay.config import LocalConfig
+from relay.delivery.maildir import LocalDelivery
+local = LocalDelivery(LocalConfig(maildir_root=sys.argv[1], users=("alice",)))
+local.deliver("alice", "sender@example.test", "alice@localhost", b"Subject: small\\r\\n\\r\\nbody\\r\\n")
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+try:
+    local.deliver("alice", "sender@example.test", "alice@localhost", b"Subject: big\\r\\n\\r\\n" + b"x" * 65536)
+except OSError as exc:
+    sys.exit(0 if exc.errno == errno.EFBIG else 3)
+sys.exit(2)
+"""
+
+
+def test_maildir_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "mail"
+    result = subprocess.run(
+        [sys.executable, "-c", _DELIVER_OVER_FILE_LIMIT, str(root)],
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), timeout=60, capture_output=True, text=True,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert list((root / "alice" / "tmp").iterdir()) == []
+    delivered = list((root / "alice" / "new").iterdir())
+    assert len(delivered) == 1
+    assert b"Subject: small" in delivered[0].read_bytes()
 
 
 def test_mailbox_maildir_root_not_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,13 +12,15 @@ Delivery prepends ``Return-Path: <sender>`` (RFC 5322 section 3.6.7) and
 as Postfix's local(8) writes Maildir files and mail readers expect: each
 CRLF of the SMTP form becomes LF.  A BINARYMIME body (RFC 3030) is written
 unchanged, headers included, because a CRLF inside it may be data.
-The file is written under ``tmp/``, flushed to disk with fsync, renamed into
-``new/``, and the ``new/`` directory is fsynced, so a delivered message
-survives a crash.  A folder that delivery creates (the user's Maildir and
+The file is written under ``tmp/``, flushed to disk with fsync, hard-linked
+into ``new/`` and removed from ``tmp/``, and the ``new/`` directory is
+fsynced, so a delivered message survives a crash.  A link, unlike a rename,
+fails when the name already exists in ``new/``, so a name clash takes a new
+name instead of replacing a message (see ``_link_into``).  A folder that delivery creates (the user's Maildir and
 its ``tmp/``, ``new/`` and ``cur/``, mode 0700) is made durable the same
 way, by an fsync of the folder that holds it, because a new file is only
 as durable as the chain of folders leading to it.  The standard library's ``mailbox.Maildir.add`` does the
-same rename but no fsync, so it is not used for writing.
+same move but no fsync, so it is not used for writing.
 
 Aliases come from ``[local] aliases``, parsed and checked by
 ``relay.aliases``.  A target without ``@`` is a local user or another alias;
@@ -34,6 +36,7 @@ addresses raises ExpansionLimitError, which such a file cannot have either.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -50,6 +53,11 @@ from relay.units import is_safe_user_name
 logger = logging.getLogger("relay.delivery")
 
 _counter = itertools.count()
+
+# Names that one delivery tries in new/ before it fails with a clash.  Each
+# try takes a new counter value, so only a file placed there by some other
+# program can clash more than once.
+_LINK_ATTEMPTS = 5
 
 
 class UnknownUser(LookupError):
@@ -232,9 +240,7 @@ class LocalDelivery:
         header = f"Return-Path: <{sender}>{line_end}Delivered-To: {recipient}{line_end}".encode()
         if not binary:
             body = body.replace(b"\r\n", b"\n")
-        name = _unique_name()
-        temporary = root / "tmp" / name
-        final = root / "new" / name
+        temporary = root / "tmp" / _unique_name()
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(descriptor, "wb") as handle:
@@ -242,10 +248,11 @@ class LocalDelivery:
                 handle.write(body)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.rename(temporary, final)
-        except BaseException:
+            final = _link_into(temporary, root / "new")
+        finally:
+            # After a failed write no partial message is left behind, and after
+            # the link the message is in new/ and this name is no longer needed.
             temporary.unlink(missing_ok=True)
-            raise
         _fsync_directory(root / "new")
         return final
 
@@ -278,6 +285,36 @@ def _unique_name() -> str:
     micros = int((now - seconds) * 1_000_000)
     host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
     return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}.{host}"
+
+
+def _link_into(temporary: Path, folder: Path) -> Path:
+    """Hard-link ``temporary`` into ``folder`` under a name that no file there has, and return the new path.
+
+    The first name is the one ``temporary`` has.  When a file of that name
+    exists, another name from ``_unique_name`` is tried, at most
+    ``_LINK_ATTEMPTS`` names in all, and then FileExistsError is raised.
+    On a file system without hard links (EPERM or EOPNOTSUPP), the file is
+    renamed instead, as Postfix's local(8) does, and a rename replaces a
+    file of the same name.
+    """
+    name = temporary.name
+    for _ in range(_LINK_ATTEMPTS):
+        final = folder / name
+        try:
+            os.link(temporary, final)
+        except FileExistsError:
+            name = _unique_name()
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+                raise
+            os.rename(temporary, final)
+        return final
+    raise FileExistsError(
+        errno.EEXIST,
+        f"failed to add the message to {folder}: {_LINK_ATTEMPTS} names in a row already exist there;"
+        " check which other program writes files into it",
+    )
 
 
 def _make_durable_folders(path: Path) -> None:
