@@ -1,7 +1,8 @@
 """The ``[local] aliases`` file: parse it and reject what relay cannot deliver.
 
 Each line is ``alias: target[, target]``; ``#`` starts a comment, and blank
-lines are ignored.  Alias names match case-insensitively.  A target without
+lines are ignored.  A line that starts with a space or tab continues the
+alias line above it.  Alias names match case-insensitively.  A target without
 ``@`` is a local user or another alias, and one with ``@`` is any address,
 which is routed again.
 
@@ -64,10 +65,7 @@ def parse_aliases(text: str, expansion_limit: int = DEFAULT_EXPANSION_LIMIT) -> 
     aliases: dict[str, tuple[str, ...]] = {}
     lines: dict[str, int] = {}
     errors: list[tuple[int, str]] = []
-    for number, raw_line in enumerate(text.splitlines(), start=1):
-        line = raw_line.split("#", 1)[0].strip()
-        if not line:
-            continue
+    for number, raw_line, line in _logical_lines(text, errors):
         name, colon, rest = line.partition(":")
         targets = tuple(item.strip() for item in rest.split(",") if item.strip())
         if not colon or not name.strip() or not targets:
@@ -96,6 +94,32 @@ def parse_aliases(text: str, expansion_limit: int = DEFAULT_EXPANSION_LIMIT) -> 
     if errors:
         raise AliasError([f"line {number}: {message}" for number, message in sorted(errors)])
     return aliases
+
+
+def _logical_lines(text: str, errors: list[tuple[int, str]]) -> list[tuple[int, str, str]]:
+    """Join continuation lines, drop comments and return (first line number, first raw line, text) per alias line.
+
+    A line that starts with a space or tab continues the line above it, as in
+    sendmail's and Postfix's aliases(5), and blank and comment lines between
+    them are skipped.  A continuation line with no alias line before it is
+    added to ``errors``.
+    """
+    logical: list[tuple[int, str, str]] = []
+    for number, raw_line in enumerate(text.splitlines(), start=1):
+        line = raw_line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if raw_line[0] not in " \t":
+            logical.append((number, raw_line, line))
+        elif logical:
+            first_number, first_line, joined = logical[-1]
+            logical[-1] = (first_number, first_line, f"{joined} {line}")
+        else:
+            errors.append(
+                (number, f"continuation line {raw_line!r} has no alias line before it;"
+                 " start the line with \"alias:\" or join it to the alias it belongs to")
+            )
+    return logical
 
 
 def _target_problem(target: str) -> str | None:

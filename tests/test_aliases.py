@@ -40,6 +40,34 @@ def test_users_and_addresses_accepted() -> None:
     }
 
 
+def test_continuation_lines_join_alias() -> None:
+    # A line that starts with a space or tab continues the alias above it,
+    # across blank and comment lines, as in sendmail's and Postfix's aliases(5).
+    text = "team: alice,\n  bob,\n\n# more\n\tcarol@example.net\nsales: dave\n"
+
+    aliases = parse_aliases(text)
+
+    assert aliases == {"team": ("alice", "bob", "carol@example.net"), "sales": ("dave",)}
+
+
+def test_indented_alias_line_is_continuation() -> None:
+    # An indented line belongs to the alias above it even when it looks like an
+    # alias line, so "staff: bob" is an invalid target of team.
+    errors = errors_of("team: alice,\n\tstaff: bob\n")
+
+    assert errors == [
+        "line 1: alias team: target 'staff: bob' is not a valid user name (letters, digits and . _ + = -,"
+        f" without a leading dot or .., at most 255 characters); {EXPECTED}"
+    ]
+
+
+def test_continuation_without_alias_rejected() -> None:
+    errors = errors_of("# staff\n  alice\nteam: bob\n")
+
+    assert errors == ["line 2: continuation line '  alice' has no alias line before it;"
+                      " start the line with \"alias:\" or join it to the alias it belongs to"]
+
+
 @pytest.mark.parametrize(
     ("line", "error"),
     [
