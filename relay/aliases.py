@@ -2,7 +2,9 @@
 
 Each line is ``alias: target[, target]``; ``#`` starts a comment, and blank
 lines are ignored.  A line that starts with a space or tab continues the
-alias line above it.  Alias names match case-insensitively.  A target without
+alias line above it.  Alias names match case-insensitively, and a name
+defined twice is an error, because one definition would drop the other's
+targets.  A target without
 ``@`` is a local user or another alias, and one with ``@`` is any address,
 which is routed again.
 
@@ -64,6 +66,8 @@ def parse_aliases(text: str, expansion_limit: int = DEFAULT_EXPANSION_LIMIT) -> 
     """
     aliases: dict[str, tuple[str, ...]] = {}
     lines: dict[str, int] = {}
+    # The first line of every alias name, also of those rejected for their targets.
+    defined: dict[str, int] = {}
     errors: list[tuple[int, str]] = []
     for number, raw_line, line in _logical_lines(text, errors):
         name, colon, rest = line.partition(":")
@@ -72,6 +76,13 @@ def parse_aliases(text: str, expansion_limit: int = DEFAULT_EXPANSION_LIMIT) -> 
             errors.append((number, f"expected \"alias: user[, user@domain]\", got {raw_line!r}"))
             continue
         alias = name.strip().lower()
+        if alias in defined:
+            errors.append(
+                (number, f"alias {alias} is defined again, first on line {defined[alias]};"
+                 " merge the targets into one line")
+            )
+            continue
+        defined[alias] = number
         problems = [problem for target in targets if (problem := _target_problem(target))]
         if problems:
             errors.extend((number, f"alias {alias}: {problem}; {_EXPECTED}") for problem in problems)

@@ -68,6 +68,14 @@ def test_continuation_without_alias_rejected() -> None:
                       " start the line with \"alias:\" or join it to the alias it belongs to"]
 
 
+def test_duplicate_alias_rejected() -> None:
+    # Only one definition can be used, so a second one is an error instead of
+    # silently dropping the targets of the other.
+    errors = errors_of("team: alice\nsales: bob\nTeam: carol\n")
+
+    assert errors == ["line 3: alias team is defined again, first on line 1; merge the targets into one line"]
+
+
 @pytest.mark.parametrize(
     ("line", "error"),
     [
