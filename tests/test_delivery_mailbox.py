@@ -626,6 +626,7 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
 try:
     local.deliver("alice", "sender@example.test", "alice@localhost", b"Subject: big\\r\\n\\r\\n" + b"x" * 65536)
 except OSError as exc:
+    print(exc)
     sys.exit(0 if exc.errno == errno.EFBIG else 3)
 sys.exit(2)
 """
@@ -639,6 +640,8 @@ def test_maildir_failed_write_leaves_nothing(tmp_path: Path) -> None:
     )
 
     assert result.returncode == 0, result.stderr
+    # The error, which becomes the 4.3.0 deferral reply, names the file in tmp/.
+    assert result.stdout.startswith(f"[Errno {errno.EFBIG}] File too large: '{root / 'alice' / 'tmp'}/")
     assert list((root / "alice" / "tmp").iterdir()) == []
     delivered = list((root / "alice" / "new").iterdir())
     assert len(delivered) == 1

@@ -249,6 +249,12 @@ class LocalDelivery:
                 handle.flush()
                 os.fsync(handle.fileno())
             final = _link_into(temporary, root / "new")
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            # A failed write or fsync (ENOSPC, EDQUOT, EIO) names no file, and
+            # the deferral reply and log line must show which Maildir failed.
+            raise OSError(exc.errno, exc.strerror, str(temporary)) from exc
         finally:
             # After a failed write no partial message is left behind, and after
             # the link the message is in new/ and this name is no longer needed.
