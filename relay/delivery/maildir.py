@@ -231,6 +231,9 @@ class LocalDelivery:
         """
         if not is_safe_user_name(user):
             raise ValueError(f"invalid local user name {user!r}")
+        # NOTE: a symbolic link at maildir_root/USER, or at its tmp/ or new/, is
+        # followed even when it leads out of maildir_root, while relay mailbox
+        # skips linked tmp/, new/ and cur/ folders.
         root = Path(self.config.maildir_root) / user.lower()
         # A user exists once maildir_root/USER exists, possibly still empty, and
         # mailbox.Maildir creates the folders only for a missing root, so make them here.
