@@ -929,7 +929,7 @@ def test_check_config_reports_both_delivery_files(tmp_path: Path, capsys: pytest
 
 
 def tls_files(directory: Path) -> dict[str, Path]:
-    """Create a certificate and key pair, a second pair, a junk file and an encrypted key; return them by name."""
+    """Create two certificate and key pairs, an EC key, a junk file and an encrypted key; return them by name."""
     from tests.server_helpers import make_certificate
 
     (directory / "other").mkdir()
@@ -942,8 +942,13 @@ def tls_files(directory: Path) -> dict[str, Path]:
         ["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:secret", "-out", str(encrypted)],
         check=True, capture_output=True,
     )
-    return {"cert": cert, "key": key, "other_cert": other_cert, "other_key": other_key, "junk": junk,
-            "encrypted": encrypted, "proc_mem": Path("/proc/self/mem")}
+    ec_key = directory / "ec-key.pem"
+    subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(ec_key)],
+        check=True, capture_output=True,
+    )
+    return {"cert": cert, "key": key, "other_cert": other_cert, "other_key": other_key, "ec_key": ec_key,
+            "junk": junk, "encrypted": encrypted, "proc_mem": Path("/proc/self/mem")}
 
 
 @pytest.mark.parametrize(
@@ -954,6 +959,8 @@ def tls_files(directory: Path) -> dict[str, Path]:
         ("cert", "junk", "tls.key", "{junk} contains no valid PEM private key"),
         ("cert", "other_cert", "tls.key", "{other_cert} contains no valid PEM private key"),
         ("cert", "other_key", "tls.key", "{other_key} is not the private key of that certificate"),
+        # An EC key with an RSA certificate: OpenSSL reports NO_CERTIFICATE_ASSIGNED, not a mismatch.
+        ("cert", "ec_key", "tls.key", "{ec_key} is not the private key of that certificate"),
         ("cert", "encrypted", "tls.key", "{encrypted} is encrypted with a passphrase"),
         ("cert", "proc_mem", "tls.key", "cannot read {proc_mem}: Input/output error"),
     ],

@@ -130,9 +130,12 @@ def _invalid_file_error(config: TLSConfig, error: ssl.SSLError) -> TLSSetupError
 
     OpenSSL's error for load_cert_chain ("PEM lib") is the same for a bad
     certificate and a bad key.  The certificate is loaded alone, as a CA
-    file, to tell them apart.
+    file, to tell them apart.  A valid key of another type than the
+    certificate's public key (an EC key for an RSA certificate) fails with
+    NO_CERTIFICATE_ASSIGNED in OpenSSL 3.0, because OpenSSL files the key
+    under its own type, where no certificate is loaded.
     """
-    if error.reason == "KEY_VALUES_MISMATCH":
+    if error.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
         return _setup_error(
             config,
             f"{config.key} is not the private key of that certificate;"
