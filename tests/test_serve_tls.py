@@ -219,6 +219,34 @@ def test_failed_handshakes_leave_limit(tmp_path: Path, event_loop: str) -> None:
         assert event_names(lines).count("tls_failed") == 3, lines
 
 
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_renegotiation_ends_session_logged(tmp_path: Path, event_loop: str) -> None:
+    """A TLS 1.2 client that asks to renegotiate is rejected, and the disconnect line names the TLS error."""
+    with tls_relay(tmp_path, event_loop) as relay:
+        command = [
+            "openssl", "s_client", "-tls1_2", "-connect", f"127.0.0.1:{relay.port}", "-servername", "localhost",
+        ]
+        client = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert client.stdin is not None
+            # An "R" line makes s_client start a renegotiation once its handshake is done.
+            client.stdin.write(b"R\n")
+            client.stdin.flush()
+            lines = client_lines(relay, "127.0.0.1", "disconnect", timeout=10)
+        finally:
+            client.kill()
+            output = client.communicate(timeout=10)[0].decode(errors="replace")
+        assert "RENEGOTIATING" in output, output
+        sessions = [line for line in lines if " connect " in line or " tls " in line or " disconnect " in line]
+        assert event_names(sessions) == ["connect", "tls", "disconnect"], lines
+        assert field(sessions[1], "version") == "TLSv1.2"
+        # The server rejected the renegotiation, so the client gave up with an alert.
+        error = field(sessions[2], "error")
+        assert "ALERT" in error, sessions[2]
+        assert "_ssl.c" not in error, sessions[2]
+        check_service(relay, "127.0.0.3")
+
+
 # -- STARTTLS, which shares the reasons -----------------------------------------
 
 

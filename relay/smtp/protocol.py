@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
@@ -49,6 +50,18 @@ if TYPE_CHECKING:
     from relay.smtp.server import ListenerRuntime
 
 logger = logging.getLogger("relay.smtp")
+
+
+def connection_error_reason(error: Exception) -> str:
+    """Return the error that ended a session, in a few words for the log.
+
+    For a TLS error that is OpenSSL's reason code, such as
+    ``SSLV3_ALERT_HANDSHAKE_FAILURE`` when the client sent that alert, which
+    OpenSSL 3.0 clients send after the server rejects their renegotiation.
+    """
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return str(error.reason)
+    return str(error) or type(error).__name__
 
 
 class SMTPProtocol(asyncio.Protocol):
@@ -164,16 +177,17 @@ class SMTPProtocol(asyncio.Protocol):
         if session is not None:
             # A spool commit still in flight finishes on its own task: the message
             # stays queued although this client never sees the 250.
-            log_event(
-                logger,
-                "disconnect",
-                session=self.session_id,
-                client=self.client_address,
-                messages=session.messages,
-                errors=session.errors,
-                seconds=round(time.monotonic() - self._started, 3),
-                commands=_format_counters(session.counters),
-            )
+            fields: dict[str, Any] = {
+                "session": self.session_id,
+                "client": self.client_address,
+                "messages": session.messages,
+                "errors": session.errors,
+                "seconds": round(time.monotonic() - self._started, 3),
+                "commands": _format_counters(session.counters),
+            }
+            if exc is not None:
+                fields["error"] = connection_error_reason(exc)
+            log_event(logger, "disconnect", **fields)
         self.transport = None
 
     def pause_writing(self) -> None:
@@ -364,7 +378,8 @@ class SMTPProtocol(asyncio.Protocol):
                 error=handshake_failure_reason(error),
             )
             transport.abort()
-            self.connection_lost(error)
+            # tls_failed has named the error, so the disconnect line leaves it out.
+            self.connection_lost(None)
             return
         self.transport = new_transport
         self._limit_unsent_replies(new_transport)
