@@ -815,6 +815,28 @@ def test_remote_replies_escaped(spool_dir: Path, capsys: pytest.CaptureFixture[s
     assert "\x1b" not in listed
 
 
+def test_next_hop_name_escaped(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queue_id = _commit(spool_dir, make_envelope())
+    spool = Spool.open(spool_dir)
+    try:
+        result = DeliveryResult(
+            queue_id, 0, Outcome.DEFERRED, "451 4.3.0 busy", "mx\x1b[2J.example.test", time.time() + 3600
+        )
+        run(spool.record_results([result]))
+    finally:
+        spool.close()
+
+    show_status, shown, _ = _queue(capsys, "show", queue_id, "--spool", str(spool_dir))
+    list_status, listed, _ = _queue(capsys, "list", "--spool", str(spool_dir))
+
+    assert show_status == 0
+    assert list_status == 0
+    assert "host=mx\\x1b[2J.example.test" in shown
+    assert "from mx\\x1b[2J.example.test)" in listed
+    assert "\x1b" not in shown
+    assert "\x1b" not in listed
+
+
 def test_show_body_keeps_controls(spool_dir: Path, capfdbinary: pytest.CaptureFixture[bytes]) -> None:
     body = b"X-Bin: \x01\x1b[31mred\r\n\r\nbody\r\n"
     queue_id = _commit(spool_dir, make_envelope(), body)

@@ -436,8 +436,11 @@ def _recipient_line(recipient: StoredRecipient) -> str:
     if recipient.last_reply:
         line += f"\n{indent}  ({_one_line(recipient.last_reply)}"
         # Local errors about a host (a refused connection) name it already.
-        named = recipient.last_host is None or recipient.last_host in recipient.last_reply
-        line += ")" if named else f" from {recipient.last_host})"
+        host = recipient.last_host
+        if host is None or host in recipient.last_reply:
+            line += ")"
+        else:
+            line += f" from {_escape_controls(host)})"
     # Local delivery ends the reply of a deferral with the same list, so the
     # line is left out while the reply names them already.
     if recipient.delivered_targets and not (recipient.last_reply or "").endswith(
@@ -625,7 +628,7 @@ def _history_line(attempt: Attempt) -> str:
     # ISO 8601, as the Arrival line above the history prints it.
     line = f"{_format_time(attempt.time, precise=True)} {attempt.outcome}"
     if attempt.host:
-        line += f" host={attempt.host}"
+        line += f" host={_escape_controls(attempt.host)}"
     if attempt.reply:
         line += f" reply={_one_line(attempt.reply)}"
     return line
