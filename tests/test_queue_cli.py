@@ -445,6 +445,39 @@ def test_corrupt_record_reported(spool_dir: Path, capsys: pytest.CaptureFixture[
         assert broken in store.queue_ids()
 
 
+@pytest.mark.parametrize(
+    ("action", "unchanged"), [("hold", "not held"), ("release", "not released"), ("flush", "not flushed")]
+)
+@pytest.mark.parametrize("damage", ["envelope", "recipients"])
+def test_change_to_corrupt_record_rejected(
+    spool_dir: Path, capsys: pytest.CaptureFixture[str], action: str, unchanged: str, damage: str
+) -> None:
+    broken = _commit(spool_dir, make_envelope())
+    if damage == "recipients":
+        # Recipient rows exist once an attempt was recorded, so deleting them is the damage.
+        _defer(spool_dir, broken, 0, "451 4.3.0 later")
+    with sqlite3.connect(database_path(spool_dir)) as connection:
+        if damage == "envelope":
+            connection.execute("UPDATE message SET envelope = CAST('{not json' AS BLOB) WHERE queue_id = ?", (broken,))
+        else:
+            connection.execute("DELETE FROM recipient WHERE queue_id = ?", (broken,))
+    connection.close()
+
+    status, out, err = _queue(capsys, action, broken, "--spool", str(spool_dir))
+
+    assert status == 1
+    assert out == ""
+    assert f"relay queue: message {broken} is corrupt: " in err
+    assert f"; {unchanged} and left in the spool" in err
+    assert f"`relay queue delete {broken}` removes it" in err
+    assert "Traceback" not in err
+    assert not (spool_dir / FLUSH_REQUEST).exists()
+    with sqlite3.connect(database_path(spool_dir)) as connection:
+        history = connection.execute("SELECT outcome FROM attempt WHERE queue_id = ?", (broken,)).fetchall()
+    connection.close()
+    assert history == ([] if damage == "envelope" else [("deferred",)])
+
+
 def test_flush_empty_domain_rejected(spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     queue_id = _commit(spool_dir, make_envelope())
     _defer(spool_dir, queue_id, 0, "451 4.3.0 later")

@@ -26,7 +26,8 @@ Changes wait up to the spool's busy timeout for the write lock.  Queue IDs
 are accepted in upper or lower case.  An unknown queue ID, a missing spool or a spool error prints one line
 on stderr and exits with status 1.  A record that cannot be decoded is
 reported on stderr and left in place; ``relay serve`` moves it to
-``DIR/corrupt/`` when it next claims the message.
+``DIR/corrupt/`` when it next claims the message.  ``flush ID``, ``hold``
+and ``release`` of such a message change nothing and exit with status 1.
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ def _run_action(args: argparse.Namespace) -> int:
         with open_store(args) as store:
             try:
                 status: int = args.action(store, args)
+            except CorruptRecord as exc:
+                _report_corrupt([exc], prefix, unchanged=_NOT_DONE.get(args.queue_command))
+                return 1
             except MessageNotFound as exc:
                 # Delivered, deleted, or mistyped: the list shows what is there.
                 print(f"{prefix}: queue ID {exc.queue_id} not found in the spool {store.directory};"
@@ -338,12 +342,17 @@ def parse_queue_id(argument: str) -> str:
     return queue_id
 
 
-def _report_corrupt(errors: list[CorruptRecord], prefix: str = "relay queue") -> None:
+# The change that each subcommand did not make, as the error about an undecodable message names it.
+_NOT_DONE = {"flush": "not flushed", "hold": "not held", "release": "not released"}
+
+
+def _report_corrupt(errors: list[CorruptRecord], prefix: str = "relay queue", unchanged: str | None = None) -> None:
     # list and show do not write to the spool.  The scheduler moves such a
     # message aside when it claims it, and `relay queue delete` removes it.
+    not_done = f"{unchanged} and " if unchanged else ""
     for error in errors:
         print(
-            f"{prefix}: {error}; left in the spool, where relay serve moves it aside to corrupt/ when it next"
+            f"{prefix}: {error}; {not_done}left in the spool, where relay serve moves it aside to corrupt/ when it next"
             f" tries to deliver it, or `relay queue delete {error.queue_id}` removes it",
             file=sys.stderr,
         )
@@ -646,6 +655,8 @@ def _flush(store: SpoolStore, args: argparse.Namespace) -> int:
     queue_id = parse_queue_id(args.queue_id) if args.queue_id is not None else None
     domain = parse_domain(args.domain) if args.domain is not None else None
     with store.transaction():
+        if queue_id is not None:
+            _require_decodable(store, queue_id)
         count = store.flush(time.time(), queue_id=queue_id, domain=domain)
     log_event(logger, "flushed", queue_id=queue_id, domain=domain, recipients=count, uid=os.getuid())
     print(f"flushed {_recipients(count)}")
@@ -655,6 +666,7 @@ def _flush(store: SpoolStore, args: argparse.Namespace) -> int:
 def _hold(store: SpoolStore, args: argparse.Namespace) -> int:
     queue_id = parse_queue_id(args.queue_id)
     with store.transaction():
+        _require_decodable(store, queue_id)
         count = store.hold(queue_id, time.time())
     log_event(logger, "held", queue_id=queue_id, recipients=count, uid=os.getuid())
     if count == 0:
@@ -667,6 +679,7 @@ def _hold(store: SpoolStore, args: argparse.Namespace) -> int:
 def _release(store: SpoolStore, args: argparse.Namespace) -> int:
     queue_id = parse_queue_id(args.queue_id)
     with store.transaction():
+        _require_decodable(store, queue_id)
         count = store.release(queue_id, time.time())
     log_event(logger, "released", queue_id=queue_id, recipients=count, uid=os.getuid())
     if count == 0:
@@ -674,6 +687,15 @@ def _release(store: SpoolStore, args: argparse.Namespace) -> int:
     else:
         print(f"{queue_id}: released {_recipients(count)}")
     return 0
+
+
+def _require_decodable(store: SpoolStore, queue_id: str) -> None:
+    """Raise CorruptRecord when the message cannot be decoded.
+
+    Without this check, hold, release and flush of such a message would change
+    no recipient and report that none was pending.  Only ``delete`` acts on it.
+    """
+    store.load(queue_id)
 
 
 def _delete(store: SpoolStore, args: argparse.Namespace) -> int:
