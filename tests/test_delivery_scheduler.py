@@ -437,6 +437,33 @@ def test_corrupt_message_owing_dsn_keeps_scheduler(
     assert (Path(config.spool.path) / "corrupt" / f"{broken}.body").read_bytes() == b"damaged!"
 
 
+def test_message_without_recipients_moved_aside(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any
+) -> None:
+    # A deferred message whose recipient rows are gone matches no claim, so
+    # only the scan at scheduler start can find it.
+    config = make_config(tmp_path, nameserver, 25)
+    spool = spool_for(config)
+    broken = commit(spool, "bob@local.test", ["later@local.test"])
+    store = SpoolStore(config.spool.path)
+    try:
+        deferral = DeliveryResult(broken, 0, Outcome.DEFERRED, "451 4.3.0 later", "", time.time() + 3600)
+        store.record_results([deferral], None, time.time())
+        store.connection.execute("DELETE FROM recipient WHERE queue_id = ?", (broken,))
+    finally:
+        store.close()
+    commit(spool, "bob@local.test", ["alice@local.test"])
+
+    assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")), timeout=5.0)
+
+    record = orjson.loads((Path(config.spool.path) / "corrupt" / f"{broken}.json").read_bytes())
+    assert record["reason"] == "message has no recipients"
+    assert record["recipient"] == []
+    assert [row["outcome"] for row in record["attempt"]] == ["deferred"]
+    with SpoolStore(config.spool.path) as reader:
+        assert broken not in reader.queue_ids(state=None)
+
+
 class _SlowDataHandler(RecordingHandler):
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         await asyncio.sleep(1.2)

@@ -469,6 +469,8 @@ def test_change_to_corrupt_record_rejected(
     assert out == ""
     assert f"relay queue: message {broken} is corrupt: " in err
     assert f"; {unchanged} and left in the spool" in err
+    when = "next starts" if damage == "recipients" else "next tries to deliver it"
+    assert f"moves it aside to corrupt/ when it {when}," in err
     assert f"`relay queue delete {broken}` removes it" in err
     assert "Traceback" not in err
     assert not (spool_dir / FLUSH_REQUEST).exists()

@@ -509,6 +509,7 @@ class Scheduler:
         self._running = True
         try:
             await self._release_dead_leases()
+            await self._move_aside_orphans()
             await self._loop()
         finally:
             self._run_ended.set()
@@ -618,6 +619,15 @@ class Scheduler:
         except SpoolError as exc:
             # The leases then run out after spool.lease_time instead.
             log_event(logger, "lease_release_failed", logging.ERROR, error=str(exc))
+
+    async def _move_aside_orphans(self) -> None:
+        # No claim selects a message whose recipient rows are gone, so it is
+        # looked for here, once per start, and each one logs corrupt_moved_aside.
+        try:
+            await self.spool.move_aside_orphans()
+        except (SpoolError, OSError) as exc:
+            # OSError: the corrupt/ folder or its files could not be written.
+            log_event(logger, "orphan_scan_failed", logging.ERROR, error=str(exc))
 
     # -- claiming and queueing ------------------------------------------------
 

@@ -415,6 +415,11 @@ class Spool:
         count: int = await self._writer.submit_async(lambda store: store.release_leases(owner, time.time()))
         return count
 
+    async def move_aside_orphans(self) -> list[str]:
+        """Move every message without recipient rows to ``corrupt/``, logging each; return their queue IDs."""
+        moved: list[str] = await self._writer.submit_async(lambda store: store.move_aside_orphans())
+        return moved
+
     async def end_lease(self, queue_id: str, indexes: Sequence[int], lease_token: str) -> int:
         """End a claim's lease on some recipients of a message, so they can be claimed again; return how many."""
         count: int = await self._writer.submit_async(lambda store: store.end_lease(queue_id, indexes, lease_token))

@@ -53,7 +53,7 @@ from relay.log import log_event
 from relay.spool import DEFAULT_BUSY_TIMEOUT
 from relay.spool.errors import CorruptRecord, MessageNotFound, SpoolError
 from relay.spool.ids import is_queue_id
-from relay.spool.store import SpoolStore, database_path, read_only_uri, wal_paths
+from relay.spool.store import NO_RECIPIENTS, SpoolStore, database_path, read_only_uri, wal_paths
 from relay.spool.types import Attempt, DsnState, RecipientState, StoredMessage, StoredRecipient
 from relay.units import format_duration
 
@@ -351,9 +351,11 @@ def _report_corrupt(errors: list[CorruptRecord], prefix: str = "relay queue", un
     # message aside when it claims it, and `relay queue delete` removes it.
     not_done = f"{unchanged} and " if unchanged else ""
     for error in errors:
+        # No claim selects a message without recipients, so only the scan at scheduler start finds it.
+        when = "next starts" if error.reason == NO_RECIPIENTS else "next tries to deliver it"
         print(
-            f"{prefix}: {error}; {not_done}left in the spool, where relay serve moves it aside to corrupt/ when it next"
-            f" tries to deliver it, or `relay queue delete {error.queue_id}` removes it",
+            f"{prefix}: {error}; {not_done}left in the spool, where relay serve moves it aside to corrupt/ when it"
+            f" {when}, or `relay queue delete {error.queue_id}` removes it",
             file=sys.stderr,
         )
 

@@ -105,6 +105,8 @@ sqlite3.register_adapter(type(None), _bind_unchanged)
 
 DATABASE_NAME = "spool.db"
 CORRUPT_DIRECTORY = "corrupt"
+# The reason of a CorruptRecord for a message that has neither recipient rows nor a fresh row.
+NO_RECIPIENTS = "message has no recipients"
 # File in the spool directory that a flush rewrites before it makes recipients
 # due, so a running scheduler also lifts the backoff of whole destinations,
 # which it keeps in memory (see relay.delivery.scheduler).
@@ -1453,6 +1455,22 @@ class SpoolStore:
         if self.connection.execute(f"SELECT 1 FROM message WHERE {_BY_QUEUE_ID}", _match(queue_id)).fetchone() is None:
             raise MessageNotFound(queue_id)
 
+    def move_aside_orphans(self) -> list[str]:
+        """Move aside every message that has neither recipient rows nor a ``fresh`` row; return their queue IDs.
+
+        Every write adds or deletes a message together with its recipients, so
+        such a message is damage, and no claim would ever select it.
+        """
+        with self._errors("find messages without recipients"):
+            rows = self.connection.execute(
+                "SELECT m.queue_id FROM message m"
+                " WHERE NOT EXISTS (SELECT 1 FROM fresh f WHERE f.id = m.id)"
+                " AND NOT EXISTS (SELECT 1 FROM recipient r WHERE r.queue_id = m.queue_id)"
+            ).fetchall()
+        for (queue_id,) in rows:
+            self.move_aside(queue_id, NO_RECIPIENTS)
+        return [queue_id for (queue_id,) in rows]
+
     def move_aside(self, queue_id: str, reason: str) -> Path:
         """Copy what can be read of a damaged message to ``corrupt/``, then delete it.
 
@@ -1885,7 +1903,7 @@ def _decode_message(
         else:
             recipients = tuple(_decode_recipient(values) for values in recipient_rows)
         if not recipients:
-            raise ValueError("message has no recipients")
+            raise ValueError(NO_RECIPIENTS)
         envelope = Envelope(
             sender=str(row[2]),
             recipients=tuple(Recipient(r.address, r.orcpt, r.notify) for r in recipients),
