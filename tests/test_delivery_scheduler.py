@@ -2816,6 +2816,27 @@ def test_dsn_text_from_next_hop_made_safe() -> None:
     assert report.envelope.body_type == "8BITMIME"
 
 
+def test_dsn_long_utf8_reply_within_998_octets(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # The plain-text part keeps a reply's UTF-8, so a word of 900 two-octet
+    # characters is cut by octets.  A cut by characters would make an
+    # 1800-octet line, past the 998 of RFC 5322 section 2.1.1.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    word = "\u00e9" * 900
+    handler = RecordingHandler(refuse={"nobody@implicit.test": f"550 5.1.1 {word}"})
+    with run_upstream("127.0.0.4", port, handler, enable_SMTPUTF8=True):
+        commit(spool, "alice@local.test", ["nobody@implicit.test"])
+        assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")) and not spool_counts(config))
+
+    maildir = mailbox.Maildir(str(Path(config.local.maildir_root) / "alice"))
+    (raw,) = [maildir.get_bytes(key) for key in maildir.keys()]
+    assert max(len(line) for line in raw.split(b"\n")) <= 998
+    report = email.message_from_bytes(raw)
+    text = report.get_payload()[0].get_payload(decode=True).decode()
+    assert word in text.replace("\n ", "")
+
+
 def test_dsn_utf8_recipient_written_as_ascii() -> None:
     # RFC 6533 section 3: in a US-ASCII delivery-status part a UTF-8 address is
     # utf-8-addr-xtext, with each non-ASCII character (and "+", "=", "\\") as \x{HEX}.

@@ -154,7 +154,7 @@ def _clean(text: str) -> str:
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 # Maximum length of a DSN line before it is folded; RFC 5322 section 2.1.1 recommends 78.
 _FOLD_WIDTH = 78
-# Longer words are cut into pieces of this many characters, well below 998 octets.
+# Longer words are cut into pieces of at most this many octets in UTF-8, well below 998.
 _CUT_WIDTH = 900
 
 
@@ -168,13 +168,13 @@ def _folded(line: str) -> str:
     """Fold a long field or text line at spaces, so no line passes 998 octets (RFC 5322 section 2.1.1).
 
     Continuation lines start with a space, as a folded header field does.  A
-    word longer than the limit is cut.
+    word longer than ``_CUT_WIDTH`` octets is cut.
     """
     if len(line) <= _FOLD_WIDTH:
         return line
     pieces: list[str] = []
     for word in line.split(" "):
-        pieces += [word[start : start + _CUT_WIDTH] for start in range(0, len(word), _CUT_WIDTH)] or [""]
+        pieces += _cut(word)
     out: list[str] = []
     current = ""
     for piece in pieces:
@@ -185,6 +185,28 @@ def _folded(line: str) -> str:
             current = f"{current} {piece}" if current else piece
     out.append(current)
     return "\r\n ".join(out)
+
+
+def _cut(word: str) -> list[str]:
+    """Cut ``word`` between characters into pieces of at most ``_CUT_WIDTH`` octets in UTF-8.
+
+    The plain-text part keeps a reply's UTF-8, where a character takes up
+    to 4 octets, so a cut by characters could pass 998 octets.
+    """
+    if len(word.encode("utf-8")) <= _CUT_WIDTH:
+        return [word]
+    pieces: list[str] = []
+    start = 0
+    octets = 0
+    for end, char in enumerate(word):
+        size = len(char.encode("utf-8"))
+        if octets + size > _CUT_WIDTH:
+            pieces.append(word[start:end])
+            start = end
+            octets = 0
+        octets += size
+    pieces.append(word[start:])
+    return pieces
 
 
 def _expired(recipient: StoredRecipient) -> bool:
