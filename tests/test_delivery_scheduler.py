@@ -745,6 +745,27 @@ def test_queue_lifetime_expiry_bounces(tmp_path: Path, nameserver: NameServer, s
     assert line.endswith(" in the queue)"), text
 
 
+def test_expiry_bounces_at_queue_lifetime(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Attempts come at about 0 s and 1.5 s, and the next backoff of 1.5 s
+    # would end past the 2 s lifetime.  The last retry comes at the lifetime
+    # instead, so the bounce is on time and a delay DSN's Will-Retry-Until
+    # (arrival plus the lifetime) holds.
+    port = free_port("127.0.0.4")
+    settings = 'maximal_queue_lifetime = 2\nminimal_backoff_time = 1.5\nmaximal_backoff_time = 1.5'
+    config = make_config(tmp_path, nameserver, port, delivery=settings)
+    spool = spool_for(config)
+    with run_upstream("127.0.0.4", port, FlakyHandler(failures=1000)), caplog.at_level("INFO", logger="relay"):
+        commit(spool, "alice@local.test", ["bob@implicit.test"])
+        assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")) and not spool_counts(config))
+
+    (bounced,) = [record.fields for record in caplog.records if getattr(record, "event", "") == "bounced"]  # type: ignore[attr-defined]
+    assert 2.0 <= bounced["delay"] < 2.5
+    deferred = [record.fields for record in caplog.records if getattr(record, "event", "") == "deferred"]  # type: ignore[attr-defined]
+    assert len(deferred) == 2
+
+
 def test_bounce_queue_lifetime_for_null_sender(
     tmp_path: Path, nameserver: NameServer, spool_for: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -26,6 +26,8 @@ queued and newly claimed recipients are deferred to the same time without a
 connection.  A recipient still undelivered ``maximal_queue_lifetime`` (5 d)
 after arrival fails with its last temporary reply, or after
 ``bounce_queue_lifetime`` (5 d) for a message with the null reverse-path.
+No retry is put off past that lifetime.  A backoff that would end later
+ends at it, and that last attempt bounces the recipient unless it delivers.
 The scheduler keeps a destination's queue, backoff and failure count in
 memory only while they matter: with no job, no backoff running and no
 failure in the last ``maximal_backoff_time``, the entry is dropped.
@@ -1441,7 +1443,9 @@ class Scheduler:
                     delay = backoff_delay(
                         recipient.attempts, delivery.minimal_backoff_time, delivery.maximal_backoff_time, jitter
                     )
-                    when = max(now + delay, next_attempt or 0.0)
+                    # The last retry comes when the lifetime ends, not a backoff after it,
+                    # so the bounce is on time and a delay DSN's Will-Retry-Until holds.
+                    when = min(max(now + delay, next_attempt or 0.0), claim.arrival + lifetime)
             results.append(
                 DeliveryResult(
                     claim.queue_id, recipient.index, outcome, reply, "" if recipient.index in local else host, when,
