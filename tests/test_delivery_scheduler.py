@@ -229,6 +229,25 @@ def test_rcpt_5xx_bounces_to_local_sender(tmp_path: Path, nameserver: NameServer
     assert "550 5.1.1 no such user" in recipient_fields["Diagnostic-Code"]
 
 
+def test_failures_at_two_domains_one_dsn(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
+    # The two domains are two jobs of one claim.  b.wild.test replies 0.5 s
+    # later, and its failure still joins the DSN for a.wild.test's.
+    port = free_port("127.0.0.4")
+    config = make_config(tmp_path, nameserver, port)
+    spool = spool_for(config)
+    handler = RecordingHandler(
+        refuse={"x@a.wild.test": "550 5.1.1 no x", "y@b.wild.test": "550 5.1.1 no y"},
+        rcpt_delay={"y@b.wild.test": 0.5},
+    )
+    with run_upstream("127.0.0.4", port, handler):
+        commit(spool, "alice@local.test", ["x@a.wild.test", "y@b.wild.test"])
+        assert run_until(config, spool, lambda: bool(mailbox_messages(config, "alice")) and not spool_counts(config))
+
+    (report,) = mailbox_messages(config, "alice")
+    blocks = report.get_payload()[1].get_payload()[1:]
+    assert sorted(block["Final-Recipient"] for block in blocks) == ["rfc822; x@a.wild.test", "rfc822; y@b.wild.test"]
+
+
 def test_size_limit_bounce_names_no_remote_mta(
     tmp_path: Path, nameserver: NameServer, spool_for: Any
 ) -> None:

@@ -34,8 +34,10 @@ failure in the last ``maximal_backoff_time``, the entry is dropped.
 
 After results are recorded, the spool marks recipients that owe a DSN; the
 scheduler builds those DSNs (``relay.delivery.dsn``) and commits them as new
-messages.  It looks for owed DSNs after its own failures and at least once
-per ``queue_scan_interval``, so a DSN owed for a failure that another
+messages.  It waits until no job of the message is left in memory, so the
+recipients of one claim that fail at different destinations share one DSN.
+It looks for owed DSNs after its own failures and at least once per
+``queue_scan_interval``, so a DSN owed for a failure that another
 process recorded is queued within that interval.  A DSN that cannot be
 queued because of a spool error waits like a deferred recipient, from
 ``minimal_backoff_time`` doubled at each failure up to
@@ -414,6 +416,11 @@ class Scheduler:
         # A flush from before this scheduler started has nothing to lift.
         self._flush_request_seen = self._flush_request_stamp()
         self._jobs_in_memory = 0
+        # Jobs in memory per queue ID.  A message with one here gets no DSN yet,
+        # so recipients that fail in the same claim share one DSN.
+        self._jobs_by_message: collections.Counter[str] = collections.Counter()
+        # Queue IDs whose DSN waits for the message's last job in memory to end.
+        self._dsn_held: set[str] = set()
         self._max_jobs = delivery.connection_limit * JOBS_PER_CONNECTION
         self._wake = asyncio.Event()
         self._last_claim = 0.0  # time.monotonic() when the last claim started
@@ -721,6 +728,7 @@ class Scheduler:
 
     def _enqueue(self, job: Job) -> None:
         self._jobs_in_memory += 1
+        self._jobs_by_message[job.claim.queue_id] += 1
         if job.route.kind == ERROR:
             self._spawn(self._fail_job(job))
             return
@@ -730,6 +738,19 @@ class Scheduler:
         if destination.workers < min(limit, len(destination.queue)):
             destination.workers += 1
             self._spawn(self._worker(job.route.destination, destination))
+
+    def _job_done(self, job: Job) -> None:
+        """Count ``job`` out of memory, whether it was recorded or dropped."""
+        self._jobs_in_memory -= 1
+        queue_id = job.claim.queue_id
+        self._jobs_by_message[queue_id] -= 1
+        if self._jobs_by_message[queue_id] > 0:
+            return
+        del self._jobs_by_message[queue_id]
+        if queue_id in self._dsn_held:
+            self._dsn_held.discard(queue_id)
+            self._dsn_due = True
+            self._wake.set()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -744,7 +765,7 @@ class Scheduler:
             # spool error itself and no known input makes it raise anything else.
             await self._handle_job_error(job.route.destination, job, exc)
         finally:
-            self._jobs_in_memory -= 1
+            self._job_done(job)
 
     # -- workers -------------------------------------------------------------
 
@@ -785,7 +806,7 @@ class Scheduler:
                     session = None
                     await self._handle_job_error(name, job, exc)
                 finally:
-                    self._jobs_in_memory -= 1
+                    self._job_done(job)
         finally:
             destination.workers -= 1
             self._prune_destination(name, destination)
@@ -908,7 +929,7 @@ class Scheduler:
             try:
                 await self._defer_until(queued, error.reply, retry_at, error.peer)
             finally:
-                self._jobs_in_memory -= 1
+                self._job_done(queued)
 
     async def _send(
         self,
@@ -962,7 +983,7 @@ class Scheduler:
             destination.queue.appendleft(following)
             return None
         if message is None:
-            self._jobs_in_memory -= 1
+            self._job_done(following)
         return message
 
     async def _transact(
@@ -1549,6 +1570,13 @@ class Scheduler:
             # A recipient whose DSN failed before waits for its dsn_due, even when another one is due now.
             owed = [r for r in message.recipients if r.dsn is DsnState.PENDING and r.dsn_due <= now]
             if not owed:
+                continue
+            if message.queue_id in self._jobs_by_message:
+                # Other recipients of the message are still being sent.  The DSN
+                # waits for their results, so their failures join it.
+                # NOTE: a slow transaction at another destination delays the DSN
+                # for as long as that transaction runs.
+                self._dsn_held.add(message.queue_id)
                 continue
             try:
                 body = await self.spool.load_body(message.queue_id)
