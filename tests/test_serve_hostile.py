@@ -814,6 +814,41 @@ def test_command_timeout_skips_handling_time(event_loop: str, tmp_path: Path) ->
         assert "timeout session=" not in relay.log()
 
 
+def _wait_for_log(relay: RelayProcess, text: str, count: int = 1) -> str:
+    """Return the log once ``text`` occurs ``count`` times in it, or after 5 seconds (lines are written in batches)."""
+    deadline = time.monotonic() + 5
+    while relay.log().count(text) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return relay.log()
+
+
+def test_error_limit_reply_logged(tmp_path: Path) -> None:
+    """The 421 after max_errors, reached by errors or by junk commands, gets a reject line like any 4xx."""
+    server = "max_errors = 3\nmax_junk_commands = 2"
+    with RelayProcess(tmp_path, server=server, policy='trusted_networks = ["127.0.0.2/32"]') as relay:
+        with RawClient(relay.port) as client:
+            client.exchange(b"", ["220"])
+            greet(client)
+            client.exchange(b"FOO\r\n", ["500"])
+            client.exchange(b"BAR\r\n", ["500"])
+            client.exchange(b"BAZ\r\n", ["500", "421 4.7.0"])
+            assert client.closed()
+        with RawClient(relay.port) as client:
+            client.exchange(b"", ["220"])
+            greet(client)
+            # EHLO and the first NOOP are within max_junk_commands; the next three count as errors.
+            client.exchange(b"NOOP\r\n", ["250"])
+            client.exchange(b"NOOP\r\n", ["250"])
+            client.exchange(b"NOOP\r\n", ["250"])
+            client.exchange(b"NOOP\r\n", ["250", "421 4.7.0"])
+            assert client.closed()
+        log = _wait_for_log(relay, "Too many errors", 2)
+    lines = [line for line in log.splitlines() if " reject " in line and "421 4.7.0 Too many errors" in line]
+    assert len(lines) == 2, log
+    assert "command=BAZ" in lines[0]
+    assert "command=NOOP" in lines[1]
+
+
 def test_connection_limits_and_timeouts(tmp_path: Path) -> None:
     """Per-client and total connection limits answer 421 4.7.0; an idle client gets 421 4.4.2."""
     server = 'max_connections_per_client = 2\nmax_connections = 5\ncommand_timeout = "1s"'

@@ -497,14 +497,17 @@ class Session:
         if reply.closes:
             self._close(reply.text)
             return
-        self._check_error_limit()
+        self._check_error_limit(command)
 
-    def _check_error_limit(self) -> None:
+    def _check_error_limit(self, command: str) -> None:
+        """Send ``421 4.7.0`` and close once ``max_errors`` is reached; ``command`` is the one that reached it."""
         if self.errors >= self.settings.max_errors:
             self._send(replies.TOO_MANY_ERRORS)
+            # Logged like every other 4xx reply, so the log shows why the session ended.
+            self._events.append(Rejected(command, replies.TOO_MANY_ERRORS))
             self._close("too many errors")
 
-    def _count_junk(self) -> None:
+    def _count_junk(self, verb: str) -> None:
         """Count a command that sends no mail; past ``max_junk_commands`` each one counts as an error too.
 
         These are HELO, EHLO, NOOP, RSET and VRFY, which Postfix's smtpd also
@@ -515,7 +518,7 @@ class Session:
         self._junk_commands += 1
         if self._junk_commands > self.settings.max_junk_commands:
             self.errors += 1
-            self._check_error_limit()
+            self._check_error_limit(verb)
 
     def _close(self, reason: str) -> None:
         if not self.closed:
@@ -575,7 +578,7 @@ class Session:
             self._send(replies.ehlo(self.settings.hostname, self.state.helo_name, self._extensions()))
         else:
             self._send(replies.helo(self.settings.hostname, self.state.helo_name))
-        self._count_junk()
+        self._count_junk(verb)
 
     def _extensions(self) -> list[str]:
         settings = self.settings
@@ -600,12 +603,12 @@ class Session:
             return
         self.transaction = None
         self._send(replies.RESET_OK)
-        self._count_junk()
+        self._count_junk("RSET")
 
     def _noop(self, command: Command) -> None:
         # RFC 5321 section 4.1.1.9: an argument is allowed and ignored.
         self._send(replies.OK)
-        self._count_junk()
+        self._count_junk("NOOP")
 
     def _quit(self, command: Command) -> None:
         if command.argument:
@@ -619,7 +622,7 @@ class Session:
             self._reject("VRFY", replies.SYNTAX_ERROR)
             return
         self._send(replies.CANNOT_VERIFY)
-        self._count_junk()
+        self._count_junk("VRFY")
 
     def _expn(self, command: Command) -> None:
         self._reject("EXPN", replies.NOT_IMPLEMENTED)
@@ -897,7 +900,7 @@ class Session:
             self._send(replies.Reply(250, "2.0.0", (f"{event.octets} octets received",)))
             if event.octets == 0:
                 # An empty chunk moves the message no further, like NOOP.
-                self._count_junk()
+                self._count_junk("BDAT")
             return
         if transaction.bdat_body:
             transaction.bdat_body += event.data
