@@ -564,8 +564,8 @@ def test_tls_close_inside_bdat(relay: RelayProcess, client: RawClient) -> None:
 # -- AUTH ---------------------------------------------------------------------
 
 
-def _tls_session(relay: RelayProcess) -> RawClient:
-    raw = RawClient(relay.port)
+def _tls_session(relay: RelayProcess, source: str = "127.0.0.1") -> RawClient:
+    raw = RawClient(relay.port, source=source)
     raw.exchange(b"", ["220"])
     greet(raw)
     raw.exchange(b"STARTTLS\r\n", ["220"])
@@ -628,6 +628,21 @@ def test_auth_failures_delayed(relay: RelayProcess) -> None:
         assert time.monotonic() - start >= 0.2
         raw.exchange(PLAIN_OK, ["235"])
     assert "auth_failed" in relay.log()
+
+
+def test_auth_success_keeps_failure_count(relay: RelayProcess) -> None:
+    """A client's own valid login must not reset the failures of its guesses at another user's password."""
+    guess = b"AUTH PLAIN " + base64.b64encode(b"\0victim\0guess") + b"\r\n"
+    source = "127.0.0.5"
+    for _ in range(3):
+        with _tls_session(relay, source) as raw:
+            raw.exchange(guess, ["535 5.7.8"])
+    with _tls_session(relay, source) as raw:
+        raw.exchange(PLAIN_OK, ["235"])
+    with _tls_session(relay, source) as raw:
+        start = time.monotonic()
+        raw.exchange(guess, ["535 5.7.8"])
+        assert time.monotonic() - start >= 0.2
 
 
 def test_auth_failed_user_cut_and_escaped(relay: RelayProcess) -> None:

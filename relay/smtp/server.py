@@ -323,7 +323,9 @@ class ListenerRuntime:
             log_event(logger, "auth_error", logging.ERROR, session=session_id, client=client, error=str(exc))
             return None, replies.AUTH_TEMPORARY_FAILURE
         if ok:
-            self.auth_failures.pop(client, None)
+            # The failure count stays: a success proves only that the client knows
+            # one password, and clearing it would let a client with an account of
+            # its own guess other users' passwords without the delay.
             log_event(
                 logger, "auth", session=session_id, client=client, mechanism=event.mechanism, user=event.user
             )
@@ -582,6 +584,9 @@ class Worker:
         credentials = CredentialStore(config.auth.password_file) if config.auth.password_file else None
         context = server_context(config.tls)
         counts = ConnectionCounts()
+        # Failed AUTH attempts per client address, shared by the listeners.
+        # NOTE: entries are never removed, so a client that fails from very many
+        # addresses (an IPv6 prefix) grows this until the worker stops.
         auth_failures: dict[str, int] = {}
         loop = asyncio.get_running_loop()
         for number, listener in enumerate(config.listeners):
