@@ -18,6 +18,7 @@ from relay import config as config_module
 from relay.cli import main
 from relay.config import Config, ConfigError, ListenerConfig, describe_defaults, load_config
 from relay.reload import reload_config
+from relay.smtp.auth import hash_password
 from relay.units import parse_duration, parse_host_port, parse_size
 
 
@@ -904,10 +905,34 @@ def test_check_config_reports_every_file_problem(tmp_path: Path, capsys: pytest.
 
     stderr = capsys.readouterr().err.splitlines()
     assert stderr == [
-        f"{path}:auth.password_file: {tmp_path}/pw: lines 1, 4: expected USER:scrypt$N$r$p$SALT$KEY",
+        f"{path}:auth.password_file: {tmp_path}/pw: lines 1, 3, 4: expected USER:scrypt$N$r$p$SALT$KEY",
         f"{path}:local.aliases: {tmp_path}/aliases: line 1: alias p: target '|/bin/true' is a command,"
         " which relay does not run;"
         ' relay supports only "alias: user[, user@domain]" targets',
+    ]
+
+
+def test_check_config_rejects_malformed_hashes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A hash that no password could match is a config error, not a user who can never log in."""
+    good = hash_password("secret", n=2, r=1, p=1)
+    salt_and_key = good.split("$", 4)[4]
+    lines = [
+        f"ok:{good}",
+        "truncated:" + good[: good.rindex("$")],
+        "bad_base64:scrypt$2$1$1$not-base64!$" + salt_and_key.split("$")[1],
+        f"n_not_power_of_two:scrypt$3$1$1${salt_and_key}",
+        f"n_too_large:scrypt$1048576$8$1${salt_and_key}",
+        f"zero_p:scrypt$2$1$0${salt_and_key}",
+        "empty_key:scrypt$2$1$1$" + salt_and_key.split("$")[0] + "$",
+    ]
+    (tmp_path / "pw").write_text("\n".join(lines) + "\n")
+    path = write(tmp_path, f'[auth]\npassword_file = "{tmp_path}/pw"\n')
+
+    assert main(["check-config", str(path)]) == 1
+
+    stderr = capsys.readouterr().err.splitlines()
+    assert stderr == [
+        f"{path}:auth.password_file: {tmp_path}/pw: lines 2, 3, 4, 5, 6, 7: expected USER:scrypt$N$r$p$SALT$KEY",
     ]
 
 

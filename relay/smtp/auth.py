@@ -93,7 +93,7 @@ def parse_credentials(text: str, filename: str) -> dict[str, str]:
         if not line or line.startswith("#"):
             continue
         user, sep, encoded = line.partition(":")
-        if not sep or not user or not encoded.startswith("scrypt$"):
+        if not sep or not user or not _is_usable_hash(encoded):
             bad.append(str(number))
             continue
         users[user] = encoded
@@ -102,6 +102,31 @@ def parse_credentials(text: str, filename: str) -> dict[str, str]:
         where = f"{filename}:{bad[0]}" if len(bad) == 1 else f"{filename}: lines {', '.join(bad)}"
         raise CredentialsError(f"{where}: expected USER:scrypt$N$r$p$SALT$KEY")
     return users
+
+
+def _is_usable_hash(encoded: str) -> bool:
+    """Return whether ``encoded`` has the ``scrypt$N$r$p$SALT$KEY`` form that ``verify_password`` can check.
+
+    A truncated or hand-edited hash would otherwise load without an error
+    and fail every login of its user like a wrong password.
+    """
+    fields = encoded.split("$")
+    if len(fields) != 6 or fields[0] != "scrypt":
+        return False
+    n_text, r_text, p_text, salt_text, key_text = fields[1:]
+    if not (n_text.isdecimal() and r_text.isdecimal() and p_text.isdecimal()):
+        return False
+    n, r, p = int(n_text), int(r_text), int(p_text)
+    # hashlib.scrypt requires N to be a power of 2 above 1.  It raises when the
+    # memory it needs exceeds maxmem: 128 * r * (N + p + 2) octets, measured with OpenSSL 3.0.19.
+    if n < 2 or n & (n - 1) or r < 1 or p < 1 or 128 * r * (n + p + 2) > _SCRYPT_MAXMEM:
+        return False
+    try:
+        base64.b64decode(salt_text, validate=True)
+        key = base64.b64decode(key_text, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return len(key) > 0
 
 
 def read_credentials(path: str) -> dict[str, str]:
