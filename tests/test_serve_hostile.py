@@ -747,6 +747,35 @@ def test_helo_bare_lf_never_in_received(relay: RelayProcess, client: RawClient) 
     assert body.startswith(b"Received: from client.example.com ")
 
 
+@pytest.mark.parametrize(
+    ("name", "written"),
+    [
+        (b"a(b;c", b"a?b?c"),
+        (b'x)"<y>\\z@w,v', b"x???y??z?w?v"),
+        (b"[192.0.2.1;(x]", b"?192.0.2.1??x?"),
+        (b"[IPv6:2001:db8::1]", b"[IPv6:2001:db8::1]"),
+        (b"[a[b]", b"?a?b?"),
+        (b"host_1.example.com", b"host_1.example.com"),
+    ],
+)
+def test_helo_specials_kept_out_of_received(
+    relay: RelayProcess, client: RawClient, name: bytes, written: bytes
+) -> None:
+    """RFC 5321 section 4.4: an EHLO name cannot open a comment or start the date of Received.
+
+    relay takes any EHLO name without blanks.  Written as sent, a "("
+    would hide the rest of the header in a comment, and a ";" would end
+    its tokens early for a reader that splits at the first ";".
+    """
+    sender = f"helo-{name.hex()}@example.com"
+    client.exchange(b"EHLO " + name + b"\r\n", ["250"])
+    transaction(client, sender)
+    client.exchange(b"Subject: s\r\n\r\nbody\r\n.\r\n", ["250"])
+    [body] = messages_from(relay, sender)
+    first_line = body.split(b"\r\n", 1)[0]
+    assert first_line == b"Received: from " + written + b" (unknown [127.0.0.1])"
+
+
 def test_idle_socket_closed_by_peer(relay: RelayProcess) -> None:
     for _ in range(20):
         sock = socket.create_connection(("127.0.0.1", relay.port))

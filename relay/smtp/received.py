@@ -11,6 +11,9 @@ The reverse DNS name is always ``unknown``: the server makes no PTR lookups
 recipient only when there is exactly one, so a message with many recipients
 does not disclose the others.  HELO names and addresses come from the command
 parser, which lets no CR, LF or NUL through, so they cannot add header lines.
+The session takes any HELO name without blanks, so the header writes it as
+an address literal or an RFC 5322 dot-atom (see ``received_helo``), because
+a ``(`` or ``;`` in it would open a comment or mark the start of the date.
 
 Loop detection counts ``Received:`` fields in the header block (the lines
 before the first empty line).  RFC 5321 section 6.3 asks for a threshold of
@@ -40,6 +43,12 @@ _RECEIVED = field_pattern(b"received")
 _DATE = field_pattern(b"date")
 _MESSAGE_ID = field_pattern(b"message-id")
 _FROM = field_pattern(b"from")
+# A HELO name in brackets with only letters, digits, ".", ":" and "-" inside,
+# the characters of the IPv4 and IPv6 address literals of RFC 5321 section
+# 4.1.3.  Such a name is also a valid RFC 5322 domain-literal.
+_ADDRESS_LITERAL = re.compile(r"\[[A-Za-z0-9.:\-]*\]")
+# A character that is neither RFC 5322 atext nor the dot of a dot-atom.
+_NOT_DOT_ATOM = re.compile(r"[^A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.]")
 # A LF without CR before it, or a CR without LF after it.
 _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
@@ -54,6 +63,18 @@ def header_block(body: bytes) -> bytes:
 
 def count_received(headers: bytes) -> int:
     return len(_RECEIVED.findall(headers))
+
+
+def received_helo(name: str) -> str:
+    """Return the HELO name as the ``from`` clause of a Received header writes it.
+
+    An address literal is kept whole.  In any other name, each character
+    that an RFC 5322 dot-atom does not allow becomes ``?``, so the name is
+    one token and cannot change how the rest of the header parses.
+    """
+    if _ADDRESS_LITERAL.fullmatch(name):
+        return name
+    return _NOT_DOT_ATOM.sub("?", name)
 
 
 def received_header(
@@ -71,7 +92,7 @@ def received_header(
     if ":" in address:
         address = "IPv6:" + address
     lines = [
-        f"Received: from {helo_name} (unknown [{address}])",
+        f"Received: from {received_helo(helo_name)} (unknown [{address}])",
         f"\tby {hostname} (relay) with {protocol} id {queue_id}",
     ]
     return _end_received(lines, recipients, now)
@@ -94,7 +115,7 @@ def local_received_header(
     in place of a client address.
     """
     lines = [
-        f"Received: from {helo_name}",
+        f"Received: from {received_helo(helo_name)}",
         f"\tby {hostname} (relay, from userid {uid}) with {protocol} id {queue_id}",
     ]
     return _end_received(lines, recipients, now)
