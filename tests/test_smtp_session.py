@@ -20,6 +20,7 @@ import pytest
 from relay.delivery.maildir import LocalDelivery, UnknownUser
 from relay.smtp import replies
 from relay.smtp.policy import RelayPolicy, _AliasFile
+from relay.smtp.received import received_header
 from relay.smtp.session import MAX_DISCARDED_CHUNK
 from relay.smtp.transaction import MessageReady, Rejected
 from tests.smtp_transcript import (
@@ -1077,6 +1078,21 @@ def test_received_in_body_not_counted() -> None:
         [(EHLO, ["250"]), (T + b"DATA\r\n", ["250", "250", "354"]),
          (b"Subject: s\r\n\r\n" + received * 10 + b".\r\n", ["250"])],
     )
+
+
+def test_received_drops_ipv6_zone() -> None:
+    # A link-local client's address comes from the socket with its zone ID
+    # ("%eth0"), which an RFC 5321 IPv6 address literal cannot contain.
+    header = received_header(
+        helo_name="client.example.com",
+        client_address="fe80::1%eth0",
+        hostname="mx.example.test",
+        protocol="ESMTP",
+        queue_id="1K1XKBY1TP4Z9J2",
+        recipients=["rcpt@example.net"],
+    )
+    first_line = header.split(b"\r\n", 1)[0]
+    assert first_line == b"Received: from client.example.com (unknown [IPv6:fe80::1])"
 
 
 def test_improper_pipelining_rejected() -> None:

@@ -90,7 +90,9 @@ def received_header(
     """Return the Received header (with its CRLF) for one message."""
     address = client_address
     if ":" in address:
-        address = "IPv6:" + address
+        # The zone ID of a link-local address ("%eth0") means nothing on
+        # other hosts, and an RFC 5321 IPv6 address literal has no syntax for it.
+        address = "IPv6:" + address.partition("%")[0]
     lines = [
         f"Received: from {received_helo(helo_name)} (unknown [{address}])",
         f"\tby {hostname} (relay) with {protocol} id {queue_id}",
