@@ -1070,6 +1070,22 @@ def test_mail_loop_detected() -> None:
     assert len(outcome.messages) == 1
 
 
+def test_mail_loop_limit_inclusive() -> None:
+    received = b"Received: from a.example by b.example; Thu, 1 Jan 2026 00:00:00 +0000\r\n"
+    config = hostile_config(max_received_headers=5)
+    outcome = run_transcript(
+        lambda: make_session(config),
+        [
+            (EHLO, ["250"]),
+            (T + b"DATA\r\n", ["250", "250", "354"]),
+            (received * 5 + b"Subject: at limit\r\n\r\nx\r\n.\r\n", ["250"]),
+            (T + b"DATA\r\n", ["250", "250", "354"]),
+            (received * 6 + b"Subject: past limit\r\n\r\nx\r\n.\r\n", ["554 5.4.6"]),
+        ],
+    )
+    assert len(outcome.messages) == 1
+
+
 def test_received_in_body_not_counted() -> None:
     received = b"Received: from a.example by b.example; Thu, 1 Jan 2026 00:00:00 +0000\r\n"
     config = hostile_config(max_received_headers=5)
