@@ -1017,6 +1017,42 @@ def test_smart_host_tls_required_defers_without_starttls(
     assert spool_counts(config) == {"deferred": 1}
 
 
+@pytest.mark.parametrize(
+    ("relayhost", "setting", "text"),
+    [
+        ("[nosuch.test]", "", "host nosuch.test has no address records"),
+        ("nosuch.test", "", "nosuch.test"),
+        ("loop.test", "allow_loopback_mx = false", "loops back to myself"),
+        ("implicit.test", "", "greets as relay.test"),
+    ],
+    ids=["name-not-found", "domain-not-found", "mx-loopback", "greets-as-self"],
+)
+def test_smart_host_configuration_problem_defers(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, relayhost: str, setting: str, text: str
+) -> None:
+    # Postfix defers with 4.3.5 when the relayhost cannot be found or loops
+    # back, because bouncing would lose all remote mail to a configuration error.
+    port = free_port("127.0.0.4")
+    config = make_config(
+        tmp_path, nameserver, 25,
+        delivery=f'relayhost = "{relayhost}:{port}"\nrelayhost_tls = "none"\n{setting}\n'
+        'minimal_backoff_time = "1h"\nmaximal_backoff_time = "2h"',
+    )
+    spool = spool_for(config)
+    # implicit.test is 127.0.0.4, and this upstream greets with the relay's own name.
+    with run_upstream("127.0.0.4", port, RecordingHandler(helo_reply="250 relay.test")) as upstream:
+        queue_id = commit(spool, "alice@local.test", ["user@example.org"])
+        assert run_until(config, spool, lambda: spool_counts(config) == {"deferred": 1}, timeout=10.0)
+
+    assert upstream.messages == []
+    message = stored_message(config, queue_id)
+    assert message is not None
+    reply = message.recipients[0].last_reply
+    assert reply.startswith("451 4.3.5 "), reply
+    assert text in reply
+    assert reply.endswith("(relayhost configuration problem)")
+
+
 def test_transport_to_smart_host_keeps_tls_apart(
     tmp_path: Path, nameserver: NameServer, spool_for: Any
 ) -> None:

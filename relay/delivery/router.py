@@ -53,6 +53,7 @@ class Route:
     username: str = ""  # AUTH identity; "" for no AUTH
     password: str = ""
     error: str = ""  # for ERROR routes: the SMTP reply that fails the recipient
+    relayhost: bool = False  # True for the ``[delivery] relayhost`` route
 
 
 class Router:
@@ -81,6 +82,7 @@ class Router:
                 tls=delivery.relayhost_tls,
                 username=delivery.relayhost_username,
                 password=password,
+                relayhost=True,
             )
 
     def route(self, domain: str) -> Route:

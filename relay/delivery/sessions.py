@@ -130,6 +130,10 @@ class SessionPool:
         # that failed for good, such as a best MX that loops, yields to one that did not.
         temporary = [error for error in errors if error.temporary]
         last = temporary[-1] if temporary else errors[-1]
+        if not temporary and last.loop and route.relayhost:
+            # A smart host found by MX lookup that greets with this relay's name is a
+            # configuration problem too, so its recipients are deferred (see _hosts).
+            raise SessionError(_relayhost_problem(last.reply), peer=last.peer)
         raise SessionError(last.reply, temporary=bool(temporary), peer=last.peer)
 
     async def open_backup(self, route: Route, tried: str) -> SMTPSession | None:
@@ -213,7 +217,22 @@ class SessionPool:
         )
 
     async def _hosts(self, route: Route) -> MailHostList:
-        """Return the hosts of ``route`` to try, with the preference of the best one for the loop check."""
+        """Return the hosts of ``route`` to try, with the preference of the best one for the loop check.
+
+        A lookup of the smart host that fails for good defers the recipients
+        with ``4.3.5`` instead of bouncing them, as Postfix does (it logs
+        "relayhost configuration problem").  A smart host name that is not
+        found or loops back is a configuration error, and bouncing would
+        lose every remote message until the operator fixes it.
+        """
+        try:
+            return await self._find_hosts(route)
+        except LookupFailure as exc:
+            if exc.temporary or not route.relayhost:
+                raise
+            raise LookupFailure(451, "4.3.5", f"{exc.text} (relayhost configuration problem)") from None
+
+    async def _find_hosts(self, route: Route) -> MailHostList:
         if route.use_mx:
             found = await self._resolver.find_mail_hosts(route.host)
             hosts = found.hosts
@@ -255,6 +274,12 @@ class SessionPool:
                 sessions.append(entry.session)
         self._idle.clear()
         await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
+
+
+def _relayhost_problem(reply: str) -> str:
+    """Return ``reply``, a permanent failure such as ``554 5.4.6 TEXT``, as a ``451 4.3.5`` deferral with its text."""
+    text = reply.split(" ", 2)[-1]
+    return f"451 4.3.5 {text} (relayhost configuration problem)"
 
 
 def _drop_local_addresses(hosts: list[MailHost], domain: str, best_preference: int) -> list[MailHost]:
