@@ -299,9 +299,10 @@ class UpstreamController(Controller):
 
 
 def accept_login(server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
-    """Accept user ``relay`` with password ``secret`` and nothing else."""
+    """Accept user ``relay`` with password ``secret`` and reject anything else with 535."""
     ok = isinstance(data, LoginPassword) and data.login == b"relay" and data.password == b"secret"
-    return AuthResult(success=ok)
+    # aiosmtpd 1.4 sends no reply to a failed AUTH unless handled is False.
+    return AuthResult(success=ok, handled=ok)
 
 
 @contextmanager

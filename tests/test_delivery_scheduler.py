@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import dataclasses
 import email
@@ -981,6 +982,48 @@ def test_smart_host_with_starttls_and_auth(tmp_path: Path, nameserver: NameServe
             commit(spool, "alice@local.test", [f"user{index}@example.org"])
         assert run_until(config, spool, lambda: len(upstream.messages) == 5 and not spool_counts(config))
     assert all(m.tls for m in upstream.messages)
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_smart_host_wrong_password_defers(
+    tmp_path: Path, nameserver: NameServer, spool_for: Any, caplog: pytest.LogCaptureFixture, mechanism: str
+) -> None:
+    # A 535 is a configuration error at this end, so the mail waits for its fix
+    # (Postfix's smtp_sasl_auth_soft_bounce).  The password must not show up in
+    # the log or in the stored reply that `relay queue show` and DSNs print.
+    cert, key = make_certificate(tmp_path)
+    password = "wrong-password-7f3a"
+    (tmp_path / "password").write_text(f"{password}\n")
+    port = free_port("127.0.0.6")
+    config = make_config(
+        tmp_path, nameserver, 25,
+        delivery=f'relayhost = "[127.0.0.6]:{port}"\nrelayhost_username = "relay"\n'
+        f'relayhost_password_file = "password"\ntls_ca_file = "{cert}"\n'
+        'minimal_backoff_time = "1h"\nmaximal_backoff_time = "2h"',
+    )
+    spool = spool_for(config)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    other = "LOGIN" if mechanism == "PLAIN" else "PLAIN"
+    with caplog.at_level("DEBUG", logger="relay"), run_upstream(
+        "127.0.0.6", port, tls_context=server_tls, require_starttls=True, authenticator=accept_login,
+        auth_required=True, auth_exclude_mechanism=[other],
+    ) as upstream:
+        queue_id = commit(spool, "alice@local.test", ["user@example.org"])
+        assert run_until(config, spool, lambda: spool_counts(config) == {"deferred": 1}, timeout=10.0)
+
+    assert upstream.messages == []
+    message = stored_message(config, queue_id)
+    assert message is not None
+    reply = message.recipients[0].last_reply
+    assert reply.startswith("451 4.7.8 AUTH with 127.0.0.6[127.0.0.6]"), reply
+    assert "535" in reply
+    encoded = [base64.b64encode(password.encode()).decode(), base64.b64encode(f"\0relay\0{password}".encode()).decode()]
+    relay_log = "\n".join(f"{record.getMessage()} {getattr(record, 'fields', '')}" for record in caplog.records
+                          if record.name.startswith("relay"))
+    for secret in [password, *encoded]:
+        assert secret not in reply
+        assert secret not in relay_log
 
 
 def test_worker_error_defers_with_reason(tmp_path: Path, nameserver: NameServer, spool_for: Any) -> None:
