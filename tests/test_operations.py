@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO_ROOT, free_port, require_peer
 from relay.config import TLSConfig
+from relay.signals import DUPLICATE_WINDOW
 from relay.smtp.tls import TLSSetupError, server_context
 from tests.delivery_peers import RecordingHandler, run_upstream
 from tests.server_helpers import RawClient, RelayProcess, make_certificate, wait_for_port, wait_until
@@ -468,6 +469,88 @@ def test_supervisor_logs_stop_after_worker_killed(relay: Relay) -> None:
     assert re.fullmatch(r'reason="worker \d exited with status -9"', cause), cause
     assert exit_status == "1"
     assert " error relay.smtp: supervisor_stopped " in log
+
+
+def started_pid(log: str, worker: int) -> int:
+    """Return the PID from the ``started`` line of worker ``worker`` (the delivery process: ``server.workers``)."""
+    match = re.search(rf" started worker={worker} pid=(\d+) ", log)
+    assert match is not None, log
+    return int(match.group(1))
+
+
+def test_child_stopped_alone_stops_all(relay: Relay) -> None:
+    # A SIGTERM to the delivery process's PID ends it with status 0.  The
+    # workers would go on accepting mail that no process delivers.
+    assert relay.process is not None
+    relay.wait_for_log(" started ", count=3)
+    delivery = started_pid(relay.log(), 2)
+
+    os.kill(delivery, signal.SIGTERM)
+    status = relay.process.wait(30)
+
+    log = relay.log()
+    assert status == 1, log
+    assert f" worker_exit worker=2 pid={delivery} status=0\n" in log
+    assert ' supervisor_stopped pid=' in log
+    assert 'reason="worker 2 exited with status 0"' in log
+    assert log.count(" stopped worker=") == 3, log
+
+
+def open_in_data(port: int) -> smtplib.SMTP:
+    """Open an SMTP session that has sent DATA and got 354, so that its message is in progress."""
+    client = smtplib.SMTP("127.0.0.1", port, timeout=10)
+    client.ehlo("client.example.com")
+    client.mail("sender@example.org")
+    client.docmd("RCPT TO:<alice@example.test>")
+    code, _ = client.docmd("DATA")
+    assert code == 354
+    return client
+
+
+def finish_data(client: smtplib.SMTP) -> int:
+    """Send the rest of the message; return the reply code, or 0 when the server has closed the connection."""
+    try:
+        client.send(b"Subject: in grace\r\n\r\nbody\r\n.\r\n")
+        code, _ = client.getreply()
+    except (smtplib.SMTPServerDisconnected, OSError):
+        return 0
+    finally:
+        client.close()
+    return code
+
+
+def test_second_child_exit_keeps_grace(tmp_path: Path) -> None:
+    # After worker 0 dies the supervisor stops the others.  Worker 2 dying
+    # later, in its grace, must not reach worker 1 as a second SIGTERM, which
+    # would end its sessions in DATA at once instead of after shutdown_grace.
+    relay = Relay(tmp_path, workers=3)
+    relay.start()
+    assert relay.process is not None
+    try:
+        relay.wait_for_log(" started ", count=4)
+        log = relay.log()
+        # SO_REUSEPORT spreads the sessions over the 3 workers, so that
+        # workers 1 and 2 both get some of 24 (one gets none with a chance of
+        # about 2 * (2/3) ** 24, or 1 in 8,000).
+        clients = [open_in_data(relay.port) for _ in range(24)]
+
+        os.kill(started_pid(log, 0), signal.SIGKILL)
+        relay.wait_for_log("stopping signal=SIGTERM worker=1")
+        time.sleep(DUPLICATE_WINDOW + 0.2)
+        os.kill(started_pid(log, 2), signal.SIGKILL)
+        relay.wait_for_log("worker_exit worker=2")
+        codes = [finish_data(client) for client in clients]
+        status = relay.process.wait(30)
+    finally:
+        relay.stop()
+
+    log = relay.log()
+    assert status == 1, log
+    assert "exit_now" not in log
+    assert 250 in codes, (codes, log)
+    assert set(codes) <= {0, 250}, codes
+    # Each 250 reply is a message in the spool.
+    assert log.count(" queued queue_id=") == codes.count(250), log
 
 
 def test_children_stop_when_supervisor_killed(relay: Relay) -> None:

@@ -1016,7 +1016,6 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
     # Only the children hold the report pipe's write end from here on.
     reports.start()
 
-    signals_seen = 0
     stopping = False
     # The cause of the stop (the first stop signal or the first child that exited) and its time.
     stop_cause: dict[str, str] = {}
@@ -1029,13 +1028,12 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
             stop_cause.update(cause)
 
     def forward(signum: int, frame: object) -> None:
-        nonlocal signals_seen, stopping
+        nonlocal stopping
         if signum == signal.SIGHUP:
             # Recorded before the children get the signal, so that a reload
             # they begin afterwards counts as its answer.
             reports.request_reload()
         else:
-            signals_seen += 1
             begin_stop(signal=signal.Signals(signum).name)
             if not stopping:
                 stopping = True
@@ -1058,14 +1056,19 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
             index = children.pop(pid, -1)
             code = os.waitstatus_to_exitcode(raw)
             begin_stop(reason=f"worker {index} exited with status {code}")
-            if code != 0:
+            # A child that exits before any stop began, with status 0 too (a
+            # SIGTERM sent to its PID alone), would leave the others running a
+            # partial relay, for example one that accepts mail but has no
+            # delivery process.  So all of them stop, and relay serve exits 1
+            # so that systemd's Restart=on-failure starts it again.
+            unexpected = not stopping
+            if code != 0 or unexpected:
                 status = 1
                 log_event(logger, "worker_exit", logging.ERROR, worker=index, pid=pid, status=code)
-                if signals_seen == 0:
-                    # One worker failing (a port in use, the spool unreadable) means
-                    # the others would run with a partial setup: stop them all.
-                    forward(signal.SIGTERM, None)
-                    signals_seen = 0
+            if unexpected:
+                # Only once: a second SIGTERM half a second later would make
+                # the others exit at once and cut short their shutdown_grace.
+                forward(signal.SIGTERM, None)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
