@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, free_port
-from relay.config import load_config
+from relay.config import ServerConfig, load_config
 from relay.reload_status import config_fingerprint
 from tests.server_helpers import wait_for_port
 
@@ -102,6 +102,44 @@ def test_service_waits_for_readiness() -> None:
     assert "ExecReload=/bin/kill -HUP $MAINPID" in settings
     # relay serve reports from its first process only, which NotifyAccess=main (the default) accepts.
     assert not any(line.startswith("NotifyAccess=") for line in settings)
+
+
+def unit_settings(text: str) -> dict[str, dict[str, str]]:
+    """Return each section of a systemd unit as a dict of its settings, the last one of each key winning."""
+    sections: dict[str, dict[str, str]] = {}
+    current: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        current[key] = value
+    return sections
+
+
+def test_service_restart_loop_ends() -> None:
+    # Without these keys systemd allows 5 starts within 10 s (systemd.unit(5)), then stops restarting the unit.
+    unit = unit_settings((REPO_ROOT / "examples" / "relay.service").read_text())
+    interval = float(unit["Unit"].get("StartLimitIntervalSec", "10"))
+    burst = int(unit["Unit"].get("StartLimitBurst", "5"))
+    restart_delay = float(unit["Service"]["RestartSec"])
+
+    assert unit["Service"]["Restart"] == "on-failure"
+    # A relay that fails at every start is started again every RestartSec,
+    # so the limit trips only when that many starts fit into the interval.
+    assert (burst - 1) * restart_delay < interval
+
+
+def test_service_stop_timeout_exceeds_grace() -> None:
+    unit = unit_settings((REPO_ROOT / "examples" / "relay.service").read_text())
+    grace = ServerConfig().shutdown_grace
+
+    # Past TimeoutStopSec systemd sends SIGKILL, which would cut the grace of sessions in DATA short.
+    assert float(unit["Service"]["TimeoutStopSec"]) > grace + 10
+    assert unit["Service"]["KillMode"] == "mixed"
+    assert unit["Service"]["KillSignal"] == "SIGTERM"
 
 
 def test_notify_reload_drop_in_replaces_kill() -> None:
