@@ -292,6 +292,10 @@ class SupervisorReports:
         except BlockingIOError:
             # NOTE: only a flood of thousands of unread signals fills the pipe; that request goes unreported.
             pass
+        except BrokenPipeError:
+            # The reporting thread has ended because every child has exited,
+            # so no process is left to reload or stop, and nothing to report.
+            pass
 
     def start(self) -> threading.Thread:
         """Start the reporting thread; call it after the last fork, once only the children hold the write end."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, free_port
-from relay.notify import Notifier
+from relay.notify import Notifier, SupervisorReports
 from tests.server_helpers import wait_for_port
 
 CONFIG = """
@@ -390,3 +390,20 @@ def test_notifier_takes_socket_from_environment(monkeypatch: pytest.MonkeyPatch)
     assert notifier.address == "/run/systemd/notify"
     # Removed, so that child processes cannot report in the main process's place.
     assert "NOTIFY_SOCKET" not in os.environ
+
+
+def test_requests_after_reports_end_ignored(tmp_path: Path) -> None:
+    # The reporting thread ends once every child has exited, and closes its
+    # end of the request pipe.  A SIGHUP or SIGTERM that reaches the
+    # supervisor after that, before it exits, must not raise BrokenPipeError.
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(path)
+        reports = SupervisorReports(Notifier(path), "status", workers=1, children=1)
+        # No child has the write end of the report pipe open, so the thread reaches its end of file at once.
+        thread = reports.start()
+        thread.join(5)
+        assert not thread.is_alive()
+
+        reports.request_reload()
+        reports.request_stop()
