@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -451,6 +452,37 @@ def test_supervisor_logs_its_stop(tmp_path: Path, signum: int) -> None:
     assert status == "0"
     # Logged once the workers and the delivery process have stopped.
     assert log.rindex(" stopped ") < log.index(" supervisor_stopped ")
+
+
+@pytest.mark.parametrize("late", [signal.SIGHUP, signal.SIGINT])
+def test_signal_after_stop_keeps_status(tmp_path: Path, late: int) -> None:
+    # A systemctl reload, or a second Ctrl-C within half a second, can reach
+    # the supervisor after its last worker has exited.  It must still exit 0,
+    # and without a traceback, instead of dying by the signal's default action.
+    server = Relay(tmp_path, workers=2)
+    server.start()
+    try:
+        assert server.process is not None
+        server.wait_for_log(" started ", count=3)
+
+        server.process.send_signal(signal.SIGTERM)
+        # About one signal per millisecond until the supervisor has exited, at most 5 s.
+        deadline = time.monotonic() + 5
+        sent = 0
+        while server.process.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError):
+                server.process.send_signal(late)
+            sent += 1
+            time.sleep(0.001)
+        status = server.process.wait(30)
+    finally:
+        server.stop()
+
+    log = server.log()
+    assert sent > 0
+    assert status == 0, log
+    assert "Traceback" not in log
+    assert " supervisor_stopped " in log
 
 
 def test_supervisor_logs_stop_after_worker_killed(relay: Relay) -> None:

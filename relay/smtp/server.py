@@ -1066,10 +1066,16 @@ def _supervise(config: Config, event_loop: str, workers: int, notifier: Notifier
                 status = 1
                 log_event(logger, "worker_exit", logging.ERROR, worker=index, pid=pid, status=code)
             if unexpected:
-                # Only once: a second SIGTERM half a second later would make
-                # the others exit at once and cut short their shutdown_grace.
+                # Sent only once, because a second SIGTERM half a second later
+                # would make the others exit at once, cutting short their shutdown_grace.
                 forward(signal.SIGTERM, None)
     finally:
+        # Blocked first, because a SIGHUP or SIGINT can arrive after the last
+        # child has exited (a systemctl reload during the stop, say).  With
+        # the restored default action it would end the supervisor by that
+        # signal, or with a KeyboardInterrupt, instead of with its status.
+        # Still blocked when the process exits, such a signal is discarded.
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     seconds = time.monotonic() - stop_began if stop_began is not None else 0.0
