@@ -1399,7 +1399,10 @@ def test_soft_failure_moves_on_to_backup_mx(tmp_path: Path, nameserver: NameServ
             message = stored_message(config, queue_id)
             return message is None or all(r.state is not RecipientState.QUEUED for r in message.recipients)
 
-        assert run_until(config, spool, lambda: bool(backup.messages) and settled())
+        # The DSN for hard@ waits until the message's job at the backup MX has ended.
+        assert run_until(
+            config, spool, lambda: bool(backup.messages) and settled() and bool(mailbox_messages(config, "alice"))
+        )
     assert [m.recipients for m in primary.messages] == [["fine@mx.test"]]
     assert [m.recipients for m in backup.messages] == [["soft@mx.test"]]
     (report,) = mailbox_messages(config, "alice")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import smtplib
 import ssl
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 
 from relay.config import load_config
+from relay.delivery.process import DeliveryProcess
 from relay.spool import Envelope, Recipient, Spool, SpoolStore
 from tests.conftest import free_port, require_corpus
 from tests.delivery_peers import (
@@ -229,35 +229,51 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_delivery_process_idle_after_workers_exit(tmp_path: Path, nameserver: NameServer) -> None:
-    # A SIGTERM sent to each receiving worker itself stops them with status 0,
-    # which leaves the supervisor and the delivery process running.  The wake-up
-    # pipe then has no writer left, and the delivery process must fall back to
-    # its queue scan instead of spinning on the pipe's end of file.
+def test_delivery_process_idle_after_wake_pipe_closes(tmp_path: Path, nameserver: NameServer) -> None:
+    # When every receiving worker has exited, the wake-up pipe reads end of
+    # file.  The delivery process must stop watching it instead of spinning on
+    # it, and still deliver mail that it finds at its queue scan.  relay serve
+    # stops every process when a worker exits, so the delivery process runs
+    # here in the test's own event loop, with a pipe whose write end is closed.
     port = free_port("127.0.0.4")
     relay = RelayProcess(
         tmp_path, workers=2, deliver=True, extra=delivery_section(nameserver, port, "queue_scan_interval = 1")
     )
-    with run_upstream("127.0.0.4", port) as upstream, relay:
-        assert wait_until(lambda: relay.log().count(" started ") == 3, 5), relay.log()
-        workers = [int(pid) for pid in re.findall(r" started worker=\d+ pid=(\d+) listeners=", relay.log())]
-        (delivery_pid,) = [int(pid) for pid in re.findall(r" started worker=\d+ pid=(\d+) role=delivery", relay.log())]
-        for pid in workers:
-            os.kill(pid, signal.SIGTERM)
-        assert wait_until(lambda: relay.log().count(" stopped ") == 2, 5), relay.log()
+    config = load_config(str(relay.config_path))
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.close(write_end)
+    process = DeliveryProcess(config, index=2, wake_fd=read_end)
 
-        before = cpu_seconds(delivery_pid)
-        time.sleep(2.0)
-        used = cpu_seconds(delivery_pid) - before
-        assert used < 0.5, f"the delivery process used {used:.2f} s of CPU in 2 s with nothing to do"
-
-        # Mail stored without a wake-up, as ``relay sendmail`` stores it, goes out at the next scan.
-        spool = Spool.from_config(load_config(relay.config_path).spool)
+    async def exercise(upstream: Any) -> float:
+        running = asyncio.get_running_loop().create_task(process.run())
         try:
-            spool.commit_blocking(
-                Envelope(sender="alice@example.com", recipients=(Recipient(address="user@implicit.test"),)),
-                b"Subject: after the workers\r\n\r\nbody\r\n",
-            )
+            await asyncio.sleep(0.5)
+            before = time.process_time()
+            await asyncio.sleep(2.0)
+            used = time.process_time() - before
+
+            # Mail stored without a wake-up, as relay sendmail stores it, goes out at the next scan.
+            spool = Spool.from_config(config.spool)
+            try:
+                spool.commit_blocking(
+                    Envelope(sender="alice@example.com", recipients=(Recipient(address="user@implicit.test"),)),
+                    b"Subject: after the workers\r\n\r\nbody\r\n",
+                )
+            finally:
+                spool.close()
+            deadline = time.monotonic() + 5
+            while not upstream.messages and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return used
         finally:
-            spool.close()
-        assert wait_until(lambda: len(upstream.messages) == 1, 5), relay.log()
+            process._stop.set()
+            await running
+
+    try:
+        with run_upstream("127.0.0.4", port) as upstream:
+            used = asyncio.run(exercise(upstream))
+    finally:
+        os.close(read_end)
+    assert used < 0.5, f"the test process used {used:.2f} s of CPU in 2 s with nothing to do"
+    assert len(upstream.messages) == 1
