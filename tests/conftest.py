@@ -8,6 +8,7 @@ it; with ``CI=true`` it fails them, so a CI run can never pass by skipping.
 from __future__ import annotations
 
 import os
+import pwd
 import random
 import shutil
 import socket
@@ -115,6 +116,26 @@ def require_peer(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+# The user that tests running as root use for a command that file modes must
+# apply to: nobody on Debian (uid and gid 65534).
+UNPRIVILEGED_ID = 65534
+
+
+def unprivileged_command(command: list[str]) -> tuple[list[str], str]:
+    """Return ``command`` as a user that file modes apply to, and that user's name.
+
+    Root reads and writes every file, so as root the command runs as nobody
+    through setpriv (util-linux), and the test is skipped without setpriv.
+    """
+    if os.geteuid() != 0:
+        return command, pwd.getpwuid(os.geteuid()).pw_name
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is missing, so the command cannot run as another user")
+    switch = [setpriv, f"--reuid={UNPRIVILEGED_ID}", f"--regid={UNPRIVILEGED_ID}", "--clear-groups"]
+    return [*switch, *command], pwd.getpwuid(UNPRIVILEGED_ID).pw_name
 
 
 def require_corpus(subdir: str = "") -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, unprivileged_command
 from relay import config as config_module
 from relay.cli import main
 from relay.config import Config, ConfigError, ListenerConfig, describe_defaults, load_config
@@ -691,15 +690,8 @@ def test_config_directory_rejected(tmp_path: Path) -> None:
 def test_unreadable_config_names_user(tmp_path: Path) -> None:
     path = write(tmp_path, "[server]\nmax_errors = 5\n")
     path.chmod(0)
-    command = [sys.executable, "-m", "relay", "check-config", str(path)]
-    user = pwd.getpwuid(os.geteuid()).pw_name
-    if os.geteuid() == 0:
-        # root reads every file, so the check runs as nobody (uid 65534), whom tmp_path's mode 0700 keeps out.
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("setpriv (util-linux) is missing, so the check cannot run as another user")
-        command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-        user = pwd.getpwuid(65534).pw_name
+    # As root the check runs as nobody, whom tmp_path's mode 0700 keeps out.
+    command, user = unprivileged_command([sys.executable, "-m", "relay", "check-config", str(path)])
 
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
 
@@ -1144,15 +1136,7 @@ def test_check_config_rejects_spool_under_proc(tmp_path: Path, capsys: pytest.Ca
 
 def check_config_as_unprivileged_user(config: Path) -> tuple[subprocess.CompletedProcess[str], str]:
     """Run ``relay check-config`` as a user that file modes apply to; return the result and the user's name."""
-    command = [sys.executable, "-m", "relay", "check-config", str(config)]
-    user = pwd.getpwuid(os.geteuid()).pw_name
-    if os.geteuid() == 0:
-        # root may write any directory, so the check runs as nobody (uid 65534).
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("setpriv (util-linux) is missing, so relay cannot run as another user")
-        command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-        user = pwd.getpwuid(65534).pw_name
+    command, user = unprivileged_command([sys.executable, "-m", "relay", "check-config", str(config)])
     result = subprocess.run(
         command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
         cwd=config.parent, check=False, timeout=60,

@@ -39,7 +39,7 @@ from delivery_peers import (
 from mime_helpers import decoded_leaves
 
 import relay.aliases
-from conftest import free_port, require_corpus
+from conftest import free_port, require_corpus, unprivileged_command
 from relay.aliases import parse_aliases, remember_checked
 from relay.config import Config, load_config
 from relay.delivery import Scheduler
@@ -1337,12 +1337,7 @@ asyncio.run(main())
 
 def test_maildir_root_permission_denied_defers(nameserver: NameServer) -> None:
     # Root ignores the mode bits, so as root the delivery runs as nobody.
-    command = [sys.executable, "-c", DELIVER_ONCE]
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("setpriv is needed to deliver as nobody when the tests run as root")
-        command = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", *command]
+    command, _ = unprivileged_command([sys.executable, "-c", DELIVER_ONCE])
     # Not under tmp_path, whose parent folder is private to the user running the tests.
     directory = Path(tempfile.mkdtemp(prefix="relay-maildir-"))
     try:

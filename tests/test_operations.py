@@ -6,7 +6,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -29,7 +28,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO_ROOT, free_port, require_peer
+from conftest import REPO_ROOT, free_port, require_peer, unprivileged_command
 from relay.config import TLSConfig
 from relay.signals import DUPLICATE_WINDOW
 from relay.smtp.tls import TLSSetupError, server_context
@@ -1370,15 +1369,9 @@ def test_maildir_root_file_stops_serve(tmp_path: Path, workers: int) -> None:
 
 def serve_as_unprivileged_user(config: Path, cwd: Path) -> tuple[subprocess.CompletedProcess[str], str]:
     """Run ``relay serve`` as a user whom mode 0 keeps out of a file; return the result and the user's name."""
-    command = [sys.executable, "-m", "relay", "serve", "--config", str(config), "--workers", "2"]
-    user = pwd.getpwuid(os.geteuid()).pw_name
-    if os.geteuid() == 0:
-        # root reads and writes every file, so relay runs as nobody (uid 65534).
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("setpriv (util-linux) is missing, so relay cannot run as another user")
-        command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-        user = pwd.getpwuid(65534).pw_name
+    command, user = unprivileged_command(
+        [sys.executable, "-m", "relay", "serve", "--config", str(config), "--workers", "2"]
+    )
     result = subprocess.run(
         command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=cwd,
         check=False, timeout=60,
