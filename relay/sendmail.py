@@ -255,8 +255,8 @@ def discard_input(stream: BinaryIO, ignore_dots: bool, at_line_start: bool, seco
     exits before it has written everything, and then never gets the exit
     status.  Postfix's sendmail (2.11 source) reads its input to the end and
     leaves the size check to its cleanup daemon.  Without ``ignore_dots`` a
-    lone dot line still ends the input.  ``at_line_start`` tells whether the
-    octets read so far ended a line.  The time limit stops an endless
+    lone dot line still ends the input.  ``at_line_start`` is True when the octets
+    read so far ended a line.  The time limit stops an endless
     writer.  A writer that stalls blocks this read, as it blocks the first.
     """
     deadline = time.monotonic() + seconds
