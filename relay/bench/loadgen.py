@@ -240,6 +240,9 @@ async def run_plan(
     assert main_task is not None
     if stop_signal is not None:
         asyncio.get_running_loop().add_signal_handler(stop_signal, main_task.cancel)
+        # The parent forks its children with stop_signal blocked, so a stop sent
+        # before this handler existed is pending, and arrives here now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {stop_signal})
     if parent is not None:
 
         def on_parent_gone() -> None:
@@ -255,6 +258,10 @@ async def run_plan(
         # Cancelling gather cancelled every task; wait until each has closed its connection.
         await asyncio.gather(*tasks, return_exceptions=True)
         stats.interrupted = True
+    if stop_signal is not None:
+        # Closing the loop restores the signal's default action, which would end
+        # the process before it reports its stats, so a late stop stays pending.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {stop_signal})
     stats.elapsed = time.perf_counter() - run.started
     return stats
 
@@ -279,11 +286,10 @@ def _child(
         progress[2 * slot + 1] = stats.messages_failed
 
     # Only the parent handles SIGINT: it sends STOP_SIGNAL once, so a Ctrl-C that reaches the
-    # whole process group does not stop a child twice.
-    # Until run_plan handles STOP_SIGNAL it is ignored, because its default
-    # action would kill the child and lose its stats.
+    # whole process group does not stop a child twice.  STOP_SIGNAL is blocked from the
+    # fork until run_plan handles it, because its default action would kill the child
+    # and lose its stats, and an ignored stop would be lost.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(STOP_SIGNAL, signal.SIG_IGN)
     try:
         # A parent killed with SIGKILL would otherwise leave the children
         # loading the server until their share of the run is done.
@@ -344,31 +350,45 @@ def run_load(plan: LoadPlan, processes: int, progress: ProgressLine) -> RunStats
     context = multiprocessing.get_context("fork")
     counters = RawArray("q", 2 * len(plans))
     parent = SupervisorLink()
-    children = []
-    for slot, share in enumerate(plans):
-        receiver, sender = context.Pipe(duplex=False)
-        process = context.Process(target=_child, args=(share, slot, counters, sender, parent), daemon=True)
-        process.start()
-        sender.close()
-        children.append((process, receiver))
-    parent.close_read_end()
+    children: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
+    stop_requested = False
 
-    merged = RunStats()
-    interrupted = False
+    def stop_children() -> None:
+        for process, _ in children:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, STOP_SIGNAL)
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        # A handler, not KeyboardInterrupt, so that a Ctrl-C at any point of the
+        # loops below stops the children, not only one during the wait.
+        nonlocal stop_requested
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested = True
+        stop_children()
+
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
     try:
+        # Each child inherits the blocked STOP_SIGNAL (see _child).
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {STOP_SIGNAL})
+        try:
+            for slot, share in enumerate(plans):
+                receiver, sender = context.Pipe(duplex=False)
+                child = context.Process(target=_child, args=(share, slot, counters, sender, parent), daemon=True)
+                child.start()
+                sender.close()
+                children.append((child, receiver))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        parent.close_read_end()
+        if stop_requested:
+            # Children forked after the Ctrl-C have not been stopped yet.
+            stop_children()
+
+        merged = RunStats()
         pending = [receiver for _, receiver in children]
         while pending:
-            try:
-                ready = multiprocessing.connection.wait(pending, timeout=PROGRESS_INTERVAL)
-            except KeyboardInterrupt:
-                if interrupted:
-                    raise
-                # The first Ctrl-C: stop every child, then collect what each measured.
-                interrupted = True
-                for process, _ in children:
-                    if process.is_alive() and process.pid is not None:
-                        os.kill(process.pid, STOP_SIGNAL)
-                continue
+            ready = multiprocessing.connection.wait(pending, timeout=PROGRESS_INTERVAL)
             for item in ready:
                 assert isinstance(item, multiprocessing.connection.Connection)
                 try:
@@ -383,8 +403,9 @@ def run_load(plan: LoadPlan, processes: int, progress: ProgressLine) -> RunStats
             sent = sum(counters[2 * slot] for slot in range(len(plans)))
             failed = sum(counters[2 * slot + 1] for slot in range(len(plans)))
             progress.update(sent, failed)
-        merged.interrupted = merged.interrupted or interrupted
+        merged.interrupted = merged.interrupted or stop_requested
     finally:
+        signal.signal(signal.SIGINT, previous_handler)
         progress.clear()
         for process, _ in children:
             process.join(timeout=5)
